@@ -1,0 +1,307 @@
+"""G3: the node's disk tier, one preallocated file cut into slots.
+
+File layout (all offsets page aligned, so O_DIRECT can move slots straight
+between the file and the host arena):
+
+    [superblock: 1 page][slot 0: header page | data][slot 1: header page | data] ...
+
+A slot's header (key, checksum, data length, its own checksum) is written in
+the same vectored write as its data, so after a crash a slot is either whole
+or fails a checksum. A new process recovers the blocks it finds from the
+headers; every read verifies the data against the header's checksum, so a
+corrupted slot is a miss, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from kvbm.block_key import MAX_ENCODED, BlockKey
+from kvbm.errors import DiskTierError
+from kvbm.hashing import checksum
+from kvbm.host_pool import HostPool
+from kvbm.layout import PAGE, ModelGeometry, slot_runs
+from kvbm.slot_table import SlotTable
+
+log = logging.getLogger("kvbm.disk")
+
+MAGIC = b"KVBMG3\x00\x01"
+SLOT_MAGIC = b"KVBMSLOT"
+VERSION = 1
+_SUPER = struct.Struct(
+    "<8sIQQQQ"
+)  # magic, version, slot_stride, num_slots, block_bytes, fingerprint
+_HEADER = struct.Struct(
+    "<8sIQQH"
+)  # magic, version, data_len, checksum, key_len (then key, then crc)
+_CRC = struct.Struct("<Q")
+_MAX_IOV = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DiskWrite:
+    """One block to write: its key and checksum, from host slot `src` into disk slot `dst`."""
+
+    key: BlockKey
+    checksum: int
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRead:
+    key: BlockKey
+    checksum: int
+    src: int  # disk slot
+    dst: int  # host slot
+
+
+def _aligned(nbytes: int) -> mmap.mmap:
+    """Page-aligned scratch memory, as O_DIRECT needs."""
+    return mmap.mmap(-1, max(PAGE, nbytes))
+
+
+class DiskPool:
+    """Bookkeeping in `table`; this class adds the file. Not thread-safe for
+    bookkeeping (the manager serialises); `write` and `read` touch only slots
+    the caller reserved, so several may run at once."""
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        directory: str,
+        capacity_bytes: int,
+        *,
+        preallocate: bool = True,
+        direct_io: bool = True,
+    ) -> None:
+        self.geometry = geometry
+        self.data_bytes = geometry.slot_bytes
+        self.stride = PAGE + self.data_bytes
+        num_slots = (capacity_bytes - PAGE) // self.stride
+        if num_slots < 1:
+            raise ValueError(
+                f"disk tier of {capacity_bytes} bytes cannot hold one {self.stride}-byte slot"
+            )
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"kvbm-g3-{geometry.fingerprint:016x}.arena")
+        self.size = PAGE + num_slots * self.stride
+        self.table = SlotTable(num_slots)
+        self._super = _SUPER.pack(
+            MAGIC, VERSION, self.stride, num_slots, geometry.block_bytes, geometry.fingerprint
+        )
+        self.direct_io = False
+        self.fd = self._open(direct_io, preallocate)
+        self.recovered = self._recover()
+
+    @property
+    def num_slots(self) -> int:
+        return self.table.num_slots
+
+    # -- opening -----------------------------------------------------------
+    def _open(self, direct_io: bool, preallocate: bool) -> int:
+        fd = self._open_fd(direct_io)
+        try:
+            if self._superblock_matches(fd):
+                return fd
+            if os.fstat(fd).st_size and not self._is_ours(fd):
+                raise DiskTierError(
+                    f"{self.path} exists and is not a kvbm disk arena; refusing to overwrite it"
+                )
+            if os.fstat(fd).st_size:
+                log.warning("disk arena layout changed; starting it empty path=%s", self.path)
+            os.ftruncate(fd, 0)
+            self._reserve(fd, preallocate)
+            self._pwrite(
+                fd, [self._page(self._super + _CRC.pack(xxhash.xxh3_64_intdigest(self._super)))], 0
+            )
+            os.fsync(fd)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open_fd(self, direct_io: bool) -> int:
+        flags = os.O_RDWR | os.O_CREAT
+        if direct_io and hasattr(os, "O_DIRECT"):
+            try:
+                fd = os.open(self.path, flags | os.O_DIRECT, 0o600)
+                self.direct_io = True
+                return fd
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise DiskTierError(f"cannot open disk arena {self.path}: {e}") from e
+                log.info("file system refuses O_DIRECT; using the page cache path=%s", self.path)
+        try:
+            return os.open(self.path, flags, 0o600)
+        except OSError as e:
+            raise DiskTierError(f"cannot open disk arena {self.path}: {e}") from e
+
+    def _reserve(self, fd: int, preallocate: bool) -> None:
+        os.ftruncate(fd, self.size)
+        if not preallocate:
+            return
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                log.info(
+                    "file system cannot preallocate; the arena file is sparse path=%s", self.path
+                )
+                return
+            os.ftruncate(fd, 0)
+            if e.errno == errno.ENOSPC:
+                free = os.statvfs(os.path.dirname(self.path))
+                raise DiskTierError(
+                    f"no room for a {self.size >> 20} MiB disk arena at {self.path} "
+                    f"({free.f_bavail * free.f_frsize >> 20} MiB free): lower the disk cache size"
+                ) from e
+            raise DiskTierError(f"cannot preallocate {self.path}: {e}") from e
+
+    def _read_page(self, fd: int, offset: int) -> bytes:
+        buf = _aligned(PAGE)
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+
+    def _superblock_matches(self, fd: int) -> bool:
+        if os.fstat(fd).st_size != self.size:
+            return False
+        page = self._read_page(fd, 0)
+        expect = self._super + _CRC.pack(xxhash.xxh3_64_intdigest(self._super))
+        return page[: len(expect)] == expect
+
+    def _is_ours(self, fd: int) -> bool:
+        return self._read_page(fd, 0)[: len(MAGIC)] == MAGIC
+
+    @staticmethod
+    def _page(data: bytes) -> mmap.mmap:
+        buf = _aligned(PAGE)
+        buf[: len(data)] = data
+        return buf
+
+    # -- recovery ----------------------------------------------------------
+    def _recover(self) -> int:
+        """Register every slot whose header is intact; data is verified on read."""
+        found: dict[BlockKey, tuple[int, int]] = {}
+        buf = _aligned(PAGE)
+        for slot in range(self.num_slots):
+            if os.preadv(self.fd, [buf], self._offset(slot)) != PAGE:
+                break
+            parsed = self._parse_header(buf)
+            if parsed is not None and parsed[0].fingerprint == self.geometry.fingerprint:
+                found.setdefault(parsed[0], (slot, parsed[1]))
+        self.table.claim([slot for slot, _ in found.values()])
+        for key, (slot, csum) in found.items():
+            self.table.register(slot, key, csum)
+        if found:
+            log.info("disk arena recovered blocks=%d path=%s", len(found), self.path)
+        return len(found)
+
+    # -- I/O ---------------------------------------------------------------
+    def _offset(self, slot: int) -> int:
+        return PAGE + slot * self.stride
+
+    def _header(self, key: BlockKey, csum: int) -> bytes:
+        kb = key.encode()
+        head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(kb)) + kb
+        return head + _CRC.pack(xxhash.xxh3_64_intdigest(head))
+
+    def _parse_header(self, page) -> tuple[BlockKey, int] | None:
+        magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
+        if magic != SLOT_MAGIC or version != VERSION or data_len != self.geometry.block_bytes:
+            return None
+        if klen > MAX_ENCODED:
+            return None
+        end = _HEADER.size + klen
+        (crc,) = _CRC.unpack_from(page, end)
+        if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
+            return None
+        try:
+            return BlockKey.decode(bytes(page[_HEADER.size : end])), csum
+        except ValueError:
+            return None
+
+    def _pwrite(self, fd: int, bufs: list, offset: int) -> None:
+        want = sum(len(memoryview(b)) for b in bufs)
+        done = os.pwritev(fd, bufs, offset)
+        if done != want:
+            raise OSError(errno.EIO, f"short write: {done} of {want} bytes")
+
+    def write(self, items: list[DiskWrite], host: HostPool) -> list[bool]:
+        """Host slots -> disk slots, header and data in one vectored write per run.
+
+        Returns per item whether it reached the file; a failed run (disk full,
+        I/O error) fails only its own items.
+        """
+        ok = [False] * len(items)
+        order = sorted(range(len(items)), key=lambda i: items[i].dst)
+        dsts = [items[i].dst for i in order]
+        for first, n, off in slot_runs(np.asarray(dsts, dtype=np.int64)):
+            for start in range(0, n, _MAX_IOV // 2):
+                chunk = order[off + start : off + min(n, start + _MAX_IOV // 2)]
+                headers = _aligned(len(chunk) * PAGE)
+                bufs = []
+                for j, i in enumerate(chunk):
+                    it = items[i]
+                    h = self._header(it.key, it.checksum)
+                    headers[j * PAGE : j * PAGE + len(h)] = h
+                    bufs += [
+                        memoryview(headers)[j * PAGE : (j + 1) * PAGE],
+                        host.slot_buffer(it.src),
+                    ]
+                try:
+                    self._pwrite(self.fd, bufs, self._offset(first + start))
+                except OSError as e:
+                    log.warning("disk write failed blocks=%d error=%s", len(chunk), e)
+                    continue
+                finally:
+                    del bufs
+                for i in chunk:
+                    ok[i] = True
+        return ok
+
+    def read(self, items: list[DiskRead], host: HostPool) -> list[bool]:
+        """Disk slots -> host slots; True only where header and data checksum match."""
+        ok = [False] * len(items)
+        order = sorted(range(len(items)), key=lambda i: items[i].src)
+        srcs = [items[i].src for i in order]
+        for first, n, off in slot_runs(np.asarray(srcs, dtype=np.int64)):
+            for start in range(0, n, _MAX_IOV // 2):
+                chunk = order[off + start : off + min(n, start + _MAX_IOV // 2)]
+                headers = _aligned(len(chunk) * PAGE)
+                hv = memoryview(headers)
+                bufs = []
+                for j, i in enumerate(chunk):
+                    bufs += [hv[j * PAGE : (j + 1) * PAGE], host.slot_buffer(items[i].dst)]
+                try:
+                    want = len(chunk) * self.stride
+                    got = os.preadv(self.fd, bufs, self._offset(first + start))
+                    if got != want:
+                        raise OSError(errno.EIO, f"short read: {got} of {want} bytes")
+                except OSError as e:
+                    log.warning("disk read failed blocks=%d error=%s", len(chunk), e)
+                    continue
+                finally:
+                    del bufs
+                for j, i in enumerate(chunk):
+                    it = items[i]
+                    parsed = self._parse_header(hv[j * PAGE : (j + 1) * PAGE])
+                    ok[i] = (
+                        parsed == (it.key, it.checksum)
+                        and checksum(host.block_view(it.dst)) == it.checksum
+                    )
+                del hv
+        return ok
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,58 @@
+"""G2: the node's host-memory tier, one shared-memory arena cut into slots."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from kvbm.hashing import checksum
+from kvbm.layout import ArenaBlocks, ModelGeometry
+from kvbm.shm_arena import SharedArena
+from kvbm.slot_table import SlotTable
+
+
+class HostPool:
+    """Slot `s` holds one block's bytes at [s * slot_bytes, s * slot_bytes + block_bytes).
+
+    The arena is one region (so NIXL registers it once) that engine processes
+    map by `arena.name`. Bookkeeping lives in `table`; this class adds bytes.
+    """
+
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        capacity_bytes: int,
+        arena_name: str | None = None,
+        mode: int = 0o600,
+    ) -> None:
+        num_slots = capacity_bytes // geometry.slot_bytes
+        if num_slots < 1:
+            raise ValueError(
+                f"host tier of {capacity_bytes} bytes cannot hold one "
+                f"{geometry.slot_bytes}-byte block"
+            )
+        name = arena_name or f"kvbm-g2-{os.getpid()}-{secrets.token_hex(4)}"
+        self.geometry = geometry
+        self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode)
+        self.table = SlotTable(num_slots)
+        self.blocks = ArenaBlocks(geometry, self.arena.tensor, num_slots)
+
+    @property
+    def num_slots(self) -> int:
+        return self.table.num_slots
+
+    def slot_buffer(self, slot: int):
+        """The whole page-aligned slot (block bytes + padding): what disk I/O moves."""
+        stride = self.geometry.slot_bytes
+        return self.arena.array[slot * stride : (slot + 1) * stride]
+
+    def block_view(self, slot: int) -> memoryview:
+        start = slot * self.geometry.slot_bytes
+        return memoryview(self.arena.array[start : start + self.geometry.block_bytes])
+
+    def checksums(self, slots: list[int]) -> list[int]:
+        return [checksum(self.block_view(s)) for s in slots]
+
+    def close(self) -> None:
+        self.blocks = None  # type: ignore[assignment]  # drop views before unmapping
+        self.arena.close()

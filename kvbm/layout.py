@@ -1,0 +1,177 @@
+"""Model geometry -> bytes per block, the layout fingerprint, and batched copies
+between an engine's per-layer KV tensors (G1) and contiguous block slots.
+
+A block's bytes are that block index in every layer's tensor, concatenated
+layer by layer. Copies go one torch op per (layer, run of consecutive slots):
+never a Python loop per block per layer, and never a temporary buffer, so they
+run at memcpy speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from kvbm.errors import GeometryMismatch
+
+# Engine per-block byte layouts this module can copy. vLLM CPU: one tensor per
+# layer, [num_blocks, num_kv_heads, block_size, 2 * head_dim], block dim first.
+VLLM_CPU_LAYOUT = "vllm-cpu-v1"
+KV_LAYOUTS = (VLLM_CPU_LAYOUT,)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PAGE = 4096
+
+
+def align_up(n: int, to: int = PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str = "float32"
+    kv_layout: str = VLLM_CPU_LAYOUT
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int]:
+        """Shape of one block inside one layer's tensor."""
+        return (self.num_kv_heads, self.block_size, 2 * self.head_dim)
+
+    @property
+    def layer_block_bytes(self) -> int:
+        h, b, d = self.layer_shape
+        return h * b * d * self.torch_dtype.itemsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.num_layers * self.layer_block_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        """Slot stride in the arenas: page aligned so O_DIRECT can read into a slot."""
+        return align_up(self.block_bytes)
+
+    @property
+    def fingerprint(self) -> int:
+        """Nodes whose fingerprints differ never exchange blocks."""
+        text = (
+            f"kvbm-layout-v1|layers={self.num_layers}|kv_heads={self.num_kv_heads}"
+            f"|head_dim={self.head_dim}|block_size={self.block_size}|dtype={self.dtype}"
+            f"|layout={self.kv_layout}"
+        )
+        return xxhash.xxh3_64_intdigest(text.encode())
+
+
+class EngineKV:
+    """An engine's per-layer KV tensors (G1), checked once against the geometry.
+
+    Holds byte views of the engine's tensors; the engine keeps ownership.
+    """
+
+    def __init__(self, geometry: ModelGeometry, layers: list[torch.Tensor]) -> None:
+        if len(layers) != geometry.num_layers:
+            raise GeometryMismatch(
+                f"engine has {len(layers)} KV layers, geometry says {geometry.num_layers}"
+            )
+        num_blocks = layers[0].shape[0] if layers else 0
+        for i, t in enumerate(layers):
+            if tuple(t.shape[1:]) != geometry.layer_shape or t.shape[0] != num_blocks:
+                raise GeometryMismatch(
+                    f"layer {i} has shape {tuple(t.shape)}, expected "
+                    f"({num_blocks}, {', '.join(map(str, geometry.layer_shape))})"
+                )
+            if t.dtype != geometry.torch_dtype:
+                raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {geometry.dtype}")
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise GeometryMismatch(f"layer {i} must be a contiguous CPU tensor")
+        self.geometry = geometry
+        self.num_blocks = num_blocks
+        self._rows = [
+            t.view(torch.uint8).view(num_blocks, geometry.layer_block_bytes) for t in layers
+        ]
+
+    def check_ids(self, block_ids: np.ndarray) -> None:
+        if block_ids.size and (block_ids.min() < 0 or block_ids.max() >= self.num_blocks):
+            raise ValueError(f"engine block ids must be in [0, {self.num_blocks})")
+
+
+def slot_runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first slot, length, offset in `slots`) for each run of consecutive slots.
+
+    `slots` must be sorted ascending. Allocation hands out the lowest free slots,
+    so a batch is usually one or a few runs.
+    """
+    if slots.size == 0:
+        return []
+    starts = np.flatnonzero(np.diff(slots) != 1) + 1
+    bounds = np.concatenate(([0], starts, [slots.size]))
+    return [(int(slots[a]), int(b - a), int(a)) for a, b in itertools.pairwise(bounds)]
+
+
+class ArenaBlocks:
+    """A slot array seen as [num_slots, num_layers, layer_block_bytes] for copies."""
+
+    def __init__(self, geometry: ModelGeometry, arena: torch.Tensor, num_slots: int) -> None:
+        if arena.dtype != torch.uint8 or arena.numel() < num_slots * geometry.slot_bytes:
+            raise GeometryMismatch("arena is smaller than num_slots * slot_bytes")
+        self.geometry = geometry
+        self.view = torch.as_strided(
+            arena,
+            (num_slots, geometry.num_layers, geometry.layer_block_bytes),
+            (geometry.slot_bytes, geometry.layer_block_bytes, 1),
+        )
+
+    def _pairs(self, block_ids, slots) -> tuple[torch.Tensor, np.ndarray]:
+        b = np.asarray(block_ids, dtype=np.int64)
+        s = np.asarray(slots, dtype=np.int64)
+        if b.shape != s.shape or b.ndim != 1:
+            raise ValueError("block_ids and slots must be 1-D and of equal length")
+        order = np.argsort(s, kind="stable")
+        return torch.from_numpy(b[order]), s[order]
+
+    def gather(self, kv: EngineKV, block_ids, slots) -> None:
+        """G1 -> arena: engine block block_ids[i] into slot slots[i]."""
+        self._check(kv)
+        b, s = self._pairs(block_ids, slots)
+        kv.check_ids(b.numpy())
+        for first, n, off in slot_runs(s):
+            ids = b[off : off + n]
+            for layer, rows in enumerate(kv._rows):
+                torch.index_select(rows, 0, ids, out=self.view[first : first + n, layer])
+
+    def scatter(self, kv: EngineKV, slots, block_ids) -> None:
+        """Arena -> G1: slot slots[i] into engine block block_ids[i]."""
+        self._check(kv)
+        b, s = self._pairs(block_ids, slots)
+        kv.check_ids(b.numpy())
+        for first, n, off in slot_runs(s):
+            ids = b[off : off + n]
+            for layer, rows in enumerate(kv._rows):
+                rows.index_copy_(0, ids, self.view[first : first + n, layer])
+
+    def _check(self, kv: EngineKV) -> None:
+        if kv.geometry != self.geometry:
+            raise GeometryMismatch(
+                f"engine geometry {kv.geometry} does not match the arena's {self.geometry}"
+            )

@@ -1,0 +1,342 @@
+"""One node's block manager: G1 (engine tensors) <-> G2 (host arena) <-> G3 (disk arena).
+
+Every move is two-phase. A store reserves host slots (`prepare_store`), the
+bytes are copied in, and `commit_store` checksums and registers them; only then
+can a lookup see them. A load pins the prefix it found (`prepare_load`),
+staging disk-only blocks into host slots and verifying them, the bytes are
+copied out, and `finish_load` unpins. Bookkeeping runs under one lock; bytes
+move outside it, on slots that no one else can touch (FILLING, DRAINING or
+pinned), so the engine path and the network path can use one manager at once.
+
+When the host tier is full, its least recently used unpinned blocks drain to
+disk if the admission filter lets them, and are dropped otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from kvbm.admission import FrequencyFilter
+from kvbm.block_key import BlockKey
+from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
+from kvbm.host_pool import HostPool
+from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.metrics import TierMetrics
+from kvbm.slot_table import Victim
+
+
+class Tier(StrEnum):
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The longest prefix of a request's keys held locally, and where each block is."""
+
+    tiers: tuple[Tier, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tiers)
+
+
+@dataclass
+class StorePlan:
+    """Host slots reserved for `keys[i]`; `positions[i]` is its index in the caller's list."""
+
+    keys: list[BlockKey]
+    slots: list[int]
+    positions: list[int]
+    done: bool = False
+
+
+@dataclass
+class LoadPlan:
+    """The first `len(slots)` of the caller's keys, each pinned in a host slot."""
+
+    keys: list[BlockKey]
+    slots: list[int]
+    from_disk: int = 0
+    done: bool = field(default=False)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.slots)
+
+
+class BlockManager:
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        host: HostPool,
+        disk: DiskPool | None = None,
+        admission: FrequencyFilter | None = None,
+        metrics: TierMetrics | None = None,
+    ) -> None:
+        for pool in (host, disk):
+            if pool is not None and pool.geometry != geometry:
+                raise ValueError("every tier must share the manager's geometry")
+        self.geometry = geometry
+        self.host = host
+        self.disk = disk
+        self.admission = admission or FrequencyFilter()
+        self.metrics = metrics or TierMetrics()
+        self._lock = threading.RLock()
+        # Half of G2 per load or store step: the other half can drain or stage.
+        self.max_load_blocks = max(1, host.num_slots // 2)
+        m = self.metrics
+        m.watch_tier(
+            "host", lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
+        )
+        if disk is not None:
+            m.watch_tier(
+                "disk", lambda: disk.table.registered_count, geometry.block_bytes, disk.num_slots
+            )
+
+    # -- lookup ------------------------------------------------------------
+    def lookup(self, keys: Sequence[BlockKey]) -> PrefixMatch:
+        """Longest prefix of `keys` held in G2 or G3 (no pins; it may change at once)."""
+        tiers: list[Tier] = []
+        with self._lock:
+            host, disk = self.host.table.index, self.disk.table.index if self.disk else {}
+            for k in keys:
+                if k in host:
+                    tiers.append(Tier.HOST)
+                elif k in disk:
+                    tiers.append(Tier.DISK)
+                else:
+                    break
+        return PrefixMatch(tuple(tiers))
+
+    # -- store: G1 -> G2 ---------------------------------------------------
+    def prepare_store(self, keys: Sequence[BlockKey]) -> StorePlan:
+        """Reserve host slots for the keys not already held; the caller fills them.
+
+        Blocks already in G2 are skipped (and count as a use). When G2 is full
+        and every block is pinned, the tail of `keys` is not stored: caching is
+        best effort, and a rejected block is counted, never an error.
+        """
+        with self._lock:
+            self.admission.record(keys)
+            table, seen = self.host.table, set()
+            positions = []
+            for i, k in enumerate(keys):
+                slot = table.get(k)
+                if slot is not None:
+                    table.touch(slot)
+                elif k not in seen:
+                    seen.add(k)
+                    positions.append(i)
+        slots = self._reserve_host(len(positions))
+        if len(slots) < len(positions):
+            self.metrics.rejected.labels("host", "full").inc(len(positions) - len(slots))
+            positions = positions[: len(slots)]
+        return StorePlan([keys[i] for i in positions], slots, positions)
+
+    def commit_store(self, plan: StorePlan, success: bool = True) -> int:
+        """Checksum and register the filled slots (or free them). Returns blocks added."""
+        if plan.done:
+            raise ValueError("store plan already committed")
+        plan.done = True
+        sums = self.host.checksums(plan.slots) if success else []
+        added = 0
+        with self._lock:
+            table = self.host.table
+            for i, slot in enumerate(plan.slots):
+                if not success:
+                    table.abort(slot)
+                elif table.register(slot, plan.keys[i], sums[i]):
+                    added += 1
+        self.metrics.moved.labels("g1_to_g2").inc(added * self.geometry.block_bytes)
+        return added
+
+    def offload(self, kv: EngineKV, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
+        """Write engine blocks through to G2 (block_ids[i] holds keys[i]). Returns blocks added.
+
+        A batch larger than half of G2 goes in chunks, so earlier chunks can
+        drain to G3 to make room for later ones.
+        """
+        if len(block_ids) != len(keys):
+            raise ValueError("block_ids and keys must have equal length")
+        ids = np.asarray(block_ids, dtype=np.int64)
+        kv.check_ids(ids)
+        step = self.max_load_blocks
+        added = 0
+        for start in range(0, len(keys), step):
+            plan = self.prepare_store(keys[start : start + step])
+            try:
+                self.host.blocks.gather(kv, ids[start:][plan.positions], plan.slots)
+            except BaseException:
+                self.commit_store(plan, success=False)
+                raise
+            added += self.commit_store(plan)
+        return added
+
+    # -- load: G3 -> G2 -> G1 ----------------------------------------------
+    def prepare_load(self, keys: Sequence[BlockKey]) -> LoadPlan:
+        """Pin the longest prefix of `keys` in G2, staging disk-only blocks into G2.
+
+        At most `max_load_blocks` keys are considered, so that staging always
+        finds room in G2. A disk block that fails its checksum ends the prefix there: it is
+        dropped, counted, and the caller recomputes from that block on.
+        """
+        keys = keys[: self.max_load_blocks]
+        host_slots: list[int | None] = []
+        disk_slots: dict[int, int] = {}  # position -> pinned disk slot
+        with self._lock:
+            host, disk = self.host.table, self.disk.table if self.disk else None
+            for i, k in enumerate(keys):
+                slot = host.get(k)
+                if slot is not None:
+                    host.pin(slot)
+                    host_slots.append(slot)
+                    continue
+                dslot = disk.get(k) if disk else None
+                if dslot is None:
+                    break
+                disk.pin(dslot)
+                disk_slots[i] = dslot
+                host_slots.append(None)
+            hits_host = len(host_slots) - len(disk_slots)
+            self.metrics.hits.labels("host").inc(hits_host)
+            self.metrics.misses.labels("host").inc(len(keys) - hits_host)
+            if self.disk:
+                self.metrics.hits.labels("disk").inc(len(disk_slots))
+                self.metrics.misses.labels("disk").inc(len(keys) - len(host_slots))
+        if disk_slots:
+            self._stage_from_disk(keys, host_slots, disk_slots)
+        n = host_slots.index(None) if None in host_slots else len(host_slots)
+        with self._lock:
+            for slot in host_slots[n:]:
+                if slot is not None:
+                    self.host.table.unpin(slot)
+        slots = [s for s in host_slots[:n] if s is not None]
+        return LoadPlan(list(keys[:n]), slots, sum(1 for i in disk_slots if i < n))
+
+    def finish_load(self, plan: LoadPlan) -> None:
+        if plan.done:
+            return
+        plan.done = True
+        with self._lock:
+            for slot in plan.slots:
+                self.host.table.unpin(slot)
+            self.admission.record(plan.keys)
+
+    def onboard(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
+        """Copy the longest locally held prefix of `keys` into engine blocks
+        `block_ids` (one per key). Returns how many leading blocks were loaded."""
+        if len(block_ids) != len(keys):
+            raise ValueError("block_ids and keys must have equal length")
+        ids = np.asarray(block_ids, dtype=np.int64)
+        kv.check_ids(ids)
+        loaded = 0
+        while loaded < len(keys):
+            want = min(len(keys) - loaded, self.max_load_blocks)
+            plan = self.prepare_load(keys[loaded:])
+            try:
+                self.host.blocks.scatter(kv, plan.slots, ids[loaded : loaded + plan.num_blocks])
+            finally:
+                self.finish_load(plan)
+            self.metrics.moved.labels("g2_to_g1").inc(plan.num_blocks * self.geometry.block_bytes)
+            loaded += plan.num_blocks
+            if plan.num_blocks < want:
+                break
+        return loaded
+
+    # -- internals ---------------------------------------------------------
+    def _stage_from_disk(
+        self, keys: Sequence[BlockKey], host_slots: list[int | None], disk_slots: dict[int, int]
+    ) -> None:
+        """Fill host_slots[i] for every i in disk_slots, or leave it None (end of prefix)."""
+        assert self.disk is not None
+        positions = sorted(disk_slots)
+        fresh = self._reserve_host(len(positions))
+        reads = []
+        with self._lock:
+            dt = self.disk.table
+            for i, slot in zip(positions, fresh, strict=False):
+                reads.append(DiskRead(keys[i], dt.checksums[disk_slots[i]], disk_slots[i], slot))
+        ok = self.disk.read(reads, self.host) if reads else []
+        with self._lock:
+            host, dt = self.host.table, self.disk.table
+            broken = False
+            for n, (r, good) in enumerate(zip(reads, ok, strict=True)):
+                i = positions[n]
+                dt.unpin(r.src)
+                if not good:
+                    self.metrics.checksum_failures.labels("disk").inc()
+                    dt.drop(r.key)
+                if broken or not good:
+                    broken = True
+                    host.abort(r.dst)
+                    continue
+                # If another writer registered the key meanwhile, ours is freed: use theirs.
+                host.register(r.dst, r.key, r.checksum)
+                slot = host.get(r.key)
+                assert slot is not None
+                host.pin(slot)
+                host_slots[i] = slot
+            for n in range(len(reads), len(positions)):
+                dt.unpin(disk_slots[positions[n]])  # no host room for these
+        self.metrics.moved.labels("g3_to_g2").inc(sum(ok) * self.geometry.block_bytes)
+
+    def _reserve_host(self, n: int) -> list[int]:
+        """Up to `n` FILLING host slots, draining LRU blocks to make room."""
+        if n == 0:
+            return []
+        with self._lock:
+            table = self.host.table
+            slots = table.allocate(n)
+            victims = table.take_victims(n - len(slots))
+        if victims:
+            self._drain(victims)
+            with self._lock:
+                slots += self.host.table.allocate(n - len(slots))
+        return slots
+
+    def _drain(self, victims: list[Victim]) -> None:
+        """Evicted host blocks -> disk (those the filter admits), then free their slots."""
+        self.metrics.evictions.labels("host").inc(len(victims))
+        writes: list[DiskWrite] = []
+        if self.disk is not None:
+            with self._lock:
+                dt = self.disk.table
+                admitted = [
+                    v for v in victims if v.key not in dt.index and self.admission.admit(v.key)
+                ]
+                refused = sum(1 for v in victims if v.key not in dt.index) - len(admitted)
+                self.metrics.rejected.labels("disk", "frequency").inc(refused)
+                dslots = dt.allocate(len(admitted))
+                if len(dslots) < len(admitted):
+                    dropped = dt.take_victims(len(admitted) - len(dslots))
+                    for d in dropped:
+                        dt.release(d.slot)  # a disk eviction only forgets the block
+                    self.metrics.evictions.labels("disk").inc(len(dropped))
+                    dslots += dt.allocate(len(admitted) - len(dslots))
+                self.metrics.rejected.labels("disk", "full").inc(len(admitted) - len(dslots))
+                writes = [
+                    DiskWrite(v.key, v.checksum, v.slot, d)
+                    for v, d in zip(admitted, dslots, strict=False)
+                ]
+        ok = self.disk.write(writes, self.host) if writes else []
+        with self._lock:
+            for w, good in zip(writes, ok, strict=True):
+                if good:
+                    self.disk.table.register(w.dst, w.key, w.checksum)
+                else:
+                    self.disk.table.abort(w.dst)
+            self.metrics.rejected.labels("disk", "io_error").inc(ok.count(False))
+            for v in victims:
+                self.host.table.release(v.slot)
+        self.metrics.moved.labels("g2_to_g3").inc(ok.count(True) * self.geometry.block_bytes)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+        self.host.close()

@@ -1,0 +1,103 @@
+"""A named POSIX shared-memory region that another process can map by name.
+
+The node creates the arena; an engine process attaches to the same name and
+copies blocks in and out of it directly. The region's pages are reserved at
+creation (posix_fallocate), so a full /dev/shm is a clear error at start
+rather than a SIGBUS in the middle of a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import re
+
+import numpy as np
+import torch
+
+from kvbm.errors import ArenaError
+
+SHM_DIR = "/dev/shm"
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class SharedArena:
+    """One mapping of a shared-memory region. `close()` is safe to call twice.
+
+    The creator owns the name and unlinks it; attachers only map and unmap.
+    """
+
+    def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
+        self.name = name
+        self.size = size
+        self.owner = owner
+        try:
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.array: np.ndarray = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.tensor: torch.Tensor = torch.from_numpy(self.array)
+
+    @staticmethod
+    def path_of(name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(f"arena name must match {_NAME.pattern}, got {name!r}")
+        return os.path.join(SHM_DIR, name)
+
+    @classmethod
+    def create(cls, name: str, size: int, mode: int = 0o600) -> SharedArena:
+        if size <= 0:
+            raise ValueError(f"arena size must be positive, got {size}")
+        path = cls.path_of(name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError as e:
+            raise ArenaError(f"shared-memory arena {path} already exists") from e
+        try:
+            os.fchmod(fd, mode)  # umask must not narrow the mode we were asked for
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            if e.errno == errno.ENOSPC:
+                raise ArenaError(
+                    f"no room for a {size >> 20} MiB arena in {SHM_DIR}: enlarge it "
+                    "(Kubernetes: an emptyDir with medium Memory) or lower the host cache size"
+                ) from e
+            raise ArenaError(f"cannot size shared-memory arena {path}: {e}") from e
+        return cls(name, fd, size, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, size: int | None = None) -> SharedArena:
+        path = cls.path_of(name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise ArenaError(f"cannot open shared-memory arena {path}: {e}") from e
+        actual = os.fstat(fd).st_size
+        if size is not None and actual != size:
+            os.close(fd)
+            raise ArenaError(f"arena {path} is {actual} bytes, expected {size}")
+        return cls(name, fd, actual, owner=False)
+
+    def close(self) -> None:
+        """Unmap (and unlink, for the creator). Idempotent."""
+        if self._mmap is None:
+            return
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.array = np.empty(0, dtype=np.uint8)
+        mm, self._mmap = self._mmap, None
+        # If a caller still holds a view, the mapping goes when that view does.
+        with contextlib.suppress(BufferError):
+            mm.close()
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path_of(self.name))
+
+    def __enter__(self) -> SharedArena:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

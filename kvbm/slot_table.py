@@ -1,0 +1,184 @@
+"""Bookkeeping of one tier's fixed-size slots: states, keys, checksums, pins.
+
+Not thread-safe: the block manager serialises every call under its lock and
+moves bytes outside it, on slots that are FILLING, DRAINING or pinned.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvbm.block_key import BlockKey
+from kvbm.lru import LruPolicy
+
+
+class SlotState(IntEnum):
+    FREE = 0
+    FILLING = 1  # reserved for a write in flight; not visible to lookups
+    REGISTERED = 2  # content and checksum known; in the index
+    DRAINING = 3  # evicted from the index; bytes still being copied out
+
+
+@dataclass(frozen=True, slots=True)
+class Victim:
+    slot: int
+    key: BlockKey
+    checksum: int
+
+
+class SlotTable:
+    """Invariants, checked by `check()` and the property tests:
+
+    - every slot is in exactly one state;
+    - the free heap holds exactly the FREE slots;
+    - the index maps a key to a slot only when that slot is REGISTERED under
+      that key, and every REGISTERED slot is in the index;
+    - the eviction policy holds exactly the REGISTERED slots with no pins, so
+      a pinned block is never evicted;
+    - pins are only ever held on REGISTERED slots.
+    Allocation hands out the lowest free slots, so batches copy as few runs.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"a tier needs at least one slot, got {num_slots}")
+        self.num_slots = num_slots
+        self.state = [SlotState.FREE] * num_slots
+        self.keys: list[BlockKey | None] = [None] * num_slots
+        self.checksums = [0] * num_slots
+        self.pins = [0] * num_slots
+        self.index: dict[BlockKey, int] = {}
+        self.policy = LruPolicy()
+        self._free = list(range(num_slots))  # already a heap
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    @property
+    def registered_count(self) -> int:
+        return len(self.index)
+
+    @property
+    def evictable_count(self) -> int:
+        return len(self.policy)
+
+    def get(self, key: BlockKey) -> int | None:
+        return self.index.get(key)
+
+    def prefix(self, keys: list[BlockKey]) -> int:
+        """How many leading keys are registered here."""
+        n = 0
+        for k in keys:
+            if k not in self.index:
+                break
+            n += 1
+        return n
+
+    # -- writes ------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """Up to `n` free slots (the lowest), now FILLING."""
+        out = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
+        for s in out:
+            self.state[s] = SlotState.FILLING
+        return out
+
+    def claim(self, slots: list[int]) -> None:
+        """Specific FREE slots -> FILLING (recovery of a disk arena)."""
+        for s in slots:
+            self._expect(s, SlotState.FREE)
+            self.state[s] = SlotState.FILLING
+        if slots:
+            self._free = [s for s in self._free if self.state[s] == SlotState.FREE]
+            heapq.heapify(self._free)
+
+    def register(self, slot: int, key: BlockKey, checksum: int) -> bool:
+        """FILLING -> REGISTERED. False (and the slot freed) if the key was already here."""
+        self._expect(slot, SlotState.FILLING)
+        if key in self.index:
+            self._free_slot(slot)
+            return False
+        self.state[slot] = SlotState.REGISTERED
+        self.keys[slot] = key
+        self.checksums[slot] = checksum
+        self.index[key] = slot
+        self.policy.insert(slot)
+        return True
+
+    def abort(self, slot: int) -> None:
+        """FILLING -> FREE: the write failed or was not wanted."""
+        self._expect(slot, SlotState.FILLING)
+        self._free_slot(slot)
+
+    # -- readers -----------------------------------------------------------
+    def pin(self, slot: int) -> None:
+        self._expect(slot, SlotState.REGISTERED)
+        self.pins[slot] += 1
+        self.policy.remove(slot)
+
+    def unpin(self, slot: int) -> None:
+        self._expect(slot, SlotState.REGISTERED)
+        if self.pins[slot] <= 0:
+            raise AssertionError(f"unpin of unpinned slot {slot}")
+        self.pins[slot] -= 1
+        if self.pins[slot] == 0:
+            self.policy.insert(slot)  # a read counts as a use
+
+    def touch(self, slot: int) -> None:
+        self.policy.touch(slot)
+
+    # -- eviction ----------------------------------------------------------
+    def take_victims(self, n: int) -> list[Victim]:
+        """Up to `n` least recently used unpinned blocks, now DRAINING and out of the index."""
+        out = []
+        for s in self.policy.pop_oldest(n):
+            key = self.keys[s]
+            assert key is not None and self.pins[s] == 0
+            del self.index[key]
+            self.state[s] = SlotState.DRAINING
+            out.append(Victim(s, key, self.checksums[s]))
+        return out
+
+    def release(self, slot: int) -> None:
+        """DRAINING -> FREE once its bytes have been copied out (or given up)."""
+        self._expect(slot, SlotState.DRAINING)
+        self._free_slot(slot)
+
+    def drop(self, key: BlockKey) -> bool:
+        """Forget an unpinned block (found corrupt, or superseded). False if absent or pinned."""
+        slot = self.index.get(key)
+        if slot is None or self.pins[slot]:
+            return False
+        del self.index[key]
+        self.policy.remove(slot)
+        self._free_slot(slot)
+        return True
+
+    # -- internals ---------------------------------------------------------
+    def _free_slot(self, slot: int) -> None:
+        self.state[slot] = SlotState.FREE
+        self.keys[slot] = None
+        self.checksums[slot] = 0
+        self.pins[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    def _expect(self, slot: int, state: SlotState) -> None:
+        if self.state[slot] != state:
+            raise AssertionError(f"slot {slot} is {self.state[slot].name}, expected {state.name}")
+
+    def check(self) -> None:
+        """Assert every invariant in the class docstring (tests; O(num_slots))."""
+        free = set(self._free)
+        assert len(free) == len(self._free), "a slot is twice in the free heap"
+        for s in range(self.num_slots):
+            st = self.state[s]
+            assert (st == SlotState.FREE) == (s in free), f"slot {s}: free heap disagrees"
+            registered = st == SlotState.REGISTERED
+            key = self.keys[s]
+            assert registered == (key is not None and self.index.get(key) == s), f"slot {s}: index"
+            assert (registered and self.pins[s] == 0) == (s in self.policy), f"slot {s}: policy"
+            assert self.pins[s] == 0 or registered, f"slot {s}: pinned but {st.name}"
+        assert len(self.index) == sum(st == SlotState.REGISTERED for st in self.state)
