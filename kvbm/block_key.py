@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _HEAD = struct.Struct("<QQHB")  # seq_hash, fingerprint, tp_rank, len(namespace)
 _NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -23,8 +24,9 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
-@dataclass(frozen=True, slots=True)
-class BlockKey:
+class BlockKey(NamedTuple):
+    """A tuple, so hashing and equality run in C: the pools hash keys millions of times."""
+
     namespace: str
     fingerprint: int
     tp_rank: int

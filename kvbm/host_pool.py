@@ -36,6 +36,7 @@ class HostPool:
         self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode)
         self.table = SlotTable(num_slots)
         self.blocks = ArenaBlocks(geometry, self.arena.tensor, num_slots)
+        self._bytes = memoryview(self.arena.array)
 
     @property
     def num_slots(self) -> int:
@@ -48,11 +49,14 @@ class HostPool:
 
     def block_view(self, slot: int) -> memoryview:
         start = slot * self.geometry.slot_bytes
-        return memoryview(self.arena.array[start : start + self.geometry.block_bytes])
+        return self._bytes[start : start + self.geometry.block_bytes]
 
     def checksums(self, slots: list[int]) -> list[int]:
-        return [checksum(self.block_view(s)) for s in slots]
+        mv, stride, size = self._bytes, self.geometry.slot_bytes, self.geometry.block_bytes
+        return [checksum(mv[s * stride : s * stride + size]) for s in slots]
 
     def close(self) -> None:
-        self.blocks = None  # type: ignore[assignment]  # drop views before unmapping
+        # Drop every view of the arena first, so it can really be unmapped.
+        self.blocks = None  # type: ignore[assignment]
+        self._bytes.release()
         self.arena.close()

@@ -1,12 +1,14 @@
 """One node's block manager: G1 (engine tensors) <-> G2 (host arena) <-> G3 (disk arena).
 
 Every move is two-phase. A store reserves host slots (`prepare_store`), the
-bytes are copied in, and `commit_store` checksums and registers them; only then
-can a lookup see them. A load pins the prefix it found (`prepare_load`),
-staging disk-only blocks into host slots and verifying them, the bytes are
-copied out, and `finish_load` unpins. Bookkeeping runs under one lock; bytes
-move outside it, on slots that no one else can touch (FILLING, DRAINING or
-pinned), so the engine path and the network path can use one manager at once.
+bytes are copied in, and `commit_store` registers them; only then can a lookup
+see them. A block's checksum is taken when it first leaves G2 (drained to disk,
+or sealed for a peer) and verified wherever it comes back. A load pins the
+prefix it found (`prepare_load`), staging disk-only blocks into host slots and
+verifying them, the bytes are copied out, and `finish_load` unpins.
+Bookkeeping runs under one lock; bytes move outside it, on slots that no one
+else can touch (FILLING, DRAINING or pinned), so the engine path and the
+network path can use one manager at once.
 
 When the host tier is full, its least recently used unpinned blocks drain to
 disk if the admission filter lets them, and are dropped otherwise.
@@ -139,12 +141,18 @@ class BlockManager:
             positions = positions[: len(slots)]
         return StorePlan([keys[i] for i in positions], slots, positions)
 
-    def commit_store(self, plan: StorePlan, success: bool = True) -> int:
-        """Checksum and register the filled slots (or free them). Returns blocks added."""
+    def commit_store(
+        self, plan: StorePlan, success: bool = True, checksums: list[int] | None = None
+    ) -> int:
+        """Register the filled slots (or free them). Returns blocks added.
+
+        `checksums`, when the caller has them, are recorded; otherwise the
+        checksum is taken when the block first leaves G2 (see `seal`).
+        """
         if plan.done:
             raise ValueError("store plan already committed")
         plan.done = True
-        sums = self.host.checksums(plan.slots) if success else []
+        sums = checksums if checksums is not None else [None] * len(plan.slots)
         added = 0
         with self._lock:
             table = self.host.table
@@ -227,6 +235,22 @@ class BlockManager:
             for slot in plan.slots:
                 self.host.table.unpin(slot)
             self.admission.record(plan.keys)
+
+    def seal(self, plan: LoadPlan) -> list[int]:
+        """Checksums of a load plan's pinned blocks, taken now where not yet known.
+
+        A block's checksum is taken when it first leaves G2 (to disk, or to a
+        peer through this call), not when it is stored: most blocks live and
+        die in G2, and a checksum at store time would halve G1 -> G2 bandwidth.
+        """
+        with self._lock:
+            known = [self.host.table.checksums[s] for s in plan.slots]
+        todo = [s for s, c in zip(plan.slots, known, strict=True) if c is None]
+        taken = dict(zip(todo, self.host.checksums(todo), strict=True))
+        with self._lock:
+            for slot, c in taken.items():
+                self.host.table.checksums[slot] = c
+        return [taken.get(s, c) for s, c in zip(plan.slots, known, strict=True)]  # type: ignore[misc]
 
     def onboard(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
         """Copy the longest locally held prefix of `keys` into engine blocks
@@ -320,21 +344,23 @@ class BlockManager:
                     self.metrics.evictions.labels("disk").inc(len(dropped))
                     dslots += dt.allocate(len(admitted) - len(dslots))
                 self.metrics.rejected.labels("disk", "full").inc(len(admitted) - len(dslots))
-                writes = [
-                    DiskWrite(v.key, v.checksum, v.slot, d)
-                    for v, d in zip(admitted, dslots, strict=False)
-                ]
-        ok = self.disk.write(writes, self.host) if writes else []
+            # DRAINING slots are ours alone: the write reads (and checksums) them unlocked.
+            writes = [
+                DiskWrite(v.key, v.checksum, v.slot, d)
+                for v, d in zip(admitted, dslots, strict=False)
+            ]
+        sums = self.disk.write(writes, self.host) if writes else []
         with self._lock:
-            for w, good in zip(writes, ok, strict=True):
-                if good:
-                    self.disk.table.register(w.dst, w.key, w.checksum)
+            for w, c in zip(writes, sums, strict=True):
+                if c is not None:
+                    self.disk.table.register(w.dst, w.key, c)
                 else:
                     self.disk.table.abort(w.dst)
-            self.metrics.rejected.labels("disk", "io_error").inc(ok.count(False))
+            failed = sums.count(None)
+            self.metrics.rejected.labels("disk", "io_error").inc(failed)
             for v in victims:
                 self.host.table.release(v.slot)
-        self.metrics.moved.labels("g2_to_g3").inc(ok.count(True) * self.geometry.block_bytes)
+        self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
 
     def close(self) -> None:
         if self.disk is not None:

@@ -34,7 +34,9 @@ class SharedArena:
         self.size = size
         self.owner = owner
         try:
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            # MAP_POPULATE faults every page in now, not in the middle of a copy.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags)
         finally:
             os.close(fd)
         self.array: np.ndarray = np.frombuffer(self._mmap, dtype=np.uint8)

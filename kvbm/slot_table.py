@@ -25,7 +25,7 @@ class SlotState(IntEnum):
 class Victim:
     slot: int
     key: BlockKey
-    checksum: int
+    checksum: int | None
 
 
 class SlotTable:
@@ -47,7 +47,7 @@ class SlotTable:
         self.num_slots = num_slots
         self.state = [SlotState.FREE] * num_slots
         self.keys: list[BlockKey | None] = [None] * num_slots
-        self.checksums = [0] * num_slots
+        self.checksums: list[int | None] = [None] * num_slots
         self.pins = [0] * num_slots
         self.index: dict[BlockKey, int] = {}
         self.policy = LruPolicy()
@@ -95,7 +95,7 @@ class SlotTable:
             self._free = [s for s in self._free if self.state[s] == SlotState.FREE]
             heapq.heapify(self._free)
 
-    def register(self, slot: int, key: BlockKey, checksum: int) -> bool:
+    def register(self, slot: int, key: BlockKey, checksum: int | None) -> bool:
         """FILLING -> REGISTERED. False (and the slot freed) if the key was already here."""
         self._expect(slot, SlotState.FILLING)
         if key in self.index:
@@ -161,7 +161,7 @@ class SlotTable:
     def _free_slot(self, slot: int) -> None:
         self.state[slot] = SlotState.FREE
         self.keys[slot] = None
-        self.checksums[slot] = 0
+        self.checksums[slot] = None
         self.pins[slot] = 0
         heapq.heappush(self._free, slot)
 

@@ -1,0 +1,1 @@
+"""`kvbm bench ...`: measured figures with their physical references, as JSON."""
