@@ -25,6 +25,7 @@ import numpy as np
 
 from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
+from kvbm.config import KvbmConfig
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool
 from kvbm.layout import EngineKV, ModelGeometry
@@ -366,3 +367,22 @@ class BlockManager:
         if self.disk is not None:
             self.disk.close()
         self.host.close()
+
+
+def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
+    """The node's tiers as the configuration asks for them."""
+    host = HostPool(geometry, cfg.host_cache_mb << 20)
+    try:
+        disk = None
+        if cfg.disk_enabled:
+            disk = DiskPool(
+                geometry,
+                cfg.disk_cache_dir,
+                cfg.disk_cache_mb << 20,
+                preallocate=cfg.disk_preallocate,
+                direct_io=cfg.disk_direct_io,
+            )
+        return BlockManager(geometry, host, disk, FrequencyFilter(cfg.disk_admit_min_uses))
+    except BaseException:
+        host.close()
+        raise

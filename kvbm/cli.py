@@ -1,0 +1,62 @@
+"""The `kvbm` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvbm.config import add_flags, from_args, reference_table, to_toml
+from kvbm.logs import setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvbm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="single-node demo on embedded defaults")
+    add_flags(demo)
+    demo.add_argument("--prompts", type=int, default=24)
+    demo.add_argument("--blocks-per-prompt", type=int, default=16)
+
+    cfg = sub.add_parser("config", help="print the effective configuration")
+    add_flags(cfg)
+    cfg.add_argument("--reference", action="store_true", help="print the reference table")
+
+    bench = sub.add_parser("bench", help="measured figures with their physical references")
+    which = bench.add_subparsers(dest="bench", required=True)
+    tiers = which.add_parser("tiers", help="G1 <-> G2 <-> G3 bandwidth and bookkeeping cost")
+    tiers.add_argument("--json", action="store_true", help="print one JSON object")
+    tiers.add_argument("--blocks", type=int, default=256, help="blocks per batch (1 MiB each)")
+    tiers.add_argument("--reps", type=int, default=7)
+    tiers.add_argument("--dir", default=None, help="directory for the disk files (default: TMPDIR)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from kvbm import demo as demo_mod
+
+            return demo_mod.main(args)
+        if args.command == "config":
+            print(reference_table() if args.reference else to_toml(from_args(args)), end="\n")
+            return 0
+        if args.command == "bench" and args.bench == "tiers":
+            from kvbm.bench import tiers as tiers_mod
+
+            setup_logging("warning")
+            result = tiers_mod.run(args.blocks, args.reps, args.dir)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                for k, v in result.items():
+                    print(f"{k:28} {v}")
+            return 0
+    except ValueError as e:
+        print(f"kvbm: {e}", file=sys.stderr)
+        return 2
+    parser.error("unknown command")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

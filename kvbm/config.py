@@ -1,0 +1,184 @@
+"""The one configuration object: defaults < file < environment < overrides.
+
+One name per setting everywhere: the key `host_cache_mb` is the TOML key
+`host_cache_mb`, the environment variable `KVBM_HOST_CACHE_MB`, the flag
+`--host-cache-mb` and the connector extra-config key `host_cache_mb`. The
+reference table in the README is generated from the fields below
+(`kvbm config --reference`), and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm.block_key import check_namespace
+
+log = logging.getLogger("kvbm.config")
+ENV_PREFIX = "KVBM_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _opt(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class KvbmConfig:
+    namespace: str = _opt("default", "Index namespace: separates models and tenants.")
+    host_cache_mb: int = _opt(1024, "Size of the host tier (G2), a shared-memory arena.")
+    disk_cache_dir: str = _opt("", "Directory of the disk tier (G3) file; empty: no disk tier.")
+    disk_cache_mb: int = _opt(0, "Size of the disk tier file; 0: no disk tier.")
+    disk_admit_min_uses: int = _opt(
+        2, "A block evicted from G2 goes to disk once used this many times."
+    )
+    disk_direct_io: bool = _opt(True, "Use O_DIRECT where the file system allows it.")
+    disk_preallocate: bool = _opt(
+        True, "Reserve the disk tier's blocks at start (off: sparse file)."
+    )
+    log_level: str = _opt("warning", "One of debug, info, warning, error.")
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+        if self.host_cache_mb < 1:
+            raise ValueError(f"host_cache_mb must be at least 1, got {self.host_cache_mb}")
+        if self.disk_cache_mb < 0:
+            raise ValueError(f"disk_cache_mb must be >= 0, got {self.disk_cache_mb}")
+        if self.disk_cache_mb and not self.disk_cache_dir:
+            raise ValueError("disk_cache_mb is set but disk_cache_dir is empty")
+        if self.disk_admit_min_uses < 1:
+            raise ValueError("disk_admit_min_uses must be at least 1")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    @property
+    def disk_enabled(self) -> bool:
+        return bool(self.disk_cache_dir and self.disk_cache_mb)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(KvbmConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Strings (environment, flags) and TOML values -> the field's type."""
+    kind = _FIELDS[name].type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _merge(into: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    for key, value in source.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ValueError(f"unknown setting {key!r} in {where}; known: {', '.join(_FIELDS)}")
+        into[name] = _coerce(name, value)
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> KvbmConfig:
+    """Merge `defaults` (a command's own, over the built-in ones), a TOML file,
+    KVBM_* variables and overrides (flags, connector extra config), later
+    winning. Raises ValueError naming the bad setting."""
+    values: dict[str, Any] = {}
+    _merge(values, defaults or {}, "defaults")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read config file {path}: {e}") from e
+        _merge(values, data, path)
+    environ = os.environ if env is None else env
+    from_env = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX) :].lower()
+        if name in _FIELDS:
+            from_env[name] = value
+        else:
+            log.warning("ignoring unknown environment variable %s", var)
+    _merge(values, from_env, "the environment")
+    _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
+    return KvbmConfig(**values)
+
+
+def reference_table() -> str:
+    """The README's configuration reference, generated from the fields."""
+    rows = [
+        "| key / flag | environment | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f in dataclasses.fields(KvbmConfig):
+        default = f.default
+        shown = f"`{str(default).lower()}`" if isinstance(default, bool) else f"`{default}`"
+        if default == "":
+            shown = '`""`'
+        rows.append(
+            f"| `{f.name}` / `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` "
+            f"| {shown} | {f.metadata['doc']} |"
+        )
+    return "\n".join(rows)
+
+
+def to_toml(cfg: KvbmConfig) -> str:
+    """The effective configuration as a file `load_config` reads back."""
+    lines = []
+    for f in dataclasses.fields(KvbmConfig):
+        v = getattr(cfg, f.name)
+        text = (
+            str(v).lower()
+            if isinstance(v, bool)
+            else str(v)
+            if isinstance(v, int)
+            else json.dumps(v)
+        )
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per setting; values reach `load_config` as overrides."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for f in dataclasses.fields(KvbmConfig):
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            metavar=f.type.upper(),
+            default=None,
+            help=f.metadata["doc"],
+        )
+
+
+def from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> KvbmConfig:
+    """Config from parsed flags (see `add_flags`) over the file and environment."""
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(KvbmConfig)}
+    return load_config(getattr(args, "config", None), overrides=flags, defaults=defaults)

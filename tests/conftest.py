@@ -1,0 +1,70 @@
+"""Fixtures: real host and disk pools, closed after each test, and a small tmpfs
+for a disk that really fills up."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from kvbm.admission import FrequencyFilter
+from kvbm.disk_pool import DiskPool
+from kvbm.host_pool import HostPool
+from kvbm.layout import ModelGeometry
+from kvbm.manager import BlockManager
+from tests.support import GEOMETRY
+
+
+@pytest.fixture
+def make_manager(tmp_path) -> Iterator:
+    """make_manager(host_slots, disk_slots=0, min_uses=1, **disk_kwargs) -> BlockManager,
+    closed after the test."""
+    made: list[BlockManager] = []
+
+    def make(
+        host_slots: int,
+        disk_slots: int = 0,
+        min_uses: int = 1,
+        disk_dir=None,
+        geometry: ModelGeometry = GEOMETRY,
+        **disk_kwargs,
+    ) -> BlockManager:
+        g = geometry
+        host = HostPool(g, host_slots * g.slot_bytes)
+        disk = None
+        if disk_slots:
+            size = 4096 + disk_slots * (4096 + g.slot_bytes)
+            disk = DiskPool(g, str(disk_dir or tmp_path / "g3"), size, **disk_kwargs)
+        mgr = BlockManager(g, host, disk, FrequencyFilter(min_count=min_uses))
+        made.append(mgr)
+        return mgr
+
+    yield make
+    for mgr in made:
+        with contextlib.suppress(Exception):
+            mgr.close()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Iterator:
+    """small_tmpfs(size_bytes) -> a directory on a tmpfs of that size: a disk that
+    really fills up. Needs root (CI runs as root)."""
+    mounts: list[str] = []
+
+    def make(size: int) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
+        )
+        mounts.append(str(path))
+        return str(path)
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", path], check=False)

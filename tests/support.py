@@ -1,0 +1,53 @@
+"""Test support: a small geometry and a synthetic engine whose block bytes are a
+pure function of the block's key, so every reload can be checked bit for bit."""
+
+from __future__ import annotations
+
+import torch
+
+from kvbm.block_key import BlockKey, KeySpace
+from kvbm.layout import EngineKV, ModelGeometry
+
+# 2 layers x 2 KV heads x 32 tokens x 2*16 dims x fp32 = 16 KiB blocks.
+GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=16, block_size=32)
+SPACE = KeySpace("test", GEOMETRY.fingerprint)
+
+
+def keys(start: int, n: int) -> list[BlockKey]:
+    return SPACE.keys(list(range(start, start + n)))
+
+
+class Engine:
+    """Per-layer KV tensors like vLLM's CPU cache; block content derives from its key."""
+
+    def __init__(self, num_blocks: int, geometry: ModelGeometry = GEOMETRY) -> None:
+        self.geometry = geometry
+        self.layers = [
+            torch.zeros(num_blocks, *geometry.layer_shape, dtype=geometry.torch_dtype)
+            for _ in range(geometry.num_layers)
+        ]
+        self.kv = EngineKV(geometry, self.layers)
+
+    def content(self, key: BlockKey) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(key.seq_hash & (2**63 - 1))
+        shape = self.geometry.layer_shape
+        return [
+            torch.randn(shape, generator=gen).to(self.geometry.torch_dtype) for _ in self.layers
+        ]
+
+    def compute(self, ks: list[BlockKey], block_ids: list[int] | None = None) -> list[int]:
+        ids = list(range(len(ks))) if block_ids is None else block_ids
+        for k, b in zip(ks, ids, strict=True):
+            for layer, data in zip(self.layers, self.content(k), strict=True):
+                layer[b] = data
+        return ids
+
+    def fill(self, value: float) -> None:
+        for layer in self.layers:
+            layer.fill_(value)
+
+    def holds(self, key: BlockKey, block_id: int) -> bool:
+        return all(
+            torch.equal(layer[block_id], data)
+            for layer, data in zip(self.layers, self.content(key), strict=True)
+        )

@@ -1,0 +1,191 @@
+"""The block manager's moves between G1, G2 and G3, as narrated scenarios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import xxhash
+
+from kvbm.block_key import KeySpace
+from kvbm.layout import ModelGeometry
+from kvbm.manager import Tier
+from tests.support import GEOMETRY, Engine, keys
+
+
+def expect_tiers(mgr, ks, *tiers: Tier) -> None:
+    assert mgr.lookup(ks).tiers == tiers
+
+
+def expect_loaded(mgr, ks, n: int | None = None) -> Engine:
+    """Onboard `ks` into a fresh engine; expect `n` (default all) bit-exact blocks."""
+    eng = Engine(len(ks))
+    eng.fill(-1.0)
+    want = len(ks) if n is None else n
+    assert mgr.onboard(eng.kv, ks, list(range(len(ks)))) == want
+    for i in range(want):
+        assert eng.holds(ks[i], i), f"block {i} differs after reload"
+    for i in range(want, len(ks)):
+        assert all(bool((layer[i] == -1.0).all()) for layer in eng.layers), "engine block touched"
+    return eng
+
+
+def store(mgr, ks) -> int:
+    eng = Engine(len(ks))
+    return mgr.offload(eng.kv, eng.compute(ks), ks)
+
+
+def metric(mgr, name: str, **labels: str) -> float:
+    return mgr.metrics.value(name, **labels)
+
+
+def test_store_then_load_from_host(make_manager):
+    mgr = make_manager(host_slots=16)
+    ks = keys(0, 8)
+    # store [0..7] -> all in G2
+    assert store(mgr, ks) == 8
+    expect_tiers(mgr, ks, *[Tier.HOST] * 8)
+    expect_loaded(mgr, ks)
+    assert metric(mgr, "kvbm_tier_hits_total", tier="host") == 8
+    assert metric(mgr, "kvbm_tier_blocks", tier="host") == 8
+    assert metric(mgr, "kvbm_tier_bytes", tier="host") == 8 * GEOMETRY.block_bytes
+    mgr.host.table.check()
+
+
+def test_storing_twice_adds_nothing(make_manager):
+    mgr = make_manager(host_slots=16)
+    ks = keys(0, 4)
+    assert store(mgr, ks) == 4
+    # same keys again, and a batch repeating a key -> only new keys take slots
+    assert store(mgr, ks) == 0
+    assert store(mgr, [*keys(10, 1), *keys(10, 1)]) == 1
+    assert mgr.host.table.registered_count == 5
+
+
+def test_lookup_is_the_longest_prefix(make_manager):
+    mgr = make_manager(host_slots=16)
+    ks = keys(0, 6)
+    store(mgr, ks[:3] + ks[4:])
+    # [0 1 2 _ 4 5] -> prefix of 3; loading stops there and leaves the rest alone
+    expect_tiers(mgr, ks, Tier.HOST, Tier.HOST, Tier.HOST)
+    expect_loaded(mgr, ks, n=3)
+    assert mgr.lookup(keys(100, 2)).num_blocks == 0
+
+
+def test_lru_eviction_drains_to_disk(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16, min_uses=1)
+    old, new = keys(0, 2), keys(10, 2)
+    store(mgr, old)
+    store(mgr, new)
+    # touch old -> new is now least recently used
+    expect_loaded(mgr, old)
+    # store [20..21] -> G2 full, evicts new (LRU) to G3, keeps old
+    store(mgr, keys(20, 2))
+    expect_tiers(mgr, old, Tier.HOST, Tier.HOST)
+    expect_tiers(mgr, new, Tier.DISK, Tier.DISK)
+    assert metric(mgr, "kvbm_tier_evictions_total", tier="host") == 2
+    assert metric(mgr, "kvbm_transfer_bytes_total", path="g2_to_g3") == 2 * GEOMETRY.block_bytes
+    # load new -> staged G3 -> G2 -> G1, bit-exact
+    expect_loaded(mgr, new)
+    assert metric(mgr, "kvbm_tier_hits_total", tier="disk") == 2
+    mgr.host.table.check()
+    mgr.disk.table.check()
+
+
+def test_disk_admission_needs_repeated_use(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16, min_uses=2)
+    once, twice = keys(0, 2), keys(10, 2)
+    store(mgr, twice)
+    expect_loaded(mgr, twice)  # second use
+    store(mgr, once)
+    # store 4 more -> G2 evicts all four: `twice` earned a disk slot, `once` did not
+    store(mgr, keys(20, 4))
+    expect_tiers(mgr, twice, Tier.DISK, Tier.DISK)
+    assert mgr.lookup(once).num_blocks == 0
+    assert metric(mgr, "kvbm_tier_admissions_rejected_total", tier="disk", reason="frequency") == 2
+
+
+def test_pinned_blocks_are_never_evicted(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    held = keys(0, 2)
+    store(mgr, held)
+    plan = mgr.prepare_load(held)
+    assert plan.num_blocks == 2
+    # a flood of stores while `held` is pinned -> `held` stays in G2
+    for start in range(10, 50, 2):
+        store(mgr, keys(start, 2))
+        expect_tiers(mgr, held, Tier.HOST, Tier.HOST)
+    mgr.finish_load(plan)
+    # unpinned -> evictable again
+    store(mgr, keys(100, 4))
+    assert mgr.lookup(held).tiers != (Tier.HOST, Tier.HOST)
+    mgr.host.table.check()
+
+
+def test_full_host_of_pinned_blocks_rejects_without_error(make_manager):
+    mgr = make_manager(host_slots=4)
+    held = keys(0, 4)
+    store(mgr, held)
+    # a load pins at most half of G2, so two readers pin all four
+    plans = [mgr.prepare_load(held[:2]), mgr.prepare_load(held[2:])]
+    assert [p.num_blocks for p in plans] == [2, 2]
+    # nothing can be evicted -> the store is refused and counted, not raised
+    assert store(mgr, keys(10, 2)) == 0
+    assert metric(mgr, "kvbm_tier_admissions_rejected_total", tier="host", reason="full") == 2
+    for p in plans:
+        mgr.finish_load(p)
+    assert store(mgr, keys(10, 2)) == 2
+
+
+def test_failed_store_frees_its_slots(make_manager):
+    mgr = make_manager(host_slots=4)
+    plan = mgr.prepare_store(keys(0, 3))
+    assert mgr.host.table.free_count == 1
+    assert mgr.commit_store(plan, success=False) == 0
+    assert mgr.host.table.free_count == 4
+    assert mgr.lookup(keys(0, 3)).num_blocks == 0
+    with pytest.raises(ValueError):
+        mgr.commit_store(plan)
+
+
+def test_batch_larger_than_host_cascades_to_disk(make_manager):
+    mgr = make_manager(host_slots=8, disk_slots=64, min_uses=1)
+    ks = keys(0, 20)
+    # 20 blocks through an 8-slot G2 -> stored in chunks, earlier chunks drained to G3
+    assert store(mgr, ks) == 20
+    assert mgr.lookup(ks).num_blocks == 20
+    expect_loaded(mgr, ks)
+
+
+def test_checksum_is_taken_when_a_block_first_leaves_host(make_manager):
+    mgr = make_manager(host_slots=8)
+    ks = keys(0, 3)
+    store(mgr, ks)
+    slots = [mgr.host.table.get(k) for k in ks]
+    assert all(mgr.host.table.checksums[s] is None for s in slots)
+    plan = mgr.prepare_load(ks)
+    sums = mgr.seal(plan)
+    assert sums == [xxhash.xxh3_64_intdigest(mgr.host.block_view(s)) for s in plan.slots]
+    assert [mgr.host.table.checksums[s] for s in slots] == sums
+    assert mgr.seal(plan) == sums
+    mgr.finish_load(plan)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
+    g = ModelGeometry(num_layers=3, num_kv_heads=2, head_dim=32, block_size=32, dtype=dtype)
+    mgr = make_manager(host_slots=4, disk_slots=16, geometry=g)
+    space = KeySpace("rt", g.fingerprint)
+    ks, filler = space.keys([0, 1, 2, 3]), space.keys([100, 101, 102, 103])
+    src = Engine(4, g)
+    src.compute(ks)
+    # special values survive: NaN, infinity, negative zero, a subnormal
+    src.layers[0][0].view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -1e-40])
+    assert mgr.offload(src.kv, [0, 1, 2, 3], ks) == 4
+    # four more blocks push all of `ks` out to G3 ...
+    assert mgr.offload(src.kv, [0, 1, 2, 3], filler) == 4
+    assert mgr.lookup(ks).tiers == (Tier.DISK,) * 4
+    # ... and back through G2 into a fresh engine, byte for byte
+    dst = Engine(4, g)
+    assert mgr.onboard(dst.kv, ks, [0, 1, 2, 3]) == 4
+    for a, b in zip(src.layers, dst.layers, strict=True):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
