@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 _HEAD = struct.Struct("<QQHB")  # seq_hash, fingerprint, tp_rank, len(namespace)
-_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_ENCODED = _HEAD.size + 64
 
 
 def check_namespace(namespace: str) -> str:
     """Namespaces end up in etcd paths and file headers: keep them plain."""
-    if not _NAMESPACE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
     return namespace
 
@@ -33,8 +33,12 @@ class BlockKey(NamedTuple):
     seq_hash: int
 
     def encode(self) -> bytes:
-        ns = self.namespace.encode()
-        return _HEAD.pack(self.seq_hash, self.fingerprint, self.tp_rank, len(ns)) + ns
+        """Raises ValueError for a key that `decode` could not read back."""
+        ns = check_namespace(self.namespace).encode()
+        try:
+            return _HEAD.pack(self.seq_hash, self.fingerprint, self.tp_rank, len(ns)) + ns
+        except struct.error as e:
+            raise ValueError(f"block key field out of range: {e}") from None
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> BlockKey:

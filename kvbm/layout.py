@@ -52,8 +52,9 @@ class ModelGeometry:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.kv_layout not in KV_LAYOUTS:
@@ -171,6 +172,8 @@ class ArenaBlocks:
         if b.shape != s.shape or b.ndim != 1:
             raise ValueError("block_ids and slots must be 1-D and of equal length")
         kv.check_ids(b)
+        if s.size and (s.min() < 0 or s.max() >= self.view.shape[0]):
+            raise ValueError(f"slots must be in [0, {self.view.shape[0]})")
         by_slot = np.argsort(s, kind="stable")
         by_block = np.argsort(b, kind="stable")
         slot_side = slot_runs(s[by_slot])

@@ -20,7 +20,7 @@ import torch
 from kvbm.errors import ArenaError
 
 SHM_DIR = "/dev/shm"
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class SharedArena:
@@ -44,7 +44,7 @@ class SharedArena:
 
     @staticmethod
     def path_of(name: str) -> str:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ValueError(f"arena name must match {_NAME.pattern}, got {name!r}")
         return os.path.join(SHM_DIR, name)
 
@@ -69,7 +69,11 @@ class SharedArena:
                     "(Kubernetes: an emptyDir with medium Memory) or lower the host cache size"
                 ) from e
             raise ArenaError(f"cannot size shared-memory arena {path}: {e}") from e
-        return cls(name, fd, size, owner=True)
+        try:
+            return cls(name, fd, size, owner=True)
+        except (OSError, ValueError) as e:
+            os.unlink(path)
+            raise ArenaError(f"cannot map shared-memory arena {path}: {e}") from e
 
     @classmethod
     def attach(cls, name: str, size: int | None = None) -> SharedArena:
@@ -79,10 +83,13 @@ class SharedArena:
         except OSError as e:
             raise ArenaError(f"cannot open shared-memory arena {path}: {e}") from e
         actual = os.fstat(fd).st_size
-        if size is not None and actual != size:
+        if actual == 0 or (size is not None and actual != size):
             os.close(fd)
-            raise ArenaError(f"arena {path} is {actual} bytes, expected {size}")
-        return cls(name, fd, actual, owner=False)
+            raise ArenaError(f"arena {path} is {actual} bytes, expected {size or 'more'}")
+        try:
+            return cls(name, fd, actual, owner=False)
+        except (OSError, ValueError) as e:
+            raise ArenaError(f"cannot map shared-memory arena {path}: {e}") from e
 
     def close(self) -> None:
         """Unmap (and unlink, for the creator). Idempotent."""

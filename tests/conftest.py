@@ -51,17 +51,16 @@ def make_manager(tmp_path) -> Iterator:
 @pytest.fixture
 def small_tmpfs(tmp_path) -> Iterator:
     """small_tmpfs(size_bytes) -> a directory on a tmpfs of that size: a disk that
-    really fills up. Needs root (CI runs as root)."""
+    really fills up (fs="ramfs": one that refuses O_DIRECT). Needs root, as CI has."""
     mounts: list[str] = []
 
-    def make(size: int) -> str:
+    def make(size: int, fs: str = "tmpfs") -> str:
         if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root")
-        path = tmp_path / f"tmpfs{len(mounts)}"
+            pytest.skip("mounting a small file system needs root")
+        path = tmp_path / f"{fs}{len(mounts)}"
         path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
-        )
+        opts = ["-o", f"size={size}"] if fs == "tmpfs" else []
+        subprocess.run(["mount", "-t", fs, *opts, fs, str(path)], check=True)
         mounts.append(str(path))
         return str(path)
 

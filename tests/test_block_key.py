@@ -143,3 +143,19 @@ def test_keyspace_keys_builds_block_keys():
     assert space.keys([]) == []
     # and each survives the wire
     assert [BlockKey.decode(k.encode()) for k in keys] == keys
+
+
+def test_trailing_newline_is_not_a_valid_namespace():
+    with pytest.raises(ValueError):
+        check_namespace("abc\n")
+    with pytest.raises(ValueError):
+        BlockKey("abc\n", 1, 2, 3).encode()
+
+
+def test_encode_refuses_what_decode_could_not_read():
+    with pytest.raises(ValueError):
+        BlockKey("x" * 65, 1, 0, 1).encode()
+    with pytest.raises(ValueError):
+        BlockKey("ok", 2**64, 0, 1).encode()
+    with pytest.raises(ValueError):
+        BlockKey("ok", 1, 2**16, 1).encode()

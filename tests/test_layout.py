@@ -50,7 +50,9 @@ def random_layers(g: ModelGeometry, num_blocks: int, seed: int) -> list[torch.Te
 
 
 def zero_layers(g: ModelGeometry, num_blocks: int) -> list[torch.Tensor]:
-    return [torch.zeros(num_blocks, *g.layer_shape, dtype=g.torch_dtype) for _ in range(g.num_layers)]
+    return [
+        torch.zeros(num_blocks, *g.layer_shape, dtype=g.torch_dtype) for _ in range(g.num_layers)
+    ]
 
 
 def new_arena(g: ModelGeometry, num_slots: int = NUM_SLOTS) -> torch.Tensor:
@@ -394,16 +396,23 @@ def test_arena_blocks_rejects_a_small_or_non_byte_arena():
         ArenaBlocks(g, torch.zeros(NUM_SLOTS * g.slot_bytes // 4, dtype=torch.int32), NUM_SLOTS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kvbm bug: ArenaBlocks does not range-check slots; an out-of-range slot is "
-    "written past num_slots (or the arena's storage is silently reallocated) and a "
-    "negative slot aliases another slot",
-)
 @pytest.mark.parametrize("slot", [-1, 2, 7])
-def test_gather_rejects_out_of_range_slots(slot):
+def test_gather_and_scatter_reject_out_of_range_slots(slot):
     g = GEOMETRIES["float32"]
     arena = new_arena(g, 3)
     kv = EngineKV(g, random_layers(g, 2, seed=6))
-    with pytest.raises((ValueError, IndexError)):
-        ArenaBlocks(g, arena, 2).gather(kv, [0], [slot])
+    blocks = ArenaBlocks(g, arena, 2)
+    with pytest.raises(ValueError, match="slots must be in"):
+        blocks.gather(kv, [0], [slot])
+    with pytest.raises(ValueError, match="slots must be in"):
+        blocks.scatter(kv, [slot], [0])
+    # nothing was written anywhere, the third (out-of-range) slot included
+    assert not arena.any()
+
+
+def test_geometry_fields_must_be_integers():
+    # 2.0 == 2, but its fingerprint text would differ: refuse it outright
+    with pytest.raises(ValueError, match="positive integer"):
+        ModelGeometry(2.0, 2, 64, 32)
+    with pytest.raises(ValueError, match="positive integer"):
+        ModelGeometry(2, True, 64, 32)

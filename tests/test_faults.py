@@ -1,0 +1,245 @@
+"""Bad input and faults of a single node: wrong geometry, a disk that fills up,
+bytes corrupted on disk, and a process restarted on an existing disk tier."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from kvbm.disk_pool import PAGE, DiskPool
+from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
+from kvbm.host_pool import HostPool
+from kvbm.layout import ModelGeometry
+from kvbm.manager import BlockManager, Tier
+from tests.support import GEOMETRY, Engine, keys
+
+
+def store(mgr, ks) -> int:
+    eng = Engine(len(ks))
+    return mgr.offload(eng.kv, eng.compute(ks), ks)
+
+
+def push_to_disk(mgr, ks) -> None:
+    """Store `ks`, then enough other blocks that `ks` drain from G2 to G3."""
+    store(mgr, ks)
+    store(mgr, keys(10_000, mgr.host.num_slots))
+    assert mgr.lookup(ks).tiers == (Tier.DISK,) * len(ks)
+
+
+def slot_offset(mgr, key) -> int:
+    """Where a block's data starts in the disk file."""
+    return mgr.disk._offset(mgr.disk.table.get(key)) + PAGE
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+# -- geometry --------------------------------------------------------------
+def test_engine_of_another_geometry_is_refused(make_manager):
+    mgr = make_manager(host_slots=8)
+    other = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)
+    eng = Engine(2, other)
+    with pytest.raises(GeometryMismatch, match="does not match"):
+        mgr.offload(eng.kv, [0, 1], keys(0, 2))
+    with pytest.raises(GeometryMismatch):
+        mgr.onboard(eng.kv, keys(0, 2), [0, 1])
+    # nothing was reserved or registered by the refused calls
+    assert mgr.host.table.free_count == 8
+    mgr.host.table.check()
+
+
+def test_tiers_of_another_geometry_are_refused(tmp_path):
+    other = ModelGeometry(num_layers=4, num_kv_heads=2, head_dim=16, block_size=32)
+    host = HostPool(other, 4 * other.slot_bytes)
+    try:
+        with pytest.raises(ValueError, match="geometry"):
+            BlockManager(GEOMETRY, host)
+    finally:
+        host.close()
+
+
+def test_bad_engine_block_ids_are_refused(make_manager):
+    mgr = make_manager(host_slots=8)
+    eng = Engine(2)
+    with pytest.raises(ValueError, match="block ids"):
+        mgr.offload(eng.kv, [0, 5], keys(0, 2))
+    with pytest.raises(ValueError, match="equal length"):
+        mgr.onboard(eng.kv, keys(0, 2), [0])
+    assert mgr.host.table.free_count == 8
+
+
+def test_disk_file_of_another_layout_starts_empty(make_manager, tmp_path, caplog):
+    mgr = make_manager(host_slots=4, disk_slots=8, disk_dir=tmp_path)
+    push_to_disk(mgr, keys(0, 2))
+    mgr.close()
+    # same model, other disk size -> the old file is not trusted: a warning, an empty tier
+    with caplog.at_level(logging.WARNING, logger="kvbm.disk"):
+        disk = DiskPool(GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes))
+    try:
+        assert disk.recovered == 0
+        assert "layout changed" in caplog.text
+    finally:
+        disk.close()
+
+
+def test_foreign_file_is_never_overwritten(tmp_path):
+    path = tmp_path / f"kvbm-g3-{GEOMETRY.fingerprint:016x}.arena"
+    path.write_bytes(b"precious data, not ours" * 1000)
+    with pytest.raises(DiskTierError, match="refusing to overwrite"):
+        DiskPool(GEOMETRY, str(tmp_path), 1 << 20)
+    assert path.read_bytes().startswith(b"precious data")
+
+
+# -- a disk that fills up --------------------------------------------------
+def test_disk_tier_larger_than_the_file_system_is_a_clear_error(small_tmpfs):
+    d = small_tmpfs(1 << 20)
+    with pytest.raises(DiskTierError, match=r"no room .* lower the disk cache size"):
+        DiskPool(GEOMETRY, d, 8 << 20)
+    assert os.listdir(d) == [] or os.path.getsize(os.path.join(d, os.listdir(d)[0])) == 0
+
+
+def test_disk_filling_up_rejects_blocks_and_nothing_else_breaks(make_manager, small_tmpfs):
+    d = small_tmpfs(1 << 20)
+    # a thin-provisioned disk tier of 32 slots (528 KiB) on a 1 MiB file system ...
+    mgr = make_manager(host_slots=4, disk_slots=32, disk_dir=d, preallocate=False)
+    early = keys(0, 2)
+    push_to_disk(mgr, early)
+    # ... which something else then fills
+    with open(os.path.join(d, "filler"), "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    late = keys(100, 4)
+    store(mgr, late)
+    # evicting `late` now fails to write: rejected, counted, no exception
+    assert store(mgr, keys(200, 4)) == 4
+    rejected = mgr.metrics.value(
+        "kvbm_tier_admissions_rejected_total", tier="disk", reason="io_error"
+    )
+    assert rejected >= 4
+    assert mgr.lookup(late).num_blocks == 0
+    # G2 keeps serving
+    assert mgr.lookup(keys(200, 4)).tiers == (Tier.HOST,) * 4
+    # and the blocks written before the disk filled still load, bit-exact
+    eng = Engine(2)
+    assert mgr.onboard(eng.kv, early, [0, 1]) == 2
+    assert eng.holds(early[0], 0) and eng.holds(early[1], 1)
+    mgr.host.table.check()
+    mgr.disk.table.check()
+
+
+# -- corruption ------------------------------------------------------------
+def test_corrupted_disk_block_is_a_counted_miss(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    ks = keys(0, 4)
+    push_to_disk(mgr, ks)
+    # flip one byte in the data of block 2 on disk
+    flip_byte(mgr.disk.path, slot_offset(mgr, ks[2]) + 123)
+    eng = Engine(4)
+    eng.fill(7.0)
+    # load -> blocks 0 and 1 arrive, block 2 fails its checksum: the prefix ends there
+    assert mgr.onboard(eng.kv, ks, [0, 1, 2, 3]) == 2
+    assert eng.holds(ks[0], 0) and eng.holds(ks[1], 1)
+    assert all(bool((layer[2:] == 7.0).all()) for layer in eng.layers), "bad bytes reached G1"
+    assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 1
+    # the corrupt block is forgotten; its neighbour after it is still on disk
+    assert mgr.disk.table.get(ks[2]) is None
+    assert mgr.lookup(ks[3:]).tiers == (Tier.DISK,)
+    mgr.host.table.check()
+    mgr.disk.table.check()
+
+
+def test_negative_control_same_flow_without_corruption_loads_everything(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    ks = keys(0, 4)
+    push_to_disk(mgr, ks)
+    eng = Engine(4)
+    assert mgr.onboard(eng.kv, ks, [0, 1, 2, 3]) == 4
+    assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
+
+
+def test_corrupted_header_is_not_recovered(make_manager, tmp_path):
+    mgr = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
+    ks = keys(0, 3)
+    push_to_disk(mgr, ks)
+    header = mgr.disk._offset(mgr.disk.table.get(ks[1]))
+    path = mgr.disk.path
+    mgr.close()
+    flip_byte(path, header + 30)  # inside the encoded key
+    disk = DiskPool(GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes))
+    try:
+        assert disk.recovered == 2  # `ks` less block 1
+        assert disk.table.get(ks[1]) is None
+        assert disk.table.get(ks[0]) is not None
+    finally:
+        disk.close()
+
+
+# -- restart ---------------------------------------------------------------
+def _write_then_exit(directory: str, kill: bool) -> None:
+    """Child process: fill G3 through the real drain path, then exit or die."""
+    g = GEOMETRY
+    host = HostPool(g, 4 * g.slot_bytes)
+    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes))
+    mgr = BlockManager(g, host, disk, admission=None)
+    mgr.admission.min_count = 1
+    push_to_disk(mgr, keys(0, 6))
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    mgr.close()
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["clean-exit", "sigkill"])
+def test_restarted_process_recovers_and_verifies_disk_blocks(tmp_path, make_manager, kill):
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_write_then_exit, args=(str(tmp_path), kill))
+    child.start()
+    child.join(60)
+    assert child.exitcode == (-signal.SIGKILL if kill else 0)
+    # a new process on the same directory finds the blocks and loads them bit-exact
+    mgr = make_manager(host_slots=8, disk_slots=16, disk_dir=tmp_path)
+    assert mgr.disk.recovered == 6
+    ks = keys(0, 6)
+    assert mgr.lookup(ks).tiers == (Tier.DISK,) * 6
+    eng = Engine(6)
+    assert mgr.onboard(eng.kv, ks[:3], [0, 1, 2]) == 3
+    assert all(eng.holds(k, i) for i, k in enumerate(ks[:3]))
+    # corrupt a recovered block on disk -> its load is refused by the checksum
+    flip_byte(mgr.disk.path, slot_offset(mgr, ks[4]) + 5)
+    assert mgr.onboard(eng.kv, ks[3:], [3, 4, 5]) == 1
+    assert eng.holds(ks[3], 3)
+    assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 1
+
+
+def test_page_cache_fallback_where_o_direct_is_refused(make_manager, small_tmpfs):
+    # ramfs refuses O_DIRECT: the tier still works, through the page cache
+    mgr = make_manager(host_slots=4, disk_slots=8, disk_dir=small_tmpfs(0, fs="ramfs"))
+    assert mgr.disk.direct_io is False
+    push_to_disk(mgr, keys(0, 2))
+    eng = Engine(2)
+    assert mgr.onboard(eng.kv, keys(0, 2), [0, 1]) == 2
+    assert eng.holds(keys(0, 2)[1], 1)
+
+
+def test_direct_io_can_be_turned_off(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=8, direct_io=False)
+    assert mgr.disk.direct_io is False
+    push_to_disk(mgr, keys(0, 2))
+    assert mgr.onboard(Engine(2).kv, keys(0, 2), [0, 1]) == 2
+
+
+def test_errors_share_one_root():
+    assert issubclass(GeometryMismatch, KvbmError)
+    assert issubclass(DiskTierError, KvbmError)
