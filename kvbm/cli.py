@@ -7,6 +7,7 @@ import json
 import sys
 
 from kvbm.config import add_flags, from_args, reference_table, to_toml
+from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in result.items():
                     print(f"{k:28} {v}")
             return 0
-    except ValueError as e:
+    except (ValueError, KvbmError) as e:
         print(f"kvbm: {e}", file=sys.stderr)
         return 2
     parser.error("unknown command")

@@ -93,7 +93,10 @@ class DiskPool:
             raise ValueError(
                 f"disk tier of {capacity_bytes} bytes cannot hold one {self.stride}-byte slot"
             )
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise DiskTierError(f"cannot create disk cache directory {directory}: {e}") from e
         self.path = os.path.join(directory, f"kvbm-g3-{geometry.fingerprint:016x}.arena")
         self.size = PAGE + num_slots * self.stride
         self.table = SlotTable(num_slots)
@@ -255,37 +258,36 @@ class DiskPool:
 
         Returns each block's checksum (taken here where the item has none), or
         None where its write failed (disk full, I/O error): a failure costs only
-        its own piece. Checksums of the next piece are taken while the I/O
-        thread writes the previous one.
+        its own piece. Each I/O thread checksums its piece just before writing
+        it, so checksums and writes of different pieces overlap.
         """
-        sums: list[int | None] = [it.checksum for it in items]
-        pending = []
-        for first, idx in self._pieces([it.dst for it in items]):
-            todo = [i for i in idx if sums[i] is None]
-            for i, c in zip(todo, host.checksums([items[i].src for i in todo]), strict=True):
-                sums[i] = c
-            piece = [(items[i].key, sums[i], items[i].src) for i in idx]
-            pending.append((idx, self._io.submit(self._write_piece, first, piece, host)))
+        pending = [
+            (idx, self._io.submit(self._write_piece, first, [items[i] for i in idx], host))
+            for first, idx in self._pieces([it.dst for it in items])
+        ]
+        sums: list[int | None] = [None] * len(items)
         for idx, fut in pending:
-            if not fut.result():
-                for i in idx:
-                    sums[i] = None
+            for i, c in zip(idx, fut.result(), strict=True):
+                sums[i] = c
         return sums
 
-    def _write_piece(self, first: int, piece: list, host: HostPool) -> bool:
+    def _write_piece(self, first: int, piece: list[DiskWrite], host: HostPool) -> list:
+        todo = [it.src for it in piece if it.checksum is None]
+        taken = iter(host.checksums(todo))
+        sums = [next(taken) if it.checksum is None else it.checksum for it in piece]
         headers = _aligned(len(piece) * PAGE)
         hv = memoryview(headers)
         bufs: list = []
-        for j, (key, csum, src) in enumerate(piece):
-            h = self._header(key, csum)
+        for j, (it, csum) in enumerate(zip(piece, sums, strict=True)):
+            h = self._header(it.key, csum)
             headers[j * PAGE : j * PAGE + len(h)] = h
-            bufs += [hv[j * PAGE : (j + 1) * PAGE], host.slot_buffer(src)]
+            bufs += [hv[j * PAGE : (j + 1) * PAGE], host.slot_buffer(it.src)]
         try:
             self._pwrite(self.fd, bufs, self._offset(first))
-            return True
+            return sums
         except OSError as e:
             log.warning("disk write failed blocks=%d error=%s", len(piece), e)
-            return False
+            return [None] * len(piece)
         finally:
             del bufs
             hv.release()

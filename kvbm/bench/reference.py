@@ -13,12 +13,15 @@ import numpy as np
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median seconds per call of each function; one warm-up call each, then
-    `reps` rounds that call every function once, in order."""
+    `reps` rounds that call every function once. Each round starts one function
+    later, so none always runs right after the same neighbour (a disk still
+    flushing the previous write slows whatever comes next)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    items = list(fns.items())
+    for r in range(reps):
+        for name, fn in items[r % len(items) :] + items[: r % len(items)]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

@@ -1,0 +1,77 @@
+"""The `kvbm` command as a user runs it: real processes, real output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+KVBM = [sys.executable, "-m", "kvbm.cli"]
+
+
+def run(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*KVBM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_demo_shows_host_and_disk_hits_and_verifies_every_block():
+    r = run("demo", "--prompts", "12", "--blocks-per-prompt", "8", "--host-cache-mb", "8")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "turn 3" in out
+    assert ": 0 wrong" in out
+    rows = {line.split(" (")[0]: line.split() for line in out.splitlines() if "->" in line}
+    # turn 3 loads from both tiers
+    assert int(rows["G2 -> G1"][-4]) > 0
+    assert int(rows["G3 -> G2 -> G1"][-4]) > 0
+
+
+def test_bench_tiers_prints_one_json_object_with_every_figure(tmp_path):
+    r = run("bench", "tiers", "--json", "--blocks", "8", "--reps", "1", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for key in (
+        "memcpy_gbps",
+        "g1_to_g2_gbps",
+        "g2_to_g1_gbps",
+        "g2_to_g3_gbps",
+        "g3_to_g2_gbps",
+        "disk_read_gbps",
+        "disk_write_gbps",
+        "bookkeeping_us_per_block",
+        "g1_to_g2_vs_memcpy",
+        "g2_to_g1_vs_memcpy",
+        "g2_to_g3_vs_disk",
+        "g3_to_g2_vs_disk",
+    ):
+        assert result[key] > 0, key
+    # the bench cleans up after itself
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_prints_the_merged_configuration(tmp_path):
+    r = run("config", "--host-cache-mb", "77", env={"KVBM_NAMESPACE": "tenant-a"})
+    assert r.returncode == 0, r.stderr
+    assert "host_cache_mb = 77" in r.stdout
+    assert 'namespace = "tenant-a"' in r.stdout
+
+
+def test_bad_flag_value_is_a_clear_error_not_a_traceback():
+    r = run("config", "--host-cache-mb", "lots")
+    assert r.returncode == 2
+    assert "host_cache_mb: expected an integer" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_demo_with_an_impossible_disk_tier_fails_cleanly(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    r = run("demo", "--disk-cache-dir", str(tmp_path / "file"), "--prompts", "1")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "kvbm:" in r.stderr

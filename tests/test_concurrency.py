@@ -1,0 +1,76 @@
+"""The engine path and the network path share one manager: several threads
+store, load, pin and seal at once, and every block they read is the block that
+was stored under its key."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import xxhash
+
+from tests.support import Engine, keys
+
+KEYS = keys(0, 40)
+
+
+def test_engine_and_network_paths_at_once(make_manager):
+    mgr = make_manager(host_slots=16, disk_slots=64, min_uses=1)
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 3.0
+    counts = {"loaded": 0, "sealed": 0}
+    lock = threading.Lock()
+
+    def engine(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while time.monotonic() < stop:
+                start = rng.randrange(0, 36)
+                ks = KEYS[start : start + rng.randint(1, 4)]
+                eng = Engine(len(ks))
+                if rng.random() < 0.5:
+                    mgr.offload(eng.kv, eng.compute(ks), ks)
+                else:
+                    n = mgr.onboard(eng.kv, ks, list(range(len(ks))))
+                    assert all(eng.holds(ks[i], i) for i in range(n)), "wrong bytes loaded"
+                    with lock:
+                        counts["loaded"] += n
+        except BaseException as e:
+            errors.append(e)
+
+    def network(seed: int) -> None:
+        # what a peer's pull does: pin a prefix, checksum it, read it, unpin
+        rng = random.Random(seed)
+        ref = Engine(1)
+        try:
+            while time.monotonic() < stop:
+                start = rng.randrange(0, 36)
+                plan = mgr.prepare_load(KEYS[start : start + rng.randint(1, 4)])
+                try:
+                    sums = mgr.seal(plan)
+                    for key, slot, c in zip(plan.keys, plan.slots, sums, strict=True):
+                        data = mgr.host.block_view(slot)
+                        assert xxhash.xxh3_64_intdigest(data) == c
+                        want = b"".join(t.numpy().tobytes() for t in ref.content(key))
+                        assert bytes(data) == want, "pinned block changed under a reader"
+                    with lock:
+                        counts["sealed"] += len(sums)
+                finally:
+                    mgr.finish_load(plan)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=engine, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=network, args=(10 + i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors[0]
+    # the run really exercised both paths
+    assert counts["loaded"] > 0 and counts["sealed"] > 0
+    mgr.host.table.check()
+    mgr.disk.table.check()
+    assert sum(mgr.host.table.pins) == 0 and sum(mgr.disk.table.pins) == 0
