@@ -1,15 +1,16 @@
 """G3: the node's disk tier, one preallocated file cut into slots.
 
-File layout (all offsets page aligned, so O_DIRECT can move slots straight
+File layout (all offsets page aligned, so O_DIRECT moves slots straight
 between the file and the host arena):
 
-    [superblock: 1 page][slot 0: header page | data][slot 1: header page | data] ...
+    [superblock: 1 page][header table: 1 page per slot][data: slot_bytes per slot]
 
-A slot's header (key, checksum, data length, its own checksum) is written in
-the same vectored write as its data, so after a crash a slot is either whole
-or fails a checksum. A new process recovers the blocks it finds from the
-headers; every read verifies the data against the header's checksum, so a
-corrupted slot is a miss, never wrong bytes.
+Data sits contiguous, so a run of slots is one plain I/O, as fast as the disk.
+A slot's header (key, checksum, its own checksum) is written after its data:
+after a crash a header either names the block whose bytes are there, or an
+older block whose checksum the new bytes fail. A new process recovers the
+blocks from the header table; every read verifies the data against the
+checksum, so a corrupted or torn slot is a miss, never wrong bytes.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ log = logging.getLogger("kvbm.disk")
 
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
-VERSION = 1
+VERSION = 2
 _SUPER = struct.Struct(
     "<8sIQQQQ"
-)  # magic, version, slot_stride, num_slots, block_bytes, fingerprint
+)  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
 _HEADER = struct.Struct(
     "<8sIQQH"
 )  # magic, version, data_len, checksum, key_len (then key, then crc)
@@ -86,25 +87,26 @@ class DiskPool:
         direct_io: bool = True,
     ) -> None:
         self.geometry = geometry
-        self.data_bytes = geometry.slot_bytes
-        self.stride = PAGE + self.data_bytes
-        num_slots = (capacity_bytes - PAGE) // self.stride
+        self.slot_bytes = geometry.slot_bytes
+        num_slots = (capacity_bytes - PAGE) // (PAGE + self.slot_bytes)
         if num_slots < 1:
             raise ValueError(
-                f"disk tier of {capacity_bytes} bytes cannot hold one {self.stride}-byte slot"
+                f"disk tier of {capacity_bytes} bytes cannot hold one "
+                f"{PAGE + self.slot_bytes}-byte slot"
             )
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             raise DiskTierError(f"cannot create disk cache directory {directory}: {e}") from e
         self.path = os.path.join(directory, f"kvbm-g3-{geometry.fingerprint:016x}.arena")
-        self.size = PAGE + num_slots * self.stride
+        self.data_start = PAGE + num_slots * PAGE
+        self.size = self.data_start + num_slots * self.slot_bytes
         self.table = SlotTable(num_slots)
         self._super = _SUPER.pack(
-            MAGIC, VERSION, self.stride, num_slots, geometry.block_bytes, geometry.fingerprint
+            MAGIC, VERSION, self.slot_bytes, num_slots, geometry.block_bytes, geometry.fingerprint
         )
         self.direct_io = False
-        # Two I/O threads keep two requests in flight; the caller checksums meanwhile.
+        # Two I/O threads keep two requests in flight.
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kvbm-disk-io")
         self.fd = self._open(direct_io, preallocate)
         self.recovered = self._recover()
@@ -198,13 +200,17 @@ class DiskPool:
     def _recover(self) -> int:
         """Register every slot whose header is intact; data is verified on read."""
         found: dict[BlockKey, tuple[int, int]] = {}
-        buf = _aligned(PAGE)
-        for slot in range(self.num_slots):
-            if os.preadv(self.fd, [buf], self._offset(slot)) != PAGE:
-                break
-            parsed = self._parse_header(buf)
-            if parsed is not None and parsed[0].fingerprint == self.geometry.fingerprint:
-                found.setdefault(parsed[0], (slot, parsed[1]))
+        batch = 256
+        buf = _aligned(batch * PAGE)
+        for first in range(0, self.num_slots, batch):
+            n = min(batch, self.num_slots - first)
+            view = memoryview(buf)[: n * PAGE]
+            got = os.preadv(self.fd, [view], self.header_offset(first))
+            view.release()
+            for j in range(got // PAGE):
+                parsed = self._parse_header(buf[j * PAGE : (j + 1) * PAGE])
+                if parsed is not None and parsed[0].fingerprint == self.geometry.fingerprint:
+                    found.setdefault(parsed[0], (first + j, parsed[1]))
         self.table.claim([slot for slot, _ in found.values()])
         for key, (slot, csum) in found.items():
             self.table.register(slot, key, csum)
@@ -213,8 +219,11 @@ class DiskPool:
         return len(found)
 
     # -- I/O ---------------------------------------------------------------
-    def _offset(self, slot: int) -> int:
-        return PAGE + slot * self.stride
+    def header_offset(self, slot: int) -> int:
+        return PAGE + slot * PAGE
+
+    def data_offset(self, slot: int) -> int:
+        return self.data_start + slot * self.slot_bytes
 
     def _header(self, key: BlockKey, csum: int) -> bytes:
         kb = key.encode()
@@ -246,7 +255,7 @@ class DiskPool:
         """Split item indices, sorted by disk slot, into (first slot, indices) pieces
         of consecutive slots, each one vectored I/O of at most IO_PIECE_BYTES."""
         order = sorted(range(len(slots)), key=slots.__getitem__)
-        cap = max(1, min(_MAX_IOV // 2, IO_PIECE_BYTES // self.stride))
+        cap = max(1, min(_MAX_IOV, IO_PIECE_BYTES // self.slot_bytes))
         out = []
         for first, n, off in slot_runs(np.asarray([slots[i] for i in order], dtype=np.int64)):
             for start in range(0, n, cap):
@@ -254,85 +263,82 @@ class DiskPool:
         return out
 
     def write(self, items: list[DiskWrite], host: HostPool) -> list[int | None]:
-        """Host slots -> disk slots, header and data in one vectored write per piece.
+        """Host slots -> disk slots: all the data first, then the headers naming it.
 
         Returns each block's checksum (taken here where the item has none), or
         None where its write failed (disk full, I/O error): a failure costs only
         its own piece. Each I/O thread checksums its piece just before writing
-        it, so checksums and writes of different pieces overlap.
+        it; headers go last, one write per run of slots, so a batch costs one
+        small write on top of its data.
         """
         pending = [
-            (idx, self._io.submit(self._write_piece, first, [items[i] for i in idx], host))
+            (idx, self._io.submit(self._write_data, first, [items[i] for i in idx], host))
             for first, idx in self._pieces([it.dst for it in items])
         ]
         sums: list[int | None] = [None] * len(items)
         for idx, fut in pending:
             for i, c in zip(idx, fut.result(), strict=True):
                 sums[i] = c
+        written = sorted(
+            (i for i, c in enumerate(sums) if c is not None), key=lambda i: items[i].dst
+        )
+        for first, n, off in slot_runs(np.asarray([items[i].dst for i in written], dtype=np.int64)):
+            run = written[off : off + n]
+            if not self._write_headers(first, [(items[i].key, sums[i]) for i in run]):
+                for i in run:
+                    sums[i] = None
         return sums
 
-    def _write_piece(self, first: int, piece: list[DiskWrite], host: HostPool) -> list:
+    def _write_data(self, first: int, piece: list[DiskWrite], host: HostPool) -> list:
         todo = [it.src for it in piece if it.checksum is None]
         taken = iter(host.checksums(todo))
         sums = [next(taken) if it.checksum is None else it.checksum for it in piece]
-        headers = _aligned(len(piece) * PAGE)
-        hv = memoryview(headers)
-        bufs: list = []
-        for j, (it, csum) in enumerate(zip(piece, sums, strict=True)):
-            h = self._header(it.key, csum)
-            headers[j * PAGE : j * PAGE + len(h)] = h
-            bufs += [hv[j * PAGE : (j + 1) * PAGE], host.slot_buffer(it.src)]
         try:
-            self._pwrite(self.fd, bufs, self._offset(first))
+            bufs = [host.slot_buffer(it.src) for it in piece]
+            self._pwrite(self.fd, bufs, self.data_offset(first))
             return sums
         except OSError as e:
             log.warning("disk write failed blocks=%d error=%s", len(piece), e)
             return [None] * len(piece)
-        finally:
-            del bufs
-            hv.release()
+
+    def _write_headers(self, first: int, entries: list[tuple[BlockKey, int]]) -> bool:
+        headers = _aligned(len(entries) * PAGE)
+        for j, (key, csum) in enumerate(entries):
+            h = self._header(key, csum)
+            headers[j * PAGE : j * PAGE + len(h)] = h
+        try:
+            self._pwrite(self.fd, [headers], self.header_offset(first))
+            return True
+        except OSError as e:
+            log.warning("disk header write failed blocks=%d error=%s", len(entries), e)
+            return False
 
     def read(self, items: list[DiskRead], host: HostPool) -> list[bool]:
-        """Disk slots -> host slots; True only where header and data checksum match.
+        """Disk slots -> host slots; True only where the bytes match the checksum.
 
-        The I/O thread reads the next piece while this thread verifies the last.
+        Each I/O thread reads and verifies its own piece, so pieces overlap.
         """
-        ok = [False] * len(items)
         pending = [
-            (idx, self._io.submit(self._read_piece, first, [items[i].dst for i in idx], host))
+            (idx, self._io.submit(self._read_piece, first, [items[i] for i in idx], host))
             for first, idx in self._pieces([it.src for it in items])
         ]
+        ok = [False] * len(items)
         for idx, fut in pending:
-            headers = fut.result()
-            if headers is None:
-                continue
-            for j, i in enumerate(idx):
-                it = items[i]
-                parsed = self._parse_header(headers[j * PAGE : (j + 1) * PAGE])
-                ok[i] = (
-                    parsed == (it.key, it.checksum)
-                    and checksum(host.block_view(it.dst)) == it.checksum
-                )
+            for i, good in zip(idx, fut.result(), strict=True):
+                ok[i] = good
         return ok
 
-    def _read_piece(self, first: int, dsts: list[int], host: HostPool) -> bytes | None:
-        headers = _aligned(len(dsts) * PAGE)
-        hv = memoryview(headers)
-        bufs: list = []
-        for j, dst in enumerate(dsts):
-            bufs += [hv[j * PAGE : (j + 1) * PAGE], host.slot_buffer(dst)]
+    def _read_piece(self, first: int, piece: list[DiskRead], host: HostPool) -> list[bool]:
         try:
-            want = len(dsts) * self.stride
-            got = os.preadv(self.fd, bufs, self._offset(first))
+            want = len(piece) * self.slot_bytes
+            bufs = [host.slot_buffer(it.dst) for it in piece]
+            got = os.preadv(self.fd, bufs, self.data_offset(first))
             if got != want:
                 raise OSError(errno.EIO, f"short read: {got} of {want} bytes")
-            return bytes(headers)
         except OSError as e:
-            log.warning("disk read failed blocks=%d error=%s", len(dsts), e)
-            return None
-        finally:
-            del bufs
-            hv.release()
+            log.warning("disk read failed blocks=%d error=%s", len(piece), e)
+            return [False] * len(piece)
+        return [checksum(host.block_view(it.dst)) == it.checksum for it in piece]
 
     def close(self) -> None:
         self._io.shutdown()

@@ -32,7 +32,7 @@ def push_to_disk(mgr, ks) -> None:
 
 def slot_offset(mgr, key) -> int:
     """Where a block's data starts in the disk file."""
-    return mgr.disk._offset(mgr.disk.table.get(key)) + PAGE
+    return mgr.disk.data_offset(mgr.disk.table.get(key))
 
 
 def flip_byte(path: str, offset: int) -> None:
@@ -174,7 +174,7 @@ def test_corrupted_header_is_not_recovered(make_manager, tmp_path):
     mgr = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
     ks = keys(0, 3)
     push_to_disk(mgr, ks)
-    header = mgr.disk._offset(mgr.disk.table.get(ks[1]))
+    header = mgr.disk.header_offset(mgr.disk.table.get(ks[1]))
     path = mgr.disk.path
     mgr.close()
     flip_byte(path, header + 30)  # inside the encoded key

@@ -150,8 +150,9 @@ class ManagerMachine(RuleBasedStateMachine):
         expected = self.mgr.lookup(ks).num_blocks
         eng = Engine(len(ks))
         got = self.mgr.onboard(eng.kv, ks, list(range(len(ks))))
-        # nothing else runs between lookup and load here, so they agree
-        assert got == expected
+        # nothing else runs between lookup and load, so they agree, unless held
+        # pins fill G2 and leave no room to stage disk blocks
+        assert got == expected if not self.held else got <= expected
         for i in range(got):
             assert eng.holds(ks[i], i), "a reload differs from what was stored"
 

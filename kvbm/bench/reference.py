@@ -43,37 +43,23 @@ class Memcpy:
         np.copyto(self.dst, self.src)
 
 
-class RawDisk:
-    """Plain O_DIRECT writes and reads of `buffer` in `io_bytes` calls, to a file
-    on `directory`'s file system: the disk reference. Pass the memory the
-    measured path moves (the host arena), so both move the same bytes from the
-    same kind of memory with the same I/O size."""
+class RawDiskIO:
+    """The disk reference: plain positional writes of `src` and reads into `dst`,
+    `io_bytes` per call, at `offset` of an open file. The tiers bench points it
+    at the disk tier's own file and data region (opened O_DIRECT) and at the
+    same arena slots the tier moves, so the two differ only by the tier's own
+    work: checksums, headers, bookkeeping."""
 
-    def __init__(self, directory: str, buffer: np.ndarray, io_bytes: int) -> None:
-        self.path = os.path.join(directory, f"kvbm-bench-raw-{os.getpid()}.bin")
-        self.buffer = buffer
-        self.nbytes = buffer.nbytes
-        self.io_bytes = min(io_bytes, self.nbytes)
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
-            self.direct_io = True
-        except OSError:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            self.direct_io = False
-        os.posix_fallocate(self.fd, 0, self.nbytes)
-
-    def _chunks(self):
-        for off in range(0, self.nbytes, self.io_bytes):
-            yield off, self.buffer[off : off + self.io_bytes]
+    def __init__(self, fd: int, offset: int, src: np.ndarray, dst: np.ndarray, io_bytes: int):
+        if src.nbytes != dst.nbytes:
+            raise ValueError("src and dst must be the same size")
+        self.fd, self.offset, self.src, self.dst = fd, offset, src, dst
+        self.io_bytes = min(io_bytes, src.nbytes)
 
     def write(self) -> None:
-        for off, chunk in self._chunks():
-            os.pwritev(self.fd, [chunk], off)
+        for off in range(0, self.src.nbytes, self.io_bytes):
+            os.pwritev(self.fd, [self.src[off : off + self.io_bytes]], self.offset + off)
 
     def read(self) -> None:
-        for off, chunk in self._chunks():
-            os.preadv(self.fd, [chunk], off)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.path)
+        for off in range(0, self.dst.nbytes, self.io_bytes):
+            os.preadv(self.fd, [self.dst[off : off + self.io_bytes]], self.offset + off)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.reference import Memcpy, RawDisk, gbps, interleaved
+from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.block_key import KeySpace
 from kvbm.disk_pool import IO_PIECE_BYTES, DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool
@@ -56,7 +56,6 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
     disk = DiskPool(g, directory, PAGE + blocks * (PAGE + g.slot_bytes))
     mgr = BlockManager(g, host, disk, FrequencyFilter(min_count=1))
     memcpy = Memcpy(nbytes)
-    raw = None
     try:
         src = EngineKV(g, [torch.randn(blocks, *g.layer_shape) for _ in range(g.num_layers)])
         dst = EngineKV(g, [torch.zeros(blocks, *g.layer_shape) for _ in range(g.num_layers)])
@@ -86,9 +85,13 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         drain()
         sums = host.checksums(slots)
         staging = host.table.allocate(blocks)
-        spare = host.table.allocate(blocks)  # the raw reference's own stretch of the arena
-        region = host.arena.array[spare[0] * g.slot_bytes : (spare[-1] + 1) * g.slot_bytes]
-        raw = RawDisk(directory, region, IO_PIECE_BYTES)
+        raw = RawDiskIO(
+            disk.fd,
+            disk.data_offset(0),
+            _region(host, slots),
+            _region(host, staging),
+            IO_PIECE_BYTES,
+        )
         pairs = enumerate(zip(loaded, sums, staging, strict=True))
         reads = [DiskRead(k, c, i, f) for i, (k, c, f) in pairs]
 
@@ -110,16 +113,23 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         for x, y in zip(src._rows, dst._rows, strict=True):
             if not torch.equal(x, y):
                 raise RuntimeError("bench round trip G1 -> G2 -> G1 was not bit-exact")
-        for s in staging + spare:
+        for s in staging:
             host.table.abort(s)
         res = {f"{name}_gbps": gbps(nbytes, secs) for name, secs in t.items()}
-        res["disk_direct_io"] = disk.direct_io and raw.direct_io
+        res["disk_direct_io"] = disk.direct_io
         res["disk_io_bytes"] = IO_PIECE_BYTES
         return res
     finally:
-        if raw is not None:
-            raw.close()
         mgr.close()
+
+
+def _region(host: HostPool, slots: list[int]):
+    """The arena bytes of consecutive slots, as one buffer."""
+    if slots != list(range(slots[0], slots[0] + len(slots))):
+        raise RuntimeError("bench expects consecutive slots")
+    return host.arena.array[
+        slots[0] * host.geometry.slot_bytes : (slots[-1] + 1) * host.geometry.slot_bytes
+    ]
 
 
 def bookkeeping_us_per_block(n: int = 4096, reps: int = 7) -> float:
