@@ -105,17 +105,20 @@ class BlockManager:
     # -- lookup ------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> PrefixMatch:
         """Longest prefix of `keys` held in G2 or G3 (no pins; it may change at once)."""
-        tiers: list[Tier] = []
         with self._lock:
-            host, disk = self.host.table.index, self.disk.table.index if self.disk else {}
-            for k in keys:
-                if k in host:
-                    tiers.append(Tier.HOST)
-                elif k in disk:
-                    tiers.append(Tier.DISK)
-                else:
-                    break
-        return PrefixMatch(tuple(tiers))
+            host = self.host.table.index
+            held = keys[: self._prefix_len(keys)]
+            return PrefixMatch(tuple(Tier.HOST if k in host else Tier.DISK for k in held))
+
+    def _prefix_len(self, keys: Sequence[BlockKey]) -> int:
+        """Length of the prefix held in G2 or G3; the caller holds the lock."""
+        host, disk = self.host.table.index, self.disk.table.index if self.disk else {}
+        n = 0
+        for k in keys:
+            if k not in host and k not in disk:
+                break
+            n += 1
+        return n
 
     # -- store: G1 -> G2 ---------------------------------------------------
     def prepare_store(self, keys: Sequence[BlockKey]) -> StorePlan:
@@ -195,11 +198,18 @@ class BlockManager:
         finds room in G2. A disk block that fails its checksum ends the prefix there: it is
         dropped, counted, and the caller recomputes from that block on.
         """
-        keys = keys[: self.max_load_blocks]
         host_slots: list[int | None] = []
         disk_slots: dict[int, int] = {}  # position -> pinned disk slot
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
+            # Mark the whole held prefix as just used, so that the evictions
+            # this step causes take other blocks than the ones the next steps load.
+            for k in reversed(keys[: self._prefix_len(keys)]):
+                for table in (host, disk):
+                    slot = table.get(k) if table else None
+                    if slot is not None:
+                        table.touch(slot)
+            keys = keys[: self.max_load_blocks]
             for i, k in enumerate(keys):
                 slot = host.get(k)
                 if slot is not None:

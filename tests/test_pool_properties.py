@@ -150,9 +150,13 @@ class ManagerMachine(RuleBasedStateMachine):
         expected = self.mgr.lookup(ks).num_blocks
         eng = Engine(len(ks))
         got = self.mgr.onboard(eng.kv, ks, list(range(len(ks))))
-        # nothing else runs between lookup and load, so they agree, unless held
-        # pins fill G2 and leave no room to stage disk blocks
-        assert got == expected if not self.held else got <= expected
+        # Nothing runs between lookup and load, so they agree when the load is
+        # one step with no other pins held. A longer load (in steps of half of
+        # G2) may evict its own tail from this tiny cache, and held pins may
+        # leave no G2 room to stage disk blocks: then it loads a shorter prefix.
+        if not self.held and len(ks) <= self.mgr.max_load_blocks:
+            assert got == expected
+        assert got <= expected
         for i in range(got):
             assert eng.holds(ks[i], i), "a reload differs from what was stored"
 
