@@ -16,6 +16,7 @@ disk if the admission filter lets them, and are dropped otherwise.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from kvbm.host_pool import HostPool
 from kvbm.layout import EngineKV, ModelGeometry
 from kvbm.metrics import TierMetrics
 from kvbm.slot_table import Victim
+
+log = logging.getLogger("kvbm.manager")
 
 
 class Tier(StrEnum):
@@ -297,7 +300,7 @@ class BlockManager:
             dt = self.disk.table
             for i, slot in zip(positions, fresh, strict=False):
                 reads.append(DiskRead(keys[i], dt.checksums[disk_slots[i]], disk_slots[i], slot))
-        ok = self.disk.read(reads, self.host) if reads else []
+        ok = self._disk_io(self.disk.read, reads, False)
         with self._lock:
             host, dt = self.host.table, self.disk.table
             broken = False
@@ -360,7 +363,7 @@ class BlockManager:
                 DiskWrite(v.key, v.checksum, v.slot, d)
                 for v, d in zip(admitted, dslots, strict=False)
             ]
-        sums = self.disk.write(writes, self.host) if writes else []
+        sums = self._disk_io(self.disk.write, writes, None)
         with self._lock:
             for w, c in zip(writes, sums, strict=True):
                 if c is not None:
@@ -372,6 +375,18 @@ class BlockManager:
             for v in victims:
                 self.host.table.release(v.slot)
         self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
+
+    def _disk_io(self, call, items: list, failed: object) -> list:
+        """A disk read or write whose every item fails on any error, so the slots
+        it holds are always settled afterwards: the node serves on, the block
+        is a miss. (The pool turns OSErrors into per-piece failures itself.)"""
+        if not items:
+            return []
+        try:
+            return call(items, self.host)
+        except Exception:
+            log.exception("disk tier call failed blocks=%d", len(items))
+            return [failed] * len(items)
 
     def close(self) -> None:
         if self.disk is not None:

@@ -243,3 +243,27 @@ def test_direct_io_can_be_turned_off(make_manager):
 def test_errors_share_one_root():
     assert issubclass(GeometryMismatch, KvbmError)
     assert issubclass(DiskTierError, KvbmError)
+
+
+def test_an_unexpected_disk_error_is_a_miss_and_leaks_nothing(make_manager, monkeypatch):
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    ks = keys(0, 2)
+    push_to_disk(mgr, ks)
+
+    def broken(items, host):
+        raise RuntimeError("injected: a bug below the manager")
+
+    # a read that blows up -> the load is a miss, every pin and slot is settled
+    monkeypatch.setattr(mgr.disk, "read", broken)
+    eng = Engine(2)
+    assert mgr.onboard(eng.kv, ks, [0, 1]) == 0
+    # a write that blows up -> the drained blocks are not admitted, G2 keeps serving
+    monkeypatch.setattr(mgr.disk, "write", broken)
+    assert store(mgr, keys(50, 4)) == 4
+    assert (
+        mgr.metrics.value("kvbm_tier_admissions_rejected_total", tier="disk", reason="io_error") > 0
+    )
+    mgr.host.table.check()
+    mgr.disk.table.check()
+    assert sum(mgr.host.table.pins) == 0 and sum(mgr.disk.table.pins) == 0
+    assert mgr.host.table.free_count + mgr.host.table.registered_count == 4
