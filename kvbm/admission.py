@@ -16,17 +16,14 @@ class FrequencyFilter:
             raise ValueError("min_count and max_tracked must be positive")
         self.min_count = min_count
         self.max_tracked = max_tracked
-        self._counts: dict[int, int] = {}
+        self._counts: dict[BlockKey, int] = {}
 
     def record(self, keys: Iterable[BlockKey]) -> None:
         counts = self._counts
         for k in keys:
-            counts[k.seq_hash] = counts.get(k.seq_hash, 0) + 1
+            counts[k] = counts.get(k, 0) + 1
         if len(counts) > self.max_tracked:
-            self._counts = {h: c // 2 for h, c in counts.items() if c > 1}
-
-    def count(self, key: BlockKey) -> int:
-        return self._counts.get(key.seq_hash, 0)
+            self._counts = {k: c // 2 for k, c in counts.items() if c > 1}
 
     def admit(self, key: BlockKey) -> bool:
-        return self._counts.get(key.seq_hash, 0) >= self.min_count
+        return self._counts.get(key, 0) >= self.min_count

@@ -16,11 +16,12 @@ checksum, so a corrupted or torn slot is a miss, never wrong bytes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ _SUPER = struct.Struct(
 _HEADER = struct.Struct(
     "<8sIQQH"
 )  # magic, version, data_len, checksum, key_len (then key, then crc)
-_CRC = struct.Struct("<Q")
+_SUM = struct.Struct("<Q")  # xxh3_64 of the superblock or header before it
 _MAX_IOV = 1024
 IO_PIECE_BYTES = 16 << 20  # one vectored I/O; the bench's raw reference uses the same
 
@@ -109,7 +110,11 @@ class DiskPool:
         # Two I/O threads keep two requests in flight.
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kvbm-disk-io")
         self.fd = self._open(direct_io, preallocate)
-        self.recovered = self._recover()
+        try:
+            self.recovered = self._recover()
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def num_slots(self) -> int:
@@ -119,6 +124,13 @@ class DiskPool:
     def _open(self, direct_io: bool, preallocate: bool) -> int:
         fd = self._open_fd(direct_io)
         try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise DiskTierError(
+                    f"{self.path} is in use by another kvbm process; "
+                    "give each node its own disk_cache_dir"
+                ) from e
             if self._superblock_matches(fd):
                 return fd
             if os.fstat(fd).st_size and not self._is_ours(fd):
@@ -127,12 +139,14 @@ class DiskPool:
                 )
             if os.fstat(fd).st_size:
                 log.warning("disk arena layout changed; starting it empty path=%s", self.path)
+            # The superblock goes first: a crash while reserving leaves a file
+            # that is recognisably ours, to be recreated, never refused.
             os.ftruncate(fd, 0)
-            self._reserve(fd, preallocate)
             self._pwrite(
-                fd, [self._page(self._super + _CRC.pack(xxhash.xxh3_64_intdigest(self._super)))], 0
+                fd, [self._page(self._super + _SUM.pack(xxhash.xxh3_64_intdigest(self._super)))], 0
             )
             os.fsync(fd)
+            self._reserve(fd, preallocate)
             return fd
         except BaseException:
             os.close(fd)
@@ -184,7 +198,7 @@ class DiskPool:
         if os.fstat(fd).st_size != self.size:
             return False
         page = self._read_page(fd, 0)
-        expect = self._super + _CRC.pack(xxhash.xxh3_64_intdigest(self._super))
+        expect = self._super + _SUM.pack(xxhash.xxh3_64_intdigest(self._super))
         return page[: len(expect)] == expect
 
     def _is_ours(self, fd: int) -> bool:
@@ -228,7 +242,7 @@ class DiskPool:
     def _header(self, key: BlockKey, csum: int) -> bytes:
         kb = key.encode()
         head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(kb)) + kb
-        return head + _CRC.pack(xxhash.xxh3_64_intdigest(head))
+        return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
 
     def _parse_header(self, page) -> tuple[BlockKey, int] | None:
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
@@ -237,7 +251,7 @@ class DiskPool:
         if klen > MAX_ENCODED:
             return None
         end = _HEADER.size + klen
-        (crc,) = _CRC.unpack_from(page, end)
+        (crc,) = _SUM.unpack_from(page, end)
         if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
             return None
         try:
@@ -271,13 +285,11 @@ class DiskPool:
         it; headers go last, one write per run of slots, so a batch costs one
         small write on top of its data.
         """
-        pending = [
-            (idx, self._io.submit(self._write_data, first, [items[i] for i in idx], host))
-            for first, idx in self._pieces([it.dst for it in items])
-        ]
         sums: list[int | None] = [None] * len(items)
-        for idx, fut in pending:
-            for i, c in zip(idx, fut.result(), strict=True):
+        for idx, result in self._run_pieces(
+            self._write_data, items, [it.dst for it in items], host
+        ):
+            for i, c in zip(idx, result, strict=True):
                 sums[i] = c
         written = sorted(
             (i for i, c in enumerate(sums) if c is not None), key=lambda i: items[i].dst
@@ -313,22 +325,22 @@ class DiskPool:
             log.warning("disk header write failed blocks=%d error=%s", len(entries), e)
             return False
 
-    def read(self, items: list[DiskRead], host: HostPool) -> list[bool]:
-        """Disk slots -> host slots; True only where the bytes match the checksum.
+    def read(self, items: list[DiskRead], host: HostPool) -> list[bool | None]:
+        """Disk slots -> host slots. Per item: True where the bytes match the
+        checksum, False where they do not (corrupt), None where the read itself
+        failed (the block may be fine; try again later).
 
         Each I/O thread reads and verifies its own piece, so pieces overlap.
         """
-        pending = [
-            (idx, self._io.submit(self._read_piece, first, [items[i] for i in idx], host))
-            for first, idx in self._pieces([it.src for it in items])
-        ]
-        ok = [False] * len(items)
-        for idx, fut in pending:
-            for i, good in zip(idx, fut.result(), strict=True):
+        ok: list[bool | None] = [None] * len(items)
+        for idx, result in self._run_pieces(
+            self._read_piece, items, [it.src for it in items], host
+        ):
+            for i, good in zip(idx, result, strict=True):
                 ok[i] = good
         return ok
 
-    def _read_piece(self, first: int, piece: list[DiskRead], host: HostPool) -> list[bool]:
+    def _read_piece(self, first: int, piece: list[DiskRead], host: HostPool) -> list:
         try:
             want = len(piece) * self.slot_bytes
             bufs = [host.slot_buffer(it.dst) for it in piece]
@@ -337,8 +349,24 @@ class DiskPool:
                 raise OSError(errno.EIO, f"short read: {got} of {want} bytes")
         except OSError as e:
             log.warning("disk read failed blocks=%d error=%s", len(piece), e)
-            return [False] * len(piece)
+            return [None] * len(piece)
         return [checksum(host.block_view(it.dst)) == it.checksum for it in piece]
+
+    def _run_pieces(self, fn, items: list, slots: list[int], host: HostPool):
+        """Run `fn(first_slot, piece_items, host)` for every piece on the I/O threads
+        and yield (item indices, result) once *every* piece has finished: a caller
+        may free or reuse slots only when no piece still touches them. A piece
+        that raises fails alone (its result is None for each item)."""
+        pending = [
+            (idx, self._io.submit(fn, first, [items[i] for i in idx], host))
+            for first, idx in self._pieces(slots)
+        ]
+        wait([fut for _, fut in pending])
+        for idx, fut in pending:
+            error = fut.exception()
+            if error is not None:
+                log.error("disk %s failed blocks=%d error=%r", fn.__name__, len(idx), error)
+            yield idx, [None] * len(idx) if error is not None else fut.result()
 
     def close(self) -> None:
         self._io.shutdown()

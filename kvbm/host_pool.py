@@ -10,6 +10,8 @@ from kvbm.layout import ArenaBlocks, ModelGeometry
 from kvbm.shm_arena import SharedArena
 from kvbm.slot_table import SlotTable
 
+ARENA_PREFIX = "kvbm-g2-"
+
 
 class HostPool:
     """Slot `s` holds one block's bytes at [s * slot_bytes, s * slot_bytes + block_bytes).
@@ -31,7 +33,8 @@ class HostPool:
                 f"host tier of {capacity_bytes} bytes cannot hold one "
                 f"{geometry.slot_bytes}-byte block"
             )
-        name = arena_name or f"kvbm-g2-{os.getpid()}-{secrets.token_hex(4)}"
+        SharedArena.sweep_stale(ARENA_PREFIX)
+        name = arena_name or f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.geometry = geometry
         self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode)
         self.table = SlotTable(num_slots)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
@@ -68,8 +68,7 @@ class LoadPlan:
 
     keys: list[BlockKey]
     slots: list[int]
-    from_disk: int = 0
-    done: bool = field(default=False)
+    done: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -131,6 +130,8 @@ class BlockManager:
         and every block is pinned, the tail of `keys` is not stored: caching is
         best effort, and a rejected block is counted, never an error.
         """
+        for k in keys:
+            k.encode()  # a key the disk header could not hold fails here, not in a later drain
         with self._lock:
             self.admission.record(keys)
             table, seen = self.host.table, set()
@@ -239,9 +240,10 @@ class BlockManager:
                 if slot is not None:
                     self.host.table.unpin(slot)
         slots = [s for s in host_slots[:n] if s is not None]
-        return LoadPlan(list(keys[:n]), slots, sum(1 for i in disk_slots if i < n))
+        return LoadPlan(list(keys[:n]), slots)
 
     def finish_load(self, plan: LoadPlan) -> None:
+        """Unpin the plan's blocks. Safe to call twice (it runs in `finally` blocks)."""
         if plan.done:
             return
         plan.done = True
@@ -257,13 +259,15 @@ class BlockManager:
         peer through this call), not when it is stored: most blocks live and
         die in G2, and a checksum at store time would halve G1 -> G2 bandwidth.
         """
+        if plan.done:
+            raise ValueError("load plan already finished: its slots may hold other blocks now")
         with self._lock:
             known = [self.host.table.checksums[s] for s in plan.slots]
         todo = [s for s, c in zip(plan.slots, known, strict=True) if c is None]
         taken = dict(zip(todo, self.host.checksums(todo), strict=True))
         with self._lock:
             for slot, c in taken.items():
-                self.host.table.checksums[slot] = c
+                self.host.table.set_checksum(slot, c)
         return [taken.get(s, c) for s, c in zip(plan.slots, known, strict=True)]  # type: ignore[misc]
 
     def onboard(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
@@ -300,16 +304,18 @@ class BlockManager:
             dt = self.disk.table
             for i, slot in zip(positions, fresh, strict=False):
                 reads.append(DiskRead(keys[i], dt.checksums[disk_slots[i]], disk_slots[i], slot))
-        ok = self._disk_io(self.disk.read, reads, False)
+        ok = self._disk_io(self.disk.read, reads, None)
         with self._lock:
             host, dt = self.host.table, self.disk.table
             broken = False
             for n, (r, good) in enumerate(zip(reads, ok, strict=True)):
                 i = positions[n]
                 dt.unpin(r.src)
-                if not good:
+                if good is False:  # the bytes are wrong: forget the block
                     self.metrics.checksum_failures.labels("disk").inc()
                     dt.drop(r.key)
+                elif good is None:  # the read failed: the block may be fine
+                    self.metrics.io_errors.labels("disk").inc()
                 if broken or not good:
                     broken = True
                     host.abort(r.dst)
@@ -322,7 +328,7 @@ class BlockManager:
                 host_slots[i] = slot
             for n in range(len(reads), len(positions)):
                 dt.unpin(disk_slots[positions[n]])  # no host room for these
-        self.metrics.moved.labels("g3_to_g2").inc(sum(ok) * self.geometry.block_bytes)
+        self.metrics.moved.labels("g3_to_g2").inc(ok.count(True) * self.geometry.block_bytes)
 
     def _reserve_host(self, n: int) -> list[int]:
         """Up to `n` FILLING host slots, draining LRU blocks to make room."""
@@ -363,7 +369,7 @@ class BlockManager:
                 DiskWrite(v.key, v.checksum, v.slot, d)
                 for v, d in zip(admitted, dslots, strict=False)
             ]
-        sums = self._disk_io(self.disk.write, writes, None)
+        sums = self._disk_io(self.disk.write, writes, None) if self.disk else []
         with self._lock:
             for w, c in zip(writes, sums, strict=True):
                 if c is not None:
@@ -397,8 +403,8 @@ class BlockManager:
 def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
     """The node's tiers as the configuration asks for them."""
     host = HostPool(geometry, cfg.host_cache_mb << 20)
+    disk = None
     try:
-        disk = None
         if cfg.disk_enabled:
             disk = DiskPool(
                 geometry,
@@ -409,5 +415,7 @@ def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
             )
         return BlockManager(geometry, host, disk, FrequencyFilter(cfg.disk_admit_min_uses))
     except BaseException:
+        if disk is not None:
+            disk.close()
         host.close()
         raise

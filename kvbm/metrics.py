@@ -7,8 +7,6 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-TIERS = ("host", "disk")
-
 
 class TierMetrics:
     def __init__(self) -> None:
@@ -43,6 +41,12 @@ class TierMetrics:
         self.checksum_failures = Counter(
             "kvbm_tier_checksum_failures_total",
             "Blocks whose bytes did not match their checksum (served as misses)",
+            ["tier"],
+            registry=r,
+        )
+        self.io_errors = Counter(
+            "kvbm_tier_io_errors_total",
+            "Blocks whose read failed (served as misses; the block is kept)",
             ["tier"],
             registry=r,
         )

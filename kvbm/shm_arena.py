@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import mmap
 import os
 import re
@@ -19,6 +21,7 @@ import torch
 
 from kvbm.errors import ArenaError
 
+log = logging.getLogger("kvbm.arena")
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -26,18 +29,25 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 class SharedArena:
     """One mapping of a shared-memory region. `close()` is safe to call twice.
 
-    The creator owns the name and unlinks it; attachers only map and unmap.
+    The creator owns the name: it holds an exclusive flock on the file for as
+    long as it lives and unlinks the name on close. A creator that dies without
+    closing (SIGKILL, OOM) loses its lock with its life, so the next creator's
+    `sweep_stale` finds the orphan and removes it. Attachers only map and unmap.
     """
 
     def __init__(self, name: str, fd: int, size: int, owner: bool) -> None:
         self.name = name
         self.size = size
         self.owner = owner
+        self._lock_fd = fd if owner else -1  # the owner's fd carries its flock
         try:
             # MAP_POPULATE faults every page in now, not in the middle of a copy.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if not owner:
             os.close(fd)
         self.array: np.ndarray = np.frombuffer(self._mmap, dtype=np.uint8)
         self.tensor: torch.Tensor = torch.from_numpy(self.array)
@@ -53,27 +63,64 @@ class SharedArena:
         if size <= 0:
             raise ValueError(f"arena size must be positive, got {size}")
         path = cls.path_of(name)
+        # Build under a hidden name, locked, then link into place: a sweeper
+        # never sees the final name without its owner's lock on it.
+        tmp = os.path.join(SHM_DIR, f".{name}.{os.getpid()}.creating")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
-        except FileExistsError as e:
-            raise ArenaError(f"shared-memory arena {path} already exists") from e
-        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.fchmod(fd, mode)  # umask must not narrow the mode we were asked for
             os.posix_fallocate(fd, 0, size)
+            os.link(tmp, path)
+        except FileExistsError as e:
+            os.close(fd)
+            raise ArenaError(f"shared-memory arena {path} already exists") from e
         except OSError as e:
             os.close(fd)
-            os.unlink(path)
             if e.errno == errno.ENOSPC:
                 raise ArenaError(
                     f"no room for a {size >> 20} MiB arena in {SHM_DIR}: enlarge it "
                     "(Kubernetes: an emptyDir with medium Memory) or lower the host cache size"
                 ) from e
             raise ArenaError(f"cannot size shared-memory arena {path}: {e}") from e
+        finally:
+            os.unlink(tmp)
         try:
             return cls(name, fd, size, owner=True)
         except (OSError, ValueError) as e:
             os.unlink(path)
             raise ArenaError(f"cannot map shared-memory arena {path}: {e}") from e
+
+    @classmethod
+    def sweep_stale(cls, prefix: str) -> list[str]:
+        """Remove arenas named `prefix...` whose creator is gone (no flock held).
+
+        Names only: a process that still maps an orphan keeps its memory.
+        """
+        removed = []
+        for entry in os.listdir(SHM_DIR):
+            named = entry.startswith(prefix) and _NAME.fullmatch(entry)
+            half_made = entry.startswith(f".{prefix}") and entry.endswith(".creating")
+            if not (named or half_made):
+                continue
+            path = os.path.join(SHM_DIR, entry)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live owner holds it
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                removed.append(entry)
+            finally:
+                os.close(fd)
+        if removed:
+            log.info("removed orphaned arenas count=%d names=%s", len(removed), ",".join(removed))
+        return removed
 
     @classmethod
     def attach(cls, name: str, size: int | None = None) -> SharedArena:
@@ -104,6 +151,8 @@ class SharedArena:
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path_of(self.name))
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __enter__(self) -> SharedArena:
         return self

@@ -62,21 +62,8 @@ class SlotTable:
     def registered_count(self) -> int:
         return len(self.index)
 
-    @property
-    def evictable_count(self) -> int:
-        return len(self.policy)
-
     def get(self, key: BlockKey) -> int | None:
         return self.index.get(key)
-
-    def prefix(self, keys: list[BlockKey]) -> int:
-        """How many leading keys are registered here."""
-        n = 0
-        for k in keys:
-            if k not in self.index:
-                break
-            n += 1
-        return n
 
     # -- writes ------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
@@ -126,6 +113,13 @@ class SlotTable:
         self.pins[slot] -= 1
         if self.pins[slot] == 0:
             self.policy.insert(slot)  # a read counts as a use
+
+    def set_checksum(self, slot: int, checksum: int) -> None:
+        """Record the checksum of a block its caller holds pinned (so its bytes are still its)."""
+        self._expect(slot, SlotState.REGISTERED)
+        if self.pins[slot] <= 0:
+            raise AssertionError(f"checksum of unpinned slot {slot}")
+        self.checksums[slot] = checksum
 
     def touch(self, slot: int) -> None:
         self.policy.touch(slot)

@@ -267,3 +267,60 @@ def test_an_unexpected_disk_error_is_a_miss_and_leaks_nothing(make_manager, monk
     mgr.disk.table.check()
     assert sum(mgr.host.table.pins) == 0 and sum(mgr.disk.table.pins) == 0
     assert mgr.host.table.free_count + mgr.host.table.registered_count == 4
+
+
+def test_a_failed_piece_waits_for_its_siblings_before_slots_are_reused(make_manager, monkeypatch):
+    import time
+
+    import kvbm.disk_pool as disk_pool
+
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    ks = keys(0, 2)
+    push_to_disk(mgr, ks)
+    # one block per I/O piece: piece 0 fails at once, piece 1 is slow and lands late
+    monkeypatch.setattr(disk_pool, "IO_PIECE_BYTES", 1)
+    real = type(mgr.disk)._read_piece
+
+    def uneven(self, first, piece, host):
+        if first == self.table.get(ks[0]):
+            raise RuntimeError("injected: first piece fails")
+        time.sleep(0.3)
+        return real(self, first, piece, host)
+
+    monkeypatch.setattr(type(mgr.disk), "_read_piece", uneven)
+    assert mgr.onboard(Engine(2).kv, ks, [0, 1]) == 0
+    # the slow read had finished before the load gave its slots back, so fresh
+    # blocks stored into those slots now stay as they were written
+    fresh = keys(500, 2)
+    store(mgr, fresh)
+    time.sleep(0.4)
+    eng = Engine(2)
+    assert mgr.onboard(eng.kv, fresh, [0, 1]) == 2
+    assert eng.holds(fresh[0], 0) and eng.holds(fresh[1], 1)
+    assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
+    mgr.disk.table.check()
+
+
+def test_a_read_error_keeps_the_block_and_counts_an_io_error(make_manager, monkeypatch):
+    mgr = make_manager(host_slots=4, disk_slots=16)
+    ks = keys(0, 2)
+    push_to_disk(mgr, ks)
+    real = os.preadv
+    calls = {"n": 0}
+
+    def flaky(fd, bufs, offset):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "injected EIO")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", flaky)
+    # the first read fails: a miss, counted as an I/O error, the blocks stay on disk
+    assert mgr.onboard(Engine(2).kv, ks, [0, 1]) == 0
+    assert mgr.metrics.value("kvbm_tier_io_errors_total", tier="disk") == 2
+    assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
+    assert mgr.lookup(ks).tiers == (Tier.DISK, Tier.DISK)
+    # the next read succeeds
+    eng = Engine(2)
+    assert mgr.onboard(eng.kv, ks, [0, 1]) == 2
+    assert eng.holds(ks[1], 1)

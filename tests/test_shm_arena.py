@@ -268,3 +268,29 @@ def test_attaching_an_empty_file_is_an_arena_error():
             SharedArena.attach(name)
     finally:
         os.unlink(path)
+
+
+def _create_and_die(name: str) -> None:
+    SharedArena.create(name, 4096)
+    os.kill(os.getpid(), 9)
+
+
+def test_an_orphaned_arena_is_swept_and_a_live_one_is_not():
+    prefix = f"kvbm-sweeptest-{secrets.token_hex(3)}-"
+    orphan, live = f"{prefix}dead", f"{prefix}alive"
+    # a creator killed with SIGKILL leaves its arena's name behind ...
+    child = multiprocessing.get_context("spawn").Process(target=_create_and_die, args=(orphan,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -9
+    assert os.path.exists(f"{SHM_DIR}/{orphan}")
+    arena = SharedArena.create(live, 4096)
+    try:
+        # ... which the next sweep removes, while a live owner's arena stays
+        assert SharedArena.sweep_stale(prefix) == [orphan]
+        assert not os.path.exists(f"{SHM_DIR}/{orphan}")
+        assert os.path.exists(f"{SHM_DIR}/{live}")
+    finally:
+        arena.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{SHM_DIR}/{orphan}")

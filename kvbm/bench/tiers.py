@@ -96,7 +96,7 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         reads = [DiskRead(k, c, i, f) for i, (k, c, f) in pairs]
 
         def stage() -> None:
-            _expect(sum(disk.read(reads, host)))
+            _expect(disk.read(reads, host).count(True))
 
         t = interleaved(
             {
