@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in result.items():
                     print(f"{k:28} {v}")
             return 0
-    except (ValueError, KvbmError) as e:
+    except (ValueError, KvbmError, OSError) as e:
         print(f"kvbm: {e}", file=sys.stderr)
         return 2
     parser.error("unknown command")

@@ -79,12 +79,11 @@ def _coerce(name: str, value: Any) -> Any:
             return text in _TRUE
         raise ValueError(f"{name}: expected a boolean, got {value!r}")
     if kind == "int":
-        if isinstance(value, bool):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
     if not isinstance(value, str):
         raise ValueError(f"{name}: expected a string, got {value!r}")
     return value
@@ -125,6 +124,7 @@ def load_config(
         if name in _FIELDS:
             from_env[name] = value
         else:
+            # Other tools may share the prefix: a typo is logged, never fatal.
             log.warning("ignoring unknown environment variable %s", var)
     _merge(values, from_env, "the environment")
     _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")

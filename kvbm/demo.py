@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -77,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
         return run(cfg, args.prompts, args.blocks_per_prompt)
 
 
-def run(cfg: KvbmConfig, prompts: int = 24, blocks_per_prompt: int = 16, out=sys.stdout) -> int:
+def run(
+    cfg: KvbmConfig, prompts: int = 24, blocks_per_prompt: int = 16, out: TextIO = sys.stdout
+) -> int:
     g = DEMO_GEOMETRY
     mgr = build_manager(cfg, g)
     engine = SyntheticEngine(g, blocks_per_prompt)
@@ -132,15 +135,17 @@ def run(cfg: KvbmConfig, prompts: int = 24, blocks_per_prompt: int = 16, out=sys
             )
         _summary(mgr, stats, g.block_bytes, out)
         print(
-            f"\nverified {verified} loaded blocks against the engine's own bytes: {wrong} wrong",
+            f"\nverified {verified} loaded blocks against the engine's bytes: {wrong} wrong",
             file=out,
         )
-        return 1 if wrong or not (stats["host_hit"].blocks and stats["disk_hit"].blocks) else 0
+        if not stats["disk_hit"].blocks:
+            print("(no G3 hits: G2 held every prompt; lower --host-cache-mb to see G3)", file=out)
+        return 1 if wrong else 0
     finally:
         mgr.close()
 
 
-def _summary(mgr: BlockManager, stats: dict[str, PathStats], block_bytes: int, out) -> None:
+def _summary(mgr: BlockManager, stats: dict[str, PathStats], block_bytes: int, out: TextIO) -> None:
     m = mgr.metrics
     print("\npath                          blocks      MiB   seconds    GB/s", file=out)
     labels = {

@@ -10,6 +10,7 @@ run at memcpy speed.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -97,7 +98,9 @@ class ModelGeometry:
 class EngineKV:
     """An engine's per-layer KV tensors (G1), checked once against the geometry.
 
-    Holds byte views of the engine's tensors; the engine keeps ownership.
+    `rows[layer]` views that layer's tensor as [num_blocks, words]: one row per
+    block, in the widest integer type that divides it. The engine keeps
+    ownership of the tensors.
     """
 
     def __init__(self, geometry: ModelGeometry, layers: list[torch.Tensor]) -> None:
@@ -120,7 +123,7 @@ class EngineKV:
         self.num_blocks = num_blocks
         word = _word(geometry.layer_block_bytes)
         per_row = geometry.layer_block_bytes // word.itemsize
-        self._rows = [t.view(torch.uint8).view(word).view(num_blocks, per_row) for t in layers]
+        self.rows = [t.view(torch.uint8).view(word).view(num_blocks, per_row) for t in layers]
 
     def check_ids(self, block_ids: np.ndarray) -> None:
         if block_ids.size and (block_ids.min() < 0 or block_ids.max() >= self.num_blocks):
@@ -155,15 +158,25 @@ class ArenaBlocks:
             (geometry.slot_bytes // w, geometry.layer_block_bytes // w, 1),
         )
 
-    def gather(self, kv: EngineKV, block_ids, slots) -> None:
+    def gather(
+        self, kv: EngineKV, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
+    ) -> None:
         """G1 -> arena: engine block block_ids[i] into slot slots[i]."""
         self._copy(kv, block_ids, slots, to_arena=True)
 
-    def scatter(self, kv: EngineKV, slots, block_ids) -> None:
+    def scatter(
+        self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
+    ) -> None:
         """Arena -> G1: slot slots[i] into engine block block_ids[i]."""
         self._copy(kv, block_ids, slots, to_arena=False)
 
-    def _copy(self, kv: EngineKV, block_ids, slots, to_arena: bool) -> None:
+    def _copy(
+        self,
+        kv: EngineKV,
+        block_ids: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        to_arena: bool,
+    ) -> None:
         """One torch op per layer per run of consecutive indices, on whichever side
         (engine blocks or slots) has fewer runs; the other side is indexed."""
         self._check(kv)
@@ -183,7 +196,7 @@ class ArenaBlocks:
             other = torch.from_numpy(b[by_slot])
             for first, n, off in slot_side:
                 ids = other[off : off + n]
-                for layer, rows in enumerate(kv._rows):
+                for layer, rows in enumerate(kv.rows):
                     run = self.view[first : first + n, layer]
                     if to_arena:
                         torch.index_select(rows, 0, ids, out=run)
@@ -193,7 +206,7 @@ class ArenaBlocks:
             other = torch.from_numpy(s[by_block])
             for first, n, off in block_side:
                 ids = other[off : off + n]
-                for layer, rows in enumerate(kv._rows):
+                for layer, rows in enumerate(kv.rows):
                     run = rows[first : first + n]
                     if to_arena:
                         self.view[:, layer].index_copy_(0, ids, run)

@@ -76,6 +76,17 @@ class LoadPlan:
 
 
 class BlockManager:
+    """Invariants (on top of each tier's SlotTable invariants):
+
+    - every table change happens under `self._lock`; no I/O or copy does;
+    - bytes move only into or out of slots the mover owns: FILLING slots it
+      reserved, DRAINING slots it evicted, or blocks it pinned;
+    - every reserved, evicted or pinned slot is settled (registered, freed or
+      unpinned) before the call that took it returns, error or not, except
+      the pins of a LoadPlan, which `finish_load` settles;
+    - a block reaches G1 from G3 only after its bytes matched its checksum.
+    """
+
     def __init__(
         self,
         geometry: ModelGeometry,

@@ -75,3 +75,9 @@ def test_demo_with_an_impossible_disk_tier_fails_cleanly(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "kvbm:" in r.stderr
+
+
+def test_bench_with_a_missing_directory_is_a_clear_error():
+    r = run("bench", "tiers", "--json", "--blocks", "2", "--reps", "1", "--dir", "/nonexistent/x")
+    assert r.returncode == 2
+    assert "kvbm:" in r.stderr and "Traceback" not in r.stderr

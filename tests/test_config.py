@@ -83,3 +83,12 @@ def test_readme_carries_the_generated_reference():
     with open("README.md") as f:
         readme = f.read()
     assert reference_table() in readme, "README config table is stale: kvbm config --reference"
+
+
+def test_a_fractional_size_is_refused_not_truncated(tmp_path):
+    f = tmp_path / "kvbm.toml"
+    f.write_text("host_cache_mb = 1.9\n")
+    with pytest.raises(ValueError, match="host_cache_mb: expected an integer"):
+        load_config(str(f), env={})
+    with pytest.raises(ValueError, match="host_cache_mb: expected an integer"):
+        load_config(env={"KVBM_HOST_CACHE_MB": "1.9"})

@@ -324,3 +324,35 @@ def test_a_read_error_keeps_the_block_and_counts_an_io_error(make_manager, monke
     eng = Engine(2)
     assert mgr.onboard(eng.kv, ks, [0, 1]) == 2
     assert eng.holds(ks[1], 1)
+
+
+def test_two_processes_never_share_one_disk_file(make_manager, tmp_path):
+    make_manager(host_slots=4, disk_slots=8, disk_dir=tmp_path)
+    # a second node pointed at the same directory is refused, the first untouched
+    with pytest.raises(DiskTierError, match="in use by another kvbm process"):
+        DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+
+
+def test_a_crash_while_creating_the_disk_file_is_recovered_from(tmp_path):
+    size = PAGE + 8 * (PAGE + GEOMETRY.slot_bytes)
+    DiskPool(GEOMETRY, str(tmp_path), size).close()
+    path = tmp_path / f"kvbm-g3-{GEOMETRY.fingerprint:016x}.arena"
+    # what a crash between the superblock and the reservation leaves behind
+    with open(path, "r+b") as f:
+        f.truncate(PAGE)
+    disk = DiskPool(GEOMETRY, str(tmp_path), size)
+    try:
+        assert disk.recovered == 0
+        assert os.path.getsize(path) == disk.size
+    finally:
+        disk.close()
+
+
+def test_a_key_the_disk_could_not_hold_is_refused_at_store(make_manager):
+    from kvbm.block_key import BlockKey
+
+    mgr = make_manager(host_slots=4)
+    bad = BlockKey("test", GEOMETRY.fingerprint, 70_000, 1)  # tp rank beyond u16
+    with pytest.raises(ValueError, match="out of range"):
+        store(mgr, [bad])
+    assert mgr.host.table.free_count == 4

@@ -189,3 +189,25 @@ def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
     assert mgr.onboard(dst.kv, ks, [0, 1, 2, 3]) == 4
     for a, b in zip(src.layers, dst.layers, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_admission_counts_each_rank_and_namespace_apart(make_manager):
+    mgr = make_manager(host_slots=4, disk_slots=16, min_uses=2)
+    rank0 = keys(0, 2)
+    rank1 = KeySpace("test", GEOMETRY.fingerprint, tp_rank=1).keys([0, 1])
+    # the same sequence hashes under two tp ranks: each key is used once
+    store(mgr, rank0)
+    store(mgr, rank1)
+    store(mgr, keys(20, 4))
+    assert mgr.lookup(rank0).num_blocks == 0
+    assert mgr.lookup(rank1).num_blocks == 0
+
+
+def test_seal_refuses_a_finished_plan(make_manager):
+    mgr = make_manager(host_slots=4)
+    store(mgr, keys(0, 2))
+    plan = mgr.prepare_load(keys(0, 2))
+    mgr.finish_load(plan)
+    mgr.finish_load(plan)  # twice is fine
+    with pytest.raises(ValueError, match="already finished"):
+        mgr.seal(plan)

@@ -110,7 +110,7 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
             },
             reps,
         )
-        for x, y in zip(src._rows, dst._rows, strict=True):
+        for x, y in zip(src.rows, dst.rows, strict=True):
             if not torch.equal(x, y):
                 raise RuntimeError("bench round trip G1 -> G2 -> G1 was not bit-exact")
         for s in staging:
