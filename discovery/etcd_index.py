@@ -1,0 +1,309 @@
+"""The etcd-backed index of one node in one namespace: a publisher of this
+node's record and block locations under its lease, and a mirror of everyone's.
+
+Three tasks, each owning one stream: `_keepalive` refreshes the lease every
+TTL/3, `_flusher` writes coalesced changes in transactions of at most 128
+operations, `_watcher` feeds the mirror. When etcd is unreachable, lookups go
+on from the mirror, changes accumulate (coalesced), and when etcd is back the
+node keeps its lease if it survived, or takes a new one and republishes its
+whole state. The watch resumes at the last revision seen + 1, or re-reads the
+namespace when that revision was compacted away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import aetcd
+import aetcd.exceptions
+
+from discovery.errors import IndexUnavailable
+from discovery.mirror import IndexMirror
+from discovery.records import LookupResult, NodeRecord, Tier
+from discovery.schema import block_path, node_path
+
+log = logging.getLogger("discovery.etcd")
+
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+_ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
+_LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
+
+
+class EtcdIndex:
+    """Invariants: `state` is everything this node has published (key -> tier);
+    `pending` is what etcd may not have yet (tier, or None for a removal); every
+    change reaches `state` at once and etcd at the next flush or republish. A
+    key etcd never got (not in etcd, not in flight) is never deleted there, so
+    an add and a remove inside one flush interval cost no etcd write."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        namespace: str,
+        node: NodeRecord,
+        lease_ttl: int = 10,
+        flush_interval: float = 0.005,
+        timeout: float = 2.0,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        if lease_ttl < 2:
+            raise ValueError("lease_ttl must be at least 2 seconds")
+        self.endpoints = list(endpoints)
+        self.node = node
+        self.lease_ttl = lease_ttl
+        self.flush_interval = flush_interval
+        self.timeout = timeout
+        self.mirror = IndexMirror(namespace)
+        self.state: dict[bytes, Tier] = {}
+        self.pending: dict[bytes, Tier | None] = {}
+        self.writes = 0  # etcd put/delete operations sent (for the bench)
+        self._in_etcd: set[bytes] = set()  # keys etcd holds for us, as far as we know
+        self._inflight: dict[bytes, Tier | None] = {}
+        self._client: aetcd.Client | None = None
+        self._endpoint = 0
+        self._lease: int | None = None
+        self._up = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._session_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    @property
+    def namespace(self) -> str:
+        return self.mirror.namespace
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    # -- the interface shared with MemoryIndex ------------------------------
+    async def start(self) -> None:
+        """Connect, register, read the namespace, and start the three tasks.
+        Raises IndexUnavailable if etcd cannot be reached at all now."""
+        try:
+            await self._new_session()
+            await self._resync()
+        except _LOST as e:
+            await self._drop_client()
+            raise IndexUnavailable(f"cannot reach etcd at {self.endpoints}: {e!r}") from e
+        for fn in (self._keepalive, self._flusher, self._watcher):
+            self._tasks.append(asyncio.create_task(fn(), name=f"kvbm-index-{fn.__name__}"))
+
+    def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:
+        """Record changes now; etcd gets them at the next flush. Never blocks."""
+        for key in removes:
+            if self.state.pop(key, None) is None:
+                continue
+            if key in self._in_etcd or key in self._inflight:
+                self.pending[key] = None
+            else:
+                self.pending.pop(key, None)
+        for key, tier in adds.items():
+            tier = Tier(tier)
+            if self.state.get(key) != tier:
+                self.state[key] = tier
+                self.pending[key] = tier
+        if self.pending:
+            self._dirty.set()
+
+    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        return self.mirror.lookup(keys, self.node.node_id)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every change so far is in etcd (or raise TimeoutError)."""
+        async with asyncio.timeout(timeout):
+            while self.pending or self._inflight:
+                self._dirty.set()
+                await asyncio.sleep(self.flush_interval)
+
+    async def close(self, revoke: bool = True) -> None:
+        """Flush what can be flushed, revoke the lease (so peers forget this node
+        at once rather than after the TTL), stop the tasks."""
+        self._closing = True
+        if self._up.is_set():
+            with contextlib.suppress(TimeoutError):
+                await self.flush(timeout=self.timeout)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if revoke and self._lease is not None and self._client is not None:
+            with contextlib.suppress(*_ETCD_ERRORS):
+                await asyncio.wait_for(self._client.revoke_lease(self._lease), self.timeout)
+        await self._drop_client()
+
+    # -- sessions ----------------------------------------------------------
+    async def _connect(self) -> aetcd.Client:
+        if self._client is None:
+            host, port = self.endpoints[self._endpoint % len(self.endpoints)].rsplit(":", 1)
+            self._client = aetcd.Client(host=host, port=int(port), timeout=self.timeout)
+            await self._client.connect()
+        return self._client
+
+    def _live(self) -> aetcd.Client:
+        if self._client is None:
+            raise IndexUnavailable("no etcd connection")
+        return self._client
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._endpoint += 1  # the next connect tries the next endpoint
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _new_session(self) -> None:
+        """Keep the lease if etcd still has it; else a new lease, the node record
+        and the whole published state under it."""
+        async with self._session_lock:
+            client = await self._connect()
+            if self._lease is not None:
+                reply = await client.refresh_lease(self._lease)
+                if reply is not None and reply.TTL > 0:
+                    self._up.set()
+                    self._dirty.set()
+                    return
+            lease = await client.lease(self.lease_ttl)
+            self._lease = lease.id
+            await client.put(
+                node_path(self.namespace, self.node.node_id), self.node.encode(), lease=lease.id
+            )
+            # The old lease is gone, and with it every key etcd held for us.
+            self._in_etcd.clear()
+            self.pending = dict(self.state)
+            self._up.set()
+            self._dirty.set()
+            log.info(
+                "index session lease=%x republish=%d node=%s",
+                lease.id,
+                len(self.pending),
+                self.node.node_id,
+            )
+
+    async def _lost(self, error: BaseException) -> None:
+        if self._up.is_set():
+            log.warning("etcd unreachable; serving from the mirror error=%r", error)
+        self._up.clear()
+        await self._drop_client()
+
+    async def _reconnect(self) -> None:
+        """Until etcd answers: back off, try again."""
+        delay = 0.05
+        while not self._closing:
+            try:
+                await self._new_session()
+                log.info("etcd reachable again node=%s", self.node.node_id)
+                return
+            except _ETCD_ERRORS as e:
+                await self._drop_client()
+                log.debug("etcd still unreachable error=%r", e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # -- tasks -------------------------------------------------------------
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            if not self._up.is_set():
+                continue
+            try:
+                reply = await self._live().refresh_lease(self._lease)
+                if reply is None or reply.TTL <= 0:
+                    raise IndexUnavailable("lease expired")
+            except _LOST as e:
+                await self._lost(e)
+                await self._reconnect()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await asyncio.sleep(self.flush_interval)  # let a burst coalesce
+            if not self.pending:
+                continue
+            if not self._up.is_set():
+                await self._reconnect()
+            batch = self._inflight = self.pending
+            self.pending = {}
+            try:
+                await self._write(batch)
+                for key, tier in batch.items():
+                    if tier is None:
+                        self._in_etcd.discard(key)
+                    else:
+                        self._in_etcd.add(key)
+            except _LOST as e:
+                # Give the batch back under anything published since.
+                self.pending = {**batch, **self.pending}
+                await self._lost(e)
+                await self._reconnect()
+            finally:
+                self._inflight = {}
+
+    async def _write(self, batch: dict[bytes, Tier | None]) -> None:
+        client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
+        tx = client.transactions
+        ops = [
+            tx.delete(block_path(ns, key, me))
+            if tier is None
+            else tx.put(block_path(ns, key, me), tier.value.encode(), lease=lease)
+            for key, tier in batch.items()
+        ]
+        chunks = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
+        # A few transactions in flight at once: etcd batches them to disk together.
+        for i in range(0, len(chunks), 4):
+            await asyncio.gather(
+                *(client.transaction(compare=[], success=c, failure=[]) for c in chunks[i : i + 4])
+            )
+        self.writes += len(ops)
+
+    async def _watcher(self) -> None:
+        while True:
+            try:
+                if not self._up.is_set():
+                    await self._up.wait()
+                watch = await self._live().watch_prefix(
+                    self.mirror.prefix, start_revision=self.mirror.revision + 1
+                )
+                async for event in watch:
+                    kv = event.kv
+                    if event.kind == "PUT":
+                        self.mirror.put(kv.key, kv.value, kv.mod_revision)
+                    else:
+                        self.mirror.delete(kv.key, kv.mod_revision)
+            except aetcd.exceptions.RevisionCompactedError:
+                log.info("watch revision compacted; re-reading the namespace")
+                await self._guarded(self._resync())
+            except _LOST as e:
+                await self._lost(e)
+                await self._reconnect()
+                await self._guarded(self._catch_up())
+
+    async def _guarded(self, step) -> None:
+        try:
+            await step
+        except _LOST as e:
+            await self._lost(e)
+
+    async def _catch_up(self) -> None:
+        """After a break: resume the watch, unless etcd's history no longer
+        reaches back to the mirror's revision (a wiped or replaced cluster)."""
+        got = await self._live().get(node_path(self.namespace, self.node.node_id))
+        if got is None or got.header.revision < self.mirror.revision:
+            await self._resync()
+
+    async def _resync(self) -> None:
+        """Replace the mirror with a fresh range read of the namespace; lookups see
+        the old view until the new one is complete."""
+        result = await self._live().get_prefix(self.mirror.prefix)
+        fresh = IndexMirror(self.namespace)
+        for kv in result.kvs:
+            fresh.put(kv.key, kv.value, kv.mod_revision)
+        fresh.revision = result.header.revision
+        self.mirror.nodes, self.mirror.locations = fresh.nodes, fresh.locations
+        self.mirror.revision = fresh.revision

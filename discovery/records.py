@@ -1,0 +1,106 @@
+"""Typed values that cross the package boundary: node records, tiers, lookups.
+
+Block keys are opaque bytes here (the encoding `kvbm` gives them), so this
+package never imports `kvbm`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import msgpack
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+RECORD_VERSION = 1
+
+
+class Tier(StrEnum):
+    HOST = "host"
+    DISK = "disk"
+
+
+def check_node_id(node_id: str) -> str:
+    if not isinstance(node_id, str) or not _NODE_ID.fullmatch(node_id):
+        raise ValueError(f"node id must match {_NODE_ID.pattern}, got {node_id!r}")
+    return node_id
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What a node tells the fleet about itself, under its lease."""
+
+    node_id: str
+    address: str
+    rpc_port: int
+    nixl_agent: str = ""
+    fingerprints: tuple[int, ...] = ()
+    host_capacity_blocks: int = 0
+    disk_capacity_blocks: int = 0
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        check_node_id(self.node_id)
+        if not 0 <= self.rpc_port < 65536:
+            raise ValueError(f"rpc_port out of range: {self.rpc_port}")
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": RECORD_VERSION,
+                "node_id": self.node_id,
+                "address": self.address,
+                "rpc_port": self.rpc_port,
+                "nixl_agent": self.nixl_agent,
+                "fingerprints": list(self.fingerprints),
+                "host_capacity_blocks": self.host_capacity_blocks,
+                "disk_capacity_blocks": self.disk_capacity_blocks,
+                "version": self.version,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeRecord:
+        """Raises ValueError on anything `encode` did not produce."""
+        try:
+            d = msgpack.unpackb(data, raw=False)
+        except Exception as e:
+            raise ValueError(f"node record is not msgpack: {e}") from None
+        if not isinstance(d, dict) or d.get("v") != RECORD_VERSION:
+            raise ValueError("node record of an unknown version")
+        try:
+            return cls(
+                node_id=d["node_id"],
+                address=str(d["address"]),
+                rpc_port=int(d["rpc_port"]),
+                nixl_agent=str(d.get("nixl_agent", "")),
+                fingerprints=tuple(int(f) for f in d.get("fingerprints", ())),
+                host_capacity_blocks=int(d.get("host_capacity_blocks", 0)),
+                disk_capacity_blocks=int(d.get("disk_capacity_blocks", 0)),
+                version=str(d.get("version", "")),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"node record is missing or mistypes a field: {e}") from None
+
+
+@dataclass(frozen=True)
+class PeerRun:
+    """`length` consecutive keys from `start` that peer `node_id` holds."""
+
+    node_id: str
+    start: int
+    length: int
+    tiers: tuple[Tier, ...]
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """The keys held locally (a prefix), then runs on peers that continue it."""
+
+    local: int
+    runs: tuple[PeerRun, ...] = field(default=())
+
+    @property
+    def total(self) -> int:
+        return self.local + sum(r.length for r in self.runs)
