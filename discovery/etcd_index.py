@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 
 import aetcd
 import aetcd.exceptions
@@ -191,33 +191,46 @@ class EtcdIndex:
         self._up.clear()
         await self._drop_client()
 
+    async def _attempt(self, step: Awaitable[object]) -> bool:
+        """Run one etcd step. On a lost connection: mark etcd down, return False.
+
+        gRPC cancels the calls of a channel that another task closed; that is a
+        lost connection too, unless this task itself is being cancelled.
+        """
+        try:
+            await step
+            return True
+        except _LOST as e:
+            await self._lost(e)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            await self._lost(e)
+        return False
+
     async def _reconnect(self) -> None:
         """Until etcd answers: back off, try again."""
         delay = 0.05
-        while not self._closing:
-            try:
-                await self._new_session()
+        while not self._closing and not self._up.is_set():
+            if await self._attempt(self._new_session()):
                 log.info("etcd reachable again node=%s", self.node.node_id)
                 return
-            except _ETCD_ERRORS as e:
-                await self._drop_client()
-                log.debug("etcd still unreachable error=%r", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     # -- tasks -------------------------------------------------------------
     async def _keepalive(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            if not self._up.is_set():
-                continue
-            try:
-                reply = await self._live().refresh_lease(self._lease)
-                if reply is None or reply.TTL <= 0:
-                    raise IndexUnavailable("lease expired")
-            except _LOST as e:
-                await self._lost(e)
+            if not self._up.is_set() or not await self._attempt(self._refresh()):
                 await self._reconnect()
+
+    async def _refresh(self) -> None:
+        reply = await self._live().refresh_lease(self._lease)
+        if reply is None or reply.TTL <= 0:
+            self._lease = None  # expired: the next session takes a new one
+            raise IndexUnavailable("lease expired")
 
     async def _flusher(self) -> None:
         while True:
@@ -231,17 +244,16 @@ class EtcdIndex:
             batch = self._inflight = self.pending
             self.pending = {}
             try:
-                await self._write(batch)
-                for key, tier in batch.items():
-                    if tier is None:
-                        self._in_etcd.discard(key)
-                    else:
-                        self._in_etcd.add(key)
-            except _LOST as e:
-                # Give the batch back under anything published since.
-                self.pending = {**batch, **self.pending}
-                await self._lost(e)
-                await self._reconnect()
+                if await self._attempt(self._write(batch)):
+                    for key, tier in batch.items():
+                        if tier is None:
+                            self._in_etcd.discard(key)
+                        else:
+                            self._in_etcd.add(key)
+                else:
+                    # Give the batch back under anything published since.
+                    self.pending = {**batch, **self.pending}
+                    self._dirty.set()
             finally:
                 self._inflight = {}
 
@@ -264,31 +276,26 @@ class EtcdIndex:
 
     async def _watcher(self) -> None:
         while True:
-            try:
-                if not self._up.is_set():
-                    await self._up.wait()
-                watch = await self._live().watch_prefix(
-                    self.mirror.prefix, start_revision=self.mirror.revision + 1
-                )
-                async for event in watch:
-                    kv = event.kv
-                    if event.kind == "PUT":
-                        self.mirror.put(kv.key, kv.value, kv.mod_revision)
-                    else:
-                        self.mirror.delete(kv.key, kv.mod_revision)
-            except aetcd.exceptions.RevisionCompactedError:
-                log.info("watch revision compacted; re-reading the namespace")
-                await self._guarded(self._resync())
-            except _LOST as e:
-                await self._lost(e)
+            await self._up.wait()
+            if not await self._attempt(self._watch()):
                 await self._reconnect()
-                await self._guarded(self._catch_up())
+                await self._attempt(self._catch_up())
 
-    async def _guarded(self, step) -> None:
+    async def _watch(self) -> None:
+        """Feed the mirror from revision + 1 until the stream ends or breaks."""
         try:
-            await step
-        except _LOST as e:
-            await self._lost(e)
+            watch = await self._live().watch_prefix(
+                self.mirror.prefix, start_revision=self.mirror.revision + 1
+            )
+            async for event in watch:
+                kv = event.kv
+                if event.kind == "PUT":
+                    self.mirror.put(kv.key, kv.value, kv.mod_revision)
+                else:
+                    self.mirror.delete(kv.key, kv.mod_revision)
+        except aetcd.exceptions.RevisionCompactedError:
+            log.info("watch revision compacted; re-reading the namespace")
+            await self._resync()
 
     async def _catch_up(self) -> None:
         """After a break: resume the watch, unless etcd's history no longer

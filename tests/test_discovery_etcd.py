@@ -1,0 +1,277 @@
+"""The etcd index against a real etcd server: mirrors across nodes, leases on
+node death, namespaces, hostile entries, and etcd itself dying under a running
+cluster of node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from discovery.errors import IndexUnavailable
+from discovery.etcd_index import EtcdIndex
+from discovery.etcd_server import EtcdServer, etcd_binary
+from discovery.records import NodeRecord, Tier
+from discovery.schema import block_path
+
+NS = "ns1"
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(8, "little")
+
+
+@pytest.fixture
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+def node(endpoint: str, node_id: str, ns: str = NS, ttl: int = 10) -> EtcdIndex:
+    return EtcdIndex([endpoint], ns, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
+    """Seconds until `predicate()` held; fails the test after `timeout`."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_a_publish_reaches_every_mirror(etcd):
+    async def scenario():
+        a, b = node(etcd.endpoint, "a"), node(etcd.endpoint, "b")
+        await a.start()
+        await b.start()
+        try:
+            ks = [key(i) for i in range(300)]
+            # a publishes 300 blocks -> b's mirror sees them, lookup names a
+            a.publish({k: Tier.HOST for k in ks[:200]} | {k: Tier.DISK for k in ks[200:]})
+            await until(lambda: len(b.mirror.locations) == 300)
+            r = b.lookup(ks)
+            assert r.local == 0 and [(x.node_id, x.length) for x in r.runs] == [("a", 300)]
+            assert r.runs[0].tiers[199:201] == (Tier.HOST, Tier.DISK)
+            # a's own view: all local
+            await until(lambda: a.lookup(ks).local == 300)
+            # a drops 100 -> gone from b's mirror
+            a.publish({}, ks[:100])
+            await until(lambda: len(b.mirror.locations) == 200)
+            assert b.lookup(ks[:1]).total == 0
+        finally:
+            await a.close()
+            await b.close()
+
+    run(scenario())
+
+
+def test_an_add_and_a_remove_inside_one_flush_cost_no_write(etcd):
+    async def scenario():
+        a = node(etcd.endpoint, "a")
+        await a.start()
+        try:
+            a.publish({key(1): Tier.HOST})
+            a.publish({}, [key(1)])
+            await a.flush(timeout=5)
+            assert a.writes == 0
+            # a repeated add of the same tier is no change either
+            a.publish({key(2): Tier.HOST})
+            await a.flush(timeout=5)
+            a.publish({key(2): Tier.HOST})
+            await a.flush(timeout=5)
+            assert a.writes == 1
+        finally:
+            await a.close()
+
+    run(scenario())
+
+
+def test_namespaces_never_see_each_other(etcd):
+    async def scenario():
+        a, c = node(etcd.endpoint, "a", "model-x"), node(etcd.endpoint, "c", "model-y")
+        b = node(etcd.endpoint, "b", "model-x")
+        for n in (a, b, c):
+            await n.start()
+        try:
+            a.publish({key(1): Tier.HOST})
+            c.publish({key(1): Tier.HOST, key(2): Tier.HOST})
+            await a.flush(timeout=5)
+            await c.flush(timeout=5)
+            await until(lambda: key(1) in b.mirror.locations)
+            await asyncio.sleep(0.2)
+            assert b.mirror.holders(key(1)) == {"a": Tier.HOST}
+            assert key(2) not in b.mirror.locations
+            assert set(b.mirror.nodes) == {"a", "b"}
+        finally:
+            for n in (a, b, c):
+                await n.close()
+
+    run(scenario())
+
+
+def test_a_malformed_entry_written_by_hand_is_skipped(etcd, caplog):
+    async def scenario():
+        b = node(etcd.endpoint, "b")
+        await b.start()
+        try:
+            etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+            bad = {
+                block_path(NS, key(1), "a").decode(): "not-a-tier",
+                "/kvbm/v1/ns1/nodes/x": "garbage",
+                "/kvbm/v1/ns1/blocks/zz/a": "host",
+            }
+            for path, value in bad.items():
+                subprocess.run(
+                    [etcdctl, f"--endpoints={etcd.endpoint}", "put", path, value],
+                    check=True,
+                    capture_output=True,
+                )
+            await until(lambda: b.mirror.malformed == 3)
+            assert b.mirror.locations == {}
+            assert "x" not in b.mirror.nodes
+            # the mirror goes on working
+            a = node(etcd.endpoint, "a")
+            await a.start()
+            a.publish({key(5): Tier.DISK})
+            await until(lambda: b.lookup([key(5)]).total == 1)
+            await a.close()
+        finally:
+            await b.close()
+
+    with caplog.at_level(logging.WARNING, logger="discovery.mirror"):
+        run(scenario())
+    assert "skipping malformed index entry" in caplog.text
+
+
+def test_a_closed_node_vanishes_at_once(etcd):
+    async def scenario():
+        a, b = node(etcd.endpoint, "a"), node(etcd.endpoint, "b")
+        await a.start()
+        await b.start()
+        a.publish({key(i): Tier.HOST for i in range(50)})
+        await until(lambda: len(b.mirror.locations) == 50)
+        # a revokes its lease on close: far sooner than its 10 s TTL
+        await a.close()
+        took = await until(lambda: not b.mirror.locations and "a" not in b.mirror.nodes, 3)
+        assert took < 3
+        await b.close()
+
+    run(scenario())
+
+
+def test_unreachable_etcd_at_start_is_a_clear_error():
+    async def scenario():
+        a = EtcdIndex(["127.0.0.1:1"], NS, NodeRecord("a", "127.0.0.1", 1), timeout=1)
+        with pytest.raises(IndexUnavailable, match="cannot reach etcd"):
+            await a.start()
+
+    run(scenario())
+
+
+# -- real node processes -----------------------------------------------------
+class NodeProcess:
+    def __init__(self, endpoint: str, node_id: str, ttl: int) -> None:
+        self.node_id = node_id
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.index_node", endpoint, NS, node_id, str(ttl)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def ask(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok", f"{self.node_id} did not answer"
+
+    def dump(self, path: str) -> dict:
+        self.ask(f"dump {path}")
+        with open(path) as f:
+            return json.load(f)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def nodes():
+    started: list[NodeProcess] = []
+    yield started
+    for n in started:
+        n.stop()
+
+
+def test_a_killed_node_vanishes_from_mirrors_within_its_ttl(etcd, nodes):
+    ttl = 2
+    dead = NodeProcess(etcd.endpoint, "doomed", ttl)
+    nodes.append(dead)
+    time.sleep(0.3)  # publish for a while
+    dead.ask("churn off")
+    dead.ask("flush")
+
+    async def scenario():
+        b = node(etcd.endpoint, "b")
+        await b.start()
+        try:
+            assert "doomed" in b.mirror.nodes and b.mirror.locations
+            os.kill(dead.proc.pid, signal.SIGKILL)
+            took = await until(
+                lambda: not b.mirror.locations and not b.mirror.nodes.keys() - {"b"}, ttl + 5
+            )
+            # the lease expires ~TTL after the last refresh, which was up to TTL/3 before death
+            assert took <= ttl + 1
+        finally:
+            await b.close()
+
+    run(scenario())
+
+
+def test_etcd_killed_and_restarted_under_a_running_cluster(etcd, nodes, tmp_path):
+    for name in ("n1", "n2", "n3"):
+        nodes.append(NodeProcess(etcd.endpoint, name, ttl=10))
+    time.sleep(1.0)  # churn with etcd up
+    etcd.kill()
+    before = {n.node_id: n.dump(str(tmp_path / f"{n.node_id}-down.json")) for n in nodes}
+    time.sleep(2.0)  # churn with etcd down: changes buffer, lookups go on
+    during = {n.node_id: n.dump(str(tmp_path / f"{n.node_id}-down2.json")) for n in nodes}
+    etcd.start()
+    time.sleep(1.5)  # churn with etcd back
+    for n in nodes:
+        n.ask("churn off")
+    for n in nodes:
+        n.ask("flush")
+    time.sleep(0.5)  # the last events reach every watch
+    after = {n.node_id: n.dump(str(tmp_path / f"{n.node_id}.json")) for n in nodes}
+
+    for name in after:
+        # no node crashed, and local serving went on while etcd was down
+        assert nodes[0].proc.poll() is None
+        assert during[name]["lookups"] > before[name]["lookups"]
+        assert not during[name]["connected"]
+        assert after[name]["connected"]
+    truth: dict[str, dict[str, str]] = {}
+    for name, d in after.items():
+        for k, tier in d["state"].items():
+            truth.setdefault(k, {})[name] = tier
+    assert truth, "the churn published nothing"
+    for name, d in after.items():
+        # every mirror equals the truth, key by key
+        assert d["mirror"] == truth, f"{name}'s mirror differs from the published truth"
+        assert d["nodes"] == ["n1", "n2", "n3"]

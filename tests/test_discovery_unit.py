@@ -1,0 +1,120 @@
+"""The index's pieces without etcd: key schema, node records, the mirror's
+lookup, and the in-memory index."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from discovery.memory import MemoryIndex
+from discovery.mirror import IndexMirror
+from discovery.records import NodeRecord, PeerRun, Tier
+from discovery.schema import block_path, node_path, parse_path
+
+NS = "ns1"
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(8, "little")
+
+
+def mirror_with(holdings: dict[str, list[int]], tier: Tier = Tier.HOST) -> IndexMirror:
+    """A mirror where each node holds the listed keys."""
+    m = IndexMirror(NS)
+    for node, ks in holdings.items():
+        m.put(node_path(NS, node), NodeRecord(node, "127.0.0.1", 7000).encode())
+        for i in ks:
+            m.put(block_path(NS, key(i), node), tier.value.encode())
+    return m
+
+
+def test_paths_round_trip():
+    p = block_path(NS, b"\x00\xffkey", "node-1")
+    assert p == b"/kvbm/v1/ns1/blocks/00ff6b6579/node-1"
+    parsed = parse_path(b"/kvbm/v1/ns1/", p)
+    assert (parsed.node_id, parsed.key) == ("node-1", b"\x00\xffkey")
+    assert parse_path(b"/kvbm/v1/ns1/", node_path(NS, "node-1")).key is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"/kvbm/v1/ns1/blocks/zz/node-1",  # not hex
+        b"/kvbm/v1/ns1/blocks/00/node/extra",
+        b"/kvbm/v1/ns1/other/thing",
+        b"/kvbm/v1/ns1/nodes/../x",
+        b"/kvbm/v1/ns2/nodes/a",
+    ],
+)
+def test_foreign_paths_are_refused(path):
+    with pytest.raises(ValueError):
+        parse_path(b"/kvbm/v1/ns1/", path)
+
+
+def test_node_record_round_trip_and_garbage():
+    r = NodeRecord("n1", "10.0.0.1", 7001, "agent-n1", (1, 2), 100, 1000, "0.1.0")
+    assert NodeRecord.decode(r.encode()) == r
+    for bad in (b"", b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa1v\x09"):
+        with pytest.raises(ValueError):
+            NodeRecord.decode(bad)
+    with pytest.raises(ValueError):
+        NodeRecord("bad/id", "x", 1)
+
+
+def test_lookup_local_prefix_then_longest_runs_from_fewest_peers():
+    # keys 0..9; local holds 0-1; A holds 2-4 and 7; B holds 3-8; C holds 2
+    m = mirror_with({"local": [0, 1], "A": [2, 3, 4, 7], "B": [3, 4, 5, 6, 7, 8], "C": [2]})
+    r = m.lookup([key(i) for i in range(10)], "local")
+    assert r.local == 2
+    # from 2: A reaches 4, C only 2 -> A; from 5: B reaches 8
+    assert [(x.node_id, x.start, x.length) for x in r.runs] == [("A", 2, 3), ("B", 5, 4)]
+    assert r.total == 9
+
+
+def test_lookup_skips_peers_whose_record_is_gone():
+    m = mirror_with({"A": [0, 1, 2], "B": [0, 1]})
+    # A's node record vanished (dead node, lease expired first on the record)
+    m.delete(node_path(NS, "A"))
+    r = m.lookup([key(i) for i in range(3)], "me")
+    assert r.runs == (PeerRun("B", 0, 2, (Tier.HOST, Tier.HOST)),)
+
+
+def test_lookup_reports_each_blocks_tier():
+    m = mirror_with({"A": [0]}, Tier.DISK)
+    m.put(block_path(NS, key(1), "A"), b"host")
+    assert m.lookup([key(0), key(1)], "me").runs[0].tiers == (Tier.DISK, Tier.HOST)
+
+
+def test_delete_forgets_and_cleans_up():
+    m = mirror_with({"A": [0], "B": [0]})
+    m.delete(block_path(NS, key(0), "A"))
+    assert m.holders(key(0)) == {"B": Tier.HOST}
+    m.delete(block_path(NS, key(0), "B"))
+    assert key(0) not in m.locations
+
+
+def test_malformed_entries_are_skipped_with_a_warning(caplog):
+    m = mirror_with({"A": [0]})
+    with caplog.at_level(logging.WARNING, logger="discovery.mirror"):
+        m.put(block_path(NS, key(1), "A"), b"floppy")  # not a tier
+        m.put(node_path(NS, "B"), b"\xff\xfe")  # not a record
+        m.put(node_path(NS, "C"), NodeRecord("D", "x", 1).encode())  # another node's record
+        m.put(b"/kvbm/v1/ns1/blocks/nothex/A", b"host")
+    assert m.malformed == 4
+    assert "skipping malformed index entry" in caplog.text
+    assert set(m.nodes) == {"A"} and set(m.locations) == {key(0)}
+
+
+def test_memory_index_serves_a_single_node():
+    async def scenario():
+        idx = MemoryIndex(NS, NodeRecord("solo", "127.0.0.1", 7000))
+        await idx.start()
+        idx.publish({key(0): Tier.HOST, key(1): Tier.DISK})
+        assert idx.lookup([key(0), key(1), key(2)]).local == 2
+        idx.publish({}, [key(0)])
+        assert idx.lookup([key(0), key(1)]).local == 0
+        await idx.close()
+
+    asyncio.run(scenario())
