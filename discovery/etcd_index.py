@@ -47,7 +47,9 @@ class EtcdIndex:
         lease_ttl: int = 10,
         flush_interval: float = 0.005,
         timeout: float = 2.0,
+        watch: bool = True,
     ) -> None:
+        """`watch=False` makes a publisher without a mirror (load generators)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if lease_ttl < 2:
@@ -71,6 +73,7 @@ class EtcdIndex:
         self._session_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._watching = watch
 
     @property
     def namespace(self) -> str:
@@ -86,11 +89,13 @@ class EtcdIndex:
         Raises IndexUnavailable if etcd cannot be reached at all now."""
         try:
             await self._new_session()
-            await self._resync()
+            if self._watching:
+                await self._resync()
         except _LOST as e:
             await self._drop_client()
             raise IndexUnavailable(f"cannot reach etcd at {self.endpoints}: {e!r}") from e
-        for fn in (self._keepalive, self._flusher, self._watcher):
+        tasks = [self._keepalive, self._flusher] + ([self._watcher] if self._watching else [])
+        for fn in tasks:
             self._tasks.append(asyncio.create_task(fn(), name=f"kvbm-index-{fn.__name__}"))
 
     def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:

@@ -28,6 +28,7 @@ class IndexMirror:
         self.locations: dict[bytes, dict[str, Tier]] = {}
         self.revision = 0
         self.malformed = 0
+        self._names: dict[str, str] = {}  # one str object per node id, not per location
 
     # -- feeding -----------------------------------------------------------
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
@@ -41,7 +42,8 @@ class IndexMirror:
                     raise ValueError("node record under another node's key")
                 self.nodes[parsed.node_id] = record
             else:
-                self.locations.setdefault(parsed.key, {})[parsed.node_id] = parse_tier(value)
+                name = self._names.setdefault(parsed.node_id, parsed.node_id)
+                self.locations.setdefault(parsed.key, {})[name] = parse_tier(value)
         except ValueError as e:
             self.malformed += 1
             log.warning("skipping malformed index entry key=%r error=%s", path[:120], e)
@@ -74,26 +76,28 @@ class IndexMirror:
         holding the longest run from each point on: for a contiguous prefix
         the farthest-reaching choice needs the fewest peers. Peers whose node
         record is gone (dead, or not yet seen) are skipped."""
-        locs, nodes = self.locations, self.nodes
-        n = len(keys)
+        nodes, empty = self.nodes, {}
+        holders = [self.locations.get(k, empty) for k in keys]
+        n = len(holders)
         local = 0
-        while local < n and local_node in locs.get(keys[local], ()):
+        while local < n and local_node in holders[local]:
             local += 1
         runs: list[PeerRun] = []
         pos = local
         while pos < n:
-            best, best_len = None, 0
-            for node in locs.get(keys[pos], ()):
+            best, best_end = None, pos
+            for node in holders[pos]:
                 if node == local_node or node not in nodes:
                     continue
-                end = pos
-                while end < n and node in locs.get(keys[end], ()):
+                end = pos + 1
+                while end < n and node in holders[end]:
                     end += 1
-                if end - pos > best_len:
-                    best, best_len = node, end - pos
+                if end > best_end:
+                    best, best_end = node, end
             if best is None:
                 break
-            tiers = tuple(locs[keys[i]][best] for i in range(pos, pos + best_len))
-            runs.append(PeerRun(best, pos, best_len, tiers))
-            pos += best_len
+            runs.append(
+                PeerRun(best, pos, best_end - pos, tuple(h[best] for h in holders[pos:best_end]))
+            )
+            pos = best_end
         return LookupResult(local, tuple(runs))

@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     tiers.add_argument("--reps", type=int, default=7)
     tiers.add_argument("--dir", default=None, help="directory for the disk files (default: TMPDIR)")
 
+    index = which.add_parser("index", help="the etcd index: publish rate, lookup, lag, cleanup")
+    index.add_argument("--json", action="store_true", help="print one JSON object")
+    index.add_argument("--nodes", type=int, default=0, help="scale run with N simulated publishers")
+    index.add_argument("--lease-ttl", type=int, default=3, help="lease TTL of the nodes (s)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -41,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(reference_table() if args.reference else to_toml(from_args(args)), end="\n")
             return 0
-        if args.command == "bench" and args.bench == "tiers":
-            from kvbm.bench import tiers as tiers_mod
-
+        if args.command == "bench":
             setup_logging("warning")
-            result = tiers_mod.run(args.blocks, args.reps, args.dir)
+            if args.bench == "tiers":
+                from kvbm.bench import tiers as tiers_mod
+
+                result = tiers_mod.run(args.blocks, args.reps, args.dir)
+            else:
+                from kvbm.bench import index as index_mod
+
+                result = index_mod.run(args.nodes, args.lease_ttl)
             if args.json:
                 print(json.dumps(result))
             else:
