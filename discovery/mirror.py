@@ -8,6 +8,7 @@ is safe: every pulled block is verified by the transport anyway.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
@@ -16,19 +17,43 @@ from discovery.schema import namespace_prefix, parse_path, parse_tier
 log = logging.getLogger("discovery.mirror")
 
 
+class Holders(dict):
+    """Which nodes hold a block, and in which tier: {node_id: Tier}. Shared by
+    every block with the same holders and never changed in place (a change
+    swaps in another one), so neighbouring blocks of a prompt usually point at
+    one object: a lookup compares them by identity, and a location costs a
+    dict slot, not a dict."""
+
+    __slots__ = ("__weakref__",)
+
+
+_NOBODY = Holders()
+
+
 class IndexMirror:
-    """Invariant: `locations[key][node]` exists only while the etcd key for it
-    does (as far as the events applied so far tell); `revision` is the etcd
-    revision of the last event applied, so a watch resumes at revision + 1."""
+    """Invariant: `locations[key]` holds node `n` only while the etcd key for it
+    does (as far as the events applied so far tell), and is never empty;
+    `revision` is the etcd revision of the last event applied, so a watch
+    resumes at revision + 1."""
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
         self.prefix = namespace_prefix(namespace)
         self.nodes: dict[str, NodeRecord] = {}
-        self.locations: dict[bytes, dict[str, Tier]] = {}
+        self.locations: dict[bytes, Holders] = {}
         self.revision = 0
         self.malformed = 0
         self._names: dict[str, str] = {}  # one str object per node id, not per location
+        self._shared: weakref.WeakValueDictionary[frozenset, Holders] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _holders(self, items: dict[str, Tier]) -> Holders:
+        signature = frozenset(items.items())
+        found = self._shared.get(signature)
+        if found is None:
+            found = self._shared[signature] = Holders(items)
+        return found
 
     # -- feeding -----------------------------------------------------------
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
@@ -41,12 +66,16 @@ class IndexMirror:
                 if record.node_id != parsed.node_id:
                     raise ValueError("node record under another node's key")
                 self.nodes[parsed.node_id] = record
-            else:
-                name = self._names.setdefault(parsed.node_id, parsed.node_id)
-                self.locations.setdefault(parsed.key, {})[name] = parse_tier(value)
+                return
+            tier = parse_tier(value)
         except ValueError as e:
             self.malformed += 1
             log.warning("skipping malformed index entry key=%r error=%s", path[:120], e)
+            return
+        name = self._names.setdefault(parsed.node_id, parsed.node_id)
+        old = self.locations.get(parsed.key, _NOBODY)
+        if old.get(name) is not tier:
+            self.locations[parsed.key] = self._holders({**old, name: tier})
 
     def delete(self, path: bytes, revision: int = 0) -> None:
         self.revision = max(self.revision, revision)
@@ -57,11 +86,14 @@ class IndexMirror:
         if parsed.key is None:
             self.nodes.pop(parsed.node_id, None)
             return
-        holders = self.locations.get(parsed.key)
-        if holders is not None:
-            holders.pop(parsed.node_id, None)
-            if not holders:
-                del self.locations[parsed.key]
+        old = self.locations.get(parsed.key)
+        if old is None or parsed.node_id not in old:
+            return
+        rest = {n: t for n, t in old.items() if n != parsed.node_id}
+        if rest:
+            self.locations[parsed.key] = self._holders(rest)
+        else:
+            del self.locations[parsed.key]
 
     def clear(self) -> None:
         self.nodes.clear()
@@ -69,35 +101,54 @@ class IndexMirror:
 
     # -- reading -----------------------------------------------------------
     def holders(self, key: bytes) -> dict[str, Tier]:
-        return self.locations.get(key, {})
+        return dict(self.locations.get(key, _NOBODY))
 
     def lookup(self, keys: Sequence[bytes], local_node: str) -> LookupResult:
         """The prefix of `keys` the local node holds, then, greedily, the peer
         holding the longest run from each point on: for a contiguous prefix
         the farthest-reaching choice needs the fewest peers. Peers whose node
-        record is gone (dead, or not yet seen) are skipped."""
-        nodes, empty = self.nodes, {}
-        holders = [self.locations.get(k, empty) for k in keys]
-        n = len(holders)
-        local = 0
-        while local < n and local_node in holders[local]:
-            local += 1
-        runs: list[PeerRun] = []
-        pos = local
-        while pos < n:
-            best, best_end = None, pos
-            for node in holders[pos]:
+        record is gone (dead, or not yet seen) are skipped.
+
+        Works on groups of consecutive keys sharing one Holders object, so a
+        prompt whose blocks sit on the same nodes costs one dict probe per key
+        (in C) and a few Python steps in all.
+        """
+        found = list(map(self.locations.get, keys))
+        # groups: (start, holders) where the holders object changes
+        starts, groups = [], []
+        last = _NOBODY
+        for i, h in enumerate(found):
+            if h is None:
+                break
+            if h is not last:
+                starts.append(i)
+                groups.append(h)
+                last = h
+        else:
+            i = len(found)
+        starts.append(i)  # end of the held stretch
+        g, ng = 0, len(groups)
+        while g < ng and local_node in groups[g]:
+            g += 1
+        local = starts[g]
+        nodes, runs = self.nodes, []
+        while g < ng:
+            best, best_end = None, g
+            for node in groups[g]:
                 if node == local_node or node not in nodes:
                     continue
-                end = pos + 1
-                while end < n and node in holders[end]:
+                end = g + 1
+                while end < ng and node in groups[end]:
                     end += 1
                 if end > best_end:
                     best, best_end = node, end
             if best is None:
                 break
-            runs.append(
-                PeerRun(best, pos, best_end - pos, tuple(h[best] for h in holders[pos:best_end]))
+            tiers = tuple(
+                groups[j][best]
+                for j in range(g, best_end)
+                for _ in range(starts[j + 1] - starts[j])
             )
-            pos = best_end
+            runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tiers))
+            g = best_end
         return LookupResult(local, tuple(runs))

@@ -118,3 +118,20 @@ def test_memory_index_serves_a_single_node():
         await idx.close()
 
     asyncio.run(scenario())
+
+
+def test_blocks_with_the_same_holders_share_one_object():
+    m = mirror_with({"A": list(range(100)), "B": list(range(50, 100))})
+    # 0..49 held by A alone, 50..99 by A and B: two shared holder sets in all
+    assert len({id(h) for h in m.locations.values()}) == 2
+    m.delete(block_path(NS, key(60), "B"))
+    assert m.locations[key(60)] is m.locations[key(0)]
+    assert m.holders(key(61)) == {"A": Tier.HOST, "B": Tier.HOST}
+
+
+def test_lookup_handles_groups_that_change_tier_mid_run():
+    m = mirror_with({"A": [0, 1, 2, 3]})
+    m.put(block_path(NS, key(2), "A"), b"disk")
+    r = m.lookup([key(i) for i in range(5)], "me")
+    assert [(x.node_id, x.start, x.length) for x in r.runs] == [("A", 0, 4)]
+    assert r.runs[0].tiers == (Tier.HOST, Tier.HOST, Tier.DISK, Tier.HOST)
