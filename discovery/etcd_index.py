@@ -74,6 +74,7 @@ class EtcdIndex:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self._watching = watch
+        self._cluster_id: int | None = None
 
     @property
     def namespace(self) -> str:
@@ -94,9 +95,13 @@ class EtcdIndex:
         except _LOST as e:
             await self._drop_client()
             raise IndexUnavailable(f"cannot reach etcd at {self.endpoints}: {e!r}") from e
+        except BaseException:
+            await self._drop_client()
+            raise
         tasks = [self._keepalive, self._flusher] + ([self._watcher] if self._watching else [])
         for fn in tasks:
-            self._tasks.append(asyncio.create_task(fn(), name=f"kvbm-index-{fn.__name__}"))
+            name = f"kvbm-index-{fn.__name__.strip('_')}"
+            self._tasks.append(asyncio.create_task(self._supervised(fn), name=name))
 
     def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:
         """Record changes now; etcd gets them at the next flush. Never blocks."""
@@ -146,7 +151,13 @@ class EtcdIndex:
     async def _connect(self) -> aetcd.Client:
         if self._client is None:
             host, port = self.endpoints[self._endpoint % len(self.endpoints)].rsplit(":", 1)
-            self._client = aetcd.Client(host=host, port=int(port), timeout=self.timeout)
+            self._client = aetcd.Client(
+                host=host,
+                port=int(port),
+                timeout=self.timeout,
+                # A namespace's range read or a watch backlog can exceed gRPC's 4 MiB.
+                options={"grpc.max_receive_message_length": -1},
+            )
             await self._client.connect()
         return self._client
 
@@ -155,7 +166,11 @@ class EtcdIndex:
             raise IndexUnavailable("no etcd connection")
         return self._client
 
-    async def _drop_client(self) -> None:
+    async def _drop_client(self, failed: aetcd.Client | None = None) -> None:
+        """Close the client (only if it is still `failed`, when given: a task that
+        reports a loss late must not drop the connection another just made)."""
+        if failed is not None and failed is not self._client:
+            return
         client, self._client = self._client, None
         self._endpoint += 1  # the next connect tries the next endpoint
         if client is not None:
@@ -174,10 +189,12 @@ class EtcdIndex:
                     self._dirty.set()
                     return
             lease = await client.lease(self.lease_ttl)
-            self._lease = lease.id
+            # The lease counts as ours only once the record is under it: a
+            # session that fails here is retried whole, never half kept.
             await client.put(
                 node_path(self.namespace, self.node.node_id), self.node.encode(), lease=lease.id
             )
+            self._lease = lease.id
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
             self.pending = dict(self.state)
@@ -190,11 +207,11 @@ class EtcdIndex:
                 self.node.node_id,
             )
 
-    async def _lost(self, error: BaseException) -> None:
+    async def _lost(self, error: BaseException, client: aetcd.Client | None = None) -> None:
         if self._up.is_set():
             log.warning("etcd unreachable; serving from the mirror error=%r", error)
         self._up.clear()
-        await self._drop_client()
+        await self._drop_client(client)
 
     async def _attempt(self, step: Awaitable[object]) -> bool:
         """Run one etcd step. On a lost connection: mark etcd down, return False.
@@ -202,16 +219,21 @@ class EtcdIndex:
         gRPC cancels the calls of a channel that another task closed; that is a
         lost connection too, unless this task itself is being cancelled.
         """
+        client = self._client
         try:
             await step
             return True
         except _LOST as e:
-            await self._lost(e)
+            await self._lost(e, client)
         except asyncio.CancelledError as e:
             task = asyncio.current_task()
             if task is None or task.cancelling():
                 raise
-            await self._lost(e)
+            await self._lost(e, client)
+        except Exception as e:
+            # Not a known etcd failure: say so loudly, then recover the same way.
+            log.exception("index step failed unexpectedly")
+            await self._lost(e, client)
         return False
 
     async def _reconnect(self) -> None:
@@ -225,6 +247,21 @@ class EtcdIndex:
             delay = min(delay * 2, 1.0)
 
     # -- tasks -------------------------------------------------------------
+    async def _supervised(self, fn) -> None:
+        """A task never dies silently: on an unexpected error it logs and restarts."""
+        while True:
+            try:
+                await fn()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("index task failed; restarting task=%s", fn.__name__)
+                if self._inflight:  # a batch the flusher had taken goes back
+                    self._retry(self._inflight)
+                    self._inflight = {}
+                await asyncio.sleep(0.5)
+
     async def _keepalive(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
@@ -256,11 +293,19 @@ class EtcdIndex:
                         else:
                             self._in_etcd.add(key)
                 else:
-                    # Give the batch back under anything published since.
-                    self.pending = {**batch, **self.pending}
-                    self._dirty.set()
+                    self._retry(batch)
             finally:
                 self._inflight = {}
+
+    def _retry(self, batch: dict[bytes, Tier | None]) -> None:
+        """A failed write may have committed in part: every add in it may be in
+        etcd now, and each key goes back to pending as it stands *now* (a later
+        change, or a new lease's republish, must not be undone by old values)."""
+        self._in_etcd.update(k for k, tier in batch.items() if tier is not None)
+        for key in batch:
+            if key not in self.pending:
+                self.pending[key] = self.state.get(key)
+        self._dirty.set()
 
     async def _write(self, batch: dict[bytes, Tier | None]) -> None:
         client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
@@ -280,17 +325,26 @@ class EtcdIndex:
         self.writes += len(ops)
 
     async def _watcher(self) -> None:
+        first = True
         while True:
             await self._up.wait()
-            if not await self._attempt(self._watch()):
-                await self._reconnect()
-                await self._attempt(self._catch_up())
+            # After any break: is etcd's history still ours? (wiped, replaced)
+            if (first or await self._attempt(self._catch_up())) and await self._attempt(
+                self._watch()
+            ):
+                first = False
+                continue
+            first = False
+            await self._reconnect()
 
     async def _watch(self) -> None:
-        """Feed the mirror from revision + 1 until the stream ends or breaks."""
+        """Feed the mirror until the stream ends or breaks. It starts *at* the
+        mirror's revision, not after it: replaying one revision changes nothing,
+        and etcd 3.5.1 drops deletes of a revision compacted exactly at it
+        without reporting the compaction (etcd issue 18089)."""
         try:
             watch = await self._live().watch_prefix(
-                self.mirror.prefix, start_revision=self.mirror.revision + 1
+                self.mirror.prefix, start_revision=max(1, self.mirror.revision)
             )
             async for event in watch:
                 kv = event.kv
@@ -306,7 +360,12 @@ class EtcdIndex:
         """After a break: resume the watch, unless etcd's history no longer
         reaches back to the mirror's revision (a wiped or replaced cluster)."""
         got = await self._live().get(node_path(self.namespace, self.node.node_id))
-        if got is None or got.header.revision < self.mirror.revision:
+        header = got.header if got is not None else None
+        if (
+            header is None
+            or header.revision < self.mirror.revision
+            or header.cluster_id != self._cluster_id
+        ):
             await self._resync()
 
     async def _resync(self) -> None:
@@ -317,5 +376,5 @@ class EtcdIndex:
         for kv in result.kvs:
             fresh.put(kv.key, kv.value, kv.mod_revision)
         fresh.revision = result.header.revision
-        self.mirror.nodes, self.mirror.locations = fresh.nodes, fresh.locations
-        self.mirror.revision = fresh.revision
+        self.mirror.adopt(fresh)
+        self._cluster_id = result.header.cluster_id

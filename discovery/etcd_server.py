@@ -87,6 +87,13 @@ class EtcdServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def wipe(self) -> None:
+        """Delete the member's data (while stopped): it comes back as a new cluster."""
+        if self.proc and self.proc.poll() is None:
+            raise RuntimeError("stop or kill etcd before wiping it")
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        os.makedirs(self.data_dir, exist_ok=True)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

@@ -68,7 +68,7 @@ class IndexMirror:
                 self.nodes[parsed.node_id] = record
                 return
             tier = parse_tier(value)
-        except ValueError as e:
+        except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
             log.warning("skipping malformed index entry key=%r error=%s", path[:120], e)
             return
@@ -94,6 +94,14 @@ class IndexMirror:
             self.locations[parsed.key] = self._holders(rest)
         else:
             del self.locations[parsed.key]
+
+    def adopt(self, fresh: IndexMirror) -> None:
+        """Take over another mirror's content in one step (a resync), so lookups
+        see the old view or the new one, never a half-built one."""
+        self.nodes, self.locations = fresh.nodes, fresh.locations
+        self._names, self._shared = fresh._names, fresh._shared
+        self.revision = fresh.revision
+        self.malformed += fresh.malformed
 
     def clear(self) -> None:
         self.nodes.clear()

@@ -80,8 +80,8 @@ class NodeRecord:
                 disk_capacity_blocks=int(d.get("disk_capacity_blocks", 0)),
                 version=str(d.get("version", "")),
             )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"node record is missing or mistypes a field: {e}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"node record is missing or mistypes a field: {e!r}") from None
 
 
 @dataclass(frozen=True)
