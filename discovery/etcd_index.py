@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import aetcd
 import aetcd.exceptions
@@ -247,7 +247,7 @@ class EtcdIndex:
             delay = min(delay * 2, 1.0)
 
     # -- tasks -------------------------------------------------------------
-    async def _supervised(self, fn) -> None:
+    async def _supervised(self, fn: Callable[[], Awaitable[None]]) -> None:
         """A task never dies silently: on an unexpected error it logs and restarts."""
         while True:
             try:

@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -244,7 +245,7 @@ class DiskPool:
         head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(kb)) + kb
         return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
 
-    def _parse_header(self, page) -> tuple[BlockKey, int] | None:
+    def _parse_header(self, page: bytes | memoryview | mmap.mmap) -> tuple[BlockKey, int] | None:
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
         if magic != SLOT_MAGIC or version != VERSION or data_len != self.geometry.block_bytes:
             return None
@@ -352,7 +353,13 @@ class DiskPool:
             return [None] * len(piece)
         return [checksum(host.block_view(it.dst)) == it.checksum for it in piece]
 
-    def _run_pieces(self, fn, items: list, slots: list[int], host: HostPool):
+    def _run_pieces(
+        self,
+        fn: Callable[[int, list, HostPool], list],
+        items: list,
+        slots: list[int],
+        host: HostPool,
+    ) -> Iterator[tuple[list[int], list]]:
         """Run `fn(first_slot, piece_items, host)` for every piece on the I/O threads
         and yield (item indices, result) once *every* piece has finished: a caller
         may free or reuse slots only when no piece still touches them. A piece

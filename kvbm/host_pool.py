@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 
+import numpy as np
+
 from kvbm.hashing import checksum
 from kvbm.layout import ArenaBlocks, ModelGeometry
 from kvbm.shm_arena import SharedArena
@@ -45,7 +47,7 @@ class HostPool:
     def num_slots(self) -> int:
         return self.table.num_slots
 
-    def slot_buffer(self, slot: int):
+    def slot_buffer(self, slot: int) -> np.ndarray:
         """The whole page-aligned slot (block bytes + padding): what disk I/O moves."""
         stride = self.geometry.slot_bytes
         return self.arena.array[slot * stride : (slot + 1) * stride]

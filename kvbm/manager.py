@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -393,7 +393,7 @@ class BlockManager:
                 self.host.table.release(v.slot)
         self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
 
-    def _disk_io(self, call, items: list, failed: object) -> list:
+    def _disk_io(self, call: Callable[[list, HostPool], list], items: list, failed: object) -> list:
         """A disk read or write whose every item fails on any error, so the slots
         it holds are always settled afterwards: the node serves on, the block
         is a miss. (The pool turns OSErrors into per-piece failures itself.)"""

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import tracemalloc
+from multiprocessing.connection import Connection
 
 from discovery.etcd_index import EtcdIndex
 from discovery.etcd_server import EtcdServer
@@ -108,7 +109,7 @@ async def mirror_lag(endpoint: str, ttl: int, rate: int = 1000, seconds: float =
         await b.close()
 
 
-def _doomed_node(endpoint: str, ttl: int, ready) -> None:
+def _doomed_node(endpoint: str, ttl: int, ready: Connection) -> None:
     """Child process: a node that publishes 1,000 locations, then is killed."""
 
     async def run() -> None:

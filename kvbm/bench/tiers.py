@@ -123,7 +123,7 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         mgr.close()
 
 
-def _region(host: HostPool, slots: list[int]):
+def _region(host: HostPool, slots: list[int]) -> np.ndarray:
     """The arena bytes of consecutive slots, as one buffer."""
     if slots != list(range(slots[0], slots[0] + len(slots))):
         raise RuntimeError("bench expects consecutive slots")
