@@ -1,0 +1,115 @@
+"""The node's NIXL agent: one per node, UCX with the progress thread off (it
+costs 2-3x on small machines; polling a transfer drives it), the host arena
+registered once as DRAM, and batched READs polled to completion under a
+deadline. NIXL types never leave this module: callers pass addresses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from transport.errors import TransportError
+
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent's start at INFO
+
+try:  # the `nixl` meta package where installed, else NIXL's CPU/CUDA 12 build itself
+    from nixl._api import nixl_agent, nixl_agent_config
+except ImportError:
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+
+class NixlAgent:
+    """Owns the NIXL agent and the arena's registration; `close()` is safe twice.
+
+    Invariant: a transfer handle never outlives the `read` that made it, so a
+    peer that dies mid-transfer costs one timeout, never a leaked handle.
+    """
+
+    def __init__(self, name: str, arena_addr: int, arena_size: int, backend: str = "UCX") -> None:
+        if arena_size <= 0:
+            raise ValueError("arena_size must be positive")
+        self.name = name
+        self.backend = backend
+        self.arena = (arena_addr, arena_size)
+        try:
+            config = nixl_agent_config(enable_prog_thread=False, backends=[backend])
+            self._agent: Any = nixl_agent(name, config)
+            self._reg = self._agent.register_memory([(arena_addr, arena_size, 0, "")], "DRAM")
+        except Exception as e:
+            raise TransportError(f"cannot start NIXL agent {name!r} ({backend}): {e}") from e
+        self._peers: set[str] = set()
+
+    @property
+    def metadata(self) -> bytes:
+        """What a peer needs to read from this node (sent in the RPC hello)."""
+        return self._agent.get_agent_metadata()
+
+    def progress(self) -> None:
+        """Drive this agent's transports once. With the progress thread off, a
+        node serving reads must call this often (its RPC server's loop does):
+        a peer's first READ needs this side to complete the connection."""
+        self._agent.get_new_notifs()
+
+    def add_peer(self, metadata: bytes) -> str:
+        try:
+            name = self._agent.add_remote_agent(metadata)
+        except Exception as e:
+            raise TransportError(f"bad NIXL metadata from a peer: {e}") from e
+        name = name.decode() if isinstance(name, bytes) else name
+        self._peers.add(name)
+        return name
+
+    def remove_peer(self, name: str) -> None:
+        if name in self._peers:
+            self._peers.discard(name)
+            self._agent.remove_remote_agent(name)
+
+    def read(self, peer: str, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool:
+        """One batched READ: row i copies `remote[i] = (addr, len)` on `peer` into
+        `local[i] = (addr, len)` here. True once every byte has landed; False on
+        any error or when `timeout` seconds pass (the bytes may then be partial:
+        the caller must not use them)."""
+        if peer not in self._peers:
+            raise ValueError(f"unknown peer {peer!r}")
+        if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
+            raise ValueError("local and remote must both be (n, 2) arrays of (addr, len)")
+        if not np.array_equal(local[:, 1], remote[:, 1]):
+            raise ValueError("local and remote lengths differ")
+        n = len(local)
+        if n == 0:
+            return True
+        zeros = np.zeros((n, 1), dtype=np.uint64)
+        handle = None
+        try:
+            ldesc = self._agent.get_xfer_descs(np.hstack([local.astype(np.uint64), zeros]), "DRAM")
+            rdesc = self._agent.get_xfer_descs(np.hstack([remote.astype(np.uint64), zeros]), "DRAM")
+            handle = self._agent.initialize_xfer("READ", ldesc, rdesc, peer)
+            state = self._agent.transfer(handle)
+            deadline = time.monotonic() + timeout
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    return False
+                state = self._agent.check_xfer_state(handle)
+            return state == "DONE"
+        except Exception:
+            return False
+        finally:
+            if handle is not None:
+                # A transfer to a dead peer may refuse release; the agent owns it then.
+                with contextlib.suppress(Exception):
+                    self._agent.release_xfer_handle(handle)
+
+    def close(self) -> None:
+        if self._agent is None:
+            return
+        for peer in list(self._peers):
+            self.remove_peer(peer)
+        try:
+            self._agent.deregister_memory(self._reg)
+        finally:
+            self._agent = None
