@@ -281,6 +281,45 @@ class BlockManager:
                 self.host.table.set_checksum(slot, c)
         return [taken.get(s, c) for s, c in zip(plan.slots, known, strict=True)]  # type: ignore[misc]
 
+    # -- for peers (the transport's BlockSource / BlockSink) -----------------
+    def pin_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+        """Pin the longest held prefix for a peer to read: (key, slot, checksum).
+        The caller owns the pins and releases them with `unpin`."""
+        plan = self.prepare_load(keys)
+        try:
+            sums = self.seal(plan)
+        except BaseException:
+            self.finish_load(plan)
+            raise
+        plan.done = True  # the pins now belong to the caller
+        return list(zip(plan.keys, plan.slots, sums, strict=True))
+
+    def unpin(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for slot in slots:
+                self.host.table.unpin(slot)
+
+    def commit_verified(self, plan: StorePlan, expected: Sequence[int] | None) -> list[BlockKey]:
+        """Register the filled slots whose bytes match `expected` (bytes that came
+        from a peer), free the rest. Returns the keys registered."""
+        if plan.done:
+            raise ValueError("store plan already committed")
+        plan.done = True
+        actual = self.host.checksums(plan.slots) if expected is not None else []
+        added: list[BlockKey] = []
+        with self._lock:
+            table = self.host.table
+            for i, slot in enumerate(plan.slots):
+                if expected is not None and actual[i] == expected[i]:
+                    if table.register(slot, plan.keys[i], actual[i]):
+                        added.append(plan.keys[i])
+                else:
+                    if expected is not None:
+                        self.metrics.checksum_failures.labels("peer").inc()
+                    table.abort(slot)
+        self.metrics.moved.labels("peer_to_g2").inc(len(added) * self.geometry.block_bytes)
+        return added
+
     def onboard(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
         """Copy the longest locally held prefix of `keys` into engine blocks
         `block_ids` (one per key). Returns how many leading blocks were loaded."""

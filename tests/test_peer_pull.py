@@ -1,0 +1,97 @@
+"""A pull between two nodes' real tiers over the real peer RPC and real NIXL
+(UCX): blocks from the peer's host and disk tiers arrive bit-exact, pins are
+released, and a flipped byte on the peer is caught by the checksum."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from kvbm.manager import Tier
+from kvbm.peer_tiers import ManagerTiers
+from tests.support import Engine, keys
+from transport.nixl_agent import NixlAgent
+from transport.peer_rpc import PeerClient, PeerServer, pull
+
+SECRET = b"k" * 32
+
+
+def agent_for(mgr, name: str) -> NixlAgent:
+    return NixlAgent(name, mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+
+
+def store(mgr, ks) -> None:
+    eng = Engine(len(ks))
+    assert mgr.offload(eng.kv, eng.compute(ks), ks) == len(ks)
+
+
+def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
+    a = make_manager(host_slots=8, disk_slots=32, disk_dir=tmp_path / "a")
+    b = make_manager(host_slots=16, disk_slots=0)
+    on_disk, in_host = keys(0, 4), keys(4, 4)
+    store(a, on_disk)
+    store(a, keys(100, 8))  # pushes on_disk out to G3
+    store(a, in_host)
+    wanted = on_disk + in_host
+    assert a.lookup(wanted).tiers == (Tier.DISK,) * 4 + (Tier.HOST,) * 4
+
+    async def scenario():
+        agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
+        server = PeerServer(ManagerTiers(a), agent_a, SECRET, pin_ttl=5)
+        port = await server.start("127.0.0.1", 0)
+        client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
+        try:
+            await client.connect("127.0.0.1", port)
+            arrived = await pull(client, [k.encode() for k in wanted], ManagerTiers(b))
+            assert arrived == [k.encode() for k in wanted]
+            # the peer's pins are all released once the pull returns
+            await asyncio.sleep(0.05)
+            assert server.pins == {} and sum(a.host.table.pins) == 0
+        finally:
+            await client.close()
+            await server.close()
+            agent_a.close()
+            agent_b.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    # b now holds them in G2, bit-exact
+    eng = Engine(8)
+    assert b.onboard(eng.kv, wanted, list(range(8))) == 8
+    assert all(eng.holds(k, i) for i, k in enumerate(wanted))
+
+
+def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
+    a = make_manager(host_slots=8)
+    b = make_manager(host_slots=8)
+    ks = keys(0, 3)
+    store(a, ks)
+    plan = a.prepare_load(ks)
+    a.seal(plan)  # checksums taken, as for any block that left a's G2 before
+    # then a byte of block 1 changes in a's arena
+    view = a.host.block_view(plan.slots[1])
+    view[10] = view[10] ^ 0xFF
+    a.finish_load(plan)
+
+    async def scenario():
+        agent_a, agent_b = agent_for(a, "node-a2"), agent_for(b, "node-b2")
+        server = PeerServer(ManagerTiers(a), agent_a, SECRET)
+        port = await server.start("127.0.0.1", 0)
+        client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
+        try:
+            await client.connect("127.0.0.1", port)
+            return await pull(client, [k.encode() for k in ks], ManagerTiers(b))
+        finally:
+            await client.close()
+            await server.close()
+            agent_a.close()
+            agent_b.close()
+
+    arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
+    # blocks 0 and 2 arrive; block 1 is refused, counted, never registered
+    assert arrived == [ks[0].encode(), ks[2].encode()]
+    assert b.metrics.value("kvbm_tier_checksum_failures_total", tier="peer") == 1
+    assert b.lookup(ks).num_blocks == 1
+    eng = Engine(1)
+    assert b.onboard(eng.kv, ks[:1], [0]) == 1 and eng.holds(ks[0], 0)
+    assert not torch.equal(eng.layers[0][0], torch.zeros_like(eng.layers[0][0]))

@@ -1,0 +1,52 @@
+"""What the transport needs from a node's tiers, declared here so that `kvbm`
+implements it and the transport never imports `kvbm`. Keys are the bytes of
+`BlockKey.encode()`; offsets are byte offsets into the node's host arena."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PinnedBlock:
+    key: bytes
+    offset: int
+    length: int
+    checksum: int
+
+
+class BlockSource(Protocol):
+    """The serving side."""
+
+    fingerprints: frozenset[int]
+    arena_size: int
+
+    def pin_for_peer(self, peer: str, keys: list[bytes]) -> list[PinnedBlock]:
+        """Pin the longest held prefix of `keys` in the host arena (staging disk
+        blocks first), with each block's checksum."""
+        ...
+
+    def unpin_for_peer(self, peer: str, keys: list[bytes]) -> None: ...
+
+
+@dataclass
+class Reservation:
+    """Host arena offsets reserved for blocks about to arrive: (key, offset)."""
+
+    entries: list[tuple[bytes, int]]
+    token: object = None  # the sink's own record of the reservation
+
+
+class BlockSink(Protocol):
+    """The pulling side."""
+
+    def reserve(self, keys: list[bytes]) -> Reservation:
+        """Offsets for the keys not held yet (a prefix of them, if the arena is
+        short), in order."""
+        ...
+
+    def commit(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
+        """Register the reserved blocks whose bytes match `checksums`, free the
+        rest (all of them when `checksums` is None). Returns the keys registered."""
+        ...
