@@ -95,3 +95,102 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     eng = Engine(1)
     assert b.onboard(eng.kv, ks[:1], [0]) == 1 and eng.holds(ks[0], 0)
     assert not torch.equal(eng.layers[0][0], torch.zeros_like(eng.layers[0][0]))
+
+
+class Pair:
+    """Node a serving over the peer RPC, node b's client connected to it."""
+
+    def __init__(self, a, b, **server_kw) -> None:
+        self.a, self.b, self.server_kw = a, b, server_kw
+
+    async def __aenter__(self):
+        self.agent_a = agent_for(self.a, f"a-{id(self)}")
+        self.agent_b = agent_for(self.b, f"b-{id(self)}")
+        self.server = PeerServer(ManagerTiers(self.a), self.agent_a, SECRET, **self.server_kw)
+        self.port = await self.server.start("127.0.0.1", 0)
+        self.client = PeerClient(self.agent_b, SECRET, [self.a.geometry.fingerprint])
+        await self.client.connect("127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.client.close()
+        await self.server.close()
+        self.agent_a.close()
+        self.agent_b.close()
+
+
+def test_bad_input_closes_only_that_connection(make_manager, caplog):
+    import logging
+    import os
+
+    a, b = make_manager(host_slots=8), make_manager(host_slots=8)
+    ks = keys(0, 2)
+    store(a, ks)
+
+    async def scenario():
+        async with Pair(a, b) as p:
+            for junk in (os.urandom(64), b"\xff\xff\xff\xff", b"\x00\x00\x00\x40" + b"x" * 10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", p.port)
+                writer.write(junk)
+                await writer.drain()
+                if junk.startswith(b"\x00\x00\x00\x40"):
+                    writer.write_eof()  # a truncated frame
+                # the server hangs up on this connection
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
+            # ... and goes on serving the well-behaved peer
+            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+
+    with caplog.at_level(logging.WARNING, logger="transport.rpc"):
+        arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert arrived == [k.encode() for k in ks]
+    assert "closing peer connection" in caplog.text
+
+
+def test_pins_of_a_requester_that_vanished_expire(make_manager):
+    a, b = make_manager(host_slots=8), make_manager(host_slots=8)
+    ks = keys(0, 3)
+    store(a, ks)
+
+    async def scenario():
+        async with Pair(a, b, pin_ttl=0.4, max_pins_per_peer=2) as p:
+            # a pin, never unpinned (the requester "dies"); the cap allows two
+            reply = await p.client.call("pin", {"keys": [k.encode() for k in ks]}, 5)
+            assert len(reply["blocks"]) == 2
+            assert sum(a.host.table.pins) == 2
+            await asyncio.sleep(1.0)
+            # expired: released, the blocks evictable again
+            assert p.server.pins == {} and sum(a.host.table.pins) == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    a.host.table.check()
+
+
+def test_a_peer_without_the_secret_or_the_layout_is_refused(make_manager):
+    from kvbm.layout import ModelGeometry
+    from transport.errors import TransportError
+
+    a, b = make_manager(host_slots=8), make_manager(host_slots=8)
+
+    async def scenario():
+        agent_a, agent_b = agent_for(a, "a-refuse"), agent_for(b, "b-refuse")
+        server = PeerServer(ManagerTiers(a), agent_a, SECRET)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            wrong_key = PeerClient(agent_b, b"w" * 32, [a.geometry.fingerprint])
+            other = ModelGeometry(num_layers=9, num_kv_heads=2, head_dim=16, block_size=32)
+            wrong_layout = PeerClient(agent_b, SECRET, [other.fingerprint])
+            for client in (wrong_key, wrong_layout):
+                try:
+                    await client.connect("127.0.0.1", port, timeout=5)
+                    raise AssertionError("a refused peer got through")
+                except (TransportError, asyncio.IncompleteReadError, ConnectionError):
+                    pass
+                finally:
+                    await client.close()
+        finally:
+            await server.close()
+            agent_a.close()
+            agent_b.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
