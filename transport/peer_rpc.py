@@ -170,9 +170,13 @@ class PeerClient:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
-    async def connect(self, host: str, port: int, timeout: float = 5.0) -> None:
+    async def connect(
+        self, host: str, port: int, timeout: float = 5.0, local_host: str | None = None
+    ) -> None:
+        """Connect and say hello; `local_host` binds this side (a node's own address)."""
+        local = (local_host, 0) if local_host else None
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port), timeout
+            asyncio.open_connection(host, port, local_addr=local), timeout
         )
         reply = await self.call(
             "hello", {"nixl": self.agent.metadata, "fingerprints": self.fingerprints}, timeout
@@ -185,9 +189,12 @@ class PeerClient:
             raise TransportError("not connected")
         async with self._lock:
             msg_id = next(self._ids)
-            self._writer.write(self.codec.encode(Message(name, msg_id, body)))
-            await self._writer.drain()
-            reply = await asyncio.wait_for(self.codec.read(self._reader), timeout)
+            try:
+                self._writer.write(self.codec.encode(Message(name, msg_id, body)))
+                await self._writer.drain()
+                reply = await asyncio.wait_for(self.codec.read(self._reader), timeout)
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                raise TransportError(f"peer closed the connection during {name}") from e
         if reply.id != msg_id or reply.call != "ok":
             raise TransportError(f"peer refused {name}: {reply.body}")
         return reply.body
