@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--nodes", type=int, default=0, help="scale run with N simulated publishers")
     index.add_argument("--lease-ttl", type=int, default=3, help="lease TTL of the nodes (s)")
 
+    which.add_parser("transport", help="pulls between two node processes over NIXL").add_argument(
+        "--json", action="store_true", help="print one JSON object"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -52,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import tiers as tiers_mod
 
                 result = tiers_mod.run(args.blocks, args.reps, args.dir)
-            else:
+            elif args.bench == "index":
                 from kvbm.bench import index as index_mod
 
                 result = index_mod.run(args.nodes, args.lease_ttl)
+            else:
+                from kvbm.bench import transport as transport_mod
+
+                result = transport_mod.run()
             if args.json:
                 print(json.dumps(result))
             else:

@@ -1,0 +1,228 @@
+"""`kvbm bench transport`: pulls between two node processes on 127.0.0.2 (the
+peer, serving) and 127.0.0.3 (this process), over the peer RPC and NIXL (UCX),
+beside memcpy, a plain TCP socket between two processes, and raw O_DIRECT
+reads on the same file system."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import multiprocessing
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+
+from kvbm.admission import FrequencyFilter
+from kvbm.bench.reference import Memcpy, RawDiskIO, gbps
+from kvbm.bench.tiers import BENCH_GEOMETRY
+from kvbm.block_key import BlockKey, KeySpace
+from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
+from kvbm.host_pool import HostPool
+from kvbm.layout import EngineKV
+from kvbm.manager import BlockManager, Tier
+from kvbm.peer_tiers import ManagerTiers
+from transport.nixl_agent import NixlAgent
+from transport.peer_rpc import PeerClient, PeerServer, pull
+
+SECRET = os.urandom(32)
+PEER, LOCAL = "127.0.0.2", "127.0.0.3"
+BATCH = 64
+HOST_BLOCKS = 4 * BATCH + 256  # four 64-block pulls and one 256-block pull
+DISK_BLOCKS = 3 * BATCH
+SINGLE = 100
+
+
+def space() -> KeySpace:
+    return KeySpace("bench", BENCH_GEOMETRY.fingerprint)
+
+
+def _peer(directory: str, secret: bytes, conn: Connection) -> None:
+    """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS in host."""
+
+    async def serve() -> None:
+        g = BENCH_GEOMETRY
+        mgr = BlockManager(
+            g,
+            # exactly the host set: storing it drains the (older) disk set to G3
+            HostPool(g, (HOST_BLOCKS + SINGLE) * g.slot_bytes),
+            # room for what staging drains too, so no disk-only block is pushed out
+            DiskPool(g, directory, PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes)),
+            FrequencyFilter(1),
+        )
+        kv = EngineKV(g, [torch.randn(64, *g.layer_shape) for _ in range(g.num_layers)])
+        ks = space()
+
+        def put(keys: list[BlockKey]) -> None:
+            for i in range(0, len(keys), 64):
+                chunk = keys[i : i + 64]
+                mgr.offload(kv, list(range(len(chunk))), chunk)
+
+        put(ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS))))  # drained to disk below
+        put(ks.keys(list(range(HOST_BLOCKS + SINGLE))))
+        agent = NixlAgent("bench-peer", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+        server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
+        port = await server.start(PEER, 0)
+        disk_keys = ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS)))
+        conn.send((port, sum(t == Tier.DISK for t in mgr.lookup(disk_keys).tiers)))
+        while not await asyncio.to_thread(conn.poll, 0.2):
+            pass
+        await server.close()
+        agent.close()
+        mgr.close()
+
+    asyncio.run(serve())
+
+
+def _tcp_sender(nbytes: int, port: int) -> None:
+    data = os.urandom(4 << 20)
+    with socket.create_connection((LOCAL, port)) as s:
+        sent = 0
+        while sent < nbytes:
+            s.sendall(data[: min(len(data), nbytes - sent)])
+            sent += min(len(data), nbytes - sent)
+
+
+def tcp_socket_gbps(nbytes: int) -> float:
+    """A plain TCP socket between two processes, loopback, 4 MiB sends."""
+    with socket.socket() as srv:
+        srv.bind((LOCAL, 0))
+        srv.listen(1)
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_tcp_sender, args=(nbytes, srv.getsockname()[1])
+        )
+        proc.start()
+        conn, _ = srv.accept()
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        got = 0
+        t0 = time.perf_counter()
+        with conn:
+            while got < nbytes:
+                n = conn.recv_into(view)
+                if not n:
+                    break
+                got += n
+        seconds = time.perf_counter() - t0
+        proc.join(30)
+    return gbps(got, seconds)
+
+
+def _forget(mgr: BlockManager, keys: list[BlockKey]) -> None:
+    """Drop local copies, so the next pull moves the bytes again (bench only)."""
+    with mgr._lock:
+        for k in keys:
+            mgr.host.table.drop(k)
+
+
+def run() -> dict:
+    g = BENCH_GEOMETRY
+    out: dict = {
+        "bench": "transport",
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": os.cpu_count()},
+        "block_bytes": g.block_bytes,
+        "peer": PEER,
+        "local": LOCAL,
+    }
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="kvbm-bench-transport-") as d:
+        parent, child = ctx.Pipe()
+        peer = ctx.Process(target=_peer, args=(d, SECRET, child))
+        peer.start()
+        mgr = BlockManager(g, HostPool(g, (HOST_BLOCKS + DISK_BLOCKS + SINGLE + 8) * g.slot_bytes))
+        agent = NixlAgent("bench-local", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+        try:
+            if not parent.poll(300):
+                raise RuntimeError("the peer node never started")
+            port, on_disk = parent.recv()
+            if on_disk != DISK_BLOCKS:
+                raise RuntimeError(f"the peer has {on_disk} of {DISK_BLOCKS} blocks on disk")
+            out.update(asyncio.run(_pulls(mgr, agent, port)))
+        finally:
+            parent.send("stop")
+            peer.join(30)
+            if peer.is_alive():
+                peer.kill()
+            agent.close()
+            mgr.close()
+        nbytes = BATCH * g.block_bytes
+        out["memcpy_gbps"] = gbps(nbytes, statistics.median(_times(Memcpy(nbytes), 5)))
+        out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
+        out["disk_read_gbps"] = _raw_disk_read(d, nbytes)
+    out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
+    out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
+    out["peer_disk_vs_disk"] = round(out["peer_disk_pull_gbps"] / out["disk_read_gbps"], 3)
+    return out
+
+
+def _times(fn: Callable[[], object], reps: int) -> list[float]:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def _raw_disk_read(directory: str, nbytes: int) -> float:
+    path = os.path.join(directory, "raw-reference.bin")
+    buf = np.frombuffer(os.urandom(nbytes), dtype=np.uint8).copy()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
+    try:
+        import mmap
+
+        aligned = np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+        aligned[:] = buf
+        raw = RawDiskIO(fd, 0, aligned, aligned, IO_PIECE_BYTES)
+        raw.write()
+        return gbps(nbytes, statistics.median(_times(raw.read, 5)))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
+    g, ks, tiers = BENCH_GEOMETRY, space(), ManagerTiers(mgr)
+    client = PeerClient(agent, SECRET, [g.fingerprint])
+    await client.connect(PEER, port, local_host=LOCAL)
+    try:
+
+        async def timed(keys: list[BlockKey]) -> float:
+            t0 = time.perf_counter()
+            got = await pull(client, [k.encode() for k in keys], tiers, timeout=60)
+            seconds = time.perf_counter() - t0
+            if len(got) != len(keys):
+                raise RuntimeError(f"pulled {len(got)} of {len(keys)} blocks")
+            return seconds
+
+        await timed(ks.keys([HOST_BLOCKS + SINGLE - 1]))  # first contact: connection set-up
+        host = [await timed(ks.keys(list(range(i * BATCH, (i + 1) * BATCH)))) for i in range(4)]
+        big = await timed(ks.keys(list(range(4 * BATCH, 4 * BATCH + 256))))
+        disk = [
+            await timed(ks.keys(list(range(10_000 + i * BATCH, 10_000 + (i + 1) * BATCH))))
+            for i in range(3)
+        ]
+        # single blocks the peer holds in G2 (pulled before: dropped here first)
+        single = []
+        for i in range(SINGLE - 1):
+            key = ks.keys([i])
+            _forget(mgr, key)
+            single.append(await timed(key))
+        single.sort()
+        return {
+            "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(host)),
+            "peer_host_pull_256_gbps": gbps(256 * g.block_bytes, big),
+            "peer_disk_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(disk)),
+            "single_block_pull_p50_ms": round(single[len(single) // 2] * 1e3, 3),
+            "single_block_pull_p99_ms": round(single[int(len(single) * 0.99)] * 1e3, 3),
+        }
+    finally:
+        await client.close()
