@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 
+from kvbm.host_pool import ARENA_PREFIX
 from kvbm.peer_tiers import ManagerTiers
+from kvbm.shm_arena import SharedArena
 from tests.support import Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, pull
@@ -66,3 +68,5 @@ def test_pull_between_two_node_processes_on_loopback_aliases(make_manager, tmp_p
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+        # the killed peer could not remove its arena's name: do it for it
+        SharedArena.sweep_stale(ARENA_PREFIX)
