@@ -194,3 +194,27 @@ def test_a_peer_without_the_secret_or_the_layout_is_refused(make_manager):
             agent_b.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
+    a, b = make_manager(host_slots=8), make_manager(host_slots=8)
+    ks = keys(0, 2)
+    store(a, ks)
+
+    async def scenario():
+        async with Pair(a, b) as p:
+            # a peer with the key asks for a key that is not a block key
+            rogue = PeerClient(agent_for(b, "rogue"), SECRET, [a.geometry.fingerprint])
+            await rogue.connect("127.0.0.1", p.port)
+            try:
+                await rogue.call("pin", {"keys": [b"\x01not-a-block-key"]}, 5)
+                raise AssertionError("a bad key was served")
+            except Exception as e:
+                assert "closed" in str(e) or isinstance(e, asyncio.IncompleteReadError)
+            finally:
+                await rogue.close()
+                rogue.agent.close()
+            # the server goes on serving the well-behaved peer
+            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [k.encode() for k in ks]

@@ -116,6 +116,8 @@ class PeerServer:
             log.warning("closing peer connection addr=%s reason=%s", addr, e)
         except ConnectionError:
             pass
+        except Exception as e:  # a request the tiers refused (a bad key, say): this peer only
+            log.warning("closing peer connection addr=%s reason=%r", addr, e)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -125,7 +127,11 @@ class PeerServer:
         body = msg.body
         fingerprints = body.get("fingerprints")
         metadata = body.get("nixl")
-        if not isinstance(fingerprints, list) or not isinstance(metadata, bytes):
+        if (
+            not isinstance(fingerprints, list)
+            or not all(type(f) is int for f in fingerprints)
+            or not isinstance(metadata, bytes)
+        ):
             raise ProtocolError("bad hello")
         if not set(fingerprints) & self.source.fingerprints:
             raise ProtocolError("no layout fingerprint in common: the nodes cannot share blocks")
