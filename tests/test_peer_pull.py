@@ -88,8 +88,9 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
             agent_b.close()
 
     arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
-    # blocks 0 and 2 arrive; block 1 is refused, counted, never registered
-    assert arrived == [ks[0].encode(), ks[2].encode()]
+    # block 1 is refused, counted, never registered: the usable prefix ends at it
+    assert arrived == [ks[0].encode()]
+    assert b.host.table.get(ks[1]) is None
     assert b.metrics.value("kvbm_tier_checksum_failures_total", tier="peer") == 1
     assert b.lookup(ks).num_blocks == 1
     eng = Engine(1)
@@ -218,3 +219,24 @@ def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
             return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [k.encode() for k in ks]
+
+
+def test_blocks_already_here_are_not_read_again(make_manager):
+    a, b = make_manager(host_slots=16), make_manager(host_slots=16)
+    ks = keys(0, 6)
+    store(a, ks)
+    store(b, ks[:2])  # b computed the first two itself
+
+    async def scenario():
+        async with Pair(a, b) as p:
+            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [k.encode() for k in ks]
+    # only the four b lacked crossed the wire
+    assert (
+        b.metrics.value("kvbm_transfer_bytes_total", path="peer_to_g2")
+        == 4 * b.geometry.block_bytes
+    )
+    eng = Engine(6)
+    assert b.onboard(eng.kv, ks, list(range(6))) == 6
+    assert all(eng.holds(k, i) for i, k in enumerate(ks))

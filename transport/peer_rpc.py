@@ -222,7 +222,8 @@ async def pull(
     """Copy the longest prefix of `keys` the peer holds into this node's tiers,
     in rounds of what the peer pins at once.
 
-    Returns the keys that arrived, verified. Any failure (peer gone, timeout,
+    Returns the prefix of `keys` now held here (pulled and verified, or held
+    already: those are not read again). Any failure (peer gone, timeout,
     checksum mismatch, peer evicted a block) makes those keys "not found":
     never a partial or unverified block, never a wait beyond `timeout`.
     """
@@ -240,7 +241,8 @@ async def pull(
 async def _pull_round(
     client: PeerClient, keys: list[bytes], sink: BlockSink, deadline: float
 ) -> tuple[list[bytes], int]:
-    """One pin -> READ -> verify -> unpin. Returns (keys arrived, blocks pinned)."""
+    """One pin -> READ -> verify -> unpin. Returns (the prefix of the pinned keys
+    now held here, blocks pinned)."""
     try:
         reply = await client.call("pin", {"keys": keys}, max(0.01, deadline - time.monotonic()))
         blocks = [PinnedBlock(bytes(k), int(o), int(n), int(c)) for k, o, n, c in reply["blocks"]]
@@ -248,6 +250,7 @@ async def _pull_round(
         log.info("pull failed at pin peer=%s error=%r", client.peer, e)
         return [], 0
     arrived: list[bytes] = []
+    entries: list[tuple[bytes, int]] = []
     try:
         wanted = {b.key: b for b in blocks}
         reservation = sink.reserve([b.key for b in blocks])
@@ -266,4 +269,11 @@ async def _pull_round(
         with contextlib.suppress(Exception):
             unpin = {"keys": [b.key for b in blocks]}
             await client.call("unpin", unpin, max(0.5, deadline - time.monotonic()))
-    return arrived, len(blocks)
+    # What is here now, from the front: pulled and verified, or held already.
+    landed, reserved = set(arrived), {k for k, _ in entries}
+    here = []
+    for b in blocks:
+        if b.key in reserved and b.key not in landed:
+            break
+        here.append(b.key)
+    return here, len(blocks)
