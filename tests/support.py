@@ -51,3 +51,9 @@ class Engine:
             torch.equal(layer[block_id], data)
             for layer, data in zip(self.layers, self.content(key), strict=True)
         )
+
+
+def store(mgr, ks: list[BlockKey]) -> int:
+    """Compute `ks` in a fresh engine and offload them; returns blocks added."""
+    eng = Engine(len(ks))
+    return mgr.offload(eng.kv, eng.compute(ks), ks)

@@ -15,12 +15,7 @@ from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager, Tier
-from tests.support import GEOMETRY, Engine, keys
-
-
-def store(mgr, ks) -> int:
-    eng = Engine(len(ks))
-    return mgr.offload(eng.kv, eng.compute(ks), ks)
+from tests.support import GEOMETRY, Engine, keys, store
 
 
 def push_to_disk(mgr, ks) -> None:

@@ -9,7 +9,7 @@ import xxhash
 from kvbm.block_key import KeySpace
 from kvbm.layout import ModelGeometry
 from kvbm.manager import Tier
-from tests.support import GEOMETRY, Engine, keys
+from tests.support import GEOMETRY, Engine, keys, store
 
 
 def expect_tiers(mgr, ks, *tiers: Tier) -> None:
@@ -27,11 +27,6 @@ def expect_loaded(mgr, ks, n: int | None = None) -> Engine:
     for i in range(want, len(ks)):
         assert all(bool((layer[i] == -1.0).all()) for layer in eng.layers), "engine block touched"
     return eng
-
-
-def store(mgr, ks) -> int:
-    eng = Engine(len(ks))
-    return mgr.offload(eng.kv, eng.compute(ks), ks)
 
 
 def metric(mgr, name: str, **labels: str) -> float:

@@ -10,7 +10,7 @@ import torch
 
 from kvbm.manager import Tier
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import Engine, keys
+from tests.support import Engine, keys, store
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull
 
@@ -21,18 +21,13 @@ def agent_for(mgr, name: str) -> NixlAgent:
     return NixlAgent(name, mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
 
 
-def store(mgr, ks) -> None:
-    eng = Engine(len(ks))
-    assert mgr.offload(eng.kv, eng.compute(ks), ks) == len(ks)
-
-
 def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
     a = make_manager(host_slots=8, disk_slots=32, disk_dir=tmp_path / "a")
     b = make_manager(host_slots=16, disk_slots=0)
     on_disk, in_host = keys(0, 4), keys(4, 4)
-    store(a, on_disk)
-    store(a, keys(100, 8))  # pushes on_disk out to G3
-    store(a, in_host)
+    assert store(a, on_disk) == len(on_disk)
+    assert store(a, keys(100, 8)) == len(keys(100, 8))  # pushes on_disk out to G3
+    assert store(a, in_host) == len(in_host)
     wanted = on_disk + in_host
     assert a.lookup(wanted).tiers == (Tier.DISK,) * 4 + (Tier.HOST,) * 4
 
@@ -65,7 +60,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     a = make_manager(host_slots=8)
     b = make_manager(host_slots=8)
     ks = keys(0, 3)
-    store(a, ks)
+    assert store(a, ks) == len(ks)
     plan = a.prepare_load(ks)
     a.seal(plan)  # checksums taken, as for any block that left a's G2 before
     # then a byte of block 1 changes in a's arena
@@ -126,7 +121,7 @@ def test_bad_input_closes_only_that_connection(make_manager, caplog):
 
     a, b = make_manager(host_slots=8), make_manager(host_slots=8)
     ks = keys(0, 2)
-    store(a, ks)
+    assert store(a, ks) == len(ks)
 
     async def scenario():
         async with Pair(a, b) as p:
@@ -151,7 +146,7 @@ def test_bad_input_closes_only_that_connection(make_manager, caplog):
 def test_pins_of_a_requester_that_vanished_expire(make_manager):
     a, b = make_manager(host_slots=8), make_manager(host_slots=8)
     ks = keys(0, 3)
-    store(a, ks)
+    assert store(a, ks) == len(ks)
 
     async def scenario():
         async with Pair(a, b, pin_ttl=0.4, max_pins_per_peer=2) as p:
@@ -200,7 +195,7 @@ def test_a_peer_without_the_secret_or_the_layout_is_refused(make_manager):
 def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
     a, b = make_manager(host_slots=8), make_manager(host_slots=8)
     ks = keys(0, 2)
-    store(a, ks)
+    assert store(a, ks) == len(ks)
 
     async def scenario():
         async with Pair(a, b) as p:
@@ -224,8 +219,8 @@ def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
 def test_blocks_already_here_are_not_read_again(make_manager):
     a, b = make_manager(host_slots=16), make_manager(host_slots=16)
     ks = keys(0, 6)
-    store(a, ks)
-    store(b, ks[:2])  # b computed the first two itself
+    assert store(a, ks) == len(ks)
+    assert store(b, ks[:2]) == len(ks[:2])  # b computed the first two itself
 
     async def scenario():
         async with Pair(a, b) as p:

@@ -13,14 +13,13 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.reference import Memcpy, RawDiskIO, gbps
+from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.bench.tiers import BENCH_GEOMETRY
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
@@ -153,23 +152,13 @@ def run() -> dict:
             agent.close()
             mgr.close()
         nbytes = BATCH * g.block_bytes
-        out["memcpy_gbps"] = gbps(nbytes, statistics.median(_times(Memcpy(nbytes), 5)))
+        out["memcpy_gbps"] = gbps(nbytes, interleaved({"memcpy": Memcpy(nbytes)}, 5)["memcpy"])
         out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
         out["disk_read_gbps"] = _raw_disk_read(d, nbytes)
     out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
     out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
     out["peer_disk_vs_disk"] = round(out["peer_disk_pull_gbps"] / out["disk_read_gbps"], 3)
     return out
-
-
-def _times(fn: Callable[[], object], reps: int) -> list[float]:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
 
 
 def _raw_disk_read(directory: str, nbytes: int) -> float:
@@ -183,7 +172,7 @@ def _raw_disk_read(directory: str, nbytes: int) -> float:
         aligned[:] = buf
         raw = RawDiskIO(fd, 0, aligned, aligned, IO_PIECE_BYTES)
         raw.write()
-        return gbps(nbytes, statistics.median(_times(raw.read, 5)))
+        return gbps(nbytes, interleaved({"read": raw.read}, 5)["read"])
     finally:
         os.close(fd)
         os.unlink(path)
