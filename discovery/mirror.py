@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
+from itertools import groupby
 
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
 from discovery.schema import namespace_prefix, parse_path, parse_tier
@@ -119,22 +120,17 @@ class IndexMirror:
 
         Works on groups of consecutive keys sharing one Holders object, so a
         prompt whose blocks sit on the same nodes costs one dict probe per key
-        (in C) and a few Python steps in all.
+        (in C) and a few Python steps per group.
         """
-        found = list(map(self.locations.get, keys))
-        # groups: (start, holders) where the holders object changes
-        starts, groups = [], []
-        last = _NOBODY
-        for i, h in enumerate(found):
-            if h is None:
+        # Consecutive keys with one Holders object form a group; groupby
+        # compares identity first, in C, so this loop runs once per group.
+        groups: list[Holders] = []
+        starts = [0]
+        for holders, run in groupby(map(self.locations.get, keys)):
+            if holders is None:
                 break
-            if h is not last:
-                starts.append(i)
-                groups.append(h)
-                last = h
-        else:
-            i = len(found)
-        starts.append(i)  # end of the held stretch
+            groups.append(holders)
+            starts.append(starts[-1] + len(list(run)))
         g, ng = 0, len(groups)
         while g < ng and local_node in groups[g]:
             g += 1
@@ -152,11 +148,9 @@ class IndexMirror:
                     best, best_end = node, end
             if best is None:
                 break
-            tiers = tuple(
-                groups[j][best]
-                for j in range(g, best_end)
-                for _ in range(starts[j + 1] - starts[j])
-            )
-            runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tiers))
+            tiers: list[Tier] = []
+            for j in range(g, best_end):
+                tiers += (groups[j][best],) * (starts[j + 1] - starts[j])
+            runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tuple(tiers)))
             g = best_end
         return LookupResult(local, tuple(runs))
