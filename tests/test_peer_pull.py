@@ -40,8 +40,11 @@ def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
             await client.connect("127.0.0.1", port)
             arrived = await pull(client, [k.encode() for k in wanted], ManagerTiers(b))
             assert arrived == [k.encode() for k in wanted]
-            # the peer's pins are all released once the pull returns
-            await asyncio.sleep(0.05)
+            # the peer's pins are all released (unpins go out without waiting)
+            for _ in range(200):
+                if server.pins == {} and sum(a.host.table.pins) == 0:
+                    break
+                await asyncio.sleep(0.01)
             assert server.pins == {} and sum(a.host.table.pins) == 0
         finally:
             await client.close()
@@ -91,6 +94,41 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     eng = Engine(1)
     assert b.onboard(eng.kv, ks[:1], [0]) == 1 and eng.holds(ks[0], 0)
     assert not torch.equal(eng.layers[0][0], torch.zeros_like(eng.layers[0][0]))
+
+
+def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
+    """40 blocks: more than one pin round (ROUND_BLOCKS), first with the peer's
+    cap at 8 pins (short rounds, asked again once unpinned), then with a byte
+    flipped in block 20: the pull stops there, whatever later rounds brought."""
+    from transport.peer_rpc import ROUND_BLOCKS
+
+    n = 40
+    assert n > 2 * ROUND_BLOCKS
+    a = make_manager(host_slots=n)
+    ks = keys(0, n)
+    assert store(a, ks) == n
+
+    async def pull_all(b, **server_kw):
+        async with Pair(a, b, **server_kw) as p:
+            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+
+    b = make_manager(host_slots=n)
+    assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=8), 60)) == [
+        k.encode() for k in ks
+    ]
+    eng = Engine(n)
+    assert b.onboard(eng.kv, ks, list(range(n))) == n
+    assert all(eng.holds(k, i) for i, k in enumerate(ks))
+
+    plan = a.prepare_load(ks[20:21])
+    a.seal(plan)
+    view = a.host.block_view(plan.slots[0])
+    view[3] = view[3] ^ 0x01
+    a.finish_load(plan)
+    c = make_manager(host_slots=n)
+    assert asyncio.run(asyncio.wait_for(pull_all(c), 60)) == [k.encode() for k in ks[:20]]
+    assert c.host.table.get(ks[20]) is None
+    assert c.lookup(ks).num_blocks == 20
 
 
 class Pair:

@@ -23,7 +23,7 @@ import numpy as np
 from transport.errors import ProtocolError, TransportError
 from transport.frames import FrameCodec, Message
 from transport.nixl_agent import NixlAgent
-from transport.tiers import BlockSink, BlockSource, PinnedBlock
+from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
 CALLS = ("hello", "pin", "unpin", "ok", "error")
@@ -163,7 +163,13 @@ def _keys(msg: Message) -> list[bytes]:
 
 
 class PeerClient:
-    """One connection to one peer; calls are serialised on it."""
+    """One connection to one peer. Calls are multiplexed on it by id: a pull
+    asks for its next pins while it reads the last ones, and an unpin goes out
+    without waiting for its answer.
+
+    Invariant: every call in flight has a future in `_pending`; when the
+    connection ends, each of them fails at once (no caller waits past it).
+    """
 
     def __init__(self, agent: NixlAgent, secret: bytes, fingerprints: Iterable[int]) -> None:
         self.agent = agent
@@ -172,40 +178,93 @@ class PeerClient:
         self.peer: str | None = None
         self.remote_arena = 0
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.StreamReader | None = None
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._background: set[asyncio.Task] = set()
+        self._replies: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._closed: str | None = None
 
     async def connect(
         self, host: str, port: int, timeout: float = 5.0, local_host: str | None = None
     ) -> None:
         """Connect and say hello; `local_host` binds this side (a node's own address)."""
         local = (local_host, 0) if local_host else None
-        self._reader, self._writer = await asyncio.wait_for(
+        reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=local), timeout
         )
+        self._replies = asyncio.create_task(self._read_replies(reader))
         reply = await self.call(
             "hello", {"nixl": self.agent.metadata, "fingerprints": self.fingerprints}, timeout
         )
         self.peer = self.agent.add_peer(reply["nixl"])
         self.remote_arena = int(reply["arena"])
 
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                msg = await self.codec.read(reader)
+                waiter = self._pending.pop(msg.id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self._closed = "peer closed the connection"
+        except (ProtocolError, TransportError) as e:
+            self._closed = f"bad reply from peer: {e}"
+            log.warning("closing peer connection peer=%s reason=%s", self.peer, e)
+        finally:
+            self._closed = self._closed or "connection closed"
+            for waiter in self._pending.values():
+                if not waiter.done():
+                    waiter.set_exception(TransportError(self._closed))
+            self._pending.clear()
+
     async def call(self, name: str, body: dict, timeout: float) -> dict:
-        if self._writer is None or self._reader is None:
-            raise TransportError("not connected")
-        async with self._lock:
-            msg_id = next(self._ids)
-            try:
-                self._writer.write(self.codec.encode(Message(name, msg_id, body)))
-                await self._writer.drain()
-                reply = await asyncio.wait_for(self.codec.read(self._reader), timeout)
-            except (asyncio.IncompleteReadError, ConnectionError) as e:
-                raise TransportError(f"peer closed the connection during {name}") from e
-        if reply.id != msg_id or reply.call != "ok":
+        msg_id, waiter = self._send(name, body)
+        try:
+            await asyncio.wait_for(self._writer.drain(), timeout)  # type: ignore[union-attr]
+            reply = await asyncio.wait_for(waiter, timeout)
+        except ConnectionError as e:
+            raise TransportError(f"peer closed the connection during {name}") from e
+        finally:
+            self._pending.pop(msg_id, None)
+        if reply.call != "ok":
             raise TransportError(f"peer refused {name}: {reply.body}")
         return reply.body
 
+    def call_later(self, name: str, body: dict, timeout: float) -> None:
+        """Send a call now; nobody waits for its answer (a failure is logged).
+        Calls sent after it reach the peer after it."""
+        try:
+            msg_id, waiter = self._send(name, body)
+        except TransportError as e:
+            log.info("%s not sent peer=%s error=%s", name, self.peer, e)
+            return
+
+        async def settle() -> None:
+            try:
+                reply = await asyncio.wait_for(waiter, timeout)
+                if reply.call != "ok":
+                    log.info("peer refused %s peer=%s reply=%s", name, self.peer, reply.body)
+            except (TimeoutError, TransportError) as e:
+                log.info("%s failed peer=%s error=%r", name, self.peer, e)
+            finally:
+                self._pending.pop(msg_id, None)
+
+        task = asyncio.create_task(settle())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _send(self, name: str, body: dict) -> tuple[int, asyncio.Future[Message]]:
+        if self._writer is None or self._closed:
+            raise TransportError(self._closed or "not connected")
+        msg_id = next(self._ids)
+        waiter = self._pending[msg_id] = asyncio.get_running_loop().create_future()
+        self._writer.write(self.codec.encode(Message(name, msg_id, body)))
+        return msg_id, waiter
+
     async def close(self) -> None:
+        if self._background:  # unpins in flight: let them reach the peer
+            await asyncio.wait(list(self._background), timeout=1.0)
         if self.peer is not None:
             self.agent.remove_peer(self.peer)
             self.peer = None
@@ -213,14 +272,26 @@ class PeerClient:
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
-            self._writer = None
+        if self._replies is not None:
+            self._replies.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replies
+        self._closed = self._closed or "closed"
+
+
+ROUND_BLOCKS = 16  # blocks per pin -> READ round; the next round's pin overlaps this one
+INLINE_BLOCKS = 2  # this few are verified on the event loop (no thread hop)
 
 
 async def pull(
     client: PeerClient, keys: list[bytes], sink: BlockSink, timeout: float = 5.0
 ) -> list[bytes]:
-    """Copy the longest prefix of `keys` the peer holds into this node's tiers,
-    in rounds of what the peer pins at once.
+    """Copy the longest prefix of `keys` the peer holds into this node's tiers.
+
+    Works in rounds, pipelined: while round k is read (one batched NIXL READ)
+    the peer already pins and checksums round k+1, and round k is verified in
+    a thread while round k+1 is read. Each round is unpinned as soon as its
+    bytes have landed.
 
     Returns the prefix of `keys` now held here (pulled and verified, or held
     already: those are not read again). Any failure (peer gone, timeout,
@@ -228,52 +299,88 @@ async def pull(
     never a partial or unverified block, never a wait beyond `timeout`.
     """
     deadline = time.monotonic() + timeout
-    arrived: list[bytes] = []
-    while len(arrived) < len(keys) and time.monotonic() < deadline:
-        rest = keys[len(arrived) :]
-        got, pinned = await _pull_round(client, rest, sink, deadline)
-        arrived += got
-        if not pinned or len(got) < pinned or got != rest[: len(got)]:
-            break  # the peer has no more of the prefix, or something failed
-    return arrived
+    rounds: list[tuple[list[PinnedBlock], Reservation, asyncio.Future[list[bytes]]]] = []
+    pos = 0
+    pinning: asyncio.Task | None = asyncio.create_task(_pin(client, keys[:ROUND_BLOCKS], deadline))
+    try:
+        while pinning is not None:
+            blocks = await pinning
+            pinning = None
+            if not blocks:
+                break
+            asked = min(ROUND_BLOCKS, len(keys) - pos)
+            pos += len(blocks)
+            more = pos < len(keys) and time.monotonic() < deadline
+            if more and len(blocks) == asked:  # pin the next round while this one is read
+                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], deadline))
+            reservation, ok = await _read(client, blocks, sink, deadline)
+            client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)
+            pinned = {b.key: b for b in blocks}
+            sums = [pinned[k].checksum for k, _ in reservation.entries] if ok else None
+            rounds.append((blocks, reservation, _land(sink, reservation, sums)))
+            if not ok:
+                break
+            if more and pinning is None:  # the peer pinned fewer: ask again once these are free
+                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], deadline))
+    finally:
+        if pinning is not None:  # a round pinned but never read: give its pins back
+            leftover = await pinning
+            if leftover:
+                client.call_later("unpin", {"keys": [b.key for b in leftover]}, 2.0)
+    here: list[bytes] = []
+    for blocks, reservation, landing in rounds:
+        landed, reserved = set(await landing), {k for k, _ in reservation.entries}
+        for b in blocks:
+            if b.key in reserved and b.key not in landed:
+                return here  # nothing past a failed block counts
+            here.append(b.key)
+    return here
 
 
-async def _pull_round(
-    client: PeerClient, keys: list[bytes], sink: BlockSink, deadline: float
-) -> tuple[list[bytes], int]:
-    """One pin -> READ -> verify -> unpin. Returns (the prefix of the pinned keys
-    now held here, blocks pinned)."""
+async def _pin(client: PeerClient, keys: list[bytes], deadline: float) -> list[PinnedBlock]:
+    """The peer's pins on the longest held prefix of `keys`; [] on any failure."""
     try:
         reply = await client.call("pin", {"keys": keys}, max(0.01, deadline - time.monotonic()))
         blocks = [PinnedBlock(bytes(k), int(o), int(n), int(c)) for k, o, n, c in reply["blocks"]]
     except (TimeoutError, TransportError, OSError, KeyError, TypeError, ValueError) as e:
         log.info("pull failed at pin peer=%s error=%r", client.peer, e)
-        return [], 0
-    arrived: list[bytes] = []
-    entries: list[tuple[bytes, int]] = []
-    try:
-        wanted = {b.key: b for b in blocks}
-        reservation = sink.reserve([b.key for b in blocks])
-        entries = reservation.entries
-        if entries:
-            base, peer_base = client.agent.arena[0], client.remote_arena
-            local = np.array([(base + off, wanted[k].length) for k, off in entries], np.uint64)
-            remote = np.array(
-                [(peer_base + wanted[k].offset, wanted[k].length) for k, _ in entries], np.uint64
-            )
-            left = max(0.0, deadline - time.monotonic())
-            ok = await asyncio.to_thread(client.agent.read, client.peer, local, remote, left)
-            sums = [wanted[k].checksum for k, _ in entries] if ok else None
-            arrived = sink.commit(reservation, sums)
-    finally:
-        with contextlib.suppress(Exception):
-            unpin = {"keys": [b.key for b in blocks]}
-            await client.call("unpin", unpin, max(0.5, deadline - time.monotonic()))
-    # What is here now, from the front: pulled and verified, or held already.
-    landed, reserved = set(arrived), {k for k, _ in entries}
-    here = []
-    for b in blocks:
-        if b.key in reserved and b.key not in landed:
-            break
-        here.append(b.key)
-    return here, len(blocks)
+        return []
+    if [b.key for b in blocks] != keys[: len(blocks)]:
+        log.warning("peer pinned keys it was not asked for peer=%s", client.peer)
+        client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)
+        return []
+    return blocks
+
+
+async def _read(
+    client: PeerClient, blocks: list[PinnedBlock], sink: BlockSink, deadline: float
+) -> tuple[Reservation, bool]:
+    """Reserve local slots for the blocks not held here, and READ them in."""
+    reservation = sink.reserve([b.key for b in blocks])
+    if not reservation.entries:
+        return reservation, True
+    pinned = {b.key: b for b in blocks}
+    base, peer_base = client.agent.arena[0], client.remote_arena
+    local = np.array([(base + off, pinned[k].length) for k, off in reservation.entries], np.uint64)
+    remote = np.array(
+        [(peer_base + pinned[k].offset, pinned[k].length) for k, _ in reservation.entries],
+        np.uint64,
+    )
+    left = max(0.0, deadline - time.monotonic())
+    try:  # in a thread even when small: the loop may be serving reads of its own
+        ok = await asyncio.to_thread(client.agent.read, client.peer, local, remote, left)
+    except BaseException:
+        sink.commit(reservation, None)  # frees the slots
+        raise
+    return reservation, ok
+
+
+def _land(
+    sink: BlockSink, reservation: Reservation, sums: list[int] | None
+) -> asyncio.Future[list[bytes]]:
+    """Verify and register a round's blocks (in a thread unless it is tiny)."""
+    if not reservation.entries or sums is None or len(sums) <= INLINE_BLOCKS:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(sink.commit(reservation, sums) if reservation.entries else [])
+        return done
+    return asyncio.ensure_future(asyncio.to_thread(sink.commit, reservation, sums))

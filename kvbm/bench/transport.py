@@ -49,8 +49,9 @@ def _peer(directory: str, secret: bytes, conn: Connection) -> None:
         g = BENCH_GEOMETRY
         mgr = BlockManager(
             g,
-            # exactly the host set: storing it drains the (older) disk set to G3
-            HostPool(g, (HOST_BLOCKS + SINGLE) * g.slot_bytes),
+            # the host set and a filler: storing them drains the (older) disk set
+            # to G3, and staging the disk set later pushes out only the filler
+            HostPool(g, (HOST_BLOCKS + SINGLE + DISK_BLOCKS) * g.slot_bytes),
             # room for what staging drains too, so no disk-only block is pushed out
             DiskPool(g, directory, PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes)),
             FrequencyFilter(1),
@@ -64,6 +65,7 @@ def _peer(directory: str, secret: bytes, conn: Connection) -> None:
                 mgr.offload(kv, list(range(len(chunk))), chunk)
 
         put(ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS))))  # drained to disk below
+        put(ks.keys(list(range(20_000, 20_000 + DISK_BLOCKS))))  # the filler
         put(ks.keys(list(range(HOST_BLOCKS + SINGLE))))
         agent = NixlAgent("bench-peer", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
         server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
@@ -111,13 +113,6 @@ def tcp_socket_gbps(nbytes: int) -> float:
         seconds = time.perf_counter() - t0
         proc.join(30)
     return gbps(got, seconds)
-
-
-def _forget(mgr: BlockManager, keys: list[BlockKey]) -> None:
-    """Drop local copies, so the next pull moves the bytes again (bench only)."""
-    with mgr._lock:
-        for k in keys:
-            mgr.host.table.drop(k)
 
 
 def run() -> dict:
@@ -199,12 +194,8 @@ async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
             await timed(ks.keys(list(range(10_000 + i * BATCH, 10_000 + (i + 1) * BATCH))))
             for i in range(3)
         ]
-        # single blocks the peer holds in G2 (pulled before: dropped here first)
-        single = []
-        for i in range(SINGLE - 1):
-            key = ks.keys([i])
-            _forget(mgr, key)
-            single.append(await timed(key))
+        # single blocks the peer holds in G2, never pulled before
+        single = [await timed(ks.keys([HOST_BLOCKS + i])) for i in range(SINGLE - 1)]
         single.sort()
         return {
             "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(host)),
