@@ -9,6 +9,7 @@ import sys
 from kvbm.config import add_flags, from_args, reference_table, to_toml
 from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
+from transport.errors import TransportError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(demo)
     demo.add_argument("--prompts", type=int, default=24)
     demo.add_argument("--blocks-per-prompt", type=int, default=16)
+
+    node = sub.add_parser("node", help="run the node daemon (one per machine) until SIGTERM")
+    add_flags(node)
 
     cfg = sub.add_parser("config", help="print the effective configuration")
     add_flags(cfg)
@@ -47,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
             from kvbm import demo as demo_mod
 
             return demo_mod.main(args)
+        if args.command == "node":
+            from kvbm.node import daemon
+
+            cfg = from_args(args)
+            setup_logging(cfg.log_level)
+            return daemon.run(cfg)
         if args.command == "config":
             print(reference_table() if args.reference else to_toml(from_args(args)), end="\n")
             return 0
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in result.items():
                     print(f"{k:28} {v}")
             return 0
-    except (ValueError, KvbmError, OSError) as e:
+    except (ValueError, KvbmError, TransportError, OSError) as e:
         print(f"kvbm: {e}", file=sys.stderr)
         return 2
     parser.error("unknown command")

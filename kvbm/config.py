@@ -46,6 +46,26 @@ class KvbmConfig:
         True, "Reserve the disk tier's blocks at start (off: sparse file)."
     )
     log_level: str = _opt("warning", "One of debug, info, warning, error.")
+    node_id: str = _opt("", "This node's name in the index; empty: the host name.")
+    listen: str = _opt(
+        "127.0.0.1:0",
+        "HOST:PORT of the peer RPC (port 0: any free one; peers learn it from the index).",
+    )
+    etcd: str = _opt(
+        "", "etcd endpoints, comma-separated (http://HOST:PORT); empty: in-memory index, one node."
+    )
+    socket: str = _opt("/tmp/kvbm/node.sock", "Unix socket that engines attach to.")
+    metrics_port: int = _opt(0, "Port of /metrics and /healthz on the listen host; 0: off.")
+    secret_file: str = _opt(
+        "", "File holding the peer RPC secret (or set KVBM_SECRET); see the transport section."
+    )
+    dev_insecure: bool = _opt(
+        False, "Let a node reachable beyond loopback run on the well-known dev secret."
+    )
+    lease_ttl: int = _opt(10, "Seconds the index keeps a silent node's entries.")
+    remote_tiers: str = _opt(
+        "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
+    )
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -59,10 +79,36 @@ class KvbmConfig:
             raise ValueError("disk_admit_min_uses must be at least 1")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        parse_listen(self.listen)
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+        if self.lease_ttl < 2:
+            raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
+        if not set(self.remote_tier_list) <= {"host", "disk"}:
+            raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def remote_tier_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.remote_tiers.split(",") if t.strip())
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [e.strip() for e in self.etcd.split(",") if e.strip()]
 
     @property
     def disk_enabled(self) -> bool:
         return bool(self.disk_cache_dir and self.disk_cache_mb)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KvbmConfig)}
@@ -84,6 +130,8 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a list (TOML, connector config) of a comma-separated setting
     if not isinstance(value, str):
         raise ValueError(f"{name}: expected a string, got {value!r}")
     return value

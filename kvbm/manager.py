@@ -115,6 +115,37 @@ class BlockManager:
                 "disk", lambda: disk.table.registered_count, geometry.block_bytes, disk.num_slots
             )
 
+    # -- what changed (for the index) ----------------------------------------
+    def track_changes(self) -> None:
+        """Start recording which keys enter or leave the tiers (see `take_changes`)."""
+        with self._lock:
+            for pool in (self.host, self.disk):
+                if pool is not None and pool.table.changed is None:
+                    pool.table.changed = set()
+
+    def take_changes(self) -> dict[BlockKey, Tier | None]:
+        """Where each key that changed since the last call is now: host, disk or
+        gone. What the node publishes to the index; a key that came and went in
+        between is reported once, as it is now."""
+        with self._lock:
+            host, disk = self.host.table, self.disk.table if self.disk else None
+            dirty = host.changed or set()
+            if disk is not None and disk.changed:
+                dirty |= disk.changed
+                disk.changed = set()
+            host.changed = set() if host.changed is not None else None
+            return {
+                k: Tier.HOST if k in host.index else Tier.DISK if disk and k in disk.index else None
+                for k in dirty
+            }
+
+    def held(self) -> dict[BlockKey, Tier]:
+        """Every block held, and where (host wins over disk): a full republish."""
+        with self._lock:
+            out = dict.fromkeys(self.disk.table.index, Tier.DISK) if self.disk else {}
+            out.update(dict.fromkeys(self.host.table.index, Tier.HOST))
+            return out
+
     # -- lookup ------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> PrefixMatch:
         """Longest prefix of `keys` held in G2 or G3 (no pins; it may change at once)."""

@@ -50,6 +50,12 @@ class TierMetrics:
             ["tier"],
             registry=r,
         )
+        self.engine_blocks = Counter(
+            "kvbm_engine_blocks_total",
+            "Blocks handed to engines, by source: local_host, local_disk, remote_host, remote_disk",
+            ["source"],
+            registry=r,
+        )
         self.moved = Counter(
             "kvbm_transfer_bytes_total", "Block bytes moved between tiers", ["path"], registry=r
         )

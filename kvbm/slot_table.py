@@ -52,6 +52,9 @@ class SlotTable:
         self.index: dict[BlockKey, int] = {}
         self.policy = LruPolicy()
         self._free = list(range(num_slots))  # already a heap
+        # Keys that entered or left the index since the owner last looked
+        # (None: nobody looks, so nothing is recorded).
+        self.changed: set[BlockKey] | None = None
 
     # -- queries -----------------------------------------------------------
     @property
@@ -93,6 +96,8 @@ class SlotTable:
         self.checksums[slot] = checksum
         self.index[key] = slot
         self.policy.insert(slot)
+        if self.changed is not None:
+            self.changed.add(key)
         return True
 
     def abort(self, slot: int) -> None:
@@ -134,6 +139,8 @@ class SlotTable:
             del self.index[key]
             self.state[s] = SlotState.DRAINING
             out.append(Victim(s, key, self.checksums[s]))
+            if self.changed is not None:
+                self.changed.add(key)
         return out
 
     def release(self, slot: int) -> None:
@@ -149,6 +156,8 @@ class SlotTable:
         del self.index[key]
         self.policy.remove(slot)
         self._free_slot(slot)
+        if self.changed is not None:
+            self.changed.add(key)
         return True
 
     # -- internals ---------------------------------------------------------

@@ -67,3 +67,12 @@ def small_tmpfs(tmp_path) -> Iterator:
     yield make
     for path in mounts:
         subprocess.run(["umount", "-l", path], check=False)
+
+
+@pytest.fixture
+def etcd() -> Iterator:
+    """A real etcd server of its own, wiped and stopped after the test."""
+    from discovery.etcd_server import EtcdServer
+
+    with EtcdServer() as server:
+        yield server

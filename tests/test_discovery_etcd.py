@@ -18,7 +18,7 @@ import pytest
 
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
-from discovery.etcd_server import EtcdServer, etcd_binary
+from discovery.etcd_server import etcd_binary
 from discovery.records import NodeRecord, Tier
 from discovery.schema import block_path
 
@@ -27,12 +27,6 @@ NS = "ns1"
 
 def key(i: int) -> bytes:
     return i.to_bytes(8, "little")
-
-
-@pytest.fixture
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 def node(endpoint: str, node_id: str, ns: str = NS, ttl: int = 10) -> EtcdIndex:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -26,8 +27,11 @@ except ImportError:
 class NixlAgent:
     """Owns the NIXL agent and the arena's registration; `close()` is safe twice.
 
-    Invariant: a transfer handle never outlives the `read` that made it, so a
-    peer that dies mid-transfer costs one timeout, never a leaked handle.
+    Invariants: a transfer handle never outlives the `read` that made it, so a
+    peer that dies mid-transfer costs one timeout, never a leaked handle; one
+    thread at a time drives the agent (`_lock`): a UCX worker is not
+    thread-safe, and a node reads in worker threads while its event loop
+    serves peers.
     """
 
     def __init__(self, name: str, arena_addr: int, arena_size: int, backend: str = "UCX") -> None:
@@ -43,6 +47,7 @@ class NixlAgent:
         except Exception as e:
             raise TransportError(f"cannot start NIXL agent {name!r} ({backend}): {e}") from e
         self._peers: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def metadata(self) -> bytes:
@@ -52,12 +57,18 @@ class NixlAgent:
     def progress(self) -> None:
         """Drive this agent's transports once. With the progress thread off, a
         node serving reads must call this often (its RPC server's loop does):
-        a peer's first READ needs this side to complete the connection."""
-        self._agent.get_new_notifs()
+        a peer's first READ needs this side to complete the connection.
+        Skipped while a read runs: its polling drives the agent meanwhile."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._agent.get_new_notifs()
+            finally:
+                self._lock.release()
 
     def add_peer(self, metadata: bytes) -> str:
         try:
-            name = self._agent.add_remote_agent(metadata)
+            with self._lock:
+                name = self._agent.add_remote_agent(metadata)
         except Exception as e:
             raise TransportError(f"bad NIXL metadata from a peer: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
@@ -67,7 +78,8 @@ class NixlAgent:
     def remove_peer(self, name: str) -> None:
         if name in self._peers:
             self._peers.discard(name)
-            self._agent.remove_remote_agent(name)
+            with self._lock:
+                self._agent.remove_remote_agent(name)
 
     def read(self, peer: str, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool:
         """One batched READ: row i copies `remote[i] = (addr, len)` on `peer` into
@@ -80,17 +92,26 @@ class NixlAgent:
             raise ValueError("local and remote must both be (n, 2) arrays of (addr, len)")
         if not np.array_equal(local[:, 1], remote[:, 1]):
             raise ValueError("local and remote lengths differ")
-        n = len(local)
-        if n == 0:
+        if len(local) == 0:
             return True
-        zeros = np.zeros((n, 1), dtype=np.uint64)
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            return False  # another read held the agent for all of our time
+        try:
+            return self._read_locked(peer, local, remote, deadline)
+        finally:
+            self._lock.release()
+
+    def _read_locked(
+        self, peer: str, local: np.ndarray, remote: np.ndarray, deadline: float
+    ) -> bool:
+        zeros = np.zeros((len(local), 1), dtype=np.uint64)
         handle = None
         try:
             ldesc = self._agent.get_xfer_descs(np.hstack([local.astype(np.uint64), zeros]), "DRAM")
             rdesc = self._agent.get_xfer_descs(np.hstack([remote.astype(np.uint64), zeros]), "DRAM")
             handle = self._agent.initialize_xfer("READ", ldesc, rdesc, peer)
             state = self._agent.transfer(handle)
-            deadline = time.monotonic() + timeout
             while state == "PROC":
                 if time.monotonic() > deadline:
                     return False
@@ -110,6 +131,7 @@ class NixlAgent:
         for peer in list(self._peers):
             self.remove_peer(peer)
         try:
-            self._agent.deregister_memory(self._reg)
+            with self._lock:
+                self._agent.deregister_memory(self._reg)
         finally:
             self._agent = None

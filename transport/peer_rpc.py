@@ -199,6 +199,11 @@ class PeerClient:
         self.peer = self.agent.add_peer(reply["nixl"])
         self.remote_arena = int(reply["arena"])
 
+    @property
+    def usable(self) -> bool:
+        """Connected, said hello, and not closed since."""
+        return self.peer is not None and self._writer is not None and not self._closed
+
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:

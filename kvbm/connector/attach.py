@@ -1,0 +1,116 @@
+"""An engine's attachment to its node: the socket link (kvbm/node/engine_rpc.py)
+and the node's host arena mapped into the engine process.
+
+The engine copies whole blocks between its KV tensors (G1) and the arena
+slots the node hands out; the node never touches engine memory. Every node
+failure surfaces as NodeError, which a connector turns into "not cached"
+(the engine recomputes), never into an engine crash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvbm.block_key import BlockKey, KeySpace
+from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
+from kvbm.node.engine_rpc import EngineLink, NodeError, geometry_to_wire
+from kvbm.shm_arena import SharedArena
+
+__all__ = ["NodeAttachment", "NodeError"]
+
+
+class NodeAttachment:
+    """Invariant: every lease the node grants here is settled (released or
+    committed) before the call that took it returns, error or not."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        geometry: ModelGeometry,
+        tp_rank: int = 0,
+        remote: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> None:
+        self.geometry = geometry
+        self.remote = list(remote)
+        self.link = EngineLink(socket_path, timeout)
+        hello = self.link.call(
+            "hello", {"geometry": geometry_to_wire(geometry), "engine": f"pid-{os.getpid()}"}
+        )
+        if hello["fingerprint"] != geometry.fingerprint:
+            raise NodeError("the node answered for another layout fingerprint")
+        self.node_id: str = hello["node_id"]
+        self.space = KeySpace(hello["namespace"], geometry.fingerprint, tp_rank)
+        self.num_slots: int = hello["num_slots"]
+        self.arena = SharedArena.attach(hello["arena"], hello["arena_bytes"])
+        self.blocks = ArenaBlocks(geometry, self.arena.tensor, self.num_slots)
+
+    def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
+        return self.space.keys(seq_hashes)
+
+    def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, int]:
+        """(leading blocks the node holds, how many more its peers hold after them)."""
+        reply = self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
+        return int(reply["local"]), int(reply["remote"])
+
+    def load(
+        self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]
+    ) -> tuple[int, dict[str, int]]:
+        """Copy the longest available prefix of `keys` into engine blocks
+        `block_ids` (one per key). Returns (blocks loaded, by source)."""
+        if len(block_ids) != len(keys):
+            raise ValueError("block_ids and keys must have equal length")
+        ids = np.asarray(block_ids, dtype=np.int64)
+        kv.check_ids(ids)
+        loaded, sources = 0, {}
+        while loaded < len(keys):
+            rest = keys[loaded:]
+            reply = self.link.call("load", {"keys": _wire(rest), "remote": self.remote})
+            slots = reply["slots"]
+            try:
+                if slots:
+                    self.blocks.scatter(kv, slots, ids[loaded : loaded + len(slots)])
+            finally:
+                self.link.call("release", {"lease": reply["lease"]})
+            for source, n in reply["sources"].items():
+                sources[source] = sources.get(source, 0) + n
+            loaded += len(slots)
+            if not reply["more"]:
+                break
+        return loaded, sources
+
+    def store(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
+        """Write engine blocks through to the node's G2. Returns blocks added."""
+        if len(block_ids) != len(keys):
+            raise ValueError("block_ids and keys must have equal length")
+        ids = np.asarray(block_ids, dtype=np.int64)
+        kv.check_ids(ids)
+        step = max(1, self.num_slots // 2)  # the other half can drain meanwhile
+        added = 0
+        for start in range(0, len(keys), step):
+            reply = self.link.call("reserve", {"keys": _wire(keys[start : start + step])})
+            ok = False
+            try:
+                if reply["slots"]:
+                    chunk = ids[start:][np.asarray(reply["positions"], dtype=np.int64)]
+                    self.blocks.gather(kv, chunk, reply["slots"])
+                ok = True
+            finally:
+                added += self.link.call("commit", {"lease": reply["lease"], "ok": ok})["added"]
+        return added
+
+    def stats(self) -> dict:
+        return self.link.call("stats", {})
+
+    def close(self) -> None:
+        """Safe to call twice."""
+        self.link.close()
+        self.blocks = None  # type: ignore[assignment]  # drop views before unmapping
+        self.arena.close()
+
+
+def _wire(keys: Sequence[BlockKey]) -> list[bytes]:
+    return [k.encode() for k in keys]

@@ -1,0 +1,479 @@
+"""`kvbm node`: the daemon a DaemonSet runs, one per machine.
+
+It owns the node's tiers, created for the model geometry of the first engine
+that attaches (a node serves one geometry; an engine of another model is
+refused with a clear error), the NIXL agent on the host arena, the peer RPC
+server, the index (etcd, or in memory for one node) with a publisher that
+feeds it every change of the tiers, and the unix socket engines attach to.
+
+An engine's `load` is where the tiers meet: the local prefix (G2, G3 staged
+into G2), then, where the engine allows remote tiers, the runs that peers hold
+after it (from the index mirror: no etcd round trip), pulled and verified into
+G2, all of it pinned until the engine has copied it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import re
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+
+from discovery.errors import IndexUnavailable
+from discovery.etcd_index import EtcdIndex
+from discovery.memory import MemoryIndex
+from discovery.records import NodeRecord
+from discovery.records import Tier as IndexTier
+from kvbm import __version__
+from kvbm.block_key import BlockKey
+from kvbm.config import KvbmConfig
+from kvbm.errors import GeometryMismatch, KvbmError
+from kvbm.layout import ModelGeometry
+from kvbm.manager import BlockManager, LoadPlan, StorePlan, build_manager
+from kvbm.node import engine_rpc
+from kvbm.node.http import MetricsServer
+from kvbm.peer_tiers import ManagerTiers
+from transport.errors import ProtocolError, TransportError
+from transport.frames import Message
+from transport.nixl_agent import NixlAgent
+from transport.peer_rpc import PeerClient, PeerServer, pull
+from transport.secret import load_secret
+
+log = logging.getLogger("kvbm.node")
+PUBLISH_INTERVAL_S = 0.02
+INDEX_RETRY_S = 2.0
+PULL_TIMEOUT_S = 5.0
+MAX_KEYS = 8192
+_NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
+
+
+@dataclass
+class Lease:
+    """Pins (a load) or reserved slots (a store) an engine holds."""
+
+    plan: LoadPlan | StorePlan
+
+
+@dataclass
+class Serving:
+    """What exists once the first engine has said which geometry it needs."""
+
+    mgr: BlockManager
+    tiers: ManagerTiers
+    agent: NixlAgent
+    peer_server: PeerServer
+    record: NodeRecord
+
+
+class Node:
+    """Invariants: `serving` is set once and never changes geometry; every
+    lease belongs to one engine connection and is settled when that
+    connection ends; `index` is None only while etcd has not been reached
+    yet (local serving goes on meanwhile)."""
+
+    def __init__(self, cfg: KvbmConfig, secret: bytes) -> None:
+        self.cfg = cfg
+        self.secret = secret
+        self.node_id = cfg.node_id or default_node_id()
+        self.serving: Serving | None = None
+        self.index: EtcdIndex | MemoryIndex | None = None
+        self.peers: dict[str, PeerClient] = {}
+        self.ready = False
+        self._setup = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._engines: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._metrics: MetricsServer | None = None
+        self._lease_ids = itertools.count(1)
+
+    # -- life cycle --------------------------------------------------------
+    async def start(self) -> None:
+        path = self.cfg.socket
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        _claim_socket_path(path)
+        self._engines = await asyncio.start_unix_server(self._serve_engine, path)
+        os.chmod(path, 0o660)
+        if self.cfg.metrics_port:
+            host, _ = self.cfg.listen_address
+            self._metrics = MetricsServer(lambda: self.ready, self._registry)
+            await self._metrics.start(host, self.cfg.metrics_port)
+        self.ready = True
+        log.info("node ready node=%s socket=%s", self.node_id, path)
+
+    async def stop(self) -> None:
+        """Stop accepting, end engine connections (settling their leases),
+        publish the last changes, revoke the lease, free everything."""
+        self.ready = False
+        if self._engines is not None:
+            self._engines.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.serving is not None and self.index is not None:
+            self._publish()
+        if self.index is not None:
+            await self.index.close()
+        for client in self.peers.values():
+            await client.close()
+        if self.serving is not None:
+            await self.serving.peer_server.close()
+            self.serving.agent.close()
+            self.serving.mgr.close()
+        if self._metrics is not None:
+            await self._metrics.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.cfg.socket)
+        log.info("node stopped node=%s", self.node_id)
+
+    async def serve(self, geometry: ModelGeometry) -> Serving:
+        """The node's tiers, built for the first geometry an engine brings."""
+        async with self._setup:
+            if self.serving is not None:
+                if self.serving.mgr.geometry != geometry:
+                    raise GeometryMismatch(
+                        f"this node serves {self.serving.mgr.geometry}; an engine of "
+                        f"{geometry} needs a node of its own (another --socket)"
+                    )
+                return self.serving
+            mgr = await asyncio.to_thread(build_manager, self.cfg, geometry)
+            agent = server = None
+            try:
+                mgr.track_changes()
+                agent = NixlAgent(
+                    f"kvbm-{self.node_id}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size
+                )
+                tiers = ManagerTiers(mgr)
+                server = PeerServer(tiers, agent, self.secret)
+                host, port = self.cfg.listen_address
+                port = await server.start(host, port)
+            except BaseException:
+                if server is not None:
+                    await server.close()
+                if agent is not None:
+                    agent.close()
+                mgr.close()
+                raise
+            record = NodeRecord(
+                self.node_id,
+                host,
+                port,
+                nixl_agent=agent.name,
+                fingerprints=(geometry.fingerprint,),
+                host_capacity_blocks=mgr.host.num_slots,
+                disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
+                version=__version__,
+            )
+            self.serving = Serving(mgr, tiers, agent, server, record)
+            self._tasks.append(asyncio.create_task(self._join_index(record)))
+            log.info("serving geometry=%s peer_port=%d", geometry, port)
+            return self.serving
+
+    async def _join_index(self, record: NodeRecord) -> None:
+        """Register in the index (retrying while etcd is away), then publish
+        every change of the tiers."""
+        endpoints = self.cfg.etcd_endpoints
+        while True:
+            index: EtcdIndex | MemoryIndex
+            if endpoints:
+                index = EtcdIndex(endpoints, self.cfg.namespace, record, self.cfg.lease_ttl)
+            else:
+                index = MemoryIndex(self.cfg.namespace, record)
+            try:
+                await index.start()
+                break
+            except IndexUnavailable as e:
+                log.warning("index unavailable, serving local tiers only: %s", e)
+                await asyncio.sleep(INDEX_RETRY_S)
+        self.index = index
+        assert self.serving is not None
+        self.serving.mgr.take_changes()  # superseded by the full state below
+        self._publish(everything=True)
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            self._publish()
+
+    def _publish(self, everything: bool = False) -> None:
+        assert self.serving is not None and self.index is not None
+        mgr = self.serving.mgr
+        changes = mgr.held() if everything else mgr.take_changes()
+        if changes:
+            self.index.publish(
+                {k.encode(): IndexTier(t.value) for k, t in changes.items() if t is not None},
+                [k.encode() for k, t in changes.items() if t is None],
+            )
+
+    # -- what engines call -------------------------------------------------
+    def lookup(self, keys: list[BlockKey], remote: Sequence[str]) -> tuple[int, int]:
+        """Leading blocks held here, and how many more peers hold after them."""
+        assert self.serving is not None
+        local = self.serving.mgr.lookup(keys).num_blocks
+        runs = self._peer_runs(keys[local:], remote)
+        return local, sum(n for _, _, n, _ in runs)
+
+    def _peer_runs(
+        self, keys: list[BlockKey], remote: Sequence[str]
+    ) -> list[tuple[str, int, int, tuple[str, ...]]]:
+        """(peer, start, length, tiers): consecutive runs from keys[0] on, in the
+        tiers the engine allows."""
+        if not remote or not keys or self.index is None:
+            return []
+        result = self.index.lookup([k.encode() for k in keys])
+        runs, pos = [], 0
+        if result.local:
+            return []  # the mirror thinks this node holds them: it is behind, try later
+        for run in result.runs:
+            if run.start != pos:
+                break
+            n = next((i for i, t in enumerate(run.tiers) if t.value not in remote), run.length)
+            if n == 0:
+                break
+            runs.append((run.node_id, pos, n, tuple(t.value for t in run.tiers[:n])))
+            pos += n
+            if n < run.length:
+                break
+        return runs
+
+    async def load(
+        self, keys: list[BlockKey], remote: Sequence[str]
+    ) -> tuple[LoadPlan, dict[str, int]]:
+        """Pin the longest prefix available to this engine in G2, pulling from
+        peers what only they hold. Returns the plan and where its blocks came from."""
+        assert self.serving is not None
+        mgr, tiers = self.serving.mgr, self.serving.tiers
+        local = mgr.lookup(keys)
+        sources = {"local_host": 0, "local_disk": 0, "remote_host": 0, "remote_disk": 0}
+        pulled: list[str] = []
+        start = local.num_blocks
+        for peer, offset, n, run_tiers in self._peer_runs(keys[start:], remote):
+            client = await self._peer(peer)
+            if client is None:
+                break
+            want = [k.encode() for k in keys[start + offset : start + offset + n]]
+            got = await pull(client, want, tiers, PULL_TIMEOUT_S)
+            pulled += run_tiers[: len(got)]
+            if len(got) < n:
+                break
+        plan = await asyncio.to_thread(mgr.prepare_load, keys)
+        for t in local.tiers[: plan.num_blocks]:
+            sources[f"local_{t.value}"] += 1
+        for t in pulled[: max(0, plan.num_blocks - start)]:
+            sources[f"remote_{t}"] += 1
+        for source, n in sources.items():
+            if n:
+                mgr.metrics.engine_blocks.labels(source).inc(n)
+        return plan, sources
+
+    async def _peer(self, node_id: str) -> PeerClient | None:
+        """A connected client for a peer the index knows, or None."""
+        client = self.peers.get(node_id)
+        if client is not None and client.usable:
+            return client
+        if client is not None:
+            await client.close()
+            del self.peers[node_id]
+        assert self.serving is not None and self.index is not None
+        record = self.index.mirror.nodes.get(node_id)
+        fingerprint = self.serving.mgr.geometry.fingerprint
+        if record is None or fingerprint not in record.fingerprints:
+            return None
+        client = PeerClient(self.serving.agent, self.secret, [fingerprint])
+        host, _ = self.cfg.listen_address
+        try:
+            await client.connect(record.address, record.rpc_port, 2.0, local_host=host)
+        except (OSError, TimeoutError, TransportError) as e:
+            log.info("peer unreachable peer=%s error=%r", node_id, e)
+            await client.close()
+            return None
+        self.peers[node_id] = client
+        return client
+
+    def _registry(self) -> CollectorRegistry:
+        return self.serving.mgr.metrics.registry if self.serving else _NO_METRICS
+
+    def stats(self) -> dict:
+        """The node's state for `kvbm status`."""
+        out: dict = {"node_id": self.node_id, "namespace": self.cfg.namespace, "ready": self.ready}
+        out["index"] = (
+            "none yet"
+            if self.index is None
+            else "memory"
+            if isinstance(self.index, MemoryIndex)
+            else "etcd up"
+            if self.index.connected
+            else "etcd down"
+        )
+        if self.serving is None:
+            return out
+        mgr = self.serving.mgr
+        m = mgr.metrics
+        out["tiers"] = {
+            tier: {
+                "blocks": int(m.value("kvbm_tier_blocks", tier=tier)),
+                "capacity": int(m.value("kvbm_tier_capacity_blocks", tier=tier)),
+            }
+            for tier in ("host", "disk")
+            if tier == "host" or mgr.disk is not None
+        }
+        out["engine_blocks"] = {
+            s: int(m.value("kvbm_engine_blocks_total", source=s))
+            for s in ("local_host", "local_disk", "remote_host", "remote_disk")
+        }
+        out["peers"] = sorted(self.index.mirror.nodes) if self.index is not None else []
+        return out
+
+    # -- the engine socket -------------------------------------------------
+    async def _serve_engine(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        codec = engine_rpc.codec()
+        leases: dict[int, Lease] = {}
+        try:
+            while True:
+                msg = await codec.read(reader)
+                try:
+                    reply = Message("ok", msg.id, await self._engine_call(msg, leases))
+                except (KvbmError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                    reply = Message("error", msg.id, {"error": f"{msg.call}: {e}"})
+                writer.write(codec.encode(reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        except ProtocolError as e:
+            log.warning("closing engine connection reason=%s", e)
+        finally:
+            self._settle(leases)
+            writer.close()
+            self._connections.discard(task)
+
+    def _settle(self, leases: dict[int, Lease]) -> None:
+        if self.serving is None:
+            return
+        for lease in leases.values():
+            if isinstance(lease.plan, LoadPlan):
+                self.serving.mgr.finish_load(lease.plan)
+            elif not lease.plan.done:
+                self.serving.mgr.commit_store(lease.plan, success=False)
+        leases.clear()
+
+    async def _engine_call(self, msg: Message, leases: dict[int, Lease]) -> dict:
+        body = msg.body
+        if msg.call == "hello":
+            geometry = engine_rpc.geometry_from_wire(body.get("geometry"))
+            s = await self.serve(geometry)
+            arena = s.mgr.host.arena
+            return {
+                "arena": arena.name,
+                "arena_bytes": arena.size,
+                "slot_bytes": geometry.slot_bytes,
+                "num_slots": s.mgr.host.num_slots,
+                "namespace": self.cfg.namespace,
+                "fingerprint": geometry.fingerprint,
+                "node_id": self.node_id,
+            }
+        if msg.call == "stats":
+            return self.stats()
+        if self.serving is None:
+            raise ProtocolError("say hello first")
+        mgr = self.serving.mgr
+        if msg.call == "lookup":
+            local, remote = self.lookup(_keys(body), _remote(body))
+            return {"local": local, "remote": remote}
+        if msg.call == "load":
+            keys = _keys(body)
+            plan, sources = await self.load(keys, _remote(body))
+            lease = next(self._lease_ids)
+            leases[lease] = Lease(plan)
+            # cut short by the size of one load step, not by a miss: ask again
+            more = plan.num_blocks == mgr.max_load_blocks < len(keys)
+            return {"lease": lease, "slots": plan.slots, "sources": sources, "more": more}
+        if msg.call == "reserve":
+            store = await asyncio.to_thread(mgr.prepare_store, _keys(body))
+            lease = next(self._lease_ids)
+            leases[lease] = Lease(store)
+            return {"lease": lease, "slots": store.slots, "positions": store.positions}
+        if msg.call == "commit":
+            held = leases.pop(int(body["lease"]))
+            if not isinstance(held.plan, StorePlan):
+                raise ValueError("commit of a load lease")
+            added = await asyncio.to_thread(mgr.commit_store, held.plan, bool(body["ok"]))
+            return {"added": added}
+        if msg.call == "release":
+            held = leases.pop(int(body["lease"]))
+            if not isinstance(held.plan, LoadPlan):
+                raise ValueError("release of a store lease (commit it)")
+            mgr.finish_load(held.plan)
+            return {}
+        raise ProtocolError(f"{msg.call!r} is not a request")
+
+
+def _keys(body: dict) -> list[BlockKey]:
+    keys = body["keys"]
+    if not isinstance(keys, list) or len(keys) > MAX_KEYS:
+        raise ValueError(f"keys must be a list of at most {MAX_KEYS}")
+    return [BlockKey.decode(k) for k in keys]
+
+
+def _remote(body: dict) -> tuple[str, ...]:
+    remote = body.get("remote", [])
+    if not isinstance(remote, list) or not set(remote) <= {"host", "disk"}:
+        raise ValueError("remote must list host and/or disk")
+    return tuple(remote)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a socket file left by a dead node; refuse one a live node serves."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise KvbmError(f"another node already serves {path}")
+
+
+def default_node_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.")
+    return name or "node"
+
+
+def run(cfg: KvbmConfig) -> int:
+    """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
+    host, _ = cfg.listen_address
+    secret = load_secret(cfg.secret_file, host, cfg.dev_insecure)
+
+    async def main() -> None:
+        node = Node(cfg, secret)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await node.start()
+        try:
+            await stop.wait()
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+    return 0

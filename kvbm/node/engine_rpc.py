@@ -1,0 +1,125 @@
+"""The socket between engines and their node: the peer RPC's frame codec
+(transport/frames.py) over a unix socket.
+
+Calls (engine -> node), each answered by `ok` or `error`:
+  hello    {geometry, engine}    -> {arena, arena_bytes, slot_bytes, num_slots,
+                                     namespace, fingerprint, node_id}
+  lookup   {keys, remote}        -> {local, remote}: leading blocks held here,
+                                     and how many more peers hold after them
+  load     {keys, remote}        -> {lease, slots, sources}: the longest prefix
+                                     staged into G2 (local disk, peer pulls) and
+                                     pinned until `release`
+  reserve  {keys}                -> {lease, slots, positions}: host slots the
+                                     engine fills, then `commit`s
+  commit   {lease, ok}           -> {added}
+  release  {lease}               -> {}
+  stats    {}                    -> the node's state (for `kvbm status`)
+
+Keys are `BlockKey.encode()` bytes. Slots index the node's host arena, which
+the engine maps by name (shared memory) and copies whole blocks through. The
+socket's file permissions guard it; frames carry an HMAC under a fixed key
+only because the codec always does. A lease dies with its connection: an
+engine that goes away never leaves a pin or a half-written slot behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import socket
+import struct
+from typing import Any
+
+from kvbm.layout import ModelGeometry
+from transport.errors import ProtocolError, TransportError
+from transport.frames import FrameCodec, Message
+
+CALLS = ("hello", "lookup", "load", "reserve", "commit", "release", "stats", "ok", "error")
+LOCAL_KEY = b"kvbm-engine-socket-v1"  # not a secret: the socket's permissions are the guard
+MAX_FRAME = 4 << 20
+_LEN = struct.Struct(">I")
+
+
+def codec() -> FrameCodec:
+    return FrameCodec(LOCAL_KEY, CALLS, max_frame=MAX_FRAME)
+
+
+def geometry_to_wire(g: ModelGeometry) -> dict[str, Any]:
+    return dataclasses.asdict(g)
+
+
+def geometry_from_wire(d: object) -> ModelGeometry:
+    if not isinstance(d, dict):
+        raise ProtocolError("geometry must be a map")
+    names = {f.name for f in dataclasses.fields(ModelGeometry)}
+    if set(d) - names:
+        raise ProtocolError(f"unknown geometry fields {sorted(set(d) - names)}")
+    try:
+        return ModelGeometry(**d)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"bad geometry: {e}") from None
+
+
+class NodeError(TransportError):
+    """The node refused a call (its reason is the message), or cannot be reached."""
+
+
+class EngineLink:
+    """An engine's blocking connection to its node (the engine's hot path is
+    synchronous). One caller at a time; not thread-safe."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._codec = codec()
+        self._ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise NodeError(f"no node at {self.path}: {e}") from e
+        self._sock = sock
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def call(self, name: str, body: dict[str, Any], timeout: float | None = None) -> dict:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        msg_id = next(self._ids)
+        try:
+            self._sock.settimeout(timeout or self.timeout)
+            self._sock.sendall(self._codec.encode(Message(name, msg_id, body)))
+            n = self._codec.frame_length(self._recv(_LEN.size))
+            reply = self._codec.decode(self._recv(n))
+        except (OSError, ProtocolError) as e:
+            self.close()  # a half-read stream cannot be reused
+            raise NodeError(f"node connection lost during {name}: {e}") from e
+        if reply.id != msg_id:
+            self.close()
+            raise NodeError(f"reply to another call ({reply.id}, expected {msg_id})")
+        if reply.call != "ok":
+            raise NodeError(str(reply.body.get("error", "refused")))
+        return reply.body
+
+    def _recv(self, n: int) -> bytes:
+        assert self._sock is not None
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("node closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

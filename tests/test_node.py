@@ -1,0 +1,175 @@
+"""The node daemon as users run it: `kvbm node` processes on their own loopback
+addresses with a real etcd, and engines attached over the unix socket. A
+prefix an engine on node A computed reaches an engine on node B from A's host
+tier, then from A's disk tier, bit-exact, and B's metrics count it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.layout import ModelGeometry
+from tests.support import GEOMETRY, Engine
+
+
+class Daemon:
+    """One `kvbm node` process; its log goes to a file shown when a test fails."""
+
+    def __init__(self, tmp_path, name: str, host: str, *flags: str) -> None:
+        self.name = name
+        self.socket = str(tmp_path / f"{name}.sock")
+        self.log_path = tmp_path / f"{name}.log"
+        cmd = [sys.executable, "-m", "kvbm.cli", "node", "--node-id", name]
+        cmd += ["--listen", f"{host}:0", "--socket", self.socket, "--log-level", "info", *flags]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        until(self._listening, 60, f"node {name} never opened its socket")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node {self.name} exited:\n{self.log()}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(self.socket)
+                return True
+            except OSError:
+                return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+
+def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def daemons(tmp_path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(name: str, host: str, *flags: str) -> Daemon:
+        started.append(Daemon(tmp_path, name, host, *flags))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, daemons, tmp_path):
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3", "--disk-admit-min-uses", "1"]
+    # A: a host tier of 64 blocks (16 KiB each) and a disk tier behind it
+    a_disk = ["--disk-cache-dir", str(tmp_path / "a-disk"), "--disk-cache-mb", "4"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "1", *a_disk)
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "4")
+    eng_a = NodeAttachment(a.socket, GEOMETRY)
+    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host", "disk"])
+    try:
+        assert eng_a.num_slots == 64
+        # engine 1 on A computes a prompt of 8 blocks
+        first = eng_a.keys(list(range(1000, 1008)))
+        made = Engine(8)
+        assert eng_a.store(made.kv, first, made.compute(first)) == 8
+        until(lambda: eng_b.lookup(first) == (0, 8), 10, "B never saw A's blocks")
+
+        # engine 2 on B loads them from A's host tier
+        got = Engine(8)
+        loaded, sources = eng_b.load(got.kv, first, list(range(8)))
+        assert loaded == 8 and sources["remote_host"] == 8
+        assert all(got.holds(k, i) for i, k in enumerate(first))
+
+        # a second prompt on A, then enough others that it spills to A's disk
+        second = eng_a.keys(list(range(2000, 2008)))
+        made = Engine(8)
+        assert eng_a.store(made.kv, second, made.compute(second)) == 8
+        filler = eng_a.keys(list(range(5000, 5000 + 2 * eng_a.num_slots)))
+        big = Engine(len(filler))
+        eng_a.store(big.kv, filler, big.compute(filler))
+        until(lambda: eng_a.stats()["tiers"]["disk"]["blocks"] >= 8, 10, "A never spilled to disk")
+        until(lambda: eng_b.lookup(second) == (0, 8), 10, "B never saw the spilled blocks")
+        got = Engine(8)
+        loaded, sources = eng_b.load(got.kv, second, list(range(8)))
+        assert loaded == 8 and sources["remote_disk"] == 8, sources
+        assert all(got.holds(k, i) for i, k in enumerate(second))
+
+        counted = eng_b.stats()["engine_blocks"]
+        assert counted["remote_host"] == 8 and counted["remote_disk"] == 8
+        # SIGTERM: A stops cleanly and revokes its lease, so B forgets it at
+        # once (well before the 3 s TTL)
+        eng_a.close()
+        t0 = time.monotonic()
+        assert a.stop() == 0
+        until(lambda: "node-a" not in eng_b.stats()["peers"], 2, "B still lists A")
+        assert time.monotonic() - t0 < 3
+        assert not os.path.exists(a.socket)
+    finally:
+        eng_a.close()
+        eng_b.close()
+    assert b.stop() == 0
+
+
+def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
+    node = daemons("solo", "127.0.0.2", "--host-cache-mb", "2")
+    one = NodeAttachment(node.socket, GEOMETRY)
+    two = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        ks = one.keys(list(range(10)))
+        made = Engine(10)
+        assert one.store(made.kv, ks, made.compute(ks)) == 10
+        got = Engine(10)
+        assert two.load(got.kv, ks, list(range(10)))[0] == 10
+        assert all(got.holds(k, i) for i, k in enumerate(ks))
+        other = ModelGeometry(num_layers=3, num_kv_heads=2, head_dim=16, block_size=32)
+        with pytest.raises(NodeError, match="needs a node of its own"):
+            NodeAttachment(node.socket, other)
+        # a malformed key is refused with a reason; the connection serves on
+        with pytest.raises(NodeError, match="lookup"):
+            one.link.call("lookup", {"keys": [b"\x01junk"]})
+        assert one.lookup(ks) == (10, 0)
+    finally:
+        one.close()
+        two.close()
+    assert node.stop() == 0
+
+
+def test_an_engine_that_goes_away_leaves_no_pins(daemons):
+    node = daemons("pins", "127.0.0.2", "--host-cache-mb", "2")
+    eng = NodeAttachment(node.socket, GEOMETRY)
+    ks = eng.keys(list(range(6)))
+    made = Engine(6)
+    assert eng.store(made.kv, ks, made.compute(ks)) == 6
+    # take a load lease and a store lease, then vanish without settling them
+    eng.link.call("load", {"keys": [k.encode() for k in ks], "remote": []})
+    eng.link.call("reserve", {"keys": [k.encode() for k in eng.keys([99])]})
+    eng.close()
+    # everything is evictable again: a store of the whole tier's size succeeds
+    again = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        fill = again.keys(list(range(100, 100 + again.num_slots)))
+        big = Engine(len(fill))
+        assert again.store(big.kv, fill, big.compute(fill)) == len(fill)
+        assert again.lookup(ks) == (0, 0)  # all six were evicted: no pin held them
+    finally:
+        again.close()
+    assert node.stop() == 0
