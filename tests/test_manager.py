@@ -206,3 +206,27 @@ def test_seal_refuses_a_finished_plan(make_manager):
     mgr.finish_load(plan)  # twice is fine
     with pytest.raises(ValueError, match="already finished"):
         mgr.seal(plan)
+
+
+def test_changes_report_where_each_touched_key_is_now(make_manager):
+    """What the node publishes to the index: stores, drains to disk, drops."""
+    mgr = make_manager(host_slots=4, disk_slots=8)
+    store(mgr, keys(0, 2))
+    assert mgr.take_changes() == {}  # nothing recorded before tracking starts
+    mgr.track_changes()
+    first = keys(10, 4)
+    store(mgr, first)
+    assert mgr.take_changes() == dict.fromkeys(first, Tier.HOST) | dict.fromkeys(
+        keys(0, 2), Tier.DISK
+    )
+    assert mgr.take_changes() == {}  # taken once
+    store(mgr, keys(20, 2))  # pushes first[:2] out to disk
+    changes = mgr.take_changes()
+    assert changes == dict.fromkeys(keys(20, 2), Tier.HOST) | dict.fromkeys(first[:2], Tier.DISK)
+    with mgr._lock:
+        mgr.disk.table.drop(first[0])
+    assert mgr.take_changes() == {first[0]: None}
+    held = mgr.held()
+    assert held == dict.fromkeys(keys(20, 2) + first[2:], Tier.HOST) | dict.fromkeys(
+        keys(0, 2) + first[1:2], Tier.DISK
+    )
