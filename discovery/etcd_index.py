@@ -23,13 +23,15 @@ import aetcd.exceptions
 from discovery.errors import IndexUnavailable
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
-from discovery.schema import block_path, node_path
+from discovery.schema import block_path, namespace_prefix, node_path
 
 log = logging.getLogger("discovery.etcd")
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 _ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
 _LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
+# A namespace's range read or a watch backlog can exceed gRPC's 4 MiB.
+_GRPC_OPTIONS = {"grpc.max_receive_message_length": -1}
 
 
 class EtcdIndex:
@@ -155,8 +157,7 @@ class EtcdIndex:
                 host=host,
                 port=int(port),
                 timeout=self.timeout,
-                # A namespace's range read or a watch backlog can exceed gRPC's 4 MiB.
-                options={"grpc.max_receive_message_length": -1},
+                options=_GRPC_OPTIONS,
             )
             await self._client.connect()
         return self._client
@@ -378,3 +379,26 @@ class EtcdIndex:
         fresh.revision = result.header.revision
         self.mirror.adopt(fresh)
         self._cluster_id = result.header.cluster_id
+
+
+async def snapshot(endpoints: Sequence[str], namespace: str, timeout: float = 5.0) -> IndexMirror:
+    """A one-off read of a namespace (for `kvbm status`): the first endpoint
+    that answers."""
+    last: BaseException | None = None
+    for endpoint in endpoints:
+        host, port = endpoint.rsplit(":", 1)
+        client = aetcd.Client(host=host, port=int(port), timeout=timeout, options=_GRPC_OPTIONS)
+        try:
+            await client.connect()
+            result = await client.get_prefix(namespace_prefix(namespace))
+        except _LOST as e:
+            last = e
+            continue
+        finally:
+            with contextlib.suppress(*_ETCD_ERRORS):
+                await client.close()
+        mirror = IndexMirror(namespace)
+        for kv in result.kvs:
+            mirror.put(kv.key, kv.value, kv.mod_revision)
+        return mirror
+    raise IndexUnavailable(f"cannot reach etcd at {list(endpoints)}: {last!r}")

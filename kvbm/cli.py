@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from discovery.errors import DiscoveryError
 from kvbm.config import add_flags, from_args, reference_table, to_toml
 from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     node = sub.add_parser("node", help="run the node daemon (one per machine) until SIGTERM")
     add_flags(node)
+
+    status = sub.add_parser("status", help="nodes, tiers and hit rates (etcd, or one node)")
+    add_flags(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
 
     cfg = sub.add_parser("config", help="print the effective configuration")
     add_flags(cfg)
@@ -57,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = from_args(args)
             setup_logging(cfg.log_level)
             return daemon.run(cfg)
+        if args.command == "status":
+            from kvbm import status as status_mod
+
+            cfg = from_args(args)
+            result = status_mod.fleet(cfg) if cfg.etcd else status_mod.node(cfg)
+            print(json.dumps(result) if args.json else status_mod.render(result))
+            return 0
         if args.command == "config":
             print(reference_table() if args.reference else to_toml(from_args(args)), end="\n")
             return 0
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in result.items():
                     print(f"{k:28} {v}")
             return 0
-    except (ValueError, KvbmError, TransportError, OSError) as e:
+    except (ValueError, KvbmError, TransportError, DiscoveryError, OSError) as e:
         print(f"kvbm: {e}", file=sys.stderr)
         return 2
     parser.error("unknown command")

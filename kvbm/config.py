@@ -52,7 +52,7 @@ class KvbmConfig:
         "HOST:PORT of the peer RPC (port 0: any free one; peers learn it from the index).",
     )
     etcd: str = _opt(
-        "", "etcd endpoints, comma-separated (http://HOST:PORT); empty: in-memory index, one node."
+        "", "etcd endpoints, comma-separated HOST:PORT; empty: in-memory index, one node."
     )
     socket: str = _opt("/tmp/kvbm/node.sock", "Unix socket that engines attach to.")
     metrics_port: int = _opt(0, "Port of /metrics and /healthz on the listen host; 0: off.")
@@ -80,6 +80,7 @@ class KvbmConfig:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         parse_listen(self.listen)
+        parse_endpoints(self.etcd)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
@@ -97,7 +98,7 @@ class KvbmConfig:
 
     @property
     def etcd_endpoints(self) -> list[str]:
-        return [e.strip() for e in self.etcd.split(",") if e.strip()]
+        return parse_endpoints(self.etcd)
 
     @property
     def disk_enabled(self) -> bool:
@@ -109,6 +110,22 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """`HOST:PORT` endpoints (an `http://` in front is accepted and dropped)."""
+    out = []
+    for item in (e.strip() for e in text.split(",")):
+        if not item:
+            continue
+        if item.startswith("https://"):
+            raise ValueError(f"etcd over TLS is not supported yet: {item}")
+        item = item.removeprefix("http://").rstrip("/")
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"etcd endpoint must be HOST:PORT, got {item!r}")
+        out.append(item)
+    return out
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(KvbmConfig)}

@@ -5,6 +5,7 @@ tier, then from A's disk tier, bit-exact, and B's metrics count it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.layout import ModelGeometry
 from tests.support import GEOMETRY, Engine
 
@@ -56,6 +57,14 @@ class Daemon:
         return self.proc.wait(10)
 
 
+def kvbm_json(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvbm.cli", *args, "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -91,7 +100,7 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         first = eng_a.keys(list(range(1000, 1008)))
         made = Engine(8)
         assert eng_a.store(made.kv, first, made.compute(first)) == 8
-        until(lambda: eng_b.lookup(first) == (0, 8), 10, "B never saw A's blocks")
+        until(lambda: eng_b.lookup(first) == Available(0, 8), 10, "B never saw A's blocks")
 
         # engine 2 on B loads them from A's host tier
         got = Engine(8)
@@ -107,7 +116,8 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         big = Engine(len(filler))
         eng_a.store(big.kv, filler, big.compute(filler))
         until(lambda: eng_a.stats()["tiers"]["disk"]["blocks"] >= 8, 10, "A never spilled to disk")
-        until(lambda: eng_b.lookup(second) == (0, 8), 10, "B never saw the spilled blocks")
+        spilled = Available(0, 0, 8)
+        until(lambda: eng_b.lookup(second) == spilled, 10, "B never saw the spilled blocks")
         got = Engine(8)
         loaded, sources = eng_b.load(got.kv, second, list(range(8)))
         assert loaded == 8 and sources["remote_disk"] == 8, sources
@@ -115,6 +125,15 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
 
         counted = eng_b.stats()["engine_blocks"]
         assert counted["remote_host"] == 8 and counted["remote_disk"] == 8
+
+        # `kvbm status`: the fleet from etcd, and one node from its socket
+        fleet = kvbm_json("status", "--etcd", etcd.endpoint)
+        by_id = {n["node_id"]: n for n in fleet["nodes"]}
+        assert set(by_id) == {"node-a", "node-b"}
+        assert by_id["node-a"]["disk"]["blocks"] >= 8
+        assert by_id["node-b"]["host"]["blocks"] == 16  # what it pulled
+        one = kvbm_json("status", "--socket", b.socket)
+        assert one["engine_blocks"]["remote_disk"] == 8 and one["hit_shares"]["remote_host"] == 0.5
         # SIGTERM: A stops cleanly and revokes its lease, so B forgets it at
         # once (well before the 3 s TTL)
         eng_a.close()
@@ -146,7 +165,7 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
         # a malformed key is refused with a reason; the connection serves on
         with pytest.raises(NodeError, match="lookup"):
             one.link.call("lookup", {"keys": [b"\x01junk"]})
-        assert one.lookup(ks) == (10, 0)
+        assert one.lookup(ks) == Available(10)
     finally:
         one.close()
         two.close()
@@ -169,7 +188,7 @@ def test_an_engine_that_goes_away_leaves_no_pins(daemons):
         fill = again.keys(list(range(100, 100 + again.num_slots)))
         big = Engine(len(fill))
         assert again.store(big.kv, fill, big.compute(fill)) == len(fill)
-        assert again.lookup(ks) == (0, 0)  # all six were evicted: no pin held them
+        assert again.lookup(ks) == Available(0)  # all six were evicted: no pin held them
     finally:
         again.close()
     assert node.stop() == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +20,21 @@ from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
 from kvbm.node.engine_rpc import EngineLink, NodeError, geometry_to_wire
 from kvbm.shm_arena import SharedArena
 
-__all__ = ["NodeAttachment", "NodeError"]
+__all__ = ["Available", "NodeAttachment", "NodeError"]
+
+
+@dataclass(frozen=True)
+class Available:
+    """Leading blocks of a request the node holds (`local`), then how many more
+    its peers hold after them, by the tier the index shows them in."""
+
+    local: int
+    remote_host: int = 0
+    remote_disk: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.local + self.remote_host + self.remote_disk
 
 
 class NodeAttachment:
@@ -51,10 +66,9 @@ class NodeAttachment:
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         return self.space.keys(seq_hashes)
 
-    def lookup(self, keys: Sequence[BlockKey]) -> tuple[int, int]:
-        """(leading blocks the node holds, how many more its peers hold after them)."""
+    def lookup(self, keys: Sequence[BlockKey]) -> Available:
         reply = self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
-        return int(reply["local"]), int(reply["remote"])
+        return Available(int(reply["local"]), int(reply["remote_host"]), int(reply["remote_disk"]))
 
     def load(
         self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]

@@ -218,12 +218,16 @@ class Node:
             )
 
     # -- what engines call -------------------------------------------------
-    def lookup(self, keys: list[BlockKey], remote: Sequence[str]) -> tuple[int, int]:
-        """Leading blocks held here, and how many more peers hold after them."""
+    def lookup(self, keys: list[BlockKey], remote: Sequence[str]) -> dict[str, int]:
+        """Leading blocks held here, then how many more peers hold after them,
+        by the tier the index shows them in."""
         assert self.serving is not None
         local = self.serving.mgr.lookup(keys).num_blocks
-        runs = self._peer_runs(keys[local:], remote)
-        return local, sum(n for _, _, n, _ in runs)
+        out = {"local": local, "remote_host": 0, "remote_disk": 0}
+        for _, _, _, tiers in self._peer_runs(keys[local:], remote):
+            for t in tiers:
+                out[f"remote_{t}"] += 1
+        return out
 
     def _peer_runs(
         self, keys: list[BlockKey], remote: Sequence[str]
@@ -394,8 +398,7 @@ class Node:
             raise ProtocolError("say hello first")
         mgr = self.serving.mgr
         if msg.call == "lookup":
-            local, remote = self.lookup(_keys(body), _remote(body))
-            return {"local": local, "remote": remote}
+            return self.lookup(_keys(body), _remote(body))
         if msg.call == "load":
             keys = _keys(body)
             plan, sources = await self.load(keys, _remote(body))

@@ -4,8 +4,9 @@
 Calls (engine -> node), each answered by `ok` or `error`:
   hello    {geometry, engine}    -> {arena, arena_bytes, slot_bytes, num_slots,
                                      namespace, fingerprint, node_id}
-  lookup   {keys, remote}        -> {local, remote}: leading blocks held here,
-                                     and how many more peers hold after them
+  lookup   {keys, remote}        -> {local, remote_host, remote_disk}: leading
+                                     blocks held here, then how many more peers
+                                     hold after them, by tier
   load     {keys, remote}        -> {lease, slots, sources}: the longest prefix
                                      staged into G2 (local disk, peer pulls) and
                                      pinned until `release`

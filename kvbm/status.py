@@ -1,0 +1,70 @@
+"""`kvbm status`: the fleet from etcd (every node of a namespace, its tiers'
+capacity and the blocks it publishes), or one node from its socket (fill and
+where the blocks it handed to engines came from: hit rates)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from discovery.etcd_index import snapshot
+from kvbm.config import KvbmConfig
+from kvbm.node.engine_rpc import EngineLink, NodeError
+
+
+def fleet(cfg: KvbmConfig) -> dict:
+    """Every node of the namespace, as etcd has it."""
+    mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace))
+    held: Counter[tuple[str, str]] = Counter()
+    for holders in mirror.locations.values():
+        for node, tier in holders.items():
+            held[node, tier.value] += 1
+    nodes = []
+    for node_id, r in sorted(mirror.nodes.items()):
+        nodes.append(
+            {
+                "node_id": node_id,
+                "peer_rpc": f"{r.address}:{r.rpc_port}",
+                "version": r.version,
+                "host": {"blocks": held[node_id, "host"], "capacity": r.host_capacity_blocks},
+                "disk": {"blocks": held[node_id, "disk"], "capacity": r.disk_capacity_blocks},
+            }
+        )
+    return {"namespace": cfg.namespace, "nodes": nodes, "locations": len(mirror.locations)}
+
+
+def node(cfg: KvbmConfig) -> dict:
+    """One node, asked over its engine socket."""
+    link = EngineLink(cfg.socket, timeout=5.0)
+    try:
+        stats = link.call("stats", {})
+    finally:
+        link.close()
+    served = stats.get("engine_blocks", {})
+    total = sum(served.values())
+    stats["hit_shares"] = {s: round(n / total, 3) for s, n in served.items()} if total else {}
+    return stats
+
+
+def render(result: dict) -> str:
+    """A short table for people (`--json` gives everything)."""
+    if "nodes" in result:
+        lines = [f"namespace {result['namespace']}: {len(result['nodes'])} node(s)"]
+        lines.append(f"{'node':20} {'peer rpc':22} {'host blocks':>16} {'disk blocks':>16}")
+        for n in result["nodes"]:
+            host = f"{n['host']['blocks']}/{n['host']['capacity']}"
+            disk = f"{n['disk']['blocks']}/{n['disk']['capacity']}"
+            lines.append(f"{n['node_id']:20} {n['peer_rpc']:22} {host:>16} {disk:>16}")
+        return "\n".join(lines)
+    lines = [f"node {result['node_id']} ({result['namespace']}), index: {result['index']}"]
+    for tier, t in result.get("tiers", {}).items():
+        lines.append(f"  {tier:5} {t['blocks']}/{t['capacity']} blocks")
+    for source, n in result.get("engine_blocks", {}).items():
+        share = result["hit_shares"].get(source, 0.0)
+        lines.append(f"  served from {source:12} {n:8} blocks ({share:.0%})")
+    if "tiers" not in result:
+        lines.append("  no engine has attached yet")
+    return "\n".join(lines)
+
+
+__all__ = ["NodeError", "fleet", "node", "render"]
