@@ -57,9 +57,13 @@ _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attach
 
 @dataclass
 class Lease:
-    """Pins (a load) or reserved slots (a store) an engine holds."""
+    """Pins (a load) or reserved slots (a store) an engine holds. Any engine
+    connection of the node may settle it by id (vLLM's scheduler takes a load
+    and its worker, another process, releases it after copying); if nobody
+    does, it is settled when the connection that took it ends."""
 
     plan: LoadPlan | StorePlan
+    owner: int  # the engine connection that took it
 
 
 @dataclass
@@ -75,8 +79,8 @@ class Serving:
 
 class Node:
     """Invariants: `serving` is set once and never changes geometry; every
-    lease belongs to one engine connection and is settled when that
-    connection ends; `index` is None only while etcd has not been reached
+    lease is settled exactly once: by an engine, or when the connection that
+    took it ends; `index` is None only while etcd has not been reached
     yet (local serving goes on meanwhile)."""
 
     def __init__(self, cfg: KvbmConfig, secret: bytes) -> None:
@@ -93,6 +97,8 @@ class Node:
         self._connections: set[asyncio.Task] = set()
         self._metrics: MetricsServer | None = None
         self._lease_ids = itertools.count(1)
+        self._conn_ids = itertools.count(1)
+        self.leases: dict[int, Lease] = {}
 
     # -- life cycle --------------------------------------------------------
     async def start(self) -> None:
@@ -348,12 +354,12 @@ class Node:
         assert task is not None
         self._connections.add(task)
         codec = engine_rpc.codec()
-        leases: dict[int, Lease] = {}
+        conn = next(self._conn_ids)
         try:
             while True:
                 msg = await codec.read(reader)
                 try:
-                    reply = Message("ok", msg.id, await self._engine_call(msg, leases))
+                    reply = Message("ok", msg.id, await self._engine_call(msg, conn))
                 except (KvbmError, ValueError, KeyError, TypeError, ProtocolError) as e:
                     reply = Message("error", msg.id, {"error": f"{msg.call}: {e}"})
                 writer.write(codec.encode(reply))
@@ -363,21 +369,25 @@ class Node:
         except ProtocolError as e:
             log.warning("closing engine connection reason=%s", e)
         finally:
-            self._settle(leases)
+            for lease_id in [i for i, lease in self.leases.items() if lease.owner == conn]:
+                self._settle(self.leases.pop(lease_id), ok=False)
             writer.close()
             self._connections.discard(task)
 
-    def _settle(self, leases: dict[int, Lease]) -> None:
-        if self.serving is None:
-            return
-        for lease in leases.values():
-            if isinstance(lease.plan, LoadPlan):
-                self.serving.mgr.finish_load(lease.plan)
-            elif not lease.plan.done:
-                self.serving.mgr.commit_store(lease.plan, success=False)
-        leases.clear()
+    def _lease(self, plan: LoadPlan | StorePlan, conn: int) -> int:
+        lease_id = next(self._lease_ids)
+        self.leases[lease_id] = Lease(plan, conn)
+        return lease_id
 
-    async def _engine_call(self, msg: Message, leases: dict[int, Lease]) -> dict:
+    def _settle(self, lease: Lease, ok: bool) -> int:
+        """Release a load's pins, or commit (ok) or abort a store. Returns blocks added."""
+        assert self.serving is not None
+        if isinstance(lease.plan, LoadPlan):
+            self.serving.mgr.finish_load(lease.plan)
+            return 0
+        return self.serving.mgr.commit_store(lease.plan, success=ok)
+
+    async def _engine_call(self, msg: Message, conn: int) -> dict:
         body = msg.body
         if msg.call == "hello":
             geometry = engine_rpc.geometry_from_wire(body.get("geometry"))
@@ -402,28 +412,24 @@ class Node:
         if msg.call == "load":
             keys = _keys(body)
             plan, sources = await self.load(keys, _remote(body))
-            lease = next(self._lease_ids)
-            leases[lease] = Lease(plan)
+            lease = self._lease(plan, conn)
             # cut short by the size of one load step, not by a miss: ask again
             more = plan.num_blocks == mgr.max_load_blocks < len(keys)
             return {"lease": lease, "slots": plan.slots, "sources": sources, "more": more}
         if msg.call == "reserve":
             store = await asyncio.to_thread(mgr.prepare_store, _keys(body))
-            lease = next(self._lease_ids)
-            leases[lease] = Lease(store)
+            lease = self._lease(store, conn)
             return {"lease": lease, "slots": store.slots, "positions": store.positions}
-        if msg.call == "commit":
-            held = leases.pop(int(body["lease"]))
-            if not isinstance(held.plan, StorePlan):
-                raise ValueError("commit of a load lease")
-            added = await asyncio.to_thread(mgr.commit_store, held.plan, bool(body["ok"]))
-            return {"added": added}
-        if msg.call == "release":
-            held = leases.pop(int(body["lease"]))
-            if not isinstance(held.plan, LoadPlan):
-                raise ValueError("release of a store lease (commit it)")
-            mgr.finish_load(held.plan)
-            return {}
+        if msg.call in ("commit", "release"):
+            lease_id = int(body["lease"])
+            held = self.leases.get(lease_id)
+            if held is None:
+                raise ValueError(f"no lease {lease_id} (settled already, or never granted)")
+            if isinstance(held.plan, LoadPlan) != (msg.call == "release"):
+                raise ValueError("a load lease is released, a store lease committed")
+            del self.leases[lease_id]
+            ok = bool(body.get("ok", False))
+            return {"added": await asyncio.to_thread(self._settle, held, ok)}
         raise ProtocolError(f"{msg.call!r} is not a request")
 
 
