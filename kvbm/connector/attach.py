@@ -20,7 +20,7 @@ from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
 from kvbm.node.engine_rpc import EngineLink, NodeError, geometry_to_wire
 from kvbm.shm_arena import SharedArena
 
-__all__ = ["Available", "NodeAttachment", "NodeError"]
+__all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,17 @@ class Available:
         return self.local + self.remote_host + self.remote_disk
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """Blocks the node pinned in its host arena for this engine: `slots[i]`
+    holds the i-th requested key; `more` when a load step cut it short."""
+
+    lease: int
+    slots: list[int]
+    sources: dict[str, int]
+    more: bool
+
+
 class NodeAttachment:
     """Invariant: every lease the node grants here is settled (released or
     committed) before the call that took it returns, error or not."""
@@ -48,7 +59,9 @@ class NodeAttachment:
         tp_rank: int = 0,
         remote: Sequence[str] = (),
         timeout: float = 30.0,
+        map_arena: bool = True,
     ) -> None:
+        """`map_arena=False`: a link that only asks (a scheduler), never copies."""
         self.geometry = geometry
         self.remote = list(remote)
         self.link = EngineLink(socket_path, timeout)
@@ -60,8 +73,12 @@ class NodeAttachment:
         self.node_id: str = hello["node_id"]
         self.space = KeySpace(hello["namespace"], geometry.fingerprint, tp_rank)
         self.num_slots: int = hello["num_slots"]
-        self.arena = SharedArena.attach(hello["arena"], hello["arena_bytes"])
-        self.blocks = ArenaBlocks(geometry, self.arena.tensor, self.num_slots)
+        self.arena_name: str = hello["arena"]  # changes when the node restarts
+        self.arena: SharedArena | None = None
+        self.blocks: ArenaBlocks | None = None
+        if map_arena:
+            self.arena = SharedArena.attach(hello["arena"], hello["arena_bytes"])
+            self.blocks = ArenaBlocks(geometry, self.arena.tensor, self.num_slots)
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         return self.space.keys(seq_hashes)
@@ -81,20 +98,33 @@ class NodeAttachment:
         kv.check_ids(ids)
         loaded, sources = 0, {}
         while loaded < len(keys):
-            rest = keys[loaded:]
-            reply = self.link.call("load", {"keys": _wire(rest), "remote": self.remote})
-            slots = reply["slots"]
+            got = self.pin(keys[loaded:])
             try:
-                if slots:
-                    self.blocks.scatter(kv, slots, ids[loaded : loaded + len(slots)])
+                self.copy_in(kv, got.slots, ids[loaded : loaded + len(got.slots)])
             finally:
-                self.link.call("release", {"lease": reply["lease"]})
-            for source, n in reply["sources"].items():
+                self.release(got.lease)
+            for source, n in got.sources.items():
                 sources[source] = sources.get(source, 0) + n
-            loaded += len(slots)
-            if not reply["more"]:
+            loaded += len(got.slots)
+            if not got.more:
                 break
         return loaded, sources
+
+    def pin(self, keys: Sequence[BlockKey]) -> Pinned:
+        """Have the node stage (and pull from peers) the longest available
+        prefix of `keys` into its host arena and pin it until `release`."""
+        reply = self.link.call("load", {"keys": _wire(keys), "remote": self.remote})
+        return Pinned(reply["lease"], list(reply["slots"]), dict(reply["sources"]), reply["more"])
+
+    def release(self, lease: int) -> None:
+        self.link.call("release", {"lease": lease})
+
+    def copy_in(self, kv: EngineKV, slots: Sequence[int], block_ids: Sequence[int]) -> None:
+        """Arena slots -> engine blocks (whole blocks, one copy per run of slots)."""
+        if self.blocks is None:
+            raise NodeError("this attachment does not map the arena")
+        if len(slots):
+            self.blocks.scatter(kv, slots, block_ids)
 
     def store(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
         """Write engine blocks through to the node's G2. Returns blocks added."""
@@ -103,6 +133,8 @@ class NodeAttachment:
         ids = np.asarray(block_ids, dtype=np.int64)
         kv.check_ids(ids)
         step = max(1, self.num_slots // 2)  # the other half can drain meanwhile
+        if self.blocks is None:
+            raise NodeError("this attachment does not map the arena")
         added = 0
         for start in range(0, len(keys), step):
             reply = self.link.call("reserve", {"keys": _wire(keys[start : start + step])})
@@ -110,7 +142,7 @@ class NodeAttachment:
             try:
                 if reply["slots"]:
                     chunk = ids[start:][np.asarray(reply["positions"], dtype=np.int64)]
-                    self.blocks.gather(kv, chunk, reply["slots"])
+                    self.blocks.gather(kv, chunk, reply["slots"])  # type: ignore[union-attr]
                 ok = True
             finally:
                 added += self.link.call("commit", {"lease": reply["lease"], "ok": ok})["added"]
@@ -122,8 +154,9 @@ class NodeAttachment:
     def close(self) -> None:
         """Safe to call twice."""
         self.link.close()
-        self.blocks = None  # type: ignore[assignment]  # drop views before unmapping
-        self.arena.close()
+        self.blocks = None  # drop views before unmapping
+        if self.arena is not None:
+            self.arena.close()
 
 
 def _wire(keys: Sequence[BlockKey]) -> list[bytes]:

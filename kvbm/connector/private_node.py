@@ -1,0 +1,72 @@
+"""A node for one machine with no set-up: started by the first engine process
+that needs it when the connector names no node, shared by the others on the
+machine, and gone with the process that started it.
+
+It runs `kvbm node` on the merged configuration (written to a file beside
+its socket), on loopback with the in-memory index: local tiers only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from kvbm.config import KvbmConfig, to_toml
+from kvbm.errors import KvbmError
+
+START_TIMEOUT_S = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def private_socket() -> str:
+    return os.path.join(tempfile.gettempdir(), f"kvbm-private-{os.getuid()}", "node.sock")
+
+
+def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
+    """The private node's socket path, and the process if this call started it."""
+    path = private_socket()
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    with open(os.path.join(directory, "start.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
+        if _listening(path):
+            return path, None
+        config = os.path.join(directory, "node.toml")
+        with open(config, "w") as f:
+            f.write(to_toml(cfg))
+        flags = ["--config", config, "--socket", path, "--listen", "127.0.0.1:0", "--etcd", ""]
+        with open(os.path.join(directory, "node.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kvbm.cli", "node", *flags],
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _listening(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise KvbmError(f"the private kvbm node did not start; see {directory}/node.log")
+            time.sleep(0.05)
+        return path, proc
+
+
+def _listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -1,0 +1,363 @@
+"""The vLLM connector: `KVConnectorBase_V1` over a kvbm node.
+
+    --kv-transfer-config '{"kv_connector": "KvbmConnector",
+        "kv_connector_module_path": "kvbm.connector.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"node": "/run/kvbm/node.sock",
+                                      "remote_tiers": ["host", "disk"]}}'
+
+Scheduler side (engine-core process): for a new request, hash its prompt's
+full blocks (`kvbm.hashing`), and have the node pin the longest prefix it
+can serve beyond vLLM's own prefix-cache hit (staging its disk, pulling from
+peers): what is pinned is what `get_num_new_matched_tokens` reports, so a
+load cannot find its blocks gone. The metadata of the step carries (arena
+slots -> vLLM block ids) per load, and the prompt blocks each request
+completes in that step.
+
+Worker side: before the forward, copy each load's slots into the KV tensors
+and release the pins; after it (`wait_for_save`), copy the completed blocks
+into the node's arena. Whole blocks, one torch copy per run of slots (K is
+stored transposed inside a block on CPU: never per token). A load that fails
+is reported through `get_block_ids_with_load_errors`, so vLLM recomputes
+(with `kv_load_failure_policy` "recompute"); a node that is gone makes every
+request a miss until it is back, never an engine error.
+
+Not yet: outputs (generated tokens) are not offloaded, only prompt blocks;
+one KV cache group (full attention); the vLLM CPU layout (`vllm-cpu-v1`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvbm.config import KvbmConfig, load_config
+from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.private_node import ensure_private_node
+from kvbm.errors import KvbmError
+from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.layout import EngineKV, ModelGeometry
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvbm.connector.vllm")
+RETRY_S = 2.0  # after a node failure, try to reattach this often
+
+
+@dataclass
+class Load:
+    """Arena slots the node pinned (per tensor-parallel rank) -> vLLM block ids."""
+
+    leases: list[int]
+    slots: list[list[int]]
+    block_ids: list[int]
+
+
+@dataclass
+class Save:
+    """Prompt blocks a request completes in this step: their sequence hashes
+    and vLLM block ids."""
+
+    seq_hashes: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class KvbmMetadata(KVConnectorMetadata):
+    arena: str = ""  # the node's arena the slots refer to (a restarted node has another)
+    loads: list[Load] = field(default_factory=list)
+    saves: list[Save] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """What the scheduler side keeps per request."""
+
+    request: Request
+    seq_hashes: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # leading prompt blocks known to be in the node
+    pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
+    first_block: int = 0
+
+
+def geometry_of(vllm_config: VllmConfig) -> ModelGeometry:
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    if cc.cache_dtype not in ("auto", None):
+        raise KvbmError(f"kvbm does not store a {cc.cache_dtype} KV cache yet")
+    return ModelGeometry(
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        head_dim=mc.get_head_size(),
+        block_size=cc.block_size,
+        dtype=str(mc.dtype).removeprefix("torch."),
+    )
+
+
+def connector_config(extra: dict[str, Any]) -> KvbmConfig:
+    """Defaults < file (KVBM_CONFIG) < KVBM_* < the connector's extra config,
+    where `node` names the socket."""
+    overrides = dict(extra)
+    if "node" in overrides:
+        overrides["socket"] = overrides.pop("node")
+    return load_config(os.environ.get("KVBM_CONFIG"), overrides=overrides)
+
+
+class KvbmConnector(KVConnectorBase_V1):
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.cfg = connector_config(extra)
+        self.geometry = geometry_of(vllm_config)
+        self.block_size = self.geometry.block_size
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.model_id = str(vllm_config.model_config.model)
+        self._private = None
+        self.socket = self.cfg.socket
+        if "node" not in extra:
+            self.socket, self._private = ensure_private_node(self.cfg)
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning(
+                'kv_load_failure_policy is not "recompute": a failed load fails its request'
+            )
+        self._node: list[NodeAttachment] | None = None
+        self._retry_at = 0.0
+        # scheduler side
+        self._requests: dict[str, _Tracked] = {}
+        self._to_load: list[Load] = []
+        # worker side
+        self._rank = 0
+        self._kv: EngineKV | None = None
+        self._load_errors: set[int] = set()
+
+    # -- the node, attached lazily and reattached after failures -----------
+    def _attached(self) -> list[NodeAttachment] | None:
+        """One attachment per rank this side speaks for (the scheduler: every
+        rank's keys; a worker: its own, with the arena mapped)."""
+        if self._node is not None:
+            return self._node
+        if time.monotonic() < self._retry_at:
+            return None
+        worker = self.role == KVConnectorRole.WORKER
+        ranks = [self._rank] if worker else list(range(self.tp_size))
+        try:
+            remote = self.cfg.remote_tier_list
+            self._node = [
+                NodeAttachment(self.socket, self.geometry, r, remote, map_arena=worker)
+                for r in ranks
+            ]
+        except (NodeError, KvbmError, OSError) as e:
+            self._lost(e)
+        return self._node
+
+    def _lost(self, error: BaseException) -> None:
+        log.warning("kvbm node unavailable, serving without it: %s", error)
+        for a in self._node or []:
+            a.close()
+        self._node = None
+        self._retry_at = time.monotonic() + RETRY_S
+
+    # -- scheduler side ----------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        tracked = self._track(request)
+        self._drop_pins(tracked)
+        # the last prompt token is always computed: vLLM needs its logits
+        usable = (len(request.prompt_token_ids or ()) - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        if usable <= first:
+            return 0, False
+        node = self._attached()
+        if node is None:
+            return 0, False
+        pinned: list = []
+        try:
+            for a in node:
+                keys = a.keys(tracked.seq_hashes[first:usable])
+                pinned.append(a.pin(keys))
+                if not pinned[-1].slots:
+                    break
+        except NodeError as e:
+            self._lost(e)
+            return 0, False
+        n = min(len(p.slots) for p in pinned) if len(pinned) == len(node) else 0
+        load = Load([p.lease for p in pinned], [p.slots[:n] for p in pinned], [])
+        if n == 0:
+            self._release(load)
+            return 0, False
+        tracked.pinned, tracked.first_block = load, first
+        return n * self.block_size, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        tracked = self._track(request)
+        load = tracked.pinned
+        if load is None:
+            return
+        tracked.pinned = None
+        n = num_external_tokens // self.block_size
+        if n == 0:
+            self._release(load)
+            return
+        ids = blocks.get_block_ids()[0]
+        first = tracked.first_block
+        load.block_ids = list(ids[first : first + n])
+        load.slots = [s[:n] for s in load.slots]
+        self._to_load.append(load)
+        tracked.saved = max(tracked.saved, first + n)  # these are in the node already
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        node = self._node
+        meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
+        self._to_load = []
+        steps = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._requests.get(new.req_id)
+            if tracked is not None:
+                tracked.block_ids = list(new.block_ids[0])
+                self._plan_save(meta, tracked, new.num_computed_tokens + steps[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self._requests.get(req_id)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    tracked.block_ids = list(new_ids[0])
+                else:
+                    tracked.block_ids += new_ids[0]
+            self._plan_save(meta, tracked, cached.num_computed_tokens[i] + steps[req_id])
+        return meta
+
+    def _plan_save(self, meta: KvbmMetadata, tracked: _Tracked, computed: int) -> None:
+        prompt = len(tracked.request.prompt_token_ids or ())
+        full = min(computed, prompt) // self.block_size
+        full = min(full, len(tracked.block_ids), len(tracked.seq_hashes))
+        if full > tracked.saved:
+            span = slice(tracked.saved, full)
+            meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span]))
+            tracked.saved = full
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        tracked = self._requests.pop(request.request_id, None)
+        if tracked is not None:
+            self._drop_pins(tracked)
+        return False, None  # saves finish inside their step: nothing to wait for
+
+    def _track(self, request: Request) -> _Tracked:
+        tracked = self._requests.get(request.request_id)
+        if tracked is None:
+            lora = request.lora_request.lora_name if request.lora_request else None
+            salt = salt_hash(self.model_id, lora, getattr(request, "cache_salt", None))
+            hashes = sequence_hashes(request.prompt_token_ids or [], self.block_size, salt)
+            tracked = self._requests[request.request_id] = _Tracked(request, hashes)
+        return tracked
+
+    def _drop_pins(self, tracked: _Tracked) -> None:
+        if tracked.pinned is not None:
+            self._release(tracked.pinned)
+            tracked.pinned = None
+
+    def _release(self, load: Load) -> None:
+        node = self._node
+        if node is None:
+            return  # the node is gone, and its pins with it
+        try:
+            for lease in load.leases:
+                node[0].release(lease)
+        except NodeError as e:
+            self._lost(e)
+
+    # -- worker side -------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self._rank = get_tensor_model_parallel_rank()
+        layers = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
+        try:
+            self._kv = EngineKV(self.geometry, [t for _, t in layers])
+        except KvbmError as e:
+            log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
+            self._kv = None
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmMetadata)
+        if not meta.loads:
+            return
+        node = self._attached() if self._kv is not None else None
+        for load in meta.loads:
+            try:
+                if node is None or node[0].arena_name != meta.arena:
+                    raise NodeError("the node's arena is not the one the loads were pinned in")
+                node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[arg-type]
+                node[0].release(load.leases[self._rank])
+            except (NodeError, KvbmError, ValueError) as e:
+                self._load_errors.update(load.block_ids)
+                if isinstance(e, NodeError) and node is not None:
+                    self._lost(e)
+                    node = None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # every load finished in start_load_kv
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return  # blocks are saved whole, all layers at once, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmMetadata)
+        if not meta.saves or self._kv is None:
+            return
+        node = self._attached()
+        if node is None:
+            return
+        try:
+            for save in meta.saves:
+                node[0].store(self._kv, node[0].keys(save.seq_hashes), save.block_ids)
+        except (NodeError, KvbmError) as e:
+            self._lost(e)  # a save that does not happen is a future miss, nothing worse
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        for a in self._node or []:
+            a.close()
+        self._node = None
+        if self._private is not None and self._private.poll() is None:
+            self._private.terminate()
+
+
+def _layer_index(name: str) -> int:
+    found = re.findall(r"\.(\d+)\.", f".{name}.")
+    if not found:
+        raise KvbmError(f"cannot tell the layer index of KV cache {name!r}")
+    return int(found[-1])

@@ -1,0 +1,55 @@
+"""One vLLM (CPU) engine process for the connector tests: runs prompts given
+as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
+Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
+(no SOCKET: no connector, vLLM alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+MAX_TOKENS = 16
+
+
+def main() -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    model, prompts = sys.argv[1], json.loads(sys.argv[2])
+    transfer = None
+    if len(sys.argv) > 3:
+        extra = {"node": sys.argv[3]}
+        if len(sys.argv) > 4 and sys.argv[4]:
+            extra["remote_tiers"] = sys.argv[4].split(",")
+        transfer = KVTransferConfig(
+            kv_connector="KvbmConnector",
+            kv_connector_module_path="kvbm.connector.vllm",
+            kv_role="kv_both",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=extra,
+        )
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        block_size=32,
+        max_model_len=1024,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        kv_transfer_config=transfer,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = []
+    for p in prompts:  # one at a time: each request's saves land before the next
+        out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+        outputs.append(list(out[0].outputs[0].token_ids))
+    print(json.dumps({"outputs": outputs}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
