@@ -1,12 +1,12 @@
-"""Fixtures: real host and disk pools, closed after each test, and a small tmpfs
-for a disk that really fills up."""
+"""Fixtures: real host and disk pools, closed after each test, a small tmpfs
+for a disk that really fills up, a real etcd, and `kvbm node` daemons."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -15,6 +15,7 @@ from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
+from tests.node_daemon import Daemon
 from tests.support import GEOMETRY
 
 
@@ -76,3 +77,17 @@ def etcd() -> Iterator:
 
     with EtcdServer() as server:
         yield server
+
+
+@pytest.fixture
+def daemons(tmp_path) -> Iterator[Callable[..., Daemon]]:
+    """daemons(name, host, *flags) -> a running `kvbm node`, stopped after the test."""
+    started: list[Daemon] = []
+
+    def start(name: str, host: str, *flags: str) -> Daemon:
+        started.append(Daemon(tmp_path, name, host, *flags))
+        return started[-1]
+
+    yield start
+    for d in started:
+        d.stop()
