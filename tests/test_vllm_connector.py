@@ -11,9 +11,14 @@ Negative control: B holds wrong KV under the third prompt's keys, and engine
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -51,6 +56,49 @@ def run_engine(model: str, prompts: list[list[int]], socket: str, remote: str = 
     return json.loads(lines[-1])["outputs"]
 
 
+class LiveEngine:
+    """An engine process the test talks to between batches of prompts."""
+
+    def __init__(self, model: str, socket: str, remote: str, log_path) -> None:
+        self.log = open(log_path, "w")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.vllm_engine", model, "-", socket, remote],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._answer("ready", 300)
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("{"):
+                self.lines.put(line)
+
+    def _answer(self, key: str, timeout: float) -> object:
+        try:
+            return json.loads(self.lines.get(timeout=timeout))[key]
+        except queue.Empty:
+            raise AssertionError(f"engine gave no {key} in {timeout} s") from None
+
+    def run(self, prompts: list[list[int]]) -> list:
+        self.proc.stdin.write(json.dumps(prompts) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._answer("outputs", 120)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
 def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     model, etcd, daemons, tmp_path
 ):
@@ -58,10 +106,10 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     disk = ["--disk-cache-dir", str(tmp_path / "a-disk"), "--disk-cache-mb", "8"]
     a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "1", *disk)
     b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
-    p1, p2, p3 = prompt(1), prompt(2), prompt(3)
+    p1, p2, p3, p4 = prompt(1), prompt(2), prompt(3), prompt(4)
     usable = (len(p1) - 1) // BLOCK  # vLLM always computes the last prompt token
 
-    reference = run_engine(model, [p1, p2, p3], a.socket)
+    reference = run_engine(model, [p1, p2, p3, p4], a.socket)
 
     salt = salt_hash(model)
     on_a = NodeAttachment(a.socket, GEOMETRY)
@@ -84,13 +132,59 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     finally:
         on_a.close()
 
+    engine = LiveEngine(model, b.socket, "host,disk", tmp_path / "engine-b.log")
     try:
-        served = run_engine(model, [p1, p2, p3], b.socket, "host,disk")
+        served = engine.run([p1, p2, p3])
         counted = on_b.stats()["engine_blocks"]
+        assert served[0] == reference[0], "prefix from A's host tier"
+        assert served[1] == reference[1], "prefix from A's disk tier"
+        assert counted["remote_host"] == usable and counted["remote_disk"] == usable
+        assert counted["local_host"] == usable  # the wrong KV was loaded ...
+        assert served[2] != reference[2], "... and used: the output changed"
+
+        # A freezes while B pulls p4 from it, and is killed during the pull:
+        # the request completes, recomputed, with the same output
+        k4 = on_b.keys(sequence_hashes(p4, BLOCK, salt)[:usable])
+        assert on_b.lookup(k4).total == usable  # on A (its disk, by now)
+        a.proc.send_signal(signal.SIGSTOP)
+        killer = threading.Timer(1.0, a.proc.send_signal, [signal.SIGKILL])
+        killer.start()
+        assert engine.run([p4]) == [reference[3]]
+        killer.join()
+        assert on_b.stats()["engine_blocks"] == counted
     finally:
+        engine.close()
         on_b.close()
-    assert served[0] == reference[0], "prefix from A's host tier"
-    assert served[1] == reference[1], "prefix from A's disk tier"
-    assert counted["remote_host"] == usable and counted["remote_disk"] == usable
-    assert counted["local_host"] == usable  # the wrong KV was loaded ...
-    assert served[2] != reference[2], "... and used: the output changed"
+
+
+def test_the_engine_outlives_its_node_and_reattaches(model, daemons, tmp_path):
+    """The node is killed (SIGKILL) under a running engine: requests go on,
+    recomputed, with the same outputs; a new node on the same socket is found
+    again, and serves hits."""
+    node = daemons("solo", "127.0.0.2", "--host-cache-mb", "4")
+    p = prompt(7)
+    usable = (len(p) - 1) // BLOCK
+    engine = LiveEngine(model, node.socket, "", tmp_path / "engine.log")
+    try:
+        computed = engine.run([p])
+        assert engine.run([p]) == computed  # a local hit
+        probe = NodeAttachment(node.socket, GEOMETRY)
+        assert probe.stats()["engine_blocks"]["local_host"] == usable
+        probe.close()
+
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        assert engine.run([p]) == computed  # no node: recomputed
+        assert engine.run([p]) == computed
+
+        again = daemons("solo", "127.0.0.2", "--host-cache-mb", "4")
+        time.sleep(2.5)  # the connector retries a lost node every 2 s
+        assert engine.run([p]) == computed  # stored into the new node
+        assert engine.run([p]) == computed  # and loaded from it
+        probe = NodeAttachment(again.socket, GEOMETRY)
+        try:
+            assert probe.stats()["engine_blocks"]["local_host"] == usable
+        finally:
+            probe.close()
+    finally:
+        engine.close()

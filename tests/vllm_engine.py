@@ -1,7 +1,9 @@
 """One vLLM (CPU) engine process for the connector tests: runs prompts given
 as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
 Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
-(no SOCKET: no connector, vLLM alone)."""
+(no SOCKET: no connector, vLLM alone). PROMPTS_JSON "-": read one JSON list
+of prompts per stdin line and answer each with an output line, until EOF
+(a test acts on the nodes between two batches)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ def main() -> None:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    model, prompts = sys.argv[1], json.loads(sys.argv[2])
+    model = sys.argv[1]
+    prompts = "-" if sys.argv[2] == "-" else json.loads(sys.argv[2])
     transfer = None
     if len(sys.argv) > 3:
         extra = {"node": sys.argv[3]}
@@ -44,11 +47,20 @@ def main() -> None:
         seed=0,
     )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outputs = []
-    for p in prompts:  # one at a time: each request's saves land before the next
-        out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
-        outputs.append(list(out[0].outputs[0].token_ids))
-    print(json.dumps({"outputs": outputs}), flush=True)
+
+    def run(batch: list[list[int]]) -> None:
+        outputs = []
+        for p in batch:  # one at a time: each request's saves land before the next
+            out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+            outputs.append(list(out[0].outputs[0].token_ids))
+        print(json.dumps({"outputs": outputs}), flush=True)
+
+    if prompts != "-":
+        run(prompts)
+        return
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        run(json.loads(line))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,11 @@ class KvbmConnector(KVConnectorBase_V1):
             self._lost(e)
         return self._node
 
+    def _reattach(self) -> None:
+        for a in self._node or []:
+            a.close()
+        self._node, self._retry_at = None, 0.0
+
     def _lost(self, error: BaseException) -> None:
         log.warning("kvbm node unavailable, serving without it: %s", error)
         for a in self._node or []:
@@ -310,6 +315,9 @@ class KvbmConnector(KVConnectorBase_V1):
         if not meta.loads:
             return
         node = self._attached() if self._kv is not None else None
+        if node is not None and node[0].arena_name != meta.arena:
+            self._reattach()  # the node restarted since this attachment was made
+            node = self._attached()
         for load in meta.loads:
             try:
                 if node is None or node[0].arena_name != meta.arena:
@@ -317,6 +325,7 @@ class KvbmConnector(KVConnectorBase_V1):
                 node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[arg-type]
                 node[0].release(load.leases[self._rank])
             except (NodeError, KvbmError, ValueError) as e:
+                log.warning("load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), e)
                 self._load_errors.update(load.block_ids)
                 if isinstance(e, NodeError) and node is not None:
                     self._lost(e)
