@@ -19,8 +19,14 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="single-node demo on embedded defaults")
     add_flags(demo)
-    demo.add_argument("--prompts", type=int, default=24)
+    demo.add_argument("--prompts", type=int, default=12)
     demo.add_argument("--blocks-per-prompt", type=int, default=16)
+    demo.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "synthetic"),
+        default="auto",
+        help="auto: vLLM when it is installed, synthetic engines otherwise",
+    )
 
     node = sub.add_parser("node", help="run the node daemon (one per machine) until SIGTERM")
     add_flags(node)
@@ -49,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_parser("transport", help="pulls between two node processes over NIXL").add_argument(
         "--json", action="store_true", help="print one JSON object"
     )
+    e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
+    e2e.add_argument("--json", action="store_true", help="print one JSON object")
+    e2e.add_argument("--prompts", type=int, default=4, help="prompts per figure (median)")
 
     args = parser.parse_args(argv)
     try:
@@ -82,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import index as index_mod
 
                 result = index_mod.run(args.nodes, args.lease_ttl)
-            else:
+            elif args.bench == "transport":
                 from kvbm.bench import transport as transport_mod
 
                 result = transport_mod.run()
+            else:
+                from kvbm.bench import e2e as e2e_mod
+
+                result = e2e_mod.run(args.prompts)
             if args.json:
                 print(json.dumps(result))
             else:

@@ -1,40 +1,51 @@
-"""`kvbm demo`: one node, embedded defaults, a synthetic engine.
+"""`kvbm demo`: the mesh on one machine, on embedded defaults.
 
-Three turns over the same prompts. Turn 1 computes every block and stores it
-(G1 -> G2); G2 is small, so older blocks are evicted, and having been used
-once they are not admitted to disk. Turn 2, newest prompt first, finds the
-recent prompts in G2 and recomputes the rest; that is every block's second
-use, so from now on evicted blocks drain to G3. Turn 3 finds every prompt, in
-G2 or G3, and every loaded block is checked bit-exact against the bytes the
-engine computed.
+An etcd started for the run, two node daemons on 127.0.0.2 (A: a small host
+tier and a disk tier) and 127.0.0.3 (B), and an engine on each node.
+
+1. Engine 1 on node A computes every prompt; A's host tier is small, so the
+   older prompts spill to A's disk.
+2. Engine 2 on node B asks for the same prompts: the recent ones come from
+   A's host tier, the older ones from A's disk, pulled over NIXL and verified.
+3. Engine 2 asks again: now they are local hits in B's host tier.
+
+The engines are vLLM on a random tiny Llama when vLLM is installed (`./scripts/test`
+installs it), each output checked against the recompute; otherwise synthetic
+engines whose blocks derive from their keys, checked bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
-import numpy as np
 import torch
 
-from kvbm.block_key import BlockKey, KeySpace
-from kvbm.config import KvbmConfig, from_args
+from discovery.etcd_server import EtcdServer
+from kvbm.block_key import BlockKey
+from kvbm.config import from_args
+from kvbm.connector.attach import NodeAttachment
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import EngineKV, ModelGeometry
 from kvbm.logs import setup_logging
-from kvbm.manager import BlockManager, Tier, build_manager
+from kvbm.node.process import NodeProcess
 
-DEMO_GEOMETRY = ModelGeometry(num_layers=4, num_kv_heads=4, head_dim=64, block_size=32)
-DEMO_DEFAULTS = {"host_cache_mb": 32, "disk_cache_mb": 256, "disk_admit_min_uses": 2}
+SYNTHETIC = ModelGeometry(num_layers=4, num_kv_heads=4, head_dim=64, block_size=32)
+TINY_LLAMA = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)
+DEMO_DEFAULTS = {"host_cache_mb": 8}  # node A's host tier: small, so prompts spill to disk
+HOST_B_MB = 256
+SOURCES = ("local_host", "local_disk", "remote_host", "remote_disk")
 
 
 class SyntheticEngine:
-    """Stands in for vLLM: per-layer KV tensors, and a 'forward pass' that fills a
-    block with bytes derived from its key alone, so any reload can be checked."""
+    """Stands in for vLLM: per-layer KV tensors, and a 'forward pass' that fills
+    a block with bytes derived from its key alone, so any load can be checked."""
 
     def __init__(self, geometry: ModelGeometry, num_blocks: int) -> None:
         self.geometry = geometry
@@ -52,10 +63,6 @@ class SyntheticEngine:
             for layer, data in zip(self.layers, self.expected(key), strict=True):
                 layer[b] = data
 
-    def wipe(self) -> None:
-        for layer in self.layers:
-            layer.zero_()
-
     def matches(self, key: BlockKey, block_id: int) -> bool:
         return all(
             torch.equal(layer[block_id], data)
@@ -64,118 +71,186 @@ class SyntheticEngine:
 
 
 @dataclass
-class PathStats:
-    blocks: int = 0
+class Phase:
+    title: str
+    blocks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    computed: int = 0
     seconds: float = 0.0
+    checked: int = 0
+    wrong: int = 0
 
 
 def main(args: argparse.Namespace) -> int:
-    """The demo's own defaults (small tiers, a disk tier in a temporary directory)
-    sit below the file, the environment and the flags."""
+    cfg = from_args(args, defaults=DEMO_DEFAULTS)
+    setup_logging(cfg.log_level)
+    use_vllm = args.engine == "vllm" or (args.engine == "auto" and _has_vllm())
     with tempfile.TemporaryDirectory(prefix="kvbm-demo-") as tmp:
-        cfg = from_args(args, defaults={**DEMO_DEFAULTS, "disk_cache_dir": tmp})
-        setup_logging(cfg.log_level)
-        return run(cfg, args.prompts, args.blocks_per_prompt)
-
-
-def run(
-    cfg: KvbmConfig, prompts: int = 24, blocks_per_prompt: int = 16, out: TextIO = sys.stdout
-) -> int:
-    g = DEMO_GEOMETRY
-    mgr = build_manager(cfg, g)
-    engine = SyntheticEngine(g, blocks_per_prompt)
-    space = KeySpace(cfg.namespace, g.fingerprint)
-    salt = salt_hash("kvbm-demo-model")
-    rng = np.random.default_rng(7)
-    requests = [
-        space.keys(
-            sequence_hashes(
-                rng.integers(0, 32000, blocks_per_prompt * g.block_size), g.block_size, salt
+        try:
+            etcd = EtcdServer()
+        except Exception as e:
+            print(
+                f"kvbm demo: cannot start etcd ({e}); ./scripts/demo installs one", file=sys.stderr
             )
-        )
-        for _ in range(prompts)
-    ]
-    stats = {name: PathStats() for name in ("store", "host_hit", "disk_hit")}
-    wrong = verified = 0
-    ids = list(range(blocks_per_prompt))
+            return 2
+        with etcd:
+            index = ["--etcd", etcd.endpoint, "--namespace", cfg.namespace]
+            index += ["--disk-admit-min-uses", "1", "--log-level", cfg.log_level]
+            disk_dir = cfg.disk_cache_dir or os.path.join(tmp, "a-disk")
+            disk_mb = cfg.disk_cache_mb or 256
+            disk = ["--disk-cache-dir", disk_dir, "--disk-cache-mb", str(disk_mb)]
+            host_a = ["--host-cache-mb", str(cfg.host_cache_mb)]
+            print(
+                f"kvbm demo: etcd at {etcd.endpoint}; node A on 127.0.0.2 (host "
+                f"{cfg.host_cache_mb} MiB, disk {disk_mb} MiB), node B on 127.0.0.3 (host "
+                f"{HOST_B_MB} MiB)"
+            )
+            nodes = [NodeProcess(tmp, "node-a", "127.0.0.2", *index, *host_a, *disk)]
+            try:
+                host_b = ["--host-cache-mb", str(HOST_B_MB)]
+                nodes.append(NodeProcess(tmp, "node-b", "127.0.0.3", *index, *host_b))
+                run = _run_vllm if use_vllm else _run_synthetic
+                phases = run(tmp, nodes[0].socket, nodes[1].socket, args)
+            finally:
+                for node in nodes:
+                    node.stop()
+    _summary(phases, sys.stdout)
+    return 1 if any(p.wrong for p in phases) else 0
+
+
+def _has_vllm() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _wait_visible(b: NodeAttachment, keys: list[BlockKey], timeout: float = 10.0) -> None:
+    """Until B's index mirror shows what A published (a few ms, usually)."""
+    deadline = time.monotonic() + timeout
+    while b.lookup(keys).total < len(keys) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _run_synthetic(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> list[Phase]:
+    g, n = SYNTHETIC, args.blocks_per_prompt
     print(
-        f"kvbm demo: {prompts} prompts x {blocks_per_prompt} blocks of {g.block_bytes >> 10} KiB; "
-        f"G2 {cfg.host_cache_mb} MiB, G3 {cfg.disk_cache_mb} MiB at {cfg.disk_cache_dir or '-'}",
+        f"engines: synthetic ({g.block_bytes >> 10} KiB blocks), {args.prompts} prompts "
+        f"of {n} blocks"
+    )
+    salt, rng = salt_hash("kvbm-demo-model"), random.Random(7)
+    a = NodeAttachment(sock_a, g)
+    b = NodeAttachment(sock_b, g, remote=["host", "disk"])
+    try:
+        prompts = [
+            a.keys(
+                sequence_hashes(
+                    [rng.randrange(32000) for _ in range(n * g.block_size)], g.block_size, salt
+                )
+            )
+            for _ in range(args.prompts)
+        ]
+
+        def phase(title: str, node: NodeAttachment) -> Phase:
+            done, engine = Phase(title), SyntheticEngine(g, n)
+            for i, keys in enumerate(prompts):
+                t0 = time.perf_counter()
+                loaded, sources = node.load(engine.kv, keys, list(range(n)))
+                done.seconds += time.perf_counter() - t0
+                for s in SOURCES:
+                    done.blocks[s] += sources.get(s, 0)
+                done.checked += loaded
+                done.wrong += sum(not engine.matches(keys[j], j) for j in range(loaded))
+                engine.compute(keys[loaded:], list(range(loaded, n)))
+                done.computed += n - loaded
+                node.store(engine.kv, keys, list(range(n)))
+                _progress(done, i + 1, len(prompts))
+            print()
+            return done
+
+        phases = [phase("engine 1 on node A computes", a)]
+        _wait_visible(b, prompts[0])
+        _wait_visible(b, prompts[-1])
+        phases.append(phase("engine 2 on node B asks", b))
+        phases.append(phase("engine 2 on node B asks again", b))
+        return phases
+    finally:
+        a.close()
+        b.close()
+
+
+def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> list[Phase]:
+    from kvbm.bench.e2e import Engine
+    from kvbm.bench.model import build_llama
+
+    g = TINY_LLAMA
+    model = build_llama(os.path.join(tmp, "model"))
+    rng = random.Random(7)
+    tokens = args.blocks_per_prompt * g.block_size + 1
+    prompts = [[rng.randrange(4, 512) for _ in range(tokens)] for _ in range(args.prompts)]
+    print(
+        f"engines: vLLM (CPU) on a random tiny Llama, {args.prompts} prompts of "
+        f"{tokens} tokens; starting engine 1 (about a minute)"
+    )
+    probe_b = NodeAttachment(sock_b, g)
+    reference: list[list[int]] = []
+    phases = []
+    try:
+        for title, sock, remote in (
+            ("engine 1 on node A computes", sock_a, []),
+            ("engine 2 on node B asks", sock_b, ["host", "disk"]),
+        ):
+            engine = Engine(model, {"node": sock, "remote_tiers": remote})
+            try:
+                rounds = 1 if sock == sock_a else 2
+                for r in range(rounds):
+                    phase = Phase(title if r == 0 else title + " again")
+                    before = probe_b.stats().get("engine_blocks", dict.fromkeys(SOURCES, 0))
+                    for i, p in enumerate(prompts):
+                        out, seconds = engine.ask(p, 8)
+                        phase.seconds += seconds
+                        if sock == sock_a:
+                            reference.append(out)
+                        else:
+                            phase.checked += 1
+                            phase.wrong += out != reference[i]
+                        _progress(phase, i + 1, len(prompts))
+                    print()
+                    if sock == sock_b:
+                        after = probe_b.stats()["engine_blocks"]
+                        phase.blocks = {s: after[s] - before[s] for s in SOURCES}
+                    phase.computed = -1  # vLLM computes what it did not load
+                    phases.append(phase)
+            finally:
+                engine.close()
+            if sock == sock_a:
+                print("starting engine 2 (about a minute)")
+    finally:
+        probe_b.close()
+    return phases
+
+
+def _progress(phase: Phase, done: int, total: int) -> None:
+    print(f"\r  {phase.title}: prompt {done}/{total}", end="", flush=True)
+
+
+def _summary(phases: list[Phase], out: TextIO) -> None:
+    print(
+        "\nphase                            local host  local disk  remote host  remote disk"
+        "  computed    seconds  checked  wrong",
         file=out,
     )
-    try:
-        # Turn 2 walks the prompts backwards, so the ones still in G2 come first.
-        for turn, order in ((1, requests), (2, requests[::-1]), (3, requests)):
-            found = {"host": 0, "disk": 0, "computed": 0}
-            for keys in order:
-                engine.wipe()
-                match = mgr.lookup(keys)
-                t0 = time.perf_counter()
-                n = mgr.onboard(engine.kv, keys, ids)
-                dt = time.perf_counter() - t0
-                from_disk = sum(1 for t in match.tiers[:n] if t == Tier.DISK)
-                if n:
-                    path = stats["disk_hit" if from_disk else "host_hit"]
-                    path.blocks += n
-                    path.seconds += dt
-                found["disk"] += from_disk
-                found["host"] += n - from_disk
-                for i in range(n):
-                    verified += 1
-                    wrong += not engine.matches(keys[i], i)
-                engine.compute(keys[n:], ids[n:])
-                found["computed"] += len(keys) - n
-                t0 = time.perf_counter()
-                stats["store"].blocks += mgr.offload(engine.kv, ids, keys)
-                stats["store"].seconds += time.perf_counter() - t0
-            print(
-                f"  turn {turn}: loaded {found['host']:4d} blocks from G2, "
-                f"{found['disk']:4d} from G3, computed {found['computed']:4d}",
-                file=out,
-            )
-        _summary(mgr, stats, g.block_bytes, out)
+    for p in phases:
+        b = p.blocks
+        computed = "-" if p.computed < 0 else str(p.computed)
         print(
-            f"\nverified {verified} loaded blocks against the engine's bytes: {wrong} wrong",
+            f"{p.title:<32} {b['local_host']:10d}  {b['local_disk']:10d}  "
+            f"{b['remote_host']:11d}  {b['remote_disk']:11d}  {computed:>8}  "
+            f"{p.seconds:9.3f}  {p.checked:7d}  {p.wrong:5d}",
             file=out,
         )
-        if not stats["disk_hit"].blocks:
-            print("(no G3 hits: G2 held every prompt; lower --host-cache-mb to see G3)", file=out)
-        return 1 if wrong else 0
-    finally:
-        mgr.close()
-
-
-def _summary(mgr: BlockManager, stats: dict[str, PathStats], block_bytes: int, out: TextIO) -> None:
-    m = mgr.metrics
-    print("\npath                          blocks      MiB   seconds    GB/s", file=out)
-    labels = {
-        "store": "G1 -> G2 (store, with drains)",
-        "host_hit": "G2 -> G1 (host hit)",
-        "disk_hit": "G3 -> G2 -> G1 (disk hit)",
-    }
-    for name, label in labels.items():
-        s = stats[name]
-        mib = s.blocks * block_bytes / 2**20
-        rate = s.blocks * block_bytes / s.seconds / 1e9 if s.seconds else 0.0
-        print(f"{label:<29} {s.blocks:6d} {mib:8.1f} {s.seconds:9.3f} {rate:7.2f}", file=out)
-    drained = m.value("kvbm_transfer_bytes_total", path="g2_to_g3") / block_bytes
-    mib = drained * block_bytes / 2**20
-    print(f"{'G2 -> G3 (drained on evict)':<29} {int(drained):6d} {mib:8.1f}", file=out)
     print(
-        "\ntier  capacity  held  hits  misses  evictions  not admitted  checksum failures", file=out
+        "(blocks by where they came from; vLLM runs check whole outputs against "
+        "engine 1's, synthetic runs every loaded block's bytes)",
+        file=out,
     )
-    for tier in ("host", "disk"):
-        rejected = sum(
-            m.value("kvbm_tier_admissions_rejected_total", tier=tier, reason=r)
-            for r in ("frequency", "full", "io_error")
-        )
-        print(
-            f"{tier:<5} {int(m.value('kvbm_tier_capacity_blocks', tier=tier)):8d} "
-            f"{int(m.value('kvbm_tier_blocks', tier=tier)):5d} "
-            f"{int(m.value('kvbm_tier_hits_total', tier=tier)):5d} "
-            f"{int(m.value('kvbm_tier_misses_total', tier=tier)):7d} "
-            f"{int(m.value('kvbm_tier_evictions_total', tier=tier)):10d} "
-            f"{int(rejected):13d} "
-            f"{int(m.value('kvbm_tier_checksum_failures_total', tier=tier)):18d}",
-            file=out,
-        )

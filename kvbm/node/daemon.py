@@ -50,6 +50,7 @@ from transport.secret import load_secret
 log = logging.getLogger("kvbm.node")
 PUBLISH_INTERVAL_S = 0.02
 INDEX_RETRY_S = 2.0
+INDEX_FIRST_WAIT_S = 5.0
 PULL_TIMEOUT_S = 5.0
 MAX_KEYS = 8192
 _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
@@ -102,6 +103,14 @@ class Node:
 
     # -- life cycle --------------------------------------------------------
     async def start(self) -> None:
+        if self.cfg.disk_enabled:  # fail at start, not at the first engine's hello
+            directory = self.cfg.disk_cache_dir
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise KvbmError(f"disk_cache_dir {directory} is unusable: {e}") from e
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise KvbmError(f"disk_cache_dir {directory} is not writable")
         path = self.cfg.socket
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         _claim_socket_path(path)
@@ -185,11 +194,16 @@ class Node:
                 version=__version__,
             )
             self.serving = Serving(mgr, tiers, agent, server, record)
-            self._tasks.append(asyncio.create_task(self._join_index(record)))
+            joined = asyncio.Event()
+            self._tasks.append(asyncio.create_task(self._join_index(record, joined)))
+            # The first engine's first request should already see its peers: wait
+            # for the index a little (if etcd is away, serving starts without it).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(joined.wait(), INDEX_FIRST_WAIT_S)
             log.info("serving geometry=%s peer_port=%d", geometry, port)
             return self.serving
 
-    async def _join_index(self, record: NodeRecord) -> None:
+    async def _join_index(self, record: NodeRecord, joined: asyncio.Event) -> None:
         """Register in the index (retrying while etcd is away), then publish
         every change of the tiers."""
         endpoints = self.cfg.etcd_endpoints
@@ -209,6 +223,7 @@ class Node:
         assert self.serving is not None
         self.serving.mgr.take_changes()  # superseded by the full state below
         self._publish(everything=True)
+        joined.set()
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
             self._publish()
