@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
-    e2e.add_argument("--prompts", type=int, default=4, help="prompts per figure (median)")
+    e2e.add_argument("--prompts", type=int, default=6, help="prompts per figure (median)")
 
     args = parser.parse_args(argv)
     try:

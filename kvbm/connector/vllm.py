@@ -48,6 +48,7 @@ from kvbm.connector.private_node import ensure_private_node
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -127,6 +128,7 @@ class KvbmConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.cfg = connector_config(extra)
+        attach_logging(self.cfg.log_level)
         self.geometry = geometry_of(vllm_config)
         self.block_size = self.geometry.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
@@ -196,6 +198,7 @@ class KvbmConnector(KVConnectorBase_V1):
         if node is None:
             return 0, False
         pinned: list = []
+        t0 = time.perf_counter()
         try:
             for a in node:
                 keys = a.keys(tracked.seq_hashes[first:usable])
@@ -211,6 +214,7 @@ class KvbmConnector(KVConnectorBase_V1):
             self._release(load)
             return 0, False
         tracked.pinned, tracked.first_block = load, first
+        log.debug("pinned blocks=%d ms=%.2f", n, (time.perf_counter() - t0) * 1e3)
         return n * self.block_size, False
 
     def update_state_after_alloc(
@@ -319,11 +323,14 @@ class KvbmConnector(KVConnectorBase_V1):
             self._reattach()  # the node restarted since this attachment was made
             node = self._attached()
         for load in meta.loads:
+            t0 = time.perf_counter()
             try:
                 if node is None or node[0].arena_name != meta.arena:
                     raise NodeError("the node's arena is not the one the loads were pinned in")
                 node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[arg-type]
                 node[0].release(load.leases[self._rank])
+                ms = (time.perf_counter() - t0) * 1e3
+                log.debug("loaded blocks=%d ms=%.2f", len(load.block_ids), ms)
             except (NodeError, KvbmError, ValueError) as e:
                 log.warning("load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), e)
                 self._load_errors.update(load.block_ids)
