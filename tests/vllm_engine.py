@@ -19,8 +19,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
+
+    from kvbm.connector.vllm import kv_transfer_config
 
     model = sys.argv[1]
     prompts = "-" if sys.argv[2] == "-" else json.loads(sys.argv[2])
@@ -29,13 +30,7 @@ def main() -> None:
         extra = {"node": sys.argv[3]}
         if len(sys.argv) > 4 and sys.argv[4]:
             extra["remote_tiers"] = sys.argv[4].split(",")
-        transfer = KVTransferConfig(
-            kv_connector="KvbmConnector",
-            kv_connector_module_path="kvbm.connector.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=extra,
-        )
+        transfer = kv_transfer_config(extra)
     llm = LLM(
         model=model,
         dtype="float32",

@@ -48,18 +48,11 @@ def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connecti
     """One vLLM engine: answers (prompt, max_tokens) with (tokens, seconds)."""
     os.environ.update(ENV)
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    transfer = None
-    if extra is not None:
-        transfer = KVTransferConfig(
-            kv_connector="KvbmConnector",
-            kv_connector_module_path="kvbm.connector.vllm",
-            kv_role="kv_both",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config=extra,
-        )
+    from kvbm.connector.vllm import kv_transfer_config
+
+    transfer = kv_transfer_config(extra) if extra is not None else None
     llm = LLM(
         model=model,
         dtype="float32",

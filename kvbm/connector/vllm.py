@@ -51,7 +51,7 @@ from kvbm.layout import EngineKV, ModelGeometry
 from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
+    from vllm.config import KVTransferConfig, VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -97,6 +97,19 @@ class _Tracked:
     saved: int = 0  # leading prompt blocks known to be in the node
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
     first_block: int = 0
+
+
+def kv_transfer_config(extra: dict[str, Any]) -> KVTransferConfig:
+    """vLLM's `kv_transfer_config` for this connector (what the README's JSON says)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="KvbmConnector",
+        kv_connector_module_path=__name__,
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=extra,
+    )
 
 
 def geometry_of(vllm_config: VllmConfig) -> ModelGeometry:
