@@ -38,7 +38,7 @@ from kvbm.node.process import NodeProcess
 
 SYNTHETIC = ModelGeometry(num_layers=4, num_kv_heads=4, head_dim=64, block_size=32)
 TINY_LLAMA = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)
-DEMO_DEFAULTS = {"host_cache_mb": 8}  # node A's host tier: small, so prompts spill to disk
+DEMO_DEFAULTS = {"host_cache_mb": 2}  # node A's host tier: small, so prompts spill to disk
 HOST_B_MB = 256
 SOURCES = ("local_host", "local_disk", "remote_host", "remote_disk")
 
@@ -151,9 +151,9 @@ def _run_synthetic(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace)
             for _ in range(args.prompts)
         ]
 
-        def phase(title: str, node: NodeAttachment) -> Phase:
+        def phase(title: str, node: NodeAttachment, order: list[list[BlockKey]]) -> Phase:
             done, engine = Phase(title), SyntheticEngine(g, n)
-            for i, keys in enumerate(prompts):
+            for i, keys in enumerate(order):
                 t0 = time.perf_counter()
                 loaded, sources = node.load(engine.kv, keys, list(range(n)))
                 done.seconds += time.perf_counter() - t0
@@ -168,11 +168,13 @@ def _run_synthetic(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace)
             print()
             return done
 
-        phases = [phase("engine 1 on node A computes", a)]
+        phases = [phase("engine 1 on node A computes", a, prompts)]
         _wait_visible(b, prompts[0])
         _wait_visible(b, prompts[-1])
-        phases.append(phase("engine 2 on node B asks", b))
-        phases.append(phase("engine 2 on node B asks again", b))
+        # newest first: A's host tier still holds those; reading the older ones
+        # from A's disk stages them through A's host tier, pushing the newest out
+        phases.append(phase("engine 2 on node B asks", b, prompts[::-1]))
+        phases.append(phase("engine 2 on node B asks again", b, prompts))
         return phases
     finally:
         a.close()
@@ -206,7 +208,12 @@ def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> l
                 for r in range(rounds):
                     phase = Phase(title if r == 0 else title + " again")
                     before = probe_b.stats().get("engine_blocks", dict.fromkeys(SOURCES, 0))
-                    for i, p in enumerate(prompts):
+                    # engine 2 asks newest first, as in the synthetic run
+                    order = list(range(len(prompts)))
+                    if sock == sock_b and r == 0:
+                        order.reverse()
+                    for step, i in enumerate(order):
+                        p = prompts[i]
                         out, seconds = engine.ask(p, 8)
                         phase.seconds += seconds
                         if sock == sock_a:
@@ -214,7 +221,7 @@ def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> l
                         else:
                             phase.checked += 1
                             phase.wrong += out != reference[i]
-                        _progress(phase, i + 1, len(prompts))
+                        _progress(phase, step + 1, len(prompts))
                     print()
                     if sock == sock_b:
                         after = probe_b.stats()["engine_blocks"]
@@ -231,7 +238,11 @@ def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> l
 
 
 def _progress(phase: Phase, done: int, total: int) -> None:
-    print(f"\r  {phase.title}: prompt {done}/{total}", end="", flush=True)
+    """One line per phase, rewritten in place on a terminal."""
+    if sys.stdout.isatty():
+        print(f"\r  {phase.title}: prompt {done}/{total}", end="", flush=True)
+    elif done == total:
+        print(f"  {phase.title}: {total} prompts", end="", flush=True)
 
 
 def _summary(phases: list[Phase], out: TextIO) -> None:

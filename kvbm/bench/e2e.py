@@ -41,6 +41,7 @@ ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "2",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "ERROR",  # vLLM logs to stdout; the caller prints there
 }
 
 
