@@ -68,5 +68,7 @@ def _listening(path: str) -> bool:
 
 
 def _die_with_parent() -> None:
+    """SIGTERM to the child when the thread that started it ends (an engine
+    creates its connector on its main thread)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
