@@ -1,0 +1,150 @@
+"""The Kubernetes manifests, proven offline: every one validates against the
+real Kubernetes 1.30 schemas (strict: unknown fields are errors), a broken
+copy does not, and the configuration they carry is the configuration the
+node and the connector read."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tempfile
+import tomllib
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kvbm.config import ENV_PREFIX, KvbmConfig, load_config
+
+K8S = Path(__file__).resolve().parent.parent / "k8s"
+VERSION = "1.30.0"
+FIELDS = {f for f in KvbmConfig.__dataclass_fields__}
+
+
+def documents() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append(
+                    (f"{path.relative_to(K8S)}:{doc['kind']}/{doc['metadata']['name']}", doc)
+                )
+    return out
+
+
+def find(kind: str, name: str) -> dict:
+    for _, doc in documents():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name} in k8s/")
+
+
+def container(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize(("where", "doc"), documents(), ids=[w for w, _ in documents()])
+def test_every_manifest_validates_strictly(where, doc):
+    kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def test_a_broken_manifest_is_caught():
+    """Negative controls: the validation above can fail."""
+    daemonset = find("DaemonSet", "kvbm-node")
+    misspelled = copy.deepcopy(daemonset)
+    c = container(misspelled)
+    c["volumeMount"] = c.pop("volumeMounts")  # an unknown field
+    wrong_type = copy.deepcopy(daemonset)
+    container(wrong_type)["ports"][0]["containerPort"] = "7450"  # a string, not a port
+    missing = copy.deepcopy(daemonset)
+    del missing["spec"]["selector"]  # a required field
+    for broken in (misspelled, wrong_type, missing):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, VERSION, strict=True)
+
+
+def node_config() -> KvbmConfig:
+    text = find("ConfigMap", "kvbm-node-config")["data"]["node.toml"]
+    unknown = set(tomllib.loads(text)) - FIELDS
+    assert not unknown, f"keys the node does not know: {unknown}"
+    env = {"KVBM_LISTEN": "10.0.0.7:7450", "KVBM_NODE_ID": "gpu-node-7"}
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name, env=env)
+
+
+def test_the_configmap_is_a_node_configuration_the_node_reads():
+    cfg = node_config()
+    assert cfg.etcd_endpoints and all(e.endswith(":2379") for e in cfg.etcd_endpoints)
+    assert cfg.socket == "/run/kvbm/node.sock" and cfg.metrics_port == 9450
+    assert cfg.disk_enabled and cfg.disk_cache_dir == "/var/cache/kvbm"
+    assert cfg.listen_address == ("10.0.0.7", 7450)
+
+
+def test_every_flag_and_variable_the_daemonset_uses_exists():
+    c = container(find("DaemonSet", "kvbm-node"))
+    assert c["args"][0] == "node"
+    flags = [a for a in c["args"] if a.startswith("--")]
+    known = {"--config"} | {"--" + f.replace("_", "-") for f in FIELDS}
+    assert set(flags) <= known, set(flags) - known
+    kvbm_env = [e["name"] for e in c["env"] if e["name"].startswith(ENV_PREFIX)]
+    assert kvbm_env and all(n[len(ENV_PREFIX) :].lower() in FIELDS for n in kvbm_env)
+    # the variables the values refer to are defined before them (Kubernetes expands in order)
+    names = [e["name"] for e in c["env"]]
+    for e in c["env"]:
+        for ref in re.findall(r"\$\((\w+)\)", e.get("value", "")):
+            assert ref in names[: names.index(e["name"])], f"{e['name']} uses {ref} too early"
+    # probes and the metrics Service point at the configured metrics port
+    cfg = node_config()
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert port["metrics"] == cfg.metrics_port
+    assert port["peer-rpc"] == 7450 and "$(POD_IP):7450" in str(c["env"])
+    service = find("Service", "kvbm-node-metrics")
+    assert service["spec"]["ports"][0]["port"] == cfg.metrics_port
+    # the secret file the args name is where the Secret is mounted
+    secret_file = c["args"][c["args"].index("--secret-file") + 1]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert secret_file.startswith(mounts["peer-secret"] + "/")
+    # memory covers the host tier, which lives in the pod's cgroup once touched
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and int(limit[:-2]) * 1024 >= cfg.host_cache_mb
+
+
+def host_paths(workload: dict) -> dict[str, str]:
+    """mountPath -> hostPath of a workload's first container."""
+    volumes = {
+        v["name"]: v["hostPath"]["path"]
+        for v in workload["spec"]["template"]["spec"]["volumes"]
+        if "hostPath" in v
+    }
+    return {
+        m["mountPath"]: volumes[m["name"]]
+        for m in container(workload)["volumeMounts"]
+        if m["name"] in volumes
+    }
+
+
+def test_the_vllm_example_attaches_to_the_node_the_daemonset_runs():
+    from kvbm.connector.vllm import KvbmConnector, connector_config
+
+    engine = find("Deployment", "vllm-llama")
+    args = container(engine)["args"]
+    transfer = json.loads(args[args.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == KvbmConnector.__name__
+    assert transfer["kv_connector_module_path"] == KvbmConnector.__module__
+    assert transfer["kv_load_failure_policy"] == "recompute"
+    assert int(args[args.index("--block-size") + 1]) % 32 == 0
+    extra = transfer["kv_connector_extra_config"]
+    cfg = connector_config(extra)
+    assert cfg.remote_tier_list == ("host", "disk")
+    # the socket the engine names is the node's, through the same host directory
+    node = find("DaemonSet", "kvbm-node")
+    assert cfg.socket == node_config().socket
+    node_paths, engine_paths = host_paths(node), host_paths(engine)
+    sock_dir = str(Path(cfg.socket).parent)
+    assert node_paths[sock_dir] == engine_paths[sock_dir]
+    # and the arena's shared memory is the host's, in both pods
+    assert node_paths["/dev/shm"] == engine_paths["/dev/shm"] == "/dev/shm"
