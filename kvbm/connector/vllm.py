@@ -142,14 +142,20 @@ class KvbmConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.cfg = connector_config(extra)
         attach_logging(self.cfg.log_level)
-        self.geometry = geometry_of(vllm_config)
-        self.block_size = self.geometry.block_size
+        self.block_size = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.model_id = str(vllm_config.model_config.model)
         self._private = None
         self.socket = self.cfg.socket
-        if "node" not in extra:
-            self.socket, self._private = ensure_private_node(self.cfg)
+        # Whatever goes wrong here turns the connector off, never the engine.
+        self._off: str | None = None
+        try:
+            self.geometry = geometry_of(vllm_config)
+            if "node" not in extra:
+                self.socket, self._private = ensure_private_node(self.cfg)
+        except (KvbmError, ValueError, OSError) as e:
+            self._off = str(e)
+            log.error("kvbm connector off, the engine runs without it: %s", e)
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning(
                 'kv_load_failure_policy is not "recompute": a failed load fails its request'
@@ -170,19 +176,28 @@ class KvbmConnector(KVConnectorBase_V1):
         rank's keys; a worker: its own, with the arena mapped)."""
         if self._node is not None:
             return self._node
-        if time.monotonic() < self._retry_at:
+        if self._off or time.monotonic() < self._retry_at:
             return None
         worker = self.role == KVConnectorRole.WORKER
-        ranks = [self._rank] if worker else list(range(self.tp_size))
+        made: list[NodeAttachment] = []
         try:
-            remote = self.cfg.remote_tier_list
-            self._node = [
-                NodeAttachment(self.socket, self.geometry, r, remote, map_arena=worker)
-                for r in ranks
-            ]
+            for rank in [self._rank] if worker else range(self.tp_size):
+                made.append(
+                    NodeAttachment(
+                        self.socket,
+                        self.geometry,
+                        rank,
+                        self.cfg.remote_tier_list,
+                        map_arena=worker,
+                    )
+                )
         except (NodeError, KvbmError, OSError) as e:
+            for a in made:
+                a.close()
             self._lost(e)
-        return self._node
+            return None
+        self._node = made
+        return made
 
     def _reattach(self) -> None:
         for a in self._node or []:
@@ -319,8 +334,10 @@ class KvbmConnector(KVConnectorBase_V1):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         self._rank = get_tensor_model_parallel_rank()
-        layers = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
+        if self._off:
+            return
         try:
+            layers = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
             self._kv = EngineKV(self.geometry, [t for _, t in layers])
         except KvbmError as e:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
