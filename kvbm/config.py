@@ -63,6 +63,10 @@ class KvbmConfig:
         False, "Let a node reachable beyond loopback run on the well-known dev secret."
     )
     lease_ttl: int = _opt(10, "Seconds the index keeps a silent node's entries.")
+    peer_timeout_ms: int = _opt(
+        2000, "Longest wait for a pull from a peer; past it the engine recomputes."
+    )
+    peer_backoff_s: int = _opt(30, "Seconds a peer that timed out or dropped a pull is left alone.")
     remote_tiers: str = _opt(
         "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
     )
@@ -85,6 +89,8 @@ class KvbmConfig:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
+        if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
+            raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
         if not set(self.remote_tier_list) <= {"host", "disk"}:
             raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
 

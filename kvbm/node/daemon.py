@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,7 +52,6 @@ log = logging.getLogger("kvbm.node")
 PUBLISH_INTERVAL_S = 0.02
 INDEX_RETRY_S = 2.0
 INDEX_FIRST_WAIT_S = 5.0
-PULL_TIMEOUT_S = 5.0
 MAX_KEYS = 8192
 _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
 
@@ -91,6 +91,7 @@ class Node:
         self.serving: Serving | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self.peers: dict[str, PeerClient] = {}
+        self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self.ready = False
         self._setup = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
@@ -261,8 +262,9 @@ class Node:
         runs, pos = [], 0
         if result.local:
             return []  # the mirror thinks this node holds them: it is behind, try later
+        now = time.monotonic()
         for run in result.runs:
-            if run.start != pos:
+            if run.start != pos or self.avoided.get(run.node_id, 0.0) > now:
                 break
             n = next((i for i, t in enumerate(run.tiers) if t.value not in remote), run.length)
             if n == 0:
@@ -284,14 +286,23 @@ class Node:
         sources = {"local_host": 0, "local_disk": 0, "remote_host": 0, "remote_disk": 0}
         pulled: list[str] = []
         start = local.num_blocks
+        timeout = self.cfg.peer_timeout_ms / 1000
         for peer, offset, n, run_tiers in self._peer_runs(keys[start:], remote):
             client = await self._peer(peer)
             if client is None:
+                self._avoid(peer, "unreachable")
                 break
             want = [k.encode() for k in keys[start + offset : start + offset + n]]
-            got = await pull(client, want, tiers, PULL_TIMEOUT_S)
+            t0 = time.monotonic()
+            got = await pull(client, want, tiers, timeout)
             pulled += run_tiers[: len(got)]
             if len(got) < n:
+                # fewer blocks than the index said: evicted there meanwhile (fine),
+                # or a peer that is gone or too slow (leave it alone for a while)
+                if not client.usable:
+                    self._avoid(peer, "connection lost")
+                elif time.monotonic() - t0 >= 0.9 * timeout:
+                    self._avoid(peer, "timed out")
                 break
         plan = await asyncio.to_thread(mgr.prepare_load, keys)
         for t in local.tiers[: plan.num_blocks]:
@@ -302,6 +313,12 @@ class Node:
             if n:
                 mgr.metrics.engine_blocks.labels(source).inc(n)
         return plan, sources
+
+    def _avoid(self, peer: str, why: str) -> None:
+        log.warning(
+            "leaving a peer alone peer=%s reason=%s seconds=%d", peer, why, self.cfg.peer_backoff_s
+        )
+        self.avoided[peer] = time.monotonic() + self.cfg.peer_backoff_s
 
     async def _peer(self, node_id: str) -> PeerClient | None:
         """A connected client for a peer the index knows, or None."""
@@ -359,6 +376,8 @@ class Node:
             for s in ("local_host", "local_disk", "remote_host", "remote_disk")
         }
         out["peers"] = sorted(self.index.mirror.nodes) if self.index is not None else []
+        now = time.monotonic()
+        out["avoided_peers"] = sorted(p for p, until in self.avoided.items() if until > now)
         return out
 
     # -- the engine socket -------------------------------------------------
