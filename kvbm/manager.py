@@ -54,12 +54,15 @@ class PrefixMatch:
 
 @dataclass
 class StorePlan:
-    """Host slots reserved for `keys[i]`; `positions[i]` is its index in the caller's list."""
+    """Host slots reserved for `keys[i]`; `positions[i]` is its index in the caller's list.
+    `cut`: the caller's index of the first key not held that got no slot (G2 full
+    of pinned blocks), or None: every caller key before it is held or reserved."""
 
     keys: list[BlockKey]
     slots: list[int]
     positions: list[int]
     done: bool = False
+    cut: int | None = None
 
 
 @dataclass
@@ -186,10 +189,12 @@ class BlockManager:
                     seen.add(k)
                     positions.append(i)
         slots = self._reserve_host(len(positions))
+        cut = None
         if len(slots) < len(positions):
             self.metrics.rejected.labels("host", "full").inc(len(positions) - len(slots))
+            cut = positions[len(slots)]
             positions = positions[: len(slots)]
-        return StorePlan([keys[i] for i in positions], slots, positions)
+        return StorePlan([keys[i] for i in positions], slots, positions, cut=cut)
 
     def commit_store(
         self, plan: StorePlan, success: bool = True, checksums: list[int] | None = None

@@ -56,7 +56,10 @@ class ManagerTiers:
         plan = self.mgr.prepare_store([BlockKey.decode(k) for k in keys])
         stride = self.mgr.geometry.slot_bytes
         entries = [(k.encode(), s * stride) for k, s in zip(plan.keys, plan.slots, strict=True)]
-        return Reservation(entries, plan)
+        reserved = set(plan.positions)
+        end = len(keys) if plan.cut is None else plan.cut
+        held = frozenset(keys[i] for i in range(end) if i not in reserved)
+        return Reservation(entries, plan, held)
 
     def commit(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
         return [k.encode() for k in self.mgr.commit_verified(reservation.token, checksums)]

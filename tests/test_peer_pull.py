@@ -131,6 +131,30 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
     assert c.lookup(ks).num_blocks == 20
 
 
+def test_a_pull_into_a_full_host_tier_reports_only_what_arrived(make_manager):
+    """b's host tier is 4 slots, 2 of them pinned by a reader: 2 of a's 6
+    blocks fit, and the pull says so (the rest are not "held here")."""
+    a = make_manager(host_slots=8)
+    b = make_manager(host_slots=4)
+    ks = keys(0, 6)
+    assert store(a, ks) == 6
+    mine = keys(100, 2)
+    assert store(b, mine) == 2
+    reading = b.prepare_load(mine)  # pinned: b cannot evict them
+    try:
+
+        async def scenario():
+            async with Pair(a, b) as p:
+                return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+
+        arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        b.finish_load(reading)
+    assert arrived == [k.encode() for k in ks[:2]]
+    assert b.lookup(ks).num_blocks == 2
+    b.host.table.check()
+
+
 class Pair:
     """Node a serving over the peer RPC, node b's client connected to it."""
 

@@ -323,8 +323,8 @@ async def pull(
             pinned = {b.key: b for b in blocks}
             sums = [pinned[k].checksum for k, _ in reservation.entries] if ok else None
             rounds.append((blocks, reservation, _land(sink, reservation, sums)))
-            if not ok:
-                break
+            if not ok or len(reservation.entries) + len(reservation.held) < len(blocks):
+                break  # a failed READ, or no room here for the rest: the prefix ends here
             if more and pinning is None:  # the peer pinned fewer: ask again once these are free
                 pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], deadline))
     finally:
@@ -334,10 +334,10 @@ async def pull(
                 client.call_later("unpin", {"keys": [b.key for b in leftover]}, 2.0)
     here: list[bytes] = []
     for blocks, reservation, landing in rounds:
-        landed, reserved = set(await landing), {k for k, _ in reservation.entries}
+        landed = set(await landing)
         for b in blocks:
-            if b.key in reserved and b.key not in landed:
-                return here  # nothing past a failed block counts
+            if b.key not in landed and b.key not in reservation.held:
+                return here  # nothing past a block that is not here counts
             here.append(b.key)
     return here
 

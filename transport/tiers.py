@@ -32,10 +32,12 @@ class BlockSource(Protocol):
 
 @dataclass
 class Reservation:
-    """Host arena offsets reserved for blocks about to arrive: (key, offset)."""
+    """Host arena offsets reserved for blocks about to arrive: (key, offset);
+    `held`: the keys the sink holds already (no need to read them)."""
 
     entries: list[tuple[bytes, int]]
     token: object = None  # the sink's own record of the reservation
+    held: frozenset[bytes] = frozenset()
 
 
 class BlockSink(Protocol):
@@ -43,7 +45,7 @@ class BlockSink(Protocol):
 
     def reserve(self, keys: list[bytes]) -> Reservation:
         """Offsets for the keys not held yet (a prefix of them, if the arena is
-        short), in order."""
+        short), in order, and which of the keys before any such cut are held."""
         ...
 
     def commit(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:

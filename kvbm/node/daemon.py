@@ -219,7 +219,9 @@ class Node:
                 break
             except IndexUnavailable as e:
                 log.warning("index unavailable, serving local tiers only: %s", e)
-                await asyncio.sleep(INDEX_RETRY_S)
+            except Exception:
+                log.exception("index failed to start, serving local tiers only")
+            await asyncio.sleep(INDEX_RETRY_S)
         self.index = index
         assert self.serving is not None
         self.serving.mgr.take_changes()  # superseded by the full state below
@@ -227,7 +229,10 @@ class Node:
         joined.set()
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
-            self._publish()
+            try:
+                self._publish()
+            except Exception:  # never let one bad batch stop every later one
+                log.exception("publishing to the index failed")
 
     def _publish(self, everything: bool = False) -> None:
         assert self.serving is not None and self.index is not None
@@ -396,6 +401,9 @@ class Node:
                     reply = Message("ok", msg.id, await self._engine_call(msg, conn))
                 except (KvbmError, ValueError, KeyError, TypeError, ProtocolError) as e:
                     reply = Message("error", msg.id, {"error": f"{msg.call}: {e}"})
+                except Exception as e:  # a fault below (I/O, a bug): this call fails, not the node
+                    log.exception("engine call failed call=%s", msg.call)
+                    reply = Message("error", msg.id, {"error": f"{msg.call}: {e!r}"})
                 writer.write(codec.encode(reply))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
