@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import grp
 import json
 import logging
 import os
@@ -67,6 +68,11 @@ class KvbmConfig:
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."
     )
     peer_backoff_s: int = _opt(30, "Seconds a peer that timed out or dropped a pull is left alone.")
+    shared_group: str = _opt(
+        "",
+        "Group (name or gid) whose engines may attach: socket and host arena 0660 to it; "
+        "empty: the node's own user only (arena 0600).",
+    )
     remote_tiers: str = _opt(
         "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
     )
@@ -85,6 +91,7 @@ class KvbmConfig:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         parse_listen(self.listen)
         parse_endpoints(self.etcd)
+        parse_group(self.shared_group)
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
@@ -93,6 +100,10 @@ class KvbmConfig:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
         if not set(self.remote_tier_list) <= {"host", "disk"}:
             raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
+
+    @property
+    def shared_gid(self) -> int | None:
+        return parse_group(self.shared_group)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -116,6 +127,18 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_group(group: str) -> int | None:
+    """A group name or gid -> gid (None: no group)."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"shared_group: no group {group!r} on this machine") from None
 
 
 def parse_endpoints(text: str) -> list[str]:

@@ -28,6 +28,7 @@ class HostPool:
         capacity_bytes: int,
         arena_name: str | None = None,
         mode: int = 0o600,
+        gid: int | None = None,
     ) -> None:
         num_slots = capacity_bytes // geometry.slot_bytes
         if num_slots < 1:
@@ -38,7 +39,7 @@ class HostPool:
         SharedArena.sweep_stale(ARENA_PREFIX)
         name = arena_name or f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.geometry = geometry
-        self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode)
+        self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode, gid)
         self.table = SlotTable(num_slots)
         self.blocks = ArenaBlocks(geometry, self.arena.tensor, num_slots)
         self._bytes = memoryview(self.arena.array)

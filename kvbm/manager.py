@@ -488,7 +488,10 @@ class BlockManager:
 
 def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
     """The node's tiers as the configuration asks for them."""
-    host = HostPool(geometry, cfg.host_cache_mb << 20)
+    gid = cfg.shared_gid
+    host = HostPool(
+        geometry, cfg.host_cache_mb << 20, mode=0o600 if gid is None else 0o660, gid=gid
+    )
     disk = None
     try:
         if cfg.disk_enabled:

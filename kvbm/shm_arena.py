@@ -59,7 +59,7 @@ class SharedArena:
         return os.path.join(SHM_DIR, name)
 
     @classmethod
-    def create(cls, name: str, size: int, mode: int = 0o600) -> SharedArena:
+    def create(cls, name: str, size: int, mode: int = 0o600, gid: int | None = None) -> SharedArena:
         if size <= 0:
             raise ValueError(f"arena size must be positive, got {size}")
         path = cls.path_of(name)
@@ -70,6 +70,8 @@ class SharedArena:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.fchmod(fd, mode)  # umask must not narrow the mode we were asked for
+            if gid is not None:
+                os.fchown(fd, -1, gid)  # the group whose engines may map it
             os.posix_fallocate(fd, 0, size)
             os.link(tmp, path)
         except FileExistsError as e:

@@ -92,3 +92,10 @@ def test_a_fractional_size_is_refused_not_truncated(tmp_path):
         load_config(str(f), env={})
     with pytest.raises(ValueError, match="host_cache_mb: expected an integer"):
         load_config(env={"KVBM_HOST_CACHE_MB": "1.9"})
+
+
+def test_a_shared_group_must_exist():
+    assert load_config(env={}, overrides={"shared_group": "nogroup"}).shared_gid == 65534
+    assert load_config(env={}, overrides={"shared_group": "1234"}).shared_gid == 1234
+    with pytest.raises(ValueError, match="shared_group: no group"):
+        load_config(env={}, overrides={"shared_group": "no-such-group-kvbm"})

@@ -165,3 +165,24 @@ def test_a_frozen_peer_costs_one_timeout_then_is_left_alone_until_it_may_be_back
     finally:
         eng_a.close()
         eng_b.close()
+
+
+def test_a_shared_group_lets_its_engines_attach(daemons):
+    """The socket and the host arena go 0660 to the configured group, so engines
+    need not run as the node's user; by default the arena is the node's alone."""
+    import grp
+    import stat
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    shared = daemons("grouped", "127.0.0.2", "--host-cache-mb", "2", "--shared-group", "nogroup")
+    private = daemons("private", "127.0.0.3", "--host-cache-mb", "2")
+    one, two = NodeAttachment(shared.socket, GEOMETRY), NodeAttachment(private.socket, GEOMETRY)
+    try:
+        sock = os.stat(shared.socket)
+        assert sock.st_gid == gid and stat.S_IMODE(sock.st_mode) == 0o660
+        arena = os.stat(f"/dev/shm/{one.arena_name}")
+        assert arena.st_gid == gid and stat.S_IMODE(arena.st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(f"/dev/shm/{two.arena_name}").st_mode) == 0o600
+    finally:
+        one.close()
+        two.close()

@@ -117,6 +117,8 @@ class Node:
         _claim_socket_path(path)
         self._engines = await asyncio.start_unix_server(self._serve_engine, path)
         os.chmod(path, 0o660)
+        if self.cfg.shared_gid is not None:
+            os.chown(path, -1, self.cfg.shared_gid)
         if self.cfg.metrics_port:
             host, _ = self.cfg.listen_address
             self._metrics = MetricsServer(lambda: self.ready, self._registry)
