@@ -195,46 +195,45 @@ def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> l
         f"{tokens} tokens; starting engine 1 (about a minute)"
     )
     probe_b = NodeAttachment(sock_b, g)
-    reference: list[list[int]] = []
-    phases = []
+
+    def phase(
+        title: str, engine: Engine, order: list[int], reference: list[list[int]] | None = None
+    ) -> tuple[Phase, list[list[int]]]:
+        """The prompts in `order`; sources from B's counters, outputs checked
+        against `reference` where given."""
+        done, outputs = Phase(title), [[] for _ in prompts]
+        before = probe_b.stats()["engine_blocks"]
+        for step, i in enumerate(order):
+            outputs[i], seconds = engine.ask(prompts[i], 8)
+            done.seconds += seconds
+            if reference is not None:
+                done.checked += 1
+                done.wrong += outputs[i] != reference[i]
+            _progress(done, step + 1, len(prompts))
+        print()
+        after = probe_b.stats()["engine_blocks"]
+        done.blocks = {s: after[s] - before[s] for s in SOURCES}
+        done.computed = -1  # vLLM computes what it did not load
+        return done, outputs
+
+    forward = list(range(len(prompts)))
     try:
-        for title, sock, remote in (
-            ("engine 1 on node A computes", sock_a, []),
-            ("engine 2 on node B asks", sock_b, ["host", "disk"]),
-        ):
-            engine = Engine(model, {"node": sock, "remote_tiers": remote})
-            try:
-                rounds = 1 if sock == sock_a else 2
-                for r in range(rounds):
-                    phase = Phase(title if r == 0 else title + " again")
-                    before = probe_b.stats().get("engine_blocks", dict.fromkeys(SOURCES, 0))
-                    # engine 2 asks newest first, as in the synthetic run
-                    order = list(range(len(prompts)))
-                    if sock == sock_b and r == 0:
-                        order.reverse()
-                    for step, i in enumerate(order):
-                        p = prompts[i]
-                        out, seconds = engine.ask(p, 8)
-                        phase.seconds += seconds
-                        if sock == sock_a:
-                            reference.append(out)
-                        else:
-                            phase.checked += 1
-                            phase.wrong += out != reference[i]
-                        _progress(phase, step + 1, len(prompts))
-                    print()
-                    if sock == sock_b:
-                        after = probe_b.stats()["engine_blocks"]
-                        phase.blocks = {s: after[s] - before[s] for s in SOURCES}
-                    phase.computed = -1  # vLLM computes what it did not load
-                    phases.append(phase)
-            finally:
-                engine.close()
-            if sock == sock_a:
-                print("starting engine 2 (about a minute)")
+        engine = Engine(model, {"node": sock_a, "remote_tiers": []})
+        try:
+            first, reference = phase("engine 1 on node A computes", engine, forward)
+        finally:
+            engine.close()
+        print("starting engine 2 (about a minute)")
+        engine = Engine(model, {"node": sock_b, "remote_tiers": ["host", "disk"]})
+        try:
+            # newest first, as in the synthetic run
+            second, _ = phase("engine 2 on node B asks", engine, forward[::-1], reference)
+            third, _ = phase("engine 2 on node B asks again", engine, forward, reference)
+        finally:
+            engine.close()
     finally:
         probe_b.close()
-    return phases
+    return [first, second, third]
 
 
 def _progress(phase: Phase, done: int, total: int) -> None:

@@ -9,7 +9,7 @@ from collections import Counter
 
 from discovery.etcd_index import snapshot
 from kvbm.config import KvbmConfig
-from kvbm.node.engine_rpc import EngineLink, NodeError
+from kvbm.node.engine_rpc import EngineLink
 
 
 def fleet(cfg: KvbmConfig) -> dict:
@@ -65,6 +65,3 @@ def render(result: dict) -> str:
     if "tiers" not in result:
         lines.append("  no engine has attached yet")
     return "\n".join(lines)
-
-
-__all__ = ["NodeError", "fleet", "node", "render"]

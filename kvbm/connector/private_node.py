@@ -12,7 +12,6 @@ import ctypes
 import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 
 from kvbm.config import KvbmConfig, to_toml
 from kvbm.errors import KvbmError
+from kvbm.node.engine_rpc import node_listening
 
 START_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -36,7 +36,7 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     with open(os.path.join(directory, "start.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
-        if _listening(path):
+        if node_listening(path):
             return path, None
         config = os.path.join(directory, "node.toml")
         with open(config, "w") as f:
@@ -50,21 +50,12 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _listening(path):
+        while not node_listening(path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise KvbmError(f"the private kvbm node did not start; see {directory}/node.log")
             time.sleep(0.05)
         return path, proc
-
-
-def _listening(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 def _die_with_parent() -> None:

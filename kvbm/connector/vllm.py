@@ -206,9 +206,7 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def _lost(self, error: BaseException) -> None:
         log.warning("kvbm node unavailable, serving without it: %s", error)
-        for a in self._node or []:
-            a.close()
-        self._node = None
+        self._reattach()
         self._retry_at = time.monotonic() + RETRY_S
 
     # -- scheduler side ----------------------------------------------------

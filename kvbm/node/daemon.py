@@ -75,7 +75,6 @@ class Serving:
     tiers: ManagerTiers
     agent: NixlAgent
     peer_server: PeerServer
-    record: NodeRecord
 
 
 class Node:
@@ -196,7 +195,7 @@ class Node:
                 disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
                 version=__version__,
             )
-            self.serving = Serving(mgr, tiers, agent, server, record)
+            self.serving = Serving(mgr, tiers, agent, server)
             joined = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._join_index(record, joined)))
             # The first engine's first request should already see its peers: wait
@@ -495,15 +494,9 @@ def _claim_socket_path(path: str) -> None:
     """Remove a socket file left by a dead node; refuse one a live node serves."""
     if not os.path.exists(path):
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: stale
-        return
-    finally:
-        probe.close()
-    raise KvbmError(f"another node already serves {path}")
+    if engine_rpc.node_listening(path):
+        raise KvbmError(f"another node already serves {path}")
+    os.unlink(path)  # nobody listens: stale
 
 
 def default_node_id() -> str:

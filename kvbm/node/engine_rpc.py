@@ -61,6 +61,16 @@ def geometry_from_wire(d: object) -> ModelGeometry:
         raise ProtocolError(f"bad geometry: {e}") from None
 
 
+def node_listening(path: str) -> bool:
+    """Whether a node answers on the socket at `path` (a connect, nothing sent)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 class NodeError(TransportError):
     """The node refused a call (its reason is the message), or cannot be reached."""
 

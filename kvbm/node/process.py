@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from kvbm.errors import KvbmError
+from kvbm.node.engine_rpc import node_listening
 
 START_TIMEOUT_S = 60.0
 
@@ -34,12 +34,7 @@ class NodeProcess:
             time.sleep(0.05)
 
     def listening(self) -> bool:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(self.socket)
-                return True
-            except OSError:
-                return False
+        return node_listening(self.socket)
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
