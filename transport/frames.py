@@ -8,7 +8,8 @@ The HMAC covers the payload under the fleet's shared secret. A payload must be
 fresh (its timestamp within `window_s` of the receiver's clock) and never seen
 before (its nonce remembered for that window), so a captured frame cannot be
 replayed. Every size is bounded before anything is allocated: the length
-prefix by `max_frame`, and msgpack's containers and strings by the same cap.
+prefix by `max_frame`, msgpack's strings by the same cap, its arrays and maps
+by MAX_ITEMS and MAX_FIELDS.
 Anything wrong raises ProtocolError (AuthError for a forged or replayed
 frame); the server closes that connection and serves the others.
 """
@@ -34,6 +35,8 @@ VERSION = 1
 MAC_BYTES = 32
 NONCE_BYTES = 16
 DEFAULT_MAX_FRAME = 1 << 20
+MAX_ITEMS = 1 << 16  # per msgpack array: more than any call sends (4096 keys)
+MAX_FIELDS = 64  # per msgpack map: calls' bodies have a handful
 _LEN = struct.Struct(">I")
 _FIELDS = {"v", "call", "id", "ts", "nonce", "body"}
 
@@ -110,8 +113,8 @@ class FrameCodec:
                 strict_map_key=True,
                 max_str_len=cap,
                 max_bin_len=cap,
-                max_array_len=cap,
-                max_map_len=cap,
+                max_array_len=MAX_ITEMS,
+                max_map_len=MAX_FIELDS,
                 max_ext_len=0,
             )
         except Exception as e:

@@ -46,7 +46,7 @@ class NixlAgent:
             self._reg = self._agent.register_memory([(arena_addr, arena_size, 0, "")], "DRAM")
         except Exception as e:
             raise TransportError(f"cannot start NIXL agent {name!r} ({backend}): {e}") from e
-        self._peers: set[str] = set()
+        self._peers: dict[str, int] = {}  # remote agent -> holders (client and server sides)
         self._lock = threading.Lock()
 
     @property
@@ -66,18 +66,23 @@ class NixlAgent:
                 self._lock.release()
 
     def add_peer(self, metadata: bytes) -> str:
+        """Load a peer's metadata; each add is matched by one `remove_peer`."""
         try:
             with self._lock:
                 name = self._agent.add_remote_agent(metadata)
         except Exception as e:
             raise TransportError(f"bad NIXL metadata from a peer: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
-        self._peers.add(name)
+        self._peers[name] = self._peers.get(name, 0) + 1
         return name
 
     def remove_peer(self, name: str) -> None:
-        if name in self._peers:
-            self._peers.discard(name)
+        """The remote agent is unloaded when its last holder removes it."""
+        held = self._peers.get(name, 0)
+        if held > 1:
+            self._peers[name] = held - 1
+        elif held == 1:
+            del self._peers[name]
             with self._lock:
                 self._agent.remove_remote_agent(name)
 
@@ -129,6 +134,7 @@ class NixlAgent:
         if self._agent is None:
             return
         for peer in list(self._peers):
+            self._peers[peer] = 1
             self.remove_peer(peer)
         try:
             with self._lock:

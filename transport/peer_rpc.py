@@ -4,9 +4,11 @@ Calls: `hello` (NIXL metadata, arena base address and layout fingerprints, both
 ways; a peer without a common fingerprint is refused), `pin` (the longest held
 prefix of some keys, pinned, with arena offsets and checksums) and `unpin`.
 Pins expire after `pin_ttl` seconds, so a requester that dies never leaks
-them, and a peer may hold at most `max_pins_per_peer` at once. A connection
-that sends anything malformed is closed with a logged reason; the server goes
-on serving its other peers.
+them; a peer may hold at most `max_pins_per_peer` at once and all peers
+together `max_pins_total`, so no peer can take the arena from the node's own
+engines. A connection that sends anything malformed (a second hello
+included) is closed with a logged reason; the server goes on serving its
+other peers, at most MAX_CONNECTIONS at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
 log = logging.getLogger("transport.rpc")
 CALLS = ("hello", "pin", "unpin", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
+MAX_CONNECTIONS = 256
 
 
 class PeerServer:
@@ -41,12 +44,15 @@ class PeerServer:
         secret: bytes,
         pin_ttl: float = 10.0,
         max_pins_per_peer: int = 4096,
+        max_pins_total: int = 8192,
     ) -> None:
         self.source = source
         self.agent = agent
         self.codec = FrameCodec(secret, CALLS)
         self.pin_ttl = pin_ttl
         self.max_pins_per_peer = max_pins_per_peer
+        self.max_pins_total = max_pins_total
+        self.connections = 0
         self.pins: dict[str, dict[bytes, float]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -94,11 +100,14 @@ class PeerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
         peer = None
+        self.connections += 1
         try:
+            if self.connections > MAX_CONNECTIONS:
+                raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
             while True:
                 msg = await self.codec.read(reader)
-                if peer is None and msg.call != "hello":
-                    raise ProtocolError("first call must be hello")
+                if (peer is None) != (msg.call == "hello"):
+                    raise ProtocolError("hello must come first, and once")
                 if msg.call == "hello":
                     peer, reply = self._hello(msg)
                 elif msg.call == "pin":
@@ -119,6 +128,9 @@ class PeerServer:
         except Exception as e:  # a request the tiers refused (a bad key, say): this peer only
             log.warning("closing peer connection addr=%s reason=%r", addr, e)
         finally:
+            self.connections -= 1
+            if peer is not None:
+                self.agent.remove_peer(peer)  # its pins live on until unpinned or expired
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -145,7 +157,9 @@ class PeerServer:
     async def _pin(self, peer: str, msg: Message) -> dict:
         keys = _keys(msg)
         held = self.pins.setdefault(peer, {})
-        keys = keys[: max(0, self.max_pins_per_peer - len(held))]
+        everyone = sum(len(h) for h in self.pins.values())
+        room = min(self.max_pins_per_peer - len(held), self.max_pins_total - everyone)
+        keys = keys[: max(0, room)]
         blocks = await asyncio.to_thread(self.source.pin_for_peer, peer, keys) if keys else []
         expiry = time.monotonic() + self.pin_ttl
         for b in blocks:

@@ -45,7 +45,7 @@ from kvbm.peer_tiers import ManagerTiers
 from transport.errors import ProtocolError, TransportError
 from transport.frames import Message
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import PeerClient, PeerServer, pull
+from transport.peer_rpc import ROUND_BLOCKS, PeerClient, PeerServer, pull
 from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
@@ -75,6 +75,7 @@ class Serving:
     tiers: ManagerTiers
     agent: NixlAgent
     peer_server: PeerServer
+    peer_address: str  # HOST:PORT peers call
 
 
 class Node:
@@ -175,7 +176,11 @@ class Node:
                     f"kvbm-{self.node_id}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size
                 )
                 tiers = ManagerTiers(mgr)
-                server = PeerServer(tiers, agent, self.secret)
+                # a peer may pin a quarter of the arena, all peers half of it
+                # (but always two pull rounds: a small arena is no use otherwise)
+                per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)
+                total = max(per_peer, mgr.host.num_slots // 2)
+                server = PeerServer(tiers, agent, self.secret, 10.0, per_peer, total)
                 host, port = self.cfg.listen_address
                 port = await server.start(host, port)
             except BaseException:
@@ -195,7 +200,7 @@ class Node:
                 disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
                 version=__version__,
             )
-            self.serving = Serving(mgr, tiers, agent, server)
+            self.serving = Serving(mgr, tiers, agent, server, f"{host}:{port}")
             joined = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._join_index(record, joined)))
             # The first engine's first request should already see its peers: wait
@@ -369,6 +374,8 @@ class Node:
             return out
         mgr = self.serving.mgr
         m = mgr.metrics
+        out["peer_address"] = self.serving.peer_address
+        out["pinned_for_peers"] = sum(len(h) for h in self.serving.peer_server.pins.values())
         out["tiers"] = {
             tier: {
                 "blocks": int(m.value("kvbm_tier_blocks", tier=tier)),
