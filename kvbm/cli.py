@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     which.add_parser("transport", help="pulls between two node processes over NIXL").add_argument(
         "--json", action="store_true", help="print one JSON object"
     )
+    soak = which.add_parser("soak", help="three nodes under load and faults, every block checked")
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    soak.add_argument("--minutes", type=float, default=5.0)
+    soak.add_argument(
+        "--faults", default="kill,freeze,etcd,corrupt", help="kinds to inject (comma list, or none)"
+    )
+    soak.add_argument("--fault-every", type=float, default=4.0, help="seconds between faults")
+    soak.add_argument("--seed", type=int, default=1)
     e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.add_argument("--prompts", type=int, default=6, help="prompts per figure (median)")
@@ -95,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import transport as transport_mod
 
                 result = transport_mod.run()
+            elif args.bench == "soak":
+                from kvbm.bench import soak as soak_mod
+
+                kinds = tuple(k for k in args.faults.split(",") if k and k != "none")
+                result = soak_mod.run(args.minutes, kinds, args.fault_every, args.seed)
             else:
                 from kvbm.bench import e2e as e2e_mod
 

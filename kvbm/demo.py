@@ -25,14 +25,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import torch
-
 from discovery.etcd_server import EtcdServer
+from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
 from kvbm.config import from_args
 from kvbm.connector.attach import NodeAttachment
 from kvbm.hashing import salt_hash, sequence_hashes
-from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.logs import setup_logging
 from kvbm.node.process import NodeProcess
 
@@ -41,33 +40,6 @@ TINY_LLAMA = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size
 DEMO_DEFAULTS = {"host_cache_mb": 2}  # node A's host tier: small, so prompts spill to disk
 HOST_B_MB = 256
 SOURCES = ("local_host", "local_disk", "remote_host", "remote_disk")
-
-
-class SyntheticEngine:
-    """Stands in for vLLM: per-layer KV tensors, and a 'forward pass' that fills
-    a block with bytes derived from its key alone, so any load can be checked."""
-
-    def __init__(self, geometry: ModelGeometry, num_blocks: int) -> None:
-        self.geometry = geometry
-        self.layers = [
-            torch.zeros(num_blocks, *geometry.layer_shape) for _ in range(geometry.num_layers)
-        ]
-        self.kv = EngineKV(geometry, self.layers)
-
-    def expected(self, key: BlockKey) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(key.seq_hash & (2**63 - 1))
-        return [torch.randn(self.geometry.layer_shape, generator=gen) for _ in self.layers]
-
-    def compute(self, keys: list[BlockKey], block_ids: list[int]) -> None:
-        for key, b in zip(keys, block_ids, strict=True):
-            for layer, data in zip(self.layers, self.expected(key), strict=True):
-                layer[b] = data
-
-    def matches(self, key: BlockKey, block_id: int) -> bool:
-        return all(
-            torch.equal(layer[block_id], data)
-            for layer, data in zip(self.layers, self.expected(key), strict=True)
-        )
 
 
 @dataclass

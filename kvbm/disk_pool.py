@@ -30,7 +30,7 @@ import xxhash
 
 from kvbm.block_key import MAX_ENCODED, BlockKey
 from kvbm.errors import DiskTierError
-from kvbm.hashing import checksum
+from kvbm.hashing import content_matches
 from kvbm.host_pool import HostPool
 from kvbm.layout import PAGE, ModelGeometry, slot_runs
 from kvbm.slot_table import SlotTable
@@ -74,6 +74,11 @@ def _aligned(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(PAGE, nbytes))
 
 
+def arena_path(directory: str, geometry: ModelGeometry) -> str:
+    """One file per geometry, so nodes never mix layouts in one file."""
+    return os.path.join(directory, f"kvbm-g3-{geometry.fingerprint:016x}.arena")
+
+
 class DiskPool:
     """Bookkeeping in `table`; this class adds the file. Not thread-safe for
     bookkeeping (the manager serialises); `write` and `read` touch only slots
@@ -100,7 +105,7 @@ class DiskPool:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             raise DiskTierError(f"cannot create disk cache directory {directory}: {e}") from e
-        self.path = os.path.join(directory, f"kvbm-g3-{geometry.fingerprint:016x}.arena")
+        self.path = arena_path(directory, geometry)
         self.data_start = PAGE + num_slots * PAGE
         self.size = self.data_start + num_slots * self.slot_bytes
         self.table = SlotTable(num_slots)
@@ -351,7 +356,7 @@ class DiskPool:
         except OSError as e:
             log.warning("disk read failed blocks=%d error=%s", len(piece), e)
             return [None] * len(piece)
-        return [checksum(host.block_view(it.dst)) == it.checksum for it in piece]
+        return [content_matches(host.block_view(it.dst), it.checksum) for it in piece]
 
     def _run_pieces(
         self,

@@ -10,6 +10,7 @@ it would split a fleet running two versions into two caches.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 
@@ -17,6 +18,9 @@ import numpy as np
 import xxhash
 
 _PAIR = struct.Struct("<QQ")
+# Test-only: KVBM_TEST_SKIP_VERIFY=1 makes every content check pass, so a test
+# can show what the checksums catch (the soak's negative control). Never in production.
+SKIP_VERIFY = os.environ.get("KVBM_TEST_SKIP_VERIFY") == "1"
 _MAX_TOKEN = 2**32 - 1
 
 
@@ -70,3 +74,8 @@ def sequence_hashes(
 def checksum(data: memoryview | bytes) -> int:
     """Content checksum of one block's bytes (xxh3_64; releases the GIL)."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def content_matches(data: memoryview | bytes, expected: int) -> bool:
+    """Whether a block's bytes are the ones its checksum was taken of."""
+    return SKIP_VERIFY or checksum(data) == expected

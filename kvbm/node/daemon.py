@@ -37,6 +37,7 @@ from kvbm import __version__
 from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch, KvbmError
+from kvbm.hashing import SKIP_VERIFY
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager, LoadPlan, StorePlan, build_manager
 from kvbm.node import engine_rpc
@@ -375,6 +376,7 @@ class Node:
         mgr = self.serving.mgr
         m = mgr.metrics
         out["peer_address"] = self.serving.peer_address
+        out["engine_leases"] = len(self.leases)
         out["pinned_for_peers"] = sum(len(h) for h in self.serving.peer_server.pins.values())
         out["tiers"] = {
             tier: {
@@ -515,6 +517,8 @@ def run(cfg: KvbmConfig) -> int:
     """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
     host, _ = cfg.listen_address
     secret = load_secret(cfg.secret_file, host, cfg.dev_insecure)
+    if SKIP_VERIFY:
+        log.warning("KVBM_TEST_SKIP_VERIFY=1: block contents are NOT verified (tests only)")
 
     async def main() -> None:
         node = Node(cfg, secret)

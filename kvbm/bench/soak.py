@@ -1,0 +1,323 @@
+"""`kvbm bench soak`: three nodes under a random load with a fault every few
+seconds; every block that reaches an engine is checked against the bytes
+first written for its key.
+
+Load: an engine on every node asks for prompts drawn from one pool (shared
+document prefixes, skewed popularity), loads what the mesh holds (its node's
+tiers, or pulled from a peer's host or disk), checks it, computes the rest
+and stores it. Tiers are small, so blocks keep moving G2 -> G3 and out.
+
+Faults, in turn: a node SIGKILLed and restarted on its disk arena, a node
+frozen (SIGSTOP) for a while, etcd SIGKILLed and restarted, bytes flipped in
+a node's disk arena. Node 0 is never killed: its memory growth after the
+warm-up is `rss_growth_mb`. `max_pull_ms` is the longest load of an engine
+whose own node was not frozen meanwhile (a frozen peer costs its timeout).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from discovery.etcd_server import EtcdServer
+from kvbm.bench.synthetic import SyntheticEngine
+from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.disk_pool import SLOT_MAGIC, arena_path
+from kvbm.errors import KvbmError
+from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.layout import PAGE, ModelGeometry
+from kvbm.node.process import NodeProcess
+
+GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16)  # 64 KiB
+FAULTS = ("kill", "freeze", "etcd", "corrupt")
+NODES = 3
+PROMPT_BLOCKS = 8
+DOCUMENTS = 24  # prompts share a document's first half
+PROMPTS = 96
+FREEZE_S = 1.5
+WARMUP_S = 20.0
+
+
+@dataclass
+class Tally:
+    operations: int = 0
+    requests: int = 0
+    blocks_checked: int = 0
+    bytes_moved: int = 0
+    wrong_blocks: int = 0
+    fallbacks: int = 0
+    max_pull_ms: float = 0.0
+    sources: Counter = field(default_factory=Counter)
+    faults: Counter = field(default_factory=Counter)
+
+
+class Seat:
+    """One engine on one node: its attachment comes and goes with the node."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        self.node = node
+        self.att: NodeAttachment | None = None
+        self.engine = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
+        self.freezes = 0  # bumped when the node is frozen: loads across it are not timed
+        self.frozen = False
+
+    def attachment(self) -> NodeAttachment | None:
+        if self.att is None:
+            try:
+                self.att = NodeAttachment(
+                    self.node.socket, GEOMETRY, remote=["host", "disk"], timeout=10
+                )
+            except (NodeError, OSError):
+                return None
+        return self.att
+
+    def drop(self) -> None:
+        if self.att is not None:
+            self.att.close()
+            self.att = None
+
+
+class Cluster:
+    def __init__(self, tmp: str, etcd: EtcdServer) -> None:
+        self.tmp, self.etcd = tmp, etcd
+        self.nodes = [self._start(i) for i in range(NODES)]
+
+    def flags(self, i: int) -> list[str]:
+        return [
+            "--etcd", self.etcd.endpoint, "--lease-ttl", "3",
+            "--host-cache-mb", "4",
+            "--disk-cache-dir", self.disk_dir(i), "--disk-cache-mb", "16",
+            "--disk-admit-min-uses", "1",
+            "--peer-timeout-ms", "1000", "--peer-backoff-s", "2",
+            "--log-level", "warning",
+        ]  # fmt: skip
+
+    def disk_dir(self, i: int) -> str:
+        return os.path.join(self.tmp, f"disk-{i}")
+
+    def _start(self, i: int) -> NodeProcess:
+        return NodeProcess(self.tmp, f"node-{i}", f"127.0.0.{i + 2}", *self.flags(i))
+
+    def restart(self, i: int) -> None:
+        self.nodes[i] = self._start(i)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                os.kill(node.proc.pid, signal.SIGCONT)  # a frozen node cannot take SIGTERM
+            node.stop()
+
+
+def run(
+    minutes: float,
+    faults: tuple[str, ...] = FAULTS,
+    fault_every_s: float = 4.0,
+    seed: int = 1,
+) -> dict:
+    rng = random.Random(seed)
+    salt = salt_hash("kvbm-soak")
+    docs = [
+        [rng.randrange(32000) for _ in range(PROMPT_BLOCKS // 2 * 16)] for _ in range(DOCUMENTS)
+    ]
+    prompts = [
+        sequence_hashes(
+            docs[i % DOCUMENTS] + [rng.randrange(32000) for _ in range(PROMPT_BLOCKS // 2 * 16)],
+            GEOMETRY.block_size,
+            salt,
+        )
+        for i in range(PROMPTS)
+    ]
+    weights = [1 / (i + 1) ** 0.8 for i in range(PROMPTS)]
+    tally = Tally()
+    with tempfile.TemporaryDirectory(prefix="kvbm-soak-") as tmp, EtcdServer() as etcd:
+        cluster = Cluster(tmp, etcd)
+        seats = [Seat(n) for n in cluster.nodes]
+        faulter = Faulter(cluster, seats, faults, fault_every_s, seed)
+        try:
+            t_start = time.monotonic()
+            deadline = t_start + minutes * 60
+            rss_start: float | None = None
+            faulter.start()
+            while time.monotonic() < deadline:
+                if rss_start is None and time.monotonic() - t_start > min(WARMUP_S, minutes * 15):
+                    rss_start = _rss_mb(cluster.nodes[0].proc.pid)
+                seat = rng.choice(seats)
+                att = seat.attachment()
+                if att is None:  # its node is down: the engine recomputes
+                    tally.fallbacks += 1
+                    tally.requests += 1
+                    time.sleep(0.01)
+                    continue
+                hashes = rng.choices(prompts, weights)[0]
+                try:
+                    if rng.random() < 0.2:
+                        att.lookup(att.keys(hashes))
+                        tally.operations += 1
+                    else:
+                        _request(seat, att, hashes, tally)
+                except NodeError:
+                    tally.fallbacks += 1
+                    seat.drop()
+            faulter.finish()
+            if faulter.error is not None:
+                raise KvbmError(f"soak: a fault left the cluster broken: {faulter.error}")
+            for seat in seats:
+                seat.drop()
+            leaked = _settle(cluster)
+            rss_end = _rss_mb(cluster.nodes[0].proc.pid)
+        finally:
+            faulter.finish()
+            for seat in seats:
+                seat.drop()
+            cluster.stop()
+    tally.faults = faulter.injected
+    return {
+        "minutes": minutes,
+        "operations": tally.operations,
+        "requests": tally.requests,
+        "blocks_checked": tally.blocks_checked,
+        "bytes_moved": tally.bytes_moved,
+        "wrong_blocks": tally.wrong_blocks,
+        "fallbacks": tally.fallbacks,
+        "faults_injected": sum(tally.faults.values()),
+        "faults_by_kind": dict(tally.faults),
+        "blocks_by_source": dict(tally.sources),
+        "max_pull_ms": round(tally.max_pull_ms, 1),
+        "rss_growth_mb": round(rss_end - (rss_start or rss_end), 1),
+        "leaked_pins": leaked,
+    }
+
+
+def _request(seat: Seat, att: NodeAttachment, hashes: list[int], tally: Tally) -> None:
+    """Load what the mesh holds, check every block, compute the rest, store all."""
+    keys = att.keys(hashes)
+    ids = list(range(len(keys)))
+    engine = seat.engine
+    engine.clear()
+    freezes = seat.freezes
+    t0 = time.perf_counter()
+    loaded, sources = att.load(engine.kv, keys, ids)
+    ms = (time.perf_counter() - t0) * 1000
+    if freezes == seat.freezes and not seat.frozen:
+        tally.max_pull_ms = max(tally.max_pull_ms, ms)
+    tally.requests += 1
+    tally.blocks_checked += loaded
+    tally.wrong_blocks += sum(not engine.matches(keys[i], i) for i in range(loaded))
+    tally.sources.update(sources)
+    engine.compute(keys[loaded:], ids[loaded:])
+    added = att.store(engine.kv, keys, ids)
+    tally.operations += 2
+    tally.bytes_moved += (loaded + added) * GEOMETRY.block_bytes
+
+
+class Faulter(threading.Thread):
+    """Injects a fault every `every_s` seconds, at whatever point the load is
+    (mid-pull, mid-store): a fault never waits for a quiet moment."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        seats: list[Seat],
+        kinds: tuple[str, ...],
+        every_s: float,
+        seed: int,
+    ) -> None:
+        super().__init__(daemon=True)
+        for kind in kinds:
+            if kind not in FAULTS:
+                raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULTS)}")
+        self.cluster, self.seats, self.kinds, self.every_s = cluster, seats, kinds, every_s
+        self.rng = random.Random(seed + 1)
+        self.injected: Counter = Counter()
+        self.stopping = threading.Event()
+        self.error: Exception | None = None  # a node that did not come back, say
+
+    def run(self) -> None:
+        while self.kinds and not self.stopping.wait(self.every_s):
+            kind = self.rng.choice(self.kinds)
+            try:
+                self.inject(kind)
+            except Exception as e:
+                self.error = e
+                return
+            self.injected[kind] += 1
+
+    def finish(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join()
+
+    def inject(self, kind: str) -> None:
+        cluster, rng = self.cluster, self.rng
+        if kind == "kill":  # never node 0: its memory is the one measured
+            i = rng.randrange(1, NODES)
+            cluster.nodes[i].proc.kill()
+            cluster.nodes[i].proc.wait(10)
+            cluster.restart(i)
+            self.seats[i].node = cluster.nodes[i]  # the engine re-attaches to it
+        elif kind == "freeze":
+            seat = rng.choice(self.seats)
+            seat.frozen, seat.freezes = True, seat.freezes + 1
+            os.kill(seat.node.proc.pid, signal.SIGSTOP)
+            self.stopping.wait(FREEZE_S)
+            os.kill(seat.node.proc.pid, signal.SIGCONT)
+            seat.frozen = False
+        elif kind == "etcd":
+            cluster.etcd.kill()
+            time.sleep(0.5)
+            cluster.etcd.start()
+        else:
+            corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng)
+
+
+def corrupt_disk(directory: str, rng: random.Random, blocks: int = 8) -> int:
+    """Flip one byte in each of up to `blocks` occupied slots of a disk arena,
+    behind its node's back (as a bad sector would). Returns how many."""
+    path = arena_path(directory, GEOMETRY)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return 0
+    try:
+        slot_bytes = GEOMETRY.slot_bytes
+        num_slots = (os.fstat(fd).st_size - PAGE) // (PAGE + slot_bytes)
+        used = [s for s in range(num_slots) if os.pread(fd, 8, PAGE + s * PAGE) == SLOT_MAGIC]
+        for s in rng.sample(used, min(blocks, len(used))):
+            at = PAGE * (1 + num_slots) + s * slot_bytes + rng.randrange(GEOMETRY.block_bytes)
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
+        os.fsync(fd)
+        return min(blocks, len(used))
+    finally:
+        os.close(fd)
+
+
+def _settle(cluster: Cluster, timeout: float = 20.0) -> int:
+    """Pins and leases still held once every engine has gone and peer pins had
+    time to expire: 0 unless something leaked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = 0
+        for node in cluster.nodes:
+            try:
+                att = NodeAttachment(node.socket, GEOMETRY, timeout=10, map_arena=False)
+            except NodeError:
+                continue
+            try:
+                stats = att.stats()
+                held += stats.get("pinned_for_peers", 0) + stats.get("engine_leases", 0)
+            finally:
+                att.close()
+        if held == 0 or time.monotonic() > deadline:
+            return held
+        time.sleep(0.5)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
