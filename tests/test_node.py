@@ -102,28 +102,6 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
     assert node.stop() == 0
 
 
-def test_an_engine_that_goes_away_leaves_no_pins(daemons):
-    node = daemons("pins", "127.0.0.2", "--host-cache-mb", "2")
-    eng = NodeAttachment(node.socket, GEOMETRY)
-    ks = eng.keys(list(range(6)))
-    made = Engine(6)
-    assert eng.store(made.kv, ks, made.compute(ks)) == 6
-    # take a load lease and a store lease, then vanish without settling them
-    eng.link.call("load", {"keys": [k.encode() for k in ks], "remote": []})
-    eng.link.call("reserve", {"keys": [k.encode() for k in eng.keys([99])]})
-    eng.close()
-    # everything is evictable again: a store of the whole tier's size succeeds
-    again = NodeAttachment(node.socket, GEOMETRY)
-    try:
-        fill = again.keys(list(range(100, 100 + again.num_slots)))
-        big = Engine(len(fill))
-        assert again.store(big.kv, fill, big.compute(fill)) == len(fill)
-        assert again.lookup(ks) == Available(0)  # all six were evicted: no pin held them
-    finally:
-        again.close()
-    assert node.stop() == 0
-
-
 def test_a_shared_group_lets_its_engines_attach(daemons):
     """The socket and the host arena go 0660 to the configured group, so engines
     need not run as the node's user; by default the arena is the node's alone."""

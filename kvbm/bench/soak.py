@@ -276,20 +276,22 @@ class Faulter(threading.Thread):
             corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng)
 
 
-def corrupt_disk(directory: str, rng: random.Random, blocks: int = 8) -> int:
+def corrupt_disk(
+    directory: str, rng: random.Random, blocks: int = 8, geometry: ModelGeometry = GEOMETRY
+) -> int:
     """Flip one byte in each of up to `blocks` occupied slots of a disk arena,
     behind its node's back (as a bad sector would). Returns how many."""
-    path = arena_path(directory, GEOMETRY)
+    path = arena_path(directory, geometry)
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return 0
     try:
-        slot_bytes = GEOMETRY.slot_bytes
+        slot_bytes = geometry.slot_bytes
         num_slots = (os.fstat(fd).st_size - PAGE) // (PAGE + slot_bytes)
         used = [s for s in range(num_slots) if os.pread(fd, 8, PAGE + s * PAGE) == SLOT_MAGIC]
         for s in rng.sample(used, min(blocks, len(used))):
-            at = PAGE * (1 + num_slots) + s * slot_bytes + rng.randrange(GEOMETRY.block_bytes)
+            at = PAGE * (1 + num_slots) + s * slot_bytes + rng.randrange(geometry.block_bytes)
             os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
         os.fsync(fd)
         return min(blocks, len(used))
