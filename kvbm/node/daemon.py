@@ -300,7 +300,7 @@ class Node:
         start = local.num_blocks
         timeout = self.cfg.peer_timeout_ms / 1000
         for peer, offset, n, run_tiers in self._peer_runs(keys[start:], remote):
-            client = await self._peer(peer)
+            client = await self._peer(peer, timeout)
             if client is None:
                 self._avoid(peer, "unreachable")
                 break
@@ -332,8 +332,9 @@ class Node:
         )
         self.avoided[peer] = time.monotonic() + self.cfg.peer_backoff_s
 
-    async def _peer(self, node_id: str) -> PeerClient | None:
-        """A connected client for a peer the index knows, or None."""
+    async def _peer(self, node_id: str, timeout: float) -> PeerClient | None:
+        """A connected client for a peer the index knows, or None (also when
+        connecting takes longer than `timeout`: a frozen peer still accepts)."""
         client = self.peers.get(node_id)
         if client is not None and client.usable:
             return client
@@ -348,7 +349,7 @@ class Node:
         client = PeerClient(self.serving.agent, self.secret, [fingerprint])
         host, _ = self.cfg.listen_address
         try:
-            await client.connect(record.address, record.rpc_port, 2.0, local_host=host)
+            await client.connect(record.address, record.rpc_port, timeout, local_host=host)
         except (OSError, TimeoutError, TransportError) as e:
             log.info("peer unreachable peer=%s error=%r", node_id, e)
             await client.close()
