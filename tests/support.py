@@ -3,6 +3,8 @@ pure function of the block's key, so every reload can be checked bit for bit."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kvbm.block_key import BlockKey, KeySpace
@@ -57,3 +59,15 @@ def store(mgr, ks: list[BlockKey]) -> int:
     """Compute `ks` in a fresh engine and offload them; returns blocks added."""
     eng = Engine(len(ks))
     return mgr.offload(eng.kv, eng.compute(ks), ks)
+
+
+def fill_up(directory: str) -> None:
+    """Fill the file system under `directory` to the last byte, as another
+    program would (a file named `filler`)."""
+    with open(os.path.join(directory, "filler"), "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass

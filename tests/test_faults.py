@@ -15,7 +15,7 @@ from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager, Tier
-from tests.support import GEOMETRY, Engine, keys, store
+from tests.support import GEOMETRY, Engine, fill_up, keys, store
 
 
 def push_to_disk(mgr, ks) -> None:
@@ -109,13 +109,7 @@ def test_disk_filling_up_rejects_blocks_and_nothing_else_breaks(make_manager, sm
     early = keys(0, 2)
     push_to_disk(mgr, early)
     # ... which something else then fills
-    with open(os.path.join(d, "filler"), "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fill_up(d)
     late = keys(100, 4)
     store(mgr, late)
     # evicting `late` now fails to write: rejected, counted, no exception

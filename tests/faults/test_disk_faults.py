@@ -4,7 +4,6 @@ recomputes) and a metric, never wrong bytes, never a crash."""
 
 from __future__ import annotations
 
-import os
 import random
 import urllib.request
 
@@ -14,7 +13,7 @@ from discovery.etcd_server import free_port
 from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.support import GEOMETRY, Engine, fill_up
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -82,13 +81,7 @@ def test_a_file_system_filling_up_under_the_disk_tier(daemons, small_tmpfs):
         early = eng.keys(list(range(10, 14)))
         spill(eng, early)
         until(lambda: eng.stats()["tiers"]["disk"]["blocks"] >= 4, 10, "nothing reached disk")
-        with open(os.path.join(d, "filler"), "wb") as f:  # something else fills the disk
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill_up(d)  # something else fills the disk
         late = eng.keys(list(range(70_000, 70_000 + 2 * eng.num_slots)))
         big = Engine(len(late))
         assert eng.store(big.kv, late, big.compute(late)) == len(late)  # host tier still takes them
