@@ -31,7 +31,10 @@ MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 _ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
 _LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
 # A namespace's range read or a watch backlog can exceed gRPC's 4 MiB.
-_GRPC_OPTIONS = {"grpc.max_receive_message_length": -1}
+# A subchannel pool of the client's own: with gRPC's process-wide pool a new
+# client after a partition inherits the stalled connection attempt and its
+# back-off (measured: back 9 s after the heal instead of 1 s).
+_GRPC_OPTIONS = {"grpc.max_receive_message_length": -1, "grpc.use_local_subchannel_pool": 1}
 
 
 class EtcdIndex:

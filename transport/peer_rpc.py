@@ -56,6 +56,7 @@ class PeerServer:
         self.pins: dict[str, dict[bytes, float]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._handlers: set[asyncio.Task] = set()  # one per open connection
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
@@ -71,6 +72,10 @@ class PeerServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for t in self._handlers:
+            t.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers))
         for peer in list(self.pins):
             self._release(peer, list(self.pins[peer]))
 
@@ -101,6 +106,9 @@ class PeerServer:
         addr = writer.get_extra_info("peername")
         peer = None
         self.connections += 1
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         try:
             if self.connections > MAX_CONNECTIONS:
                 raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
@@ -127,7 +135,10 @@ class PeerServer:
             pass
         except Exception as e:  # a request the tiers refused (a bad key, say): this peer only
             log.warning("closing peer connection addr=%s reason=%r", addr, e)
+        except asyncio.CancelledError:
+            pass  # the server is closing (a handler ending cancelled is logged as an error)
         finally:
+            self._handlers.discard(handler)
             self.connections -= 1
             if peer is not None:
                 self.agent.remove_peer(peer)  # its pins live on until unpinned or expired

@@ -92,6 +92,7 @@ class Node:
         self.serving: Serving | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self.peers: dict[str, PeerClient] = {}
+        self._closing: set[asyncio.Task] = set()  # clients of forgotten peers, closing
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self.ready = False
         self._setup = asyncio.Lock()
@@ -149,6 +150,8 @@ class Node:
             await self.index.close()
         for client in self.peers.values():
             await client.close()
+        if self._closing:
+            await asyncio.wait(list(self._closing))
         if self.serving is not None:
             await self.serving.peer_server.close()
             self.serving.agent.close()
@@ -310,11 +313,14 @@ class Node:
             pulled += run_tiers[: len(got)]
             if len(got) < n:
                 # fewer blocks than the index said: evicted there meanwhile (fine),
-                # or a peer that is gone or too slow (leave it alone for a while)
+                # or a peer that is gone or too slow (leave it alone for a while,
+                # on a new connection: a request stuck in this one's socket would
+                # hold up every later one until TCP retransmits it)
                 if not client.usable:
                     self._avoid(peer, "connection lost")
                 elif time.monotonic() - t0 >= 0.9 * timeout:
                     self._avoid(peer, "timed out")
+                    await self._forget(peer)
                 break
         plan = await asyncio.to_thread(mgr.prepare_load, keys)
         for t in local.tiers[: plan.num_blocks]:
@@ -332,15 +338,22 @@ class Node:
         )
         self.avoided[peer] = time.monotonic() + self.cfg.peer_backoff_s
 
+    async def _forget(self, node_id: str) -> None:
+        """Drop a peer's client; it closes in the background (closing waits a
+        little for its unpins, which a partitioned peer never answers)."""
+        client = self.peers.pop(node_id, None)
+        if client is not None:
+            task = asyncio.create_task(client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def _peer(self, node_id: str, timeout: float) -> PeerClient | None:
         """A connected client for a peer the index knows, or None (also when
         connecting takes longer than `timeout`: a frozen peer still accepts)."""
         client = self.peers.get(node_id)
         if client is not None and client.usable:
             return client
-        if client is not None:
-            await client.close()
-            del self.peers[node_id]
+        await self._forget(node_id)
         assert self.serving is not None and self.index is not None
         record = self.index.mirror.nodes.get(node_id)
         fingerprint = self.serving.mgr.geometry.fingerprint
