@@ -7,9 +7,10 @@ document prefixes, skewed popularity), loads what the mesh holds (its node's
 tiers, or pulled from a peer's host or disk), checks it, computes the rest
 and stores it. Tiers are small, so blocks keep moving G2 -> G3 and out.
 
-Faults, in turn: a node SIGKILLed and restarted on its disk arena, a node
-frozen (SIGSTOP) for a while, etcd SIGKILLed and restarted, bytes flipped in
-a node's disk arena. Node 0 is never killed: its memory growth after the
+Faults, every kind once per turn in a random order, at any moment of the
+load: a node SIGKILLed and restarted on its disk arena, a node frozen
+(SIGSTOP) for a while, etcd SIGKILLed and restarted, bytes flipped in a
+node's disk arena. Node 0 is never killed: its memory growth after the
 warm-up is `rss_growth_mb`. `max_pull_ms` is the longest load of an engine
 whose own node was not frozen meanwhile (a frozen peer costs its timeout).
 """
@@ -239,8 +240,11 @@ class Faulter(threading.Thread):
         self.error: Exception | None = None  # a node that did not come back, say
 
     def run(self) -> None:
+        turn: list[str] = []
         while self.kinds and not self.stopping.wait(self.every_s):
-            kind = self.rng.choice(self.kinds)
+            if not turn:  # every kind once per turn, in a random order
+                turn = self.rng.sample(self.kinds, len(self.kinds))
+            kind = turn.pop()
             try:
                 self.inject(kind)
             except Exception as e:
