@@ -65,8 +65,9 @@ class Seat:
         self.node = node
         self.att: NodeAttachment | None = None
         self.engine = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
-        self.freezes = 0  # bumped when the node is frozen: loads across it are not timed
+        # loads that overlap a freeze of their own node are not timed
         self.frozen = False
+        self.thawed_at = 0.0
 
     def attachment(self) -> NodeAttachment | None:
         if self.att is None:
@@ -201,11 +202,11 @@ def _request(seat: Seat, att: NodeAttachment, hashes: list[int], tally: Tally) -
     ids = list(range(len(keys)))
     engine = seat.engine
     engine.clear()
-    freezes = seat.freezes
-    t0 = time.perf_counter()
+    frozen = seat.frozen
+    t0 = time.monotonic()
     loaded, sources = att.load(engine.kv, keys, ids)
-    ms = (time.perf_counter() - t0) * 1000
-    if freezes == seat.freezes and not seat.frozen:
+    ms = (time.monotonic() - t0) * 1000
+    if not (frozen or seat.frozen or seat.thawed_at > t0):
         tally.max_pull_ms = max(tally.max_pull_ms, ms)
     tally.requests += 1
     tally.blocks_checked += loaded
@@ -267,10 +268,11 @@ class Faulter(threading.Thread):
             self.seats[i].node = cluster.nodes[i]  # the engine re-attaches to it
         elif kind == "freeze":
             seat = rng.choice(self.seats)
-            seat.frozen, seat.freezes = True, seat.freezes + 1
+            seat.frozen = True
             os.kill(seat.node.proc.pid, signal.SIGSTOP)
             self.stopping.wait(FREEZE_S)
             os.kill(seat.node.proc.pid, signal.SIGCONT)
+            seat.thawed_at = time.monotonic()
             seat.frozen = False
         elif kind == "etcd":
             cluster.etcd.kill()
