@@ -56,6 +56,8 @@ class Tally:
     max_pull_ms: float = 0.0
     sources: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    error: BaseException | None = None
 
 
 class Seat:
@@ -141,31 +143,23 @@ def run(
         cluster = Cluster(tmp, etcd)
         seats = [Seat(n) for n in cluster.nodes]
         faulter = Faulter(cluster, seats, faults, fault_every_s, seed)
+        deadline = time.monotonic() + minutes * 60
+        engines = [
+            threading.Thread(
+                target=_engine,
+                args=(seat, prompts, weights, random.Random(seed * 100 + i), deadline, tally),
+                daemon=True,
+            )
+            for i, seat in enumerate(seats)
+        ]
         try:
-            t_start = time.monotonic()
-            deadline = t_start + minutes * 60
-            rss_start: float | None = None
             faulter.start()
-            while time.monotonic() < deadline:
-                if rss_start is None and time.monotonic() - t_start > min(WARMUP_S, minutes * 15):
-                    rss_start = _rss_mb(cluster.nodes[0].proc.pid)
-                seat = rng.choice(seats)
-                att = seat.attachment()
-                if att is None:  # its node is down: the engine recomputes
-                    tally.fallbacks += 1
-                    tally.requests += 1
-                    time.sleep(0.01)
-                    continue
-                hashes = rng.choices(prompts, weights)[0]
-                try:
-                    if rng.random() < 0.2:
-                        att.lookup(att.keys(hashes))
-                        tally.operations += 1
-                    else:
-                        _request(seat, att, hashes, tally)
-                except NodeError:
-                    tally.fallbacks += 1
-                    seat.drop()
+            for t in engines:
+                t.start()
+            time.sleep(min(WARMUP_S, minutes * 15))
+            rss_start = _rss_mb(cluster.nodes[0].proc.pid)
+            for t in engines:
+                t.join()
             faulter.finish()
             if faulter.error is not None:
                 raise KvbmError(f"soak: a fault left the cluster broken: {faulter.error}")
@@ -175,9 +169,13 @@ def run(
             rss_end = _rss_mb(cluster.nodes[0].proc.pid)
         finally:
             faulter.finish()
+            for t in engines:
+                t.join()
             for seat in seats:
                 seat.drop()
             cluster.stop()
+        if tally.error is not None:
+            raise KvbmError(f"soak: an engine failed: {tally.error!r}")
     tally.faults = faulter.injected
     return {
         "minutes": minutes,
@@ -191,9 +189,44 @@ def run(
         "faults_by_kind": dict(tally.faults),
         "blocks_by_source": dict(tally.sources),
         "max_pull_ms": round(tally.max_pull_ms, 1),
-        "rss_growth_mb": round(rss_end - (rss_start or rss_end), 1),
+        "rss_growth_mb": round(rss_end - rss_start, 1),
         "leaked_pins": leaked,
     }
+
+
+def _engine(
+    seat: Seat,
+    prompts: list[list[int]],
+    weights: list[float],
+    rng: random.Random,
+    deadline: float,
+    tally: Tally,
+) -> None:
+    """One engine on one node, in a thread of its own: engines do not wait for
+    each other, so a fault can catch any of them at any point."""
+    try:
+        while time.monotonic() < deadline:
+            att = seat.attachment()
+            if att is None:  # its node is down: the engine recomputes
+                with tally.lock:
+                    tally.fallbacks += 1
+                    tally.requests += 1
+                time.sleep(0.05)
+                continue
+            hashes = rng.choices(prompts, weights)[0]
+            try:
+                if rng.random() < 0.2:
+                    att.lookup(att.keys(hashes))
+                    with tally.lock:
+                        tally.operations += 1
+                else:
+                    _request(seat, att, hashes, tally)
+            except NodeError:
+                with tally.lock:
+                    tally.fallbacks += 1
+                seat.drop()
+    except BaseException as e:  # reported by run(): a soak must not hide a crash
+        tally.error = e
 
 
 def _request(seat: Seat, att: NodeAttachment, hashes: list[int], tally: Tally) -> None:
@@ -207,15 +240,18 @@ def _request(seat: Seat, att: NodeAttachment, hashes: list[int], tally: Tally) -
     loaded, sources = att.load(engine.kv, keys, ids)
     ms = (time.monotonic() - t0) * 1000
     if not (frozen or seat.frozen or seat.thawed_at > t0):
-        tally.max_pull_ms = max(tally.max_pull_ms, ms)
-    tally.requests += 1
-    tally.blocks_checked += loaded
-    tally.wrong_blocks += sum(not engine.matches(keys[i], i) for i in range(loaded))
-    tally.sources.update(sources)
+        with tally.lock:
+            tally.max_pull_ms = max(tally.max_pull_ms, ms)
+    wrong = sum(not engine.matches(keys[i], i) for i in range(loaded))
     engine.compute(keys[loaded:], ids[loaded:])
     added = att.store(engine.kv, keys, ids)
-    tally.operations += 2
-    tally.bytes_moved += (loaded + added) * GEOMETRY.block_bytes
+    with tally.lock:
+        tally.requests += 1
+        tally.blocks_checked += loaded
+        tally.wrong_blocks += wrong
+        tally.sources.update(sources)
+        tally.operations += 2
+        tally.bytes_moved += (loaded + added) * GEOMETRY.block_bytes
 
 
 class Faulter(threading.Thread):
