@@ -184,7 +184,9 @@ class Node:
                 # (but always two pull rounds: a small arena is no use otherwise)
                 per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)
                 total = max(per_peer, mgr.host.num_slots // 2)
-                server = PeerServer(tiers, agent, self.secret, 10.0, per_peer, total)
+                server = PeerServer(
+                    tiers, agent, self.secret, max_pins_per_peer=per_peer, max_pins_total=total
+                )
                 host, port = self.cfg.listen_address
                 port = await server.start(host, port)
             except BaseException:
@@ -320,7 +322,7 @@ class Node:
                     self._avoid(peer, "connection lost")
                 elif time.monotonic() - t0 >= 0.9 * timeout:
                     self._avoid(peer, "timed out")
-                    await self._forget(peer)
+                    self._forget(peer)
                 break
         plan = await asyncio.to_thread(mgr.prepare_load, keys)
         for t in local.tiers[: plan.num_blocks]:
@@ -338,7 +340,7 @@ class Node:
         )
         self.avoided[peer] = time.monotonic() + self.cfg.peer_backoff_s
 
-    async def _forget(self, node_id: str) -> None:
+    def _forget(self, node_id: str) -> None:
         """Drop a peer's client; it closes in the background (closing waits a
         little for its unpins, which a partitioned peer never answers)."""
         client = self.peers.pop(node_id, None)
@@ -353,7 +355,7 @@ class Node:
         client = self.peers.get(node_id)
         if client is not None and client.usable:
             return client
-        await self._forget(node_id)
+        self._forget(node_id)
         assert self.serving is not None and self.index is not None
         record = self.index.mirror.nodes.get(node_id)
         fingerprint = self.serving.mgr.geometry.fingerprint
