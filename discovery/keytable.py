@@ -1,30 +1,39 @@
-"""A compact hash table from opaque byte keys to small ints, with a vectorized
-batch probe.
+"""A compact hash table from opaque byte keys to small ints, with a batch
+lookup that follows runs of keys stored in the order they arrived.
 
 Why not a dict: a mirror of a fleet's index holds millions of keys, and a
-lookup probes 128 of them at once. A dict probe is a chain of dependent cache
-misses (index slot -> entry -> the stored bytes object for the equality test),
-and 128 of them run one after another: about 60 us against a million keys on
-a cold cache, and ~110 bytes of heap per key. Here a key costs 16 bytes of one
-numpy array, and a batch probe is a handful of numpy operations over all keys
-at once (one gather of every key's bucket, one compare), so the CPU overlaps
-the memory loads instead of waiting for each in turn.
+lookup asks for a prompt's 128 block keys at once. A dict probe is a chain of
+dependent cache misses (index slot -> entry -> the stored bytes object for the
+equality test), 128 of them one after another: ~60 us against a million keys
+on a cold cache, and ~110 bytes of heap per key. Batching random reads helps
+less than one would hope on this machine (128 random rows of a 32 MB numpy
+array cost 25-40 us with cold caches, even as one `take`), so the common case
+avoids them altogether.
 
-Exact, not a digest: a key is split into its first 8 bytes (`head`, the
-sequence hash in a block key) and the rest (`tail`: fingerprint, rank and
-namespace, shared by almost every key of a mirror). Tails are interned to
-small ids; a slot stores `x = head ^ mix[tail]` and `(tail id << 32) | value`,
-from which the key can be rebuilt. The per-tail mix sends keys that differ only
-in their tail (tensor-parallel ranks of one block) to different buckets.
+A key is stored exactly: `x`, its first 8 bytes (the head: the sequence hash
+of a block key) xor a per-tail random mix, and its tail (the rest: fingerprint,
+rank, namespace, shared by almost every key of a mirror) as an interned id.
+Two structures hold it:
 
-Layout: `nb` buckets of `_B` slots; a key lives in bucket `hash(x) >> shift`
-or, when that bucket is full (or `x` is 0, the empty-slot pattern), in a small
-dict, the stash. Lookups never walk probe chains and deletions need no
-tombstones. The table doubles when it is half full, so the stash stays below
-one key in a hundred; a stash that grows anyway (keys that hash badly) costs
-speed, never correctness, and is bounded by dict performance.
+- the entries, in insertion order: `(x, tail id << 32 | value)`, 16 bytes; a
+  removed key leaves a hole (both words 0) until the next compaction. A node
+  publishes a prompt's blocks in order and the etcd watch delivers them in
+  order, so a prompt's keys sit next to each other here, and the lookup of a
+  prompt (`find(..., prefix=True)`) compares them with the entries after its
+  first key in one numpy operation: one random read per run of consecutively
+  stored keys, not one per key.
+- the table: buckets of 8 slots `(x, entry position + 1 << 32 | tail id << 24
+  | value)`, 128 bytes (two adjacent cache lines), so one random read finds a
+  key, its value and its entry. A key lives in bucket `hash(x)`, or in a small
+  dict (the stash) when that is full or the key does not fit a slot (x == 0,
+  the empty-slot pattern; a tail id past 255 or a value past 2**24). No probe
+  chains, no tombstones; the table doubles when half full. It finds the first
+  key of each run, serves single-key operations, and probes the rest of a
+  batch whose keys are not stored in order all at once: gather every key's
+  bucket, compare. (A mirror read back from etcd by a range read is such a
+  case: keys written in one transaction come back in key order.)
 
-Not thread-safe for writers; a batch probe reads one consistent set of arrays.
+Single writer; a lookup reads one consistent set of arrays.
 """
 
 from __future__ import annotations
@@ -36,23 +45,30 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-_B = 8  # slots per bucket: one bucket is 128 bytes, two adjacent cache lines
+_B = 8  # slots per bucket: 8 x (x, word) = 128 bytes, two adjacent cache lines
 _LOG_B = 3
 _MIN_BUCKETS = 16
+_MIN_ENTRIES = 64
 _MULT = 0x9E3779B97F4A7C15  # odd 64-bit constant: multiplicative (Fibonacci) hashing
 _MULT_NP = np.uint64(_MULT)
 _MASK64 = (1 << 64) - 1
 _LOW32 = 0xFFFFFFFF
+_SLOT_VALUE = (1 << 24) - 1  # the largest value a table slot holds (the stash takes any)
+_SLOT_TAIL = 0xFF  # the largest tail id a table slot holds
 _NO_TAIL = 0xFFFFFFFF  # a tail id never assigned: matches nothing
+# Runs followed through the entries; past that many, or after a run shorter
+# than _LONG_RUN, the batch looks scattered and the rest goes through the table.
+_RUNS = 4
+_LONG_RUN = 16
 # halves of a uint64 viewed as two uint32, in memory order
 _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
 
 # What follows a key's 8-byte head; for a key shorter than 8 bytes, its length
 # (the head is then the key zero-padded), so it never equals a longer key.
 Tail = bytes | int
-
-
-_Probe = tuple[bytes, int, int, int, "Tail", int]
+# (key, x, tail id or 0: no key has this tail, entry position or -1,
+#  table slot's first word or -1 (stashed or missing), tail, value or -1)
+_Probe = tuple[bytes, int, int, int, int, Tail, int]
 
 
 class KeyTable:
@@ -63,51 +79,71 @@ class KeyTable:
 
     # -- storage -------------------------------------------------------------
     def clear(self) -> None:
-        self._count = 0
+        self._count = 0  # live keys
+        self._used = 0  # entries written, holes included
         self._last: _Probe | None = None
-        self._stash: dict[tuple[int, int], int] = {}  # (x, tail id) -> value
+        self._stash: dict[tuple[int, int], int] = {}  # (x, tail id) -> entry position
         self._tail_ids: dict[Tail, int] = {}
         self._tails: list[Tail | None] = [None]  # id 0 is never used: empty slots read 0
         self._mix: list[int] = [0]
         self._tail_refs: list[int] = [0]
         self._free_tails: list[int] = []
-        self._alloc(_MIN_BUCKETS)
+        self._set_entries(np.zeros((_MIN_ENTRIES, 2), np.uint64))
+        self._set_table(_MIN_BUCKETS)
 
-    def _alloc(self, buckets: int) -> None:
-        self._tab = np.zeros((buckets, _B, 2), np.uint64)  # [..., 0] x, [..., 1] aux
-        # Scalar access for put/pop: a memoryview indexes ~5x faster than numpy.
-        self._mv = memoryview(self._tab).cast("B").cast("Q")
-        bits = buckets.bit_length() - 1
-        self._shift = 64 - bits
+    def _set_entries(self, ent: np.ndarray) -> None:
+        self._ent = ent
+        # Scalar access for get/set/pop: a memoryview indexes ~5x faster than numpy.
+        self._mve = memoryview(ent).cast("B").cast("Q")
+
+    def _set_table(self, buckets: int) -> None:
+        self._tab = np.zeros((buckets, _B, 2), np.uint64)  # [..., 0] x, [..., 1] _word()
+        self._mvt = memoryview(self._tab).cast("B").cast("Q")
+        self._shift = 64 - (buckets.bit_length() - 1)
         self._shift_np = np.uint64(self._shift)
         self._grow_at = buckets * _B // 2
         self._shrink_at = buckets * _B // 16 if buckets > _MIN_BUCKETS else -1
 
-    def _rebuild(self, buckets: int) -> None:
-        """Re-place every entry (table and stash) into `buckets` buckets, all at
-        once: sort by bucket, rank within it, and scatter; what does not fit
-        goes to the stash."""
+    def _rebuild(self, buckets: int, compact: bool) -> None:
+        """A new table of `buckets` buckets for every live entry, all at once:
+        sort by bucket, rank within it, scatter; what does not fit goes to the
+        stash. With `compact`, the entries lose their holes first (their order
+        kept) and the entry array is sized to twice the live count."""
         self._last = None
-        flat = self._tab.reshape(-1, 2)
-        live = flat[:, 1] != 0
-        xs, auxs = flat[live, 0], flat[live, 1]
-        if self._stash:
-            sx = np.array([x for x, _ in self._stash], np.uint64)
-            sa = np.array([(t << 32) | v for (_, t), v in self._stash.items()], np.uint64)
-            xs, auxs = np.concatenate((xs, sx)), np.concatenate((auxs, sa))
-        self._alloc(buckets)
+        ent = self._ent[: self._used]
+        pos = (ent[:, 1] != 0).nonzero()[0]
+        if compact:
+            live = ent[pos]
+            fresh = np.zeros((max(_MIN_ENTRIES, 2 * len(live)), 2), np.uint64)
+            fresh[: len(live)] = live
+            self._set_entries(fresh)
+            self._used = len(live)
+            pos = np.arange(len(live))
+            xs, auxs = live[:, 0], live[:, 1]
+        else:
+            xs, auxs = ent[pos, 0], ent[pos, 1]
+        self._set_table(buckets)
+        tails, values = auxs >> np.uint64(32), auxs & np.uint64(_LOW32)
+        fits = (xs != 0) & (tails <= _SLOT_TAIL) & (values <= _SLOT_VALUE)
         b = ((xs * _MULT_NP) >> self._shift_np).astype(np.int64)
-        order = np.argsort(b, kind="stable")
-        b, xs, auxs = b[order], xs[order], auxs[order]
+        order = np.lexsort((~fits, b))  # by bucket, keys that fit a slot first
+        b, xs, tails, values, pos, fits = (a[order] for a in (b, xs, tails, values, pos, fits))
         rank = np.arange(len(b)) - np.searchsorted(b, b)
-        fit = (rank < _B) & (xs != 0)
+        fit = (rank < _B) & fits
         self._tab[b[fit], rank[fit], 0] = xs[fit]
-        self._tab[b[fit], rank[fit], 1] = auxs[fit]
+        self._tab[b[fit], rank[fit], 1] = (
+            (pos[fit].astype(np.uint64) + np.uint64(1)) << np.uint64(32)
+            | tails[fit] << np.uint64(24)
+            | values[fit]
+        )
         rest = ~fit
-        self._stash = {
-            (x, a >> 32): a & _LOW32
-            for x, a in zip(xs[rest].tolist(), auxs[rest].tolist(), strict=True)
-        }
+        self._stash = dict(
+            zip(
+                zip(xs[rest].tolist(), tails[rest].tolist(), strict=True),
+                pos[rest].tolist(),
+                strict=True,
+            )
+        )
 
     # -- tails ---------------------------------------------------------------
     def _tail_id(self, tail: Tail) -> int:
@@ -123,7 +159,9 @@ class KeyTable:
                 self._mix.append(0)
                 self._tail_refs.append(0)
             # The first tail of a table mixes with 0, so the common one-tail
-            # batch probe skips an xor; every other tail gets random bits.
+            # lookup skips an xor; every other tail gets random bits, which
+            # send one head under several tails (tensor-parallel ranks of a
+            # block) to different buckets.
             self._mix[t] = random.getrandbits(64) if self._tail_ids else 0
             self._tail_ids[tail] = t
         return t
@@ -142,32 +180,37 @@ class KeyTable:
 
     # -- scalar operations -----------------------------------------------------
     def _probe(self, key: bytes) -> _Probe:
-        """Where `key` is: (key, x, tail id or 0 when no key has its tail, word
-        index of its slot or -1, tail, its bucket's first word). Remembered
-        until the next change, so a `get` followed by a `set` or `pop` of the
-        same key object (what the mirror does for every event) probes once."""
+        """Where `key` is (see `_Probe`). Remembered until the next change, so
+        a `get` followed by a `set` or `pop` of the same key object (what the
+        mirror does for every event) probes once."""
         if len(key) >= 8:
             head, tail = int.from_bytes(key[:8], "little"), key[8:]
         else:
             head, tail = int.from_bytes(key, "little"), len(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
-            probe = self._last = (key, 0, 0, -1, tail, -1)
+            probe = self._last = (key, 0, 0, -1, -1, tail, -1)
             return probe
         x = head ^ self._mix[t]
         base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
-        row = self._mv[base : base + 2 * _B].tolist()
+        row = self._mvt[base : base + 2 * _B].tolist()
         xs = row[0::2]
-        slot = -1
+        pos = slot = value = -1
         if x in xs:
             i = xs.index(x)
-            while row[2 * i + 1] >> 32 != t:  # the same x under another tail
+            while (row[2 * i + 1] >> 24) & _SLOT_TAIL != t:  # the same x under another tail
                 if x not in xs[i + 1 :]:
                     break
                 i = xs.index(x, i + 1)
             else:
                 slot = base + 2 * i
-        probe = self._last = (key, x, t, slot, tail, base)
+                word = row[slot - base + 1]
+                pos, value = (word >> 32) - 1, word & _SLOT_VALUE
+        if slot < 0 and self._stash:
+            pos = self._stash.get((x, t), -1)
+            if pos >= 0:
+                value = self._mve[2 * pos + 1] & _LOW32
+        probe = self._last = (key, x, t, pos, slot, tail, value)
         return probe
 
     def _reprobe(self, key: bytes) -> _Probe:
@@ -180,113 +223,114 @@ class KeyTable:
         return last
 
     def get(self, key: bytes, default: int | None = None) -> int | None:
-        _, x, t, slot, _, _ = self._probe(key)
-        if slot >= 0:
-            return self._mv[slot + 1] & _LOW32
-        if t and self._stash:
-            return self._stash.get((x, t), default)
-        return default
+        value = self._probe(key)[6]
+        return default if value < 0 else value
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, bytes) and self.get(key) is not None
+        return isinstance(key, bytes) and self._probe(key)[3] >= 0
 
     def __len__(self) -> int:
         return self._count
 
     def set(self, key: bytes, value: int) -> None:
-        """Insert or overwrite."""
+        """Insert (at the end of the entries) or overwrite (in place)."""
         if not 0 <= value <= _LOW32:
             raise ValueError(f"value out of range: {value}")
-        _, x, t, slot, tail, base = self._reprobe(key)
-        if slot >= 0:
-            self._mv[slot + 1] = (t << 32) | value
-            return
-        if t and self._stash and (x, t) in self._stash:
-            self._stash[x, t] = value
+        _, x, t, pos, slot, tail, _ = self._reprobe(key)
+        if pos >= 0:
+            self._mve[2 * pos + 1] = (t << 32) | value
+            if slot >= 0:
+                if value <= _SLOT_VALUE:
+                    self._mvt[slot + 1] = _word(pos, t, value)
+                else:  # too large for the slot: the key moves to the stash
+                    self._mvt[slot] = self._mvt[slot + 1] = 0
+                    self._stash[x, t] = pos
             return
         if not t:  # the first key with this tail
             t = self._tail_id(tail)
             x = int.from_bytes(key[:8], "little") ^ self._mix[t]
-            base = -1
         self._count += 1
         self._tail_refs[t] += 1
+        if self._used == len(self._ent):
+            if self._used - self._count > self._count // 2:  # many holes: squeeze them out
+                self._rebuild(len(self._tab), compact=True)
+            else:
+                bigger = np.zeros((2 * len(self._ent), 2), np.uint64)
+                bigger[: self._used] = self._ent
+                self._set_entries(bigger)
         if self._count > self._grow_at:
-            self._rebuild(len(self._tab) * 2)
-            base = -1
-        self._place(x, t, value, base)
-
-    def _place(self, x: int, t: int, value: int, base: int = -1) -> None:
-        """Put a new (x, t) into its bucket (whose first word is `base`, -1:
-        not known), or into the stash when the bucket is full or x is 0 (the
-        empty-slot pattern)."""
-        if base < 0:
-            base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
-        auxs = self._mv[base + 1 : base + 2 * _B : 2].tolist()
-        i = auxs.index(0) if x and 0 in auxs else -1
-        if i >= 0:
-            self._mv[base + 2 * i] = x
-            self._mv[base + 2 * i + 1] = (t << 32) | value
+            self._rebuild(len(self._tab) * 2, compact=False)
+        pos = self._used
+        self._used += 1
+        self._mve[2 * pos] = x
+        self._mve[2 * pos + 1] = (t << 32) | value
+        base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
+        words = self._mvt[base + 1 : base + 2 * _B : 2].tolist()
+        if x and t <= _SLOT_TAIL and value <= _SLOT_VALUE and 0 in words:
+            slot = base + 2 * words.index(0)
+            self._mvt[slot] = x
+            self._mvt[slot + 1] = _word(pos, t, value)
             return
-        self._stash[x, t] = value
+        self._stash[x, t] = pos
         # A bucket overflows for ~1% of keys at half load; a stash far beyond
         # that means keys that hash badly at this size: spread them wider.
         if len(self._stash) > 64 + (self._count >> 4) and self._count * 8 > len(self._tab) * _B:
-            self._rebuild(len(self._tab) * 2)
+            self._rebuild(len(self._tab) * 2, compact=False)
 
     def pop(self, key: bytes, default: int | None = None) -> int | None:
-        _, x, t, slot, _, _ = self._reprobe(key)
-        if slot >= 0:
-            value = self._mv[slot + 1] & _LOW32
-            self._mv[slot] = 0
-            self._mv[slot + 1] = 0
-        elif t and (x, t) in self._stash:
-            value = self._stash.pop((x, t))
-        else:
+        _, x, t, pos, slot, _, _ = self._reprobe(key)
+        if pos < 0:
             return default
+        value = self._mve[2 * pos + 1] & _LOW32
+        self._mve[2 * pos] = 0
+        self._mve[2 * pos + 1] = 0
+        if slot >= 0:
+            self._mvt[slot] = self._mvt[slot + 1] = 0
+        else:
+            del self._stash[x, t]
         self._count -= 1
         self._release_tail(t)
         if self._count < self._shrink_at:
-            self._rebuild(max(_MIN_BUCKETS, len(self._tab) // 4))
+            self._rebuild(max(_MIN_BUCKETS, len(self._tab) // 4), compact=True)
+        elif self._used - self._count > max(self._count, 4096):
+            self._rebuild(len(self._tab), compact=True)
         return value
 
     # -- iteration -------------------------------------------------------------
     def items(self) -> Iterator[tuple[bytes, int]]:
-        """Every (key, value); the table must not change meanwhile."""
-        flat = self._tab.reshape(-1, 2)
-        live = flat[:, 1] != 0
+        """Every (key, value), in insertion order; the table must not change
+        meanwhile."""
+        ent = self._ent[: self._used]
+        live = ent[:, 1] != 0
         key = self._key
-        for x, a in zip(flat[live, 0].tolist(), flat[live, 1].tolist(), strict=True):
+        for x, a in zip(ent[live, 0].tolist(), ent[live, 1].tolist(), strict=True):
             yield key(x, a >> 32), a & _LOW32
-        for (x, t), v in list(self._stash.items()):
-            yield key(x, t), v
 
     def keys(self) -> Iterator[bytes]:
         for k, _ in self.items():
             yield k
 
     def values(self) -> Iterator[int]:
-        aux = self._tab[:, :, 1]
+        aux = self._ent[: self._used, 1]
         yield from (aux[aux != 0] & np.uint64(_LOW32)).tolist()
-        yield from list(self._stash.values())
 
-    # -- batch probe -------------------------------------------------------------
+    # -- batch lookup ----------------------------------------------------------
     def find(self, keys: Sequence[bytes], prefix: bool = False) -> np.ndarray:
         """The value of every key, -1 for a missing one; with `prefix`, only the
-        values of the keys before the first missing one (a shorter array).
+        values of the keys before the first missing one (a shorter array),
+        found by following runs of entries (module docstring). The array may
+        be a view of the table's memory: read it before the next change.
 
-        Fast path: keys of one length >= 8 and one tail (a prompt's block
-        keys): one join, strided views for heads and tails, then bucket,
-        gather, compare for all keys at once. Other batches are split key by
-        key in Python and probed the same way.
+        Keys of one length >= 8 with one tail (a prompt's block keys) are read
+        with one join and strided views; other batches are split key by key.
         """
         n = len(keys)
         if not n or not self._count:
             return _EMPTY if prefix else np.full(n, -1, np.int64)
-        tab, shift = self._tab, self._shift_np  # one consistent snapshot
         first = keys[0]
         size = len(first)
         joined = b"".join(keys)
-        t_one = 0
+        tq: np.ndarray | None = None
         if (
             size >= 8
             and len(joined) == n * size
@@ -302,10 +346,8 @@ class KeyTable:
             x = np.ndarray((n,), _U64LE, joined, 0, (size,))
             if self._mix[t_one]:
                 x = x ^ np.uint64(self._mix[t_one])
-            tq: np.ndarray | int = t_one
-            xs: list[int] | None = None
-            ts: list[int] | None = None
         else:
+            t_one = 0
             xs, ts = [], []
             tail_ids, mix = self._tail_ids, self._mix
             for key in keys:
@@ -317,41 +359,81 @@ class KeyTable:
                 xs.append(head ^ mix[t] if t != _NO_TAIL else 0)
                 ts.append(t)
             x = np.array(xs, np.uint64)
-            tq = np.array(ts, np.uint32)
-        g = tab.take(((x * _MULT_NP) >> shift).view(np.int64), axis=0)  # (n, B, 2)
+            tq = np.array(ts, np.uint64)
+        # An x equal to an entry's or a slot's is a match if its tail is equal
+        # too. With one tail in the table and no query x == 0 (the pattern of
+        # holes and empty slots), every x match is one.
+        exact_x = t_one and len(self._tail_ids) == 1 and np.count_nonzero(x) == n
+        if not exact_x and tq is None:
+            tq = np.full(n, t_one, np.uint64)
+        if not prefix:
+            return self._find_all(x, tq)
+        ent, used = self._ent, self._used
+        parts: list[np.ndarray] = []
+        i = runs = run = 0
+        while (p := self._probe(keys[i])[3]) >= 0:  # key i is there: a run starts
+            if runs == _RUNS or (runs and run < _LONG_RUN):
+                # scattered keys: the rest through the table, all at once
+                parts.append(self._find_prefix(x[i:], None if tq is None else tq[i:]))
+                break
+            end = min(n, i + used - p)
+            seg = ent[p : p + end - i]
+            same = seg[:, 0] == x[i:end]
+            if tq is not None:
+                same &= (seg[:, 1] >> np.uint64(32)) == tq[i:end]
+            run = end - i if np.count_nonzero(same) == end - i else int(same.argmin())
+            parts.append(seg[:run])
+            i += run
+            runs += 1
+            if i == n:
+                break
+        if not parts:
+            return _EMPTY
+        # a run's values: the low halves of its entries' aux words
+        if len(parts) == 1 and parts[0].ndim == 2:
+            return parts[0].view(np.uint32)[:, 2 + _LO]
+        return np.concatenate([p.view(np.uint32)[:, 2 + _LO] if p.ndim == 2 else p for p in parts])
+
+    def _find_prefix(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
+        found = self._find_all(x, tq)
+        missing = (found < 0).nonzero()[0]
+        return found[: missing[0]] if len(missing) else found
+
+    def _find_all(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
+        """Every key through the table at once: gather each key's bucket,
+        compare; -1 where missing. `tq`: each key's tail id, None when every x
+        match is a match."""
+        n = len(x)
+        g = self._tab.take(((x * _MULT_NP) >> self._shift_np).view(np.int64), axis=0)
         hits = (g[:, :, 0] == x[:, None]).ravel().nonzero()[0]  # ascending
-        aux = g.reshape(-1)[1::2].take(hits)
-        # An x match is a hit when its tail matches too. With one tail in the
-        # table every occupied slot has it, and no occupied slot has x == 0
-        # (those keys live in the stash), so then a batch without x == 0 needs
-        # no check.
-        if t_one and len(self._tail_ids) == 1 and np.count_nonzero(x) == n:
-            if len(hits) == n:  # every key found once, in order
-                return aux.view(np.uint32)[_LO::2]
-            k = hits >> _LOG_B
-        else:
-            k = hits >> _LOG_B
-            ok = aux.view(np.uint32)[_HI::2] == (tq if t_one else tq.take(k))
+        word = g.reshape(-1)[1::2].take(hits)
+        k = hits >> _LOG_B  # the key of each hit
+        if tq is not None:
+            ok = ((word >> np.uint64(24)) & np.uint64(_SLOT_TAIL)) == tq.take(k)
             if np.count_nonzero(ok) != len(ok):
-                k, aux = k[ok], aux[ok]
-            if len(k) == n:
-                return aux.view(np.uint32)[_LO::2]
-        vals = aux.view(np.uint32)[_LO::2]
+                k, word = k[ok], word[ok]
+        if len(k) == n:  # every key found once, in order
+            return (word & np.uint64(_SLOT_VALUE)).view(np.int64)
         out = np.full(n, -1, np.int64)
-        out[k] = vals
-        if self._stash:
+        out[k] = word & np.uint64(_SLOT_VALUE)
+        if self._stash and len(k) < n:
+            stash, t_all = self._stash, self._tails_of(tq, n)
             for i in (out < 0).nonzero()[0].tolist():
-                xi, ti = (int(x[i]), t_one) if xs is None else (xs[i], ts[i])  # type: ignore[index]
-                v = self._stash.get((xi, ti))
-                if v is None:
-                    if prefix:
-                        return out[:i]
-                    continue
-                out[i] = v
-        if prefix:
-            missing = (out < 0).nonzero()[0]
-            return out[: missing[0]] if len(missing) else out
+                p = stash.get((int(x[i]), t_all[i]), -1)
+                if p >= 0:
+                    out[i] = self._mve[2 * p + 1] & _LOW32
         return out
+
+    def _tails_of(self, tq: np.ndarray | None, n: int) -> list[int]:
+        if tq is not None:
+            return tq.tolist()
+        (only,) = self._tail_ids.values()
+        return [only] * n
+
+
+def _word(pos: int, t: int, value: int) -> int:
+    """A table slot's second word."""
+    return (pos + 1) << 32 | t << 24 | value
 
 
 _EMPTY = np.empty(0, np.int64)

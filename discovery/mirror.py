@@ -198,10 +198,10 @@ class IndexMirror:
         the farthest-reaching choice needs the fewest peers. Peers whose node
         record is gone (dead, or not yet seen) are skipped.
 
-        Works on groups of consecutive keys sharing one Holders object: the
-        table probes every key at once (numpy) and numpy finds the group
-        boundaries, so a prompt whose blocks sit on the same nodes costs a
-        few Python steps per group, not per key.
+        The table finds the ids of the found prefix with a few numpy
+        operations (discovery/keytable.py), and numpy finds where consecutive
+        keys change Holders object, so a prompt whose blocks sit on the same
+        nodes costs a few Python steps per group, not per key.
         """
         ids = self._table.find(keys, prefix=True)  # the ids of the found prefix
         m = len(ids)

@@ -28,7 +28,7 @@ def same_bucket_keys(n: int, tail: bytes = TAIL) -> list[bytes]:
 
 def check(t: KeyTable, model: dict[bytes, int], probe: list[bytes]) -> None:
     assert len(t) == len(model)
-    assert dict(t.items()) == model
+    assert list(t.items()) == list(model.items())  # insertion order, as a dict keeps it
     assert sorted(t.values()) == sorted(model.values())
     assert set(t.keys()) == set(model)
     for k in probe:
@@ -62,6 +62,31 @@ def test_values_are_32_bit():
     assert len(t) == 1
 
 
+def test_keys_too_large_for_a_slot_live_in_the_stash():
+    t, model = KeyTable(), {}
+    for i in range(100):
+        t.set(key(i), i)
+        model[key(i)] = i
+    t.set(key(5), 2**24)  # a value past a slot's 24 bits: the key moves to the stash
+    model[key(5)] = 2**24
+    assert (5, 1) in t._stash  # (x, tail id)
+    check(t, model, [key(i) for i in range(100)])
+    t.set(key(5), 6)
+    model[key(5)] = 6
+    check(t, model, [key(i) for i in range(100)])
+    # 300 tails: ids past a slot's 8 bits
+    for j in range(300):
+        k = key(j, b"tail %d" % j)
+        t.set(k, j)
+        model[k] = j
+    assert len(t._stash) > 40
+    check(t, model, [key(j, b"tail %d" % j) for j in range(300)])
+    check(t, model, [key(7, b"tail %d" % j) for j in range(300)])
+    for j in range(0, 300, 3):
+        assert t.pop(key(j, b"tail %d" % j)) == model.pop(key(j, b"tail %d" % j))
+    check(t, model, list(model))
+
+
 def test_keys_of_any_length_and_shared_heads_stay_apart():
     keys = [b"", b"\x00", b"\x00" * 7, b"\x00" * 8, b"\x00" * 9, b"\x01" * 3, b"\x01" * 8]
     keys += [key(9, b""), key(9, b"a"), key(9, b"b"), key(9, b"ab"), key(9, TAIL)]
@@ -85,7 +110,7 @@ def test_grows_and_shrinks_with_every_key_kept():
     check(t, model, [key(i * 7919) for i in range(0, 40_000, 3)])
     for i in range(19_900):
         assert t.pop(key(i * 7919)) == model.pop(key(i * 7919))
-    assert len(t._tab) <= 128  # shrunk back (from 4096 buckets)
+    assert len(t._tab) <= 128 and len(t._ent) <= 1024  # shrunk back (from 4096 and 32768)
     check(t, model, [key(i * 7919) for i in range(19_800, 20_000)])
 
 
@@ -127,15 +152,17 @@ def test_a_crowded_stash_makes_the_table_grow():
     check(t, model, list(model))
 
 
-def test_head_zero_key_lives_in_the_stash_and_never_matches_an_empty_slot():
-    zero = key(0)  # x == 0 for the table's first tail: the empty-slot pattern
+def test_a_zero_head_never_matches_a_hole():
+    zero = key(0)  # x == 0 for the table's first tail, like a removed entry
     t = KeyTable()
     t.set(key(5), 1)
+    t.set(key(6), 2)
+    t.pop(key(6))  # a hole right after key 5
+    assert t.find([key(5), zero], prefix=True).tolist() == [1]
     assert t.find([zero]).tolist() == [-1] and t.get(zero) is None
-    t.set(zero, 2)
-    assert (0, 1) in t._stash
-    check(t, {key(5): 1, zero: 2}, [zero, key(5), zero, key(6)])
-    assert t.pop(zero) == 2
+    t.set(zero, 3)
+    check(t, {key(5): 1, zero: 3}, [zero, key(5), zero, key(6)])
+    assert t.pop(zero) == 3
     check(t, {key(5): 1}, [zero, key(5)])
 
 
@@ -163,6 +190,66 @@ def test_batch_probe_edge_cases():
     assert t.find([key(1, b"other tail------")]).tolist() == [-1]  # a tail no key has
     assert t.find([key(1), key(1)], prefix=True).tolist() == [3, 3]  # repeats are fine
     assert isinstance(t.find([key(1)]), np.ndarray)
+
+
+def test_lookups_follow_runs_across_holes_and_moved_keys():
+    t, model = KeyTable(), {}
+    for i in range(1000):
+        t.set(key(i), i)
+        model[key(i)] = i
+    # one run; then holes every 50 keys; then a key moved to the end
+    check(t, model, [key(i) for i in range(200, 328)])
+    for i in range(0, 1000, 50):
+        del model[key(i)]
+        t.pop(key(i))
+    check(t, model, [key(i) for i in range(1, 50)] + [key(i) for i in range(51, 100)])
+    t.pop(key(7))
+    t.set(key(7), 77)
+    model[key(7)] = model.pop(key(7)) * 0 + 77
+    check(t, model, [key(i) for i in range(1, 20)])
+    # more runs than are followed one by one: the rest goes through the index
+    scattered = [key(i) for i in range(1, 1000, 97)]
+    assert t.find(scattered, prefix=True).tolist() == [model[k] for k in scattered]
+    # a missing key ends the prefix wherever it falls
+    assert t.find([key(1), key(2), key(50), key(3)], prefix=True).tolist() == [1, 2]
+    assert t.find([key(50)], prefix=True).tolist() == []
+
+
+def test_each_way_through_a_batch_gives_the_same_answer():
+    t, model = KeyTable(), {}
+    for block in (range(0, 1000), range(2000, 2100), range(1000, 1100)):
+        for i in block:
+            t.set(key(i), i)
+            model[key(i)] = i
+
+    def span(a: int, n: int) -> list[bytes]:
+        return [key(i) for i in range(a, a + n)]
+
+    for batch in (
+        span(0, 128),  # one run
+        span(0, 30) + span(2000, 30) + span(1000, 30),  # three long runs
+        span(0, 10) + span(2000, 10) + span(1000, 10),  # a short run: the rest via the table
+        (span(0, 20) + span(2000, 20) + span(1000, 20)) * 2,  # more runs than are followed
+        span(0, 5) + span(5000, 3),  # a short run, then a missing key ends the prefix
+        span(990, 20),  # a run that meets keys stored elsewhere
+        span(1090, 20),  # a run that meets the end of the entries
+    ):
+        check(t, model, batch)
+
+
+def test_compaction_keeps_order_and_contents():
+    t, model = KeyTable(), {}
+    for i in range(30_000):
+        t.set(key(i), i)
+        model[key(i)] = i
+    for i in range(30_000):
+        if i % 10:
+            t.pop(key(i))
+            del model[key(i)]
+    # holes were squeezed out along the way: never more than max(live, 4096)
+    assert len(t._ent) < 30_000 and t._used - len(t) <= 4096
+    check(t, model, list(model))
+    check(t, model, [key(i) for i in range(0, 30_000, 5)])
 
 
 def test_clear_forgets_everything():
@@ -205,3 +292,6 @@ def test_random_operations_match_a_dict(ops, probe):
             assert t.pop(k) == model.pop(k, None)
     check(t, model, probe)
     check(t, model, UNIVERSE)
+    stored = list(model)  # the entries' order: runs to follow, with holes between
+    check(t, model, stored)
+    check(t, model, stored[len(stored) // 3 :] + probe)
