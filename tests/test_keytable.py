@@ -135,6 +135,28 @@ def test_a_full_bucket_overflows_into_the_stash():
     check(t, model, crowd + extra)
 
 
+def test_growth_and_compaction_carry_stashed_keys_along():
+    t, model = KeyTable(), {}
+    crowd = same_bucket_keys(20)
+    for i, k in enumerate(crowd):
+        t.set(k, i)
+        model[k] = i
+    t.set(key(0), 99)  # the zero head: always stashed
+    model[key(0)] = 99
+    buckets = len(t._tab)
+    for i in range(1, 3000):  # doublings split buckets; holes come and go
+        t.set(key(i * 7919), i)
+        model[key(i * 7919)] = i
+        if i % 3 == 0:
+            assert t.pop(key((i - 1) * 7919)) == model.pop(key((i - 1) * 7919))
+    assert len(t._tab) > buckets and t._stash
+    check(t, model, list(model))
+    for i in range(1, 3000):  # many holes: compaction moves every entry
+        if key(i * 7919) in model and i % 5:
+            assert t.pop(key(i * 7919)) == model.pop(key(i * 7919))
+    check(t, model, list(model) + crowd)
+
+
 def test_a_crowded_stash_makes_the_table_grow():
     # Heads y << 40 share their bucket while the table has fewer than 2**24
     # buckets: past 64 + len/16 stashed keys the table doubles (it may, since
@@ -235,6 +257,20 @@ def test_each_way_through_a_batch_gives_the_same_answer():
         span(1090, 20),  # a run that meets the end of the entries
     ):
         check(t, model, batch)
+
+
+def test_a_full_entry_array_with_many_holes_is_compacted_on_insert():
+    t, model = KeyTable(), {}
+    for i in range(keytable._MIN_ENTRIES):  # fills the first entry array
+        t.set(key(i), i)
+        model[key(i)] = i
+    for i in range(0, keytable._MIN_ENTRIES, 4):  # keep one in four
+        for j in (i + 1, i + 2, i + 3):
+            assert t.pop(key(j)) == model.pop(key(j))
+    t.set(key(1000), 1)  # no room at the end, mostly holes: compacted, not grown
+    model[key(1000)] = 1
+    assert t._used == len(t) == len(model) and len(t._ent) == keytable._MIN_ENTRIES
+    check(t, model, list(model))
 
 
 def test_compaction_keeps_order_and_contents():
