@@ -67,8 +67,9 @@ _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
 # (the head is then the key zero-padded), so it never equals a longer key.
 Tail = bytes | int
 # (key, x, tail id or 0: no key has this tail, entry position or -1,
-#  table slot's first word or -1 (stashed or missing), tail, value or -1)
-_Probe = tuple[bytes, int, int, int, int, Tail, int]
+#  table slot's first word or -1 (stashed or missing), tail, value or -1,
+#  for a missing key: a free slot's first word in its bucket or -1)
+_Probe = tuple[bytes, int, int, int, int, Tail, int, int]
 
 
 class KeyTable:
@@ -248,7 +249,7 @@ class KeyTable:
             head, tail = int.from_bytes(key, "little"), len(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
-            probe = self._last = (key, 0, 0, -1, -1, tail, -1)
+            probe = self._last = (key, 0, 0, -1, -1, tail, -1, -1)
             return probe
         x = head ^ self._mix[t]
         base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
@@ -263,11 +264,15 @@ class KeyTable:
             else:
                 slot = base + 2 * i
                 pos, value = (word >> 32) - 1, word & _SLOT_VALUE
-        if slot < 0 and self._stash:
-            pos = self._stash.get((x, t), -1)
-            if pos >= 0:
-                value = self._mve[2 * pos + 1] & _LOW32
-        probe = self._last = (key, x, t, pos, slot, tail, value)
+        free = -1
+        if slot < 0:
+            if self._stash:
+                pos = self._stash.get((x, t), -1)
+                if pos >= 0:
+                    value = self._mve[2 * pos + 1] & _LOW32
+            if 0 in xs:  # no key with x == 0 has a slot: x == 0 is an empty slot
+                free = base + 2 * xs.index(0)
+        probe = self._last = (key, x, t, pos, slot, tail, value, free)
         return probe
 
     def _reprobe(self, key: bytes) -> _Probe:
@@ -293,7 +298,7 @@ class KeyTable:
         """Insert (at the end of the entries) or overwrite (in place)."""
         if not 0 <= value <= _LOW32:
             raise ValueError(f"value out of range: {value}")
-        _, x, t, pos, slot, tail, _ = self._reprobe(key)
+        _, x, t, pos, slot, tail, _, free = self._reprobe(key)
         if pos >= 0:
             self._mve[2 * pos + 1] = (t << 32) | value
             if slot >= 0:
@@ -306,6 +311,7 @@ class KeyTable:
         if not t:  # the first key with this tail
             t = self._tail_id(tail)
             x = int.from_bytes(key[:8], "little") ^ self._mix[t]
+            free = -1
         self._count += 1
         self._tail_refs[t] += 1
         if self._used == len(self._ent):
@@ -317,11 +323,15 @@ class KeyTable:
                 self._set_entries(bigger)
         if self._count > self._grow_at:
             self._grow()
+            free = -1
         pos = self._used
         self._used += 1
         self._mve[2 * pos] = x
         self._mve[2 * pos + 1] = (t << 32) | value
-        if (
+        if free >= 0 and x and t <= _SLOT_TAIL and value <= _SLOT_VALUE:
+            self._mvt[free] = x
+            self._mvt[free + 1] = (pos + 1) << 32 | t << 24 | value
+        elif (
             not self._place(x, t, pos, value)
             # A bucket overflows for ~1% of keys at half load; a stash far beyond
             # that means keys that hash badly at this size: spread them wider.
@@ -331,7 +341,7 @@ class KeyTable:
             self._rebuild(len(self._tab) * 2, compact=False)
 
     def pop(self, key: bytes, default: int | None = None) -> int | None:
-        _, x, t, pos, slot, _, _ = self._reprobe(key)
+        _, x, t, pos, slot, _, _, _ = self._reprobe(key)
         if pos < 0:
             return default
         value = self._mve[2 * pos + 1] & _LOW32
