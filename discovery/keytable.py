@@ -424,14 +424,16 @@ class KeyTable:
             x = np.array(xs, np.uint64)
             tq = np.array(ts, np.uint64)
         # An x equal to an entry's or a slot's is a match if its tail is equal
-        # too. With one tail in the table and no query x == 0 (the pattern of
-        # holes and empty slots), every x match is one.
-        exact_x = t_one and len(self._tail_ids) == 1 and np.count_nonzero(x) == n
-        if not exact_x and tq is None:
+        # too. With one tail in the table, an x match at a live entry or an
+        # occupied slot is one; holes and empty slots read x == 0, so a query
+        # x == 0 is kept from them (`_find_all` checks x; a run checks for
+        # holes when the entries have any).
+        if tq is None and len(self._tail_ids) != 1:
             tq = np.full(n, t_one, np.uint64)
         if not prefix:
             return self._find_all(x, tq)
         ent, used = self._ent, self._used
+        holes = used != self._count
         parts: list[np.ndarray] = []
         i = runs = run = 0
         while (p := self._probe(keys[i])[3]) >= 0:  # key i is there: a run starts
@@ -441,9 +443,11 @@ class KeyTable:
                 break
             end = min(n, i + used - p)
             seg = ent[p : p + end - i]
-            same = seg[:, 0] == x[i:end]
+            same = seg[:, 0] == (x if i == 0 and end == n else x[i:end])
             if tq is not None:
                 same &= (seg[:, 1] >> np.uint64(32)) == tq[i:end]
+            elif holes:
+                same &= seg[:, 1] != 0
             run = end - i if np.count_nonzero(same) == end - i else int(same.argmin())
             parts.append(seg[:run])
             i += run
@@ -464,9 +468,11 @@ class KeyTable:
 
     def _find_all(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
         """Every key through the table at once: gather each key's bucket,
-        compare; -1 where missing. `tq`: each key's tail id, None when every x
-        match is a match."""
+        compare; -1 where missing. `tq`: each key's tail id, None when the
+        table has one tail."""
         n = len(x)
+        if tq is None and np.count_nonzero(x) != n:  # x == 0 would match empty slots
+            tq = np.full(n, next(iter(self._tail_ids.values())), np.uint64)
         g = self._tab.take(((x * _MULT_NP) >> self._shift_np).view(np.int64), axis=0)
         hits = (g[:, :, 0] == x[:, None]).ravel().nonzero()[0]  # ascending
         word = g.reshape(-1)[1::2].take(hits)
