@@ -96,6 +96,10 @@ class KeyTable:
         self._ent = ent
         # Scalar access for get/set/pop: a memoryview indexes ~5x faster than numpy.
         self._mve = memoryview(ent).cast("B").cast("Q")
+        # Column views for runs, made once: a lookup slices them, no more.
+        self._ent_x = ent[:, 0]
+        self._ent_tail = ent.view(np.uint32)[:, 2 + _HI]
+        self._ent_value = ent.view(np.uint32)[:, 2 + _LO]
 
     def _set_table(self, buckets: int) -> None:
         self._tab = np.zeros((buckets, _B, 2), np.uint64)  # [..., 0] x, [..., 1] _word()
@@ -275,6 +279,26 @@ class KeyTable:
         probe = self._last = (key, x, t, pos, slot, tail, value, free)
         return probe
 
+    def _position(self, key: bytes) -> int:
+        """`key`'s entry position or -1: `_probe` for a lookup, less its
+        bookkeeping."""
+        if len(key) >= 8:
+            head, tail = int.from_bytes(key[:8], "little"), key[8:]
+        else:
+            head, tail = int.from_bytes(key, "little"), len(key)
+        t = self._tail_ids.get(tail, 0)
+        if not t:
+            return -1
+        x = head ^ self._mix[t]
+        base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
+        xs = self._mvt[base : base + 2 * _B : 2].tolist()
+        if x in xs:
+            word = self._mvt[base + 2 * xs.index(x) + 1]
+            if (word >> 24) & _SLOT_TAIL == t:
+                return (word >> 32) - 1
+            return self._probe(key)[3]  # the same x under another tail: the long way
+        return self._stash.get((x, t), -1) if self._stash else -1
+
     def _reprobe(self, key: bytes) -> _Probe:
         """`_probe`, reusing the remembered one; forgets it (the caller changes
         the table)."""
@@ -432,34 +456,30 @@ class KeyTable:
             tq = np.full(n, t_one, np.uint64)
         if not prefix:
             return self._find_all(x, tq)
-        ent, used = self._ent, self._used
+        ent_x, used = self._ent_x, self._used
         holes = used != self._count
         parts: list[np.ndarray] = []
         i = runs = run = 0
-        while (p := self._probe(keys[i])[3]) >= 0:  # key i is there: a run starts
+        while (p := self._position(keys[i])) >= 0:  # key i is there: a run starts
             if runs == _RUNS or (runs and run < _LONG_RUN):
                 # scattered keys: the rest through the table, all at once
                 parts.append(self._find_prefix(x[i:], None if tq is None else tq[i:]))
                 break
             end = min(n, i + used - p)
-            seg = ent[p : p + end - i]
-            same = seg[:, 0] == (x if i == 0 and end == n else x[i:end])
+            same = ent_x[p : p + end - i] == (x if i == 0 and end == n else x[i:end])
             if tq is not None:
-                same &= (seg[:, 1] >> np.uint64(32)) == tq[i:end]
+                same &= self._ent_tail[p : p + end - i] == tq[i:end]
             elif holes:
-                same &= seg[:, 1] != 0
+                same &= self._ent_tail[p : p + end - i] != 0
             run = end - i if np.count_nonzero(same) == end - i else int(same.argmin())
-            parts.append(seg[:run])
+            parts.append(self._ent_value[p : p + run])
             i += run
             runs += 1
             if i == n:
                 break
         if not parts:
             return _EMPTY
-        # a run's values: the low halves of its entries' aux words
-        if len(parts) == 1 and parts[0].ndim == 2:
-            return parts[0].view(np.uint32)[:, 2 + _LO]
-        return np.concatenate([p.view(np.uint32)[:, 2 + _LO] if p.ndim == 2 else p for p in parts])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _find_prefix(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
         found = self._find_all(x, tq)

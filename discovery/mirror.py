@@ -209,12 +209,17 @@ class IndexMirror:
             return LookupResult(0)
         cuts = (ids[1:] != ids[:-1]).nonzero()[0] if m > 1 else ()
         holders = self._holders
-        if len(cuts):
-            firsts = [0, *(cuts + 1).tolist()]
-            groups: list[Holders] = list(map(holders.__getitem__, ids.take(firsts).tolist()))
-            starts = [*firsts, m]
-        else:
-            groups, starts = [holders[int(ids[0])]], [0, m]  # type: ignore[list-item]
+        if not len(cuts):  # one group, the common case: the first live peer, if not local
+            group: Holders = holders[int(ids[0])]  # type: ignore[assignment]
+            if local_node in group:
+                return LookupResult(m)
+            for node, tier in group.items():
+                if node in self.nodes:  # not local_node: it is not in the group
+                    return LookupResult(0, (PeerRun(node, 0, m, (tier,) * m),))
+            return LookupResult(0)
+        firsts = [0, *(cuts + 1).tolist()]
+        groups: list[Holders] = list(map(holders.__getitem__, ids.take(firsts).tolist()))
+        starts = [*firsts, m]
         g, ng = 0, len(groups)
         while g < ng and local_node in groups[g]:
             g += 1
