@@ -207,9 +207,11 @@ class IndexMirror:
         m = len(ids)
         if not m:
             return LookupResult(0)
-        cuts = (ids[1:] != ids[:-1]).nonzero()[0] if m > 1 else ()
+        raw, size = ids.tobytes(), ids.itemsize
         holders = self._holders
-        if not len(cuts):  # one group, the common case: the first live peer, if not local
+        # One group (every id equals the next), the common case: the prefix is
+        # local, or the first live peer holds it all.
+        if raw[size:] == raw[:-size]:
             group: Holders = holders[int(ids[0])]  # type: ignore[assignment]
             if local_node in group:
                 return LookupResult(m)
@@ -217,6 +219,7 @@ class IndexMirror:
                 if node in self.nodes:  # not local_node: it is not in the group
                     return LookupResult(0, (PeerRun(node, 0, m, (tier,) * m),))
             return LookupResult(0)
+        cuts = (ids[1:] != ids[:-1]).nonzero()[0]
         firsts = [0, *(cuts + 1).tolist()]
         groups: list[Holders] = list(map(holders.__getitem__, ids.take(firsts).tolist()))
         starts = [*firsts, m]
