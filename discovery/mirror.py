@@ -199,9 +199,10 @@ class IndexMirror:
         record is gone (dead, or not yet seen) are skipped.
 
         The table finds the ids of the found prefix with a few numpy
-        operations (discovery/keytable.py), and numpy finds where consecutive
-        keys change Holders object, so a prompt whose blocks sit on the same
-        nodes costs a few Python steps per group, not per key.
+        operations (discovery/keytable.py); one bytes comparison tells when
+        they are all one Holders object (the common case), else numpy finds
+        where consecutive keys change Holders object, so a prompt costs a few
+        Python steps per group of keys, not per key.
         """
         ids = self._table.find(keys, prefix=True)  # the ids of the found prefix
         m = len(ids)
