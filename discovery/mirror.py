@@ -1,4 +1,5 @@
-"""A node's local copy of one namespace of the index, in plain dicts.
+"""A node's local copy of one namespace of the index: node records in a dict,
+block locations in a `KeyTable` (key -> id of a shared `Holders`).
 
 Fed by etcd watch events (or directly, by the in-memory index). Lookups are
 local reads, never an etcd round trip; the view may be a little stale, which
@@ -8,10 +9,9 @@ is safe: every pulled block is verified by the transport anyway.
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import Sequence
-from itertools import groupby
+from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 
+from discovery.keytable import KeyTable
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
 from discovery.schema import namespace_prefix, parse_path, parse_tier
 
@@ -22,13 +22,63 @@ class Holders(dict):
     """Which nodes hold a block, and in which tier: {node_id: Tier}. Shared by
     every block with the same holders and never changed in place (a change
     swaps in another one), so neighbouring blocks of a prompt usually point at
-    one object: a lookup compares them by identity, and a location costs a
-    dict slot, not a dict."""
+    one object, and a location costs a small id in the key table, not a dict."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ()
 
 
 _NOBODY = Holders()
+
+
+class Locations(Mapping[bytes, Holders]):
+    """The mirror's block locations, read-only: {key: Holders}. Always the
+    mirror's current table (also after `adopt`)."""
+
+    __slots__ = ("_mirror",)
+
+    def __init__(self, mirror: IndexMirror) -> None:
+        self._mirror = mirror
+
+    def __getitem__(self, key: bytes) -> Holders:
+        i = self._mirror._table.get(key)
+        if i is None:
+            raise KeyError(key)
+        return self._mirror._holders[i]  # type: ignore[return-value]
+
+    def get(self, key: bytes, default: Holders | None = None) -> Holders | None:  # type: ignore[override]
+        i = self._mirror._table.get(key)
+        return default if i is None else self._mirror._holders[i]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._mirror._table
+
+    def __len__(self) -> int:
+        return len(self._mirror._table)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._mirror._table.keys()
+
+    def values(self) -> ValuesView[Holders]:
+        return _Values(self)
+
+    def items(self) -> ItemsView[bytes, Holders]:
+        return _Items(self)
+
+
+class _Values(ValuesView[Holders]):
+    """Iterates the table's ids, not its keys: no key bytes are rebuilt."""
+
+    def __iter__(self) -> Iterator[Holders]:
+        m = self._mapping._mirror  # type: ignore[attr-defined]
+        return map(m._holders.__getitem__, m._table.values())
+
+
+class _Items(ItemsView[bytes, Holders]):
+    def __iter__(self) -> Iterator[tuple[bytes, Holders]]:
+        m = self._mapping._mirror  # type: ignore[attr-defined]
+        holders = m._holders
+        for key, i in m._table.items():
+            yield key, holders[i]
 
 
 class IndexMirror:
@@ -41,20 +91,42 @@ class IndexMirror:
         self.namespace = namespace
         self.prefix = namespace_prefix(namespace)
         self.nodes: dict[str, NodeRecord] = {}
-        self.locations: dict[bytes, Holders] = {}
+        self.locations = Locations(self)
         self.revision = 0
         self.malformed = 0
         self._names: dict[str, str] = {}  # one str object per node id, not per location
-        self._shared: weakref.WeakValueDictionary[frozenset, Holders] = (
-            weakref.WeakValueDictionary()
-        )
+        self._reset_locations()
 
-    def _holders(self, items: dict[str, Tier]) -> Holders:
+    def _reset_locations(self) -> None:
+        self._table = KeyTable()
+        # Holders by id, counted: an id is reused once no location points at it.
+        self._holders: list[Holders | None] = []
+        self._refs: list[int] = []
+        self._free: list[int] = []
+        self._ids: dict[frozenset, int] = {}
+
+    def _intern(self, items: dict[str, Tier]) -> int:
+        """The id of the shared Holders equal to `items`, with one more reference."""
         signature = frozenset(items.items())
-        found = self._shared.get(signature)
-        if found is None:
-            found = self._shared[signature] = Holders(items)
-        return found
+        i = self._ids.get(signature)
+        if i is None:
+            if self._free:
+                i = self._free.pop()
+                self._holders[i], self._refs[i] = Holders(items), 0
+            else:
+                i = len(self._holders)
+                self._holders.append(Holders(items))
+                self._refs.append(0)
+            self._ids[signature] = i
+        self._refs[i] += 1
+        return i
+
+    def _release(self, i: int) -> None:
+        self._refs[i] -= 1
+        if not self._refs[i]:
+            del self._ids[frozenset(self._holders[i].items())]  # type: ignore[union-attr]
+            self._holders[i] = None
+            self._free.append(i)
 
     # -- feeding -----------------------------------------------------------
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
@@ -74,9 +146,12 @@ class IndexMirror:
             log.warning("skipping malformed index entry key=%r error=%s", path[:120], e)
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
-        old = self.locations.get(parsed.key, _NOBODY)
-        if old.get(name) is not tier:
-            self.locations[parsed.key] = self._holders({**old, name: tier})
+        old_id = self._table.get(parsed.key)
+        old = _NOBODY if old_id is None else self._holders[old_id]
+        if old.get(name) is not tier:  # type: ignore[union-attr]
+            self._table.set(parsed.key, self._intern({**old, name: tier}))  # type: ignore[dict-item]
+            if old_id is not None:
+                self._release(old_id)
 
     def delete(self, path: bytes, revision: int = 0) -> None:
         self.revision = max(self.revision, revision)
@@ -87,30 +162,35 @@ class IndexMirror:
         if parsed.key is None:
             self.nodes.pop(parsed.node_id, None)
             return
-        old = self.locations.get(parsed.key)
-        if old is None or parsed.node_id not in old:
+        old_id = self._table.get(parsed.key)
+        if old_id is None:
             return
-        rest = {n: t for n, t in old.items() if n != parsed.node_id}
+        old = self._holders[old_id]
+        if parsed.node_id not in old:  # type: ignore[operator]
+            return
+        rest = {n: t for n, t in old.items() if n != parsed.node_id}  # type: ignore[union-attr]
         if rest:
-            self.locations[parsed.key] = self._holders(rest)
+            self._table.set(parsed.key, self._intern(rest))
         else:
-            del self.locations[parsed.key]
+            self._table.pop(parsed.key)
+        self._release(old_id)
 
     def adopt(self, fresh: IndexMirror) -> None:
         """Take over another mirror's content in one step (a resync), so lookups
         see the old view or the new one, never a half-built one."""
-        self.nodes, self.locations = fresh.nodes, fresh.locations
-        self._names, self._shared = fresh._names, fresh._shared
+        self.nodes, self._names = fresh.nodes, fresh._names
+        self._table, self._holders, self._refs = fresh._table, fresh._holders, fresh._refs
+        self._free, self._ids = fresh._free, fresh._ids
         self.revision = fresh.revision
         self.malformed += fresh.malformed
 
     def clear(self) -> None:
         self.nodes.clear()
-        self.locations.clear()
+        self._reset_locations()
 
     # -- reading -----------------------------------------------------------
     def holders(self, key: bytes) -> dict[str, Tier]:
-        return dict(self.locations.get(key, _NOBODY))
+        return dict(self.locations.get(key, _NOBODY))  # type: ignore[arg-type]
 
     def lookup(self, keys: Sequence[bytes], local_node: str) -> LookupResult:
         """The prefix of `keys` the local node holds, then, greedily, the peer
@@ -118,19 +198,32 @@ class IndexMirror:
         the farthest-reaching choice needs the fewest peers. Peers whose node
         record is gone (dead, or not yet seen) are skipped.
 
-        Works on groups of consecutive keys sharing one Holders object, so a
-        prompt whose blocks sit on the same nodes costs one dict probe per key
-        (in C) and a few Python steps per group.
+        The table finds the ids of the found prefix with a few numpy
+        operations (discovery/keytable.py); one bytes comparison tells when
+        they are all one Holders object (the common case), else numpy finds
+        where consecutive keys change Holders object, so a prompt costs a few
+        Python steps per group of keys, not per key.
         """
-        # Consecutive keys with one Holders object form a group; groupby
-        # compares identity first, in C, so this loop runs once per group.
-        groups: list[Holders] = []
-        starts = [0]
-        for holders, run in groupby(map(self.locations.get, keys)):
-            if holders is None:
-                break
-            groups.append(holders)
-            starts.append(starts[-1] + len(list(run)))
+        ids = self._table.find(keys, prefix=True)  # the ids of the found prefix
+        m = len(ids)
+        if not m:
+            return LookupResult(0)
+        raw, size = ids.tobytes(), ids.itemsize
+        holders = self._holders
+        # One group (every id equals the next), the common case: the prefix is
+        # local, or the first live peer holds it all.
+        if raw[size:] == raw[:-size]:
+            group: Holders = holders[int(ids[0])]  # type: ignore[assignment]
+            if local_node in group:
+                return LookupResult(m)
+            for node, tier in group.items():
+                if node in self.nodes:  # not local_node: it is not in the group
+                    return LookupResult(0, (PeerRun(node, 0, m, (tier,) * m),))
+            return LookupResult(0)
+        cuts = (ids[1:] != ids[:-1]).nonzero()[0]
+        firsts = [0, *(cuts + 1).tolist()]
+        groups: list[Holders] = list(map(holders.__getitem__, ids.take(firsts).tolist()))
+        starts = [*firsts, m]
         g, ng = 0, len(groups)
         while g < ng and local_node in groups[g]:
             g += 1

@@ -7,10 +7,12 @@ import asyncio
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from discovery.memory import MemoryIndex
 from discovery.mirror import IndexMirror
-from discovery.records import NodeRecord, PeerRun, Tier
+from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
 from discovery.schema import block_path, node_path, parse_path
 
 NS = "ns1"
@@ -135,3 +137,71 @@ def test_lookup_handles_groups_that_change_tier_mid_run():
     r = m.lookup([key(i) for i in range(5)], "me")
     assert [(x.node_id, x.start, x.length) for x in r.runs] == [("A", 0, 4)]
     assert r.runs[0].tiers == (Tier.HOST, Tier.HOST, Tier.DISK, Tier.HOST)
+
+
+def reference_lookup(
+    model: dict[bytes, dict[str, Tier]], nodes: set[str], keys: list[bytes], local_node: str
+) -> LookupResult:
+    """The lookup's contract, key by key: the local prefix, then from each
+    point the live peer with the longest run (the first such in holder order)."""
+    i, n = 0, len(keys)
+    while i < n and local_node in model.get(keys[i], {}):
+        i += 1
+    local, runs = i, []
+    while i < n and keys[i] in model:
+        best, best_end = None, i
+        for node in model[keys[i]]:
+            if node == local_node or node not in nodes:
+                continue
+            end = i + 1
+            while end < n and node in model.get(keys[end], {}):
+                end += 1
+            if end > best_end:
+                best, best_end = node, end
+        if best is None:
+            break
+        tiers = tuple(model[keys[j]][best] for j in range(i, best_end))
+        runs.append(PeerRun(best, i, best_end - i, tiers))
+        i = best_end
+    return LookupResult(local, tuple(runs))
+
+
+NODES = ["me", "A", "B", "C"]
+MIRROR_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "put", "delete", "drop_node", "add_node"]),
+        st.sampled_from(NODES),
+        st.integers(0, 11),
+        st.sampled_from([Tier.HOST, Tier.DISK]),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(MIRROR_OPS, st.lists(st.integers(0, 13), max_size=20))
+def test_lookup_matches_a_key_by_key_model(ops, wanted):
+    m = IndexMirror(NS)
+    model: dict[bytes, dict[str, Tier]] = {}
+    nodes: set[str] = set()
+    for op, node, i, tier in ops:
+        if op == "put":
+            m.put(block_path(NS, key(i), node), tier.value.encode())
+            model.setdefault(key(i), {})[node] = tier
+        elif op == "delete":
+            m.delete(block_path(NS, key(i), node))
+            model.get(key(i), {}).pop(node, None)
+            if not model.get(key(i), True):
+                del model[key(i)]
+        elif op == "add_node":
+            m.put(node_path(NS, node), NodeRecord(node, "127.0.0.1", 7000).encode())
+            nodes.add(node)
+        else:
+            m.delete(node_path(NS, node))
+            nodes.discard(node)
+    assert dict(m.locations.items()) == model
+    assert len(m.locations) == len(model)
+    for k in map(key, range(14)):
+        assert m.holders(k) == model.get(k, {})
+    for keys in ([key(i) for i in wanted], [key(i) for i in range(12)]):
+        assert m.lookup(keys, "me") == reference_lookup(model, nodes, keys, "me")
