@@ -2,8 +2,9 @@
 
 Every move is two-phase. A store reserves host slots (`prepare_store`), the
 bytes are copied in, and `commit_store` registers them; only then can a lookup
-see them. A block's checksum is taken when it first leaves G2 (drained to disk,
-or sealed for a peer) and verified wherever it comes back. A load pins the
+see them. A block's checksum is taken off the store path: in the background
+(`seal_newest`), or at the latest when it first leaves G2 (drained to disk,
+or pinned for a peer), and verified wherever it comes back. A load pins the
 prefix it found (`prepare_load`), staging disk-only blocks into host slots and
 verifying them, the bytes are copied out, and `finish_load` unpins.
 Bookkeeping runs under one lock; bytes move outside it, on slots that no one
@@ -317,6 +318,25 @@ class BlockManager:
             for slot, c in taken.items():
                 self.host.table.set_checksum(slot, c)
         return [taken.get(s, c) for s, c in zip(plan.slots, known, strict=True)]  # type: ignore[misc]
+
+    def seal_newest(self, limit: int) -> int:
+        """Take the checksums of up to `limit` of the newest host blocks that have
+        none, without pinning them (a pin would reorder the LRU); a block
+        evicted meanwhile keeps none. Returns how many blocks were summed.
+
+        The node runs this in the background, so a block is usually sealed
+        before a peer pins it or it drains to disk: the checksum then costs
+        neither of those paths a pass over the bytes.
+        """
+        with self._lock:
+            todo = self.host.table.newest_unsealed(limit)
+        if not todo:
+            return 0
+        sums = self.host.checksums([slot for slot, _ in todo])
+        with self._lock:
+            for (slot, serial), c in zip(todo, sums, strict=True):
+                self.host.table.seal(slot, serial, c)
+        return len(todo)
 
     # -- for peers (the transport's BlockSource / BlockSink) -----------------
     def pin_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:

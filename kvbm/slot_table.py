@@ -7,6 +7,7 @@ moves bytes outside it, on slots that are FILLING, DRAINING or pinned.
 from __future__ import annotations
 
 import heapq
+import itertools
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -37,7 +38,10 @@ class SlotTable:
       that key, and every REGISTERED slot is in the index;
     - the eviction policy holds exactly the REGISTERED slots with no pins, so
       a pinned block is never evicted;
-    - pins are only ever held on REGISTERED slots.
+    - pins are only ever held on REGISTERED slots;
+    - `unsealed` holds exactly the REGISTERED slots without a checksum;
+    - a slot's bytes do not change while it stays REGISTERED under one
+      `serial` (a new registration gets a new one).
     Allocation hands out the lowest free slots, so batches copy as few runs.
     """
 
@@ -49,6 +53,9 @@ class SlotTable:
         self.keys: list[BlockKey | None] = [None] * num_slots
         self.checksums: list[int | None] = [None] * num_slots
         self.pins = [0] * num_slots
+        self.serial = [0] * num_slots  # which registration a slot holds
+        self._serials = itertools.count(1)
+        self.unsealed: dict[int, None] = {}  # in registration order
         self.index: dict[BlockKey, int] = {}
         self.policy = LruPolicy()
         self._free = list(range(num_slots))  # already a heap
@@ -94,6 +101,9 @@ class SlotTable:
         self.state[slot] = SlotState.REGISTERED
         self.keys[slot] = key
         self.checksums[slot] = checksum
+        self.serial[slot] = next(self._serials)
+        if checksum is None:
+            self.unsealed[slot] = None
         self.index[key] = slot
         self.policy.insert(slot)
         if self.changed is not None:
@@ -125,6 +135,20 @@ class SlotTable:
         if self.pins[slot] <= 0:
             raise AssertionError(f"checksum of unpinned slot {slot}")
         self.checksums[slot] = checksum
+        self.unsealed.pop(slot, None)
+
+    def newest_unsealed(self, n: int) -> list[tuple[int, int]]:
+        """Up to `n` (slot, serial) of the newest REGISTERED slots without a checksum."""
+        return [(s, self.serial[s]) for s in itertools.islice(reversed(self.unsealed), n)]
+
+    def seal(self, slot: int, serial: int, checksum: int) -> bool:
+        """Record a checksum taken without a pin: only if the slot still holds
+        registration `serial` (so the bytes summed were this block's)."""
+        if self.state[slot] != SlotState.REGISTERED or self.serial[slot] != serial:
+            return False
+        self.checksums[slot] = checksum
+        self.unsealed.pop(slot, None)
+        return True
 
     def touch(self, slot: int) -> None:
         self.policy.touch(slot)
@@ -138,6 +162,7 @@ class SlotTable:
             assert key is not None and self.pins[s] == 0
             del self.index[key]
             self.state[s] = SlotState.DRAINING
+            self.unsealed.pop(s, None)
             out.append(Victim(s, key, self.checksums[s]))
             if self.changed is not None:
                 self.changed.add(key)
@@ -165,6 +190,7 @@ class SlotTable:
         self.state[slot] = SlotState.FREE
         self.keys[slot] = None
         self.checksums[slot] = None
+        self.unsealed.pop(slot, None)
         self.pins[slot] = 0
         heapq.heappush(self._free, slot)
 
@@ -184,4 +210,6 @@ class SlotTable:
             assert registered == (key is not None and self.index.get(key) == s), f"slot {s}: index"
             assert (registered and self.pins[s] == 0) == (s in self.policy), f"slot {s}: policy"
             assert self.pins[s] == 0 or registered, f"slot {s}: pinned but {st.name}"
+            unsealed = registered and self.checksums[s] is None
+            assert unsealed == (s in self.unsealed), f"slot {s}: unsealed set"
         assert len(self.index) == sum(st == SlotState.REGISTERED for st in self.state)

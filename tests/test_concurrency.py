@@ -1,6 +1,6 @@
 """The engine path and the network path share one manager: several threads
-store, load, pin and seal at once, and every block they read is the block that
-was stored under its key."""
+store, load, pin and seal at once (beside the node's background sealer), and
+every block they read is the block that was stored under its key."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_engine_and_network_paths_at_once(make_manager):
     mgr = make_manager(host_slots=16, disk_slots=64, min_uses=1)
     errors: list[BaseException] = []
     stop = time.monotonic() + 3.0
-    counts = {"loaded": 0, "sealed": 0}
+    counts = {"loaded": 0, "sealed": 0, "sealed_in_background": 0}
     lock = threading.Lock()
 
     def engine(seed: int) -> None:
@@ -61,8 +61,19 @@ def test_engine_and_network_paths_at_once(make_manager):
         except BaseException as e:
             errors.append(e)
 
+    def sealer() -> None:
+        # the node's background sealer: sums blocks without pinning them
+        try:
+            while time.monotonic() < stop:
+                n = mgr.seal_newest(2)
+                with lock:
+                    counts["sealed_in_background"] += n
+        except BaseException as e:
+            errors.append(e)
+
     threads = [threading.Thread(target=engine, args=(i,)) for i in range(2)]
     threads += [threading.Thread(target=network, args=(10 + i,)) for i in range(2)]
+    threads.append(threading.Thread(target=sealer))
     for t in threads:
         t.start()
     for t in threads:
@@ -70,7 +81,10 @@ def test_engine_and_network_paths_at_once(make_manager):
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors[0]
     # the run really exercised both paths
-    assert counts["loaded"] > 0 and counts["sealed"] > 0
+    assert counts["loaded"] > 0 and counts["sealed"] > 0 and counts["sealed_in_background"] > 0
+    host = mgr.host.table
+    for slot in host.index.values():  # every checksum recorded is the block's
+        assert host.checksums[slot] in (None, *mgr.host.checksums([slot]))
     mgr.host.table.check()
     mgr.disk.table.check()
     assert sum(mgr.host.table.pins) == 0 and sum(mgr.disk.table.pins) == 0

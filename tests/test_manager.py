@@ -165,6 +165,29 @@ def test_checksum_is_taken_when_a_block_first_leaves_host(make_manager):
     mgr.finish_load(plan)
 
 
+def test_background_sealing_takes_the_newest_first_and_keeps_lru_order(make_manager):
+    mgr = make_manager(host_slots=8, disk_slots=16, min_uses=1)
+    ks = keys(0, 6)
+    store(mgr, ks)
+    table = mgr.host.table
+    order = table.policy.order()
+    assert mgr.seal_newest(2) == 2
+    slots = [table.get(k) for k in ks]
+    sums = [table.checksums[s] for s in slots]
+    assert sums[:4] == [None] * 4  # the two newest first
+    assert sums[4:] == [xxhash.xxh3_64_intdigest(mgr.host.block_view(s)) for s in slots[4:]]
+    assert table.policy.order() == order  # summing is not a use
+    assert mgr.seal_newest(100) == 4 and mgr.seal_newest(100) == 0
+    # a drain to disk and a peer's pin take the recorded checksums
+    plan = mgr.prepare_load(ks)
+    assert mgr.seal(plan) == [table.checksums[s] for s in plan.slots]
+    mgr.finish_load(plan)
+    store(mgr, keys(100, 8))
+    expect_tiers(mgr, ks, *[Tier.DISK] * 6)
+    expect_loaded(mgr, ks)
+    table.check()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
     g = ModelGeometry(num_layers=3, num_kv_heads=2, head_dim=32, block_size=32, dtype=dtype)

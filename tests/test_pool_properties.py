@@ -32,6 +32,8 @@ class SlotTableMachine(RuleBasedStateMachine):
         self.recency: list[int] = []  # evictable slots, oldest first (the model's LRU)
         self.filling: list[int] = []
         self.draining: list[int] = []
+        self.registrations = [0] * 6  # the model's count of registrations per slot
+        self.sealing: list[tuple[int, int, int]] = []  # (slot, serial, registrations then)
 
     def registered(self) -> list[int]:
         return list(self.table.index.values())
@@ -49,9 +51,29 @@ class SlotTableMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(self.filling))
         self.filling.remove(slot)
         fresh = key not in self.table.index
-        assert self.table.register(slot, key, 1) == fresh
+        assert self.table.register(slot, key, data.draw(st.sampled_from([1, None]))) == fresh
         if fresh:
             self.recency.append(slot)
+            self.registrations[slot] += 1
+
+    @rule(n=st.integers(1, 3))
+    def begin_sealing(self, n):
+        for slot, serial in self.table.newest_unsealed(n):
+            assert self.table.checksums[slot] is None
+            self.sealing.append((slot, serial, self.registrations[slot]))
+
+    @precondition(lambda self: self.sealing)
+    @rule()
+    def finish_sealing(self):
+        # recorded only if the slot still holds the block that was summed
+        slot, serial, registrations = self.sealing.pop(0)
+        same = (
+            self.table.state[slot] == SlotState.REGISTERED
+            and self.registrations[slot] == registrations
+        )
+        assert self.table.seal(slot, serial, 7) == same
+        if same:
+            assert self.table.checksums[slot] == 7
 
     @precondition(lambda self: self.filling)
     @rule(data=st.data())
@@ -160,6 +182,10 @@ class ManagerMachine(RuleBasedStateMachine):
         for i in range(got):
             assert eng.holds(ks[i], i), "a reload differs from what was stored"
 
+    @rule(n=st.integers(1, 4))
+    def seal(self, n):
+        self.mgr.seal_newest(n)
+
     @precondition(lambda self: len(self.held) < 2)
     @rule(start=st.integers(0, 22), n=st.integers(1, 2))
     def hold(self, start, n):
@@ -186,6 +212,9 @@ class ManagerMachine(RuleBasedStateMachine):
         disk.check()
         assert host.registered_count <= host.num_slots
         assert disk.registered_count <= disk.num_slots
+        for slot in host.index.values():  # a recorded checksum is the block's
+            c = host.checksums[slot]
+            assert c is None or c == self.mgr.host.checksums([slot])[0]
         for plan in self.held:
             # pinned blocks never leave G2
             assert self.mgr.lookup(plan.keys).tiers == (Tier.HOST,) * plan.num_blocks

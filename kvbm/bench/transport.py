@@ -36,6 +36,7 @@ BATCH = 64
 HOST_BLOCKS = 4 * BATCH + 256  # four 64-block pulls and one 256-block pull
 DISK_BLOCKS = 3 * BATCH
 SINGLE = 100
+FRESH = 30_000  # first key of BATCH blocks stored after the peer sealed the rest
 
 
 def space() -> KeySpace:
@@ -43,7 +44,9 @@ def space() -> KeySpace:
 
 
 def _peer(directory: str, secret: bytes, conn: Connection) -> None:
-    """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS in host."""
+    """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS + SINGLE
+    in host and sealed (checksummed, as a node's background sealer leaves
+    blocks stored a little while ago), BATCH fresh ones in host, unsealed."""
 
     async def serve() -> None:
         g = BENCH_GEOMETRY
@@ -51,7 +54,7 @@ def _peer(directory: str, secret: bytes, conn: Connection) -> None:
             g,
             # the host set and a filler: storing them drains the (older) disk set
             # to G3, and staging the disk set later pushes out only the filler
-            HostPool(g, (HOST_BLOCKS + SINGLE + DISK_BLOCKS) * g.slot_bytes),
+            HostPool(g, (HOST_BLOCKS + SINGLE + DISK_BLOCKS + BATCH) * g.slot_bytes),
             # room for what staging drains too, so no disk-only block is pushed out
             DiskPool(g, directory, PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes)),
             FrequencyFilter(1),
@@ -67,6 +70,9 @@ def _peer(directory: str, secret: bytes, conn: Connection) -> None:
         put(ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS))))  # drained to disk below
         put(ks.keys(list(range(20_000, 20_000 + DISK_BLOCKS))))  # the filler
         put(ks.keys(list(range(HOST_BLOCKS + SINGLE))))
+        while mgr.seal_newest(64):
+            pass
+        put(ks.keys(list(range(FRESH, FRESH + BATCH))))
         agent = NixlAgent("bench-peer", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
         server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
         port = await server.start(PEER, 0)
@@ -130,7 +136,8 @@ def run() -> dict:
         parent, child = ctx.Pipe()
         peer = ctx.Process(target=_peer, args=(d, SECRET, child))
         peer.start()
-        mgr = BlockManager(g, HostPool(g, (HOST_BLOCKS + DISK_BLOCKS + SINGLE + 8) * g.slot_bytes))
+        slots = HOST_BLOCKS + DISK_BLOCKS + SINGLE + BATCH + 8
+        mgr = BlockManager(g, HostPool(g, slots * g.slot_bytes))
         agent = NixlAgent("bench-local", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
         try:
             if not parent.poll(300):
@@ -190,6 +197,7 @@ async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
         await timed(ks.keys([HOST_BLOCKS + SINGLE - 1]))  # first contact: connection set-up
         host = [await timed(ks.keys(list(range(i * BATCH, (i + 1) * BATCH)))) for i in range(4)]
         big = await timed(ks.keys(list(range(4 * BATCH, 4 * BATCH + 256))))
+        fresh = await timed(ks.keys(list(range(FRESH, FRESH + BATCH))))
         disk = [
             await timed(ks.keys(list(range(10_000 + i * BATCH, 10_000 + (i + 1) * BATCH))))
             for i in range(3)
@@ -200,6 +208,7 @@ async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
         return {
             "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(host)),
             "peer_host_pull_256_gbps": gbps(256 * g.block_bytes, big),
+            "peer_host_pull_unsealed_gbps": gbps(BATCH * g.block_bytes, fresh),
             "peer_disk_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(disk)),
             "single_block_pull_p50_ms": round(single[len(single) // 2] * 1e3, 3),
             "single_block_pull_p99_ms": round(single[int(len(single) * 0.99)] * 1e3, 3),

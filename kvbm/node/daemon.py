@@ -54,6 +54,8 @@ PUBLISH_INTERVAL_S = 0.02
 INDEX_RETRY_S = 2.0
 INDEX_FIRST_WAIT_S = 5.0
 MAX_KEYS = 8192
+SEAL_BATCH = 16  # blocks summed per step of the background sealer
+SEAL_IDLE_S = 0.05  # how often the sealer looks for new blocks when it has none
 _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
 
 
@@ -209,12 +211,26 @@ class Node:
             self.serving = Serving(mgr, tiers, agent, server, f"{host}:{port}")
             joined = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._join_index(record, joined)))
+            self._tasks.append(asyncio.create_task(self._seal_in_background(mgr)))
             # The first engine's first request should already see its peers: wait
             # for the index a little (if etcd is away, serving starts without it).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(joined.wait(), INDEX_FIRST_WAIT_S)
             log.info("serving geometry=%s peer_port=%d", geometry, port)
             return self.serving
+
+    async def _seal_in_background(self, mgr: BlockManager) -> None:
+        """Checksum new host blocks soon after they are stored, so a peer's pin
+        and a drain to disk find them sealed. Rests as long as it worked
+        (at most half a core), so it never crowds out the engines' copies."""
+        while True:
+            t0 = time.monotonic()
+            try:
+                n = await asyncio.to_thread(mgr.seal_newest, SEAL_BATCH)
+            except Exception:
+                log.exception("background sealing failed")
+                n = 0
+            await asyncio.sleep(time.monotonic() - t0 if n else SEAL_IDLE_S)
 
     async def _join_index(self, record: NodeRecord, joined: asyncio.Event) -> None:
         """Register in the index (retrying while etcd is away), then publish
