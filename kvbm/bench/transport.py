@@ -1,11 +1,14 @@
 """`kvbm bench transport`: pulls between two node processes on 127.0.0.2 (the
 peer, serving) and 127.0.0.3 (this process), over the peer RPC and NIXL (UCX),
-beside memcpy, a plain TCP socket between two processes, and raw O_DIRECT
-reads on the same file system."""
+beside memcpy, a plain TCP socket between two processes, the kernel's own
+copy between two processes (process_vm_readv, what UCX's CMA transport does
+under a READ on one host: from private memory, and from /dev/shm mappings
+like the host arena), and raw O_DIRECT reads on the same file system."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime
 import multiprocessing
 import os
@@ -27,6 +30,7 @@ from kvbm.host_pool import HostPool
 from kvbm.layout import EngineKV
 from kvbm.manager import BlockManager, Tier
 from kvbm.peer_tiers import ManagerTiers
+from kvbm.shm_arena import SharedArena
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull
 
@@ -121,6 +125,58 @@ def tcp_socket_gbps(nbytes: int) -> float:
     return gbps(got, seconds)
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _cma_holder(nbytes: int, in_shm: bool, conn: Connection) -> None:
+    if in_shm:  # a /dev/shm file mapping, as the host arena is (4 KiB pages here)
+        arena = SharedArena.create(f"kvbm-bench-cma-{os.getpid()}", nbytes)
+        buf = arena.array
+    else:  # private memory: large numpy buffers get transparent huge pages
+        buf = np.empty(nbytes, np.uint8)
+    buf[:] = np.frombuffer(os.urandom(nbytes), np.uint8)
+    conn.send((os.getpid(), buf.ctypes.data))
+    conn.recv()  # held until the reader is done
+    if in_shm:
+        del buf
+        arena.close()
+
+
+def cma_gbps(nbytes: int, piece: int, in_shm: bool) -> float | None:
+    """process_vm_readv of `nbytes` from another process, `piece` bytes per
+    iovec (a block each), into a buffer of the same kind: the kernel's own
+    copy between two processes, what a one-sided READ does on one host. None
+    where the kernel refuses it (ptrace rules)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_cma_holder, args=(nbytes, in_shm, child))
+    proc.start()
+    local_arena = SharedArena.create(f"kvbm-bench-cma-{os.getpid()}", nbytes) if in_shm else None
+    try:
+        pid, addr = parent.recv()
+        dst = np.zeros(nbytes, np.uint8) if local_arena is None else local_arena.array
+        n = nbytes // piece
+        local = (_IoVec * n)(*[_IoVec(dst.ctypes.data + i * piece, piece) for i in range(n)])
+        remote = (_IoVec * n)(*[_IoVec(addr + i * piece, piece) for i in range(n)])
+        readv = ctypes.CDLL(None, use_errno=True).process_vm_readv
+
+        def read() -> None:
+            if readv(pid, local, n, remote, n, 0) != nbytes:
+                raise OSError(ctypes.get_errno(), "process_vm_readv")
+
+        try:
+            return gbps(nbytes, interleaved({"cma": read}, 5)["cma"])
+        except OSError:
+            return None
+    finally:
+        parent.send("done")
+        proc.join(30)
+        if local_arena is not None:
+            del dst
+            local_arena.close()
+
+
 def run() -> dict:
     g = BENCH_GEOMETRY
     out: dict = {
@@ -156,9 +212,13 @@ def run() -> dict:
         nbytes = BATCH * g.block_bytes
         out["memcpy_gbps"] = gbps(nbytes, interleaved({"memcpy": Memcpy(nbytes)}, 5)["memcpy"])
         out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
+        out["cma_gbps"] = cma_gbps(nbytes, g.block_bytes, in_shm=False)
+        out["cma_shm_gbps"] = cma_gbps(nbytes, g.block_bytes, in_shm=True)
         out["disk_read_gbps"] = _raw_disk_read(d, nbytes)
     out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
     out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
+    if out["cma_shm_gbps"]:  # the copy a READ makes, on the arena's kind of memory
+        out["peer_host_vs_cma_shm"] = round(out["peer_host_pull_gbps"] / out["cma_shm_gbps"], 3)
     out["peer_disk_vs_disk"] = round(out["peer_disk_pull_gbps"] / out["disk_read_gbps"], 3)
     return out
 
