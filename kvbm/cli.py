@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--nodes", type=int, default=0, help="scale run with N simulated publishers")
     index.add_argument("--lease-ttl", type=int, default=3, help="lease TTL of the nodes (s)")
 
-    which.add_parser("transport", help="pulls between two node processes over NIXL").add_argument(
-        "--json", action="store_true", help="print one JSON object"
+    transport = which.add_parser("transport", help="pulls between two node processes over NIXL")
+    transport.add_argument("--json", action="store_true", help="print one JSON object")
+    transport.add_argument(
+        "--arena-dir", default="/dev/shm", help="memory file system of both nodes' host arenas"
     )
     soak = which.add_parser("soak", help="three nodes under load and faults, every block checked")
     soak.add_argument("--json", action="store_true", help="print one JSON object")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.bench == "transport":
                 from kvbm.bench import transport as transport_mod
 
-                result = transport_mod.run()
+                result = transport_mod.run(args.arena_dir)
             elif args.bench == "soak":
                 from kvbm.bench import soak as soak_mod
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from kvbm.hashing import checksum
 from kvbm.layout import ArenaBlocks, ModelGeometry
-from kvbm.shm_arena import SharedArena
+from kvbm.shm_arena import SHM_DIR, SharedArena
 from kvbm.slot_table import SlotTable
 
 ARENA_PREFIX = "kvbm-g2-"
@@ -29,6 +29,7 @@ class HostPool:
         arena_name: str | None = None,
         mode: int = 0o600,
         gid: int | None = None,
+        directory: str = SHM_DIR,
     ) -> None:
         num_slots = capacity_bytes // geometry.slot_bytes
         if num_slots < 1:
@@ -36,10 +37,10 @@ class HostPool:
                 f"host tier of {capacity_bytes} bytes cannot hold one "
                 f"{geometry.slot_bytes}-byte block"
             )
-        SharedArena.sweep_stale(ARENA_PREFIX)
+        SharedArena.sweep_stale(ARENA_PREFIX, directory)
         name = arena_name or f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.geometry = geometry
-        self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode, gid)
+        self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode, gid, directory)
         self.table = SlotTable(num_slots)
         self.blocks = ArenaBlocks(geometry, self.arena.tensor, num_slots)
         self._bytes = memoryview(self.arena.array)

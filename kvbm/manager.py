@@ -511,7 +511,11 @@ def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
     """The node's tiers as the configuration asks for them."""
     gid = cfg.shared_gid
     host = HostPool(
-        geometry, cfg.host_cache_mb << 20, mode=0o600 if gid is None else 0o660, gid=gid
+        geometry,
+        cfg.host_cache_mb << 20,
+        mode=0o600 if gid is None else 0o660,
+        gid=gid,
+        directory=cfg.host_arena_dir,
     )
     disk = None
     try:

@@ -30,7 +30,7 @@ from kvbm.host_pool import HostPool
 from kvbm.layout import EngineKV
 from kvbm.manager import BlockManager, Tier
 from kvbm.peer_tiers import ManagerTiers
-from kvbm.shm_arena import SharedArena
+from kvbm.shm_arena import SHM_DIR, SharedArena
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull
 
@@ -47,7 +47,7 @@ def space() -> KeySpace:
     return KeySpace("bench", BENCH_GEOMETRY.fingerprint)
 
 
-def _peer(directory: str, secret: bytes, conn: Connection) -> None:
+def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> None:
     """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS + SINGLE
     in host and sealed (checksummed, as a node's background sealer leaves
     blocks stored a little while ago), BATCH fresh ones in host, unsealed."""
@@ -58,7 +58,11 @@ def _peer(directory: str, secret: bytes, conn: Connection) -> None:
             g,
             # the host set and a filler: storing them drains the (older) disk set
             # to G3, and staging the disk set later pushes out only the filler
-            HostPool(g, (HOST_BLOCKS + SINGLE + DISK_BLOCKS + BATCH) * g.slot_bytes),
+            HostPool(
+                g,
+                (HOST_BLOCKS + SINGLE + DISK_BLOCKS + BATCH) * g.slot_bytes,
+                directory=arena_dir,
+            ),
             # room for what staging drains too, so no disk-only block is pushed out
             DiskPool(g, directory, PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes)),
             FrequencyFilter(1),
@@ -129,30 +133,34 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-def _cma_holder(nbytes: int, in_shm: bool, conn: Connection) -> None:
-    if in_shm:  # a /dev/shm file mapping, as the host arena is (4 KiB pages here)
-        arena = SharedArena.create(f"kvbm-bench-cma-{os.getpid()}", nbytes)
+def _cma_holder(nbytes: int, arena_dir: str | None, conn: Connection) -> None:
+    if arena_dir:  # a file mapping, as the host arena is
+        arena = SharedArena.create(f"kvbm-bench-cma-{os.getpid()}", nbytes, directory=arena_dir)
         buf = arena.array
     else:  # private memory: large numpy buffers get transparent huge pages
         buf = np.empty(nbytes, np.uint8)
     buf[:] = np.frombuffer(os.urandom(nbytes), np.uint8)
     conn.send((os.getpid(), buf.ctypes.data))
     conn.recv()  # held until the reader is done
-    if in_shm:
+    if arena_dir:
         del buf
         arena.close()
 
 
-def cma_gbps(nbytes: int, piece: int, in_shm: bool) -> float | None:
+def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
     """process_vm_readv of `nbytes` from another process, `piece` bytes per
-    iovec (a block each), into a buffer of the same kind: the kernel's own
+    iovec (a block each), into a buffer of the same kind (private memory, or
+    files in `arena_dir` like the host arenas): the kernel's own
     copy between two processes, what a one-sided READ does on one host. None
     where the kernel refuses it (ptrace rules)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_cma_holder, args=(nbytes, in_shm, child))
+    proc = ctx.Process(target=_cma_holder, args=(nbytes, arena_dir, child))
     proc.start()
-    local_arena = SharedArena.create(f"kvbm-bench-cma-{os.getpid()}", nbytes) if in_shm else None
+    local_arena = None
+    if arena_dir:
+        name = f"kvbm-bench-cma-{os.getpid()}"
+        local_arena = SharedArena.create(name, nbytes, directory=arena_dir)
     try:
         pid, addr = parent.recv()
         dst = np.zeros(nbytes, np.uint8) if local_arena is None else local_arena.array
@@ -177,7 +185,7 @@ def cma_gbps(nbytes: int, piece: int, in_shm: bool) -> float | None:
             local_arena.close()
 
 
-def run() -> dict:
+def run(arena_dir: str = SHM_DIR) -> dict:
     g = BENCH_GEOMETRY
     out: dict = {
         "bench": "transport",
@@ -186,14 +194,16 @@ def run() -> dict:
         "block_bytes": g.block_bytes,
         "peer": PEER,
         "local": LOCAL,
+        "arena_dir": arena_dir,
     }
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="kvbm-bench-transport-") as d:
         parent, child = ctx.Pipe()
-        peer = ctx.Process(target=_peer, args=(d, SECRET, child))
+        peer = ctx.Process(target=_peer, args=(d, arena_dir, SECRET, child))
         peer.start()
         slots = HOST_BLOCKS + DISK_BLOCKS + SINGLE + BATCH + 8
-        mgr = BlockManager(g, HostPool(g, slots * g.slot_bytes))
+        mgr = BlockManager(g, HostPool(g, slots * g.slot_bytes, directory=arena_dir))
+        out["arena_huge_pages"] = mgr.host.arena.huge_page_bytes() > 0
         agent = NixlAgent("bench-local", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
         try:
             if not parent.poll(300):
@@ -212,13 +222,13 @@ def run() -> dict:
         nbytes = BATCH * g.block_bytes
         out["memcpy_gbps"] = gbps(nbytes, interleaved({"memcpy": Memcpy(nbytes)}, 5)["memcpy"])
         out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
-        out["cma_gbps"] = cma_gbps(nbytes, g.block_bytes, in_shm=False)
-        out["cma_shm_gbps"] = cma_gbps(nbytes, g.block_bytes, in_shm=True)
+        out["cma_gbps"] = cma_gbps(nbytes, g.block_bytes, None)
+        out["cma_arena_gbps"] = cma_gbps(nbytes, g.block_bytes, arena_dir)
         out["disk_read_gbps"] = _raw_disk_read(d, nbytes)
     out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
     out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
-    if out["cma_shm_gbps"]:  # the copy a READ makes, on the arena's kind of memory
-        out["peer_host_vs_cma_shm"] = round(out["peer_host_pull_gbps"] / out["cma_shm_gbps"], 3)
+    if out["cma_arena_gbps"]:  # the copy a READ makes, on the arena's kind of memory
+        out["peer_host_vs_cma_arena"] = round(out["peer_host_pull_gbps"] / out["cma_arena_gbps"], 3)
     out["peer_disk_vs_disk"] = round(out["peer_disk_pull_gbps"] / out["disk_read_gbps"], 3)
     return out
 

@@ -18,7 +18,7 @@ import numpy as np
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
 from kvbm.node.engine_rpc import EngineLink, NodeError, geometry_to_wire
-from kvbm.shm_arena import SharedArena
+from kvbm.shm_arena import SHM_DIR, SharedArena
 
 __all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
 
@@ -77,7 +77,9 @@ class NodeAttachment:
         self.arena: SharedArena | None = None
         self.blocks: ArenaBlocks | None = None
         if map_arena:
-            self.arena = SharedArena.attach(hello["arena"], hello["arena_bytes"])
+            self.arena = SharedArena.attach(
+                hello["arena"], hello["arena_bytes"], hello.get("arena_dir", SHM_DIR)
+            )
             self.blocks = ArenaBlocks(geometry, self.arena.tensor, self.num_slots)
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:

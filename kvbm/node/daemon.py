@@ -108,6 +108,9 @@ class Node:
 
     # -- life cycle --------------------------------------------------------
     async def start(self) -> None:
+        arena_dir = self.cfg.host_arena_dir  # fail at start, not at the first engine's hello
+        if not os.path.isdir(arena_dir) or not os.access(arena_dir, os.W_OK | os.X_OK):
+            raise KvbmError(f"host_arena_dir {arena_dir} is not a writable directory")
         if self.cfg.disk_enabled:  # fail at start, not at the first engine's hello
             directory = self.cfg.disk_cache_dir
             try:
@@ -479,6 +482,7 @@ class Node:
             arena = s.mgr.host.arena
             return {
                 "arena": arena.name,
+                "arena_dir": arena.directory,
                 "arena_bytes": arena.size,
                 "slot_bytes": geometry.slot_bytes,
                 "num_slots": s.mgr.host.num_slots,

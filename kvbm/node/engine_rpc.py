@@ -2,8 +2,8 @@
 (transport/frames.py) over a unix socket.
 
 Calls (engine -> node), each answered by `ok` or `error`:
-  hello    {geometry, engine}    -> {arena, arena_bytes, slot_bytes, num_slots,
-                                     namespace, fingerprint, node_id}
+  hello    {geometry, engine}    -> {arena, arena_dir, arena_bytes, slot_bytes,
+                                     num_slots, namespace, fingerprint, node_id}
   lookup   {keys, remote}        -> {local, remote_host, remote_disk}: leading
                                      blocks held here, then how many more peers
                                      hold after them, by tier
@@ -17,7 +17,8 @@ Calls (engine -> node), each answered by `ok` or `error`:
   stats    {}                    -> the node's state (for `kvbm status`)
 
 Keys are `BlockKey.encode()` bytes. Slots index the node's host arena, which
-the engine maps by name (shared memory) and copies whole blocks through. The
+the engine maps by name in `arena_dir` (shared memory: the engine must see
+the same directory) and copies whole blocks through. The
 socket's file permissions guard it; frames carry an HMAC under a fixed key
 only because the codec always does. A lease dies with its connection: an
 engine that goes away never leaves a pin or a half-written slot behind.
