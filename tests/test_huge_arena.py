@@ -52,6 +52,7 @@ def test_arenas_on_huge_pages_serve_engines_and_peers(etcd, daemons, huge_tmpfs)
         # the pages really are huge: in this engine process and in its node
         assert eng_a.arena.huge_page_bytes() >= 2 << 20
         assert eng_a.arena.huge_page_bytes(a.proc.pid) >= 2 << 20
+        assert "huge_page_mb=0" not in a.log() and "huge_page_mb=" in a.log()
     finally:
         eng_a.close()
         eng_b.close()

@@ -219,7 +219,13 @@ class Node:
             # for the index a little (if etcd is away, serving starts without it).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(joined.wait(), INDEX_FIRST_WAIT_S)
-            log.info("serving geometry=%s peer_port=%d", geometry, port)
+            log.info(
+                "serving geometry=%s peer_port=%d arena=%s huge_page_mb=%d",
+                geometry,
+                port,
+                mgr.host.arena.directory,
+                mgr.host.arena.huge_page_bytes() >> 20,
+            )
             return self.serving
 
     async def _seal_in_background(self, mgr: BlockManager) -> None:
