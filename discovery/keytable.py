@@ -247,10 +247,7 @@ class KeyTable:
         """Where `key` is (see `_Probe`). Remembered until the next change, so
         a `get` followed by a `set` or `pop` of the same key object (what the
         mirror does for every event) probes once."""
-        if len(key) >= 8:
-            head, tail = int.from_bytes(key[:8], "little"), key[8:]
-        else:
-            head, tail = int.from_bytes(key, "little"), len(key)
+        head, tail = _split(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
             probe = self._last = (key, 0, 0, -1, -1, tail, -1, -1)
@@ -282,10 +279,7 @@ class KeyTable:
     def _position(self, key: bytes) -> int:
         """`key`'s entry position or -1: `_probe` for a lookup, less its
         bookkeeping."""
-        if len(key) >= 8:
-            head, tail = int.from_bytes(key[:8], "little"), key[8:]
-        else:
-            head, tail = int.from_bytes(key, "little"), len(key)
+        head, tail = _split(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
             return -1
@@ -438,10 +432,7 @@ class KeyTable:
             xs, ts = [], []
             tail_ids, mix = self._tail_ids, self._mix
             for key in keys:
-                if len(key) >= 8:
-                    head, tail = int.from_bytes(key[:8], "little"), key[8:]
-                else:
-                    head, tail = int.from_bytes(key, "little"), len(key)
+                head, tail = _split(key)
                 t = tail_ids.get(tail, _NO_TAIL)
                 xs.append(head ^ mix[t] if t != _NO_TAIL else 0)
                 ts.append(t)
@@ -518,6 +509,13 @@ class KeyTable:
             return tq.tolist()
         (only,) = self._tail_ids.values()
         return [only] * n
+
+
+def _split(key: bytes) -> tuple[int, Tail]:
+    """A key's head (its first 8 bytes as an int) and its tail (see `Tail`)."""
+    if len(key) >= 8:
+        return int.from_bytes(key[:8], "little"), key[8:]
+    return int.from_bytes(key, "little"), len(key)
 
 
 def _pairs(a: np.ndarray) -> np.ndarray:
