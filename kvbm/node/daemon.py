@@ -214,7 +214,8 @@ class Node:
             self.serving = Serving(mgr, tiers, agent, server, f"{host}:{port}")
             joined = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._join_index(record, joined)))
-            self._tasks.append(asyncio.create_task(self._seal_in_background(mgr)))
+            if self.cfg.etcd_endpoints or mgr.disk is not None:  # else no block leaves G2
+                self._tasks.append(asyncio.create_task(self._seal_in_background(mgr)))
             # The first engine's first request should already see its peers: wait
             # for the index a little (if etcd is away, serving starts without it).
             with contextlib.suppress(TimeoutError):
@@ -234,8 +235,12 @@ class Node:
         (at most half a core), so it never crowds out the engines' copies."""
         while True:
             t0 = time.monotonic()
+            batch = asyncio.ensure_future(asyncio.to_thread(mgr.seal_newest, SEAL_BATCH))
             try:
-                n = await asyncio.to_thread(mgr.seal_newest, SEAL_BATCH)
+                n = await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                await asyncio.wait([batch])  # the arena must outlive the batch's reads
+                raise
             except Exception:
                 log.exception("background sealing failed")
                 n = 0
@@ -427,6 +432,7 @@ class Node:
             for tier in ("host", "disk")
             if tier == "host" or mgr.disk is not None
         }
+        out["tiers"]["host"]["unsealed"] = len(mgr.host.table.unsealed)  # no checksum yet
         out["engine_blocks"] = {
             s: int(m.value("kvbm_engine_blocks_total", source=s))
             for s in ("local_host", "local_disk", "remote_host", "remote_disk")
