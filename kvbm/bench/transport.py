@@ -2,12 +2,14 @@
 peer, serving) and 127.0.0.3 (this process), over the peer RPC and NIXL (UCX),
 beside memcpy, a plain TCP socket between two processes, the kernel's own
 copy between two processes (process_vm_readv, what UCX's CMA transport does
-under a READ on one host: from private memory, and from /dev/shm mappings
-like the host arena), and raw O_DIRECT reads on the same file system."""
+under a READ on one host: from private memory, and from files in the arenas'
+directory, as the host arenas are), and raw O_DIRECT reads on the same file
+system."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import datetime
 import multiprocessing
@@ -157,6 +159,7 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_cma_holder, args=(nbytes, arena_dir, child))
     proc.start()
+    child.close()  # a holder that fails is then an EOFError here, not a hang
     local_arena = None
     if arena_dir:
         name = f"kvbm-bench-cma-{os.getpid()}"
@@ -178,7 +181,8 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
         except OSError:
             return None
     finally:
-        parent.send("done")
+        with contextlib.suppress(OSError):  # the holder may be gone already
+            parent.send("done")
         proc.join(30)
         if local_arena is not None:
             del dst
