@@ -204,7 +204,7 @@ class BlockManager:
         """Register the filled slots (or free them). Returns blocks added.
 
         `checksums`, when the caller has them, are recorded; otherwise the
-        checksum is taken when the block first leaves G2 (see `seal`).
+        checksum is taken later, off the store path (`seal_newest`, `seal`).
         """
         if plan.done:
             raise ValueError("store plan already committed")
@@ -304,9 +304,9 @@ class BlockManager:
     def seal(self, plan: LoadPlan) -> list[int]:
         """Checksums of a load plan's pinned blocks, taken now where not yet known.
 
-        A block's checksum is taken when it first leaves G2 (to disk, or to a
-        peer through this call), not when it is stored: most blocks live and
-        die in G2, and a checksum at store time would halve G1 -> G2 bandwidth.
+        A block's checksum is not taken when it is stored (that would halve
+        G1 -> G2 bandwidth) but in the background, or at the latest when it
+        first leaves G2: to disk, or to a peer through this call.
         """
         if plan.done:
             raise ValueError("load plan already finished: its slots may hold other blocks now")
