@@ -9,7 +9,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from kvbm.block_key import BlockKey
+from kvbm.connector.attach import NodeAttachment
 from kvbm.node.process import NodeProcess
+from tests.support import Engine
 
 
 class Daemon(NodeProcess):
@@ -33,3 +36,11 @@ def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(what)
         time.sleep(0.05)
+
+
+def loads_exactly(engine: NodeAttachment, keys: list[BlockKey], source: str) -> bool:
+    """Whether `engine` loads all of `keys`, every one from `source`, bit-exact."""
+    got = Engine(len(keys))
+    loaded, sources = engine.load(got.kv, keys, list(range(len(keys))))
+    exact = all(got.holds(k, i) for i, k in enumerate(keys))
+    return loaded == len(keys) and sources.get(source) == len(keys) and exact

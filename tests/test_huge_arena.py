@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
+from tests.node_daemon import loads_exactly, until
 from tests.support import GEOMETRY, Engine
 
 
@@ -45,10 +45,7 @@ def test_arenas_on_huge_pages_serve_engines_and_peers(etcd, daemons, huge_tmpfs)
         made = Engine(16)
         assert eng_a.store(made.kv, ks, made.compute(ks)) == 16
         until(lambda: eng_b.lookup(ks) == Available(0, 16), 10, "B never saw A's blocks")
-        got = Engine(16)
-        loaded, sources = eng_b.load(got.kv, ks, list(range(16)))
-        assert loaded == 16 and sources["remote_host"] == 16
-        assert all(got.holds(k, i) for i, k in enumerate(ks))
+        assert loads_exactly(eng_b, ks, "remote_host")
         # the pages really are huge: in this engine process and in its node
         assert eng_a.arena.huge_page_bytes() >= 2 << 20
         assert eng_a.arena.huge_page_bytes(a.proc.pid) >= 2 << 20

@@ -12,7 +12,7 @@ import pytest
 from discovery.etcd_server import free_port
 from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
-from tests.node_daemon import until
+from tests.node_daemon import loads_exactly, until
 from tests.support import GEOMETRY, Engine, fill_up
 
 
@@ -59,9 +59,7 @@ def test_flipped_bytes_in_the_disk_arena_are_misses_counted_in_metrics(etcd, dae
         assert metric(port, "kvbm_tier_checksum_failures_total", tier="disk") >= 2
         # A keeps serving what it holds in its host tier, bit-exact
         recent = eng_a.keys(list(range(50_000 + eng_a.num_slots, 50_000 + eng_a.num_slots + 8)))
-        got = Engine(8)
-        assert eng_a.load(got.kv, recent, list(range(8)))[0] == 8
-        assert all(got.holds(k, i) for i, k in enumerate(recent))
+        assert loads_exactly(eng_a, recent, "local_host")
         assert a.proc.poll() is None
     finally:
         eng_a.close()
@@ -89,9 +87,7 @@ def test_a_file_system_filling_up_under_the_disk_tier(daemons, small_tmpfs):
             metric(port, "kvbm_tier_admissions_rejected_total", reason="io_error", tier="disk") > 0
         )
         # what reached the disk before it filled still loads, bit-exact
-        got = Engine(4)
-        assert eng.load(got.kv, early, list(range(4)))[0] == 4
-        assert all(got.holds(k, i) for i, k in enumerate(early))
+        assert loads_exactly(eng, early, "local_disk")
         assert a.proc.poll() is None
     finally:
         eng.close()

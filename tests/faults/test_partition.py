@@ -22,12 +22,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from discovery.etcd_server import EtcdServer
-from kvbm.block_key import BlockKey
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.errors import KvbmError
 from kvbm.node.engine_rpc import node_listening
 from kvbm.node.process import START_TIMEOUT_S, NodeProcess
-from tests.node_daemon import until
+from tests.node_daemon import loads_exactly, until
 from tests.support import GEOMETRY, Engine
 
 # A /29 of the test's own: the root end of the veth holds etcd and observer O
@@ -151,14 +150,6 @@ def dropped(ns: str) -> dict[str, int]:
 
 def heal(ns: str) -> None:
     sh("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", TABLE)
-
-
-def loads_exactly(engine: NodeAttachment, keys: list[BlockKey], source: str) -> bool:
-    """Whether `engine` loads all of `keys`, every one from `source`, bit-exact."""
-    got = Engine(len(keys))
-    loaded, sources = engine.load(got.kv, keys, list(range(len(keys))))
-    exact = all(got.holds(k, i) for i, k in enumerate(keys))
-    return loaded == len(keys) and sources.get(source) == len(keys) and exact
 
 
 def test_a_partitioned_node_expires_from_the_mirrors_and_rejoins_when_healed(netns, mesh):
