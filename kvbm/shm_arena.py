@@ -120,7 +120,11 @@ class SharedArena:
         Names only: a process that still maps an orphan keeps its memory.
         """
         removed = []
-        for entry in os.listdir(directory):
+        try:
+            entries = os.listdir(directory)
+        except OSError as e:
+            raise ArenaError(f"cannot use {directory} for arenas: {e}") from e
+        for entry in entries:
             named = entry.startswith(prefix) and _NAME.fullmatch(entry)
             half_made = entry.startswith(f".{prefix}") and entry.endswith(".creating")
             if not (named or half_made):

@@ -190,6 +190,8 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
 
 
 def run(arena_dir: str = SHM_DIR) -> dict:
+    if not os.path.isdir(arena_dir):
+        raise ValueError(f"--arena-dir {arena_dir} is not a directory")
     g = BENCH_GEOMETRY
     out: dict = {
         "bench": "transport",
