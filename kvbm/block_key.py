@@ -7,6 +7,7 @@ import this module; they carry keys as the bytes `encode` produces.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -34,22 +35,42 @@ class BlockKey(NamedTuple):
 
     def encode(self) -> bytes:
         """Raises ValueError for a key that `decode` could not read back."""
-        ns = check_namespace(self.namespace).encode()
         try:
-            return _HEAD.pack(self.seq_hash, self.fingerprint, self.tp_rank, len(ns)) + ns
-        except struct.error as e:
-            raise ValueError(f"block key field out of range: {e}") from None
+            head = self.seq_hash.to_bytes(8, "little")
+        except (OverflowError, AttributeError, TypeError):
+            raise ValueError(f"block key seq_hash out of range: {self.seq_hash!r}") from None
+        return head + _tail(self.namespace, self.fingerprint, self.tp_rank)
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> BlockKey:
         """Inverse of `encode`; raises ValueError on anything it did not produce."""
         if len(data) < _HEAD.size:
             raise ValueError("block key too short")
-        seq_hash, fingerprint, tp_rank, n = _HEAD.unpack_from(data)
-        if len(data) != _HEAD.size + n:
-            raise ValueError("block key length does not match its namespace length")
-        namespace = bytes(data[_HEAD.size :]).decode("utf-8", errors="strict")
-        return cls(check_namespace(namespace), fingerprint, tp_rank, seq_hash)
+        namespace, fingerprint, tp_rank = _parse_tail(bytes(data[8:]))
+        return _new(cls, (namespace, fingerprint, tp_rank, int.from_bytes(data[:8], "little")))
+
+
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__: keys are made in bulk
+
+
+# A request's keys share everything but the sequence hash, so the rest of a
+# key (its tail) is packed and parsed once per key space, not once per key.
+@functools.lru_cache(maxsize=256)
+def _tail(namespace: str, fingerprint: int, tp_rank: int) -> bytes:
+    ns = check_namespace(namespace).encode()
+    try:
+        return _HEAD.pack(0, fingerprint, tp_rank, len(ns))[8:] + ns
+    except struct.error as e:
+        raise ValueError(f"block key field out of range: {e}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_tail(tail: bytes) -> tuple[str, int, int]:
+    _, fingerprint, tp_rank, n = _HEAD.unpack_from(bytes(8) + tail)
+    if len(tail) != _HEAD.size - 8 + n:
+        raise ValueError("block key length does not match its namespace length")
+    namespace = tail[_HEAD.size - 8 :].decode("utf-8", errors="strict")
+    return check_namespace(namespace), fingerprint, tp_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,4 +88,4 @@ class KeySpace:
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         ns, fp, rank = self.namespace, self.fingerprint, self.tp_rank
-        return [BlockKey(ns, fp, rank, h) for h in seq_hashes]
+        return [_new(BlockKey, (ns, fp, rank, h)) for h in seq_hashes]
