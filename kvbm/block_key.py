@@ -13,9 +13,11 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-_HEAD = struct.Struct("<QQHB")  # seq_hash, fingerprint, tp_rank, len(namespace)
+# a key: seq_hash as 8 little-endian bytes, then its tail: this, then the namespace
+_TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
+_HEAD_SIZE = 8 + _TAIL.size
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-MAX_ENCODED = _HEAD.size + 64
+MAX_ENCODED = _HEAD_SIZE + 64
 
 
 def check_namespace(namespace: str) -> str:
@@ -44,7 +46,7 @@ class BlockKey(NamedTuple):
     @classmethod
     def decode(cls, data: bytes | memoryview) -> BlockKey:
         """Inverse of `encode`; raises ValueError on anything it did not produce."""
-        if len(data) < _HEAD.size:
+        if len(data) < _HEAD_SIZE:
             raise ValueError("block key too short")
         namespace, fingerprint, tp_rank = _parse_tail(bytes(data[8:]))
         return _new(cls, (namespace, fingerprint, tp_rank, int.from_bytes(data[:8], "little")))
@@ -59,17 +61,17 @@ _new = tuple.__new__  # a NamedTuple without its Python-level __new__: keys are 
 def _tail(namespace: str, fingerprint: int, tp_rank: int) -> bytes:
     ns = check_namespace(namespace).encode()
     try:
-        return _HEAD.pack(0, fingerprint, tp_rank, len(ns))[8:] + ns
+        return _TAIL.pack(fingerprint, tp_rank, len(ns)) + ns
     except struct.error as e:
         raise ValueError(f"block key field out of range: {e}") from None
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_tail(tail: bytes) -> tuple[str, int, int]:
-    _, fingerprint, tp_rank, n = _HEAD.unpack_from(bytes(8) + tail)
-    if len(tail) != _HEAD.size - 8 + n:
+    fingerprint, tp_rank, n = _TAIL.unpack_from(tail)
+    if len(tail) != _TAIL.size + n:
         raise ValueError("block key length does not match its namespace length")
-    namespace = tail[_HEAD.size - 8 :].decode("utf-8", errors="strict")
+    namespace = tail[_TAIL.size :].decode("utf-8", errors="strict")
     return check_namespace(namespace), fingerprint, tp_rank
 
 
