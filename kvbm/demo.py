@@ -33,7 +33,7 @@ from kvbm.connector.attach import NodeAttachment
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import ModelGeometry
 from kvbm.logs import setup_logging
-from kvbm.node.process import NodeProcess
+from kvbm.node_process import NodeProcess
 
 SYNTHETIC = ModelGeometry(num_layers=4, num_kv_heads=4, head_dim=64, block_size=32)
 TINY_LLAMA = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)

@@ -15,3 +15,8 @@ class ArenaError(KvbmError):
 
 class DiskTierError(KvbmError):
     """The disk arena could not be created or opened (path, space, foreign file)."""
+
+
+class NodeError(KvbmError):
+    """The node refused an engine's call (its reason is the message), or
+    cannot be reached: the engine recomputes, it never fails."""

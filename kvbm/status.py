@@ -9,7 +9,7 @@ from collections import Counter
 
 from discovery.etcd_index import snapshot
 from kvbm.config import KvbmConfig
-from kvbm.node.engine_rpc import EngineLink
+from kvbm.engine_wire import EngineLink
 
 
 def fleet(cfg: KvbmConfig) -> dict:

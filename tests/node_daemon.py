@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
-from kvbm.node.process import NodeProcess
+from kvbm.node_process import NodeProcess
 from tests.support import Engine
 
 

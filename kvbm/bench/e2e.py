@@ -31,7 +31,7 @@ from discovery.etcd_server import EtcdServer
 from kvbm.bench.model import build_llama
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
-from kvbm.node.process import NodeProcess
+from kvbm.node_process import NodeProcess
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024
 VOCAB = 4096

@@ -33,7 +33,7 @@ from kvbm.disk_pool import SLOT_MAGIC, arena_path
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import PAGE, ModelGeometry
-from kvbm.node.process import NodeProcess
+from kvbm.node_process import NodeProcess
 
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16)  # 64 KiB
 FAULTS = ("kill", "freeze", "etcd", "corrupt")

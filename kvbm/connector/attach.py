@@ -1,4 +1,4 @@
-"""An engine's attachment to its node: the socket link (kvbm/node/engine_rpc.py)
+"""An engine's attachment to its node: the socket link (kvbm/node/engine_wire.py)
 and the node's host arena mapped into the engine process.
 
 The engine copies whole blocks between its KV tensors (G1) and the arena
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbm.block_key import BlockKey, KeySpace
+from kvbm.engine_wire import EngineLink, NodeError, geometry_to_wire
 from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
-from kvbm.node.engine_rpc import EngineLink, NodeError, geometry_to_wire
 from kvbm.shm_arena import SHM_DIR, SharedArena
 
 __all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]

@@ -13,15 +13,12 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 
 from kvbm.config import KvbmConfig, to_toml
-from kvbm.errors import KvbmError
-from kvbm.node.engine_rpc import node_listening
+from kvbm.engine_wire import node_listening
+from kvbm.node_process import spawn_node
 
-START_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,20 +38,9 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
         config = os.path.join(directory, "node.toml")
         with open(config, "w") as f:
             f.write(to_toml(cfg))
-        flags = ["--config", config, "--socket", path, "--listen", "127.0.0.1:0", "--etcd", ""]
-        with open(os.path.join(directory, "node.log"), "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kvbm.cli", "node", *flags],
-                stdout=log,
-                stderr=log,
-                preexec_fn=_die_with_parent,
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not node_listening(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise KvbmError(f"the private kvbm node did not start; see {directory}/node.log")
-            time.sleep(0.05)
+        flags = ["--config", config, "--listen", "127.0.0.1:0", "--etcd", ""]
+        log_path = os.path.join(directory, "node.log")
+        proc = spawn_node(path, flags, log_path, preexec_fn=_die_with_parent)
         return path, proc
 
 

@@ -33,14 +33,13 @@ from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
 from discovery.records import NodeRecord
 from discovery.records import Tier as IndexTier
-from kvbm import __version__
+from kvbm import __version__, engine_wire
 from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch, KvbmError
 from kvbm.hashing import SKIP_VERIFY
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager, LoadPlan, StorePlan, build_manager
-from kvbm.node import engine_rpc
 from kvbm.node.http import MetricsServer
 from kvbm.peer_tiers import ManagerTiers
 from transport.errors import ProtocolError, TransportError
@@ -449,7 +448,7 @@ class Node:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        codec = engine_rpc.codec()
+        codec = engine_wire.codec()
         conn = next(self._conn_ids)
         try:
             while True:
@@ -489,7 +488,7 @@ class Node:
     async def _engine_call(self, msg: Message, conn: int) -> dict:
         body = msg.body
         if msg.call == "hello":
-            geometry = engine_rpc.geometry_from_wire(body.get("geometry"))
+            geometry = engine_wire.geometry_from_wire(body.get("geometry"))
             s = await self.serve(geometry)
             arena = s.mgr.host.arena
             return {
@@ -551,7 +550,7 @@ def _claim_socket_path(path: str) -> None:
     """Remove a socket file left by a dead node; refuse one a live node serves."""
     if not os.path.exists(path):
         return
-    if engine_rpc.node_listening(path):
+    if engine_wire.node_listening(path):
         raise KvbmError(f"another node already serves {path}")
     os.unlink(path)  # nobody listens: stale
 

@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,9 +22,7 @@ import pytest
 
 from discovery.etcd_server import EtcdServer
 from kvbm.connector.attach import Available, NodeAttachment
-from kvbm.errors import KvbmError
-from kvbm.node.engine_rpc import node_listening
-from kvbm.node.process import START_TIMEOUT_S, NodeProcess
+from kvbm.node_process import NODE_COMMAND, NodeProcess
 from tests.node_daemon import loads_exactly, until
 from tests.support import GEOMETRY, Engine
 
@@ -66,25 +63,11 @@ def netns() -> Iterator[tuple[str, str]]:
         subprocess.run(["ip", "link", "del", root_end], check=False, capture_output=True)
 
 
-class NamespacedNode(NodeProcess):
-    """NodeProcess's `kvbm node`, started under `ip netns exec` (which execs it:
-    the child's PID is the node's, so `stop()` signals the node itself)."""
-
-    def __init__(self, ns: str, directory: str, name: str, host: str, *flags: str) -> None:
-        self.name = name
-        self.socket = os.path.join(directory, f"{name}.sock")
-        self.log_path = os.path.join(directory, f"{name}.log")
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "kvbm.cli", "node"]
-        cmd += ["--node-id", name, "--listen", f"{host}:0", "--socket", self.socket, *flags]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not node_listening(self.socket):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait(10)
-                raise KvbmError(f"node {name} did not start:\n{self.log()}")
-            time.sleep(0.05)
+def namespaced_node(ns: str, directory: str, name: str, host: str, *flags: str) -> NodeProcess:
+    """A `kvbm node` started under `ip netns exec` (which execs it: the
+    child's PID is the node's, so `stop()` signals the node itself)."""
+    command = ("ip", "netns", "exec", ns, *NODE_COMMAND)
+    return NodeProcess(directory, name, host, *flags, command=command)
 
 
 @pytest.fixture
@@ -105,7 +88,7 @@ def mesh(netns, tmp_path) -> Iterator[Callable[[str, str], NodeAttachment]]:
 
         def join(name: str, address: str) -> NodeAttachment:
             if address == NS_ADDR:
-                nodes.append(NamespacedNode(ns, str(tmp_path), name, address, *flags))
+                nodes.append(namespaced_node(ns, str(tmp_path), name, address, *flags))
             else:
                 nodes.append(NodeProcess(str(tmp_path), name, address, *flags))
             engines.append(NodeAttachment(nodes[-1].socket, GEOMETRY, remote=["host"]))

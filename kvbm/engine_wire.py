@@ -1,4 +1,7 @@
-"""The socket between engines and their node: the peer RPC's frame codec
+"""The engine wire: the socket between engines and their node, both ends.
+
+The node's engine server and the engine-side attachment both import this
+module (and nothing of each other). Frames are the peer RPC's codec
 (transport/frames.py) over a unix socket.
 
 Calls (engine -> node), each answered by `ok` or `error`:
@@ -32,8 +35,9 @@ import socket
 import struct
 from typing import Any
 
+from kvbm.errors import NodeError
 from kvbm.layout import ModelGeometry
-from transport.errors import ProtocolError, TransportError
+from transport.errors import ProtocolError
 from transport.frames import FrameCodec, Message
 
 CALLS = ("hello", "lookup", "load", "reserve", "commit", "release", "stats", "ok", "error")
@@ -70,10 +74,6 @@ def node_listening(path: str) -> bool:
             return True
         except OSError:
             return False
-
-
-class NodeError(TransportError):
-    """The node refused a call (its reason is the message), or cannot be reached."""
 
 
 class EngineLink:
