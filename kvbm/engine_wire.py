@@ -6,7 +6,8 @@ module (and nothing of each other). Frames are the peer RPC's codec
 
 Calls (engine -> node), each answered by `ok` or `error`:
   hello    {geometry, engine}    -> {arena, arena_dir, arena_bytes, slot_bytes,
-                                     num_slots, namespace, fingerprint, node_id}
+                                     num_slots, step_blocks, namespace,
+                                     fingerprint, node_id}
   lookup   {keys, remote}        -> {local, remote_host, remote_disk}: leading
                                      blocks held here, then how many more peers
                                      hold after them, by tier

@@ -8,7 +8,7 @@ import secrets
 import numpy as np
 
 from kvbm.hashing import checksum
-from kvbm.layout import ArenaBlocks, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
 from kvbm.slot_table import SlotTable
 
@@ -42,7 +42,6 @@ class HostPool:
         self.geometry = geometry
         self.arena = SharedArena.create(name, num_slots * geometry.slot_bytes, mode, gid, directory)
         self.table = SlotTable(num_slots)
-        self.blocks = ArenaBlocks(geometry, self.arena.tensor, num_slots)
         self._bytes = memoryview(self.arena.array)
 
     @property
@@ -64,6 +63,5 @@ class HostPool:
 
     def close(self) -> None:
         # Drop every view of the arena first, so it can really be unmapped.
-        self.blocks = None  # type: ignore[assignment]
         self._bytes.release()
         self.arena.close()

@@ -1,12 +1,12 @@
 """One node's block manager: G1 (engine tensors) <-> G2 (host arena) <-> G3 (disk arena).
 
 Every move is two-phase. A store reserves host slots (`prepare_store`), the
-bytes are copied in, and `commit_store` registers them; only then can a lookup
+bytes are copied in, and `complete_store` registers them; only then can a lookup
 see them. A block's checksum is taken off the store path: in the background
 (`seal_newest`), or at the latest when it first leaves G2 (drained to disk,
 or pinned for a peer), and verified wherever it comes back. A load pins the
 prefix it found (`prepare_load`), staging disk-only blocks into host slots and
-verifying them, the bytes are copied out, and `finish_load` unpins.
+verifying them, the bytes are copied out, and `complete_load` unpins.
 Bookkeeping runs under one lock; bytes move outside it, on slots that no one
 else can touch (FILLING, DRAINING or pinned), so the engine path and the
 network path can use one manager at once.
@@ -23,15 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-import numpy as np
-
 from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
 from kvbm.hashing import SKIP_VERIFY
 from kvbm.host_pool import HostPool
-from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
 from kvbm.slot_table import Victim
 
@@ -88,7 +86,7 @@ class BlockManager:
       reserved, DRAINING slots it evicted, or blocks it pinned;
     - every reserved, evicted or pinned slot is settled (registered, freed or
       unpinned) before the call that took it returns, error or not, except
-      the pins of a LoadPlan, which `finish_load` settles;
+      the pins of a LoadPlan, which `complete_load` settles;
     - a block reaches G1 from G3 only after its bytes matched its checksum.
     """
 
@@ -198,7 +196,7 @@ class BlockManager:
             positions = positions[: len(slots)]
         return StorePlan([keys[i] for i in positions], slots, positions, cut=cut)
 
-    def commit_store(
+    def complete_store(
         self, plan: StorePlan, success: bool = True, checksums: list[int] | None = None
     ) -> int:
         """Register the filled slots (or free them). Returns blocks added.
@@ -219,28 +217,6 @@ class BlockManager:
                 elif table.register(slot, plan.keys[i], sums[i]):
                     added += 1
         self.metrics.moved.labels("g1_to_g2").inc(added * self.geometry.block_bytes)
-        return added
-
-    def offload(self, kv: EngineKV, block_ids: Sequence[int], keys: Sequence[BlockKey]) -> int:
-        """Write engine blocks through to G2 (block_ids[i] holds keys[i]). Returns blocks added.
-
-        A batch larger than half of G2 goes in chunks, so earlier chunks can
-        drain to G3 to make room for later ones.
-        """
-        if len(block_ids) != len(keys):
-            raise ValueError("block_ids and keys must have equal length")
-        ids = np.asarray(block_ids, dtype=np.int64)
-        kv.check_ids(ids)
-        step = self.max_load_blocks
-        added = 0
-        for start in range(0, len(keys), step):
-            plan = self.prepare_store(keys[start : start + step])
-            try:
-                self.host.blocks.gather(kv, ids[start:][plan.positions], plan.slots)
-            except BaseException:
-                self.commit_store(plan, success=False)
-                raise
-            added += self.commit_store(plan)
         return added
 
     # -- load: G3 -> G2 -> G1 ----------------------------------------------
@@ -291,7 +267,7 @@ class BlockManager:
         slots = [s for s in host_slots[:n] if s is not None]
         return LoadPlan(list(keys[:n]), slots)
 
-    def finish_load(self, plan: LoadPlan) -> None:
+    def complete_load(self, plan: LoadPlan) -> None:
         """Unpin the plan's blocks. Safe to call twice (it runs in `finally` blocks)."""
         if plan.done:
             return
@@ -339,24 +315,24 @@ class BlockManager:
         return len(todo)
 
     # -- for peers (the transport's BlockSource / BlockSink) -----------------
-    def pin_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+    def prepare_peer_read(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
         """Pin the longest held prefix for a peer to read: (key, slot, checksum).
-        The caller owns the pins and releases them with `unpin`."""
+        The caller owns the pins and releases them with `complete_peer_read`."""
         plan = self.prepare_load(keys)
         try:
             sums = self.seal(plan)
         except BaseException:
-            self.finish_load(plan)
+            self.complete_load(plan)
             raise
         plan.done = True  # the pins now belong to the caller
         return list(zip(plan.keys, plan.slots, sums, strict=True))
 
-    def unpin(self, slots: Sequence[int]) -> None:
+    def complete_peer_read(self, slots: Sequence[int]) -> None:
         with self._lock:
             for slot in slots:
                 self.host.table.unpin(slot)
 
-    def commit_verified(self, plan: StorePlan, expected: Sequence[int] | None) -> list[BlockKey]:
+    def complete_pull(self, plan: StorePlan, expected: Sequence[int] | None) -> list[BlockKey]:
         """Register the filled slots whose bytes match `expected` (bytes that came
         from a peer), free the rest. Returns the keys registered."""
         if plan.done:
@@ -376,27 +352,6 @@ class BlockManager:
                     table.abort(slot)
         self.metrics.moved.labels("peer_to_g2").inc(len(added) * self.geometry.block_bytes)
         return added
-
-    def onboard(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
-        """Copy the longest locally held prefix of `keys` into engine blocks
-        `block_ids` (one per key). Returns how many leading blocks were loaded."""
-        if len(block_ids) != len(keys):
-            raise ValueError("block_ids and keys must have equal length")
-        ids = np.asarray(block_ids, dtype=np.int64)
-        kv.check_ids(ids)
-        loaded = 0
-        while loaded < len(keys):
-            want = min(len(keys) - loaded, self.max_load_blocks)
-            plan = self.prepare_load(keys[loaded:])
-            try:
-                self.host.blocks.scatter(kv, plan.slots, ids[loaded : loaded + plan.num_blocks])
-            finally:
-                self.finish_load(plan)
-            self.metrics.moved.labels("g2_to_g1").inc(plan.num_blocks * self.geometry.block_bytes)
-            loaded += plan.num_blocks
-            if plan.num_blocks < want:
-                break
-        return loaded
 
     # -- internals ---------------------------------------------------------
     def _stage_from_disk(

@@ -20,7 +20,6 @@ import os
 import re
 
 import numpy as np
-import torch
 
 from kvbm.errors import ArenaError
 
@@ -60,7 +59,6 @@ class SharedArena:
         if not owner:
             os.close(fd)
         self.array: np.ndarray = np.frombuffer(self._mmap, dtype=np.uint8)
-        self.tensor: torch.Tensor = torch.from_numpy(self.array)
 
     @staticmethod
     def path_of(name: str, directory: str = SHM_DIR) -> str:
@@ -168,7 +166,6 @@ class SharedArena:
         """Unmap (and unlink, for the creator). Idempotent."""
         if self._mmap is None:
             return
-        self.tensor = torch.empty(0, dtype=torch.uint8)
         self.array = np.empty(0, dtype=np.uint8)
         mm, self._mmap = self._mmap, None
         # If a caller still holds a view, the mapping goes when that view does.

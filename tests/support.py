@@ -7,8 +7,10 @@ import os
 
 import torch
 
+from kvbm.bench.direct import offload
 from kvbm.block_key import BlockKey, KeySpace
-from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.connector.copy import EngineKV, torch_dtype
+from kvbm.layout import ModelGeometry
 
 # 2 layers x 2 KV heads x 32 tokens x 2*16 dims x fp32 = 16 KiB blocks.
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=16, block_size=32)
@@ -25,7 +27,7 @@ class Engine:
     def __init__(self, num_blocks: int, geometry: ModelGeometry = GEOMETRY) -> None:
         self.geometry = geometry
         self.layers = [
-            torch.zeros(num_blocks, *geometry.layer_shape, dtype=geometry.torch_dtype)
+            torch.zeros(num_blocks, *geometry.layer_shape, dtype=torch_dtype(geometry))
             for _ in range(geometry.num_layers)
         ]
         self.kv = EngineKV(geometry, self.layers)
@@ -34,7 +36,7 @@ class Engine:
         gen = torch.Generator().manual_seed(key.seq_hash & (2**63 - 1))
         shape = self.geometry.layer_shape
         return [
-            torch.randn(shape, generator=gen).to(self.geometry.torch_dtype) for _ in self.layers
+            torch.randn(shape, generator=gen).to(torch_dtype(self.geometry)) for _ in self.layers
         ]
 
     def compute(self, ks: list[BlockKey], block_ids: list[int] | None = None) -> list[int]:
@@ -58,7 +60,7 @@ class Engine:
 def store(mgr, ks: list[BlockKey]) -> int:
     """Compute `ks` in a fresh engine and offload them; returns blocks added."""
     eng = Engine(len(ks))
-    return mgr.offload(eng.kv, eng.compute(ks), ks)
+    return offload(mgr, eng.kv, eng.compute(ks), ks)
 
 
 def fill_up(directory: str) -> None:

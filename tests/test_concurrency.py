@@ -10,6 +10,7 @@ import time
 
 import xxhash
 
+from kvbm.bench.direct import offload, onboard
 from tests.support import Engine, keys
 
 KEYS = keys(0, 40)
@@ -30,9 +31,9 @@ def test_engine_and_network_paths_at_once(make_manager):
                 ks = KEYS[start : start + rng.randint(1, 4)]
                 eng = Engine(len(ks))
                 if rng.random() < 0.5:
-                    mgr.offload(eng.kv, eng.compute(ks), ks)
+                    offload(mgr, eng.kv, eng.compute(ks), ks)
                 else:
-                    n = mgr.onboard(eng.kv, ks, list(range(len(ks))))
+                    n = onboard(mgr, eng.kv, ks, list(range(len(ks))))
                     assert all(eng.holds(ks[i], i) for i in range(n)), "wrong bytes loaded"
                     with lock:
                         counts["loaded"] += n
@@ -57,7 +58,7 @@ def test_engine_and_network_paths_at_once(make_manager):
                     with lock:
                         counts["sealed"] += len(sums)
                 finally:
-                    mgr.finish_load(plan)
+                    mgr.complete_load(plan)
         except BaseException as e:
             errors.append(e)
 

@@ -10,6 +10,7 @@ import signal
 
 import pytest
 
+from kvbm.bench.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
@@ -44,9 +45,9 @@ def test_engine_of_another_geometry_is_refused(make_manager):
     other = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)
     eng = Engine(2, other)
     with pytest.raises(GeometryMismatch, match="does not match"):
-        mgr.offload(eng.kv, [0, 1], keys(0, 2))
+        offload(mgr, eng.kv, [0, 1], keys(0, 2))
     with pytest.raises(GeometryMismatch):
-        mgr.onboard(eng.kv, keys(0, 2), [0, 1])
+        onboard(mgr, eng.kv, keys(0, 2), [0, 1])
     # nothing was reserved or registered by the refused calls
     assert mgr.host.table.free_count == 8
     mgr.host.table.check()
@@ -66,9 +67,9 @@ def test_bad_engine_block_ids_are_refused(make_manager):
     mgr = make_manager(host_slots=8)
     eng = Engine(2)
     with pytest.raises(ValueError, match="block ids"):
-        mgr.offload(eng.kv, [0, 5], keys(0, 2))
+        offload(mgr, eng.kv, [0, 5], keys(0, 2))
     with pytest.raises(ValueError, match="equal length"):
-        mgr.onboard(eng.kv, keys(0, 2), [0])
+        onboard(mgr, eng.kv, keys(0, 2), [0])
     assert mgr.host.table.free_count == 8
 
 
@@ -123,7 +124,7 @@ def test_disk_filling_up_rejects_blocks_and_nothing_else_breaks(make_manager, sm
     assert mgr.lookup(keys(200, 4)).tiers == (Tier.HOST,) * 4
     # and the blocks written before the disk filled still load, bit-exact
     eng = Engine(2)
-    assert mgr.onboard(eng.kv, early, [0, 1]) == 2
+    assert onboard(mgr, eng.kv, early, [0, 1]) == 2
     assert eng.holds(early[0], 0) and eng.holds(early[1], 1)
     mgr.host.table.check()
     mgr.disk.table.check()
@@ -139,7 +140,7 @@ def test_corrupted_disk_block_is_a_counted_miss(make_manager):
     eng = Engine(4)
     eng.fill(7.0)
     # load -> blocks 0 and 1 arrive, block 2 fails its checksum: the prefix ends there
-    assert mgr.onboard(eng.kv, ks, [0, 1, 2, 3]) == 2
+    assert onboard(mgr, eng.kv, ks, [0, 1, 2, 3]) == 2
     assert eng.holds(ks[0], 0) and eng.holds(ks[1], 1)
     assert all(bool((layer[2:] == 7.0).all()) for layer in eng.layers), "bad bytes reached G1"
     assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 1
@@ -155,7 +156,7 @@ def test_negative_control_same_flow_without_corruption_loads_everything(make_man
     ks = keys(0, 4)
     push_to_disk(mgr, ks)
     eng = Engine(4)
-    assert mgr.onboard(eng.kv, ks, [0, 1, 2, 3]) == 4
+    assert onboard(mgr, eng.kv, ks, [0, 1, 2, 3]) == 4
     assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
 
 
@@ -203,11 +204,11 @@ def test_restarted_process_recovers_and_verifies_disk_blocks(tmp_path, make_mana
     ks = keys(0, 6)
     assert mgr.lookup(ks).tiers == (Tier.DISK,) * 6
     eng = Engine(6)
-    assert mgr.onboard(eng.kv, ks[:3], [0, 1, 2]) == 3
+    assert onboard(mgr, eng.kv, ks[:3], [0, 1, 2]) == 3
     assert all(eng.holds(k, i) for i, k in enumerate(ks[:3]))
     # corrupt a recovered block on disk -> its load is refused by the checksum
     flip_byte(mgr.disk.path, slot_offset(mgr, ks[4]) + 5)
-    assert mgr.onboard(eng.kv, ks[3:], [3, 4, 5]) == 1
+    assert onboard(mgr, eng.kv, ks[3:], [3, 4, 5]) == 1
     assert eng.holds(ks[3], 3)
     assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 1
 
@@ -218,7 +219,7 @@ def test_page_cache_fallback_where_o_direct_is_refused(make_manager, small_tmpfs
     assert mgr.disk.direct_io is False
     push_to_disk(mgr, keys(0, 2))
     eng = Engine(2)
-    assert mgr.onboard(eng.kv, keys(0, 2), [0, 1]) == 2
+    assert onboard(mgr, eng.kv, keys(0, 2), [0, 1]) == 2
     assert eng.holds(keys(0, 2)[1], 1)
 
 
@@ -226,7 +227,7 @@ def test_direct_io_can_be_turned_off(make_manager):
     mgr = make_manager(host_slots=4, disk_slots=8, direct_io=False)
     assert mgr.disk.direct_io is False
     push_to_disk(mgr, keys(0, 2))
-    assert mgr.onboard(Engine(2).kv, keys(0, 2), [0, 1]) == 2
+    assert onboard(mgr, Engine(2).kv, keys(0, 2), [0, 1]) == 2
 
 
 def test_errors_share_one_root():
@@ -245,7 +246,7 @@ def test_an_unexpected_disk_error_is_a_miss_and_leaks_nothing(make_manager, monk
     # a read that blows up -> the load is a miss, every pin and slot is settled
     monkeypatch.setattr(mgr.disk, "read", broken)
     eng = Engine(2)
-    assert mgr.onboard(eng.kv, ks, [0, 1]) == 0
+    assert onboard(mgr, eng.kv, ks, [0, 1]) == 0
     # a write that blows up -> the drained blocks are not admitted, G2 keeps serving
     monkeypatch.setattr(mgr.disk, "write", broken)
     assert store(mgr, keys(50, 4)) == 4
@@ -277,14 +278,14 @@ def test_a_failed_piece_waits_for_its_siblings_before_slots_are_reused(make_mana
         return real(self, first, piece, host)
 
     monkeypatch.setattr(type(mgr.disk), "_read_piece", uneven)
-    assert mgr.onboard(Engine(2).kv, ks, [0, 1]) == 0
+    assert onboard(mgr, Engine(2).kv, ks, [0, 1]) == 0
     # the slow read had finished before the load gave its slots back, so fresh
     # blocks stored into those slots now stay as they were written
     fresh = keys(500, 2)
     store(mgr, fresh)
     time.sleep(0.4)
     eng = Engine(2)
-    assert mgr.onboard(eng.kv, fresh, [0, 1]) == 2
+    assert onboard(mgr, eng.kv, fresh, [0, 1]) == 2
     assert eng.holds(fresh[0], 0) and eng.holds(fresh[1], 1)
     assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
     mgr.disk.table.check()
@@ -305,13 +306,13 @@ def test_a_read_error_keeps_the_block_and_counts_an_io_error(make_manager, monke
 
     monkeypatch.setattr(os, "preadv", flaky)
     # the first read fails: a miss, counted as an I/O error, the blocks stay on disk
-    assert mgr.onboard(Engine(2).kv, ks, [0, 1]) == 0
+    assert onboard(mgr, Engine(2).kv, ks, [0, 1]) == 0
     assert mgr.metrics.value("kvbm_tier_io_errors_total", tier="disk") == 2
     assert mgr.metrics.value("kvbm_tier_checksum_failures_total", tier="disk") == 0
     assert mgr.lookup(ks).tiers == (Tier.DISK, Tier.DISK)
     # the next read succeeds
     eng = Engine(2)
-    assert mgr.onboard(eng.kv, ks, [0, 1]) == 2
+    assert onboard(mgr, eng.kv, ks, [0, 1]) == 2
     assert eng.holds(ks[1], 1)
 
 

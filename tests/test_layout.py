@@ -1,5 +1,6 @@
-"""kvbm.layout: geometry arithmetic, the layout fingerprint, engine tensor checks and the batched
-gather/scatter copies between engine blocks (G1) and arena slots."""
+"""kvbm.layout (geometry arithmetic, the layout fingerprint, slot runs) and
+kvbm.connector.copy (engine tensor checks and the batched gather/scatter
+copies between engine blocks (G1) and arena slots)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvbm.connector.copy import ArenaBlocks, EngineKV, torch_dtype
 from kvbm.errors import GeometryMismatch, KvbmError
-from kvbm.layout import (
-    PAGE,
-    VLLM_CPU_LAYOUT,
-    ArenaBlocks,
-    EngineKV,
-    ModelGeometry,
-    align_up,
-    slot_runs,
-)
+from kvbm.layout import PAGE, VLLM_CPU_LAYOUT, ModelGeometry, align_up, slot_runs
 
 NUM_BLOCKS = 12  # engine blocks per layer
 NUM_SLOTS = 16  # arena slots
@@ -43,7 +37,7 @@ def random_layers(g: ModelGeometry, num_blocks: int, seed: int) -> list[torch.Te
     nbytes = num_blocks * g.layer_block_bytes
     return [
         torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
-        .view(g.torch_dtype)
+        .view(torch_dtype(g))
         .view(num_blocks, *g.layer_shape)
         for _ in range(g.num_layers)
     ]
@@ -51,7 +45,7 @@ def random_layers(g: ModelGeometry, num_blocks: int, seed: int) -> list[torch.Te
 
 def zero_layers(g: ModelGeometry, num_blocks: int) -> list[torch.Tensor]:
     return [
-        torch.zeros(num_blocks, *g.layer_shape, dtype=g.torch_dtype) for _ in range(g.num_layers)
+        torch.zeros(num_blocks, *g.layer_shape, dtype=torch_dtype(g)) for _ in range(g.num_layers)
     ]
 
 
@@ -99,7 +93,7 @@ def round_trip(g: ModelGeometry, block_ids: list[int], slots: list[int], back_id
     """gather block_ids -> slots from random engine A; scatter slots -> back_ids into zeroed B."""
     src = random_layers(g, NUM_BLOCKS, seed=len(block_ids) + 7)
     arena = new_arena(g)
-    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     blocks.gather(EngineKV(g, src), block_ids, slots)
     expect_gathered(arena, g, src, block_ids, slots)
     dst = zero_layers(g, NUM_BLOCKS)
@@ -117,7 +111,7 @@ def test_block_and_slot_bytes_of_a_real_model():
     assert g.layer_block_bytes == 8 * 16 * 256 * 2 == 64 * 1024
     assert g.block_bytes == 32 * 64 * 1024 == 2 * 1024 * 1024
     assert g.slot_bytes == g.block_bytes  # already page aligned
-    assert g.torch_dtype is torch.bfloat16
+    assert torch_dtype(g) is torch.bfloat16
 
 
 def test_slot_bytes_round_up_to_a_page():
@@ -311,14 +305,14 @@ def test_scatter_reads_slot_bytes_layer_by_layer(geometry):
         slot_of(arena, g, slot)[: g.block_bytes] = engine_block_bytes(src, block)
     dst = zero_layers(g, NUM_BLOCKS)
     # slots [3, 1] -> engine blocks [10, 4]
-    ArenaBlocks(g, arena, 4).scatter(EngineKV(g, dst), [3, 1], [10, 4])
+    ArenaBlocks(g, arena.numpy(), 4).scatter(EngineKV(g, dst), [3, 1], [10, 4])
     expect_scattered(dst, src, [10, 4], [0, 2])
 
 
 def test_gather_overwrites_a_used_slot_in_full():
     g = GEOMETRIES["float32"]
     arena = new_arena(g)
-    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     first, second = random_layers(g, 2, seed=1), random_layers(g, 2, seed=2)
     blocks.gather(EngineKV(g, first), [0], [5])
     blocks.gather(EngineKV(g, second), [1], [5])
@@ -329,7 +323,7 @@ def test_ids_accept_numpy_and_torch():
     g = GEOMETRIES["float16"]
     src = random_layers(g, NUM_BLOCKS, seed=3)
     arena = new_arena(g)
-    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     blocks.gather(EngineKV(g, src), np.array([2, 7], dtype=np.int32), torch.tensor([4, 1]))
     expect_gathered(arena, g, src, [2, 7], [4, 1])
 
@@ -339,7 +333,7 @@ def test_arena_blocks_on_an_arena_with_extra_bytes():
     g = GEOMETRIES["bfloat16"]
     arena = torch.zeros(4 * g.slot_bytes + 100, dtype=torch.uint8)
     src = random_layers(g, NUM_BLOCKS, seed=4)
-    ArenaBlocks(g, arena, 4).gather(EngineKV(g, src), [1, 2, 3, 4], [3, 2, 1, 0])
+    ArenaBlocks(g, arena.numpy(), 4).gather(EngineKV(g, src), [1, 2, 3, 4], [3, 2, 1, 0])
     expect_gathered(arena[: 4 * g.slot_bytes], g, src, [1, 2, 3, 4], [3, 2, 1, 0])
     assert not arena[4 * g.slot_bytes :].any()
 
@@ -352,7 +346,7 @@ def test_arena_blocks_on_an_arena_with_extra_bytes():
 def test_mismatched_lengths_raise_value_error(block_ids, slots):
     g = GEOMETRIES["float32"]
     arena = new_arena(g)
-    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     kv = EngineKV(g, random_layers(g, NUM_BLOCKS, seed=5))
     with pytest.raises(ValueError):
         blocks.gather(kv, block_ids, slots)
@@ -364,7 +358,7 @@ def test_mismatched_lengths_raise_value_error(block_ids, slots):
 def test_engine_block_ids_out_of_range_raise_value_error():
     g = GEOMETRIES["float32"]
     arena = new_arena(g)
-    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     kv = EngineKV(g, random_layers(g, NUM_BLOCKS, seed=5))
     for bad in ([NUM_BLOCKS], [-1], [0, NUM_BLOCKS + 3]):
         with pytest.raises(ValueError, match="engine block ids"):
@@ -376,7 +370,7 @@ def test_engine_block_ids_out_of_range_raise_value_error():
 
 def test_engine_of_another_geometry_raises_geometry_mismatch():
     g, other = GEOMETRIES["float32"], GEOMETRIES["float16"]
-    blocks = ArenaBlocks(g, new_arena(g), NUM_SLOTS)
+    blocks = ArenaBlocks(g, new_arena(g).numpy(), NUM_SLOTS)
     kv = EngineKV(other, zero_layers(other, NUM_BLOCKS))
     with pytest.raises(GeometryMismatch):
         blocks.gather(kv, [0], [0])
@@ -391,9 +385,9 @@ def test_engine_of_another_geometry_raises_geometry_mismatch():
 def test_arena_blocks_rejects_a_small_or_non_byte_arena():
     g = GEOMETRIES["float32"]
     with pytest.raises(GeometryMismatch):
-        ArenaBlocks(g, torch.zeros(NUM_SLOTS * g.slot_bytes - 1, dtype=torch.uint8), NUM_SLOTS)
+        ArenaBlocks(g, np.zeros(NUM_SLOTS * g.slot_bytes - 1, dtype=np.uint8), NUM_SLOTS)
     with pytest.raises(GeometryMismatch):
-        ArenaBlocks(g, torch.zeros(NUM_SLOTS * g.slot_bytes // 4, dtype=torch.int32), NUM_SLOTS)
+        ArenaBlocks(g, np.zeros(NUM_SLOTS * g.slot_bytes // 4, dtype=np.int32), NUM_SLOTS)
 
 
 @pytest.mark.parametrize("slot", [-1, 2, 7])
@@ -401,7 +395,7 @@ def test_gather_and_scatter_reject_out_of_range_slots(slot):
     g = GEOMETRIES["float32"]
     arena = new_arena(g, 3)
     kv = EngineKV(g, random_layers(g, 2, seed=6))
-    blocks = ArenaBlocks(g, arena, 2)
+    blocks = ArenaBlocks(g, arena.numpy(), 2)
     with pytest.raises(ValueError, match="slots must be in"):
         blocks.gather(kv, [0], [slot])
     with pytest.raises(ValueError, match="slots must be in"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import xxhash
 
+from kvbm.bench.direct import offload, onboard
 from kvbm.block_key import KeySpace
 from kvbm.layout import ModelGeometry
 from kvbm.manager import Tier
@@ -21,7 +22,7 @@ def expect_loaded(mgr, ks, n: int | None = None) -> Engine:
     eng = Engine(len(ks))
     eng.fill(-1.0)
     want = len(ks) if n is None else n
-    assert mgr.onboard(eng.kv, ks, list(range(len(ks)))) == want
+    assert onboard(mgr, eng.kv, ks, list(range(len(ks)))) == want
     for i in range(want):
         assert eng.holds(ks[i], i), f"block {i} differs after reload"
     for i in range(want, len(ks)):
@@ -109,7 +110,7 @@ def test_pinned_blocks_are_never_evicted(make_manager):
     for start in range(10, 50, 2):
         store(mgr, keys(start, 2))
         expect_tiers(mgr, held, Tier.HOST, Tier.HOST)
-    mgr.finish_load(plan)
+    mgr.complete_load(plan)
     # unpinned -> evictable again
     store(mgr, keys(100, 4))
     assert mgr.lookup(held).tiers != (Tier.HOST, Tier.HOST)
@@ -127,7 +128,7 @@ def test_full_host_of_pinned_blocks_rejects_without_error(make_manager):
     assert store(mgr, keys(10, 2)) == 0
     assert metric(mgr, "kvbm_tier_admissions_rejected_total", tier="host", reason="full") == 2
     for p in plans:
-        mgr.finish_load(p)
+        mgr.complete_load(p)
     assert store(mgr, keys(10, 2)) == 2
 
 
@@ -135,11 +136,11 @@ def test_failed_store_frees_its_slots(make_manager):
     mgr = make_manager(host_slots=4)
     plan = mgr.prepare_store(keys(0, 3))
     assert mgr.host.table.free_count == 1
-    assert mgr.commit_store(plan, success=False) == 0
+    assert mgr.complete_store(plan, success=False) == 0
     assert mgr.host.table.free_count == 4
     assert mgr.lookup(keys(0, 3)).num_blocks == 0
     with pytest.raises(ValueError):
-        mgr.commit_store(plan)
+        mgr.complete_store(plan)
 
 
 def test_batch_larger_than_host_cascades_to_disk(make_manager):
@@ -162,7 +163,7 @@ def test_checksum_is_taken_when_a_block_first_leaves_host(make_manager):
     assert sums == [xxhash.xxh3_64_intdigest(mgr.host.block_view(s)) for s in plan.slots]
     assert [mgr.host.table.checksums[s] for s in slots] == sums
     assert mgr.seal(plan) == sums
-    mgr.finish_load(plan)
+    mgr.complete_load(plan)
 
 
 def test_background_sealing_takes_the_newest_first_and_keeps_lru_order(make_manager):
@@ -181,7 +182,7 @@ def test_background_sealing_takes_the_newest_first_and_keeps_lru_order(make_mana
     # a drain to disk and a peer's pin take the recorded checksums
     plan = mgr.prepare_load(ks)
     assert mgr.seal(plan) == [table.checksums[s] for s in plan.slots]
-    mgr.finish_load(plan)
+    mgr.complete_load(plan)
     store(mgr, keys(100, 8))
     expect_tiers(mgr, ks, *[Tier.DISK] * 6)
     expect_loaded(mgr, ks)
@@ -198,13 +199,13 @@ def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
     src.compute(ks)
     # special values survive: NaN, infinity, negative zero, a subnormal
     src.layers[0][0].view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -1e-40])
-    assert mgr.offload(src.kv, [0, 1, 2, 3], ks) == 4
+    assert offload(mgr, src.kv, [0, 1, 2, 3], ks) == 4
     # four more blocks push all of `ks` out to G3 ...
-    assert mgr.offload(src.kv, [0, 1, 2, 3], filler) == 4
+    assert offload(mgr, src.kv, [0, 1, 2, 3], filler) == 4
     assert mgr.lookup(ks).tiers == (Tier.DISK,) * 4
     # ... and back through G2 into a fresh engine, byte for byte
     dst = Engine(4, g)
-    assert mgr.onboard(dst.kv, ks, [0, 1, 2, 3]) == 4
+    assert onboard(mgr, dst.kv, ks, [0, 1, 2, 3]) == 4
     for a, b in zip(src.layers, dst.layers, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -225,8 +226,8 @@ def test_seal_refuses_a_finished_plan(make_manager):
     mgr = make_manager(host_slots=4)
     store(mgr, keys(0, 2))
     plan = mgr.prepare_load(keys(0, 2))
-    mgr.finish_load(plan)
-    mgr.finish_load(plan)  # twice is fine
+    mgr.complete_load(plan)
+    mgr.complete_load(plan)  # twice is fine
     with pytest.raises(ValueError, match="already finished"):
         mgr.seal(plan)
 

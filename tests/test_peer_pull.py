@@ -8,6 +8,7 @@ import asyncio
 
 import torch
 
+from kvbm.bench.direct import onboard
 from kvbm.manager import Tier
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import Engine, keys, store
@@ -55,7 +56,7 @@ def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
     asyncio.run(asyncio.wait_for(scenario(), 60))
     # b now holds them in G2, bit-exact
     eng = Engine(8)
-    assert b.onboard(eng.kv, wanted, list(range(8))) == 8
+    assert onboard(b, eng.kv, wanted, list(range(8))) == 8
     assert all(eng.holds(k, i) for i, k in enumerate(wanted))
 
 
@@ -69,7 +70,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     # then a byte of block 1 changes in a's arena
     view = a.host.block_view(plan.slots[1])
     view[10] = view[10] ^ 0xFF
-    a.finish_load(plan)
+    a.complete_load(plan)
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a2"), agent_for(b, "node-b2")
@@ -92,7 +93,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     assert b.metrics.value("kvbm_tier_checksum_failures_total", tier="peer") == 1
     assert b.lookup(ks).num_blocks == 1
     eng = Engine(1)
-    assert b.onboard(eng.kv, ks[:1], [0]) == 1 and eng.holds(ks[0], 0)
+    assert onboard(b, eng.kv, ks[:1], [0]) == 1 and eng.holds(ks[0], 0)
     assert not torch.equal(eng.layers[0][0], torch.zeros_like(eng.layers[0][0]))
 
 
@@ -117,14 +118,14 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
         k.encode() for k in ks
     ]
     eng = Engine(n)
-    assert b.onboard(eng.kv, ks, list(range(n))) == n
+    assert onboard(b, eng.kv, ks, list(range(n))) == n
     assert all(eng.holds(k, i) for i, k in enumerate(ks))
 
     plan = a.prepare_load(ks[20:21])
     a.seal(plan)
     view = a.host.block_view(plan.slots[0])
     view[3] = view[3] ^ 0x01
-    a.finish_load(plan)
+    a.complete_load(plan)
     c = make_manager(host_slots=n)
     assert asyncio.run(asyncio.wait_for(pull_all(c), 60)) == [k.encode() for k in ks[:20]]
     assert c.host.table.get(ks[20]) is None
@@ -149,7 +150,7 @@ def test_a_pull_into_a_full_host_tier_reports_only_what_arrived(make_manager):
 
         arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
-        b.finish_load(reading)
+        b.complete_load(reading)
     assert arrived == [k.encode() for k in ks[:2]]
     assert b.lookup(ks).num_blocks == 2
     b.host.table.check()
@@ -295,5 +296,5 @@ def test_blocks_already_here_are_not_read_again(make_manager):
         == 4 * b.geometry.block_bytes
     )
     eng = Engine(6)
-    assert b.onboard(eng.kv, ks, list(range(6))) == 6
+    assert onboard(b, eng.kv, ks, list(range(6))) == 6
     assert all(eng.holds(k, i) for i, k in enumerate(ks))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvbm.admission import FrequencyFilter
+from kvbm.bench.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager, Tier
@@ -164,14 +165,14 @@ class ManagerMachine(RuleBasedStateMachine):
     def store(self, start, n):
         ks = KEYS[start : start + n]
         eng = Engine(len(ks))
-        self.mgr.offload(eng.kv, eng.compute(ks), ks)
+        offload(self.mgr, eng.kv, eng.compute(ks), ks)
 
     @rule(start=st.integers(0, 20), n=st.integers(1, 4))
     def load(self, start, n):
         ks = KEYS[start : start + n]
         expected = self.mgr.lookup(ks).num_blocks
         eng = Engine(len(ks))
-        got = self.mgr.onboard(eng.kv, ks, list(range(len(ks))))
+        got = onboard(self.mgr, eng.kv, ks, list(range(len(ks))))
         # Nothing runs between lookup and load, so they agree when the load is
         # one step with no other pins held. A longer load (in steps of half of
         # G2) may evict its own tail from this tiny cache, and held pins may
@@ -194,7 +195,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule()
     def release(self):
-        self.mgr.finish_load(self.held.pop(0))
+        self.mgr.complete_load(self.held.pop(0))
 
     @precondition(lambda self: not self.held)
     @rule()
@@ -222,7 +223,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def teardown(self):
         for plan in self.held:
-            self.mgr.finish_load(plan)
+            self.mgr.complete_load(plan)
         self.mgr.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 

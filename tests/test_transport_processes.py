@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from kvbm.bench.direct import onboard
 from kvbm.host_pool import ARENA_PREFIX
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SharedArena
@@ -59,7 +60,7 @@ def test_pull_between_two_node_processes_on_loopback_aliases(make_manager, tmp_p
         first, second, took = asyncio.run(asyncio.wait_for(scenario(), 90))
         assert first == [k.encode() for k in ks]
         eng = Engine(N)
-        assert b.onboard(eng.kv, ks, list(range(N))) == N
+        assert onboard(b, eng.kv, ks, list(range(N))) == N
         assert all(eng.holds(k, i) for i, k in enumerate(ks))
         assert second == [] and took < 10
         assert b.lookup(keys(500, 4)).num_blocks == 0

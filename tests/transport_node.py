@@ -9,6 +9,7 @@ import asyncio
 import sys
 
 from kvbm.admission import FrequencyFilter
+from kvbm.bench.direct import offload
 from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
@@ -30,12 +31,12 @@ async def main(host: str, disk_dir: str, n: int) -> None:
     )
     eng = Engine(n)
     ks = keys(0, n)
-    mgr.offload(eng.kv, eng.compute(ks), ks)
+    offload(mgr, eng.kv, eng.compute(ks), ks)
     # the first half goes on to disk: store filler until it drains
     filler = keys(1_000_000, 2 * n)
     eng2 = Engine(2 * n)
-    mgr.offload(eng2.kv, list(range(2 * n)), filler)
-    mgr.offload(eng.kv, eng.compute(ks[n // 2 :]), ks[n // 2 :])
+    offload(mgr, eng2.kv, list(range(2 * n)), filler)
+    offload(mgr, eng.kv, eng.compute(ks[n // 2 :]), ks[n // 2 :])
     agent = NixlAgent(f"node-{host}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
     server = PeerServer(ManagerTiers(mgr), agent, SECRET)
     port = await server.start(host, 0)

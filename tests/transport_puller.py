@@ -10,6 +10,7 @@ import json
 import sys
 
 from kvbm.admission import FrequencyFilter
+from kvbm.bench.direct import onboard
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
@@ -29,7 +30,7 @@ async def main(local: str, peer: str, port: int, n: int) -> dict:
         await client.connect(peer, port, local_host=local)
         arrived = await pull(client, [k.encode() for k in ks], ManagerTiers(mgr), timeout=60)
         eng = Engine(n)
-        loaded = mgr.onboard(eng.kv, ks, list(range(n)))
+        loaded = onboard(mgr, eng.kv, ks, list(range(n)))
         exact = sum(eng.holds(k, i) for i, k in enumerate(ks[:loaded]))
         return {"arrived": len(arrived), "loaded": loaded, "exact": exact}
     finally:

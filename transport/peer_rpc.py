@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,9 +34,18 @@ MAX_KEYS_PER_CALL = 4096
 MAX_CONNECTIONS = 256
 
 
+@dataclass
+class _Pin:
+    block: PinnedBlock
+    expiry: float  # monotonic
+
+
 class PeerServer:
-    """Invariant: `pins[peer]` maps each key a peer holds pinned to its expiry;
-    the reaper unpins whatever has expired, so every pin ends."""
+    """Invariant: `pins[peer]` maps each key a peer holds pinned to the one
+    pin the source granted for it (a key pinned again is handed back at
+    once) and its expiry; the reaper unpins whatever has expired, so every
+    pin ends, and each goes back to the source exactly once. This table is
+    the only record of peers' pins."""
 
     def __init__(
         self,
@@ -53,7 +63,7 @@ class PeerServer:
         self.max_pins_per_peer = max_pins_per_peer
         self.max_pins_total = max_pins_total
         self.connections = 0
-        self.pins: dict[str, dict[bytes, float]] = {}
+        self.pins: dict[str, dict[bytes, _Pin]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._handlers: set[asyncio.Task] = set()  # one per open connection
@@ -89,16 +99,20 @@ class PeerServer:
             await asyncio.sleep(self.pin_ttl / 4)
             now = time.monotonic()
             for peer, held in list(self.pins.items()):
-                expired = [k for k, t in held.items() if t < now]
+                expired = [k for k, pin in held.items() if pin.expiry < now]
                 if expired:
                     log.info("pins expired peer=%s blocks=%d", peer, len(expired))
                     self._release(peer, expired)
 
+    @property
+    def pinned_count(self) -> int:
+        return sum(len(held) for held in self.pins.values())
+
     def _release(self, peer: str, keys: Iterable[bytes]) -> None:
         held = self.pins.get(peer, {})
-        mine = [k for k in keys if held.pop(k, None) is not None]
+        mine = [pin.block for pin in (held.pop(k, None) for k in keys) if pin is not None]
         if mine:
-            self.source.unpin_for_peer(peer, mine)
+            self.source.complete_read(mine)
         if not held:
             self.pins.pop(peer, None)
 
@@ -167,14 +181,23 @@ class PeerServer:
 
     async def _pin(self, peer: str, msg: Message) -> dict:
         keys = _keys(msg)
-        held = self.pins.setdefault(peer, {})
-        everyone = sum(len(h) for h in self.pins.values())
-        room = min(self.max_pins_per_peer - len(held), self.max_pins_total - everyone)
+        room = min(
+            self.max_pins_per_peer - len(self.pins.get(peer, {})),
+            self.max_pins_total - self.pinned_count,
+        )
         keys = keys[: max(0, room)]
-        blocks = await asyncio.to_thread(self.source.pin_for_peer, peer, keys) if keys else []
+        blocks = await asyncio.to_thread(self.source.prepare_read, keys) if keys else []
         expiry = time.monotonic() + self.pin_ttl
+        held = self.pins.setdefault(peer, {})  # after the await: the reaper may have dropped it
+        again = []
         for b in blocks:
-            held[b.key] = expiry
+            if b.key in held:  # pinned for this peer already: one pin is enough
+                again.append(b)
+                held[b.key].expiry = expiry
+            else:
+                held[b.key] = _Pin(b, expiry)
+        if again:
+            self.source.complete_read(again)
         return {"blocks": [[b.key, b.offset, b.length, b.checksum] for b in blocks]}
 
 
@@ -386,7 +409,7 @@ async def _read(
     client: PeerClient, blocks: list[PinnedBlock], sink: BlockSink, deadline: float
 ) -> tuple[Reservation, bool]:
     """Reserve local slots for the blocks not held here, and READ them in."""
-    reservation = sink.reserve([b.key for b in blocks])
+    reservation = sink.prepare_store([b.key for b in blocks])
     if not reservation.entries:
         return reservation, True
     pinned = {b.key: b for b in blocks}
@@ -400,7 +423,7 @@ async def _read(
     try:  # in a thread even when small: the loop may be serving reads of its own
         ok = await asyncio.to_thread(client.agent.read, client.peer, local, remote, left)
     except BaseException:
-        sink.commit(reservation, None)  # frees the slots
+        sink.complete_store(reservation, None)  # frees the slots
         raise
     return reservation, ok
 
@@ -411,6 +434,6 @@ def _land(
     """Verify and register a round's blocks (in a thread unless it is tiny)."""
     if not reservation.entries or sums is None or len(sums) <= INLINE_BLOCKS:
         done = asyncio.get_running_loop().create_future()
-        done.set_result(sink.commit(reservation, sums) if reservation.entries else [])
+        done.set_result(sink.complete_store(reservation, sums) if reservation.entries else [])
         return done
-    return asyncio.ensure_future(asyncio.to_thread(sink.commit, reservation, sums))
+    return asyncio.ensure_future(asyncio.to_thread(sink.complete_store, reservation, sums))

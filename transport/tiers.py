@@ -17,17 +17,20 @@ class PinnedBlock:
 
 
 class BlockSource(Protocol):
-    """The serving side."""
+    """The serving side. It keeps no record of who pinned what: the peer
+    server does (transport/peer_rpc.py), and hands each pin back once."""
 
     fingerprints: frozenset[int]
     arena_size: int
 
-    def pin_for_peer(self, peer: str, keys: list[bytes]) -> list[PinnedBlock]:
+    def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:
         """Pin the longest held prefix of `keys` in the host arena (staging disk
-        blocks first), with each block's checksum."""
+        blocks first), with each block's checksum: one pin per block returned."""
         ...
 
-    def unpin_for_peer(self, peer: str, keys: list[bytes]) -> None: ...
+    def complete_read(self, blocks: list[PinnedBlock]) -> None:
+        """Release one pin of each block (as `prepare_read` returned it)."""
+        ...
 
 
 @dataclass
@@ -43,12 +46,12 @@ class Reservation:
 class BlockSink(Protocol):
     """The pulling side."""
 
-    def reserve(self, keys: list[bytes]) -> Reservation:
+    def prepare_store(self, keys: list[bytes]) -> Reservation:
         """Offsets for the keys not held yet (a prefix of them, if the arena is
         short), in order, and which of the keys before any such cut are held."""
         ...
 
-    def commit(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
+    def complete_store(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
         """Register the reserved blocks whose bytes match `checksums`, free the
         rest (all of them when `checksums` is None). Returns the keys registered."""
         ...

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from kvbm.block_key import BlockKey
-from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.connector.copy import EngineKV
+from kvbm.layout import ModelGeometry
 
 
 class SyntheticEngine:

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
+from kvbm.bench.direct import offload, onboard
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.block_key import KeySpace
+from kvbm.connector.copy import EngineKV
 from kvbm.disk_pool import IO_PIECE_BYTES, DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool
-from kvbm.layout import PAGE, EngineKV, ModelGeometry
+from kvbm.layout import PAGE, ModelGeometry
 from kvbm.manager import BlockManager
 
 # The e2e model's geometry: 8 layers, 8 KV heads of 64, block 32, fp32 -> 1 MiB blocks.
@@ -62,14 +64,14 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         ids = list(range(blocks))
         batch = iter(range(10**9))
         loaded = space.keys(list(range(blocks)))
-        mgr.offload(src, ids, loaded)
+        offload(mgr, src, ids, loaded)
 
         def store() -> None:
             b = next(batch) + 1
-            _expect(mgr.offload(src, ids, space.keys(list(range(b * blocks, (b + 1) * blocks)))))
+            _expect(offload(mgr, src, ids, space.keys(list(range(b * blocks, (b + 1) * blocks)))))
 
         def load() -> None:
-            _expect(mgr.onboard(dst, loaded, ids))
+            _expect(onboard(mgr, dst, loaded, ids))
 
         # G2 <-> G3 through the calls the manager's drain and staging make; a
         # drain takes the checksum of each block as it leaves G2, so that is timed too.
@@ -145,10 +147,10 @@ def bookkeeping_us_per_block(n: int = 4096, reps: int = 7) -> float:
             keys = space.keys(list(range(r * n, (r + 1) * n)))
             t0 = time.perf_counter()
             plan = mgr.prepare_store(keys)
-            mgr.commit_store(plan)
+            mgr.complete_store(plan)
             if mgr.lookup(keys).num_blocks != n:
                 raise RuntimeError("bookkeeping bench lost blocks")
-            mgr.finish_load(mgr.prepare_load(keys))
+            mgr.complete_load(mgr.prepare_load(keys))
             times.append(time.perf_counter() - t0)
         return round(float(np.median(times[1:])) / n * 1e6, 3)
     finally:

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
+from kvbm.bench.direct import offload
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.bench.tiers import BENCH_GEOMETRY
 from kvbm.block_key import BlockKey, KeySpace
+from kvbm.connector.copy import EngineKV
 from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
 from kvbm.host_pool import HostPool
-from kvbm.layout import EngineKV
 from kvbm.manager import BlockManager, Tier
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SHM_DIR, SharedArena
@@ -75,7 +76,7 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
         def put(keys: list[BlockKey]) -> None:
             for i in range(0, len(keys), 64):
                 chunk = keys[i : i + 64]
-                mgr.offload(kv, list(range(len(chunk))), chunk)
+                offload(mgr, kv, list(range(len(chunk))), chunk)
 
         put(ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS))))  # drained to disk below
         put(ks.keys(list(range(20_000, 20_000 + DISK_BLOCKS))))  # the filler

@@ -13,11 +13,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvbm.block_key import BlockKey, KeySpace
+from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
 from kvbm.engine_wire import EngineLink, NodeError, geometry_to_wire
-from kvbm.layout import ArenaBlocks, EngineKV, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
 
 __all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
@@ -73,6 +72,7 @@ class NodeAttachment:
         self.node_id: str = hello["node_id"]
         self.space = KeySpace(hello["namespace"], geometry.fingerprint, tp_rank)
         self.num_slots: int = hello["num_slots"]
+        self.step_blocks: int = hello["step_blocks"]  # most blocks one load or store step moves
         self.arena_name: str = hello["arena"]  # changes when the node restarts
         self.arena: SharedArena | None = None
         self.blocks: ArenaBlocks | None = None
@@ -80,7 +80,7 @@ class NodeAttachment:
             self.arena = SharedArena.attach(
                 hello["arena"], hello["arena_bytes"], hello.get("arena_dir", SHM_DIR)
             )
-            self.blocks = ArenaBlocks(geometry, self.arena.tensor, self.num_slots)
+            self.blocks = ArenaBlocks(geometry, self.arena.array, self.num_slots)
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         return self.space.keys(seq_hashes)
@@ -94,22 +94,21 @@ class NodeAttachment:
     ) -> tuple[int, dict[str, int]]:
         """Copy the longest available prefix of `keys` into engine blocks
         `block_ids` (one per key). Returns (blocks loaded, by source)."""
-        if len(block_ids) != len(keys):
-            raise ValueError("block_ids and keys must have equal length")
-        ids = np.asarray(block_ids, dtype=np.int64)
-        kv.check_ids(ids)
-        loaded, sources = 0, {}
-        while loaded < len(keys):
-            got = self.pin(keys[loaded:])
-            try:
-                self.copy_in(kv, got.slots, ids[loaded : loaded + len(got.slots)])
-            finally:
-                self.release(got.lease)
+
+        def prepare(rest: Sequence[BlockKey]) -> tuple[list[int], Pinned, bool]:
+            got = self.pin(rest)
+            return got.slots, got, got.more
+
+        def complete(got: object) -> None:
+            assert isinstance(got, Pinned)
+            self.release(got.lease)
+
+        loaded, steps = load_in_steps(self._blocks(), kv, keys, block_ids, prepare, complete)
+        sources: dict[str, int] = {}
+        for got in steps:
+            assert isinstance(got, Pinned)
             for source, n in got.sources.items():
                 sources[source] = sources.get(source, 0) + n
-            loaded += len(got.slots)
-            if not got.more:
-                break
         return loaded, sources
 
     def pin(self, keys: Sequence[BlockKey]) -> Pinned:
@@ -123,32 +122,26 @@ class NodeAttachment:
 
     def copy_in(self, kv: EngineKV, slots: Sequence[int], block_ids: Sequence[int]) -> None:
         """Arena slots -> engine blocks (whole blocks, one copy per run of slots)."""
-        if self.blocks is None:
-            raise NodeError("this attachment does not map the arena")
         if len(slots):
-            self.blocks.scatter(kv, slots, block_ids)
+            self._blocks().scatter(kv, slots, block_ids)
 
     def store(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
         """Write engine blocks through to the node's G2. Returns blocks added."""
-        if len(block_ids) != len(keys):
-            raise ValueError("block_ids and keys must have equal length")
-        ids = np.asarray(block_ids, dtype=np.int64)
-        kv.check_ids(ids)
-        step = max(1, self.num_slots // 2)  # the other half can drain meanwhile
+
+        def prepare(chunk: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
+            reply = self.link.call("reserve", {"keys": _wire(chunk)})
+            return reply["slots"], reply["positions"], reply["lease"]
+
+        def complete(lease: object, ok: bool) -> int:
+            return self.link.call("commit", {"lease": lease, "ok": ok})["added"]
+
+        blocks = self._blocks()
+        return store_in_steps(blocks, kv, keys, block_ids, self.step_blocks, prepare, complete)
+
+    def _blocks(self) -> ArenaBlocks:
         if self.blocks is None:
             raise NodeError("this attachment does not map the arena")
-        added = 0
-        for start in range(0, len(keys), step):
-            reply = self.link.call("reserve", {"keys": _wire(keys[start : start + step])})
-            ok = False
-            try:
-                if reply["slots"]:
-                    chunk = ids[start:][np.asarray(reply["positions"], dtype=np.int64)]
-                    self.blocks.gather(kv, chunk, reply["slots"])  # type: ignore[union-attr]
-                ok = True
-            finally:
-                added += self.link.call("commit", {"lease": reply["lease"], "ok": ok})["added"]
-        return added
+        return self.blocks
 
     def stats(self) -> dict:
         return self.link.call("stats", {})

@@ -44,10 +44,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.config import KvbmConfig, load_config
 from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.copy import EngineKV
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
-from kvbm.layout import EngineKV, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:

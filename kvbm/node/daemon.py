@@ -481,9 +481,9 @@ class Node:
         """Release a load's pins, or commit (ok) or abort a store. Returns blocks added."""
         assert self.serving is not None
         if isinstance(lease.plan, LoadPlan):
-            self.serving.mgr.finish_load(lease.plan)
+            self.serving.mgr.complete_load(lease.plan)
             return 0
-        return self.serving.mgr.commit_store(lease.plan, success=ok)
+        return self.serving.mgr.complete_store(lease.plan, success=ok)
 
     async def _engine_call(self, msg: Message, conn: int) -> dict:
         body = msg.body
@@ -497,6 +497,7 @@ class Node:
                 "arena_bytes": arena.size,
                 "slot_bytes": geometry.slot_bytes,
                 "num_slots": s.mgr.host.num_slots,
+                "step_blocks": s.mgr.max_load_blocks,
                 "namespace": self.cfg.namespace,
                 "fingerprint": geometry.fingerprint,
                 "node_id": self.node_id,
