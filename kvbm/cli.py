@@ -7,13 +7,14 @@ import json
 import sys
 
 from discovery.errors import DiscoveryError
-from kvbm.config import add_flags, from_args, reference_table, to_toml
+from kvbm.config import add_flags, from_args, quiet_native_logs, reference_table, to_toml
 from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
 from transport.errors import TransportError
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_native_logs()
     parser = argparse.ArgumentParser(prog="kvbm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -18,12 +18,14 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from kvbm.block_key import check_namespace
 
 log = logging.getLogger("kvbm.config")
 ENV_PREFIX = "KVBM_"
+CONFIG_FILE_VAR = "KVBM_CONFIG"  # the engines' configuration file (`kvbm` takes --config)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -98,9 +100,8 @@ class KvbmConfig:
             raise ValueError("disk_admit_min_uses must be at least 1")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
-        parse_listen(self.listen)
-        parse_endpoints(self.etcd)
-        parse_group(self.shared_group)
+        # parsed here, once: the properties below keep what they parse
+        _ = self.listen_address, self.etcd_endpoints, self.shared_gid
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
@@ -110,21 +111,23 @@ class KvbmConfig:
         if not set(self.remote_tier_list) <= {"host", "disk"}:
             raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
 
-    @property
+    # Parsed forms, computed once (a frozen dataclass still caches: the value
+    # goes into the instance's __dict__, not through __setattr__).
+    @cached_property
     def shared_gid(self) -> int | None:
         return parse_group(self.shared_group)
 
-    @property
+    @cached_property
     def listen_address(self) -> tuple[str, int]:
         return parse_listen(self.listen)
 
-    @property
+    @cached_property
     def remote_tier_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.remote_tiers.split(",") if t.strip())
 
-    @property
-    def etcd_endpoints(self) -> list[str]:
-        return parse_endpoints(self.etcd)
+    @cached_property
+    def etcd_endpoints(self) -> tuple[str, ...]:
+        return tuple(parse_endpoints(self.etcd))
 
     @property
     def disk_enabled(self) -> bool:
@@ -226,12 +229,28 @@ def load_config(
         name = var[len(ENV_PREFIX) :].lower()
         if name in _FIELDS:
             from_env[name] = value
-        else:
+        elif var != CONFIG_FILE_VAR:
             # Other tools may share the prefix: a typo is logged, never fatal.
             log.warning("ignoring unknown environment variable %s", var)
     _merge(values, from_env, "the environment")
     _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "overrides")
     return KvbmConfig(**values)
+
+
+def engine_config(extra: Mapping[str, Any]) -> KvbmConfig:
+    """An engine connector's configuration: defaults < the file named by
+    KVBM_CONFIG < KVBM_* < the connector's extra config, where `node` names
+    the socket."""
+    overrides = dict(extra)
+    if "node" in overrides:
+        overrides["socket"] = overrides.pop("node")
+    return load_config(os.environ.get(CONFIG_FILE_VAR), overrides=overrides)
+
+
+def quiet_native_logs() -> None:
+    """NIXL logs every agent's start at INFO unless its variable says otherwise:
+    kvbm's processes set it (where the user has not) before NIXL loads."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 
 def reference_table() -> str:

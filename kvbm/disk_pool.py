@@ -30,7 +30,7 @@ import xxhash
 
 from kvbm.block_key import MAX_ENCODED, BlockKey
 from kvbm.errors import DiskTierError
-from kvbm.hashing import content_matches
+from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
 from kvbm.layout import PAGE, ModelGeometry, slot_runs
 from kvbm.slot_table import SlotTable
@@ -92,8 +92,10 @@ class DiskPool:
         *,
         preallocate: bool = True,
         direct_io: bool = True,
+        verify: Verify = content_matches,
     ) -> None:
         self.geometry = geometry
+        self._verify = verify
         self.slot_bytes = geometry.slot_bytes
         num_slots = (capacity_bytes - PAGE) // (PAGE + self.slot_bytes)
         if num_slots < 1:
@@ -356,7 +358,7 @@ class DiskPool:
         except OSError as e:
             log.warning("disk read failed blocks=%d error=%s", len(piece), e)
             return [None] * len(piece)
-        return [content_matches(host.block_view(it.dst), it.checksum) for it in piece]
+        return [self._verify(host.block_view(it.dst), it.checksum) for it in piece]
 
     def _run_pieces(
         self,

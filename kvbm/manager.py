@@ -27,7 +27,7 @@ from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
-from kvbm.hashing import SKIP_VERIFY
+from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
@@ -97,6 +97,7 @@ class BlockManager:
         disk: DiskPool | None = None,
         admission: FrequencyFilter | None = None,
         metrics: TierMetrics | None = None,
+        verify: Verify = content_matches,
     ) -> None:
         for pool in (host, disk):
             if pool is not None and pool.geometry != geometry:
@@ -106,6 +107,7 @@ class BlockManager:
         self.disk = disk
         self.admission = admission or FrequencyFilter()
         self.metrics = metrics or TierMetrics()
+        self._verify = verify
         self._lock = threading.RLock()
         # Half of G2 per load or store step: the other half can drain or stage.
         self.max_load_blocks = max(1, host.num_slots // 2)
@@ -338,13 +340,14 @@ class BlockManager:
         if plan.done:
             raise ValueError("store plan already committed")
         plan.done = True
-        actual = self.host.checksums(plan.slots) if expected is not None else []
+        view, verify = self.host.block_view, self._verify
+        good = [verify(view(s), e) for s, e in zip(plan.slots, expected or (), strict=False)]
         added: list[BlockKey] = []
         with self._lock:
             table = self.host.table
             for i, slot in enumerate(plan.slots):
-                if expected is not None and (actual[i] == expected[i] or SKIP_VERIFY):
-                    if table.register(slot, plan.keys[i], actual[i]):
+                if expected is not None and good[i]:
+                    if table.register(slot, plan.keys[i], expected[i]):
                         added.append(plan.keys[i])
                 else:
                     if expected is not None:
@@ -462,8 +465,11 @@ class BlockManager:
         self.host.close()
 
 
-def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
-    """The node's tiers as the configuration asks for them."""
+def build_manager(
+    cfg: KvbmConfig, geometry: ModelGeometry, verify: Verify = content_matches
+) -> BlockManager:
+    """The node's tiers as the configuration asks for them; `verify` checks
+    every block that comes back from disk or from a peer."""
     gid = cfg.shared_gid
     host = HostPool(
         geometry,
@@ -481,8 +487,10 @@ def build_manager(cfg: KvbmConfig, geometry: ModelGeometry) -> BlockManager:
                 cfg.disk_cache_mb << 20,
                 preallocate=cfg.disk_preallocate,
                 direct_io=cfg.disk_direct_io,
+                verify=verify,
             )
-        return BlockManager(geometry, host, disk, FrequencyFilter(cfg.disk_admit_min_uses))
+        admission = FrequencyFilter(cfg.disk_admit_min_uses)
+        return BlockManager(geometry, host, disk, admission, verify=verify)
     except BaseException:
         if disk is not None:
             disk.close()

@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kvbm.admission import FrequencyFilter
+from kvbm.config import quiet_native_logs
 from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from tests.node_daemon import Daemon
 from tests.support import GEOMETRY
+
+quiet_native_logs()  # for the NIXL agents tests create in their own process
 
 
 @pytest.fixture

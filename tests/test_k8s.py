@@ -128,7 +128,8 @@ def host_paths(workload: dict) -> dict[str, str]:
 
 
 def test_the_vllm_example_attaches_to_the_node_the_daemonset_runs():
-    from kvbm.connector.vllm import KvbmConnector, connector_config
+    from kvbm.config import engine_config
+    from kvbm.connector.vllm import KvbmConnector
 
     engine = find("Deployment", "vllm-llama")
     args = container(engine)["args"]
@@ -138,7 +139,7 @@ def test_the_vllm_example_attaches_to_the_node_the_daemonset_runs():
     assert transfer["kv_load_failure_policy"] == "recompute"
     assert int(args[args.index("--block-size") + 1]) % 32 == 0
     extra = transfer["kv_connector_extra_config"]
-    cfg = connector_config(extra)
+    cfg = engine_config(extra)
     assert cfg.remote_tier_list == ("host", "disk")
     # the socket the engine names is the node's, through the same host directory
     node = find("DaemonSet", "kvbm-node")

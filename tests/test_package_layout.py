@@ -1,10 +1,14 @@
-"""The dependency direction of DESIGN.md: `kvbm` uses `transport` and `discovery`;
-those two never import `kvbm`, nor each other."""
+"""The shape of the code, checked: the dependency direction of DESIGN.md
+(`kvbm` uses `transport` and `discovery`; those two never import `kvbm`, nor
+each other), engines apart from the daemon, a daemon without torch, and the
+environment read in one place."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +39,72 @@ def test_lower_packages_never_import_upwards(package):
 def test_no_grab_bag_modules():
     for name in ("utils.py", "helpers.py", "misc.py", "common.py"):
         assert not list(ROOT.glob(f"*/{name}")), name
+
+
+def _modules(*packages: str) -> list[pathlib.Path]:
+    return sorted(f for p in packages for f in (ROOT / p).rglob("*.py"))
+
+
+def _is_daemon(module: str) -> bool:
+    return module == "kvbm.node" or module.startswith("kvbm.node.")
+
+
+def test_the_engine_side_never_imports_the_daemon():
+    # engines and the node meet only in kvbm/engine_wire.py
+    for f in _modules("kvbm/connector"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not _is_daemon(node.module), f"{f.relative_to(ROOT)}"
+                if node.module == "kvbm":
+                    assert "node" not in {a.name for a in node.names}, f"{f.relative_to(ROOT)}"
+            elif isinstance(node, ast.Import):
+                assert not any(_is_daemon(a.name) for a in node.names), f
+
+
+def test_the_node_daemon_loads_without_torch():
+    # a fresh interpreter: what importing the daemon drags in, and nothing else
+    code = "import sys, kvbm.node.daemon; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False", "importing kvbm.node.daemon imported torch"
+
+
+# Reading the environment is configuration, and configuration is merged in one
+# place: kvbm/config.py (and the secret loader, which may take the secret
+# from KVBM_SECRET). A stray variable must never change what a node does.
+ENV_READERS = {"kvbm/config.py", "transport/secret.py"}
+
+
+def environment_reads(path: pathlib.Path) -> list[int]:
+    """Lines that read os.environ or call os.getenv (setting a variable for a
+    child, `os.environ.update(...)` or `os.environ[k] = v`, is not a read)."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("getenv", "getenvb", "environb"):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute | ast.Name) and (
+            getattr(node, "attr", None) == "environ" or getattr(node, "id", None) == "environ"
+        ):
+            up = parents.get(node)
+            writes = (isinstance(up, ast.Attribute) and up.attr == "update") or (
+                isinstance(up, ast.Subscript) and isinstance(up.ctx, ast.Store)
+            )
+            if not writes:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_config_reads_the_environment():
+    for f in _modules("kvbm", "transport", "discovery"):
+        name = str(f.relative_to(ROOT))
+        if name not in ENV_READERS:
+            assert not environment_reads(f), f"{name} reads the environment"
+
+
+def test_the_environment_check_sees_a_read():
+    # the check above can fail: it flags what it must
+    assert environment_reads(ROOT / "kvbm/config.py")
+    assert environment_reads(ROOT / "transport/secret.py")

@@ -7,7 +7,6 @@ deadline. NIXL types never leave this module: callers pass addresses.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import numpy as np
 
 from transport.errors import TransportError
-
-os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent's start at INFO
 
 try:  # the `nixl` meta package where installed, else NIXL's CPU/CUDA 12 build itself
     from nixl._api import nixl_agent, nixl_agent_config

@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from discovery.etcd_server import EtcdServer
@@ -33,7 +34,7 @@ from kvbm.disk_pool import SLOT_MAGIC, arena_path
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import PAGE, ModelGeometry
-from kvbm.node_process import NodeProcess
+from kvbm.node_process import NODE_COMMAND, NodeProcess
 
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16)  # 64 KiB
 FAULTS = ("kill", "freeze", "etcd", "corrupt")
@@ -88,8 +89,8 @@ class Seat:
 
 
 class Cluster:
-    def __init__(self, tmp: str, etcd: EtcdServer) -> None:
-        self.tmp, self.etcd = tmp, etcd
+    def __init__(self, tmp: str, etcd: EtcdServer, node_command: Sequence[str]) -> None:
+        self.tmp, self.etcd, self.node_command = tmp, etcd, node_command
         self.nodes = [self._start(i) for i in range(NODES)]
 
     def flags(self, i: int) -> list[str]:
@@ -106,7 +107,8 @@ class Cluster:
         return os.path.join(self.tmp, f"disk-{i}")
 
     def _start(self, i: int) -> NodeProcess:
-        return NodeProcess(self.tmp, f"node-{i}", f"127.0.0.{i + 2}", *self.flags(i))
+        host = f"127.0.0.{i + 2}"
+        return NodeProcess(self.tmp, f"node-{i}", host, *self.flags(i), command=self.node_command)
 
     def restart(self, i: int) -> None:
         self.nodes[i] = self._start(i)
@@ -123,7 +125,9 @@ def run(
     faults: tuple[str, ...] = FAULTS,
     fault_every_s: float = 4.0,
     seed: int = 1,
+    node_command: Sequence[str] = NODE_COMMAND,
 ) -> dict:
+    """`node_command` runs the nodes another way (a test's unverified node)."""
     rng = random.Random(seed)
     salt = salt_hash("kvbm-soak")
     docs = [
@@ -140,7 +144,7 @@ def run(
     weights = [1 / (i + 1) ** 0.8 for i in range(PROMPTS)]
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="kvbm-soak-") as tmp, EtcdServer() as etcd:
-        cluster = Cluster(tmp, etcd)
+        cluster = Cluster(tmp, etcd, node_command)
         seats = [Seat(n) for n in cluster.nodes]
         faulter = Faulter(cluster, seats, faults, fault_every_s, seed)
         deadline = time.monotonic() + minutes * 60

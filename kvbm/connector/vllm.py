@@ -29,7 +29,6 @@ one KV cache group (full attention); the vLLM CPU layout (`vllm-cpu-v1`).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from kvbm.config import KvbmConfig, load_config
+from kvbm.config import engine_config
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.connector.copy import EngineKV
 from kvbm.connector.private_node import ensure_private_node
@@ -126,22 +125,13 @@ def geometry_of(vllm_config: VllmConfig) -> ModelGeometry:
     )
 
 
-def connector_config(extra: dict[str, Any]) -> KvbmConfig:
-    """Defaults < file (KVBM_CONFIG) < KVBM_* < the connector's extra config,
-    where `node` names the socket."""
-    overrides = dict(extra)
-    if "node" in overrides:
-        overrides["socket"] = overrides.pop("node")
-    return load_config(os.environ.get("KVBM_CONFIG"), overrides=overrides)
-
-
 class KvbmConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.cfg = connector_config(extra)
+        self.cfg = engine_config(extra)
         attach_logging(self.cfg.log_level)
         self.block_size = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size

@@ -37,7 +37,7 @@ from kvbm import __version__, engine_wire
 from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch, KvbmError
-from kvbm.hashing import SKIP_VERIFY
+from kvbm.hashing import Verify, content_matches
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager, LoadPlan, StorePlan, build_manager
 from kvbm.node.http import MetricsServer
@@ -86,9 +86,10 @@ class Node:
     took it ends; `index` is None only while etcd has not been reached
     yet (local serving goes on meanwhile)."""
 
-    def __init__(self, cfg: KvbmConfig, secret: bytes) -> None:
+    def __init__(self, cfg: KvbmConfig, secret: bytes, verify: Verify = content_matches) -> None:
         self.cfg = cfg
         self.secret = secret
+        self.verify = verify
         self.node_id = cfg.node_id or default_node_id()
         self.serving: Serving | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
@@ -176,7 +177,7 @@ class Node:
                         f"{geometry} needs a node of its own (another --socket)"
                     )
                 return self.serving
-            mgr = await asyncio.to_thread(build_manager, self.cfg, geometry)
+            mgr = await asyncio.to_thread(build_manager, self.cfg, geometry, self.verify)
             agent = server = None
             try:
                 mgr.track_changes()
@@ -561,15 +562,13 @@ def default_node_id() -> str:
     return name or "node"
 
 
-def run(cfg: KvbmConfig) -> int:
+def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
     """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
     host, _ = cfg.listen_address
     secret = load_secret(cfg.secret_file, host, cfg.dev_insecure)
-    if SKIP_VERIFY:
-        log.warning("KVBM_TEST_SKIP_VERIFY=1: block contents are NOT verified (tests only)")
 
     async def main() -> None:
-        node = Node(cfg, secret)
+        node = Node(cfg, secret, verify)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

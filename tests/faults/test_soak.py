@@ -1,13 +1,15 @@
 """`kvbm bench soak`, short: three nodes, a random load, a fault every two
 seconds of every kind (node SIGKILL + restart, SIGSTOP, etcd SIGKILL +
 restart, disk bytes flipped): no wrong block reaches an engine, nothing
-hangs, no pin or lease outlives its engine. Negative control: with the
-checksums switched off (a test-only switch), the same flipped bytes do reach
-engines, and the soak's own content check sees them."""
+hangs, no pin or lease outlives its engine. Negative control: with nodes
+that do not verify (tests/unverified_node.py, started by the test itself),
+the same flipped bytes do reach engines, and the soak's own content check
+sees them."""
 
 from __future__ import annotations
 
 from kvbm.bench import soak
+from tests import unverified_node
 
 
 def test_a_short_soak_with_every_fault_delivers_no_wrong_block():
@@ -24,8 +26,13 @@ def test_a_short_soak_with_every_fault_delivers_no_wrong_block():
     assert result["max_pull_ms"] < 10_000, result
 
 
-def test_negative_control_without_checksums_flipped_disk_bytes_reach_engines(monkeypatch):
-    monkeypatch.setenv("KVBM_TEST_SKIP_VERIFY", "1")  # the nodes inherit it
-    result = soak.run(minutes=0.25, faults=("corrupt",), fault_every_s=1.0, seed=4)
+def test_negative_control_without_checksums_flipped_disk_bytes_reach_engines():
+    result = soak.run(
+        minutes=0.25,
+        faults=("corrupt",),
+        fault_every_s=1.0,
+        seed=4,
+        node_command=unverified_node.COMMAND,
+    )
     assert result["faults_injected"] >= 10, result
     assert result["wrong_blocks"] > 0, result
