@@ -1,8 +1,16 @@
-"""The block key and its one binary codec.
+"""The block key: one type everywhere, its encoded bytes, and its one codec.
 
-A key is (namespace, layout fingerprint, tp rank, sequence hash): two nodes
-exchange a block only when all four agree. `transport` and `discovery` never
-import this module; they carry keys as the bytes `encode` produces.
+A key names (namespace, layout fingerprint, tp rank, sequence hash): two
+nodes exchange a block only when all four agree. Engines build keys
+(`KeySpace.keys`), and from then on a key is only ever these bytes: on the
+engine socket, in the tiers' tables, in the index, on the peer RPC and in
+the disk header. Fields are read back (`parse_key`) only where a field is
+needed: checking keys that come from outside (`check_keys`), and a disk
+header found at recovery.
+
+Layout: the sequence hash as 8 little-endian bytes, then the key's tail:
+fingerprint (u64), tp rank (u16), the namespace's length (u8), the namespace.
+`transport` and `discovery` never import this module; to them a key is bytes.
 """
 
 from __future__ import annotations
@@ -11,13 +19,21 @@ import functools
 import re
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NewType
 
-# a key: seq_hash as 8 little-endian bytes, then its tail: this, then the namespace
+BlockKey = NewType("BlockKey", bytes)
+
 _TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
 _HEAD_SIZE = 8 + _TAIL.size
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_ENCODED = _HEAD_SIZE + 64
+
+
+class KeyFields(NamedTuple):
+    namespace: str
+    fingerprint: int
+    tp_rank: int
+    seq_hash: int
 
 
 def check_namespace(namespace: str) -> str:
@@ -27,32 +43,47 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
-class BlockKey(NamedTuple):
-    """A tuple, so hashing and equality run in C: the pools hash keys millions of times."""
-
-    namespace: str
-    fingerprint: int
-    tp_rank: int
-    seq_hash: int
-
-    def encode(self) -> bytes:
-        """Raises ValueError for a key that `decode` could not read back."""
-        try:
-            head = self.seq_hash.to_bytes(8, "little")
-        except (OverflowError, AttributeError, TypeError):
-            raise ValueError(f"block key seq_hash out of range: {self.seq_hash!r}") from None
-        return head + _tail(self.namespace, self.fingerprint, self.tp_rank)
-
-    @classmethod
-    def decode(cls, data: bytes | memoryview) -> BlockKey:
-        """Inverse of `encode`; raises ValueError on anything it did not produce."""
-        if len(data) < _HEAD_SIZE:
-            raise ValueError("block key too short")
-        namespace, fingerprint, tp_rank = _parse_tail(bytes(data[8:]))
-        return _new(cls, (namespace, fingerprint, tp_rank, int.from_bytes(data[:8], "little")))
+def encode_key(namespace: str, fingerprint: int, tp_rank: int, seq_hash: int) -> BlockKey:
+    """Raises ValueError for fields that `parse_key` could not read back."""
+    return BlockKey(_head(seq_hash) + _tail(namespace, fingerprint, tp_rank))
 
 
-_new = tuple.__new__  # a NamedTuple without its Python-level __new__: keys are made in bulk
+def parse_key(data: bytes | bytearray | memoryview) -> KeyFields:
+    """The fields of a key; raises ValueError on anything `encode_key` did not produce."""
+    if len(data) < _HEAD_SIZE:
+        raise ValueError("block key too short")
+    namespace, fingerprint, tp_rank = _parse_tail(bytes(data[8:]))
+    return KeyFields(namespace, fingerprint, tp_rank, int.from_bytes(data[:8], "little"))
+
+
+def seq_hash(key: bytes) -> int:
+    return int.from_bytes(key[:8], "little")
+
+
+def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) -> list[BlockKey]:
+    """Keys from outside (an engine's call): a list of at most `max_keys` well-formed
+    keys of this namespace and layout fingerprint (any tp rank), or ValueError.
+    A request's keys share one tail, so this parses each distinct tail once."""
+    if not isinstance(keys, list) or len(keys) > max_keys:
+        raise ValueError(f"keys must be a list of at most {max_keys}")
+    good: set[bytes] = set()
+    for k in keys:
+        if not isinstance(k, bytes) or len(k) < _HEAD_SIZE:
+            raise ValueError("a key is not a block key")
+        tail = k[8:]
+        if tail not in good:
+            ns, fp, _ = _parse_tail(tail)
+            if ns != namespace or fp != fingerprint:
+                raise ValueError(f"a key of namespace {ns!r}, fingerprint {fp:#x}: not this node's")
+            good.add(tail)
+    return keys
+
+
+def _head(seq_hash: int) -> bytes:
+    try:
+        return seq_hash.to_bytes(8, "little")
+    except (OverflowError, AttributeError, TypeError):
+        raise ValueError(f"block key seq_hash out of range: {seq_hash!r}") from None
 
 
 # A request's keys share everything but the sequence hash, so the rest of a
@@ -71,7 +102,10 @@ def _parse_tail(tail: bytes) -> tuple[str, int, int]:
     fingerprint, tp_rank, n = _TAIL.unpack_from(tail)
     if len(tail) != _TAIL.size + n:
         raise ValueError("block key length does not match its namespace length")
-    namespace = tail[_TAIL.size :].decode("utf-8", errors="strict")
+    try:
+        namespace = tail[_TAIL.size :].decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("block key namespace is not UTF-8") from None
     return check_namespace(namespace), fingerprint, tp_rank
 
 
@@ -87,7 +121,11 @@ class KeySpace:
         check_namespace(self.namespace)
         if not 0 <= self.tp_rank < 2**16:
             raise ValueError(f"tp_rank out of range: {self.tp_rank}")
+        _tail(self.namespace, self.fingerprint, self.tp_rank)  # the fingerprint's range
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
-        ns, fp, rank = self.namespace, self.fingerprint, self.tp_rank
-        return [_new(BlockKey, (ns, fp, rank, h)) for h in seq_hashes]
+        tail = _tail(self.namespace, self.fingerprint, self.tp_rank)
+        try:  # no call per key: an engine builds a request's keys on vLLM's scheduler path
+            return [h.to_bytes(8, "little") + tail for h in seq_hashes]  # type: ignore[misc]
+        except (OverflowError, AttributeError, TypeError):
+            raise ValueError("block key seq_hash out of range") from None

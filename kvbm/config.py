@@ -15,6 +15,8 @@ import grp
 import json
 import logging
 import os
+import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,6 +130,14 @@ class KvbmConfig:
     @cached_property
     def etcd_endpoints(self) -> tuple[str, ...]:
         return tuple(parse_endpoints(self.etcd))
+
+    @cached_property
+    def node_name(self) -> str:
+        """`node_id`, or where it is empty, the host name made a valid node id."""
+        if self.node_id:
+            return self.node_id
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:63].strip("-.")
+        return name or "node"
 
     @property
     def disk_enabled(self) -> bool:

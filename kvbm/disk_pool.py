@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import xxhash
 
-from kvbm.block_key import MAX_ENCODED, BlockKey
+from kvbm.block_key import MAX_ENCODED, BlockKey, parse_key
 from kvbm.errors import DiskTierError
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
@@ -231,7 +231,7 @@ class DiskPool:
             view.release()
             for j in range(got // PAGE):
                 parsed = self._parse_header(buf[j * PAGE : (j + 1) * PAGE])
-                if parsed is not None and parsed[0].fingerprint == self.geometry.fingerprint:
+                if parsed is not None:
                     found.setdefault(parsed[0], (first + j, parsed[1]))
         self.table.claim([slot for slot, _ in found.values()])
         for key, (slot, csum) in found.items():
@@ -248,8 +248,7 @@ class DiskPool:
         return self.data_start + slot * self.slot_bytes
 
     def _header(self, key: BlockKey, csum: int) -> bytes:
-        kb = key.encode()
-        head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(kb)) + kb
+        head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(key)) + key
         return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
 
     def _parse_header(self, page: bytes | memoryview | mmap.mmap) -> tuple[BlockKey, int] | None:
@@ -262,10 +261,13 @@ class DiskPool:
         (crc,) = _SUM.unpack_from(page, end)
         if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
             return None
+        key = bytes(page[_HEADER.size : end])
         try:
-            return BlockKey.decode(bytes(page[_HEADER.size : end])), csum
+            if parse_key(key).fingerprint != self.geometry.fingerprint:
+                return None  # another model's block: never served for this one
         except ValueError:
-            return None
+            return None  # not a key: not a slot of ours
+        return BlockKey(key), csum
 
     def _pwrite(self, fd: int, bufs: list, offset: int) -> None:
         want = sum(len(memoryview(b)) for b in bufs)

@@ -21,11 +21,10 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
+from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
-from kvbm.config import KvbmConfig
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
@@ -34,11 +33,6 @@ from kvbm.metrics import TierMetrics
 from kvbm.slot_table import Victim
 
 log = logging.getLogger("kvbm.manager")
-
-
-class Tier(StrEnum):
-    HOST = "host"
-    DISK = "disk"
 
 
 @dataclass(frozen=True)
@@ -113,11 +107,11 @@ class BlockManager:
         self.max_load_blocks = max(1, host.num_slots // 2)
         m = self.metrics
         m.watch_tier(
-            "host", lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
+            Tier.HOST, lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
         )
         if disk is not None:
             m.watch_tier(
-                "disk", lambda: disk.table.registered_count, geometry.block_bytes, disk.num_slots
+                Tier.DISK, lambda: disk.table.registered_count, geometry.block_bytes, disk.num_slots
             )
 
     # -- what changed (for the index) ----------------------------------------
@@ -151,6 +145,23 @@ class BlockManager:
             out.update(dict.fromkeys(self.host.table.index, Tier.HOST))
             return out
 
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Blocks held and capacity per tier (and the host blocks not sealed yet)."""
+        with self._lock:
+            out = {
+                Tier.HOST.value: {
+                    "blocks": self.host.table.registered_count,
+                    "capacity": self.host.num_slots,
+                    "unsealed": len(self.host.table.unsealed),
+                }
+            }
+            if self.disk is not None:
+                out[Tier.DISK.value] = {
+                    "blocks": self.disk.table.registered_count,
+                    "capacity": self.disk.num_slots,
+                }
+            return out
+
     # -- lookup ------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> PrefixMatch:
         """Longest prefix of `keys` held in G2 or G3 (no pins; it may change at once)."""
@@ -177,8 +188,6 @@ class BlockManager:
         and every block is pinned, the tail of `keys` is not stored: caching is
         best effort, and a rejected block is counted, never an error.
         """
-        for k in keys:
-            k.encode()  # a key the disk header could not hold fails here, not in a later drain
         with self._lock:
             self.admission.record(keys)
             table, seen = self.host.table, set()
@@ -193,7 +202,7 @@ class BlockManager:
         slots = self._reserve_host(len(positions))
         cut = None
         if len(slots) < len(positions):
-            self.metrics.rejected.labels("host", "full").inc(len(positions) - len(slots))
+            self.metrics.rejected.labels(Tier.HOST, "full").inc(len(positions) - len(slots))
             cut = positions[len(slots)]
             positions = positions[: len(slots)]
         return StorePlan([keys[i] for i in positions], slots, positions, cut=cut)
@@ -254,11 +263,11 @@ class BlockManager:
                 disk_slots[i] = dslot
                 host_slots.append(None)
             hits_host = len(host_slots) - len(disk_slots)
-            self.metrics.hits.labels("host").inc(hits_host)
-            self.metrics.misses.labels("host").inc(len(keys) - hits_host)
+            self.metrics.hits.labels(Tier.HOST).inc(hits_host)
+            self.metrics.misses.labels(Tier.HOST).inc(len(keys) - hits_host)
             if self.disk:
-                self.metrics.hits.labels("disk").inc(len(disk_slots))
-                self.metrics.misses.labels("disk").inc(len(keys) - len(host_slots))
+                self.metrics.hits.labels(Tier.DISK).inc(len(disk_slots))
+                self.metrics.misses.labels(Tier.DISK).inc(len(keys) - len(host_slots))
         if disk_slots:
             self._stage_from_disk(keys, host_slots, disk_slots)
         n = host_slots.index(None) if None in host_slots else len(host_slots)
@@ -377,10 +386,10 @@ class BlockManager:
                 i = positions[n]
                 dt.unpin(r.src)
                 if good is False:  # the bytes are wrong: forget the block
-                    self.metrics.checksum_failures.labels("disk").inc()
+                    self.metrics.checksum_failures.labels(Tier.DISK).inc()
                     dt.drop(r.key)
                 elif good is None:  # the read failed: the block may be fine
-                    self.metrics.io_errors.labels("disk").inc()
+                    self.metrics.io_errors.labels(Tier.DISK).inc()
                 if broken or not good:
                     broken = True
                     host.abort(r.dst)
@@ -411,7 +420,7 @@ class BlockManager:
 
     def _drain(self, victims: list[Victim]) -> None:
         """Evicted host blocks -> disk (those the filter admits), then free their slots."""
-        self.metrics.evictions.labels("host").inc(len(victims))
+        self.metrics.evictions.labels(Tier.HOST).inc(len(victims))
         writes: list[DiskWrite] = []
         if self.disk is not None:
             with self._lock:
@@ -420,15 +429,15 @@ class BlockManager:
                     v for v in victims if v.key not in dt.index and self.admission.admit(v.key)
                 ]
                 refused = sum(1 for v in victims if v.key not in dt.index) - len(admitted)
-                self.metrics.rejected.labels("disk", "frequency").inc(refused)
+                self.metrics.rejected.labels(Tier.DISK, "frequency").inc(refused)
                 dslots = dt.allocate(len(admitted))
                 if len(dslots) < len(admitted):
                     dropped = dt.take_victims(len(admitted) - len(dslots))
                     for d in dropped:
                         dt.release(d.slot)  # a disk eviction only forgets the block
-                    self.metrics.evictions.labels("disk").inc(len(dropped))
+                    self.metrics.evictions.labels(Tier.DISK).inc(len(dropped))
                     dslots += dt.allocate(len(admitted) - len(dslots))
-                self.metrics.rejected.labels("disk", "full").inc(len(admitted) - len(dslots))
+                self.metrics.rejected.labels(Tier.DISK, "full").inc(len(admitted) - len(dslots))
             # DRAINING slots are ours alone: the write reads (and checksums) them unlocked.
             writes = [
                 DiskWrite(v.key, v.checksum, v.slot, d)
@@ -442,7 +451,7 @@ class BlockManager:
                 else:
                     self.disk.table.abort(w.dst)
             failed = sums.count(None)
-            self.metrics.rejected.labels("disk", "io_error").inc(failed)
+            self.metrics.rejected.labels(Tier.DISK, "io_error").inc(failed)
             for v in victims:
                 self.host.table.release(v.slot)
         self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
@@ -463,36 +472,3 @@ class BlockManager:
         if self.disk is not None:
             self.disk.close()
         self.host.close()
-
-
-def build_manager(
-    cfg: KvbmConfig, geometry: ModelGeometry, verify: Verify = content_matches
-) -> BlockManager:
-    """The node's tiers as the configuration asks for them; `verify` checks
-    every block that comes back from disk or from a peer."""
-    gid = cfg.shared_gid
-    host = HostPool(
-        geometry,
-        cfg.host_cache_mb << 20,
-        mode=0o600 if gid is None else 0o660,
-        gid=gid,
-        directory=cfg.host_arena_dir,
-    )
-    disk = None
-    try:
-        if cfg.disk_enabled:
-            disk = DiskPool(
-                geometry,
-                cfg.disk_cache_dir,
-                cfg.disk_cache_mb << 20,
-                preallocate=cfg.disk_preallocate,
-                direct_io=cfg.disk_direct_io,
-                verify=verify,
-            )
-        admission = FrequencyFilter(cfg.disk_admit_min_uses)
-        return BlockManager(geometry, host, disk, admission, verify=verify)
-    except BaseException:
-        if disk is not None:
-            disk.close()
-        host.close()
-        raise

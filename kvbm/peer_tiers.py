@@ -3,7 +3,7 @@ from and the `BlockSink` pulled blocks land in (transport/tiers.py)."""
 
 from __future__ import annotations
 
-from kvbm.block_key import BlockKey
+from kvbm.block_key import BlockKey, parse_key
 from kvbm.manager import BlockManager
 from transport.tiers import PinnedBlock, Reservation
 
@@ -20,15 +20,14 @@ class ManagerTiers:
 
     # -- BlockSource -------------------------------------------------------
     def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:
-        wanted = []
+        wanted: list[BlockKey] = []
         for k in keys:
-            key = BlockKey.decode(k)
-            if key.fingerprint not in self.fingerprints:
+            if parse_key(k).fingerprint not in self.fingerprints:  # ValueError: not a key
                 break
-            wanted.append(key)
+            wanted.append(BlockKey(k))
         size = self.mgr.geometry.block_bytes
         return [
-            PinnedBlock(key.encode(), slot * self._stride, size, csum)
+            PinnedBlock(key, slot * self._stride, size, csum)
             for key, slot, csum in self.mgr.prepare_peer_read(wanted)
         ]
 
@@ -37,13 +36,13 @@ class ManagerTiers:
 
     # -- BlockSink ---------------------------------------------------------
     def prepare_store(self, keys: list[bytes]) -> Reservation:
-        plan = self.mgr.prepare_store([BlockKey.decode(k) for k in keys])
+        plan = self.mgr.prepare_store(keys)  # the puller's own keys: it asked for them
         stride = self._stride
-        entries = [(k.encode(), s * stride) for k, s in zip(plan.keys, plan.slots, strict=True)]
+        entries = [(k, s * stride) for k, s in zip(plan.keys, plan.slots, strict=True)]
         reserved = set(plan.positions)
         end = len(keys) if plan.cut is None else plan.cut
         held = frozenset(keys[i] for i in range(end) if i not in reserved)
         return Reservation(entries, plan, held)
 
     def complete_store(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
-        return [k.encode() for k in self.mgr.complete_pull(reservation.token, checksums)]
+        return self.mgr.complete_pull(reservation.token, checksums)

@@ -8,7 +8,7 @@ import os
 import torch
 
 from kvbm.bench.direct import offload
-from kvbm.block_key import BlockKey, KeySpace
+from kvbm.block_key import BlockKey, KeySpace, seq_hash
 from kvbm.connector.copy import EngineKV, torch_dtype
 from kvbm.layout import ModelGeometry
 
@@ -33,7 +33,7 @@ class Engine:
         self.kv = EngineKV(geometry, self.layers)
 
     def content(self, key: BlockKey) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(key.seq_hash & (2**63 - 1))
+        gen = torch.Generator().manual_seed(seq_hash(key) & (2**63 - 1))
         shape = self.geometry.layer_shape
         return [
             torch.randn(shape, generator=gen).to(torch_dtype(self.geometry)) for _ in self.layers

@@ -1,4 +1,5 @@
-"""kvbm.block_key: the binary codec of a block key and the KeySpace that builds keys."""
+"""kvbm.block_key: a key is its bytes; the codec that writes and reads them,
+the KeySpace that builds keys, and the check of keys that come from outside."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm.block_key import MAX_ENCODED, BlockKey, KeySpace, check_namespace
+from kvbm.block_key import (
+    MAX_ENCODED,
+    KeyFields,
+    KeySpace,
+    check_keys,
+    check_namespace,
+    encode_key,
+    parse_key,
+    seq_hash,
+)
 
 U64 = st.integers(0, 2**64 - 1)
 NAMESPACE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
@@ -23,7 +33,7 @@ def raw_key(seq_hash: int, fingerprint: int, tp_rank: int, ns: bytes, n: int | N
 
 def expect_rejected(data: bytes) -> None:
     with pytest.raises(ValueError):
-        BlockKey.decode(data)
+        parse_key(data)
 
 
 # --- round trip -----------------------------------------------------------------------------
@@ -31,42 +41,44 @@ def expect_rejected(data: bytes) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(ns=namespaces, fp=U64, rank=st.integers(0, 65535), seq=U64)
-def test_encode_decode_round_trip(ns, fp, rank, seq):
-    key = BlockKey(ns, fp, rank, seq)
-    data = key.encode()
+def test_encode_parse_round_trip(ns, fp, rank, seq):
+    data = encode_key(ns, fp, rank, seq)
+    assert type(data) is bytes
     assert len(data) == HEAD + len(ns) <= MAX_ENCODED
-    assert BlockKey.decode(data) == key
-    assert BlockKey.decode(memoryview(data)) == key
-    assert BlockKey.decode(bytearray(data)) == key
+    fields = KeyFields(ns, fp, rank, seq)
+    assert parse_key(data) == fields
+    assert parse_key(memoryview(data)) == fields
+    assert parse_key(bytearray(data)) == fields
+    assert seq_hash(data) == seq
+    assert KeySpace(ns, fp, rank).keys([seq]) == [data]
 
 
 def test_encoding_is_the_documented_wire_format():
     # seq_hash, fingerprint, tp_rank, len(ns) little-endian, then the namespace bytes
-    key = BlockKey("prod", fingerprint=0x0102030405060708, tp_rank=3, seq_hash=2**64 - 1)
-    assert key.encode() == raw_key(2**64 - 1, 0x0102030405060708, 3, b"prod")
-    assert key.encode()[:8] == b"\xff" * 8
+    key = encode_key("prod", fingerprint=0x0102030405060708, tp_rank=3, seq_hash=2**64 - 1)
+    assert key == raw_key(2**64 - 1, 0x0102030405060708, 3, b"prod")
+    assert key[:8] == b"\xff" * 8
     assert MAX_ENCODED == HEAD + 64
 
 
-def test_keys_are_plain_tuples():
-    a = BlockKey("ns", 1, 0, 42)
-    assert a == ("ns", 1, 0, 42)
-    assert hash(a) == hash(BlockKey("ns", 1, 0, 42))
-    assert len({a, BlockKey("ns", 1, 0, 42), BlockKey("ns", 1, 1, 42)}) == 2
+def test_keys_are_plain_bytes():
+    a = encode_key("ns", 1, 0, 42)
+    assert hash(a) == hash(encode_key("ns", 1, 0, 42))
+    assert len({a, encode_key("ns", 1, 0, 42), encode_key("ns", 1, 1, 42)}) == 2
 
 
 # --- decode rejects -------------------------------------------------------------------------
 
 
 def test_decode_rejects_truncated_data():
-    data = BlockKey("namespace", 7, 1, 99).encode()
+    data = encode_key("namespace", 7, 1, 99)
     # every strict prefix is rejected: inside the header and inside the namespace
     for cut in range(len(data)):
         expect_rejected(data[:cut])
 
 
 def test_decode_rejects_trailing_garbage():
-    data = BlockKey("namespace", 7, 1, 99).encode()
+    data = encode_key("namespace", 7, 1, 99)
     expect_rejected(data + b"\x00")
     expect_rejected(data + b"x")
     expect_rejected(data + data)
@@ -135,27 +147,60 @@ def test_keyspace_keys_builds_block_keys():
     # [10, 20, 30] -> one key each, in order, everything but the hash from the space
     keys = space.keys([10, 20, 30])
     assert keys == [
-        BlockKey("prod", 0xABC, 2, 10),
-        BlockKey("prod", 0xABC, 2, 20),
-        BlockKey("prod", 0xABC, 2, 30),
+        encode_key("prod", 0xABC, 2, 10),
+        encode_key("prod", 0xABC, 2, 20),
+        encode_key("prod", 0xABC, 2, 30),
     ]
-    assert all(type(k) is BlockKey for k in keys)
+    assert all(type(k) is bytes for k in keys)
     assert space.keys([]) == []
-    # and each survives the wire
-    assert [BlockKey.decode(k.encode()) for k in keys] == keys
+    assert [parse_key(k) for k in keys] == [KeyFields("prod", 0xABC, 2, h) for h in (10, 20, 30)]
+    with pytest.raises(ValueError, match="seq_hash"):
+        space.keys([2**64])
 
 
 def test_trailing_newline_is_not_a_valid_namespace():
     with pytest.raises(ValueError):
         check_namespace("abc\n")
     with pytest.raises(ValueError):
-        BlockKey("abc\n", 1, 2, 3).encode()
+        encode_key("abc\n", 1, 2, 3)
 
 
-def test_encode_refuses_what_decode_could_not_read():
+def test_encode_refuses_what_parse_could_not_read():
     with pytest.raises(ValueError):
-        BlockKey("x" * 65, 1, 0, 1).encode()
+        encode_key("x" * 65, 1, 0, 1)
     with pytest.raises(ValueError):
-        BlockKey("ok", 2**64, 0, 1).encode()
+        encode_key("ok", 2**64, 0, 1)
     with pytest.raises(ValueError):
-        BlockKey("ok", 1, 2**16, 1).encode()
+        encode_key("ok", 1, 2**16, 1)
+    with pytest.raises(ValueError):
+        encode_key("ok", 1, 0, -1)
+    with pytest.raises(ValueError):
+        KeySpace("ok", 2**64)
+
+
+# --- keys from outside ----------------------------------------------------------------------
+
+
+def test_check_keys_takes_this_nodes_keys_of_any_rank():
+    keys = KeySpace("prod", 7).keys([1, 2]) + KeySpace("prod", 7, tp_rank=3).keys([1])
+    assert check_keys(keys, "prod", 7, max_keys=3) == keys
+    assert check_keys([], "prod", 7, max_keys=3) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a list",
+        [b"short"],
+        ["a str"],
+        [encode_key("prod", 7, 0, 1) + b"x"],  # a tail no key has
+        [encode_key("other", 7, 0, 1)],  # another namespace
+        [encode_key("prod", 8, 0, 1)],  # another layout fingerprint
+        KeySpace("prod", 7).keys([1, 2, 3, 4]),  # more than max_keys
+        [encode_key("prod", 7, 0, 1), raw_key(1, 7, 0, b"prod", n=9)],  # a bad one after a good one
+    ],
+    ids=["not-list", "short", "str", "trailing", "namespace", "fingerprint", "too-many", "second"],
+)
+def test_check_keys_refuses(bad):
+    with pytest.raises(ValueError):
+        check_keys(bad, "prod", 7, max_keys=3)

@@ -336,13 +336,3 @@ def test_a_crash_while_creating_the_disk_file_is_recovered_from(tmp_path):
         assert os.path.getsize(path) == disk.size
     finally:
         disk.close()
-
-
-def test_a_key_the_disk_could_not_hold_is_refused_at_store(make_manager):
-    from kvbm.block_key import BlockKey
-
-    mgr = make_manager(host_slots=4)
-    bad = BlockKey("test", GEOMETRY.fingerprint, 70_000, 1)  # tp rank beyond u16
-    with pytest.raises(ValueError, match="out of range"):
-        store(mgr, [bad])
-    assert mgr.host.table.free_count == 4

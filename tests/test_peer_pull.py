@@ -39,8 +39,8 @@ def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
         try:
             await client.connect("127.0.0.1", port)
-            arrived = await pull(client, [k.encode() for k in wanted], ManagerTiers(b))
-            assert arrived == [k.encode() for k in wanted]
+            arrived = await pull(client, list(wanted), ManagerTiers(b))
+            assert arrived == list(wanted)
             # the peer's pins are all released (unpins go out without waiting)
             for _ in range(200):
                 if server.pins == {} and sum(a.host.table.pins) == 0:
@@ -79,7 +79,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
         try:
             await client.connect("127.0.0.1", port)
-            return await pull(client, [k.encode() for k in ks], ManagerTiers(b))
+            return await pull(client, list(ks), ManagerTiers(b))
         finally:
             await client.close()
             await server.close()
@@ -88,7 +88,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
 
     arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
     # block 1 is refused, counted, never registered: the usable prefix ends at it
-    assert arrived == [ks[0].encode()]
+    assert arrived == [ks[0]]
     assert b.host.table.get(ks[1]) is None
     assert b.metrics.value("kvbm_tier_checksum_failures_total", tier="peer") == 1
     assert b.lookup(ks).num_blocks == 1
@@ -111,12 +111,10 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
 
     async def pull_all(b, **server_kw):
         async with Pair(a, b, **server_kw) as p:
-            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerTiers(b))
 
     b = make_manager(host_slots=n)
-    assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=8), 60)) == [
-        k.encode() for k in ks
-    ]
+    assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=8), 60)) == ks
     eng = Engine(n)
     assert onboard(b, eng.kv, ks, list(range(n))) == n
     assert all(eng.holds(k, i) for i, k in enumerate(ks))
@@ -127,7 +125,7 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
     view[3] = view[3] ^ 0x01
     a.complete_load(plan)
     c = make_manager(host_slots=n)
-    assert asyncio.run(asyncio.wait_for(pull_all(c), 60)) == [k.encode() for k in ks[:20]]
+    assert asyncio.run(asyncio.wait_for(pull_all(c), 60)) == ks[:20]
     assert c.host.table.get(ks[20]) is None
     assert c.lookup(ks).num_blocks == 20
 
@@ -146,12 +144,12 @@ def test_a_pull_into_a_full_host_tier_reports_only_what_arrived(make_manager):
 
         async def scenario():
             async with Pair(a, b) as p:
-                return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+                return await pull(p.client, list(ks), ManagerTiers(b))
 
         arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
         b.complete_load(reading)
-    assert arrived == [k.encode() for k in ks[:2]]
+    assert arrived == ks[:2]
     assert b.lookup(ks).num_blocks == 2
     b.host.table.check()
 
@@ -198,11 +196,11 @@ def test_bad_input_closes_only_that_connection(make_manager, caplog):
                 assert await asyncio.wait_for(reader.read(), 5) == b""
                 writer.close()
             # ... and goes on serving the well-behaved peer
-            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerTiers(b))
 
     with caplog.at_level(logging.WARNING, logger="transport.rpc"):
         arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
-    assert arrived == [k.encode() for k in ks]
+    assert arrived == list(ks)
     assert "closing peer connection" in caplog.text
 
 
@@ -214,7 +212,7 @@ def test_pins_of_a_requester_that_vanished_expire(make_manager):
     async def scenario():
         async with Pair(a, b, pin_ttl=0.4, max_pins_per_peer=2) as p:
             # a pin, never unpinned (the requester "dies"); the cap allows two
-            reply = await p.client.call("pin", {"keys": [k.encode() for k in ks]}, 5)
+            reply = await p.client.call("pin", {"keys": list(ks)}, 5)
             assert len(reply["blocks"]) == 2
             assert sum(a.host.table.pins) == 2
             await asyncio.sleep(1.0)
@@ -274,9 +272,9 @@ def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
                 await rogue.close()
                 rogue.agent.close()
             # the server goes on serving the well-behaved peer
-            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerTiers(b))
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [k.encode() for k in ks]
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(ks)
 
 
 def test_blocks_already_here_are_not_read_again(make_manager):
@@ -287,9 +285,9 @@ def test_blocks_already_here_are_not_read_again(make_manager):
 
     async def scenario():
         async with Pair(a, b) as p:
-            return await pull(p.client, [k.encode() for k in ks], ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerTiers(b))
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == [k.encode() for k in ks]
+    assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(ks)
     # only the four b lacked crossed the wire
     assert (
         b.metrics.value("kvbm_transfer_bytes_total", path="peer_to_g2")

@@ -46,19 +46,19 @@ def test_pull_between_two_node_processes_on_loopback_aliases(make_manager, tmp_p
             client = PeerClient(agent, SECRET, [b.geometry.fingerprint])
             try:
                 await client.connect("127.0.0.2", port, local_host="127.0.0.3")
-                first = await pull(client, [k.encode() for k in ks], ManagerTiers(b), timeout=20)
+                first = await pull(client, list(ks), ManagerTiers(b), timeout=20)
                 # the peer dies; the next pull fails within its timeout, with nothing registered
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
                 t0 = time.monotonic()
-                second = await pull(client, [k.encode() for k in keys(500, 4)], ManagerTiers(b), 2)
+                second = await pull(client, list(keys(500, 4)), ManagerTiers(b), 2)
                 return first, second, time.monotonic() - t0
             finally:
                 await client.close()
                 agent.close()
 
         first, second, took = asyncio.run(asyncio.wait_for(scenario(), 90))
-        assert first == [k.encode() for k in ks]
+        assert first == list(ks)
         eng = Engine(N)
         assert onboard(b, eng.kv, ks, list(range(N))) == N
         assert all(eng.holds(k, i) for i, k in enumerate(ks))

@@ -28,7 +28,7 @@ async def main(local: str, peer: str, port: int, n: int) -> dict:
     ks = keys(0, n)
     try:
         await client.connect(peer, port, local_host=local)
-        arrived = await pull(client, [k.encode() for k in ks], ManagerTiers(mgr), timeout=60)
+        arrived = await pull(client, list(ks), ManagerTiers(mgr), timeout=60)
         eng = Engine(n)
         loaded = onboard(mgr, eng.kv, ks, list(range(n)))
         exact = sum(eng.holds(k, i) for i, k in enumerate(ks[:loaded]))

@@ -1,5 +1,5 @@
 """`kvbm bench index`: the etcd-backed block-location index against a real etcd
-started for the run. Keys are real block keys (`BlockKey.encode()`)."""
+started for the run. Keys are real block keys (`KeySpace.keys`)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
 from discovery.records import NodeRecord, Tier
 from discovery.schema import block_path, node_path
-from kvbm.block_key import BlockKey
+from kvbm.block_key import KeySpace
 
 NS = "bench"
 
 
 def block_keys(start: int, n: int, rank: int = 0) -> list[bytes]:
-    return [BlockKey(NS, 0x5EED, rank, h).encode() for h in range(start, start + n)]
+    return KeySpace(NS, 0x5EED, rank).keys(list(range(start, start + n)))
 
 
 def _index(endpoint: str, node_id: str, ttl: int, watch: bool = True) -> EtcdIndex:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbm.block_key import BlockKey
+from kvbm.block_key import BlockKey, seq_hash
 from kvbm.connector.copy import EngineKV
 from kvbm.layout import ModelGeometry
 
@@ -23,7 +23,7 @@ class SyntheticEngine:
         self.kv = EngineKV(geometry, self.layers)
 
     def expected(self, key: BlockKey) -> list[torch.Tensor]:
-        gen = torch.Generator().manual_seed(key.seq_hash & (2**63 - 1))
+        gen = torch.Generator().manual_seed(seq_hash(key) & (2**63 - 1))
         return [torch.randn(self.geometry.layer_shape, generator=gen) for _ in self.layers]
 
     def compute(self, keys: list[BlockKey], block_ids: list[int]) -> None:

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
@@ -31,7 +32,7 @@ from kvbm.block_key import BlockKey, KeySpace
 from kvbm.connector.copy import EngineKV
 from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
 from kvbm.host_pool import HostPool
-from kvbm.manager import BlockManager, Tier
+from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SHM_DIR, SharedArena
 from transport.nixl_agent import NixlAgent
@@ -265,7 +266,7 @@ async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
 
         async def timed(keys: list[BlockKey]) -> float:
             t0 = time.perf_counter()
-            got = await pull(client, [k.encode() for k in keys], tiers, timeout=60)
+            got = await pull(client, list(keys), tiers, timeout=60)
             seconds = time.perf_counter() - t0
             if len(got) != len(keys):
                 raise RuntimeError(f"pulled {len(got)} of {len(keys)} blocks")

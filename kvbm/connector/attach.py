@@ -155,4 +155,4 @@ class NodeAttachment:
 
 
 def _wire(keys: Sequence[BlockKey]) -> list[bytes]:
-    return [k.encode() for k in keys]
+    return keys if isinstance(keys, list) else list(keys)

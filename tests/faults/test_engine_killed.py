@@ -16,9 +16,9 @@ import sys, time
 from kvbm.connector.attach import NodeAttachment
 from tests.support import GEOMETRY
 att = NodeAttachment(sys.argv[1], GEOMETRY)
-ks = [k.encode() for k in att.keys(list(range(6)))]
+ks = att.keys(list(range(6)))
 att.link.call("load", {"keys": ks, "remote": []})
-att.link.call("reserve", {"keys": [k.encode() for k in att.keys([99])]})
+att.link.call("reserve", {"keys": att.keys([99])})
 print("holding", flush=True)
 time.sleep(600)
 """

@@ -117,7 +117,7 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
         stats = eng_a.stats()
         assert stats["tiers"]["host"]["capacity"] == 256
         host, port = stats["peer_address"].rsplit(":", 1)
-        wire = [k.encode() for k in ks]
+        wire = list(ks)
         rss_before = rss_mb(a.proc.pid)
 
         async def attacks() -> None:

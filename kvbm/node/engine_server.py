@@ -1,0 +1,237 @@
+"""The node's side of the engine wire (kvbm/engine_wire.py): the unix socket
+engines attach to, one connection per engine process, calls dispatched by
+name, and the leases (pins of a load, slots of a store) engines hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from discovery.records import Tier
+from kvbm import engine_wire
+from kvbm.block_key import BlockKey, check_keys
+from kvbm.config import KvbmConfig
+from kvbm.errors import KvbmError
+from kvbm.layout import ModelGeometry
+from kvbm.manager import BlockManager, LoadPlan, StorePlan
+from kvbm.node.onboarding import Onboarding
+from transport.errors import ProtocolError
+from transport.frames import Message
+
+log = logging.getLogger("kvbm.node")
+MAX_KEYS = 8192
+
+
+class Tiers(Protocol):
+    """What the engine server serves from, once the first engine's hello has
+    built it (see `Serving` in daemon.py)."""
+
+    mgr: BlockManager
+    onboarding: Onboarding
+
+
+@dataclass
+class Lease:
+    """Pins (a load) or reserved slots (a store) an engine holds. Any engine
+    connection of the node may settle it by id (vLLM's scheduler takes a load
+    and its worker, another process, releases it after copying); if nobody
+    does, it is settled when the connection that took it ends."""
+
+    plan: LoadPlan | StorePlan
+    owner: int  # the engine connection that took it
+
+
+class EngineServer:
+    """Invariant: every lease is settled exactly once: by an engine's
+    `release` or `commit`, or when the connection that took it ends."""
+
+    def __init__(
+        self,
+        cfg: KvbmConfig,
+        node_id: str,
+        serve: Callable[[ModelGeometry], Awaitable[Tiers]],
+        stats: Callable[[], dict],
+    ) -> None:
+        self.path = cfg.socket
+        self.gid = cfg.shared_gid
+        self.namespace = cfg.namespace  # an engine's keys must be of it
+        self.node_id = node_id
+        self.serve = serve  # the tiers for an engine's geometry (built by the first hello)
+        self.stats = stats
+        self.leases: dict[int, Lease] = {}
+        self._tiers: Tiers | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._lease_ids = itertools.count(1)
+        self._conn_ids = itertools.count(1)
+        self._calls: dict[str, Callable[[dict, int], Awaitable[dict]]] = {
+            "hello": self._hello,
+            "stats": self._stats,
+            "lookup": self._lookup,
+            "load": self._load,
+            "reserve": self._reserve,
+            "commit": self._commit,
+            "release": self._release,
+        }
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        _claim_socket_path(self.path)
+        self._server = await asyncio.start_unix_server(self._serve, self.path)
+        os.chmod(self.path, 0o660)
+        if self.gid is not None:
+            os.chown(self.path, -1, self.gid)
+
+    async def close(self) -> None:
+        """Stop accepting, end engine connections (settling their leases)."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        codec = engine_wire.codec()
+        conn = next(self._conn_ids)
+        try:
+            while True:
+                msg = await codec.read(reader)
+                try:
+                    call = self._calls.get(msg.call)
+                    if call is None:
+                        raise ProtocolError(f"{msg.call!r} is not a request")
+                    reply = Message("ok", msg.id, await call(msg.body, conn))
+                except (KvbmError, ValueError, KeyError, TypeError, ProtocolError) as e:
+                    reply = Message("error", msg.id, {"error": f"{msg.call}: {e}"})
+                except Exception as e:  # a fault below (I/O, a bug): this call fails, not the node
+                    log.exception("engine call failed call=%s", msg.call)
+                    reply = Message("error", msg.id, {"error": f"{msg.call}: {e!r}"})
+                writer.write(codec.encode(reply))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        except ProtocolError as e:
+            log.warning("closing engine connection reason=%s", e)
+        finally:
+            for lease_id in [i for i, lease in self.leases.items() if lease.owner == conn]:
+                self._settle(self.leases.pop(lease_id), ok=False)
+            writer.close()
+            self._connections.discard(task)
+
+    # -- calls ---------------------------------------------------------------
+    async def _hello(self, body: dict, conn: int) -> dict:
+        geometry = engine_wire.geometry_from_wire(body.get("geometry"))
+        self._tiers = await self.serve(geometry)
+        mgr = self._tiers.mgr
+        arena = mgr.host.arena
+        return {
+            "arena": arena.name,
+            "arena_dir": arena.directory,
+            "arena_bytes": arena.size,
+            "slot_bytes": geometry.slot_bytes,
+            "num_slots": mgr.host.num_slots,
+            "step_blocks": mgr.max_load_blocks,
+            "namespace": self.namespace,
+            "fingerprint": geometry.fingerprint,
+            "node_id": self.node_id,
+        }
+
+    async def _stats(self, body: dict, conn: int) -> dict:
+        return self.stats()
+
+    async def _lookup(self, body: dict, conn: int) -> dict:
+        tiers = self._served()
+        available = tiers.onboarding.lookup(self._keys(body), _remote(body))
+        return {
+            "local": available.local,
+            "remote_host": available.remote_host,
+            "remote_disk": available.remote_disk,
+        }
+
+    async def _load(self, body: dict, conn: int) -> dict:
+        tiers = self._served()
+        keys = self._keys(body)
+        loaded = await tiers.onboarding.load(keys, _remote(body))
+        plan, mgr = loaded.plan, tiers.mgr
+        lease = self._lease(plan, conn)
+        # cut short by the size of one load step, not by a miss: ask again
+        more = plan.num_blocks == mgr.max_load_blocks < len(keys)
+        sources = {s.value: n for s, n in loaded.sources.items() if n}
+        return {"lease": lease, "slots": plan.slots, "sources": sources, "more": more}
+
+    async def _reserve(self, body: dict, conn: int) -> dict:
+        store = await asyncio.to_thread(self._served().mgr.prepare_store, self._keys(body))
+        lease = self._lease(store, conn)
+        return {"lease": lease, "slots": store.slots, "positions": store.positions}
+
+    async def _commit(self, body: dict, conn: int) -> dict:
+        held = self._take_lease(body, load=False)
+        ok = bool(body.get("ok", False))
+        return {"added": await asyncio.to_thread(self._settle, held, ok)}
+
+    async def _release(self, body: dict, conn: int) -> dict:
+        await asyncio.to_thread(self._settle, self._take_lease(body, load=True), False)
+        return {"added": 0}
+
+    # -- helpers -------------------------------------------------------------
+    def _served(self) -> Tiers:
+        if self._tiers is None:
+            raise ProtocolError("say hello first")
+        return self._tiers
+
+    def _keys(self, body: dict) -> list[BlockKey]:
+        geometry = self._served().mgr.geometry
+        return check_keys(body["keys"], self.namespace, geometry.fingerprint, MAX_KEYS)
+
+    def _take_lease(self, body: dict, load: bool) -> Lease:
+        self._served()
+        lease_id = int(body["lease"])
+        held = self.leases.get(lease_id)
+        if held is None:
+            raise ValueError(f"no lease {lease_id} (settled already, or never granted)")
+        if isinstance(held.plan, LoadPlan) != load:
+            raise ValueError("a load lease is released, a store lease committed")
+        return self.leases.pop(lease_id)
+
+    def _lease(self, plan: LoadPlan | StorePlan, conn: int) -> int:
+        lease_id = next(self._lease_ids)
+        self.leases[lease_id] = Lease(plan, conn)
+        return lease_id
+
+    def _settle(self, lease: Lease, ok: bool) -> int:
+        """Release a load's pins, or commit (ok) or abort a store. Returns blocks added."""
+        assert self._tiers is not None
+        mgr = self._tiers.mgr
+        if isinstance(lease.plan, LoadPlan):
+            mgr.complete_load(lease.plan)
+            return 0
+        return mgr.complete_store(lease.plan, success=ok)
+
+
+def _remote(body: dict) -> frozenset[Tier]:
+    remote = body.get("remote", [])
+    if not isinstance(remote, list) or not set(remote) <= {t.value for t in Tier}:
+        raise ValueError("remote must list host and/or disk")
+    return frozenset(Tier(t) for t in remote)
+
+
+def _claim_socket_path(path: str) -> None:
+    """Remove a socket file left by a dead node; refuse one a live node serves."""
+    if not os.path.exists(path):
+        return
+    if engine_wire.node_listening(path):
+        raise KvbmError(f"another node already serves {path}")
+    os.unlink(path)  # nobody listens: stale

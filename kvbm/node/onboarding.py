@@ -1,0 +1,127 @@
+"""Where an engine's lookup and load meet the tiers: the local prefix (G2,
+and G3 staged into G2), then, where the engine allows remote tiers, the runs
+that peers hold after it (from the index mirror: no etcd round trip), pulled
+and verified into G2, all of it pinned until the engine has copied it out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from discovery.records import LookupResult, PeerRun, Tier
+from kvbm.block_key import BlockKey
+from kvbm.manager import BlockManager, LoadPlan
+from kvbm.node.peer_pool import PeerPool
+from transport.tiers import BlockSink
+
+
+class Source(StrEnum):
+    """Where a block an engine loaded came from (a metric label, a stats key)."""
+
+    LOCAL_HOST = "local_host"
+    LOCAL_DISK = "local_disk"
+    REMOTE_HOST = "remote_host"
+    REMOTE_DISK = "remote_disk"
+
+    @classmethod
+    def of(cls, tier: Tier, remote: bool) -> Source:
+        return cls(f"{'remote' if remote else 'local'}_{tier.value}")
+
+
+@dataclass(frozen=True)
+class Available:
+    """Leading blocks held here (`local`), then how many more peers hold after
+    them, by the tier the index shows them in."""
+
+    local: int
+    remote_host: int = 0
+    remote_disk: int = 0
+
+
+@dataclass
+class Loaded:
+    """A load's pinned prefix, and where each of its blocks came from."""
+
+    plan: LoadPlan
+    sources: dict[Source, int]
+
+
+class Onboarding:
+    """Invariant: a block reaches the plan only from this node's tiers: pulled
+    blocks are verified and registered by the sink before `prepare_load`
+    pins them, so a peer's bytes are never handed to an engine unchecked."""
+
+    def __init__(
+        self,
+        mgr: BlockManager,
+        sink: BlockSink,
+        peers: PeerPool,
+        lookup_peers: Callable[[list[bytes]], LookupResult | None],
+        timeout_s: float,
+    ) -> None:
+        self.mgr = mgr
+        self.sink = sink
+        self.peers = peers
+        self.lookup_peers = lookup_peers  # the index mirror's lookup (None before the join)
+        self.timeout_s = timeout_s
+
+    def lookup(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Available:
+        local = self.mgr.lookup(keys).num_blocks
+        counts = dict.fromkeys(Tier, 0)
+        for run in self._peer_runs(keys[local:], remote):
+            for t in run.tiers:
+                counts[t] += 1
+        return Available(local, counts[Tier.HOST], counts[Tier.DISK])
+
+    def _peer_runs(self, keys: list[BlockKey], remote: frozenset[Tier]) -> list[PeerRun]:
+        """Consecutive runs from keys[0] on, in the tiers the engine allows, from
+        peers not left alone just now; each cut at the first tier not allowed."""
+        if not remote or not keys:
+            return []
+        result = self.lookup_peers(keys)
+        if result is None or result.local:
+            return []  # no index yet, or a mirror behind on what this node holds: try later
+        runs, pos, now = [], 0, time.monotonic()
+        for run in result.runs:
+            if run.start != pos or self.peers.avoiding(run.node_id, now):
+                break
+            n = next((i for i, t in enumerate(run.tiers) if t not in remote), run.length)
+            if n == 0:
+                break
+            runs.append(PeerRun(run.node_id, pos, n, run.tiers[:n]))
+            pos += n
+            if n < run.length:
+                break
+        return runs
+
+    async def load(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Loaded:
+        """Pin the longest prefix available to this engine in G2, pulling from
+        peers what only they hold."""
+        local = self.mgr.lookup(keys)
+        start = local.num_blocks
+        pulled: list[Tier] = []
+        for run in self._peer_runs(keys[start:], remote):
+            first = start + run.start
+            want = keys[first : first + run.length]
+            got = await self.peers.pull(run.node_id, want, self.sink, self.timeout_s)
+            pulled += run.tiers[: len(got)]
+            if len(got) < run.length:
+                break
+        plan = await asyncio.to_thread(self.mgr.prepare_load, keys)
+        sources = dict.fromkeys(Source, 0)
+        for t in local.tiers[: plan.num_blocks]:
+            sources[Source.of(t, remote=False)] += 1
+        for t in pulled[: max(0, plan.num_blocks - start)]:
+            sources[Source.of(t, remote=True)] += 1
+        for source, n in sources.items():
+            if n:
+                self.mgr.metrics.engine_blocks.labels(source.value).inc(n)
+        return Loaded(plan, sources)
+
+    def served(self) -> dict[str, int]:
+        """Blocks handed to engines since the start, by source."""
+        value = self.mgr.metrics.value
+        return {s.value: int(value("kvbm_engine_blocks_total", source=s.value)) for s in Source}

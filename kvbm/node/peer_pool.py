@@ -1,0 +1,112 @@
+"""The node's clients to its peers: one connection per peer, opened on first
+use, dropped when it fails, and a peer that failed left alone for a while."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from discovery.records import NodeRecord
+from transport.errors import TransportError
+from transport.nixl_agent import NixlAgent
+from transport.peer_rpc import PeerClient, pull
+from transport.tiers import BlockSink
+
+log = logging.getLogger("kvbm.node")
+
+
+class PeerPool:
+    """Invariants: `clients` holds at most one client per peer; a client that
+    is dropped closes in the background, and `close()` waits for it; a peer
+    in `avoided` is not asked again before its time."""
+
+    def __init__(
+        self,
+        agent: NixlAgent,
+        secret: bytes,
+        fingerprint: int,
+        local_host: str,
+        record: Callable[[str], NodeRecord | None],
+        backoff_s: float,
+    ) -> None:
+        self.agent = agent
+        self.secret = secret
+        self.fingerprint = fingerprint
+        self.local_host = local_host  # connections leave from the node's own address
+        self.record = record  # a peer's record, as the index has it now
+        self.backoff_s = backoff_s
+        self.clients: dict[str, PeerClient] = {}
+        self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
+        self._closing: set[asyncio.Task] = set()
+
+    def avoiding(self, peer: str, now: float) -> bool:
+        return self.avoided.get(peer, 0.0) > now
+
+    def avoided_now(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(p for p, until in self.avoided.items() if until > now)
+
+    async def pull(
+        self, peer: str, keys: list[bytes], sink: BlockSink, timeout: float
+    ) -> list[bytes]:
+        """The prefix of `keys` now held here after pulling from `peer` (see
+        transport's `pull`): verified, or empty when the peer cannot be reached."""
+        client = await self._client(peer, timeout)
+        if client is None:
+            self._avoid(peer, "unreachable")
+            return []
+        t0 = time.monotonic()
+        got = await pull(client, keys, sink, timeout)
+        if len(got) < len(keys):
+            # fewer blocks than the index said: evicted there meanwhile (fine),
+            # or a peer that is gone or too slow (leave it alone for a while,
+            # on a new connection: a request stuck in this one's socket would
+            # hold up every later one until TCP retransmits it)
+            if not client.usable:
+                self._avoid(peer, "connection lost")
+            elif time.monotonic() - t0 >= 0.9 * timeout:
+                self._avoid(peer, "timed out")
+                self._forget(peer)
+        return got
+
+    def _avoid(self, peer: str, why: str) -> None:
+        log.warning("leaving a peer alone peer=%s reason=%s seconds=%d", peer, why, self.backoff_s)
+        self.avoided[peer] = time.monotonic() + self.backoff_s
+
+    def _forget(self, peer: str) -> None:
+        """Drop a peer's client; it closes in the background (closing waits a
+        little for its unpins, which a partitioned peer never answers)."""
+        client = self.clients.pop(peer, None)
+        if client is not None:
+            task = asyncio.create_task(client.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _client(self, peer: str, timeout: float) -> PeerClient | None:
+        """A connected client for a peer the index knows, or None (also when
+        connecting takes longer than `timeout`: a frozen peer still accepts)."""
+        client = self.clients.get(peer)
+        if client is not None and client.usable:
+            return client
+        self._forget(peer)
+        record = self.record(peer)
+        if record is None or self.fingerprint not in record.fingerprints:
+            return None
+        client = PeerClient(self.agent, self.secret, [self.fingerprint])
+        try:
+            await client.connect(record.address, record.rpc_port, timeout, self.local_host)
+        except (OSError, TimeoutError, TransportError) as e:
+            log.info("peer unreachable peer=%s error=%r", peer, e)
+            await client.close()
+            return None
+        self.clients[peer] = client
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()
+        if self._closing:
+            await asyncio.wait(list(self._closing))

@@ -1,0 +1,142 @@
+"""What the fleet learns of this node: its record and every change of its
+tiers, published to the index (etcd, or in memory for one node), and the
+background sealing that lets its blocks leave G2 without a pass over their
+bytes on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from discovery.errors import IndexUnavailable
+from discovery.etcd_index import EtcdIndex
+from discovery.memory import MemoryIndex
+from discovery.records import LookupResult, NodeRecord
+from kvbm.manager import BlockManager
+
+log = logging.getLogger("kvbm.node")
+PUBLISH_INTERVAL_S = 0.02
+INDEX_RETRY_S = 2.0
+SEAL_BATCH = 16  # blocks summed per step of the background sealer
+SEAL_IDLE_S = 0.05  # how often the sealer looks for new blocks when it has none
+
+
+class Publisher:
+    """Invariants: `index` is None until the node has joined (local serving
+    goes on meanwhile); from then on the index holds every block the tiers
+    held at the join, plus every change since, published in order."""
+
+    def __init__(
+        self,
+        mgr: BlockManager,
+        record: NodeRecord,
+        namespace: str,
+        etcd_endpoints: Sequence[str],
+        lease_ttl: int,
+    ) -> None:
+        self.mgr = mgr
+        self.record = record
+        self.namespace = namespace
+        self.etcd_endpoints = etcd_endpoints
+        self.lease_ttl = lease_ttl
+        self.index: EtcdIndex | MemoryIndex | None = None
+        self._joined = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self.mgr.track_changes()
+        self._tasks.append(asyncio.create_task(self._join_and_publish()))
+        if self.etcd_endpoints or self.mgr.disk is not None:  # else no block leaves G2
+            self._tasks.append(asyncio.create_task(self._seal_in_background()))
+
+    async def joined(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._joined.wait(), timeout)
+        return self._joined.is_set()
+
+    # -- what the rest of the node reads -------------------------------------
+    def lookup(self, keys: list[bytes]) -> LookupResult | None:
+        """Who holds `keys`, from the mirror (no etcd round trip); None before the join."""
+        return self.index.lookup(keys) if self.index is not None else None
+
+    def peer(self, node_id: str) -> NodeRecord | None:
+        return self.index.mirror.nodes.get(node_id) if self.index is not None else None
+
+    def peers(self) -> list[str]:
+        return sorted(self.index.mirror.nodes) if self.index is not None else []
+
+    def state(self) -> str:
+        if self.index is None:
+            return "none yet"
+        if isinstance(self.index, MemoryIndex):
+            return "memory"
+        return "etcd up" if self.index.connected else "etcd down"
+
+    # -- tasks ---------------------------------------------------------------
+    async def _join_and_publish(self) -> None:
+        """Register in the index (retrying while etcd is away), then publish
+        every change of the tiers."""
+        while True:
+            index: EtcdIndex | MemoryIndex
+            if self.etcd_endpoints:
+                index = EtcdIndex(self.etcd_endpoints, self.namespace, self.record, self.lease_ttl)
+            else:
+                index = MemoryIndex(self.namespace, self.record)
+            try:
+                await index.start()
+                break
+            except IndexUnavailable as e:
+                log.warning("index unavailable, serving local tiers only: %s", e)
+            except Exception:
+                log.exception("index failed to start, serving local tiers only")
+            await asyncio.sleep(INDEX_RETRY_S)
+        self.index = index
+        self.mgr.take_changes()  # superseded by the full state below
+        self._publish(everything=True)
+        self._joined.set()
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                self._publish()
+            except Exception:  # never let one bad batch stop every later one
+                log.exception("publishing to the index failed")
+
+    def _publish(self, everything: bool = False) -> None:
+        assert self.index is not None
+        changes = self.mgr.held() if everything else self.mgr.take_changes()
+        if changes:
+            self.index.publish(
+                {k: t for k, t in changes.items() if t is not None},
+                [k for k, t in changes.items() if t is None],
+            )
+
+    async def _seal_in_background(self) -> None:
+        """Checksum new host blocks soon after they are stored, so a peer's pin
+        and a drain to disk find them sealed. Rests as long as it worked
+        (at most half a core), so it never crowds out the engines' copies."""
+        while True:
+            t0 = time.monotonic()
+            batch = asyncio.ensure_future(asyncio.to_thread(self.mgr.seal_newest, SEAL_BATCH))
+            try:
+                n = await asyncio.shield(batch)
+            except asyncio.CancelledError:
+                await asyncio.wait([batch])  # the arena must outlive the batch's reads
+                raise
+            except Exception:
+                log.exception("background sealing failed")
+                n = 0
+            await asyncio.sleep(time.monotonic() - t0 if n else SEAL_IDLE_S)
+
+    async def close(self) -> None:
+        """Stop the tasks, publish the last changes, revoke the lease."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.index is not None:
+            self._publish()
+            await self.index.close()
