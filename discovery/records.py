@@ -13,12 +13,20 @@ from enum import StrEnum
 import msgpack
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RECORD_VERSION = 1
 
 
 class Tier(StrEnum):
     HOST = "host"
     DISK = "disk"
+
+
+def check_namespace(namespace: str) -> str:
+    """Namespaces end up in etcd paths, block keys and file headers: keep them plain."""
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
+    return namespace
 
 
 def check_node_id(node_id: str) -> str:

@@ -10,19 +10,15 @@ shows the whole index of a namespace.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from discovery.records import Tier, check_node_id
+from discovery.records import Tier, check_namespace, check_node_id
 
 ROOT = "/kvbm/v1"
-_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def namespace_prefix(namespace: str) -> bytes:
-    if not _NAMESPACE.fullmatch(namespace):
-        raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
-    return f"{ROOT}/{namespace}/".encode()
+    return f"{ROOT}/{check_namespace(namespace)}/".encode()
 
 
 def node_path(namespace: str, node_id: str) -> bytes:

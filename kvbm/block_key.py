@@ -16,16 +16,16 @@ fingerprint (u64), tp rank (u16), the namespace's length (u8), the namespace.
 from __future__ import annotations
 
 import functools
-import re
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
+
+from discovery.records import check_namespace
 
 BlockKey = NewType("BlockKey", bytes)
 
 _TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
 _HEAD_SIZE = 8 + _TAIL.size
-_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_ENCODED = _HEAD_SIZE + 64
 
 
@@ -34,13 +34,6 @@ class KeyFields(NamedTuple):
     fingerprint: int
     tp_rank: int
     seq_hash: int
-
-
-def check_namespace(namespace: str) -> str:
-    """Namespaces end up in etcd paths and file headers: keep them plain."""
-    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-        raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
-    return namespace
 
 
 def encode_key(namespace: str, fingerprint: int, tp_rank: int, seq_hash: int) -> BlockKey:

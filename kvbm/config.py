@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from kvbm.block_key import check_namespace
+from discovery.records import Tier, check_namespace
 
 log = logging.getLogger("kvbm.config")
 ENV_PREFIX = "KVBM_"
@@ -110,7 +110,7 @@ class KvbmConfig:
             raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
-        if not set(self.remote_tier_list) <= {"host", "disk"}:
+        if not set(self.remote_tier_list) <= {t.value for t in Tier}:
             raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
 
     # Parsed forms, computed once (a frozen dataclass still caches: the value

@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from kvbm.errors import NodeError
@@ -65,6 +66,28 @@ def geometry_from_wire(d: object) -> ModelGeometry:
         return ModelGeometry(**d)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad geometry: {e}") from None
+
+
+@dataclass(frozen=True)
+class Available:
+    """A `lookup`'s answer: leading blocks of a request the node holds
+    (`local`), then how many more its peers hold after them, by the tier the
+    index shows them in."""
+
+    local: int
+    remote_host: int = 0
+    remote_disk: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.local + self.remote_host + self.remote_disk
+
+    def to_wire(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Available:
+        return cls(int(d["local"]), int(d["remote_host"]), int(d["remote_disk"]))
 
 
 def node_listening(path: str) -> bool:

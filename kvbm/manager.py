@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
@@ -30,46 +29,10 @@ from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
+from kvbm.plans import LoadPlan, PrefixMatch, StorePlan
 from kvbm.slot_table import Victim
 
 log = logging.getLogger("kvbm.manager")
-
-
-@dataclass(frozen=True)
-class PrefixMatch:
-    """The longest prefix of a request's keys held locally, and where each block is."""
-
-    tiers: tuple[Tier, ...]
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.tiers)
-
-
-@dataclass
-class StorePlan:
-    """Host slots reserved for `keys[i]`; `positions[i]` is its index in the caller's list.
-    `cut`: the caller's index of the first key not held that got no slot (G2 full
-    of pinned blocks), or None: every caller key before it is held or reserved."""
-
-    keys: list[BlockKey]
-    slots: list[int]
-    positions: list[int]
-    done: bool = False
-    cut: int | None = None
-
-
-@dataclass
-class LoadPlan:
-    """The first `len(slots)` of the caller's keys, each pinned in a host slot."""
-
-    keys: list[BlockKey]
-    slots: list[int]
-    done: bool = False
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.slots)
 
 
 class BlockManager:
@@ -378,7 +341,7 @@ class BlockManager:
             dt = self.disk.table
             for i, slot in zip(positions, fresh, strict=False):
                 reads.append(DiskRead(keys[i], dt.checksums[disk_slots[i]], disk_slots[i], slot))
-        ok = self._disk_io(self.disk.read, reads, None)
+        ok = self._disk_io(self.disk.read, reads)
         with self._lock:
             host, dt = self.host.table, self.disk.table
             broken = False
@@ -443,7 +406,7 @@ class BlockManager:
                 DiskWrite(v.key, v.checksum, v.slot, d)
                 for v, d in zip(admitted, dslots, strict=False)
             ]
-        sums = self._disk_io(self.disk.write, writes, None) if self.disk else []
+        sums = self._disk_io(self.disk.write, writes) if self.disk else []
         with self._lock:
             for w, c in zip(writes, sums, strict=True):
                 if c is not None:
@@ -456,7 +419,7 @@ class BlockManager:
                 self.host.table.release(v.slot)
         self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
 
-    def _disk_io(self, call: Callable[[list, HostPool], list], items: list, failed: object) -> list:
+    def _disk_io(self, call: Callable[[list, HostPool], list], items: list) -> list:
         """A disk read or write whose every item fails on any error, so the slots
         it holds are always settled afterwards: the node serves on, the block
         is a miss. (The pool turns OSErrors into per-piece failures itself.)"""
@@ -466,7 +429,7 @@ class BlockManager:
             return call(items, self.host)
         except Exception:
             log.exception("disk tier call failed blocks=%d", len(items))
-            return [failed] * len(items)
+            return [None] * len(items)
 
     def close(self) -> None:
         if self.disk is not None:

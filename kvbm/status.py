@@ -8,6 +8,7 @@ import asyncio
 from collections import Counter
 
 from discovery.etcd_index import snapshot
+from discovery.records import Tier
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import EngineLink
 
@@ -15,10 +16,10 @@ from kvbm.engine_wire import EngineLink
 def fleet(cfg: KvbmConfig) -> dict:
     """Every node of the namespace, as etcd has it."""
     mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace))
-    held: Counter[tuple[str, str]] = Counter()
+    held: Counter[tuple[str, Tier]] = Counter()
     for holders in mirror.locations.values():
         for node, tier in holders.items():
-            held[node, tier.value] += 1
+            held[node, tier] += 1
     nodes = []
     for node_id, r in sorted(mirror.nodes.items()):
         nodes.append(
@@ -26,8 +27,14 @@ def fleet(cfg: KvbmConfig) -> dict:
                 "node_id": node_id,
                 "peer_rpc": f"{r.address}:{r.rpc_port}",
                 "version": r.version,
-                "host": {"blocks": held[node_id, "host"], "capacity": r.host_capacity_blocks},
-                "disk": {"blocks": held[node_id, "disk"], "capacity": r.disk_capacity_blocks},
+                Tier.HOST.value: {
+                    "blocks": held[node_id, Tier.HOST],
+                    "capacity": r.host_capacity_blocks,
+                },
+                Tier.DISK.value: {
+                    "blocks": held[node_id, Tier.DISK],
+                    "capacity": r.disk_capacity_blocks,
+                },
             }
         )
     return {"namespace": cfg.namespace, "nodes": nodes, "locations": len(mirror.locations)}

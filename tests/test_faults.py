@@ -10,12 +10,13 @@ import signal
 
 import pytest
 
+from discovery.records import Tier
 from kvbm.bench.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
-from kvbm.manager import BlockManager, Tier
+from kvbm.manager import BlockManager
 from tests.support import GEOMETRY, Engine, fill_up, keys, store
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import xxhash
 
+from discovery.records import Tier
 from kvbm.bench.direct import offload, onboard
 from kvbm.block_key import KeySpace
 from kvbm.layout import ModelGeometry
-from kvbm.manager import Tier
 from tests.support import GEOMETRY, Engine, keys, store
 
 

@@ -8,8 +8,8 @@ import asyncio
 
 import torch
 
+from discovery.records import Tier
 from kvbm.bench.direct import onboard
-from kvbm.manager import Tier
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import Engine, keys, store
 from transport.nixl_agent import NixlAgent

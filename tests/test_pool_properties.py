@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
-from kvbm.manager import BlockManager, Tier
+from kvbm.manager import BlockManager
 from kvbm.slot_table import SlotState, SlotTable
 from tests.support import GEOMETRY, Engine, keys
 

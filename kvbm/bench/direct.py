@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from kvbm.block_key import BlockKey
 from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
-from kvbm.manager import BlockManager, LoadPlan, StorePlan
+from kvbm.manager import BlockManager
+from kvbm.plans import LoadPlan, StorePlan
 
 
 def arena_blocks(mgr: BlockManager) -> ArenaBlocks:

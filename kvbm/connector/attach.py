@@ -15,25 +15,11 @@ from dataclasses import dataclass
 
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
-from kvbm.engine_wire import EngineLink, NodeError, geometry_to_wire
+from kvbm.engine_wire import Available, EngineLink, NodeError, geometry_to_wire
 from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
 
 __all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
-
-
-@dataclass(frozen=True)
-class Available:
-    """Leading blocks of a request the node holds (`local`), then how many more
-    its peers hold after them, by the tier the index shows them in."""
-
-    local: int
-    remote_host: int = 0
-    remote_disk: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.local + self.remote_host + self.remote_disk
 
 
 @dataclass(frozen=True)
@@ -86,8 +72,9 @@ class NodeAttachment:
         return self.space.keys(seq_hashes)
 
     def lookup(self, keys: Sequence[BlockKey]) -> Available:
-        reply = self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
-        return Available(int(reply["local"]), int(reply["remote_host"]), int(reply["remote_disk"]))
+        return Available.from_wire(
+            self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
+        )
 
     def load(
         self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]
@@ -96,12 +83,12 @@ class NodeAttachment:
         `block_ids` (one per key). Returns (blocks loaded, by source)."""
 
         def prepare(rest: Sequence[BlockKey]) -> tuple[list[int], Pinned, bool]:
-            got = self.pin(rest)
+            got = self.prepare_load(rest)
             return got.slots, got, got.more
 
         def complete(got: object) -> None:
             assert isinstance(got, Pinned)
-            self.release(got.lease)
+            self.complete_load(got.lease)
 
         loaded, steps = load_in_steps(self._blocks(), kv, keys, block_ids, prepare, complete)
         sources: dict[str, int] = {}
@@ -111,13 +98,13 @@ class NodeAttachment:
                 sources[source] = sources.get(source, 0) + n
         return loaded, sources
 
-    def pin(self, keys: Sequence[BlockKey]) -> Pinned:
+    def prepare_load(self, keys: Sequence[BlockKey]) -> Pinned:
         """Have the node stage (and pull from peers) the longest available
-        prefix of `keys` into its host arena and pin it until `release`."""
+        prefix of `keys` into its host arena and pin it until `complete_load`."""
         reply = self.link.call("load", {"keys": _wire(keys), "remote": self.remote})
         return Pinned(reply["lease"], list(reply["slots"]), dict(reply["sources"]), reply["more"])
 
-    def release(self, lease: int) -> None:
+    def complete_load(self, lease: int) -> None:
         self.link.call("release", {"lease": lease})
 
     def copy_in(self, kv: EngineKV, slots: Sequence[int], block_ids: Sequence[int]) -> None:

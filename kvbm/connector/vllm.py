@@ -219,7 +219,7 @@ class KvbmConnector(KVConnectorBase_V1):
         try:
             for a in node:
                 keys = a.keys(tracked.seq_hashes[first:usable])
-                pinned.append(a.pin(keys))
+                pinned.append(a.prepare_load(keys))
                 if not pinned[-1].slots:
                     break
         except NodeError as e:
@@ -314,7 +314,7 @@ class KvbmConnector(KVConnectorBase_V1):
             return  # the node is gone, and its pins with it
         try:
             for lease in load.leases:
-                node[0].release(lease)
+                node[0].complete_load(lease)
         except NodeError as e:
             self._lost(e)
 
@@ -347,7 +347,7 @@ class KvbmConnector(KVConnectorBase_V1):
                 if node is None or node[0].arena_name != meta.arena:
                     raise NodeError("the node's arena is not the one the loads were pinned in")
                 node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[arg-type]
-                node[0].release(load.leases[self._rank])
+                node[0].complete_load(load.leases[self._rank])
                 ms = (time.perf_counter() - t0) * 1e3
                 log.debug("loaded blocks=%d ms=%.2f", len(load.block_ids), ms)
             except (NodeError, KvbmError, ValueError) as e:

@@ -19,8 +19,9 @@ from kvbm.block_key import BlockKey, check_keys
 from kvbm.config import KvbmConfig
 from kvbm.errors import KvbmError
 from kvbm.layout import ModelGeometry
-from kvbm.manager import BlockManager, LoadPlan, StorePlan
+from kvbm.manager import BlockManager
 from kvbm.node.onboarding import Onboarding
+from kvbm.plans import LoadPlan, StorePlan
 from transport.errors import ProtocolError
 from transport.frames import Message
 
@@ -154,12 +155,7 @@ class EngineServer:
 
     async def _lookup(self, body: dict, conn: int) -> dict:
         tiers = self._served()
-        available = tiers.onboarding.lookup(self._keys(body), _remote(body))
-        return {
-            "local": available.local,
-            "remote_host": available.remote_host,
-            "remote_disk": available.remote_disk,
-        }
+        return tiers.onboarding.lookup(self._keys(body), _remote(body)).to_wire()
 
     async def _load(self, body: dict, conn: int) -> dict:
         tiers = self._served()

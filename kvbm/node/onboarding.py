@@ -13,8 +13,10 @@ from enum import StrEnum
 
 from discovery.records import LookupResult, PeerRun, Tier
 from kvbm.block_key import BlockKey
-from kvbm.manager import BlockManager, LoadPlan
+from kvbm.engine_wire import Available
+from kvbm.manager import BlockManager
 from kvbm.node.peer_pool import PeerPool
+from kvbm.plans import LoadPlan
 from transport.tiers import BlockSink
 
 
@@ -29,16 +31,6 @@ class Source(StrEnum):
     @classmethod
     def of(cls, tier: Tier, remote: bool) -> Source:
         return cls(f"{'remote' if remote else 'local'}_{tier.value}")
-
-
-@dataclass(frozen=True)
-class Available:
-    """Leading blocks held here (`local`), then how many more peers hold after
-    them, by the tier the index shows them in."""
-
-    local: int
-    remote_host: int = 0
-    remote_disk: int = 0
 
 
 @dataclass
