@@ -212,7 +212,7 @@ class BlockManager:
                     slot = table.get(k) if table else None
                     if slot is not None:
                         table.touch(slot)
-            keys = keys[: self.max_load_blocks]
+            asked, keys = len(keys), keys[: self.max_load_blocks]
             for i, k in enumerate(keys):
                 slot = host.get(k)
                 if slot is not None:
@@ -239,7 +239,7 @@ class BlockManager:
                 if slot is not None:
                     self.host.table.unpin(slot)
         slots = [s for s in host_slots[:n] if s is not None]
-        return LoadPlan(list(keys[:n]), slots)
+        return LoadPlan(list(keys[:n]), slots, more=n == self.max_load_blocks < asked)
 
     def complete_load(self, plan: LoadPlan) -> None:
         """Unpin the plan's blocks. Safe to call twice (it runs in `finally` blocks)."""

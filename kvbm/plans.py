@@ -37,11 +37,14 @@ class StorePlan:
 
 @dataclass
 class LoadPlan:
-    """The first `len(slots)` of the caller's keys, each pinned in a host slot."""
+    """The first `len(slots)` of the caller's keys, each pinned in a host slot.
+    `more`: cut short by the size of one load step, not by a miss (ask again
+    for the rest)."""
 
     keys: list[BlockKey]
     slots: list[int]
     done: bool = False
+    more: bool = False
 
     @property
     def num_blocks(self) -> int:

@@ -43,7 +43,7 @@ def onboard(
 
     def prepare(rest: Sequence[BlockKey]) -> tuple[list[int], LoadPlan, bool]:
         plan = mgr.prepare_load(rest)
-        return plan.slots, plan, plan.num_blocks == mgr.max_load_blocks < len(rest)
+        return plan.slots, plan, plan.more
 
     def complete(plan: object) -> None:
         assert isinstance(plan, LoadPlan)

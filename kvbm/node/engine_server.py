@@ -161,12 +161,10 @@ class EngineServer:
         tiers = self._served()
         keys = self._keys(body)
         loaded = await tiers.onboarding.load(keys, _remote(body))
-        plan, mgr = loaded.plan, tiers.mgr
+        plan = loaded.plan
         lease = self._lease(plan, conn)
-        # cut short by the size of one load step, not by a miss: ask again
-        more = plan.num_blocks == mgr.max_load_blocks < len(keys)
         sources = {s.value: n for s, n in loaded.sources.items() if n}
-        return {"lease": lease, "slots": plan.slots, "sources": sources, "more": more}
+        return {"lease": lease, "slots": plan.slots, "sources": sources, "more": plan.more}
 
     async def _reserve(self, body: dict, conn: int) -> dict:
         store = await asyncio.to_thread(self._served().mgr.prepare_store, self._keys(body))
