@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kvbm.block_key import KeySpace
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.layout import ModelGeometry
 from tests.node_daemon import kvbm_json, until
@@ -101,6 +102,14 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
         # a malformed key is refused with a reason; the connection serves on
         with pytest.raises(NodeError, match="lookup"):
             one.link.call("lookup", {"keys": [b"\x01junk"]})
+        # so is a well-formed key of another namespace or layout: an engine
+        # stores and loads only under the key space its hello gave it
+        foreign = KeySpace("elsewhere", GEOMETRY.fingerprint).keys([0])
+        with pytest.raises(NodeError, match="not this node's"):
+            one.link.call("reserve", {"keys": foreign})
+        other_layout = KeySpace(one.space.namespace, other.fingerprint).keys([0])
+        with pytest.raises(NodeError, match="not this node's"):
+            one.link.call("load", {"keys": other_layout, "remote": []})
         assert one.lookup(ks) == Available(10)
     finally:
         one.close()
