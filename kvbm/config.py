@@ -24,10 +24,13 @@ from functools import cached_property
 from typing import Any
 
 from discovery.records import Tier, check_namespace
+from transport.secret import ENV_VAR as SECRET_VAR
 
 log = logging.getLogger("kvbm.config")
 ENV_PREFIX = "KVBM_"
 CONFIG_FILE_VAR = "KVBM_CONFIG"  # the engines' configuration file (`kvbm` takes --config)
+# KVBM_* variables that are not settings: read where they are used
+NOT_SETTINGS = {CONFIG_FILE_VAR, SECRET_VAR}
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -239,7 +242,7 @@ def load_config(
         name = var[len(ENV_PREFIX) :].lower()
         if name in _FIELDS:
             from_env[name] = value
-        elif var != CONFIG_FILE_VAR:
+        elif var not in NOT_SETTINGS:
             # Other tools may share the prefix: a typo is logged, never fatal.
             log.warning("ignoring unknown environment variable %s", var)
     _merge(values, from_env, "the environment")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import os
 import struct
 import time
@@ -135,7 +136,12 @@ class FrameCodec:
 
     def _check_fresh(self, ts: object, nonce: bytes) -> None:
         now = time.time()
-        if not isinstance(ts, float | int) or isinstance(ts, bool) or abs(now - ts) > self.window_s:
+        if (
+            not isinstance(ts, float | int)
+            or isinstance(ts, bool)
+            or not math.isfinite(ts)  # NaN compares false with everything: never fresh
+            or abs(now - ts) > self.window_s
+        ):
             raise AuthError("stale or future timestamp")
         seen = self._seen
         while seen and next(iter(seen.values())) < now:

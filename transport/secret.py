@@ -4,7 +4,9 @@ the pod) or the KVBM_SECRET environment variable.
 Every frame is signed with it, so a node that can be reached from the
 network must not run on a secret anyone knows: without one it refuses to
 start, unless it listens on loopback only or is told it is a dev setup (then
-it uses a well-known dev secret and says so in the log).
+it uses a well-known dev secret and says so in the log). A secret file that
+its group or other users may read is refused: whoever reads it can sign
+frames as a node of the fleet.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ def load_secret(
                 mode = os.fstat(f.fileno()).st_mode
         except OSError as e:
             raise SecretError(f"cannot read the secret file {secret_file}: {e}") from e
-        if mode & stat.S_IROTH:
-            log.warning("secret file is readable by every user path=%s", secret_file)
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SecretError(
+                f"the secret file {secret_file} is open to its group or to others "
+                f"(mode {stat.S_IMODE(mode):04o}): make it 0600 or 0400"
+            )
         where = f"the secret file {secret_file}"
     elif from_env:
         secret, where = from_env.strip().encode(), ENV_VAR

@@ -1,0 +1,60 @@
+"""What the security tests share: a node with a known secret, reached as a
+peer would reach it, with frames built by hand (so only what the test means
+to be hostile is)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import struct
+import time
+
+import msgpack
+
+from kvbm.connector.attach import NodeAttachment
+from tests.support import GEOMETRY
+from transport.frames import NONCE_BYTES
+
+SECRET = b"0123456789abcdef0123456789abcdef"
+
+
+def write_secret(path, mode: int = 0o400) -> str:
+    path.write_bytes(SECRET)
+    path.chmod(mode)
+    return str(path)
+
+
+def frame(call: str, body: object, ts: float | None = None, secret: bytes = SECRET) -> bytes:
+    """A frame signed with `secret`, every field as given."""
+    fields = {"v": 1, "call": call, "id": 1, "ts": time.time() if ts is None else ts}
+    fields |= {"nonce": os.urandom(NONCE_BYTES), "body": body}
+    payload = msgpack.packb(fields, use_bin_type=True)
+    mac = hmac.new(secret, payload, hashlib.sha256).digest()
+    return struct.pack(">I", len(mac) + len(payload)) + mac + payload
+
+
+def serving(daemon) -> tuple[str, int, NodeAttachment]:
+    """Attach an engine (which makes the node build its tiers and open its peer
+    port); the port, and the engine (the caller closes it)."""
+    engine = NodeAttachment(daemon.socket, GEOMETRY)
+    host, port = engine.stats()["peer_address"].rsplit(":", 1)
+    return host, int(port), engine
+
+
+async def answer(host: str, port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send `data` on a fresh connection; what the node sends back before it
+    closes the connection (b"" when it hangs up without a word)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        got = b""
+        while chunk := await asyncio.wait_for(reader.read(1 << 16), timeout):
+            got += chunk
+            if len(got) >= 4 and len(got) >= 4 + struct.unpack(">I", got[:4])[0]:
+                break  # one whole reply frame
+        return got
+    finally:
+        writer.close()
