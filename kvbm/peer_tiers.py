@@ -17,6 +17,7 @@ class ManagerTiers:
         self.fingerprints = frozenset({mgr.geometry.fingerprint})
         self.arena_size = mgr.host.arena.size
         self._stride = mgr.geometry.slot_bytes
+        self.block_bytes = mgr.geometry.block_bytes
 
     # -- BlockSource -------------------------------------------------------
     def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:

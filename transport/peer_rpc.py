@@ -176,6 +176,7 @@ class PeerServer:
         return peer, {
             "nixl": self.agent.metadata,
             "arena": self.agent.arena[0],
+            "arena_bytes": self.agent.arena[1],
             "fingerprints": sorted(self.source.fingerprints),
         }
 
@@ -224,7 +225,8 @@ class PeerClient:
         self.codec = FrameCodec(secret, CALLS)
         self.fingerprints = sorted(fingerprints)
         self.peer: str | None = None
-        self.remote_arena = 0
+        self.remote_arena = 0  # the peer's arena: base address and size, from its hello
+        self.remote_arena_bytes = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._background: set[asyncio.Task] = set()
@@ -244,8 +246,11 @@ class PeerClient:
         reply = await self.call(
             "hello", {"nixl": self.agent.metadata, "fingerprints": self.fingerprints}, timeout
         )
+        base, size = reply.get("arena"), reply.get("arena_bytes")
+        if not all(type(v) is int and 0 <= v < 2**64 for v in (base, size)):
+            raise ProtocolError("the peer's hello names no arena")
+        self.remote_arena, self.remote_arena_bytes = base, size
         self.peer = self.agent.add_peer(reply["nixl"])
-        self.remote_arena = int(reply["arena"])
 
     @property
     def usable(self) -> bool:
@@ -354,7 +359,10 @@ async def pull(
     deadline = time.monotonic() + timeout
     rounds: list[tuple[list[PinnedBlock], Reservation, asyncio.Future[list[bytes]]]] = []
     pos = 0
-    pinning: asyncio.Task | None = asyncio.create_task(_pin(client, keys[:ROUND_BLOCKS], deadline))
+    size = sink.block_bytes
+    pinning: asyncio.Task | None = asyncio.create_task(
+        _pin(client, keys[:ROUND_BLOCKS], size, deadline)
+    )
     try:
         while pinning is not None:
             blocks = await pinning
@@ -365,7 +373,7 @@ async def pull(
             pos += len(blocks)
             more = pos < len(keys) and time.monotonic() < deadline
             if more and len(blocks) == asked:  # pin the next round while this one is read
-                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], deadline))
+                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
             reservation, ok = await _read(client, blocks, sink, deadline)
             client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)
             pinned = {b.key: b for b in blocks}
@@ -374,7 +382,7 @@ async def pull(
             if not ok or len(reservation.entries) + len(reservation.held) < len(blocks):
                 break  # a failed READ, or no room here for the rest: the prefix ends here
             if more and pinning is None:  # the peer pinned fewer: ask again once these are free
-                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], deadline))
+                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
     finally:
         if pinning is not None:  # a round pinned but never read: give its pins back
             leftover = await pinning
@@ -390,19 +398,45 @@ async def pull(
     return here
 
 
-async def _pin(client: PeerClient, keys: list[bytes], deadline: float) -> list[PinnedBlock]:
-    """The peer's pins on the longest held prefix of `keys`; [] on any failure."""
+async def _pin(
+    client: PeerClient, keys: list[bytes], block_bytes: int, deadline: float
+) -> list[PinnedBlock]:
+    """The peer's pins on the longest held prefix of `keys`; [] on any failure.
+    Nothing the peer says is used before it is checked: each block is one of
+    the keys asked for, in order, `block_bytes` long, inside the peer's arena."""
     try:
         reply = await client.call("pin", {"keys": keys}, max(0.01, deadline - time.monotonic()))
-        blocks = [PinnedBlock(bytes(k), int(o), int(n), int(c)) for k, o, n, c in reply["blocks"]]
+        blocks = [PinnedBlock(k, o, n, c) for k, o, n, c in reply["blocks"]]
     except (TimeoutError, TransportError, OSError, KeyError, TypeError, ValueError) as e:
         log.info("pull failed at pin peer=%s error=%r", client.peer, e)
         return []
-    if [b.key for b in blocks] != keys[: len(blocks)]:
-        log.warning("peer pinned keys it was not asked for peer=%s", client.peer)
-        client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)
+    why = _bad_pins(blocks, keys, block_bytes, client.remote_arena_bytes)
+    if why:
+        log.warning("peer's pins refused peer=%s reason=%s", client.peer, why)
+        client.call_later(
+            "unpin", {"keys": [b.key for b in blocks if isinstance(b.key, bytes)]}, 2.0
+        )
         return []
     return blocks
+
+
+def _bad_pins(
+    blocks: list[PinnedBlock], keys: list[bytes], block_bytes: int, arena_bytes: int
+) -> str | None:
+    """Why a pin reply cannot be read from, or None: a wrong length or offset
+    would have the READ write past the slot reserved for a block here."""
+    if [b.key for b in blocks] != keys[: len(blocks)]:
+        return "keys it was not asked for"
+    for b in blocks:
+        if not all(type(v) is int for v in (b.offset, b.length, b.checksum)):
+            return "a number that is not an integer"
+        if b.length != block_bytes:
+            return f"a block of {b.length} bytes, not {block_bytes}"
+        if not 0 <= b.offset <= arena_bytes - block_bytes:
+            return f"offset {b.offset} outside its {arena_bytes}-byte arena"
+        if not 0 <= b.checksum < 2**64:
+            return "a checksum out of range"
+    return None
 
 
 async def _read(
@@ -412,16 +446,20 @@ async def _read(
     reservation = sink.prepare_store([b.key for b in blocks])
     if not reservation.entries:
         return reservation, True
-    pinned = {b.key: b for b in blocks}
-    base, peer_base = client.agent.arena[0], client.remote_arena
-    local = np.array([(base + off, pinned[k].length) for k, off in reservation.entries], np.uint64)
-    remote = np.array(
-        [(peer_base + pinned[k].offset, pinned[k].length) for k, _ in reservation.entries],
-        np.uint64,
-    )
-    left = max(0.0, deadline - time.monotonic())
-    try:  # in a thread even when small: the loop may be serving reads of its own
-        ok = await asyncio.to_thread(client.agent.read, client.peer, local, remote, left)
+    try:  # from here on, any error frees the reservation
+        pinned = {b.key: b for b in blocks}
+        base, peer_base = client.agent.arena[0], client.remote_arena
+        local = [(base + off, pinned[k].length) for k, off in reservation.entries]
+        remote = [(peer_base + pinned[k].offset, pinned[k].length) for k, _ in reservation.entries]
+        left = max(0.0, deadline - time.monotonic())
+        # in a thread even when small: the loop may be serving reads of its own
+        ok = await asyncio.to_thread(
+            client.agent.read,
+            client.peer,
+            np.array(local, np.uint64),
+            np.array(remote, np.uint64),
+            left,
+        )
     except BaseException:
         sink.complete_store(reservation, None)  # frees the slots
         raise

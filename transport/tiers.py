@@ -46,6 +46,8 @@ class Reservation:
 class BlockSink(Protocol):
     """The pulling side."""
 
+    block_bytes: int  # the length of every block (a peer's pin of another length is refused)
+
     def prepare_store(self, keys: list[bytes]) -> Reservation:
         """Offsets for the keys not held yet (a prefix of them, if the arena is
         short), in order, and which of the keys before any such cut are held."""
