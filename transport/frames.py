@@ -91,13 +91,14 @@ class FrameCodec:
         return _LEN.pack(frame_len) + mac + payload
 
     # -- decoding ----------------------------------------------------------
-    def frame_length(self, prefix: bytes) -> int:
+    def frame_length(self, prefix: bytes, max_frame: int | None = None) -> int:
         """The length a 4-byte prefix announces, refused before any allocation."""
         (n,) = _LEN.unpack(prefix)
+        cap = self.max_frame if max_frame is None else min(max_frame, self.max_frame)
         if n < MAC_BYTES + 1:
             raise ProtocolError(f"frame of {n} bytes is too short")
-        if n > self.max_frame:
-            raise ProtocolError(f"frame of {n} bytes exceeds the {self.max_frame}-byte cap")
+        if n > cap:
+            raise ProtocolError(f"frame of {n} bytes exceeds the {cap}-byte cap")
         return n
 
     def decode(self, frame: bytes) -> Message:
@@ -150,7 +151,16 @@ class FrameCodec:
             raise AuthError("replayed frame")
         seen[nonce] = now + 2 * self.window_s
 
-    async def read(self, reader: asyncio.StreamReader) -> Message:
-        """The next frame from a stream; IncompleteReadError at a clean EOF."""
-        n = self.frame_length(await reader.readexactly(_LEN.size))
-        return self.decode(await reader.readexactly(n))
+    async def read(
+        self,
+        reader: asyncio.StreamReader,
+        max_frame: int | None = None,
+        body_timeout: float | None = None,
+    ) -> Message:
+        """The next frame from a stream; IncompleteReadError at a clean EOF.
+        `max_frame` lowers the size cap (a frame from a sender not yet
+        authenticated); `body_timeout` bounds the wait for a frame's bytes once
+        its length has come (TimeoutError), so a half-sent frame holds nothing
+        for long."""
+        n = self.frame_length(await reader.readexactly(_LEN.size), max_frame)
+        return self.decode(await asyncio.wait_for(reader.readexactly(n), body_timeout))

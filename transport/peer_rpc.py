@@ -31,7 +31,12 @@ from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
 log = logging.getLogger("transport.rpc")
 CALLS = ("hello", "pin", "unpin", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 256  # peers that said a valid hello
+# Before a valid hello a connection costs the node little and not for long:
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
+PRE_AUTH_MAX_FRAME = 64 << 10  # a hello is NIXL metadata (~0.5 KiB here) and a few fields
+FRAME_TIMEOUT_S = 10.0  # from a frame's length to its last byte
 
 
 @dataclass
@@ -62,7 +67,9 @@ class PeerServer:
         self.pin_ttl = pin_ttl
         self.max_pins_per_peer = max_pins_per_peer
         self.max_pins_total = max_pins_total
-        self.connections = 0
+        self.connections = 0  # authenticated ones
+        self.unauthenticated: dict[str, int] = {}  # address -> connections before hello
+        self._refusals = _Refusals()
         self.pins: dict[str, dict[bytes, _Pin]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -118,29 +125,37 @@ class PeerServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
+        ip: str | None = str(addr[0]) if isinstance(addr, tuple) else "?"
         peer = None
-        self.connections += 1
+        self.unauthenticated[ip] = self.unauthenticated.get(ip, 0) + 1
         handler = asyncio.current_task()
         assert handler is not None
         self._handlers.add(handler)
         try:
+            if self.unauthenticated[ip] > MAX_UNAUTHENTICATED_PER_ADDRESS:
+                self._refusals.note(
+                    f"more than {MAX_UNAUTHENTICATED_PER_ADDRESS} connections before hello", ip
+                )
+                return
+            try:
+                hello = self.codec.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
+                msg = await asyncio.wait_for(hello, HELLO_TIMEOUT_S)
+            except TimeoutError:
+                raise ProtocolError(f"no hello within {HELLO_TIMEOUT_S:g} s") from None
+            if msg.call != "hello":
+                raise ProtocolError("hello must come first, and once")
+            self._authenticated(ip)  # the frame's MAC checked out
+            ip = None
             if self.connections > MAX_CONNECTIONS:
                 raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
+            peer, reply = self._hello(msg)
             while True:
-                msg = await self.codec.read(reader)
-                if (peer is None) != (msg.call == "hello"):
-                    raise ProtocolError("hello must come first, and once")
-                if msg.call == "hello":
-                    peer, reply = self._hello(msg)
-                elif msg.call == "pin":
-                    reply = await self._pin(peer, msg)
-                elif msg.call == "unpin":
-                    self._release(peer, _keys(msg))
-                    reply = {}
-                else:
-                    raise ProtocolError(f"{msg.call!r} is not a request")
                 writer.write(self.codec.encode(Message("ok", msg.id, reply)))
                 await writer.drain()
+                msg = await self.codec.read(reader, body_timeout=FRAME_TIMEOUT_S)
+                reply = await self._call(peer, msg)
+        except TimeoutError:
+            log.warning("closing peer connection addr=%s reason=a frame stalled", addr)
         except asyncio.IncompleteReadError:
             pass  # the peer hung up
         except (ProtocolError, TransportError) as e:
@@ -153,12 +168,38 @@ class PeerServer:
             pass  # the server is closing (a handler ending cancelled is logged as an error)
         finally:
             self._handlers.discard(handler)
-            self.connections -= 1
+            if ip is None:
+                self.connections -= 1
+            else:
+                self._unauthenticated_gone(ip)
             if peer is not None:
                 self.agent.remove_peer(peer)  # its pins live on until unpinned or expired
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _authenticated(self, ip: str) -> None:
+        self._unauthenticated_gone(ip)
+        self.connections += 1
+
+    def _unauthenticated_gone(self, ip: str) -> None:
+        left = self.unauthenticated[ip] - 1
+        if left:
+            self.unauthenticated[ip] = left
+        else:
+            del self.unauthenticated[ip]
+
+    async def _call(self, peer: str, msg: Message) -> dict:
+        if msg.call == "pin":
+            return await self._pin(peer, msg)
+        if msg.call == "unpin":
+            self._release(peer, _keys(msg))
+            return {}
+        raise ProtocolError(
+            "hello must come first, and once"
+            if msg.call == "hello"
+            else f"{msg.call!r} is not a request"
+        )
 
     def _hello(self, msg: Message) -> tuple[str, dict]:
         body = msg.body
@@ -200,6 +241,26 @@ class PeerServer:
         if again:
             self.source.complete_read(again)
         return {"blocks": [[b.key, b.offset, b.length, b.checksum] for b in blocks]}
+
+
+class _Refusals:
+    """Connections refused before any frame: logged at most every LOG_EVERY_S
+    with a count, so a flood of them cannot flood the log too."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = -self.LOG_EVERY_S
+
+    def note(self, reason: str, ip: str) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.LOG_EVERY_S:
+            log.warning(
+                "refusing peer connections reason=%s addr=%s refused=%d", reason, ip, self.count
+            )
+            self.count, self.last = 0, now
 
 
 def _keys(msg: Message) -> list[bytes]:
