@@ -28,7 +28,8 @@ def spawn_node(
 ) -> subprocess.Popen:
     """Start a node serving `socket_path` and wait until it answers there.
     `command` runs a node another way (a test's unverified node, say)."""
-    with open(log_path, "ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             [*command, "--socket", socket_path, *flags],
             stdout=log,

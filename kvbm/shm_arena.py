@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 
 import numpy as np
 
@@ -115,7 +116,10 @@ class SharedArena:
     def sweep_stale(cls, prefix: str, directory: str = SHM_DIR) -> list[str]:
         """Remove arenas named `prefix...` whose creator is gone (no flock held).
 
-        Names only: a process that still maps an orphan keeps its memory.
+        Names only: a process that still maps an orphan keeps its memory. Only
+        regular files of this user are touched, opened without blocking or
+        following a link: the directory is shared (/dev/shm), and a FIFO or a
+        link planted under such a name must not hang or redirect the sweep.
         """
         removed = []
         try:
@@ -129,10 +133,13 @@ class SharedArena:
                 continue
             path = os.path.join(directory, entry)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
             except OSError:
                 continue
             try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                    continue  # not an arena this user made
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live owner holds it
@@ -150,10 +157,14 @@ class SharedArena:
     def attach(cls, name: str, size: int | None = None, directory: str = SHM_DIR) -> SharedArena:
         path = cls.path_of(name, directory)
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as e:
             raise ArenaError(f"cannot open shared-memory arena {path}: {e}") from e
-        actual = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ArenaError(f"{path} is not an arena (not a regular file)")
+        actual = st.st_size
         if actual == 0 or (size is not None and actual != size):
             os.close(fd)
             raise ArenaError(f"arena {path} is {actual} bytes, expected {size or 'more'}")

@@ -12,11 +12,13 @@ import ctypes
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import tempfile
 
 from kvbm.config import KvbmConfig, to_toml
 from kvbm.engine_wire import node_listening
+from kvbm.errors import KvbmError
 from kvbm.node_process import spawn_node
 
 _PR_SET_PDEATHSIG = 1
@@ -30,18 +32,35 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
     """The private node's socket path, and the process if this call started it."""
     path = private_socket()
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    with open(os.path.join(directory, "start.lock"), "w") as lock:
+    _own_directory(directory)
+    with os.fdopen(_open_own(os.path.join(directory, "start.lock")), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
         if node_listening(path):
             return path, None
         config = os.path.join(directory, "node.toml")
-        with open(config, "w") as f:
+        with os.fdopen(_open_own(config, os.O_TRUNC), "w") as f:
             f.write(to_toml(cfg))
         flags = ["--config", config, "--listen", "127.0.0.1:0", "--etcd", ""]
         log_path = os.path.join(directory, "node.log")
         proc = spawn_node(path, flags, log_path, preexec_fn=_die_with_parent)
         return path, proc
+
+
+def _own_directory(directory: str) -> None:
+    """The private node's directory, made by this user and open to nobody else:
+    in a shared /tmp, another user could otherwise make it first and plant a
+    socket of their own (the engine would attach to it) or links."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise KvbmError(
+            f"{directory} is not a private directory of this user (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}); remove it or set KVBM_SOCKET"
+        )
+
+
+def _open_own(path: str, flags: int = 0) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flags, 0o600)
 
 
 def _die_with_parent() -> None:

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,7 +70,6 @@ class EngineServer:
         self._tiers: Tiers | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
-        self._lease_ids = itertools.count(1)
         self._conn_ids = itertools.count(1)
         self._calls: dict[str, Callable[[dict, int], Awaitable[dict]]] = {
             "hello": self._hello,
@@ -84,7 +84,11 @@ class EngineServer:
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         _claim_socket_path(self.path)
-        self._server = await asyncio.start_unix_server(self._serve, self.path)
+        umask = os.umask(0o177)  # the socket is born 0600, never wider, then opened to the group
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, self.path)
+        finally:
+            os.umask(umask)
         os.chmod(self.path, 0o660)
         if self.gid is not None:
             os.chown(self.path, -1, self.gid)
@@ -201,7 +205,11 @@ class EngineServer:
         return self.leases.pop(lease_id)
 
     def _lease(self, plan: LoadPlan | StorePlan, conn: int) -> int:
-        lease_id = next(self._lease_ids)
+        """A new lease's id: unguessable, so an engine settles only the leases
+        whose ids it was given (vLLM's worker gets its scheduler's in metadata)."""
+        lease_id = secrets.randbits(63)
+        while lease_id in self.leases:
+            lease_id = secrets.randbits(63)
         self.leases[lease_id] = Lease(plan, conn)
         return lease_id
 

@@ -1,0 +1,75 @@
+"""Issue 14, finding 7: what a local user, or another engine, can do to a
+node. Against real processes: a FIFO planted under an arena's name in the
+arena directory does not hang the node's first engine; a private-node
+directory another user could write into is refused, not used; an engine
+cannot settle the leases of another engine's connection by counting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from kvbm.connector.attach import NodeAttachment
+from kvbm.errors import NodeError
+from kvbm.host_pool import ARENA_PREFIX
+from tests.support import GEOMETRY
+
+
+def test_a_fifo_named_like_an_arena_does_not_hang_the_node(daemons, tmp_path):
+    arenas = tmp_path / "arenas"
+    arenas.mkdir()
+    os.mkfifo(arenas / f"{ARENA_PREFIX}1-deadbeef")  # what another user could plant in /dev/shm
+    (arenas / f"{ARENA_PREFIX}2-feedface").symlink_to(tmp_path / "elsewhere")
+    node = daemons("node-a", "127.0.0.2", "--host-arena-dir", str(arenas))
+    engine = NodeAttachment(node.socket, GEOMETRY, timeout=15)  # builds the tiers: sweeps
+    try:
+        assert engine.stats()["tiers"]["host"]["capacity"] > 0
+        assert (arenas / f"{ARENA_PREFIX}1-deadbeef").exists()  # not ours: left alone
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o755, 0o1777])
+def test_a_private_node_directory_open_to_others_is_refused(tmp_path, mode):
+    directory = tmp_path / f"kvbm-private-{os.getuid()}"
+    directory.mkdir()
+    directory.chmod(mode)
+    # what another user planted there: a socket that answers
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    planted.bind(str(directory / "node.sock"))
+    planted.listen()
+    try:
+        code = (
+            "from kvbm.config import load_config; from kvbm.connector import private_node as p;"
+            f"p.tempfile.gettempdir = lambda: {str(tmp_path)!r};"
+            "print(p.ensure_private_node(load_config(env={}, overrides={'host_cache_mb': 2})))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode != 0, "a planted socket was taken for the private node"
+        assert "not a private directory of this user" in out.stderr
+    finally:
+        planted.close()
+
+
+def test_an_engine_cannot_settle_another_engines_leases_by_counting(daemons):
+    node = daemons("node-a", "127.0.0.2")
+    holder = NodeAttachment(node.socket, GEOMETRY)
+    other = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        held = holder.link.call("reserve", {"keys": holder.keys([1, 2])})
+        for guess in range(1, 200):
+            with pytest.raises(NodeError, match="no lease"):
+                other.link.call("commit", {"lease": guess, "ok": True})
+        assert holder.stats()["engine_leases"] == 1
+        # the lease's own id works, from any engine the id was handed to
+        assert other.link.call("commit", {"lease": held["lease"], "ok": False}) == {"added": 0}
+        assert holder.stats()["engine_leases"] == 0
+    finally:
+        holder.close()
+        other.close()
