@@ -24,6 +24,7 @@ from discovery.errors import IndexUnavailable
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.schema import block_path, namespace_prefix, node_path
+from discovery.signing import IndexSigner
 
 log = logging.getLogger("discovery.etcd")
 
@@ -53,8 +54,11 @@ class EtcdIndex:
         flush_interval: float = 0.005,
         timeout: float = 2.0,
         watch: bool = True,
+        signer: IndexSigner | None = None,
     ) -> None:
-        """`watch=False` makes a publisher without a mirror (load generators)."""
+        """`watch=False` makes a publisher without a mirror (load generators).
+        `signer`: every value written is signed, and only values signed by the
+        fleet reach the mirror (a node always has one)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if lease_ttl < 2:
@@ -64,7 +68,8 @@ class EtcdIndex:
         self.lease_ttl = lease_ttl
         self.flush_interval = flush_interval
         self.timeout = timeout
-        self.mirror = IndexMirror(namespace)
+        self.signer = signer
+        self.mirror = IndexMirror(namespace, signer)
         self.state: dict[bytes, Tier] = {}
         self.pending: dict[bytes, Tier | None] = {}
         self.writes = 0  # etcd put/delete operations sent (for the bench)
@@ -195,9 +200,8 @@ class EtcdIndex:
             lease = await client.lease(self.lease_ttl)
             # The lease counts as ours only once the record is under it: a
             # session that fails here is retried whole, never half kept.
-            await client.put(
-                node_path(self.namespace, self.node.node_id), self.node.encode(), lease=lease.id
-            )
+            path = node_path(self.namespace, self.node.node_id)
+            await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
             self._lease = lease.id
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
@@ -314,11 +318,12 @@ class EtcdIndex:
     async def _write(self, batch: dict[bytes, Tier | None]) -> None:
         client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
         tx = client.transactions
+        paths = [(block_path(ns, key, me), tier) for key, tier in batch.items()]
         ops = [
-            tx.delete(block_path(ns, key, me))
+            tx.delete(path)
             if tier is None
-            else tx.put(block_path(ns, key, me), tier.value.encode(), lease=lease)
-            for key, tier in batch.items()
+            else tx.put(path, self._value(path, tier.value.encode()), lease=lease)
+            for path, tier in paths
         ]
         chunks = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
         # A few transactions in flight at once: etcd batches them to disk together.
@@ -327,6 +332,9 @@ class EtcdIndex:
                 *(client.transaction(compare=[], success=c, failure=[]) for c in chunks[i : i + 4])
             )
         self.writes += len(ops)
+
+    def _value(self, path: bytes, value: bytes) -> bytes:
+        return value if self.signer is None else self.signer.sign(path, value)
 
     async def _watcher(self) -> None:
         first = True
@@ -376,7 +384,7 @@ class EtcdIndex:
         """Replace the mirror with a fresh range read of the namespace; lookups see
         the old view until the new one is complete."""
         result = await self._live().get_prefix(self.mirror.prefix)
-        fresh = IndexMirror(self.namespace)
+        fresh = IndexMirror(self.namespace, self.signer)
         for kv in result.kvs:
             fresh.put(kv.key, kv.value, kv.mod_revision)
         fresh.revision = result.header.revision
@@ -384,9 +392,14 @@ class EtcdIndex:
         self._cluster_id = result.header.cluster_id
 
 
-async def snapshot(endpoints: Sequence[str], namespace: str, timeout: float = 5.0) -> IndexMirror:
+async def snapshot(
+    endpoints: Sequence[str],
+    namespace: str,
+    signer: IndexSigner | None = None,
+    timeout: float = 5.0,
+) -> IndexMirror:
     """A one-off read of a namespace (for `kvbm status`): the first endpoint
-    that answers."""
+    that answers; with a `signer`, only what the fleet signed."""
     last: BaseException | None = None
     for endpoint in endpoints:
         host, port = endpoint.rsplit(":", 1)
@@ -400,7 +413,7 @@ async def snapshot(endpoints: Sequence[str], namespace: str, timeout: float = 5.
         finally:
             with contextlib.suppress(*_ETCD_ERRORS):
                 await client.close()
-        mirror = IndexMirror(namespace)
+        mirror = IndexMirror(namespace, signer)
         for kv in result.kvs:
             mirror.put(kv.key, kv.value, kv.mod_revision)
         return mirror

@@ -14,8 +14,11 @@ from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from discovery.keytable import KeyTable
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
 from discovery.schema import namespace_prefix, parse_path, parse_tier
+from discovery.signing import IndexSigner
 
 log = logging.getLogger("discovery.mirror")
+# ~63 bytes a location: about 1 GB of mirror before new locations are refused
+MAX_LOCATIONS = 16_000_000
 
 
 class Holders(dict):
@@ -87,13 +90,24 @@ class IndexMirror:
     `revision` is the etcd revision of the last event applied, so a watch
     resumes at revision + 1."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        signer: IndexSigner | None = None,
+        max_locations: int = MAX_LOCATIONS,
+    ) -> None:
+        """`signer`: values must carry the fleet's MAC (a node's mirror); None
+        takes values as they are (an in-memory index, a test's raw mirror)."""
         self.namespace = namespace
         self.prefix = namespace_prefix(namespace)
+        self.signer = signer
+        self.max_locations = max_locations
         self.nodes: dict[str, NodeRecord] = {}
         self.locations = Locations(self)
         self.revision = 0
         self.malformed = 0
+        self.rejected = 0  # values without a good signature
+        self.over_cap = 0  # new locations refused at max_locations
         self._names: dict[str, str] = {}  # one str object per node id, not per location
         self._reset_locations()
 
@@ -132,6 +146,18 @@ class IndexMirror:
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
         """Apply one PUT; a malformed key or value is logged and skipped."""
         self.revision = max(self.revision, revision)
+        if self.signer is not None:
+            try:
+                value = self.signer.open(path, value)
+            except ValueError:
+                self.rejected += 1
+                if self.rejected & (self.rejected - 1) == 0:  # 1, 2, 4, ...: no log flood
+                    log.warning(
+                        "dropping index values not signed by the fleet count=%d key=%r",
+                        self.rejected,
+                        path[:120],
+                    )
+                return
         try:
             parsed = parse_path(self.prefix, path)
             if parsed.key is None:
@@ -147,6 +173,15 @@ class IndexMirror:
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
         old_id = self._table.get(parsed.key)
+        if old_id is None and len(self._table) >= self.max_locations:
+            self.over_cap += 1
+            if self.over_cap & (self.over_cap - 1) == 0:
+                log.warning(
+                    "index mirror full: new locations are not kept max_locations=%d refused=%d",
+                    self.max_locations,
+                    self.over_cap,
+                )
+            return
         old = _NOBODY if old_id is None else self._holders[old_id]
         if old.get(name) is not tier:  # type: ignore[union-attr]
             self._table.set(parsed.key, self._intern({**old, name: tier}))  # type: ignore[dict-item]
@@ -183,6 +218,8 @@ class IndexMirror:
         self._free, self._ids = fresh._free, fresh._ids
         self.revision = fresh.revision
         self.malformed += fresh.malformed
+        self.rejected += fresh.rejected
+        self.over_cap += fresh.over_cap
 
     def clear(self) -> None:
         self.nodes.clear()

@@ -3,9 +3,10 @@ and several managers in one process never collide); the daemon exposes it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 
 class TierMetrics:
@@ -68,6 +69,10 @@ class TierMetrics:
         self.bytes.labels(tier).set_function(lambda: blocks() * block_bytes)
         self.capacity.labels(tier).set(slots)
 
+    def watch_index(self, rejected: Callable[[], int], over_cap: Callable[[], int]) -> None:
+        """`kvbm_index_rejected_total`, read from the index mirror when scraped."""
+        self.registry.register(_IndexRejected(rejected, over_cap))
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (tests, status, the demo's summary)."""
         v = self.registry.get_sample_value(name, labels)
@@ -75,3 +80,21 @@ class TierMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _IndexRejected:
+    """Index values the mirror dropped: not signed by the fleet (an etcd writer
+    without the secret), or new locations past the mirror's cap."""
+
+    def __init__(self, rejected: Callable[[], int], over_cap: Callable[[], int]) -> None:
+        self.rejected, self.over_cap = rejected, over_cap
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily(
+            "kvbm_index_rejected",
+            "Index values dropped (reason: signature, cap)",
+            labels=["reason"],
+        )
+        c.add_metric(["signature"], self.rejected())
+        c.add_metric(["cap"], self.over_cap())
+        yield c

@@ -9,13 +9,17 @@ from collections import Counter
 
 from discovery.etcd_index import snapshot
 from discovery.records import Tier
+from discovery.signing import IndexSigner
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import EngineLink
+from transport.secret import load_secret
 
 
 def fleet(cfg: KvbmConfig) -> dict:
-    """Every node of the namespace, as etcd has it."""
-    mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace))
+    """Every node of the namespace, as etcd has it: what the fleet signed
+    (values that fail the signature, with this node's secret, are counted)."""
+    secret = load_secret(cfg.secret_file, cfg.listen_address[0], cfg.dev_insecure)
+    mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace, IndexSigner(secret)))
     held: Counter[tuple[str, Tier]] = Counter()
     for holders in mirror.locations.values():
         for node, tier in holders.items():
@@ -37,7 +41,12 @@ def fleet(cfg: KvbmConfig) -> dict:
                 },
             }
         )
-    return {"namespace": cfg.namespace, "nodes": nodes, "locations": len(mirror.locations)}
+    return {
+        "namespace": cfg.namespace,
+        "nodes": nodes,
+        "locations": len(mirror.locations),
+        "unsigned_values": mirror.rejected,  # not signed with this secret: forged, or another fleet
+    }
 
 
 def node(cfg: KvbmConfig) -> dict:
@@ -62,6 +71,11 @@ def render(result: dict) -> str:
             host = f"{n['host']['blocks']}/{n['host']['capacity']}"
             disk = f"{n['disk']['blocks']}/{n['disk']['capacity']}"
             lines.append(f"{n['node_id']:20} {n['peer_rpc']:22} {host:>16} {disk:>16}")
+        if result["unsigned_values"]:
+            lines.append(
+                f"{result['unsigned_values']} index values not signed with this node's secret "
+                "were ignored (another secret, or forged)"
+            )
         return "\n".join(lines)
     lines = [f"node {result['node_id']} ({result['namespace']}), index: {result['index']}"]
     for tier, t in result.get("tiers", {}).items():

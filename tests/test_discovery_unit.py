@@ -205,3 +205,52 @@ def test_lookup_matches_a_key_by_key_model(ops, wanted):
         assert m.holders(k) == model.get(k, {})
     for keys in ([key(i) for i in wanted], [key(i) for i in range(12)]):
         assert m.lookup(keys, "me") == reference_lookup(model, nodes, keys, "me")
+
+
+# --- signed values, and the mirror's cap ---------------------------------------------------
+
+
+def test_a_signed_value_opens_only_under_its_own_path_and_secret():
+    from discovery.signing import IndexSigner
+
+    signer = IndexSigner(b"s" * 32)
+    path = block_path(NS, key(1), "A")
+    data = signer.sign(path, b"host")
+    assert signer.open(path, data) == b"host"
+    for bad_path, bad_data in (
+        (block_path(NS, key(2), "A"), data),  # moved to another key
+        (block_path(NS, key(1), "B"), data),  # moved to another node
+        (path, data[:-1] + bytes([data[-1] ^ 1])),  # a flipped bit
+        (path, b"host"),  # unsigned
+        (path, b""),
+    ):
+        with pytest.raises(ValueError):
+            signer.open(bad_path, bad_data)
+    with pytest.raises(ValueError):
+        IndexSigner(b"t" * 32).open(path, data)  # another fleet's secret
+
+
+def test_a_signed_mirror_drops_what_the_fleet_did_not_sign():
+    from discovery.signing import IndexSigner
+
+    signer = IndexSigner(b"s" * 32)
+    m = IndexMirror(NS, signer)
+    good, forged = block_path(NS, key(1), "A"), block_path(NS, key(2), "A")
+    m.put(good, signer.sign(good, b"host"))
+    m.put(forged, b"host")
+    m.put(node_path(NS, "A"), NodeRecord("A", "127.0.0.1", 7000).encode())
+    assert m.holders(key(1)) == {"A": Tier.HOST}
+    assert m.holders(key(2)) == {} and "A" not in m.nodes
+    assert m.rejected == 2
+
+
+def test_the_mirror_keeps_at_most_max_locations():
+    m = IndexMirror(NS, max_locations=3)
+    for i in range(5):
+        m.put(block_path(NS, key(i), "A"), b"host")
+    assert len(m.locations) == 3 and m.over_cap == 2
+    m.put(block_path(NS, key(0), "B"), b"disk")  # a known key gains a holder: kept
+    assert m.holders(key(0)) == {"A": Tier.HOST, "B": Tier.DISK}
+    m.delete(block_path(NS, key(1), "A"))  # room again
+    m.put(block_path(NS, key(4), "A"), b"host")
+    assert m.holders(key(4)) == {"A": Tier.HOST}

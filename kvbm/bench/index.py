@@ -18,9 +18,11 @@ from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
 from discovery.records import NodeRecord, Tier
 from discovery.schema import block_path, node_path
+from discovery.signing import IndexSigner
 from kvbm.block_key import KeySpace
 
 NS = "bench"
+SIGNER = IndexSigner(b"bench-fleet-secret-0123456789")  # nodes sign what they publish
 
 
 def block_keys(start: int, n: int, rank: int = 0) -> list[bytes]:
@@ -29,7 +31,7 @@ def block_keys(start: int, n: int, rank: int = 0) -> list[bytes]:
 
 def _index(endpoint: str, node_id: str, ttl: int, watch: bool = True) -> EtcdIndex:
     record = NodeRecord(node_id, "127.0.0.1", 7000, nixl_agent=node_id)
-    return EtcdIndex([endpoint], NS, record, lease_ttl=ttl, watch=watch)
+    return EtcdIndex([endpoint], NS, record, lease_ttl=ttl, watch=watch, signer=SIGNER)
 
 
 async def publish_rate(endpoint: str, ttl: int, total: int = 100_000) -> dict:
@@ -179,6 +181,22 @@ def lookup_latency(locations: int = 1_000_000, nodes: int = 32, samples: int = 2
     }
 
 
+def apply_cost(n: int = 100_000) -> dict:
+    """CPU per watch event applied to a mirror, with and without checking the
+    fleet's signature on its value (what a node pays per location published)."""
+    paths = [block_path(NS, k, "n1") for k in block_keys(50_000_000, n)]
+    out = {}
+    for name, signer in (("mirror_apply_us", None), ("mirror_apply_signed_us", SIGNER)):
+        m = IndexMirror(NS, signer)
+        values = [b"host" if signer is None else signer.sign(p, b"host") for p in paths]
+        t0 = time.perf_counter()
+        for p, v in zip(paths, values, strict=True):
+            m.put(p, v)
+        out[name] = round((time.perf_counter() - t0) / n * 1e6, 2)
+        assert len(m.locations) == n
+    return out
+
+
 def mirror_bytes_per_million(n: int = 200_000) -> int:
     """Python heap bytes a mirror spends per million locations (tracemalloc)."""
     keys = block_keys(40_000_000, n)
@@ -251,5 +269,6 @@ def run(nodes: int = 0, ttl: int = 3) -> dict:
         asyncio.run(all_async())
     if not nodes:
         out.update(lookup_latency())
+        out.update(apply_cost())
     out["mirror_bytes_per_million_locations"] = mirror_bytes_per_million()
     return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from discovery.records import NodeRecord
+from discovery.signing import IndexSigner
 from kvbm import __version__
 from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch
@@ -113,8 +114,7 @@ class Node:
         try:
             agent = NixlAgent(f"kvbm-{self.node_id}", arena.array.ctypes.data, arena.size)
             tiers = ManagerTiers(mgr)
-            # a peer may pin a quarter of the arena, all peers half of it
-            # (but always two pull rounds: a small arena is no use otherwise)
+            # a peer may pin a quarter of the arena, all peers half (always two pull rounds)
             per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)
             total = max(per_peer, mgr.host.num_slots // 2)
             server = PeerServer(
@@ -139,7 +139,7 @@ class Node:
             disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
             version=__version__,
         )
-        publisher = Publisher(mgr, record, cfg.namespace, cfg.etcd_endpoints, cfg.lease_ttl)
+        publisher = Publisher(mgr, record, cfg, IndexSigner(self.secret))
         peers = PeerPool(
             agent, self.secret, geometry.fingerprint, host, publisher.peer, cfg.peer_backoff_s
         )

@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
 from discovery.records import LookupResult, NodeRecord
+from discovery.signing import IndexSigner
+from kvbm.config import KvbmConfig
 from kvbm.manager import BlockManager
 
 log = logging.getLogger("kvbm.node")
@@ -33,15 +34,15 @@ class Publisher:
         self,
         mgr: BlockManager,
         record: NodeRecord,
-        namespace: str,
-        etcd_endpoints: Sequence[str],
-        lease_ttl: int,
+        cfg: KvbmConfig,
+        signer: IndexSigner,
     ) -> None:
         self.mgr = mgr
+        self.signer = signer  # what the node writes is signed; only signed values are believed
         self.record = record
-        self.namespace = namespace
-        self.etcd_endpoints = etcd_endpoints
-        self.lease_ttl = lease_ttl
+        self.namespace = cfg.namespace
+        self.etcd_endpoints = cfg.etcd_endpoints
+        self.lease_ttl = cfg.lease_ttl
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -82,7 +83,13 @@ class Publisher:
         while True:
             index: EtcdIndex | MemoryIndex
             if self.etcd_endpoints:
-                index = EtcdIndex(self.etcd_endpoints, self.namespace, self.record, self.lease_ttl)
+                index = EtcdIndex(
+                    self.etcd_endpoints,
+                    self.namespace,
+                    self.record,
+                    self.lease_ttl,
+                    signer=self.signer,
+                )
             else:
                 index = MemoryIndex(self.namespace, self.record)
             try:
@@ -94,6 +101,8 @@ class Publisher:
                 log.exception("index failed to start, serving local tiers only")
             await asyncio.sleep(INDEX_RETRY_S)
         self.index = index
+        mirror = index.mirror
+        self.mgr.metrics.watch_index(lambda: mirror.rejected, lambda: mirror.over_cap)
         self.mgr.take_changes()  # superseded by the full state below
         self._publish(everything=True)
         self._joined.set()
