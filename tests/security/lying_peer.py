@@ -1,5 +1,6 @@
 """A peer that holds the fleet's secret and lies in its pin replies: real
-tiers holding real blocks, registered in etcd like any node, served over
+tiers holding real blocks, registered in etcd like any node (it signs its
+record and locations: it has the secret), served over
 the real peer RPC and NIXL, but every pin it grants names a wrong length or
 offset. Prints its port once its blocks are in the index, then serves until
 stdin closes.
@@ -15,6 +16,7 @@ import sys
 
 from discovery.etcd_index import EtcdIndex
 from discovery.records import NodeRecord, Tier
+from discovery.signing import IndexSigner
 from kvbm.bench.direct import offload
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
@@ -51,12 +53,13 @@ async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None
     ks = keys(0, n)
     offload(mgr, eng.kv, eng.compute(ks), ks)
     agent = NixlAgent(f"kvbm-liar-{lie}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
-    server = PeerServer(LyingTiers(mgr, lie), agent, load_secret(secret_file, host))
+    secret = load_secret(secret_file, host)
+    server = PeerServer(LyingTiers(mgr, lie), agent, secret)
     port = await server.start(host, 0)
     record = NodeRecord(
         "liar", host, port, nixl_agent=agent.name, fingerprints=(GEOMETRY.fingerprint,)
     )
-    index = EtcdIndex([etcd], SPACE.namespace, record, lease_ttl=5)
+    index = EtcdIndex([etcd], SPACE.namespace, record, lease_ttl=5, signer=IndexSigner(secret))
     await index.start()
     index.publish(dict.fromkeys(ks, Tier.HOST), [])
     print(port, flush=True)
