@@ -7,7 +7,14 @@ import json
 import sys
 
 from discovery.errors import DiscoveryError
-from kvbm.config import add_flags, from_args, quiet_native_logs, reference_table, to_toml
+from kvbm.config import (
+    add_flags,
+    bind_native_transport,
+    from_args,
+    quiet_native_logs,
+    reference_table,
+    to_toml,
+)
 from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
 from transport.errors import TransportError
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = from_args(args)
             setup_logging(cfg.log_level)
+            bind_native_transport(cfg.listen_address[0])
             return daemon.run(cfg)
         if args.command == "status":
             from kvbm import status as status_mod

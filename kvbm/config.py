@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import grp
 import json
 import logging
 import os
 import re
 import socket
+import struct
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from discovery.records import Tier, check_namespace
 from transport.secret import ENV_VAR as SECRET_VAR
 
 log = logging.getLogger("kvbm.config")
+_SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 ENV_PREFIX = "KVBM_"
 CONFIG_FILE_VAR = "KVBM_CONFIG"  # the engines' configuration file (`kvbm` takes --config)
 # KVBM_* variables that are not settings: read where they are used
@@ -264,6 +267,39 @@ def quiet_native_logs() -> None:
     """NIXL logs every agent's start at INFO unless its variable says otherwise:
     kvbm's processes set it (where the user has not) before NIXL loads."""
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+
+
+def bind_native_transport(listen_host: str) -> None:
+    """UCX (under NIXL) listens on every interface unless told otherwise: keep
+    it on the interface of the node's listen address (a node on loopback is
+    then reachable from this machine only), unless the user chose devices."""
+    if "UCX_NET_DEVICES" in os.environ:
+        return
+    device = interface_of(listen_host)
+    if device is not None:
+        os.environ["UCX_NET_DEVICES"] = device
+
+
+def interface_of(host: str) -> str | None:
+    """The network interface holding IPv4 address `host` (None: a wildcard or
+    an address on no interface here)."""
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return None
+    if packed[0] == 127:
+        return "lo"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(
+                    s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode())
+                )
+            except OSError:
+                continue  # no IPv4 address on it
+            if ifreq[20:24] == packed:
+                return name
+    return None
 
 
 def reference_table() -> str:
