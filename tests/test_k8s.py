@@ -147,5 +147,34 @@ def test_the_vllm_example_attaches_to_the_node_the_daemonset_runs():
     node_paths, engine_paths = host_paths(node), host_paths(engine)
     sock_dir = str(Path(cfg.socket).parent)
     assert node_paths[sock_dir] == engine_paths[sock_dir]
-    # and the arena's shared memory is the host's, in both pods
-    assert node_paths["/dev/shm"] == engine_paths["/dev/shm"] == "/dev/shm"
+    # and the arena's directory is the same host directory in both pods
+    arena = node_config().host_arena_dir
+    assert node_paths[arena] == engine_paths[arena] == arena
+
+
+def test_the_node_runs_with_no_capability_and_the_runtimes_seccomp_profile():
+    pod = find("DaemonSet", "kvbm-node")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container(find("DaemonSet", "kvbm-node"))["securityContext"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # the arena has a host directory of its own, not the whole host /dev/shm
+    assert "/dev/shm" not in host_paths(find("DaemonSet", "kvbm-node")).values()
+
+
+def test_network_policies_let_only_kvbm_pods_reach_kvbm_ports():
+    node_labels = find("DaemonSet", "kvbm-node")["spec"]["template"]["metadata"]["labels"]
+    etcd_labels = find("StatefulSet", "kvbm-etcd")["spec"]["template"]["metadata"]["labels"]
+    node = find("NetworkPolicy", "kvbm-node")["spec"]
+    assert node["podSelector"]["matchLabels"].items() <= node_labels.items()
+    # every port from node pods (the peer RPC, UCX's own), only /metrics from anyone
+    from_nodes, metrics = node["ingress"]
+    assert from_nodes["from"][0]["podSelector"]["matchLabels"].items() <= node_labels.items()
+    assert "ports" not in from_nodes
+    assert "from" not in metrics and [p["port"] for p in metrics["ports"]] == [9450]
+    etcd = find("NetworkPolicy", "kvbm-etcd")["spec"]
+    assert etcd["podSelector"]["matchLabels"].items() <= etcd_labels.items()
+    clients, peers = etcd["ingress"]
+    assert clients["from"][0]["podSelector"]["matchLabels"].items() <= node_labels.items()
+    assert [p["port"] for p in clients["ports"]] == [2379]
+    assert peers["from"][0]["podSelector"]["matchLabels"].items() <= etcd_labels.items()
