@@ -9,7 +9,10 @@ import contextlib
 import itertools
 import logging
 import os
+import pwd
 import secrets
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +31,7 @@ from transport.frames import Message
 
 log = logging.getLogger("kvbm.node")
 MAX_KEYS = 8192
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class Tiers(Protocol):
@@ -112,6 +116,10 @@ class EngineServer:
         codec = engine_wire.codec()
         conn = next(self._conn_ids)
         try:
+            stranger = self._stranger(writer)
+            if stranger:
+                log.warning("refusing an engine connection reason=%s", stranger)
+                return
             while True:
                 msg = await codec.read(reader)
                 try:
@@ -135,6 +143,20 @@ class EngineServer:
                 self._settle(self.leases.pop(lease_id), ok=False)
             writer.close()
             self._connections.discard(task)
+
+    def _stranger(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why the process at the other end may not use this node, or None. The
+        socket's mode is the first guard; its peer's credentials (SO_PEERCRED)
+        the second, should a mount or a chmod have opened the socket wider: the
+        node's own user, root, or a member of `shared_group`."""
+        sock = writer.get_extra_info("socket")
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+        pid, uid, gid = _CREDS.unpack(raw)
+        if uid in (0, os.getuid()):
+            return None
+        if self.gid is not None and (gid == self.gid or self.gid in _groups_of(uid, gid)):
+            return None
+        return f"pid {pid} runs as uid {uid}: neither this node's user nor in its shared_group"
 
     # -- calls ---------------------------------------------------------------
     async def _hello(self, body: dict, conn: int) -> dict:
@@ -221,6 +243,13 @@ class EngineServer:
             mgr.complete_load(lease.plan)
             return 0
         return mgr.complete_store(lease.plan, success=ok)
+
+
+def _groups_of(uid: int, gid: int) -> list[int]:
+    try:
+        return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        return [gid]  # a uid with no name here: its primary group only
 
 
 def _remote(body: dict) -> frozenset[Tier]:

@@ -7,15 +7,18 @@ cannot settle the leases of another engine's connection by counting."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from kvbm.connector.attach import NodeAttachment
 from kvbm.errors import NodeError
 from kvbm.host_pool import ARENA_PREFIX
+from tests.node_daemon import Daemon
 from tests.support import GEOMETRY
 
 
@@ -73,3 +76,64 @@ def test_an_engine_cannot_settle_another_engines_leases_by_counting(daemons):
     finally:
         holder.close()
         other.close()
+
+
+# imports first: the interpreter's files may be out of the other user's reach
+ENGINE_AS = """
+import os, sys
+from kvbm.connector.attach import NodeAttachment
+from kvbm.errors import NodeError
+from tests.support import GEOMETRY
+os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
+try:
+    NodeAttachment(sys.argv[1], GEOMETRY, map_arena=False, timeout=10).stats()
+    print("served")
+except NodeError as e:
+    print("refused", e)
+"""
+
+
+def engine_as(socket_path: str, uid: int, gid: int) -> str:
+    """What an engine process of another user gets from the node."""
+    out = subprocess.run(
+        [sys.executable, "-c", ENGINE_AS, socket_path, str(uid), str(gid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture
+def open_node():
+    """open_node(*flags) -> a node whose socket another user can reach: in a
+    directory open to all, the socket itself chmod-ed 0666 (as a careless
+    mount would leave it). Stopped, and its directory removed, after the test."""
+    directory = tempfile.mkdtemp(prefix="kvbm-open-")
+    os.chmod(directory, 0o755)
+    started: list[Daemon] = []
+
+    def start(*flags: str) -> Daemon:
+        started.append(Daemon(directory, "node-a", "127.0.0.2", *flags))
+        os.chmod(started[-1].socket, 0o666)
+        return started[-1]
+
+    yield start
+    for node in started:
+        node.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="running an engine as another user needs root")
+def test_an_engine_of_another_user_is_refused_even_through_an_open_socket(open_node):
+    node = open_node()
+    assert engine_as(node.socket, 0, 0).startswith("served")  # control: the node's own user
+    assert engine_as(node.socket, 65534, 65534).startswith("refused")
+    assert "neither this node's user nor in its shared_group" in node.log()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="running an engine as another user needs root")
+def test_a_member_of_the_shared_group_is_served(open_node):
+    node = open_node("--shared-group", "65534")
+    assert engine_as(node.socket, 65534, 65534).startswith("served")
