@@ -15,21 +15,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from transport.errors import ProtocolError, TransportError
-from transport.frames import FrameCodec, Message
+from transport.errors import AuthError, ProtocolError, TransportError
+from transport.frames import (
+    HANDSHAKE_NONCE_BYTES,
+    FrameCodec,
+    Message,
+    SessionCodec,
+    server_proof,
+    session_keys,
+)
 from transport.nixl_agent import NixlAgent
 from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
-CALLS = ("hello", "pin", "unpin", "ok", "error")
+CALLS = ("hello", "auth", "pin", "unpin", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
 MAX_CONNECTIONS = 256  # peers that said a valid hello
 # Before a valid hello a connection costs the node little and not for long:
@@ -63,7 +72,8 @@ class PeerServer:
     ) -> None:
         self.source = source
         self.agent = agent
-        self.codec = FrameCodec(secret, CALLS)
+        self.secret = secret
+        self.codec = FrameCodec(secret, CALLS)  # hellos: one codec, so one nonce memory
         self.pin_ttl = pin_ttl
         self.max_pins_per_peer = max_pins_per_peer
         self.max_pins_total = max_pins_total
@@ -138,21 +148,19 @@ class PeerServer:
                 )
                 return
             try:
-                hello = self.codec.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
-                msg = await asyncio.wait_for(hello, HELLO_TIMEOUT_S)
+                handshake = self._handshake(reader, writer)
+                session, msg = await asyncio.wait_for(handshake, HELLO_TIMEOUT_S)
             except TimeoutError:
                 raise ProtocolError(f"no hello within {HELLO_TIMEOUT_S:g} s") from None
-            if msg.call != "hello":
-                raise ProtocolError("hello must come first, and once")
-            self._authenticated(ip)  # the frame's MAC checked out
+            self._authenticated(ip)  # both sides proved the secret, now
             ip = None
             if self.connections > MAX_CONNECTIONS:
                 raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
-            peer, reply = self._hello(msg)
+            peer, reply = self._auth(msg)
             while True:
-                writer.write(self.codec.encode(Message("ok", msg.id, reply)))
+                writer.write(session.encode(Message("ok", msg.id, reply)))
                 await writer.drain()
-                msg = await self.codec.read(reader, body_timeout=FRAME_TIMEOUT_S)
+                msg = await session.read(reader, body_timeout=FRAME_TIMEOUT_S)
                 reply = await self._call(peer, msg)
         except TimeoutError:
             log.warning("closing peer connection addr=%s reason=a frame stalled", addr)
@@ -195,24 +203,45 @@ class PeerServer:
         if msg.call == "unpin":
             self._release(peer, _keys(msg))
             return {}
-        raise ProtocolError(
-            "hello must come first, and once"
-            if msg.call == "hello"
-            else f"{msg.call!r} is not a request"
-        )
+        if msg.call in ("hello", "auth"):
+            raise ProtocolError("hello must come first, and once")
+        raise ProtocolError(f"{msg.call!r} is not a request")
 
-    def _hello(self, msg: Message) -> tuple[str, dict]:
-        body = msg.body
-        fingerprints = body.get("fingerprints")
-        metadata = body.get("nixl")
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[SessionCodec, Message]:
+        """hello (signed: the client's fresh nonce) -> our nonce and proof ->
+        the client's first sealed frame, `auth`, which only a holder of the
+        secret can seal under this connection's keys. Returns the session and
+        that frame. No NIXL metadata moves before it, and none in clear."""
+        hello = await self.codec.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
+        client_nonce = hello.body.get("nonce")
+        fingerprints = hello.body.get("fingerprints")
         if (
-            not isinstance(fingerprints, list)
+            hello.call != "hello"
+            or not isinstance(client_nonce, bytes)
+            or len(client_nonce) != HANDSHAKE_NONCE_BYTES
+            or not isinstance(fingerprints, list)
             or not all(type(f) is int for f in fingerprints)
-            or not isinstance(metadata, bytes)
         ):
-            raise ProtocolError("bad hello")
+            raise ProtocolError("hello must come first, and once")
         if not set(fingerprints) & self.source.fingerprints:
             raise ProtocolError("no layout fingerprint in common: the nodes cannot share blocks")
+        nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
+        proof = server_proof(self.secret, client_nonce, nonce)
+        writer.write(self.codec.encode(Message("ok", hello.id, {"nonce": nonce, "proof": proof})))
+        await writer.drain()
+        to_server, to_client = session_keys(self.secret, client_nonce, nonce)
+        session = SessionCodec(to_client, to_server, CALLS)
+        msg = await session.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
+        if msg.call != "auth":
+            raise ProtocolError("hello must come first, and once")
+        return session, msg
+
+    def _auth(self, msg: Message) -> tuple[str, dict]:
+        metadata = msg.body.get("nixl")
+        if not isinstance(metadata, bytes):
+            raise ProtocolError("bad hello")
         peer = self.agent.add_peer(metadata)
         return peer, {
             "nixl": self.agent.metadata,
@@ -283,7 +312,8 @@ class PeerClient:
 
     def __init__(self, agent: NixlAgent, secret: bytes, fingerprints: Iterable[int]) -> None:
         self.agent = agent
-        self.codec = FrameCodec(secret, CALLS)
+        self.secret = secret
+        self.codec: SessionCodec | None = None  # once the handshake is done
         self.fingerprints = sorted(fingerprints)
         self.peer: str | None = None
         self.remote_arena = 0  # the peer's arena: base address and size, from its hello
@@ -298,20 +328,47 @@ class PeerClient:
     async def connect(
         self, host: str, port: int, timeout: float = 5.0, local_host: str | None = None
     ) -> None:
-        """Connect and say hello; `local_host` binds this side (a node's own address)."""
+        """Connect and shake hands; `local_host` binds this side (a node's own address).
+        Our NIXL metadata leaves only sealed, to a peer that proved the secret."""
         local = (local_host, 0) if local_host else None
         reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=local), timeout
         )
+        try:
+            self.codec = await asyncio.wait_for(self._handshake(reader, self._writer), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise TransportError(f"the peer hung up during the handshake: {e!r}") from None
         self._replies = asyncio.create_task(self._read_replies(reader))
-        reply = await self.call(
-            "hello", {"nixl": self.agent.metadata, "fingerprints": self.fingerprints}, timeout
-        )
+        reply = await self.call("auth", {"nixl": self.agent.metadata}, timeout)
         base, size = reply.get("arena"), reply.get("arena_bytes")
         if not all(type(v) is int and 0 <= v < 2**64 for v in (base, size)):
             raise ProtocolError("the peer's hello names no arena")
         self.remote_arena, self.remote_arena_bytes = base, size
         self.peer = self.agent.add_peer(reply["nixl"])
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> SessionCodec:
+        """Our fresh nonce out (signed); the peer's nonce and its proof back,
+        which only a holder of the secret could make for our nonce; then this
+        connection's keys, one per direction."""
+        hello = FrameCodec(self.secret, CALLS)
+        nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
+        body = {"nonce": nonce, "fingerprints": self.fingerprints}
+        writer.write(hello.encode(Message("hello", 0, body)))
+        await writer.drain()
+        reply = await hello.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
+        theirs, proof = reply.body.get("nonce"), reply.body.get("proof")
+        if (
+            reply.call != "ok"
+            or not isinstance(theirs, bytes)
+            or len(theirs) != HANDSHAKE_NONCE_BYTES
+            or not isinstance(proof, bytes)
+            or not hmac.compare_digest(proof, server_proof(self.secret, nonce, theirs))
+        ):
+            raise AuthError("the peer did not prove the secret")
+        to_server, to_client = session_keys(self.secret, nonce, theirs)
+        return SessionCodec(to_server, to_client, CALLS)
 
     @property
     def usable(self) -> bool:
@@ -321,6 +378,7 @@ class PeerClient:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
+                assert self.codec is not None
                 msg = await self.codec.read(reader)
                 waiter = self._pending.pop(msg.id, None)
                 if waiter is not None and not waiter.done():
@@ -376,6 +434,7 @@ class PeerClient:
     def _send(self, name: str, body: dict) -> tuple[int, asyncio.Future[Message]]:
         if self._writer is None or self._closed:
             raise TransportError(self._closed or "not connected")
+        assert self.codec is not None, "calls go out after the handshake"
         msg_id = next(self._ids)
         waiter = self._pending[msg_id] = asyncio.get_running_loop().create_future()
         self._writer.write(self.codec.encode(Message(name, msg_id, body)))

@@ -20,9 +20,10 @@ import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
 from tests.node_daemon import until
+from tests.security.peer_attacks import hello, raw_session
 from tests.support import GEOMETRY, Engine
 from transport.errors import TransportError
-from transport.frames import MAX_ITEMS, NONCE_BYTES
+from transport.frames import MAX_ITEMS, NONCE_BYTES, Message
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import MAX_CONNECTIONS, MAX_KEYS_PER_CALL, PeerClient
 
@@ -41,12 +42,6 @@ def signed(payload: bytes) -> bytes:
     """A frame around any payload, with a valid HMAC: only the content is hostile."""
     mac = hmac.new(SECRET, payload, hashlib.sha256).digest()
     return struct.pack(">I", len(mac) + len(payload)) + mac + payload
-
-
-def frame(call: str, body: object, ts: float | None = None) -> bytes:
-    fields = {"v": 1, "call": call, "id": 1, "ts": time.time() if ts is None else ts}
-    fields |= {"nonce": os.urandom(NONCE_BYTES), "body": body}
-    return signed(msgpack.packb(fields, use_bin_type=True))
 
 
 class Hostile:
@@ -70,17 +65,6 @@ class Hostile:
     def close(self) -> None:
         for a in self.agents:
             a.close()
-
-
-async def raw_hello(host: str, port: int, agent: NixlAgent):
-    """A raw connection that has said a valid hello (so later frames are judged)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    hello = {"nixl": agent.metadata, "fingerprints": [GEOMETRY.fingerprint]}
-    writer.write(frame("hello", hello))
-    await writer.drain()
-    n = struct.unpack(">I", await reader.readexactly(4))[0]
-    await reader.readexactly(n)
-    return reader, writer
 
 
 async def hung_up(reader: asyncio.StreamReader) -> bool:
@@ -142,25 +126,34 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
                 b"\xdb" + struct.pack(">I", 2**32 - 1),  # string of 4 GiB
                 msgpack.packb([0] * (MAX_ITEMS + 1)),
             ):
-                reader, writer = await raw_hello(host, p, agent)
-                writer.write(signed(payload))
+                reader, writer, session = await raw_session(host, p, agent.metadata)
+                writer.write(session.seal(payload))
                 await writer.drain()
                 assert await hung_up(reader)
                 writer.close()
             # 3. a length prefix of 4 GiB: refused before anything is read or allocated
-            reader, writer = await raw_hello(host, p, agent)
+            reader, writer, _ = await raw_session(host, p, agent.metadata)
             writer.write(struct.pack(">I", 2**32 - 1) + b"x" * 64)
             await writer.drain()
             assert await hung_up(reader)
-            # 4. a second hello, a stale frame, an unknown version, a replayed frame
+            # 4. a second hello, and a sealed frame sent twice, in a session
+            reader, writer, session = await raw_session(host, p, agent.metadata)
+            writer.write(session.encode(Message("hello", 2, {"nixl": agent.metadata})))
+            await writer.drain()
+            assert await hung_up(reader)
+            reader, writer, session = await raw_session(host, p, agent.metadata)
+            sealed = session.encode(Message("unpin", 2, {"keys": wire[:1]}))
+            writer.write(sealed + sealed)  # the second copy does not open: a replay
+            await writer.drain()
+            assert await hung_up(reader)
+            # a stale hello, one of an unknown version, a hello replayed on another connection
             for bad in (
-                frame("hello", {"nixl": agent.metadata, "fingerprints": [GEOMETRY.fingerprint]}),
-                frame("pin", {"keys": wire[:1]}, ts=time.time() - 3600),
+                hello(ts=time.time() - 3600),
                 signed(
                     msgpack.packb(
                         {
                             "v": 99,
-                            "call": "pin",
+                            "call": "hello",
                             "id": 1,
                             "ts": time.time(),
                             "nonce": os.urandom(NONCE_BYTES),
@@ -169,17 +162,17 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
                     )
                 ),
             ):
-                reader, writer = await raw_hello(host, p, agent)
+                reader, writer = await asyncio.open_connection(host, p)
                 writer.write(bad)
                 await writer.drain()
                 assert await hung_up(reader)
-            captured = frame("unpin", {"keys": wire[:1]})
-            reader, writer = await raw_hello(host, p, agent)
-            writer.write(captured)  # the first time it is served
+            captured = hello()
+            reader, writer = await asyncio.open_connection(host, p)
+            writer.write(captured)  # the first time it is answered
             await writer.drain()
             n = struct.unpack(">I", await asyncio.wait_for(reader.readexactly(4), 10))[0]
             await reader.readexactly(n)
-            reader, writer = await raw_hello(host, p, agent)
+            reader, writer = await asyncio.open_connection(host, p)
             writer.write(captured)  # replayed on another connection
             await writer.drain()
             assert await hung_up(reader)

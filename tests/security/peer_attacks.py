@@ -15,7 +15,15 @@ import msgpack
 
 from kvbm.connector.attach import NodeAttachment
 from tests.support import GEOMETRY
-from transport.frames import NONCE_BYTES
+from transport.frames import (
+    HANDSHAKE_NONCE_BYTES,
+    NONCE_BYTES,
+    FrameCodec,
+    Message,
+    SessionCodec,
+    session_keys,
+)
+from transport.peer_rpc import CALLS
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -58,3 +66,31 @@ async def answer(host: str, port: int, data: bytes, timeout: float = 10.0) -> by
         return got
     finally:
         writer.close()
+
+
+def hello(nonce: bytes | None = None, **fields: object) -> bytes:
+    """A client's first frame, as the handshake wants it (fields override)."""
+    body = {
+        "nonce": nonce or os.urandom(HANDSHAKE_NONCE_BYTES),
+        "fingerprints": [GEOMETRY.fingerprint],
+    }
+    return frame("hello", body, **fields)  # type: ignore[arg-type]
+
+
+async def raw_session(
+    host: str, port: int, metadata: bytes, secret: bytes = SECRET
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SessionCodec]:
+    """A hand-driven handshake, through `auth`: a connection whose later frames
+    the node judges, and the session that seals them (any payload: `seal`)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
+    writer.write(hello(nonce))
+    await writer.drain()
+    n = struct.unpack(">I", await reader.readexactly(4))[0]
+    reply = FrameCodec(secret, CALLS).decode(await reader.readexactly(n))
+    to_server, to_client = session_keys(secret, nonce, reply.body["nonce"])
+    session = SessionCodec(to_server, to_client, CALLS)
+    writer.write(session.encode(Message("auth", 1, {"nixl": metadata})))
+    await writer.drain()
+    await session.read(reader)
+    return reader, writer, session

@@ -11,11 +11,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
-from tests.security.peer_attacks import SECRET, answer, frame, serving, write_secret
-from tests.support import GEOMETRY
-from transport.nixl_agent import NixlAgent
+from tests.security.peer_attacks import SECRET, answer, hello, serving, write_secret
 
 
 def node_start(tmp_path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -57,16 +53,12 @@ def test_the_secret_in_the_environment_is_no_stray_setting(tmp_path):
 def test_a_frame_stamped_nan_is_not_fresh(daemons, tmp_path):
     node = daemons("node-a", "127.0.0.2", "--secret-file", write_secret(tmp_path / "s"))
     host, port, engine = serving(node)
-    memory = np.zeros(1 << 16, dtype=np.uint8)
-    agent = NixlAgent("nan-stamper", memory.ctypes.data, memory.size)
     try:
-        hello = {"nixl": agent.metadata, "fingerprints": [GEOMETRY.fingerprint]}
-        # control: the same hello, stamped now, is answered (with the node's metadata)
-        assert len(asyncio.run(answer(host, port, frame("hello", hello)))) > 4
+        # control: the same hello, stamped now, is answered (with the node's challenge)
+        assert len(asyncio.run(answer(host, port, hello()))) > 4
         # stamped NaN: the node hangs up without a word
-        assert asyncio.run(answer(host, port, frame("hello", hello, ts=math.nan))) == b""
+        assert asyncio.run(answer(host, port, hello(ts=math.nan))) == b""
         assert "stale or future timestamp" in node.log()
         assert engine.stats()["ready"]
     finally:
-        agent.close()
         engine.close()

@@ -1,0 +1,137 @@
+"""Issue 14, finding 2: a node's NIXL metadata went out in its first frame, in
+clear, to whatever answered at a peer's address. Now both sides prove the
+secret before any metadata moves, and it moves sealed. Against real node
+processes: (1) a squatter on a dead node's address (its record still in the
+index) receives a hello with a nonce and nothing else, and the node that
+called recomputes; (2) a recorder between an honest client and a node sees
+neither side's metadata, while the pull through it is bit-exact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+from kvbm.bench.direct import onboard
+from kvbm.connector.attach import Available, NodeAttachment
+from kvbm.peer_tiers import ManagerTiers
+from tests.node_daemon import until
+from tests.security.peer_attacks import SECRET, write_secret
+from tests.support import GEOMETRY, Engine
+from transport.frames import FrameCodec
+from transport.nixl_agent import NixlAgent
+from transport.peer_rpc import CALLS, PeerClient, pull
+
+BLOCKS = 8
+
+
+async def squat(host: str, port: int, heard: list[bytes]) -> asyncio.Server:
+    """A listener without the secret where a node used to be: it keeps what
+    it hears and answers garbage."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await asyncio.wait_for(reader.read(1 << 16), 5):
+                heard.append(chunk)
+                writer.write(b"\x00\x00\x00\x40" + os.urandom(64))
+                await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, host, port)
+
+
+def test_a_squatter_on_a_dead_nodes_address_learns_no_metadata(etcd, daemons, tmp_path):
+    secret = write_secret(tmp_path / "secret")
+    common = ["--etcd", etcd.endpoint, "--secret-file", secret, "--lease-ttl", "10"]
+    a = daemons("node-a", "127.0.0.2", *common)
+    b = daemons("node-b", "127.0.0.3", *common, "--peer-timeout-ms", "1000")
+    eng_a = NodeAttachment(a.socket, GEOMETRY)
+    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    try:
+        ks = eng_a.keys(list(range(BLOCKS)))
+        made = Engine(BLOCKS)
+        assert eng_a.store(made.kv, ks, made.compute(ks)) == BLOCKS
+        host, port = eng_a.stats()["peer_address"].rsplit(":", 1)
+        until(lambda: eng_b.lookup(ks) == Available(0, BLOCKS), 10, "B never saw A's blocks")
+        eng_a.close()
+        os.kill(a.proc.pid, signal.SIGKILL)  # its record lives on in B's mirror for the TTL
+        a.proc.wait(10)
+        heard: list[bytes] = []
+
+        async def scenario() -> tuple[int, dict]:
+            server = await squat(host, int(port), heard)
+            try:
+                got = Engine(BLOCKS)
+                return await asyncio.to_thread(eng_b.load, got.kv, ks, list(range(BLOCKS)))
+            finally:
+                server.close()
+                await server.wait_closed()
+
+        loaded, sources = asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert loaded == 0 and not sources.get("remote_host")  # B recomputes
+        data = b"".join(heard)
+        assert data, "B never called the squatter: the test proves nothing"
+        # all it heard is one signed hello: a nonce and the layout, no metadata
+        first = FrameCodec(SECRET, CALLS).decode(data[4 : 4 + int.from_bytes(data[:4], "big")])
+        assert first.call == "hello" and set(first.body) == {"nonce", "fingerprints"}
+        assert len(data) == 4 + int.from_bytes(data[:4], "big")
+    finally:
+        eng_b.close()
+
+
+def test_a_recorder_on_the_wire_sees_no_metadata(daemons, make_manager, tmp_path):
+    node = daemons("node-a", "127.0.0.2", "--secret-file", write_secret(tmp_path / "secret"))
+    engine = NodeAttachment(node.socket, GEOMETRY)
+    mgr = make_manager(host_slots=2 * BLOCKS)
+    agent = NixlAgent("recorded", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+    theirs: list[bytes] = []  # the node's metadata, as the client received it
+    add_peer = agent.add_peer
+    agent.add_peer = lambda metadata: (theirs.append(metadata), add_peer(metadata))[1]
+    try:
+        ks = engine.keys(list(range(BLOCKS)))
+        made = Engine(BLOCKS)
+        assert engine.store(made.kv, ks, made.compute(ks)) == BLOCKS
+        host, port = engine.stats()["peer_address"].rsplit(":", 1)
+        wire: list[bytes] = []
+
+        async def relay(reader, writer) -> None:
+            """A man in the middle: records both directions and passes them on."""
+            up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+            async def pump(src, dst) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while chunk := await src.read(1 << 16):
+                        wire.append(chunk)
+                        dst.write(chunk)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+        async def scenario() -> list[bytes]:
+            proxy = await asyncio.start_server(relay, "127.0.0.4", 0)
+            client = PeerClient(agent, SECRET, [GEOMETRY.fingerprint])
+            try:
+                await client.connect("127.0.0.4", proxy.sockets[0].getsockname()[1], 10)
+                return await pull(client, ks, ManagerTiers(mgr), timeout=20)
+            finally:
+                await client.close()
+                proxy.close()
+
+        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == ks  # pulled through it
+        got = Engine(BLOCKS)
+        assert onboard(mgr, got.kv, ks, list(range(BLOCKS))) == BLOCKS
+        assert all(got.holds(k, i) for i, k in enumerate(ks))
+        recorded = b"".join(wire)
+        assert theirs and len(recorded) > 1000
+        for metadata in (agent.metadata, theirs[0]):
+            # not whole, and not in any 32-byte piece
+            pieces = {metadata[i : i + 32] for i in range(0, len(metadata) - 32, 16)}
+            assert not any(piece in recorded for piece in pieces)
+    finally:
+        agent.close()
+        engine.close()
