@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transport.errors import AuthError, ProtocolError
-from transport.frames import FrameCodec, Message
+from transport.frames import FrameCodec, Message, SessionCodec, server_proof, session_keys
 
 SECRET = b"s" * 32
 CALLS = ("hello", "pin", "unpin")
@@ -144,3 +144,49 @@ def test_fuzz_signed_garbage_is_refused_cleanly(value):
     except ProtocolError:
         return
     assert isinstance(msg, Message)
+
+
+# --- sealed frames (after the handshake) -------------------------------------------------------
+
+
+def session_pair() -> tuple[SessionCodec, SessionCodec]:
+    """A client's and a server's codec for one connection."""
+    to_server, to_client = session_keys(b"s" * 32, b"c" * 32, b"n" * 32)
+    calls = ("pin", "ok")
+    return SessionCodec(to_server, to_client, calls), SessionCodec(to_client, to_server, calls)
+
+
+def test_a_sealed_frame_opens_once_in_order_and_one_way():
+    client, server = session_pair()
+    one = client.encode(Message("pin", 1, {"keys": [b"k"]}))
+    two = client.encode(Message("pin", 2, {}))
+    assert b"pin" not in one  # sealed: nothing of the call shows
+    assert server.decode(one[4:]) == Message("pin", 1, {"keys": [b"k"]})
+    with pytest.raises(AuthError):
+        server.decode(one[4:])  # the same frame again: a replay
+    client2, server2 = session_pair()
+    _, second = (client2.encode(Message("pin", i, {})) for i in (1, 2))
+    with pytest.raises(AuthError):
+        server2.decode(second[4:])  # out of order
+    assert server.decode(two[4:]).id == 2
+    reply = server.encode(Message("ok", 2, {}))
+    with pytest.raises(AuthError):
+        server.decode(reply[4:])  # its own direction's frame does not open as the other's
+    assert client.decode(reply[4:]).call == "ok"
+
+
+def test_a_tampered_or_foreign_sealed_frame_does_not_open():
+    client, server = session_pair()
+    frame = bytearray(client.encode(Message("pin", 1, {})))
+    frame[-1] ^= 1
+    with pytest.raises(AuthError):
+        server.decode(bytes(frame[4:]))
+    other = SessionCodec(*session_keys(b"s" * 32, b"d" * 32, b"n" * 32), ("pin", "ok"))
+    with pytest.raises(AuthError):
+        server.decode(other.encode(Message("pin", 1, {}))[4:])  # another connection's keys
+
+
+def test_the_server_proof_is_bound_to_the_clients_nonce():
+    proof = server_proof(b"s" * 32, b"c" * 32, b"n" * 32)
+    assert proof != server_proof(b"s" * 32, b"d" * 32, b"n" * 32)
+    assert proof != server_proof(b"t" * 32, b"c" * 32, b"n" * 32)
