@@ -1,16 +1,18 @@
 """The peer control RPC over asyncio TCP, in authenticated frames (frames.py).
 
-Calls: `hello` (NIXL metadata, arena base address and layout fingerprints, both
-ways; a peer without a common fingerprint is refused), `pin` (the longest held
-prefix of some keys, pinned, with arena offsets and checksums) and `unpin`.
-Pins expire after `pin_ttl` seconds, so a requester that dies never leaks
-them; a peer may hold at most `max_pins_per_peer` at once and all peers
-together `max_pins_total`, so no peer can take the arena from the node's own
-engines. A connection that sends anything malformed (a second hello
-included) is closed with a logged reason; the server goes on serving its
-other peers, at most MAX_CONNECTIONS at once.
+A connection opens with a handshake: `hello` (signed: the client's fresh
+nonce and layout fingerprints; a peer without a common fingerprint is
+refused) is answered with the server's nonce and its proof of the secret;
+from then on every frame is sealed under this connection's keys, and `auth`
+(sealed) trades NIXL metadata, arena base and size both ways. Then `pin`
+(the longest held prefix of some keys, pinned, with arena offsets and
+checksums) and `unpin`. Pins expire after `pin_ttl` seconds, so a requester
+that dies never leaks them; a peer may hold at most `max_pins_per_peer` at
+once and all peers together `max_pins_total`, so no peer can take the arena
+from the node's own engines. A connection that sends anything malformed (a
+second hello included) is closed with a logged reason; the server goes on
+serving its other peers, at most MAX_CONNECTIONS at once.
 """
-
 from __future__ import annotations
 
 import asyncio
