@@ -13,6 +13,7 @@ from the node's own engines. A connection that sends anything malformed (a
 second hello included) is closed with a logged reason; the server goes on
 serving its other peers, at most MAX_CONNECTIONS at once.
 """
+
 from __future__ import annotations
 
 import asyncio
