@@ -1,7 +1,8 @@
 """The peer server's pin table, the one record of what peers hold pinned,
-on a real block manager: a key pinned twice for one peer holds one pin, and
-a pin taken while the peer's table is emptied (its last unpin, the reaper)
-still lands where an unpin, expiry or close finds it."""
+on a real block manager: a key pinned twice for one peer holds one pin; a
+pin taken while the peer's table is emptied (its last unpin, the reaper)
+still lands where an unpin, expiry or close finds it; pins taken at once
+cannot pass the caps together."""
 
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def expect_no_pins(mgr) -> None:
     assert not any(mgr.host.table.pins), "a pin outlived its peer server"
 
 
-def serve(mgr, scenario) -> None:
+def serve(mgr, scenario, **caps: int) -> None:
     agent = NixlAgent("pins-test", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
     try:
-        asyncio.run(asyncio.wait_for(scenario(PeerServer(GatedTiers(mgr), agent, SECRET)), 30))
+        server = PeerServer(GatedTiers(mgr), agent, SECRET, **caps)
+        asyncio.run(asyncio.wait_for(scenario(server), 30))
     finally:
         agent.close()
 
@@ -89,4 +91,31 @@ def test_a_pin_that_races_the_peers_last_unpin_is_still_recorded(make_manager):
         await server.close()  # gives back every pin it knows
 
     serve(mgr, scenario)
+    expect_no_pins(mgr)
+
+
+def test_pins_taken_at_once_share_the_caps(make_manager):
+    mgr = make_manager(host_slots=16)
+    ks = keys(0, 12)
+    store(mgr, ks)
+
+    async def scenario(server: PeerServer) -> None:
+        # p asks for [k0..k3] and [k4..k7] at once, q for [k8..k11], all held up
+        # in the tiers: each ask sees room before the others have pinned
+        tiers = server.source
+        assert isinstance(tiers, GatedTiers)
+        tiers.gate.clear()
+        asks = [
+            asyncio.create_task(server._pin(who, Message("pin", 1, {"keys": chunk})))
+            for who, chunk in (("p", ks[0:4]), ("p", ks[4:8]), ("q", ks[8:12]))
+        ]
+        await asyncio.sleep(0.1)
+        tiers.gate.set()
+        got = [len((await a)["blocks"]) for a in asks]
+        # a peer may hold 4, all peers 6: p gets 4 in all, q what is left
+        assert len(server.pins["p"]) <= 4 and server.pinned_count <= 6, got
+        assert sum(got) == server.pinned_count
+        await server.close()
+
+    serve(mgr, scenario, max_pins_per_peer=4, max_pins_total=6)
     expect_no_pins(mgr)

@@ -84,6 +84,7 @@ class PeerServer:
         self.unauthenticated: dict[str, int] = {}  # address -> connections before hello
         self._refusals = _Refusals()
         self.pins: dict[str, dict[bytes, _Pin]] = {}
+        self._asking: dict[str, int] = {}  # peer -> keys its pins in flight may pin
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._handlers: set[asyncio.Task] = set()  # one per open connection
@@ -255,12 +256,19 @@ class PeerServer:
 
     async def _pin(self, peer: str, msg: Message) -> dict:
         keys = _keys(msg)
+        asking = self._asking  # pins being taken now count against the caps too
         room = min(
-            self.max_pins_per_peer - len(self.pins.get(peer, {})),
-            self.max_pins_total - self.pinned_count,
+            self.max_pins_per_peer - len(self.pins.get(peer, {})) - asking.get(peer, 0),
+            self.max_pins_total - self.pinned_count - sum(asking.values()),
         )
         keys = keys[: max(0, room)]
-        blocks = await asyncio.to_thread(self.source.prepare_read, keys) if keys else []
+        asking[peer] = asking.get(peer, 0) + len(keys)
+        try:
+            blocks = await asyncio.to_thread(self.source.prepare_read, keys) if keys else []
+        finally:
+            asking[peer] -= len(keys)
+            if not asking[peer]:
+                del asking[peer]
         expiry = time.monotonic() + self.pin_ttl
         held = self.pins.setdefault(peer, {})  # after the await: the reaper may have dropped it
         again = []
