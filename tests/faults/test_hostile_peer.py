@@ -20,7 +20,7 @@ import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
 from tests.node_daemon import until
-from tests.security.peer_attacks import hello, raw_session
+from tests.security.peer_attacks import hello, raw_session, rss_mb
 from tests.support import GEOMETRY, Engine
 from transport.errors import TransportError
 from transport.frames import MAX_ITEMS, NONCE_BYTES, Message
@@ -30,12 +30,6 @@ from transport.peer_rpc import MAX_CONNECTIONS, MAX_KEYS_PER_CALL, PeerClient
 SECRET = b"0123456789abcdef0123456789abcdef"
 HOST_MB = 4  # 256 blocks of 16 KiB: a peer may pin 64, all peers 128
 BLOCKS = 100
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(x for x in f if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 def signed(payload: bytes) -> bytes:

@@ -28,6 +28,13 @@ from transport.peer_rpc import CALLS
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, MB."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def write_secret(path, mode: int = 0o400) -> str:
     path.write_bytes(SECRET)
     path.chmod(mode)

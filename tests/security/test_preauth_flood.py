@@ -14,19 +14,13 @@ import time
 
 from kvbm.connector.attach import Available, NodeAttachment
 from tests.node_daemon import until
-from tests.security.peer_attacks import write_secret
+from tests.security.peer_attacks import rss_mb, write_secret
 from tests.support import GEOMETRY, Engine
 from transport.peer_rpc import HELLO_TIMEOUT_S
 
 ATTACKER = "127.0.0.4"
 IDLE = HALF_SENT = 300
 BLOCKS = 64
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(x for x in f if x.startswith("VmRSS:"))
-    return int(line.split()[1]) / 1024
 
 
 async def open_flood(host: str, port: int) -> list[asyncio.StreamWriter]:
