@@ -1,20 +1,25 @@
-"""What the security tests share: a node with a known secret, reached as a
-peer would reach it, with frames built by hand (so only what the test means
-to be hostile is)."""
+"""What the security tests share: nodes with a known secret (one alone, or a
+pair on one etcd where A holds a prompt B has seen), reached as a peer would
+reach them, with frames built by hand (so only what the test means to be
+hostile is)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
 import struct
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import msgpack
 
-from kvbm.connector.attach import NodeAttachment
-from tests.support import GEOMETRY
+from kvbm.connector.attach import Available, NodeAttachment
+from tests.node_daemon import Daemon, until
+from tests.support import GEOMETRY, Engine
 from transport.frames import (
     HANDSHAKE_NONCE_BYTES,
     NONCE_BYTES,
@@ -33,6 +38,43 @@ def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         line = next(x for x in f if x.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
+
+
+@dataclass
+class Pair:
+    """Two nodes: A holds `keys` in its host tier, and B (its engine allowed
+    remote host tiers) has seen them in the index."""
+
+    a: Daemon
+    b: Daemon
+    eng_a: NodeAttachment
+    eng_b: NodeAttachment
+    keys: list[bytes]
+    host: str  # A's peer RPC
+    port: int
+
+
+@contextlib.contextmanager
+def two_nodes(
+    etcd, daemons, tmp_path, blocks: int, *flags: str, b_flags: tuple[str, ...] = ()
+) -> Iterator[Pair]:
+    """node-a on 127.0.0.2 and node-b on 127.0.0.3, on `etcd` with one secret;
+    their engines are closed afterwards (the daemons by the fixture)."""
+    common = ["--etcd", etcd.endpoint, "--secret-file", write_secret(tmp_path / "secret")]
+    a = daemons("node-a", "127.0.0.2", *common, *flags)
+    b = daemons("node-b", "127.0.0.3", *common, *flags, *b_flags)
+    eng_a = NodeAttachment(a.socket, GEOMETRY)
+    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    try:
+        ks = eng_a.keys(list(range(blocks)))
+        made = Engine(blocks)
+        assert eng_a.store(made.kv, ks, made.compute(ks)) == blocks
+        host, port = eng_a.stats()["peer_address"].rsplit(":", 1)
+        until(lambda: eng_b.lookup(ks) == Available(0, blocks), 10, "B never saw A's blocks")
+        yield Pair(a, b, eng_a, eng_b, ks, host, int(port))
+    finally:
+        eng_a.close()
+        eng_b.close()
 
 
 def write_secret(path, mode: int = 0o400) -> str:

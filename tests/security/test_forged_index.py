@@ -9,6 +9,7 @@ prompt bit-exact, and counts what it dropped in kvbm_index_rejected_total."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import urllib.request
 
@@ -17,9 +18,9 @@ import msgpack
 
 from discovery.etcd_server import free_port
 from discovery.schema import block_path, node_path
-from kvbm.connector.attach import Available, NodeAttachment
+from kvbm.connector.attach import Available
 from tests.node_daemon import until
-from tests.security.peer_attacks import write_secret
+from tests.security.peer_attacks import two_nodes
 from tests.support import GEOMETRY, SPACE, Engine
 
 BLOCKS = 16
@@ -41,21 +42,23 @@ def record(node_id: str, address: str, port: int) -> bytes:
 
 
 def test_an_etcd_writer_without_the_secret_cannot_steer_a_node(etcd, daemons, tmp_path):
-    secret = write_secret(tmp_path / "secret")
-    common = ["--etcd", etcd.endpoint, "--secret-file", secret, "--namespace", SPACE.namespace]
     metrics = free_port("127.0.0.3")
-    a = daemons("node-a", "127.0.0.2", *common)
-    b = daemons("node-b", "127.0.0.3", *common, "--metrics-port", str(metrics))
     listener = socket.create_server(("127.0.0.4", 0))  # where a forger would steer B
     listener.settimeout(0.1)
-    eng_a = NodeAttachment(a.socket, GEOMETRY)
-    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
-    try:
-        ks = eng_a.keys(list(range(BLOCKS)))
-        theirs = eng_a.keys(list(range(1000, 1000 + BLOCKS)))  # a prompt nobody holds
-        made = Engine(BLOCKS)
-        assert eng_a.store(made.kv, ks, made.compute(ks)) == BLOCKS
-        until(lambda: eng_b.lookup(ks) == Available(0, BLOCKS), 10, "B never saw A's blocks")
+    with (
+        contextlib.closing(listener),
+        two_nodes(
+            etcd,
+            daemons,
+            tmp_path,
+            BLOCKS,
+            "--namespace",
+            SPACE.namespace,
+            b_flags=("--metrics-port", str(metrics)),
+        ) as n,
+    ):
+        eng_b, ks = n.eng_b, n.keys
+        theirs = n.eng_a.keys(list(range(1000, 1000 + BLOCKS)))  # a prompt nobody holds
         evil_port = listener.getsockname()[1]
         ns = SPACE.namespace
 
@@ -88,8 +91,4 @@ def test_an_etcd_writer_without_the_secret_cannot_steer_a_node(etcd, daemons, tm
             raise AssertionError("B connected to the forger's listener")
         except TimeoutError:
             pass
-        assert "not signed by the fleet" in b.log()
-    finally:
-        listener.close()
-        eng_a.close()
-        eng_b.close()
+        assert "not signed by the fleet" in n.b.log()

@@ -14,10 +14,9 @@ import os
 import signal
 
 from kvbm.bench.direct import onboard
-from kvbm.connector.attach import Available, NodeAttachment
+from kvbm.connector.attach import NodeAttachment
 from kvbm.peer_tiers import ManagerTiers
-from tests.node_daemon import until
-from tests.security.peer_attacks import SECRET, write_secret
+from tests.security.peer_attacks import SECRET, two_nodes, write_secret
 from tests.support import GEOMETRY, Engine
 from transport.frames import FrameCodec
 from transport.nixl_agent import NixlAgent
@@ -45,28 +44,19 @@ async def squat(host: str, port: int, heard: list[bytes]) -> asyncio.Server:
 
 
 def test_a_squatter_on_a_dead_nodes_address_learns_no_metadata(etcd, daemons, tmp_path):
-    secret = write_secret(tmp_path / "secret")
-    common = ["--etcd", etcd.endpoint, "--secret-file", secret, "--lease-ttl", "10"]
-    a = daemons("node-a", "127.0.0.2", *common)
-    b = daemons("node-b", "127.0.0.3", *common, "--peer-timeout-ms", "1000")
-    eng_a = NodeAttachment(a.socket, GEOMETRY)
-    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
-    try:
-        ks = eng_a.keys(list(range(BLOCKS)))
-        made = Engine(BLOCKS)
-        assert eng_a.store(made.kv, ks, made.compute(ks)) == BLOCKS
-        host, port = eng_a.stats()["peer_address"].rsplit(":", 1)
-        until(lambda: eng_b.lookup(ks) == Available(0, BLOCKS), 10, "B never saw A's blocks")
-        eng_a.close()
-        os.kill(a.proc.pid, signal.SIGKILL)  # its record lives on in B's mirror for the TTL
-        a.proc.wait(10)
+    with two_nodes(
+        etcd, daemons, tmp_path, BLOCKS, "--lease-ttl", "10", b_flags=("--peer-timeout-ms", "1000")
+    ) as n:
+        n.eng_a.close()
+        os.kill(n.a.proc.pid, signal.SIGKILL)  # its record lives on in B's mirror for the TTL
+        n.a.proc.wait(10)
         heard: list[bytes] = []
 
         async def scenario() -> tuple[int, dict]:
-            server = await squat(host, int(port), heard)
+            server = await squat(n.host, n.port, heard)
             try:
                 got = Engine(BLOCKS)
-                return await asyncio.to_thread(eng_b.load, got.kv, ks, list(range(BLOCKS)))
+                return await asyncio.to_thread(n.eng_b.load, got.kv, n.keys, list(range(BLOCKS)))
             finally:
                 server.close()
                 await server.wait_closed()
@@ -79,8 +69,6 @@ def test_a_squatter_on_a_dead_nodes_address_learns_no_metadata(etcd, daemons, tm
         first = FrameCodec(SECRET, CALLS).decode(data[4 : 4 + int.from_bytes(data[:4], "big")])
         assert first.call == "hello" and set(first.body) == {"nonce", "fingerprints"}
         assert len(data) == 4 + int.from_bytes(data[:4], "big")
-    finally:
-        eng_b.close()
 
 
 def test_a_recorder_on_the_wire_sees_no_metadata(daemons, make_manager, tmp_path):

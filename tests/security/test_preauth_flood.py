@@ -12,10 +12,8 @@ import contextlib
 import struct
 import time
 
-from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.security.peer_attacks import rss_mb, write_secret
-from tests.support import GEOMETRY, Engine
+from tests.security.peer_attacks import rss_mb, two_nodes
+from tests.support import Engine
 from transport.peer_rpc import HELLO_TIMEOUT_S
 
 ATTACKER = "127.0.0.4"
@@ -38,33 +36,22 @@ async def open_flood(host: str, port: int) -> list[asyncio.StreamWriter]:
 
 
 def test_an_honest_peer_is_served_through_a_flood_of_strangers(etcd, daemons, tmp_path):
-    secret = write_secret(tmp_path / "secret")
-    common = ["--etcd", etcd.endpoint, "--secret-file", secret, "--host-cache-mb", "8"]
-    a = daemons("node-a", "127.0.0.2", *common)
-    b = daemons("node-b", "127.0.0.3", *common)
-    eng_a = NodeAttachment(a.socket, GEOMETRY)
-    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
-    try:
-        ks = eng_a.keys(list(range(BLOCKS)))
-        made = Engine(BLOCKS)
-        assert eng_a.store(made.kv, ks, made.compute(ks)) == BLOCKS
-        host, port = eng_a.stats()["peer_address"].rsplit(":", 1)
-        until(lambda: eng_b.lookup(ks) == Available(0, BLOCKS), 10, "B never saw A's blocks")
-        rss_before = rss_mb(a.proc.pid)
+    with two_nodes(etcd, daemons, tmp_path, BLOCKS, "--host-cache-mb", "8") as n:
+        rss_before = rss_mb(n.a.proc.pid)
 
         async def scenario() -> None:
-            flood = await open_flood(host, int(port))
+            flood = await open_flood(n.host, n.port)
             try:
                 # while the strangers hold their connections, B pulls the prompt
                 got = Engine(BLOCKS)
                 loaded, sources = await asyncio.to_thread(
-                    eng_b.load, got.kv, ks, list(range(BLOCKS))
+                    n.eng_b.load, got.kv, n.keys, list(range(BLOCKS))
                 )
                 assert loaded == BLOCKS and sources.get("remote_host") == BLOCKS, sources
-                assert all(got.holds(k, i) for i, k in enumerate(ks))
-                assert rss_mb(a.proc.pid) - rss_before < 50
+                assert all(got.holds(k, i) for i, k in enumerate(n.keys))
+                assert rss_mb(n.a.proc.pid) - rss_before < 50
                 # the node drops a silent stranger once the hello deadline has passed
-                reader, _ = await asyncio.open_connection(host, int(port))
+                reader, _ = await asyncio.open_connection(n.host, n.port)
                 t0 = time.monotonic()
                 assert await asyncio.wait_for(reader.read(), HELLO_TIMEOUT_S + 5) == b""
                 assert time.monotonic() - t0 >= HELLO_TIMEOUT_S - 0.5
@@ -73,9 +60,6 @@ def test_an_honest_peer_is_served_through_a_flood_of_strangers(etcd, daemons, tm
                     w.close()
 
         asyncio.run(asyncio.wait_for(scenario(), 120))
-        log = a.log()
+        log = n.a.log()
         assert "connections before hello" in log and "no hello within" in log
-        assert eng_a.stats()["ready"]
-    finally:
-        eng_a.close()
-        eng_b.close()
+        assert n.eng_a.stats()["ready"]
