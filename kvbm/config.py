@@ -269,6 +269,12 @@ def quiet_native_logs() -> None:
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 
+def child_environment() -> dict[str, str]:
+    """The environment of a child that must not hold the node's secrets (its
+    NIXL agent process): this one without kvbm's own variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
 def bind_native_transport(listen_host: str) -> None:
     """UCX (under NIXL) listens on every interface unless told otherwise: keep
     it on the interface of the node's listen address (a node on loopback is

@@ -173,6 +173,13 @@ class SharedArena:
         except (OSError, ValueError) as e:
             raise ArenaError(f"cannot map shared-memory arena {path}: {e}") from e
 
+    def reopen(self) -> int:
+        """A new descriptor of this arena's file (its own open file, without
+        the creator's lock): what another process is given to map it."""
+        if self._mmap is None or not self.owner:
+            raise ArenaError("only a live creator's arena can be handed on")
+        return os.open(f"/proc/self/fd/{self._lock_fd}", os.O_RDWR | os.O_CLOEXEC)
+
     def close(self) -> None:
         """Unmap (and unlink, for the creator). Idempotent."""
         if self._mmap is None:

@@ -19,6 +19,11 @@ Sealed frames (`SessionCodec`), for everything after the handshake:
                                              nonce = this direction's counter,
                                              msgpack {"call", "id", "body"})
 
+Plain frames (`PlainCodec`), on a socket pair between a node and its own
+NIXL agent process, which nobody else can reach:
+
+    frame   = u32 length | msgpack {"call", "id", "body"}
+
 Keys are the connection's own (derived from the secret and both sides'
 handshake nonces, one per direction), so a sealed frame is unreadable on the
 wire and cannot be replayed, reordered, or moved to another connection or
@@ -36,6 +41,7 @@ import hashlib
 import hmac
 import math
 import os
+import socket
 import struct
 import time
 from collections import OrderedDict
@@ -254,6 +260,37 @@ class SessionCodec(_Framing):
         self._received += 1
         d = self._unpack(payload, _SESSION_FIELDS)
         return self._message(d["call"], d["id"], d["body"])
+
+
+class PlainCodec(_Framing):
+    """Frames on a channel no one else can reach (a socket pair to a child
+    process): no MAC, the same framing and bounds. Synchronous helpers,
+    since both ends of that channel block on it."""
+
+    def encode(self, msg: Message) -> bytes:
+        if msg.call not in self.calls:
+            raise ValueError(f"unknown call {msg.call!r}")
+        body = {"call": msg.call, "id": msg.id, "body": msg.body}
+        return self._framed(msgpack.packb(body, use_bin_type=True))
+
+    def decode(self, frame: bytes) -> Message:
+        d = self._unpack(frame, _SESSION_FIELDS)
+        return self._message(d["call"], d["id"], d["body"])
+
+    def recv(self, sock: socket.socket) -> Message:
+        """The next frame from a blocking socket (its timeout applies);
+        ConnectionError when the other end has gone."""
+        return self.decode(_recv_exactly(sock, self.frame_length(_recv_exactly(sock, _LEN.size))))
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the other end closed the channel")
+        buf += chunk
+    return bytes(buf)
 
 
 def session_keys(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:

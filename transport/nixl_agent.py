@@ -2,6 +2,9 @@
 costs 2-3x on small machines; polling a transfer drives it), the host arena
 registered once as DRAM, and batched READs polled to completion under a
 deadline. NIXL types never leave this module: callers pass addresses.
+
+A node does not run this in its own process: its agent is confined to a
+child that maps the arena and nothing else (confined_agent.py, agent_child.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from transport.agent import Peer
 from transport.errors import TransportError
 
 try:  # the `nixl` meta package where installed, else NIXL's CPU/CUDA 12 build itself
@@ -30,6 +34,8 @@ class NixlAgent:
     thread-safe, and a node reads in worker threads while its event loop
     serves peers.
     """
+
+    drives_itself = False
 
     def __init__(self, name: str, arena_addr: int, arena_size: int, backend: str = "UCX") -> None:
         if arena_size <= 0:
@@ -62,7 +68,7 @@ class NixlAgent:
             finally:
                 self._lock.release()
 
-    def add_peer(self, metadata: bytes) -> str:
+    def add_peer(self, metadata: bytes) -> Peer:
         """Load a peer's metadata; each add is matched by one `remove_peer`."""
         try:
             with self._lock:
@@ -71,10 +77,14 @@ class NixlAgent:
             raise TransportError(f"bad NIXL metadata from a peer: {e}") from e
         name = name.decode() if isinstance(name, bytes) else name
         self._peers[name] = self._peers.get(name, 0) + 1
-        return name
+        return Peer(name)
 
-    def remove_peer(self, name: str) -> None:
+    def knows(self, peer: Peer) -> bool:
+        return peer.name in self._peers
+
+    def remove_peer(self, peer: Peer) -> None:
         """The remote agent is unloaded when its last holder removes it."""
+        name = peer.name
         held = self._peers.get(name, 0)
         if held > 1:
             self._peers[name] = held - 1
@@ -83,13 +93,13 @@ class NixlAgent:
             with self._lock:
                 self._agent.remove_remote_agent(name)
 
-    def read(self, peer: str, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool:
+    def read(self, peer: Peer, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool:
         """One batched READ: row i copies `remote[i] = (addr, len)` on `peer` into
         `local[i] = (addr, len)` here. True once every byte has landed; False on
         any error or when `timeout` seconds pass (the bytes may then be partial:
         the caller must not use them)."""
-        if peer not in self._peers:
-            raise ValueError(f"unknown peer {peer!r}")
+        if peer.name not in self._peers:
+            raise ValueError(f"unknown peer {peer.name!r}")
         if local.shape != remote.shape or local.ndim != 2 or local.shape[1] != 2:
             raise ValueError("local and remote must both be (n, 2) arrays of (addr, len)")
         if not np.array_equal(local[:, 1], remote[:, 1]):
@@ -100,7 +110,7 @@ class NixlAgent:
         if not self._lock.acquire(timeout=max(0.0, timeout)):
             return False  # another read held the agent for all of our time
         try:
-            return self._read_locked(peer, local, remote, deadline)
+            return self._read_locked(peer.name, local, remote, deadline)
         finally:
             self._lock.release()
 
@@ -130,9 +140,9 @@ class NixlAgent:
     def close(self) -> None:
         if self._agent is None:
             return
-        for peer in list(self._peers):
-            self._peers[peer] = 1
-            self.remove_peer(peer)
+        for name in list(self._peers):
+            self._peers[name] = 1
+            self.remove_peer(Peer(name))
         try:
             with self._lock:
                 self._agent.deregister_memory(self._reg)

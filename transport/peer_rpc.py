@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from transport.agent import Agent, Peer
 from transport.errors import AuthError, ProtocolError, TransportError
 from transport.frames import (
     HANDSHAKE_NONCE_BYTES,
@@ -37,7 +38,6 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
-from transport.nixl_agent import NixlAgent
 from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
@@ -67,7 +67,7 @@ class PeerServer:
     def __init__(
         self,
         source: BlockSource,
-        agent: NixlAgent,
+        agent: Agent,
         secret: bytes,
         pin_ttl: float = 10.0,
         max_pins_per_peer: int = 4096,
@@ -91,7 +91,9 @@ class PeerServer:
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve, host, port)
-        self._tasks = [asyncio.create_task(self._progress()), asyncio.create_task(self._reaper())]
+        self._tasks = [asyncio.create_task(self._reaper())]
+        if not self.agent.drives_itself:
+            self._tasks.append(asyncio.create_task(self._progress()))
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -161,11 +163,14 @@ class PeerServer:
             if self.connections > MAX_CONNECTIONS:
                 raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
             peer, reply = self._auth(msg)
+            name = peer.name
             while True:
                 writer.write(session.encode(Message("ok", msg.id, reply)))
                 await writer.drain()
                 msg = await session.read(reader, body_timeout=FRAME_TIMEOUT_S)
-                reply = await self._call(peer, msg)
+                if not self.agent.knows(peer):
+                    raise ProtocolError("the NIXL agent restarted: connect again")
+                reply = await self._call(name, msg)
         except TimeoutError:
             log.warning("closing peer connection addr=%s reason=a frame stalled", addr)
         except asyncio.IncompleteReadError:
@@ -242,7 +247,7 @@ class PeerServer:
             raise ProtocolError("hello must come first, and once")
         return session, msg
 
-    def _auth(self, msg: Message) -> tuple[str, dict]:
+    def _auth(self, msg: Message) -> tuple[Peer, dict]:
         metadata = msg.body.get("nixl")
         if not isinstance(metadata, bytes):
             raise ProtocolError("bad hello")
@@ -321,12 +326,12 @@ class PeerClient:
     connection ends, each of them fails at once (no caller waits past it).
     """
 
-    def __init__(self, agent: NixlAgent, secret: bytes, fingerprints: Iterable[int]) -> None:
+    def __init__(self, agent: Agent, secret: bytes, fingerprints: Iterable[int]) -> None:
         self.agent = agent
         self.secret = secret
         self.codec: SessionCodec | None = None  # once the handshake is done
         self.fingerprints = sorted(fingerprints)
-        self.peer: str | None = None
+        self.peer: Peer | None = None
         self.remote_arena = 0  # the peer's arena: base address and size, from its hello
         self.remote_arena_bytes = 0
         self._ids = itertools.count(1)
@@ -383,8 +388,14 @@ class PeerClient:
 
     @property
     def usable(self) -> bool:
-        """Connected, said hello, and not closed since."""
-        return self.peer is not None and self._writer is not None and not self._closed
+        """Connected, said hello, not closed since, and our agent has not
+        restarted since (then the peer has only its old metadata)."""
+        return (
+            self.peer is not None
+            and self._writer is not None
+            and not self._closed
+            and self.agent.knows(self.peer)
+        )
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:

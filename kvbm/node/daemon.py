@@ -3,7 +3,8 @@
 Wiring and life cycle only. The engine server (engine_server.py) takes
 engines' calls; the first engine's hello builds the tiers for its model
 geometry (one geometry per node; another is refused with a clear error):
-the block manager, the NIXL agent on the host arena, the peer RPC server,
+the block manager, the NIXL agent on the host arena (in a process of its
+own: transport/confined_agent.py), the peer RPC server,
 the peer pool (peer_pool.py), the publisher (publisher.py), onboarding.
 """
 
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from discovery.records import NodeRecord
 from discovery.signing import IndexSigner
 from kvbm import __version__
-from kvbm.config import KvbmConfig
+from kvbm.config import KvbmConfig, child_environment
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import Verify, content_matches
 from kvbm.layout import ModelGeometry
@@ -31,7 +32,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.peer_tiers import ManagerTiers
-from transport.nixl_agent import NixlAgent
+from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import ROUND_BLOCKS, PeerServer
 from transport.secret import load_secret
 
@@ -45,7 +46,7 @@ class Serving:
     """What exists once the first engine has said which geometry it needs."""
 
     mgr: BlockManager
-    agent: NixlAgent
+    agent: ConfinedAgent
     peer_server: PeerServer
     peers: PeerPool
     publisher: Publisher
@@ -112,7 +113,13 @@ class Node:
         arena = mgr.host.arena
         agent = server = None
         try:
-            agent = NixlAgent(f"kvbm-{self.node_id}", arena.array.ctypes.data, arena.size)
+            agent = await asyncio.to_thread(
+                ConfinedAgent,
+                f"kvbm-{self.node_id}",
+                arena.reopen(),
+                arena.size,
+                env=child_environment(),
+            )
             tiers = ManagerTiers(mgr)
             # a peer may pin a quarter of the arena, all peers half (always two pull rounds)
             per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 
 from discovery.records import NodeRecord
+from transport.agent import Agent
 from transport.errors import TransportError
-from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, pull
 from transport.tiers import BlockSink
 
@@ -24,7 +24,7 @@ class PeerPool:
 
     def __init__(
         self,
-        agent: NixlAgent,
+        agent: Agent,
         secret: bytes,
         fingerprint: int,
         local_host: str,

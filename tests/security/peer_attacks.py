@@ -33,6 +33,16 @@ from transport.peer_rpc import CALLS
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
+def agent_pid(node_pid: int) -> int:
+    """The pid of a node's NIXL agent process (its one child)."""
+    kids = set()
+    for task in os.listdir(f"/proc/{node_pid}/task"):
+        with open(f"/proc/{node_pid}/task/{task}/children") as f:
+            kids.update(int(p) for p in f.read().split())
+    assert len(kids) == 1, kids
+    return kids.pop()
+
+
 def rss_mb(pid: int) -> float:
     """A process's resident memory, MB."""
     with open(f"/proc/{pid}/status") as f:

@@ -1,7 +1,7 @@
 """Issue 14, finding 2 (in part): UCX, under NIXL, listened on every
 interface of the machine even for a node on 127.0.0.2. A real `kvbm node`
-now keeps UCX on the interface of its listen address: every socket it
-listens on is a loopback one, while a pull between two such nodes still
+now keeps UCX on the interface of its listen address: every socket it and
+its NIXL agent process listen on is a loopback one, while a pull between two such nodes still
 works bit-exact."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 import subprocess
 
 from tests.node_daemon import loads_exactly
-from tests.security.peer_attacks import two_nodes
+from tests.security.peer_attacks import agent_pid, two_nodes
 
 
 def listening(pid: int) -> list[str]:
@@ -24,8 +24,9 @@ def test_a_node_on_loopback_listens_on_loopback_only(etcd, daemons, tmp_path):
     with two_nodes(etcd, daemons, tmp_path, 8) as n:
         assert loads_exactly(n.eng_b, n.keys, "remote_host")  # NIXL still carries the pull
         for node in (n.a, n.b):
-            addresses = listening(node.proc.pid)
-            assert len(addresses) >= 2, addresses  # the peer RPC, and UCX's own
+            # the peer RPC, and UCX's own in the node's NIXL agent process
+            addresses = listening(node.proc.pid) + listening(agent_pid(node.proc.pid))
+            assert len(addresses) >= 2, addresses
             for address in addresses:
                 host = re.sub(r"^\[|\]?:\d+$", "", address)
                 assert ipaddress.ip_address(host).is_loopback, (node.name, addresses)

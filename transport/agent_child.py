@@ -1,0 +1,113 @@
+"""The process a node's NIXL agent lives in (started by confined_agent.py).
+
+It maps the host arena and holds nothing else of value: no secret, no etcd
+client, no engine state, none of the node's memory (it is a fresh
+interpreter, not a fork). A peer that holds this agent's metadata can reach
+this process's memory through UCX (on TCP and CMA the bounds check is the
+reader's own), so that is all it can reach; a NIXL abort on damaged metadata
+ends this process, and the node starts another.
+
+    python -m transport.agent_child CHANNEL_FD ARENA_FD ARENA_BYTES NAME BACKEND PARENT_PID
+
+It answers one call at a time on its channel and, while idle, drives its
+agent's transports (NIXL's progress thread is off: see nixl_agent.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import sys
+
+import numpy as np
+
+from transport.agent import Peer
+from transport.errors import TransportError
+from transport.frames import Message, PlainCodec
+from transport.nixl_agent import NixlAgent
+
+log = logging.getLogger("transport.agent")
+CALLS = ("ready", "add_peer", "remove_peer", "read", "ok", "error")
+MAX_FRAME = 4 << 20  # a read of 4096 blocks is 128 KiB of addresses
+PROGRESS_S = 0.0005  # how often an idle agent drives its transports
+_PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    channel_fd, arena_fd, size = (int(a) for a in argv[:3])
+    name, backend, parent = argv[3], argv[4], int(argv[5])
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    _die_with(parent)
+    codec = PlainCodec(CALLS, MAX_FRAME)
+    channel = socket.socket(fileno=channel_fd)
+    try:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(arena_fd, size, flags)
+        os.close(arena_fd)
+        arena = np.frombuffer(mapping, dtype=np.uint8)
+        agent = NixlAgent(name, arena.ctypes.data, size, backend)
+    except (OSError, ValueError, TransportError) as e:
+        channel.sendall(codec.encode(Message("error", 0, {"error": str(e)})))
+        return 1
+    base = agent.arena[0]
+    ready = {"metadata": agent.metadata, "arena": base, "arena_bytes": size}
+    channel.sendall(codec.encode(Message("ready", 0, ready)))
+    try:
+        serve(agent, channel, codec)
+    finally:
+        agent.close()
+    return 0
+
+
+def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec) -> None:
+    """Calls until the node closes the channel (or dies: then so do we)."""
+    while True:
+        if not select.select([channel], [], [], PROGRESS_S)[0]:
+            agent.progress()
+            continue
+        try:
+            msg = codec.recv(channel)
+        except ConnectionError:
+            return
+        try:
+            reply = Message("ok", msg.id, _call(agent, msg))
+        except (TransportError, ValueError, KeyError, TypeError) as e:
+            reply = Message("error", msg.id, {"error": str(e)})
+        channel.sendall(codec.encode(reply))
+
+
+def _call(agent: NixlAgent, msg: Message) -> dict:
+    body = msg.body
+    if msg.call == "add_peer":
+        return {"name": agent.add_peer(body["metadata"]).name}
+    if msg.call == "remove_peer":
+        agent.remove_peer(Peer(body["name"]))
+        return {}
+    if msg.call == "read":
+        local = np.frombuffer(body["local"], dtype=np.uint64).reshape(-1, 2)
+        remote = np.frombuffer(body["remote"], dtype=np.uint64).reshape(-1, 2)
+        base, size = agent.arena
+        ends = local[:, 0] + local[:, 1]
+        if len(local) and (local[:, 0].min() < base or ends.max() > base + size):
+            raise ValueError("a local address outside the arena")
+        return {"done": agent.read(Peer(body["name"]), local, remote, float(body["timeout"]))}
+    raise ValueError(f"{msg.call!r} is not a call")
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the node dies, however it dies (and now, if it already has)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
