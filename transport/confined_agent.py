@@ -78,7 +78,7 @@ class ConfinedAgent:
         self.name = name
         self.backend = backend
         self.arena_size = arena_size
-        self.starts = 0  # children started, the first included
+        self.starts = 0  # children that came up, the first included
         self._arena_fd = arena_fd
         root = os.path.dirname(os.path.dirname(os.path.abspath(transport.__file__)))
         path = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -111,6 +111,13 @@ class ConfinedAgent:
     @property
     def generation(self) -> int:
         return self._live().generation
+
+    def state(self) -> dict | str:
+        """For `kvbm status`: the live child, or that it is being replaced."""
+        child = self._child
+        if child is None:
+            return "restarting"
+        return {"pid": child.proc.pid, "generation": child.generation, "starts": self.starts}
 
     def _live(self) -> _Child:
         child = self._child
@@ -209,7 +216,6 @@ class ConfinedAgent:
             raise TransportError(f"cannot start the NIXL agent process: {e}") from e
         finally:
             theirs.close()
-        self.starts += 1
         try:
             ours.settimeout(START_TIMEOUT_S)
             ready = self._codec.recv(ours)
@@ -221,6 +227,7 @@ class ConfinedAgent:
             if isinstance(e, OSError | ProtocolError):
                 raise TransportError(f"the NIXL agent did not start: {e!r}") from e
             raise
+        self.starts += 1
         log.info("NIXL agent process started pid=%d generation=%d", proc.pid, generation)
         return _Child(proc, ours, metadata, base, generation, time.monotonic())
 

@@ -1,5 +1,6 @@
 """`kvbm bench transport`: pulls between two node processes on 127.0.0.2 (the
-peer, serving) and 127.0.0.3 (this process), over the peer RPC and NIXL (UCX),
+peer, serving) and 127.0.0.3 (this process), over the peer RPC and NIXL (UCX,
+each node's agent in a process of its own, as `kvbm node` runs it),
 beside memcpy, a plain TCP socket between two processes, the kernel's own
 copy between two processes (process_vm_readv, what UCX's CMA transport does
 under a READ on one host: from private memory, and from files in the arenas'
@@ -29,13 +30,15 @@ from kvbm.bench.direct import offload
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.bench.tiers import BENCH_GEOMETRY
 from kvbm.block_key import BlockKey, KeySpace
+from kvbm.config import child_environment
 from kvbm.connector.copy import EngineKV
 from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SHM_DIR, SharedArena
-from transport.nixl_agent import NixlAgent
+from transport.agent import Agent
+from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull
 
 SECRET = os.urandom(32)
@@ -85,7 +88,7 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
         while mgr.seal_newest(64):
             pass
         put(ks.keys(list(range(FRESH, FRESH + BATCH))))
-        agent = NixlAgent("bench-peer", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+        agent = _agent("bench-peer", mgr)
         server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
         port = await server.start(PEER, 0)
         disk_keys = ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS)))
@@ -212,7 +215,7 @@ def run(arena_dir: str = SHM_DIR) -> dict:
         slots = HOST_BLOCKS + DISK_BLOCKS + SINGLE + BATCH + 8
         mgr = BlockManager(g, HostPool(g, slots * g.slot_bytes, directory=arena_dir))
         out["arena_huge_pages"] = mgr.host.arena.huge_page_bytes() > 0
-        agent = NixlAgent("bench-local", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+        agent = _agent("bench-local", mgr)
         try:
             if not parent.poll(300):
                 raise RuntimeError("the peer node never started")
@@ -258,7 +261,13 @@ def _raw_disk_read(directory: str, nbytes: int) -> float:
         os.unlink(path)
 
 
-async def _pulls(mgr: BlockManager, agent: NixlAgent, port: int) -> dict:
+def _agent(name: str, mgr: BlockManager) -> ConfinedAgent:
+    """As a node runs its agent: in a process of its own."""
+    arena = mgr.host.arena
+    return ConfinedAgent(name, arena.reopen(), arena.size, env=child_environment())
+
+
+async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
     g, ks, tiers = BENCH_GEOMETRY, space(), ManagerTiers(mgr)
     client = PeerClient(agent, SECRET, [g.fingerprint])
     await client.connect(PEER, port, local_host=LOCAL)

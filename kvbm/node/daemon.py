@@ -178,6 +178,7 @@ class Node:
         out["peer_address"] = f"{s.publisher.record.address}:{s.publisher.record.rpc_port}"
         out["engine_leases"] = len(self.engines.leases)
         out["pinned_for_peers"] = s.peer_server.pinned_count
+        out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
         out["engine_blocks"] = s.onboarding.served()
         out["peers"] = s.publisher.peers()

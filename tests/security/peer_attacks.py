@@ -33,14 +33,15 @@ from transport.peer_rpc import CALLS
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-def agent_pid(node_pid: int) -> int:
-    """The pid of a node's NIXL agent process (its one child)."""
+def agent_pid(node_pid: int) -> int | None:
+    """The pid of a node's NIXL agent process (its one child; None while it
+    is being replaced)."""
     kids = set()
     for task in os.listdir(f"/proc/{node_pid}/task"):
         with open(f"/proc/{node_pid}/task/{task}/children") as f:
             kids.update(int(p) for p in f.read().split())
-    assert len(kids) == 1, kids
-    return kids.pop()
+    assert len(kids) <= 1, kids
+    return kids.pop() if kids else None
 
 
 def rss_mb(pid: int) -> float:
@@ -138,9 +139,10 @@ def hello(nonce: bytes | None = None, **fields: object) -> bytes:
 
 async def raw_session(
     host: str, port: int, metadata: bytes, secret: bytes = SECRET
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SessionCodec]:
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SessionCodec, dict]:
     """A hand-driven handshake, through `auth`: a connection whose later frames
-    the node judges, and the session that seals them (any payload: `seal`)."""
+    the node judges, the session that seals them (any payload: `seal`), and
+    the node's answer to `auth` (its NIXL metadata and arena)."""
     reader, writer = await asyncio.open_connection(host, port)
     nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
     writer.write(hello(nonce))
@@ -151,5 +153,5 @@ async def raw_session(
     session = SessionCodec(to_server, to_client, CALLS)
     writer.write(session.encode(Message("auth", 1, {"nixl": metadata})))
     await writer.drain()
-    await session.read(reader)
-    return reader, writer, session
+    reply = await session.read(reader)
+    return reader, writer, session, reply.body

@@ -25,7 +25,9 @@ def test_a_node_on_loopback_listens_on_loopback_only(etcd, daemons, tmp_path):
         assert loads_exactly(n.eng_b, n.keys, "remote_host")  # NIXL still carries the pull
         for node in (n.a, n.b):
             # the peer RPC, and UCX's own in the node's NIXL agent process
-            addresses = listening(node.proc.pid) + listening(agent_pid(node.proc.pid))
+            confined = agent_pid(node.proc.pid)
+            assert confined is not None
+            addresses = listening(node.proc.pid) + listening(confined)
             assert len(addresses) >= 2, addresses
             for address in addresses:
                 host = re.sub(r"^\[|\]?:\d+$", "", address)

@@ -1,0 +1,96 @@
+"""The confined NIXL agent (transport/confined_agent.py) with real child
+processes and the real NIXL/UCX: a READ between two of them lands bit-exact;
+a child that dies is replaced, and what was loaded into it is known to be
+gone; the child gets none of kvbm's environment; close ends the child."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from kvbm.config import child_environment
+from kvbm.shm_arena import SharedArena
+from tests.node_daemon import until
+from transport.confined_agent import ConfinedAgent
+from transport.errors import TransportError
+
+SIZE = 4 << 20
+BLOCK = 256 << 10
+
+
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    """Two confined agents on two arenas; A's arena holds known bytes."""
+    monkeypatch.setenv("KVBM_SECRET", "not-for-the-child-0123456789")
+    arenas = [SharedArena.create(n, SIZE, directory=str(tmp_path)) for n in ("a", "b")]
+    arenas[0].array[:] = np.frombuffer(np.random.default_rng(1).bytes(SIZE), np.uint8)
+    agents = [
+        ConfinedAgent(f"agent-{i}", x.reopen(), SIZE, env=child_environment())
+        for i, x in enumerate(arenas)
+    ]
+    yield arenas, agents
+    for agent in agents:
+        agent.close()
+    for arena in arenas:
+        arena.close()
+
+
+def rows(base: int, blocks: list[int]) -> np.ndarray:
+    return np.array([(base + b * BLOCK, BLOCK) for b in blocks], np.uint64)
+
+
+def test_a_read_between_two_agent_processes_is_bit_exact(pair):
+    (arena_a, arena_b), (a, b) = pair
+    peer = b.add_peer(a.metadata)
+    assert peer.name == "agent-0" and b.knows(peer)
+    assert b.read(peer, rows(b.arena[0], [0, 1, 2]), rows(a.arena[0], [5, 0, 9]), timeout=10)
+    for slot, block in zip([0, 1, 2], [5, 0, 9], strict=True):
+        got = arena_b.array[slot * BLOCK : (slot + 1) * BLOCK]
+        assert np.array_equal(got, arena_a.array[block * BLOCK : (block + 1) * BLOCK])
+    assert not arena_b.array[3 * BLOCK :].any()
+    # the addresses are the child's: its own mapping of the arena, not ours
+    assert a.arena == (a.arena[0], SIZE) and a.pid != os.getpid()
+    with open(f"/proc/{a.pid}/environ", "rb") as f:
+        assert b"KVBM_" not in f.read()
+
+
+def test_a_dead_agent_process_is_replaced_and_its_peers_forgotten(pair):
+    (_, _), (a, b) = pair
+    peer = b.add_peer(a.metadata)
+    local, remote = rows(b.arena[0], [0]), rows(a.arena[0], [1])
+    assert b.read(peer, local, remote, timeout=10)
+    old = b.pid
+    os.kill(old, signal.SIGKILL)
+    until(lambda: b.state() != "restarting" and b.generation == 1, 60, "B never came back")
+    assert b.pid != old and b.starts == 2
+    assert not b.knows(peer)
+    assert not b.read(peer, local, remote, timeout=2)  # stale: refused, no hang
+    b.remove_peer(peer)  # a no-op for a peer of a dead child
+    again = b.add_peer(a.metadata)  # a peer reconnects: loaded into the new child
+    assert again.generation == 1
+    assert b.read(again, rows(b.arena[0], [0]), remote, timeout=10)
+
+
+def test_damaged_metadata_ends_only_the_agent_process(pair):
+    (_, _), (a, b) = pair
+    metadata = a.metadata
+    tag = b"nixlSDList|t"
+    at = metadata.index(tag) + len(tag) + 8
+    with pytest.raises(TransportError, match="NIXL agent process failed"):
+        b.add_peer(metadata[:at] + b"\xff" + metadata[at + 1 :])  # NIXL crashes on it
+    until(lambda: b.state() != "restarting" and b.generation == 1, 60, "B never came back")
+    peer = b.add_peer(metadata)
+    assert b.read(peer, rows(b.arena[0], [2]), rows(a.arena[0], [3]), timeout=10)
+
+
+def test_close_ends_the_child(tmp_path):
+    arena = SharedArena.create("c", SIZE, directory=str(tmp_path))
+    agent = ConfinedAgent("agent-c", arena.reopen(), SIZE, env=child_environment())
+    pid = agent.pid
+    agent.close()
+    agent.close()  # twice is fine
+    assert not os.path.exists(f"/proc/{pid}")  # ended and reaped
+    arena.close()
