@@ -21,21 +21,18 @@ import aetcd
 import aetcd.exceptions
 
 from discovery.errors import IndexUnavailable
+from discovery.etcd_client import open_client, read_prefix
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.schema import block_path, namespace_prefix, node_path
 from discovery.signing import IndexSigner
+from discovery.tls import EtcdTls
 
 log = logging.getLogger("discovery.etcd")
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 _ETCD_ERRORS = (aetcd.exceptions.ClientError, OSError, asyncio.TimeoutError)
 _LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
-# A namespace's range read or a watch backlog can exceed gRPC's 4 MiB.
-# A subchannel pool of the client's own: with gRPC's process-wide pool a new
-# client after a partition inherits the stalled connection attempt and its
-# back-off (measured: back 9 s after the heal instead of 1 s).
-_GRPC_OPTIONS = {"grpc.max_receive_message_length": -1, "grpc.use_local_subchannel_pool": 1}
 
 
 class EtcdIndex:
@@ -55,10 +52,12 @@ class EtcdIndex:
         timeout: float = 2.0,
         watch: bool = True,
         signer: IndexSigner | None = None,
+        tls: EtcdTls | None = None,
     ) -> None:
         """`watch=False` makes a publisher without a mirror (load generators).
         `signer`: every value written is signed, and only values signed by the
-        fleet reach the mirror (a node always has one)."""
+        fleet reach the mirror (a node always has one). `tls`: etcd is reached
+        in TLS, with this node's client certificate."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if lease_ttl < 2:
@@ -69,6 +68,7 @@ class EtcdIndex:
         self.flush_interval = flush_interval
         self.timeout = timeout
         self.signer = signer
+        self.tls = tls
         self.mirror = IndexMirror(namespace, signer)
         self.state: dict[bytes, Tier] = {}
         self.pending: dict[bytes, Tier | None] = {}
@@ -160,13 +160,8 @@ class EtcdIndex:
     # -- sessions ----------------------------------------------------------
     async def _connect(self) -> aetcd.Client:
         if self._client is None:
-            host, port = self.endpoints[self._endpoint % len(self.endpoints)].rsplit(":", 1)
-            self._client = aetcd.Client(
-                host=host,
-                port=int(port),
-                timeout=self.timeout,
-                options=_GRPC_OPTIONS,
-            )
+            endpoint = self.endpoints[self._endpoint % len(self.endpoints)]
+            self._client = open_client(endpoint, self.timeout, self.tls)
             await self._client.connect()
         return self._client
 
@@ -383,13 +378,13 @@ class EtcdIndex:
     async def _resync(self) -> None:
         """Replace the mirror with a fresh range read of the namespace; lookups see
         the old view until the new one is complete."""
-        result = await self._live().get_prefix(self.mirror.prefix)
+        revision, cluster, kvs = await read_prefix(self._live(), self.mirror.prefix)
         fresh = IndexMirror(self.namespace, self.signer)
-        for kv in result.kvs:
+        for kv in kvs:
             fresh.put(kv.key, kv.value, kv.mod_revision)
-        fresh.revision = result.header.revision
+        fresh.revision = revision
         self.mirror.adopt(fresh)
-        self._cluster_id = result.header.cluster_id
+        self._cluster_id = cluster
 
 
 async def snapshot(
@@ -397,16 +392,15 @@ async def snapshot(
     namespace: str,
     signer: IndexSigner | None = None,
     timeout: float = 5.0,
+    tls: EtcdTls | None = None,
 ) -> IndexMirror:
     """A one-off read of a namespace (for `kvbm status`): the first endpoint
     that answers; with a `signer`, only what the fleet signed."""
     last: BaseException | None = None
     for endpoint in endpoints:
-        host, port = endpoint.rsplit(":", 1)
-        client = aetcd.Client(host=host, port=int(port), timeout=timeout, options=_GRPC_OPTIONS)
+        client = open_client(endpoint, timeout, tls)
         try:
-            await client.connect()
-            result = await client.get_prefix(namespace_prefix(namespace))
+            _, _, kvs = await read_prefix(client, namespace_prefix(namespace))
         except _LOST as e:
             last = e
             continue
@@ -414,7 +408,7 @@ async def snapshot(
             with contextlib.suppress(*_ETCD_ERRORS):
                 await client.close()
         mirror = IndexMirror(namespace, signer)
-        for kv in result.kvs:
+        for kv in kvs:
             mirror.put(kv.key, kv.value, kv.mod_revision)
         return mirror
     raise IndexUnavailable(f"cannot reach etcd at {list(endpoints)}: {last!r}")

@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 from discovery.errors import DiscoveryError
+from discovery.tls import EtcdTls
 
 
 def etcd_binary() -> str:
@@ -36,12 +37,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class EtcdServer:
     """One etcd member on loopback; its data survives `kill()` + `start()`, so a
-    restart keeps revisions, like a real cluster member coming back."""
+    restart keeps revisions, like a real cluster member coming back. With
+    `tls` (the server's certificate and key, and the CA its clients'
+    certificates must come from) clients need TLS and a certificate."""
 
-    def __init__(self, host: str = "127.0.0.1", data_dir: str | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", data_dir: str | None = None, tls: EtcdTls | None = None
+    ) -> None:
         self.host = host
+        self.tls = tls
         self.client_port = free_port(host)
         self.peer_port = free_port(host)
+        self.health_port = free_port(host)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kvbm-etcd-")
         self.data_dir = data_dir or self._tmp.name
         self.proc: subprocess.Popen | None = None
@@ -51,11 +58,18 @@ class EtcdServer:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
-        client = f"http://{self.endpoint}"
+        client = f"{'https' if self.tls else 'http'}://{self.endpoint}"
         peer = f"http://{self.host}:{self.peer_port}"
+        health = f"http://{self.host}:{self.health_port}"
+        tls = []
+        if self.tls is not None:
+            tls = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
+            tls += ["--trusted-ca-file", self.tls.ca_file, "--client-cert-auth"]
         self.proc = subprocess.Popen(
             [
                 etcd_binary(),
+                *tls,
+                "--listen-metrics-urls", health,
                 "--name", "kvbm",
                 "--data-dir", self.data_dir,
                 "--listen-client-urls", client,
@@ -73,7 +87,7 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise DiscoveryError(f"etcd exited with {self.proc.returncode} at start")
             try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
+                with urllib.request.urlopen(f"{health}/health", timeout=1) as r:
                     if b'"true"' in r.read():
                         return
             except OSError:

@@ -169,7 +169,13 @@ class IndexMirror:
             tier = parse_tier(value)
         except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
-            log.warning("skipping malformed index entry key=%r error=%s", path[:120], e)
+            if self.malformed & (self.malformed - 1) == 0:  # 1, 2, 4, ...: no log flood
+                log.warning(
+                    "skipping malformed index entries count=%d key=%r error=%s",
+                    self.malformed,
+                    path[:120],
+                    e,
+                )
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
         old_id = self._table.get(parsed.key)

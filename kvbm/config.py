@@ -26,6 +26,7 @@ from functools import cached_property
 from typing import Any
 
 from discovery.records import Tier, check_namespace
+from discovery.tls import EtcdTls
 from transport.secret import ENV_VAR as SECRET_VAR
 
 log = logging.getLogger("kvbm.config")
@@ -70,6 +71,13 @@ class KvbmConfig:
     etcd: str = _opt(
         "", "etcd endpoints, comma-separated HOST:PORT; empty: in-memory index, one node."
     )
+    etcd_ca_file: str = _opt(
+        "", "CA certificate of etcd's server certificate: etcd is then reached in TLS."
+    )
+    etcd_cert_file: str = _opt(
+        "", "This node's client certificate for etcd (its --client-cert-auth); with the key."
+    )
+    etcd_key_file: str = _opt("", "The key of etcd_cert_file.")
     socket: str = _opt("/tmp/kvbm/node.sock", "Unix socket that engines attach to.")
     metrics_port: int = _opt(0, "Port of /metrics and /healthz on the listen host; 0: off.")
     secret_file: str = _opt(
@@ -109,7 +117,7 @@ class KvbmConfig:
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         # parsed here, once: the properties below keep what they parse
-        _ = self.listen_address, self.etcd_endpoints, self.shared_gid
+        _ = self.listen_address, self.etcd_endpoints, self.shared_gid, self.etcd_tls
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
@@ -136,6 +144,12 @@ class KvbmConfig:
     @cached_property
     def etcd_endpoints(self) -> tuple[str, ...]:
         return tuple(parse_endpoints(self.etcd))
+
+    @cached_property
+    def etcd_tls(self) -> EtcdTls | None:
+        if not (self.etcd_ca_file or self.etcd_cert_file or self.etcd_key_file):
+            return None
+        return EtcdTls(self.etcd_ca_file, self.etcd_cert_file, self.etcd_key_file)
 
     @cached_property
     def node_name(self) -> str:

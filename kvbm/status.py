@@ -19,7 +19,8 @@ def fleet(cfg: KvbmConfig) -> dict:
     """Every node of the namespace, as etcd has it: what the fleet signed
     (values that fail the signature, with this node's secret, are counted)."""
     secret = load_secret(cfg.secret_file, cfg.listen_address[0], cfg.dev_insecure)
-    mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace, IndexSigner(secret)))
+    signer = IndexSigner(secret)
+    mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace, signer, tls=cfg.etcd_tls))
     held: Counter[tuple[str, Tier]] = Counter()
     for holders in mirror.locations.values():
         for node, tier in holders.items():

@@ -21,6 +21,7 @@ from discovery.etcd_index import EtcdIndex
 from discovery.etcd_server import etcd_binary
 from discovery.records import NodeRecord, Tier
 from discovery.schema import block_path
+from discovery.signing import IndexSigner
 
 NS = "ns1"
 
@@ -148,7 +149,7 @@ def test_a_malformed_entry_written_by_hand_is_skipped(etcd, caplog):
 
     with caplog.at_level(logging.WARNING, logger="discovery.mirror"):
         run(scenario())
-    assert "skipping malformed index entry" in caplog.text
+    assert "skipping malformed index entries" in caplog.text
 
 
 def test_a_closed_node_vanishes_at_once(etcd):
@@ -374,3 +375,50 @@ def test_a_write_that_committed_but_lost_its_reply_leaves_nothing_stale(etcd, mo
         await b.close()
 
     run(scenario())
+
+
+def test_a_namespace_larger_than_a_message_is_read_in_pages(etcd):
+    """An etcd writer filled the namespace with 80 values of 1 MiB (more than
+    the 64 MiB a node accepts in one message) and 12,000 small ones: one
+    range read of it all is refused by the cap, while a node's paged read
+    gets every key (the big ones in smaller pages) and its mirror drops them
+    all (unsigned)."""
+    from aetcd import rpc
+
+    from discovery.etcd_client import MAX_MESSAGE_BYTES, PAGE_KEYS, open_client, read_prefix
+    from discovery.schema import namespace_prefix
+
+    prefix = namespace_prefix(NS)
+    big, small = 80, PAGE_KEYS + 2000
+    assert big << 20 > MAX_MESSAGE_BYTES
+
+    async def scenario() -> None:
+        client = open_client(etcd.endpoint, 10.0)
+        try:
+            for i in range(big):
+                await client.put(prefix + b"loc/%06d" % i, os.urandom(1 << 20))
+            for start in range(0, small, 128):
+                puts = [
+                    client.transactions.put(prefix + b"nodes/x%06d" % i, b"junk")
+                    for i in range(start, min(small, start + 128))
+                ]
+                await client.transaction(compare=[], success=puts, failure=[])
+            whole = rpc.RangeRequest(key=prefix, range_end=prefix[:-1] + b"0")
+            with pytest.raises(rpc.AioRpcError) as refused:
+                await client.kvstub.Range(whole, timeout=30)
+            assert refused.value.code().name == "RESOURCE_EXHAUSTED"
+            _, _, kvs = await read_prefix(client, prefix)
+            assert len(kvs) == big + small
+            assert len({kv.key for kv in kvs}) == big + small
+        finally:
+            await client.close()
+        record = NodeRecord("reader", "127.0.0.1", 7000)
+        idx = EtcdIndex([etcd.endpoint], NS, record, signer=IndexSigner(os.urandom(32)))
+        await idx.start()
+        try:
+            assert idx.mirror.rejected >= big + small  # unsigned: none reached the mirror
+            assert not idx.mirror.locations
+        finally:
+            await idx.close()
+
+    asyncio.run(scenario())

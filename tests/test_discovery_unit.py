@@ -105,7 +105,7 @@ def test_malformed_entries_are_skipped_with_a_warning(caplog):
         m.put(node_path(NS, "C"), NodeRecord("D", "x", 1).encode())  # another node's record
         m.put(b"/kvbm/v1/ns1/blocks/nothex/A", b"host")
     assert m.malformed == 4
-    assert "skipping malformed index entry" in caplog.text
+    assert "skipping malformed index entries" in caplog.text
     assert set(m.nodes) == {"A"} and set(m.locations) == {key(0)}
 
 

@@ -42,6 +42,7 @@ class Publisher:
         self.record = record
         self.namespace = cfg.namespace
         self.etcd_endpoints = cfg.etcd_endpoints
+        self.etcd_tls = cfg.etcd_tls
         self.lease_ttl = cfg.lease_ttl
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
@@ -89,6 +90,7 @@ class Publisher:
                     self.record,
                     self.lease_ttl,
                     signer=self.signer,
+                    tls=self.etcd_tls,
                 )
             else:
                 index = MemoryIndex(self.namespace, self.record)
