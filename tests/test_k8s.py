@@ -178,3 +178,39 @@ def test_network_policies_let_only_kvbm_pods_reach_kvbm_ports():
     assert clients["from"][0]["podSelector"]["matchLabels"].items() <= node_labels.items()
     assert [p["port"] for p in clients["ports"]] == [2379]
     assert peers["from"][0]["podSelector"]["matchLabels"].items() <= etcd_labels.items()
+
+
+def test_etcd_takes_only_clients_with_a_certificate_and_the_node_has_one():
+    """etcd serves clients and members in TLS and asks both for a certificate
+    of its CA; the node reaches it in TLS with the client certificate of the
+    Secret make-certs.sh creates, mounted where its configuration looks."""
+    etcd = container(find("StatefulSet", "kvbm-etcd"))
+    args = etcd["command"]
+    urls = [a.split("=", 1)[1] for a in args if "-urls=" in a and "metrics" not in a]
+    assert urls and all(u.startswith("https://") for u in urls), urls
+    assert {"--client-cert-auth", "--peer-client-cert-auth"} <= set(args)
+    assert "--listen-metrics-urls=http://0.0.0.0:2381" in args  # probes: plain, own port
+    for probe in (etcd["readinessProbe"], etcd["livenessProbe"]):
+        assert probe["httpGet"]["port"] == "health"
+    volumes = find("StatefulSet", "kvbm-etcd")["spec"]["template"]["spec"]["volumes"]
+    assert {
+        "name": "tls",
+        "secret": {"secretName": "kvbm-etcd-tls", "defaultMode": 0o400},
+    } in volumes
+
+    cfg = node_config()
+    assert cfg.etcd_tls is not None and cfg.etcd_tls.cert_file and cfg.etcd_tls.key_file
+    daemonset = find("DaemonSet", "kvbm-node")
+    mounts = {m["name"]: m["mountPath"] for m in container(daemonset)["volumeMounts"]}
+    secrets = {
+        v["name"]: v["secret"]["secretName"]
+        for v in daemonset["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    assert secrets["etcd-client"] == "kvbm-etcd-client"
+    for path in (cfg.etcd_tls.ca_file, cfg.etcd_tls.cert_file, cfg.etcd_tls.key_file):
+        assert Path(path).parent == Path(mounts["etcd-client"]), path
+    script = (K8S / "etcd" / "make-certs.sh").read_text()
+    for secret in ("kvbm-etcd-tls", "kvbm-etcd-client"):
+        assert f"secret generic {secret}" in script
+    assert "--from-file=ca.crt=" in script and "--from-file=tls.key=" in script

@@ -37,13 +37,13 @@ def test_a_batched_read_from_another_process_is_bit_exact():
     try:
         assert parent.poll(60), "peer never started"
         metadata, remote_base = parent.recv()
-        peer = agent.add_peer(metadata)
-        assert peer.name == "peer-a"
+        them = agent.add_peer(metadata)
+        assert them.name == "peer-a"
         # blocks 3, 0, 17, 30 of the peer -> our slots 0, 1, 2, 3 (scattered both ways)
         src, dst = [3, 0, 17, 30], [0, 1, 2, 3]
         remote = np.array([(remote_base + b * BLOCK, BLOCK) for b in src], dtype=np.uint64)
         local = np.array([(arena.ctypes.data + s * BLOCK, BLOCK) for s in dst], dtype=np.uint64)
-        assert agent.read(peer, local, remote, timeout=10)
+        assert agent.read(them, local, remote, timeout=10)
         expected = np.frombuffer(np.random.default_rng(1).bytes(SIZE), dtype=np.uint8)
         for s, b in zip(dst, src, strict=True):
             assert np.array_equal(
@@ -56,7 +56,7 @@ def test_a_batched_read_from_another_process_is_bit_exact():
         os.kill(peer.pid, signal.SIGKILL)
         peer.join(10)
         t0 = time.monotonic()
-        assert not agent.read(peer, local, remote, timeout=3)
+        assert not agent.read(them, local, remote, timeout=3)
         assert time.monotonic() - t0 < 10
     finally:
         if peer.is_alive():
