@@ -40,6 +40,11 @@ class Agent(Protocol):
 
     drives_itself: bool  # False: whoever serves peers must call `progress()` often
 
+    @property
+    def generation(self) -> int:
+        """Changes when the agent restarts (new metadata: peers must reconnect)."""
+        ...
+
     def progress(self) -> None: ...
 
     def add_peer(self, metadata: bytes) -> Peer: ...

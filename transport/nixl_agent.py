@@ -36,6 +36,7 @@ class NixlAgent:
     """
 
     drives_itself = False
+    generation = 0  # never restarts
 
     def __init__(self, name: str, arena_addr: int, arena_size: int, backend: str = "UCX") -> None:
         if arena_size <= 0:

@@ -1,10 +1,14 @@
 """The peer control RPC over asyncio TCP, in authenticated frames (frames.py).
 
 A connection opens with a handshake: `hello` (signed: the client's fresh
-nonce and layout fingerprints; a peer without a common fingerprint is
-refused) is answered with the server's nonce and its proof of the secret;
-from then on every frame is sealed under this connection's keys, and `auth`
-(sealed) trades NIXL metadata, arena base and size both ways. Then `pin`
+nonce, its node id and layout fingerprints; a peer without a common
+fingerprint is refused) is answered with the server's nonce, node id and
+proof of the secret; from then on every frame is sealed under this
+connection's keys, and `auth` (sealed, empty) is answered with the server's
+NIXL metadata, arena base and size. Only the client loads the other's
+metadata: READs need the target's, never the initiator's, so a server
+parses no peer's NIXL metadata and learns none of its clients'. A peer is
+the node id of its hello (its pins and caps are that node's). Then `pin`
 (the longest held prefix of some keys, pinned, with arena offsets and
 checksums) and `unpin`. Pins expire after `pin_ttl` seconds, so a requester
 that dies never leaks them; a peer may hold at most `max_pins_per_peer` at
@@ -22,6 +26,7 @@ import hmac
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +54,7 @@ MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
 PRE_AUTH_MAX_FRAME = 64 << 10  # a hello is NIXL metadata (~0.5 KiB here) and a few fields
 FRAME_TIMEOUT_S = 10.0  # from a frame's length to its last byte
+NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -72,9 +78,12 @@ class PeerServer:
         pin_ttl: float = 10.0,
         max_pins_per_peer: int = 4096,
         max_pins_total: int = 8192,
+        node_id: str | None = None,
     ) -> None:
+        """`node_id`: this node, as its clients are told (default: the agent's name)."""
         self.source = source
         self.agent = agent
+        self.node_id = node_id or agent.name
         self.secret = secret
         self.codec = FrameCodec(secret, CALLS)  # hellos: one codec, so one nonce memory
         self.pin_ttl = pin_ttl
@@ -142,7 +151,6 @@ class PeerServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
         ip: str | None = str(addr[0]) if isinstance(addr, tuple) else "?"
-        peer = None
         self.unauthenticated[ip] = self.unauthenticated.get(ip, 0) + 1
         handler = asyncio.current_task()
         assert handler is not None
@@ -155,22 +163,22 @@ class PeerServer:
                 return
             try:
                 handshake = self._handshake(reader, writer)
-                session, msg = await asyncio.wait_for(handshake, HELLO_TIMEOUT_S)
+                session, msg, node = await asyncio.wait_for(handshake, HELLO_TIMEOUT_S)
             except TimeoutError:
                 raise ProtocolError(f"no hello within {HELLO_TIMEOUT_S:g} s") from None
             self._authenticated(ip)  # both sides proved the secret, now
             ip = None
             if self.connections > MAX_CONNECTIONS:
                 raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
-            peer, reply = self._auth(msg)
-            name = peer.name
+            generation = self.agent.generation  # the agent whose metadata the peer gets
+            reply = self._auth(msg)
             while True:
                 writer.write(session.encode(Message("ok", msg.id, reply)))
                 await writer.drain()
                 msg = await session.read(reader, body_timeout=FRAME_TIMEOUT_S)
-                if not self.agent.knows(peer):
+                if self.agent.generation != generation:
                     raise ProtocolError("the NIXL agent restarted: connect again")
-                reply = await self._call(name, msg)
+                reply = await self._call(node, msg)
         except TimeoutError:
             log.warning("closing peer connection addr=%s reason=a frame stalled", addr)
         except asyncio.IncompleteReadError:
@@ -186,11 +194,9 @@ class PeerServer:
         finally:
             self._handlers.discard(handler)
             if ip is None:
-                self.connections -= 1
+                self.connections -= 1  # the peer's pins live on until unpinned or expired
             else:
                 self._unauthenticated_gone(ip)
-            if peer is not None:
-                self.agent.remove_peer(peer)  # its pins live on until unpinned or expired
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -218,41 +224,44 @@ class PeerServer:
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[SessionCodec, Message]:
-        """hello (signed: the client's fresh nonce) -> our nonce and proof ->
-        the client's first sealed frame, `auth`, which only a holder of the
-        secret can seal under this connection's keys. Returns the session and
-        that frame. No NIXL metadata moves before it, and none in clear."""
+    ) -> tuple[SessionCodec, Message, str]:
+        """hello (signed: the client's fresh nonce and node id) -> our nonce,
+        node id and proof -> the client's first sealed frame, `auth`, which
+        only a holder of the secret can seal under this connection's keys.
+        Returns the session, that frame and the client's node id. No NIXL
+        metadata moves before it, and none in clear."""
         hello = await self.codec.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
         client_nonce = hello.body.get("nonce")
         fingerprints = hello.body.get("fingerprints")
+        node = hello.body.get("node")
         if (
             hello.call != "hello"
             or not isinstance(client_nonce, bytes)
             or len(client_nonce) != HANDSHAKE_NONCE_BYTES
             or not isinstance(fingerprints, list)
             or not all(type(f) is int for f in fingerprints)
+            or not isinstance(node, str)
+            or not NODE_ID.fullmatch(node)
         ):
             raise ProtocolError("hello must come first, and once")
         if not set(fingerprints) & self.source.fingerprints:
             raise ProtocolError("no layout fingerprint in common: the nodes cannot share blocks")
         nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
         proof = server_proof(self.secret, client_nonce, nonce)
-        writer.write(self.codec.encode(Message("ok", hello.id, {"nonce": nonce, "proof": proof})))
+        answer = {"nonce": nonce, "proof": proof, "node": self.node_id}
+        writer.write(self.codec.encode(Message("ok", hello.id, answer)))
         await writer.drain()
         to_server, to_client = session_keys(self.secret, client_nonce, nonce)
         session = SessionCodec(to_client, to_server, CALLS)
         msg = await session.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
         if msg.call != "auth":
             raise ProtocolError("hello must come first, and once")
-        return session, msg
+        return session, msg, node
 
-    def _auth(self, msg: Message) -> tuple[Peer, dict]:
-        metadata = msg.body.get("nixl")
-        if not isinstance(metadata, bytes):
-            raise ProtocolError("bad hello")
-        peer = self.agent.add_peer(metadata)
-        return peer, {
+    def _auth(self, msg: Message) -> dict:
+        if msg.body:
+            raise ProtocolError("auth carries nothing (a server loads no peer's metadata)")
+        return {
             "nixl": self.agent.metadata,
             "arena": self.agent.arena[0],
             "arena_bytes": self.agent.arena[1],
@@ -326,8 +335,17 @@ class PeerClient:
     connection ends, each of them fails at once (no caller waits past it).
     """
 
-    def __init__(self, agent: Agent, secret: bytes, fingerprints: Iterable[int]) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        secret: bytes,
+        fingerprints: Iterable[int],
+        node_id: str | None = None,
+    ) -> None:
+        """`node_id`: who we are to the peer (default: our agent's name)."""
         self.agent = agent
+        self.node_id = node_id or agent.name
+        self.remote_node = ""  # the peer's node id, from its signed answer
         self.secret = secret
         self.codec: SessionCodec | None = None  # once the handshake is done
         self.fingerprints = sorted(fingerprints)
@@ -342,10 +360,16 @@ class PeerClient:
         self._closed: str | None = None
 
     async def connect(
-        self, host: str, port: int, timeout: float = 5.0, local_host: str | None = None
+        self,
+        host: str,
+        port: int,
+        timeout: float = 5.0,
+        local_host: str | None = None,
+        expect: str | None = None,
     ) -> None:
-        """Connect and shake hands; `local_host` binds this side (a node's own address).
-        Our NIXL metadata leaves only sealed, to a peer that proved the secret."""
+        """Connect and shake hands; `local_host` binds this side (a node's own
+        address); `expect`: the node id the peer must answer with (another
+        node now at that address is refused)."""
         local = (local_host, 0) if local_host else None
         reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=local), timeout
@@ -354,8 +378,10 @@ class PeerClient:
             self.codec = await asyncio.wait_for(self._handshake(reader, self._writer), timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as e:
             raise TransportError(f"the peer hung up during the handshake: {e!r}") from None
+        if expect is not None and self.remote_node != expect:
+            raise AuthError(f"the peer at {host}:{port} is {self.remote_node!r}, not {expect!r}")
         self._replies = asyncio.create_task(self._read_replies(reader))
-        reply = await self.call("auth", {"nixl": self.agent.metadata}, timeout)
+        reply = await self.call("auth", {}, timeout)
         base, size = reply.get("arena"), reply.get("arena_bytes")
         if not all(type(v) is int and 0 <= v < 2**64 for v in (base, size)):
             raise ProtocolError("the peer's hello names no arena")
@@ -370,19 +396,22 @@ class PeerClient:
         connection's keys, one per direction."""
         hello = FrameCodec(self.secret, CALLS)
         nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
-        body = {"nonce": nonce, "fingerprints": self.fingerprints}
+        body = {"nonce": nonce, "fingerprints": self.fingerprints, "node": self.node_id}
         writer.write(hello.encode(Message("hello", 0, body)))
         await writer.drain()
         reply = await hello.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
         theirs, proof = reply.body.get("nonce"), reply.body.get("proof")
+        node = reply.body.get("node")
         if (
             reply.call != "ok"
+            or not isinstance(node, str)
             or not isinstance(theirs, bytes)
             or len(theirs) != HANDSHAKE_NONCE_BYTES
             or not isinstance(proof, bytes)
             or not hmac.compare_digest(proof, server_proof(self.secret, nonce, theirs))
         ):
             raise AuthError("the peer did not prove the secret")
+        self.remote_node = node
         to_server, to_client = session_keys(self.secret, nonce, theirs)
         return SessionCodec(to_server, to_client, CALLS)
 

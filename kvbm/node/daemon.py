@@ -125,7 +125,12 @@ class Node:
             per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)
             total = max(per_peer, mgr.host.num_slots // 2)
             server = PeerServer(
-                tiers, agent, self.secret, max_pins_per_peer=per_peer, max_pins_total=total
+                tiers,
+                agent,
+                self.secret,
+                max_pins_per_peer=per_peer,
+                max_pins_total=total,
+                node_id=self.node_id,
             )
             host, port = cfg.listen_address
             port = await server.start(host, port)
@@ -148,7 +153,13 @@ class Node:
         )
         publisher = Publisher(mgr, record, cfg, IndexSigner(self.secret))
         peers = PeerPool(
-            agent, self.secret, geometry.fingerprint, host, publisher.peer, cfg.peer_backoff_s
+            self.node_id,
+            agent,
+            self.secret,
+            geometry.fingerprint,
+            host,
+            publisher.peer,
+            cfg.peer_backoff_s,
         )
         onboarding = Onboarding(mgr, tiers, peers, publisher.lookup, cfg.peer_timeout_ms / 1000)
         serving = Serving(mgr, agent, server, peers, publisher, onboarding)

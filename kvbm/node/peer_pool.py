@@ -24,6 +24,7 @@ class PeerPool:
 
     def __init__(
         self,
+        node_id: str,
         agent: Agent,
         secret: bytes,
         fingerprint: int,
@@ -31,6 +32,7 @@ class PeerPool:
         record: Callable[[str], NodeRecord | None],
         backoff_s: float,
     ) -> None:
+        self.node_id = node_id  # who we are to peers
         self.agent = agent
         self.secret = secret
         self.fingerprint = fingerprint
@@ -94,9 +96,10 @@ class PeerPool:
         record = self.record(peer)
         if record is None or self.fingerprint not in record.fingerprints:
             return None
-        client = PeerClient(self.agent, self.secret, [self.fingerprint])
+        client = PeerClient(self.agent, self.secret, [self.fingerprint], self.node_id)
         try:
-            await client.connect(record.address, record.rpc_port, timeout, self.local_host)
+            address, port = record.address, record.rpc_port
+            await client.connect(address, port, timeout, self.local_host, expect=peer)
         except (OSError, TimeoutError, TransportError) as e:
             log.info("peer unreachable peer=%s error=%r", peer, e)
             await client.close()

@@ -111,7 +111,6 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
                 with pytest.raises(TransportError):
                     await c.call("pin", body, 10)
                 await c.close()
-            agent = hostile.agent()
             # 2. frames whose msgpack headers announce absurd sizes, validly signed
             for payload in (
                 b"\xdd" + struct.pack(">I", 2**32 - 1),  # array of 4 billion items
@@ -120,22 +119,22 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
                 b"\xdb" + struct.pack(">I", 2**32 - 1),  # string of 4 GiB
                 msgpack.packb([0] * (MAX_ITEMS + 1)),
             ):
-                reader, writer, session, _ = await raw_session(host, p, agent.metadata)
+                reader, writer, session, _ = await raw_session(host, p)
                 writer.write(session.seal(payload))
                 await writer.drain()
                 assert await hung_up(reader)
                 writer.close()
             # 3. a length prefix of 4 GiB: refused before anything is read or allocated
-            reader, writer, _, _ = await raw_session(host, p, agent.metadata)
+            reader, writer, _, _ = await raw_session(host, p)
             writer.write(struct.pack(">I", 2**32 - 1) + b"x" * 64)
             await writer.drain()
             assert await hung_up(reader)
             # 4. a second hello, and a sealed frame sent twice, in a session
-            reader, writer, session, _ = await raw_session(host, p, agent.metadata)
-            writer.write(session.encode(Message("hello", 2, {"nixl": agent.metadata})))
+            reader, writer, session, _ = await raw_session(host, p)
+            writer.write(session.encode(Message("hello", 2, {})))
             await writer.drain()
             assert await hung_up(reader)
-            reader, writer, session, _ = await raw_session(host, p, agent.metadata)
+            reader, writer, session, _ = await raw_session(host, p)
             sealed = session.encode(Message("unpin", 2, {"keys": wire[:1]}))
             writer.write(sealed + sealed)  # the second copy does not open: a replay
             await writer.drain()

@@ -1,18 +1,23 @@
-"""A peer that holds the fleet's secret and lies in its pin replies: real
-tiers holding real blocks, registered in etcd like any node (it signs its
-record and locations: it has the secret), served over
-the real peer RPC and NIXL, but every pin it grants names a wrong length or
-offset. Prints its port once its blocks are in the index, then serves until
-stdin closes.
+"""A peer that holds the fleet's secret and lies: real tiers holding real
+blocks, registered in etcd like any node (it signs its record and
+locations: it has the secret), served over the real peer RPC and NIXL, but
+every pin it grants names a wrong length or offset, or the NIXL metadata it
+answers `auth` with is damaged. Prints its port once its blocks are in the
+index, then serves until stdin closes.
 
 Run as `python -m tests.security.lying_peer ETCD HOST SECRET_FILE LIE N`,
-LIE one of: long (four slots), negative (-1), outside (past its arena)."""
+LIE one of: long (four slots), negative (-1), outside (past its arena),
+metadata (the memory type of its registration list set to 255, which
+crashes NIXL where it is loaded). `liar(...)` runs it for a test."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import subprocess
 import sys
+from collections.abc import Iterator
 
 from discovery.etcd_index import EtcdIndex
 from discovery.records import NodeRecord, Tier
@@ -44,7 +49,45 @@ class LyingTiers(ManagerTiers):
             return dataclasses.replace(b, length=4 * GEOMETRY.slot_bytes)
         if self.lie == "negative":
             return dataclasses.replace(b, length=-1)
-        return dataclasses.replace(b, offset=self.arena_size)  # "outside"
+        if self.lie == "outside":
+            return dataclasses.replace(b, offset=self.arena_size)
+        return b
+
+
+class DamagedAgent(NixlAgent):
+    @property
+    def metadata(self) -> bytes:
+        return damaged(super().metadata)
+
+
+def damaged(metadata: bytes) -> bytes:
+    """The metadata with the memory type of its registration list set to 255."""
+    tag = b"nixlSDList|t"
+    at = metadata.index(tag) + len(tag) + 8  # after the field's 8-byte length
+    return metadata[:at] + b"\xff" + metadata[at + 1 :]
+
+
+@contextlib.contextmanager
+def liar(etcd: str, host: str, secret_file: str, lie: str, n: int) -> Iterator[int]:
+    """The lying peer in a process of its own, for as long as the block; its port."""
+    args = [etcd, host, secret_file, lie, str(n)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.security.lying_peer", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        assert port.isdigit(), "the lying peer did not start"
+        yield int(port)
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None:
@@ -52,9 +95,10 @@ async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None
     eng = Engine(n)
     ks = keys(0, n)
     offload(mgr, eng.kv, eng.compute(ks), ks)
-    agent = NixlAgent(f"kvbm-liar-{lie}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+    kind = DamagedAgent if lie == "metadata" else NixlAgent
+    agent = kind(f"kvbm-liar-{lie}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
     secret = load_secret(secret_file, host)
-    server = PeerServer(LyingTiers(mgr, lie), agent, secret)
+    server = PeerServer(LyingTiers(mgr, lie), agent, secret, node_id="liar")
     port = await server.start(host, 0)
     record = NodeRecord(
         "liar", host, port, nixl_agent=agent.name, fingerprints=(GEOMETRY.fingerprint,)

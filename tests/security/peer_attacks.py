@@ -133,12 +133,13 @@ def hello(nonce: bytes | None = None, **fields: object) -> bytes:
     body = {
         "nonce": nonce or os.urandom(HANDSHAKE_NONCE_BYTES),
         "fingerprints": [GEOMETRY.fingerprint],
+        "node": "attacker",
     }
     return frame("hello", body, **fields)  # type: ignore[arg-type]
 
 
 async def raw_session(
-    host: str, port: int, metadata: bytes, secret: bytes = SECRET
+    host: str, port: int, secret: bytes = SECRET
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, SessionCodec, dict]:
     """A hand-driven handshake, through `auth`: a connection whose later frames
     the node judges, the session that seals them (any payload: `seal`), and
@@ -151,7 +152,7 @@ async def raw_session(
     reply = FrameCodec(secret, CALLS).decode(await reader.readexactly(n))
     to_server, to_client = session_keys(secret, nonce, reply.body["nonce"])
     session = SessionCodec(to_server, to_client, CALLS)
-    writer.write(session.encode(Message("auth", 1, {"nixl": metadata})))
+    writer.write(session.encode(Message("auth", 1, {})))
     await writer.drain()
     reply = await session.read(reader)
     return reader, writer, session, reply.body

@@ -10,10 +10,12 @@
    back, and is nowhere in the agent process), and a WRITE at the secret's
    address leaves the daemon's bytes as they were. On the code before
    confinement the same READ returned the secret.
-2. One `auth` carrying damaged NIXL metadata (the memory type of its
-   registration list set to 255) crashes NIXL where it is loaded. That is
-   now the agent process: the daemon lives, starts another, and serves a
-   pull afterwards. Before, the daemon itself died (SIGSEGV).
+2. Damaged NIXL metadata (the memory type of its registration list set to
+   255) crashes NIXL where it is loaded (SIGSEGV). Before, a node loaded its
+   clients' metadata in the daemon: one such `auth` killed it. A node now
+   loads a peer's metadata only as the client of its pull, in its agent
+   process: a peer (with the secret) answering with damaged metadata costs
+   that process; the daemon lives, starts another, and serves its engine.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import re
 import struct
 
 import numpy as np
-import pytest
 
+from kvbm.connector.attach import Available, NodeAttachment
 from tests.node_daemon import loads_exactly, until
-from tests.security.peer_attacks import SECRET, agent_pid, raw_session, two_nodes
+from tests.security.lying_peer import liar
+from tests.security.peer_attacks import SECRET, agent_pid, raw_session, two_nodes, write_secret
+from tests.support import GEOMETRY, SPACE, Engine, keys
 from transport.nixl_agent import NixlAgent
 
 WIDE = 1 << 62
@@ -82,13 +86,6 @@ def widened(metadata: bytes, base: int, size: int) -> bytes:
     return metadata.replace(b, struct.pack("<Q", 0)).replace(n, struct.pack("<Q", WIDE))
 
 
-def damaged(metadata: bytes) -> bytes:
-    """The metadata with the memory type of its registration list set to 255."""
-    tag = b"nixlSDList|t"
-    at = metadata.index(tag) + len(tag) + 8  # after the field's 8-byte length
-    return metadata[:at] + b"\xff" + metadata[at + 1 :]
-
-
 class Attacker:
     """A NIXL agent of the attacker's own, with READ and WRITE anywhere its
     loaded metadata says it may."""
@@ -139,7 +136,7 @@ def test_a_metadata_holder_reaches_the_agent_process_not_the_node(etcd, daemons,
         try:
 
             async def attack() -> None:
-                _, writer, _, reply = await raw_session(n.host, n.port, attacker.agent.metadata)
+                _, writer, _, reply = await raw_session(n.host, n.port)
                 try:
                     wide = widened(reply["nixl"], reply["arena"], reply["arena_bytes"])
                     peer = attacker.agent.add_peer(wide)
@@ -167,27 +164,30 @@ def test_a_metadata_holder_reaches_the_agent_process_not_the_node(etcd, daemons,
 
 
 def test_damaged_metadata_costs_the_agent_process_not_the_node(etcd, daemons, tmp_path):
-    with two_nodes(etcd, daemons, tmp_path, 8, "--host-cache-mb", "8") as n:
-        node = n.a.proc.pid
-        first = agent_pid(node)
-        assert first is not None
-        attacker = Attacker()
+    secret = write_secret(tmp_path / "secret")
+    with liar(etcd.endpoint, "127.0.0.2", secret, "metadata", 4):
+        flags = ["--etcd", etcd.endpoint, "--secret-file", secret, "--namespace", SPACE.namespace]
+        victim = daemons("victim", "127.0.0.3", *flags)
+        engine = NodeAttachment(victim.socket, GEOMETRY, remote=["host"])
         try:
+            first = agent_pid(victim.proc.pid)
+            assert first is not None
+            wanted = keys(0, 4)
+            until(lambda: engine.lookup(wanted) == Available(0, 4), 10, "the liar is not seen")
+            got = Engine(4)
+            loaded, _ = engine.load(got.kv, wanted, list(range(4)))
+            assert loaded == 0  # recomputed: the pull died with the agent process
 
-            async def attack() -> None:
-                bad = damaged(attacker.agent.metadata)
-                with pytest.raises((asyncio.IncompleteReadError, ConnectionError)):
-                    await raw_session(n.host, n.port, bad)  # the node hangs up
+            def agent() -> dict | str:
+                return engine.stats()["nixl_agent"]
 
-            asyncio.run(asyncio.wait_for(attack(), 60))
+            until(lambda: agent() != "restarting" and agent()["generation"] == 1, 30, "no new one")
+            assert agent()["pid"] == agent_pid(victim.proc.pid) != first
+            assert victim.proc.poll() is None
+            assert "the NIXL agent process ended" in victim.log()
+            own = keys(100, 4)  # and the node serves its engine as before
+            made = Engine(4)
+            assert engine.store(made.kv, own, made.compute(own)) == 4
+            assert loads_exactly(engine, own, "local_host")
         finally:
-            attacker.close()
-
-        def agent() -> dict | str:
-            return n.eng_a.stats()["nixl_agent"]
-
-        until(lambda: agent() != "restarting" and agent()["generation"] == 1, 30, "no new one")
-        assert agent()["pid"] == agent_pid(node) != first
-        assert n.a.proc.poll() is None and n.eng_a.stats()["ready"]
-        assert loads_exactly(n.eng_b, n.keys, "remote_host")
-        assert "the NIXL agent process ended" in n.a.log()
+            engine.close()

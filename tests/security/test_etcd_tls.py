@@ -24,7 +24,6 @@ from discovery.tls import EtcdTls
 from tests.node_daemon import kvbm_json, loads_exactly
 from tests.security.peer_attacks import two_nodes, write_secret
 
-
 MAKE_CERTS = Path(__file__).parents[2] / "k8s" / "etcd" / "make-certs.sh"
 
 

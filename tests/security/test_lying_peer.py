@@ -7,13 +7,11 @@ and the node serves on."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
 from tests.node_daemon import until
+from tests.security.lying_peer import liar
 from tests.security.peer_attacks import write_secret
 from tests.support import GEOMETRY, SPACE, Engine, keys
 
@@ -24,15 +22,7 @@ HOST_MB = 1
 @pytest.mark.parametrize("lie", ["long", "negative", "outside"])
 def test_a_peers_pin_reply_is_checked_before_it_is_read_from(lie, etcd, daemons, tmp_path):
     secret = write_secret(tmp_path / "secret")
-    args = [etcd.endpoint, "127.0.0.2", secret, lie, str(N)]
-    liar = subprocess.Popen(
-        [sys.executable, "-m", "tests.security.lying_peer", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert liar.stdout.readline().strip().isdigit(), "the lying peer did not start"
+    with liar(etcd.endpoint, "127.0.0.2", secret, lie, N):
         flags = ["--etcd", etcd.endpoint, "--secret-file", secret, "--lease-ttl", "5"]
         flags += ["--namespace", SPACE.namespace, "--host-cache-mb", str(HOST_MB)]
         node = daemons("victim", "127.0.0.3", *flags)
@@ -65,10 +55,3 @@ def test_a_peers_pin_reply_is_checked_before_it_is_read_from(lie, etcd, daemons,
             assert engine.stats()["engine_leases"] == 0
         finally:
             engine.close()
-    finally:
-        liar.stdin.close()
-        try:
-            liar.wait(20)
-        except subprocess.TimeoutExpired:
-            liar.kill()
-            liar.wait(10)
