@@ -210,6 +210,7 @@ class ConfinedAgent:
                 pass_fds=(theirs.fileno(), self._arena_fd),
                 env=self._env,
                 stdin=subprocess.DEVNULL,
+                stdout=2,  # UCX prints to stdout: keep it off ours (a bench prints JSON there)
             )
         except OSError as e:
             ours.close()
