@@ -118,6 +118,8 @@ class KvbmConfig:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         # parsed here, once: the properties below keep what they parse
         _ = self.listen_address, self.etcd_endpoints, self.shared_gid, self.etcd_tls
+        if "https://" in self.etcd and not self.etcd_ca_file:
+            raise ValueError("etcd endpoints in https:// need etcd_ca_file (TLS to etcd)")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
@@ -189,9 +191,7 @@ def parse_endpoints(text: str) -> list[str]:
     for item in (e.strip() for e in text.split(",")):
         if not item:
             continue
-        if item.startswith("https://"):
-            raise ValueError(f"etcd over TLS is not supported yet: {item}")
-        item = item.removeprefix("http://").rstrip("/")
+        item = item.removeprefix("http://").removeprefix("https://").rstrip("/")
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"etcd endpoint must be HOST:PORT, got {item!r}")

@@ -99,3 +99,16 @@ def test_a_shared_group_must_exist():
     assert load_config(env={}, overrides={"shared_group": "1234"}).shared_gid == 1234
     with pytest.raises(ValueError, match="shared_group: no group"):
         load_config(env={}, overrides={"shared_group": "no-such-group-kvbm"})
+
+
+def test_etcd_tls_settings():
+    cfg = KvbmConfig(etcd="https://e1:2379,e2:2379", etcd_ca_file="/ca.crt")
+    assert cfg.etcd_endpoints == ("e1:2379", "e2:2379")
+    assert cfg.etcd_tls is not None and cfg.etcd_tls.ca_file == "/ca.crt"
+    assert KvbmConfig(etcd="e1:2379").etcd_tls is None
+    with pytest.raises(ValueError, match="need etcd_ca_file"):
+        KvbmConfig(etcd="https://e1:2379")
+    with pytest.raises(ValueError, match="needs the CA"):
+        KvbmConfig(etcd="e1:2379", etcd_cert_file="/c.crt", etcd_key_file="/c.key")
+    with pytest.raises(ValueError, match="needs its key"):
+        KvbmConfig(etcd="e1:2379", etcd_ca_file="/ca.crt", etcd_cert_file="/c.crt")
