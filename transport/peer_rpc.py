@@ -52,7 +52,7 @@ MAX_CONNECTIONS = 256  # peers that said a valid hello
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
-PRE_AUTH_MAX_FRAME = 64 << 10  # a hello is NIXL metadata (~0.5 KiB here) and a few fields
+PRE_AUTH_MAX_FRAME = 64 << 10  # a hello is a nonce, a node id and a few fingerprints
 FRAME_TIMEOUT_S = 10.0  # from a frame's length to its last byte
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
