@@ -7,3 +7,7 @@ class DiscoveryError(Exception):
 
 class IndexUnavailable(DiscoveryError):
     """etcd cannot be reached (the node keeps serving from its mirror)."""
+
+
+class DuplicateNode(DiscoveryError):
+    """A live node holds this node's id already: two nodes must not share one."""

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 import aetcd
 import aetcd.exceptions
 
-from discovery.errors import IndexUnavailable
+from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_client import open_client, read_prefix
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
@@ -192,10 +192,11 @@ class EtcdIndex:
                     self._up.set()
                     self._dirty.set()
                     return
+            path = node_path(self.namespace, self.node.node_id)
+            await self._claim(client, path)
             lease = await client.lease(self.lease_ttl)
             # The lease counts as ours only once the record is under it: a
             # session that fails here is retried whole, never half kept.
-            path = node_path(self.namespace, self.node.node_id)
             await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
             self._lease = lease.id
             # The old lease is gone, and with it every key etcd held for us.
@@ -209,6 +210,41 @@ class EtcdIndex:
                 len(self.pending),
                 self.node.node_id,
             )
+
+    async def _claim(self, client: aetcd.Client, path: bytes) -> None:
+        """Before our record goes in: a record of our id under another lease is
+        ours from a session that died (a restart within the TTL: that lease
+        is revoked, and every key of the old session with it), or a second
+        live node's (DuplicateNode). A record the fleet did not sign is not
+        believed: ours replaces it."""
+        got = await client.get(path)
+        if got is None or not got.lease or got.lease == self._lease:
+            return
+        try:
+            value = self.signer.open(path, got.value) if self.signer else got.value
+            other = NodeRecord.decode(value)
+        except ValueError:
+            return
+        if await _lease_alive(client, got.lease):
+            where = f"{other.address}:{other.rpc_port}" if other.rpc_port else other.address
+            raise DuplicateNode(
+                f"node id {self.node.node_id!r} is held by a live node at {where}; "
+                "give each node its own node_id"
+            )
+        log.info("taking over this node id from a session that died lease=%x", got.lease)
+        with contextlib.suppress(aetcd.exceptions.ClientError):
+            await client.revoke_lease(got.lease)
+
+    async def set_record(self, record: NodeRecord) -> None:
+        """Publish a new record of this node (its peer port, once it serves);
+        while etcd is away, the next session puts it."""
+        if record.node_id != self.node.node_id:
+            raise ValueError("a node keeps its id")
+        self.node = record
+        if self._up.is_set() and self._lease is not None:
+            path = node_path(self.namespace, record.node_id)
+            value = self._value(path, record.encode())
+            await self._attempt(self._live().put(path, value, lease=self._lease))
 
     async def _lost(self, error: BaseException, client: aetcd.Client | None = None) -> None:
         if self._up.is_set():
@@ -412,3 +448,17 @@ async def snapshot(
             mirror.put(kv.key, kv.value, kv.mod_revision)
         return mirror
     raise IndexUnavailable(f"cannot reach etcd at {list(endpoints)}: {last!r}")
+
+
+async def _lease_alive(client: aetcd.Client, lease: int) -> bool:
+    """Whether someone keeps `lease` alive: its TTL is refreshed within one
+    keepalive period (a third of it, as nodes refresh theirs). Costs that
+    period's wait, once, when a node starts where a record of its id is."""
+    info = await client.get_lease_info(lease, keys=False)
+    if info.TTL <= 0:
+        return False
+    wait = info.grantedTTL / 3 + 0.5
+    await asyncio.sleep(wait)
+    later = await client.get_lease_info(lease, keys=False)
+    unrefreshed = max(0, info.TTL - wait + 1)  # what is left if nobody refreshed it
+    return unrefreshed < later.TTL

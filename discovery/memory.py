@@ -20,6 +20,10 @@ class MemoryIndex:
     async def start(self) -> None:
         self.mirror.put(node_path(self.mirror.namespace, self.node.node_id), self.node.encode())
 
+    async def set_record(self, record: NodeRecord) -> None:
+        self.node = record
+        await self.start()
+
     def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:
         ns, me = self.mirror.namespace, self.node.node_id
         for key in removes:

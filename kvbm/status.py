@@ -30,7 +30,7 @@ def fleet(cfg: KvbmConfig) -> dict:
         nodes.append(
             {
                 "node_id": node_id,
-                "peer_rpc": f"{r.address}:{r.rpc_port}",
+                "peer_rpc": f"{r.address}:{r.rpc_port}" if r.rpc_port else "no engine yet",
                 "version": r.version,
                 Tier.HOST.value: {
                     "blocks": held[node_id, Tier.HOST],

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from discovery.errors import DuplicateNode
 from discovery.records import NodeRecord
 from discovery.signing import IndexSigner
 from kvbm import __version__
@@ -49,11 +50,9 @@ class Serving:
     agent: ConfinedAgent
     peer_server: PeerServer
     peers: PeerPool
-    publisher: Publisher
     onboarding: Onboarding
 
     async def close(self) -> None:
-        await self.publisher.close()
         await self.peers.close()
         await self.peer_server.close()
         self.agent.close()
@@ -61,7 +60,9 @@ class Serving:
 
 
 class Node:
-    """Invariant: `serving` is set once and never changes geometry."""
+    """Invariants: `serving` is set once and never changes geometry; the node
+    is in the index from its start (its record says whether it serves yet),
+    and a node whose id a live node holds does not start."""
 
     def __init__(self, cfg: KvbmConfig, secret: bytes, verify: Verify = content_matches) -> None:
         self.cfg = cfg
@@ -73,9 +74,21 @@ class Node:
         self._setup = asyncio.Lock()
         self.engines = EngineServer(cfg, self.node_id, self.serve, self.stats)
         self._metrics: MetricsServer | None = None
+        host, _ = cfg.listen_address
+        idle = NodeRecord(self.node_id, host, 0, version=__version__)  # no engine yet
+        self.publisher = Publisher(idle, cfg, IndexSigner(secret))
 
     async def start(self) -> None:
+        """Raises DuplicateNode when a live node holds this node's id."""
         check_directories(self.cfg)  # at start, not at the first engine's hello
+        self.publisher.start()
+        # in the index before engines come (if etcd is away, the node starts
+        # without it); a stale record of this id waits out one keepalive period
+        try:
+            await self.publisher.joined(INDEX_FIRST_WAIT_S + self.cfg.lease_ttl / 3 + 1)
+        except DuplicateNode:
+            await self.publisher.close()
+            raise
         await self.engines.start()
         if self.cfg.metrics_port:
             host, _ = self.cfg.listen_address
@@ -89,6 +102,7 @@ class Node:
         publish the last changes, revoke the lease, free everything."""
         self.ready = False
         await self.engines.close()
+        await self.publisher.close()
         if self.serving is not None:
             await self.serving.close()
         if self._metrics is not None:
@@ -151,7 +165,7 @@ class Node:
             disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
             version=__version__,
         )
-        publisher = Publisher(mgr, record, cfg, IndexSigner(self.secret))
+        publisher = self.publisher
         peers = PeerPool(
             self.node_id,
             agent,
@@ -162,11 +176,8 @@ class Node:
             cfg.peer_backoff_s,
         )
         onboarding = Onboarding(mgr, tiers, peers, publisher.lookup, cfg.peer_timeout_ms / 1000)
-        serving = Serving(mgr, agent, server, peers, publisher, onboarding)
-        publisher.start()
-        # The first engine's first request should already see its peers: wait
-        # for the index a little (if etcd is away, serving starts without it).
-        await publisher.joined(INDEX_FIRST_WAIT_S)
+        serving = Serving(mgr, agent, server, peers, onboarding)
+        await publisher.serve(mgr, record)
         log.info(
             "serving geometry=%s peer_port=%d arena=%s huge_page_mb=%d",
             geometry,
@@ -182,17 +193,17 @@ class Node:
     def stats(self) -> dict:
         """The node's state for `kvbm status`."""
         out: dict = {"node_id": self.node_id, "namespace": self.cfg.namespace, "ready": self.ready}
+        out["index"] = self.publisher.state()
         s = self.serving
-        out["index"] = s.publisher.state() if s is not None else "none yet"
         if s is None:
             return out
-        out["peer_address"] = f"{s.publisher.record.address}:{s.publisher.record.rpc_port}"
+        out["peer_address"] = f"{self.publisher.record.address}:{self.publisher.record.rpc_port}"
         out["engine_leases"] = len(self.engines.leases)
         out["pinned_for_peers"] = s.peer_server.pinned_count
         out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
         out["engine_blocks"] = s.onboarding.served()
-        out["peers"] = s.publisher.peers()
+        out["peers"] = self.publisher.peers()
         out["avoided_peers"] = s.peers.avoided_now()
         return out
 
@@ -208,7 +219,7 @@ def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await node.start()
+        await node.start()  # a duplicate node id ends here, with the error
         try:
             await stop.wait()
         finally:

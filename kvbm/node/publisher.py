@@ -6,11 +6,10 @@ bytes on the way."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
-from discovery.errors import IndexUnavailable
+from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
 from discovery.records import LookupResult, NodeRecord
@@ -27,37 +26,46 @@ SEAL_IDLE_S = 0.05  # how often the sealer looks for new blocks when it has none
 
 class Publisher:
     """Invariants: `index` is None until the node has joined (local serving
-    goes on meanwhile); from then on the index holds every block the tiers
-    held at the join, plus every change since, published in order."""
+    goes on meanwhile); the node joins when it starts, with a record that
+    says it serves no engine yet, and `serve` publishes the full record and
+    every block from then on: the index holds every block the tiers held
+    when publishing began, plus every change since, in order."""
 
-    def __init__(
-        self,
-        mgr: BlockManager,
-        record: NodeRecord,
-        cfg: KvbmConfig,
-        signer: IndexSigner,
-    ) -> None:
-        self.mgr = mgr
+    def __init__(self, record: NodeRecord, cfg: KvbmConfig, signer: IndexSigner) -> None:
         self.signer = signer  # what the node writes is signed; only signed values are believed
         self.record = record
         self.namespace = cfg.namespace
         self.etcd_endpoints = cfg.etcd_endpoints
         self.etcd_tls = cfg.etcd_tls
         self.lease_ttl = cfg.lease_ttl
+        self.mgr: BlockManager | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
+        self._join: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self.mgr.track_changes()
-        self._tasks.append(asyncio.create_task(self._join_and_publish()))
-        if self.etcd_endpoints or self.mgr.disk is not None:  # else no block leaves G2
-            self._tasks.append(asyncio.create_task(self._seal_in_background()))
+        self._join = asyncio.create_task(self._join_index())
+        self._tasks.append(self._join)
 
     async def joined(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._joined.wait(), timeout)
+        """Whether the node is in the index within `timeout`; raises what
+        ended the join for good (DuplicateNode: another live node has this id)."""
+        assert self._join is not None, "start() first"
+        await asyncio.wait([self._join], timeout=timeout)
+        if self._join.done() and not self._join.cancelled():
+            self._join.result()
         return self._joined.is_set()
+
+    async def serve(self, mgr: BlockManager, record: NodeRecord) -> None:
+        """The tiers exist: publish the node's full record and its blocks."""
+        self.mgr, self.record = mgr, record
+        mgr.track_changes()
+        if self.index is not None:
+            await self.index.set_record(record)
+        self._tasks.append(asyncio.create_task(self._publish_changes(mgr)))
+        if self.etcd_endpoints or mgr.disk is not None:  # else no block leaves G2
+            self._tasks.append(asyncio.create_task(self._seal_in_background(mgr)))
 
     # -- what the rest of the node reads -------------------------------------
     def lookup(self, keys: list[bytes]) -> LookupResult | None:
@@ -78,59 +86,69 @@ class Publisher:
         return "etcd up" if self.index.connected else "etcd down"
 
     # -- tasks ---------------------------------------------------------------
-    async def _join_and_publish(self) -> None:
-        """Register in the index (retrying while etcd is away), then publish
-        every change of the tiers."""
+    async def _join_index(self) -> None:
+        """Register in the index, retrying while etcd is away; a second live
+        node with this id ends the join (and the node) instead."""
         while True:
+            record = self.record
             index: EtcdIndex | MemoryIndex
             if self.etcd_endpoints:
                 index = EtcdIndex(
                     self.etcd_endpoints,
                     self.namespace,
-                    self.record,
+                    record,
                     self.lease_ttl,
                     signer=self.signer,
                     tls=self.etcd_tls,
                 )
             else:
-                index = MemoryIndex(self.namespace, self.record)
+                index = MemoryIndex(self.namespace, record)
             try:
                 await index.start()
                 break
+            except DuplicateNode:
+                raise
             except IndexUnavailable as e:
                 log.warning("index unavailable, serving local tiers only: %s", e)
             except Exception:
                 log.exception("index failed to start, serving local tiers only")
             await asyncio.sleep(INDEX_RETRY_S)
         self.index = index
-        mirror = index.mirror
-        self.mgr.metrics.watch_index(lambda: mirror.rejected, lambda: mirror.over_cap)
-        self.mgr.take_changes()  # superseded by the full state below
-        self._publish(everything=True)
+        if self.record != record:  # `serve` came while we joined
+            await index.set_record(self.record)
         self._joined.set()
+
+    async def _publish_changes(self, mgr: BlockManager) -> None:
+        """Once joined: every block held, then every change of the tiers."""
+        await self._joined.wait()
+        assert self.index is not None
+        mirror = self.index.mirror
+        mgr.metrics.watch_index(lambda: mirror.rejected, lambda: mirror.over_cap)
+        mgr.take_changes()  # superseded by the full state below
+        self._publish(mgr, everything=True)
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
             try:
-                self._publish()
+                self._publish(mgr)
             except Exception:  # never let one bad batch stop every later one
                 log.exception("publishing to the index failed")
 
-    def _publish(self, everything: bool = False) -> None:
+    def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
-        changes = self.mgr.held() if everything else self.mgr.take_changes()
+        changes = mgr.held() if everything else mgr.take_changes()
         if changes:
             self.index.publish(
                 {k: t for k, t in changes.items() if t is not None},
                 [k for k, t in changes.items() if t is None],
             )
 
-    async def _seal_in_background(self) -> None:
+    async def _seal_in_background(self, mgr: BlockManager) -> None:
         """Checksum new host blocks soon after they are stored, so a peer's pin
         and a drain to disk find them sealed. Rests as long as it worked
         (at most half a core), so it never crowds out the engines' copies."""
         while True:
             t0 = time.monotonic()
-            batch = asyncio.ensure_future(asyncio.to_thread(self.mgr.seal_newest, SEAL_BATCH))
+            batch = asyncio.ensure_future(asyncio.to_thread(mgr.seal_newest, SEAL_BATCH))
             try:
                 n = await asyncio.shield(batch)
             except asyncio.CancelledError:
@@ -145,9 +163,9 @@ class Publisher:
         """Stop the tasks, publish the last changes, revoke the lease."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks)  # how each ended was said when it did
         if self.index is not None:
-            self._publish()
+            if self.mgr is not None and self._joined.is_set():
+                self._publish(self.mgr)
             await self.index.close()
