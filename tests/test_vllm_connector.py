@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -43,12 +44,17 @@ def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
     return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
 
 
-def run_engine(model: str, prompts: list[list[int]], socket: str, remote: str = "") -> list:
+def run_engine(
+    model: str, prompts: list[list[int]], socket: str = "", remote: str = "", max_tokens: int = 16
+) -> list:
+    """Outputs of one engine process (no `socket`: vLLM alone, no connector)."""
+    node = [socket, remote] if socket else []
     out = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_engine", model, json.dumps(prompts), socket, remote],
+        [sys.executable, "-m", "tests.vllm_engine", model, json.dumps(prompts), *node],
         capture_output=True,
         text=True,
         timeout=400,
+        env={**os.environ, "TEST_MAX_TOKENS": str(max_tokens)},
     )
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
@@ -154,6 +160,33 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
         assert on_b.stats()["engine_blocks"] == counted
     finally:
         engine.close()
+        on_b.close()
+
+
+def test_a_chats_second_turn_on_another_node_loads_the_first_answer_too(
+    model, etcd, daemons, tmp_path
+):
+    """Turn 1 (a prompt, then a 64-token answer) runs on A; turn 2 (turn 1's
+    prompt, its answer, a new message) on B. B loads every full block of
+    turn 1's prompt *and* answer from A and answers as vLLM alone does. Only
+    prompt blocks were stored before: B then got 3 of these 5 blocks."""
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "8")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
+    turn1 = prompt(5)  # 100 tokens
+    answer = run_engine(model, [turn1], a.socket, max_tokens=64)[0]
+    turn2 = turn1 + answer + prompt(6, 40)
+    reference = run_engine(model, [turn2])  # vLLM alone
+    # the answer's last token was never an input: KV exists for 163 tokens
+    full = (len(turn1) + len(answer) - 1) // BLOCK
+    assert full == 5
+    on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    try:
+        ks = on_b.keys(sequence_hashes(turn1 + answer, BLOCK, salt_hash(model))[:full])
+        until(lambda: on_b.lookup(ks) == Available(0, full, 0), 10, "A's blocks not seen")
+        assert run_engine(model, [turn2], b.socket, "host") == reference
+        assert on_b.stats()["engine_blocks"]["remote_host"] == full
+    finally:
         on_b.close()
 
 

@@ -1,7 +1,8 @@
 """One vLLM (CPU) engine process for the connector tests: runs prompts given
 as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
 Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
-(no SOCKET: no connector, vLLM alone). PROMPTS_JSON "-": read one JSON list
+(no SOCKET: no connector, vLLM alone); TEST_MAX_TOKENS in the environment
+sets the answer's length (default 16). PROMPTS_JSON "-": read one JSON list
 of prompts per stdin line and answer each with an output line, until EOF
 (a test acts on the nodes between two batches)."""
 
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-
-MAX_TOKENS = 16
 
 
 def main() -> None:
@@ -41,7 +40,8 @@ def main() -> None:
         kv_transfer_config=transfer,
         seed=0,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    max_tokens = int(os.environ.get("TEST_MAX_TOKENS", "16"))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     def run(batch: list[list[int]]) -> None:
         outputs = []

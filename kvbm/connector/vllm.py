@@ -11,8 +11,11 @@ full blocks (`kvbm.hashing`), and have the node pin the longest prefix it
 can serve beyond vLLM's own prefix-cache hit (staging its disk, pulling from
 peers): what is pinned is what `get_num_new_matched_tokens` reports, so a
 load cannot find its blocks gone. The metadata of the step carries (arena
-slots -> vLLM block ids) per load, and the prompt blocks each request
-completes in that step.
+slots -> vLLM block ids) per load, and the full blocks each request
+completes in that step: prompt and generated tokens alike, so a chat's next
+turn (this turn's prompt and answer, then a new message) finds the answer's
+blocks too. Their sequence hashes continue over the generated tokens as
+they are generated, exactly as the next turn's prompt hashes them.
 
 Worker side: before the forward, copy each load's slots into the KV tensors
 and release the pins; after it (`wait_for_save`), copy the completed blocks
@@ -22,8 +25,9 @@ is reported through `get_block_ids_with_load_errors`, so vLLM recomputes
 (with `kv_load_failure_policy` "recompute"); a node that is gone makes every
 request a miss until it is back, never an engine error.
 
-Not yet: outputs (generated tokens) are not offloaded, only prompt blocks;
-one KV cache group (full attention); the vLLM CPU layout (`vllm-cpu-v1`).
+Not yet: one KV cache group (full attention); the vLLM CPU layout
+(`vllm-cpu-v1`). The last generated token has no KV (it was never an input),
+so a block that ends with it is not stored.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class Load:
 
 @dataclass
 class Save:
-    """Prompt blocks a request completes in this step: their sequence hashes
+    """Full blocks a request completes in this step: their sequence hashes
     and vLLM block ids."""
 
     seq_hashes: list[int]
@@ -92,9 +96,10 @@ class _Tracked:
     """What the scheduler side keeps per request."""
 
     request: Request
-    seq_hashes: list[int]
+    salt: int
+    seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
     block_ids: list[int] = field(default_factory=list)
-    saved: int = 0  # leading prompt blocks known to be in the node
+    saved: int = 0  # leading blocks known to be in the node
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
     first_block: int = 0
 
@@ -278,9 +283,15 @@ class KvbmConnector(KVConnectorBase_V1):
         return meta
 
     def _plan_save(self, meta: KvbmMetadata, tracked: _Tracked, computed: int) -> None:
-        prompt = len(tracked.request.prompt_token_ids or ())
-        full = min(computed, prompt) // self.block_size
-        full = min(full, len(tracked.block_ids), len(tracked.seq_hashes))
+        """Save the full blocks whose KV exists once this step has run
+        (`computed` tokens: prompt, then generated ones)."""
+        tokens = tracked.request.all_token_ids
+        full = min(min(computed, len(tokens)) // self.block_size, len(tracked.block_ids))
+        hashed = len(tracked.seq_hashes)
+        if full > hashed:  # blocks of generated tokens: hash them on from the last one
+            parent = tracked.seq_hashes[-1] if hashed else None
+            more = tokens[hashed * self.block_size : full * self.block_size]
+            tracked.seq_hashes += sequence_hashes(more, self.block_size, tracked.salt, parent)
         if full > tracked.saved:
             span = slice(tracked.saved, full)
             meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span]))
@@ -300,7 +311,7 @@ class KvbmConnector(KVConnectorBase_V1):
             lora = request.lora_request.lora_name if request.lora_request else None
             salt = salt_hash(self.model_id, lora, getattr(request, "cache_salt", None))
             hashes = sequence_hashes(request.prompt_token_ids or [], self.block_size, salt)
-            tracked = self._requests[request.request_id] = _Tracked(request, hashes)
+            tracked = self._requests[request.request_id] = _Tracked(request, salt, hashes)
         return tracked
 
     def _drop_pins(self, tracked: _Tracked) -> None:
