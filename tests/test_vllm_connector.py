@@ -45,7 +45,12 @@ def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
 
 
 def run_engine(
-    model: str, prompts: list[list[int]], socket: str = "", remote: str = "", max_tokens: int = 16
+    model: str,
+    prompts: list[list[int]],
+    socket: str = "",
+    remote: str = "",
+    max_tokens: int = 16,
+    prefix_caching: bool = False,
 ) -> list:
     """Outputs of one engine process (no `socket`: vLLM alone, no connector)."""
     node = [socket, remote] if socket else []
@@ -54,7 +59,11 @@ def run_engine(
         capture_output=True,
         text=True,
         timeout=400,
-        env={**os.environ, "TEST_MAX_TOKENS": str(max_tokens)},
+        env={
+            **os.environ,
+            "TEST_MAX_TOKENS": str(max_tokens),
+            "TEST_PREFIX_CACHING": "1" if prefix_caching else "0",
+        },
     )
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
@@ -186,6 +195,34 @@ def test_a_chats_second_turn_on_another_node_loads_the_first_answer_too(
         until(lambda: on_b.lookup(ks) == Available(0, full, 0), 10, "A's blocks not seen")
         assert run_engine(model, [turn2], b.socket, "host") == reference
         assert on_b.stats()["engine_blocks"]["remote_host"] == full
+    finally:
+        on_b.close()
+
+
+def test_with_vllms_prefix_cache_on_the_connector_serves_what_vllm_lacks(
+    model, etcd, daemons, tmp_path
+):
+    """vLLM's prefix cache on, as users run it: engine 2 on B first runs a
+    prompt that shares X's first two blocks (vLLM caches them), then X
+    itself: vLLM computes nothing of the first two blocks (its own hit), the
+    connector loads the next two from A (`num_computed_tokens` > 0), and
+    the output is vLLM alone's."""
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "8")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
+    x = prompt(7, 4 * BLOCK + 4)  # 4 usable blocks
+    y = x[: 2 * BLOCK] + prompt(8, BLOCK + 4)  # shares X's first two blocks
+    reference = run_engine(model, [y, x])  # vLLM alone
+    assert run_engine(model, [x], a.socket) == reference[1:]  # engine 1 computes X on A
+    on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    try:
+        ks = on_b.keys(sequence_hashes(x, BLOCK, salt_hash(model))[:4])
+        until(lambda: on_b.lookup(ks) == Available(0, 4, 0), 10, "A's blocks not seen")
+        served = run_engine(model, [y, x], b.socket, "host", prefix_caching=True)
+        assert served == reference
+        # Y loaded X's first two blocks from A; then vLLM had them itself, and
+        # only X's blocks 2 and 3 came from A: 4 in all, not 6
+        assert on_b.stats()["engine_blocks"]["remote_host"] == 4
     finally:
         on_b.close()
 

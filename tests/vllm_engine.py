@@ -2,9 +2,11 @@
 as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
 Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
 (no SOCKET: no connector, vLLM alone); TEST_MAX_TOKENS in the environment
-sets the answer's length (default 16). PROMPTS_JSON "-": read one JSON list
-of prompts per stdin line and answer each with an output line, until EOF
-(a test acts on the nodes between two batches)."""
+sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
+own prefix cache on (off by default, so every hit is the connector's).
+PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
+each with an output line, until EOF (a test acts on the nodes between two
+batches)."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main() -> None:
         block_size=32,
         max_model_len=1024,
         enforce_eager=True,
-        enable_prefix_caching=False,
+        enable_prefix_caching=os.environ.get("TEST_PREFIX_CACHING") == "1",
         kv_transfer_config=transfer,
         seed=0,
     )
