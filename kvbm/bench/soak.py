@@ -170,6 +170,7 @@ def run(
             for seat in seats:
                 seat.drop()
             leaked = _settle(cluster)
+            caught = faulter.caught + sum(_checksum_failures(n) for n in cluster.nodes)
             rss_end = _rss_mb(cluster.nodes[0].proc.pid)
         finally:
             faulter.finish()
@@ -188,6 +189,8 @@ def run(
         "blocks_checked": tally.blocks_checked,
         "bytes_moved": tally.bytes_moved,
         "wrong_blocks": tally.wrong_blocks,
+        "blocks_flipped": faulter.flipped,
+        "checksum_failures": caught,  # corrupt blocks the nodes caught (served as misses)
         "fallbacks": tally.fallbacks,
         "faults_injected": sum(tally.faults.values()),
         "faults_by_kind": dict(tally.faults),
@@ -277,6 +280,8 @@ class Faulter(threading.Thread):
         self.cluster, self.seats, self.kinds, self.every_s = cluster, seats, kinds, every_s
         self.rng = random.Random(seed + 1)
         self.injected: Counter = Counter()
+        self.flipped = 0  # disk blocks corrupted
+        self.caught = 0  # checksum failures counted by nodes before they were killed
         self.stopping = threading.Event()
         self.error: Exception | None = None  # a node that did not come back, say
 
@@ -287,21 +292,24 @@ class Faulter(threading.Thread):
                 turn = self.rng.sample(self.kinds, len(self.kinds))
             kind = turn.pop()
             try:
-                self.inject(kind)
+                happened = self.inject(kind)
             except Exception as e:
                 self.error = e
                 return
-            self.injected[kind] += 1
+            if happened:
+                self.injected[kind] += 1
 
     def finish(self) -> None:
         self.stopping.set()
         if self.is_alive():
             self.join()
 
-    def inject(self, kind: str) -> None:
+    def inject(self, kind: str) -> bool:
+        """Inject one fault of `kind`; whether it happened."""
         cluster, rng = self.cluster, self.rng
         if kind == "kill":  # never node 0: its memory is the one measured
             i = rng.randrange(1, NODES)
+            self.caught += _checksum_failures(cluster.nodes[i])  # its count dies with it
             cluster.nodes[i].proc.kill()
             cluster.nodes[i].proc.wait(10)
             cluster.restart(i)
@@ -319,7 +327,10 @@ class Faulter(threading.Thread):
             time.sleep(0.5)
             cluster.etcd.start()
         else:
-            corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng)
+            flipped = corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng)
+            self.flipped += flipped
+            return flipped > 0  # a disk with nothing on it yet: no fault happened
+        return True
 
 
 def corrupt_disk(
@@ -343,6 +354,20 @@ def corrupt_disk(
         return min(blocks, len(used))
     finally:
         os.close(fd)
+
+
+def _checksum_failures(node: NodeProcess) -> int:
+    """Blocks a node found corrupt (on its disk, or pulled from a peer) so far."""
+    try:
+        att = NodeAttachment(node.socket, GEOMETRY, timeout=10, map_arena=False)
+    except NodeError:
+        return 0
+    try:
+        return sum(att.stats().get("checksum_failures", {}).values())
+    except NodeError:
+        return 0
+    finally:
+        att.close()
 
 
 def _settle(cluster: Cluster, timeout: float = 20.0) -> int:

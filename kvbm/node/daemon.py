@@ -202,6 +202,10 @@ class Node:
         out["pinned_for_peers"] = s.peer_server.pinned_count
         out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
+        failed = "kvbm_tier_checksum_failures_total"
+        out["checksum_failures"] = {
+            where: int(s.mgr.metrics.value(failed, tier=where)) for where in ("disk", "peer")
+        }
         out["engine_blocks"] = s.onboarding.served()
         out["peers"] = self.publisher.peers()
         out["avoided_peers"] = s.peers.avoided_now()
