@@ -192,6 +192,52 @@ def _write_then_exit(directory: str, kill: bool) -> None:
     mgr.close()
 
 
+def _die_in_a_disk_write(directory: str, when: str) -> None:
+    """Child process: six blocks drained to G3, then SIGKILL inside the next
+    drain's disk write: halfway through its data ("mid-data"), or with its
+    data written and its headers not ("before-headers")."""
+    g = GEOMETRY
+    host = HostPool(g, 4 * g.slot_bytes)
+    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes))
+    mgr = BlockManager(g, host, disk, admission=None)
+    mgr.admission.min_count = 1
+    push_to_disk(mgr, keys(0, 6))  # the four fillers stay in G2
+    if when == "mid-data":
+
+        def half_then_die(first: int, piece: list, host_pool: HostPool) -> list:
+            data = memoryview(host_pool.slot_buffer(piece[0].src))
+            half = data[: len(data) // 2]  # still aligned for O_DIRECT
+            assert os.pwritev(disk.fd, [half], disk.data_offset(first)) == len(half)
+            os.kill(os.getpid(), signal.SIGKILL)
+            return []
+
+        disk._write_data = half_then_die  # type: ignore[method-assign]
+    else:
+        disk._write_headers = lambda *_: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[method-assign]
+    store(mgr, keys(20, 4))  # drains the fillers: the write the process dies in
+
+
+@pytest.mark.parametrize("when", ["mid-data", "before-headers"])
+def test_a_process_killed_inside_a_disk_write_recovers_only_whole_blocks(
+    tmp_path, make_manager, when
+):
+    """Deterministic: the kill lands inside the write, not after it. The
+    blocks of that write have no header yet (headers go after data), so a
+    restart recovers the six earlier blocks, bit-exact, and nothing else."""
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_die_in_a_disk_write, args=(str(tmp_path), when))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    mgr = make_manager(host_slots=8, disk_slots=16, disk_dir=tmp_path)
+    assert mgr.disk.recovered == 6
+    assert mgr.lookup(keys(10_000, 4)).num_blocks == 0  # the fillers never landed
+    ks = keys(0, 6)
+    eng = Engine(6)
+    assert onboard(mgr, eng.kv, ks, list(range(6))) == 6
+    assert all(eng.holds(k, i) for i, k in enumerate(ks))
+
+
 @pytest.mark.parametrize("kill", [False, True], ids=["clean-exit", "sigkill"])
 def test_restarted_process_recovers_and_verifies_disk_blocks(tmp_path, make_manager, kill):
     ctx = multiprocessing.get_context("spawn")
