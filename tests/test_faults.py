@@ -363,11 +363,29 @@ def test_a_read_error_keeps_the_block_and_counts_an_io_error(make_manager, monke
     assert eng.holds(ks[1], 1)
 
 
-def test_two_processes_never_share_one_disk_file(make_manager, tmp_path):
-    make_manager(host_slots=4, disk_slots=8, disk_dir=tmp_path)
-    # a second node pointed at the same directory is refused, the first untouched
-    with pytest.raises(DiskTierError, match="in use by another kvbm process"):
-        DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+def _hold_disk(directory: str, conn) -> None:
+    """Child process: open the disk tier, say so, hold it until killed."""
+    DiskPool(GEOMETRY, directory, PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+    conn.send("open")
+    conn.recv()
+
+
+def test_two_processes_never_share_one_disk_file(tmp_path):
+    """Another process holds the disk tier: a second one pointed at the same
+    directory is refused; once the holder is SIGKILLed its lock goes with it
+    and the directory is usable again."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child_end = ctx.Pipe()
+    holder = ctx.Process(target=_hold_disk, args=(str(tmp_path), child_end))
+    holder.start()
+    try:
+        assert parent.poll(60) and parent.recv() == "open"
+        with pytest.raises(DiskTierError, match="in use by another kvbm process"):
+            DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+    finally:
+        holder.kill()
+        holder.join(10)
+    DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes)).close()
 
 
 def test_a_crash_while_creating_the_disk_file_is_recovered_from(tmp_path):
