@@ -41,6 +41,7 @@ class Publisher:
         self.mgr: BlockManager | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
+        self._tried = asyncio.Event()  # the first attempt to join has ended, either way
         self._join: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
 
@@ -49,10 +50,15 @@ class Publisher:
         self._tasks.append(self._join)
 
     async def joined(self, timeout: float) -> bool:
-        """Whether the node is in the index within `timeout`; raises what
-        ended the join for good (DuplicateNode: another live node has this id)."""
+        """Whether the node is in the index once its first attempt to join
+        has ended (at most `timeout`: etcd away, it goes on in the background);
+        raises what ended the join for good (DuplicateNode: another live node
+        has this id)."""
         assert self._join is not None, "start() first"
-        await asyncio.wait([self._join], timeout=timeout)
+        tried = asyncio.ensure_future(self._tried.wait())
+        first = asyncio.FIRST_COMPLETED
+        await asyncio.wait([self._join, tried], timeout=timeout, return_when=first)
+        tried.cancel()
         if self._join.done() and not self._join.cancelled():
             self._join.result()
         return self._joined.is_set()
@@ -112,6 +118,7 @@ class Publisher:
                 log.warning("index unavailable, serving local tiers only: %s", e)
             except Exception:
                 log.exception("index failed to start, serving local tiers only")
+            self._tried.set()
             await asyncio.sleep(INDEX_RETRY_S)
         self.index = index
         if self.record != record:  # `serve` came while we joined
