@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,6 @@ from transport.frames import FrameCodec, Message
 CALLS = ("hello", "lookup", "load", "reserve", "commit", "release", "stats", "ok", "error")
 LOCAL_KEY = b"kvbm-engine-socket-v1"  # not a secret: the socket's permissions are the guard
 MAX_FRAME = 4 << 20
-_LEN = struct.Struct(">I")
 
 
 def codec() -> FrameCodec:
@@ -133,8 +131,7 @@ class EngineLink:
         try:
             self._sock.settimeout(timeout or self.timeout)
             self._sock.sendall(self._codec.encode(Message(name, msg_id, body)))
-            n = self._codec.frame_length(self._recv(_LEN.size))
-            reply = self._codec.decode(self._recv(n))
+            reply = self._codec.recv(self._sock)
         except (OSError, ProtocolError) as e:
             self.close()  # a half-read stream cannot be reused
             raise NodeError(f"node connection lost during {name}: {e}") from e
@@ -144,16 +141,6 @@ class EngineLink:
         if reply.call != "ok":
             raise NodeError(str(reply.body.get("error", "refused")))
         return reply.body
-
-    def _recv(self, n: int) -> bytes:
-        assert self._sock is not None
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("node closed the connection")
-            buf += chunk
-        return bytes(buf)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -113,6 +113,11 @@ class _Framing:
         n = self.frame_length(await reader.readexactly(_LEN.size), max_frame)
         return self.decode(await asyncio.wait_for(reader.readexactly(n), body_timeout))
 
+    def recv(self, sock: socket.socket) -> Message:
+        """The next frame from a blocking socket (its timeout applies);
+        ConnectionError when the other end has gone."""
+        return self.decode(_recv_exactly(sock, self.frame_length(_recv_exactly(sock, _LEN.size))))
+
     def _framed(self, body: bytes) -> bytes:
         if len(body) > self.max_frame:
             raise ValueError(f"frame of {len(body)} bytes exceeds the {self.max_frame}-byte cap")
@@ -264,8 +269,7 @@ class SessionCodec(_Framing):
 
 class PlainCodec(_Framing):
     """Frames on a channel no one else can reach (a socket pair to a child
-    process): no MAC, the same framing and bounds. Synchronous helpers,
-    since both ends of that channel block on it."""
+    process): no MAC, the same framing and bounds."""
 
     def encode(self, msg: Message) -> bytes:
         if msg.call not in self.calls:
@@ -277,13 +281,9 @@ class PlainCodec(_Framing):
         d = self._unpack(frame, _SESSION_FIELDS)
         return self._message(d["call"], d["id"], d["body"])
 
-    def recv(self, sock: socket.socket) -> Message:
-        """The next frame from a blocking socket (its timeout applies);
-        ConnectionError when the other end has gone."""
-        return self.decode(_recv_exactly(sock, self.frame_length(_recv_exactly(sock, _LEN.size))))
-
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """`n` bytes from a blocking socket; ConnectionError if it closes first."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))

@@ -356,18 +356,23 @@ def corrupt_disk(
         os.close(fd)
 
 
-def _checksum_failures(node: NodeProcess) -> int:
-    """Blocks a node found corrupt (on its disk, or pulled from a peer) so far."""
+def _stats(node: NodeProcess) -> dict:
+    """A node's `stats`, or {} where it does not answer."""
     try:
         att = NodeAttachment(node.socket, GEOMETRY, timeout=10, map_arena=False)
     except NodeError:
-        return 0
+        return {}
     try:
-        return sum(att.stats().get("checksum_failures", {}).values())
+        return att.stats()
     except NodeError:
-        return 0
+        return {}
     finally:
         att.close()
+
+
+def _checksum_failures(node: NodeProcess) -> int:
+    """Blocks a node found corrupt (on its disk, or pulled from a peer) so far."""
+    return sum(_stats(node).get("checksum_failures", {}).values())
 
 
 def _settle(cluster: Cluster, timeout: float = 20.0) -> int:
@@ -377,15 +382,8 @@ def _settle(cluster: Cluster, timeout: float = 20.0) -> int:
     while True:
         held = 0
         for node in cluster.nodes:
-            try:
-                att = NodeAttachment(node.socket, GEOMETRY, timeout=10, map_arena=False)
-            except NodeError:
-                continue
-            try:
-                stats = att.stats()
-                held += stats.get("pinned_for_peers", 0) + stats.get("engine_leases", 0)
-            finally:
-                att.close()
+            stats = _stats(node)
+            held += stats.get("pinned_for_peers", 0) + stats.get("engine_leases", 0)
         if held == 0 or time.monotonic() > deadline:
             return held
         time.sleep(0.5)
