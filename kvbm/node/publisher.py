@@ -112,7 +112,8 @@ class Publisher:
             try:
                 await index.start()
                 break
-            except DuplicateNode:
+            except DuplicateNode as e:  # at start this ends the node; later, loudly, the join
+                log.error("not joining the index: %s", e)
                 raise
             except IndexUnavailable as e:
                 log.warning("index unavailable, serving local tiers only: %s", e)
