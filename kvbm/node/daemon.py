@@ -1,11 +1,14 @@
 """`kvbm node`: the daemon a DaemonSet runs, one per machine.
 
-Wiring and life cycle only. The engine server (engine_server.py) takes
-engines' calls; the first engine's hello builds the tiers for its model
-geometry (one geometry per node; another is refused with a clear error):
-the block manager, the NIXL agent on the host arena (in a process of its
-own: transport/confined_agent.py), the peer RPC server,
-the peer pool (peer_pool.py), the publisher (publisher.py), onboarding.
+Wiring and life cycle only. At start the node joins the index (the
+publisher, publisher.py: a record with no engine yet; a live node with the
+same id stops it here). The engine server (engine_server.py) takes engines'
+calls; the first engine's hello builds the tiers for its model geometry (one
+geometry per node; another is refused with a clear error): the block
+manager, the NIXL agent on the host arena (in a process of its own:
+transport/confined_agent.py), the peer RPC server, the peer pool
+(peer_pool.py), onboarding; then the publisher publishes the full record
+and every block.
 """
 
 from __future__ import annotations
