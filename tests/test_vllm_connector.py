@@ -44,15 +44,17 @@ def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
     return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
 
 
-def run_engine(
+def engine_answer(
     model: str,
     prompts: list[list[int]],
     socket: str = "",
     remote: str = "",
     max_tokens: int = 16,
     prefix_caching: bool = False,
-) -> list:
-    """Outputs of one engine process (no `socket`: vLLM alone, no connector)."""
+    kv_blocks: int = 0,
+) -> dict:
+    """One engine process's answer line (no `socket`: vLLM alone, no
+    connector; `kv_blocks`: a KV cache that small, the prompts all at once)."""
     node = [socket, remote] if socket else []
     out = subprocess.run(
         [sys.executable, "-m", "tests.vllm_engine", model, json.dumps(prompts), *node],
@@ -63,12 +65,17 @@ def run_engine(
             **os.environ,
             "TEST_MAX_TOKENS": str(max_tokens),
             "TEST_PREFIX_CACHING": "1" if prefix_caching else "0",
+            "TEST_KV_BLOCKS": str(kv_blocks),
         },
     )
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(lines[-1])["outputs"]
+    return json.loads(lines[-1])
+
+
+def run_engine(model: str, prompts: list[list[int]], *args, **kwargs) -> list:
+    return engine_answer(model, prompts, *args, **kwargs)["outputs"]
 
 
 class LiveEngine:
@@ -224,6 +231,35 @@ def test_with_vllms_prefix_cache_on_the_connector_serves_what_vllm_lacks(
         # only X's blocks 2 and 3 came from A: 4 in all, not 6
         assert on_b.stats()["engine_blocks"]["remote_host"] == 4
     finally:
+        on_b.close()
+
+
+def test_requests_preempted_while_their_blocks_load_leak_nothing(model, etcd, daemons, tmp_path):
+    """Four prompts A computed, run at once on B's engine with a KV cache of
+    12 blocks (they need 24 by their end): vLLM preempts and resumes them,
+    each resumed request is pinned and loaded again from A. Outputs equal
+    vLLM alone's; afterwards neither node holds a lease or a pin."""
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "8")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
+    prompts = [prompt(20 + i, 4 * BLOCK + 4) for i in range(4)]
+    reference = run_engine(model, prompts, max_tokens=48)  # vLLM alone, room for all
+    assert run_engine(model, prompts, a.socket, max_tokens=48) == reference
+    on_a = NodeAttachment(a.socket, GEOMETRY)
+    on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    try:
+        salt = salt_hash(model)
+        for p in prompts:
+            ks = on_b.keys(sequence_hashes(p, BLOCK, salt)[:4])
+            until(lambda ks=ks: on_b.lookup(ks) == Available(0, 4, 0), 10, "A not seen")
+        got = engine_answer(model, prompts, b.socket, "host", max_tokens=48, kv_blocks=12)
+        assert got["preemptions"] > 0, got  # the case under test happened
+        assert got["outputs"] == reference
+        assert on_b.stats()["engine_blocks"]["remote_host"] >= 16
+        assert on_b.stats()["engine_leases"] == 0
+        until(lambda: on_a.stats()["pinned_for_peers"] == 0, 15, "A kept pins")
+    finally:
+        on_a.close()
         on_b.close()
 
 

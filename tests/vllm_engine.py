@@ -3,7 +3,10 @@ as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
 Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
 (no SOCKET: no connector, vLLM alone); TEST_MAX_TOKENS in the environment
 sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
-own prefix cache on (off by default, so every hit is the connector's).
+own prefix cache on (off by default, so every hit is the connector's),
+TEST_KV_BLOCKS=N gives vLLM a KV cache of N blocks and runs each batch at
+once (so the scheduler has to preempt); the output line then also carries
+vLLM's count of preemptions.
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
 batches)."""
@@ -32,11 +35,14 @@ def main() -> None:
         if len(sys.argv) > 4 and sys.argv[4]:
             extra["remote_tiers"] = sys.argv[4].split(",")
         transfer = kv_transfer_config(extra)
+    kv_blocks = int(os.environ.get("TEST_KV_BLOCKS", "0")) or None
     llm = LLM(
         model=model,
+        num_gpu_blocks_override=kv_blocks,
+        disable_log_stats=kv_blocks is None,
         dtype="float32",
         block_size=32,
-        max_model_len=1024,
+        max_model_len=min(1024, 32 * (kv_blocks - 1)) if kv_blocks else 1024,  # one is vLLM's
         enforce_eager=True,
         enable_prefix_caching=os.environ.get("TEST_PREFIX_CACHING") == "1",
         kv_transfer_config=transfer,
@@ -46,6 +52,16 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
     def run(batch: list[list[int]]) -> None:
+        if kv_blocks:  # all at once, into a cache too small for them all
+            done = llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False
+            )
+            outputs = [list(o.outputs[0].token_ids) for o in done]
+            preempted = sum(
+                int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions"
+            )
+            print(json.dumps({"outputs": outputs, "preemptions": preempted}), flush=True)
+            return
         outputs = []
         for p in batch:  # one at a time: each request's saves land before the next
             out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
