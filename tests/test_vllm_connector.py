@@ -81,7 +81,9 @@ def run_engine(model: str, prompts: list[list[int]], *args, **kwargs) -> list:
 class LiveEngine:
     """An engine process the test talks to between batches of prompts."""
 
-    def __init__(self, model: str, socket: str, remote: str, log_path) -> None:
+    def __init__(
+        self, model: str, socket: str, remote: str, log_path, env: dict | None = None
+    ) -> None:
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.vllm_engine", model, "-", socket, remote],
@@ -89,6 +91,7 @@ class LiveEngine:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -106,9 +109,18 @@ class LiveEngine:
             raise AssertionError(f"engine gave no {key} in {timeout} s") from None
 
     def run(self, prompts: list[list[int]]) -> list:
-        self.proc.stdin.write(json.dumps(prompts) + "\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        self._send(prompts)
         return self._answer("outputs", 120)  # type: ignore[return-value]
+
+    def abort_after(self, steps: int, prompts: list[list[int]]) -> tuple[int, int]:
+        """The node's engine leases just before the abort, and after it."""
+        self._send({"abort_after_steps": steps, "prompts": prompts})
+        answer = json.loads(self.lines.get(timeout=120))
+        return answer["leases_before"], answer["leases_after"]
+
+    def _send(self, order: object) -> None:
+        self.proc.stdin.write(json.dumps(order) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -260,6 +272,39 @@ def test_requests_preempted_while_their_blocks_load_leak_nothing(model, etcd, da
         until(lambda: on_a.stats()["pinned_for_peers"] == 0, 15, "A kept pins")
     finally:
         on_a.close()
+        on_b.close()
+
+
+def test_requests_aborted_with_pins_held_leave_none(model, etcd, daemons, tmp_path):
+    """Four prompts A holds, submitted at once to B's engine with a 12-block
+    KV cache: after one step the two that found no room wait with their
+    blocks pinned at the node (leases held); they are aborted then, with the
+    engine alive: every lease is settled (the connector's request_finished),
+    not left for the connection's end."""
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "8")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
+    prompts = [prompt(30 + i, 4 * BLOCK + 4) for i in range(4)]
+    run_engine(model, prompts, a.socket)
+    on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    engine = LiveEngine(
+        model,
+        b.socket,
+        "host",
+        tmp_path / "engine-b.log",
+        env={"TEST_KV_BLOCKS": "12", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},  # one step each
+    )
+    try:
+        salt = salt_hash(model)
+        for p in prompts:
+            ks = on_b.keys(sequence_hashes(p, BLOCK, salt)[:4])
+            until(lambda ks=ks: on_b.lookup(ks) == Available(0, 4, 0), 10, "A not seen")
+        before, after = engine.abort_after(1, prompts)
+        assert before > 0  # pins were held when the abort came
+        assert after == 0
+        assert on_b.stats()["engine_leases"] == 0  # the engine still attached
+    finally:
+        engine.close()
         on_b.close()
 
 

@@ -9,7 +9,8 @@ once (so the scheduler has to preempt); the output line then also carries
 vLLM's count of preemptions.
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
-batches)."""
+batches); a line {"abort_after_steps": K, "prompts": [...]} submits the
+prompts, runs K engine steps and aborts them (see `abort`)."""
 
 from __future__ import annotations
 
@@ -68,12 +69,43 @@ def main() -> None:
             outputs.append(list(out[0].outputs[0].token_ids))
         print(json.dumps({"outputs": outputs}), flush=True)
 
+    def abort(batch: list[list[int]], steps: int) -> None:
+        """Submit the batch, run `steps` engine steps, abort whatever is not
+        done, and report the node's engine leases before and after."""
+        from kvbm.engine_wire import EngineLink
+
+        def leases() -> int:
+            link = EngineLink(sys.argv[3])
+            try:
+                return link.call("stats", {}).get("engine_leases", 0)
+            finally:
+                link.close()
+
+        engine = llm.llm_engine
+        ids = [f"abort-{i}" for i in range(len(batch))]
+        for rid, p in zip(ids, batch, strict=True):
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
+        for _ in range(steps):
+            engine.step()
+        before = leases()
+        engine.abort_request(ids)
+        for _ in range(20):
+            if not engine.has_unfinished_requests():
+                break
+            engine.step()
+        print(json.dumps({"outputs": [], "leases_before": before, "leases_after": leases()}))
+
     if prompts != "-":
         run(prompts)
         return
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        run(json.loads(line))
+        order = json.loads(line)
+        if isinstance(order, dict):  # {"abort_after_steps": k, "prompts": [...]}
+            abort(order["prompts"], order["abort_after_steps"])
+            sys.stdout.flush()
+        else:
+            run(order)
 
 
 if __name__ == "__main__":
