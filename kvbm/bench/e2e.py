@@ -1,22 +1,29 @@
 """`kvbm bench e2e`: time to first token with real vLLM (CPU) on a random
 8-layer, 1024-hidden fp32 Llama and 1024-token prompts, block size 32.
 
-Measured in one run, each engine its own process (VLLM_CPU_NUM_OF_RESERVED_CPU=1),
-the three hit figures side by side, prompt by prompt, so that they share the
-machine's state:
-- recompute: vLLM alone, prefix caching off;
-- engine prefix hit: vLLM alone with its own prefix cache, the prompt seen
-  before (the physical reference: an offload tier cannot beat it);
-- local host hit: an engine on node A, prefix caching off, the prompt in A's
-  host tier;
-- remote host / remote disk hit: an engine on node B, the prompt only in A's
-  host tier / only on A's disk.
-TTFT is the wall time of a request with max_tokens 1; each figure is a median
-over several prompts. Every request's token is compared with vLLM alone's.
+Every ratio comes from one engine's own measurements, interleaved prompt by
+prompt, so both of its sides run in the same conditions (engines run one at
+a time; VLLM_CPU_NUM_OF_RESERVED_CPU=1; vLLM's prefix cache on, as users run
+it):
+- engine A, on node A, for each prompt: cold (recompute; the connector
+  stores it), again (vLLM's own prefix hit: the physical reference), vLLM's
+  prefix cache reset, again (A's host tier): `local_host_vs_engine_hit`;
+- engine B, on node B, for each prompt A holds in its host tier: first sight
+  (a pull from A's host), reset, again (B's own host tier, where the pull
+  left it): `remote_host_vs_local_host`; the same for prompts A pushed to
+  its disk: `remote_disk_vs_local_host`;
+- a two-turn chat: turn 1 (a 512-token prompt, a 64-token answer) on engine
+  A; turn 2 (turn 1's prompt and answer, then 64 new tokens) on engine B:
+  `turn2_cached_fraction` (blocks B loaded / the full blocks of turn 1's
+  prompt and answer that have KV) and its TTFT against vLLM alone's.
+`recompute_ttft_ms` is vLLM alone (prefix cache off). TTFT is the wall time
+of a request with max_tokens 1; each figure is a median over the prompts.
+Every request's token is compared with vLLM alone's.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import multiprocessing
@@ -34,6 +41,7 @@ from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024
+TURN1, ANSWER, NEW_MESSAGE = 512, 64, 64  # the chat's turn 1 prompt and answer, turn 2's new tokens
 VOCAB = 4096
 GEOMETRY = ModelGeometry(LAYERS, KV_HEADS, HIDDEN // HEADS, BLOCK)
 ENV = {
@@ -67,6 +75,9 @@ def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connecti
     conn.send("ready")
     try:
         while (msg := conn.recv()) is not None:
+            if msg == "reset":  # forget vLLM's own prefix cache
+                conn.send(llm.reset_prefix_cache())
+                continue
             prompt, max_tokens = msg
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             t0 = time.perf_counter()
@@ -94,6 +105,11 @@ class Engine:
             raise RuntimeError("the vLLM engine did not answer")
         return self.conn.recv()
 
+    def reset(self) -> None:
+        self.conn.send("reset")
+        if not self.conn.poll(600) or self.conn.recv() is not True:
+            raise RuntimeError("vLLM did not reset its prefix cache")
+
     def close(self) -> None:
         self.conn.send(None)
         self.proc.join(120)
@@ -108,9 +124,15 @@ def _ms(seconds: list[float]) -> float:
 
 def run(prompts: int = 6, workdir: str | None = None) -> dict:
     rng = random.Random(0)
-    host_set = [[rng.randrange(4, VOCAB) for _ in range(PROMPT)] for _ in range(prompts)]
-    disk_set = [[rng.randrange(4, VOCAB) for _ in range(PROMPT)] for _ in range(prompts)]
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(4, VOCAB) for _ in range(n)]
+
+    host_set = [tokens(PROMPT) for _ in range(prompts)]
+    disk_set = [tokens(PROMPT) for _ in range(prompts)]
+    turn1, new_message = tokens(TURN1), tokens(NEW_MESSAGE)
     set_mb = prompts * (PROMPT // BLOCK) * GEOMETRY.slot_bytes >> 20
+    chat_mb = -(-(TURN1 + ANSWER) // BLOCK) * GEOMETRY.slot_bytes >> 20
     out: dict = {
         "bench": "e2e",
         "date": datetime.date.today().isoformat(),
@@ -128,64 +150,98 @@ def run(prompts: int = 6, workdir: str | None = None) -> dict:
         reference: dict[tuple[int, ...], list[int]] = {}
         same = True
 
-        def timed(engine: Engine, batch: list[list[int]]) -> list[float]:
+        def timed(engine: Engine, p: list[int]) -> float:
             nonlocal same
-            seconds = []
-            for p in batch:
-                tokens, took = engine.ask(p)
-                same &= reference.setdefault(tuple(p), tokens) == tokens
-                seconds.append(took)
-            return seconds
+            got, took = engine.ask(p)
+            same &= reference.setdefault(tuple(p), got) == got
+            return took
 
         alone = Engine(model)
         try:
-            out["recompute_ttft_ms"] = _ms(timed(alone, host_set + disk_set))
+            out["recompute_ttft_ms"] = _ms([timed(alone, p) for p in host_set + disk_set])
+            answer, _ = alone.ask(turn1, ANSWER)
+            turn2 = turn1 + answer + new_message
+            recompute_turn2 = timed(alone, turn2)
         finally:
             alone.close()
-        # A's host tier holds one prompt set exactly: the second pushes the first to disk
-        a_tiers = ["--host-cache-mb", str(set_mb), "--disk-cache-mb", str(2 * set_mb)]
+        # A's host tier holds one prompt set and the chat's turn 1: the host set
+        # pushes the disk set out, turn 1 the last of it
+        a_host = set_mb + chat_mb
+        a_tiers = ["--host-cache-mb", str(a_host), "--disk-cache-mb", str(2 * set_mb)]
         a_tiers += ["--disk-cache-dir", os.path.join(d, "a-disk")]
         index = ["--etcd", etcd.endpoint, "--disk-admit-min-uses", "1"]
         nodes = [NodeProcess(d, "node-a", "127.0.0.2", *index, *a_tiers)]
-        engines: list[Engine] = []
+        figures: dict[str, list[float]] = collections.defaultdict(list)
         try:
-            b_tiers = ["--host-cache-mb", str(3 * set_mb)]
-            nodes.append(NodeProcess(d, "node-b", "127.0.0.3", *index, *b_tiers))
-            on_a = Engine(model, {"node": os.path.join(d, "node-a.sock")})
-            engines.append(on_a)
-            timed(on_a, disk_set + host_set)  # computed and saved; disk_set spills
-            cached = Engine(model, prefix_caching=True)
-            engines.append(cached)
-            timed(cached, host_set)  # seen once
+            nodes.append(
+                NodeProcess(d, "node-b", "127.0.0.3", *index, "--host-cache-mb", str(3 * set_mb))
+            )
+            on_a = Engine(model, {"node": os.path.join(d, "node-a.sock")}, prefix_caching=True)
+            try:
+                for p in disk_set:  # computed and stored; the host set pushes them to disk
+                    timed(on_a, p)
+                for p in host_set:
+                    figures["cold"].append(timed(on_a, p))
+                    figures["engine_hit"].append(timed(on_a, p))
+                    on_a.reset()
+                    figures["local_host_a"].append(timed(on_a, p))
+                on_a.ask(turn1, ANSWER)  # turn 1 of the chat: its answer's blocks go to A
+            finally:
+                on_a.close()
             remote = {"node": os.path.join(d, "node-b.sock"), "remote_tiers": ["host", "disk"]}
-            on_b = Engine(model, remote)
-            engines.append(on_b)
-            # Side by side, prompt by prompt: the same machine state for all three.
-            figures: dict[str, list[float]] = {"engine": [], "local": [], "remote": []}
-            for p in host_set:
-                figures["engine"] += timed(cached, [p])
-                figures["local"] += timed(on_a, [p])
-                figures["remote"] += timed(on_b, [p])  # its first sight of p: from A
-            out["engine_prefix_hit_ttft_ms"] = _ms(figures["engine"])
-            out["local_host_hit_ttft_ms"] = _ms(figures["local"])
-            out["remote_host_hit_ttft_ms"] = _ms(figures["remote"])
-            out["remote_disk_hit_ttft_ms"] = _ms(timed(on_b, disk_set))
+            on_b = Engine(model, remote, prefix_caching=True)
             probe = NodeAttachment(os.path.join(d, "node-b.sock"), GEOMETRY)
-            served = out["node_b_engine_blocks"] = probe.stats()["engine_blocks"]
-            probe.close()
-            # every hit came from where its figure says
-            each = prompts * ((PROMPT - 1) // BLOCK)
-            out["sources_as_labelled"] = served["remote_host"] == served["remote_disk"] == each
+            try:
+                for kind, batch in (("remote_host", host_set), ("remote_disk", disk_set)):
+                    for p in batch:
+                        figures[kind].append(timed(on_b, p))  # its first sight: from A
+                        on_b.reset()
+                        figures[f"local_host_after_{kind}"].append(timed(on_b, p))
+                served = dict(probe.stats()["engine_blocks"])
+                figures["turn2"].append(timed(on_b, turn2))
+                after = probe.stats()["engine_blocks"]
+            finally:
+                probe.close()
+                on_b.close()
         finally:
-            for engine in engines:
-                engine.close()
             for node in nodes:
                 node.stop()
         out["outputs_identical"] = same
-    hit = out["local_host_hit_ttft_ms"]
-    out["local_host_vs_engine_hit"] = round(hit / out["engine_prefix_hit_ttft_ms"], 3)
-    out["remote_host_vs_local_host"] = round(out["remote_host_hit_ttft_ms"] / hit, 3)
+    each = prompts * ((PROMPT - 1) // BLOCK)
+    out["node_b_engine_blocks"] = served
+    # every hit came from where its figure says: B pulled each set once, then
+    # loaded it again from its own host tier
+    out["sources_as_labelled"] = served["remote_host"] == served["remote_disk"] == each and (
+        served["local_host"] == 2 * each
+    )
+    for name in ("cold", "engine_hit", "local_host_a", "remote_host", "remote_disk"):
+        out[f"{name}_ttft_ms"] = _ms(figures[name])
+    out["local_host_hit_ttft_ms"] = out.pop("local_host_a_ttft_ms")
+    out["engine_prefix_hit_ttft_ms"] = out.pop("engine_hit_ttft_ms")
+    out["remote_host_hit_ttft_ms"] = out.pop("remote_host_ttft_ms")
+    out["remote_disk_hit_ttft_ms"] = out.pop("remote_disk_ttft_ms")
+    out["local_host_vs_engine_hit"] = _ratio(figures["local_host_a"], figures["engine_hit"])
+    out["remote_host_vs_local_host"] = _ratio(
+        figures["remote_host"], figures["local_host_after_remote_host"]
+    )
+    out["remote_disk_vs_local_host"] = _ratio(
+        figures["remote_disk"], figures["local_host_after_remote_disk"]
+    )
+    after_pulls = figures["local_host_after_remote_host"] + figures["local_host_after_remote_disk"]
+    out["b_local_host_hit_ttft_ms"] = _ms(after_pulls)
     out["recompute_vs_remote_host"] = round(
         out["recompute_ttft_ms"] / out["remote_host_hit_ttft_ms"], 3
     )
+    # the chat: blocks of turn 1's prompt and answer that have KV (its last
+    # token was never an input), and how many of them B loaded for turn 2
+    turn1_blocks = (TURN1 + ANSWER - 1) // BLOCK
+    loaded = sum(after[k] - served[k] for k in ("remote_host", "remote_disk", "local_host"))
+    out["turn2_cached_fraction"] = round(loaded / turn1_blocks, 3)
+    out["turn2_ttft_ms"] = _ms(figures["turn2"])
+    out["turn2_vs_recompute"] = round(figures["turn2"][0] / recompute_turn2, 3)
     return out
+
+
+def _ratio(path: list[float], reference: list[float]) -> float:
+    """The median of per-prompt ratios: each pair measured back to back."""
+    return round(statistics.median(p / r for p, r in zip(path, reference, strict=True)), 3)
