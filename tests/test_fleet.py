@@ -11,10 +11,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from discovery.etcd_index import snapshot
+from discovery.etcd_server import free_port
 from discovery.records import Tier
 from discovery.signing import IndexSigner
 from kvbm.connector.attach import Available, NodeAttachment
@@ -89,3 +95,46 @@ def test_a_node_restarted_with_its_id_takes_over_at_once(etcd, daemons, tmp_path
         assert "taking over this node id" in again.log()
     finally:
         engine.close()
+
+
+def test_healthz_says_503_until_the_node_is_ready_and_never_200_after_sigterm(daemons, tmp_path):
+    """An "etcd" that accepts connections and never answers: the node's
+    first attempt to join takes its timeout, and /healthz answers 503
+    meanwhile; 200 once ready; after SIGTERM it never answers 200 again (503
+    while stopping, then nothing)."""
+    port = free_port("127.0.0.2")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    seen: list[int | None] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.2:{port}/healthz", timeout=1) as r:
+                    seen.append(r.status)
+            except urllib.error.HTTPError as e:
+                seen.append(e.code)
+            except OSError:
+                seen.append(None)  # not listening
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        etcd = f"127.0.0.1:{silent.getsockname()[1]}"
+        flags = ["--etcd", etcd, "--metrics-port", str(port)]
+        node = daemons("node-a", "127.0.0.2", *flags)
+        until(lambda: 200 in seen, 10, "never ready")
+        up = [s for s in seen if s is not None]
+        assert up[0] == 503 and up[-1] == 200, seen  # answered before it was ready
+        mark = len(seen)
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(30) == 0
+        time.sleep(0.2)
+    finally:
+        done.set()
+        watcher.join(5)
+        silent.close()
+    assert 200 not in seen[mark + 1 :], seen[mark:]

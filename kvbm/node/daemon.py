@@ -82,8 +82,13 @@ class Node:
         self.publisher = Publisher(idle, cfg, IndexSigner(secret))
 
     async def start(self) -> None:
-        """Raises DuplicateNode when a live node holds this node's id."""
+        """Raises DuplicateNode when a live node holds this node's id.
+        `/healthz` answers from the first moment: 503 until the node is ready."""
         check_directories(self.cfg)  # at start, not at the first engine's hello
+        if self.cfg.metrics_port:
+            host, _ = self.cfg.listen_address
+            self._metrics = MetricsServer(lambda: self.ready, self._registry)
+            await self._metrics.start(host, self.cfg.metrics_port)
         self.publisher.start()
         # in the index before engines come (if etcd is away, the node starts
         # without it); a stale record of this id waits out one keepalive period
@@ -91,12 +96,10 @@ class Node:
             await self.publisher.joined(INDEX_FIRST_WAIT_S + self.cfg.lease_ttl / 3 + 1)
         except DuplicateNode:
             await self.publisher.close()
+            if self._metrics is not None:
+                await self._metrics.close()
             raise
         await self.engines.start()
-        if self.cfg.metrics_port:
-            host, _ = self.cfg.listen_address
-            self._metrics = MetricsServer(lambda: self.ready, self._registry)
-            await self._metrics.start(host, self.cfg.metrics_port)
         self.ready = True
         log.info("node ready node=%s socket=%s", self.node_id, self.cfg.socket)
 
