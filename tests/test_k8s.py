@@ -5,11 +5,17 @@ node and the connector read."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tempfile
 import tomllib
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
@@ -214,3 +220,96 @@ def test_etcd_takes_only_clients_with_a_certificate_and_the_node_has_one():
     for secret in ("kvbm-etcd-tls", "kvbm-etcd-client"):
         assert f"secret generic {secret}" in script
     assert "--from-file=ca.crt=" in script and "--from-file=tls.key=" in script
+
+
+def test_the_daemonsets_node_runs_as_deployed(tmp_path):
+    """`kvbm node` with the DaemonSet's arguments and environment (its
+    `$(POD_IP)` and `$(NODE_NAME)` expanded as Kubernetes does), the
+    ConfigMap as its file, the peer secret a 0400 file and the etcd client
+    certificate where the file names them, against an etcd that requires
+    client certificates. Mount points move under a temporary directory and
+    three machine-sized values (tier sizes, etcd's address) come from the
+    environment, which overrides the file; nothing else is changed. The node
+    starts, answers /healthz on the DaemonSet's metrics port, serves an
+    engine on its socket and is in the index under its node's name."""
+    from discovery.etcd_index import snapshot
+    from discovery.etcd_server import EtcdServer
+    from discovery.signing import IndexSigner
+    from kvbm.connector.attach import NodeAttachment
+    from tests.etcd_pki import make_pki
+    from tests.node_daemon import until
+    from tests.support import GEOMETRY
+
+    root = tmp_path / "pod"
+    mounts = {
+        p: root / p.strip("/")
+        for p in ("/etc/kvbm", "/dev/shm/kvbm", "/run/kvbm", "/var/cache/kvbm")
+    }
+    for path in mounts.values():
+        path.mkdir(parents=True)
+
+    def mapped(text: str) -> str:
+        for pod_path, here in mounts.items():
+            text = text.replace(pod_path, str(here))
+        return text
+
+    (mounts["/etc/kvbm"] / "node.toml").write_text(
+        mapped(find("ConfigMap", "kvbm-node-config")["data"]["node.toml"])
+    )
+    (mounts["/etc/kvbm"] / "secret").mkdir()
+    secret = mounts["/etc/kvbm"] / "secret" / "peer-secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o400)
+    pki = make_pki(tmp_path)
+    client = mounts["/etc/kvbm"] / "etcd"
+    client.mkdir()
+    for src, name in ((pki.node.ca_file, "ca.crt"), (pki.node.cert_file, "tls.crt")):
+        (client / name).write_bytes(Path(src).read_bytes())
+    (client / "tls.key").write_bytes(Path(pki.node.key_file).read_bytes())
+    (client / "tls.key").chmod(0o400)
+
+    c = container(find("DaemonSet", "kvbm-node"))
+    downward = {"POD_IP": "127.0.0.2", "NODE_NAME": "gpu-node-7"}
+    env = dict(os.environ, **downward)
+    for e in c["env"]:
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    with EtcdServer(tls=pki.server) as etcd:
+        env |= {"KVBM_HOST_CACHE_MB": "8", "KVBM_DISK_CACHE_MB": "8", "KVBM_ETCD": etcd.endpoint}
+        args = [mapped(a) for a in c["args"]]
+        node = subprocess.Popen(
+            [sys.executable, "-m", "kvbm.cli", *args],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "node.log", "w"),  # noqa: SIM115
+        )
+        try:
+            metrics = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
+            health = f"http://127.0.0.2:{metrics}/healthz"
+
+            def healthy() -> bool:
+                try:
+                    with urllib.request.urlopen(health, timeout=1) as r:
+                        return r.status == 200
+                except OSError:
+                    return False
+
+            until(
+                healthy,
+                30,
+                "the node never became healthy: " + (tmp_path / "node.log").read_text()[-2000:],
+            )
+            engine = NodeAttachment(str(mounts["/run/kvbm"] / "node.sock"), GEOMETRY)
+            try:
+                assert engine.stats()["peer_address"] == "127.0.0.2:7450"
+            finally:
+                engine.close()
+            signer = IndexSigner(b"s" * 32)
+            mirror = asyncio.run(snapshot([etcd.endpoint], "default", signer, tls=pki.node))
+            assert set(mirror.nodes) == {"gpu-node-7"}
+            node.send_signal(signal.SIGTERM)
+            assert node.wait(30) == 0
+        finally:
+            if node.poll() is None:
+                node.kill()
+                node.wait(10)

@@ -10,9 +10,6 @@ CA's client certificate is the stranger's)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 import aetcd.exceptions
 import pytest
@@ -20,30 +17,9 @@ import pytest
 from discovery.etcd_client import open_client
 from discovery.etcd_server import EtcdServer
 from discovery.schema import namespace_prefix
-from discovery.tls import EtcdTls
+from tests.etcd_pki import make_pki
 from tests.node_daemon import kvbm_json, loads_exactly
 from tests.security.peer_attacks import two_nodes, write_secret
-
-MAKE_CERTS = Path(__file__).parents[2] / "k8s" / "etcd" / "make-certs.sh"
-
-
-@dataclass
-class Pki:
-    server: EtcdTls  # etcd's certificate and key, and the CA of its clients
-    node: EtcdTls  # what a node is configured with
-    stranger: EtcdTls  # a client certificate from another CA
-
-
-def make_pki(directory: Path) -> Pki:
-    ours, theirs = directory / "pki", directory / "other-pki"
-    for d in (ours, theirs):
-        subprocess.run(["bash", str(MAKE_CERTS), str(d)], check=True, capture_output=True)
-    ca = str(ours / "ca.crt")
-    return Pki(
-        server=EtcdTls(ca, str(ours / "etcd.crt"), str(ours / "etcd.key")),
-        node=EtcdTls(ca, str(ours / "kvbm-node.crt"), str(ours / "kvbm-node.key")),
-        stranger=EtcdTls(ca, str(theirs / "kvbm-node.crt"), str(theirs / "kvbm-node.key")),
-    )
 
 
 @pytest.fixture
