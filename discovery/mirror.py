@@ -151,12 +151,11 @@ class IndexMirror:
                 value = self.signer.open(path, value)
             except ValueError:
                 self.rejected += 1
-                if self.rejected & (self.rejected - 1) == 0:  # 1, 2, 4, ...: no log flood
-                    log.warning(
-                        "dropping index values not signed by the fleet count=%d key=%r",
-                        self.rejected,
-                        path[:120],
-                    )
+                _now_and_then(
+                    self.rejected,
+                    "dropping index values not signed by the fleet count=%d key=%r",
+                    path[:120],
+                )
                 return
         try:
             parsed = parse_path(self.prefix, path)
@@ -169,24 +168,22 @@ class IndexMirror:
             tier = parse_tier(value)
         except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
-            if self.malformed & (self.malformed - 1) == 0:  # 1, 2, 4, ...: no log flood
-                log.warning(
-                    "skipping malformed index entries count=%d key=%r error=%s",
-                    self.malformed,
-                    path[:120],
-                    e,
-                )
+            _now_and_then(
+                self.malformed,
+                "skipping malformed index entries count=%d key=%r error=%s",
+                path[:120],
+                e,
+            )
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
         old_id = self._table.get(parsed.key)
         if old_id is None and len(self._table) >= self.max_locations:
             self.over_cap += 1
-            if self.over_cap & (self.over_cap - 1) == 0:
-                log.warning(
-                    "index mirror full: new locations are not kept max_locations=%d refused=%d",
-                    self.max_locations,
-                    self.over_cap,
-                )
+            _now_and_then(
+                self.over_cap,
+                "index mirror full: new locations are not kept refused=%d max_locations=%d",
+                self.max_locations,
+            )
             return
         old = _NOBODY if old_id is None else self._holders[old_id]
         if old.get(name) is not tier:  # type: ignore[union-attr]
@@ -290,3 +287,10 @@ class IndexMirror:
             runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tuple(tiers)))
             g = best_end
         return LookupResult(local, tuple(runs))
+
+
+def _now_and_then(count: int, msg: str, *args: object) -> None:
+    """Log a warning at counts 1, 2, 4, 8, ... (`count` first in `msg`): a
+    flood of bad values cannot flood the log too."""
+    if count & (count - 1) == 0:
+        log.warning(msg, count, *args)
