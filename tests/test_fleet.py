@@ -138,3 +138,45 @@ def test_healthz_says_503_until_the_node_is_ready_and_never_200_after_sigterm(da
         watcher.join(5)
         silent.close()
     assert 200 not in seen[mark + 1 :], seen[mark:]
+
+
+def test_an_unsigned_record_under_a_nodes_id_does_not_keep_it_from_starting(
+    etcd, daemons, tmp_path
+):
+    """An etcd writer without the secret puts a record under node-a's id and
+    keeps its lease alive (as a live node would): node-a still starts (only
+    a record the fleet signed counts as a live node of this id) and replaces
+    it with its own. Believing any record would let an etcd writer keep every
+    node of the fleet from starting."""
+    from aetcd import Client
+
+    from discovery.records import NodeRecord
+    from discovery.schema import node_path
+
+    stop = threading.Event()
+
+    async def squat() -> None:
+        raw = Client(host=etcd.host, port=etcd.client_port)
+        await raw.connect()
+        try:
+            lease = await raw.lease(3)
+            forged = NodeRecord("node-a", "127.0.0.9", 7450).encode()  # no signature
+            await raw.put(node_path(SPACE.namespace, "node-a"), forged, lease=lease.id)
+            while not stop.is_set():
+                await raw.refresh_lease(lease.id)
+                await asyncio.sleep(0.5)
+        finally:
+            await raw.close()
+
+    squatter = threading.Thread(target=asyncio.run, args=(squat(),), daemon=True)
+    squatter.start()
+    try:
+        time.sleep(1)
+        flags = ["--etcd", etcd.endpoint, "--namespace", SPACE.namespace, "--lease-ttl", "3"]
+        a = daemons("node-a", "127.0.0.2", *flags)
+        assert a.proc.poll() is None
+        nodes = fleet(etcd)
+        assert set(nodes) == {"node-a"} and nodes["node-a"]["peer_rpc"] == "no engine yet"
+    finally:
+        stop.set()
+        squatter.join(10)
