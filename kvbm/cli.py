@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.add_argument("--prompts", type=int, default=6, help="prompts per figure (median)")
+    e2e.add_argument(
+        "--arena-dir", default="/dev/shm", help="memory file system of both nodes' host arenas"
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from kvbm.bench import e2e as e2e_mod
 
-                result = e2e_mod.run(args.prompts)
+                result = e2e_mod.run(args.prompts, arena_dir=args.arena_dir)
             if args.json:
                 print(json.dumps(result))
             else:

@@ -58,6 +58,12 @@ class KvbmConfig:
     disk_admit_min_uses: int = _opt(
         2, "A block evicted from G2 goes to disk once used this many times."
     )
+    disk_write_ahead_mb: int = _opt(
+        256,
+        "The coldest this many MB of G2 (at most a quarter of it) are copied to disk "
+        "before they are evicted (those the admission filter admits), so a load that "
+        "evicts them waits on no disk write; 0: write at eviction.",
+    )
     disk_direct_io: bool = _opt(True, "Use O_DIRECT where the file system allows it.")
     disk_preallocate: bool = _opt(
         True, "Reserve the disk tier's blocks at start (off: sparse file)."
@@ -112,6 +118,8 @@ class KvbmConfig:
             raise ValueError(f"disk_cache_mb must be >= 0, got {self.disk_cache_mb}")
         if self.disk_cache_mb and not self.disk_cache_dir:
             raise ValueError("disk_cache_mb is set but disk_cache_dir is empty")
+        if self.disk_write_ahead_mb < 0:
+            raise ValueError(f"disk_write_ahead_mb must be >= 0, got {self.disk_write_ahead_mb}")
         if self.disk_admit_min_uses < 1:
             raise ValueError("disk_admit_min_uses must be at least 1")
         if self.log_level not in LOG_LEVELS:

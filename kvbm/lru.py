@@ -4,6 +4,7 @@ ever handed to the policy)."""
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 
@@ -34,6 +35,10 @@ class LruPolicy:
         while self._order and len(out) < n:
             out.append(self._order.popitem(last=False)[0])
         return out
+
+    def oldest(self, n: int) -> list[int]:
+        """Up to `n` slots, oldest first, left where they are."""
+        return list(itertools.islice(self._order, n))
 
     def order(self) -> list[int]:
         """Oldest first; for tests and status."""

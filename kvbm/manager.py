@@ -30,7 +30,7 @@ from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
 from kvbm.plans import LoadPlan, PrefixMatch, StorePlan
-from kvbm.slot_table import Victim
+from kvbm.slot_table import SlotState, Victim
 
 log = logging.getLogger("kvbm.manager")
 
@@ -68,6 +68,7 @@ class BlockManager:
         self._lock = threading.RLock()
         # Half of G2 per load or store step: the other half can drain or stage.
         self.max_load_blocks = max(1, host.num_slots // 2)
+        self._owed = 0  # host blocks evicted that `write_ahead` has not matched yet
         m = self.metrics
         m.watch_tier(
             Tier.HOST, lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
@@ -288,6 +289,52 @@ class BlockManager:
                 self.host.table.seal(slot, serial, c)
         return len(todo)
 
+    def write_ahead(self, reach: int, limit: int) -> int:
+        """Copy to disk up to `limit` of the `reach` least recently used host
+        blocks that the disk lacks and the admission filter admits, leaving
+        them in G2 where they are in its LRU order: the load or store that
+        evicts them later frees their slots without waiting on a disk write.
+        As many as G2 evicted since (at most `reach` owed): writes follow the
+        churn, and a full G2 that evicts nothing costs no disk writes.
+        Returns how many blocks were written.
+
+        Like `seal_newest` it reads blocks it does not pin (a pin would
+        reorder the LRU): a copy counts only if the slot still holds the same
+        registration afterwards, so its bytes did not change under the write.
+        """
+        if self.disk is None or reach <= 0 or limit <= 0:
+            return 0
+        with self._lock:
+            host, dt = self.host.table, self.disk.table
+            self._owed = min(self._owed, reach)
+            todo: list[tuple[int, int, BlockKey, int | None]] = []
+            for slot in host.policy.oldest(reach):
+                if len(todo) == min(limit, self._owed):
+                    break
+                key = host.keys[slot]
+                assert key is not None
+                if key not in dt.index and self.admission.admit(key):
+                    todo.append((slot, host.serial[slot], key, host.checksums[slot]))
+            self._owed = 0 if len(todo) < limit else self._owed - len(todo)
+            dslots = self._disk_slots(len(todo))
+        writes = [
+            DiskWrite(key, csum, slot, d)
+            for (slot, _, key, csum), d in zip(todo, dslots, strict=False)
+        ]
+        sums = self._disk_io(self.disk.write, writes)
+        written = 0
+        with self._lock:
+            host, dt = self.host.table, self.disk.table
+            for (slot, serial, _, _), w, c in zip(todo, writes, sums, strict=False):
+                same = host.state[slot] == SlotState.REGISTERED and host.serial[slot] == serial
+                if c is None or not same:
+                    dt.abort(w.dst)
+                    continue
+                host.seal(slot, serial, c)  # no-op where it was sealed already
+                written += dt.register(w.dst, w.key, c)
+        self.metrics.moved.labels("g2_to_g3").inc(written * self.geometry.block_bytes)
+        return written
+
     # -- for peers (the transport's BlockSource / BlockSink) -----------------
     def prepare_peer_read(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
         """Pin the longest held prefix for a peer to read: (key, slot, checksum).
@@ -375,6 +422,7 @@ class BlockManager:
             table = self.host.table
             slots = table.allocate(n)
             victims = table.take_victims(n - len(slots))
+            self._owed += len(victims)
         if victims:
             self._drain(victims)
             with self._lock:
@@ -393,13 +441,7 @@ class BlockManager:
                 ]
                 refused = sum(1 for v in victims if v.key not in dt.index) - len(admitted)
                 self.metrics.rejected.labels(Tier.DISK, "frequency").inc(refused)
-                dslots = dt.allocate(len(admitted))
-                if len(dslots) < len(admitted):
-                    dropped = dt.take_victims(len(admitted) - len(dslots))
-                    for d in dropped:
-                        dt.release(d.slot)  # a disk eviction only forgets the block
-                    self.metrics.evictions.labels(Tier.DISK).inc(len(dropped))
-                    dslots += dt.allocate(len(admitted) - len(dslots))
+                dslots = self._disk_slots(len(admitted))
                 self.metrics.rejected.labels(Tier.DISK, "full").inc(len(admitted) - len(dslots))
             # DRAINING slots are ours alone: the write reads (and checksums) them unlocked.
             writes = [
@@ -418,6 +460,20 @@ class BlockManager:
             for v in victims:
                 self.host.table.release(v.slot)
         self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
+
+    def _disk_slots(self, n: int) -> list[int]:
+        """Up to `n` FILLING disk slots, forgetting the disk's LRU blocks for
+        room (a disk eviction only forgets). Under the lock."""
+        assert self.disk is not None
+        dt = self.disk.table
+        slots = dt.allocate(n)
+        if len(slots) < n:
+            dropped = dt.take_victims(n - len(slots))
+            for d in dropped:
+                dt.release(d.slot)
+            self.metrics.evictions.labels(Tier.DISK).inc(len(dropped))
+            slots += dt.allocate(n - len(slots))
+        return slots
 
     def _disk_io(self, call: Callable[[list, HostPool], list], items: list) -> list:
         """A disk read or write whose every item fails on any error, so the slots

@@ -1,6 +1,7 @@
 """The engine path and the network path share one manager: several threads
-store, load, pin and seal at once (beside the node's background sealer), and
-every block they read is the block that was stored under its key."""
+store, load, pin and seal at once (beside the node's background upkeep:
+sealing, and writing to disk ahead of eviction), and every block they read
+is the block that was stored under its key."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_engine_and_network_paths_at_once(make_manager):
     mgr = make_manager(host_slots=16, disk_slots=64, min_uses=1)
     errors: list[BaseException] = []
     stop = time.monotonic() + 3.0
-    counts = {"loaded": 0, "sealed": 0, "sealed_in_background": 0}
+    counts = {"loaded": 0, "sealed": 0, "sealed_in_background": 0, "written_ahead": 0}
     lock = threading.Lock()
 
     def engine(seed: int) -> None:
@@ -62,19 +63,22 @@ def test_engine_and_network_paths_at_once(make_manager):
         except BaseException as e:
             errors.append(e)
 
-    def sealer() -> None:
-        # the node's background sealer: sums blocks without pinning them
+    def upkeep() -> None:
+        # the node's background upkeep: sums blocks and writes the coldest to
+        # disk, both without pinning them
         try:
             while time.monotonic() < stop:
                 n = mgr.seal_newest(2)
+                w = mgr.write_ahead(4, 2)
                 with lock:
                     counts["sealed_in_background"] += n
+                    counts["written_ahead"] += w
         except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=engine, args=(i,)) for i in range(2)]
     threads += [threading.Thread(target=network, args=(10 + i,)) for i in range(2)]
-    threads.append(threading.Thread(target=sealer))
+    threads.append(threading.Thread(target=upkeep))
     for t in threads:
         t.start()
     for t in threads:
@@ -82,7 +86,7 @@ def test_engine_and_network_paths_at_once(make_manager):
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not errors, errors[0]
     # the run really exercised both paths
-    assert counts["loaded"] > 0 and counts["sealed"] > 0 and counts["sealed_in_background"] > 0
+    assert all(counts.values()), counts
     host = mgr.host.table
     for slot in host.index.values():  # every checksum recorded is the block's
         assert host.checksums[slot] in (None, *mgr.host.checksums([slot]))

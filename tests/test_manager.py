@@ -254,3 +254,56 @@ def test_changes_report_where_each_touched_key_is_now(make_manager):
     assert held == dict.fromkeys(keys(20, 2) + first[2:], Tier.HOST) | dict.fromkeys(
         keys(0, 2) + first[1:2], Tier.DISK
     )
+
+
+def test_write_ahead_follows_evictions_and_spares_the_eviction_its_write(make_manager):
+    mgr = make_manager(host_slots=8, disk_slots=32, min_uses=1)
+    table, disk = mgr.host.table, mgr.disk.table
+    store(mgr, keys(0, 8))
+    assert mgr.write_ahead(reach=4, limit=16) == 0  # full, but nothing evicted: no writes
+    store(mgr, keys(100, 2))  # evicts keys 0, 1 (written at eviction): two owed
+    assert disk.registered_count == 2
+    order = table.policy.order()
+    assert mgr.write_ahead(reach=4, limit=16) == 2  # the two coldest: keys 2, 3
+    assert mgr.write_ahead(reach=4, limit=16) == 0  # owed nothing more
+    assert set(disk.index) == {*keys(0, 4)}
+    assert table.policy.order() == order  # still in G2, where they were
+    expect_tiers(mgr, keys(2, 2), Tier.HOST, Tier.HOST)
+    written = metric(mgr, "kvbm_transfer_bytes_total", path="g2_to_g3")
+    assert written == 4 * GEOMETRY.block_bytes
+    store(mgr, keys(200, 2))  # evicts keys 2, 3: already on disk, no second write
+    assert metric(mgr, "kvbm_transfer_bytes_total", path="g2_to_g3") == written
+    expect_tiers(mgr, keys(0, 4), *[Tier.DISK] * 4)
+    expect_loaded(mgr, keys(0, 4))  # bit-exact from the copies written ahead
+    table.check()
+    disk.check()
+
+
+def test_a_block_replaced_while_written_ahead_is_not_kept_on_disk(make_manager):
+    """The write reads the block without a pin: if its slot is evicted and
+    refilled meanwhile, the copy (whose checksum was taken from whatever the
+    write read) must not count, or a load would get another block's bytes."""
+    mgr = make_manager(host_slots=4, disk_slots=32, min_uses=1)
+    store(mgr, keys(0, 4))
+    store(mgr, keys(10, 1))  # evicts key 0: one owed; key 1 is now the coldest, unsealed
+    victim = keys(1, 1)[0]
+    slot = mgr.host.table.get(victim)
+    assert mgr.host.table.checksums[slot] is None
+    write = mgr.disk.write
+
+    def racing_write(items, host):
+        # meanwhile an engine stores new blocks: key 1 is evicted (not admitted
+        # at eviction, so nothing else writes it) and its slot refilled
+        mgr.admission.min_count = 99
+        store(mgr, keys(20, 1))
+        mgr.admission.min_count = 1
+        assert mgr.host.table.keys[slot] == keys(20, 1)[0]
+        return write(items, host)
+
+    mgr.disk.write = racing_write
+    assert mgr.write_ahead(reach=2, limit=16) == 0
+    mgr.disk.write = write
+    assert victim not in mgr.disk.table.index
+    assert mgr.lookup([victim]).num_blocks == 0
+    mgr.host.table.check()
+    mgr.disk.table.check()

@@ -39,6 +39,7 @@ from kvbm.bench.model import build_llama
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess
+from kvbm.shm_arena import SHM_DIR
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024
 TURN1, ANSWER, NEW_MESSAGE = 512, 64, 64  # the chat's turn 1 prompt and answer, turn 2's new tokens
@@ -122,7 +123,7 @@ def _ms(seconds: list[float]) -> float:
     return round(statistics.median(seconds) * 1e3, 1)
 
 
-def run(prompts: int = 6, workdir: str | None = None) -> dict:
+def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) -> dict:
     rng = random.Random(0)
 
     def tokens(n: int) -> list[int]:
@@ -141,6 +142,7 @@ def run(prompts: int = 6, workdir: str | None = None) -> dict:
         "prompt_tokens": PROMPT,
         "block_size": BLOCK,
         "prompts_per_figure": prompts,
+        "arena_dir": arena_dir,
     }
     with (
         tempfile.TemporaryDirectory(prefix="kvbm-bench-e2e-", dir=workdir) as d,
@@ -167,9 +169,11 @@ def run(prompts: int = 6, workdir: str | None = None) -> dict:
         # A's host tier holds one prompt set and the chat's turn 1: the host set
         # pushes the disk set out, turn 1 the last of it
         a_host = set_mb + chat_mb
-        a_tiers = ["--host-cache-mb", str(a_host), "--disk-cache-mb", str(2 * set_mb)]
+        # room on disk for the disk set and all that G2 writes there, ahead included
+        a_tiers = ["--host-cache-mb", str(a_host), "--disk-cache-mb", str(3 * set_mb)]
         a_tiers += ["--disk-cache-dir", os.path.join(d, "a-disk")]
         index = ["--etcd", etcd.endpoint, "--disk-admit-min-uses", "1"]
+        index += ["--host-arena-dir", arena_dir]
         nodes = [NodeProcess(d, "node-a", "127.0.0.2", *index, *a_tiers)]
         figures: dict[str, list[float]] = collections.defaultdict(list)
         try:

@@ -7,8 +7,8 @@ calls; the first engine's hello builds the tiers for its model geometry (one
 geometry per node; another is refused with a clear error): the block
 manager, the NIXL agent on the host arena (in a process of its own:
 transport/confined_agent.py), the peer RPC server, the peer pool
-(peer_pool.py), onboarding; then the publisher publishes the full record
-and every block.
+(peer_pool.py), onboarding, the tiers' background upkeep (upkeep.py); then
+the publisher publishes the full record and every block.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from kvbm.node.http import MetricsServer
 from kvbm.node.onboarding import Onboarding
 from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
+from kvbm.node.upkeep import Upkeep
 from kvbm.peer_tiers import ManagerTiers
 from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import ROUND_BLOCKS, PeerServer
@@ -54,8 +55,10 @@ class Serving:
     peer_server: PeerServer
     peers: PeerPool
     onboarding: Onboarding
+    upkeep: Upkeep
 
     async def close(self) -> None:
+        await self.upkeep.close()
         await self.peers.close()
         await self.peer_server.close()
         self.agent.close()
@@ -182,8 +185,13 @@ class Node:
             cfg.peer_backoff_s,
         )
         onboarding = Onboarding(mgr, tiers, peers, publisher.lookup, cfg.peer_timeout_ms / 1000)
-        serving = Serving(mgr, agent, server, peers, onboarding)
+        # sealed blocks matter where blocks leave G2: to peers or to disk
+        seal = bool(cfg.etcd_endpoints) or mgr.disk is not None
+        ahead = (cfg.disk_write_ahead_mb << 20) // geometry.slot_bytes
+        upkeep = Upkeep(mgr, seal, min(ahead, mgr.host.num_slots // 4))
+        serving = Serving(mgr, agent, server, peers, onboarding, upkeep)
         await publisher.serve(mgr, record)
+        upkeep.start()
         log.info(
             "serving geometry=%s peer_port=%d arena=%s huge_page_mb=%d",
             geometry,

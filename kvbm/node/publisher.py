@@ -1,13 +1,10 @@
 """What the fleet learns of this node: its record and every change of its
-tiers, published to the index (etcd, or in memory for one node), and the
-background sealing that lets its blocks leave G2 without a pass over their
-bytes on the way."""
+tiers, published to the index (etcd, or in memory for one node)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_index import EtcdIndex
@@ -20,8 +17,6 @@ from kvbm.manager import BlockManager
 log = logging.getLogger("kvbm.node")
 PUBLISH_INTERVAL_S = 0.02
 INDEX_RETRY_S = 2.0
-SEAL_BATCH = 16  # blocks summed per step of the background sealer
-SEAL_IDLE_S = 0.05  # how often the sealer looks for new blocks when it has none
 
 
 class Publisher:
@@ -70,8 +65,6 @@ class Publisher:
         if self.index is not None:
             await self.index.set_record(record)
         self._tasks.append(asyncio.create_task(self._publish_changes(mgr)))
-        if self.etcd_endpoints or mgr.disk is not None:  # else no block leaves G2
-            self._tasks.append(asyncio.create_task(self._seal_in_background(mgr)))
 
     # -- what the rest of the node reads -------------------------------------
     def lookup(self, keys: list[bytes]) -> LookupResult | None:
@@ -149,23 +142,6 @@ class Publisher:
                 {k: t for k, t in changes.items() if t is not None},
                 [k for k, t in changes.items() if t is None],
             )
-
-    async def _seal_in_background(self, mgr: BlockManager) -> None:
-        """Checksum new host blocks soon after they are stored, so a peer's pin
-        and a drain to disk find them sealed. Rests as long as it worked
-        (at most half a core), so it never crowds out the engines' copies."""
-        while True:
-            t0 = time.monotonic()
-            batch = asyncio.ensure_future(asyncio.to_thread(mgr.seal_newest, SEAL_BATCH))
-            try:
-                n = await asyncio.shield(batch)
-            except asyncio.CancelledError:
-                await asyncio.wait([batch])  # the arena must outlive the batch's reads
-                raise
-            except Exception:
-                log.exception("background sealing failed")
-                n = 0
-            await asyncio.sleep(time.monotonic() - t0 if n else SEAL_IDLE_S)
 
     async def close(self) -> None:
         """Stop the tasks, publish the last changes, revoke the lease."""
