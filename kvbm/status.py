@@ -81,6 +81,10 @@ def render(result: dict) -> str:
     lines = [f"node {result['node_id']} ({result['namespace']}), index: {result['index']}"]
     for tier, t in result.get("tiers", {}).items():
         lines.append(f"  {tier:5} {t['blocks']}/{t['capacity']} blocks")
+    if "host_arena" in result:
+        arena = result["host_arena"]
+        pages = "2 MiB pages" if arena["huge_page_mb"] else "4 KiB pages"
+        lines.append(f"  host arena in {arena['dir']}: {pages}")
     for source, n in result.get("engine_blocks", {}).items():
         share = result["hit_shares"].get(source, 0.0)
         lines.append(f"  served from {source:12} {n:8} blocks ({share:.0%})")

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
+from kvbm.status import render
 from tests.node_daemon import loads_exactly, until
 from tests.support import GEOMETRY, Engine
 
@@ -50,6 +51,10 @@ def test_arenas_on_huge_pages_serve_engines_and_peers(etcd, daemons, huge_tmpfs)
         assert eng_a.arena.huge_page_bytes() >= 2 << 20
         assert eng_a.arena.huge_page_bytes(a.proc.pid) >= 2 << 20
         assert "huge_page_mb=0" not in a.log() and "huge_page_mb=" in a.log()
+        # and `kvbm status` says so
+        stats = eng_a.stats()
+        assert stats["host_arena"]["dir"] == huge_tmpfs and stats["host_arena"]["huge_page_mb"] >= 2
+        assert f"host arena in {huge_tmpfs}: 2 MiB pages" in render({**stats, "hit_shares": {}})
     finally:
         eng_a.close()
         eng_b.close()

@@ -12,10 +12,10 @@ import torch
 from discovery.records import Tier
 from kvbm.bench.direct import onboard
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import Engine, keys, store
+from tests.support import GEOMETRY, Engine, keys, store
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import PeerClient, PeerServer, pull
+from transport.peer_rpc import PeerClient, PeerServer, pull, round_blocks
 
 SECRET = b"k" * 32
 
@@ -100,23 +100,22 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
 
 
 def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
-    """40 blocks: more than one pin round (ROUND_BLOCKS), first with the peer's
-    cap at 8 pins (short rounds, asked again once unpinned), then with a byte
+    """40 blocks in rounds of 8 (the first smaller), first with the peer's cap
+    at 6 pins (short rounds, asked again once unpinned), then with a byte
     flipped in block 20: the pull stops there, whatever later rounds brought."""
-    from transport.peer_rpc import ROUND_BLOCKS
-
     n = 40
-    assert n > 2 * ROUND_BLOCKS
+    round_bytes = 8 * GEOMETRY.block_bytes
+    assert round_blocks(GEOMETRY.block_bytes, round_bytes) == 8
     a = make_manager(host_slots=n)
     ks = keys(0, n)
     assert store(a, ks) == n
 
     async def pull_all(b, **server_kw):
         async with Pair(a, b, **server_kw) as p:
-            return await pull(p.client, list(ks), ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerTiers(b), round_bytes=round_bytes)
 
     b = make_manager(host_slots=n)
-    assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=8), 60)) == ks
+    assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=6), 60)) == ks
     eng = Engine(n)
     assert onboard(b, eng.kv, ks, list(range(n))) == n
     assert all(eng.holds(k, i) for i, k in enumerate(ks))

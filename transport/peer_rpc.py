@@ -508,12 +508,23 @@ class PeerClient:
         self._closed = self._closed or "closed"
 
 
-ROUND_BLOCKS = 16  # blocks per pin -> READ round; the next round's pin overlaps this one
+ROUND_BYTES = 16 << 20  # per pin -> READ round; the next round's pin overlaps this one's READ
+FIRST_ROUND_BYTES = 4 << 20  # smaller: the first READ, and so the pipeline, start sooner
+MAX_ROUND_BLOCKS = 64  # however small the blocks (a peer's pin cap allows two rounds)
 INLINE_BLOCKS = 2  # this few are verified on the event loop (no thread hop)
 
 
+def round_blocks(block_bytes: int, nbytes: int = ROUND_BYTES) -> int:
+    """Blocks in a round of about `nbytes`: at least one, at most MAX_ROUND_BLOCKS."""
+    return max(1, min(MAX_ROUND_BLOCKS, nbytes // block_bytes))
+
+
 async def pull(
-    client: PeerClient, keys: list[bytes], sink: BlockSink, timeout: float = 5.0
+    client: PeerClient,
+    keys: list[bytes],
+    sink: BlockSink,
+    timeout: float = 5.0,
+    round_bytes: int = ROUND_BYTES,
 ) -> list[bytes]:
     """Copy the longest prefix of `keys` the peer holds into this node's tiers.
 
@@ -531,19 +542,20 @@ async def pull(
     rounds: list[tuple[list[PinnedBlock], Reservation, asyncio.Future[list[bytes]]]] = []
     pos = 0
     size = sink.block_bytes
-    pinning: asyncio.Task | None = asyncio.create_task(
-        _pin(client, keys[:ROUND_BLOCKS], size, deadline)
-    )
+    step = round_blocks(size, round_bytes)
+    asked = min(step, round_blocks(size, FIRST_ROUND_BYTES))
+    pinning: asyncio.Task | None = asyncio.create_task(_pin(client, keys[:asked], size, deadline))
     try:
         while pinning is not None:
             blocks = await pinning
             pinning = None
             if not blocks:
                 break
-            asked = min(ROUND_BLOCKS, len(keys) - pos)
+            full = len(blocks) == min(asked, len(keys) - pos)
             pos += len(blocks)
+            asked = step
             more = pos < len(keys) and time.monotonic() < deadline
-            if more and len(blocks) == asked:  # pin the next round while this one is read
+            if more and full:  # pin the next round while this one is read
                 pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
             reservation, ok = await _read(client, blocks, sink, deadline)
             client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)

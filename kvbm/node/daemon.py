@@ -38,7 +38,7 @@ from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
 from kvbm.peer_tiers import ManagerTiers
 from transport.confined_agent import ConfinedAgent
-from transport.peer_rpc import ROUND_BLOCKS, PeerServer
+from transport.peer_rpc import PeerServer, round_blocks
 from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
@@ -56,6 +56,7 @@ class Serving:
     peers: PeerPool
     onboarding: Onboarding
     upkeep: Upkeep
+    huge_page_mb: int  # how much of the host arena the kernel gave 2 MiB pages
 
     async def close(self) -> None:
         await self.upkeep.close()
@@ -145,7 +146,7 @@ class Node:
             )
             tiers = ManagerTiers(mgr)
             # a peer may pin a quarter of the arena, all peers half (always two pull rounds)
-            per_peer = max(2 * ROUND_BLOCKS, mgr.host.num_slots // 4)
+            per_peer = max(2 * round_blocks(geometry.block_bytes), mgr.host.num_slots // 4)
             total = max(per_peer, mgr.host.num_slots // 2)
             server = PeerServer(
                 tiers,
@@ -189,7 +190,8 @@ class Node:
         seal = bool(cfg.etcd_endpoints) or mgr.disk is not None
         ahead = (cfg.disk_write_ahead_mb << 20) // geometry.slot_bytes
         upkeep = Upkeep(mgr, seal, min(ahead, mgr.host.num_slots // 4))
-        serving = Serving(mgr, agent, server, peers, onboarding, upkeep)
+        huge_mb = arena.huge_page_bytes() >> 20
+        serving = Serving(mgr, agent, server, peers, onboarding, upkeep, huge_mb)
         await publisher.serve(mgr, record)
         upkeep.start()
         log.info(
@@ -197,8 +199,13 @@ class Node:
             geometry,
             port,
             arena.directory,
-            arena.huge_page_bytes() >> 20,
+            huge_mb,
         )
+        if not huge_mb:
+            log.info(
+                "the host arena has 4 KiB pages: a tmpfs mounted huge=always as "
+                "host_arena_dir makes peers' reads of it about 2-3x as fast"
+            )
         return serving
 
     def _registry(self) -> CollectorRegistry:
@@ -216,6 +223,8 @@ class Node:
         out["pinned_for_peers"] = s.peer_server.pinned_count
         out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
+        arena = s.mgr.host.arena
+        out["host_arena"] = {"dir": arena.directory, "huge_page_mb": s.huge_page_mb}
         failed = "kvbm_tier_checksum_failures_total"
         out["checksum_failures"] = {
             where: int(s.mgr.metrics.value(failed, tier=where)) for where in ("disk", "peer")
