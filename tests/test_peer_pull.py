@@ -100,9 +100,9 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
 
 
 def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
-    """40 blocks in rounds of 8 (the first smaller), first with the peer's cap
-    at 6 pins (short rounds, asked again once unpinned), then with a byte
-    flipped in block 20: the pull stops there, whatever later rounds brought."""
+    """40 blocks in rounds of 8, first with the peer's cap at 6 pins (short
+    rounds, asked again once unpinned) and at 8, then with a byte flipped in
+    block 20: the pull stops there, whatever later rounds brought."""
     n = 40
     round_bytes = 8 * GEOMETRY.block_bytes
     assert round_blocks(GEOMETRY.block_bytes, round_bytes) == 8
@@ -116,6 +116,10 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
 
     b = make_manager(host_slots=n)
     assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=6), 60)) == ks
+    # a cap of one round: each next round, pinned while ours is held, comes
+    # back empty, and is asked again once ours is released
+    b8 = make_manager(host_slots=n)
+    assert asyncio.run(asyncio.wait_for(pull_all(b8, max_pins_per_peer=8), 60)) == ks
     eng = Engine(n)
     assert onboard(b, eng.kv, ks, list(range(n))) == n
     assert all(eng.holds(k, i) for i, k in enumerate(ks))

@@ -5,6 +5,7 @@ child process is imported by importing this."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,5 +57,17 @@ class Agent(Protocol):
         ...
 
     def read(self, peer: Peer, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool: ...
+
+    def read_chunks(
+        self,
+        peer: Peer,
+        chunks: Sequence[tuple[np.ndarray, np.ndarray]],
+        timeout: float,
+        landed: Callable[[int], bool],
+    ) -> int:
+        """READ the chunks in order, calling `landed(i)` as each one's bytes
+        are all here (False stops); how many landed. No READ is still
+        writing when it returns."""
+        ...
 
     def close(self) -> None: ...

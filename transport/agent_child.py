@@ -34,7 +34,7 @@ from transport.nixl_agent import NixlAgent
 log = logging.getLogger("transport.agent")
 CALLS = ("ready", "add_peer", "remove_peer", "read", "ok", "error")
 MAX_FRAME = 4 << 20  # a read of 4096 blocks is 128 KiB of addresses
-PROGRESS_S = 0.0005  # how often an idle agent drives its transports
+PROGRESS_S = 0.002  # how often an idle agent drives its transports (a first READ waits)
 _PR_SET_PDEATHSIG = 1
 
 

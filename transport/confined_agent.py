@@ -13,6 +13,7 @@ The cost is one local round trip per call (a batched READ is one call).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,20 +152,84 @@ class ConfinedAgent:
     def read(self, peer: Peer, local: np.ndarray, remote: np.ndarray, timeout: float) -> bool:
         """As `NixlAgent.read`; also False when the child restarted since
         `peer` was loaded (its addresses are in `arena` as it is now)."""
-        if not self.knows(peer):
-            return False
-        body = {
-            "name": peer.name,
-            "local": np.ascontiguousarray(local, np.uint64).tobytes(),
-            "remote": np.ascontiguousarray(remote, np.uint64).tobytes(),
-            "timeout": float(timeout),
-        }
+        return self.read_chunks(peer, [(local, remote)], timeout, lambda i: True) == 1
+
+    def read_chunks(
+        self,
+        peer: Peer,
+        chunks: Sequence[tuple[np.ndarray, np.ndarray]],
+        timeout: float,
+        landed: Callable[[int], bool],
+    ) -> int:
+        """As `NixlAgent.read_chunks`, pipelined: the child has the next two
+        chunks' READs queued while `landed(i)` runs here, so whatever the
+        caller does with a chunk (verify it, while its bytes are still in
+        the cache) overlaps the next chunk's copy. Every READ sent is
+        answered before this returns, so no READ still writes into a slot
+        the caller frees afterwards (a child that fails is ended first)."""
+        if not chunks or not self.knows(peer):
+            return 0
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            return 0  # another read held the agent for all of our time
         try:
-            reply, _ = self._call("read", body, timeout, peer.generation, READ_GRACE_S)
+            child = self._live()
+            if child.generation != peer.generation:
+                return 0
+            return self._read_chunks(child, peer, chunks, deadline, landed)
         except TransportError as e:
             log.info("read failed peer=%s error=%s", peer.name, e)
-            return False
-        return reply.get("done") is True
+            return 0
+        finally:
+            self._lock.release()
+
+    def _read_chunks(
+        self,
+        child: _Child,
+        peer: Peer,
+        chunks: Sequence[tuple[np.ndarray, np.ndarray]],
+        deadline: float,
+        landed: Callable[[int], bool],
+    ) -> int:
+        sent: collections.deque[int] = collections.deque()  # ids of READs not answered yet
+
+        def send(i: int) -> None:
+            local, remote = chunks[i]
+            body = {
+                "name": peer.name,
+                "local": np.ascontiguousarray(local, np.uint64).tobytes(),
+                "remote": np.ascontiguousarray(remote, np.uint64).tobytes(),
+                "timeout": max(0.0, deadline - time.monotonic()),
+            }
+            msg_id = next(self._ids)
+            child.channel.sendall(self._codec.encode(Message("read", msg_id, body)))
+            sent.append(msg_id)
+
+        def answer() -> bool:
+            child.channel.settimeout(max(0.0, deadline - time.monotonic()) + READ_GRACE_S)
+            reply = self._codec.recv(child.channel)
+            if reply.id != sent.popleft():
+                raise ProtocolError(f"a reply to call {reply.id}, out of order")
+            return reply.call == "ok" and reply.body.get("done") is True
+
+        done = 0
+        try:
+            for i in range(min(2, len(chunks))):
+                send(i)
+            while sent:
+                if not answer():
+                    break
+                if done + 2 < len(chunks):
+                    send(done + 2)
+                if not landed(done):
+                    done += 1
+                    break
+                done += 1
+            while sent:  # READs still queued: let them finish before the caller frees slots
+                answer()
+        except (OSError, ProtocolError) as e:  # a timeout is an OSError
+            self._end(child, f"read failed: {e!r}")
+        return done
 
     def _call(
         self,
@@ -237,6 +302,8 @@ class ConfinedAgent:
         log.warning("ending the NIXL agent process pid=%d reason=%s", child.proc.pid, why)
         with contextlib.suppress(ProcessLookupError):
             child.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(READ_GRACE_S)  # gone: no READ of its writes into the arena any more
 
     def _watch(self) -> None:
         """Wait for the child to end; unless we are closing, start the next."""

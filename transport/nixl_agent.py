@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,24 @@ class NixlAgent:
             return self._read_locked(peer.name, local, remote, deadline)
         finally:
             self._lock.release()
+
+    def read_chunks(
+        self,
+        peer: Peer,
+        chunks: Sequence[tuple[np.ndarray, np.ndarray]],
+        timeout: float,
+        landed: Callable[[int], bool],
+    ) -> int:
+        """READ each (local, remote) chunk in turn, calling `landed(i)` once
+        chunk i's bytes are all here (it returns False to stop). Returns how
+        many chunks landed; a chunk that fails or times out ends the reads."""
+        deadline = time.monotonic() + timeout
+        for i, (local, remote) in enumerate(chunks):
+            if not self.read(peer, local, remote, max(0.0, deadline - time.monotonic())):
+                return i
+            if not landed(i):
+                return i + 1
+        return len(chunks)
 
     def _read_locked(
         self, peer: str, local: np.ndarray, remote: np.ndarray, deadline: float

@@ -508,10 +508,13 @@ class PeerClient:
         self._closed = self._closed or "closed"
 
 
-ROUND_BYTES = 16 << 20  # per pin -> READ round; the next round's pin overlaps this one's READ
-FIRST_ROUND_BYTES = 4 << 20  # smaller: the first READ, and so the pipeline, start sooner
+ROUND_BYTES = 64 << 20  # per pin -> READ round; the next round's pin overlaps this one's READ
+# From a peer's disk: smaller rounds, the first smallest, so that reading a
+# round overlaps the peer's staging of the next, and the first READ waits less.
+STAGED_ROUND_BYTES = 16 << 20
+STAGED_FIRST_ROUND_BYTES = 4 << 20
 MAX_ROUND_BLOCKS = 64  # however small the blocks (a peer's pin cap allows two rounds)
-INLINE_BLOCKS = 2  # this few are verified on the event loop (no thread hop)
+CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied, still in cache
 
 
 def round_blocks(block_bytes: int, nbytes: int = ROUND_BYTES) -> int:
@@ -525,13 +528,18 @@ async def pull(
     sink: BlockSink,
     timeout: float = 5.0,
     round_bytes: int = ROUND_BYTES,
+    first_round_bytes: int = ROUND_BYTES,
 ) -> list[bytes]:
     """Copy the longest prefix of `keys` the peer holds into this node's tiers.
 
-    Works in rounds, pipelined: while round k is read (one batched NIXL READ)
-    the peer already pins and checksums round k+1, and round k is verified in
-    a thread while round k+1 is read. Each round is unpinned as soon as its
-    bytes have landed.
+    Works in rounds, pipelined: while round k is read the peer already pins
+    and checksums round k+1. A round is read in chunks of CHUNK_BYTES (one
+    batched NIXL READ each), and each chunk is verified and registered as
+    soon as it lands, while the next chunk is being copied: its bytes are
+    still in the cache, and the checksum costs no pass over memory of its
+    own. Each round is unpinned as soon as its blocks are settled. Where the
+    peer stages the blocks from its disk first, a smaller first round
+    (`first_round_bytes`) starts the first READ, and the pipeline, sooner.
 
     Returns the prefix of `keys` now held here (pulled and verified, or held
     already: those are not read again). Any failure (peer gone, timeout,
@@ -539,31 +547,37 @@ async def pull(
     never a partial or unverified block, never a wait beyond `timeout`.
     """
     deadline = time.monotonic() + timeout
-    rounds: list[tuple[list[PinnedBlock], Reservation, asyncio.Future[list[bytes]]]] = []
+    here: list[bytes] = []
     pos = 0
     size = sink.block_bytes
     step = round_blocks(size, round_bytes)
-    asked = min(step, round_blocks(size, FIRST_ROUND_BYTES))
+    asked = min(step, round_blocks(size, first_round_bytes))
     pinning: asyncio.Task | None = asyncio.create_task(_pin(client, keys[:asked], size, deadline))
+    overlapped = False  # the pin in flight was asked while a round of ours was pinned
     try:
         while pinning is not None:
             blocks = await pinning
             pinning = None
+            if not blocks and overlapped and time.monotonic() < deadline:
+                # the peer's pin cap, full of our last round: ask again, now it is released
+                overlapped = False
+                pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
+                continue
             if not blocks:
                 break
             full = len(blocks) == min(asked, len(keys) - pos)
             pos += len(blocks)
             asked = step
             more = pos < len(keys) and time.monotonic() < deadline
-            if more and full:  # pin the next round while this one is read
+            overlapped = more and full
+            if overlapped:  # pin the next round while this one is read
                 pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
-            reservation, ok = await _read(client, blocks, sink, deadline)
+            # in a thread even when small: the loop may be serving reads of its own
+            got = await asyncio.to_thread(_read_round, client, blocks, sink, deadline)
             client.call_later("unpin", {"keys": [b.key for b in blocks]}, 2.0)
-            pinned = {b.key: b for b in blocks}
-            sums = [pinned[k].checksum for k, _ in reservation.entries] if ok else None
-            rounds.append((blocks, reservation, _land(sink, reservation, sums)))
-            if not ok or len(reservation.entries) + len(reservation.held) < len(blocks):
-                break  # a failed READ, or no room here for the rest: the prefix ends here
+            here += got
+            if len(got) < len(blocks):
+                break  # a failed READ or block, or no room here: the prefix ends here
             if more and pinning is None:  # the peer pinned fewer: ask again once these are free
                 pinning = asyncio.create_task(_pin(client, keys[pos : pos + asked], size, deadline))
     finally:
@@ -571,13 +585,6 @@ async def pull(
             leftover = await pinning
             if leftover:
                 client.call_later("unpin", {"keys": [b.key for b in leftover]}, 2.0)
-    here: list[bytes] = []
-    for blocks, reservation, landing in rounds:
-        landed = set(await landing)
-        for b in blocks:
-            if b.key not in landed and b.key not in reservation.held:
-                return here  # nothing past a block that is not here counts
-            here.append(b.key)
     return here
 
 
@@ -622,39 +629,54 @@ def _bad_pins(
     return None
 
 
-async def _read(
+def _read_round(
     client: PeerClient, blocks: list[PinnedBlock], sink: BlockSink, deadline: float
-) -> tuple[Reservation, bool]:
-    """Reserve local slots for the blocks not held here, and READ them in."""
-    reservation = sink.prepare_store([b.key for b in blocks])
-    if not reservation.entries:
-        return reservation, True
-    try:  # from here on, any error frees the reservation
-        pinned = {b.key: b for b in blocks}
+) -> list[bytes]:
+    """In a worker thread: reserve local slots for the round's blocks not held
+    here, READ them chunk by chunk, and verify and register each chunk as it
+    lands. Returns the round's keys now held here, in order, up to the first
+    that is not. Every reservation is settled before it returns."""
+    per = max(1, CHUNK_BYTES // sink.block_bytes)
+    pieces = [blocks[i : i + per] for i in range(0, len(blocks), per)]
+    reservations: list[Reservation] = []
+    for piece in pieces:
+        reservations.append(sink.prepare_store([b.key for b in piece]))
+        if len(reservations[-1].entries) + len(reservations[-1].held) < len(piece):
+            break  # no room here for the rest
+    pinned = {b.key: b for b in blocks}
+    reading = [r for r in reservations if r.entries]
+    settled: set[int] = set()  # indices into `reading`
+    here: set[bytes] = set()
+
+    def landed(i: int) -> bool:
+        r = reading[i]
+        settled.add(i)
+        got = sink.complete_store(r, [pinned[k].checksum for k, _ in r.entries])
+        here.update(got)
+        return len(got) == len(r.entries)
+
+    try:
         base, peer_base = client.agent.arena[0], client.remote_arena
-        local = [(base + off, pinned[k].length) for k, off in reservation.entries]
-        remote = [(peer_base + pinned[k].offset, pinned[k].length) for k, _ in reservation.entries]
+        chunks = [
+            (
+                np.array([(base + off, pinned[k].length) for k, off in r.entries], np.uint64),
+                np.array(
+                    [(peer_base + pinned[k].offset, pinned[k].length) for k, _ in r.entries],
+                    np.uint64,
+                ),
+            )
+            for r in reading
+        ]
         left = max(0.0, deadline - time.monotonic())
-        # in a thread even when small: the loop may be serving reads of its own
-        ok = await asyncio.to_thread(
-            client.agent.read,
-            client.peer,
-            np.array(local, np.uint64),
-            np.array(remote, np.uint64),
-            left,
-        )
-    except BaseException:
-        sink.complete_store(reservation, None)  # frees the slots
-        raise
-    return reservation, ok
-
-
-def _land(
-    sink: BlockSink, reservation: Reservation, sums: list[int] | None
-) -> asyncio.Future[list[bytes]]:
-    """Verify and register a round's blocks (in a thread unless it is tiny)."""
-    if not reservation.entries or sums is None or len(sums) <= INLINE_BLOCKS:
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(sink.complete_store(reservation, sums) if reservation.entries else [])
-        return done
-    return asyncio.ensure_future(asyncio.to_thread(sink.complete_store, reservation, sums))
+        client.agent.read_chunks(client.peer, chunks, left, landed)
+    finally:
+        for i, r in enumerate(reading):
+            if i not in settled:
+                sink.complete_store(r, None)  # frees the slots
+    out: list[bytes] = []
+    for r, piece in zip(reservations, pieces, strict=False):
+        for b in piece:
+            if b.key not in here and b.key not in r.held:
+                return out  # nothing past a block that is not here counts
+            out.append(b.key)
+    return out

@@ -39,7 +39,14 @@ from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SHM_DIR, SharedArena
 from transport.agent import Agent
 from transport.confined_agent import ConfinedAgent
-from transport.peer_rpc import PeerClient, PeerServer, pull
+from transport.peer_rpc import (
+    ROUND_BYTES,
+    STAGED_FIRST_ROUND_BYTES,
+    STAGED_ROUND_BYTES,
+    PeerClient,
+    PeerServer,
+    pull,
+)
 
 SECRET = os.urandom(32)
 PEER, LOCAL = "127.0.0.2", "127.0.0.3"
@@ -273,9 +280,10 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
     await client.connect(PEER, port, local_host=LOCAL)
     try:
 
-        async def timed(keys: list[BlockKey]) -> float:
+        async def timed(keys: list[BlockKey], staged: bool = False) -> float:
+            sizes = (STAGED_ROUND_BYTES, STAGED_FIRST_ROUND_BYTES) if staged else (ROUND_BYTES,) * 2
             t0 = time.perf_counter()
-            got = await pull(client, list(keys), tiers, timeout=60)
+            got = await pull(client, list(keys), tiers, 60, *sizes)
             seconds = time.perf_counter() - t0
             if len(got) != len(keys):
                 raise RuntimeError(f"pulled {len(got)} of {len(keys)} blocks")
@@ -285,8 +293,11 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
         host = [await timed(ks.keys(list(range(i * BATCH, (i + 1) * BATCH)))) for i in range(4)]
         big = await timed(ks.keys(list(range(4 * BATCH, 4 * BATCH + 256))))
         fresh = await timed(ks.keys(list(range(FRESH, FRESH + BATCH))))
-        disk = [
-            await timed(ks.keys(list(range(10_000 + i * BATCH, 10_000 + (i + 1) * BATCH))))
+        disk = [  # as a node pulls a run the peer holds on disk
+            await timed(
+                ks.keys(list(range(10_000 + i * BATCH, 10_000 + (i + 1) * BATCH))),
+                staged=True,
+            )
             for i in range(3)
         ]
         # single blocks the peer holds in G2, never pulled before

@@ -38,7 +38,7 @@ from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
 from kvbm.peer_tiers import ManagerTiers
 from transport.confined_agent import ConfinedAgent
-from transport.peer_rpc import PeerServer, round_blocks
+from transport.peer_rpc import PeerServer
 from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
@@ -145,8 +145,9 @@ class Node:
                 env=child_environment(),
             )
             tiers = ManagerTiers(mgr)
-            # a peer may pin a quarter of the arena, all peers half (always two pull rounds)
-            per_peer = max(2 * round_blocks(geometry.block_bytes), mgr.host.num_slots // 4)
+            # a peer may pin a quarter of the arena, all peers half (a pull whose
+            # rounds the cap cuts short asks again once its pins are released)
+            per_peer = max(1, mgr.host.num_slots // 4)
             total = max(per_peer, mgr.host.num_slots // 2)
             server = PeerServer(
                 tiers,

@@ -98,7 +98,8 @@ class Onboarding:
         for run in self._peer_runs(keys[start:], remote):
             first = start + run.start
             want = keys[first : first + run.length]
-            got = await self.peers.pull(run.node_id, want, self.sink, self.timeout_s)
+            staged = run.tiers[0] == Tier.DISK
+            got = await self.peers.pull(run.node_id, want, self.sink, self.timeout_s, staged)
             pulled += run.tiers[: len(got)]
             if len(got) < run.length:
                 break

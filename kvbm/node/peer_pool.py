@@ -11,7 +11,13 @@ from collections.abc import Callable
 from discovery.records import NodeRecord
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import PeerClient, pull
+from transport.peer_rpc import (
+    ROUND_BYTES,
+    STAGED_FIRST_ROUND_BYTES,
+    STAGED_ROUND_BYTES,
+    PeerClient,
+    pull,
+)
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
@@ -51,16 +57,18 @@ class PeerPool:
         return sorted(p for p, until in self.avoided.items() if until > now)
 
     async def pull(
-        self, peer: str, keys: list[bytes], sink: BlockSink, timeout: float
+        self, peer: str, keys: list[bytes], sink: BlockSink, timeout: float, staged: bool = False
     ) -> list[bytes]:
         """The prefix of `keys` now held here after pulling from `peer` (see
-        transport's `pull`): verified, or empty when the peer cannot be reached."""
+        transport's `pull`): verified, or empty when the peer cannot be reached.
+        `staged`: the peer holds the first of them on disk."""
         client = await self._client(peer, timeout)
         if client is None:
             self._avoid(peer, "unreachable")
             return []
         t0 = time.monotonic()
-        got = await pull(client, keys, sink, timeout)
+        sizes = (STAGED_ROUND_BYTES, STAGED_FIRST_ROUND_BYTES) if staged else (ROUND_BYTES,) * 2
+        got = await pull(client, keys, sink, timeout, *sizes)
         if len(got) < len(keys):
             # fewer blocks than the index said: evicted there meanwhile (fine),
             # or a peer that is gone or too slow (leave it alone for a while,
