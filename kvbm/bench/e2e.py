@@ -16,6 +16,10 @@ it):
   A; turn 2 (turn 1's prompt and answer, then 64 new tokens) on engine B:
   `turn2_cached_fraction` (blocks B loaded / the full blocks of turn 1's
   prompt and answer that have KV) and its TTFT against vLLM alone's.
+The physical floors of the remote ratios, measured in the same run: a
+prompt's blocks copied by the kernel from another process's arena (what a
+READ is on one host: `remote_host_floor`) or read from A's disk
+(`remote_disk_floor`), added to B's local hit and nothing else.
 `recompute_ttft_ms` is vLLM alone (prefix cache off). TTFT is the wall time
 of a request with max_tokens 1; each figure is a median over the prompts.
 Every request's token is compared with vLLM alone's.
@@ -36,6 +40,7 @@ from multiprocessing.connection import Connection
 
 from discovery.etcd_server import EtcdServer
 from kvbm.bench.model import build_llama
+from kvbm.bench.transport import cma_gbps, raw_disk_read_gbps
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess
@@ -211,6 +216,14 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
             for node in nodes:
                 node.stop()
         out["outputs_identical"] = same
+        # the physical floors, measured here now that the engines are gone: a
+        # prompt's blocks copied by the kernel from another process's arena
+        # (what a READ is on one host), and read from the disk A's tier is on
+        prompt_bytes = (PROMPT - 1) // BLOCK * GEOMETRY.block_bytes
+        cma = cma_gbps(prompt_bytes, GEOMETRY.block_bytes, arena_dir)
+        disk = raw_disk_read_gbps(d, prompt_bytes)
+        out["prompt_kv_mb"] = prompt_bytes >> 20
+        out["cma_arena_gbps"], out["disk_read_gbps"] = cma, disk
     each = prompts * ((PROMPT - 1) // BLOCK)
     out["node_b_engine_blocks"] = served
     # every hit came from where its figure says: B pulled each set once, then
@@ -233,6 +246,12 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     )
     after_pulls = figures["local_host_after_remote_host"] + figures["local_host_after_remote_disk"]
     out["b_local_host_hit_ttft_ms"] = _ms(after_pulls)
+    # no pull can beat its own copy: the ratio a remote hit would have if the
+    # copy (or the disk read) were all it added to B's local hit
+    local_ms = out["b_local_host_hit_ttft_ms"]
+    if cma:
+        out["remote_host_floor"] = round(1 + prompt_bytes / (cma * 1e6) / local_ms, 3)
+    out["remote_disk_floor"] = round(1 + prompt_bytes / (disk * 1e6) / local_ms, 3)
     out["recompute_vs_remote_host"] = round(
         out["recompute_ttft_ms"] / out["remote_host_hit_ttft_ms"], 3
     )

@@ -5,7 +5,7 @@ beside memcpy, a plain TCP socket between two processes, the kernel's own
 copy between two processes (process_vm_readv, what UCX's CMA transport does
 under a READ on one host: from private memory, and from files in the arenas'
 directory, as the host arenas are), and raw O_DIRECT reads on the same file
-system."""
+system; and the checksum a pull verifies with, on one core and on all."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import os
 import socket
 import statistics
 import tempfile
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -33,6 +34,7 @@ from kvbm.block_key import BlockKey, KeySpace
 from kvbm.config import child_environment
 from kvbm.connector.copy import EngineKV
 from kvbm.disk_pool import IO_PIECE_BYTES, PAGE, DiskPool
+from kvbm.hashing import checksum
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
@@ -201,6 +203,30 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
             local_arena.close()
 
 
+def verify_gbps(threads: int, nbytes: int = 256 << 20, piece: int = 1 << 20) -> float:
+    """Checksums (the xxh3 a pull verifies with) per second over `threads`
+    threads started together, each over its own `nbytes` in `piece`-byte
+    blocks: from memory, not cache (each buffer is larger than the L3 of a
+    server). The checksum releases the GIL, so threads scale as cores do."""
+    bufs = [np.frombuffer(os.urandom(nbytes), np.uint8) for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+
+    def run(buf: np.ndarray) -> None:
+        view = memoryview(buf)
+        start.wait()
+        for i in range(0, nbytes, piece):
+            checksum(view[i : i + piece])
+
+    workers = [threading.Thread(target=run, args=(b,)) for b in bufs]
+    for w in workers:
+        w.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    return gbps(threads * nbytes, time.perf_counter() - t0)
+
+
 def run(arena_dir: str = SHM_DIR) -> dict:
     if not os.path.isdir(arena_dir):
         raise ValueError(f"--arena-dir {arena_dir} is not a directory")
@@ -242,7 +268,9 @@ def run(arena_dir: str = SHM_DIR) -> dict:
         out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
         out["cma_gbps"] = cma_gbps(nbytes, g.block_bytes, None)
         out["cma_arena_gbps"] = cma_gbps(nbytes, g.block_bytes, arena_dir)
-        out["disk_read_gbps"] = _raw_disk_read(d, nbytes)
+        out["disk_read_gbps"] = raw_disk_read_gbps(d, nbytes)
+    out["verify_gbps_one_core"] = verify_gbps(1)
+    out["verify_gbps_all_cores"] = verify_gbps(os.cpu_count() or 1)
     out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
     out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
     if out["cma_arena_gbps"]:  # the copy a READ makes, on the arena's kind of memory
@@ -251,7 +279,8 @@ def run(arena_dir: str = SHM_DIR) -> dict:
     return out
 
 
-def _raw_disk_read(directory: str, nbytes: int) -> float:
+def raw_disk_read_gbps(directory: str, nbytes: int) -> float:
+    """O_DIRECT reads of `nbytes` in IO_PIECE_BYTES pieces, as the disk tier reads."""
     path = os.path.join(directory, "raw-reference.bin")
     buf = np.frombuffer(os.urandom(nbytes), dtype=np.uint8).copy()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
