@@ -32,7 +32,7 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         made = Engine(8)
         assert eng_a.store(made.kv, first, made.compute(first)) == 8
         until(lambda: eng_b.lookup(first) == Available(0, 8), 10, "B never saw A's blocks")
-        # A's background sealer checksums them (stored without one)
+        # A's background upkeep checksums them (stored without one)
         until(
             lambda: eng_a.stats()["tiers"]["host"]["unsealed"] == 0,
             10,

@@ -513,7 +513,7 @@ ROUND_BYTES = 64 << 20  # per pin -> READ round; the next round's pin overlaps t
 # round overlaps the peer's staging of the next, and the first READ waits less.
 STAGED_ROUND_BYTES = 16 << 20
 STAGED_FIRST_ROUND_BYTES = 4 << 20
-MAX_ROUND_BLOCKS = 64  # however small the blocks (a peer's pin cap allows two rounds)
+MAX_ROUND_BLOCKS = 64  # however small the blocks
 CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied, still in cache
 
 

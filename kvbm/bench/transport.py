@@ -65,7 +65,7 @@ def space() -> KeySpace:
 
 def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> None:
     """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS + SINGLE
-    in host and sealed (checksummed, as a node's background sealer leaves
+    in host and sealed (checksummed, as a node's background upkeep leaves
     blocks stored a little while ago), BATCH fresh ones in host, unsealed."""
 
     async def serve() -> None:
