@@ -307,6 +307,8 @@ class BlockManager:
         with self._lock:
             host, dt = self.host.table, self.disk.table
             self._owed = min(self._owed, reach)
+            if not self._owed:
+                return 0
             todo: list[tuple[int, int, BlockKey, int | None]] = []
             for slot in host.policy.oldest(reach):
                 if len(todo) == min(limit, self._owed):

@@ -94,3 +94,31 @@ def test_close_ends_the_child(tmp_path):
     agent.close()  # twice is fine
     assert not os.path.exists(f"/proc/{pid}")  # ended and reaped
     arena.close()
+
+
+def test_chunked_reads_land_in_order_and_every_queued_read_ends_first(pair):
+    """`read_chunks` keeps two READs queued in the child while the caller
+    handles the chunk that landed; when the caller stops (False) or fails
+    (raises), the READs still queued are answered before it returns, so the
+    channel stays in step and the next read works."""
+    (arena_a, arena_b), (a, b) = pair
+    peer = b.add_peer(a.metadata)
+    chunks = [(rows(b.arena[0], [i]), rows(a.arena[0], [15 - i])) for i in range(6)]
+    seen: list[int] = []
+
+    def landed(i: int) -> bool:
+        got = arena_b.array[i * BLOCK : (i + 1) * BLOCK]
+        seen.append(i)
+        return np.array_equal(got, arena_a.array[(15 - i) * BLOCK : (16 - i) * BLOCK])
+
+    assert b.read_chunks(peer, chunks, 10, landed) == 6 and seen == list(range(6))
+    assert b.read_chunks(peer, chunks, 10, lambda i: i < 1) == 2  # stopped after chunk 1
+
+    def fails(i: int) -> bool:
+        raise RuntimeError("the caller's own error")
+
+    with pytest.raises(RuntimeError, match="the caller's own error"):
+        b.read_chunks(peer, chunks, 10, fails)
+    generation = b.generation
+    assert b.read(peer, rows(b.arena[0], [7]), rows(a.arena[0], [3]), timeout=10)
+    assert b.generation == generation  # the same child: its channel stayed in step

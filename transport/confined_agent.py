@@ -214,19 +214,20 @@ class ConfinedAgent:
 
         done = 0
         try:
-            for i in range(min(2, len(chunks))):
-                send(i)
-            while sent:
-                if not answer():
-                    break
-                if done + 2 < len(chunks):
-                    send(done + 2)
-                if not landed(done):
+            try:
+                for i in range(min(2, len(chunks))):
+                    send(i)
+                while sent:
+                    if not answer():
+                        break
+                    if done + 2 < len(chunks):
+                        send(done + 2)
                     done += 1
-                    break
-                done += 1
-            while sent:  # READs still queued: let them finish before the caller frees slots
-                answer()
+                    if not landed(done - 1):  # may raise: the READs queued still end first
+                        break
+            finally:
+                while sent:  # READs still queued: let them finish before the caller frees slots
+                    answer()
         except (OSError, ProtocolError) as e:  # a timeout is an OSError
             self._end(child, f"read failed: {e!r}")
         return done
