@@ -12,7 +12,8 @@ else can touch (FILLING, DRAINING or pinned), so the engine path and the
 network path can use one manager at once.
 
 When the host tier is full, its least recently used unpinned blocks drain to
-disk if the admission filter lets them, and are dropped otherwise.
+disk if the admission filter lets them, and are dropped otherwise; the node
+usually has them on disk already (`write_ahead`), so the drain only frees.
 """
 
 from __future__ import annotations
