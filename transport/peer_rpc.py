@@ -527,8 +527,8 @@ async def pull(
     keys: list[bytes],
     sink: BlockSink,
     timeout: float = 5.0,
-    round_bytes: int = ROUND_BYTES,
-    first_round_bytes: int = ROUND_BYTES,
+    staged: bool = False,
+    round_bytes: int | None = None,
 ) -> list[bytes]:
     """Copy the longest prefix of `keys` the peer holds into this node's tiers.
 
@@ -538,8 +538,9 @@ async def pull(
     soon as it lands, while the next chunk is being copied: its bytes are
     still in the cache, and the checksum costs no pass over memory of its
     own. Each round is unpinned as soon as its blocks are settled. Where the
-    peer stages the blocks from its disk first, a smaller first round
-    (`first_round_bytes`) starts the first READ, and the pipeline, sooner.
+    peer stages the blocks from its disk first (`staged`), rounds are
+    smaller and the first smallest, so the first READ, and the pipeline,
+    start sooner. `round_bytes` overrides the round size (tests).
 
     Returns the prefix of `keys` now held here (pulled and verified, or held
     already: those are not read again). Any failure (peer gone, timeout,
@@ -550,8 +551,8 @@ async def pull(
     here: list[bytes] = []
     pos = 0
     size = sink.block_bytes
-    step = round_blocks(size, round_bytes)
-    asked = min(step, round_blocks(size, first_round_bytes))
+    step = round_blocks(size, round_bytes or (STAGED_ROUND_BYTES if staged else ROUND_BYTES))
+    asked = min(step, round_blocks(size, STAGED_FIRST_ROUND_BYTES)) if staged else step
     pinning: asyncio.Task | None = asyncio.create_task(_pin(client, keys[:asked], size, deadline))
     overlapped = False  # the pin in flight was asked while a round of ours was pinned
     try:

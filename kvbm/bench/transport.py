@@ -41,14 +41,7 @@ from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SHM_DIR, SharedArena
 from transport.agent import Agent
 from transport.confined_agent import ConfinedAgent
-from transport.peer_rpc import (
-    ROUND_BYTES,
-    STAGED_FIRST_ROUND_BYTES,
-    STAGED_ROUND_BYTES,
-    PeerClient,
-    PeerServer,
-    pull,
-)
+from transport.peer_rpc import PeerClient, PeerServer, pull
 
 SECRET = os.urandom(32)
 PEER, LOCAL = "127.0.0.2", "127.0.0.3"
@@ -310,9 +303,8 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
     try:
 
         async def timed(keys: list[BlockKey], staged: bool = False) -> float:
-            sizes = (STAGED_ROUND_BYTES, STAGED_FIRST_ROUND_BYTES) if staged else (ROUND_BYTES,) * 2
             t0 = time.perf_counter()
-            got = await pull(client, list(keys), tiers, 60, *sizes)
+            got = await pull(client, list(keys), tiers, 60, staged)
             seconds = time.perf_counter() - t0
             if len(got) != len(keys):
                 raise RuntimeError(f"pulled {len(got)} of {len(keys)} blocks")

@@ -11,13 +11,7 @@ from collections.abc import Callable
 from discovery.records import NodeRecord
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import (
-    ROUND_BYTES,
-    STAGED_FIRST_ROUND_BYTES,
-    STAGED_ROUND_BYTES,
-    PeerClient,
-    pull,
-)
+from transport.peer_rpc import PeerClient, pull
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
@@ -67,8 +61,7 @@ class PeerPool:
             self._avoid(peer, "unreachable")
             return []
         t0 = time.monotonic()
-        sizes = (STAGED_ROUND_BYTES, STAGED_FIRST_ROUND_BYTES) if staged else (ROUND_BYTES,) * 2
-        got = await pull(client, keys, sink, timeout, *sizes)
+        got = await pull(client, keys, sink, timeout, staged)
         if len(got) < len(keys):
             # fewer blocks than the index said: evicted there meanwhile (fine),
             # or a peer that is gone or too slow (leave it alone for a while,
