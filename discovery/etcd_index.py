@@ -2,9 +2,10 @@
 node's record and block locations under its lease, and a mirror of everyone's.
 
 Three tasks, each owning one stream: `_keepalive` refreshes the lease every
-TTL/3, `_flusher` writes coalesced changes in transactions of at most 128
-operations, `_watcher` feeds the mirror. When etcd is unreachable, lookups go
-on from the mirror, changes accumulate (coalesced), and when etcd is back the
+TTL/3, `_flusher` writes the runs that changed (discovery/runs.py) in
+transactions of at most 128 operations, `_watcher` feeds the mirror. When
+etcd is unreachable, lookups go on from the mirror, changes accumulate
+(coalesced), and when etcd is back the
 node keeps its lease if it survived, or takes a new one and republishes its
 whole state. The watch resumes at the last revision seen + 1, or re-reads the
 namespace when that revision was compacted away.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import aetcd
@@ -24,7 +26,8 @@ from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_client import open_client, read_prefix
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
-from discovery.schema import block_path, namespace_prefix, node_path
+from discovery.runs import RunBook
+from discovery.schema import namespace_prefix, node_path, run_path
 from discovery.signing import IndexSigner
 from discovery.tls import EtcdTls
 
@@ -36,11 +39,15 @@ _LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
 
 
 class EtcdIndex:
-    """Invariants: `state` is everything this node has published (key -> tier);
-    `pending` is what etcd may not have yet (tier, or None for a removal); every
-    change reaches `state` at once and etcd at the next flush or republish. A
-    key etcd never got (not in etcd, not in flight) is never deleted there, so
-    an add and a remove inside one flush interval cost no etcd write."""
+    """Invariants: `book` holds everything this node publishes, as runs; its
+    `dirty` runs are those etcd may not have as they are now. Every change
+    reaches `book` at once and etcd at a later flush or republish: a run's
+    first write waits until the run is `publish_after` seconds old (what
+    lives shorter is not worth sharing, and costs nothing), later changes of
+    a published run go at the next flush. A run etcd never got is never
+    deleted there. Runs that lost keys are written before the others (in a
+    transaction that has committed), so no mirror sees a key leave a run
+    after it joined another."""
 
     def __init__(
         self,
@@ -49,6 +56,7 @@ class EtcdIndex:
         node: NodeRecord,
         lease_ttl: int = 10,
         flush_interval: float = 0.005,
+        publish_after: float = 0.0,
         timeout: float = 2.0,
         watch: bool = True,
         signer: IndexSigner | None = None,
@@ -66,15 +74,17 @@ class EtcdIndex:
         self.node = node
         self.lease_ttl = lease_ttl
         self.flush_interval = flush_interval
+        self.publish_after = publish_after
         self.timeout = timeout
         self.signer = signer
         self.tls = tls
         self.mirror = IndexMirror(namespace, signer)
-        self.state: dict[bytes, Tier] = {}
-        self.pending: dict[bytes, Tier | None] = {}
+        self.book = RunBook()
         self.writes = 0  # etcd put/delete operations sent (for the bench)
-        self._in_etcd: set[bytes] = set()  # keys etcd holds for us, as far as we know
-        self._inflight: dict[bytes, Tier | None] = {}
+        self._in_etcd: set[int] = set()  # runs etcd holds for us, as far as we know
+        self._inflight: tuple[set[int], set[int]] = (set(), set())  # (first, then)
+        self._hurry = False  # flush(): every run now, however young
+        self._wakeup: asyncio.TimerHandle | None = None
         self._client: aetcd.Client | None = None
         self._endpoint = 0
         self._lease: int | None = None
@@ -113,32 +123,27 @@ class EtcdIndex:
             name = f"kvbm-index-{fn.__name__.strip('_')}"
             self._tasks.append(asyncio.create_task(self._supervised(fn), name=name))
 
-    def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:
-        """Record changes now; etcd gets them at the next flush. Never blocks."""
-        for key in removes:
-            if self.state.pop(key, None) is None:
-                continue
-            if key in self._in_etcd or key in self._inflight:
-                self.pending[key] = None
-            else:
-                self.pending.pop(key, None)
-        for key, tier in adds.items():
-            tier = Tier(tier)
-            if self.state.get(key) != tier:
-                self.state[key] = tier
-                self.pending[key] = tier
-        if self.pending:
+    def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
+        """Record changes now (key -> tier, or None: gone, in the order they
+        happened; `removes`: more keys gone); etcd gets them later. Never blocks."""
+        self.book.apply({**dict.fromkeys(removes), **changes})
+        if self.book.dirty:
             self._dirty.set()
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self.mirror.lookup(keys, self.node.node_id)
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until every change so far is in etcd (or raise TimeoutError)."""
-        async with asyncio.timeout(timeout):
-            while self.pending or self._inflight:
-                self._dirty.set()
-                await asyncio.sleep(self.flush_interval)
+        """Wait until every change so far is in etcd, young runs included (or
+        raise TimeoutError)."""
+        self._hurry = True
+        try:
+            async with asyncio.timeout(timeout):
+                while self.book.dirty or any(self._inflight):
+                    self._dirty.set()
+                    await asyncio.sleep(self.flush_interval)
+        finally:
+            self._hurry = False
 
     async def close(self, revoke: bool = True) -> None:
         """Flush what can be flushed, revoke the lease (so peers forget this node
@@ -201,13 +206,13 @@ class EtcdIndex:
             self._lease = lease.id
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
-            self.pending = dict(self.state)
+            self.book.dirty = self.book.everything()
             self._up.set()
             self._dirty.set()
             log.info(
                 "index session lease=%x republish=%d node=%s",
                 lease.id,
-                len(self.pending),
+                len(self.book.dirty),
                 self.node.node_id,
             )
 
@@ -296,9 +301,9 @@ class EtcdIndex:
                 raise
             except Exception:
                 log.exception("index task failed; restarting task=%s", fn.__name__)
-                if self._inflight:  # a batch the flusher had taken goes back
-                    self._retry(self._inflight)
-                    self._inflight = {}
+                if any(self._inflight):  # a batch the flusher had taken goes back
+                    self._retry(*self._inflight)
+                    self._inflight = (set(), set())
                 await asyncio.sleep(0.5)
 
     async def _keepalive(self) -> None:
@@ -318,51 +323,80 @@ class EtcdIndex:
             await self._dirty.wait()
             self._dirty.clear()
             await asyncio.sleep(self.flush_interval)  # let a burst coalesce
-            if not self.pending:
+            if not self.book.dirty:
                 continue
             if not self._up.is_set():
                 await self._reconnect()
-            batch = self._inflight = self.pending
-            self.pending = {}
+            first, then = self._inflight = self._take()
             try:
-                if await self._attempt(self._write(batch)):
-                    for key, tier in batch.items():
-                        if tier is None:
-                            self._in_etcd.discard(key)
-                        else:
-                            self._in_etcd.add(key)
-                else:
-                    self._retry(batch)
+                if not await self._attempt(self._write(first, then)):
+                    self._retry(first, then)
             finally:
-                self._inflight = {}
+                self._inflight = (set(), set())
 
-    def _retry(self, batch: dict[bytes, Tier | None]) -> None:
-        """A failed write may have committed in part: every add in it may be in
-        etcd now, and each key goes back to pending as it stands *now* (a later
-        change, or a new lease's republish, must not be undone by old values)."""
-        self._in_etcd.update(k for k, tier in batch.items() if tier is not None)
-        for key in batch:
-            if key not in self.pending:
-                self.pending[key] = self.state.get(key)
+    def _take(self) -> tuple[set[int], set[int]]:
+        """The dirty runs due now, split into those that lost keys (written
+        first) and the rest; a run not yet old enough to publish waits, and
+        the flusher is woken when it is."""
+        book, now = self.book, time.monotonic()
+        cutoff = now if self._hurry else now - self.publish_after
+        due, soonest = set(), None
+        for rid in book.dirty:
+            born = book.born(rid)
+            if born is None or born <= cutoff or rid in self._in_etcd:
+                due.add(rid)
+            elif soonest is None or born < soonest:
+                soonest = born
+        if soonest is not None:
+            if self._wakeup is not None:
+                self._wakeup.cancel()
+            delay = soonest + self.publish_after - now
+            self._wakeup = asyncio.get_running_loop().call_later(delay, self._dirty.set)
+        first = {rid for rid in due if book.shrunk(rid)}
+        book.take(due)
+        return first, due - first
+
+    def _retry(self, first: set[int], then: set[int]) -> None:
+        """A failed write may have committed in part: every run in it may be in
+        etcd now, and each goes back to dirty, to be written as it stands then
+        (a later change, or a new lease's republish, is never undone by old
+        values); the runs that lost keys still go first."""
+        self._in_etcd.update(first | then)
+        self.book.dirty |= first | then
+        for rid in first:
+            self.book.mark_shrunk(rid)
         self._dirty.set()
 
-    async def _write(self, batch: dict[bytes, Tier | None]) -> None:
+    async def _write(self, first: set[int], then: set[int]) -> None:
         client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
         tx = client.transactions
-        paths = [(block_path(ns, key, me), tier) for key, tier in batch.items()]
-        ops = [
-            tx.delete(path)
-            if tier is None
-            else tx.put(path, self._value(path, tier.value.encode()), lease=lease)
-            for path, tier in paths
-        ]
-        chunks = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
-        # A few transactions in flight at once: etcd batches them to disk together.
-        for i in range(0, len(chunks), 4):
-            await asyncio.gather(
-                *(client.transaction(compare=[], success=c, failure=[]) for c in chunks[i : i + 4])
-            )
-        self.writes += len(ops)
+        for phase in (first, then):
+            ops, sent = [], []
+            for rid in phase:
+                record = self.book.record(rid)
+                path = run_path(ns, me, rid)
+                if record is not None:
+                    ops.append(tx.put(path, self._value(path, record.encode()), lease=lease))
+                elif rid in self._in_etcd:
+                    ops.append(tx.delete(path))
+                else:
+                    continue
+                sent.append((rid, record is not None))
+            chunks = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
+            # A few transactions in flight at once: etcd batches them to disk together.
+            for i in range(0, len(chunks), 4):
+                await asyncio.gather(
+                    *(
+                        client.transaction(compare=[], success=c, failure=[])
+                        for c in chunks[i : i + 4]
+                    )
+                )
+            self.writes += len(ops)
+            for rid, put in sent:
+                if put:
+                    self._in_etcd.add(rid)
+                else:
+                    self._in_etcd.discard(rid)
 
     def _value(self, path: bytes, value: bytes) -> bytes:
         return value if self.signer is None else self.signer.sign(path, value)

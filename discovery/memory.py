@@ -9,13 +9,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
-from discovery.schema import block_path, node_path
+from discovery.runs import RunBook
+from discovery.schema import node_path, run_path
 
 
 class MemoryIndex:
     def __init__(self, namespace: str, node: NodeRecord) -> None:
         self.node = node
         self.mirror = IndexMirror(namespace)
+        self.book = RunBook()
 
     async def start(self) -> None:
         self.mirror.put(node_path(self.mirror.namespace, self.node.node_id), self.node.encode())
@@ -24,12 +26,17 @@ class MemoryIndex:
         self.node = record
         await self.start()
 
-    def publish(self, adds: Mapping[bytes, Tier], removes: Iterable[bytes] = ()) -> None:
-        ns, me = self.mirror.namespace, self.node.node_id
-        for key in removes:
-            self.mirror.delete(block_path(ns, key, me))
-        for key, tier in adds.items():
-            self.mirror.put(block_path(ns, key, me), Tier(tier).value.encode())
+    def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
+        """The same runs the etcd index writes, applied in the same order."""
+        book, ns, me = self.book, self.mirror.namespace, self.node.node_id
+        book.apply({**dict.fromkeys(removes), **changes})
+        for phase in book.take_records():
+            for rid, record in phase:
+                path = run_path(ns, me, rid)
+                if record is None:
+                    self.mirror.delete(path)
+                else:
+                    self.mirror.put(path, record.encode())
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self.mirror.lookup(keys, self.node.node_id)

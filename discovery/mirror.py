@@ -1,5 +1,7 @@
 """A node's local copy of one namespace of the index: node records in a dict,
-block locations in a `KeyTable` (key -> id of a shared `Holders`).
+block locations in a `KeyTable` (key -> id of a shared `Holders`), unpacked
+from the nodes' run records (the records kept too: a run rewritten or
+deleted tells which of its keys to forget).
 
 Fed by etcd watch events (or directly, by the in-memory index). Lookups are
 local reads, never an etcd round trip; the view may be a little stale, which
@@ -13,7 +15,8 @@ from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 
 from discovery.keytable import KeyTable
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
-from discovery.schema import namespace_prefix, parse_path, parse_tier
+from discovery.runs import RunRecord
+from discovery.schema import namespace_prefix, parse_path
 from discovery.signing import IndexSigner
 
 log = logging.getLogger("discovery.mirror")
@@ -85,8 +88,10 @@ class _Items(ItemsView[bytes, Holders]):
 
 
 class IndexMirror:
-    """Invariant: `locations[key]` holds node `n` only while the etcd key for it
-    does (as far as the events applied so far tell), and is never empty;
+    """Invariant: `locations[key]` holds node `n` only while a run record of
+    `n` lists the key (as far as the events applied so far tell: a node's
+    publisher never lets a key reach a mirror in two of its live records, see
+    discovery/runs.py), and is never empty;
     `revision` is the etcd revision of the last event applied, so a watch
     resumes at revision + 1."""
 
@@ -112,6 +117,7 @@ class IndexMirror:
         self._reset_locations()
 
     def _reset_locations(self) -> None:
+        self._runs: dict[bytes, RunRecord] = {}  # the run records applied, by etcd key
         self._table = KeyTable()
         # Holders by id, counted: an id is reused once no location points at it.
         self._holders: list[Holders | None] = []
@@ -159,13 +165,13 @@ class IndexMirror:
                 return
         try:
             parsed = parse_path(self.prefix, path)
-            if parsed.key is None:
+            if parsed.run_id is None:
                 record = NodeRecord.decode(value)
                 if record.node_id != parsed.node_id:
                     raise ValueError("node record under another node's key")
                 self.nodes[parsed.node_id] = record
                 return
-            tier = parse_tier(value)
+            run = RunRecord.decode(value)
         except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
             _now_and_then(
@@ -176,7 +182,33 @@ class IndexMirror:
             )
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
-        old_id = self._table.get(parsed.key)
+        keys, tiers = run.block_keys(), run.tiers()
+        old = self._runs.get(path)
+        if old is not None:
+            kept = set(keys)
+            for key in old.block_keys():
+                if key not in kept:
+                    self._unset(key, name)
+        self._runs[path] = run
+        for key, tier in zip(keys, tiers, strict=True):
+            self._set(key, name, tier)
+
+    def delete(self, path: bytes, revision: int = 0) -> None:
+        self.revision = max(self.revision, revision)
+        try:
+            parsed = parse_path(self.prefix, path)
+        except ValueError:
+            return
+        if parsed.run_id is None:
+            self.nodes.pop(parsed.node_id, None)
+            return
+        old = self._runs.pop(path, None)
+        if old is not None:
+            for key in old.block_keys():
+                self._unset(key, parsed.node_id)
+
+    def _set(self, key: bytes, name: str, tier: Tier) -> None:
+        old_id = self._table.get(key)
         if old_id is None and len(self._table) >= self.max_locations:
             self.over_cap += 1
             _now_and_then(
@@ -187,36 +219,28 @@ class IndexMirror:
             return
         old = _NOBODY if old_id is None else self._holders[old_id]
         if old.get(name) is not tier:  # type: ignore[union-attr]
-            self._table.set(parsed.key, self._intern({**old, name: tier}))  # type: ignore[dict-item]
+            self._table.set(key, self._intern({**old, name: tier}))  # type: ignore[dict-item]
             if old_id is not None:
                 self._release(old_id)
 
-    def delete(self, path: bytes, revision: int = 0) -> None:
-        self.revision = max(self.revision, revision)
-        try:
-            parsed = parse_path(self.prefix, path)
-        except ValueError:
-            return
-        if parsed.key is None:
-            self.nodes.pop(parsed.node_id, None)
-            return
-        old_id = self._table.get(parsed.key)
+    def _unset(self, key: bytes, node_id: str) -> None:
+        old_id = self._table.get(key)
         if old_id is None:
             return
         old = self._holders[old_id]
-        if parsed.node_id not in old:  # type: ignore[operator]
+        if node_id not in old:  # type: ignore[operator]
             return
-        rest = {n: t for n, t in old.items() if n != parsed.node_id}  # type: ignore[union-attr]
+        rest = {n: t for n, t in old.items() if n != node_id}  # type: ignore[union-attr]
         if rest:
-            self._table.set(parsed.key, self._intern(rest))
+            self._table.set(key, self._intern(rest))
         else:
-            self._table.pop(parsed.key)
+            self._table.pop(key)
         self._release(old_id)
 
     def adopt(self, fresh: IndexMirror) -> None:
         """Take over another mirror's content in one step (a resync), so lookups
         see the old view or the new one, never a half-built one."""
-        self.nodes, self._names = fresh.nodes, fresh._names
+        self.nodes, self._names, self._runs = fresh.nodes, fresh._names, fresh._runs
         self._table, self._holders, self._refs = fresh._table, fresh._holders, fresh._refs
         self._free, self._ids = fresh._free, fresh._ids
         self.revision = fresh.revision

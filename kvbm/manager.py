@@ -85,19 +85,20 @@ class BlockManager:
         with self._lock:
             for pool in (self.host, self.disk):
                 if pool is not None and pool.table.changed is None:
-                    pool.table.changed = set()
+                    pool.table.changed = {}
 
     def take_changes(self) -> dict[BlockKey, Tier | None]:
         """Where each key that changed since the last call is now: host, disk or
-        gone. What the node publishes to the index; a key that came and went in
+        gone, in the order the changes came (a prompt's blocks in prompt order:
+        the index publishes them as one run). A key that came and went in
         between is reported once, as it is now."""
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
-            dirty = host.changed or set()
+            dirty = host.changed or {}
             if disk is not None and disk.changed:
                 dirty |= disk.changed
-                disk.changed = set()
-            host.changed = set() if host.changed is not None else None
+                disk.changed = {}
+            host.changed = {} if host.changed is not None else None
             return {
                 k: Tier.HOST if k in host.index else Tier.DISK if disk and k in disk.index else None
                 for k in dirty

@@ -61,7 +61,7 @@ class SlotTable:
         self._free = list(range(num_slots))  # already a heap
         # Keys that entered or left the index since the owner last looked
         # (None: nobody looks, so nothing is recorded).
-        self.changed: set[BlockKey] | None = None
+        self.changed: dict[BlockKey, None] | None = None  # an ordered set
 
     # -- queries -----------------------------------------------------------
     @property
@@ -107,7 +107,8 @@ class SlotTable:
         self.index[key] = slot
         self.policy.insert(slot)
         if self.changed is not None:
-            self.changed.add(key)
+            self.changed.pop(key, None)
+            self.changed[key] = None  # at the end: the order of the last change
         return True
 
     def abort(self, slot: int) -> None:
@@ -165,7 +166,8 @@ class SlotTable:
             self.unsealed.pop(s, None)
             out.append(Victim(s, key, self.checksums[s]))
             if self.changed is not None:
-                self.changed.add(key)
+                self.changed.pop(key, None)
+                self.changed[key] = None  # at the end: the order of the last change
         return out
 
     def release(self, slot: int) -> None:
@@ -182,7 +184,8 @@ class SlotTable:
         self.policy.remove(slot)
         self._free_slot(slot)
         if self.changed is not None:
-            self.changed.add(key)
+            self.changed.pop(key, None)
+            self.changed[key] = None  # at the end: the order of the last change
         return True
 
     # -- internals ---------------------------------------------------------

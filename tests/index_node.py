@@ -1,5 +1,5 @@
 """A node process for the index tests: it registers, publishes a churn of block
-locations, serves lookups from its mirror all along, and answers commands on
+locations (as runs), serves lookups from its mirror all along, and answers commands on
 stdin, one per line: `churn on`, `churn off`, `flush`, `dump PATH`, `exit`.
 Run as `python -m tests.index_node ENDPOINT NAMESPACE NODE_ID TTL`."""
 
@@ -27,7 +27,7 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
         nonlocal lookups
         while True:
             await asyncio.sleep(0.005)
-            keys = [rng.randrange(KEYSPACE).to_bytes(4, "little") for _ in range(8)]
+            keys = [rng.randrange(KEYSPACE).to_bytes(8, "little") for _ in range(8)]
             if churning:
                 adds = {k: rng.choice([Tier.HOST, Tier.DISK]) for k in keys[:5]}
                 idx.publish(adds, keys[5:])
@@ -50,7 +50,7 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
             with open(line[1], "w") as f:
                 json.dump(
                     {
-                        "state": {k.hex(): t.value for k, t in idx.state.items()},
+                        "state": {k.hex(): t.value for k, t in idx.book.held().items()},
                         "mirror": {
                             k.hex(): {n: t.value for n, t in holders.items()}
                             for k, holders in idx.mirror.locations.items()

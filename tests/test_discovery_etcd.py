@@ -20,7 +20,7 @@ from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.etcd_server import etcd_binary
 from discovery.records import NodeRecord, Tier
-from discovery.schema import block_path
+from discovery.schema import run_path
 from discovery.signing import IndexSigner
 
 NS = "ns1"
@@ -125,9 +125,9 @@ def test_a_malformed_entry_written_by_hand_is_skipped(etcd, caplog):
         try:
             etcdctl = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
             bad = {
-                block_path(NS, key(1), "a").decode(): "not-a-tier",
+                run_path(NS, "a", 1).decode(): "not-a-run",
                 "/kvbm/v1/ns1/nodes/x": "garbage",
-                "/kvbm/v1/ns1/blocks/zz/a": "host",
+                "/kvbm/v1/ns1/runs/a/zz": "host",
             }
             for path, value in bad.items():
                 subprocess.run(
@@ -369,7 +369,7 @@ def test_a_write_that_committed_but_lost_its_reply_leaves_nothing_stale(etcd, mo
         await until(lambda: key(1) not in b.mirror.locations, 5)
         raw = aetcd.Client(host=etcd.host, port=etcd.client_port)
         await raw.connect()
-        assert await raw.get(block_path(NS, key(1), "a")) is None
+        assert await raw.get(run_path(NS, "a", 0)) is None
         await raw.close()
         await a.close()
         await b.close()

@@ -1,5 +1,6 @@
 """The index's pieces without etcd: key schema, node records, the mirror's
-lookup, and the in-memory index."""
+lookup, and the in-memory index. The mirror is fed run records as nodes'
+publishers make them (`Fleet`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from discovery.memory import MemoryIndex
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
-from discovery.schema import block_path, node_path, parse_path
+from discovery.runs import RunBook, RunRecord
+from discovery.schema import node_path, parse_path, run_path
 
 NS = "ns1"
 
@@ -22,29 +24,61 @@ def key(i: int) -> bytes:
     return i.to_bytes(8, "little")
 
 
+class Fleet:
+    """Feeds a mirror as the nodes' publishers would: a RunBook per node,
+    each batch of changes applied as the records it makes."""
+
+    def __init__(self, mirror: IndexMirror) -> None:
+        self.m = mirror
+        self.books: dict[str, RunBook] = {}
+
+    def apply(self, node: str, changes: dict[bytes, Tier | None]) -> None:
+        book = self.books.setdefault(node, RunBook())
+        book.apply(changes)
+        for phase in book.take_records():
+            for rid, record in phase:
+                path = run_path(NS, node, rid)
+                if record is None:
+                    self.m.delete(path)
+                else:
+                    self.m.put(path, record.encode())
+
+    def put(self, node: str, i: int, tier: Tier = Tier.HOST) -> None:
+        self.apply(node, {key(i): tier})
+
+    def delete(self, node: str, i: int) -> None:
+        self.apply(node, {key(i): None})
+
+
 def mirror_with(holdings: dict[str, list[int]], tier: Tier = Tier.HOST) -> IndexMirror:
-    """A mirror where each node holds the listed keys."""
-    m = IndexMirror(NS)
+    """A mirror where each node holds the listed keys (one batch per node)."""
+    return fleet_with(holdings, tier).m
+
+
+def fleet_with(holdings: dict[str, list[int]], tier: Tier = Tier.HOST) -> Fleet:
+    fleet = Fleet(IndexMirror(NS))
     for node, ks in holdings.items():
-        m.put(node_path(NS, node), NodeRecord(node, "127.0.0.1", 7000).encode())
-        for i in ks:
-            m.put(block_path(NS, key(i), node), tier.value.encode())
-    return m
+        fleet.m.put(node_path(NS, node), NodeRecord(node, "127.0.0.1", 7000).encode())
+        fleet.apply(node, {key(i): tier for i in ks})
+    return fleet
 
 
 def test_paths_round_trip():
-    p = block_path(NS, b"\x00\xffkey", "node-1")
-    assert p == b"/kvbm/v1/ns1/blocks/00ff6b6579/node-1"
+    p = run_path(NS, "node-1", 0xAB)
+    assert p == b"/kvbm/v1/ns1/runs/node-1/ab"
     parsed = parse_path(b"/kvbm/v1/ns1/", p)
-    assert (parsed.node_id, parsed.key) == ("node-1", b"\x00\xffkey")
-    assert parse_path(b"/kvbm/v1/ns1/", node_path(NS, "node-1")).key is None
+    assert (parsed.node_id, parsed.run_id) == ("node-1", 0xAB)
+    assert parse_path(b"/kvbm/v1/ns1/", node_path(NS, "node-1")).run_id is None
 
 
 @pytest.mark.parametrize(
     "path",
     [
-        b"/kvbm/v1/ns1/blocks/zz/node-1",  # not hex
-        b"/kvbm/v1/ns1/blocks/00/node/extra",
+        b"/kvbm/v1/ns1/runs/node-1/zz",  # not hex
+        b"/kvbm/v1/ns1/runs/node-1/AB",  # not as written
+        b"/kvbm/v1/ns1/runs/node-1/12345678123456781",  # past 64 bits
+        b"/kvbm/v1/ns1/runs/node/1/extra",
+        b"/kvbm/v1/ns1/blocks/00/node",  # the old per-block layout
         b"/kvbm/v1/ns1/other/thing",
         b"/kvbm/v1/ns1/nodes/../x",
         b"/kvbm/v1/ns2/nodes/a",
@@ -84,27 +118,30 @@ def test_lookup_skips_peers_whose_record_is_gone():
 
 
 def test_lookup_reports_each_blocks_tier():
-    m = mirror_with({"A": [0]}, Tier.DISK)
-    m.put(block_path(NS, key(1), "A"), b"host")
-    assert m.lookup([key(0), key(1)], "me").runs[0].tiers == (Tier.DISK, Tier.HOST)
+    fleet = fleet_with({"A": [0]}, Tier.DISK)
+    fleet.put("A", 1, Tier.HOST)
+    assert fleet.m.lookup([key(0), key(1)], "me").runs[0].tiers == (Tier.DISK, Tier.HOST)
 
 
 def test_delete_forgets_and_cleans_up():
-    m = mirror_with({"A": [0], "B": [0]})
-    m.delete(block_path(NS, key(0), "A"))
-    assert m.holders(key(0)) == {"B": Tier.HOST}
-    m.delete(block_path(NS, key(0), "B"))
-    assert key(0) not in m.locations
+    fleet = fleet_with({"A": [0], "B": [0]})
+    fleet.delete("A", 0)
+    assert fleet.m.holders(key(0)) == {"B": Tier.HOST}
+    fleet.delete("B", 0)
+    assert key(0) not in fleet.m.locations
+    assert not fleet.m._runs  # both runs held nothing more: deleted
 
 
 def test_malformed_entries_are_skipped_with_a_warning(caplog):
     m = mirror_with({"A": [0]})
+    good = RunRecord.of([key(1)], [Tier.HOST]).encode()
     with caplog.at_level(logging.WARNING, logger="discovery.mirror"):
-        m.put(block_path(NS, key(1), "A"), b"floppy")  # not a tier
+        m.put(run_path(NS, "A", 7), b"floppy")  # not a run record
+        m.put(run_path(NS, "A", 8), good[:-1])  # cut short
         m.put(node_path(NS, "B"), b"\xff\xfe")  # not a record
         m.put(node_path(NS, "C"), NodeRecord("D", "x", 1).encode())  # another node's record
-        m.put(b"/kvbm/v1/ns1/blocks/nothex/A", b"host")
-    assert m.malformed == 4
+        m.put(b"/kvbm/v1/ns1/runs/A/nothex", good)
+    assert m.malformed == 5
     assert "skipping malformed index entries" in caplog.text
     assert set(m.nodes) == {"A"} and set(m.locations) == {key(0)}
 
@@ -123,17 +160,19 @@ def test_memory_index_serves_a_single_node():
 
 
 def test_blocks_with_the_same_holders_share_one_object():
-    m = mirror_with({"A": list(range(100)), "B": list(range(50, 100))})
+    fleet = fleet_with({"A": list(range(100)), "B": list(range(50, 100))})
+    m = fleet.m
     # 0..49 held by A alone, 50..99 by A and B: two shared holder sets in all
     assert len({id(h) for h in m.locations.values()}) == 2
-    m.delete(block_path(NS, key(60), "B"))
+    fleet.delete("B", 60)
     assert m.locations[key(60)] is m.locations[key(0)]
     assert m.holders(key(61)) == {"A": Tier.HOST, "B": Tier.HOST}
 
 
 def test_lookup_handles_groups_that_change_tier_mid_run():
-    m = mirror_with({"A": [0, 1, 2, 3]})
-    m.put(block_path(NS, key(2), "A"), b"disk")
+    fleet = fleet_with({"A": [0, 1, 2, 3]})
+    fleet.put("A", 2, Tier.DISK)
+    m = fleet.m
     r = m.lookup([key(i) for i in range(5)], "me")
     assert [(x.node_id, x.start, x.length) for x in r.runs] == [("A", 0, 4)]
     assert r.runs[0].tiers == (Tier.HOST, Tier.HOST, Tier.DISK, Tier.HOST)
@@ -171,28 +210,31 @@ MIRROR_OPS = st.lists(
     st.tuples(
         st.sampled_from(["put", "put", "delete", "drop_node", "add_node"]),
         st.sampled_from(NODES),
-        st.integers(0, 11),
+        st.lists(st.integers(0, 11), min_size=1, max_size=5),  # one batch: a prompt's keys
         st.sampled_from([Tier.HOST, Tier.DISK]),
     ),
-    max_size=120,
+    max_size=60,
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(MIRROR_OPS, st.lists(st.integers(0, 13), max_size=20))
 def test_lookup_matches_a_key_by_key_model(ops, wanted):
-    m = IndexMirror(NS)
+    fleet = Fleet(IndexMirror(NS))
+    m = fleet.m
     model: dict[bytes, dict[str, Tier]] = {}
     nodes: set[str] = set()
-    for op, node, i, tier in ops:
+    for op, node, batch, tier in ops:
         if op == "put":
-            m.put(block_path(NS, key(i), node), tier.value.encode())
-            model.setdefault(key(i), {})[node] = tier
+            fleet.apply(node, {key(i): tier for i in batch})
+            for i in batch:
+                model.setdefault(key(i), {})[node] = tier
         elif op == "delete":
-            m.delete(block_path(NS, key(i), node))
-            model.get(key(i), {}).pop(node, None)
-            if not model.get(key(i), True):
-                del model[key(i)]
+            fleet.apply(node, {key(i): None for i in batch})
+            for i in batch:
+                model.get(key(i), {}).pop(node, None)
+                if not model.get(key(i), True):
+                    del model[key(i)]
         elif op == "add_node":
             m.put(node_path(NS, node), NodeRecord(node, "127.0.0.1", 7000).encode())
             nodes.add(node)
@@ -214,12 +256,12 @@ def test_a_signed_value_opens_only_under_its_own_path_and_secret():
     from discovery.signing import IndexSigner
 
     signer = IndexSigner(b"s" * 32)
-    path = block_path(NS, key(1), "A")
+    path = run_path(NS, "A", 1)
     data = signer.sign(path, b"host")
     assert signer.open(path, data) == b"host"
     for bad_path, bad_data in (
-        (block_path(NS, key(2), "A"), data),  # moved to another key
-        (block_path(NS, key(1), "B"), data),  # moved to another node
+        (run_path(NS, "A", 2), data),  # moved to another run
+        (run_path(NS, "B", 1), data),  # moved to another node
         (path, data[:-1] + bytes([data[-1] ^ 1])),  # a flipped bit
         (path, b"host"),  # unsigned
         (path, b""),
@@ -235,9 +277,9 @@ def test_a_signed_mirror_drops_what_the_fleet_did_not_sign():
 
     signer = IndexSigner(b"s" * 32)
     m = IndexMirror(NS, signer)
-    good, forged = block_path(NS, key(1), "A"), block_path(NS, key(2), "A")
-    m.put(good, signer.sign(good, b"host"))
-    m.put(forged, b"host")
+    good, forged = run_path(NS, "A", 1), run_path(NS, "A", 2)
+    m.put(good, signer.sign(good, RunRecord.of([key(1)], [Tier.HOST]).encode()))
+    m.put(forged, RunRecord.of([key(2)], [Tier.HOST]).encode())
     m.put(node_path(NS, "A"), NodeRecord("A", "127.0.0.1", 7000).encode())
     assert m.holders(key(1)) == {"A": Tier.HOST}
     assert m.holders(key(2)) == {} and "A" not in m.nodes
@@ -245,12 +287,13 @@ def test_a_signed_mirror_drops_what_the_fleet_did_not_sign():
 
 
 def test_the_mirror_keeps_at_most_max_locations():
-    m = IndexMirror(NS, max_locations=3)
+    fleet = Fleet(IndexMirror(NS, max_locations=3))
+    m = fleet.m
     for i in range(5):
-        m.put(block_path(NS, key(i), "A"), b"host")
+        fleet.put("A", i)
     assert len(m.locations) == 3 and m.over_cap == 2
-    m.put(block_path(NS, key(0), "B"), b"disk")  # a known key gains a holder: kept
+    fleet.put("B", 0, Tier.DISK)  # a known key gains a holder: kept
     assert m.holders(key(0)) == {"A": Tier.HOST, "B": Tier.DISK}
-    m.delete(block_path(NS, key(1), "A"))  # room again
-    m.put(block_path(NS, key(4), "A"), b"host")
-    assert m.holders(key(4)) == {"A": Tier.HOST}
+    fleet.delete("A", 1)  # room again
+    fleet.put("A", 5)
+    assert m.holders(key(5)) == {"A": Tier.HOST}

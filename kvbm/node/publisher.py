@@ -138,10 +138,7 @@ class Publisher:
         assert self.index is not None
         changes = mgr.held() if everything else mgr.take_changes()
         if changes:
-            self.index.publish(
-                {k: t for k, t in changes.items() if t is not None},
-                [k for k, t in changes.items() if t is None],
-            )
+            self.index.publish(changes)
 
     async def close(self) -> None:
         """Stop the tasks, publish the last changes, revoke the lease."""

@@ -17,7 +17,9 @@ import aetcd
 import msgpack
 
 from discovery.etcd_server import free_port
-from discovery.schema import block_path, node_path
+from discovery.records import Tier
+from discovery.runs import RunRecord
+from discovery.schema import node_path, run_path
 from kvbm.connector.attach import Available
 from tests.node_daemon import until
 from tests.security.peer_attacks import two_nodes
@@ -67,16 +69,17 @@ def test_an_etcd_writer_without_the_secret_cannot_steer_a_node(etcd, daemons, tm
             await raw.connect()
             try:
                 await raw.put(node_path(ns, "evil"), record("evil", "127.0.0.4", evil_port))
-                for k in theirs:
-                    await raw.put(block_path(ns, k, "evil"), b"host")
-                for k in ks:  # "B holds these itself": B would stop pulling them
-                    await raw.put(block_path(ns, k, "node-b"), b"host")
+                run = RunRecord.of(theirs, [Tier.HOST] * len(theirs)).encode()
+                await raw.put(run_path(ns, "evil", 0), run)
+                mine = RunRecord.of(ks, [Tier.HOST] * BLOCKS).encode()
+                # "B holds these itself": B would stop pulling them
+                await raw.put(run_path(ns, "node-b", 0), mine)
                 await raw.put(node_path(ns, "node-a"), record("node-a", "127.0.0.4", evil_port))
             finally:
                 await raw.close()
 
         asyncio.run(forge())
-        until(lambda: rejected(metrics) >= 2 * BLOCKS + 2, 10, "B did not count the forgeries")
+        until(lambda: rejected(metrics) >= 4, 10, "B did not count the forgeries")
         # nothing forged counts: no remote hit for the forger's prompt ...
         assert eng_b.lookup(theirs) == Available(0)
         got = Engine(BLOCKS)

@@ -1,0 +1,236 @@
+"""Runs: how a node's block locations travel through etcd.
+
+Block keys are chained (a prompt's block i names its whole prefix), so a node
+publishes the blocks of one prompt, in order, as one etcd value: a run record
+(the keys' shared tail once, each key's 8-byte head, a bit per key for the
+disk tier). A prompt of a hundred blocks costs one write, not a hundred; a
+chat's next turn is a new run of its new blocks; a tier change or an eviction
+rewrites the run (or deletes it, once it holds nothing).
+
+`RunBook` is the publisher's side: it turns the ordered changes of a node's
+tiers into dirty runs. `RunRecord` is the value, the only codec for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+
+from discovery.records import Tier
+
+RUN_VERSION = 1
+HEAD = 8  # a key's head: its first 8 bytes (a block key's sequence hash)
+MAX_RUN_KEYS = 1024  # one value of about 8 KiB; a longer prompt takes several runs
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """Keys `heads[i] + tail`, in prompt order, each with its tier."""
+
+    tail: bytes
+    heads: bytes  # HEAD bytes per key
+    disk: bytes  # bit i (little-endian bit order) set: key i is in the disk tier
+
+    def __len__(self) -> int:
+        return len(self.heads) // HEAD
+
+    def block_keys(self) -> list[bytes]:
+        h, t = self.heads, self.tail
+        return [h[i : i + HEAD] + t for i in range(0, len(h), HEAD)]
+
+    def tiers(self) -> list[Tier]:
+        bits = int.from_bytes(self.disk, "little")
+        return [Tier.DISK if bits >> i & 1 else Tier.HOST for i in range(len(self))]
+
+    @classmethod
+    def of(cls, keys: list[bytes], tiers: list[Tier]) -> RunRecord:
+        """Keys that share one tail (everything after the head), each at least HEAD long."""
+        tail = keys[0][HEAD:]
+        if any(len(k) < HEAD or k[HEAD:] != tail for k in keys):
+            raise ValueError("a run's keys share one tail")
+        bits = sum(1 << i for i, t in enumerate(tiers) if t is Tier.DISK)
+        disk = bits.to_bytes((len(keys) + 7) // 8, "little")
+        return cls(tail, b"".join(k[:HEAD] for k in keys), disk)
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": RUN_VERSION, "t": self.tail, "h": self.heads, "d": self.disk})
+
+    @classmethod
+    def decode(cls, data: bytes) -> RunRecord:
+        """Raises ValueError on anything `encode` did not produce."""
+        try:
+            d = msgpack.unpackb(data, raw=True)
+        except Exception as e:
+            raise ValueError(f"run record is not msgpack: {e}") from None
+        if not isinstance(d, dict) or d.get(b"v") != RUN_VERSION:
+            raise ValueError("run record of an unknown version")
+        tail, heads, disk = d.get(b"t"), d.get(b"h"), d.get(b"d")
+        if not all(isinstance(x, bytes) for x in (tail, heads, disk)):
+            raise ValueError("run record fields must be bytes")
+        n, rest = divmod(len(heads), HEAD)  # type: ignore[arg-type]
+        if rest or not 0 < n <= MAX_RUN_KEYS or len(disk) != (n + 7) // 8:  # type: ignore[arg-type]
+            raise ValueError("run record of a bad size")
+        return cls(tail, heads, disk)  # type: ignore[arg-type]
+
+
+@dataclass(slots=True)
+class _Run:
+    tail: bytes
+    keys: list[bytes]
+    tiers: list[Tier | None]  # None: gone from the node (the key stays a member)
+    born: float
+    present: int = 0
+    # Lost a member since the last `take_dirty`: its record goes out before
+    # any record that may have gained the key (see RunBook).
+    shrunk: bool = False
+    pos: dict[bytes, int] = field(default_factory=dict)
+
+
+class RunBook:
+    """Invariants: every key the node holds is a member of exactly one run
+    (`member`), at its position in that run; a run's record lists its members
+    that are held, in order. A key leaves its run's membership only when the
+    run is deleted (nothing held) or compacted; until then a key that comes
+    back returns to the same run, so a key never moves between two live runs
+    whose records could reach a mirror in either order. When it does move
+    (its old run dropped it), the old run is marked `shrunk`: the publisher
+    writes shrunk runs' records first, then the others.
+
+    New keys in one batch of changes join the run whose last member precedes
+    them in that batch, or start a new run: a node's changes arrive in prompt
+    order (the order an engine stored its blocks), so a prompt is one run.
+    """
+
+    def __init__(self, max_run_keys: int = MAX_RUN_KEYS) -> None:
+        self.max_run_keys = max_run_keys
+        self.runs: dict[int, _Run] = {}
+        self.member: dict[bytes, int] = {}  # key -> run id
+        self.dirty: set[int] = set()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return sum(r.present for r in self.runs.values())
+
+    def held(self) -> dict[bytes, Tier]:
+        """Every key held, and its tier (what the records say, all together)."""
+        return {
+            k: t
+            for run in self.runs.values()
+            for k, t in zip(run.keys, run.tiers, strict=True)
+            if t is not None
+        }
+
+    def tier(self, key: bytes) -> Tier | None:
+        rid = self.member.get(key)
+        if rid is None:
+            return None
+        run = self.runs[rid]
+        return run.tiers[run.pos[key]]
+
+    def apply(self, changes: dict[bytes, Tier | None], now: float | None = None) -> None:
+        """Changes in the order they happened (prompt order): key -> tier, or None: gone."""
+        now = time.monotonic() if now is None else now
+        prev: bytes | None = None
+        for key, tier in changes.items():
+            rid = self.member.get(key)
+            if rid is not None:
+                self._set(rid, key, tier)
+            elif tier is not None:
+                self._add(key, Tier(tier), prev, now)
+            prev = key if tier is not None else None
+
+    def _set(self, rid: int, key: bytes, tier: Tier | None) -> None:
+        run = self.runs[rid]
+        i = run.pos[key]
+        old = run.tiers[i]
+        if old == tier:
+            return
+        run.tiers[i] = None if tier is None else Tier(tier)
+        run.present += (tier is not None) - (old is not None)
+        self.dirty.add(rid)
+        if not run.present:
+            self._drop(rid)
+        elif len(run.keys) > 64 and run.present * 2 < len(run.keys):
+            self._compact(rid)
+
+    def _add(self, key: bytes, tier: Tier, prev: bytes | None, now: float) -> None:
+        if len(key) < HEAD:
+            raise ValueError(f"a block key has at least {HEAD} bytes")
+        rid = self.member.get(prev) if prev is not None else None
+        run = self.runs.get(rid) if rid is not None else None
+        if (
+            run is None
+            or run.keys[-1] != prev
+            or len(run.keys) >= self.max_run_keys
+            or key[HEAD:] != run.tail
+        ):
+            rid, self._next = self._next, self._next + 1
+            run = self.runs[rid] = _Run(key[HEAD:], [], [], now)
+        run.pos[key] = len(run.keys)
+        run.keys.append(key)
+        run.tiers.append(tier)
+        run.present += 1
+        self.member[key] = rid  # type: ignore[assignment]
+        self.dirty.add(rid)  # type: ignore[arg-type]
+
+    def _drop(self, rid: int) -> None:
+        run = self.runs.pop(rid)
+        for k in run.keys:
+            del self.member[k]
+
+    def _compact(self, rid: int) -> None:
+        """Forget members that are gone, so a long-lived run does not grow without end."""
+        run = self.runs[rid]
+        kept = [(k, t) for k, t in zip(run.keys, run.tiers, strict=True) if t is not None]
+        for k, t in zip(run.keys, run.tiers, strict=True):
+            if t is None:
+                del self.member[k]
+        run.keys = [k for k, _ in kept]
+        run.tiers = [t for _, t in kept]
+        run.pos = {k: i for i, k in enumerate(run.keys)}
+        run.shrunk = True
+
+    def record(self, rid: int) -> RunRecord | None:
+        """The run's record now; None: the run is gone (its record is deleted)."""
+        run = self.runs.get(rid)
+        if run is None:
+            return None
+        held = [(k, t) for k, t in zip(run.keys, run.tiers, strict=True) if t is not None]
+        return RunRecord.of([k for k, _ in held], [t for _, t in held])  # type: ignore[misc]
+
+    def born(self, rid: int) -> float | None:
+        run = self.runs.get(rid)
+        return None if run is None else run.born
+
+    def shrunk(self, rid: int) -> bool:
+        """Whether the run lost members (or is gone) since it was last taken."""
+        run = self.runs.get(rid)
+        return run is None or run.shrunk
+
+    def mark_shrunk(self, rid: int) -> None:
+        run = self.runs.get(rid)
+        if run is not None:
+            run.shrunk = True
+
+    def take(self, rids: set[int]) -> None:
+        """These runs' records are on their way: clear their marks."""
+        self.dirty -= rids
+        for rid in rids:
+            run = self.runs.get(rid)
+            if run is not None:
+                run.shrunk = False
+
+    def take_records(self) -> tuple[list[tuple[int, RunRecord | None]], ...]:
+        """Every dirty run's record now (None: delete it), in two phases: the
+        runs that lost keys, then the rest. Within a phase the order does
+        not matter (the etcd index writes a phase in concurrent transactions);
+        a phase must be applied whole before the next."""
+        first = [rid for rid in self.dirty if self.shrunk(rid)]
+        then = [rid for rid in self.dirty if not self.shrunk(rid)]
+        self.take(self.dirty.copy())
+        return tuple([(rid, self.record(rid)) for rid in phase] for phase in (first, then))
+
+    def everything(self) -> set[int]:
+        return set(self.runs)
