@@ -27,7 +27,8 @@ def records(book: RunBook) -> dict[int, list[tuple[bytes, Tier]] | None]:
     out = {}
     for phase in book.take_records():
         for rid, rec in phase:
-            out[rid] = None if rec is None else list(zip(rec.block_keys(), rec.tiers(), strict=True))
+            held = None if rec is None else zip(rec.block_keys(), rec.tiers(), strict=True)
+            out[rid] = None if held is None else list(held)
     return out
 
 
