@@ -93,6 +93,11 @@ class KvbmConfig:
         False, "Let a node reachable beyond loopback run on the well-known dev secret."
     )
     lease_ttl: int = _opt(10, "Seconds the index keeps a silent node's entries.")
+    index_publish_after_ms: int = _opt(
+        1000,
+        "A run of blocks goes to the index once the node has held it this long: what "
+        "lives shorter is not worth sharing and costs no etcd write; 0: at once.",
+    )
     peer_timeout_ms: int = _opt(
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."
     )
@@ -132,6 +137,8 @@ class KvbmConfig:
             raise ValueError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
+        if self.index_publish_after_ms < 0:
+            raise ValueError("index_publish_after_ms must be >= 0")
         if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
         if not set(self.remote_tier_list) <= {t.value for t in Tier}:

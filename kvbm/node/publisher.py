@@ -33,6 +33,7 @@ class Publisher:
         self.etcd_endpoints = cfg.etcd_endpoints
         self.etcd_tls = cfg.etcd_tls
         self.lease_ttl = cfg.lease_ttl
+        self.publish_after = cfg.index_publish_after_ms / 1000
         self.mgr: BlockManager | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
@@ -97,6 +98,7 @@ class Publisher:
                     self.namespace,
                     record,
                     self.lease_ttl,
+                    publish_after=self.publish_after,
                     signer=self.signer,
                     tls=self.etcd_tls,
                 )
