@@ -40,14 +40,16 @@ _LOST = (*_ETCD_ERRORS, IndexUnavailable)  # any of these: etcd is gone for now
 
 class EtcdIndex:
     """Invariants: `book` holds everything this node publishes, as runs; its
-    `dirty` runs are those etcd may not have as they are now. Every change
-    reaches `book` at once and etcd at a later flush or republish: a run's
-    first write waits until the run is `publish_after` seconds old (what
-    lives shorter is not worth sharing, and costs nothing), later changes of
-    a published run go at the next flush. A run etcd never got is never
-    deleted there. Runs that lost keys are written before the others (in a
-    transaction that has committed), so no mirror sees a key leave a run
-    after it joined another."""
+    `dirty` runs are those etcd may not have as they are now, and `_ripening`
+    those whose records leave out keys too young to publish, with the time
+    the youngest comes of age. Every change reaches `book` at once and etcd
+    at a later flush (every `flush_interval`, so that a burst of changes to
+    one run costs one write) or republish. A key is published once the node
+    has held it `publish_after` seconds: what lives shorter is not worth
+    sharing and costs nothing. A run etcd never got is never deleted there.
+    Runs that lost keys are written before the others (in transactions that
+    have committed), so no mirror sees a key leave a run after it joined
+    another."""
 
     def __init__(
         self,
@@ -81,9 +83,11 @@ class EtcdIndex:
         self.mirror = IndexMirror(namespace, signer)
         self.book = RunBook()
         self.writes = 0  # etcd put/delete operations sent (for the bench)
+        self.bytes_written = 0  # keys and values put
         self._in_etcd: set[int] = set()  # runs etcd holds for us, as far as we know
         self._inflight: tuple[set[int], set[int]] = (set(), set())  # (first, then)
-        self._hurry = False  # flush(): every run now, however young
+        self._hurry = False  # flush(): every key now, however young
+        self._ripening: dict[int, float] = {}  # run id -> when its youngest key is due
         self._wakeup: asyncio.TimerHandle | None = None
         self._client: aetcd.Client | None = None
         self._endpoint = 0
@@ -139,7 +143,7 @@ class EtcdIndex:
         self._hurry = True
         try:
             async with asyncio.timeout(timeout):
-                while self.book.dirty or any(self._inflight):
+                while self.book.dirty or self._ripening or any(self._inflight):
                     self._dirty.set()
                     await asyncio.sleep(self.flush_interval)
         finally:
@@ -207,6 +211,7 @@ class EtcdIndex:
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
             self.book.dirty = self.book.everything()
+            self._ripening.clear()
             self._up.set()
             self._dirty.set()
             log.info(
@@ -323,7 +328,7 @@ class EtcdIndex:
             await self._dirty.wait()
             self._dirty.clear()
             await asyncio.sleep(self.flush_interval)  # let a burst coalesce
-            if not self.book.dirty:
+            if not self.book.dirty and not self._ripening:
                 continue
             if not self._up.is_set():
                 await self._reconnect()
@@ -333,28 +338,31 @@ class EtcdIndex:
                     self._retry(first, then)
             finally:
                 self._inflight = (set(), set())
+                self._wake_when_ripe()
 
     def _take(self) -> tuple[set[int], set[int]]:
-        """The dirty runs due now, split into those that lost keys (written
-        first) and the rest; a run not yet old enough to publish waits, and
-        the flusher is woken when it is."""
+        """The dirty runs (and the ripening ones now due), split into those
+        that lost keys (written first) and the rest; the flusher is woken
+        when the next young key comes of age."""
         book, now = self.book, time.monotonic()
-        cutoff = now if self._hurry else now - self.publish_after
-        due, soonest = set(), None
-        for rid in book.dirty:
-            born = book.born(rid)
-            if born is None or born <= cutoff or rid in self._in_etcd:
-                due.add(rid)
-            elif soonest is None or born < soonest:
-                soonest = born
-        if soonest is not None:
-            if self._wakeup is not None:
-                self._wakeup.cancel()
-            delay = soonest + self.publish_after - now
+        for rid, due in list(self._ripening.items()):
+            if due <= now or self._hurry:
+                del self._ripening[rid]
+                book.dirty.add(rid)
+        first = {rid for rid in book.dirty if book.shrunk(rid)}
+        then = book.dirty - first
+        book.take(first | then)
+        return first, then
+
+    def _wake_when_ripe(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        if self._ripening:
+            delay = min(self._ripening.values()) - time.monotonic()
             self._wakeup = asyncio.get_running_loop().call_later(delay, self._dirty.set)
-        first = {rid for rid in due if book.shrunk(rid)}
-        book.take(due)
-        return first, due - first
+
+    def _cutoff(self) -> float:
+        return time.monotonic() - (0.0 if self._hurry else self.publish_after)
 
     def _retry(self, first: set[int], then: set[int]) -> None:
         """A failed write may have committed in part: every run in it may be in
@@ -369,14 +377,21 @@ class EtcdIndex:
 
     async def _write(self, first: set[int], then: set[int]) -> None:
         client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
-        tx = client.transactions
+        tx, book, cutoff = client.transactions, self.book, self._cutoff()
         for phase in (first, then):
             ops, sent = [], []
             for rid in phase:
-                record = self.book.record(rid)
+                record = book.record(rid, cutoff)
+                young = book.youngest_unshown(rid, cutoff)
+                if young is not None:
+                    self._ripening[rid] = young + self.publish_after
+                else:
+                    self._ripening.pop(rid, None)
                 path = run_path(ns, me, rid)
                 if record is not None:
-                    ops.append(tx.put(path, self._value(path, record.encode()), lease=lease))
+                    value = self._value(path, record.encode())
+                    ops.append(tx.put(path, value, lease=lease))
+                    self.bytes_written += len(path) + len(value)
                 elif rid in self._in_etcd:
                     ops.append(tx.delete(path))
                 else:

@@ -290,10 +290,12 @@ def test_the_mirror_keeps_at_most_max_locations():
     fleet = Fleet(IndexMirror(NS, max_locations=3))
     m = fleet.m
     for i in range(5):
-        fleet.put("A", i)
+        fleet.put(f"N{i}", i)  # a run each
     assert len(m.locations) == 3 and m.over_cap == 2
     fleet.put("B", 0, Tier.DISK)  # a known key gains a holder: kept
-    assert m.holders(key(0)) == {"A": Tier.HOST, "B": Tier.DISK}
-    fleet.delete("A", 1)  # room again
-    fleet.put("A", 5)
-    assert m.holders(key(5)) == {"A": Tier.HOST}
+    assert m.holders(key(0)) == {"N0": Tier.HOST, "B": Tier.DISK}
+    fleet.delete("N1", 1)  # room again
+    fleet.put("N5", 5)
+    assert m.holders(key(5)) == {"N5": Tier.HOST}
+    fleet.put("N4", 6)  # N4's run is written again: its refused key 4 is tried again
+    assert m.holders(key(4)) == {} and m.over_cap == 4  # still full: 4 and 6 refused

@@ -32,14 +32,39 @@ def records(book: RunBook) -> dict[int, list[tuple[bytes, Tier]] | None]:
     return out
 
 
-def test_a_prompt_is_one_run_and_a_next_turn_another():
-    book = RunBook()
+def test_blocks_stored_one_after_another_share_a_run_up_to_its_cap():
+    book = RunBook(max_run_keys=150)
     book.apply({key(i): H for i in range(100)})
     ((rid, run),) = records(book).items()
     assert run == [(key(i), H) for i in range(100)]
-    book.apply({key(i): H for i in range(100, 120)})  # the next turn: a batch of its own
-    ((rid2, run2),) = records(book).items()
-    assert rid2 != rid and [k for k, _ in run2] == [key(i) for i in range(100, 120)]
+    book.apply({key(i): H for i in range(100, 120)})  # the next prompt: the same run
+    assert records(book) == {rid: [(key(i), H) for i in range(120)]}
+    book.apply({key(i): H for i in range(200, 260)})  # 30 fit, 30 start the next run
+    got = records(book)
+    assert [len(r) for r in got.values()] == [150, 30] and list(got)[0] == rid
+
+
+def test_a_prompt_that_continues_joins_its_predecessors_run():
+    book = RunBook(max_run_keys=6)
+    book.apply({key(0): H, key(1): H})  # run 0
+    book.apply({key(0, b"other"): H})  # another key space: run 1, the newest
+    book.apply({key(1): D, key(2): H})  # 2 follows 1, run 0's last member
+    book.apply({key(9): H})  # follows nothing: the newest run, if its key space
+    assert [book.member[key(i)] for i in (0, 1, 2, 9)] == [0, 0, 0, 2]
+    assert book.member[key(0, b"other")] == 1
+
+
+def test_keys_are_shown_once_old_enough():
+    book = RunBook()
+    book.apply({key(0): H, key(1): H}, now=10.0)
+    book.apply({key(2): H}, now=11.0)
+    ((rid, _),) = records(book).items()
+    assert book.record(rid, cutoff=10.5).block_keys() == [key(0), key(1)]
+    assert book.youngest_unshown(rid, cutoff=10.5) == 11.0
+    assert book.record(rid, cutoff=9.0) is None and book.youngest_unshown(rid, 11.0) is None
+    book.apply({key(0): None}, now=12.0)
+    book.apply({key(0): D}, now=13.0)  # back: young again
+    assert book.record(rid, cutoff=12.5).block_keys() == [key(1), key(2)]
 
 
 def test_new_keys_after_a_runs_last_key_extend_it():
@@ -97,8 +122,8 @@ def test_compaction_forgets_gone_members_and_goes_first():
     ((rid, rec),) = first  # it lost members: written before any run that may take them
     assert then == [] and len(rec) == 40
     assert key(0) not in book.member and len(book.runs[rid].keys) < 100
-    book.apply({key(3): H})  # no longer a member: a run of its own
-    assert key(3) in book.member and book.member[key(3)] != rid
+    book.apply({key(3): H})  # no longer a member: it joins anew, at the newest run's end
+    assert book.runs[book.member[key(3)]].keys[-1] == key(3)
 
 
 BATCHES = st.lists(

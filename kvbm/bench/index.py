@@ -1,5 +1,6 @@
 """`kvbm bench index`: the etcd-backed block-location index against a real etcd
-started for the run. Keys are real block keys (`KeySpace.keys`)."""
+started for the run. Keys are real block keys (`KeySpace.keys`); `--nodes N`
+runs a fleet of N simulated nodes on a prompt trace (kvbm/bench/fleet_trace.py)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import time
 import tracemalloc
 from multiprocessing.connection import Connection
 
-from discovery.etcd_index import EtcdIndex
+from discovery.etcd_index import EtcdIndex, snapshot
 from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
 from discovery.records import NodeRecord, Tier
-from discovery.schema import block_path, node_path
+from discovery.runs import MAX_RUN_KEYS, RunRecord
+from discovery.schema import node_path, run_path
 from discovery.signing import IndexSigner
+from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import KeySpace
 
 NS = "bench"
@@ -29,9 +32,17 @@ def block_keys(start: int, n: int, rank: int = 0) -> list[bytes]:
     return KeySpace(NS, 0x5EED, rank).keys(list(range(start, start + n)))
 
 
-def _index(endpoint: str, node_id: str, ttl: int, watch: bool = True) -> EtcdIndex:
+def _index(endpoint: str, node_id: str, ttl: int, watch: bool = True, **kw) -> EtcdIndex:
     record = NodeRecord(node_id, "127.0.0.1", 7000, nixl_agent=node_id)
-    return EtcdIndex([endpoint], NS, record, lease_ttl=ttl, watch=watch, signer=SIGNER)
+    return EtcdIndex([endpoint], NS, record, lease_ttl=ttl, watch=watch, signer=SIGNER, **kw)
+
+
+def _put_runs(m: IndexMirror, node: str, keys: list[bytes], tier: Tier, first_id: int = 0) -> None:
+    """Fill a mirror directly with a node's keys, in runs as a publisher writes them."""
+    for i in range(0, len(keys), MAX_RUN_KEYS):
+        part = keys[i : i + MAX_RUN_KEYS]
+        record = RunRecord.of(part, [tier] * len(part))
+        m.put(run_path(NS, node, first_id + i // MAX_RUN_KEYS), record.encode())
 
 
 async def publish_rate(endpoint: str, ttl: int, total: int = 100_000) -> dict:
@@ -55,7 +66,8 @@ async def publish_rate(endpoint: str, ttl: int, total: int = 100_000) -> dict:
 async def writes_per_block(endpoint: str, ttl: int, blocks: int = 20_000) -> dict:
     """Engine-like churn: blocks arrive in bursts of 100 per ms; a third are
     evicted again within the same burst window (short-lived), a third later
-    move host -> disk. Writes counted after coalescing."""
+    move host -> disk. Writes counted after coalescing (etcd index defaults:
+    5 ms flushes, no age limit; the node's settings are in `fleet`)."""
     a = _index(endpoint, "churn", ttl, watch=False)
     await a.start()
     try:
@@ -75,7 +87,9 @@ async def writes_per_block(endpoint: str, ttl: int, blocks: int = 20_000) -> dic
 
 async def mirror_lag(endpoint: str, ttl: int, rate: int = 1000, seconds: float = 3.0) -> dict:
     """Node A publishes one location every 1/rate s; the lag is publish -> seen in
-    node B's mirror (another client, another watch), polled every 0.5 ms."""
+    node B's mirror (another client, another watch), polled every 0.5 ms. The
+    etcd index's defaults (5 ms flushes, no age limit): what the index itself
+    adds; a node waits `index_publish_after_ms` more on purpose."""
     a, b = _index(endpoint, "lag-a", ttl, watch=False), _index(endpoint, "lag-b", ttl)
     await a.start()
     await b.start()
@@ -155,7 +169,7 @@ async def dead_node_cleanup(endpoint: str, ttl: int) -> dict:
 
 def lookup_latency(locations: int = 1_000_000, nodes: int = 32, samples: int = 2000) -> dict:
     """128-key lookups against a mirror holding `locations` locations over
-    `nodes` nodes (filled directly: the same dicts the watch fills)."""
+    `nodes` nodes (filled directly: the same records the watch delivers)."""
     m = IndexMirror(NS)
     per_node = locations // nodes
     for n in range(nodes):
@@ -163,9 +177,8 @@ def lookup_latency(locations: int = 1_000_000, nodes: int = 32, samples: int = 2
     # Node n holds a stretch of consecutive keys, as prefixes make it.
     keys = block_keys(0, per_node * nodes)
     for n in range(nodes):
-        value = b"host" if n % 2 else b"disk"
-        for k in keys[n * per_node : (n + 1) * per_node]:
-            m.put(block_path(NS, k, f"n{n}"), value)
+        tier = Tier.HOST if n % 2 else Tier.DISK
+        _put_runs(m, f"n{n}", keys[n * per_node : (n + 1) * per_node], tier)
     times = []
     for s in range(samples):
         start = (s * 7919) % (len(keys) - 128)
@@ -181,14 +194,20 @@ def lookup_latency(locations: int = 1_000_000, nodes: int = 32, samples: int = 2
     }
 
 
-def apply_cost(n: int = 100_000) -> dict:
-    """CPU per watch event applied to a mirror, with and without checking the
-    fleet's signature on its value (what a node pays per location published)."""
-    paths = [block_path(NS, k, "n1") for k in block_keys(50_000_000, n)]
+def apply_cost(n: int = 100_000, run: int = 64) -> dict:
+    """CPU per location when a mirror applies new runs of `run` keys, with and
+    without checking the fleet's signature on each run (what a node pays per
+    location another node publishes)."""
+    keys = block_keys(50_000_000, n)
+    parts = [keys[i : i + run] for i in range(0, n, run)]
+    paths = [run_path(NS, "n1", i) for i in range(len(parts))]
+    raw = [RunRecord.of(p, [Tier.HOST] * len(p)).encode() for p in parts]
     out = {}
     for name, signer in (("mirror_apply_us", None), ("mirror_apply_signed_us", SIGNER)):
         m = IndexMirror(NS, signer)
-        values = [b"host" if signer is None else signer.sign(p, b"host") for p in paths]
+        values = (
+            raw if signer is None else [signer.sign(*pv) for pv in zip(paths, raw, strict=True)]
+        )
         t0 = time.perf_counter()
         for p, v in zip(paths, values, strict=True):
             m.put(p, v)
@@ -198,55 +217,157 @@ def apply_cost(n: int = 100_000) -> dict:
 
 
 def mirror_bytes_per_million(n: int = 200_000) -> int:
-    """Python heap bytes a mirror spends per million locations (tracemalloc)."""
+    """Python heap bytes a mirror spends per million locations (tracemalloc):
+    32 nodes, runs of 1,024 keys."""
     keys = block_keys(40_000_000, n)
     gc.collect()
     tracemalloc.start()
     m = IndexMirror(NS)
     before = tracemalloc.get_traced_memory()[0]
-    for i, k in enumerate(keys):
-        m.put(block_path(NS, k, f"n{i % 32}"), b"host")
+    per = n // 32
+    for i in range(32):
+        _put_runs(m, f"n{i}", keys[i * per : (i + 1) * per], Tier.HOST)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    return round(used * 1_000_000 / n)
+    return round(used * 1_000_000 / (per * 32))
 
 
-async def scale(endpoint: str, ttl: int, nodes: int, seconds: float = 5.0, rate: int = 500) -> dict:
-    """`nodes` simulated publishers (no mirrors) at `rate` updates/s each, and one
-    observer mirror: etcd writes/s sustained, and how far the observer keeps up."""
-    pubs = [_index(endpoint, f"sim{i}", ttl, watch=False) for i in range(nodes)]
-    observer = _index(endpoint, "observer", ttl)
+async def etcd_put_capacity(endpoint: str, value_bytes: int, seconds: float = 3.0) -> dict:
+    """etcd's sustained puts/s for values of `value_bytes` (run records of the
+    fleet's mean size): transactions of 128 puts, four in flight, as a node
+    writes them. The reference for `fleet_nodes_per_etcd`."""
+    idx = _index(endpoint, "capacity", 60, watch=False)
+    await idx.start()
+    try:
+        client, lease = idx._live(), idx._lease
+        value, puts, t0 = os.urandom(value_bytes), 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            txns = [
+                client.transaction(
+                    compare=[],
+                    success=[
+                        client.transactions.put(
+                            b"/bench/capacity/%d" % (puts + i * 128 + j), value, lease=lease
+                        )
+                        for j in range(128)
+                    ],
+                    failure=[],
+                )
+                for i in range(4)
+            ]
+            await asyncio.gather(*txns)
+            puts += 4 * 128
+        return {"etcd_puts_per_s": round(puts / (time.perf_counter() - t0))}
+    finally:
+        await idx.close()
+
+
+async def fleet(
+    endpoint: str,
+    ttl: int,
+    nodes: int,
+    warmup_s: float = 6.0,
+    seconds: float = 10.0,
+    rate: int = 1000,
+    flush_interval: float = 0.5,
+    publish_after: float = 1.0,
+    lookups: int = 2000,
+) -> dict:
+    """`nodes` simulated nodes, each storing `rate` new blocks/s of a prompt
+    trace into G2/G3 tiers that evict (kvbm/bench/fleet_trace.py), each
+    publishing its tier changes through its own EtcdIndex with the node's
+    settings; writes are counted over `seconds` after `warmup_s` (the tiers
+    full, so blocks are evicted as fast as they come). Then one node's mirror
+    of the fleet is read back and measured: bytes, and lookups of the trace's
+    own prompts."""
+    space = KeySpace(NS, 0x5EED)
+    shape = TraceShape(host_blocks=1024, disk_blocks=4096)
+    traces = [NodeTrace(i, space, shape) for i in range(nodes)]
+    # A long lease: the simulation keeps the event loop busy, and a lease that
+    # lapsed would republish everything (and count it).
+    pubs = [
+        _index(
+            endpoint,
+            f"sim{i}",
+            max(ttl, 60),
+            watch=False,
+            flush_interval=flush_interval,
+            publish_after=publish_after,
+        )
+        for i in range(nodes)
+    ]
     for p in pubs:
         await p.start()
-    await observer.start()
     try:
-        per_tick = max(1, rate // 100)
-        t0 = time.perf_counter()
-        tick = 0
-        while time.perf_counter() - t0 < seconds:
-            for i, p in enumerate(pubs):
-                base = 50_000_000 + i * 1_000_000 + tick * per_tick
-                p.publish(dict.fromkeys(block_keys(base, per_tick), Tier.HOST))
+
+        def totals() -> tuple[int, int, int]:
+            return (
+                sum(p.writes for p in pubs),
+                sum(t.created for t in traces),
+                sum(p.bytes_written for p in pubs),
+            )
+
+        t0, tick = time.perf_counter(), 0
+        base: tuple[int, int, int] | None = None
+        while True:
+            elapsed = time.perf_counter() - t0
+            if base is None and elapsed >= warmup_s:
+                base, t_measure = totals(), time.perf_counter()
+            if elapsed >= warmup_s + seconds:
+                break
+            for t, p in zip(traces, pubs, strict=True):
+                changes: dict = {}
+                while t.created < rate * elapsed:
+                    t.request(changes)
+                p.publish(changes)
             tick += 1
-            await asyncio.sleep(max(0.0, t0 + tick / 100 - time.perf_counter()))
+            await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
+        assert base is not None
+        measured = time.perf_counter() - t_measure
+        writes, created, written = (x - b for x, b in zip(totals(), base, strict=True))
+        held = sum(t.held() for t in traces)
         await asyncio.gather(*(p.flush(timeout=120) for p in pubs))
-        elapsed = time.perf_counter() - t0
-        writes = sum(p.writes for p in pubs)
-        expected = tick * per_tick * nodes
-        t1 = time.perf_counter()
-        while len(observer.mirror.locations) < expected and time.perf_counter() - t1 < 60:
-            await asyncio.sleep(0.05)
+        shown = sum(len(p.book) for p in pubs)
+        # One node's mirror of the fleet, as a watch would have built it.
+        gc.collect()
+        tracemalloc.start()
+        mirror = await snapshot([endpoint], NS, SIGNER)
+        mirror_bytes = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        locations = sum(len(h) for h in mirror.locations.values())  # (block, node) pairs
+        prompts = [c[:128] for t in traces for c in t.convs][:lookups]
+        times = []
+        for prompt in prompts:
+            req = [bytes(k) for k in prompt]  # fresh objects, as an engine hands them over
+            t1 = time.perf_counter()
+            mirror.lookup(req, "observer")
+            times.append(time.perf_counter() - t1)
+        times.sort()
+        per_node_writes_s = writes / measured / nodes
+        mean_value = written / max(1, writes)
         return {
-            "scale_nodes": nodes,
-            "scale_offered_updates_per_s": nodes * per_tick * 100,
-            "scale_etcd_writes_per_s": round(writes / elapsed),
-            "scale_observer_locations": len(observer.mirror.locations),
-            "scale_observer_caught_up_s": round(time.perf_counter() - t1, 2),
+            "fleet_nodes": nodes,
+            "fleet_blocks_per_s_per_node": round(created / measured / nodes),
+            "fleet_flush_interval_s": flush_interval,
+            "fleet_publish_after_s": publish_after,
+            "etcd_writes_per_1000_blocks": round(writes / created * 1000, 1),
+            "etcd_writes_per_s_per_node": round(per_node_writes_s, 1),
+            "etcd_bytes_per_block": round(written / created, 1),
+            "etcd_mean_write_bytes": round(mean_value),
+            "fleet_blocks_held": held,
+            "fleet_blocks_in_index": locations,
+            "mirror_mb_per_million_fleet_blocks": round(mirror_bytes / held, 1),
+            "mirror_mb_per_million_locations": round(mirror_bytes / locations, 1),
+            "lookup_p50_us": round(times[len(times) // 2] * 1e6, 1),
+            "lookup_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
+            "lookup_prompts": len(times),
+            "_per_node_writes_s": per_node_writes_s,
+            "_mean_value": mean_value,
+            "_shown": shown,
         }
     finally:
         for p in pubs:
             await p.close()
-        await observer.close()
 
 
 def run(nodes: int = 0, ttl: int = 3) -> dict:
@@ -259,7 +380,19 @@ def run(nodes: int = 0, ttl: int = 3) -> dict:
 
         async def all_async() -> None:
             if nodes:
-                out.update(await scale(etcd.endpoint, ttl, nodes))
+                got = await fleet(etcd.endpoint, ttl, nodes)
+                per_node, mean_value = got.pop("_per_node_writes_s"), got.pop("_mean_value")
+                got.pop("_shown")
+                out.update(got)
+                capacity = await etcd_put_capacity(etcd.endpoint, round(mean_value))
+                out.update(capacity)
+                nodes_per_etcd = capacity["etcd_puts_per_s"] / per_node
+                out["fleet_nodes_per_etcd"] = round(nodes_per_etcd)
+                # every mirror receives every write: what one node's watch carries then
+                out["mirror_inbound_mb_per_s_at_that_fleet"] = round(
+                    nodes_per_etcd * per_node * mean_value / 1e6, 1
+                )
+                out.update(await dead_node_cleanup(etcd.endpoint, ttl))
                 return
             out.update(await publish_rate(etcd.endpoint, ttl))
             out.update(await writes_per_block(etcd.endpoint, ttl))
