@@ -63,12 +63,15 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         counted = eng_b.stats()["engine_blocks"]
         assert counted["remote_host"] == 8 and counted["remote_disk"] == 8
 
-        # `kvbm status`: the fleet from etcd, and one node from its socket
-        fleet = kvbm_json("status", "--etcd", etcd.endpoint)
-        by_id = {n["node_id"]: n for n in fleet["nodes"]}
+        # `kvbm status`: the fleet from etcd, and one node from its socket; what
+        # B pulled reaches the index once B has held it index_publish_after_ms
+        def fleet() -> dict:
+            return {n["node_id"]: n for n in kvbm_json("status", "--etcd", etcd.endpoint)["nodes"]}
+
+        until(lambda: fleet()["node-b"]["host"]["blocks"] == 16, 10, "B's blocks not in the index")
+        by_id = fleet()
         assert set(by_id) == {"node-a", "node-b"}
         assert by_id["node-a"]["disk"]["blocks"] >= 8
-        assert by_id["node-b"]["host"]["blocks"] == 16  # what it pulled
         one = kvbm_json("status", "--socket", b.socket)
         assert one["engine_blocks"]["remote_disk"] == 8 and one["hit_shares"]["remote_host"] == 0.5
         # SIGTERM: A stops cleanly and revokes its lease, so B forgets it at

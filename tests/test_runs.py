@@ -41,7 +41,7 @@ def test_blocks_stored_one_after_another_share_a_run_up_to_its_cap():
     assert records(book) == {rid: [(key(i), H) for i in range(120)]}
     book.apply({key(i): H for i in range(200, 260)})  # 30 fit, 30 start the next run
     got = records(book)
-    assert [len(r) for r in got.values()] == [150, 30] and list(got)[0] == rid
+    assert [len(r) for r in got.values()] == [150, 30] and next(iter(got)) == rid
 
 
 def test_a_prompt_that_continues_joins_its_predecessors_run():
