@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.runs import RunBook
-from discovery.schema import node_path, run_path
+from discovery.schema import node_path
 
 
 class MemoryIndex:
@@ -28,15 +28,8 @@ class MemoryIndex:
 
     def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
         """The same runs the etcd index writes, applied in the same order."""
-        book, ns, me = self.book, self.mirror.namespace, self.node.node_id
-        book.apply({**dict.fromkeys(removes), **changes})
-        for phase in book.take_records():
-            for rid, record in phase:
-                path = run_path(ns, me, rid)
-                if record is None:
-                    self.mirror.delete(path)
-                else:
-                    self.mirror.put(path, record.encode())
+        self.book.apply({**dict.fromkeys(removes), **changes})
+        self.mirror.apply_runs(self.node.node_id, self.book.take_records())
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self.mirror.lookup(keys, self.node.node_id)

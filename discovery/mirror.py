@@ -16,7 +16,7 @@ from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 from discovery.keytable import KeyTable
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
 from discovery.runs import RunRecord
-from discovery.schema import namespace_prefix, parse_path
+from discovery.schema import namespace_prefix, parse_path, run_path
 from discovery.signing import IndexSigner
 
 log = logging.getLogger("discovery.mirror")
@@ -206,6 +206,19 @@ class IndexMirror:
         if old is not None:
             for key in old.block_keys():
                 self._unset(key, parsed.node_id)
+
+    def apply_runs(
+        self, node_id: str, phases: Sequence[Sequence[tuple[int, RunRecord | None]]]
+    ) -> None:
+        """A node's run records, phase by phase, as `RunBook.take_records` gives
+        them (no etcd between: the in-memory index, tests)."""
+        for phase in phases:
+            for rid, record in phase:
+                path = run_path(self.namespace, node_id, rid)
+                if record is None:
+                    self.delete(path)
+                else:
+                    self.put(path, record.encode())
 
     def _set(self, key: bytes, name: str, tier: Tier) -> None:
         old_id = self._table.get(key)

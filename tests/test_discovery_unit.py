@@ -35,13 +35,7 @@ class Fleet:
     def apply(self, node: str, changes: dict[bytes, Tier | None]) -> None:
         book = self.books.setdefault(node, RunBook())
         book.apply(changes)
-        for phase in book.take_records():
-            for rid, record in phase:
-                path = run_path(NS, node, rid)
-                if record is None:
-                    self.m.delete(path)
-                else:
-                    self.m.put(path, record.encode())
+        self.m.apply_runs(node, book.take_records())
 
     def put(self, node: str, i: int, tier: Tier = Tier.HOST) -> None:
         self.apply(node, {key(i): tier})

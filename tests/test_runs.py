@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from discovery.mirror import IndexMirror
 from discovery.records import Tier
 from discovery.runs import MAX_RUN_KEYS, RunBook, RunRecord
-from discovery.schema import run_path
 
 NS = "ns1"
 TAIL = b"\x01\x02tail"
@@ -137,14 +136,10 @@ BATCHES = st.lists(
 
 
 def feed(m: IndexMirror, node: str, book: RunBook, rng: random.Random) -> None:
-    for phase in book.take_records():
+    phases = book.take_records()
+    for phase in phases:
         rng.shuffle(phase)
-        for rid, rec in phase:
-            path = run_path(NS, node, rid)
-            if rec is None:
-                m.delete(path)
-            else:
-                m.put(path, rec.encode())
+    m.apply_runs(node, phases)
 
 
 @settings(max_examples=300, deadline=None)
