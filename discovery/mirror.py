@@ -182,15 +182,11 @@ class IndexMirror:
             )
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
-        keys, tiers = run.block_keys(), run.tiers()
-        old = self._runs.get(path)
-        if old is not None:
-            kept = set(keys)
-            for key in old.block_keys():
-                if key not in kept:
-                    self._unset(key, name)
+        gone, changed = run.changes_since(self._runs.get(path))
+        for key in gone:
+            self._unset(key, name)
         self._runs[path] = run
-        for key, tier in zip(keys, tiers, strict=True):
+        for key, tier in changed:
             self._set(key, name, tier)
 
     def delete(self, path: bytes, revision: int = 0) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import msgpack
+import numpy as np
 
 from discovery.records import Tier
 
@@ -43,6 +44,38 @@ class RunRecord:
     def tiers(self) -> list[Tier]:
         bits = int.from_bytes(self.disk, "little")
         return [Tier.DISK if bits >> i & 1 else Tier.HOST for i in range(len(self))]
+
+    def changes_since(self, old: RunRecord | None) -> tuple[list[bytes], list[tuple[bytes, Tier]]]:
+        """What a mirror must do to go from `old` (the run's previous value) to
+        this one: the keys gone, and the keys new or in another tier. A run
+        is rewritten whole for every change (a few keys evicted, the open run
+        grown), so this compares heads in numpy and builds only the keys
+        that changed: a rewrite of 1,024 keys costs tens of microseconds."""
+        if old is None or old.tail != self.tail:
+            gone = [] if old is None else old.block_keys()
+            return gone, list(zip(self.block_keys(), self.tiers(), strict=True))
+        heads, disk = self._arrays()
+        old_heads, old_disk = old._arrays()
+        by_head = np.argsort(old_heads)
+        sorted_old = old_heads[by_head]
+        at = np.minimum(np.searchsorted(sorted_old, heads), len(sorted_old) - 1)
+        same = (sorted_old[at] == heads) & (old_disk[by_head][at] == disk)
+        sorted_new = np.sort(heads)
+        at = np.minimum(np.searchsorted(sorted_new, old_heads), len(sorted_new) - 1)
+        gone = old_heads[sorted_new[at] != old_heads]
+        tail, changed = self.tail, np.flatnonzero(~same)
+        return (
+            [h.tobytes() + tail for h in gone],
+            [
+                (heads[i].tobytes() + tail, Tier.DISK if disk[i] else Tier.HOST)
+                for i in changed.tolist()
+            ],
+        )
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        heads = np.frombuffer(self.heads, dtype="<u8")
+        bits = np.unpackbits(np.frombuffer(self.disk, dtype=np.uint8), bitorder="little")
+        return heads, bits[: len(heads)].astype(bool)
 
     @classmethod
     def of(cls, keys: list[bytes], tiers: list[Tier]) -> RunRecord:
