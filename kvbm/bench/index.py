@@ -386,12 +386,12 @@ def run(nodes: int = 0, ttl: int = 3) -> dict:
                 out.update(got)
                 capacity = await etcd_put_capacity(etcd.endpoint, round(mean_value))
                 out.update(capacity)
-                nodes_per_etcd = capacity["etcd_puts_per_s"] / per_node
-                out["fleet_nodes_per_etcd"] = round(nodes_per_etcd)
-                # every mirror receives every write: what one node's watch carries then
-                out["mirror_inbound_mb_per_s_at_that_fleet"] = round(
-                    nodes_per_etcd * per_node * mean_value / 1e6, 1
-                )
+                out["fleet_nodes_per_etcd"] = round(capacity["etcd_puts_per_s"] / per_node)
+                # Every mirror receives every run written: arithmetic from the
+                # measured bytes a node writes, at a fleet of 500.
+                inbound = 500 * per_node * mean_value
+                out["mirror_inbound_mb_per_s_at_500_nodes"] = round(inbound / 1e6, 1)
+                out["etcd_watch_out_gb_per_s_at_500_nodes"] = round(500 * inbound / 1e9, 1)
                 out.update(await dead_node_cleanup(etcd.endpoint, ttl))
                 return
             out.update(await publish_rate(etcd.endpoint, ttl))
