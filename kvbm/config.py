@@ -94,9 +94,9 @@ class KvbmConfig:
     )
     lease_ttl: int = _opt(10, "Seconds the index keeps a silent node's entries.")
     index_publish_after_ms: int = _opt(
-        1000,
-        "A run of blocks goes to the index once the node has held it this long: what "
-        "lives shorter is not worth sharing and costs no etcd write; 0: at once.",
+        0,
+        "A block goes to the index once the node has held it this long (what lives "
+        "shorter costs no etcd write); 0: at the next flush (every 0.5 s).",
     )
     peer_timeout_ms: int = _opt(
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."

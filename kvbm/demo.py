@@ -98,8 +98,7 @@ def _has_vllm() -> bool:
 
 
 def _wait_visible(b: NodeAttachment, keys: list[BlockKey], timeout: float = 10.0) -> None:
-    """Until B's index mirror shows what A published (index_publish_after_ms, 1 s
-    by default, and one flush, 0.5 s at most)."""
+    """Until B's index mirror shows what A published (one flush: 0.5 s at most)."""
     deadline = time.monotonic() + timeout
     while b.lookup(keys).total < len(keys) and time.monotonic() < deadline:
         time.sleep(0.02)

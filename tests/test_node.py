@@ -64,7 +64,7 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         assert counted["remote_host"] == 8 and counted["remote_disk"] == 8
 
         # `kvbm status`: the fleet from etcd, and one node from its socket; what
-        # B pulled reaches the index once B has held it index_publish_after_ms
+        # B pulled reaches the index at B's next flush (0.5 s)
         def fleet() -> dict:
             return {n["node_id"]: n for n in kvbm_json("status", "--etcd", etcd.endpoint)["nodes"]}
 

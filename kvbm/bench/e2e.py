@@ -208,7 +208,10 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
                         figures[f"local_host_after_{kind}"].append(timed(on_b, p))
                 served = dict(probe.stats()["engine_blocks"])
                 figures["turn2"].append(timed(on_b, turn2))
-                after = probe.stats()["engine_blocks"]
+                stats = probe.stats()
+                after = stats["engine_blocks"]
+                # a peer B left alone (a pull that failed) misses every hit after it
+                out["node_b_avoided_peers"] = stats["avoided_peers"]
             finally:
                 probe.close()
                 on_b.close()
