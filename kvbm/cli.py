@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     soak.add_argument("--fault-every", type=float, default=4.0, help="seconds between faults")
     soak.add_argument("--seed", type=int, default=1)
+    engines = which.add_parser("engines", help="engine processes on one node: calls/s, latency")
+    engines.add_argument("--json", action="store_true", help="print one JSON object")
+    engines.add_argument("--engines", type=int, default=4, help="engine processes")
+    engines.add_argument("--seconds", type=float, default=5.0)
     e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.add_argument("--prompts", type=int, default=6, help="prompts per figure (median)")
@@ -117,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import transport as transport_mod
 
                 result = transport_mod.run(args.arena_dir)
+            elif args.bench == "engines":
+                from kvbm.bench import engines as engines_mod
+
+                result = engines_mod.run(args.engines, args.seconds)
             elif args.bench == "soak":
                 from kvbm.bench import soak as soak_mod
 
