@@ -83,6 +83,23 @@ def test_bench_tiers_prints_one_json_object_with_every_figure(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_bench_engines_settles_every_lease_and_prints_every_figure():
+    r = run("bench", "engines", "--json", "--engines", "2", "--seconds", "0.5")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    for key in (
+        "raw_socket_roundtrip_us",
+        "scheduler_lookup_p50_us",
+        "rpc_vs_socket_roundtrip",
+        "lookups_per_s",
+        "load_release_per_s",
+        "stores_per_s",
+        "node_cpu_us_per_lookup",
+    ):
+        assert result[key] > 0, key
+    assert result["leases_left"] == 0
+
+
 def test_config_prints_the_merged_configuration(tmp_path):
     r = run("config", "--host-cache-mb", "77", env={"KVBM_NAMESPACE": "tenant-a"})
     assert r.returncode == 0, r.stderr

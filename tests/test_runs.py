@@ -169,3 +169,20 @@ def test_a_mirror_fed_records_in_any_order_within_a_phase_equals_the_model(batch
     assert dict(m.locations.items()) == model
     for node, book in books.items():
         assert len(book) == sum(node in v for v in model.values())
+
+
+def test_the_fleet_traces_changes_describe_its_tiers():
+    """`kvbm bench index --nodes`' trace: its changes, applied to a RunBook,
+    hold exactly what its two tiers hold, in the tier they hold it."""
+    from kvbm.bench.fleet_trace import NodeTrace, TraceShape
+    from kvbm.block_key import KeySpace
+
+    trace = NodeTrace(3, KeySpace("ns1", 1), TraceShape(host_blocks=64, disk_blocks=128))
+    book = RunBook()
+    for _ in range(200):
+        changes: dict = {}
+        trace.request(changes)
+        book.apply(changes)
+    held = book.held()
+    assert held == {k: H for k in trace.host} | {k: D for k in trace.disk}
+    assert len(held) == trace.held() == 192 and trace.created > 192
