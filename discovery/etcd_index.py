@@ -5,10 +5,10 @@ Three tasks, each owning one stream: `_keepalive` refreshes the lease every
 TTL/3, `_flusher` writes the runs that changed (discovery/runs.py) in
 transactions of at most 128 operations, `_watcher` feeds the mirror. When
 etcd is unreachable, lookups go on from the mirror, changes accumulate
-(coalesced), and when etcd is back the
-node keeps its lease if it survived, or takes a new one and republishes its
-whole state. The watch resumes at the last revision seen + 1, or re-reads the
-namespace when that revision was compacted away.
+(coalesced), and when etcd is back the node keeps its lease if it survived,
+or takes a new one and republishes its whole state. The watch resumes at
+the last revision seen + 1, or re-reads the namespace when that revision was
+compacted away.
 """
 
 from __future__ import annotations
@@ -376,27 +376,12 @@ class EtcdIndex:
         self._dirty.set()
 
     async def _write(self, first: set[int], then: set[int]) -> None:
-        client, lease, ns, me = self._live(), self._lease, self.namespace, self.node.node_id
-        tx, book, cutoff = client.transactions, self.book, self._cutoff()
-        for phase in (first, then):
-            ops, sent = [], []
-            for rid in phase:
-                record = book.record(rid, cutoff)
-                young = book.youngest_unshown(rid, cutoff)
-                if young is not None:
-                    self._ripening[rid] = young + self.publish_after
-                else:
-                    self._ripening.pop(rid, None)
-                path = run_path(ns, me, rid)
-                if record is not None:
-                    value = self._value(path, record.encode())
-                    ops.append(tx.put(path, value, lease=lease))
-                    self.bytes_written += len(path) + len(value)
-                elif rid in self._in_etcd:
-                    ops.append(tx.delete(path))
-                else:
-                    continue
-                sent.append((rid, record is not None))
+        """Both phases' operations are built before the first await: the
+        records are one snapshot of the book, in which no key is in two runs
+        (a publish() while phase one is in flight must not reach phase two)."""
+        client = self._live()
+        phases = [self._ops(client, phase) for phase in (first, then)]
+        for ops, sent in phases:
             chunks = [ops[i : i + MAX_TXN_OPS] for i in range(0, len(ops), MAX_TXN_OPS)]
             # A few transactions in flight at once: etcd batches them to disk together.
             for i in range(0, len(chunks), 4):
@@ -412,6 +397,31 @@ class EtcdIndex:
                     self._in_etcd.add(rid)
                 else:
                     self._in_etcd.discard(rid)
+
+    def _ops(self, client: aetcd.Client, rids: set[int]) -> tuple[list, list[tuple[int, bool]]]:
+        """The puts and deletes that bring etcd to these runs' records now, and
+        (run, put or not) for each; runs holding keys too young are noted
+        as ripening."""
+        tx, book, lease, cutoff = client.transactions, self.book, self._lease, self._cutoff()
+        ops, sent = [], []
+        for rid in rids:
+            record = book.record(rid, cutoff)
+            young = book.youngest_unshown(rid, cutoff)
+            if young is not None:
+                self._ripening[rid] = young + self.publish_after
+            else:
+                self._ripening.pop(rid, None)
+            path = run_path(self.namespace, self.node.node_id, rid)
+            if record is not None:
+                value = self._value(path, record.encode())
+                ops.append(tx.put(path, value, lease=lease))
+                self.bytes_written += len(path) + len(value)
+            elif rid in self._in_etcd:
+                ops.append(tx.delete(path))
+            else:
+                continue
+            sent.append((rid, record is not None))
+        return ops, sent
 
     def _value(self, path: bytes, value: bytes) -> bytes:
         return value if self.signer is None else self.signer.sign(path, value)
