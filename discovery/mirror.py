@@ -20,7 +20,8 @@ from discovery.schema import namespace_prefix, parse_path, run_path
 from discovery.signing import IndexSigner
 
 log = logging.getLogger("discovery.mirror")
-# ~63 bytes a location: about 1 GB of mirror before new locations are refused
+# ~87 bytes a location (the key table, and the run values kept): about 1.4 GB
+# of mirror before new locations are refused
 MAX_LOCATIONS = 16_000_000
 
 
