@@ -119,6 +119,7 @@ class IndexMirror:
 
     def _reset_locations(self) -> None:
         self._runs: dict[bytes, RunRecord] = {}  # the run records applied, by etcd key
+        self._run_keys = 0  # keys in them
         self._table = KeyTable()
         # Holders by id, counted: an id is reused once no location points at it.
         self._holders: list[Holders | None] = []
@@ -183,7 +184,18 @@ class IndexMirror:
             )
             return
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
-        gone, changed = run.changes_since(self._runs.get(path))
+        old = self._runs.get(path)
+        grown = len(run) - (0 if old is None else len(old))
+        if grown > 0 and self._run_keys + grown > 2 * self.max_locations:
+            # The run values kept are capped too (a key several nodes hold is one
+            # location of the table, one key in each of their runs): twice the table.
+            self.over_cap += 1
+            _now_and_then(
+                self.over_cap, "index mirror full: a run is not kept refused=%d key=%r", path[:120]
+            )
+            return
+        self._run_keys += grown
+        gone, changed = run.changes_since(old)
         for key in gone:
             self._unset(key, name)
         self._runs[path] = run
@@ -201,6 +213,7 @@ class IndexMirror:
             return
         old = self._runs.pop(path, None)
         if old is not None:
+            self._run_keys -= len(old)
             for key in old.block_keys():
                 self._unset(key, parsed.node_id)
 
@@ -251,6 +264,7 @@ class IndexMirror:
         """Take over another mirror's content in one step (a resync), so lookups
         see the old view or the new one, never a half-built one."""
         self.nodes, self._names, self._runs = fresh.nodes, fresh._names, fresh._runs
+        self._run_keys = fresh._run_keys
         self._table, self._holders, self._refs = fresh._table, fresh._holders, fresh._refs
         self._free, self._ids = fresh._free, fresh._ids
         self.revision = fresh.revision

@@ -291,5 +291,19 @@ def test_the_mirror_keeps_at_most_max_locations():
     fleet.delete("N1", 1)  # room again
     fleet.put("N5", 5)
     assert m.holders(key(5)) == {"N5": Tier.HOST}
-    fleet.put("N4", 6)  # still full: refused (key 4, unchanged in N4's run, is not retried)
+    fleet.put("N4", 6)  # the run values kept are full too (6 keys): N4's grown run is refused
     assert m.holders(key(6)) == {} and m.over_cap == 3
+    assert m.holders(key(0)) == {"N0": Tier.HOST, "B": Tier.DISK}  # what it had stays
+
+
+def test_the_run_values_a_mirror_keeps_are_capped_too():
+    """Many runs of the same keys cost the table nothing new (one location a
+    key) but cost the mirror each run's value: those are capped at twice the
+    table's cap, so a flood of runs (a fleet member gone bad) ends there."""
+    fleet = Fleet(IndexMirror(NS, max_locations=3))
+    for i in range(7):
+        fleet.put(f"N{i}", 0)
+    assert len(fleet.m.holders(key(0))) == 6 and fleet.m.over_cap == 1
+    fleet.delete("N0", 0)  # room again
+    fleet.put("N7", 1)
+    assert fleet.m.holders(key(1)) == {"N7": Tier.HOST}

@@ -279,7 +279,8 @@ async def fleet(
     settings; writes are counted over `seconds` after `warmup_s` (the tiers
     full, so blocks are evicted as fast as they come). Then one node's mirror
     of the fleet is read back and measured: bytes, and lookups of the trace's
-    own prompts."""
+    own prompts; and etcd's put rate for values of the runs' mean size, the
+    reference of `fleet_nodes_per_etcd`."""
     space = KeySpace(NS, 0x5EED)
     shape = TraceShape(host_blocks=1024, disk_blocks=4096)
     traces = [NodeTrace(i, space, shape) for i in range(nodes)]
@@ -327,7 +328,6 @@ async def fleet(
         writes, created, written = (x - b for x, b in zip(totals(), base, strict=True))
         held = sum(t.held() for t in traces)
         await asyncio.gather(*(p.flush(timeout=120) for p in pubs))
-        shown = sum(len(p.book) for p in pubs)
         # One node's mirror of the fleet, as a watch would have built it.
         gc.collect()
         tracemalloc.start()
@@ -345,7 +345,7 @@ async def fleet(
         times.sort()
         per_node_writes_s = writes / measured / nodes
         mean_value = written / max(1, writes)
-        return {
+        out = {
             "fleet_nodes": nodes,
             "fleet_blocks_per_s_per_node": round(created / measured / nodes),
             "fleet_flush_interval_s": flush_interval,
@@ -361,13 +361,18 @@ async def fleet(
             "lookup_p50_us": round(times[len(times) // 2] * 1e6, 1),
             "lookup_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
             "lookup_prompts": len(times),
-            "_per_node_writes_s": per_node_writes_s,
-            "_mean_value": mean_value,
-            "_shown": shown,
         }
     finally:
         for p in pubs:
             await p.close()
+    out.update(await etcd_put_capacity(endpoint, round(mean_value)))
+    out["fleet_nodes_per_etcd"] = round(out["etcd_puts_per_s"] / per_node_writes_s)
+    # Every mirror receives every run written: arithmetic from the measured
+    # bytes a node writes, at a fleet of 500.
+    inbound = 500 * per_node_writes_s * mean_value
+    out["mirror_inbound_mb_per_s_at_500_nodes"] = round(inbound / 1e6, 1)
+    out["etcd_watch_out_gb_per_s_at_500_nodes"] = round(500 * inbound / 1e9, 1)
+    return out
 
 
 def run(nodes: int = 0, ttl: int = 3) -> dict:
@@ -380,18 +385,7 @@ def run(nodes: int = 0, ttl: int = 3) -> dict:
 
         async def all_async() -> None:
             if nodes:
-                got = await fleet(etcd.endpoint, ttl, nodes)
-                per_node, mean_value = got.pop("_per_node_writes_s"), got.pop("_mean_value")
-                got.pop("_shown")
-                out.update(got)
-                capacity = await etcd_put_capacity(etcd.endpoint, round(mean_value))
-                out.update(capacity)
-                out["fleet_nodes_per_etcd"] = round(capacity["etcd_puts_per_s"] / per_node)
-                # Every mirror receives every run written: arithmetic from the
-                # measured bytes a node writes, at a fleet of 500.
-                inbound = 500 * per_node * mean_value
-                out["mirror_inbound_mb_per_s_at_500_nodes"] = round(inbound / 1e6, 1)
-                out["etcd_watch_out_gb_per_s_at_500_nodes"] = round(500 * inbound / 1e9, 1)
+                out.update(await fleet(etcd.endpoint, ttl, nodes))
                 out.update(await dead_node_cleanup(etcd.endpoint, ttl))
                 return
             out.update(await publish_rate(etcd.endpoint, ttl))
