@@ -1,11 +1,12 @@
 """Runs: how a node's block locations travel through etcd.
 
-Block keys are chained (a prompt's block i names its whole prefix), so a node
-publishes the blocks of one prompt, in order, as one etcd value: a run record
-(the keys' shared tail once, each key's 8-byte head, a bit per key for the
-disk tier). A prompt of a hundred blocks costs one write, not a hundred; a
-chat's next turn is a new run of its new blocks; a tier change or an eviction
-rewrites the run (or deletes it, once it holds nothing).
+A node publishes the blocks it stored one after another (a prompt's in
+prompt order, then the next prompt's) as one etcd value, up to 1,024 keys: a
+run record (the keys' shared tail once, each key's 8-byte head, a bit per
+key for the disk tier). A prompt of a hundred blocks costs one write, not a
+hundred; a tier change or an eviction rewrites its run (or deletes it, once
+it holds nothing), and as LRU eviction follows the order blocks were stored,
+a burst of evictions touches one or two runs.
 
 `RunBook` is the publisher's side: it turns the ordered changes of a node's
 tiers into dirty runs. `RunRecord` is the value, the only codec for it.
