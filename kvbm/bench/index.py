@@ -23,6 +23,8 @@ from discovery.schema import node_path, run_path
 from discovery.signing import IndexSigner
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import KeySpace
+from kvbm.config import KvbmConfig
+from kvbm.node.publisher import INDEX_FLUSH_S
 
 NS = "bench"
 SIGNER = IndexSigner(b"bench-fleet-secret-0123456789")  # nodes sign what they publish
@@ -269,8 +271,8 @@ async def fleet(
     warmup_s: float = 6.0,
     seconds: float = 10.0,
     rate: int = 1000,
-    flush_interval: float = 0.5,
-    publish_after: float = 1.0,
+    flush_interval: float = INDEX_FLUSH_S,
+    publish_after: float = KvbmConfig().index_publish_after_ms / 1000,
     lookups: int = 2000,
 ) -> dict:
     """`nodes` simulated nodes, each storing `rate` new blocks/s of a prompt
