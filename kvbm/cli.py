@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     index = which.add_parser("index", help="the etcd index: publish rate, lookup, lag, cleanup")
     index.add_argument("--json", action="store_true", help="print one JSON object")
-    index.add_argument("--nodes", type=int, default=0, help="scale run with N simulated publishers")
+    index.add_argument("--nodes", type=int, default=0, help="N simulated nodes on a prompt trace")
     index.add_argument("--lease-ttl", type=int, default=3, help="lease TTL of the nodes (s)")
 
     transport = which.add_parser("transport", help="pulls between two node processes over NIXL")
