@@ -65,8 +65,9 @@ def _engine(sock: str, index: int, seconds: float, start: float, out: Connection
             else:
                 att.store(engine.kv, keys, block_ids)
             times[kind].append(time.perf_counter() - t0)
-    att.close()
     out.send(times)
+    out.recv()  # still connected while the parent counts the node's leases
+    att.close()
 
 
 def _prompt(i: int) -> list[int]:
@@ -154,9 +155,12 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
                 time.sleep(max(0.0, begin + seconds - time.time()))
                 cpu.append(_cpu_s(node.proc.pid) - before)
             results = [p.recv() for p in pipes]
+            # every engine still connected: a lease it failed to settle is still held
+            leases = att.stats()["engine_leases"]
+            for pipe in pipes:
+                pipe.send("bye")
             for proc in procs:
                 proc.join(30)
-            leases = att.stats()["engine_leases"]
             att.close()
         finally:
             node.stop()
