@@ -69,10 +69,13 @@ def test_flipped_bytes_in_the_disk_arena_are_misses_counted_in_metrics(etcd, dae
 def test_a_file_system_filling_up_under_the_disk_tier(daemons, small_tmpfs):
     d = small_tmpfs(2 << 20)
     port = free_port("127.0.0.2")
+    # Without the write-ahead: with it, the drain and the write-ahead reserve
+    # slots at once and evict the disk's oldest blocks for room, which the
+    # full file system then lets newer blocks replace (README, "Sizing": open).
     a = daemons(
         "a", "127.0.0.2", "--host-cache-mb", "1", "--disk-admit-min-uses", "1",
         "--disk-cache-dir", d, "--disk-cache-mb", "1", "--disk-preallocate", "false",
-        "--metrics-port", str(port),
+        "--disk-write-ahead-mb", "0", "--metrics-port", str(port),
     )  # fmt: skip
     eng = NodeAttachment(a.socket, GEOMETRY)
     try:
