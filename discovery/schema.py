@@ -32,10 +32,6 @@ def run_path(namespace: str, node_id: str, run_id: int) -> bytes:
     return namespace_prefix(namespace) + b"runs/" + node_id.encode() + b"/" + b"%x" % run_id
 
 
-def runs_prefix(namespace: str, node_id: str) -> bytes:
-    return namespace_prefix(namespace) + b"runs/" + node_id.encode() + b"/"
-
-
 @dataclass(frozen=True, slots=True)
 class Parsed:
     """One etcd key of a namespace, understood: a node record or a run of its blocks."""
