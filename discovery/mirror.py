@@ -11,7 +11,7 @@ is safe: every pulled block is verified by the transport anyway.
 from __future__ import annotations
 
 import logging
-from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 
 from discovery.keytable import KeyTable
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
@@ -35,6 +35,8 @@ class Holders(dict):
 
 
 _NOBODY = Holders()
+# (key, its holders now: empty when nobody), and whether that is the whole mirror
+Follower = Callable[[list[tuple[bytes, Mapping[str, Tier]]], bool], None]
 
 
 class Locations(Mapping[bytes, Holders]):
@@ -115,6 +117,7 @@ class IndexMirror:
         self.rejected = 0  # values without a good signature
         self.over_cap = 0  # new locations refused at max_locations
         self._names: dict[str, str] = {}  # one str object per node id, not per location
+        self._follower: Follower | None = None
         self._reset_locations()
 
     def _reset_locations(self) -> None:
@@ -149,6 +152,22 @@ class IndexMirror:
             del self._ids[frozenset(self._holders[i].items())]  # type: ignore[union-attr]
             self._holders[i] = None
             self._free.append(i)
+
+    def follow(self, follower: Follower) -> None:
+        """Tell `follower` of every key whose holders change, one call per
+        record applied: now, everything the mirror holds (the flag True:
+        what it does not list is held by nobody), then each change, and
+        everything again after a rebuild (`adopt`, `clear`)."""
+        self._follower = follower
+        self._tell_everything()
+
+    def _tell(self, keys: Sequence[bytes]) -> None:
+        if self._follower is not None and keys:
+            self._follower([(k, self.locations.get(k, _NOBODY)) for k in keys], False)
+
+    def _tell_everything(self) -> None:
+        if self._follower is not None:
+            self._follower(list(self.locations.items()), True)
 
     # -- feeding -----------------------------------------------------------
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
@@ -201,6 +220,8 @@ class IndexMirror:
         self._runs[path] = run
         for key, tier in changed:
             self._set(key, name, tier)
+        if self._follower is not None:
+            self._tell([*gone, *(k for k, _ in changed)])
 
     def delete(self, path: bytes, revision: int = 0) -> None:
         self.revision = max(self.revision, revision)
@@ -214,8 +235,10 @@ class IndexMirror:
         old = self._runs.pop(path, None)
         if old is not None:
             self._run_keys -= len(old)
-            for key in old.block_keys():
+            keys = old.block_keys()
+            for key in keys:
                 self._unset(key, parsed.node_id)
+            self._tell(keys)
 
     def apply_runs(
         self, node_id: str, phases: Sequence[Sequence[tuple[int, RunRecord | None]]]
@@ -271,10 +294,12 @@ class IndexMirror:
         self.malformed += fresh.malformed
         self.rejected += fresh.rejected
         self.over_cap += fresh.over_cap
+        self._tell_everything()
 
     def clear(self) -> None:
         self.nodes.clear()
         self._reset_locations()
+        self._tell_everything()
 
     # -- reading -----------------------------------------------------------
     def holders(self, key: bytes) -> dict[str, Tier]:

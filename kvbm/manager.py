@@ -28,6 +28,7 @@ from kvbm.block_key import BlockKey
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
+from kvbm.key_view import LOCAL, KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
 from kvbm.plans import LoadPlan, PrefixMatch, StorePlan
@@ -45,7 +46,12 @@ class BlockManager:
     - every reserved, evicted or pinned slot is settled (registered, freed or
       unpinned) before the call that took it returns, error or not, except
       the pins of a LoadPlan, which `complete_load` settles;
-    - a block reaches G1 from G3 only after its bytes matched its checksum.
+    - a block reaches G1 from G3 only after its bytes matched its checksum;
+    - with a key view shared (`share_keys`), every held key shows in it as
+      LOCAL from the moment its registration returns (a key shows only
+      there, or on disk already); a key let go leaves it at the next
+      `take_changes` (so a view may still show a key just let go, never
+      miss one held).
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class BlockManager:
         # Half of G2 per load or store step: the other half can drain or stage.
         self.max_load_blocks = max(1, host.num_slots // 2)
         self._owed = 0  # host blocks evicted that `write_ahead` has not matched yet
+        self.view: KeyView | None = None
         m = self.metrics
         m.watch_tier(
             Tier.HOST, lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
@@ -91,7 +98,8 @@ class BlockManager:
         """Where each key that changed since the last call is now: host, disk or
         gone, in the order the changes came (a prompt's blocks in prompt order:
         the index publishes them as one run). A key that came and went in
-        between is reported once, as it is now."""
+        between is reported once, as it is now. The keys gone leave the
+        shared key view here."""
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
             dirty = host.changed or {}
@@ -99,10 +107,21 @@ class BlockManager:
                 dirty |= disk.changed
                 disk.changed = {}
             host.changed = {} if host.changed is not None else None
-            return {
+            now = {
                 k: Tier.HOST if k in host.index else Tier.DISK if disk and k in disk.index else None
                 for k in dirty
             }
+            if self.view is not None:
+                self.view.unset([k for k, t in now.items() if t is None], LOCAL)
+            return now
+
+    def share_keys(self, view: KeyView) -> None:
+        """Keep `view` showing every held key (see the class invariants);
+        changes are tracked from now on, so `take_changes` must be called."""
+        self.track_changes()
+        with self._lock:
+            self.view = view
+            view.set(list(self.held()), LOCAL)
 
     def held(self) -> dict[BlockKey, Tier]:
         """Every block held, and where (host wins over disk): a full republish."""
@@ -193,6 +212,8 @@ class BlockManager:
                     table.abort(slot)
                 elif table.register(slot, plan.keys[i], sums[i]):
                     added += 1
+            if self.view is not None and success:
+                self.view.set(plan.keys, LOCAL)
         self.metrics.moved.labels("g1_to_g2").inc(added * self.geometry.block_bytes)
         return added
 
@@ -376,6 +397,8 @@ class BlockManager:
                     if expected is not None:
                         self.metrics.checksum_failures.labels("peer").inc()
                     table.abort(slot)
+            if self.view is not None:
+                self.view.set(added, LOCAL)
         self.metrics.moved.labels("peer_to_g2").inc(len(added) * self.geometry.block_bytes)
         return added
 

@@ -38,7 +38,9 @@ class SharedArena:
     `sweep_stale` finds the orphan and removes it. Attachers only map and unmap.
     """
 
-    def __init__(self, name: str, directory: str, fd: int, size: int, owner: bool) -> None:
+    def __init__(
+        self, name: str, directory: str, fd: int, size: int, owner: bool, writable: bool = True
+    ) -> None:
         self.name = name
         self.directory = directory
         self.size = size
@@ -53,7 +55,8 @@ class SharedArena:
             )
             # MAP_POPULATE faults every page in now, not in the middle of a copy.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, size, flags, prot)
         except BaseException:
             os.close(fd)
             raise
@@ -154,10 +157,14 @@ class SharedArena:
         return removed
 
     @classmethod
-    def attach(cls, name: str, size: int | None = None, directory: str = SHM_DIR) -> SharedArena:
+    def attach(
+        cls, name: str, size: int | None = None, directory: str = SHM_DIR, writable: bool = True
+    ) -> SharedArena:
+        """`writable=False`: opened and mapped read-only (a write faults)."""
         path = cls.path_of(name, directory)
+        mode = os.O_RDWR if writable else os.O_RDONLY
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW)
+            fd = os.open(path, mode | os.O_NONBLOCK | os.O_NOFOLLOW)
         except OSError as e:
             raise ArenaError(f"cannot open shared-memory arena {path}: {e}") from e
         st = os.fstat(fd)
@@ -169,7 +176,7 @@ class SharedArena:
             os.close(fd)
             raise ArenaError(f"arena {path} is {actual} bytes, expected {size or 'more'}")
         try:
-            return cls(name, directory, fd, actual, owner=False)
+            return cls(name, directory, fd, actual, owner=False, writable=writable)
         except (OSError, ValueError) as e:
             raise ArenaError(f"cannot map shared-memory arena {path}: {e}") from e
 

@@ -9,15 +9,22 @@ failure surfaces as NodeError, which a connector turns into "not cached"
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
 from kvbm.engine_wire import Available, EngineLink, NodeError, geometry_to_wire
+from kvbm.errors import ArenaError
+from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyViewReader
 from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
+
+log = logging.getLogger("kvbm.connector")
 
 __all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
 
@@ -62,6 +69,17 @@ class NodeAttachment:
         self.arena_name: str = hello["arena"]  # changes when the node restarts
         self.arena: SharedArena | None = None
         self.blocks: ArenaBlocks | None = None
+        self.view: KeyViewReader | None = None
+        self._remote_bits = (REMOTE_HOST if "host" in self.remote else 0) | (
+            REMOTE_DISK if "disk" in self.remote else 0
+        )
+        if hello.get("view"):
+            try:
+                self.view = KeyViewReader(
+                    hello["view"], hello["view_bytes"], hello.get("arena_dir", SHM_DIR)
+                )
+            except (ArenaError, ValueError) as e:  # every lookup asks the node instead
+                log.warning("cannot map the node's key view, lookups ask the node: %s", e)
         if map_arena:
             self.arena = SharedArena.attach(
                 hello["arena"], hello["arena_bytes"], hello.get("arena_dir", SHM_DIR)
@@ -71,10 +89,37 @@ class NodeAttachment:
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         return self.space.keys(seq_hashes)
 
-    def lookup(self, keys: Sequence[BlockKey]) -> Available:
+    def lookup(self, keys: Sequence[BlockKey], ask_node: bool = False) -> Available:
+        """What the node could serve of `keys`: from its key view when that
+        can tell (no round trip), else (or with `ask_node`) the node's own
+        answer, exact as of now."""
+        seen = None if ask_node else self.seen(keys)
+        if seen is not None:
+            return seen
         return Available.from_wire(
             self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
         )
+
+    def seen(self, keys: Sequence[BlockKey]) -> Available | None:
+        """The lookup as the node's key view shows it (kvbm/key_view.py), or
+        None where it cannot tell. Advice: a load pins what is really there."""
+        if self.view is None or not self.view.alive():
+            return None
+        bits = self.view.bits(keys) if keys else np.zeros(0, np.uint64)
+        if bits is None:
+            return None
+        n = len(bits)
+        held = (bits & LOCAL) != 0
+        local = n if held.all() else int(held.argmin())
+        rest = bits[local:]
+        peers = (rest & self._remote_bits) != 0
+        m = len(rest) if peers.all() else int(peers.argmin())
+        if local + m < n and bits[local + m] == UNSURE:
+            return None
+        on_host = 0
+        if self._remote_bits & REMOTE_HOST:
+            on_host = int(np.count_nonzero(rest[:m] & REMOTE_HOST))
+        return Available(local, on_host, m - on_host)
 
     def load(
         self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]
@@ -139,6 +184,8 @@ class NodeAttachment:
         self.blocks = None  # drop views before unmapping
         if self.arena is not None:
             self.arena.close()
+        if self.view is not None:
+            self.view.close()
 
 
 def _wire(keys: Sequence[BlockKey]) -> list[bytes]:

@@ -27,6 +27,7 @@ from kvbm import __version__
 from kvbm.config import KvbmConfig, child_environment
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import Verify, content_matches
+from kvbm.key_view import KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from kvbm.node.build import build_manager, check_directories
@@ -63,7 +64,10 @@ class Serving:
         await self.peers.close()
         await self.peer_server.close()
         self.agent.close()
+        view = self.mgr.view
         self.mgr.close()
+        if view is not None:
+            view.close()
 
 
 class Node:
@@ -135,8 +139,19 @@ class Node:
         cfg = self.cfg
         mgr = await asyncio.to_thread(build_manager, cfg, geometry, self.verify)
         arena = mgr.host.arena
-        agent = server = None
+        agent = server = view = None
         try:
+            # engines read which keys the node could serve without asking it
+            # (kvbm/key_view.py): its own, and as many again of its peers'
+            local = mgr.host.num_slots + (mgr.disk.num_slots if mgr.disk else 0)
+            view = KeyView.create(
+                f"{arena.name}.keys",
+                2 * local if cfg.etcd_endpoints else local,
+                arena.directory,
+                mode=0o600 if cfg.shared_gid is None else 0o640,
+                gid=cfg.shared_gid,
+            )
+            mgr.share_keys(view)
             agent = await asyncio.to_thread(
                 ConfinedAgent,
                 f"kvbm-{self.node_id}",
@@ -165,6 +180,8 @@ class Node:
             if agent is not None:
                 agent.close()
             mgr.close()
+            if view is not None:
+                view.close()
             raise
         record = NodeRecord(
             self.node_id,

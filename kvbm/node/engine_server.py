@@ -168,6 +168,8 @@ class EngineServer:
             "arena": arena.name,
             "arena_dir": arena.directory,
             "arena_bytes": arena.size,
+            "view": mgr.view.name if mgr.view else "",
+            "view_bytes": mgr.view.size if mgr.view else 0,
             "slot_bytes": geometry.slot_bytes,
             "num_slots": mgr.host.num_slots,
             "step_blocks": mgr.max_load_blocks,

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
-from discovery.records import LookupResult, NodeRecord
+from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.signing import IndexSigner
 from kvbm.config import KvbmConfig
+from kvbm.key_view import REMOTE_DISK, REMOTE_HOST, KeyView
 from kvbm.manager import BlockManager
 
 log = logging.getLogger("kvbm.node")
@@ -127,19 +129,32 @@ class Publisher:
         self._joined.set()
 
     async def _publish_changes(self, mgr: BlockManager) -> None:
-        """Once joined: every block held, then every change of the tiers."""
-        await self._joined.wait()
+        """Every change of the tiers, taken every tick (the shared key view
+        learns then what left); once joined, every block held, then every
+        change, into the index."""
+        published = False
+        while True:
+            await asyncio.sleep(PUBLISH_INTERVAL_S)
+            try:
+                if published:
+                    self._publish(mgr)
+                elif self._joined.is_set():
+                    self._first_publish(mgr)
+                    published = True
+                else:
+                    mgr.take_changes()  # the index takes everything held when it joins
+            except Exception:  # never let one bad batch stop every later one
+                log.exception("publishing to the index failed")
+
+    def _first_publish(self, mgr: BlockManager) -> None:
         assert self.index is not None
         mirror = self.index.mirror
         mgr.metrics.watch_index(lambda: mirror.rejected, lambda: mirror.over_cap)
         mgr.take_changes()  # superseded by the full state below
         self._publish(mgr, everything=True)
-        while True:
-            await asyncio.sleep(PUBLISH_INTERVAL_S)
-            try:
-                self._publish(mgr)
-            except Exception:  # never let one bad batch stop every later one
-                log.exception("publishing to the index failed")
+        view, me = mgr.view, self.record.node_id
+        if view is not None and self.etcd_endpoints:
+            mirror.follow(lambda changes, everything: _show_peers(view, me, changes, everything))
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
@@ -157,3 +172,25 @@ class Publisher:
             if self.mgr is not None and self._joined.is_set():
                 self._publish(self.mgr)
             await self.index.close()
+
+
+def _show_peers(
+    view: KeyView, me: str, changes: list[tuple[bytes, Mapping[str, Tier]]], everything: bool
+) -> None:
+    """The key view's REMOTE bits from the mirror's holders: what another
+    node holds, in its host tier or on its disk."""
+    if everything:
+        view.unset_all(REMOTE_HOST | REMOTE_DISK)
+    on: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
+    off: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
+    for key, holders in changes:
+        bits = 0
+        for node, tier in holders.items():
+            if node != me:
+                bits |= REMOTE_HOST if tier is Tier.HOST else REMOTE_DISK
+        for bit in (REMOTE_HOST, REMOTE_DISK):
+            (on if bits & bit else off)[bit].append(key)
+    for bit in (REMOTE_HOST, REMOTE_DISK):
+        view.set(on[bit], bit)
+        if not everything:
+            view.unset(off[bit], bit)

@@ -45,6 +45,6 @@ def test_an_engine_killed_holding_pins_leaves_none(daemons):
         fill = eng.keys(list(range(100, 100 + eng.num_slots)))
         big = Engine(len(fill))
         assert eng.store(big.kv, fill, big.compute(fill)) == len(fill)
-        assert eng.lookup(ks) == Available(0)
+        assert eng.lookup(ks, ask_node=True) == Available(0)
     finally:
         eng.close()

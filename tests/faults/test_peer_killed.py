@@ -65,7 +65,7 @@ def test_pulls_survive_the_serving_peer_killed_at_random_points(etcd, daemons, t
             # whatever B registered from the peers is right too
             own = NodeAttachment(b.socket, GEOMETRY)  # no remote tiers: B's own blocks only
             try:
-                here = own.lookup(ks).local
+                here = own.lookup(ks, ask_node=True).local
                 check = Engine(2 * HALF)
                 assert own.load(check.kv, ks, list(range(2 * HALF)))[0] == here
                 assert all(check.holds(k, i) for i, k in enumerate(ks[:here]))

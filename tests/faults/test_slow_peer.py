@@ -40,7 +40,7 @@ def test_a_frozen_peer_costs_one_timeout_then_is_left_alone_until_it_may_be_back
             assert time.monotonic() - t0 < 10
             assert eng_b.stats()["avoided_peers"] == ["node-a"]
             # while left alone, A is not asked: lookups and loads say "not here"
-            assert eng_b.lookup(ks) == Available(0)
+            assert eng_b.lookup(ks, ask_node=True) == Available(0)
             assert eng_b.load(Engine(8).kv, ks, list(range(8)))[0] == 0
         finally:
             a.proc.send_signal(signal.SIGCONT)

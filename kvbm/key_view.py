@@ -1,0 +1,341 @@
+"""The node's keys, shared read-only with its engines: which blocks the node
+could serve now (its own tiers, and its peers' as its index mirror shows
+them), so that vLLM's scheduler learns of a miss, and of the length of a
+hit, without a round trip to the node.
+
+One shared-memory file beside the host arena, made of 8-way buckets of
+64-bit words. A key's word is a salted 64-bit hash of the key with its low
+three bits replaced by what the node holds of it (`LOCAL`, `REMOTE_HOST`,
+`REMOTE_DISK`); zero is an empty way. A key whose bucket is full goes to the
+writer's own overflow and sets its bucket's overflow byte: a reader that
+does not find a key in such a bucket cannot say "no", and asks the node.
+
+The view is advice, never the truth: a key the node has just let go may
+still show (a load then pins less, and the engine recomputes the rest) and
+a key shows only once its store has been committed. Bytes never come from
+here: an engine loads only what the node pins.
+
+Consistency: one writer at a time (a lock), and a sequence counter in the
+header, odd while a batch of changes is being written; a reader that saw
+it odd, or changed across its read, reads again (then asks the node). Each
+word is written whole (an aligned 8-byte store); on x86-64 (stores and
+loads kept in order) that makes every read a state the writer passed
+through.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvbm.errors import ArenaError
+from kvbm.shm_arena import SharedArena
+
+LOCAL, REMOTE_HOST, REMOTE_DISK = 1, 2, 4
+BITS = 7
+UNSURE = 8  # a reader's answer, never stored
+WAYS = 8
+MAGIC = 0x5745_4956_4D42_564B  # "KVBMVIEW"
+VERSION = 1
+HEADER = 64  # magic u64, version u32, log2(buckets) u32, salt u64, sequence u64
+_HEAD = struct.Struct("<QIIQ")
+_SEQ = 24 // 8  # the sequence counter's index among the header's words
+READ_TRIES = 3
+
+_M1, _M2, _GOLDEN = (
+    np.uint64(0xBF58476D1CE4E5B9),
+    np.uint64(0x94D049BB133111EB),
+    np.uint64(0x9E3779B97F4A7C15),
+)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_KEEP = np.uint64(~BITS & (2**64 - 1))
+_BITS, _ZERO = np.uint64(BITS), np.uint64(0)
+
+
+def view_bytes(buckets: int) -> int:
+    return HEADER + buckets * WAYS * 8 + buckets
+
+
+def buckets_for(capacity: int) -> int:
+    """A power of two with at most 3 keys per bucket on average at `capacity`
+    keys: a bucket then overflows with a probability of about 0.4%."""
+    need = max(64, -(-capacity // 3))
+    return 1 << (need - 1).bit_length()
+
+
+class _Layout:
+    """The words of a mapped view (the writer's or a reader's)."""
+
+    def __init__(self, arena: SharedArena) -> None:
+        self.arena = arena
+        raw = arena.array
+        magic, version, log2, salt = _HEAD.unpack(bytes(raw[: _HEAD.size]))
+        if magic != MAGIC or version != VERSION or not 6 <= log2 <= 40:
+            raise ArenaError(f"{arena.name} is not a key view of version {VERSION}")
+        buckets = 1 << log2
+        if arena.size != view_bytes(buckets):
+            raise ArenaError(f"key view {arena.name} is {arena.size} bytes, expected more")
+        self.buckets = buckets
+        self.shift = np.uint64(64 - log2)
+        self.salt = np.uint64(salt)
+        self.header = raw[:HEADER].view(np.uint64)
+        end = HEADER + buckets * WAYS * 8
+        self.words = raw[HEADER:end].view(np.uint64).reshape(buckets, WAYS)
+        self.overflow = raw[end:]
+        self._tails: dict[bytes, np.uint64] = {}
+
+    def hashes(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Each key's salted 64-bit hash (splitmix64 over its sequence hash,
+        its tail folded in): keys that share a tail cost one numpy pass."""
+        heads = np.frombuffer(b"".join([k[:8] for k in keys]), "<u8")
+        tail = keys[0][8:]
+        if all(k[8:] == tail for k in keys):
+            x = heads ^ self._tail(tail)
+        else:
+            x = heads ^ np.array([self._tail(k[8:]) for k in keys], np.uint64)
+        z = x + _GOLDEN
+        z = (z ^ (z >> _S30)) * _M1
+        z = (z ^ (z >> _S27)) * _M2
+        return z ^ (z >> _S31)
+
+    def _tail(self, tail: bytes) -> np.uint64:
+        h = self._tails.get(tail)
+        if h is None:
+            if len(self._tails) > 64:
+                self._tails.clear()
+            digest = hashlib.blake2b(tail, digest_size=8).digest()
+            h = self._tails[tail] = np.uint64(int.from_bytes(digest, "little")) ^ self.salt
+        return h
+
+    def close(self) -> None:
+        """Drop every view of the mapping, then unmap it (for the node: unlink
+        the name, and release the lock that tells engines it is alive)."""
+        self.header = np.zeros(4, np.uint64)
+        self.words = np.zeros((0, WAYS), np.uint64)
+        self.overflow = np.zeros(0, np.uint8)
+        self.arena.close()
+
+    def place(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket and tag (the hash without its low bits, never zero) of each hash."""
+        tags = h & _KEEP
+        tags[tags == 0] = np.uint64(BITS + 1)
+        return (h >> self.shift).astype(np.int64), tags
+
+
+class KeyView:
+    """The node's side. Invariants: a key has at most one word, in its
+    bucket or in `_spill` (never both); a bucket's overflow byte is set
+    exactly while `_spill` holds keys of it; a word's bits are never zero."""
+
+    def __init__(self, arena: SharedArena) -> None:
+        self._lay = _Layout(arena)
+        self._lock = threading.Lock()
+        self._spill: dict[int, dict[int, int]] = {}  # bucket -> {tag: bits}
+        self._words = memoryview(self._lay.words).cast("B").cast("Q")  # scalar access, fast
+        self._seq = memoryview(self._lay.header).cast("B").cast("Q")
+
+    @classmethod
+    def create(
+        cls, name: str, capacity: int, directory: str, mode: int = 0o600, gid: int | None = None
+    ) -> KeyView:
+        buckets = buckets_for(capacity)
+        arena = SharedArena.create(name, view_bytes(buckets), mode, gid, directory)
+        try:
+            head = _HEAD.pack(MAGIC, VERSION, buckets.bit_length() - 1, secrets.randbits(64))
+            arena.array[: _HEAD.size] = np.frombuffer(head, np.uint8)
+            return cls(arena)
+        except BaseException:
+            arena.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self._lay.arena.name
+
+    @property
+    def size(self) -> int:
+        return self._lay.arena.size
+
+    def set(self, keys: Sequence[bytes], bit: int) -> None:
+        """Mark `keys` as held in `bit`'s way."""
+        if keys:
+            self._change(keys, bit, True)
+
+    def unset(self, keys: Sequence[bytes], bit: int) -> None:
+        """Mark `keys` as no longer held in `bit`'s way; a key held nowhere leaves."""
+        if keys:
+            self._change(keys, bit, False)
+
+    def unset_all(self, bit: int) -> None:
+        """`bit` off for every key (the mirror was rebuilt): one numpy pass."""
+        with self._lock:
+            self._begin()
+            try:
+                words = self._lay.words
+                kept = words & np.uint64(~bit & (2**64 - 1))
+                kept[(kept & np.uint64(BITS)) == 0] = 0
+                words[:] = kept
+                for b, spilled in list(self._spill.items()):
+                    for tag, bits in list(spilled.items()):
+                        if bits & ~bit:
+                            spilled[tag] = bits & ~bit
+                        else:
+                            del spilled[tag]
+                    self._refill(b)
+            finally:
+                self._end()
+
+    def count(self) -> int:
+        """Keys in the view (for tests and stats)."""
+        with self._lock:
+            used = int(np.count_nonzero(self._lay.words))
+            return used + sum(len(s) for s in self._spill.values())
+
+    def close(self) -> None:
+        self._words.release()
+        self._seq.release()
+        self._lay.close()
+
+    # -- internals ---------------------------------------------------------
+    def _change(self, keys: Sequence[bytes], bit: int, on: bool) -> None:
+        buckets, tags = self._lay.place(self._lay.hashes(keys))
+        with self._lock:
+            self._begin()
+            try:
+                for b, tag in zip(buckets.tolist(), tags.tolist(), strict=True):
+                    if on:
+                        self._set_one(b, tag, bit)
+                    else:
+                        self._unset_one(b, tag, bit)
+            finally:
+                self._end()
+
+    def _set_one(self, b: int, tag: int, bit: int) -> None:
+        w, base, free = self._words, b * WAYS, -1
+        for i in range(base, base + WAYS):
+            word = w[i]
+            if word & ~BITS == tag:
+                w[i] = word | bit
+                return
+            if word == 0 and free < 0:
+                free = i
+        spilled = self._spill.get(b)
+        if spilled is not None and tag in spilled:
+            spilled[tag] |= bit
+        elif free >= 0:
+            w[free] = tag | bit
+        else:
+            self._spill.setdefault(b, {})[tag] = bit
+            self._lay.overflow[b] = 1
+
+    def _unset_one(self, b: int, tag: int, bit: int) -> None:
+        w, base = self._words, b * WAYS
+        for i in range(base, base + WAYS):
+            word = w[i]
+            if word & ~BITS == tag:
+                left = word & ~bit & BITS
+                w[i] = tag | left if left else 0
+                if not left:
+                    self._refill(b)
+                return
+        spilled = self._spill.get(b)
+        if spilled is not None and tag in spilled:
+            left = spilled[tag] & ~bit
+            if left:
+                spilled[tag] = left
+            else:
+                del spilled[tag]
+                self._refill(b)
+
+    def _refill(self, b: int) -> None:
+        """Move spilled keys of bucket `b` into its free ways; clear its
+        overflow byte once none is left."""
+        spilled = self._spill.get(b)
+        if spilled is None:
+            return
+        w, base = self._words, b * WAYS
+        for i in range(base, base + WAYS):
+            if not spilled:
+                break
+            if w[i] == 0:
+                tag, bits = spilled.popitem()
+                w[i] = tag | bits
+        if not spilled:
+            del self._spill[b]
+            self._lay.overflow[b] = 0
+
+    def _begin(self) -> None:
+        self._seq[_SEQ] += 1  # odd: a batch is being written
+
+    def _end(self) -> None:
+        self._seq[_SEQ] += 1
+
+
+class KeyViewReader:
+    """An engine's read-only mapping of its node's view. A node holds an
+    exclusive lock on its view's file while it lives (kvbm/shm_arena.py);
+    the view of a node that is gone, stopped or killed, is frozen: `alive`
+    says so, and the engine asks the node (which fails: it attaches again)."""
+
+    def __init__(self, name: str, size: int, directory: str) -> None:
+        self._lay = _Layout(SharedArena.attach(name, size, directory, writable=False))
+        self.name = name
+        try:
+            self._fd = os.open(
+                SharedArena.path_of(name, directory), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except OSError as e:
+            self._lay.close()
+            raise ArenaError(f"cannot open key view {name}: {e}") from e
+
+    @classmethod
+    def of(cls, view: KeyView) -> KeyViewReader:
+        arena = view._lay.arena
+        return cls(arena.name, arena.size, arena.directory)
+
+    def alive(self) -> bool:
+        if self._fd < 0:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # the node holds its lock
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return False
+
+    def bits(self, keys: Sequence[bytes]) -> np.ndarray | None:
+        """What the node holds of each key: LOCAL | REMOTE_HOST | REMOTE_DISK,
+        0 for nothing, UNSURE where the view cannot tell (the key is not in
+        its bucket, and the bucket overflowed); None when the writer was busy
+        at every try. Where the view cannot tell, ask the node."""
+        lay = self._lay
+        buckets, tags = lay.place(lay.hashes(keys))
+        header, words, overflow = lay.header, lay.words, lay.overflow
+        for _ in range(READ_TRIES):
+            seq = int(header[_SEQ])
+            if seq & 1:
+                os.sched_yield()
+                continue
+            rows = words[buckets]
+            over = overflow[buckets]
+            if int(header[_SEQ]) != seq:
+                continue
+            found = (rows & _KEEP) == tags[:, None]
+            got = np.where(found, rows & _BITS, _ZERO).max(axis=1)
+            got[(got == 0) & (over != 0)] = UNSURE
+            return got
+        return None
+
+    def close(self) -> None:
+        """Safe to call twice."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._lay.close()

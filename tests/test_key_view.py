@@ -1,0 +1,218 @@
+"""The node's key view (kvbm/key_view.py): what a reader in another process
+sees while the node writes, against a model; batches seen whole; the
+overflow that makes a reader ask instead of answering "no"; and real nodes
+keeping it in step with their tiers and their peers'."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvbm.block_key import KeySpace
+from kvbm.connector.attach import Available, NodeAttachment, NodeError
+from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyView, KeyViewReader
+from tests.node_daemon import until
+from tests.support import GEOMETRY, Engine
+
+SPACE = KeySpace("test", GEOMETRY.fingerprint)
+
+
+def _keys(start: int, n: int, tp_rank: int = 0) -> list[bytes]:
+    return KeySpace("test", GEOMETRY.fingerprint, tp_rank).keys(list(range(start, start + n)))
+
+
+@pytest.fixture
+def view(tmp_path):
+    v = KeyView.create("kvbm-g2-test.keys", 256, str(tmp_path))
+    yield v
+    v.close()
+
+
+def test_a_reader_sees_each_bit_set_and_unset(view):
+    reader = KeyViewReader.of(view)
+    ks = _keys(0, 12)
+    assert reader.bits(ks).tolist() == [0] * 12
+    view.set(ks[:8], LOCAL)
+    view.set(ks[4:10], REMOTE_HOST)
+    view.set(ks[9:], REMOTE_DISK)
+    assert reader.bits(ks).tolist() == [1] * 4 + [3] * 4 + [2, 6, 4, 4]
+    view.unset(ks[:6], LOCAL)
+    assert reader.bits(ks).tolist() == [0] * 4 + [2, 2, 3, 3, 2, 6, 4, 4]
+    view.unset_all(REMOTE_HOST | REMOTE_DISK)
+    assert reader.bits(ks).tolist() == [0] * 6 + [1, 1] + [0] * 4
+    assert view.count() == 2
+    # another tensor-parallel rank's keys are other keys
+    assert reader.bits(_keys(0, 12, tp_rank=1)).tolist() == [0] * 12
+    reader.close()
+
+
+def test_the_engines_mapping_is_read_only_and_knows_when_the_node_is_gone(view):
+    reader = KeyViewReader.of(view)
+    with pytest.raises(ValueError, match="read-only"):
+        reader._lay.words[0, 0] = 1
+    assert reader.alive()
+    view.close()  # the node stops: the name is unlinked
+    assert not reader.alive()
+    reader.close()
+    reader.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.sampled_from([LOCAL, REMOTE_HOST, REMOTE_DISK]),
+            st.lists(st.integers(0, 299), min_size=1, max_size=40),
+        ),
+        max_size=40,
+    )
+)
+def test_a_key_held_is_never_answered_no_even_in_overflowing_buckets(tmp_path_factory, ops):
+    """A tiny view (64 buckets of 8 ways for up to 300 keys): buckets
+    overflow. Against a model: a held key reads as its exact bits or UNSURE,
+    a key not held as 0 or UNSURE, and UNSURE only in an overflowing bucket;
+    the overflow bytes say exactly which buckets have keys outside their ways."""
+    v = KeyView.create("kvbm-g2-prop.keys", 64, str(tmp_path_factory.mktemp("v")))
+    reader = KeyViewReader.of(v)
+    try:
+        everything = _keys(0, 300)
+        model = [0] * 300
+        for on, bit, idx in ops:
+            picked = [everything[i] for i in idx]
+            (v.set if on else v.unset)(picked, bit)
+            for i in idx:
+                model[i] = model[i] | bit if on else model[i] & ~bit
+        got = reader.bits(everything).tolist()
+        buckets, _ = reader._lay.place(reader._lay.hashes(everything))
+        over = reader._lay.overflow
+        for i, (want, seen) in enumerate(zip(model, got, strict=True)):
+            assert seen in (want, UNSURE), (i, want, seen)
+            if seen == UNSURE:
+                assert over[buckets[i]]
+        assert set(np.flatnonzero(over).tolist()) == set(v._spill)
+        assert v.count() == sum(1 for m in model if m)
+        assert sum(model) == 0 or any(got)  # the check can fail: something was seen
+    finally:
+        reader.close()
+        v.close()
+
+
+def _watch(name: str, size: int, directory: str, n: int, out) -> None:
+    """Another process reading all of `n` keys over and over: how often it saw
+    some of them set and others not (a batch seen half written)."""
+    reader = KeyViewReader(name, size, directory)
+    ks, torn, reads = _keys(0, n), 0, 0
+    while reads < 3000:
+        bits = reader.bits(ks)
+        if bits is None:
+            continue
+        reads += 1
+        torn += 0 < int(np.count_nonzero(bits)) < n
+    out.send((reads, torn))
+    reader.close()
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_batch_is_seen_whole_or_not_at_all(tmp_path, checked, monkeypatch):
+    """The writer sets and unsets one batch of 256 keys over and over; a
+    reader in another process sees all of them or none. The control turns
+    the writer's sequence counter off (and shows the test can fail)."""
+    v = KeyView.create("kvbm-g2-seq.keys", 4096, str(tmp_path))
+    if not checked:
+        monkeypatch.setattr(v, "_begin", lambda: None)
+        monkeypatch.setattr(v, "_end", lambda: None)
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_watch, args=(v.name, v.size, str(tmp_path), 256, child))
+    proc.start()
+    try:
+        ks = _keys(0, 256)
+        while not parent.poll():
+            v.set(ks, LOCAL)
+            v.unset(ks, LOCAL)
+        reads, torn = parent.recv()
+    finally:
+        proc.join(30)
+        v.close()
+    assert reads == 3000
+    if checked:
+        assert torn == 0
+    else:
+        assert torn > 0
+
+
+# -- real nodes ---------------------------------------------------------------
+
+
+def test_a_nodes_view_follows_its_tiers_and_never_misses_a_held_block(daemons):
+    """Store more than the host tier holds: every block the node holds shows
+    in the engine's view at every moment it is asked, and what the node let
+    go leaves the view within moments."""
+    a = daemons("a", "127.0.0.2", "--host-cache-mb", "1")  # 64 blocks
+    eng = NodeAttachment(a.socket, GEOMETRY)
+    try:
+        assert eng.view is not None
+        made = Engine(16)
+        for n in range(12):
+            ks = eng.keys(list(range(n * 16, (n + 1) * 16)))
+            assert eng.store(made.kv, ks, made.compute(ks)) == 16
+            assert eng.seen(ks) == Available(16)  # at once: the store has returned
+        every = eng.keys(list(range(12 * 16)))
+        truth = [eng.lookup([k], ask_node=True).local for k in every]
+        assert sum(truth) == 64
+        seen = [eng.seen([k]).local for k in every]
+        assert all(s >= t for s, t in zip(seen, truth, strict=True))
+        until(lambda: [eng.seen([k]).local for k in every] == truth, 5, "evicted keys stay in view")
+    finally:
+        eng.close()
+
+
+def test_a_peers_blocks_show_in_the_view_and_leave_it_with_them(etcd, daemons, tmp_path):
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "1")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "4")
+    eng_a = NodeAttachment(a.socket, GEOMETRY)
+    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
+    local_only = NodeAttachment(b.socket, GEOMETRY)
+    try:
+        ks = eng_a.keys(list(range(500, 508)))
+        made = Engine(8)
+        assert eng_a.store(made.kv, ks, made.compute(ks)) == 8
+        until(lambda: eng_b.seen(ks) == Available(0, 8), 10, "B's view never showed A's blocks")
+        assert local_only.seen(ks) == Available(0)  # an engine that loads from no peer
+        # A lets them go (its host tier refilled): B's view follows A's index
+        filler = eng_a.keys(list(range(10_000, 10_000 + 80)))
+        big = Engine(80)
+        eng_a.store(big.kv, filler, big.compute(filler))
+        until(lambda: eng_b.seen(ks) == Available(0), 10, "B's view kept A's evicted blocks")
+        # killed, A's records go with its lease: its blocks leave B's view
+        seen_now = eng_b.seen(filler[-8:])
+        assert seen_now == Available(0, 8)
+        a.proc.kill()
+        a.proc.wait()
+        until(lambda: eng_b.seen(filler[-8:]) == Available(0), 15, "a dead peer stays in view")
+    finally:
+        for e in (eng_a, eng_b, local_only):
+            e.close()
+
+
+def test_the_view_of_a_killed_node_is_not_read(daemons):
+    a = daemons("a", "127.0.0.2", "--host-cache-mb", "1")
+    eng = NodeAttachment(a.socket, GEOMETRY)
+    try:
+        ks = eng.keys(list(range(8)))
+        made = Engine(8)
+        eng.store(made.kv, ks, made.compute(ks))
+        assert eng.seen(ks) == Available(8)
+        a.proc.kill()
+        a.proc.wait()
+        assert eng.seen(ks) is None  # frozen: ask the node, which is gone
+        with pytest.raises(NodeError):
+            eng.lookup(ks)
+    finally:
+        eng.close()
