@@ -41,9 +41,22 @@ from kvbm.layout import ModelGeometry
 from transport.errors import ProtocolError
 from transport.frames import FrameCodec, Message
 
-CALLS = ("hello", "lookup", "load", "reserve", "commit", "release", "stats", "ok", "error")
+CALLS = (
+    "hello",
+    "lookup",
+    "load",
+    "reserve",
+    "commit",
+    "release",
+    "stats",
+    "ok",
+    "error",
+    "load_many",
+)
 LOCAL_KEY = b"kvbm-engine-socket-v1"  # not a secret: the socket's permissions are the guard
 MAX_FRAME = 4 << 20
+MAX_KEYS = 8192  # in one call (a frame of them stays well under MAX_FRAME)
+MAX_BATCH = 1024  # requests in one `load_many`
 
 
 def codec() -> FrameCodec:

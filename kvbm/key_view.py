@@ -31,6 +31,7 @@ import os
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,9 +45,10 @@ UNSURE = 8  # a reader's answer, never stored
 WAYS = 8
 MAGIC = 0x5745_4956_4D42_564B  # "KVBMVIEW"
 VERSION = 1
-HEADER = 64  # magic u64, version u32, log2(buckets) u32, salt u64, sequence u64
+HEADER = 64  # magic u64, version u32, log2(buckets) u32, salt u64, sequence u64, avoid u64
 _HEAD = struct.Struct("<QIIQ")
 _SEQ = 24 // 8  # the sequence counter's index among the header's words
+_AVOID = 32 // 8  # CLOCK_MONOTONIC ns until which the node leaves some peer alone
 READ_TRIES = 3
 
 _M1, _M2, _GOLDEN = (
@@ -192,6 +194,12 @@ class KeyView:
             finally:
                 self._end()
 
+    def avoid_peers_until(self, monotonic_s: float) -> None:
+        """The node leaves some peer alone until then: readers cannot tell
+        whose keys those are, so they ask the node about peers' keys."""
+        with self._lock:
+            self._seq[_AVOID] = max(self._seq[_AVOID], int(monotonic_s * 1e9))
+
     def count(self) -> int:
         """Keys in the view (for tests and stats)."""
         with self._lock:
@@ -309,6 +317,9 @@ class KeyViewReader:
             return True  # the node holds its lock
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         return False
+
+    def peers_avoided(self) -> bool:
+        return time.monotonic_ns() < int(self._lay.header[_AVOID])
 
     def bits(self, keys: Sequence[bytes]) -> np.ndarray | None:
         """What the node holds of each key: LOCAL | REMOTE_HOST | REMOTE_DISK,

@@ -218,12 +218,14 @@ class BlockManager:
         return added
 
     # -- load: G3 -> G2 -> G1 ----------------------------------------------
-    def prepare_load(self, keys: Sequence[BlockKey]) -> LoadPlan:
+    def prepare_load(self, keys: Sequence[BlockKey], stage: bool = True) -> LoadPlan:
         """Pin the longest prefix of `keys` in G2, staging disk-only blocks into G2.
 
         At most `max_load_blocks` keys are considered, so that staging always
         finds room in G2. A disk block that fails its checksum ends the prefix there: it is
         dropped, counted, and the caller recomputes from that block on.
+        `stage=False`: the prefix ends at the first block only on disk, so
+        the call does no I/O (an event loop may make it).
         """
         host_slots: list[int | None] = []
         disk_slots: dict[int, int] = {}  # position -> pinned disk slot
@@ -243,7 +245,7 @@ class BlockManager:
                     host.pin(slot)
                     host_slots.append(slot)
                     continue
-                dslot = disk.get(k) if disk else None
+                dslot = disk.get(k) if disk and stage else None
                 if dslot is None:
                     break
                 disk.pin(dslot)

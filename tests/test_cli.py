@@ -94,10 +94,12 @@ def test_bench_engines_settles_every_lease_and_prints_every_figure():
         "lookups_per_s",
         "load_release_per_s",
         "stores_per_s",
-        "node_cpu_us_per_lookup",
+        "scheduler_miss_p50_us",
+        "node_cpu_us_per_node_lookup",
     ):
         assert result[key] > 0, key
     assert result["leases_left"] == 0
+    assert result["lookups_wrong"] == 0
 
 
 def test_config_prints_the_merged_configuration(tmp_path):

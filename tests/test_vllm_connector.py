@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import time
 
 import pytest
 
+from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import ModelGeometry
@@ -275,37 +277,73 @@ def test_requests_preempted_while_their_blocks_load_leak_nothing(model, etcd, da
         on_b.close()
 
 
-def test_requests_aborted_with_pins_held_leave_none(model, etcd, daemons, tmp_path):
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_requests_aborted_while_waiting_leave_no_pins(model, etcd, daemons, tmp_path, policy):
     """Four prompts A holds, submitted at once to B's engine with a 12-block
-    KV cache: after one step the two that found no room wait with their
-    blocks pinned at the node (leases held); they are aborted then, with the
-    engine alive: every lease is settled (the connector's request_finished),
-    not left for the connection's end."""
+    KV cache: after one step two of them wait for room; they are aborted
+    then, with the engine alive. With kv_load_failure_policy "fail" the
+    connector pins a hit before promising it, so the waiting requests hold
+    leases: every one is settled at the abort (the connector's
+    request_finished), not left for the connection's end. With "recompute"
+    a hit is promised from the key view and pinned only with its step:
+    nothing is pinned while a request waits."""
     common = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
     a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "8")
     b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "8")
     prompts = [prompt(30 + i, 4 * BLOCK + 4) for i in range(4)]
     run_engine(model, prompts, a.socket)
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
-    engine = LiveEngine(
-        model,
-        b.socket,
-        "host",
-        tmp_path / "engine-b.log",
-        env={"TEST_KV_BLOCKS": "12", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},  # one step each
-    )
+    env = {"TEST_KV_BLOCKS": "12", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # one step each
+    env["TEST_LOAD_FAILURE_POLICY"] = policy
+    engine = LiveEngine(model, b.socket, "host", tmp_path / "engine-b.log", env=env)
     try:
         salt = salt_hash(model)
         for p in prompts:
             ks = on_b.keys(sequence_hashes(p, BLOCK, salt)[:4])
             until(lambda ks=ks: on_b.lookup(ks) == Available(0, 4, 0), 10, "A not seen")
         before, after = engine.abort_after(1, prompts)
-        assert before > 0  # pins were held when the abort came
+        if policy == "fail":
+            assert before > 0  # pins were held when the abort came
+        else:
+            assert before == 0
+            assert on_b.stats()["engine_blocks"]["remote_host"] > 0  # the first step loaded
         assert after == 0
         assert on_b.stats()["engine_leases"] == 0  # the engine still attached
     finally:
         engine.close()
         on_b.close()
+
+
+def test_blocks_promised_but_gone_when_pinned_are_recomputed(model, daemons, tmp_path):
+    """The key view shows a prompt on the node's disk, but its bytes there
+    were flipped: the step's pin finds nothing good (the staging rejects
+    them), the workers report the promised blocks failed, vLLM recomputes
+    them: the output is the one computed before, nothing wrong is saved,
+    and the blocks recomputed are saved again (the next run loads them)."""
+    disk = ["--disk-cache-dir", str(tmp_path / "disk"), "--disk-cache-mb", "8"]
+    node = daemons("solo", "127.0.0.2", "--host-cache-mb", "1", "--disk-admit-min-uses", "1", *disk)
+    p = prompt(40)
+    usable = (len(p) - 1) // BLOCK
+    engine = LiveEngine(model, node.socket, "", tmp_path / "engine.log")
+    probe = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        computed = engine.run([p])
+        ks = probe.keys(sequence_hashes(p, BLOCK, salt_hash(model))[:usable])
+        filler = probe.keys(list(range(10**6, 10**6 + probe.num_slots)))
+        fill = Engine(len(filler), GEOMETRY)
+        probe.store(fill.kv, filler, fill.compute(filler))  # p's blocks: on disk only
+        until(lambda: probe.stats()["tiers"]["disk"]["blocks"] >= usable, 10, "p not on disk")
+        assert corrupt_disk(str(tmp_path / "disk"), random.Random(3), 10**6, GEOMETRY) > 0
+        assert probe.seen(ks) == Available(usable)  # what the scheduler reads: a hit
+        assert engine.run([p]) == computed
+        stats = probe.stats()
+        assert stats["checksum_failures"]["disk"] > 0  # the promised blocks were refused
+        assert stats["engine_blocks"]["local_disk"] == 0
+        assert engine.run([p]) == computed
+        assert probe.stats()["engine_blocks"]["local_host"] == usable  # saved again, loaded
+    finally:
+        engine.close()
+        probe.close()
 
 
 def test_the_engine_outlives_its_node_and_reattaches(model, daemons, tmp_path):

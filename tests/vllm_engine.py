@@ -6,7 +6,8 @@ sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
 own prefix cache on (off by default, so every hit is the connector's),
 TEST_KV_BLOCKS=N gives vLLM a KV cache of N blocks and runs each batch at
 once (so the scheduler has to preempt); the output line then also carries
-vLLM's count of preemptions.
+vLLM's count of preemptions. TEST_LOAD_FAILURE_POLICY sets vLLM's
+kv_load_failure_policy (default "recompute").
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
 batches); a line {"abort_after_steps": K, "prompts": [...]} submits the
@@ -35,7 +36,8 @@ def main() -> None:
         extra = {"node": sys.argv[3]}
         if len(sys.argv) > 4 and sys.argv[4]:
             extra["remote_tiers"] = sys.argv[4].split(",")
-        transfer = kv_transfer_config(extra)
+        policy = os.environ.get("TEST_LOAD_FAILURE_POLICY", "recompute")
+        transfer = kv_transfer_config(extra, policy)
     kv_blocks = int(os.environ.get("TEST_KV_BLOCKS", "0")) or None
     llm = LLM(
         model=model,

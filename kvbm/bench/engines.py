@@ -5,12 +5,21 @@ trip between two processes measured in the same run.
 Each engine (a `NodeAttachment` in its own process, as a vLLM engine's
 scheduler and worker hold one) issues, on prompts of 16 blocks, each of the
 connector's calls in turn, every engine at once, for `seconds` each:
-`lookup` (what vLLM's scheduler asks for every waiting request), a load
-(`load`: the pins; the copy into the engine's tensors; `release`), and a
-store of a prompt nobody has (`reserve`; the copy out; `commit`). Per kind:
-p50/p99 latency, calls/s over all engines, and the node's CPU per call (from
-/proc). The node runs with the in-memory index (no etcd): what is measured
-is the engine wire, the node's event loop and the copies.
+- `lookup`: what vLLM's scheduler does for every waiting request (the
+  connector's `get_num_new_matched_tokens`): read the node's key view
+  (kvbm/key_view.py), no round trip;
+- `miss`: the same for a prompt nobody has;
+- `node_lookup`: the node's own lookup, one round trip (the reference for
+  what a node call costs over a raw one);
+- `load`: what a step with STEP_LOADS hits costs, as the connector does it:
+  the scheduler pins them all in one `load_many`, the worker copies each
+  into the engine's tensors and releases it;
+- `store`: a prompt nobody has (`reserve`; the copy out; `commit`).
+Per kind: p50/p99 latency (of one request: a load's share of its batch's
+pin, its copy and its release), calls/s over all engines, and the node's
+CPU per call (from /proc). The node runs with the in-memory index (no
+etcd): what is measured is the engine wire, the node's event loop, the key
+view and the copies.
 """
 
 from __future__ import annotations
@@ -34,7 +43,15 @@ from kvbm.node_process import NodeProcess
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)
 PROMPT_BLOCKS = 16
 SHARED_PROMPTS = 32  # stored before the clock starts: the lookups' and loads' hits
-KINDS = ("lookup", "load", "store")
+KINDS = ("lookup", "miss", "node_lookup", "load", "store")
+PER_S = {  # each kind's calls/s figure
+    "lookup": "lookups_per_s",
+    "miss": "misses_per_s",
+    "node_lookup": "node_lookups_per_s",
+    "load": "load_release_per_s",
+    "store": "stores_per_s",
+}
+STEP_LOADS = 8  # hits the scheduler pins in one call
 PAUSE_S = 0.5  # between two phases
 
 
@@ -46,26 +63,36 @@ def _engine(sock: str, index: int, seconds: float, start: float, out: Connection
     rng = random.Random(index)
     block_ids = list(range(PROMPT_BLOCKS))
     times: dict[str, list[float]] = {k: [] for k in KINDS}
-    fresh = 0
+    fresh = wrong = 0
     for phase, kind in enumerate(KINDS):
         begin = start + phase * (seconds + PAUSE_S)
         while time.time() < begin:
             time.sleep(0.001)
         while time.time() < begin + seconds:
-            if kind == "store":  # a prompt nobody has
+            if kind in ("store", "miss"):  # a prompt nobody has
                 keys = att.keys([(index + 1) << 40 | fresh << 8 | i for i in block_ids])
                 fresh += 1
             else:
                 keys = att.keys(_prompt(rng.randrange(SHARED_PROMPTS)))
+            if kind == "load":
+                picks = [rng.randrange(SHARED_PROMPTS) for _ in range(STEP_LOADS)]
+                batch = [att.keys(_prompt(i)) for i in picks]
+                t0 = time.perf_counter()
+                for pinned in att.prepare_loads(batch):
+                    att.copy_in(engine.kv, pinned.slots, block_ids[: len(pinned.slots)])
+                    att.complete_load(pinned.lease)
+                took = (time.perf_counter() - t0) / STEP_LOADS
+                times[kind] += [took] * STEP_LOADS
+                continue
             t0 = time.perf_counter()
-            if kind == "lookup":
-                att.lookup(keys)
-            elif kind == "load":
-                att.load(engine.kv, keys, block_ids)
-            else:
+            if kind == "store":
                 att.store(engine.kv, keys, block_ids)
+            else:
+                got = att.lookup(keys, ask_node=kind == "node_lookup")
             times[kind].append(time.perf_counter() - t0)
-    out.send(times)
+            if kind != "store" and got.local != (0 if kind == "miss" else PROMPT_BLOCKS):
+                wrong += 1
+    out.send((times, wrong))
     out.recv()  # still connected while the parent counts the node's leases
     att.close()
 
@@ -154,7 +181,7 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
                 before = _cpu_s(node.proc.pid)
                 time.sleep(max(0.0, begin + seconds - time.time()))
                 cpu.append(_cpu_s(node.proc.pid) - before)
-            results = [p.recv() for p in pipes]
+            results, wrong = zip(*[p.recv() for p in pipes], strict=True)
             # every engine still connected: a lease it failed to settle is still held
             leases = att.stats()["engine_leases"]
             for pipe in pipes:
@@ -168,10 +195,12 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
         times = sorted(t for r in results for t in r[kind])
         out[f"{kind}_p50_us"] = round(times[len(times) // 2] * 1e6, 1)
         out[f"{kind}_p99_us"] = round(times[int(len(times) * 0.99)] * 1e6, 1)
-        out[f"{kind}s_per_s"] = round(len(times) / seconds)
+        out[PER_S[kind]] = round(len(times) / seconds)
         out[f"node_cpu_us_per_{kind}"] = round(node_cpu / max(1, len(times)) * 1e6, 1)
     out["scheduler_lookup_p50_us"] = out["lookup_p50_us"]
-    out["rpc_vs_socket_roundtrip"] = round(out["lookup_p50_us"] / out["raw_socket_roundtrip_us"], 2)
-    out["load_release_per_s"] = out.pop("loads_per_s")
+    out["scheduler_miss_p50_us"] = out["miss_p50_us"]
+    raw = out["raw_socket_roundtrip_us"]
+    out["rpc_vs_socket_roundtrip"] = round(out["node_lookup_p50_us"] / raw, 2)
     out["leases_left"] = leases  # every load released, every store committed
+    out["lookups_wrong"] = sum(wrong)  # a hit not seen whole, or a miss seen
     return out

@@ -9,6 +9,7 @@ failure surfaces as NodeError, which a connector turns into "not cached"
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -18,7 +19,14 @@ import numpy as np
 
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
-from kvbm.engine_wire import Available, EngineLink, NodeError, geometry_to_wire
+from kvbm.engine_wire import (
+    MAX_BATCH,
+    MAX_KEYS,
+    Available,
+    EngineLink,
+    NodeError,
+    geometry_to_wire,
+)
 from kvbm.errors import ArenaError
 from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyViewReader
 from kvbm.layout import ModelGeometry
@@ -116,6 +124,8 @@ class NodeAttachment:
         m = len(rest) if peers.all() else int(peers.argmin())
         if local + m < n and bits[local + m] == UNSURE:
             return None
+        if m and self.view.peers_avoided():
+            return None  # the node leaves some peer alone: only it knows whose keys
         on_host = 0
         if self._remote_bits & REMOTE_HOST:
             on_host = int(np.count_nonzero(rest[:m] & REMOTE_HOST))
@@ -148,6 +158,27 @@ class NodeAttachment:
         prefix of `keys` into its host arena and pin it until `complete_load`."""
         reply = self.link.call("load", {"keys": _wire(keys), "remote": self.remote})
         return Pinned(reply["lease"], list(reply["slots"]), dict(reply["sources"]), reply["more"])
+
+    def prepare_loads(self, requests: Sequence[Sequence[BlockKey]]) -> list[Pinned]:
+        """`prepare_load` for several requests, in as few round trips as the
+        node's limits allow (MAX_BATCH requests, MAX_KEYS keys a call): all
+        granted, or (NodeError) none."""
+        pinned: list[Pinned] = []
+        try:
+            for batch in _batches(requests):
+                reply = self.link.call(
+                    "load_many", {"requests": [_wire(k) for k in batch], "remote": self.remote}
+                )
+                pinned += [
+                    Pinned(r["lease"], list(r["slots"]), dict(r["sources"]), r["more"])
+                    for r in reply["loads"]
+                ]
+        except NodeError:
+            for p in pinned:
+                with contextlib.suppress(NodeError):
+                    self.complete_load(p.lease)
+            raise
+        return pinned
 
     def complete_load(self, lease: int) -> None:
         self.link.call("release", {"lease": lease})
@@ -186,6 +217,19 @@ class NodeAttachment:
             self.arena.close()
         if self.view is not None:
             self.view.close()
+
+
+def _batches(requests: Sequence[Sequence[BlockKey]]) -> list[Sequence[Sequence[BlockKey]]]:
+    out: list[Sequence[Sequence[BlockKey]]] = []
+    start = keys = 0
+    for i, r in enumerate(requests):
+        if i > start and (i - start == MAX_BATCH or keys + len(r) > MAX_KEYS):
+            out.append(requests[start:i])
+            start, keys = i, 0
+        keys += len(r)
+    if start < len(requests):
+        out.append(requests[start:])
+    return out
 
 
 def _wire(keys: Sequence[BlockKey]) -> list[bytes]:

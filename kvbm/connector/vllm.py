@@ -49,6 +49,7 @@ from kvbm.config import engine_config
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.connector.copy import EngineKV
 from kvbm.connector.private_node import ensure_private_node
+from kvbm.engine_wire import MAX_KEYS
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import ModelGeometry
@@ -73,6 +74,7 @@ class Load:
     leases: list[int]
     slots: list[list[int]]
     block_ids: list[int]
+    req_id: str = ""
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Save:
 
     seq_hashes: list[int]
     block_ids: list[int]
+    req_id: str = ""
 
 
 @dataclass
@@ -89,6 +92,17 @@ class KvbmMetadata(KVConnectorMetadata):
     arena: str = ""  # the node's arena the slots refer to (a restarted node has another)
     loads: list[Load] = field(default_factory=list)
     saves: list[Save] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # promised blocks the node did not pin
+
+
+@dataclass
+class _Promise:
+    """Blocks `get_num_new_matched_tokens` promised from the key view, with
+    the vLLM blocks allocated for them: pinned in one batch per step."""
+
+    tracked: _Tracked
+    first: int
+    block_ids: list[int]
 
 
 @dataclass
@@ -101,10 +115,11 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # leading blocks known to be in the node
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
+    promised: int = 0  # blocks promised from the key view, not yet allocated
     first_block: int = 0
 
 
-def kv_transfer_config(extra: dict[str, Any]) -> KVTransferConfig:
+def kv_transfer_config(extra: dict[str, Any], policy: str = "recompute") -> KVTransferConfig:
     """vLLM's `kv_transfer_config` for this connector (what the README's JSON says)."""
     from vllm.config import KVTransferConfig
 
@@ -112,7 +127,7 @@ def kv_transfer_config(extra: dict[str, Any]) -> KVTransferConfig:
         kv_connector="KvbmConnector",
         kv_connector_module_path=__name__,
         kv_role="kv_both",
-        kv_load_failure_policy="recompute",
+        kv_load_failure_policy=policy,
         kv_connector_extra_config=extra,
     )
 
@@ -161,10 +176,16 @@ class KvbmConnector(KVConnectorBase_V1):
         # scheduler side
         self._requests: dict[str, _Tracked] = {}
         self._to_load: list[Load] = []
+        self._promises: list[_Promise] = []
+        # With "recompute", a hit the key view shows is promised at once and
+        # pinned with the step's others; a block gone meanwhile is recomputed.
+        # With "fail" it would fail its request: hits are pinned before promising.
+        self._promise = self._kv_transfer_config.kv_load_failure_policy == "recompute"
         # worker side
         self._rank = 0
         self._kv: EngineKV | None = None
         self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()  # whose loads failed this step
 
     # -- the node, attached lazily and reattached after failures -----------
     def _attached(self) -> list[NodeAttachment] | None:
@@ -211,23 +232,35 @@ class KvbmConnector(KVConnectorBase_V1):
     ) -> tuple[int | None, bool]:
         tracked = self._track(request)
         self._drop_pins(tracked)
+        tracked.promised = 0
         # the last prompt token is always computed: vLLM needs its logits
         usable = (len(request.prompt_token_ids or ()) - 1) // self.block_size
         first = num_computed_tokens // self.block_size
+        usable = min(usable, first + MAX_KEYS)  # what one call may ask
         if usable <= first:
             return 0, False
         node = self._attached()
         if node is None:
             return 0, False
-        pinned: list = []
         t0 = time.perf_counter()
+        keys = [a.keys(tracked.seq_hashes[first:usable]) for a in node]
+        seen = [a.seen(k) for a, k in zip(node, keys, strict=True)]
+        if all(s is not None for s in seen):
+            n = min(s.total for s in seen)  # type: ignore[union-attr]
+            if n == 0:
+                return 0, False  # a miss, told by the view: the node is not asked
+            if self._promise:
+                tracked.promised = min(n, node[0].step_blocks)
+                tracked.first_block = first
+                return tracked.promised * self.block_size, False
+        pinned: list = []
         try:
-            for a in node:
-                keys = a.keys(tracked.seq_hashes[first:usable])
-                pinned.append(a.prepare_load(keys))
+            for a, k in zip(node, keys, strict=True):
+                pinned.append(a.prepare_load(k))
                 if not pinned[-1].slots:
                     break
         except NodeError as e:
+            self._release(Load([p.lease for p in pinned], [], []))
             self._lost(e)
             return 0, False
         n = min(len(p.slots) for p in pinned) if len(pinned) == len(node) else 0
@@ -243,18 +276,26 @@ class KvbmConnector(KVConnectorBase_V1):
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         tracked = self._track(request)
+        n = num_external_tokens // self.block_size
+        first = tracked.first_block
+        if tracked.promised:
+            n, tracked.promised = min(n, tracked.promised), 0
+            if n:
+                ids = list(blocks.get_block_ids()[0][first : first + n])
+                self._promises.append(_Promise(tracked, first, ids))
+                tracked.saved = max(tracked.saved, first + n)  # in the node (or recomputed)
+            return
         load = tracked.pinned
         if load is None:
             return
         tracked.pinned = None
-        n = num_external_tokens // self.block_size
         if n == 0:
             self._release(load)
             return
         ids = blocks.get_block_ids()[0]
-        first = tracked.first_block
         load.block_ids = list(ids[first : first + n])
         load.slots = [s[:n] for s in load.slots]
+        load.req_id = request.request_id
         self._to_load.append(load)
         tracked.saved = max(tracked.saved, first + n)  # these are in the node already
 
@@ -262,12 +303,14 @@ class KvbmConnector(KVConnectorBase_V1):
         node = self._node
         meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
         self._to_load = []
+        short = self._pin_promises(meta)  # requests whose step must not be saved
         steps = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is not None:
                 tracked.block_ids = list(new.block_ids[0])
-                self._plan_save(meta, tracked, new.num_computed_tokens + steps[new.req_id])
+                if new.req_id not in short:
+                    self._plan_save(meta, tracked, new.num_computed_tokens + steps[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._requests.get(req_id)
@@ -279,8 +322,49 @@ class KvbmConnector(KVConnectorBase_V1):
                     tracked.block_ids = list(new_ids[0])
                 else:
                     tracked.block_ids += new_ids[0]
-            self._plan_save(meta, tracked, cached.num_computed_tokens[i] + steps[req_id])
+            if req_id not in short:
+                self._plan_save(meta, tracked, cached.num_computed_tokens[i] + steps[req_id])
         return meta
+
+    def _pin_promises(self, meta: KvbmMetadata) -> set[str]:
+        """Pin this step's promised blocks, one round trip per rank. A block
+        the node no longer has is reported failed by the workers, so vLLM
+        recomputes from it; its request's step computes on blocks never
+        loaded, so nothing of that step is saved (the blocks are saved once
+        recomputed). Returns those requests' ids."""
+        promises, self._promises = self._promises, []
+        if not promises:
+            return set()
+        node = self._node
+        pins: list[list] = []
+        try:
+            if node is None:
+                raise NodeError("the node is gone")
+            for a in node:
+                pins.append(a.prepare_loads([a.keys(_hashes(p)) for p in promises]))
+        except NodeError as e:
+            for rank in pins:
+                self._release(Load([p.lease for p in rank], [], []))
+            if node is not None:
+                self._lost(e)
+            pins = []
+        short: set[str] = set()
+        for i, p in enumerate(promises):
+            got = [rank[i] for rank in pins]
+            m = min((len(g.slots) for g in got), default=0)
+            req_id = p.tracked.request.request_id
+            load = Load([g.lease for g in got], [g.slots[:m] for g in got], p.block_ids[:m], req_id)
+            if m:
+                meta.loads.append(load)
+            else:
+                self._release(load)
+            if m < len(p.block_ids):
+                meta.failed += p.block_ids[m:]
+                p.tracked.saved = min(p.tracked.saved, p.first + m)
+                short.add(req_id)
+        if short:
+            log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", len(short))
+        return short
 
     def _plan_save(self, meta: KvbmMetadata, tracked: _Tracked, computed: int) -> None:
         """Save the full blocks whose KV exists once this step has run
@@ -294,7 +378,8 @@ class KvbmConnector(KVConnectorBase_V1):
             tracked.seq_hashes += sequence_hashes(more, self.block_size, tracked.salt, parent)
         if full > tracked.saved:
             span = slice(tracked.saved, full)
-            meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span]))
+            req_id = tracked.request.request_id
+            meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id))
             tracked.saved = full
 
     def request_finished(
@@ -346,6 +431,8 @@ class KvbmConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
+        self._load_errors.update(meta.failed)
+        self._failed_reqs = set()
         if not meta.loads:
             return
         node = self._attached() if self._kv is not None else None
@@ -364,6 +451,7 @@ class KvbmConnector(KVConnectorBase_V1):
             except (NodeError, KvbmError, ValueError) as e:
                 log.warning("load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), e)
                 self._load_errors.update(load.block_ids)
+                self._failed_reqs.add(load.req_id)  # its step computes on blocks not loaded
                 if isinstance(e, NodeError) and node is not None:
                     self._lost(e)
                     node = None
@@ -386,6 +474,8 @@ class KvbmConnector(KVConnectorBase_V1):
             return
         try:
             for save in meta.saves:
+                if save.req_id in self._failed_reqs:
+                    continue  # computed over blocks that never loaded: recomputed, saved then
                 node[0].store(self._kv, node[0].keys(save.seq_hashes), save.block_ids)
         except (NodeError, KvbmError) as e:
             self._lost(e)  # a save that does not happen is a future miss, nothing worse
@@ -400,6 +490,10 @@ class KvbmConnector(KVConnectorBase_V1):
         self._node = None
         if self._private is not None and self._private.poll() is None:
             self._private.terminate()
+
+
+def _hashes(p: _Promise) -> list[int]:
+    return p.tracked.seq_hashes[p.first : p.first + len(p.block_ids)]
 
 
 def _layer_index(name: str) -> int:

@@ -203,6 +203,7 @@ class Node:
             publisher.peer,
             cfg.peer_backoff_s,
         )
+        peers.on_avoid = view.avoid_peers_until  # engines then ask the node about peers' keys
         onboarding = Onboarding(mgr, tiers, peers, publisher.lookup, cfg.peer_timeout_ms / 1000)
         # sealed blocks matter where blocks leave G2: to peers or to disk
         seal = bool(cfg.etcd_endpoints) or mgr.disk is not None

@@ -21,6 +21,7 @@ from discovery.records import Tier
 from kvbm import engine_wire
 from kvbm.block_key import BlockKey, check_keys
 from kvbm.config import KvbmConfig
+from kvbm.engine_wire import MAX_BATCH, MAX_KEYS
 from kvbm.errors import KvbmError
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
@@ -30,7 +31,6 @@ from transport.errors import ProtocolError
 from transport.frames import Message
 
 log = logging.getLogger("kvbm.node")
-MAX_KEYS = 8192
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -80,6 +80,7 @@ class EngineServer:
             "stats": self._stats,
             "lookup": self._lookup,
             "load": self._load,
+            "load_many": self._load_many,
             "reserve": self._reserve,
             "commit": self._commit,
             "release": self._release,
@@ -194,18 +195,37 @@ class EngineServer:
         sources = {s.value: n for s, n in loaded.sources.items() if n}
         return {"lease": lease, "slots": plan.slots, "sources": sources, "more": plan.more}
 
+    async def _load_many(self, body: dict, conn: int) -> dict:
+        """One `load` per request, in order (vLLM's scheduler pins a step's
+        hits in one round trip); if one fails, none is granted."""
+        requests = body.get("requests")
+        if not isinstance(requests, list) or len(requests) > MAX_BATCH:
+            raise ValueError(f"requests must be a list of at most {MAX_BATCH} key lists")
+        if sum(len(r) if isinstance(r, list) else 0 for r in requests) > MAX_KEYS:
+            raise ValueError(f"at most {MAX_KEYS} keys in all")
+        granted: list[dict] = []
+        try:
+            remote = body.get("remote", [])
+            for keys in requests:
+                granted.append(await self._load({"keys": keys, "remote": remote}, conn))
+        except BaseException:
+            for reply in granted:
+                self._settle(self.leases.pop(reply["lease"]), ok=False)
+            raise
+        return {"loads": granted}
+
     async def _reserve(self, body: dict, conn: int) -> dict:
         store = await asyncio.to_thread(self._served().mgr.prepare_store, self._keys(body))
         lease = self._lease(store, conn)
         return {"lease": lease, "slots": store.slots, "positions": store.positions}
 
+    # Settling is bookkeeping under the manager's lock, no I/O: made on the loop.
     async def _commit(self, body: dict, conn: int) -> dict:
         held = self._take_lease(body, load=False)
-        ok = bool(body.get("ok", False))
-        return {"added": await asyncio.to_thread(self._settle, held, ok)}
+        return {"added": self._settle(held, bool(body.get("ok", False)))}
 
     async def _release(self, body: dict, conn: int) -> dict:
-        await asyncio.to_thread(self._settle, self._take_lease(body, load=True), False)
+        self._settle(self._take_lease(body, load=True), False)
         return {"added": 0}
 
     # -- helpers -------------------------------------------------------------

@@ -103,7 +103,14 @@ class Onboarding:
             pulled += run.tiers[: len(got)]
             if len(got) < run.length:
                 break
-        plan = await asyncio.to_thread(self.mgr.prepare_load, keys)
+        plan = None
+        if not pulled and Tier.DISK not in local.tiers:  # the common hit: all in G2
+            plan = self.mgr.prepare_load(keys, stage=False)  # no I/O: no thread hop
+            if plan.num_blocks < start:  # one drained to disk meanwhile
+                self.mgr.complete_load(plan)
+                plan = None
+        if plan is None:
+            plan = await asyncio.to_thread(self.mgr.prepare_load, keys)
         sources = dict.fromkeys(Source, 0)
         for t in local.tiers[: plan.num_blocks]:
             sources[Source.of(t, remote=False)] += 1

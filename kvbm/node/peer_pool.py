@@ -41,6 +41,7 @@ class PeerPool:
         self.backoff_s = backoff_s
         self.clients: dict[str, PeerClient] = {}
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
+        self.on_avoid: Callable[[float], None] | None = None  # told each time until when
         self._closing: set[asyncio.Task] = set()
 
     def avoiding(self, peer: str, now: float) -> bool:
@@ -76,7 +77,9 @@ class PeerPool:
 
     def _avoid(self, peer: str, why: str) -> None:
         log.warning("leaving a peer alone peer=%s reason=%s seconds=%d", peer, why, self.backoff_s)
-        self.avoided[peer] = time.monotonic() + self.backoff_s
+        self.avoided[peer] = until = time.monotonic() + self.backoff_s
+        if self.on_avoid is not None:
+            self.on_avoid(until)
 
     def _forget(self, peer: str) -> None:
         """Drop a peer's client; it closes in the background (closing waits a
