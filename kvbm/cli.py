@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument(
         "--arena-dir", default="/dev/shm", help="memory file system of both nodes' host arenas"
     )
+    e2e.add_argument(
+        "--concurrency",
+        type=int,
+        default=0,
+        help="instead: throughput with N requests at once, misses and a half-held mix",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -133,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from kvbm.bench import e2e as e2e_mod
 
-                result = e2e_mod.run(args.prompts, arena_dir=args.arena_dir)
+                if args.concurrency:
+                    result = e2e_mod.run_concurrency(args.concurrency)
+                else:
+                    result = e2e_mod.run(args.prompts, arena_dir=args.arena_dir)
             if args.json:
                 print(json.dumps(result))
             else:

@@ -1,19 +1,23 @@
 """The engine wire: the socket between engines and their node, both ends.
 
 The node's engine server and the engine-side attachment both import this
-module (and nothing of each other). Frames are the peer RPC's codec
-(transport/frames.py) over a unix socket.
+module (and nothing of each other). Frames are the plain frames of
+transport/frames.py (length, msgpack; the same framing and bounds as the
+peer RPC's, no MAC) over a unix socket.
 
 Calls (engine -> node), each answered by `ok` or `error`:
-  hello    {geometry, engine}    -> {arena, arena_dir, arena_bytes, slot_bytes,
-                                     num_slots, step_blocks, namespace,
-                                     fingerprint, node_id}
+  hello    {geometry, engine}    -> {arena, arena_dir, arena_bytes, view,
+                                     view_bytes, slot_bytes, num_slots,
+                                     step_blocks, namespace, fingerprint,
+                                     node_id}
   lookup   {keys, remote}        -> {local, remote_host, remote_disk}: leading
                                      blocks held here, then how many more peers
                                      hold after them, by tier
   load     {keys, remote}        -> {lease, slots, sources}: the longest prefix
                                      staged into G2 (local disk, peer pulls) and
                                      pinned until `release`
+  load_many {requests, remote}   -> {loads: [what `load` answers, per request]}:
+                                     all granted, or none
   reserve  {keys}                -> {lease, slots, positions}: host slots the
                                      engine fills, then `commit`s
   commit   {lease, ok}           -> {added}
@@ -22,9 +26,11 @@ Calls (engine -> node), each answered by `ok` or `error`:
 
 Keys are `BlockKey.encode()` bytes. Slots index the node's host arena, which
 the engine maps by name in `arena_dir` (shared memory: the engine must see
-the same directory) and copies whole blocks through. The
-socket's file permissions guard it; frames carry an HMAC under a fixed key
-only because the codec always does. A lease dies with its connection: an
+the same directory) and copies whole blocks through; its key view
+(kvbm/key_view.py) beside it answers lookups without a call. The socket's
+file permissions guard it (and the peer's credentials, checked by the
+node): frames carry no MAC, which a key every engine knows would not make
+safer. A lease dies with its connection: an
 engine that goes away never leaves a pin or a half-written slot behind.
 """
 
@@ -39,7 +45,7 @@ from typing import Any
 from kvbm.errors import NodeError
 from kvbm.layout import ModelGeometry
 from transport.errors import ProtocolError
-from transport.frames import FrameCodec, Message
+from transport.frames import Message, PlainCodec
 
 CALLS = (
     "hello",
@@ -53,14 +59,13 @@ CALLS = (
     "error",
     "load_many",
 )
-LOCAL_KEY = b"kvbm-engine-socket-v1"  # not a secret: the socket's permissions are the guard
 MAX_FRAME = 4 << 20
 MAX_KEYS = 8192  # in one call (a frame of them stays well under MAX_FRAME)
 MAX_BATCH = 1024  # requests in one `load_many`
 
 
-def codec() -> FrameCodec:
-    return FrameCodec(LOCAL_KEY, CALLS, max_frame=MAX_FRAME)
+def codec() -> PlainCodec:
+    return PlainCodec(CALLS, MAX_FRAME)
 
 
 def geometry_to_wire(g: ModelGeometry) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from kvbm.shm_arena import SHM_DIR
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024
 TURN1, ANSWER, NEW_MESSAGE = 512, 64, 64  # the chat's turn 1 prompt and answer, turn 2's new tokens
+CONCURRENT_ANSWER = 16  # tokens each request of the concurrency bench generates
 VOCAB = 4096
 GEOMETRY = ModelGeometry(LAYERS, KV_HEADS, HIDDEN // HEADS, BLOCK)
 ENV = {
@@ -84,6 +85,15 @@ def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connecti
             if msg == "reset":  # forget vLLM's own prefix cache
                 conn.send(llm.reset_prefix_cache())
                 continue
+            if msg[0] == "batch":  # ("batch", prompts, max_tokens): all submitted at once
+                _, batch, max_tokens = msg
+                params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+                t0 = time.perf_counter()
+                asked = [TokensPrompt(prompt_token_ids=p) for p in batch]
+                done = llm.generate(asked, params, use_tqdm=False)
+                took = time.perf_counter() - t0
+                conn.send(([list(o.outputs[0].token_ids) for o in done], took))
+                continue
             prompt, max_tokens = msg
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             t0 = time.perf_counter()
@@ -108,6 +118,13 @@ class Engine:
     def ask(self, prompt: list[int], max_tokens: int = 1) -> tuple[list[int], float]:
         self.conn.send((prompt, max_tokens))
         if not self.conn.poll(600):
+            raise RuntimeError("the vLLM engine did not answer")
+        return self.conn.recv()
+
+    def ask_all(self, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
+        """Every prompt submitted at once: (outputs, wall seconds)."""
+        self.conn.send(("batch", prompts, max_tokens))
+        if not self.conn.poll(1200):
             raise RuntimeError("the vLLM engine did not answer")
         return self.conn.recv()
 
@@ -266,6 +283,90 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     out["turn2_ttft_ms"] = _ms(figures["turn2"])
     out["turn2_vs_recompute"] = round(figures["turn2"][0] / recompute_turn2, 3)
     return out
+
+
+def run_concurrency(concurrency: int = 16, rounds: int = 3, workdir: str | None = None) -> dict:
+    """`kvbm bench e2e --concurrency N`: throughput with the connector over
+    vLLM alone, N requests submitted at once, on prompts nobody has seen (the
+    miss path: what the connector costs when nothing hits: its lookups and
+    its saves), and on a mix where half the prompts were computed just
+    before and then forgotten by vLLM's own prefix cache (the node holds
+    them). Each engine runs alone, one after the other, through the same
+    rounds on the same prompts; a figure is the median over rounds of
+    (prompt + generated tokens) / wall seconds."""
+    rng = random.Random(1)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(4, VOCAB) for _ in range(n)]
+
+    half = concurrency // 2
+    misses = [[tokens(PROMPT) for _ in range(concurrency)] for _ in range(rounds)]
+    held = [[tokens(PROMPT) for _ in range(half)] for _ in range(rounds)]
+    mixes = [h + [tokens(PROMPT) for _ in range(concurrency - half)] for h in held]
+    out: dict = {
+        "bench": "e2e_concurrency",
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": os.cpu_count()},
+        "model": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "dtype": "float32"},
+        "prompt_tokens": PROMPT,
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "max_tokens": CONCURRENT_ANSWER,
+    }
+    seen: dict[str, dict[str, list]] = {}
+    with tempfile.TemporaryDirectory(prefix="kvbm-bench-e2e-", dir=workdir) as d:
+        model = build_llama(os.path.join(d, "model"), LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB)
+        # room for one round: its held prompts, and the mix's others
+        host_mb = 2 * concurrency * (PROMPT // BLOCK) * GEOMETRY.slot_bytes >> 20
+        for side in ("without", "with"):
+            node = None
+            if side == "with":
+                node = NodeProcess(d, "node", "127.0.0.2", "--host-cache-mb", str(host_mb))
+            engine = Engine(model, {"node": node.socket} if node else None, prefix_caching=True)
+            figures: dict[str, list] = collections.defaultdict(list)
+            try:
+                engine.ask_all([tokens(PROMPT)], CONCURRENT_ANSWER)  # warm-up
+                for r in range(rounds):
+                    batch = misses[r]
+                    got, took = engine.ask_all(batch, CONCURRENT_ANSWER)
+                    figures["miss"].append(_tokens(batch, got) / took)
+                    figures["miss_outputs"].append(got)
+                    engine.ask_all(held[r], CONCURRENT_ANSWER)  # computed (and stored) ...
+                    engine.reset()  # ... and forgotten by vLLM's own prefix cache
+                    batch = mixes[r]
+                    got, took = engine.ask_all(batch, CONCURRENT_ANSWER)
+                    figures["mixed"].append(_tokens(batch, got) / took)
+                    figures["mixed_outputs"].append(got)
+                    engine.reset()
+                if node is not None:
+                    probe = NodeAttachment(node.socket, GEOMETRY)
+                    try:
+                        out["node_engine_blocks"] = probe.stats()["engine_blocks"]
+                    finally:
+                        probe.close()
+            finally:
+                engine.close()
+                if node is not None:
+                    node.stop()
+            seen[side] = figures
+    for kind in ("miss", "mixed"):
+        alone = statistics.median(seen["without"][kind])
+        served = statistics.median(seen["with"][kind])
+        out[f"{kind}_tokens_per_s_without"] = round(alone)
+        out[f"{kind}_tokens_per_s_with"] = round(served)
+        out[f"{kind}_throughput_vs_without"] = round(served / alone, 3)
+    out["outputs_identical"] = all(
+        seen["without"][f"{k}_outputs"] == seen["with"][f"{k}_outputs"] for k in ("miss", "mixed")
+    )
+    # the mixes' held prompts: all their blocks should have come from the node
+    held_blocks = rounds * half * ((PROMPT - 1) // BLOCK)
+    loaded = out.get("node_engine_blocks", {}).get("local_host", 0)
+    out["mixed_held_blocks_loaded_fraction"] = round(loaded / held_blocks, 3)
+    return out
+
+
+def _tokens(prompts: list[list[int]], outputs: list[list[int]]) -> int:
+    return sum(map(len, prompts)) + sum(map(len, outputs))
 
 
 def _ratio(path: list[float], reference: list[float]) -> float:

@@ -9,8 +9,9 @@ connector's calls in turn, every engine at once, for `seconds` each:
   connector's `get_num_new_matched_tokens`): read the node's key view
   (kvbm/key_view.py), no round trip;
 - `miss`: the same for a prompt nobody has;
-- `node_lookup`: the node's own lookup, one round trip (the reference for
-  what a node call costs over a raw one);
+- `node_lookup`: the node's own lookup, one round trip (also measured
+  first with one engine alone, as the raw round trip is: the node call over
+  the raw one, `rpc_vs_socket_roundtrip`);
 - `load`: what a step with STEP_LOADS hits costs, as the connector does it:
   the scheduler pins them all in one `load_many`, the worker copies each
   into the engine's tensors and releases it;
@@ -166,6 +167,14 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
                 keys = att.keys(_prompt(i))
                 primer.compute(keys, ids)
                 att.store(primer.kv, keys, ids)
+            # the node's call as the raw reference is measured: one client alone
+            keys = att.keys(_prompt(0))
+            alone = []
+            for _ in range(3000):
+                t0 = time.perf_counter()
+                att.lookup(keys, ask_node=True)
+                alone.append(time.perf_counter() - t0)
+            out["node_call_alone_p50_us"] = round(statistics.median(alone) * 1e6, 1)
             start = time.time() + 3.0  # every engine connected and waiting
             pipes, procs = [], []
             for i in range(engines):
@@ -200,7 +209,7 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
     out["scheduler_lookup_p50_us"] = out["lookup_p50_us"]
     out["scheduler_miss_p50_us"] = out["miss_p50_us"]
     raw = out["raw_socket_roundtrip_us"]
-    out["rpc_vs_socket_roundtrip"] = round(out["node_lookup_p50_us"] / raw, 2)
+    out["rpc_vs_socket_roundtrip"] = round(out["node_call_alone_p50_us"] / raw, 2)
     out["leases_left"] = leases  # every load released, every store committed
     out["lookups_wrong"] = sum(wrong)  # a hit not seen whole, or a miss seen
     return out

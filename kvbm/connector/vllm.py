@@ -7,15 +7,22 @@
                                       "remote_tiers": ["host", "disk"]}}'
 
 Scheduler side (engine-core process): for a new request, hash its prompt's
-full blocks (`kvbm.hashing`), and have the node pin the longest prefix it
-can serve beyond vLLM's own prefix-cache hit (staging its disk, pulling from
-peers): what is pinned is what `get_num_new_matched_tokens` reports, so a
-load cannot find its blocks gone. The metadata of the step carries (arena
+full blocks (`kvbm.hashing`) and read the node's key view (kvbm/key_view.py,
+shared memory, no round trip) for the longest prefix it could serve beyond
+vLLM's own prefix-cache hit: a miss costs the scheduler that read alone.
+With `kv_load_failure_policy` "recompute" a hit is promised as the view
+shows it, and the step's hits are pinned in one `load_many` when the step's
+metadata is built (the node stages its disk and pulls from peers then); a
+block gone meanwhile is reported failed by the workers and vLLM recomputes
+from it. With "fail" such a block would fail its request, so a hit is
+pinned before it is promised. The metadata of the step carries (arena
 slots -> vLLM block ids) per load, and the full blocks each request
 completes in that step: prompt and generated tokens alike, so a chat's next
 turn (this turn's prompt and answer, then a new message) finds the answer's
 blocks too. Their sequence hashes continue over the generated tokens as
-they are generated, exactly as the next turn's prompt hashes them.
+they are generated, exactly as the next turn's prompt hashes them. Nothing
+a request computes in a step whose loads failed is saved (it was computed
+over blocks that never arrived); its blocks are saved once recomputed.
 
 Worker side: before the forward, copy each load's slots into the KV tensors
 and release the pins; after it (`wait_for_save`), copy the completed blocks
