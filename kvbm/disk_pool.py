@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ _HEADER = struct.Struct(
 _SUM = struct.Struct("<Q")  # xxh3_64 of the superblock or header before it
 _MAX_IOV = 1024
 IO_PIECE_BYTES = 16 << 20  # one vectored I/O; the bench's raw reference uses the same
+# After the file system says it is full, the tier takes no writes this long:
+# each would fail (a sparse file grows as it is written), costing a checksum
+# and a syscall, and the slots that do take writes are its oldest blocks'.
+NO_SPACE_BACKOFF_S = 10.0
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,7 @@ class DiskPool:
             MAGIC, VERSION, self.slot_bytes, num_slots, geometry.block_bytes, geometry.fingerprint
         )
         self.direct_io = False
+        self._no_space_until = 0.0  # monotonic time; see `has_room`
         # Two I/O threads keep two requests in flight.
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kvbm-disk-io")
         self.fd = self._open(direct_io, preallocate)
@@ -272,8 +279,8 @@ class DiskPool:
     def _pwrite(self, fd: int, bufs: list, offset: int) -> None:
         want = sum(len(memoryview(b)) for b in bufs)
         done = os.pwritev(fd, bufs, offset)
-        if done != want:
-            raise OSError(errno.EIO, f"short write: {done} of {want} bytes")
+        if done != want:  # to a regular file: the file system is full
+            raise OSError(errno.ENOSPC, f"short write: {done} of {want} bytes")
 
     def _pieces(self, slots: list[int]) -> list[tuple[int, list[int]]]:
         """Split item indices, sorted by disk slot, into (first slot, indices) pieces
@@ -320,7 +327,7 @@ class DiskPool:
             self._pwrite(self.fd, bufs, self.data_offset(first))
             return sums
         except OSError as e:
-            log.warning("disk write failed blocks=%d error=%s", len(piece), e)
+            self._failed_write(e, len(piece))
             return [None] * len(piece)
 
     def _write_headers(self, first: int, entries: list[tuple[BlockKey, int]]) -> bool:
@@ -332,8 +339,24 @@ class DiskPool:
             self._pwrite(self.fd, [headers], self.header_offset(first))
             return True
         except OSError as e:
-            log.warning("disk header write failed blocks=%d error=%s", len(entries), e)
+            self._failed_write(e, len(entries))
             return False
+
+    def _failed_write(self, e: OSError, blocks: int) -> None:
+        if e.errno in _NO_SPACE:
+            if self.has_room():
+                log.warning(
+                    "the disk tier's file system is full: no writes to it for %.0f s error=%s",
+                    NO_SPACE_BACKOFF_S,
+                    e,
+                )
+            self._no_space_until = time.monotonic() + NO_SPACE_BACKOFF_S
+        else:
+            log.warning("disk write failed blocks=%d error=%s", blocks, e)
+
+    def has_room(self) -> bool:
+        """False for a while after a write found the file system full."""
+        return time.monotonic() >= self._no_space_until
 
     def read(self, items: list[DiskRead], host: HostPool) -> list[bool | None]:
         """Disk slots -> host slots. Per item: True where the bytes match the

@@ -326,6 +326,8 @@ class KeyViewReader:
         0 for nothing, UNSURE where the view cannot tell (the key is not in
         its bucket, and the bucket overflowed); None when the writer was busy
         at every try. Where the view cannot tell, ask the node."""
+        if not keys:
+            return np.zeros(0, np.uint64)
         lay = self._lay
         buckets, tags = lay.place(lay.hashes(keys))
         header, words, overflow = lay.header, lay.words, lay.overflow

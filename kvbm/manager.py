@@ -327,7 +327,7 @@ class BlockManager:
         reorder the LRU): a copy counts only if the slot still holds the same
         registration afterwards, so its bytes did not change under the write.
         """
-        if self.disk is None or reach <= 0 or limit <= 0:
+        if self.disk is None or reach <= 0 or limit <= 0 or not self.disk.has_room():
             return 0
         with self._lock:
             host, dt = self.host.table, self.disk.table
@@ -462,7 +462,11 @@ class BlockManager:
         """Evicted host blocks -> disk (those the filter admits), then free their slots."""
         self.metrics.evictions.labels(Tier.HOST).inc(len(victims))
         writes: list[DiskWrite] = []
-        if self.disk is not None:
+        if self.disk is not None and not self.disk.has_room():
+            with self._lock:
+                dropped = sum(1 for v in victims if v.key not in self.disk.table.index)
+            self.metrics.rejected.labels(Tier.DISK, "no_space").inc(dropped)
+        elif self.disk is not None:
             with self._lock:
                 dt = self.disk.table
                 admitted = [

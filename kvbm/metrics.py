@@ -35,7 +35,7 @@ class TierMetrics:
         )
         self.rejected = Counter(
             "kvbm_tier_admissions_rejected_total",
-            "Blocks not admitted to the tier (reason: frequency, full, io_error)",
+            "Blocks not admitted to the tier (reason: frequency, full, io_error, no_space)",
             ["tier", "reason"],
             registry=r,
         )

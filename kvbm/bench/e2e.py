@@ -156,16 +156,8 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     turn1, new_message = tokens(TURN1), tokens(NEW_MESSAGE)
     set_mb = prompts * (PROMPT // BLOCK) * GEOMETRY.slot_bytes >> 20
     chat_mb = -(-(TURN1 + ANSWER) // BLOCK) * GEOMETRY.slot_bytes >> 20
-    out: dict = {
-        "bench": "e2e",
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count()},
-        "model": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "dtype": "float32"},
-        "prompt_tokens": PROMPT,
-        "block_size": BLOCK,
-        "prompts_per_figure": prompts,
-        "arena_dir": arena_dir,
-    }
+    out = _header("e2e")
+    out.update(prompts_per_figure=prompts, arena_dir=arena_dir)
     with (
         tempfile.TemporaryDirectory(prefix="kvbm-bench-e2e-", dir=workdir) as d,
         EtcdServer() as etcd,
@@ -303,16 +295,8 @@ def run_concurrency(concurrency: int = 16, rounds: int = 3, workdir: str | None 
     misses = [[tokens(PROMPT) for _ in range(concurrency)] for _ in range(rounds)]
     held = [[tokens(PROMPT) for _ in range(half)] for _ in range(rounds)]
     mixes = [h + [tokens(PROMPT) for _ in range(concurrency - half)] for h in held]
-    out: dict = {
-        "bench": "e2e_concurrency",
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count()},
-        "model": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "dtype": "float32"},
-        "prompt_tokens": PROMPT,
-        "concurrency": concurrency,
-        "rounds": rounds,
-        "max_tokens": CONCURRENT_ANSWER,
-    }
+    out = _header("e2e_concurrency")
+    out.update(concurrency=concurrency, rounds=rounds, max_tokens=CONCURRENT_ANSWER)
     seen: dict[str, dict[str, list]] = {}
     with tempfile.TemporaryDirectory(prefix="kvbm-bench-e2e-", dir=workdir) as d:
         model = build_llama(os.path.join(d, "model"), LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB)
@@ -363,6 +347,17 @@ def run_concurrency(concurrency: int = 16, rounds: int = 3, workdir: str | None 
     loaded = out.get("node_engine_blocks", {}).get("local_host", 0)
     out["mixed_held_blocks_loaded_fraction"] = round(loaded / held_blocks, 3)
     return out
+
+
+def _header(bench: str) -> dict:
+    return {
+        "bench": bench,
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpus": os.cpu_count()},
+        "model": {"layers": LAYERS, "hidden": HIDDEN, "kv_heads": KV_HEADS, "dtype": "float32"},
+        "prompt_tokens": PROMPT,
+        "block_size": BLOCK,
+    }
 
 
 def _tokens(prompts: list[list[int]], outputs: list[list[int]]) -> int:

@@ -113,7 +113,7 @@ class NodeAttachment:
         None where it cannot tell. Advice: a load pins what is really there."""
         if self.view is None or not self.view.alive():
             return None
-        bits = self.view.bits(keys) if keys else np.zeros(0, np.uint64)
+        bits = self.view.bits(keys)
         if bits is None:
             return None
         n = len(bits)
