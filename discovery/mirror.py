@@ -35,8 +35,10 @@ class Holders(dict):
 
 
 _NOBODY = Holders()
-# (key, its holders now: empty when nobody), and whether that is the whole mirror
+# (key, its holders now: empty when nobody), and whether what the follower
+# knew is to be forgotten first (the first batch of the whole mirror)
 Follower = Callable[[list[tuple[bytes, Mapping[str, Tier]]], bool], None]
+FOLLOW_BATCH = 65_536  # keys per call when the whole mirror is told
 
 
 class Locations(Mapping[bytes, Holders]):
@@ -155,8 +157,8 @@ class IndexMirror:
 
     def follow(self, follower: Follower) -> None:
         """Tell `follower` of every key whose holders change, one call per
-        record applied: now, everything the mirror holds (the flag True:
-        what it does not list is held by nobody), then each change, and
+        record applied: now, everything the mirror holds (in batches, the
+        first flagged: forget what you knew), then each change, and
         everything again after a rebuild (`adopt`, `clear`)."""
         self._follower = follower
         self._tell_everything()
@@ -166,8 +168,17 @@ class IndexMirror:
             self._follower([(k, self.locations.get(k, _NOBODY)) for k in keys], False)
 
     def _tell_everything(self) -> None:
-        if self._follower is not None:
-            self._follower(list(self.locations.items()), True)
+        if self._follower is None:
+            return
+        batch: list[tuple[bytes, Mapping[str, Tier]]] = []
+        first = True
+        for item in self.locations.items():
+            batch.append(item)
+            if len(batch) == FOLLOW_BATCH:
+                self._follower(batch, first)
+                batch, first = [], False
+        if batch or first:
+            self._follower(batch, first)
 
     # -- feeding -----------------------------------------------------------
     def put(self, path: bytes, value: bytes, revision: int = 0) -> None:

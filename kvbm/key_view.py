@@ -40,6 +40,7 @@ from kvbm.errors import ArenaError
 from kvbm.shm_arena import SharedArena
 
 LOCAL, REMOTE_HOST, REMOTE_DISK = 1, 2, 4
+PEERS = REMOTE_HOST | REMOTE_DISK
 BITS = 7
 UNSURE = 8  # a reader's answer, never stored
 WAYS = 8
@@ -133,13 +134,21 @@ class _Layout:
 
 class KeyView:
     """The node's side. Invariants: a key has at most one word, in its
-    bucket or in `_spill` (never both); a bucket's overflow byte is set
-    exactly while `_spill` holds keys of it; a word's bits are never zero."""
+    bucket or in `_spill` (never both); a word's bits are never zero; a
+    bucket's overflow byte is set exactly while `_spill` holds keys of it or
+    it is `_lossy`. The spill holds at most `_spill_max` keys held only by
+    peers (a fleet's mirror can hold far more keys than the view has room
+    for): a peer's key past that is not kept, and its bucket is lossy until
+    the peers' keys are all rebuilt (`unset_all`). The node's own keys are
+    always kept."""
 
     def __init__(self, arena: SharedArena) -> None:
         self._lay = _Layout(arena)
         self._lock = threading.Lock()
         self._spill: dict[int, dict[int, int]] = {}  # bucket -> {tag: bits}
+        self._spilled = 0  # keys in `_spill`
+        self._spill_max = self._lay.buckets * WAYS // 16
+        self._lossy: set[int] = set()
         self._words = memoryview(self._lay.words).cast("B").cast("Q")  # scalar access, fast
         self._seq = memoryview(self._lay.header).cast("B").cast("Q")
 
@@ -190,7 +199,13 @@ class KeyView:
                             spilled[tag] = bits & ~bit
                         else:
                             del spilled[tag]
+                            self._spilled -= 1
                     self._refill(b)
+                if bit & PEERS == PEERS:  # what was not kept was a peer's: gone now
+                    lossy, self._lossy = self._lossy, set()
+                    for b in lossy:
+                        if b not in self._spill:
+                            self._lay.overflow[b] = 0
             finally:
                 self._end()
 
@@ -239,8 +254,12 @@ class KeyView:
             spilled[tag] |= bit
         elif free >= 0:
             w[free] = tag | bit
-        else:
+        elif bit & LOCAL or self._spilled < self._spill_max:
             self._spill.setdefault(b, {})[tag] = bit
+            self._spilled += 1
+            self._lay.overflow[b] = 1
+        else:
+            self._lossy.add(b)
             self._lay.overflow[b] = 1
 
     def _unset_one(self, b: int, tag: int, bit: int) -> None:
@@ -260,6 +279,7 @@ class KeyView:
                 spilled[tag] = left
             else:
                 del spilled[tag]
+                self._spilled -= 1
                 self._refill(b)
 
     def _refill(self, b: int) -> None:
@@ -274,10 +294,12 @@ class KeyView:
                 break
             if w[i] == 0:
                 tag, bits = spilled.popitem()
+                self._spilled -= 1
                 w[i] = tag | bits
         if not spilled:
             del self._spill[b]
-            self._lay.overflow[b] = 0
+            if b not in self._lossy:
+                self._lay.overflow[b] = 0
 
     def _begin(self) -> None:
         self._seq[_SEQ] += 1  # odd: a batch is being written

@@ -61,11 +61,21 @@ def test_the_engines_mapping_is_read_only_and_knows_when_the_node_is_gone(view):
     reader.close()
 
 
+def _kept(v: KeyView, key: bytes) -> int:
+    """What the writer keeps for `key` (in its bucket or spilled), 0 if nothing."""
+    buckets, tags = v._lay.place(v._lay.hashes([key]))
+    b, tag = int(buckets[0]), int(tags[0])
+    for word in v._lay.words[b].tolist():
+        if word & ~7 == tag:
+            return word & 7
+    return v._spill.get(b, {}).get(tag, 0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.booleans(),
+            st.sampled_from(["set", "unset", "unset_all"]),
             st.sampled_from([LOCAL, REMOTE_HOST, REMOTE_DISK]),
             st.lists(st.integers(0, 299), min_size=1, max_size=40),
         ),
@@ -73,20 +83,27 @@ def test_the_engines_mapping_is_read_only_and_knows_when_the_node_is_gone(view):
     )
 )
 def test_a_key_held_is_never_answered_no_even_in_overflowing_buckets(tmp_path_factory, ops):
-    """A tiny view (64 buckets of 8 ways for up to 300 keys): buckets
-    overflow. Against a model: a held key reads as its exact bits or UNSURE,
-    a key not held as 0 or UNSURE, and UNSURE only in an overflowing bucket;
-    the overflow bytes say exactly which buckets have keys outside their ways."""
+    """A tiny view (64 buckets of 8 ways, a spill of 32 peers' keys, for up
+    to 300 keys): buckets overflow, peers' keys past the spill are not kept.
+    Against a model: a held key reads as its exact bits or UNSURE, a key not
+    held as 0 or UNSURE, and UNSURE only in an overflowing bucket; the
+    node's own keys are always kept; the overflow bytes say exactly which
+    buckets have keys outside their ways; rebuilding the peers' keys
+    (`unset_all`) leaves nothing lost."""
     v = KeyView.create("kvbm-g2-prop.keys", 64, str(tmp_path_factory.mktemp("v")))
     reader = KeyViewReader.of(v)
     try:
         everything = _keys(0, 300)
         model = [0] * 300
-        for on, bit, idx in ops:
+        for what, bit, idx in ops:
+            if what == "unset_all":
+                v.unset_all(REMOTE_HOST | REMOTE_DISK)
+                model = [m & LOCAL for m in model]
+                continue
             picked = [everything[i] for i in idx]
-            (v.set if on else v.unset)(picked, bit)
+            (v.set if what == "set" else v.unset)(picked, bit)
             for i in idx:
-                model[i] = model[i] | bit if on else model[i] & ~bit
+                model[i] = model[i] | bit if what == "set" else model[i] & ~bit
         got = reader.bits(everything).tolist()
         buckets, _ = reader._lay.place(reader._lay.hashes(everything))
         over = reader._lay.overflow
@@ -94,12 +111,35 @@ def test_a_key_held_is_never_answered_no_even_in_overflowing_buckets(tmp_path_fa
             assert seen in (want, UNSURE), (i, want, seen)
             if seen == UNSURE:
                 assert over[buckets[i]]
-        assert set(np.flatnonzero(over).tolist()) == set(v._spill)
-        assert v.count() == sum(1 for m in model if m)
+            kept = _kept(v, everything[i])
+            if buckets[i] not in v._lossy:
+                assert kept == want, (i, want, kept)
+            assert kept & LOCAL == want & LOCAL  # the node's own: always kept
+        assert set(np.flatnonzero(over).tolist()) == set(v._spill) | v._lossy
+        assert v._spilled == sum(len(s) for s in v._spill.values())
         assert sum(model) == 0 or any(got)  # the check can fail: something was seen
+        v.unset_all(REMOTE_HOST | REMOTE_DISK)
+        assert not v._lossy
+        assert set(np.flatnonzero(over).tolist()) == set(v._spill)
     finally:
         reader.close()
         v.close()
+
+
+def test_a_fleet_of_peers_keys_cannot_grow_the_nodes_memory_past_the_spill(view):
+    """4,000 peers' keys into a view made for 256 (2,048 ways): the spill
+    keeps at most its cap, the buckets past it are lossy (readers ask the
+    node there), and the node's own keys, set after, are all kept."""
+    reader = KeyViewReader.of(view)
+    peers, mine = _keys(10_000, 4000), _keys(0, 200)
+    view.set(peers, REMOTE_HOST)
+    view.set(mine, LOCAL)
+    assert view._lossy and view._spilled <= view._spill_max + len(mine)
+    assert all(_kept(view, k) & LOCAL for k in mine)
+    got = reader.bits(peers + mine)
+    assert not (got == 0).any()  # every key set reads as held, or "ask the node"
+    assert (got[len(peers) :] & LOCAL).sum() + (got[len(peers) :] == UNSURE).sum() == len(mine)
+    reader.close()
 
 
 def _watch(name: str, size: int, directory: str, n: int, out) -> None:

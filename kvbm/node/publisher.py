@@ -154,7 +154,7 @@ class Publisher:
         self._publish(mgr, everything=True)
         view, me = mgr.view, self.record.node_id
         if view is not None and self.etcd_endpoints:
-            mirror.follow(lambda changes, everything: _show_peers(view, me, changes, everything))
+            mirror.follow(lambda changes, reset: _show_peers(view, me, changes, reset))
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
@@ -175,11 +175,11 @@ class Publisher:
 
 
 def _show_peers(
-    view: KeyView, me: str, changes: list[tuple[bytes, Mapping[str, Tier]]], everything: bool
+    view: KeyView, me: str, changes: list[tuple[bytes, Mapping[str, Tier]]], reset: bool
 ) -> None:
     """The key view's REMOTE bits from the mirror's holders: what another
     node holds, in its host tier or on its disk."""
-    if everything:
+    if reset:
         view.unset_all(REMOTE_HOST | REMOTE_DISK)
     on: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
     off: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
@@ -192,5 +192,5 @@ def _show_peers(
             (on if bits & bit else off)[bit].append(key)
     for bit in (REMOTE_HOST, REMOTE_DISK):
         view.set(on[bit], bit)
-        if not everything:
+        if not reset:
             view.unset(off[bit], bit)
