@@ -218,8 +218,18 @@ class KeyView:
     def count(self) -> int:
         """Keys in the view (for tests and stats)."""
         with self._lock:
-            used = int(np.count_nonzero(self._lay.words))
-            return used + sum(len(s) for s in self._spill.values())
+            return int(np.count_nonzero(self._lay.words)) + self._spilled
+
+    def stats(self) -> dict[str, int]:
+        """For `kvbm status`: how full the view is, and how many buckets
+        make engines ask the node (spilled keys, peers' keys not kept)."""
+        with self._lock:
+            return {
+                "keys": int(np.count_nonzero(self._lay.words)) + self._spilled,
+                "ways": self._lay.buckets * WAYS,
+                "spilled": self._spilled,
+                "buckets_asking_the_node": int(np.count_nonzero(self._lay.overflow)),
+            }
 
     def close(self) -> None:
         self._words.release()

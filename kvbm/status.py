@@ -85,6 +85,12 @@ def render(result: dict) -> str:
         arena = result["host_arena"]
         pages = "2 MiB pages" if arena["huge_page_mb"] else "4 KiB pages"
         lines.append(f"  host arena in {arena['dir']}: {pages}")
+    if "key_view" in result:
+        v = result["key_view"]
+        lines.append(
+            f"  key view: {v['keys']} keys in {v['ways']} ways, "
+            f"{v['buckets_asking_the_node']} bucket(s) where engines ask the node"
+        )
     for source, n in result.get("engine_blocks", {}).items():
         share = result["hit_shares"].get(source, 0.0)
         lines.append(f"  served from {source:12} {n:8} blocks ({share:.0%})")

@@ -74,6 +74,7 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         assert by_id["node-a"]["disk"]["blocks"] >= 8
         one = kvbm_json("status", "--socket", b.socket)
         assert one["engine_blocks"]["remote_disk"] == 8 and one["hit_shares"]["remote_host"] == 0.5
+        assert one["key_view"]["keys"] >= 16  # B's own blocks, and A's it knows of
         # SIGTERM: A stops cleanly and revokes its lease, so B forgets it at
         # once (well before the 3 s TTL)
         eng_a.close()

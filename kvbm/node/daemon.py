@@ -244,6 +244,8 @@ class Node:
         out["tiers"] = s.mgr.usage()
         arena = s.mgr.host.arena
         out["host_arena"] = {"dir": arena.directory, "huge_page_mb": s.huge_page_mb}
+        if s.mgr.view is not None:
+            out["key_view"] = s.mgr.view.stats()
         failed = "kvbm_tier_checksum_failures_total"
         out["checksum_failures"] = {
             where: int(s.mgr.metrics.value(failed, tier=where)) for where in ("disk", "peer")
