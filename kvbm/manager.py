@@ -48,8 +48,9 @@ class BlockManager:
       the pins of a LoadPlan, which `complete_load` settles;
     - a block reaches G1 from G3 only after its bytes matched its checksum;
     - with a key view shared (`share_keys`), every held key shows in it as
-      LOCAL from the moment its registration returns (a key shows only
-      there, or on disk already); a key let go leaves it at the next
+      LOCAL from the moment the call that registered it returns (a drain
+      that moves a block from G2 to G3 sets it again: it was in neither
+      index while written); a key let go leaves it at the next
       `take_changes` (so a view may still show a key just let go, never
       miss one held).
     """
@@ -113,6 +114,7 @@ class BlockManager:
             }
             if self.view is not None:
                 self.view.unset([k for k, t in now.items() if t is None], LOCAL)
+                self.view.set([k for k, t in now.items() if t is not None], LOCAL)
             return now
 
     def share_keys(self, view: KeyView) -> None:
@@ -488,6 +490,11 @@ class BlockManager:
                     self.disk.table.register(w.dst, w.key, c)
                 else:
                     self.disk.table.abort(w.dst)
+            if self.view is not None:
+                # out of G2 since `take_victims`: a `take_changes` meanwhile let them go
+                self.view.set(
+                    [w.key for w, c in zip(writes, sums, strict=True) if c is not None], LOCAL
+                )
             failed = sums.count(None)
             self.metrics.rejected.labels(Tier.DISK, "io_error").inc(failed)
             for v in victims:

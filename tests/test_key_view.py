@@ -16,7 +16,7 @@ from kvbm.block_key import KeySpace
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyView, KeyViewReader
 from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.support import GEOMETRY, Engine, keys, store
 
 SPACE = KeySpace("test", GEOMETRY.fingerprint)
 
@@ -140,6 +140,33 @@ def test_a_fleet_of_peers_keys_cannot_grow_the_nodes_memory_past_the_spill(view)
     assert not (got == 0).any()  # every key set reads as held, or "ask the node"
     assert (got[len(peers) :] & LOCAL).sum() + (got[len(peers) :] == UNSURE).sum() == len(mine)
     reader.close()
+
+
+def test_a_block_draining_to_disk_stays_in_view_whatever_runs_meanwhile(make_manager, tmp_path):
+    """A drain takes blocks out of G2 and writes them to G3 unlocked: the
+    publisher's `take_changes` may run in between, when the blocks are in
+    neither tier. They must show again once on disk (found by review: they
+    did not)."""
+    mgr = make_manager(host_slots=8, disk_slots=32)
+    view = KeyView.create("kvbm-g2-drain.keys", 64, str(tmp_path))
+    reader = KeyViewReader.of(view)
+    try:
+        mgr.share_keys(view)
+        write = mgr.disk.write
+
+        def write_while_published(items, host):
+            mgr.take_changes()  # the publisher's tick, in the middle of the write
+            return write(items, host)
+
+        mgr.disk.write = write_while_published
+        first = keys(0, 8)
+        store(mgr, first)
+        store(mgr, keys(100, 8))  # drains `first` to disk
+        assert set(mgr.held()) >= set(first)
+        assert reader.bits(first).tolist() == [LOCAL] * 8
+    finally:
+        reader.close()
+        view.close()
 
 
 def _watch(name: str, size: int, directory: str, n: int, out) -> None:

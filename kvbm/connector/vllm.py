@@ -22,7 +22,11 @@ turn (this turn's prompt and answer, then a new message) finds the answer's
 blocks too. Their sequence hashes continue over the generated tokens as
 they are generated, exactly as the next turn's prompt hashes them. Nothing
 a request computes in a step whose loads failed is saved (it was computed
-over blocks that never arrived); its blocks are saved once recomputed.
+over blocks that never arrived): where the scheduler's pins came short, on
+every rank, and its blocks are saved once recomputed; where a worker's copy
+failed, on that rank only (not yet: telling the other tensor-parallel ranks,
+whose KV of that step depends on it through the all-reduce), and those
+blocks are not saved again.
 
 Worker side: before the forward, copy each load's slots into the KV tensors
 and release the pins; after it (`wait_for_save`), copy the completed blocks
@@ -442,24 +446,31 @@ class KvbmConnector(KVConnectorBase_V1):
         self._failed_reqs = set()
         if not meta.loads:
             return
-        node = self._attached() if self._kv is not None else None
+        node = self._attached()
         if node is not None and node[0].arena_name != meta.arena:
             self._reattach()  # the node restarted since this attachment was made
             node = self._attached()
         for load in meta.loads:
             t0 = time.perf_counter()
+            same_node = node is not None and node[0].arena_name == meta.arena
             try:
-                if node is None or node[0].arena_name != meta.arena:
+                if self._kv is None:
+                    raise KvbmError("kvbm does not copy into this engine's KV cache")
+                if not same_node:
                     raise NodeError("the node's arena is not the one the loads were pinned in")
-                node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[arg-type]
-                node[0].complete_load(load.leases[self._rank])
+                node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[index]
                 ms = (time.perf_counter() - t0) * 1e3
                 log.debug("loaded blocks=%d ms=%.2f", len(load.block_ids), ms)
             except (NodeError, KvbmError, ValueError) as e:
                 log.warning("load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), e)
                 self._load_errors.update(load.block_ids)
                 self._failed_reqs.add(load.req_id)  # its step computes on blocks not loaded
-                if isinstance(e, NodeError) and node is not None:
+            # Released whatever the copy did: the lease is the scheduler's, and
+            # left alone it would pin the blocks until that connection ends.
+            if same_node:
+                try:
+                    node[0].complete_load(load.leases[self._rank])  # type: ignore[index]
+                except NodeError as e:
                     self._lost(e)
                     node = None
 
@@ -482,7 +493,7 @@ class KvbmConnector(KVConnectorBase_V1):
         try:
             for save in meta.saves:
                 if save.req_id in self._failed_reqs:
-                    continue  # computed over blocks that never loaded: recomputed, saved then
+                    continue  # computed over blocks that never loaded here
                 node[0].store(self._kv, node[0].keys(save.seq_hashes), save.block_ids)
         except (NodeError, KvbmError) as e:
             self._lost(e)  # a save that does not happen is a future miss, nothing worse

@@ -44,6 +44,7 @@ from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
 INDEX_FIRST_WAIT_S = 5.0
+VIEW_MIN_KEYS = 4096
 _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
 
 
@@ -142,11 +143,13 @@ class Node:
         agent = server = view = None
         try:
             # engines read which keys the node could serve without asking it
-            # (kvbm/key_view.py): its own, and as many again of its peers'
+            # (kvbm/key_view.py): its own, and as many again of its peers'; at
+            # least VIEW_MIN_KEYS, as a key let go stays a moment (a tier of a
+            # few blocks churns through several times its size between ticks)
             local = mgr.host.num_slots + (mgr.disk.num_slots if mgr.disk else 0)
             view = KeyView.create(
                 f"{arena.name}.keys",
-                2 * local if cfg.etcd_endpoints else local,
+                max(VIEW_MIN_KEYS, 2 * local if cfg.etcd_endpoints else local),
                 arena.directory,
                 mode=0o600 if cfg.shared_gid is None else 0o640,
                 gid=cfg.shared_gid,

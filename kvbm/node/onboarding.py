@@ -106,7 +106,7 @@ class Onboarding:
         plan = None
         if not pulled and Tier.DISK not in local.tiers:  # the common hit: all in G2
             plan = self.mgr.prepare_load(keys, stage=False)  # no I/O: no thread hop
-            if plan.num_blocks < start:  # one drained to disk meanwhile
+            if plan.num_blocks < min(start, self.mgr.max_load_blocks):  # one left G2 meanwhile
                 self.mgr.complete_load(plan)
                 plan = None
         if plan is None:

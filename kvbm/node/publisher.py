@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from discovery.errors import DuplicateNode, IndexUnavailable
@@ -23,6 +24,7 @@ PUBLISH_INTERVAL_S = 0.02  # the tiers' changes into the index's runs (no etcd w
 # 84 etcd writes per 1,000 blocks at 5 ms, 67 at 50 ms, 16-18 at 500 ms).
 INDEX_FLUSH_S = 0.5
 INDEX_RETRY_S = 2.0
+REBUILD_S = 2.0  # how long the key view's peers' keys are not believed after a rebuild
 
 
 class Publisher:
@@ -179,7 +181,8 @@ def _show_peers(
 ) -> None:
     """The key view's REMOTE bits from the mirror's holders: what another
     node holds, in its host tier or on its disk."""
-    if reset:
+    if reset:  # until the peers' keys are all back, engines ask the node about them
+        view.avoid_peers_until(time.monotonic() + REBUILD_S)
         view.unset_all(REMOTE_HOST | REMOTE_DISK)
     on: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
     off: dict[int, list[bytes]] = {REMOTE_HOST: [], REMOTE_DISK: []}
