@@ -142,3 +142,51 @@ def test_a_member_of_the_shared_group_is_served(open_node):
     as_root()
     node = open_node("--shared-group", "65534")
     assert engine_as(node.socket, 65534, 65534).startswith("served")
+
+
+VIEW_AS = """
+import os, sys
+from kvbm.connector.attach import NodeAttachment
+from tests.support import GEOMETRY
+path = sys.argv[4]
+os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
+try:
+    engine = NodeAttachment(sys.argv[1], GEOMETRY, map_arena=False, timeout=10)
+    print("reads" if engine.view is not None and engine.seen(engine.keys([1])) else "no view")
+except Exception as e:
+    print("refused", type(e).__name__)
+for flags, what in ((os.O_RDWR, "writes"), (os.O_RDONLY, "opens")):
+    try:
+        os.close(os.open(path, flags))
+        print(what)
+    except PermissionError:
+        print("cannot", what)
+"""
+
+
+def test_the_key_view_is_read_only_to_the_shared_group_and_closed_to_others(open_node):
+    """The node's key view (kvbm/key_view.py) is what engines read to skip a
+    round trip: the shared group may read it, never write it (a writer could
+    make every engine of the node miss, or pin what is not there); a user
+    outside the group cannot open it at all."""
+    as_root()
+    node = open_node("--shared-group", "65534")
+    probe = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        assert probe.view is not None
+        path = os.path.join(probe.stats()["host_arena"]["dir"], probe.view.name)
+    finally:
+        probe.close()
+
+    def view_as(uid: int, gid: int) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", VIEW_AS, node.socket, str(uid), str(gid), path],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split("\n")[:3]
+
+    assert view_as(65534, 65534) == ["reads", "cannot writes", "opens"]
+    assert view_as(65533, 65533) == ["refused NodeError", "cannot writes", "cannot opens"]
