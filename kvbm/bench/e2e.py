@@ -277,75 +277,76 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     return out
 
 
-def run_concurrency(concurrency: int = 16, rounds: int = 3, workdir: str | None = None) -> dict:
+def run_concurrency(concurrency: int = 16, rounds: int = 2, workdir: str | None = None) -> dict:
     """`kvbm bench e2e --concurrency N`: throughput with the connector over
     vLLM alone, N requests submitted at once, on prompts nobody has seen (the
     miss path: what the connector costs when nothing hits: its lookups and
     its saves), and on a mix where half the prompts were computed just
     before and then forgotten by vLLM's own prefix cache (the node holds
-    them). Each engine runs alone, one after the other, through the same
-    rounds on the same prompts; a figure is the median over rounds of
-    (prompt + generated tokens) / wall seconds."""
+    them). One engine at a time, in the order alone, with, with, alone
+    (`rounds` rounds each, each side through the same prompts), so that a
+    machine that drifts during the run favours neither side; a figure is the
+    median over a side's rounds of (prompt + generated tokens) / wall
+    seconds."""
     rng = random.Random(1)
 
     def tokens(n: int) -> list[int]:
         return [rng.randrange(4, VOCAB) for _ in range(n)]
 
-    half = concurrency // 2
-    misses = [[tokens(PROMPT) for _ in range(concurrency)] for _ in range(rounds)]
-    held = [[tokens(PROMPT) for _ in range(half)] for _ in range(rounds)]
+    half, total = concurrency // 2, 2 * rounds
+    misses = [[tokens(PROMPT) for _ in range(concurrency)] for _ in range(total)]
+    held = [[tokens(PROMPT) for _ in range(half)] for _ in range(total)]
     mixes = [h + [tokens(PROMPT) for _ in range(concurrency - half)] for h in held]
     out = _header("e2e_concurrency")
-    out.update(concurrency=concurrency, rounds=rounds, max_tokens=CONCURRENT_ANSWER)
-    seen: dict[str, dict[str, list]] = {}
+    out.update(concurrency=concurrency, rounds_per_side=total, max_tokens=CONCURRENT_ANSWER)
+    rates = {side: collections.defaultdict(list) for side in ("without", "with")}
+    outputs: dict[str, dict[tuple[str, int], list]] = {"without": {}, "with": {}}
+    loaded = 0
+    first, second = range(rounds), range(rounds, total)
+    order = (("without", first), ("with", first), ("with", second), ("without", second))
     with tempfile.TemporaryDirectory(prefix="kvbm-bench-e2e-", dir=workdir) as d:
         model = build_llama(os.path.join(d, "model"), LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB)
         # room for one round: its held prompts, and the mix's others
         host_mb = 2 * concurrency * (PROMPT // BLOCK) * GEOMETRY.slot_bytes >> 20
-        for side in ("without", "with"):
+        for phase, (side, which) in enumerate(order):
             node = None
             if side == "with":
-                node = NodeProcess(d, "node", "127.0.0.2", "--host-cache-mb", str(host_mb))
+                flags = ("--host-cache-mb", str(host_mb))
+                node = NodeProcess(d, f"node-{phase}", "127.0.0.2", *flags)
             engine = Engine(model, {"node": node.socket} if node else None, prefix_caching=True)
-            figures: dict[str, list] = collections.defaultdict(list)
             try:
                 engine.ask_all([tokens(PROMPT)], CONCURRENT_ANSWER)  # warm-up
-                for r in range(rounds):
-                    batch = misses[r]
-                    got, took = engine.ask_all(batch, CONCURRENT_ANSWER)
-                    figures["miss"].append(_tokens(batch, got) / took)
-                    figures["miss_outputs"].append(got)
+                for r in which:
+                    got, took = engine.ask_all(misses[r], CONCURRENT_ANSWER)
+                    rates[side]["miss"].append(_tokens(misses[r], got) / took)
+                    outputs[side][("miss", r)] = got
                     engine.ask_all(held[r], CONCURRENT_ANSWER)  # computed (and stored) ...
                     engine.reset()  # ... and forgotten by vLLM's own prefix cache
-                    batch = mixes[r]
-                    got, took = engine.ask_all(batch, CONCURRENT_ANSWER)
-                    figures["mixed"].append(_tokens(batch, got) / took)
-                    figures["mixed_outputs"].append(got)
+                    got, took = engine.ask_all(mixes[r], CONCURRENT_ANSWER)
+                    rates[side]["mixed"].append(_tokens(mixes[r], got) / took)
+                    outputs[side][("mixed", r)] = got
                     engine.reset()
                 if node is not None:
                     probe = NodeAttachment(node.socket, GEOMETRY)
                     try:
-                        out["node_engine_blocks"] = probe.stats()["engine_blocks"]
+                        loaded += probe.stats()["engine_blocks"]["local_host"]
                     finally:
                         probe.close()
             finally:
                 engine.close()
                 if node is not None:
                     node.stop()
-            seen[side] = figures
     for kind in ("miss", "mixed"):
-        alone = statistics.median(seen["without"][kind])
-        served = statistics.median(seen["with"][kind])
+        alone = statistics.median(rates["without"][kind])
+        served = statistics.median(rates["with"][kind])
         out[f"{kind}_tokens_per_s_without"] = round(alone)
         out[f"{kind}_tokens_per_s_with"] = round(served)
         out[f"{kind}_throughput_vs_without"] = round(served / alone, 3)
-    out["outputs_identical"] = all(
-        seen["without"][f"{k}_outputs"] == seen["with"][f"{k}_outputs"] for k in ("miss", "mixed")
-    )
+    out["outputs_identical"] = outputs["without"] == outputs["with"]
     # the mixes' held prompts: all their blocks should have come from the node
-    held_blocks = rounds * half * ((PROMPT - 1) // BLOCK)
-    loaded = out.get("node_engine_blocks", {}).get("local_host", 0)
-    out["mixed_held_blocks_loaded_fraction"] = round(loaded / held_blocks, 3)
+    out["mixed_held_blocks_loaded_fraction"] = round(
+        loaded / (total * half * ((PROMPT - 1) // BLOCK)), 3
+    )
     return out
 
 
