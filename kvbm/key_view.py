@@ -254,6 +254,8 @@ class KeyView:
             one = self._set_one if on else self._unset_one
             for b, tag in zip(buckets.tolist(), tags.tolist(), strict=True):
                 one(b, tag, bit, words, flags)
+            if not words and not flags:
+                return  # nothing changes: readers need not retry
             self._begin()
             try:
                 self._write(words, flags)
@@ -272,7 +274,8 @@ class KeyView:
         for i in range(base, base + WAYS):
             word = words.get(i, w[i])
             if word & ~BITS == tag:
-                words[i] = word | bit
+                if word & bit != bit:  # already set (a tick re-telling what is held): no write
+                    words[i] = word | bit
                 return
             if word == 0 and free < 0:
                 free = i
@@ -294,6 +297,8 @@ class KeyView:
         for i in range(base, base + WAYS):
             word = words.get(i, w[i])
             if word & ~BITS == tag:
+                if not word & bit:
+                    return  # not set: no write
                 left = word & ~bit & BITS
                 words[i] = tag | left if left else 0
                 if not left:
