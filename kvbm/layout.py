@@ -1,8 +1,17 @@
 """Model geometry -> bytes per block, the layout fingerprint, and slot runs.
 
-A block's bytes are that block index in every layer's tensor, concatenated
-layer by layer. The node needs only these sizes, never the tensors: the
-copies between an engine's tensors and arena slots live on the engine side
+An engine's KV cache is, per layer, a [B, H, N, C] array (blocks, KV heads,
+token positions, K then V content) laid out in memory in one of vLLM's
+orders of the axes [L, B, H, N, C] (vllm/v1/kv_cache_layout.py): "LBHNC" is
+vLLM's CPU layout and FlashInfer's HND, "LBNHC" FlashAttention's NHD, the
+B-first ones a cache whose layers sit together inside each block. A block's
+bytes in the arena are that block's bytes in the engine's own memory order
+(its axes in the layout's order, B left out), so a copy between G1 and G2 is
+a few long memcpys in every layout; the layout is in the fingerprint, so
+only nodes whose engines agree exchange blocks.
+
+The node needs only these sizes, never the tensors: the copies between an
+engine's tensors and arena slots live on the engine side
 (kvbm/connector/copy.py), so the daemon never imports torch.
 """
 
@@ -15,10 +24,9 @@ from functools import cached_property
 import numpy as np
 import xxhash
 
-# Engine per-block byte layouts this module can copy. vLLM CPU: one tensor per
-# layer, [num_blocks, num_kv_heads, block_size, 2 * head_dim], block dim first.
-VLLM_CPU_LAYOUT = "vllm-cpu-v1"
-KV_LAYOUTS = (VLLM_CPU_LAYOUT,)
+# vLLM's KVCacheLayout names: the memory order of the axes [L, B, H, N, C].
+KV_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
+VLLM_CPU_LAYOUT = "LBHNC"
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PAGE = 4096
@@ -36,21 +44,41 @@ class ModelGeometry:
     block_size: int
     dtype: str = "float32"
     kv_layout: str = VLLM_CPU_LAYOUT
+    # V's width per head (None: head_dim; 0 for MLA's latent: one "head", no V).
+    head_dim_v: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # The default is spelled None, so equal geometries compare equal.
+        if self.head_dim_v == self.head_dim:
+            object.__setattr__(self, "head_dim_v", None)
+        if self.head_dim_v is not None and (
+            type(self.head_dim_v) is not int or self.head_dim_v < 0
+        ):
+            raise ValueError(f"head_dim_v must be an integer >= 0, got {self.head_dim_v!r}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
 
+    @property
+    def v_dim(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
     @cached_property
     def layer_shape(self) -> tuple[int, int, int]:
-        """Shape of one block inside one layer's tensor."""
-        return (self.num_kv_heads, self.block_size, 2 * self.head_dim)
+        """Logical shape of one block inside one layer: (H, N, C)."""
+        return (self.num_kv_heads, self.block_size, self.head_dim + self.v_dim)
+
+    @cached_property
+    def block_order(self) -> str:
+        """The axes of a block in the arena, outermost first: the layout's
+        order without B (N whole, even where vLLM splits blocks into kernel
+        blocks of fewer tokens). Axes of size 1 do not change the bytes."""
+        return self.kv_layout.replace("B", "")
 
     @cached_property
     def layer_block_bytes(self) -> int:
@@ -68,12 +96,24 @@ class ModelGeometry:
 
     @cached_property
     def fingerprint(self) -> int:
-        """Nodes whose fingerprints differ never exchange blocks."""
-        text = (
-            f"kvbm-layout-v1|layers={self.num_layers}|kv_heads={self.num_kv_heads}"
-            f"|head_dim={self.head_dim}|block_size={self.block_size}|dtype={self.dtype}"
-            f"|layout={self.kv_layout}"
-        )
+        """Nodes whose fingerprints differ never exchange blocks. It names
+        the bytes of a block, not the engine's layout: an engine caching
+        layer by layer (LBHNC) and one with each block's layers together
+        (BLHNC) store the same bytes and share blocks. The first version's
+        text is kept for the bytes it named (every version must agree)."""
+        if self.block_order == "LHNC" and self.head_dim_v is None:
+            text = (
+                f"kvbm-layout-v1|layers={self.num_layers}|kv_heads={self.num_kv_heads}"
+                f"|head_dim={self.head_dim}|block_size={self.block_size}|dtype={self.dtype}"
+                "|layout=vllm-cpu-v1"
+            )
+        else:
+            text = (
+                f"kvbm-layout-v2|layers={self.num_layers}|kv_heads={self.num_kv_heads}"
+                f"|head_dim={self.head_dim}|head_dim_v={self.v_dim}"
+                f"|block_size={self.block_size}|dtype={self.dtype}"
+                f"|order={self.block_order}"
+            )
         return xxhash.xxh3_64_intdigest(text.encode())
 
 

@@ -218,16 +218,19 @@ def test_engine_kv_rejects_wrong_dtype():
     expect_mismatch(g16, [t.to(torch.bfloat16) for t in zero_layers(g16, 4)], "dtype")
 
 
-def test_engine_kv_rejects_non_contiguous_tensors():
+def test_engine_kv_takes_padded_pages_and_refuses_another_order():
     g = GEOMETRIES["float32"]  # layer shape (2, 4, 8)
     h, b, d = g.layer_shape
-    # every other block of a bigger tensor: right shape, wrong strides
-    strided = [torch.zeros(8, h, b, d)[::2] for _ in range(g.num_layers)]
-    assert strided[0].shape == (4, h, b, d)
-    expect_mismatch(g, strided, "contiguous")
-    # heads-and-positions transposed in memory
+    # every other block of a bigger tensor: a page padded to twice its bytes, as vLLM pads them
+    src = random_layers(g, 8, seed=3)
+    padded = [t[::2] for t in src]
+    assert padded[0].shape == (4, h, b, d) and not padded[0].is_contiguous()
+    arena = new_arena(g)
+    ArenaBlocks(g, arena.numpy(), NUM_SLOTS).gather(EngineKV(g, padded), [1, 3], [0, 1])
+    expect_gathered(arena, g, padded, [1, 3], [0, 1])
+    # heads and positions transposed in memory: another layout than the geometry's
     transposed = [torch.zeros(4, b, h, d).transpose(1, 2) for _ in range(g.num_layers)]
-    expect_mismatch(g, transposed, "contiguous")
+    expect_mismatch(g, transposed, "laid out")
 
 
 def test_engine_kv_check_ids():

@@ -1,16 +1,29 @@
-"""Copies between an engine's per-layer KV tensors (G1) and the node's arena
-slots (G2), on the engine's side of the socket.
+"""Copies between an engine's KV cache (G1) and the node's arena slots (G2),
+on the engine's side of the socket.
 
-Copies go one torch op per (layer, run of consecutive slots): never a Python
-loop per block per layer, and never a temporary buffer, so they run at memcpy
-speed. `load_in_steps` and `store_in_steps` are the one chunked loop of each
-direction, whoever hands out the slots (the node over its socket, or a block
-manager in the same process in the benchmarks and unit tests).
+vLLM hands a connector one [B, H, N, C] view per layer, strided as its
+layout says (kvbm/layout.py), all of them views of one buffer. `EngineKV`
+sees them as few strided arrays, each [blocks, *axes] with the axes in the
+engine's memory order, which is the arena's order: one array for every layer
+when the layers sit in one buffer a fixed stride apart (vLLM's case), one
+per layer otherwise. A copy is then one torch op per array per run of
+consecutive slots or blocks: never a Python loop per block per layer.
+
+On the CPU the ops copy between the tensors and the arena directly. A device
+cache goes through a staging buffer on the device (`StagedCopies`): one
+gather or scatter kernel per array, and one DMA per run of slots between the
+staging buffer and the arena (pinned by kvbm/connector/cuda.py). The same
+code runs, and is tested, with CPU tensors. `load_in_steps` and
+`store_in_steps` are the one chunked loop of each direction, whoever hands
+out the slots (the node over its socket, or a block manager in the same
+process in the benchmarks and unit tests).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,72 +32,209 @@ from kvbm.errors import GeometryMismatch
 from kvbm.layout import ModelGeometry, slot_runs
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def torch_dtype(geometry: ModelGeometry) -> torch.dtype:
     return _TORCH_DTYPES[geometry.dtype]
 
 
-def _word(nbytes: int) -> torch.dtype:
-    """Widest integer type dividing a layer's block: torch copies bytes one
+def _word(*nbytes: int) -> torch.dtype:
+    """Widest integer type dividing every one of `nbytes`: torch copies one
     element at a time, so uint8 views copy ~8x slower than int64 views."""
-    for dt in (torch.int64, torch.int32, torch.int16):
-        if nbytes % dt.itemsize == 0:
+    for dt in _WORDS:
+        if all(n % dt.itemsize == 0 for n in nbytes):
             return dt
     return torch.uint8
 
 
-class EngineKV:
-    """An engine's per-layer KV tensors (G1), checked once against the geometry.
+def _words_of(
+    storage: torch.UntypedStorage, word: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    flat = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+    return flat[: flat.numel() // word.itemsize * word.itemsize].view(word)
 
-    `rows[layer]` views that layer's tensor as [num_blocks, words]: one row per
-    block, in the widest integer type that divides it. The engine keeps
-    ownership of the tensors.
+
+@dataclass(frozen=True)
+class _Part:
+    """One strided array of the engine's KV: `engine` is [blocks, *shape];
+    its bytes of a block sit in a slot at word offset `offset`, dense."""
+
+    engine: torch.Tensor
+    offset: int
+    shape: tuple[int, ...]
+
+
+class EngineKV:
+    """An engine's KV cache (G1), checked once against the geometry.
+
+    `parts` cover every byte of a block once, in the arena's order (the
+    layout's, kvbm/layout.py). vLLM may split a block into `kernel_split`
+    kernel blocks of fewer tokens (shape[0] of each view counts those): N is
+    then (R, N / R), R outermost in memory and N whole in the arena. The
+    engine keeps ownership of the tensors; `device` is where they live.
     """
 
     def __init__(self, geometry: ModelGeometry, layers: list[torch.Tensor]) -> None:
-        if len(layers) != geometry.num_layers:
+        g = geometry
+        if len(layers) != g.num_layers:
             raise GeometryMismatch(
-                f"engine has {len(layers)} KV layers, geometry says {geometry.num_layers}"
+                f"engine has {len(layers)} KV layers, geometry says {g.num_layers}"
             )
-        num_blocks = layers[0].shape[0] if layers else 0
+        h, n, c = g.layer_shape
+        first = layers[0]
+        nk = first.shape[2] if first.dim() == 4 and first.shape[2] else n
+        ratio = n // nk if n % nk == 0 else 0
+        kernel_blocks = first.shape[0] if first.dim() else 0
         for i, t in enumerate(layers):
-            if tuple(t.shape[1:]) != geometry.layer_shape or t.shape[0] != num_blocks:
+            if (
+                t.dim() != 4
+                or (t.shape[1], t.shape[3]) != (h, c)
+                or t.shape[2] != nk
+                or not ratio
+                or t.shape[0] != kernel_blocks
+                or kernel_blocks % ratio
+            ):
                 raise GeometryMismatch(
                     f"layer {i} has shape {tuple(t.shape)}, expected "
-                    f"({num_blocks}, {', '.join(map(str, geometry.layer_shape))})"
+                    f"(blocks, {h}, {n}, {c}) as [B, H, N, C] (or blocks split in "
+                    f"kernel blocks of fewer tokens)"
                 )
-            if t.dtype != torch_dtype(geometry):
-                raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {geometry.dtype}")
-            if not t.is_contiguous() or t.device.type != "cpu":
-                raise GeometryMismatch(f"layer {i} must be a contiguous CPU tensor")
-        self.geometry = geometry
-        self.num_blocks = num_blocks
-        word = _word(geometry.layer_block_bytes)
-        per_row = geometry.layer_block_bytes // word.itemsize
-        self.rows = [t.view(torch.uint8).view(word).view(num_blocks, per_row) for t in layers]
+            if t.dtype != torch_dtype(g):
+                raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {g.dtype}")
+            if t.device != first.device:
+                raise GeometryMismatch(f"layer {i} is on {t.device}, layer 0 on {first.device}")
+            if c > 1 and t.stride(3) != 1:
+                raise GeometryMismatch(f"layer {i}: a head's K and V (C) must be contiguous")
+            if any(s <= 0 for s, size in zip(t.stride(), t.shape, strict=True) if size > 1):
+                raise GeometryMismatch(f"layer {i} has strides {t.stride()}: views overlap")
+        self.geometry = g
+        self.device = first.device
+        self.kernel_split = ratio
+        self.num_blocks = kernel_blocks // ratio
+        item = first.element_size()
+        strides = {tuple(s * item for s in t.stride()) for t in layers}
+        offsets = [t.storage_offset() * item for t in layers]
+        outer = itertools.chain.from_iterable(st[:3] for st in strides)  # C is contiguous
+        self.word = _word(c * item, g.layer_block_bytes, *offsets, *outer)
+        w = self.word.itemsize
+        ptrs = {t.untyped_storage().data_ptr() for t in layers}
+        step = offsets[1] - offsets[0] if len(layers) > 1 else 0
+        stacked = (
+            len(ptrs) == 1
+            and len(strides) == 1
+            and (len(layers) == 1 or step > 0)
+            and all(o - offsets[0] == i * step for i, o in enumerate(offsets))
+        )
+
+        def axes(t: torch.Tensor) -> tuple[int, dict[str, tuple[int, int]]]:
+            """(block stride, axes: name -> (size, stride)) of a layer, in words."""
+            bs, hs, ns, _ = (s * item // w for s in t.stride())
+            return bs * ratio, {
+                "R": (ratio, bs),
+                "H": (h, hs),
+                "N": (nk, ns),
+                "C": (c * item // w, 1),
+            }
+
+        if stacked:
+            base = _words_of(first.untyped_storage(), self.word, self.device)
+            bs, per_layer = axes(first)
+            per_layer["L"] = (len(layers), step // w)
+            self.parts = [self._part(base, offsets[0] // w, bs, per_layer, g.block_order, 0)]
+        else:
+            if not g.block_order.startswith("L"):
+                raise GeometryMismatch(
+                    f"layout {g.kv_layout} keeps a block's layers together, but the engine's "
+                    "layers are separate tensors"
+                )
+            lw = g.layer_block_bytes // w
+            self.parts = []
+            for i, t in enumerate(layers):
+                base = _words_of(t.untyped_storage(), self.word, self.device)
+                bs, per_layer = axes(t)
+                self.parts.append(
+                    self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
+                )
+
+    def _part(
+        self,
+        base: torch.Tensor,
+        start: int,
+        block_stride: int,
+        axes: dict[str, tuple[int, int]],
+        order: str,
+        offset: int,
+    ) -> _Part:
+        """The array [blocks, *axes in `order`], N as (R, N / R); the axes'
+        order in memory must be the layout's (R in B's place)."""
+        in_memory = sorted(
+            (name for name, (size, _) in axes.items() if size > 1),
+            key=lambda name: -axes[name][1],
+        )
+        physical = self.geometry.kv_layout.replace("B", "R")
+        want = [a for a in physical if a in in_memory]
+        if in_memory != want:
+            raise GeometryMismatch(
+                f"the engine's KV cache is laid out {''.join(in_memory)} within a block, "
+                f"layout {self.geometry.kv_layout} (geometry) says {''.join(want)}"
+            )
+        names = [a for a in order.replace("N", "RN") if axes[a][0] > 1]
+        shape = tuple(axes[a][0] for a in names)
+        engine = torch.as_strided(
+            base,
+            (self.num_blocks, *shape),
+            (block_stride, *(axes[a][1] for a in names)),
+            start,
+        )
+        return _Part(engine, offset, shape)
 
     def check_ids(self, block_ids: np.ndarray) -> None:
         if block_ids.size and (block_ids.min() < 0 or block_ids.max() >= self.num_blocks):
             raise ValueError(f"engine block ids must be in [0, {self.num_blocks})")
 
 
+def _dense(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, n = [], 1
+    for size in reversed(shape):
+        strides.append(n)
+        n *= size
+    return tuple(reversed(strides))
+
+
+def slot_arrays(geometry: ModelGeometry, words: torch.Tensor, kv: EngineKV) -> list[torch.Tensor]:
+    """`words` (slots of geometry.slot_bytes, in kv.word) as one
+    [slots, *shape] array per part of `kv`."""
+    per_slot = geometry.slot_bytes // words.element_size()
+    num_slots = words.numel() // per_slot
+    return [
+        torch.as_strided(
+            words,
+            (num_slots, *p.shape),
+            (per_slot, *_dense(p.shape)),
+            words.storage_offset() + p.offset,
+        )
+        for p in kv.parts
+    ]
+
+
 class ArenaBlocks:
-    """A slot array (the arena's bytes) seen as [num_slots, num_layers,
-    layer_block_bytes] for copies."""
+    """The arena's slots, seen per engine as that engine's parts, for copies
+    between CPU tensors and slots."""
 
     def __init__(self, geometry: ModelGeometry, arena: np.ndarray, num_slots: int) -> None:
         if arena.dtype != np.uint8 or arena.size < num_slots * geometry.slot_bytes:
             raise GeometryMismatch("arena is smaller than num_slots * slot_bytes")
-        arena = torch.from_numpy(arena)
         self.geometry = geometry
-        word = _word(geometry.layer_block_bytes)
-        w = word.itemsize
-        self.view = torch.as_strided(
-            arena[: num_slots * geometry.slot_bytes].view(word),
-            (num_slots, geometry.num_layers, geometry.layer_block_bytes // w),
-            (geometry.slot_bytes // w, geometry.layer_block_bytes // w, 1),
-        )
+        self.num_slots = num_slots
+        self.bytes = torch.from_numpy(arena[: num_slots * geometry.slot_bytes])
+        self._seen: tuple[EngineKV, list[torch.Tensor]] | None = None
+
+    def arrays(self, kv: EngineKV) -> list[torch.Tensor]:
+        self.check(kv)
+        if self._seen is None or self._seen[0] is not kv:
+            self._seen = (kv, slot_arrays(self.geometry, self.bytes.view(kv.word), kv))
+        return self._seen[1]
 
     def gather(
         self, kv: EngineKV, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
@@ -105,47 +255,140 @@ class ArenaBlocks:
         slots: Sequence[int] | np.ndarray,
         to_arena: bool,
     ) -> None:
-        """One torch op per layer per run of consecutive indices, on whichever side
-        (engine blocks or slots) has fewer runs; the other side is indexed."""
-        self.check(kv)
-        b = np.asarray(block_ids, dtype=np.int64)
-        s = np.asarray(slots, dtype=np.int64)
-        if b.shape != s.shape or b.ndim != 1:
-            raise ValueError("block_ids and slots must be 1-D and of equal length")
-        kv.check_ids(b)
-        if s.size and (s.min() < 0 or s.max() >= self.view.shape[0]):
-            raise ValueError(f"slots must be in [0, {self.view.shape[0]})")
+        """One torch op per part per run of consecutive indices: runs on both
+        sides where blocks and slots go up together, else on whichever side
+        has fewer runs, the other side indexed."""
+        if kv.device.type != "cpu":
+            raise GeometryMismatch(f"the engine's KV is on {kv.device}: copy it through staging")
+        arrays = self.arrays(kv)
+        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
         by_slot = np.argsort(s, kind="stable")
+        sb, ss = b[by_slot], s[by_slot]
+        joint = _joint_runs(sb, ss)
+        slot_side = slot_runs(ss)
         by_block = np.argsort(b, kind="stable")
-        slot_side = slot_runs(s[by_slot])
         block_side = slot_runs(b[by_block])
+        if len(joint) <= min(len(slot_side), len(block_side)):
+            for first, n, off in joint:
+                block = int(sb[off])
+                for part, arena in zip(kv.parts, arrays, strict=True):
+                    ours, theirs = arena[first : first + n], part.engine[block : block + n]
+                    (ours.copy_(theirs) if to_arena else theirs.copy_(ours))
         # On a tie, index_select writing a contiguous run is the faster op.
-        if len(slot_side) < len(block_side) or (len(slot_side) == len(block_side) and to_arena):
-            other = torch.from_numpy(b[by_slot])
+        elif len(slot_side) < len(block_side) or (len(slot_side) == len(block_side) and to_arena):
+            other = torch.from_numpy(sb)
             for first, n, off in slot_side:
                 ids = other[off : off + n]
-                for layer, rows in enumerate(kv.rows):
-                    run = self.view[first : first + n, layer]
+                for part, arena in zip(kv.parts, arrays, strict=True):
+                    run = arena[first : first + n]
                     if to_arena:
-                        torch.index_select(rows, 0, ids, out=run)
+                        torch.index_select(part.engine, 0, ids, out=run)
                     else:
-                        rows.index_copy_(0, ids, run)
+                        part.engine.index_copy_(0, ids, run)
         else:
             other = torch.from_numpy(s[by_block])
             for first, n, off in block_side:
                 ids = other[off : off + n]
-                for layer, rows in enumerate(kv.rows):
-                    run = rows[first : first + n]
+                for part, arena in zip(kv.parts, arrays, strict=True):
+                    run = part.engine[first : first + n]
                     if to_arena:
-                        self.view[:, layer].index_copy_(0, ids, run)
+                        arena.index_copy_(0, ids, run)
                     else:
-                        torch.index_select(self.view[:, layer], 0, ids, out=run)
+                        torch.index_select(arena, 0, ids, out=run)
 
     def check(self, kv: EngineKV) -> None:
         if kv.geometry != self.geometry:
             raise GeometryMismatch(
                 f"engine geometry {kv.geometry} does not match the arena's {self.geometry}"
             )
+
+
+class StagedCopies:
+    """Copies for a cache the CPU cannot address (a GPU's): blocks go
+    through `staging`, a buffer of whole slots on the engine's device. A
+    store gathers the blocks into it, one kernel per part, then moves each
+    run of slots to the arena in one transfer; a load does the reverse.
+    Torch orders the ops on the current stream; with `non_blocking` and a
+    pinned arena the transfers are asynchronous DMAs. Ids go to the device
+    once per batch."""
+
+    def __init__(self, blocks: ArenaBlocks, kv: EngineKV, capacity: int) -> None:
+        blocks.check(kv)
+        self.blocks, self.kv = blocks, kv
+        g = kv.geometry
+        per_slot = g.slot_bytes // kv.word.itemsize
+        # zeros: a slot's padding goes to the arena with it
+        self.staging = torch.zeros((capacity, per_slot), dtype=kv.word, device=kv.device)
+        self.arena = blocks.bytes.view(kv.word).view(blocks.num_slots, per_slot)
+        self.stage_arrays = slot_arrays(g, self.staging, kv)
+        self.non_blocking = kv.device.type != "cpu"
+
+    @property
+    def capacity(self) -> int:
+        return self.staging.shape[0]
+
+    def gather(
+        self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
+    ) -> None:
+        """G1 -> arena, through staging."""
+        b, s, ids = self._batch(block_ids, slots)
+        for part, stage in zip(self.kv.parts, self.stage_arrays, strict=True):
+            torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
+        for first, n, off in slot_runs(s):
+            self.arena[first : first + n].copy_(
+                self.staging[off : off + n], non_blocking=self.non_blocking
+            )
+
+    def scatter(
+        self, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
+    ) -> None:
+        """Arena -> G1, through staging."""
+        b, s, ids = self._batch(block_ids, slots)
+        for first, n, off in slot_runs(s):
+            self.staging[off : off + n].copy_(
+                self.arena[first : first + n], non_blocking=self.non_blocking
+            )
+        for part, stage in zip(self.kv.parts, self.stage_arrays, strict=True):
+            part.engine.index_copy_(0, ids, stage[: len(b)])
+
+    def _batch(
+        self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """Pairs sorted by slot (staging row i <-> the i-th slot), at most
+        `capacity`, and their block ids on the device."""
+        b, s = _checked_pairs(self.kv, block_ids, slots, self.blocks.num_slots)
+        if len(b) > self.capacity:
+            raise ValueError(f"{len(b)} blocks do not fit a staging buffer of {self.capacity}")
+        order = np.argsort(s, kind="stable")
+        b, s = b[order], s[order]
+        ids = torch.from_numpy(b).to(self.kv.device, non_blocking=self.non_blocking)
+        return b, s, ids
+
+
+def _checked_pairs(
+    kv: EngineKV,
+    block_ids: Sequence[int] | np.ndarray,
+    slots: Sequence[int] | np.ndarray,
+    num_slots: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    b = np.asarray(block_ids, dtype=np.int64)
+    s = np.asarray(slots, dtype=np.int64)
+    if b.shape != s.shape or b.ndim != 1:
+        raise ValueError("block_ids and slots must be 1-D and of equal length")
+    kv.check_ids(b)
+    if s.size and (s.min() < 0 or s.max() >= num_slots):
+        raise ValueError(f"slots must be in [0, {num_slots})")
+    return b, s
+
+
+def _joint_runs(blocks: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first slot, length, offset) of each run where slots and blocks (both
+    in slot order) go up by one together."""
+    if slots.size == 0:
+        return []
+    breaks = np.flatnonzero((np.diff(slots) != 1) | (np.diff(blocks) != 1)) + 1
+    bounds = np.concatenate(([0], breaks, [slots.size]))
+    return [(int(slots[a]), int(b - a), int(a)) for a, b in itertools.pairwise(bounds)]
 
 
 def load_in_steps(
