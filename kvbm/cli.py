@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     tiers.add_argument("--blocks", type=int, default=256, help="blocks per batch (1 MiB each)")
     tiers.add_argument("--reps", type=int, default=7)
     tiers.add_argument("--dir", default=None, help="directory for the disk files (default: TMPDIR)")
+    tiers.add_argument(
+        "--layout",
+        default="LBHNC",
+        choices=["LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC", "MLA"],
+        help="the engine cache's KV layout (vLLM's names; MLA: a latent cache)",
+    )
 
     index = which.add_parser("index", help="the etcd index: publish rate, lookup, lag, cleanup")
     index.add_argument("--json", action="store_true", help="print one JSON object")
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.bench == "tiers":
                 from kvbm.bench import tiers as tiers_mod
 
-                result = tiers_mod.run(args.blocks, args.reps, args.dir)
+                result = tiers_mod.run(args.blocks, args.reps, args.dir, args.layout)
             elif args.bench == "index":
                 from kvbm.bench import index as index_mod
 

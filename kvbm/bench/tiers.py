@@ -3,9 +3,11 @@ round by round beside memcpy and raw O_DIRECT disk I/O of the same bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
+import random
 import tempfile
 import time
 
@@ -16,18 +18,31 @@ from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload, onboard
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.block_key import KeySpace
-from kvbm.connector.copy import EngineKV
+from kvbm.connector.copy import EngineKV, new_caches
 from kvbm.disk_pool import IO_PIECE_BYTES, DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool
-from kvbm.layout import PAGE, ModelGeometry
+from kvbm.layout import KV_LAYOUTS, PAGE, VLLM_CPU_LAYOUT, ModelGeometry
 from kvbm.manager import BlockManager
 
 # The e2e model's geometry: 8 layers, 8 KV heads of 64, block 32, fp32 -> 1 MiB blocks.
 BENCH_GEOMETRY = ModelGeometry(num_layers=8, num_kv_heads=8, head_dim=64, block_size=32)
+# MLA's latent (DeepSeek's 512 + 64 rope dims, one "head", no V), block 64 -> 1.1 MiB.
+MLA_GEOMETRY = ModelGeometry(
+    num_layers=8, num_kv_heads=1, head_dim=576, head_dim_v=0, block_size=64, kv_layout="LBNHC"
+)
+LAYOUTS = (*KV_LAYOUTS, "MLA")
 
 
-def run(blocks: int = 256, reps: int = 7, directory: str | None = None) -> dict:
-    g = BENCH_GEOMETRY
+def geometry_for(layout: str) -> ModelGeometry:
+    if layout == "MLA":
+        return MLA_GEOMETRY
+    return dataclasses.replace(BENCH_GEOMETRY, kv_layout=layout)
+
+
+def run(
+    blocks: int = 256, reps: int = 7, directory: str | None = None, layout: str = VLLM_CPU_LAYOUT
+) -> dict:
+    g = geometry_for(layout)
     out: dict = {
         "bench": "tiers",
         "date": datetime.date.today().isoformat(),
@@ -37,6 +52,7 @@ def run(blocks: int = 256, reps: int = 7, directory: str | None = None) -> dict:
             "platform": platform.platform(),
         },
         "blocks": blocks,
+        "layout": layout,
         "block_bytes": g.block_bytes,
         "reps": reps,
     }
@@ -45,6 +61,9 @@ def run(blocks: int = 256, reps: int = 7, directory: str | None = None) -> dict:
     out["bookkeeping_us_per_block"] = bookkeeping_us_per_block()
     out["g1_to_g2_vs_memcpy"] = round(out["g1_to_g2_gbps"] / out["memcpy_gbps"], 3)
     out["g2_to_g1_vs_memcpy"] = round(out["g2_to_g1_gbps"] / out["memcpy_gbps"], 3)
+    for way in ("g1_to_g2", "g2_to_g1"):
+        ratio = out[f"{way}_scattered_gbps"] / out["memcpy_gbps"]
+        out[f"{way}_scattered_vs_memcpy"] = round(ratio, 3)
     out["g2_to_g3_vs_disk"] = round(out["g2_to_g3_gbps"] / out["disk_write_gbps"], 3)
     out["g3_to_g2_vs_disk"] = round(out["g3_to_g2_gbps"] / out["disk_read_gbps"], 3)
     return out
@@ -54,24 +73,37 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
     nbytes = blocks * g.block_bytes
     space = KeySpace("bench", g.fingerprint)
     # Every store writes fresh keys, so G2 holds all of them without evicting.
-    host = HostPool(g, (reps + 3) * blocks * g.slot_bytes)
+    host = HostPool(g, (2 * reps + 6) * blocks * g.slot_bytes)
     disk = DiskPool(g, directory, PAGE + blocks * (PAGE + g.slot_bytes))
     mgr = BlockManager(g, host, disk, FrequencyFilter(min_count=1))
     memcpy = Memcpy(nbytes)
     try:
-        src = EngineKV(g, [torch.randn(blocks, *g.layer_shape) for _ in range(g.num_layers)])
-        dst = EngineKV(g, [torch.zeros(blocks, *g.layer_shape) for _ in range(g.num_layers)])
+        # Engine caches as vLLM allocates them, twice the batch: the batch's
+        # blocks are consecutive (ids) or a random pick (scattered), as a
+        # request's blocks are after the engine's cache has churned.
+        src_caches = new_caches(g, 2 * blocks)
+        for t in src_caches:
+            t.copy_(torch.randn(t.shape))
+        src, dst = EngineKV(g, src_caches), EngineKV(g, new_caches(g, 2 * blocks))
         ids = list(range(blocks))
+        scattered = sorted(random.Random(7).sample(range(2 * blocks), blocks))
+        random.Random(8).shuffle(scattered)
         batch = iter(range(10**9))
         loaded = space.keys(list(range(blocks)))
         offload(mgr, src, ids, loaded)
+        loaded_scattered = space.keys(list(range(2**60, 2**60 + blocks)))
+        offload(mgr, src, scattered, loaded_scattered)
 
-        def store() -> None:
+        def store(block_ids: list[int]) -> None:
             b = next(batch) + 1
-            _expect(offload(mgr, src, ids, space.keys(list(range(b * blocks, (b + 1) * blocks)))))
+            fresh = space.keys(list(range(b * blocks, (b + 1) * blocks)))
+            _expect(offload(mgr, src, block_ids, fresh))
 
         def load() -> None:
             _expect(onboard(mgr, dst, loaded, ids))
+
+        def load_scattered() -> None:
+            _expect(onboard(mgr, dst, loaded_scattered, scattered))
 
         # G2 <-> G3 through the calls the manager's drain and staging make; a
         # drain takes the checksum of each block as it leaves G2, so that is timed too.
@@ -103,8 +135,10 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
         t = interleaved(
             {
                 "memcpy": memcpy,
-                "g1_to_g2": store,
+                "g1_to_g2": lambda: store(ids),
                 "g2_to_g1": load,
+                "g1_to_g2_scattered": lambda: store(scattered),
+                "g2_to_g1_scattered": load_scattered,
                 "disk_write": raw.write,
                 "g2_to_g3": drain,
                 "disk_read": raw.read,
@@ -112,8 +146,9 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
             },
             reps,
         )
-        for x, y in zip(src.rows, dst.rows, strict=True):
-            if not torch.equal(x, y):
+        moved = torch.tensor(sorted(set(ids) | set(scattered)))
+        for x, y in zip(src.parts, dst.parts, strict=True):
+            if not torch.equal(x.engine.index_select(0, moved), y.engine.index_select(0, moved)):
                 raise RuntimeError("bench round trip G1 -> G2 -> G1 was not bit-exact")
         for s in staging:
             host.table.abort(s)

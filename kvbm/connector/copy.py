@@ -218,6 +218,23 @@ def slot_arrays(geometry: ModelGeometry, words: torch.Tensor, kv: EngineKV) -> l
     ]
 
 
+def new_caches(
+    geometry: ModelGeometry, num_blocks: int, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Zeroed per-layer [B, H, N, C] views of one buffer in the geometry's
+    layout, as vLLM allocates a cache (for benchmarks and tests)."""
+    g = geometry
+    h, n, c = g.layer_shape
+    sizes = dict(zip("LBHNC", (g.num_layers, num_blocks, h, n, c), strict=True))
+    strides, step = {}, 1
+    for axis in reversed(g.kv_layout):
+        strides[axis] = step
+        step *= sizes[axis]
+    buf = torch.zeros(step, dtype=torch_dtype(g), device=device)
+    whole = torch.as_strided(buf, [sizes[a] for a in "LBHNC"], [strides[a] for a in "LBHNC"])
+    return list(whole.unbind(0))
+
+
 class ArenaBlocks:
     """The arena's slots, seen per engine as that engine's parts, for copies
     between CPU tensors and slots."""

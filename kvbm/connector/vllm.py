@@ -63,7 +63,7 @@ from kvbm.connector.private_node import ensure_private_node
 from kvbm.engine_wire import MAX_KEYS
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
-from kvbm.layout import ModelGeometry
+from kvbm.layout import VLLM_CPU_LAYOUT, ModelGeometry
 from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:
@@ -143,16 +143,43 @@ def kv_transfer_config(extra: dict[str, Any], policy: str = "recompute") -> KVTr
     )
 
 
-def geometry_of(vllm_config: VllmConfig) -> ModelGeometry:
+def geometry_of(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None
+) -> ModelGeometry:
+    """The geometry of vLLM's KV cache, from its one cache group's spec (the
+    model's config where there is none) and the layout the engine core
+    resolved before it made the scheduler and the workers."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     if cc.cache_dtype not in ("auto", None):
         raise KvbmError(f"kvbm does not store a {cc.cache_dtype} KV cache yet")
+    layout = (
+        getattr(kv_cache_config, "kv_cache_layout", None) or cc.kv_cache_layout or VLLM_CPU_LAYOUT
+    )
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if not groups:
+        return ModelGeometry(
+            num_layers=mc.get_num_layers(pc),
+            num_kv_heads=mc.get_num_kv_heads(pc),
+            head_dim=mc.get_head_size(),
+            block_size=cc.block_size,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            kv_layout=layout,
+        )
+    spec = groups[0].kv_cache_spec
+    kind = type(spec).__name__
+    if len(groups) != 1 or kind not in ("FullAttentionSpec", "MLAAttentionSpec"):
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise KvbmError(f"kvbm stores one KV cache group of full attention; this model has {kinds}")
+    if spec.state_content_bytes is not None:
+        raise KvbmError("kvbm does not store packed (quantized) KV pages yet")
     return ModelGeometry(
-        num_layers=mc.get_num_layers(pc),
-        num_kv_heads=mc.get_num_kv_heads(pc),
-        head_dim=mc.get_head_size(),
-        block_size=cc.block_size,
-        dtype=str(mc.dtype).removeprefix("torch."),
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        head_dim_v=spec.head_size_v,
+        block_size=spec.block_size,
+        dtype=str(spec.dtype).removeprefix("torch."),
+        kv_layout=layout,
     )
 
 
@@ -172,7 +199,7 @@ class KvbmConnector(KVConnectorBase_V1):
         # Whatever goes wrong here turns the connector off, never the engine.
         self._off: str | None = None
         try:
-            self.geometry = geometry_of(vllm_config)
+            self.geometry = geometry_of(vllm_config, kv_cache_config)
             if "node" not in extra:
                 self.socket, self._private = ensure_private_node(self.cfg)
         except (KvbmError, ValueError, OSError) as e:
