@@ -189,10 +189,32 @@ def test_layers_inside_heads_as_separate_tensors_are_refused():
         EngineKV(g, layers)
 
 
-def test_staging_holds_a_batch_at_most():
-    g = ModelGeometry(2, 2, 8, 16, "bfloat16", "LBNHC")
+@pytest.mark.parametrize("layout", KV_LAYOUTS)
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_a_load_hands_over_layer_by_layer(layout, staged):
+    """`scatter_layers` yields 1, 2, ... L, with the layers it counted in
+    place each time (all at once for BHLNC, whose blocks keep layers inside
+    heads); directly, no layer before its turn. A staging buffer of 2 takes
+    the batch of 5 in chunks (the first chunks whole, then the last layer
+    by layer)."""
+    g = ModelGeometry(3, 2, 8, 16, "bfloat16", layout)
+    src, dst = vllm_caches(g, seed=4), vllm_caches(g, seed=None)
     arena = np.zeros(NUM_SLOTS * g.slot_bytes, dtype=np.uint8)
-    staged = StagedCopies(ArenaBlocks(g, arena, NUM_SLOTS), EngineKV(g, vllm_caches(g)), 2)
-    with pytest.raises(ValueError, match="staging buffer of 2"):
-        staged.gather([1, 2, 3], [0, 1, 2])
-    assert not arena.any()
+    blocks = ArenaBlocks(g, arena, NUM_SLOTS)
+    blocks.gather(EngineKV(g, src), BLOCK_IDS, SLOTS)
+    kv = EngineKV(g, dst)
+    steps = (
+        StagedCopies(blocks, kv, capacity=2).scatter_layers(SLOTS, BLOCK_IDS)
+        if staged
+        else blocks.scatter_layers(kv, SLOTS, BLOCK_IDS)
+    )
+    counts = []
+    for done in steps:
+        counts.append(done)
+        for layer in range(g.num_layers):
+            for block in BLOCK_IDS:
+                got = dst[layer][block].reshape(-1).view(torch.uint8)
+                want = src[layer][block].reshape(-1).view(torch.uint8)
+                if layer < done or not staged:
+                    assert torch.equal(got, want) == (layer < done), (done, layer, block)
+    assert counts == ([3] if layout == "BHLNC" else [1, 2, 3])

@@ -22,7 +22,7 @@ process in the benchmarks and unit tests).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,16 +63,26 @@ class _Part:
     engine: torch.Tensor
     offset: int
     shape: tuple[int, ...]
+    axes: str  # names of the axes of `shape`
+
+    def layer(self, i: int, layer_words: int) -> _Part:
+        """Layer i of a part whose outermost axis is L."""
+        return _Part(
+            self.engine[:, i], self.offset + i * layer_words, self.shape[1:], self.axes[1:]
+        )
 
 
 class EngineKV:
     """An engine's KV cache (G1), checked once against the geometry.
 
     `parts` cover every byte of a block once, in the arena's order (the
-    layout's, kvbm/layout.py). vLLM may split a block into `kernel_split`
-    kernel blocks of fewer tokens (shape[0] of each view counts those): N is
-    then (R, N / R), R outermost in memory and N whole in the arena. The
-    engine keeps ownership of the tensors; `device` is where they live.
+    layout's, kvbm/layout.py). `layers[i]` is layer i's share of them, where
+    a block's layers are apart in the arena (every layout but BHLNC), so a
+    load can hand the forward its first layers before the last are copied.
+    vLLM may split a block into `kernel_split` kernel blocks of fewer
+    tokens (shape[0] of each view counts those): N is then (R, N / R), R
+    outermost in memory and N whole in the arena. The engine keeps
+    ownership of the tensors; `device` is where they live.
     """
 
     def __init__(self, geometry: ModelGeometry, layers: list[torch.Tensor]) -> None:
@@ -156,6 +166,14 @@ class EngineKV:
                 self.parts.append(
                     self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
                 )
+        lw = g.layer_block_bytes // w
+        whole = self.parts[0]
+        if len(self.parts) == g.num_layers:
+            self.layers: list[_Part] | None = self.parts
+        elif whole.axes.startswith("L"):
+            self.layers = [whole.layer(i, lw) for i in range(g.num_layers)]
+        else:
+            self.layers = None
 
     def _part(
         self,
@@ -187,7 +205,7 @@ class EngineKV:
             (block_stride, *(axes[a][1] for a in names)),
             start,
         )
-        return _Part(engine, offset, shape)
+        return _Part(engine, offset, shape, "".join(names))
 
     def check_ids(self, block_ids: np.ndarray) -> None:
         if block_ids.size and (block_ids.min() < 0 or block_ids.max() >= self.num_blocks):
@@ -202,9 +220,11 @@ def _dense(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def slot_arrays(geometry: ModelGeometry, words: torch.Tensor, kv: EngineKV) -> list[torch.Tensor]:
-    """`words` (slots of geometry.slot_bytes, in kv.word) as one
-    [slots, *shape] array per part of `kv`."""
+def slot_arrays(
+    geometry: ModelGeometry, words: torch.Tensor, parts: list[_Part]
+) -> list[torch.Tensor]:
+    """`words` (whole slots of geometry.slot_bytes) as one [slots, *shape]
+    array per part."""
     per_slot = geometry.slot_bytes // words.element_size()
     num_slots = words.numel() // per_slot
     return [
@@ -214,25 +234,52 @@ def slot_arrays(geometry: ModelGeometry, words: torch.Tensor, kv: EngineKV) -> l
             (per_slot, *_dense(p.shape)),
             words.storage_offset() + p.offset,
         )
-        for p in kv.parts
+        for p in parts
     ]
 
 
-def new_caches(
-    geometry: ModelGeometry, num_blocks: int, device: str | torch.device = "cpu"
-) -> list[torch.Tensor]:
-    """Zeroed per-layer [B, H, N, C] views of one buffer in the geometry's
-    layout, as vLLM allocates a cache (for benchmarks and tests)."""
-    g = geometry
-    h, n, c = g.layer_shape
-    sizes = dict(zip("LBHNC", (g.num_layers, num_blocks, h, n, c), strict=True))
-    strides, step = {}, 1
-    for axis in reversed(g.kv_layout):
-        strides[axis] = step
-        step *= sizes[axis]
-    buf = torch.zeros(step, dtype=torch_dtype(g), device=device)
-    whole = torch.as_strided(buf, [sizes[a] for a in "LBHNC"], [strides[a] for a in "LBHNC"])
-    return list(whole.unbind(0))
+class _Plan:
+    """How a batch of (engine block, slot) pairs maps onto runs, worked out
+    once per batch: runs on both sides where blocks and slots go up together,
+    else runs on whichever side has fewer, the other side indexed."""
+
+    def __init__(self, b: np.ndarray, s: np.ndarray, to_arena: bool) -> None:
+        self.to_arena = to_arena
+        by_slot = np.argsort(s, kind="stable")
+        sb, ss = b[by_slot], s[by_slot]
+        joint = _joint_runs(sb, ss)
+        slot_side = slot_runs(ss)
+        by_block = np.argsort(b, kind="stable")
+        block_side = slot_runs(b[by_block])
+        if len(joint) <= min(len(slot_side), len(block_side)):
+            self.kind, self.runs, self.index = "joint", joint, torch.from_numpy(sb)
+        # On a tie, index_select writing a contiguous run is the faster op.
+        elif len(slot_side) < len(block_side) or (len(slot_side) == len(block_side) and to_arena):
+            self.kind, self.runs, self.index = "slots", slot_side, torch.from_numpy(sb)
+        else:
+            self.kind, self.runs, self.index = "blocks", block_side, torch.from_numpy(s[by_block])
+
+    def apply(self, engines: list[torch.Tensor], arenas: list[torch.Tensor]) -> None:
+        """One torch op per array per run."""
+        for first, n, off in self.runs:
+            ids = self.index[off : off + n]
+            for engine, arena in zip(engines, arenas, strict=True):
+                if self.kind == "joint":
+                    block = int(ids[0])
+                    ours, theirs = arena[first : first + n], engine[block : block + n]
+                    (ours.copy_(theirs) if self.to_arena else theirs.copy_(ours))
+                elif self.kind == "slots":
+                    run = arena[first : first + n]
+                    if self.to_arena:
+                        torch.index_select(engine, 0, ids, out=run)
+                    else:
+                        engine.index_copy_(0, ids, run)
+                else:
+                    run = engine[first : first + n]
+                    if self.to_arena:
+                        arena.index_copy_(0, ids, run)
+                    else:
+                        torch.index_select(arena, 0, ids, out=run)
 
 
 class ArenaBlocks:
@@ -245,73 +292,53 @@ class ArenaBlocks:
         self.geometry = geometry
         self.num_slots = num_slots
         self.bytes = torch.from_numpy(arena[: num_slots * geometry.slot_bytes])
-        self._seen: tuple[EngineKV, list[torch.Tensor]] | None = None
+        self._seen: tuple[EngineKV, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def arrays(self, kv: EngineKV) -> list[torch.Tensor]:
+    def arrays(self, kv: EngineKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The slots as `kv`'s parts, and as its layers (empty: not apart)."""
         self.check(kv)
         if self._seen is None or self._seen[0] is not kv:
-            self._seen = (kv, slot_arrays(self.geometry, self.bytes.view(kv.word), kv))
-        return self._seen[1]
+            words = self.bytes.view(kv.word)
+            layers = slot_arrays(self.geometry, words, kv.layers) if kv.layers else []
+            self._seen = (kv, slot_arrays(self.geometry, words, kv.parts), layers)
+        return self._seen[1], self._seen[2]
 
     def gather(
         self, kv: EngineKV, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
     ) -> None:
         """G1 -> arena: engine block block_ids[i] into slot slots[i]."""
-        self._copy(kv, block_ids, slots, to_arena=True)
+        parts, _ = self._arrays_for_cpu(kv)
+        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
+        _Plan(b, s, to_arena=True).apply([p.engine for p in kv.parts], parts)
 
     def scatter(
         self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
     ) -> None:
         """Arena -> G1: slot slots[i] into engine block block_ids[i]."""
-        self._copy(kv, block_ids, slots, to_arena=False)
+        parts, _ = self._arrays_for_cpu(kv)
+        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
+        _Plan(b, s, to_arena=False).apply([p.engine for p in kv.parts], parts)
 
-    def _copy(
-        self,
-        kv: EngineKV,
-        block_ids: Sequence[int] | np.ndarray,
-        slots: Sequence[int] | np.ndarray,
-        to_arena: bool,
-    ) -> None:
-        """One torch op per part per run of consecutive indices: runs on both
-        sides where blocks and slots go up together, else on whichever side
-        has fewer runs, the other side indexed."""
+    def scatter_layers(
+        self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
+    ) -> Iterator[int]:
+        """`scatter` a layer at a time where the layout keeps layers apart
+        (else all at once): yields how many layers are in place."""
+        parts, layers = self._arrays_for_cpu(kv)
+        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
+        plan = _Plan(b, s, to_arena=False)
+        if not layers:
+            plan.apply([p.engine for p in kv.parts], parts)
+            yield self.geometry.num_layers
+            return
+        for i, (layer, arena) in enumerate(zip(kv.layers or [], layers, strict=True)):
+            plan.apply([layer.engine], [arena])
+            yield i + 1
+
+    def _arrays_for_cpu(self, kv: EngineKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if kv.device.type != "cpu":
             raise GeometryMismatch(f"the engine's KV is on {kv.device}: copy it through staging")
-        arrays = self.arrays(kv)
-        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
-        by_slot = np.argsort(s, kind="stable")
-        sb, ss = b[by_slot], s[by_slot]
-        joint = _joint_runs(sb, ss)
-        slot_side = slot_runs(ss)
-        by_block = np.argsort(b, kind="stable")
-        block_side = slot_runs(b[by_block])
-        if len(joint) <= min(len(slot_side), len(block_side)):
-            for first, n, off in joint:
-                block = int(sb[off])
-                for part, arena in zip(kv.parts, arrays, strict=True):
-                    ours, theirs = arena[first : first + n], part.engine[block : block + n]
-                    (ours.copy_(theirs) if to_arena else theirs.copy_(ours))
-        # On a tie, index_select writing a contiguous run is the faster op.
-        elif len(slot_side) < len(block_side) or (len(slot_side) == len(block_side) and to_arena):
-            other = torch.from_numpy(sb)
-            for first, n, off in slot_side:
-                ids = other[off : off + n]
-                for part, arena in zip(kv.parts, arrays, strict=True):
-                    run = arena[first : first + n]
-                    if to_arena:
-                        torch.index_select(part.engine, 0, ids, out=run)
-                    else:
-                        part.engine.index_copy_(0, ids, run)
-        else:
-            other = torch.from_numpy(s[by_block])
-            for first, n, off in block_side:
-                ids = other[off : off + n]
-                for part, arena in zip(kv.parts, arrays, strict=True):
-                    run = part.engine[first : first + n]
-                    if to_arena:
-                        arena.index_copy_(0, ids, run)
-                    else:
-                        torch.index_select(arena, 0, ids, out=run)
+        return self.arrays(kv)
 
     def check(self, kv: EngineKV) -> None:
         if kv.geometry != self.geometry:
@@ -326,8 +353,8 @@ class StagedCopies:
     store gathers the blocks into it, one kernel per part, then moves each
     run of slots to the arena in one transfer; a load does the reverse.
     Torch orders the ops on the current stream; with `non_blocking` and a
-    pinned arena the transfers are asynchronous DMAs. Ids go to the device
-    once per batch."""
+    pinned arena the transfers are asynchronous DMAs. A batch larger than
+    the buffer goes in chunks, in order on the same stream."""
 
     def __init__(self, blocks: ArenaBlocks, kv: EngineKV, capacity: int) -> None:
         blocks.check(kv)
@@ -337,7 +364,8 @@ class StagedCopies:
         # zeros: a slot's padding goes to the arena with it
         self.staging = torch.zeros((capacity, per_slot), dtype=kv.word, device=kv.device)
         self.arena = blocks.bytes.view(kv.word).view(blocks.num_slots, per_slot)
-        self.stage_arrays = slot_arrays(g, self.staging, kv)
+        self.stage_parts = slot_arrays(g, self.staging, kv.parts)
+        self.stage_layers = slot_arrays(g, self.staging, kv.layers) if kv.layers else []
         self.non_blocking = kv.device.type != "cpu"
 
     @property
@@ -348,38 +376,63 @@ class StagedCopies:
         self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
     ) -> None:
         """G1 -> arena, through staging."""
-        b, s, ids = self._batch(block_ids, slots)
-        for part, stage in zip(self.kv.parts, self.stage_arrays, strict=True):
-            torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
-        for first, n, off in slot_runs(s):
-            self.arena[first : first + n].copy_(
-                self.staging[off : off + n], non_blocking=self.non_blocking
-            )
+        for b, s, ids in self._chunks(block_ids, slots):
+            for part, stage in zip(self.kv.parts, self.stage_parts, strict=True):
+                torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
+            for first, n, off in slot_runs(s):
+                self.arena[first : first + n].copy_(
+                    self.staging[off : off + n], non_blocking=self.non_blocking
+                )
 
     def scatter(
         self, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
     ) -> None:
         """Arena -> G1, through staging."""
-        b, s, ids = self._batch(block_ids, slots)
-        for first, n, off in slot_runs(s):
-            self.staging[off : off + n].copy_(
-                self.arena[first : first + n], non_blocking=self.non_blocking
-            )
-        for part, stage in zip(self.kv.parts, self.stage_arrays, strict=True):
-            part.engine.index_copy_(0, ids, stage[: len(b)])
+        for _ in self.scatter_layers(slots, block_ids):
+            pass
 
-    def _batch(
+    def scatter_layers(
+        self, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
+    ) -> Iterator[int]:
+        """`scatter`, yielding how many layers are in place once the last
+        chunk's kernel for them is queued (a layer at a time where the layout
+        keeps layers apart, else all at once)."""
+        chunks = self._chunks(block_ids, slots)
+        if not chunks:
+            yield self.kv.geometry.num_layers
+        for k, (b, s, ids) in enumerate(chunks):
+            for first, n, off in slot_runs(s):
+                self.staging[off : off + n].copy_(
+                    self.arena[first : first + n], non_blocking=self.non_blocking
+                )
+            last = k == len(chunks) - 1
+            if self.stage_layers and self.kv.layers:
+                for i, (layer, stage) in enumerate(
+                    zip(self.kv.layers, self.stage_layers, strict=True)
+                ):
+                    layer.engine.index_copy_(0, ids, stage[: len(b)])
+                    if last:
+                        yield i + 1
+            else:
+                for part, stage in zip(self.kv.parts, self.stage_parts, strict=True):
+                    part.engine.index_copy_(0, ids, stage[: len(b)])
+                if last:
+                    yield self.kv.geometry.num_layers
+
+    def _chunks(
         self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """Pairs sorted by slot (staging row i <-> the i-th slot), at most
-        `capacity`, and their block ids on the device."""
+    ) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        """Pairs sorted by slot (staging row i <-> the i-th slot of a chunk),
+        `capacity` at most per chunk, with their block ids on the device."""
         b, s = _checked_pairs(self.kv, block_ids, slots, self.blocks.num_slots)
-        if len(b) > self.capacity:
-            raise ValueError(f"{len(b)} blocks do not fit a staging buffer of {self.capacity}")
         order = np.argsort(s, kind="stable")
         b, s = b[order], s[order]
-        ids = torch.from_numpy(b).to(self.kv.device, non_blocking=self.non_blocking)
-        return b, s, ids
+        out = []
+        for at in range(0, len(b), self.capacity):
+            cb, cs = b[at : at + self.capacity], s[at : at + self.capacity]
+            ids = torch.from_numpy(cb).to(self.kv.device, non_blocking=self.non_blocking)
+            out.append((cb, cs, ids))
+        return out
 
 
 def _checked_pairs(
