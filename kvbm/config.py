@@ -110,6 +110,12 @@ class KvbmConfig:
     remote_tiers: str = _opt(
         "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
     )
+    engine_copies: str = _opt(
+        "auto",
+        "How an engine copies between its KV cache and the arena: sync (within the step), "
+        "async (loads waited for per layer, saves finished in a later step), auto (async for "
+        "a GPU cache, sync for a CPU one: faster there).",
+    )
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -141,6 +147,10 @@ class KvbmConfig:
             raise ValueError("index_publish_after_ms must be >= 0")
         if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
+        if self.engine_copies not in ("auto", "sync", "async"):
+            raise ValueError(
+                f"engine_copies must be auto, sync or async, got {self.engine_copies!r}"
+            )
         if not set(self.remote_tier_list) <= {t.value for t in Tier}:
             raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
 

@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -54,9 +55,11 @@ def engine_answer(
     max_tokens: int = 16,
     prefix_caching: bool = False,
     kv_blocks: int = 0,
+    env: dict | None = None,
 ) -> dict:
     """One engine process's answer line (no `socket`: vLLM alone, no
-    connector; `kv_blocks`: a KV cache that small, the prompts all at once)."""
+    connector; `kv_blocks`: a KV cache that small, the prompts all at once),
+    and its stderr."""
     node = [socket, remote] if socket else []
     out = subprocess.run(
         [sys.executable, "-m", "tests.vllm_engine", model, json.dumps(prompts), *node],
@@ -68,12 +71,13 @@ def engine_answer(
             "TEST_MAX_TOKENS": str(max_tokens),
             "TEST_PREFIX_CACHING": "1" if prefix_caching else "0",
             "TEST_KV_BLOCKS": str(kv_blocks),
+            **(env or {}),
         },
     )
     assert out.returncode == 0, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
     assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(lines[-1])
+    return {**json.loads(lines[-1]), "stderr": out.stderr}
 
 
 def run_engine(model: str, prompts: list[list[int]], *args, **kwargs) -> list:
@@ -312,6 +316,50 @@ def test_requests_aborted_while_waiting_leave_no_pins(model, etcd, daemons, tmp_
     finally:
         engine.close()
         on_b.close()
+
+
+def test_async_copies_under_preemption_and_abort_answer_as_vllm_alone(model, daemons, tmp_path):
+    """engine_copies "async" (a GPU's default; one copy thread here): a load
+    starts before the forward and is waited for layer by layer, a save ends
+    in a later step's get_finished, its request's blocks kept from vLLM
+    until then. Four prompts at once in a 12-block cache (vLLM preempts):
+    engine 1 computes and saves them, engine 2 loads them; both answer as
+    vLLM alone. Every request whose blocks were kept is given back, and no
+    lease is left, an abort in the middle included."""
+    node = daemons("solo", "127.0.0.2", "--host-cache-mb", "8")
+    prompts = [prompt(50 + i, 4 * BLOCK + 4) for i in range(4)]
+    reference = run_engine(model, prompts, max_tokens=48)  # vLLM alone, room for all
+    env = {"KVBM_ENGINE_COPIES": "async", "KVBM_LOG_LEVEL": "debug"}
+
+    def run() -> dict:
+        got = engine_answer(model, prompts, node.socket, max_tokens=48, kv_blocks=12, env=env)
+        assert got["preemptions"] > 0, got["stderr"][-3000:]  # the case under test happened
+        assert got["outputs"] == reference
+        assert "copies between vLLM's KV cache and the node: ThreadCopier" in got["stderr"]
+        kept = re.findall(r"blocks kept for saves in flight: request (\S+)", got["stderr"])
+        freed = re.findall(r"saves ended, blocks back to vLLM: request (\S+)", got["stderr"])
+        assert kept and sorted(kept) == sorted(freed), (kept, freed)
+        return got
+
+    run()  # engine 1 computes and saves
+    probe = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        salt = salt_hash(model)
+        for p in prompts:
+            assert probe.lookup(probe.keys(sequence_hashes(p, BLOCK, salt)[:4])).local == 4
+        run()  # engine 2 loads
+        assert probe.stats()["engine_blocks"]["local_host"] >= 16
+        assert probe.stats()["engine_leases"] == 0
+        abort_env = {**env, "TEST_KV_BLOCKS": "12", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        engine = LiveEngine(model, node.socket, "", tmp_path / "engine.log", env=abort_env)
+        try:
+            _, after = engine.abort_after(2, [prompt(60 + i, 4 * BLOCK + 4) for i in range(4)])
+            assert after == 0
+        finally:
+            engine.close()
+        assert probe.stats()["engine_leases"] == 0
+    finally:
+        probe.close()
 
 
 def test_blocks_promised_but_gone_when_pinned_are_recomputed(model, daemons, tmp_path):

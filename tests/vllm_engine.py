@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def main() -> None:
@@ -95,6 +96,11 @@ def main() -> None:
             if not engine.has_unfinished_requests():
                 break
             engine.step()
+        for _ in range(50):  # steps with nothing scheduled, as a serving engine's loop makes
+            if not leases():  # while saves in flight end (engine_copies "async")
+                break
+            engine.step()
+            time.sleep(0.02)
         print(json.dumps({"outputs": [], "leases_before": before, "leases_after": leases()}))
 
     if prompts != "-":

@@ -191,15 +191,21 @@ class NodeAttachment:
     def store(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
         """Write engine blocks through to the node's G2. Returns blocks added."""
 
-        def prepare(chunk: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
-            reply = self.link.call("reserve", {"keys": _wire(chunk)})
-            return reply["slots"], reply["positions"], reply["lease"]
-
-        def complete(lease: object, ok: bool) -> int:
-            return self.link.call("commit", {"lease": lease, "ok": ok})["added"]
-
         blocks = self._blocks()
-        return store_in_steps(blocks, kv, keys, block_ids, self.step_blocks, prepare, complete)
+        return store_in_steps(
+            blocks, kv, keys, block_ids, self.step_blocks, self.reserve, self.commit
+        )
+
+    def reserve(self, keys: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
+        """Slots for those of `keys` (at most step_blocks) the node does not
+        hold yet -> (slots, their positions in keys, lease). Write them, then
+        `commit` the lease, whatever the write did."""
+        reply = self.link.call("reserve", {"keys": _wire(keys)})
+        return reply["slots"], reply["positions"], reply["lease"]
+
+    def commit(self, lease: object, ok: bool) -> int:
+        """Publish the reserved slots (`ok`), or give them back. Returns blocks added."""
+        return self.link.call("commit", {"lease": lease, "ok": ok})["added"]
 
     def _blocks(self) -> ArenaBlocks:
         if self.blocks is None:

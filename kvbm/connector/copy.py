@@ -238,6 +238,23 @@ def slot_arrays(
     ]
 
 
+def new_caches(
+    geometry: ModelGeometry, num_blocks: int, device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Zeroed per-layer [B, H, N, C] views of one buffer in the geometry's
+    layout, as vLLM allocates a cache (for benchmarks and tests)."""
+    g = geometry
+    h, n, c = g.layer_shape
+    sizes = dict(zip("LBHNC", (g.num_layers, num_blocks, h, n, c), strict=True))
+    strides, step = {}, 1
+    for axis in reversed(g.kv_layout):
+        strides[axis] = step
+        step *= sizes[axis]
+    buf = torch.zeros(step, dtype=torch_dtype(g), device=device)
+    whole = torch.as_strided(buf, [sizes[a] for a in "LBHNC"], [strides[a] for a in "LBHNC"])
+    return list(whole.unbind(0))
+
+
 class _Plan:
     """How a batch of (engine block, slot) pairs maps onto runs, worked out
     once per batch: runs on both sides where blocks and slots go up together,
@@ -373,12 +390,19 @@ class StagedCopies:
         return self.staging.shape[0]
 
     def gather(
-        self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
+        self,
+        block_ids: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        after_reads: Callable[[], None] | None = None,
     ) -> None:
-        """G1 -> arena, through staging."""
-        for b, s, ids in self._chunks(block_ids, slots):
+        """G1 -> arena, through staging; `after_reads` is called once the
+        last kernel reading G1 is queued."""
+        chunks = self._chunks(block_ids, slots)
+        for k, (b, s, ids) in enumerate(chunks):
             for part, stage in zip(self.kv.parts, self.stage_parts, strict=True):
                 torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
+            if after_reads is not None and k == len(chunks) - 1:
+                after_reads()
             for first, n, off in slot_runs(s):
                 self.arena[first : first + n].copy_(
                     self.staging[off : off + n], non_blocking=self.non_blocking

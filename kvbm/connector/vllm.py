@@ -60,6 +60,7 @@ from kvbm.config import engine_config
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.connector.copy import EngineKV
 from kvbm.connector.private_node import ensure_private_node
+from kvbm.connector.transfers import Copier, SyncCopier, ThreadCopier, Ticket
 from kvbm.engine_wire import MAX_KEYS
 from kvbm.errors import KvbmError
 from kvbm.hashing import salt_hash, sequence_hashes
@@ -104,6 +105,7 @@ class KvbmMetadata(KVConnectorMetadata):
     loads: list[Load] = field(default_factory=list)
     saves: list[Save] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # promised blocks the node did not pin
+    preempted: bool = False  # vLLM may reuse blocks that saves in flight still read
 
 
 @dataclass
@@ -125,6 +127,7 @@ class _Tracked:
     seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # leading blocks known to be in the node
+    had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
     promised: int = 0  # blocks promised from the key view, not yet allocated
     first_block: int = 0
@@ -219,9 +222,24 @@ class KvbmConnector(KVConnectorBase_V1):
         # pinned with the step's others; a block gone meanwhile is recomputed.
         # With "fail" it would fail its request: hits are pinned before promising.
         self._promise = self._kv_transfer_config.kv_load_failure_policy == "recompute"
+        # Copies started in one hook and finished in a later one (both sides
+        # must agree: the scheduler then keeps a saved request's blocks until
+        # the workers report its saves done).
+        device = vllm_config.device_config.device_type
+        self._async = self.cfg.engine_copies == "async" or (
+            self.cfg.engine_copies == "auto" and device != "cpu"
+        )
         # worker side
         self._rank = 0
         self._kv: EngineKV | None = None
+        self._layer_of: dict[str, int] = {}
+        self._copier: Copier | None = None
+        self._copier_arena = ""
+        self._loading: list[tuple[Load, Ticket]] = []
+        self._saving: list[_Saving] = []
+        self._in_flight: dict[str, int] = {}  # saves started and not committed, per request
+        self._had_saves: set[str] = set()  # requests the scheduler planned saves for
+        self._finishing: set[str] = set()  # finished, waiting for their saves
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # whose loads failed this step
 
@@ -255,6 +273,7 @@ class KvbmConnector(KVConnectorBase_V1):
         return made
 
     def _reattach(self) -> None:
+        self._drain()  # copies in flight use the arena mapping the close unmaps
         for a in self._node or []:
             a.close()
         self._node, self._retry_at = None, 0.0
@@ -341,6 +360,7 @@ class KvbmConnector(KVConnectorBase_V1):
         node = self._node
         meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
         self._to_load = []
+        meta.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
         short = self._pin_promises(meta)  # requests whose step must not be saved
         steps = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -419,14 +439,21 @@ class KvbmConnector(KVConnectorBase_V1):
             req_id = tracked.request.request_id
             meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id))
             tracked.saved = full
+            tracked.had_saves = True
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         tracked = self._requests.pop(request.request_id, None)
-        if tracked is not None:
-            self._drop_pins(tracked)
-        return False, None  # saves finish inside their step: nothing to wait for
+        if tracked is None:
+            return False, None
+        self._drop_pins(tracked)
+        # Async copies: the blocks stay the request's until every worker has
+        # reported its saves done (get_finished); sync ones end in their step.
+        keep = self._async and tracked.had_saves
+        if keep:
+            log.debug("blocks kept for saves in flight: request %s", request.request_id)
+        return keep, None
 
     def _track(self, request: Request) -> _Tracked:
         tracked = self._requests.get(request.request_id)
@@ -453,6 +480,12 @@ class KvbmConnector(KVConnectorBase_V1):
             self._lost(e)
 
     # -- worker side -------------------------------------------------------
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Async loads are waited for per layer in Python between graph
+        pieces; a whole-model CUDA graph would replay past the waits."""
+        return engine_config(dict(extra_config or {})).engine_copies != "sync"
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -462,9 +495,37 @@ class KvbmConnector(KVConnectorBase_V1):
         try:
             layers = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
             self._kv = EngineKV(self.geometry, [t for _, t in layers])
+            self._layer_of = {name: i for i, (name, _) in enumerate(layers)}
         except KvbmError as e:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
             self._kv = None
+
+    def _copies(self, node: list[NodeAttachment]) -> Copier:
+        """The copier for this attachment's arena (a restarted node has another)."""
+        arena = node[0].arena_name
+        if self._copier is None or self._copier_arena != arena:
+            self._drain()
+            kv, blocks = self._kv, node[0].blocks
+            if kv is None or blocks is None:
+                raise KvbmError("kvbm does not copy into this engine's KV cache")
+            if kv.device.type == "cuda":
+                from kvbm.connector.cuda import CudaCopier
+
+                self._copier = CudaCopier(blocks, kv)
+            elif self._async:
+                self._copier = ThreadCopier(blocks, kv)
+            else:
+                self._copier = SyncCopier(blocks, kv)
+            self._copier_arena = arena
+            log.info("copies between vLLM's KV cache and the node: %s", type(self._copier).__name__)
+        return self._copier
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward: preempted requests' blocks go back to
+        vLLM at once, so saves still reading them must have read them."""
+        meta = kv_connector_metadata
+        if isinstance(meta, KvbmMetadata) and meta.preempted and self._copier is not None:
+            self._copier.reads_done()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -478,63 +539,162 @@ class KvbmConnector(KVConnectorBase_V1):
             self._reattach()  # the node restarted since this attachment was made
             node = self._attached()
         for load in meta.loads:
-            t0 = time.perf_counter()
             same_node = node is not None and node[0].arena_name == meta.arena
             try:
-                if self._kv is None:
-                    raise KvbmError("kvbm does not copy into this engine's KV cache")
                 if not same_node:
                     raise NodeError("the node's arena is not the one the loads were pinned in")
-                node[0].copy_in(self._kv, load.slots[self._rank], load.block_ids)  # type: ignore[index]
-                ms = (time.perf_counter() - t0) * 1e3
-                log.debug("loaded blocks=%d ms=%.2f", len(load.block_ids), ms)
+                copier = self._copies(node)  # type: ignore[arg-type]
+                ticket = copier.load(load.slots[self._rank], load.block_ids)
             except (NodeError, KvbmError, ValueError) as e:
-                log.warning("load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), e)
+                ticket = Ticket(self.geometry.num_layers)
+                ticket.end(e)
+            self._loading.append((load, ticket))
+        if not self._async:
+            self._finish_loads()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        i = self._layer_of.get(layer_name)
+        for _, ticket in self._loading:
+            if i is None:
+                ticket.wait()
+            else:
+                ticket.wait_layer(i)
+
+    def _finish_loads(self) -> None:
+        """Every load of the step has ended: failures go to vLLM (which
+        recomputes them), and the pins are released whatever the copy did
+        (the lease is the scheduler's; left alone it would pin the blocks
+        until that connection ends)."""
+        loading, self._loading = self._loading, []
+        node = self._node
+        for load, ticket in loading:
+            error = ticket.wait()
+            if error is not None:
+                log.warning(
+                    "load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), error
+                )
                 self._load_errors.update(load.block_ids)
                 self._failed_reqs.add(load.req_id)  # its step computes on blocks not loaded
-            # Released whatever the copy did: the lease is the scheduler's, and
-            # left alone it would pin the blocks until that connection ends.
-            if same_node:
+            if node is not None and node[0].arena_name == self._get_arena():
                 try:
-                    node[0].complete_load(load.leases[self._rank])  # type: ignore[index]
+                    node[0].complete_load(load.leases[self._rank])
                 except NodeError as e:
                     self._lost(e)
                     node = None
 
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # every load finished in start_load_kv
+    def _get_arena(self) -> str:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmMetadata)
+        return meta.arena
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
     ) -> None:
-        return  # blocks are saved whole, all layers at once, in wait_for_save
+        return  # blocks are saved whole, all layers at once, after the forward
 
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
+        self._finish_loads()
+        if self._async:  # what the scheduler delays freeing for, whatever happens here
+            self._had_saves.update(save.req_id for save in meta.saves)
         if not meta.saves or self._kv is None:
             return
         node = self._attached()
         if node is None:
             return
         try:
+            copier = self._copies(node)
             for save in meta.saves:
                 if save.req_id in self._failed_reqs:
                     continue  # computed over blocks that never loaded here
-                node[0].store(self._kv, node[0].keys(save.seq_hashes), save.block_ids)
+                keys = node[0].keys(save.seq_hashes)
+                for at in range(0, len(keys), node[0].step_blocks):
+                    chunk = keys[at : at + node[0].step_blocks]
+                    slots, positions, lease = node[0].reserve(chunk)
+                    ids = [save.block_ids[at + p] for p in positions]
+                    ticket = copier.save(ids, slots) if slots else _ended()
+                    self._saving.append(_Saving(ticket, lease, save.req_id))
+                    self._in_flight[save.req_id] = self._in_flight.get(save.req_id, 0) + 1
         except (NodeError, KvbmError) as e:
             self._lost(e)  # a save that does not happen is a future miss, nothing worse
+            return
+        if not self._async:
+            self._commit_saves(wait=True)
+
+    def _commit_saves(self, wait: bool) -> None:
+        """Commit (or give back) the slots of saves that have ended, in the
+        order they started; with `wait`, all of them."""
+        node = self._node
+        while self._saving and (wait or self._saving[0].ticket.done()):
+            saving = self._saving.pop(0)
+            error = saving.ticket.wait()
+            if error is not None:
+                log.warning("save failed, its blocks are not stored: %s", error)
+            left = self._in_flight.get(saving.req_id, 1) - 1
+            if left:
+                self._in_flight[saving.req_id] = left
+            else:
+                self._in_flight.pop(saving.req_id, None)
+            if node is None:
+                continue  # the node is gone, and its reservations with it
+            try:
+                node[0].commit(saving.lease, error is None)
+            except NodeError as e:
+                self._lost(e)
+                node = self._node
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        """Requests whose saves have all ended (async copies): vLLM may now
+        free their blocks. Each rank reports each request it was told saves
+        of, so the scheduler hears from every rank."""
+        self._commit_saves(wait=False)
+        if not self._async:
+            return None, None
+        self._finishing |= finished_req_ids & self._had_saves
+        self._had_saves -= finished_req_ids
+        done = {r for r in self._finishing if r not in self._in_flight}
+        self._finishing -= done
+        for r in done:
+            log.debug("saves ended, blocks back to vLLM: request %s", r)
+        return done or None, None
+
+    def _drain(self) -> None:
+        """Wait for every copy in flight and close the copier (before its
+        arena is unmapped)."""
+        for _, ticket in self._loading:
+            ticket.wait()
+        self._commit_saves(wait=True)
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        self._drain()
         for a in self._node or []:
             a.close()
         self._node = None
         if self._private is not None and self._private.poll() is None:
             self._private.terminate()
+
+
+@dataclass
+class _Saving:
+    """A save in flight: its copy, and the node's reservation it fills."""
+
+    ticket: Ticket
+    lease: int
+    req_id: str
+
+
+def _ended() -> Ticket:
+    ticket = Ticket(0)
+    ticket.end()
+    return ticket
 
 
 def _hashes(p: _Promise) -> list[int]:
