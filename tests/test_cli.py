@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 KVBM = [sys.executable, "-m", "kvbm.cli"]
 
 
@@ -60,10 +62,13 @@ def test_the_demo_serves_a_prompt_from_a_peers_host_and_disk_then_locally():
     assert second[-2] == 48 and third[-2] == 48  # every loaded block checked
 
 
-def test_bench_tiers_prints_one_json_object_with_every_figure(tmp_path):
-    r = run("bench", "tiers", "--json", "--blocks", "8", "--reps", "1", "--dir", str(tmp_path))
+@pytest.mark.parametrize("layout", ["LBHNC", "BHLNC", "MLA"])
+def test_bench_tiers_prints_one_json_object_with_every_figure(tmp_path, layout):
+    args = ["--blocks", "8", "--reps", "1", "--dir", str(tmp_path), "--layout", layout]
+    r = run("bench", "tiers", "--json", *args)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
+    assert result["layout"] == layout
     for key in (
         "memcpy_gbps",
         "g1_to_g2_gbps",
@@ -75,6 +80,8 @@ def test_bench_tiers_prints_one_json_object_with_every_figure(tmp_path):
         "bookkeeping_us_per_block",
         "g1_to_g2_vs_memcpy",
         "g2_to_g1_vs_memcpy",
+        "g1_to_g2_scattered_vs_memcpy",
+        "g2_to_g1_scattered_vs_memcpy",
         "g2_to_g3_vs_disk",
         "g3_to_g2_vs_disk",
     ):
@@ -128,3 +135,36 @@ def test_bench_with_a_missing_directory_is_a_clear_error():
     r = run("bench", "tiers", "--json", "--blocks", "2", "--reps", "1", "--dir", "/nonexistent/x")
     assert r.returncode == 2
     assert "kvbm:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_check_without_a_cuda_device_says_so_before_installing_anything(tmp_path):
+    """scripts/gpu-check stops at its first line where nvidia-smi lists no
+    GPU (PATH here: grep only), and the check itself where torch sees none."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    grep = subprocess.run(["which", "grep"], capture_output=True, text=True).stdout.strip()
+    (bin_dir / "grep").symlink_to(grep)
+    r = subprocess.run(
+        ["/bin/bash", os.path.join(root, "scripts", "gpu-check")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": str(bin_dir)},
+    )
+    assert r.returncode == 3, r.stderr
+    assert json.loads(r.stdout) == {
+        "check": "gpu",
+        "ok": False,
+        "reason": "no CUDA device (nvidia-smi lists no GPU)",
+    }
+    assert "installing" not in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "kvbm.gpu_check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert r.returncode == 3, r.stderr
+    assert json.loads(r.stdout)["reason"].startswith("no CUDA device")

@@ -60,7 +60,9 @@ ENV = {
 }
 
 
-def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connection) -> None:
+def _engine(
+    model: str, extra: dict | None, prefix_caching: bool, llm_args: dict, conn: Connection
+) -> None:
     """One vLLM engine: answers (prompt, max_tokens) with (tokens, seconds)."""
     os.environ.update(ENV)
     from vllm import LLM, SamplingParams
@@ -69,15 +71,19 @@ def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connecti
     from kvbm.connector.vllm import kv_transfer_config
 
     transfer = kv_transfer_config(extra) if extra is not None else None
+    args = {
+        "dtype": "float32",
+        "block_size": BLOCK,
+        "max_model_len": 2 * PROMPT,
+        "enforce_eager": True,
+        **llm_args,
+    }
     llm = LLM(
         model=model,
-        dtype="float32",
-        block_size=BLOCK,
-        max_model_len=2 * PROMPT,
-        enforce_eager=True,
         enable_prefix_caching=prefix_caching,
         kv_transfer_config=transfer,
         seed=0,
+        **args,
     )
     conn.send("ready")
     try:
@@ -107,10 +113,21 @@ def _engine(model: str, extra: dict | None, prefix_caching: bool, conn: Connecti
 
 
 class Engine:
-    def __init__(self, model: str, extra: dict | None = None, prefix_caching: bool = False):
+    """A vLLM engine in a process of its own (`extra`: the connector's extra
+    config, None: vLLM alone; `llm_args`: vLLM's arguments over the bench's)."""
+
+    def __init__(
+        self,
+        model: str,
+        extra: dict | None = None,
+        prefix_caching: bool = False,
+        llm_args: dict | None = None,
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine, args=(model, extra, prefix_caching, child))
+        self.proc = ctx.Process(
+            target=_engine, args=(model, extra, prefix_caching, llm_args or {}, child)
+        )
         self.proc.start()
         if not self.conn.poll(600) or self.conn.recv() != "ready":
             raise RuntimeError("the vLLM engine did not start")

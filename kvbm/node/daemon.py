@@ -25,6 +25,7 @@ from discovery.records import NodeRecord
 from discovery.signing import IndexSigner
 from kvbm import __version__
 from kvbm.config import KvbmConfig, child_environment
+from kvbm.engine_wire import geometry_to_wire
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import Verify, content_matches
 from kvbm.key_view import KeyView
@@ -241,6 +242,7 @@ class Node:
         if s is None:
             return out
         out["peer_address"] = f"{self.publisher.record.address}:{self.publisher.record.rpc_port}"
+        out["geometry"] = geometry_to_wire(s.mgr.geometry)  # the layout included
         out["engine_leases"] = len(self.engines.leases)
         out["pinned_for_peers"] = s.peer_server.pinned_count
         out["nixl_agent"] = s.agent.state()
