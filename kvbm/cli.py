@@ -95,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="instead: throughput with N requests at once, misses and a half-held mix",
     )
+    e2e.add_argument(
+        "--engine-copies",
+        default="auto",
+        choices=["auto", "sync", "async"],
+        help="the connector's engine_copies (with --concurrency)",
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -146,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import e2e as e2e_mod
 
                 if args.concurrency:
-                    result = e2e_mod.run_concurrency(args.concurrency)
+                    result = e2e_mod.run_concurrency(
+                        args.concurrency, engine_copies=args.engine_copies
+                    )
                 else:
                     result = e2e_mod.run(args.prompts, arena_dir=args.arena_dir)
             if args.json:

@@ -96,7 +96,9 @@ def _check() -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         raise RuntimeError("node B never saw node A's blocks")
                     time.sleep(0.1)
-                engine = Engine(model, {"node": b.socket, "remote_tiers": ["host"]}, False, llm_args)
+                engine = Engine(
+                    model, {"node": b.socket, "remote_tiers": ["host"]}, False, llm_args
+                )
                 try:
                     second = [engine.ask(p, ANSWER)[0] for p in prompts]
                     after_remote = dict(probe.stats()["engine_blocks"])

@@ -294,7 +294,12 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     return out
 
 
-def run_concurrency(concurrency: int = 16, rounds: int = 2, workdir: str | None = None) -> dict:
+def run_concurrency(
+    concurrency: int = 16,
+    rounds: int = 2,
+    workdir: str | None = None,
+    engine_copies: str = "auto",
+) -> dict:
     """`kvbm bench e2e --concurrency N`: throughput with the connector over
     vLLM alone, N requests submitted at once, on prompts nobody has seen (the
     miss path: what the connector costs when nothing hits: its lookups and
@@ -304,7 +309,7 @@ def run_concurrency(concurrency: int = 16, rounds: int = 2, workdir: str | None 
     (`rounds` rounds each, each side through the same prompts), so that a
     machine that drifts during the run favours neither side; a figure is the
     median over a side's rounds of (prompt + generated tokens) / wall
-    seconds."""
+    seconds. `engine_copies`: the connector's (sync or async copies)."""
     rng = random.Random(1)
 
     def tokens(n: int) -> list[int]:
@@ -316,6 +321,7 @@ def run_concurrency(concurrency: int = 16, rounds: int = 2, workdir: str | None 
     mixes = [h + [tokens(PROMPT) for _ in range(concurrency - half)] for h in held]
     out = _header("e2e_concurrency")
     out.update(concurrency=concurrency, rounds_per_side=total, max_tokens=CONCURRENT_ANSWER)
+    out["engine_copies"] = engine_copies
     rates = {side: collections.defaultdict(list) for side in ("without", "with")}
     outputs: dict[str, dict[tuple[str, int], list]] = {"without": {}, "with": {}}
     loaded = 0
@@ -330,7 +336,8 @@ def run_concurrency(concurrency: int = 16, rounds: int = 2, workdir: str | None 
             if side == "with":
                 flags = ("--host-cache-mb", str(host_mb))
                 node = NodeProcess(d, f"node-{phase}", "127.0.0.2", *flags)
-            engine = Engine(model, {"node": node.socket} if node else None, prefix_caching=True)
+            extra = {"node": node.socket, "engine_copies": engine_copies} if node else None
+            engine = Engine(model, extra, prefix_caching=True)
             try:
                 engine.ask_all([tokens(PROMPT)], CONCURRENT_ANSWER)  # warm-up
                 for r in which:
