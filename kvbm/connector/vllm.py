@@ -494,7 +494,10 @@ class KvbmConnector(KVConnectorBase_V1):
             return
         try:
             layers = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
-            self._kv = EngineKV(self.geometry, [t for _, t in layers])
+            kv = EngineKV(self.geometry, [t for _, t in layers])
+            if kv.device.type not in ("cpu", "cuda"):
+                raise KvbmError(f"kvbm copies CPU and CUDA caches, not {kv.device.type}")
+            self._kv = kv
             self._layer_of = {name: i for i, (name, _) in enumerate(layers)}
         except KvbmError as e:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
