@@ -97,10 +97,12 @@ class ModelGeometry:
     @cached_property
     def fingerprint(self) -> int:
         """Nodes whose fingerprints differ never exchange blocks. It names
-        the bytes of a block, not the engine's layout: an engine caching
-        layer by layer (LBHNC) and one with each block's layers together
-        (BLHNC) store the same bytes and share blocks. The first version's
-        text is kept for the bytes it named (every version must agree)."""
+        the bytes of a block, not the engine's layout: nodes whose engines
+        cache layer by layer (LBHNC) and ones whose engines keep each
+        block's layers together (BLHNC) store the same bytes and share
+        blocks (one node serves one geometry, its layout included). The
+        first version's text is kept for the bytes it named (every version
+        must agree)."""
         if self.block_order == "LHNC" and self.head_dim_v is None:
             text = (
                 f"kvbm-layout-v1|layers={self.num_layers}|kv_heads={self.num_kv_heads}"

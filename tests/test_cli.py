@@ -168,3 +168,22 @@ def test_gpu_check_without_a_cuda_device_says_so_before_installing_anything(tmp_
     )
     assert r.returncode == 3, r.stderr
     assert json.loads(r.stdout)["reason"].startswith("no CUDA device")
+
+
+def test_gpu_check_whose_install_fails_says_why_in_its_json_line(tmp_path):
+    """With a GPU listed (a stand-in nvidia-smi) and no usable Python to
+    install with, the script still ends with one JSON line naming why."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shim = tmp_path / "nvidia-smi"
+    shim.write_text("#!/bin/sh\necho 'GPU 0: stand-in (UUID: GPU-0)'\n")
+    shim.chmod(0o755)
+    r = subprocess.run(
+        ["/bin/bash", os.path.join(root, "scripts", "gpu-check")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": "/bin/false"},
+    )
+    assert r.returncode == 4, r.stderr
+    line = json.loads(r.stdout)
+    assert line["ok"] is False and line["reason"].startswith("install failed: Python >= 3.11")

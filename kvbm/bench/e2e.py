@@ -89,7 +89,13 @@ def _engine(
     try:
         while (msg := conn.recv()) is not None:
             if msg == "reset":  # forget vLLM's own prefix cache
-                conn.send(llm.reset_prefix_cache())
+                # refused while a finished request's blocks wait for its saves
+                # (async copies): the engine's loop frees them within steps
+                for _ in range(200):
+                    if done := llm.reset_prefix_cache():
+                        break
+                    time.sleep(0.01)
+                conn.send(done)
                 continue
             if msg[0] == "batch":  # ("batch", prompts, max_tokens): all submitted at once
                 _, batch, max_tokens = msg

@@ -454,7 +454,10 @@ class StagedCopies:
         out = []
         for at in range(0, len(b), self.capacity):
             cb, cs = b[at : at + self.capacity], s[at : at + self.capacity]
-            ids = torch.from_numpy(cb).to(self.kv.device, non_blocking=self.non_blocking)
+            ids = torch.from_numpy(cb)
+            if self.non_blocking:  # from pageable memory the copy could wait on the stream
+                ids = ids.pin_memory()
+            ids = ids.to(self.kv.device, non_blocking=self.non_blocking)
             out.append((cb, cs, ids))
         return out
 

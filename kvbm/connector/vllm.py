@@ -20,25 +20,35 @@ slots -> vLLM block ids) per load, and the full blocks each request
 completes in that step: prompt and generated tokens alike, so a chat's next
 turn (this turn's prompt and answer, then a new message) finds the answer's
 blocks too. Their sequence hashes continue over the generated tokens as
-they are generated, exactly as the next turn's prompt hashes them. Nothing
-a request computes in a step whose loads failed is saved (it was computed
-over blocks that never arrived): where the scheduler's pins came short, on
-every rank, and its blocks are saved once recomputed; where a worker's copy
-failed, on that rank only (not yet: telling the other tensor-parallel ranks,
-whose KV of that step depends on it through the all-reduce), and those
-blocks are not saved again.
+they are generated, exactly as the next turn's prompt hashes them.
 
-Worker side: before the forward, copy each load's slots into the KV tensors
-and release the pins; after it (`wait_for_save`), copy the completed blocks
-into the node's arena. Whole blocks, one torch copy per run of slots (K is
-stored transposed inside a block on CPU: never per token). A load that fails
+A block that did not load (the scheduler's pins came short, or a worker's
+copy failed) is recomputed by vLLM, and until vLLM has rolled a request back
+to it, nothing computed over it is saved: not by that request, nor by one
+sharing the block through vLLM's prefix cache, nor in the steps vLLM
+scheduled before it saw the failure (the scheduler holds the request's saves
+until its computed tokens come back to the block, then tells the workers).
+Not yet: where one tensor-parallel rank's copy failed, the other ranks'
+saves of that step (their KV depends on it through the all-reduce).
+
+Worker side (kvbm/connector/transfers.py): a load starts in `start_load_kv`
+and the forward waits for each layer in `wait_for_layer_load`; the pins are
+released after the forward. After the forward (`wait_for_save`) the
+completed blocks are reserved in the node and copied into its arena;
+`engine_copies` says whether they are committed at once (sync) or in a
+later step's `get_finished`, the request's blocks kept from vLLM until then
+(async; `handle_preemptions` waits until saves in flight have read the
+blocks of preempted requests). Whole blocks, one torch op per run of blocks
+for every layer (kvbm/connector/copy.py, any of vLLM's KV cache layouts; a
+GPU's through a staging buffer, kvbm/connector/cuda.py). A load that fails
 is reported through `get_block_ids_with_load_errors`, so vLLM recomputes
 (with `kv_load_failure_policy` "recompute"); a node that is gone makes every
 request a miss until it is back, never an engine error.
 
-Not yet: one KV cache group (full attention); the vLLM CPU layout
-(`vllm-cpu-v1`). The last generated token has no KV (it was never an input),
-so a block that ends with it is not stored.
+Not yet: more than one KV cache group (sliding-window or hybrid models),
+quantized KV caches, pipeline or context parallelism. The last generated
+token has no KV (it was never an input), so a block that ends with it is
+not stored.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvbm.connector.vllm")
@@ -106,6 +117,7 @@ class KvbmMetadata(KVConnectorMetadata):
     saves: list[Save] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # promised blocks the node did not pin
     preempted: bool = False  # vLLM may reuse blocks that saves in flight still read
+    released: list[str] = field(default_factory=list)  # requests that may save again
 
 
 @dataclass
@@ -128,6 +140,7 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # leading blocks known to be in the node
     had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
+    hold_from: int | None = None  # a block that never loaded: no saves until recomputed from it
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
     promised: int = 0  # blocks promised from the key view, not yet allocated
     first_block: int = 0
@@ -155,6 +168,11 @@ def geometry_of(
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     if cc.cache_dtype not in ("auto", None):
         raise KvbmError(f"kvbm does not store a {cc.cache_dtype} KV cache yet")
+    # Keys carry the tensor-parallel rank only: a pipeline stage's or a
+    # context-parallel rank's share of a block would collide.
+    for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
+        if getattr(pc, name, 1) > 1:
+            raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
     layout = (
         getattr(kv_cache_config, "kv_cache_layout", None) or cc.kv_cache_layout or VLLM_CPU_LAYOUT
     )
@@ -235,13 +253,16 @@ class KvbmConnector(KVConnectorBase_V1):
         self._layer_of: dict[str, int] = {}
         self._copier: Copier | None = None
         self._copier_arena = ""
-        self._loading: list[tuple[Load, Ticket]] = []
+        self._loading: list[tuple[Load, Ticket, str]] = []  # with the arena pinned in
         self._saving: list[_Saving] = []
         self._in_flight: dict[str, int] = {}  # saves started and not committed, per request
         self._had_saves: set[str] = set()  # requests the scheduler planned saves for
         self._finishing: set[str] = set()  # finished, waiting for their saves
         self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()  # whose loads failed this step
+        # Requests computed over blocks that did not load here: no saves
+        # until the scheduler has seen vLLM recompute them (meta.released).
+        self._tainted: set[str] = set()
+        self._step_bad: set[int] = set()  # blocks of this step that did not load
 
     # -- the node, attached lazily and reattached after failures -----------
     def _attached(self) -> list[NodeAttachment] | None:
@@ -360,15 +381,17 @@ class KvbmConnector(KVConnectorBase_V1):
         node = self._node
         meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
         self._to_load = []
+        if self._off:
+            return meta
         meta.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
-        short = self._pin_promises(meta)  # requests whose step must not be saved
+        self._pin_promises(meta)
+        bad = set(meta.failed)
         steps = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self._requests.get(new.req_id)
             if tracked is not None:
                 tracked.block_ids = list(new.block_ids[0])
-                if new.req_id not in short:
-                    self._plan_save(meta, tracked, new.num_computed_tokens + steps[new.req_id])
+                self._plan_save(meta, tracked, new.num_computed_tokens, steps[new.req_id], bad)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             tracked = self._requests.get(req_id)
@@ -380,19 +403,27 @@ class KvbmConnector(KVConnectorBase_V1):
                     tracked.block_ids = list(new_ids[0])
                 else:
                     tracked.block_ids += new_ids[0]
-            if req_id not in short:
-                self._plan_save(meta, tracked, cached.num_computed_tokens[i] + steps[req_id])
+            computed = cached.num_computed_tokens[i]
+            self._plan_save(meta, tracked, computed, steps[req_id], bad)
         return meta
 
-    def _pin_promises(self, meta: KvbmMetadata) -> set[str]:
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Blocks the workers could not load (vLLM has rolled their requests
+        back by now): every request holding one saves nothing more until
+        vLLM has recomputed from it."""
+        bad = connector_output.invalid_block_ids
+        if bad:
+            for tracked in self._requests.values():
+                _hold(tracked, bad)
+
+    def _pin_promises(self, meta: KvbmMetadata) -> None:
         """Pin this step's promised blocks, one round trip per rank. A block
-        the node no longer has is reported failed by the workers, so vLLM
-        recomputes from it; its request's step computes on blocks never
-        loaded, so nothing of that step is saved (the blocks are saved once
-        recomputed). Returns those requests' ids."""
+        the node no longer has goes to `meta.failed`: the workers report it
+        failed, vLLM recomputes from it, and no request holding it saves
+        until then (`_plan_save`)."""
         promises, self._promises = self._promises, []
         if not promises:
-            return set()
+            return
         node = self._node
         pins: list[list] = []
         try:
@@ -406,7 +437,7 @@ class KvbmConnector(KVConnectorBase_V1):
             if node is not None:
                 self._lost(e)
             pins = []
-        short: set[str] = set()
+        short = 0
         for i, p in enumerate(promises):
             got = [rank[i] for rank in pins]
             m = min((len(g.slots) for g in got), default=0)
@@ -418,15 +449,27 @@ class KvbmConnector(KVConnectorBase_V1):
                 self._release(load)
             if m < len(p.block_ids):
                 meta.failed += p.block_ids[m:]
-                p.tracked.saved = min(p.tracked.saved, p.first + m)
-                short.add(req_id)
+                short += 1
         if short:
-            log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", len(short))
-        return short
+            log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", short)
 
-    def _plan_save(self, meta: KvbmMetadata, tracked: _Tracked, computed: int) -> None:
+    def _plan_save(
+        self, meta: KvbmMetadata, tracked: _Tracked, before: int, scheduled: int, bad: set[int]
+    ) -> None:
         """Save the full blocks whose KV exists once this step has run
-        (`computed` tokens: prompt, then generated ones)."""
+        (`before` tokens computed, then `scheduled` more: prompt, then
+        generated ones). A request holding a block that never loaded (`bad`,
+        or reported since) saves nothing until vLLM has rolled it back to
+        that block; the workers are told when it may save again."""
+        req_id = tracked.request.request_id
+        if bad:
+            _hold(tracked, bad)
+        if tracked.hold_from is not None:
+            if before > tracked.hold_from * self.block_size:
+                return  # computed over blocks that never arrived (and not yet redone)
+            tracked.hold_from = None
+            meta.released.append(req_id)
+        computed = before + scheduled
         tokens = tracked.request.all_token_ids
         full = min(min(computed, len(tokens)) // self.block_size, len(tracked.block_ids))
         hashed = len(tracked.seq_hashes)
@@ -436,7 +479,6 @@ class KvbmConnector(KVConnectorBase_V1):
             tracked.seq_hashes += sequence_hashes(more, self.block_size, tracked.salt, parent)
         if full > tracked.saved:
             span = slice(tracked.saved, full)
-            req_id = tracked.request.request_id
             meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id))
             tracked.saved = full
             tracked.had_saves = True
@@ -502,6 +544,13 @@ class KvbmConnector(KVConnectorBase_V1):
         except KvbmError as e:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
             self._kv = None
+            return
+        node = self._attached() if kv.device.type == "cuda" else None
+        if node is not None:
+            try:
+                self._copies(node)  # pins the arena now, not in the first step
+            except KvbmError as e:
+                log.error("kvbm disabled: %s", e)
 
     def _copies(self, node: list[NodeAttachment]) -> Copier:
         """The copier for this attachment's arena (a restarted node has another)."""
@@ -514,7 +563,11 @@ class KvbmConnector(KVConnectorBase_V1):
             if kv.device.type == "cuda":
                 from kvbm.connector.cuda import CudaCopier
 
-                self._copier = CudaCopier(blocks, kv)
+                try:
+                    self._copier = CudaCopier(blocks, kv)
+                except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError included
+                    self._kv = None  # the connector stops copying; the engine runs on
+                    raise KvbmError(f"cannot copy through the GPU: {e}") from e
             elif self._async:
                 self._copier = ThreadCopier(blocks, kv)
             else:
@@ -534,7 +587,7 @@ class KvbmConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
         self._load_errors.update(meta.failed)
-        self._failed_reqs = set()
+        self._step_bad = set(meta.failed)
         if not meta.loads:
             return
         node = self._attached()
@@ -551,13 +604,13 @@ class KvbmConnector(KVConnectorBase_V1):
             except (NodeError, KvbmError, ValueError) as e:
                 ticket = Ticket(self.geometry.num_layers)
                 ticket.end(e)
-            self._loading.append((load, ticket))
+            self._loading.append((load, ticket, meta.arena))
         if not self._async:
             self._finish_loads()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         i = self._layer_of.get(layer_name)
-        for _, ticket in self._loading:
+        for _, ticket, _ in self._loading:
             if i is None:
                 ticket.wait()
             else:
@@ -570,25 +623,21 @@ class KvbmConnector(KVConnectorBase_V1):
         until that connection ends)."""
         loading, self._loading = self._loading, []
         node = self._node
-        for load, ticket in loading:
+        for load, ticket, arena in loading:
             error = ticket.wait()
             if error is not None:
                 log.warning(
                     "load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), error
                 )
                 self._load_errors.update(load.block_ids)
-                self._failed_reqs.add(load.req_id)  # its step computes on blocks not loaded
-            if node is not None and node[0].arena_name == self._get_arena():
+                self._step_bad.update(load.block_ids)
+                self._tainted.add(load.req_id)
+            if node is not None and node[0].arena_name == arena:
                 try:
                     node[0].complete_load(load.leases[self._rank])
                 except NodeError as e:
                     self._lost(e)
                     node = None
-
-    def _get_arena(self) -> str:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, KvbmMetadata)
-        return meta.arena
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -599,17 +648,24 @@ class KvbmConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmMetadata)
         self._finish_loads()
+        self._tainted -= set(meta.released)
         if self._async:  # what the scheduler delays freeing for, whatever happens here
             self._had_saves.update(save.req_id for save in meta.saves)
         if not meta.saves or self._kv is None:
             return
+        # A step's KV over a block that did not load is wrong in every
+        # request holding that block (vLLM shares blocks between requests).
+        bad = self._step_bad
+        for save in meta.saves:
+            if save.req_id in self._tainted or not bad.isdisjoint(save.block_ids):
+                self._tainted.add(save.req_id)
         node = self._attached()
         if node is None:
             return
         try:
             copier = self._copies(node)
             for save in meta.saves:
-                if save.req_id in self._failed_reqs:
+                if save.req_id in self._tainted:
                     continue  # computed over blocks that never loaded here
                 keys = node[0].keys(save.seq_hashes)
                 for at in range(0, len(keys), node[0].step_blocks):
@@ -625,10 +681,13 @@ class KvbmConnector(KVConnectorBase_V1):
         if not self._async:
             self._commit_saves(wait=True)
 
-    def _commit_saves(self, wait: bool) -> None:
+    def _commit_saves(self, wait: bool, commit: bool = True) -> None:
         """Commit (or give back) the slots of saves that have ended, in the
-        order they started; with `wait`, all of them."""
-        node = self._node
+        order they started; with `wait`, all of them. Without `commit` (the
+        attachment is going) they are only waited for: the node settles a
+        closed connection's reservations itself."""
+        node = self._node if commit else None
+        lost: NodeError | None = None
         while self._saving and (wait or self._saving[0].ticket.done()):
             saving = self._saving.pop(0)
             error = saving.ticket.wait()
@@ -639,19 +698,20 @@ class KvbmConnector(KVConnectorBase_V1):
                 self._in_flight[saving.req_id] = left
             else:
                 self._in_flight.pop(saving.req_id, None)
-            if node is None:
-                continue  # the node is gone, and its reservations with it
-            try:
-                node[0].commit(saving.lease, error is None)
-            except NodeError as e:
-                self._lost(e)
-                node = self._node
+            if node is not None and lost is None:
+                try:
+                    node[0].commit(saving.lease, error is None)
+                except NodeError as e:
+                    lost = e  # the node is gone, and its reservations with it
+        if lost is not None:
+            self._lost(lost)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
         """Requests whose saves have all ended (async copies): vLLM may now
         free their blocks. Each rank reports each request it was told saves
         of, so the scheduler hears from every rank."""
         self._commit_saves(wait=False)
+        self._tainted -= finished_req_ids
         if not self._async:
             return None, None
         self._finishing |= finished_req_ids & self._had_saves
@@ -663,20 +723,25 @@ class KvbmConnector(KVConnectorBase_V1):
         return done or None, None
 
     def _drain(self) -> None:
-        """Wait for every copy in flight and close the copier (before its
-        arena is unmapped)."""
-        for _, ticket in self._loading:
+        """Wait for every copy in flight and close the copier, before the
+        arena it copies to is unmapped."""
+        for _, ticket, _ in self._loading:
             ticket.wait()
-        self._commit_saves(wait=True)
+        self._commit_saves(wait=True, commit=False)
         if self._copier is not None:
             self._copier.close()
             self._copier = None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        # With speculative decoding vLLM asks before wait_for_save: the loads
+        # have ended (the forward waited for them), so settle them now.
+        if self._loading and self.has_connector_metadata():
+            self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def shutdown(self) -> None:
+        self._commit_saves(wait=True)
         self._drain()
         for a in self._node or []:
             a.close()
@@ -698,6 +763,15 @@ def _ended() -> Ticket:
     ticket = Ticket(0)
     ticket.end()
     return ticket
+
+
+def _hold(tracked: _Tracked, bad: set[int]) -> None:
+    """Hold a request's saves from its first block in `bad` on."""
+    for i, block in enumerate(tracked.block_ids):
+        if block in bad:
+            tracked.hold_from = i if tracked.hold_from is None else min(tracked.hold_from, i)
+            tracked.saved = min(tracked.saved, i)
+            return
 
 
 def _hashes(p: _Promise) -> list[int]:
