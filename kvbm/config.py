@@ -114,7 +114,7 @@ class KvbmConfig:
         "auto",
         "How an engine copies between its KV cache and the arena: sync (within the step), "
         "async (loads waited for per layer, saves finished in a later step), auto (async for "
-        "a GPU cache, sync for a CPU one: faster there).",
+        "a GPU cache, sync for a CPU one).",
     )
 
     def __post_init__(self) -> None:

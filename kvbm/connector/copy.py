@@ -147,6 +147,7 @@ class EngineKV:
                 "C": (c * item // w, 1),
             }
 
+        lw = g.layer_block_bytes // w
         if stacked:
             base = _words_of(first.untyped_storage(), self.word, self.device)
             bs, per_layer = axes(first)
@@ -158,7 +159,6 @@ class EngineKV:
                     f"layout {g.kv_layout} keeps a block's layers together, but the engine's "
                     "layers are separate tensors"
                 )
-            lw = g.layer_block_bytes // w
             self.parts = []
             for i, t in enumerate(layers):
                 base = _words_of(t.untyped_storage(), self.word, self.device)
@@ -166,7 +166,6 @@ class EngineKV:
                 self.parts.append(
                     self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
                 )
-        lw = g.layer_block_bytes // w
         whole = self.parts[0]
         if len(self.parts) == g.num_layers:
             self.layers: list[_Part] | None = self.parts

@@ -735,7 +735,7 @@ class KvbmConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         # With speculative decoding vLLM asks before wait_for_save: the loads
         # have ended (the forward waited for them), so settle them now.
-        if self._loading and self.has_connector_metadata():
+        if self._loading:
             self._finish_loads()
         errors, self._load_errors = self._load_errors, set()
         return errors
