@@ -4,9 +4,9 @@ and the forward waits for each layer in `wait_for_layer_load`; a save starts
 after the forward and finishes in a later step's `get_finished`.
 
 A copier starts a batch and hands back a `Ticket`:
-- `SyncCopier` copies before it returns (the CPU default: it frees a
-  request's blocks at once and adds no thread; async copies measured no
-  slower there, README "GPU engines and KV cache layouts");
+- `SyncCopier` copies before it returns (the CPU default: a lone request's
+  first token came sooner than with a copy thread, and it frees blocks at
+  once; README "GPU engines and KV cache layouts" has the figures);
 - `ThreadCopier` copies on one thread, batches in order, so the protocol
   runs and is tested with real vLLM on CPU;
 - `CudaCopier` (kvbm/connector/cuda.py) queues the copies on a side stream
