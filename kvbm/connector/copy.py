@@ -310,39 +310,26 @@ class ArenaBlocks:
         self.bytes = torch.from_numpy(arena[: num_slots * geometry.slot_bytes])
         self._seen: tuple[EngineKV, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def arrays(self, kv: EngineKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The slots as `kv`'s parts, and as its layers (empty: not apart)."""
-        self.check(kv)
-        if self._seen is None or self._seen[0] is not kv:
-            words = self.bytes.view(kv.word)
-            layers = slot_arrays(self.geometry, words, kv.layers) if kv.layers else []
-            self._seen = (kv, slot_arrays(self.geometry, words, kv.parts), layers)
-        return self._seen[1], self._seen[2]
-
     def gather(
         self, kv: EngineKV, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
     ) -> None:
         """G1 -> arena: engine block block_ids[i] into slot slots[i]."""
-        parts, _ = self._arrays_for_cpu(kv)
-        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
-        _Plan(b, s, to_arena=True).apply([p.engine for p in kv.parts], parts)
+        plan, parts, _ = self._plan(kv, block_ids, slots, to_arena=True)
+        plan.apply([p.engine for p in kv.parts], parts)
 
     def scatter(
         self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
     ) -> None:
         """Arena -> G1: slot slots[i] into engine block block_ids[i]."""
-        parts, _ = self._arrays_for_cpu(kv)
-        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
-        _Plan(b, s, to_arena=False).apply([p.engine for p in kv.parts], parts)
+        plan, parts, _ = self._plan(kv, block_ids, slots, to_arena=False)
+        plan.apply([p.engine for p in kv.parts], parts)
 
     def scatter_layers(
         self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
     ) -> Iterator[int]:
         """`scatter` a layer at a time where the layout keeps layers apart
         (else all at once): yields how many layers are in place."""
-        parts, layers = self._arrays_for_cpu(kv)
-        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
-        plan = _Plan(b, s, to_arena=False)
+        plan, parts, layers = self._plan(kv, block_ids, slots, to_arena=False)
         if not layers:
             plan.apply([p.engine for p in kv.parts], parts)
             yield self.geometry.num_layers
@@ -351,10 +338,24 @@ class ArenaBlocks:
             plan.apply([layer.engine], [arena])
             yield i + 1
 
-    def _arrays_for_cpu(self, kv: EngineKV) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _plan(
+        self,
+        kv: EngineKV,
+        block_ids: Sequence[int] | np.ndarray,
+        slots: Sequence[int] | np.ndarray,
+        to_arena: bool,
+    ) -> tuple[_Plan, list[torch.Tensor], list[torch.Tensor]]:
+        """A checked batch's plan, and the slots seen as `kv`'s parts and as
+        its layers (empty where they are not apart); cached per engine."""
+        self.check(kv)
         if kv.device.type != "cpu":
             raise GeometryMismatch(f"the engine's KV is on {kv.device}: copy it through staging")
-        return self.arrays(kv)
+        if self._seen is None or self._seen[0] is not kv:
+            words = self.bytes.view(kv.word)
+            layers = slot_arrays(self.geometry, words, kv.layers) if kv.layers else []
+            self._seen = (kv, slot_arrays(self.geometry, words, kv.parts), layers)
+        b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
+        return _Plan(b, s, to_arena), self._seen[1], self._seen[2]
 
     def check(self, kv: EngineKV) -> None:
         if kv.geometry != self.geometry:
