@@ -1,0 +1,170 @@
+"""The locations a node keeps for the keys it owns in a sharded index.
+
+In a sharded index no node mirrors the fleet: each key has one owner
+(discovery/owners.py), every node tells each owner which of the owner's
+keys it holds, and lookups ask the owners. This is the owner's table:
+(key, holder) -> tier, for about 1/N of the fleet's locations.
+
+A location costs 12 bytes here, plus a little for changes not merged yet:
+- a key is kept as `key_x`, 64 bits: its head (a block key's sequence hash)
+  mixed with a hash of its tail (namespace, fingerprint, rank). Two keys
+  that differ share an x with odds of 2**-64 per pair; a lookup is advice
+  (the holder's pin checks the real key), so that costs at most one pin
+  that finds nothing.
+- `main`: every location, sorted by x, as two arrays (x, and the holder's
+  index << 1 | disk bit): a lookup is one `searchsorted` per batch.
+- `delta`: changes since the last merge, a dict by x; merged into `main` in
+  one sort when it reaches 1/16 of it, so a change costs a dict write and
+  the sort's share, not a shift of the arrays.
+
+Single writer; holders are small ints the caller interns (node ids live
+once, in the caller's record of the fleet).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+from discovery.records import Tier
+
+HEAD = 8
+_MIN_DELTA = 4096
+_DISK = 1
+_EMPTY_X = np.empty(0, np.uint64)
+_EMPTY_W = np.empty(0, np.uint32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tail_mix(tail: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(tail, seed=0x6B76626D)
+
+
+def key_x(keys: Sequence[bytes]) -> np.ndarray:
+    """Each key as 64 bits: its head xor a hash of its tail (uint64 array)."""
+    if not keys:
+        return _EMPTY_X
+    heads = np.frombuffer(b"".join(k[:HEAD].ljust(HEAD, b"\0") for k in keys), "<u8")
+    tails = {k[HEAD:] for k in keys}
+    if len(tails) == 1:
+        return heads ^ np.uint64(_tail_mix(tails.pop()))
+    mix = np.fromiter((_tail_mix(k[HEAD:]) for k in keys), np.uint64, len(keys))
+    return heads ^ mix
+
+
+class OwnerTable:
+    """Invariant: a location (x, holder) is in `_delta` (tier code, or None
+    for removed) or else in `_main`, never counted twice; `_main_x` is
+    sorted. `len(self)` is the number of locations held."""
+
+    def __init__(self, min_delta: int = _MIN_DELTA) -> None:
+        """`min_delta`: changes held before the first merge (tests merge often)."""
+        self._min_delta = min_delta
+        self._main_x = _EMPTY_X
+        self._main_w = _EMPTY_W
+        self._delta: dict[int, dict[int, int | None]] = {}  # x -> holder -> tier code
+        self._delta_entries = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """The arrays' bytes (the delta's dicts come on top, at most 1/16 of them)."""
+        return self._main_x.nbytes + self._main_w.nbytes
+
+    def place(self, holder: int, keys: Sequence[bytes], tiers: Sequence[Tier | None]) -> None:
+        """`holder` now holds each key in its tier, or no longer (None)."""
+        if not 0 <= holder < 2**31:
+            raise ValueError(f"holder index out of range: {holder}")
+        xq = key_x(keys)
+        lo = np.searchsorted(self._main_x, xq, "left").tolist()
+        hi = np.searchsorted(self._main_x, xq, "right").tolist()
+        main_w, delta = self._main_w, self._delta
+        for x, a, b, tier in zip(xq.tolist(), lo, hi, tiers, strict=True):
+            code = None if tier is None else (_DISK if tier == Tier.DISK else 0)
+            row = delta.get(x)
+            if row is not None and holder in row:
+                before = row[holder]
+            else:
+                ws = main_w[a:b].tolist() if b > a else ()
+                before = next((w & _DISK for w in ws if w >> 1 == holder), None)
+            if before == code:
+                continue
+            self._count += (code is not None) - (before is not None)
+            if row is None:
+                row = delta[x] = {}
+            if holder not in row:
+                self._delta_entries += 1
+            row[holder] = code
+        if self._delta_entries > max(self._min_delta, len(self._main_x) >> 4):
+            self._merge()
+
+    def holders(self, keys: Sequence[bytes]) -> list[dict[int, Tier]]:
+        """For each key: holder -> tier."""
+        xq = key_x(keys)
+        lo = np.searchsorted(self._main_x, xq, "left").tolist()
+        hi = np.searchsorted(self._main_x, xq, "right").tolist()
+        out: list[dict[int, Tier]] = []
+        main_w, delta = self._main_w, self._delta
+        for x, a, b in zip(xq.tolist(), lo, hi, strict=True):
+            found = {w >> 1: _TIERS[w & _DISK] for w in main_w[a:b].tolist()} if b > a else {}
+            row = delta.get(x)
+            if row:
+                for holder, code in row.items():
+                    if code is None:
+                        found.pop(holder, None)
+                    else:
+                        found[holder] = _TIERS[code]
+            out.append(found)
+        return out
+
+    def drop(self, holder: int) -> int:
+        """Forget every location of `holder` (it left the fleet); returns how many."""
+        self._merge()
+        keep = (self._main_w >> 1) != holder
+        gone = len(keep) - int(keep.sum())
+        if gone:
+            self._main_x, self._main_w = self._main_x[keep], self._main_w[keep]
+            self._count -= gone
+        return gone
+
+    def holders_of(self, holder: int) -> int:
+        """How many locations `holder` has here (tests, stats)."""
+        self._merge()
+        return int(((self._main_w >> 1) == holder).sum())
+
+    def _merge(self) -> None:
+        """Fold the delta into the sorted arrays: O(n), no sort of `main`."""
+        delta = self._delta
+        if not delta:
+            return
+        main_x, main_w = self._main_x, self._main_w
+        if len(main_x):  # drop every main location the delta names: re-added below if held
+            gx = np.fromiter(delta, np.uint64, len(delta))
+            lo = np.searchsorted(main_x, gx, "left")
+            hi = np.searchsorted(main_x, gx, "right")
+            named = []
+            for i in np.flatnonzero(hi > lo).tolist():
+                row = delta[int(gx[i])]
+                a, b = int(lo[i]), int(hi[i])
+                named += [a + j for j, w in enumerate(main_w[a:b].tolist()) if w >> 1 in row]
+            if named:
+                main_x, main_w = np.delete(main_x, named), np.delete(main_w, named)
+        adds = [(x, h << 1 | c) for x, r in delta.items() for h, c in r.items() if c is not None]
+        delta.clear()
+        self._delta_entries = 0
+        if adds:
+            adds.sort()
+            ax = np.fromiter((a[0] for a in adds), np.uint64, len(adds))
+            aw = np.fromiter((a[1] for a in adds), np.uint32, len(adds))
+            at = np.searchsorted(main_x, ax, "right")
+            main_x, main_w = np.insert(main_x, at, ax), np.insert(main_w, at, aw)
+        self._main_x, self._main_w = main_x, main_w
+
+
+_TIERS = (Tier.HOST, Tier.DISK)
