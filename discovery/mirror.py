@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
 
 from discovery.keytable import KeyTable
-from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
+from discovery.records import LookupResult, NodeRecord, PeerRun, Tier, runs_of
 from discovery.runs import RunRecord
 from discovery.schema import namespace_prefix, parse_path, run_path
 from discovery.signing import IndexSigner
@@ -347,30 +347,7 @@ class IndexMirror:
         cuts = (ids[1:] != ids[:-1]).nonzero()[0]
         firsts = [0, *(cuts + 1).tolist()]
         groups: list[Holders] = list(map(holders.__getitem__, ids.take(firsts).tolist()))
-        starts = [*firsts, m]
-        g, ng = 0, len(groups)
-        while g < ng and local_node in groups[g]:
-            g += 1
-        local = starts[g]
-        nodes, runs = self.nodes, []
-        while g < ng:
-            best, best_end = None, g
-            for node in groups[g]:
-                if node == local_node or node not in nodes:
-                    continue
-                end = g + 1
-                while end < ng and node in groups[end]:
-                    end += 1
-                if end > best_end:
-                    best, best_end = node, end
-            if best is None:
-                break
-            tiers: list[Tier] = []
-            for j in range(g, best_end):
-                tiers += (groups[j][best],) * (starts[j + 1] - starts[j])
-            runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tuple(tiers)))
-            g = best_end
-        return LookupResult(local, tuple(runs))
+        return runs_of(groups, [*firsts, m], local_node, self.nodes)
 
 
 def _now_and_then(count: int, msg: str, *args: object) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
+from discovery.owners import shard_of
 from discovery.records import Tier
 
 HEAD = 8
@@ -133,10 +134,16 @@ class OwnerTable:
             self._count -= gone
         return gone
 
-    def holders_of(self, holder: int) -> int:
-        """How many locations `holder` has here (tests, stats)."""
+    def drop_shards(self, shards: np.ndarray) -> int:
+        """Forget every location of the keys in `shards` (a bool mask over
+        owners.SHARDS: shards this node no longer owns); returns how many."""
         self._merge()
-        return int(((self._main_w >> 1) == holder).sum())
+        keep = ~shards[shard_of(self._main_x)]
+        gone = len(keep) - int(keep.sum())
+        if gone:
+            self._main_x, self._main_w = self._main_x[keep], self._main_w[keep]
+            self._count -= gone
+        return gone
 
     def _merge(self) -> None:
         """Fold the delta into the sorted arrays: O(n), no sort of `main`."""

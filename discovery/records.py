@@ -7,6 +7,7 @@ package never imports `kvbm`.
 from __future__ import annotations
 
 import re
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -112,3 +113,39 @@ class LookupResult:
     @property
     def total(self) -> int:
         return self.local + sum(r.length for r in self.runs)
+
+
+def runs_of(
+    groups: Sequence[Mapping[str, Tier]],
+    starts: Sequence[int],
+    local_node: str,
+    live: Container[str],
+) -> LookupResult:
+    """A lookup's answer from who holds each group of consecutive keys
+    (group g: keys starts[g] to starts[g + 1], one holders map; a key per
+    group is fine): the prefix `local_node` holds, then, greedily, the live
+    peer holding the longest run from each point on (for a contiguous
+    prefix the farthest-reaching choice needs the fewest peers)."""
+    g, ng = 0, len(groups)
+    while g < ng and local_node in groups[g]:
+        g += 1
+    local = starts[g]
+    runs = []
+    while g < ng:
+        best, best_end = None, g
+        for node in groups[g]:
+            if node == local_node or node not in live:
+                continue
+            end = g + 1
+            while end < ng and node in groups[end]:
+                end += 1
+            if end > best_end:
+                best, best_end = node, end
+        if best is None:
+            break
+        tiers: list[Tier] = []
+        for j in range(g, best_end):
+            tiers += (groups[j][best],) * (starts[j + 1] - starts[j])
+        runs.append(PeerRun(best, starts[g], starts[best_end] - starts[g], tuple(tiers)))
+        g = best_end
+    return LookupResult(local, tuple(runs))

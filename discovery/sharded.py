@@ -1,0 +1,228 @@
+"""The sharded location index: no node mirrors the fleet.
+
+Each key has one owner (discovery/owners.py: rendezvous over the live
+nodes). A node tells each owner which of the owner's keys it holds
+(`publish`, sent in one batch per owner at each `flush`), keeps the
+locations of the keys it owns (discovery/owner_table.py), and answers a
+lookup by asking the owners of the keys, all at once (`lookup`). A node
+spends memory on 1/N of the fleet's locations at 12 bytes each, plus its
+own keys; locations never touch etcd, which carries only the node records
+that say who is live (the ring). The calls between nodes are the caller's
+(`send`, `ask`): this package never imports the transport.
+
+A lookup's answer is advice; the holder's pin is the truth. What keeps the
+advice close to it:
+- A holder's batches carry its epoch (the etcd revision of its session);
+  an owner keeps one epoch per holder. A newer epoch replaces the holder's
+  old locations (a restart), an older batch is dropped, and a node record
+  deleted at revision r drops the locations of epochs before r: a dead
+  node's locations go with its lease, a restarted node's new ones stay.
+- When the ring changes, each node sends the new owners of moved shards all
+  it holds there, and forgets what it was told of shards it no longer owns.
+- A batch that fails stays pending (newer changes win) and goes again at
+  the next flush, to whoever owns its keys by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from discovery.owner_table import OwnerTable, key_x
+from discovery.owners import OwnerRing, shard_of
+from discovery.records import LookupResult, Tier, runs_of
+
+log = logging.getLogger("discovery.sharded")
+
+MAX_KEYS_PER_CALL = 4096
+MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
+# (owner, epoch, keys, tiers) -> True once the owner has them
+Send = Callable[[str, int, list[bytes], list[Tier | None]], Awaitable[bool]]
+# (owner, keys) -> holders of each key, or None when the owner did not answer
+Ask = Callable[[str, list[bytes]], Awaitable[list[dict[str, Tier]] | None]]
+
+
+class ShardedLocations:
+    """Invariants: `held` is what this node holds, as it last published it;
+    `_pending[owner]` the changes that owner has not acknowledged, each key
+    under the owner of its shard in `ring`; `table` holds locations only of
+    shards this node owns in `ring`, each holder's from one epoch,
+    `_epochs[holder]`."""
+
+    def __init__(self, me: str, send: Send, ask: Ask, max_locations: int = MAX_LOCATIONS) -> None:
+        self.me = me
+        self.send = send
+        self.ask = ask
+        self.max_locations = max_locations
+        self.epoch = 0
+        self.ring = OwnerRing()
+        self.table = OwnerTable()
+        self.held: dict[bytes, Tier] = {}
+        self.over_cap = 0  # locations refused at max_locations
+        self.stale = 0  # batches dropped: from an epoch the owner has seen replaced
+        self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
+        self._pending: dict[str, dict[bytes, Tier | None]] = {}
+        self._names: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._epochs: dict[int, int] = {}
+
+    # -- this node's own keys ----------------------------------------------
+    def publish(self, changes: Mapping[bytes, Tier | None]) -> None:
+        """This node's tiers changed: a key now held in a tier, or gone (None)."""
+        held = self.held
+        for k, t in changes.items():
+            if t is None:
+                held.pop(k, None)
+            else:
+                held[k] = t
+        self._route(list(changes), list(changes.values()))
+
+    def new_session(self, epoch: int) -> None:
+        """A new session (lease) in etcd: owners replace everything this node
+        told them before with what it holds now."""
+        self.epoch = epoch
+        self._pending.clear()
+        self._route(list(self.held), list(self.held.values()))
+
+    def _route(self, keys: list[bytes], tiers: list[Tier | None], older: bool = False) -> None:
+        """Queue changes for the owners of their keys. `older`: changes sent
+        before that failed; a newer change of the same key wins."""
+        owners = self.ring.owners_of(key_x(keys))
+        pending = self._pending
+        for k, t, o in zip(keys, tiers, owners, strict=False):  # no owners: no ring yet
+            batch = pending.get(o)
+            if batch is None:
+                batch = pending[o] = {}
+            if older:
+                batch.setdefault(k, t)
+            else:
+                batch[k] = t
+
+    async def flush(self) -> None:
+        """Send each owner its pending changes, all owners at once."""
+        pending, self._pending = self._pending, {}
+        mine = pending.pop(self.me, None)
+        if mine:
+            self.place(self.me, self.epoch, list(mine), list(mine.values()))
+
+        async def one(owner: str, batch: dict[bytes, Tier | None]) -> None:
+            keys, tiers = list(batch), list(batch.values())
+            for i in range(0, len(keys), MAX_KEYS_PER_CALL):
+                part = slice(i, i + MAX_KEYS_PER_CALL)
+                try:
+                    ok = await self.send(owner, self.epoch, keys[part], tiers[part])
+                except Exception as e:  # a caller's transport: whatever it raises, try later
+                    log.info("locations not sent owner=%s error=%r", owner, e)
+                    ok = False
+                if not ok:
+                    self._route(keys[i:], tiers[i:], older=True)
+                    return
+
+        await asyncio.gather(*(one(o, b) for o, b in pending.items()))
+
+    @property
+    def pending(self) -> int:
+        return sum(len(b) for b in self._pending.values())
+
+    # -- the fleet ---------------------------------------------------------
+    def set_members(self, nodes: Iterable[str]) -> None:
+        """The live nodes that share this node's keys (itself included)."""
+        ring = OwnerRing(nodes)
+        if ring.nodes == self.ring.nodes:
+            return
+        old, self.ring = self.ring, ring
+        mine = ring.shards_of(self.me)
+        if len(self._mine):
+            self.table.drop_shards(self._mine & ~mine)
+        self._mine = mine
+        pending, self._pending = self._pending, {}
+        for batch in pending.values():
+            self._route(list(batch), list(batch.values()))
+        moved = ring.moved(old)
+        if self.held and moved.any():
+            keys = list(self.held)
+            there = moved[shard_of(key_x(keys))].tolist()
+            again = [k for k, m in zip(keys, there, strict=True) if m]
+            self._route(again, [self.held[k] for k in again], older=True)
+
+    def node_gone(self, node: str, revision: int) -> None:
+        """`node`'s record was deleted at etcd revision `revision`: its
+        locations from sessions before that go."""
+        h = self._ids.get(node)
+        if h is not None and self._epochs.get(h, revision) < revision:
+            self.table.drop(h)
+            del self._epochs[h]
+
+    def reset(self) -> None:
+        """etcd was replaced (revisions start again): forget every owner-side epoch
+        and location; every node republishes in its new session."""
+        self.table = OwnerTable()
+        self._epochs.clear()
+
+    # -- the owner's side --------------------------------------------------
+    def place(self, node: str, epoch: int, keys: list[bytes], tiers: list[Tier | None]) -> bool:
+        """`node` says it holds `keys` in `tiers` now (None: no longer).
+        Keys of shards this node does not own are ignored (the sender's
+        ring was behind; it will send them to their owner). False: the
+        batch came from a session already replaced."""
+        h = self._holder(node)
+        known = self._epochs.get(h)
+        if known is not None and epoch < known:
+            self.stale += 1
+            return False
+        if known is not None and epoch > known:
+            self.table.drop(h)
+        self._epochs[h] = epoch
+        if not len(self._mine):
+            return True
+        ours = self._mine[shard_of(key_x(keys))].tolist()
+        if not all(ours):
+            keys = [k for k, m in zip(keys, ours, strict=True) if m]
+            tiers = [t for t, m in zip(tiers, ours, strict=True) if m]
+        if len(self.table) + len(keys) > self.max_locations:
+            self.over_cap += 1
+            tiers = [None] * len(keys)  # removals still apply; nothing new is kept
+        self.table.place(h, keys, tiers)
+        return True
+
+    def holders(self, keys: Sequence[bytes]) -> list[dict[str, Tier]]:
+        """Who holds each key, as far as this owner knows ({} for keys it does not own)."""
+        names = self._names
+        return [{names[h]: t for h, t in found.items()} for found in self.table.holders(keys)]
+
+    def _holder(self, node: str) -> int:
+        h = self._ids.get(node)
+        if h is None:
+            h = self._ids[node] = len(self._names)
+            self._names.append(node)
+        return h
+
+    # -- lookups -----------------------------------------------------------
+    async def lookup(self, keys: Sequence[bytes], live: Container[str]) -> LookupResult:
+        """Who holds `keys`: the prefix this node holds, then peers' runs
+        (`live`: the peers that may be named), from one call per owner."""
+        owners = self.ring.owners_of(key_x(keys))
+        by_owner: dict[str, list[int]] = {}
+        for i, o in enumerate(owners):
+            by_owner.setdefault(o, []).append(i)
+        found: list[Mapping[str, Tier]] = [{}] * len(keys)
+
+        async def one(owner: str, idx: list[int]) -> None:
+            part = [keys[i] for i in idx]
+            if owner == self.me:
+                got: list[dict[str, Tier]] | None = self.holders(part)
+            else:
+                try:
+                    got = await self.ask(owner, part)
+                except Exception as e:  # the owner is away: its keys are unknown now
+                    log.info("lookup not answered owner=%s error=%r", owner, e)
+                    got = None
+            if got is not None and len(got) == len(part):
+                for i, h in zip(idx, got, strict=True):
+                    found[i] = h
+
+        await asyncio.gather(*(one(o, idx) for o, idx in by_owner.items()))
+        return runs_of(found, range(len(keys) + 1), self.me, live)

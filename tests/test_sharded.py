@@ -1,0 +1,168 @@
+"""The sharded index's protocol between nodes (discovery/sharded.py), with the
+calls between nodes made in process: publish, owners, lookups, a ring that
+changes, failed sends, restarts and dead nodes. The same protocol over real
+peer connections is tested in tests/test_sharded_nodes.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from discovery.owner_table import key_x
+from discovery.records import LookupResult, PeerRun, Tier
+from discovery.sharded import ShardedLocations
+
+H, D = Tier.HOST, Tier.DISK
+TAIL = b"\x01fingerprint"
+
+
+def keys(start: int, n: int) -> list[bytes]:
+    return [
+        (i * 0x9E3779B97F4A7C15 % 2**64).to_bytes(8, "little") + TAIL
+        for i in range(start, start + n)
+    ]
+
+
+class Fleet:
+    """Nodes wired in process; `down` nodes fail every call to them."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.nodes: dict[str, ShardedLocations] = {}
+        self.down: set[str] = set()
+        self.revision = 0
+        for n in names:
+            self.add(n)
+        self.members()
+
+    def add(self, name: str) -> ShardedLocations:
+        async def send(owner: str, epoch: int, ks: list[bytes], ts: list[Tier | None]) -> bool:
+            if owner in self.down:
+                return False
+            return self.nodes[owner].place(name, epoch, ks, ts)
+
+        async def ask(owner: str, ks: list[bytes]) -> list[dict[str, Tier]] | None:
+            return None if owner in self.down else self.nodes[owner].holders(ks)
+
+        node = self.nodes[name] = ShardedLocations(name, send, ask)
+        self.revision += 1
+        node.new_session(self.revision)
+        return node
+
+    def members(self) -> None:
+        live = [n for n in self.nodes if n not in self.down]
+        for n in live:
+            self.nodes[n].set_members(live)
+
+    async def flush(self) -> None:
+        await asyncio.gather(
+            *(n.flush() for name, n in self.nodes.items() if name not in self.down)
+        )
+
+    def lookup(self, at: str, ks: list[bytes]) -> LookupResult:
+        return asyncio.run(self.nodes[at].lookup(ks, set(self.nodes) - self.down))
+
+
+def total(fleet: Fleet) -> int:
+    return sum(len(n.table) for n in fleet.nodes.values())
+
+
+def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners():
+    fleet = Fleet([f"n{i}" for i in range(6)])
+    ks = keys(0, 40)
+    fleet.nodes["n1"].publish(dict.fromkeys(ks[:25], H))
+    fleet.nodes["n2"].publish({**dict.fromkeys(ks[:10], H), **dict.fromkeys(ks[10:40], D)})
+    asyncio.run(fleet.flush())
+    assert total(fleet) == 65  # each location once, at its owner
+    assert max(len(n.table) for n in fleet.nodes.values()) < 65  # spread among owners
+    # n2 reaches farthest from key 0
+    assert fleet.lookup("n0", ks) == LookupResult(0, (PeerRun("n2", 0, 40, (H,) * 10 + (D,) * 30),))
+    assert fleet.lookup("n1", ks).local == 25
+    fleet.nodes["n2"].publish(dict.fromkeys(ks[:10], None))  # n2 evicts its first blocks
+    asyncio.run(fleet.flush())
+    assert fleet.lookup("n0", ks) == LookupResult(
+        0, (PeerRun("n1", 0, 25, (H,) * 25), PeerRun("n2", 25, 15, (D,) * 15))
+    )
+
+
+def test_a_joining_node_takes_its_shards_with_their_locations_and_the_old_owners_forget_them():
+    fleet = Fleet([f"n{i}" for i in range(4)])
+    ks = keys(100, 300)
+    fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    fleet.add("n4")
+    fleet.members()
+    asyncio.run(fleet.flush())
+    assert total(fleet) == 300
+    assert len(fleet.nodes["n4"].table) > 0
+    assert fleet.lookup("n3", ks) == LookupResult(0, (PeerRun("n0", 0, 300, (H,) * 300),))
+    assert fleet.lookup("n4", ks) == LookupResult(0, (PeerRun("n0", 0, 300, (H,) * 300),))
+
+
+def test_an_owner_that_fails_gets_the_changes_later_and_a_dead_owners_keys_go_to_the_next():
+    fleet = Fleet([f"n{i}" for i in range(4)])
+    ks = keys(1000, 200)
+    fleet.down.add("n3")
+    fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    assert fleet.nodes["n0"].pending > 0  # n3's share waits
+    fleet.down.clear()
+    asyncio.run(fleet.flush())
+    assert fleet.nodes["n0"].pending == 0 and total(fleet) == 200
+    # n3 dies for good: the ring without it, its shards to the others
+    fleet.down.add("n3")
+    fleet.members()
+    asyncio.run(fleet.flush())
+    assert total(fleet) - len(fleet.nodes["n3"].table) == 200
+    assert fleet.lookup("n1", ks) == LookupResult(0, (PeerRun("n0", 0, 200, (H,) * 200),))
+
+
+def test_a_dead_holders_locations_go_with_its_record_and_a_restarted_ones_new_session_stays():
+    fleet = Fleet([f"n{i}" for i in range(3)])
+    ks = keys(5000, 100)
+    fleet.nodes["n2"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    assert total(fleet) == 100
+    # n2 restarts in a new session before the owners hear its old record go
+    old_epoch = fleet.nodes["n2"].epoch
+    fleet.revision += 10
+    fleet.nodes["n2"].held.clear()
+    fleet.nodes["n2"].new_session(fleet.revision)
+    fleet.nodes["n2"].publish(dict.fromkeys(ks[:30], D))
+    asyncio.run(fleet.flush())
+    assert total(fleet) == 30  # the new epoch replaced the old locations
+    for n in fleet.nodes.values():
+        n.node_gone("n2", old_epoch + 1)  # the old record's delete, seen late
+    assert total(fleet) == 30  # ... leaves the new session's locations alone
+    # a batch from the old session, arriving late, is refused
+    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
+    assert owner.place("n2", old_epoch, ks[:1], [H]) is False
+    # the new session's record goes: everything of n2 goes
+    for n in fleet.nodes.values():
+        n.node_gone("n2", fleet.revision + 1)
+    assert total(fleet) == 0
+    assert fleet.lookup("n0", ks) == LookupResult(0)
+
+
+def test_owners_refuse_keys_past_their_cap_but_still_take_removals():
+    fleet = Fleet(["n0"])
+    node = fleet.nodes["n0"]
+    node.max_locations = 50
+    node.publish(dict.fromkeys(keys(0, 40), H))
+    asyncio.run(fleet.flush())
+    node.place("intruder", 1, keys(100, 20), [H] * 20)
+    assert len(node.table) == 40 and node.over_cap == 1
+    node.publish(dict.fromkeys(keys(0, 10), None))
+    asyncio.run(fleet.flush())
+    assert len(node.table) == 30
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_lookups_with_no_ring_or_a_lone_node_answer_from_the_node_itself(n):
+    fleet = Fleet([f"n{i}" for i in range(n)])
+    ks = keys(9, 12)
+    fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    assert fleet.lookup("n0", ks) == LookupResult(12)
+    lonely = ShardedLocations("x", None, None)  # type: ignore[arg-type]
+    assert asyncio.run(lonely.lookup(ks, set())) == LookupResult(0)  # no ring yet
