@@ -163,11 +163,13 @@ class ShardedLocations:
         self._epochs.clear()
 
     # -- the owner's side --------------------------------------------------
-    def place(self, node: str, epoch: int, keys: list[bytes], tiers: list[Tier | None]) -> bool:
-        """`node` says it holds `keys` in `tiers` now (None: no longer).
-        Keys of shards this node does not own are ignored (the sender's
-        ring was behind; it will send them to their owner). False: the
-        batch came from a session already replaced."""
+    def place(self, node: str, epoch: int, keys: list[bytes], tiers: Sequence[str | None]) -> bool:
+        """`node` says it holds `keys` in `tiers` now (None: no longer; a
+        tier's name will do, as a peer sends it). Keys of shards this node
+        does not own are ignored (the sender's ring was behind; it will send
+        them to their owner). False: the batch came from a session already
+        replaced. Raises ValueError for a tier that is not one."""
+        tiers = [None if t is None else Tier(t) for t in tiers]
         h = self._holder(node)
         known = self._epochs.get(h)
         if known is not None and epoch < known:

@@ -10,7 +10,9 @@ metadata: READs need the target's, never the initiator's, so a server
 parses no peer's NIXL metadata and learns none of its clients'. A peer is
 the node id of its hello (its pins and caps are that node's). Then `pin`
 (the longest held prefix of some keys, pinned, with arena offsets and
-checksums) and `unpin`. Pins expire after `pin_ttl` seconds, so a requester
+checksums) and `unpin`; and, where the node owns shards of a sharded index
+(discovery/sharded.py), `place` (which of the owner's keys the peer holds)
+and `locate` (who holds some keys). Pins expire after `pin_ttl` seconds, so a requester
 that dies never leaks them; a peer may hold at most `max_pins_per_peer` at
 once and all peers together `max_pins_total`, so no peer can take the arena
 from the node's own engines. A connection that sends anything malformed (a
@@ -43,11 +45,12 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
-from transport.tiers import BlockSink, BlockSource, PinnedBlock, Reservation
+from transport.tiers import BlockSink, BlockSource, LocationOwner, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
-CALLS = ("hello", "auth", "pin", "unpin", "ok", "error")
+CALLS = ("hello", "auth", "pin", "unpin", "place", "locate", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
+MAX_HOLDERS = 1024  # per key, in a `locate` answer
 MAX_CONNECTIONS = 256  # peers that said a valid hello
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
@@ -79,9 +82,13 @@ class PeerServer:
         max_pins_per_peer: int = 4096,
         max_pins_total: int = 8192,
         node_id: str | None = None,
+        owner: LocationOwner | None = None,
     ) -> None:
-        """`node_id`: this node, as its clients are told (default: the agent's name)."""
+        """`node_id`: this node, as its clients are told (default: the agent's name).
+        `owner`: the node's shards of a sharded index (None: `place` and
+        `locate` are refused)."""
         self.source = source
+        self.owner = owner
         self.agent = agent
         self.node_id = node_id or agent.name
         self.secret = secret
@@ -218,6 +225,19 @@ class PeerServer:
         if msg.call == "unpin":
             self._release(peer, _keys(msg))
             return {}
+        if msg.call in ("place", "locate"):
+            if self.owner is None:
+                raise ProtocolError("this node keeps no index shards")
+            if msg.call == "locate":
+                return {"holders": self.owner.holders(_keys(msg))}
+            keys, tiers, epoch = _keys(msg), msg.body.get("tiers"), msg.body.get("epoch")
+            if not isinstance(tiers, list) or len(tiers) != len(keys):
+                raise ProtocolError("place needs one tier per key")
+            if not all(t is None or isinstance(t, str) for t in tiers):
+                raise ProtocolError("a tier that is not a name")
+            if type(epoch) is not int or not 0 <= epoch < 2**63:
+                raise ProtocolError("place needs an epoch")
+            return {"ok": self.owner.place(peer, epoch, keys, tiers)}
         if msg.call in ("hello", "auth"):
             raise ProtocolError("hello must come first, and once")
         raise ProtocolError(f"{msg.call!r} is not a request")
@@ -515,6 +535,31 @@ STAGED_ROUND_BYTES = 16 << 20
 STAGED_FIRST_ROUND_BYTES = 4 << 20
 MAX_ROUND_BLOCKS = 64  # however small the blocks
 CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied, still in cache
+
+
+async def place(
+    client: PeerClient, epoch: int, keys: list[bytes], tiers: list[str | None], timeout: float
+) -> bool:
+    """Tell the peer, an owner of these keys' shards, which of them this node
+    holds (tier names; None: no longer). False: the owner has this node in
+    a newer session than `epoch`."""
+    reply = await client.call("place", {"keys": keys, "tiers": tiers, "epoch": epoch}, timeout)
+    return reply.get("ok") is True
+
+
+async def locate(client: PeerClient, keys: list[bytes], timeout: float) -> list[dict[str, str]]:
+    """Who holds each of `keys`, as the peer, their owner, knows: node -> tier
+    name. The shape is checked here; names and tiers are the caller's to check."""
+    reply = await client.call("locate", {"keys": keys}, timeout)
+    holders = reply.get("holders")
+    if not isinstance(holders, list) or len(holders) != len(keys):
+        raise ProtocolError("locate answered for other keys")
+    for h in holders:
+        if not isinstance(h, dict) or len(h) > MAX_HOLDERS:
+            raise ProtocolError("locate answered with a bad holder list")
+        if not all(isinstance(n, str) and isinstance(t, str) for n, t in h.items()):
+            raise ProtocolError("locate answered with a bad holder list")
+    return holders
 
 
 def round_blocks(block_bytes: int, nbytes: int = ROUND_BYTES) -> int:

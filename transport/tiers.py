@@ -57,3 +57,17 @@ class BlockSink(Protocol):
         """Register the reserved blocks whose bytes match `checksums`, free the
         rest (all of them when `checksums` is None). Returns the keys registered."""
         ...
+
+
+class LocationOwner(Protocol):
+    """The owner's side of a sharded index (discovery/sharded.py implements
+    it): which peers hold the keys this node owns. Tiers travel as their
+    names ("host", "disk"; None: no longer held); the owner checks them."""
+
+    def place(self, node: str, epoch: int, keys: list[bytes], tiers: list[str | None]) -> bool:
+        """`node` holds `keys` in `tiers` now; False: its session was replaced."""
+        ...
+
+    def holders(self, keys: list[bytes]) -> list[dict[str, str]]:
+        """For each key: node -> tier name."""
+        ...
