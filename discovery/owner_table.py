@@ -14,8 +14,9 @@ A location costs 12 bytes here, plus a little for changes not merged yet:
 - `main`: every location, sorted by x, as two arrays (x, and the holder's
   index << 1 | disk bit): a lookup is one `searchsorted` per batch.
 - `delta`: changes since the last merge, a dict by x; merged into `main` in
-  one sort when it reaches 1/16 of it, so a change costs a dict write and
-  the sort's share, not a shift of the arrays.
+  one pass when it reaches 1/64 of it, so a change costs a dict write and
+  the pass's share, not a shift of the arrays (a change waiting in the
+  dicts costs ~300 bytes: 1/64 of that is 5 bytes per location).
 
 Single writer; holders are small ints the caller interns (node ids live
 once, in the caller's record of the fleet).
@@ -75,7 +76,7 @@ class OwnerTable:
 
     @property
     def nbytes(self) -> int:
-        """The arrays' bytes (the delta's dicts come on top, at most 1/16 of them)."""
+        """The arrays' bytes (the delta's dicts come on top: module docstring)."""
         return self._main_x.nbytes + self._main_w.nbytes
 
     def place(self, holder: int, keys: Sequence[bytes], tiers: Sequence[Tier | None]) -> None:
@@ -102,7 +103,7 @@ class OwnerTable:
             if holder not in row:
                 self._delta_entries += 1
             row[holder] = code
-        if self._delta_entries > max(self._min_delta, len(self._main_x) >> 4):
+        if self._delta_entries > max(self._min_delta, len(self._main_x) >> 6):
             self._merge()
 
     def holders(self, keys: Sequence[bytes]) -> list[dict[int, Tier]]:

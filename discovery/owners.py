@@ -1,7 +1,7 @@
 """Which node owns which keys in a sharded index: rendezvous hashing.
 
-The key space is cut into SHARDS by the top bits of a key's x
-(owner_table.key_x: a block key's sequence hash is uniform already). A
+The key space is cut into SHARDS by the top bits of a hash of a key's x
+(owner_table.key_x). A
 shard's owner is the live node with the highest score hash(node, shard):
 every node computes the same owners from the same set of live nodes, with
 no coordination, and a node that joins or leaves moves only the shards it
@@ -30,8 +30,10 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 def shard_of(x: np.ndarray) -> np.ndarray:
-    """Each key's shard, from its x (uint64 array)."""
-    return (x >> _SHIFT).astype(np.intp)
+    """Each key's shard, from its x (uint64 array), mixed first: keys whose
+    heads are not uniform (a bench's counters, say) still spread evenly."""
+    with np.errstate(over="ignore"):
+        return (_mix(x) >> _SHIFT).astype(np.intp)
 
 
 class OwnerRing:

@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("--json", action="store_true", help="print one JSON object")
     index.add_argument("--nodes", type=int, default=0, help="N simulated nodes on a prompt trace")
     index.add_argument("--lease-ttl", type=int, default=3, help="lease TTL of the nodes (s)")
+    index.add_argument(
+        "--layout",
+        choices=("mirror", "sharded"),
+        default="mirror",
+        help="with --nodes: every node mirrors the fleet (etcd), or the sharded index",
+    )
 
     transport = which.add_parser("transport", help="pulls between two node processes over NIXL")
     transport.add_argument("--json", action="store_true", help="print one JSON object")
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.bench == "index":
                 from kvbm.bench import index as index_mod
 
-                result = index_mod.run(args.nodes, args.lease_ttl)
+                result = index_mod.run(args.nodes, args.lease_ttl, args.layout)
             elif args.bench == "transport":
                 from kvbm.bench import transport as transport_mod
 

@@ -1,6 +1,10 @@
 """`kvbm bench index`: the etcd-backed block-location index against a real etcd
 started for the run. Keys are real block keys (`KeySpace.keys`); `--nodes N`
-runs a fleet of N simulated nodes on a prompt trace (kvbm/bench/fleet_trace.py)."""
+runs a fleet of N simulated nodes on a prompt trace (kvbm/bench/fleet_trace.py),
+with every node mirroring the fleet from etcd (`--layout mirror`, what nodes
+run today), or the sharded index (`--layout sharded`, discovery/sharded.py:
+owners by ring; the calls between nodes made in process through the wire
+codec, no sockets)."""
 
 from __future__ import annotations
 
@@ -14,12 +18,16 @@ import time
 import tracemalloc
 from multiprocessing.connection import Connection
 
+import msgpack
+
 from discovery.etcd_index import EtcdIndex, snapshot
 from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
+from discovery.owner_table import OwnerTable
 from discovery.records import NodeRecord, Tier
 from discovery.runs import MAX_RUN_KEYS, RunRecord
 from discovery.schema import node_path, run_path
+from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import KeySpace
@@ -377,12 +385,136 @@ async def fleet(
     return out
 
 
-def run(nodes: int = 0, ttl: int = 3) -> dict:
+def _delta_bytes_per_location(n: int = 20_000) -> float:
+    """What a change not merged yet costs an owner's table (its dicts), measured."""
+    keys = block_keys(60_000_000, n)
+    gc.collect()
+    tracemalloc.start()
+    table = OwnerTable(min_delta=2 * n)
+    before = tracemalloc.get_traced_memory()[0]
+    table.place(1, keys, [Tier.HOST] * n)
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return used / n
+
+
+async def sharded_fleet(
+    nodes: int,
+    warmup_s: float = 6.0,
+    seconds: float = 10.0,
+    rate: int = 1000,
+    flush_interval: float = INDEX_FLUSH_S,
+    lookups: int = 2000,
+) -> dict:
+    """The trace of `fleet`, on the sharded index: each node sends each owner
+    its changes every `flush_interval`, through the peer RPC's codec
+    (msgpack both ways, counted in bytes); then the owners' tables are
+    measured, and one node looks up the trace's prompts by asking owners."""
+    space = KeySpace(NS, 0x5EED)
+    shape = TraceShape(host_blocks=1024, disk_blocks=4096)
+    traces = [NodeTrace(i, space, shape) for i in range(nodes)]
+    names = [f"sim{i}" for i in range(nodes)]
+    fleet: dict[str, ShardedLocations] = {}
+    wire = {"calls": 0, "bytes": 0}
+
+    def through_the_wire(body: object) -> object:
+        raw = msgpack.packb(body)
+        wire["bytes"] += len(raw)
+        return msgpack.unpackb(raw)
+
+    def node(name: str) -> ShardedLocations:
+        async def send(owner: str, epoch: int, keys: list[bytes], tiers: list) -> bool:
+            wire["calls"] += 1
+            body = through_the_wire({"keys": keys, "tiers": tiers, "epoch": epoch})
+            ok = fleet[owner].place(name, body["epoch"], body["keys"], body["tiers"])
+            return through_the_wire({"ok": ok})["ok"]
+
+        async def ask(owner: str, keys: list[bytes]) -> list[dict[str, Tier]]:
+            body = through_the_wire({"keys": keys})
+            reply = through_the_wire({"holders": fleet[owner].holders(body["keys"])})
+            return [{n: Tier(t) for n, t in h.items()} for h in reply["holders"]]
+
+        return ShardedLocations(name, send, ask)
+
+    for name in names:
+        fleet[name] = node(name)
+    for n in fleet.values():
+        n.set_members(names)
+        n.new_session(1)
+    sims = list(zip(traces, fleet.values(), strict=True))
+
+    def totals() -> tuple[int, int, int]:
+        return wire["calls"], sum(t.created for t in traces), wire["bytes"]
+
+    t0, tick, next_flush = time.perf_counter(), 0, flush_interval
+    base: tuple[int, int, int] | None = None
+    while True:
+        elapsed = time.perf_counter() - t0
+        if base is None and elapsed >= warmup_s:
+            base, t_measure = totals(), time.perf_counter()
+        if elapsed >= warmup_s + seconds:
+            break
+        for t, n in sims:
+            changes: dict = {}
+            while t.created < rate * elapsed:
+                t.request(changes)
+            n.publish(changes)
+        if elapsed >= next_flush:
+            await asyncio.gather(*(n.flush() for n in fleet.values()))
+            next_flush += flush_interval
+        tick += 1
+        await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
+    assert base is not None
+    measured = time.perf_counter() - t_measure
+    calls, created, sent = (x - b for x, b in zip(totals(), base, strict=True))
+    await asyncio.gather(*(n.flush() for n in fleet.values()))
+    held = sum(t.held() for t in traces)
+    for n in fleet.values():
+        n.table.drop(-1)  # merges the delta: the arrays alone
+    tables = [n.table for n in fleet.values()]
+    locations = sum(len(t) for t in tables)
+    biggest = max(tables, key=len)
+    per_delta = _delta_bytes_per_location()
+    # the biggest owner, with its delta at the most it holds before a merge (1/64)
+    worst = biggest.nbytes + len(biggest) / 64 * per_delta
+    observer = fleet[names[0]]
+    prompts = [c[:128] for t in traces for c in t.convs][:lookups]
+    times, found = [], 0
+    for prompt in prompts:
+        req = [bytes(k) for k in prompt]
+        t1 = time.perf_counter()
+        result = await observer.lookup(req, fleet)
+        times.append(time.perf_counter() - t1)
+        found += result.total
+    times.sort()
+    return {
+        "fleet_layout": "sharded",
+        "fleet_nodes": nodes,
+        "fleet_blocks_per_s_per_node": round(created / measured / nodes),
+        "fleet_flush_interval_s": flush_interval,
+        "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
+        "owner_bytes_per_block": round(sent / created, 1),
+        "fleet_blocks_held": held,
+        "fleet_blocks_in_index": locations,
+        "owner_locations_max_vs_mean": round(len(biggest) / (locations / nodes), 2),
+        "owner_bytes_per_location": round(worst / len(biggest), 1),
+        "mirror_mb_per_million_fleet_blocks": round(worst / held, 2),
+        "lookup_in_process_p50_us": round(times[len(times) // 2] * 1e6, 1),
+        "lookup_in_process_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
+        "lookup_prompts": len(times),
+        "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
+    }
+
+
+def run(nodes: int = 0, ttl: int = 3, layout: str = "mirror") -> dict:
     out: dict = {
         "bench": "index",
         "date": datetime.date.today().isoformat(),
         "machine": {"cpus": os.cpu_count()},
     }
+    if nodes and layout == "sharded":
+        out.update(asyncio.run(sharded_fleet(nodes)))
+        return out
     with EtcdServer() as etcd:
 
         async def all_async() -> None:
