@@ -166,3 +166,12 @@ def test_lookups_with_no_ring_or_a_lone_node_answer_from_the_node_itself(n):
     assert fleet.lookup("n0", ks) == LookupResult(12)
     lonely = ShardedLocations("x", None, None)  # type: ignore[arg-type]
     assert asyncio.run(lonely.lookup(ks, set())) == LookupResult(0)  # no ring yet
+
+
+def test_the_fleet_bench_on_the_sharded_layout_indexes_every_block_held():
+    from kvbm.bench.index import sharded_fleet
+
+    out = asyncio.run(sharded_fleet(4, warmup_s=0.5, seconds=1.0, lookups=50))
+    assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
+    assert out["lookup_blocks_found_per_prompt"] > 0
+    assert out["owner_locations_max_vs_mean"] < 2
