@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 
@@ -36,8 +37,10 @@ from discovery.owners import OwnerRing, shard_of
 from discovery.records import LookupResult, Tier, runs_of
 
 log = logging.getLogger("discovery.sharded")
+_NOBODY: Mapping[str, Tier] = MappingProxyType({})
 
 MAX_KEYS_PER_CALL = 4096
+PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
 # (owner, epoch, keys, tiers) -> True once the owner has them
 Send = Callable[[str, int, list[bytes], list[Tier | None]], Awaitable[bool]]
@@ -203,17 +206,79 @@ class ShardedLocations:
         return h
 
     # -- lookups -----------------------------------------------------------
-    async def lookup(self, keys: Sequence[bytes], live: Container[str]) -> LookupResult:
-        """Who holds `keys`: the prefix this node holds, then peers' runs
-        (`live`: the peers that may be named), from one call per owner."""
-        owners = self.ring.owners_of(key_x(keys))
-        by_owner: dict[str, list[int]] = {}
-        for i, o in enumerate(owners):
-            by_owner.setdefault(o, []).append(i)
-        found: list[Mapping[str, Tier]] = [{}] * len(keys)
+    async def lookup(
+        self, keys: Sequence[bytes], live: Container[str], stride: int = PROBE_STRIDE
+    ) -> LookupResult:
+        """Who holds `keys`, a prompt's blocks in order: the prefix this node
+        holds, then peers' runs (`live`: the peers that may be named).
 
-        async def one(owner: str, idx: list[int]) -> None:
-            part = [keys[i] for i in idx]
+        A key's owner is chosen by the key, so a prompt's keys are spread
+        over every owner; asking for all of them would cost a call to each.
+        So the first round asks only for every `stride`-th key and the last
+        (one call per owner of those). The live holders two probes share
+        hold the keys between them too: a prompt's blocks are stored, used
+        and evicted together (oldest first). The second round asks for the
+        keys between two probes that share none, or share one in another
+        tier (where the held prefix ends, where a run or a tier changes),
+        all such gaps at once. The pin at the holder is the truth; a wrong
+        guess here costs a shorter pull, never a wrong block. (A holder whose
+        run ends between two probes that another spans is left out there:
+        the other reaches farther. So the prefix this node holds may be said
+        shorter than it is; the node asks about the keys after its own.)
+        """
+        n = len(keys)
+        if not n:
+            return LookupResult(0)
+        probes = sorted({*range(0, n, stride), n - 1})
+        found = await self._ask_owners(keys, probes)
+        held = [self._anyone(found[p], live) for p in probes]
+        end = next((j for j, h in enumerate(held) if not h), len(probes))  # first probe nobody has
+        if end == 0:
+            return LookupResult(0)
+        last = min(end, len(probes) - 1)
+        shared = {
+            j: self._shared(found[probes[j - 1]], found[probes[j]], live)
+            for j in range(1, last + 1)
+        }
+        gaps = [
+            i for j, both in shared.items() if not both for i in range(probes[j - 1] + 1, probes[j])
+        ]
+        if gaps:
+            found.update(await self._ask_owners(keys, gaps))
+        stop = probes[last] + 1 if end < len(probes) else n
+        holders: list[Mapping[str, Tier]] = []
+        j = 0
+        for i in range(stop):
+            while probes[j] < i:
+                j += 1
+            holders.append(found[i] if i in found else shared[j])
+        return runs_of(holders, range(len(holders) + 1), self.me, live)
+
+    def _shared(
+        self, a: Mapping[str, Tier], b: Mapping[str, Tier], live: Container[str]
+    ) -> dict[str, Tier]:
+        """The holders two probes share that a lookup may name; {} where one
+        of them changes tier between the two (the keys between are asked)."""
+        both = {h: t for h, t in b.items() if h in a and (h == self.me or h in live)}
+        return both if all(a[h] == t for h, t in both.items()) else {}
+
+    def _anyone(self, holders: Mapping[str, Tier], live: Container[str]) -> bool:
+        return any(h == self.me or h in live for h in holders)
+
+    async def _ask_owners(
+        self, keys: Sequence[bytes], positions: list[int]
+    ) -> dict[int, Mapping[str, Tier]]:
+        """Holders of keys[p] for each p in `positions`, one call per owner, all
+        at once; {} for a key whose owner did not answer."""
+        asked = [keys[p] for p in positions]
+        owners = self.ring.owners_of(key_x(asked))
+        by_owner: dict[str, list[int]] = {}
+        for p, o in zip(positions, owners, strict=False):
+            by_owner.setdefault(o, []).append(p)
+        found: dict[int, Mapping[str, Tier]] = dict.fromkeys(positions, _NOBODY)
+
+        async def one(owner: str, where: list[int]) -> None:
+            part = [keys[p] for p in where]
             if owner == self.me:
                 got: list[dict[str, Tier]] | None = self.holders(part)
             else:
@@ -223,8 +288,7 @@ class ShardedLocations:
                     log.info("lookup not answered owner=%s error=%r", owner, e)
                     got = None
             if got is not None and len(got) == len(part):
-                for i, h in zip(idx, got, strict=True):
-                    found[i] = h
+                found.update(zip(where, got, strict=True))
 
-        await asyncio.gather(*(one(o, idx) for o, idx in by_owner.items()))
-        return runs_of(found, range(len(keys) + 1), self.me, live)
+        await asyncio.gather(*(one(o, w) for o, w in by_owner.items()))
+        return found

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from discovery.owner_table import key_x
+from discovery.owners import shard_of
 from discovery.records import LookupResult, PeerRun, Tier
 from discovery.sharded import ShardedLocations
 
@@ -31,6 +34,7 @@ class Fleet:
         self.nodes: dict[str, ShardedLocations] = {}
         self.down: set[str] = set()
         self.revision = 0
+        self.asked: list[list[bytes]] = []  # every ask's keys
         for n in names:
             self.add(n)
         self.members()
@@ -42,6 +46,7 @@ class Fleet:
             return self.nodes[owner].place(name, epoch, ks, ts)
 
         async def ask(owner: str, ks: list[bytes]) -> list[dict[str, Tier]] | None:
+            self.asked.append(ks)
             return None if owner in self.down else self.nodes[owner].holders(ks)
 
         node = self.nodes[name] = ShardedLocations(name, send, ask)
@@ -77,12 +82,15 @@ def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners(
     assert max(len(n.table) for n in fleet.nodes.values()) < 65  # spread among owners
     # n2 reaches farthest from key 0
     assert fleet.lookup("n0", ks) == LookupResult(0, (PeerRun("n2", 0, 40, (H,) * 10 + (D,) * 30),))
-    assert fleet.lookup("n1", ks).local == 25
+    # a node asks for the keys after the prefix its own tiers hold
+    assert fleet.lookup("n1", ks[25:]) == LookupResult(0, (PeerRun("n2", 0, 15, (D,) * 15),))
     fleet.nodes["n2"].publish(dict.fromkeys(ks[:10], None))  # n2 evicts its first blocks
     asyncio.run(fleet.flush())
-    assert fleet.lookup("n0", ks) == LookupResult(
-        0, (PeerRun("n1", 0, 25, (H,) * 25), PeerRun("n2", 25, 15, (D,) * 15))
-    )
+    result = fleet.lookup("n0", ks)
+    assert result.total == 40 and [r.node_id for r in result.runs] == ["n1", "n2"]
+    for run in result.runs:  # every block said held is held there, in that tier
+        held = fleet.nodes[run.node_id].held
+        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
 
 
 def test_a_joining_node_takes_its_shards_with_their_locations_and_the_old_owners_forget_them():
@@ -175,3 +183,55 @@ def test_the_fleet_bench_on_the_sharded_layout_indexes_every_block_held():
     assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
     assert out["lookup_blocks_found_per_prompt"] > 0
     assert out["owner_locations_max_vs_mean"] < 2
+
+
+def test_a_lookup_asks_for_every_16th_key_then_only_the_gap_where_the_prefix_ends():
+    fleet = Fleet([f"n{i}" for i in range(32)])
+    ks = keys(70_000, 128)
+    fleet.nodes["n5"].publish(dict.fromkeys(ks, H))
+    fleet.nodes["n6"].publish(dict.fromkeys(ks[:41], H))
+    asyncio.run(fleet.flush())
+    fleet.asked.clear()
+    assert fleet.lookup("n0", ks) == LookupResult(0, (PeerRun("n5", 0, 128, (H,) * 128),))
+    asked = [k for call in fleet.asked for k in call]
+    assert sorted(asked) == sorted([ks[i] for i in range(0, 128, 16)] + [ks[127]])
+    assert len(fleet.asked) <= 9  # one call per owner of a probe
+    # n5 gone: n6's prefix ends at 41, between probes 32 and 48: those 15 are asked
+    fleet.asked.clear()
+    assert fleet.lookup("n0", ks[:100]) != LookupResult(0)
+    fleet.down.add("n5")
+    fleet.asked.clear()
+    result = asyncio.run(fleet.nodes["n0"].lookup(ks, {"n0", "n6"}))
+    assert result == LookupResult(0, (PeerRun("n6", 0, 41, (H,) * 41),))
+    asked = {k for call in fleet.asked for k in call}
+    own = set(fleet.nodes["n0"].ring.shards_of("n0").nonzero()[0].tolist())
+    expected = {ks[i] for i in [*range(0, 128, 16), 127, *range(33, 48)]}
+    assert asked == {k for k in expected if int(shard_of(key_x([k]))[0]) not in own}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(  # per node: the range of the prompt it holds, and where its disk part ends
+        st.tuples(st.integers(0, 70), st.integers(0, 70), st.integers(0, 70)), max_size=4
+    ),
+    st.integers(1, 70),
+)
+def test_lookups_of_runs_find_the_longest_prefix_and_name_only_blocks_held(ranges, n):
+    fleet = Fleet([f"n{i}" for i in range(6)])
+    ks = keys(90_000, n)
+    for i, (a, b, d) in enumerate(ranges):
+        a, b = min(a, b, n), min(max(a, b), n)
+        fleet.nodes[f"n{i + 1}"].publish({ks[j]: D if j < d else H for j in range(a, b)})
+    asyncio.run(fleet.flush())
+    result = fleet.lookup("n0", ks)
+    # the model: how far a chain of held ranges reaches from key 0
+    reach = 0
+    while True:
+        spans = [(a, b) for a, b, _ in ranges if min(a, b, n) <= reach < min(max(a, b), n)]
+        if not spans:
+            break
+        reach = max(min(max(a, b), n) for a, b in spans)
+    assert result.total == reach
+    for run in result.runs:
+        held = fleet.nodes[run.node_id].held
+        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
