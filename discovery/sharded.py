@@ -12,11 +12,15 @@ that say who is live (the ring). The calls between nodes are the caller's
 
 A lookup's answer is advice; the holder's pin is the truth. What keeps the
 advice close to it:
-- A holder's batches carry its epoch (the etcd revision of its session);
-  an owner keeps one epoch per holder. A newer epoch replaces the holder's
-  old locations (a restart), an older batch is dropped, and a node record
-  deleted at revision r drops the locations of epochs before r: a dead
-  node's locations go with its lease, a restarted node's new ones stay.
+- A holder's batches carry its session: (etcd cluster id, the revision at
+  which its record went in); an owner keeps one revision per holder. A
+  newer one replaces the holder's old locations (a restart), an older
+  batch is refused, and a node record deleted at revision r drops the
+  locations of sessions before r: a dead node's locations go with its
+  lease, a restarted node's new ones stay. A batch from another etcd
+  cluster than the owner's is refused (the sender tries again); an owner
+  whose etcd was replaced (wiped: revisions start again) forgets all it
+  was told, and every node republishes in its new session.
 - When the ring changes, each node sends the new owners of moved shards all
   it holds there, and forgets what it was told of shards it no longer owns.
 - A batch that fails stays pending (newer changes win) and goes again at
@@ -42,8 +46,9 @@ _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 MAX_KEYS_PER_CALL = 4096
 PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
-# (owner, epoch, keys, tiers) -> True once the owner has them
-Send = Callable[[str, int, list[bytes], list[Tier | None]], Awaitable[bool]]
+Session = tuple[int, int]  # (etcd cluster id, revision of the node's record)
+# (owner, session, keys, tiers) -> True once the owner has them
+Send = Callable[[str, Session, list[bytes], list[Tier | None]], Awaitable[bool]]
 # (owner, keys) -> holders of each key, or None when the owner did not answer
 Ask = Callable[[str, list[bytes]], Awaitable[list[dict[str, Tier]] | None]]
 
@@ -52,20 +57,21 @@ class ShardedLocations:
     """Invariants: `held` is what this node holds, as it last published it;
     `_pending[owner]` the changes that owner has not acknowledged, each key
     under the owner of its shard in `ring`; `table` holds locations only of
-    shards this node owns in `ring`, each holder's from one epoch,
-    `_epochs[holder]`."""
+    shards this node owns in `ring`, all from etcd cluster `cluster`, each
+    holder's from one session revision, `_epochs[holder]`."""
 
     def __init__(self, me: str, send: Send, ask: Ask, max_locations: int = MAX_LOCATIONS) -> None:
         self.me = me
         self.send = send
         self.ask = ask
         self.max_locations = max_locations
-        self.epoch = 0
+        self.session: Session = (0, 0)
+        self.cluster = 0  # the etcd cluster this node's index reads (0: none yet)
         self.ring = OwnerRing()
         self.table = OwnerTable()
         self.held: dict[bytes, Tier] = {}
         self.over_cap = 0  # locations refused at max_locations
-        self.stale = 0  # batches dropped: from an epoch the owner has seen replaced
+        self.stale = 0  # batches refused: another cluster's, or from a session replaced
         self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
         self._pending: dict[str, dict[bytes, Tier | None]] = {}
         self._names: list[str] = []
@@ -83,10 +89,11 @@ class ShardedLocations:
                 held[k] = t
         self._route(list(changes), list(changes.values()))
 
-    def new_session(self, epoch: int) -> None:
+    def new_session(self, cluster: int, revision: int) -> None:
         """A new session (lease) in etcd: owners replace everything this node
         told them before with what it holds now."""
-        self.epoch = epoch
+        self.session = (cluster, revision)
+        self.set_cluster(cluster)
         self._pending.clear()
         self._route(list(self.held), list(self.held.values()))
 
@@ -108,15 +115,15 @@ class ShardedLocations:
         """Send each owner its pending changes, all owners at once."""
         pending, self._pending = self._pending, {}
         mine = pending.pop(self.me, None)
-        if mine:
-            self.place(self.me, self.epoch, list(mine), list(mine.values()))
+        if mine and not self.place(self.me, self.session, list(mine), list(mine.values())):
+            self._route(list(mine), list(mine.values()), older=True)
 
         async def one(owner: str, batch: dict[bytes, Tier | None]) -> None:
             keys, tiers = list(batch), list(batch.values())
             for i in range(0, len(keys), MAX_KEYS_PER_CALL):
                 part = slice(i, i + MAX_KEYS_PER_CALL)
                 try:
-                    ok = await self.send(owner, self.epoch, keys[part], tiers[part])
+                    ok = await self.send(owner, self.session, keys[part], tiers[part])
                 except Exception as e:  # a caller's transport: whatever it raises, try later
                     log.info("locations not sent owner=%s error=%r", owner, e)
                     ok = False
@@ -133,9 +140,10 @@ class ShardedLocations:
     # -- the fleet ---------------------------------------------------------
     def set_members(self, nodes: Iterable[str]) -> None:
         """The live nodes that share this node's keys (itself included)."""
-        ring = OwnerRing(nodes)
-        if ring.nodes == self.ring.nodes:
+        members = tuple(sorted(set(nodes)))
+        if members == self.ring.nodes:
             return
+        ring = OwnerRing(members)
         old, self.ring = self.ring, ring
         mine = ring.shards_of(self.me)
         if len(self._mine):
@@ -159,20 +167,30 @@ class ShardedLocations:
             self.table.drop(h)
             del self._epochs[h]
 
-    def reset(self) -> None:
-        """etcd was replaced (revisions start again): forget every owner-side epoch
-        and location; every node republishes in its new session."""
-        self.table = OwnerTable()
-        self._epochs.clear()
+    def set_cluster(self, cluster: int) -> None:
+        """The etcd cluster this node's index reads; when it changes (etcd
+        wiped or replaced: revisions start again), the owner's side forgets
+        all it was told, and every node republishes in its new session."""
+        if cluster != self.cluster:
+            self.cluster = cluster
+            self.table = OwnerTable()
+            self._epochs.clear()
 
     # -- the owner's side --------------------------------------------------
-    def place(self, node: str, epoch: int, keys: list[bytes], tiers: Sequence[str | None]) -> bool:
+    def place(
+        self, node: str, session: Session, keys: list[bytes], tiers: Sequence[str | None]
+    ) -> bool:
         """`node` says it holds `keys` in `tiers` now (None: no longer; a
         tier's name will do, as a peer sends it). Keys of shards this node
         does not own are ignored (the sender's ring was behind; it will send
-        them to their owner). False: the batch came from a session already
-        replaced. Raises ValueError for a tier that is not one."""
+        them to their owner). False: the batch is from another etcd cluster
+        than this node's, or from a session already replaced. Raises
+        ValueError for a tier that is not one."""
         tiers = [None if t is None else Tier(t) for t in tiers]
+        cluster, epoch = session
+        if cluster != self.cluster:
+            self.stale += 1
+            return False
         h = self._holder(node)
         known = self._epochs.get(h)
         if known is not None and epoch < known:

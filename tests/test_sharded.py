@@ -40,10 +40,10 @@ class Fleet:
         self.members()
 
     def add(self, name: str) -> ShardedLocations:
-        async def send(owner: str, epoch: int, ks: list[bytes], ts: list[Tier | None]) -> bool:
+        async def send(owner: str, session, ks: list[bytes], ts: list[Tier | None]) -> bool:
             if owner in self.down:
                 return False
-            return self.nodes[owner].place(name, epoch, ks, ts)
+            return self.nodes[owner].place(name, session, ks, ts)
 
         async def ask(owner: str, ks: list[bytes]) -> list[dict[str, Tier]] | None:
             self.asked.append(ks)
@@ -51,7 +51,7 @@ class Fleet:
 
         node = self.nodes[name] = ShardedLocations(name, send, ask)
         self.revision += 1
-        node.new_session(self.revision)
+        node.new_session(1, self.revision)
         return node
 
     def members(self) -> None:
@@ -132,10 +132,10 @@ def test_a_dead_holders_locations_go_with_its_record_and_a_restarted_ones_new_se
     asyncio.run(fleet.flush())
     assert total(fleet) == 100
     # n2 restarts in a new session before the owners hear its old record go
-    old_epoch = fleet.nodes["n2"].epoch
+    old_epoch = fleet.nodes["n2"].session[1]
     fleet.revision += 10
     fleet.nodes["n2"].held.clear()
-    fleet.nodes["n2"].new_session(fleet.revision)
+    fleet.nodes["n2"].new_session(1, fleet.revision)
     fleet.nodes["n2"].publish(dict.fromkeys(ks[:30], D))
     asyncio.run(fleet.flush())
     assert total(fleet) == 30  # the new epoch replaced the old locations
@@ -144,7 +144,8 @@ def test_a_dead_holders_locations_go_with_its_record_and_a_restarted_ones_new_se
     assert total(fleet) == 30  # ... leaves the new session's locations alone
     # a batch from the old session, arriving late, is refused
     owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
-    assert owner.place("n2", old_epoch, ks[:1], [H]) is False
+    assert owner.place("n2", (1, old_epoch), ks[:1], [H]) is False
+    assert owner.place("n2", (2, fleet.revision + 5), ks[:1], [H]) is False  # another cluster
     # the new session's record goes: everything of n2 goes
     for n in fleet.nodes.values():
         n.node_gone("n2", fleet.revision + 1)
@@ -158,7 +159,7 @@ def test_owners_refuse_keys_past_their_cap_but_still_take_removals():
     node.max_locations = 50
     node.publish(dict.fromkeys(keys(0, 40), H))
     asyncio.run(fleet.flush())
-    node.place("intruder", 1, keys(100, 20), [H] * 20)
+    node.place("intruder", (1, 1), keys(100, 20), [H] * 20)
     assert len(node.table) == 40 and node.over_cap == 1
     node.publish(dict.fromkeys(keys(0, 10), None))
     asyncio.run(fleet.flush())

@@ -31,6 +31,7 @@ async def _nothing(*_args):
 def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
     a, b = make_manager(host_slots=2), make_manager(host_slots=2)
     owner = ShardedLocations("node-a", _nothing, _nothing)
+    owner.new_session(5, 1)
     owner.set_members(["node-a"])  # a owns every shard
     ks = keys(0, 6)
 
@@ -41,20 +42,22 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
         try:
             await client.connect("127.0.0.1", port)
-            assert await place(client, 7, ks, ["host"] * 4 + ["disk", None], 5.0) is True
+            assert await place(client, (5, 7), ks, ["host"] * 4 + ["disk", None], 5.0) is True
             got = await locate(client, ks, 5.0)
             assert got == [{"node-b": "host"}] * 4 + [{"node-b": "disk"}, {}]
-            assert await place(client, 6, ks[:1], [None], 5.0) is False  # an older session
+            assert await place(client, (5, 6), ks[:1], [None], 5.0) is False  # an older session
+            assert await place(client, (4, 9), ks[:1], [None], 5.0) is False  # another etcd
             # the node id is the one the handshake proved, whatever the body says
             assert owner.holders(ks[:1]) == [{"node-b": Tier.HOST}]
             # a tier that is not one: the call fails, the owner's table stands
             with pytest.raises(TransportError):
-                await place(client, 7, ks[:1], ["tape"], 5.0)
+                await place(client, (5, 7), ks[:1], ["tape"], 5.0)
             again = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
             try:
                 await again.connect("127.0.0.1", port)
                 with pytest.raises(TransportError):  # one tier for two keys: closed
-                    await again.call("place", {"keys": ks[:2], "tiers": ["host"], "epoch": 7}, 5)
+                    body = {"keys": ks[:2], "tiers": ["host"], "session": [5, 7]}
+                    await again.call("place", body, 5)
             finally:
                 await again.close()
             third = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")

@@ -230,14 +230,18 @@ class PeerServer:
                 raise ProtocolError("this node keeps no index shards")
             if msg.call == "locate":
                 return {"holders": self.owner.holders(_keys(msg))}
-            keys, tiers, epoch = _keys(msg), msg.body.get("tiers"), msg.body.get("epoch")
+            keys, tiers, session = _keys(msg), msg.body.get("tiers"), msg.body.get("session")
             if not isinstance(tiers, list) or len(tiers) != len(keys):
                 raise ProtocolError("place needs one tier per key")
             if not all(t is None or isinstance(t, str) for t in tiers):
                 raise ProtocolError("a tier that is not a name")
-            if type(epoch) is not int or not 0 <= epoch < 2**63:
-                raise ProtocolError("place needs an epoch")
-            return {"ok": self.owner.place(peer, epoch, keys, tiers)}
+            if not (
+                isinstance(session, list)
+                and len(session) == 2
+                and all(type(v) is int and 0 <= v < 2**64 for v in session)
+            ):
+                raise ProtocolError("place needs a session: [cluster id, revision]")
+            return {"ok": self.owner.place(peer, (session[0], session[1]), keys, tiers)}
         if msg.call in ("hello", "auth"):
             raise ProtocolError("hello must come first, and once")
         raise ProtocolError(f"{msg.call!r} is not a request")
@@ -538,12 +542,17 @@ CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied,
 
 
 async def place(
-    client: PeerClient, epoch: int, keys: list[bytes], tiers: list[str | None], timeout: float
+    client: PeerClient,
+    session: tuple[int, int],
+    keys: list[bytes],
+    tiers: list[str | None],
+    timeout: float,
 ) -> bool:
     """Tell the peer, an owner of these keys' shards, which of them this node
-    holds (tier names; None: no longer). False: the owner has this node in
-    a newer session than `epoch`."""
-    reply = await client.call("place", {"keys": keys, "tiers": tiers, "epoch": epoch}, timeout)
+    holds (tier names; None: no longer). False: the owner reads another
+    etcd cluster, or has this node in a newer session."""
+    body = {"keys": keys, "tiers": tiers, "session": list(session)}
+    reply = await client.call("place", body, timeout)
     return reply.get("ok") is True
 
 

@@ -423,10 +423,10 @@ async def sharded_fleet(
         return msgpack.unpackb(raw)
 
     def node(name: str) -> ShardedLocations:
-        async def send(owner: str, epoch: int, keys: list[bytes], tiers: list) -> bool:
+        async def send(owner: str, session: tuple[int, int], keys: list, tiers: list) -> bool:
             wire["calls"] += 1
-            body = through_the_wire({"keys": keys, "tiers": tiers, "epoch": epoch})
-            ok = fleet[owner].place(name, body["epoch"], body["keys"], body["tiers"])
+            body = through_the_wire({"keys": keys, "tiers": tiers, "session": list(session)})
+            ok = fleet[owner].place(name, tuple(body["session"]), body["keys"], body["tiers"])
             return through_the_wire({"ok": ok})["ok"]
 
         async def ask(owner: str, keys: list[bytes]) -> list[dict[str, Tier]]:
@@ -440,7 +440,7 @@ async def sharded_fleet(
         fleet[name] = node(name)
     for n in fleet.values():
         n.set_members(names)
-        n.new_session(1)
+        n.new_session(1, 1)
     sims = list(zip(traces, fleet.values(), strict=True))
 
     def totals() -> tuple[int, int, int]:
