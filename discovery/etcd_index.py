@@ -1,5 +1,8 @@
 """The etcd-backed index of one node in one namespace: a publisher of this
 node's record and block locations under its lease, and a mirror of everyone's.
+With a sharded index (`locations`, discovery/sharded.py), etcd carries only
+the node records: the mirror watches those (who is live: the owners' ring),
+and locations go to their owners over the peer RPC instead.
 
 Three tasks, each owning one stream: `_keepalive` refreshes the lease every
 TTL/3, `_flusher` writes the runs that changed (discovery/runs.py) in
@@ -27,7 +30,8 @@ from discovery.etcd_client import open_client, read_prefix
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.runs import RunBook
-from discovery.schema import namespace_prefix, node_path, run_path
+from discovery.schema import namespace_prefix, node_path, nodes_prefix, run_path
+from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from discovery.tls import EtcdTls
 
@@ -63,11 +67,13 @@ class EtcdIndex:
         watch: bool = True,
         signer: IndexSigner | None = None,
         tls: EtcdTls | None = None,
+        locations: ShardedLocations | None = None,
     ) -> None:
         """`watch=False` makes a publisher without a mirror (load generators).
         `signer`: every value written is signed, and only values signed by the
         fleet reach the mirror (a node always has one). `tls`: etcd is reached
-        in TLS, with this node's client certificate."""
+        in TLS, with this node's client certificate. `locations`: a sharded
+        index (no runs in etcd; the mirror holds node records only)."""
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         if lease_ttl < 2:
@@ -99,6 +105,10 @@ class EtcdIndex:
         self._closing = False
         self._watching = watch
         self._cluster_id: int | None = None
+        self.locations = locations
+        self._members: set[str] = set()  # the nodes the owners' ring was last built from
+        # a sharded index watches the node records only (runs, if any, are not its)
+        self._watch_prefix = nodes_prefix(namespace) if locations else self.mirror.prefix
 
     @property
     def namespace(self) -> str:
@@ -129,13 +139,25 @@ class EtcdIndex:
 
     def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
         """Record changes now (key -> tier, or None: gone, in the order they
-        happened; `removes`: more keys gone); etcd gets them later. Never blocks."""
+        happened; `removes`: more keys gone); etcd (or the keys' owners) get
+        them later. Never blocks."""
+        if self.locations is not None:
+            self.locations.publish({**dict.fromkeys(removes), **changes})
+            self._dirty.set()
+            return
         self.book.apply({**dict.fromkeys(removes), **changes})
         if self.book.dirty:
             self._dirty.set()
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        """From the mirror (no etcd round trip); a sharded index asks owners: `locate`."""
         return self.mirror.lookup(keys, self.node.node_id)
+
+    async def locate(self, keys: Sequence[bytes]) -> LookupResult:
+        """Who holds `keys`: from the mirror, or, sharded, from their owners."""
+        if self.locations is None:
+            return self.lookup(keys)
+        return await self.locations.lookup(keys, self.mirror.nodes)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every change so far is in etcd, young runs included (or
@@ -143,6 +165,10 @@ class EtcdIndex:
         self._hurry = True
         try:
             async with asyncio.timeout(timeout):
+                while self.locations is not None and self.locations.pending:
+                    await self.locations.flush()
+                    if self.locations.pending:
+                        await asyncio.sleep(self.flush_interval)
                 while self.book.dirty or self._ripening or any(self._inflight):
                     self._dirty.set()
                     await asyncio.sleep(self.flush_interval)
@@ -206,8 +232,10 @@ class EtcdIndex:
             lease = await client.lease(self.lease_ttl)
             # The lease counts as ours only once the record is under it: a
             # session that fails here is retried whole, never half kept.
-            await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
+            put = await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
             self._lease = lease.id
+            if self.locations is not None:
+                self.locations.new_session(put.header.cluster_id, put.header.revision)
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
             self.book.dirty = self.book.everything()
@@ -324,6 +352,9 @@ class EtcdIndex:
             raise IndexUnavailable("lease expired")
 
     async def _flusher(self) -> None:
+        if self.locations is not None:
+            await self._send_locations()
+            return
         while True:
             await self._dirty.wait()
             self._dirty.clear()
@@ -339,6 +370,18 @@ class EtcdIndex:
             finally:
                 self._inflight = (set(), set())
                 self._wake_when_ripe()
+
+    async def _send_locations(self) -> None:
+        """A sharded index's flusher: the changes to their owners, every
+        `flush_interval` (etcd up or not: owners are reached directly)."""
+        assert self.locations is not None
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await asyncio.sleep(self.flush_interval)  # let a burst coalesce
+            await self.locations.flush()
+            if self.locations.pending:
+                self._dirty.set()  # what failed goes again
 
     def _take(self) -> tuple[set[int], set[int]]:
         """The dirty runs (and the ripening ones now due), split into those
@@ -446,7 +489,7 @@ class EtcdIndex:
         without reporting the compaction (etcd issue 18089)."""
         try:
             watch = await self._live().watch_prefix(
-                self.mirror.prefix, start_revision=max(1, self.mirror.revision)
+                self._watch_prefix, start_revision=max(1, self.mirror.revision)
             )
             async for event in watch:
                 kv = event.kv
@@ -454,6 +497,7 @@ class EtcdIndex:
                     self.mirror.put(kv.key, kv.value, kv.mod_revision)
                 else:
                     self.mirror.delete(kv.key, kv.mod_revision)
+                self._update_members(kv.mod_revision)
         except aetcd.exceptions.RevisionCompactedError:
             log.info("watch revision compacted; re-reading the namespace")
             await self._resync()
@@ -473,13 +517,33 @@ class EtcdIndex:
     async def _resync(self) -> None:
         """Replace the mirror with a fresh range read of the namespace; lookups see
         the old view until the new one is complete."""
-        revision, cluster, kvs = await read_prefix(self._live(), self.mirror.prefix)
+        revision, cluster, kvs = await read_prefix(self._live(), self._watch_prefix)
         fresh = IndexMirror(self.namespace, self.signer)
         for kv in kvs:
             fresh.put(kv.key, kv.value, kv.mod_revision)
         fresh.revision = revision
         self.mirror.adopt(fresh)
         self._cluster_id = cluster
+        if self.locations is not None:
+            self.locations.set_cluster(cluster)
+        self._update_members(revision)
+
+    def _update_members(self, revision: int) -> None:
+        """A sharded index's ring from the node records: every node that
+        serves (has a peer port) and shares one of this node's fingerprints.
+        A node whose record went at `revision` loses its locations here."""
+        if self.locations is None:
+            return
+        mine = set(self.node.fingerprints)
+        members = {
+            n
+            for n, r in self.mirror.nodes.items()
+            if r.rpc_port and (not mine or mine & set(r.fingerprints))
+        }
+        for gone in self._members - members:
+            self.locations.node_gone(gone, revision)
+        self._members = members
+        self.locations.set_members(members)
 
 
 async def snapshot(

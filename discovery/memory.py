@@ -34,6 +34,9 @@ class MemoryIndex:
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self.mirror.lookup(keys, self.node.node_id)
 
+    async def locate(self, keys: Sequence[bytes]) -> LookupResult:
+        return self.lookup(keys)
+
     async def flush(self) -> None:
         """Nothing is buffered here."""
 

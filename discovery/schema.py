@@ -24,6 +24,11 @@ def namespace_prefix(namespace: str) -> bytes:
     return f"{ROOT}/{check_namespace(namespace)}/".encode()
 
 
+def nodes_prefix(namespace: str) -> bytes:
+    """Where the node records are (all a sharded index watches)."""
+    return namespace_prefix(namespace) + b"nodes/"
+
+
 def node_path(namespace: str, node_id: str) -> bytes:
     return namespace_prefix(namespace) + b"nodes/" + check_node_id(node_id).encode()
 

@@ -60,10 +60,18 @@ class ShardedLocations:
     shards this node owns in `ring`, all from etcd cluster `cluster`, each
     holder's from one session revision, `_epochs[holder]`."""
 
-    def __init__(self, me: str, send: Send, ask: Ask, max_locations: int = MAX_LOCATIONS) -> None:
+    def __init__(
+        self,
+        me: str,
+        send: Send | None = None,
+        ask: Ask | None = None,
+        max_locations: int = MAX_LOCATIONS,
+    ) -> None:
+        """`send` and `ask`: the calls to other nodes (None: nobody can be
+        reached yet; a node sets them once its peer connections exist)."""
         self.me = me
-        self.send = send
-        self.ask = ask
+        self.send: Send = send or _unreachable
+        self.ask: Ask = ask or _unreachable
         self.max_locations = max_locations
         self.session: Session = (0, 0)
         self.cluster = 0  # the etcd cluster this node's index reads (0: none yet)
@@ -310,3 +318,8 @@ class ShardedLocations:
 
         await asyncio.gather(*(one(o, w) for o, w in by_owner.items()))
         return found
+
+
+async def _unreachable(*_args: object) -> None:
+    """The calls of a node that cannot reach others yet: nothing sent, nothing known."""
+    return None

@@ -98,6 +98,12 @@ class KvbmConfig:
         "A block goes to the index once the node has held it this long (what lives "
         "shorter costs no etcd write); 0: at the next flush (every 0.5 s).",
     )
+    index_layout: str = _opt(
+        "mirror",
+        "mirror: every node mirrors every location from etcd; sharded: etcd holds node "
+        "records only, each node keeps its share of the locations and lookups ask their "
+        "owners over the peer RPC (a fleet's nodes all run the same layout).",
+    )
     peer_timeout_ms: int = _opt(
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."
     )
@@ -145,6 +151,8 @@ class KvbmConfig:
             raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if self.index_publish_after_ms < 0:
             raise ValueError("index_publish_after_ms must be >= 0")
+        if self.index_layout not in ("mirror", "sharded"):
+            raise ValueError(f"index_layout must be mirror or sharded, got {self.index_layout!r}")
         if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
         if self.engine_copies not in ("auto", "sync", "async"):

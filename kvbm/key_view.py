@@ -48,10 +48,12 @@ UNSURE = 8  # a reader's answer, never stored
 WAYS = 8
 MAGIC = 0x5745_4956_4D42_564B  # "KVBMVIEW"
 VERSION = 1
-HEADER = 64  # magic u64, version u32, log2(buckets) u32, salt u64, sequence u64, avoid u64
+HEADER = 64  # magic, version u32, log2(buckets) u32, salt, sequence, avoid, flags (u64s)
 _HEAD = struct.Struct("<QIIQ")
 _SEQ = 24 // 8  # the sequence counter's index among the header's words
 _AVOID = 32 // 8  # CLOCK_MONOTONIC ns until which the node leaves some peer alone
+_FLAGS = 40 // 8
+PEERS_ELSEWHERE = 1  # a flag: peers' keys are not in the view (a sharded index)
 READ_TRIES = 8
 ORDERED_CPU = platform.machine().lower() in ("x86_64", "amd64")  # see the module docstring
 
@@ -221,6 +223,13 @@ class KeyView:
         with self._lock:
             self._seq[_AVOID] = max(self._seq[_AVOID], int(monotonic_s * 1e9))
 
+    def peers_elsewhere(self) -> None:
+        """The node's index keeps no mirror of its peers' keys (a sharded
+        index): the view cannot say a key is held nowhere, only that the
+        node holds it, so readers ask the node about the rest."""
+        with self._lock:
+            self._seq[_FLAGS] |= PEERS_ELSEWHERE
+
     def count(self) -> int:
         """Keys in the view (for tests and stats)."""
         with self._lock:
@@ -374,6 +383,10 @@ class KeyViewReader:
 
     def peers_avoided(self) -> bool:
         return time.monotonic_ns() < int(self._lay.header[_AVOID])
+
+    def peers_elsewhere(self) -> bool:
+        """Peers' keys are not in this view: only the node can say who else holds one."""
+        return bool(int(self._lay.header[_FLAGS]) & PEERS_ELSEWHERE)
 
     def bits(self, keys: Sequence[bytes]) -> np.ndarray | None:
         """What the node holds of each key: LOCAL | REMOTE_HOST | REMOTE_DISK,

@@ -1,6 +1,7 @@
 """`kvbm status`: the fleet from etcd (every node of a namespace, its tiers'
-capacity and the blocks it publishes), or one node from its socket (fill and
-where the blocks it handed to engines came from: hit rates)."""
+capacity and the blocks it publishes; a sharded index keeps no blocks in
+etcd, so there the blocks are each node's own to tell), or one node from its
+socket (fill and where the blocks it handed to engines came from: hit rates)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def fleet(cfg: KvbmConfig) -> dict:
     for holders in mirror.locations.values():
         for node, tier in holders.items():
             held[node, tier] += 1
+    sharded = cfg.index_layout == "sharded"
     nodes = []
     for node_id, r in sorted(mirror.nodes.items()):
         nodes.append(
@@ -33,17 +35,18 @@ def fleet(cfg: KvbmConfig) -> dict:
                 "peer_rpc": f"{r.address}:{r.rpc_port}" if r.rpc_port else "no engine yet",
                 "version": r.version,
                 Tier.HOST.value: {
-                    "blocks": held[node_id, Tier.HOST],
+                    "blocks": None if sharded else held[node_id, Tier.HOST],
                     "capacity": r.host_capacity_blocks,
                 },
                 Tier.DISK.value: {
-                    "blocks": held[node_id, Tier.DISK],
+                    "blocks": None if sharded else held[node_id, Tier.DISK],
                     "capacity": r.disk_capacity_blocks,
                 },
             }
         )
     return {
         "namespace": cfg.namespace,
+        "index_layout": cfg.index_layout,
         "nodes": nodes,
         "locations": len(mirror.locations),
         "unsigned_values": mirror.rejected,  # not signed with this secret: forged, or another fleet
@@ -69,8 +72,9 @@ def render(result: dict) -> str:
         lines = [f"namespace {result['namespace']}: {len(result['nodes'])} node(s)"]
         lines.append(f"{'node':20} {'peer rpc':22} {'host blocks':>16} {'disk blocks':>16}")
         for n in result["nodes"]:
-            host = f"{n['host']['blocks']}/{n['host']['capacity']}"
-            disk = f"{n['disk']['blocks']}/{n['disk']['capacity']}"
+            seen = "?" if n["host"]["blocks"] is None else None  # sharded: not in etcd
+            host = f"{seen or n['host']['blocks']}/{n['host']['capacity']}"
+            disk = f"{seen or n['disk']['blocks']}/{n['disk']['capacity']}"
             lines.append(f"{n['node_id']:20} {n['peer_rpc']:22} {host:>16} {disk:>16}")
         if result["unsigned_values"]:
             lines.append(

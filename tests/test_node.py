@@ -17,8 +17,12 @@ from tests.node_daemon import kvbm_json, until
 from tests.support import GEOMETRY, Engine
 
 
-def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, daemons, tmp_path):
+@pytest.mark.parametrize("layout", ["mirror", "sharded"])
+def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(
+    etcd, daemons, tmp_path, layout
+):
     common = ["--etcd", etcd.endpoint, "--lease-ttl", "3", "--disk-admit-min-uses", "1"]
+    common += ["--index-layout", layout]
     # A: a host tier of 64 blocks (16 KiB each) and a disk tier behind it
     a_disk = ["--disk-cache-dir", str(tmp_path / "a-disk"), "--disk-cache-mb", "4"]
     a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "1", *a_disk)
@@ -66,12 +70,27 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(etcd, 
         # `kvbm status`: the fleet from etcd, and one node from its socket; what
         # B pulled reaches the index at B's next flush (0.5 s)
         def fleet() -> dict:
-            return {n["node_id"]: n for n in kvbm_json("status", "--etcd", etcd.endpoint)["nodes"]}
+            out = kvbm_json("status", "--etcd", etcd.endpoint, "--index-layout", layout)
+            return {n["node_id"]: n for n in out["nodes"]}
 
-        until(lambda: fleet()["node-b"]["host"]["blocks"] == 16, 10, "B's blocks not in the index")
+        if layout == "mirror":
+            until(lambda: fleet()["node-b"]["host"]["blocks"] == 16, 10, "B's blocks not indexed")
+            assert fleet()["node-a"]["disk"]["blocks"] >= 8
+        else:  # every location at its owner, once: A's and B's shares add up to what they hold
+
+            def shares() -> list[dict]:
+                return [e.stats()["index_shard"] for e in (eng_a, eng_b)]
+
+            def settled() -> bool:
+                s = shares()
+                published = sum(x["locations_published"] for x in s)
+                return published == sum(x["locations_owned"] for x in s) >= 16 + 16
+
+            until(settled, 10, "the owners' tables never held every block published")
+            assert all(e.stats()["index_shard"]["locations_owned"] for e in (eng_a, eng_b))
+            assert fleet()["node-a"]["host"]["blocks"] is None  # not in etcd with this layout
         by_id = fleet()
         assert set(by_id) == {"node-a", "node-b"}
-        assert by_id["node-a"]["disk"]["blocks"] >= 8
         one = kvbm_json("status", "--socket", b.socket)
         assert one["engine_blocks"]["remote_disk"] == 8 and one["hit_shares"]["remote_host"] == 0.5
         assert one["key_view"]["keys"] >= 16  # B's own blocks, and A's it knows of

@@ -126,6 +126,8 @@ class NodeAttachment:
             return None
         if m and self.view.peers_avoided():
             return None  # the node leaves some peer alone: only it knows whose keys
+        if local < n and self.view.peers_elsewhere():
+            return None  # a sharded index: only the node (asking owners) knows the rest
         on_host = 0
         if self._remote_bits & REMOTE_HOST:
             on_host = int(np.count_nonzero(rest[:m] & REMOTE_HOST))

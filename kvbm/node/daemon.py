@@ -175,6 +175,7 @@ class Node:
                 max_pins_per_peer=per_peer,
                 max_pins_total=total,
                 node_id=self.node_id,
+                owner=self.publisher.locations,
             )
             host, port = cfg.listen_address
             port = await server.start(host, port)
@@ -215,7 +216,7 @@ class Node:
         upkeep = Upkeep(mgr, seal, min(ahead, mgr.host.num_slots // 4))
         huge_mb = arena.huge_page_bytes() >> 20
         serving = Serving(mgr, agent, server, peers, onboarding, upkeep, huge_mb)
-        await publisher.serve(mgr, record)
+        await publisher.serve(mgr, record, peers)
         upkeep.start()
         log.info(
             "serving geometry=%s peer_port=%d arena=%s huge_page_mb=%d",
@@ -238,6 +239,16 @@ class Node:
         """The node's state for `kvbm status`."""
         out: dict = {"node_id": self.node_id, "namespace": self.cfg.namespace, "ready": self.ready}
         out["index"] = self.publisher.state()
+        out["index_layout"] = self.cfg.index_layout
+        locations = self.publisher.locations
+        if locations is not None:
+            out["index_shard"] = {
+                "members": len(locations.ring.nodes),
+                "locations_published": len(locations.held),
+                "locations_owned": len(locations.table),
+                "owned_bytes": locations.table.nbytes,
+                "pending": locations.pending,
+            }
         s = self.serving
         if s is None:
             return out

@@ -184,7 +184,7 @@ class EngineServer:
 
     async def _lookup(self, body: dict, conn: int) -> dict:
         tiers = self._served()
-        return tiers.onboarding.lookup(self._keys(body), _remote(body)).to_wire()
+        return (await tiers.onboarding.lookup(self._keys(body), _remote(body))).to_wire()
 
     async def _load(self, body: dict, conn: int) -> dict:
         tiers = self._served()

@@ -1,13 +1,13 @@
 """Where an engine's lookup and load meet the tiers: the local prefix (G2,
 and G3 staged into G2), then, where the engine allows remote tiers, the runs
-that peers hold after it (from the index mirror: no etcd round trip), pulled
+that peers hold after it (from the index: its mirror, or the keys' owners), pulled
 and verified into G2, all of it pinned until the engine has copied it out."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -51,29 +51,29 @@ class Onboarding:
         mgr: BlockManager,
         sink: BlockSink,
         peers: PeerPool,
-        lookup_peers: Callable[[list[bytes]], LookupResult | None],
+        lookup_peers: Callable[[list[bytes]], Awaitable[LookupResult | None]],
         timeout_s: float,
     ) -> None:
         self.mgr = mgr
         self.sink = sink
         self.peers = peers
-        self.lookup_peers = lookup_peers  # the index mirror's lookup (None before the join)
+        self.lookup_peers = lookup_peers  # the index's lookup (None before the join)
         self.timeout_s = timeout_s
 
-    def lookup(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Available:
+    async def lookup(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Available:
         local = self.mgr.lookup(keys).num_blocks
         counts = dict.fromkeys(Tier, 0)
-        for run in self._peer_runs(keys[local:], remote):
+        for run in await self._peer_runs(keys[local:], remote):
             for t in run.tiers:
                 counts[t] += 1
         return Available(local, counts[Tier.HOST], counts[Tier.DISK])
 
-    def _peer_runs(self, keys: list[BlockKey], remote: frozenset[Tier]) -> list[PeerRun]:
+    async def _peer_runs(self, keys: list[BlockKey], remote: frozenset[Tier]) -> list[PeerRun]:
         """Consecutive runs from keys[0] on, in the tiers the engine allows, from
         peers not left alone just now; each cut at the first tier not allowed."""
         if not remote or not keys:
             return []
-        result = self.lookup_peers(keys)
+        result = await self.lookup_peers(keys)
         if result is None or result.local:
             return []  # no index yet, or a mirror behind on what this node holds: try later
         runs, pos, now = [], 0, time.monotonic()
@@ -95,7 +95,7 @@ class Onboarding:
         local = self.mgr.lookup(keys)
         start = local.num_blocks
         pulled: list[Tier] = []
-        for run in self._peer_runs(keys[start:], remote):
+        for run in await self._peer_runs(keys[start:], remote):
             first = start + run.start
             want = keys[first : first + run.length]
             staged = run.tiers[0] == Tier.DISK

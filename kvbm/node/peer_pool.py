@@ -8,13 +8,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from discovery.records import NodeRecord
+from discovery.records import NodeRecord, Tier, check_node_id
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import PeerClient, pull
+from transport.peer_rpc import PeerClient, locate, place, pull
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
+INDEX_CALL_TIMEOUT_S = 1.0  # a sharded index's call to an owner (a lookup waits on it)
 
 
 class PeerPool:
@@ -39,6 +40,7 @@ class PeerPool:
         self.local_host = local_host  # connections leave from the node's own address
         self.record = record  # a peer's record, as the index has it now
         self.backoff_s = backoff_s
+        self.index_timeout_s = INDEX_CALL_TIMEOUT_S
         self.clients: dict[str, PeerClient] = {}
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self.on_avoid: Callable[[float], None] | None = None  # told each time until when
@@ -74,6 +76,35 @@ class PeerPool:
                 self._avoid(peer, "timed out")
                 self._forget(peer)
         return got
+
+    # -- the sharded index's calls (discovery/sharded.py: its `send` and `ask`) --
+    async def place(
+        self, owner: str, session: tuple[int, int], keys: list[bytes], tiers: list[Tier | None]
+    ) -> bool:
+        """Tell `owner` which of its keys this node holds; False when it could
+        not be told (unreachable, refused): the caller sends them again later."""
+        client = await self._client(owner, self.index_timeout_s)
+        if client is None:
+            return False
+        names = [None if t is None else t.value for t in tiers]
+        try:
+            return await place(client, session, keys, names, self.index_timeout_s)
+        except (TimeoutError, TransportError, OSError) as e:
+            log.info("locations not placed owner=%s error=%r", owner, e)
+            return False
+
+    async def locate(self, owner: str, keys: list[bytes]) -> list[dict[str, Tier]] | None:
+        """Who holds each of `keys`, as `owner` knows; None when it did not answer
+        (or answered what is not a node id and a tier)."""
+        client = await self._client(owner, self.index_timeout_s)
+        if client is None:
+            return None
+        try:
+            found = await locate(client, keys, self.index_timeout_s)
+            return [{check_node_id(n): Tier(t) for n, t in h.items()} for h in found]
+        except (TimeoutError, TransportError, OSError, ValueError) as e:
+            log.info("lookup not answered owner=%s error=%r", owner, e)
+            return None
 
     def _avoid(self, peer: str, why: str) -> None:
         log.warning("leaving a peer alone peer=%s reason=%s seconds=%d", peer, why, self.backoff_s)

@@ -1,5 +1,7 @@
 """What the fleet learns of this node: its record and every change of its
-tiers, published to the index (etcd, or in memory for one node)."""
+tiers, published to the index (etcd, or in memory for one node). With
+`index_layout` sharded, etcd holds the records and the locations go to
+their owners (discovery/sharded.py) through the node's peer connections."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
 from discovery.records import LookupResult, NodeRecord, Tier
+from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from kvbm.config import KvbmConfig
 from kvbm.key_view import REMOTE_DISK, REMOTE_HOST, KeyView
 from kvbm.manager import BlockManager
+from kvbm.node.peer_pool import PeerPool
 
 log = logging.getLogger("kvbm.node")
 PUBLISH_INTERVAL_S = 0.02  # the tiers' changes into the index's runs (no etcd write)
@@ -42,6 +46,10 @@ class Publisher:
         self.etcd_tls = cfg.etcd_tls
         self.lease_ttl = cfg.lease_ttl
         self.publish_after = cfg.index_publish_after_ms / 1000
+        # the node's share of a sharded index (its calls to owners once it serves)
+        self.locations: ShardedLocations | None = None
+        if cfg.index_layout == "sharded" and cfg.etcd_endpoints:
+            self.locations = ShardedLocations(record.node_id)
         self.mgr: BlockManager | None = None
         self.index: EtcdIndex | MemoryIndex | None = None
         self._joined = asyncio.Event()
@@ -67,18 +75,22 @@ class Publisher:
             self._join.result()
         return self._joined.is_set()
 
-    async def serve(self, mgr: BlockManager, record: NodeRecord) -> None:
-        """The tiers exist: publish the node's full record and its blocks."""
+    async def serve(self, mgr: BlockManager, record: NodeRecord, peers: PeerPool) -> None:
+        """The tiers exist: publish the node's full record and its blocks
+        (and, sharded, reach the owners through `peers`)."""
         self.mgr, self.record = mgr, record
+        if self.locations is not None:
+            self.locations.send, self.locations.ask = peers.place, peers.locate
         mgr.track_changes()
         if self.index is not None:
             await self.index.set_record(record)
         self._tasks.append(asyncio.create_task(self._publish_changes(mgr)))
 
     # -- what the rest of the node reads -------------------------------------
-    def lookup(self, keys: list[bytes]) -> LookupResult | None:
-        """Who holds `keys`, from the mirror (no etcd round trip); None before the join."""
-        return self.index.lookup(keys) if self.index is not None else None
+    async def lookup(self, keys: list[bytes]) -> LookupResult | None:
+        """Who holds `keys`: from the mirror (no etcd round trip), or from
+        their owners (sharded); None before the join."""
+        return await self.index.locate(keys) if self.index is not None else None
 
     def peer(self, node_id: str) -> NodeRecord | None:
         return self.index.mirror.nodes.get(node_id) if self.index is not None else None
@@ -110,6 +122,7 @@ class Publisher:
                     publish_after=self.publish_after,
                     signer=self.signer,
                     tls=self.etcd_tls,
+                    locations=self.locations,
                 )
             else:
                 index = MemoryIndex(self.namespace, record)
@@ -155,7 +168,9 @@ class Publisher:
         mgr.take_changes()  # superseded by the full state below
         self._publish(mgr, everything=True)
         view, me = mgr.view, self.record.node_id
-        if view is not None and self.etcd_endpoints:
+        if view is not None and self.locations is not None:
+            view.peers_elsewhere()  # the mirror holds none of peers' keys: engines ask the node
+        elif view is not None and self.etcd_endpoints:
             mirror.follow(lambda changes, reset: _show_peers(view, me, changes, reset))
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
