@@ -106,7 +106,7 @@ class EtcdIndex:
         self._watching = watch
         self._cluster_id: int | None = None
         self.locations = locations
-        self._members: set[str] = set()  # the nodes the owners' ring was last built from
+        self._leases: dict[str, int] = {}  # node -> the lease of its record (sharded)
         # a sharded index watches the node records only (runs, if any, are not its)
         self._watch_prefix = nodes_prefix(namespace) if locations else self.mirror.prefix
 
@@ -232,10 +232,10 @@ class EtcdIndex:
             lease = await client.lease(self.lease_ttl)
             # The lease counts as ours only once the record is under it: a
             # session that fails here is retried whole, never half kept.
-            put = await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
+            await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
             self._lease = lease.id
             if self.locations is not None:
-                self.locations.new_session(put.header.cluster_id, put.header.revision)
+                self.locations.new_session(lease.id)
             # The old lease is gone, and with it every key etcd held for us.
             self._in_etcd.clear()
             self.book.dirty = self.book.everything()
@@ -497,14 +497,21 @@ class EtcdIndex:
                     self.mirror.put(kv.key, kv.value, kv.mod_revision)
                 else:
                     self.mirror.delete(kv.key, kv.mod_revision)
-                self._update_members(kv.mod_revision)
+                self._note_lease(kv.key, kv.lease if event.kind == "PUT" else None)
+                self._update_members()
         except aetcd.exceptions.RevisionCompactedError:
             log.info("watch revision compacted; re-reading the namespace")
             await self._resync()
 
     async def _catch_up(self) -> None:
         """After a break: resume the watch, unless etcd's history no longer
-        reaches back to the mirror's revision (a wiped or replaced cluster)."""
+        reaches back to the mirror's revision (a wiped or replaced cluster).
+        A sharded index re-reads the node records every time: they are few,
+        and with no runs written the revisions move too little to tell a
+        wiped etcd (whose revisions start again) from the one it had."""
+        if self.locations is not None:
+            await self._resync()
+            return
         got = await self._live().get(node_path(self.namespace, self.node.node_id))
         header = got.header if got is not None else None
         if (
@@ -524,26 +531,35 @@ class EtcdIndex:
         fresh.revision = revision
         self.mirror.adopt(fresh)
         self._cluster_id = cluster
-        if self.locations is not None:
-            self.locations.set_cluster(cluster)
-        self._update_members(revision)
+        self._leases.clear()
+        for kv in kvs:
+            self._note_lease(kv.key, kv.lease)
+        self._update_members()
 
-    def _update_members(self, revision: int) -> None:
-        """A sharded index's ring from the node records: every node that
-        serves (has a peer port) and shares one of this node's fingerprints.
-        A node whose record went at `revision` loses its locations here."""
+    def _note_lease(self, path: bytes, lease: int | None) -> None:
+        """The lease a node's record is under (None: the record went)."""
+        if self.locations is None or not path.startswith(self._watch_prefix):
+            return
+        node = path[len(self._watch_prefix) :].decode(errors="replace")
+        if lease:
+            self._leases[node] = lease
+        else:
+            self._leases.pop(node, None)
+
+    def _update_members(self) -> None:
+        """A sharded index's ring from the node records the mirror believes:
+        every node that serves (has a peer port) and shares one of this
+        node's fingerprints, with the lease its record is under."""
         if self.locations is None:
             return
         mine = set(self.node.fingerprints)
-        members = {
-            n
-            for n, r in self.mirror.nodes.items()
-            if r.rpc_port and (not mine or mine & set(r.fingerprints))
-        }
-        for gone in self._members - members:
-            self.locations.node_gone(gone, revision)
-        self._members = members
-        self.locations.set_members(members)
+        self.locations.set_members(
+            {
+                n: self._leases[n]
+                for n, r in self.mirror.nodes.items()
+                if r.rpc_port and n in self._leases and (not mine or mine & set(r.fingerprints))
+            }
+        )
 
 
 async def snapshot(

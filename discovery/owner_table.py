@@ -125,6 +125,12 @@ class OwnerTable:
             out.append(found)
         return out
 
+    def items(self) -> list[tuple[int, int, Tier]]:
+        """Every location as (x, holder, tier) (tests, dumps)."""
+        self._merge()
+        xs, ws = self._main_x.tolist(), self._main_w.tolist()
+        return [(x, w >> 1, _TIERS[w & _DISK]) for x, w in zip(xs, ws, strict=True)]
+
     def drop(self, holder: int) -> int:
         """Forget every location of `holder` (it left the fleet); returns how many."""
         self._merge()

@@ -12,15 +12,15 @@ that say who is live (the ring). The calls between nodes are the caller's
 
 A lookup's answer is advice; the holder's pin is the truth. What keeps the
 advice close to it:
-- A holder's batches carry its session: (etcd cluster id, the revision at
-  which its record went in); an owner keeps one revision per holder. A
-  newer one replaces the holder's old locations (a restart), an older
-  batch is refused, and a node record deleted at revision r drops the
-  locations of sessions before r: a dead node's locations go with its
-  lease, a restarted node's new ones stay. A batch from another etcd
-  cluster than the owner's is refused (the sender tries again); an owner
-  whose etcd was replaced (wiped: revisions start again) forgets all it
-  was told, and every node republishes in its new session.
+- A holder's batches carry its session: the etcd lease its record is
+  under. An owner takes a batch only under the lease it sees on the
+  holder's record now (its own watch of the records), and keeps one
+  lease's locations per holder: when the record goes (the lease expired:
+  a dead node) or comes back under another lease (a restart, etcd wiped),
+  the old lease's locations go. A batch the owner refuses (its watch is
+  behind, or the session is over) is sent again later; a new session
+  sends everything anew. No revision is compared: a wiped etcd starts its
+  revisions again, leases are new.
 - When the ring changes, each node sends the new owners of moved shards all
   it holds there, and forgets what it was told of shards it no longer owns.
 - A batch that fails stays pending (newer changes win) and goes again at
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -46,7 +46,7 @@ _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 MAX_KEYS_PER_CALL = 4096
 PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
-Session = tuple[int, int]  # (etcd cluster id, revision of the node's record)
+Session = int  # the etcd lease of the node's record
 # (owner, session, keys, tiers) -> True once the owner has them
 Send = Callable[[str, Session, list[bytes], list[Tier | None]], Awaitable[bool]]
 # (owner, keys) -> holders of each key, or None when the owner did not answer
@@ -57,8 +57,9 @@ class ShardedLocations:
     """Invariants: `held` is what this node holds, as it last published it;
     `_pending[owner]` the changes that owner has not acknowledged, each key
     under the owner of its shard in `ring`; `table` holds locations only of
-    shards this node owns in `ring`, all from etcd cluster `cluster`, each
-    holder's from one session revision, `_epochs[holder]`."""
+    shards this node owns in `ring`, each holder's from the one session
+    `_sessions[holder]`, which is the lease on its record as this node last
+    saw it (`_leases`)."""
 
     def __init__(
         self,
@@ -73,18 +74,19 @@ class ShardedLocations:
         self.send: Send = send or _unreachable
         self.ask: Ask = ask or _unreachable
         self.max_locations = max_locations
-        self.session: Session = (0, 0)
-        self.cluster = 0  # the etcd cluster this node's index reads (0: none yet)
+        self.session: Session = 0  # none yet
+        self._leases: dict[str, int] = {}  # the members' records' leases, as seen
         self.ring = OwnerRing()
         self.table = OwnerTable()
         self.held: dict[bytes, Tier] = {}
         self.over_cap = 0  # locations refused at max_locations
-        self.stale = 0  # batches refused: another cluster's, or from a session replaced
+        self.stale = 0  # batches refused: not under the lease the holder's record has
         self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
         self._pending: dict[str, dict[bytes, Tier | None]] = {}
+        self._flushing = asyncio.Lock()
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
-        self._epochs: dict[int, int] = {}
+        self._sessions: dict[int, int] = {}
 
     # -- this node's own keys ----------------------------------------------
     def publish(self, changes: Mapping[bytes, Tier | None]) -> None:
@@ -97,11 +99,10 @@ class ShardedLocations:
                 held[k] = t
         self._route(list(changes), list(changes.values()))
 
-    def new_session(self, cluster: int, revision: int) -> None:
+    def new_session(self, lease: int) -> None:
         """A new session (lease) in etcd: owners replace everything this node
         told them before with what it holds now."""
-        self.session = (cluster, revision)
-        self.set_cluster(cluster)
+        self.session = lease
         self._pending.clear()
         self._route(list(self.held), list(self.held.values()))
 
@@ -120,35 +121,49 @@ class ShardedLocations:
                 batch[k] = t
 
     async def flush(self) -> None:
-        """Send each owner its pending changes, all owners at once."""
-        pending, self._pending = self._pending, {}
-        mine = pending.pop(self.me, None)
-        if mine and not self.place(self.me, self.session, list(mine), list(mine.values())):
-            self._route(list(mine), list(mine.values()), older=True)
+        """Send each owner its pending changes, all owners at once. One flush
+        at a time: a batch that failed goes back before any later change of
+        its keys is sent (else its old value would overwrite the newer one
+        at the owner), and only if the session it belongs to still stands
+        (a new session sends everything anew)."""
+        async with self._flushing:
+            session = self.session
+            pending, self._pending = self._pending, {}
+            mine = pending.pop(self.me, None)
+            if mine and not self.place(self.me, session, list(mine), list(mine.values())):
+                self._route(list(mine), list(mine.values()), older=True)
 
-        async def one(owner: str, batch: dict[bytes, Tier | None]) -> None:
-            keys, tiers = list(batch), list(batch.values())
-            for i in range(0, len(keys), MAX_KEYS_PER_CALL):
-                part = slice(i, i + MAX_KEYS_PER_CALL)
-                try:
-                    ok = await self.send(owner, self.session, keys[part], tiers[part])
-                except Exception as e:  # a caller's transport: whatever it raises, try later
-                    log.info("locations not sent owner=%s error=%r", owner, e)
-                    ok = False
-                if not ok:
-                    self._route(keys[i:], tiers[i:], older=True)
-                    return
+            async def one(owner: str, batch: dict[bytes, Tier | None]) -> None:
+                keys, tiers = list(batch), list(batch.values())
+                for i in range(0, len(keys), MAX_KEYS_PER_CALL):
+                    part = slice(i, i + MAX_KEYS_PER_CALL)
+                    try:
+                        ok = await self.send(owner, session, keys[part], tiers[part])
+                    except Exception as e:  # a caller's transport: whatever it raises, try later
+                        log.info("locations not sent owner=%s error=%r", owner, e)
+                        ok = False
+                    if not ok:
+                        if self.session == session:
+                            self._route(keys[i:], tiers[i:], older=True)
+                        return
 
-        await asyncio.gather(*(one(o, b) for o, b in pending.items()))
+            await asyncio.gather(*(one(o, b) for o, b in pending.items()))
 
     @property
     def pending(self) -> int:
         return sum(len(b) for b in self._pending.values())
 
     # -- the fleet ---------------------------------------------------------
-    def set_members(self, nodes: Iterable[str]) -> None:
-        """The live nodes that share this node's keys (itself included)."""
-        members = tuple(sorted(set(nodes)))
+    def set_members(self, leases: Mapping[str, int]) -> None:
+        """The live nodes that share this node's keys (itself included), each
+        with the lease its record is under. A holder whose lease changed or
+        that left loses the locations of its old session here."""
+        self._leases = dict(leases)
+        for h, lease in list(self._sessions.items()):
+            if leases.get(self._names[h]) != lease:
+                self.table.drop(h)
+                del self._sessions[h]
+        members = tuple(sorted(leases))
         if members == self.ring.nodes:
             return
         ring = OwnerRing(members)
@@ -167,23 +182,6 @@ class ShardedLocations:
             again = [k for k, m in zip(keys, there, strict=True) if m]
             self._route(again, [self.held[k] for k in again], older=True)
 
-    def node_gone(self, node: str, revision: int) -> None:
-        """`node`'s record was deleted at etcd revision `revision`: its
-        locations from sessions before that go."""
-        h = self._ids.get(node)
-        if h is not None and self._epochs.get(h, revision) < revision:
-            self.table.drop(h)
-            del self._epochs[h]
-
-    def set_cluster(self, cluster: int) -> None:
-        """The etcd cluster this node's index reads; when it changes (etcd
-        wiped or replaced: revisions start again), the owner's side forgets
-        all it was told, and every node republishes in its new session."""
-        if cluster != self.cluster:
-            self.cluster = cluster
-            self.table = OwnerTable()
-            self._epochs.clear()
-
     # -- the owner's side --------------------------------------------------
     def place(
         self, node: str, session: Session, keys: list[bytes], tiers: Sequence[str | None]
@@ -191,22 +189,16 @@ class ShardedLocations:
         """`node` says it holds `keys` in `tiers` now (None: no longer; a
         tier's name will do, as a peer sends it). Keys of shards this node
         does not own are ignored (the sender's ring was behind; it will send
-        them to their owner). False: the batch is from another etcd cluster
-        than this node's, or from a session already replaced. Raises
+        them to their owner). False: the session is not the lease this
+        owner sees on the node's record (yet, or any more). Raises
         ValueError for a tier that is not one."""
         tiers = [None if t is None else Tier(t) for t in tiers]
-        cluster, epoch = session
-        if cluster != self.cluster:
+        if not session or self._leases.get(node) != session:
             self.stale += 1
             return False
         h = self._holder(node)
-        known = self._epochs.get(h)
-        if known is not None and epoch < known:
-            self.stale += 1
-            return False
-        if known is not None and epoch > known:
-            self.table.drop(h)
-        self._epochs[h] = epoch
+        if self._sessions.get(h) != session:  # set_members dropped any older session's
+            self._sessions[h] = session
         if not len(self._mine):
             return True
         ours = self._mine[shard_of(key_x(keys))].tolist()
@@ -223,6 +215,13 @@ class ShardedLocations:
         """Who holds each key, as far as this owner knows ({} for keys it does not own)."""
         names = self._names
         return [{names[h]: t for h, t in found.items()} for found in self.table.holders(keys)]
+
+    def dump(self) -> dict[str, dict[str, str]]:
+        """This owner's share, by key x in hex: holder -> tier (tests, debugging)."""
+        out: dict[str, dict[str, str]] = {}
+        for x, h, tier in self.table.items():
+            out.setdefault(f"{x:016x}", {})[self._names[h]] = tier.value
+        return out
 
     def _holder(self, node: str) -> int:
         h = self._ids.get(node)

@@ -1,7 +1,12 @@
 """A node process for the index tests: it registers, publishes a churn of block
 locations (as runs), serves lookups from its mirror all along, and answers commands on
 stdin, one per line: `churn on`, `churn off`, `flush`, `dump PATH`, `exit`.
-Run as `python -m tests.index_node ENDPOINT NAMESPACE NODE_ID TTL`."""
+Run as `python -m tests.index_node ENDPOINT NAMESPACE NODE_ID TTL [sharded]`.
+
+`sharded`: the sharded index (discovery/sharded.py) as a node runs it: the
+node's peer RPC server (a real block manager's tiers, a real NIXL agent) is
+also the owner of its shards, its peer pool carries its calls to the other
+owners, and its dump's "owned" is its share of the locations, by key x."""
 
 from __future__ import annotations
 
@@ -12,12 +17,21 @@ import sys
 
 from discovery.etcd_index import EtcdIndex
 from discovery.records import NodeRecord, Tier
+from discovery.sharded import ShardedLocations
+
+SECRET = b"index-test-secret-0123456789abcdef"
 
 KEYSPACE = 400
 
 
-async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
-    idx = EtcdIndex([endpoint], namespace, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl)
+async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: bool) -> None:
+    if sharded:
+        idx, close_peers = await _sharded(endpoint, namespace, node_id, ttl)
+    else:
+        idx = EtcdIndex(
+            [endpoint], namespace, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl
+        )
+        close_peers = None
     await idx.start()
     rng = random.Random(node_id)
     churning = True
@@ -32,7 +46,10 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
                 adds = {k: rng.choice([Tier.HOST, Tier.DISK]) for k in keys[:5]}
                 idx.publish(adds, keys[5:])
             # local serving never stops, etcd or not
-            idx.lookup(keys)
+            if sharded:
+                await idx.locate(keys)
+            else:
+                idx.lookup(keys)
             lookups += 1
 
     task = asyncio.create_task(churn())
@@ -45,12 +62,15 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
         if line[0] == "churn":
             churning = line[1] == "on"
         elif line[0] == "flush":
-            await idx.flush(timeout=20)
+            try:
+                await idx.flush(timeout=20)
+            except TimeoutError:
+                print("flush timed out", _sharded_state(idx), file=sys.stderr, flush=True)
         elif line[0] == "dump":
             with open(line[1], "w") as f:
                 json.dump(
                     {
-                        "state": {k.hex(): t.value for k, t in idx.book.held().items()},
+                        "state": {k.hex(): t.value for k, t in held(idx).items()},
                         "mirror": {
                             k.hex(): {n: t.value for n, t in holders.items()}
                             for k, holders in idx.mirror.locations.items()
@@ -58,13 +78,75 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int) -> None:
                         "nodes": sorted(idx.mirror.nodes),
                         "lookups": lookups,
                         "connected": idx.connected,
+                        "owned": idx.locations.dump() if idx.locations else {},
+                        "sharded": _sharded_state(idx),
                     },
                     f,
                 )
         print("ok", flush=True)
     task.cancel()
     await idx.close()
+    if close_peers is not None:
+        await close_peers()
+
+
+def _sharded_state(idx: EtcdIndex) -> dict:
+    loc = idx.locations
+    if loc is None:
+        return {}
+    return {
+        "session": loc.session,
+        "ring": list(loc.ring.nodes),
+        "pending": {o: len(b) for o, b in loc._pending.items()},
+        "stale": loc.stale,
+    }
+
+
+def held(idx: EtcdIndex) -> dict[bytes, Tier]:
+    """What this node published as held: its runs, or (sharded) its keys."""
+    return dict(idx.locations.held) if idx.locations else idx.book.held()
+
+
+async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
+    from kvbm.admission import FrequencyFilter
+    from kvbm.host_pool import HostPool
+    from kvbm.manager import BlockManager
+    from kvbm.node.peer_pool import PeerPool
+    from kvbm.peer_tiers import ManagerTiers
+    from tests.support import GEOMETRY
+    from transport.nixl_agent import NixlAgent
+    from transport.peer_rpc import PeerServer
+
+    host = HostPool(GEOMETRY, 4 * GEOMETRY.slot_bytes)
+    mgr = BlockManager(GEOMETRY, host, None, FrequencyFilter())
+    agent = NixlAgent(f"index-{node_id}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
+    locations = ShardedLocations(node_id)
+    server = PeerServer(ManagerTiers(mgr), agent, SECRET, node_id=node_id, owner=locations)
+    port = await server.start("127.0.0.1", 0)
+    record = NodeRecord(node_id, "127.0.0.1", port, fingerprints=(GEOMETRY.fingerprint,))
+    idx = EtcdIndex(
+        [endpoint], namespace, record, lease_ttl=ttl, flush_interval=0.05, locations=locations
+    )
+    pool = PeerPool(
+        node_id,
+        agent,
+        SECRET,
+        GEOMETRY.fingerprint,
+        "127.0.0.1",
+        lambda peer: idx.mirror.nodes.get(peer),  # the mirror's dict is replaced on a resync
+        1,
+    )
+    locations.send, locations.ask = pool.place, pool.locate
+
+    async def close() -> None:
+        await pool.close()
+        await server.close()
+        agent.close()
+        mgr.close()
+
+    return idx, close
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sharded = sys.argv[5:] == ["sharded"]
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sharded))

@@ -19,6 +19,7 @@ import pytest
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.etcd_server import etcd_binary
+from discovery.owner_table import key_x
 from discovery.records import NodeRecord, Tier
 from discovery.schema import run_path
 from discovery.signing import IndexSigner
@@ -179,10 +180,11 @@ def test_unreachable_etcd_at_start_is_a_clear_error():
 
 # -- real node processes -----------------------------------------------------
 class NodeProcess:
-    def __init__(self, endpoint: str, node_id: str, ttl: int) -> None:
+    def __init__(self, endpoint: str, node_id: str, ttl: int, layout: str = "mirror") -> None:
         self.node_id = node_id
+        args = [endpoint, NS, node_id, str(ttl)] + (["sharded"] if layout == "sharded" else [])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.index_node", endpoint, NS, node_id, str(ttl)],
+            [sys.executable, "-m", "tests.index_node", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -238,9 +240,63 @@ def test_a_killed_node_vanishes_from_mirrors_within_its_ttl(etcd, nodes):
     run(scenario())
 
 
-def test_etcd_killed_and_restarted_under_a_running_cluster(etcd, nodes, tmp_path):
+def truth_of(dumps: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Who holds what, from each node's own state."""
+    truth: dict[str, dict[str, str]] = {}
+    for name, d in dumps.items():
+        for k, tier in d["state"].items():
+            truth.setdefault(k, {})[name] = tier
+    return truth
+
+
+def assert_index_is_the_truth(dumps: dict[str, dict], layout: str) -> None:
+    """Mirror: every node's mirror equals the truth, key by key. Sharded: the
+    owners' shares together equal it, key (x) by key, each key at one owner."""
+    truth = truth_of(dumps)
+    assert truth, "the churn published nothing"
+    if layout == "mirror":
+        for name, d in dumps.items():
+            assert d["mirror"] == truth, f"{name}'s mirror differs from the published truth"
+        return
+    by_x = {f"{int(key_x([bytes.fromhex(k)])[0]):016x}": h for k, h in truth.items()}
+    owned: dict[str, dict[str, str]] = {}
+    for d in dumps.values():
+        for x, holders in d["owned"].items():
+            assert x not in owned, f"{x} has two owners"
+            owned[x] = holders
+    assert owned == by_x, "the owners' shares differ from the published truth"
+    assert all(d["owned"] for d in dumps.values()), "a node owns nothing"
+
+
+def test_a_killed_sharded_nodes_locations_leave_the_owners_within_its_ttl(etcd, nodes, tmp_path):
+    ttl = 2
+    for name in ("n1", "n2", "doomed"):
+        nodes.append(NodeProcess(etcd.endpoint, name, ttl, layout="sharded"))
+    time.sleep(0.5)  # churn: every node's locations reach their owners
+    for n in nodes:
+        n.ask("churn off")
+    for n in nodes:
+        n.ask("flush")
+    live, (doomed,) = nodes[:2], nodes[2:]
+
+    def doomed_at_owners() -> int:
+        dumps = [n.dump(str(tmp_path / f"{n.node_id}.json")) for n in live]
+        return sum("doomed" in h for d in dumps for h in d["owned"].values())
+
+    assert doomed_at_owners() > 0
+    os.kill(doomed.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while doomed_at_owners():
+        assert time.monotonic() - t0 < ttl + 5, "the dead node's locations stayed"
+        time.sleep(0.05)
+    # the lease expires ~TTL after the last refresh, which was up to TTL/3 before death
+    assert time.monotonic() - t0 <= ttl + 1
+
+
+@pytest.mark.parametrize("layout", ["mirror", "sharded"])
+def test_etcd_killed_and_restarted_under_a_running_cluster(etcd, nodes, tmp_path, layout):
     for name in ("n1", "n2", "n3"):
-        nodes.append(NodeProcess(etcd.endpoint, name, ttl=10))
+        nodes.append(NodeProcess(etcd.endpoint, name, ttl=10, layout=layout))
     time.sleep(1.0)  # churn with etcd up
     etcd.kill()
     before = {n.node_id: n.dump(str(tmp_path / f"{n.node_id}-down.json")) for n in nodes}
@@ -262,22 +318,16 @@ def test_etcd_killed_and_restarted_under_a_running_cluster(etcd, nodes, tmp_path
         assert during[name]["lookups"] > before[name]["lookups"]
         assert not during[name]["connected"]
         assert after[name]["connected"]
-    truth: dict[str, dict[str, str]] = {}
-    for name, d in after.items():
-        for k, tier in d["state"].items():
-            truth.setdefault(k, {})[name] = tier
-    assert truth, "the churn published nothing"
-    for name, d in after.items():
-        # every mirror equals the truth, key by key
-        assert d["mirror"] == truth, f"{name}'s mirror differs from the published truth"
-        assert d["nodes"] == ["n1", "n2", "n3"]
+        assert after[name]["nodes"] == ["n1", "n2", "n3"]
+    assert_index_is_the_truth(after, layout)
 
 
-def test_a_wiped_etcd_gets_every_node_back(etcd, nodes, tmp_path):
+@pytest.mark.parametrize("layout", ["mirror", "sharded"])
+def test_a_wiped_etcd_gets_every_node_back(etcd, nodes, tmp_path, layout):
     # etcd comes back empty (a replaced cluster): leases and history are gone, so
     # every node must take a new lease, republish its state, and re-read the index
     for name in ("n1", "n2"):
-        nodes.append(NodeProcess(etcd.endpoint, name, ttl=10))
+        nodes.append(NodeProcess(etcd.endpoint, name, ttl=10, layout=layout))
     time.sleep(1.0)
     etcd.kill()
     etcd.wipe()
@@ -289,14 +339,9 @@ def test_a_wiped_etcd_gets_every_node_back(etcd, nodes, tmp_path):
         n.ask("flush")
     time.sleep(0.5)
     after = {n.node_id: n.dump(str(tmp_path / f"{n.node_id}.json")) for n in nodes}
-    truth: dict[str, dict[str, str]] = {}
-    for name, d in after.items():
-        for k, tier in d["state"].items():
-            truth.setdefault(k, {})[name] = tier
-    assert truth
-    for name, d in after.items():
-        assert d["mirror"] == truth, f"{name}'s mirror differs from the published truth"
+    for d in after.values():
         assert d["nodes"] == ["n1", "n2"]
+    assert_index_is_the_truth(after, layout)
 
 
 def test_a_hostile_node_record_is_skipped_and_nobody_crashes(etcd, caplog):

@@ -33,7 +33,8 @@ class Fleet:
     def __init__(self, names: list[str]) -> None:
         self.nodes: dict[str, ShardedLocations] = {}
         self.down: set[str] = set()
-        self.revision = 0
+        self.leases: dict[str, int] = {}  # each node's record's lease, as etcd has it
+        self.next_lease = 100
         self.asked: list[list[bytes]] = []  # every ask's keys
         for n in names:
             self.add(n)
@@ -50,14 +51,22 @@ class Fleet:
             return None if owner in self.down else self.nodes[owner].holders(ks)
 
         node = self.nodes[name] = ShardedLocations(name, send, ask)
-        self.revision += 1
-        node.new_session(1, self.revision)
+        self.new_lease(name)
         return node
 
+    def new_lease(self, name: str) -> int:
+        """`name` starts a session: a new lease on its record."""
+        self.next_lease += 1
+        self.leases[name] = self.next_lease
+        self.nodes[name].new_session(self.next_lease)
+        return self.next_lease
+
     def members(self) -> None:
-        live = [n for n in self.nodes if n not in self.down]
+        """Every live node sees every live node's record (and its lease)."""
+        live = {n: lease for n, lease in self.leases.items() if n not in self.down}
         for n in live:
-            self.nodes[n].set_members(live)
+            if n in self.nodes:
+                self.nodes[n].set_members(live)
 
     async def flush(self) -> None:
         await asyncio.gather(
@@ -131,39 +140,43 @@ def test_a_dead_holders_locations_go_with_its_record_and_a_restarted_ones_new_se
     fleet.nodes["n2"].publish(dict.fromkeys(ks, H))
     asyncio.run(fleet.flush())
     assert total(fleet) == 100
-    # n2 restarts in a new session before the owners hear its old record go
-    old_epoch = fleet.nodes["n2"].session[1]
-    fleet.revision += 10
+    # n2 restarts under a new lease; until the owners see its new record,
+    # its batches are refused and wait
+    old = fleet.leases["n2"]
     fleet.nodes["n2"].held.clear()
-    fleet.nodes["n2"].new_session(1, fleet.revision)
+    fleet.new_lease("n2")
     fleet.nodes["n2"].publish(dict.fromkeys(ks[:30], D))
     asyncio.run(fleet.flush())
-    assert total(fleet) == 30  # the new epoch replaced the old locations
-    for n in fleet.nodes.values():
-        n.node_gone("n2", old_epoch + 1)  # the old record's delete, seen late
-    assert total(fleet) == 30  # ... leaves the new session's locations alone
+    assert fleet.nodes["n2"].pending > 0 and total(fleet) == 100
+    fleet.members()  # the owners see the new record: the old session's locations go
+    assert total(fleet) == 0
+    asyncio.run(fleet.flush())
+    assert total(fleet) == 30 and fleet.nodes["n2"].pending == 0
     # a batch from the old session, arriving late, is refused
     owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
-    assert owner.place("n2", (1, old_epoch), ks[:1], [H]) is False
-    assert owner.place("n2", (2, fleet.revision + 5), ks[:1], [H]) is False  # another cluster
-    # the new session's record goes: everything of n2 goes
-    for n in fleet.nodes.values():
-        n.node_gone("n2", fleet.revision + 1)
-    assert total(fleet) == 0
+    assert owner.place("n2", old, ks[:1], [H]) is False
+    # the record goes (the lease expired): everything of n2 goes
+    fleet.down.add("n2")
+    fleet.members()
+    assert sum(len(n.table) for name, n in fleet.nodes.items() if name != "n2") == 0
     assert fleet.lookup("n0", ks) == LookupResult(0)
 
 
 def test_owners_refuse_keys_past_their_cap_but_still_take_removals():
     fleet = Fleet(["n0"])
     node = fleet.nodes["n0"]
-    node.max_locations = 50
     node.publish(dict.fromkeys(keys(0, 40), H))
     asyncio.run(fleet.flush())
-    node.place("intruder", (1, 1), keys(100, 20), [H] * 20)
-    assert len(node.table) == 40 and node.over_cap == 1
+    fleet.leases["intruder"] = 7  # a fleet member (its own shards now) that floods n0
+    fleet.members()
+    before = len(node.table)
+    node.max_locations = before + 3
+    node.place("intruder", 7, keys(100, 20), [H] * 20)
+    assert len(node.table) == before and node.over_cap == 1
     node.publish(dict.fromkeys(keys(0, 10), None))
     asyncio.run(fleet.flush())
-    assert len(node.table) == 30
+    ours = node.ring.owners_of(key_x(keys(0, 10))).count("n0")
+    assert ours and len(node.table) == before - ours
 
 
 @pytest.mark.parametrize("n", [1, 7])

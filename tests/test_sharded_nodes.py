@@ -9,6 +9,8 @@ import asyncio
 
 import pytest
 
+from discovery.owner_table import key_x
+from discovery.owners import shard_of
 from discovery.records import Tier
 from discovery.sharded import ShardedLocations
 from kvbm.peer_tiers import ManagerTiers
@@ -31,9 +33,9 @@ async def _nothing(*_args):
 def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
     a, b = make_manager(host_slots=2), make_manager(host_slots=2)
     owner = ShardedLocations("node-a", _nothing, _nothing)
-    owner.new_session(5, 1)
-    owner.set_members(["node-a"])  # a owns every shard
-    ks = keys(0, 6)
+    owner.set_members({"node-a": 3, "node-b": 7})  # b's record is under lease 7
+    mine = owner.ring.shards_of("node-a")
+    ks = [k for k in keys(0, 100) if mine[shard_of(key_x([k]))[0]]][:6]  # keys a owns
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
@@ -42,21 +44,20 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
         try:
             await client.connect("127.0.0.1", port)
-            assert await place(client, (5, 7), ks, ["host"] * 4 + ["disk", None], 5.0) is True
+            assert await place(client, 7, ks, ["host"] * 4 + ["disk", None], 5.0) is True
             got = await locate(client, ks, 5.0)
             assert got == [{"node-b": "host"}] * 4 + [{"node-b": "disk"}, {}]
-            assert await place(client, (5, 6), ks[:1], [None], 5.0) is False  # an older session
-            assert await place(client, (4, 9), ks[:1], [None], 5.0) is False  # another etcd
+            assert await place(client, 6, ks[:1], [None], 5.0) is False  # not b's record's lease
             # the node id is the one the handshake proved, whatever the body says
             assert owner.holders(ks[:1]) == [{"node-b": Tier.HOST}]
             # a tier that is not one: the call fails, the owner's table stands
             with pytest.raises(TransportError):
-                await place(client, (5, 7), ks[:1], ["tape"], 5.0)
+                await place(client, 7, ks[:1], ["tape"], 5.0)
             again = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
             try:
                 await again.connect("127.0.0.1", port)
                 with pytest.raises(TransportError):  # one tier for two keys: closed
-                    body = {"keys": ks[:2], "tiers": ["host"], "session": [5, 7]}
+                    body = {"keys": ks[:2], "tiers": ["host"], "session": 7}
                     await again.call("place", body, 5)
             finally:
                 await again.close()

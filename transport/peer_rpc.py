@@ -235,13 +235,9 @@ class PeerServer:
                 raise ProtocolError("place needs one tier per key")
             if not all(t is None or isinstance(t, str) for t in tiers):
                 raise ProtocolError("a tier that is not a name")
-            if not (
-                isinstance(session, list)
-                and len(session) == 2
-                and all(type(v) is int and 0 <= v < 2**64 for v in session)
-            ):
-                raise ProtocolError("place needs a session: [cluster id, revision]")
-            return {"ok": self.owner.place(peer, (session[0], session[1]), keys, tiers)}
+            if type(session) is not int or not 0 < session < 2**64:
+                raise ProtocolError("place needs a session (the lease of the node's record)")
+            return {"ok": self.owner.place(peer, session, keys, tiers)}
         if msg.call in ("hello", "auth"):
             raise ProtocolError("hello must come first, and once")
         raise ProtocolError(f"{msg.call!r} is not a request")
@@ -542,16 +538,12 @@ CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied,
 
 
 async def place(
-    client: PeerClient,
-    session: tuple[int, int],
-    keys: list[bytes],
-    tiers: list[str | None],
-    timeout: float,
+    client: PeerClient, session: int, keys: list[bytes], tiers: list[str | None], timeout: float
 ) -> bool:
     """Tell the peer, an owner of these keys' shards, which of them this node
-    holds (tier names; None: no longer). False: the owner reads another
-    etcd cluster, or has this node in a newer session."""
-    body = {"keys": keys, "tiers": tiers, "session": list(session)}
+    holds (tier names; None: no longer). False: the owner does not see this
+    session (the lease of this node's record) on the record yet, or any more."""
+    body = {"keys": keys, "tiers": tiers, "session": session}
     reply = await client.call("place", body, timeout)
     return reply.get("ok") is True
 

@@ -64,11 +64,9 @@ class LocationOwner(Protocol):
     it): which peers hold the keys this node owns. Tiers travel as their
     names ("host", "disk"; None: no longer held); the owner checks them."""
 
-    def place(
-        self, node: str, session: tuple[int, int], keys: list[bytes], tiers: list[str | None]
-    ) -> bool:
-        """`node`, in `session` (etcd cluster id, revision), holds `keys` in
-        `tiers` now; False: not this owner's cluster, or a session replaced."""
+    def place(self, node: str, session: int, keys: list[bytes], tiers: list[str | None]) -> bool:
+        """`node`, in `session` (the etcd lease of its record), holds `keys`
+        in `tiers` now; False: not the session the owner sees for it."""
         ...
 
     def holders(self, keys: list[bytes]) -> list[dict[str, str]]:

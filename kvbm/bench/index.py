@@ -423,10 +423,10 @@ async def sharded_fleet(
         return msgpack.unpackb(raw)
 
     def node(name: str) -> ShardedLocations:
-        async def send(owner: str, session: tuple[int, int], keys: list, tiers: list) -> bool:
+        async def send(owner: str, session: int, keys: list, tiers: list) -> bool:
             wire["calls"] += 1
-            body = through_the_wire({"keys": keys, "tiers": tiers, "session": list(session)})
-            ok = fleet[owner].place(name, tuple(body["session"]), body["keys"], body["tiers"])
+            body = through_the_wire({"keys": keys, "tiers": tiers, "session": session})
+            ok = fleet[owner].place(name, body["session"], body["keys"], body["tiers"])
             return through_the_wire({"ok": ok})["ok"]
 
         async def ask(owner: str, keys: list[bytes]) -> list[dict[str, Tier]]:
@@ -438,9 +438,10 @@ async def sharded_fleet(
 
     for name in names:
         fleet[name] = node(name)
-    for n in fleet.values():
-        n.set_members(names)
-        n.new_session(1, 1)
+    leases = {name: i + 1 for i, name in enumerate(names)}
+    for name, n in fleet.items():
+        n.set_members(leases)
+        n.new_session(leases[name])
     sims = list(zip(traces, fleet.values(), strict=True))
 
     def totals() -> tuple[int, int, int]:

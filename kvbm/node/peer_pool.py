@@ -79,7 +79,7 @@ class PeerPool:
 
     # -- the sharded index's calls (discovery/sharded.py: its `send` and `ask`) --
     async def place(
-        self, owner: str, session: tuple[int, int], keys: list[bytes], tiers: list[Tier | None]
+        self, owner: str, session: int, keys: list[bytes], tiers: list[Tier | None]
     ) -> bool:
         """Tell `owner` which of its keys this node holds; False when it could
         not be told (unreachable, refused): the caller sends them again later."""
