@@ -9,6 +9,7 @@ codec, no sockets)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import gc
 import multiprocessing
@@ -32,6 +33,7 @@ from discovery.signing import IndexSigner
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import KeySpace
 from kvbm.config import KvbmConfig
+from kvbm.layout import ModelGeometry
 from kvbm.node.publisher import INDEX_FLUSH_S
 
 NS = "bench"
@@ -398,7 +400,80 @@ def _delta_bytes_per_location(n: int = 20_000) -> float:
     return used / n
 
 
+class _SimNode:
+    """One simulated node of the sharded fleet, with the node's own parts: its
+    EtcdIndex (records and leases in etcd), its share of the locations, a
+    peer RPC server that is also the owner of its shards (a real NIXL agent
+    on a tiny arena, the real handshake and sealed frames), and a peer pool
+    on its own loopback address carrying its calls to the other owners."""
+
+    def __init__(self, endpoint: str, name: str, address: str, ttl: int, flush: float) -> None:
+        from kvbm.admission import FrequencyFilter
+        from kvbm.host_pool import HostPool
+        from kvbm.manager import BlockManager
+        from kvbm.node.peer_pool import PeerPool
+        from kvbm.peer_tiers import ManagerTiers
+        from transport.nixl_agent import NixlAgent
+        from transport.peer_rpc import PeerServer
+
+        g = _SIM_GEOMETRY
+        self.name, self.address = name, address
+        self.mgr = BlockManager(g, HostPool(g, 2 * g.slot_bytes), None, FrequencyFilter())
+        arena = self.mgr.host.arena
+        self.agent = NixlAgent(f"bench-{name}", arena.array.ctypes.data, arena.size)
+        self.locations = ShardedLocations(name)
+        self.server = PeerServer(
+            ManagerTiers(self.mgr), self.agent, SECRET, node_id=name, owner=self.locations
+        )
+        self.endpoint, self.ttl, self.flush = endpoint, ttl, flush
+        self.pool = PeerPool(
+            name,
+            self.agent,
+            SECRET,
+            g.fingerprint,
+            address,
+            lambda peer: self.index.mirror.nodes.get(peer),
+            backoff_s=1,
+        )
+        self.calls = self.bytes = 0
+        self.locations.send, self.locations.ask = self._send, self.pool.locate
+
+    async def start(self) -> None:
+        port = await self.server.start(self.address, 0)
+        fingerprints = (_SIM_GEOMETRY.fingerprint,)
+        record = NodeRecord(self.name, self.address, port, fingerprints=fingerprints)
+        self.index = EtcdIndex(
+            [self.endpoint],
+            NS,
+            record,
+            lease_ttl=self.ttl,
+            flush_interval=self.flush,
+            signer=SIGNER,
+            locations=self.locations,
+        )
+        await self.index.start()
+
+    async def _send(self, owner: str, session: int, keys: list, tiers: list) -> bool:
+        self.calls += 1
+        names = [None if t is None else t.value for t in tiers]
+        self.bytes += len(msgpack.packb({"keys": keys, "tiers": names, "session": session}))
+        return await self.pool.place(owner, session, keys, tiers)
+
+    async def close(self) -> None:
+        await self.index.close()
+        await self.pool.close()
+        await self.server.close()
+        self.agent.close()
+        self.mgr.close()
+
+
+_SIM_GEOMETRY = ModelGeometry(num_layers=1, num_kv_heads=1, head_dim=16, block_size=16)
+SECRET = b"bench-fleet-peer-secret-0123456789"
+
+
 async def sharded_fleet(
+    endpoint: str,
+    ttl: int,
     nodes: int,
     warmup_s: float = 6.0,
     seconds: float = 10.0,
@@ -406,105 +481,110 @@ async def sharded_fleet(
     flush_interval: float = INDEX_FLUSH_S,
     lookups: int = 2000,
 ) -> dict:
-    """The trace of `fleet`, on the sharded index: each node sends each owner
-    its changes every `flush_interval`, through the peer RPC's codec
-    (msgpack both ways, counted in bytes); then the owners' tables are
-    measured, and one node looks up the trace's prompts by asking owners."""
+    """The trace of `fleet`, on the sharded index, with the node's own parts
+    (`_SimNode`) against a real etcd: each node sends each owner its
+    changes every `flush_interval` over the peer RPC; then the owners'
+    tables are measured, and one node looks up the trace's prompts by
+    asking their owners over the peer RPC (the remote hop)."""
     space = KeySpace(NS, 0x5EED)
     shape = TraceShape(host_blocks=1024, disk_blocks=4096)
     traces = [NodeTrace(i, space, shape) for i in range(nodes)]
-    names = [f"sim{i}" for i in range(nodes)]
-    fleet: dict[str, ShardedLocations] = {}
-    wire = {"calls": 0, "bytes": 0}
+    sims = [
+        _SimNode(endpoint, f"sim{i}", f"127.0.1.{i + 1}", max(ttl, 60), flush_interval)
+        for i in range(nodes)
+    ]
+    try:
+        for n in sims:
+            await n.start()
+        names = {n.name for n in sims}
+        while any(set(n.locations.ring.nodes) != names for n in sims):  # every record seen
+            await asyncio.sleep(0.05)
+        client = sims[0].index._live()
 
-    def through_the_wire(body: object) -> object:
-        raw = msgpack.packb(body)
-        wire["bytes"] += len(raw)
-        return msgpack.unpackb(raw)
+        async def revision() -> int:
+            got = await client.get(node_path(NS, sims[0].name))
+            return got.header.revision
 
-    def node(name: str) -> ShardedLocations:
-        async def send(owner: str, session: int, keys: list, tiers: list) -> bool:
-            wire["calls"] += 1
-            body = through_the_wire({"keys": keys, "tiers": tiers, "session": session})
-            ok = fleet[owner].place(name, body["session"], body["keys"], body["tiers"])
-            return through_the_wire({"ok": ok})["ok"]
+        def totals() -> tuple[int, int, int]:
+            return (
+                sum(n.calls for n in sims),
+                sum(t.created for t in traces),
+                sum(n.bytes for n in sims),
+            )
 
-        async def ask(owner: str, keys: list[bytes]) -> list[dict[str, Tier]]:
-            body = through_the_wire({"keys": keys})
-            reply = through_the_wire({"holders": fleet[owner].holders(body["keys"])})
-            return [{n: Tier(t) for n, t in h.items()} for h in reply["holders"]]
-
-        return ShardedLocations(name, send, ask)
-
-    for name in names:
-        fleet[name] = node(name)
-    leases = {name: i + 1 for i, name in enumerate(names)}
-    for name, n in fleet.items():
-        n.set_members(leases)
-        n.new_session(leases[name])
-    sims = list(zip(traces, fleet.values(), strict=True))
-
-    def totals() -> tuple[int, int, int]:
-        return wire["calls"], sum(t.created for t in traces), wire["bytes"]
-
-    t0, tick, next_flush = time.perf_counter(), 0, flush_interval
-    base: tuple[int, int, int] | None = None
-    while True:
-        elapsed = time.perf_counter() - t0
-        if base is None and elapsed >= warmup_s:
-            base, t_measure = totals(), time.perf_counter()
-        if elapsed >= warmup_s + seconds:
-            break
-        for t, n in sims:
-            changes: dict = {}
-            while t.created < rate * elapsed:
-                t.request(changes)
-            n.publish(changes)
-        if elapsed >= next_flush:
-            await asyncio.gather(*(n.flush() for n in fleet.values()))
-            next_flush += flush_interval
-        tick += 1
-        await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
-    assert base is not None
-    measured = time.perf_counter() - t_measure
-    calls, created, sent = (x - b for x, b in zip(totals(), base, strict=True))
-    await asyncio.gather(*(n.flush() for n in fleet.values()))
-    held = sum(t.held() for t in traces)
-    for n in fleet.values():
-        n.table.drop(-1)  # merges the delta: the arrays alone
-    tables = [n.table for n in fleet.values()]
-    locations = sum(len(t) for t in tables)
-    biggest = max(tables, key=len)
-    per_delta = _delta_bytes_per_location()
-    # the biggest owner, with its delta at the most it holds before a merge (1/64)
-    worst = biggest.nbytes + len(biggest) / 64 * per_delta
-    observer = fleet[names[0]]
-    prompts = [c[:128] for t in traces for c in t.convs][:lookups]
-    times, found = [], 0
-    for prompt in prompts:
-        req = [bytes(k) for k in prompt]
-        t1 = time.perf_counter()
-        result = await observer.lookup(req, fleet)
-        times.append(time.perf_counter() - t1)
-        found += result.total
-    times.sort()
-    return {
-        "fleet_layout": "sharded",
-        "fleet_nodes": nodes,
-        "fleet_blocks_per_s_per_node": round(created / measured / nodes),
-        "fleet_flush_interval_s": flush_interval,
-        "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
-        "owner_bytes_per_block": round(sent / created, 1),
-        "fleet_blocks_held": held,
-        "fleet_blocks_in_index": locations,
-        "owner_locations_max_vs_mean": round(len(biggest) / (locations / nodes), 2),
-        "owner_bytes_per_location": round(worst / len(biggest), 1),
-        "mirror_mb_per_million_fleet_blocks": round(worst / held, 2),
-        "lookup_in_process_p50_us": round(times[len(times) // 2] * 1e6, 1),
-        "lookup_in_process_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
-        "lookup_prompts": len(times),
-        "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
-    }
+        t0, tick = time.perf_counter(), 0
+        base: tuple[int, int, int] | None = None
+        while True:
+            elapsed = time.perf_counter() - t0
+            if base is None and elapsed >= warmup_s:
+                base, t_measure, rev0 = totals(), time.perf_counter(), await revision()
+            if elapsed >= warmup_s + seconds:
+                break
+            for t, n in zip(traces, sims, strict=True):
+                changes: dict = {}
+                while t.created < rate * elapsed:
+                    t.request(changes)
+                n.index.publish(changes)
+            tick += 1
+            await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
+        assert base is not None
+        measured = time.perf_counter() - t_measure
+        etcd_writes = await revision() - rev0
+        calls, created, sent = (x - b for x, b in zip(totals(), base, strict=True))
+        await asyncio.gather(*(n.index.flush(timeout=120) for n in sims))
+        held = sum(t.held() for t in traces)
+        tables = [n.locations.table for n in sims]
+        for t in tables:
+            t.drop(-1)  # merges the delta: the arrays alone
+        locations = sum(len(t) for t in tables)
+        biggest = max(tables, key=len)
+        per_delta = _delta_bytes_per_location()
+        # the biggest owner, with its delta at the most it holds before a merge (1/64)
+        worst = biggest.nbytes + len(biggest) / 64 * per_delta
+        observer = sims[0].index
+        prompts = [c[:128] for t in traces for c in t.convs][:lookups]
+        times, found = [], 0
+        for prompt in prompts:
+            req = [bytes(k) for k in prompt]  # fresh objects, as an engine hands them over
+            t1 = time.perf_counter()
+            result = await observer.locate(req)
+            times.append(time.perf_counter() - t1)
+            found += result.total
+        times.sort()
+        # what an owner spends on its part of a lookup (a few keys), no network
+        own = sims[0].locations
+        parts = [[bytes(k) for k in p[::16][:8]] for p in prompts[:500]]
+        answer = []
+        for part in parts:
+            t1 = time.perf_counter()
+            own.holders(part)
+            answer.append(time.perf_counter() - t1)
+        answer.sort()
+        per_node_writes_s = etcd_writes / measured / nodes
+        return {
+            "fleet_layout": "sharded",
+            "fleet_nodes": nodes,
+            "fleet_blocks_per_s_per_node": round(created / measured / nodes),
+            "fleet_flush_interval_s": flush_interval,
+            "etcd_writes_per_1000_blocks": round(etcd_writes / created * 1000, 2),
+            "etcd_writes_per_s_per_node": round(per_node_writes_s, 3),
+            "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
+            "owner_bytes_per_block": round(sent / created, 1),
+            "fleet_blocks_held": held,
+            "fleet_blocks_in_index": locations,
+            "owner_locations_max_vs_mean": round(len(biggest) / (locations / nodes), 2),
+            "owner_bytes_per_location": round(worst / len(biggest), 1),
+            "mirror_mb_per_million_fleet_blocks": round(worst / held, 2),
+            "lookup_p50_us": round(times[len(times) // 2] * 1e6, 1),
+            "lookup_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
+            "lookup_prompts": len(times),
+            "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
+            "owner_answer_p50_us": round(answer[len(answer) // 2] * 1e6, 1),
+        }
+    finally:
+        for n in sims:
+            with contextlib.suppress(Exception):
+                await n.close()
 
 
 def run(nodes: int = 0, ttl: int = 3, layout: str = "mirror") -> dict:
@@ -513,12 +593,12 @@ def run(nodes: int = 0, ttl: int = 3, layout: str = "mirror") -> dict:
         "date": datetime.date.today().isoformat(),
         "machine": {"cpus": os.cpu_count()},
     }
-    if nodes and layout == "sharded":
-        out.update(asyncio.run(sharded_fleet(nodes)))
-        return out
     with EtcdServer() as etcd:
 
         async def all_async() -> None:
+            if nodes and layout == "sharded":
+                out.update(await sharded_fleet(etcd.endpoint, ttl, nodes))
+                return
             if nodes:
                 out.update(await fleet(etcd.endpoint, ttl, nodes))
                 out.update(await dead_node_cleanup(etcd.endpoint, ttl))
