@@ -494,10 +494,12 @@ class EtcdIndex:
             async for event in watch:
                 kv = event.kv
                 if event.kind == "PUT":
-                    self.mirror.put(kv.key, kv.value, kv.mod_revision)
+                    # a record the fleet did not sign changes nobody's lease either
+                    if self.mirror.put(kv.key, kv.value, kv.mod_revision):
+                        self._note_lease(kv.key, kv.lease)
                 else:
                     self.mirror.delete(kv.key, kv.mod_revision)
-                self._note_lease(kv.key, kv.lease if event.kind == "PUT" else None)
+                    self._note_lease(kv.key, None)
                 self._update_members()
         except aetcd.exceptions.RevisionCompactedError:
             log.info("watch revision compacted; re-reading the namespace")
@@ -526,13 +528,12 @@ class EtcdIndex:
         the old view until the new one is complete."""
         revision, cluster, kvs = await read_prefix(self._live(), self._watch_prefix)
         fresh = IndexMirror(self.namespace, self.signer)
-        for kv in kvs:
-            fresh.put(kv.key, kv.value, kv.mod_revision)
+        signed = [kv for kv in kvs if fresh.put(kv.key, kv.value, kv.mod_revision)]
         fresh.revision = revision
         self.mirror.adopt(fresh)
         self._cluster_id = cluster
         self._leases.clear()
-        for kv in kvs:
+        for kv in signed:
             self._note_lease(kv.key, kv.lease)
         self._update_members()
 

@@ -181,8 +181,9 @@ class IndexMirror:
             self._follower(batch, first)
 
     # -- feeding -----------------------------------------------------------
-    def put(self, path: bytes, value: bytes, revision: int = 0) -> None:
-        """Apply one PUT; a malformed key or value is logged and skipped."""
+    def put(self, path: bytes, value: bytes, revision: int = 0) -> bool:
+        """Apply one PUT; a malformed key or value is logged and skipped
+        (False: not applied)."""
         self.revision = max(self.revision, revision)
         if self.signer is not None:
             try:
@@ -194,7 +195,7 @@ class IndexMirror:
                     "dropping index values not signed by the fleet count=%d key=%r",
                     path[:120],
                 )
-                return
+                return False
         try:
             parsed = parse_path(self.prefix, path)
             if parsed.run_id is None:
@@ -202,7 +203,7 @@ class IndexMirror:
                 if record.node_id != parsed.node_id:
                     raise ValueError("node record under another node's key")
                 self.nodes[parsed.node_id] = record
-                return
+                return True
             run = RunRecord.decode(value)
         except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
@@ -212,7 +213,7 @@ class IndexMirror:
                 path[:120],
                 e,
             )
-            return
+            return False
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
         old = self._runs.get(path)
         grown = len(run) - (0 if old is None else len(old))
@@ -223,7 +224,7 @@ class IndexMirror:
             _now_and_then(
                 self.over_cap, "index mirror full: a run is not kept refused=%d key=%r", path[:120]
             )
-            return
+            return False
         self._run_keys += grown
         gone, changed = run.changes_since(old)
         for key in gone:
@@ -233,6 +234,7 @@ class IndexMirror:
             self._set(key, name, tier)
         if self._follower is not None:
             self._tell([*gone, *(k for k, _ in changed)])
+        return True
 
     def delete(self, path: bytes, revision: int = 0) -> None:
         self.revision = max(self.revision, revision)

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from discovery.owner_table import key_x
-from discovery.owners import shard_of
 from discovery.records import LookupResult, PeerRun, Tier
 from discovery.sharded import ShardedLocations
 
@@ -188,39 +187,6 @@ def test_lookups_with_no_ring_or_a_lone_node_answer_from_the_node_itself(n):
     assert fleet.lookup("n0", ks) == LookupResult(12)
     lonely = ShardedLocations("x", None, None)  # type: ignore[arg-type]
     assert asyncio.run(lonely.lookup(ks, set())) == LookupResult(0)  # no ring yet
-
-
-def test_the_fleet_bench_on_the_sharded_layout_indexes_every_block_held():
-    from kvbm.bench.index import sharded_fleet
-
-    out = asyncio.run(sharded_fleet(4, warmup_s=0.5, seconds=1.0, lookups=50))
-    assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
-    assert out["lookup_blocks_found_per_prompt"] > 0
-    assert out["owner_locations_max_vs_mean"] < 2
-
-
-def test_a_lookup_asks_for_every_16th_key_then_only_the_gap_where_the_prefix_ends():
-    fleet = Fleet([f"n{i}" for i in range(32)])
-    ks = keys(70_000, 128)
-    fleet.nodes["n5"].publish(dict.fromkeys(ks, H))
-    fleet.nodes["n6"].publish(dict.fromkeys(ks[:41], H))
-    asyncio.run(fleet.flush())
-    fleet.asked.clear()
-    assert fleet.lookup("n0", ks) == LookupResult(0, (PeerRun("n5", 0, 128, (H,) * 128),))
-    asked = [k for call in fleet.asked for k in call]
-    assert sorted(asked) == sorted([ks[i] for i in range(0, 128, 16)] + [ks[127]])
-    assert len(fleet.asked) <= 9  # one call per owner of a probe
-    # n5 gone: n6's prefix ends at 41, between probes 32 and 48: those 15 are asked
-    fleet.asked.clear()
-    assert fleet.lookup("n0", ks[:100]) != LookupResult(0)
-    fleet.down.add("n5")
-    fleet.asked.clear()
-    result = asyncio.run(fleet.nodes["n0"].lookup(ks, {"n0", "n6"}))
-    assert result == LookupResult(0, (PeerRun("n6", 0, 41, (H,) * 41),))
-    asked = {k for call in fleet.asked for k in call}
-    own = set(fleet.nodes["n0"].ring.shards_of("n0").nonzero()[0].tolist())
-    expected = {ks[i] for i in [*range(0, 128, 16), 127, *range(33, 48)]}
-    assert asked == {k for k in expected if int(shard_of(key_x([k]))[0]) not in own}
 
 
 @settings(max_examples=60, deadline=None)

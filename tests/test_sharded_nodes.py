@@ -1,7 +1,9 @@
 """The sharded index's calls between nodes over the real peer RPC (real
 handshake, sealed frames, a real NIXL agent per node): a peer tells an
 owner what it holds and asks it who holds what; a malformed call costs the
-caller its connection, not the owner its table."""
+caller its connection, not the owner its table. And the index over a real
+etcd: the fleet bench's nodes index every block they hold; an etcd writer
+without the secret cannot move a node's session."""
 
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import asyncio
 
 import pytest
 
+from discovery.etcd_index import EtcdIndex
 from discovery.owner_table import key_x
 from discovery.owners import shard_of
-from discovery.records import Tier
+from discovery.records import NodeRecord, Tier
+from discovery.schema import node_path
 from discovery.sharded import ShardedLocations
+from discovery.signing import IndexSigner
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import keys
 from transport.errors import TransportError
@@ -93,5 +98,58 @@ def test_a_node_without_shards_refuses_index_calls(make_manager):
             await server.close()
             agent_a.close()
             agent_b.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_the_sharded_fleet_bench_indexes_every_block_its_nodes_hold(etcd):
+    from kvbm.bench.index import sharded_fleet
+
+    out = asyncio.run(sharded_fleet(etcd.endpoint, 3, 4, warmup_s=0.5, seconds=1.0, lookups=50))
+    assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
+    assert out["lookup_blocks_found_per_prompt"] > 0
+    assert out["owner_locations_max_vs_mean"] < 2
+
+
+def test_an_unsigned_record_under_a_members_id_does_not_move_its_session(etcd):
+    """An etcd writer without the secret rewrites node-b's record under a
+    lease of its own: owners keep node-b's session and its locations."""
+    signer = IndexSigner(SECRET)
+    nodes: dict[str, ShardedLocations] = {}
+
+    def index(name: str) -> EtcdIndex:
+        async def send(owner, session, ks, ts):
+            return nodes[owner].place(name, session, ks, ts)
+
+        nodes[name] = ShardedLocations(name, send)
+        record = NodeRecord(name, "127.0.0.1", 7000, fingerprints=(1,))
+        return EtcdIndex(
+            [etcd.endpoint], "ns", record, flush_interval=0.05, signer=signer, locations=nodes[name]
+        )
+
+    async def scenario():
+        a, b = index("node-a"), index("node-b")
+        await a.start()
+        await b.start()
+        try:
+            ks = keys(0, 64)
+            b.publish(dict.fromkeys(ks, Tier.HOST))
+            for _ in range(100):
+                if sum(len(n.table) for n in nodes.values()) == 64:
+                    break
+                await asyncio.sleep(0.05)
+            lease = a._leases["node-b"]
+            client = a._live()
+            forged = await client.lease(30)
+            path = node_path("ns", "node-b")
+            fake = NodeRecord("node-b", "127.0.0.9", 7000, fingerprints=(1,)).encode()
+            await client.put(path, fake, lease=forged.id)
+            await asyncio.sleep(0.5)  # the watch has delivered it
+            assert a.mirror.rejected >= 1  # seen, and refused
+            assert a._leases["node-b"] == lease
+            assert sum(len(n.table) for n in nodes.values()) == 64
+        finally:
+            await a.close()
+            await b.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
