@@ -538,7 +538,11 @@ class EtcdIndex:
         self._update_members()
 
     def _note_lease(self, path: bytes, lease: int | None) -> None:
-        """The lease a node's record is under (None: the record went)."""
+        """The lease a node's record is under (None: the record went). This
+        node's own record gone, or under a lease not ours (an etcd writer
+        deleted it, or put it back under a lease of its own), while our
+        lease stands: the record goes back, and the owners get everything
+        again (they dropped it with the session they saw end)."""
         if self.locations is None or not path.startswith(self._watch_prefix):
             return
         node = path[len(self._watch_prefix) :].decode(errors="replace")
@@ -546,6 +550,14 @@ class EtcdIndex:
             self._leases[node] = lease
         else:
             self._leases.pop(node, None)
+        ours = self._lease
+        if node == self.node.node_id and ours and lease != ours and not self._closing:
+            log.warning("this node's record was changed by someone else; putting it back")
+            self._leases[node] = ours  # as it will be
+            self.locations.new_session(ours)
+            self._dirty.set()
+            task = asyncio.create_task(self.set_record(self.node))
+            self._tasks.append(task)
 
     def _update_members(self) -> None:
         """A sharded index's ring from the node records the mirror believes:
@@ -561,6 +573,8 @@ class EtcdIndex:
                 if r.rpc_port and n in self._leases and (not mine or mine & set(r.fingerprints))
             }
         )
+        if self.locations.pending:  # moved shards' keys for their new owners
+            self._dirty.set()
 
 
 async def snapshot(

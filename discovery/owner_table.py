@@ -104,7 +104,7 @@ class OwnerTable:
                 self._delta_entries += 1
             row[holder] = code
         if self._delta_entries > max(self._min_delta, len(self._main_x) >> 6):
-            self._merge()
+            self.merge()
 
     def holders(self, keys: Sequence[bytes]) -> list[dict[int, Tier]]:
         """For each key: holder -> tier."""
@@ -127,14 +127,16 @@ class OwnerTable:
 
     def items(self) -> list[tuple[int, int, Tier]]:
         """Every location as (x, holder, tier) (tests, dumps)."""
-        self._merge()
+        self.merge()
         xs, ws = self._main_x.tolist(), self._main_w.tolist()
         return [(x, w >> 1, _TIERS[w & _DISK]) for x, w in zip(xs, ws, strict=True)]
 
-    def drop(self, holder: int) -> int:
-        """Forget every location of `holder` (it left the fleet); returns how many."""
-        self._merge()
-        keep = (self._main_w >> 1) != holder
+    def drop(self, holders: int | Sequence[int]) -> int:
+        """Forget every location of these holders (they left, or their
+        session ended), in one pass; returns how many."""
+        self.merge()
+        gone_ids = np.asarray([holders] if isinstance(holders, int) else holders, np.uint32)
+        keep = ~np.isin(self._main_w >> 1, gone_ids)
         gone = len(keep) - int(keep.sum())
         if gone:
             self._main_x, self._main_w = self._main_x[keep], self._main_w[keep]
@@ -144,7 +146,7 @@ class OwnerTable:
     def drop_shards(self, shards: np.ndarray) -> int:
         """Forget every location of the keys in `shards` (a bool mask over
         owners.SHARDS: shards this node no longer owns); returns how many."""
-        self._merge()
+        self.merge()
         keep = ~shards[shard_of(self._main_x)]
         gone = len(keep) - int(keep.sum())
         if gone:
@@ -152,7 +154,7 @@ class OwnerTable:
             self._count -= gone
         return gone
 
-    def _merge(self) -> None:
+    def merge(self) -> None:
         """Fold the delta into the sorted arrays: O(n), no sort of `main`."""
         delta = self._delta
         if not delta:

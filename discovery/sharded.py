@@ -45,6 +45,7 @@ _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 
 MAX_KEYS_PER_CALL = 4096
 PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
+MAX_HOLDERS = 32  # per key in an owner's answer (a peer RPC map holds at most 64 fields)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
 Session = int  # the etcd lease of the node's record
 # (owner, session, keys, tiers) -> True once the owner has them
@@ -159,9 +160,10 @@ class ShardedLocations:
         with the lease its record is under. A holder whose lease changed or
         that left loses the locations of its old session here."""
         self._leases = dict(leases)
-        for h, lease in list(self._sessions.items()):
-            if leases.get(self._names[h]) != lease:
-                self.table.drop(h)
+        ended = [h for h, lease in self._sessions.items() if leases.get(self._names[h]) != lease]
+        if ended:
+            self.table.drop(ended)
+            for h in ended:
                 del self._sessions[h]
         members = tuple(sorted(leases))
         if members == self.ring.nodes:
@@ -189,9 +191,11 @@ class ShardedLocations:
         """`node` says it holds `keys` in `tiers` now (None: no longer; a
         tier's name will do, as a peer sends it). Keys of shards this node
         does not own are ignored (the sender's ring was behind; it will send
-        them to their owner). False: the session is not the lease this
-        owner sees on the node's record (yet, or any more). Raises
-        ValueError for a tier that is not one."""
+        them to their owner). False: some keys were not taken (not this
+        owner's, as its ring has it; or the session is not the lease this
+        owner sees on the node's record, yet or any more): the sender
+        routes them again, to whoever owns them by then. Raises ValueError
+        for a tier that is not one."""
         tiers = [None if t is None else Tier(t) for t in tiers]
         if not session or self._leases.get(node) != session:
             self.stale += 1
@@ -200,21 +204,32 @@ class ShardedLocations:
         if self._sessions.get(h) != session:  # set_members dropped any older session's
             self._sessions[h] = session
         if not len(self._mine):
-            return True
+            return False  # no ring yet: nothing is ours
         ours = self._mine[shard_of(key_x(keys))].tolist()
-        if not all(ours):
+        whole = all(ours)
+        if not whole:
             keys = [k for k, m in zip(keys, ours, strict=True) if m]
             tiers = [t for t, m in zip(tiers, ours, strict=True) if m]
         if len(self.table) + len(keys) > self.max_locations:
-            self.over_cap += 1
-            tiers = [None] * len(keys)  # removals still apply; nothing new is kept
+            self.over_cap += 1  # updates and removals still apply; nothing new is kept
+            known = [h in found for found in self.table.holders(keys)]
+            keys = [k for k, m in zip(keys, known, strict=True) if m]
+            tiers = [t for t, m in zip(tiers, known, strict=True) if m]
         self.table.place(h, keys, tiers)
-        return True
+        return whole
 
     def holders(self, keys: Sequence[bytes]) -> list[dict[str, Tier]]:
-        """Who holds each key, as far as this owner knows ({} for keys it does not own)."""
+        """Who holds each key, as far as this owner knows ({} for keys it does
+        not own); at most MAX_HOLDERS per key (those in the host tier first:
+        a lookup needs one holder per run, not all of them)."""
         names = self._names
-        return [{names[h]: t for h, t in found.items()} for found in self.table.holders(keys)]
+        out = []
+        for found in self.table.holders(keys):
+            if len(found) > MAX_HOLDERS:
+                best = sorted(found.items(), key=lambda ht: ht[1] != Tier.HOST)[:MAX_HOLDERS]
+                found = dict(best)
+            out.append({names[h]: t for h, t in found.items()})
+        return out
 
     def dump(self) -> dict[str, dict[str, str]]:
         """This owner's share, by key x in hex: holder -> tier (tests, debugging)."""
@@ -315,7 +330,12 @@ class ShardedLocations:
             if got is not None and len(got) == len(part):
                 found.update(zip(where, got, strict=True))
 
-        await asyncio.gather(*(one(o, w) for o, w in by_owner.items()))
+        calls = [
+            (o, w[i : i + MAX_KEYS_PER_CALL])
+            for o, w in by_owner.items()
+            for i in range(0, len(w), MAX_KEYS_PER_CALL)
+        ]
+        await asyncio.gather(*(one(o, w) for o, w in calls))
         return found
 
 

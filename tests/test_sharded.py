@@ -172,21 +172,38 @@ def test_owners_refuse_keys_past_their_cap_but_still_take_removals():
     node.max_locations = before + 3
     node.place("intruder", 7, keys(100, 20), [H] * 20)
     assert len(node.table) == before and node.over_cap == 1
-    node.publish(dict.fromkeys(keys(0, 10), None))
+    node.publish(dict.fromkeys(keys(0, 5), D))  # at the cap, a tier change still applies
+    node.publish(dict.fromkeys(keys(5, 5), None))  # and so does a removal
     asyncio.run(fleet.flush())
-    ours = node.ring.owners_of(key_x(keys(0, 10))).count("n0")
-    assert ours and len(node.table) == before - ours
+    owners = node.ring.owners_of(key_x(keys(0, 10)))
+    assert len(node.table) == before - owners[5:].count("n0") and owners.count("n0")
+    moved = [k for k, o in zip(keys(0, 5), owners, strict=False) if o == "n0"]
+    assert node.holders(moved) == [{"n0": D}] * len(moved)
 
 
 @pytest.mark.parametrize("n", [1, 7])
-def test_lookups_with_no_ring_or_a_lone_node_answer_from_the_node_itself(n):
+def test_a_node_finds_its_own_keys_through_the_owners_and_knows_nothing_before_a_ring(n):
     fleet = Fleet([f"n{i}" for i in range(n)])
     ks = keys(9, 12)
     fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
     asyncio.run(fleet.flush())
     assert fleet.lookup("n0", ks) == LookupResult(12)
-    lonely = ShardedLocations("x", None, None)  # type: ignore[arg-type]
-    assert asyncio.run(lonely.lookup(ks, set())) == LookupResult(0)  # no ring yet
+    lonely = ShardedLocations("x")
+    lonely.publish(dict.fromkeys(ks, H))  # held, but no ring yet: no owner to ask or tell
+    asyncio.run(lonely.flush())
+    assert lonely.pending == 0
+    assert asyncio.run(lonely.lookup(ks, set())) == LookupResult(0)
+
+
+def test_an_owner_takes_its_own_keys_of_a_batch_and_says_the_rest_were_not_taken():
+    fleet = Fleet(["n0", "n1"])
+    n0 = fleet.nodes["n0"]
+    ks = keys(3000, 40)
+    mine = [k for k, o in zip(ks, n0.ring.owners_of(key_x(ks)), strict=True) if o == "n0"]
+    assert 0 < len(mine) < len(ks)
+    assert n0.place("n1", fleet.leases["n1"], ks, [H] * len(ks)) is False
+    assert len(n0.table) == len(mine)
+    assert n0.place("n1", fleet.leases["n1"], mine, [D] * len(mine)) is True
 
 
 @settings(max_examples=60, deadline=None)

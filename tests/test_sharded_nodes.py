@@ -53,7 +53,7 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
             got = await locate(client, ks, 5.0)
             assert got == [{"node-b": "host"}] * 4 + [{"node-b": "disk"}, {}]
             assert await place(client, 6, ks[:1], [None], 5.0) is False  # not b's record's lease
-            # the node id is the one the handshake proved, whatever the body says
+            # the holder is the node id of the connection's hello, never one the body names
             assert owner.holders(ks[:1]) == [{"node-b": Tier.HOST}]
             # a tier that is not one: the call fails, the owner's table stands
             with pytest.raises(TransportError):
@@ -109,6 +109,73 @@ def test_the_sharded_fleet_bench_indexes_every_block_its_nodes_hold(etcd):
     assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
     assert out["lookup_blocks_found_per_prompt"] > 0
     assert out["owner_locations_max_vs_mean"] < 2
+
+
+class InProcessFleet:
+    """EtcdIndexes with sharded locations against a real etcd, the calls
+    between them made in process (the peer RPC is tested above)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.nodes: dict[str, ShardedLocations] = {}
+
+    def index(self, name: str) -> EtcdIndex:
+        async def send(owner, session, ks, ts):
+            return self.nodes[owner].place(name, session, ks, ts)
+
+        self.nodes[name] = ShardedLocations(name, send)
+        record = NodeRecord(name, "127.0.0.1", 7000, fingerprints=(1,))
+        return EtcdIndex(
+            [self.endpoint],
+            "ns",
+            record,
+            flush_interval=0.05,
+            signer=IndexSigner(SECRET),
+            locations=self.nodes[name],
+        )
+
+    def total(self) -> int:
+        return sum(len(n.table) for n in self.nodes.values())
+
+    async def until(self, what, timeout: float = 10.0) -> None:
+        for _ in range(int(timeout / 0.05)):
+            if what():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("not within the time")
+
+
+def test_a_joining_owner_gets_its_share_from_an_idle_holder_and_a_replayed_record_heals(etcd):
+    fleet = InProcessFleet(etcd.endpoint)
+
+    async def scenario():
+        a, b = fleet.index("node-a"), fleet.index("node-b")
+        await a.start()
+        await b.start()
+        c = None
+        try:
+            b.publish(dict.fromkeys(keys(0, 64), Tier.HOST))
+            await fleet.until(lambda: fleet.total() == 64)
+            # c joins; b publishes nothing more: c's share still reaches c
+            c = fleet.index("node-c")
+            await c.start()
+            await fleet.until(lambda: len(fleet.nodes["node-c"].table) > 0 and fleet.total() == 64)
+            # an etcd writer without the secret puts b's own signed record back
+            # under a lease of its own: owners drop b's session, and b, seeing
+            # its record so, puts it back and sends everything again
+            client = a._live()
+            path = node_path("ns", "node-b")
+            got = await client.get(path)
+            forged = await client.lease(30)
+            await client.put(path, got.value, lease=forged.id)
+            await fleet.until(lambda: a._leases.get("node-b") == forged.id or fleet.total() < 64, 5)
+            await fleet.until(lambda: a._leases.get("node-b") == b._lease and fleet.total() == 64)
+        finally:
+            for idx in (a, b, c):
+                if idx is not None:
+                    await idx.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_an_unsigned_record_under_a_members_id_does_not_move_its_session(etcd):

@@ -50,7 +50,7 @@ from transport.tiers import BlockSink, BlockSource, LocationOwner, PinnedBlock, 
 log = logging.getLogger("transport.rpc")
 CALLS = ("hello", "auth", "pin", "unpin", "place", "locate", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
-MAX_HOLDERS = 1024  # per key, in a `locate` answer
+MAX_HOLDERS = 64  # per key, in a `locate` answer (a frame's map holds no more)
 MAX_CONNECTIONS = 256  # peers that said a valid hello
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16

@@ -535,7 +535,7 @@ async def sharded_fleet(
         held = sum(t.held() for t in traces)
         tables = [n.locations.table for n in sims]
         for t in tables:
-            t.drop(-1)  # merges the delta: the arrays alone
+            t.merge()  # the delta folded in: the arrays alone
         locations = sum(len(t) for t in tables)
         biggest = max(tables, key=len)
         per_delta = _delta_bytes_per_location()

@@ -45,6 +45,7 @@ class PeerPool:
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self.on_avoid: Callable[[float], None] | None = None  # told each time until when
         self._closing: set[asyncio.Task] = set()
+        self._connecting: dict[str, asyncio.Lock] = {}
 
     def avoiding(self, peer: str, now: float) -> bool:
         return self.avoided.get(peer, 0.0) > now
@@ -123,7 +124,20 @@ class PeerPool:
 
     async def _client(self, peer: str, timeout: float) -> PeerClient | None:
         """A connected client for a peer the index knows, or None (also when
-        connecting takes longer than `timeout`: a frozen peer still accepts)."""
+        connecting takes longer than `timeout`: a frozen peer still accepts).
+        One connect per peer at a time: a pull, a lookup and a flush that
+        all find no client share the one that connects."""
+        lock = self._connecting.setdefault(peer, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout)
+        except TimeoutError:
+            return None
+        try:
+            return await self._connect(peer, timeout)
+        finally:
+            lock.release()
+
+    async def _connect(self, peer: str, timeout: float) -> PeerClient | None:
         client = self.clients.get(peer)
         if client is not None and client.usable:
             return client
