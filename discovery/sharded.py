@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
+import xxhash
 
 from discovery.owner_table import OwnerTable, key_x
 from discovery.owners import OwnerRing, shard_of
@@ -45,7 +46,7 @@ _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 
 MAX_KEYS_PER_CALL = 4096
 PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
-MAX_HOLDERS = 32  # per key in an owner's answer (a peer RPC map holds at most 64 fields)
+MAX_HOLDERS = 8  # per key in an owner's answer (what a lookup needs; a frame's map holds 64)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
 Session = int  # the etcd lease of the node's record
 # (owner, session, keys, tiers) -> True once the owner has them
@@ -218,18 +219,27 @@ class ShardedLocations:
         self.table.place(h, keys, tiers)
         return whole
 
-    def holders(self, keys: Sequence[bytes]) -> list[dict[str, Tier]]:
+    def holders(self, keys: Sequence[bytes], asker: str = "") -> list[dict[str, Tier]]:
         """Who holds each key, as far as this owner knows ({} for keys it does
-        not own); at most MAX_HOLDERS per key (those in the host tier first:
-        a lookup needs one holder per run, not all of them)."""
+        not own); at most MAX_HOLDERS per key. A lookup needs one holder per
+        run, not all of them: those in the host tier first, then in an order
+        of their own for each asker (a hash of holder and asker), so that one
+        asker sees the same few holders at every key of a prompt, and
+        different askers spread their pulls over all the holders."""
         names = self._names
         out = []
         for found in self.table.holders(keys):
             if len(found) > MAX_HOLDERS:
-                best = sorted(found.items(), key=lambda ht: ht[1] != Tier.HOST)[:MAX_HOLDERS]
-                found = dict(best)
+                rank = self._rank(asker)
+                best = sorted(found.items(), key=lambda ht: (ht[1] != Tier.HOST, rank(ht[0])))
+                found = dict(best[:MAX_HOLDERS])
             out.append({names[h]: t for h, t in found.items()})
         return out
+
+    def _rank(self, asker: str) -> Callable[[int], int]:
+        """The same order at every owner (a hash, not Python's salted one)."""
+        names, salt = self._names, asker.encode() + b"\0"
+        return lambda h: xxhash.xxh3_64_intdigest(salt + names[h].encode())
 
     def dump(self) -> dict[str, dict[str, str]]:
         """This owner's share, by key x in hex: holder -> tier (tests, debugging)."""
@@ -255,12 +265,12 @@ class ShardedLocations:
         A key's owner is chosen by the key, so a prompt's keys are spread
         over every owner; asking for all of them would cost a call to each.
         So the first round asks only for every `stride`-th key and the last
-        (one call per owner of those). The live holders two probes share
-        hold the keys between them too: a prompt's blocks are stored, used
-        and evicted together (oldest first). The second round asks for the
-        keys between two probes that share none, or share one in another
-        tier (where the held prefix ends, where a run or a tier changes),
-        all such gaps at once. The pin at the holder is the truth; a wrong
+        (one call per owner of those). The live holders two probes share, in
+        the same tier, hold the keys between them too: a prompt's blocks are
+        stored, used and evicted together (oldest first). The second round
+        asks for the keys between two probes that share none (where the
+        held prefix ends, or its holders or tiers change), all such gaps at
+        once. The pin at the holder is the truth; a wrong
         guess here costs a shorter pull, never a wrong block. (A holder whose
         run ends between two probes that another spans is left out there:
         the other reaches farther. So the prefix this node holds may be said
@@ -297,10 +307,9 @@ class ShardedLocations:
     def _shared(
         self, a: Mapping[str, Tier], b: Mapping[str, Tier], live: Container[str]
     ) -> dict[str, Tier]:
-        """The holders two probes share that a lookup may name; {} where one
-        of them changes tier between the two (the keys between are asked)."""
-        both = {h: t for h, t in b.items() if h in a and (h == self.me or h in live)}
-        return both if all(a[h] == t for h, t in both.items()) else {}
+        """The holders two probes share, in the same tier, that a lookup may
+        name ({}: the keys between are asked)."""
+        return {h: t for h, t in b.items() if a.get(h) == t and (h == self.me or h in live)}
 
     def _anyone(self, holders: Mapping[str, Tier], live: Container[str]) -> bool:
         return any(h == self.me or h in live for h in holders)
@@ -320,7 +329,7 @@ class ShardedLocations:
         async def one(owner: str, where: list[int]) -> None:
             part = [keys[p] for p in where]
             if owner == self.me:
-                got: list[dict[str, Tier]] | None = self.holders(part)
+                got: list[dict[str, Tier]] | None = self.holders(part, self.me)
             else:
                 try:
                     got = await self.ask(owner, part)

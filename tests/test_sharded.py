@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from discovery.owner_table import key_x
 from discovery.records import LookupResult, PeerRun, Tier
-from discovery.sharded import ShardedLocations
+from discovery.sharded import MAX_HOLDERS, ShardedLocations
 
 H, D = Tier.HOST, Tier.DISK
 TAIL = b"\x01fingerprint"
@@ -88,8 +88,12 @@ def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners(
     asyncio.run(fleet.flush())
     assert total(fleet) == 65  # each location once, at its owner
     assert max(len(n.table) for n in fleet.nodes.values()) < 65  # spread among owners
-    # n2 reaches farthest from key 0
-    assert fleet.lookup("n0", ks) == LookupResult(0, (PeerRun("n2", 0, 40, (H,) * 10 + (D,) * 30),))
+    # every block found, each said held where it is held, in its tier
+    result = fleet.lookup("n0", ks)
+    assert result.total == 40
+    for run in result.runs:
+        held = fleet.nodes[run.node_id].held
+        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
     # a node asks for the keys after the prefix its own tiers hold
     assert fleet.lookup("n1", ks[25:]) == LookupResult(0, (PeerRun("n2", 0, 15, (D,) * 15),))
     fleet.nodes["n2"].publish(dict.fromkeys(ks[:10], None))  # n2 evicts its first blocks
@@ -232,3 +236,21 @@ def test_lookups_of_runs_find_the_longest_prefix_and_name_only_blocks_held(range
     for run in result.runs:
         held = fleet.nodes[run.node_id].held
         assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
+
+
+def test_an_owner_names_a_few_holders_of_a_key_host_first_the_same_for_one_asker():
+    names = [f"n{i}" for i in range(20)]
+    fleet = Fleet(names)
+    pool = keys(40_000, 200)
+    owners = fleet.nodes["n0"].ring.owners_of(key_x(pool))
+    ks = [k for k, o in zip(pool, owners, strict=True) if o == owners[0]][:2]  # one owner's
+    for i, name in enumerate(names):
+        fleet.nodes[name].publish(dict.fromkeys(ks, D if i < 15 else H))
+    asyncio.run(fleet.flush())
+    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
+    first, second = owner.holders(ks, "asker-1")
+    assert len(first) == MAX_HOLDERS
+    assert [t for t in first.values()][:5] == [H] * 5  # the 5 in the host tier first
+    assert set(first) == set(second)  # one asker: the same holders at every key
+    others = [set(owner.holders(ks[:1], f"asker-{i}")[0]) for i in range(2, 12)]
+    assert any(o != set(first) for o in others)  # askers spread over the holders

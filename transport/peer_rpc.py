@@ -229,7 +229,7 @@ class PeerServer:
             if self.owner is None:
                 raise ProtocolError("this node keeps no index shards")
             if msg.call == "locate":
-                return {"holders": self.owner.holders(_keys(msg))}
+                return {"holders": self.owner.holders(_keys(msg), peer)}
             keys, tiers, session = _keys(msg), msg.body.get("tiers"), msg.body.get("session")
             if not isinstance(tiers, list) or len(tiers) != len(keys):
                 raise ProtocolError("place needs one tier per key")

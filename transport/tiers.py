@@ -69,6 +69,6 @@ class LocationOwner(Protocol):
         in `tiers` now; False: not the session the owner sees for it."""
         ...
 
-    def holders(self, keys: list[bytes]) -> list[dict[str, str]]:
-        """For each key: node -> tier name."""
+    def holders(self, keys: list[bytes], asker: str) -> list[dict[str, str]]:
+        """For each key: node -> tier name (`asker`: the peer asking)."""
         ...

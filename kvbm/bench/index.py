@@ -421,6 +421,10 @@ class _SimNode:
         self.mgr = BlockManager(g, HostPool(g, 2 * g.slot_bytes), None, FrequencyFilter())
         arena = self.mgr.host.arena
         self.agent = NixlAgent(f"bench-{name}", arena.array.ctypes.data, arena.size)
+        # No peer reads from these agents (they serve no blocks), and a node's
+        # own agent drives itself in its child process (confined_agent.py):
+        # without this, 32 servers would poll NIXL every 0.5 ms on this loop.
+        self.agent.drives_itself = True
         self.locations = ShardedLocations(name)
         self.server = PeerServer(
             ManagerTiers(self.mgr), self.agent, SECRET, node_id=name, owner=self.locations
