@@ -75,6 +75,10 @@ class ShardedLocations:
         self.me = me
         self.send: Send = send or _unreachable
         self.ask: Ask = ask or _unreachable
+        # connects to an owner ahead of its first call (a lookup waits on
+        # that call, on an engine's scheduling path); None: calls connect
+        self.warm: Callable[[str], Awaitable[object]] | None = None
+        self._warming: set[asyncio.Task] = set()
         self.max_locations = max_locations
         self.session: Session = 0  # none yet
         self._leases: dict[str, int] = {}  # the members' records' leases, as seen
@@ -169,6 +173,11 @@ class ShardedLocations:
         members = tuple(sorted(leases))
         if members == self.ring.nodes:
             return
+        if self.warm is not None:
+            for node in set(members) - set(self.ring.nodes) - {self.me}:
+                task = asyncio.ensure_future(self.warm(node))
+                self._warming.add(task)
+                task.add_done_callback(self._warming.discard)
         ring = OwnerRing(members)
         old, self.ring = self.ring, ring
         mine = ring.shards_of(self.me)

@@ -16,6 +16,7 @@ from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
 INDEX_CALL_TIMEOUT_S = 1.0  # a sharded index's call to an owner (a lookup waits on it)
+WARM_TIMEOUT_S = 5.0  # connecting ahead to a new owner (nobody waits on it)
 
 
 class PeerPool:
@@ -93,6 +94,10 @@ class PeerPool:
         except (TimeoutError, TransportError, OSError) as e:
             log.info("locations not placed owner=%s error=%r", owner, e)
             return False
+
+    async def warm(self, peer: str) -> None:
+        """Connect to `peer` now, so that its first call finds a connection."""
+        await self._client(peer, WARM_TIMEOUT_S)
 
     async def locate(self, owner: str, keys: list[bytes]) -> list[dict[str, Tier]] | None:
         """Who holds each of `keys`, as `owner` knows; None when it did not answer

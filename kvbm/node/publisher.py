@@ -81,6 +81,10 @@ class Publisher:
         self.mgr, self.record = mgr, record
         if self.locations is not None:
             self.locations.send, self.locations.ask = peers.place, peers.locate
+            self.locations.warm = peers.warm
+            for node in self.locations.ring.nodes:  # the members known before serving
+                if node != record.node_id:
+                    self._tasks.append(asyncio.create_task(peers.warm(node)))
         mgr.track_changes()
         if self.index is not None:
             await self.index.set_record(record)
