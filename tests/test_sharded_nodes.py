@@ -35,6 +35,35 @@ async def _nothing(*_args):
     return None
 
 
+class Pair:
+    """Node a's peer RPC server (owning `owner`'s shards), and clients of b's."""
+
+    def __init__(self, a, b, owner: ShardedLocations | None = None) -> None:
+        self.a, self.b, self.owner = a, b, owner
+
+    async def __aenter__(self) -> Pair:
+        self.agent_a, self.agent_b = agent_for(self.a, "node-a"), agent_for(self.b, "node-b")
+        self.server = PeerServer(
+            ManagerTiers(self.a), self.agent_a, SECRET, node_id="node-a", owner=self.owner
+        )
+        self.port = await self.server.start("127.0.0.1", 0)
+        self.clients: list[PeerClient] = []
+        return self
+
+    async def client(self) -> PeerClient:
+        c = PeerClient(self.agent_b, SECRET, [self.a.geometry.fingerprint], "node-b")
+        self.clients.append(c)
+        await c.connect("127.0.0.1", self.port)
+        return c
+
+    async def __aexit__(self, *exc) -> None:
+        for c in self.clients:
+            await c.close()
+        await self.server.close()
+        self.agent_a.close()
+        self.agent_b.close()
+
+
 def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
     a, b = make_manager(host_slots=2), make_manager(host_slots=2)
     owner = ShardedLocations("node-a", _nothing, _nothing)
@@ -43,12 +72,8 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
     ks = [k for k in keys(0, 100) if mine[shard_of(key_x([k]))[0]]][:6]  # keys a owns
 
     async def scenario():
-        agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET, node_id="node-a", owner=owner)
-        port = await server.start("127.0.0.1", 0)
-        client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
-        try:
-            await client.connect("127.0.0.1", port)
+        async with Pair(a, b, owner) as pair:
+            client = await pair.client()
             assert await place(client, 7, ks, ["host"] * 4 + ["disk", None], 5.0) is True
             got = await locate(client, ks, 5.0)
             assert got == [{"node-b": "host"}] * 4 + [{"node-b": "disk"}, {}]
@@ -58,25 +83,12 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
             # a tier that is not one: the call fails, the owner's table stands
             with pytest.raises(TransportError):
                 await place(client, 7, ks[:1], ["tape"], 5.0)
-            again = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
-            try:
-                await again.connect("127.0.0.1", port)
-                with pytest.raises(TransportError):  # one tier for two keys: closed
-                    body = {"keys": ks[:2], "tiers": ["host"], "session": 7}
-                    await again.call("place", body, 5)
-            finally:
-                await again.close()
-            third = PeerClient(agent_b, SECRET, [a.geometry.fingerprint], "node-b")
-            try:
-                await third.connect("127.0.0.1", port)
-                assert await locate(third, ks[:2], 5.0) == [{"node-b": "host"}] * 2
-            finally:
-                await third.close()
-        finally:
-            await client.close()
-            await server.close()
-            agent_a.close()
-            agent_b.close()
+            again = await pair.client()
+            with pytest.raises(TransportError):  # one tier for two keys: closed
+                body = {"keys": ks[:2], "tiers": ["host"], "session": 7}
+                await again.call("place", body, 5)
+            third = await pair.client()
+            assert await locate(third, ks[:2], 5.0) == [{"node-b": "host"}] * 2
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -85,19 +97,10 @@ def test_a_node_without_shards_refuses_index_calls(make_manager):
     a, b = make_manager(host_slots=2), make_manager(host_slots=2)
 
     async def scenario():
-        agent_a, agent_b = agent_for(a, "node-a3"), agent_for(b, "node-b3")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET)
-        port = await server.start("127.0.0.1", 0)
-        client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
-        try:
-            await client.connect("127.0.0.1", port)
+        async with Pair(a, b) as pair:
+            client = await pair.client()
             with pytest.raises(TransportError):
                 await locate(client, keys(0, 1), 5.0)
-        finally:
-            await client.close()
-            await server.close()
-            agent_a.close()
-            agent_b.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 

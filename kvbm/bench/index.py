@@ -17,6 +17,7 @@ import os
 import signal
 import time
 import tracemalloc
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import msgpack
@@ -274,6 +275,38 @@ async def etcd_put_capacity(endpoint: str, value_bytes: int, seconds: float = 3.
         await idx.close()
 
 
+async def _replay(
+    traces: list[NodeTrace],
+    publishers: list,
+    totals: Callable[[], tuple[int, ...]],
+    warmup_s: float,
+    seconds: float,
+    rate: int,
+) -> tuple[tuple[int, ...], float]:
+    """Replay each node's trace at `rate` new blocks/s into its publisher
+    (anything with `publish(changes)`), in 20 ms ticks, for `warmup_s`
+    then `seconds`; returns what `totals()` counted over the measured
+    window, and the window's length."""
+    t0, tick = time.perf_counter(), 0
+    base: tuple[int, ...] | None = None
+    while True:
+        elapsed = time.perf_counter() - t0
+        if base is None and elapsed >= warmup_s:
+            base, t_measure = totals(), time.perf_counter()
+        if elapsed >= warmup_s + seconds:
+            break
+        for t, p in zip(traces, publishers, strict=True):
+            changes: dict = {}
+            while t.created < rate * elapsed:
+                t.request(changes)
+            p.publish(changes)
+        tick += 1
+        await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
+    assert base is not None
+    measured = time.perf_counter() - t_measure
+    return tuple(x - b for x, b in zip(totals(), base, strict=True)), measured
+
+
 async def fleet(
     endpoint: str,
     ttl: int,
@@ -313,31 +346,15 @@ async def fleet(
         await p.start()
     try:
 
-        def totals() -> tuple[int, int, int]:
+        def totals() -> tuple[int, ...]:
             return (
                 sum(p.writes for p in pubs),
                 sum(t.created for t in traces),
                 sum(p.bytes_written for p in pubs),
             )
 
-        t0, tick = time.perf_counter(), 0
-        base: tuple[int, int, int] | None = None
-        while True:
-            elapsed = time.perf_counter() - t0
-            if base is None and elapsed >= warmup_s:
-                base, t_measure = totals(), time.perf_counter()
-            if elapsed >= warmup_s + seconds:
-                break
-            for t, p in zip(traces, pubs, strict=True):
-                changes: dict = {}
-                while t.created < rate * elapsed:
-                    t.request(changes)
-                p.publish(changes)
-            tick += 1
-            await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
-        assert base is not None
-        measured = time.perf_counter() - t_measure
-        writes, created, written = (x - b for x, b in zip(totals(), base, strict=True))
+        window, measured = await _replay(traces, pubs, totals, warmup_s, seconds, rate)
+        writes, created, written = window
         held = sum(t.held() for t in traces)
         await asyncio.gather(*(p.flush(timeout=120) for p in pubs))
         # One node's mirror of the fleet, as a watch would have built it.
@@ -509,32 +526,19 @@ async def sharded_fleet(
             got = await client.get(node_path(NS, sims[0].name))
             return got.header.revision
 
-        def totals() -> tuple[int, int, int]:
+        def totals() -> tuple[int, ...]:
             return (
                 sum(n.calls for n in sims),
                 sum(t.created for t in traces),
                 sum(n.bytes for n in sims),
             )
 
-        t0, tick = time.perf_counter(), 0
-        base: tuple[int, int, int] | None = None
-        while True:
-            elapsed = time.perf_counter() - t0
-            if base is None and elapsed >= warmup_s:
-                base, t_measure, rev0 = totals(), time.perf_counter(), await revision()
-            if elapsed >= warmup_s + seconds:
-                break
-            for t, n in zip(traces, sims, strict=True):
-                changes: dict = {}
-                while t.created < rate * elapsed:
-                    t.request(changes)
-                n.index.publish(changes)
-            tick += 1
-            await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
-        assert base is not None
-        measured = time.perf_counter() - t_measure
+        rev0 = await revision()  # the whole run's etcd writes, warm-up included
+        indexes = [n.index for n in sims]
+        window, measured = await _replay(traces, indexes, totals, warmup_s, seconds, rate)
+        calls, created, sent = window
         etcd_writes = await revision() - rev0
-        calls, created, sent = (x - b for x, b in zip(totals(), base, strict=True))
+        etcd_blocks = sum(t.created for t in traces)
         await asyncio.gather(*(n.index.flush(timeout=120) for n in sims))
         held = sum(t.held() for t in traces)
         tables = [n.locations.table for n in sims]
@@ -564,14 +568,12 @@ async def sharded_fleet(
             own.holders(part)
             answer.append(time.perf_counter() - t1)
         answer.sort()
-        per_node_writes_s = etcd_writes / measured / nodes
         return {
             "fleet_layout": "sharded",
             "fleet_nodes": nodes,
             "fleet_blocks_per_s_per_node": round(created / measured / nodes),
             "fleet_flush_interval_s": flush_interval,
-            "etcd_writes_per_1000_blocks": round(etcd_writes / created * 1000, 2),
-            "etcd_writes_per_s_per_node": round(per_node_writes_s, 3),
+            "etcd_writes_per_1000_blocks": round(etcd_writes / etcd_blocks * 1000, 2),
             "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
             "owner_bytes_per_block": round(sent / created, 1),
             "fleet_blocks_held": held,
