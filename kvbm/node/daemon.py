@@ -248,6 +248,7 @@ class Node:
                 "locations_owned": len(locations.table),
                 "owned_bytes": locations.table.nbytes,
                 "pending": locations.pending,
+                "refused": locations.stale,
             }
         s = self.serving
         if s is None:
