@@ -199,9 +199,8 @@ class ShardedLocations:
         self, node: str, session: Session, keys: list[bytes], tiers: Sequence[str | None]
     ) -> bool:
         """`node` says it holds `keys` in `tiers` now (None: no longer; a
-        tier's name will do, as a peer sends it). Keys of shards this node
-        does not own are ignored (the sender's ring was behind; it will send
-        them to their owner). False: some keys were not taken (not this
+        tier's name will do, as a peer sends it). This owner takes the keys
+        of its own shards. False: some keys were not taken (not this
         owner's, as its ring has it; or the session is not the lease this
         owner sees on the node's record, yet or any more): the sender
         routes them again, to whoever owns them by then. Raises ValueError
@@ -211,8 +210,7 @@ class ShardedLocations:
             self.stale += 1
             return False
         h = self._holder(node)
-        if self._sessions.get(h) != session:  # set_members dropped any older session's
-            self._sessions[h] = session
+        self._sessions[h] = session  # set_members dropped any older session's locations
         if not len(self._mine):
             return False  # no ring yet: nothing is ours
         ours = self._mine[shard_of(key_x(keys))].tolist()
@@ -279,11 +277,11 @@ class ShardedLocations:
         stored, used and evicted together (oldest first). The second round
         asks for the keys between two probes that share none (where the
         held prefix ends, or its holders or tiers change), all such gaps at
-        once. The pin at the holder is the truth; a wrong
-        guess here costs a shorter pull, never a wrong block. (A holder whose
-        run ends between two probes that another spans is left out there:
-        the other reaches farther. So the prefix this node holds may be said
-        shorter than it is; the node asks about the keys after its own.)
+        once. The pin at the holder is the truth; a wrong guess here costs a
+        shorter pull, never a wrong block. (A holder whose run ends between
+        two probes that another spans is left out there: the other reaches
+        farther. So the prefix this node holds may be said shorter than it
+        is; the node asks about the keys after its own.)
         """
         n = len(keys)
         if not n:
