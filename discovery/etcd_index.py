@@ -137,12 +137,18 @@ class EtcdIndex:
             name = f"kvbm-index-{fn.__name__.strip('_')}"
             self._tasks.append(asyncio.create_task(self._supervised(fn), name=name))
 
-    def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
+    def publish(
+        self,
+        changes: Mapping[bytes, Tier | None],
+        removes: Iterable[bytes] = (),
+        anchors: Mapping[bytes, int] | None = None,
+    ) -> None:
         """Record changes now (key -> tier, or None: gone, in the order they
         happened; `removes`: more keys gone); etcd (or the keys' owners) get
-        them later. Never blocks."""
+        them later. Never blocks. `anchors`: where a sharded index places
+        keys (discovery/owners.places); the mirror has no use for them."""
         if self.locations is not None:
-            self.locations.publish({**dict.fromkeys(removes), **changes})
+            self.locations.publish({**dict.fromkeys(removes), **changes}, anchors)
             self._dirty.set()
             return
         self.book.apply({**dict.fromkeys(removes), **changes})
@@ -153,11 +159,14 @@ class EtcdIndex:
         """From the mirror (no etcd round trip); a sharded index asks owners: `locate`."""
         return self.mirror.lookup(keys, self.node.node_id)
 
-    async def locate(self, keys: Sequence[bytes]) -> LookupResult:
-        """Who holds `keys`: from the mirror, or, sharded, from their owners."""
+    async def locate(
+        self, keys: Sequence[bytes], anchors: Sequence[int] | None = None
+    ) -> LookupResult:
+        """Who holds `keys`: from the mirror, or, sharded, from their owners
+        (`anchors`: each key's, as `publish` takes them)."""
         if self.locations is None:
             return self.lookup(keys)
-        return await self.locations.lookup(keys, self.mirror.nodes)
+        return await self.locations.lookup(keys, self.mirror.nodes, anchors)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every change so far is in etcd, young runs included (or

@@ -26,15 +26,23 @@ class MemoryIndex:
         self.node = record
         await self.start()
 
-    def publish(self, changes: Mapping[bytes, Tier | None], removes: Iterable[bytes] = ()) -> None:
-        """The same runs the etcd index writes, applied in the same order."""
+    def publish(
+        self,
+        changes: Mapping[bytes, Tier | None],
+        removes: Iterable[bytes] = (),
+        anchors: Mapping[bytes, int] | None = None,
+    ) -> None:
+        """The same runs the etcd index writes, applied in the same order
+        (`anchors`: for a sharded index; not used here)."""
         self.book.apply({**dict.fromkeys(removes), **changes})
         self.mirror.apply_runs(self.node.node_id, self.book.take_records())
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
         return self.mirror.lookup(keys, self.node.node_id)
 
-    async def locate(self, keys: Sequence[bytes]) -> LookupResult:
+    async def locate(
+        self, keys: Sequence[bytes], anchors: Sequence[int] | None = None
+    ) -> LookupResult:
         return self.lookup(keys)
 
     async def flush(self) -> None:

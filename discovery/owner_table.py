@@ -3,20 +3,18 @@
 In a sharded index no node mirrors the fleet: each key has one owner
 (discovery/owners.py), every node tells each owner which of the owner's
 keys it holds, and lookups ask the owners. This is the owner's table:
-(key, holder) -> tier, for about 1/N of the fleet's locations.
+(place, holder) -> tier, for about 1/N of the fleet's locations.
 
 A location costs 12 bytes here, plus a little for changes not merged yet:
-- a key is kept as `key_x`, 64 bits: its head (a block key's sequence hash)
-  mixed with a hash of its tail (namespace, fingerprint, rank). Two keys
-  that differ share an x with odds of 2**-64 per pair; a lookup is advice
-  (the holder's pin checks the real key), so that costs at most one pin
-  that finds nothing.
-- `main`: every location, sorted by x, as two arrays (x, and the holder's
-  index << 1 | disk bit): a lookup is one `searchsorted` per batch.
-- `delta`: changes since the last merge, a dict by x; merged into `main` in
-  one pass when it reaches 1/64 of it, so a change costs a dict write and
-  the pass's share, not a shift of the arrays (a change waiting in the
-  dicts costs ~300 bytes: 1/64 of that is 5 bytes per location).
+- a key is kept as its place (owners.places), 64 bits: its shard, then the
+  low bits of the key's hash.
+- `main`: every location, sorted by place, as two arrays (place, and the
+  holder's index << 1 | disk bit): a lookup is one `searchsorted` per batch.
+- `delta`: changes since the last merge, a dict by place; merged into `main`
+  in one pass when it reaches 1/256 of it (MERGE_SHIFT), so a change costs
+  a dict write and the pass's share, not a shift of the arrays (a change
+  waiting in the dicts costs ~300 bytes: 1/256 of that is about 1 byte per
+  location; a pass over 20M locations takes ~0.1 s, every 78,000 changes).
 
 Single writer; holders are small ints the caller interns (node ids live
 once, in the caller's record of the fleet).
@@ -24,37 +22,18 @@ once, in the caller's record of the fleet).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
-import xxhash
 
-from discovery.owners import shard_of
+from discovery.owners import shard_at
 from discovery.records import Tier
 
-HEAD = 8
 _MIN_DELTA = 4096
+MERGE_SHIFT = 8  # the delta is merged at 1/2**8 of the arrays
 _DISK = 1
 _EMPTY_X = np.empty(0, np.uint64)
 _EMPTY_W = np.empty(0, np.uint32)
-
-
-@functools.lru_cache(maxsize=1024)
-def _tail_mix(tail: bytes) -> int:
-    return xxhash.xxh3_64_intdigest(tail, seed=0x6B76626D)
-
-
-def key_x(keys: Sequence[bytes]) -> np.ndarray:
-    """Each key as 64 bits: its head xor a hash of its tail (uint64 array)."""
-    if not keys:
-        return _EMPTY_X
-    heads = np.frombuffer(b"".join(k[:HEAD].ljust(HEAD, b"\0") for k in keys), "<u8")
-    tails = {k[HEAD:] for k in keys}
-    if len(tails) == 1:
-        return heads ^ np.uint64(_tail_mix(tails.pop()))
-    mix = np.fromiter((_tail_mix(k[HEAD:]) for k in keys), np.uint64, len(keys))
-    return heads ^ mix
 
 
 class OwnerTable:
@@ -79,11 +58,11 @@ class OwnerTable:
         """The arrays' bytes (the delta's dicts come on top: module docstring)."""
         return self._main_x.nbytes + self._main_w.nbytes
 
-    def place(self, holder: int, keys: Sequence[bytes], tiers: Sequence[Tier | None]) -> None:
-        """`holder` now holds each key in its tier, or no longer (None)."""
+    def place(self, holder: int, places: np.ndarray, tiers: Sequence[Tier | None]) -> None:
+        """`holder` now holds each key (by place) in its tier, or no longer (None)."""
         if not 0 <= holder < 2**31:
             raise ValueError(f"holder index out of range: {holder}")
-        xq = key_x(keys)
+        xq = places
         lo = np.searchsorted(self._main_x, xq, "left").tolist()
         hi = np.searchsorted(self._main_x, xq, "right").tolist()
         main_w, delta = self._main_w, self._delta
@@ -103,12 +82,12 @@ class OwnerTable:
             if holder not in row:
                 self._delta_entries += 1
             row[holder] = code
-        if self._delta_entries > max(self._min_delta, len(self._main_x) >> 6):
+        if self._delta_entries > max(self._min_delta, len(self._main_x) >> MERGE_SHIFT):
             self.merge()
 
-    def holders(self, keys: Sequence[bytes]) -> list[dict[int, Tier]]:
-        """For each key: holder -> tier."""
-        xq = key_x(keys)
+    def holders(self, places: np.ndarray) -> list[dict[int, Tier]]:
+        """For each key (by place): holder -> tier."""
+        xq = places
         lo = np.searchsorted(self._main_x, xq, "left").tolist()
         hi = np.searchsorted(self._main_x, xq, "right").tolist()
         out: list[dict[int, Tier]] = []
@@ -125,8 +104,37 @@ class OwnerTable:
             out.append(found)
         return out
 
+    def runs(self, places: np.ndarray) -> list[tuple[int, dict[int, Tier]]]:
+        """`holders`, as runs: (n, holders) for n consecutive places with the
+        same holders. A place with one holder or none, unchanged since the
+        last merge (most of them), costs no Python of its own."""
+        n = len(places)
+        if not n:
+            return []
+        lo = np.searchsorted(self._main_x, places, "left")
+        hi = np.searchsorted(self._main_x, places, "right")
+        code = np.full(n, -1, np.int64)  # holder << 1 | disk; -1: nobody; < -1: see `other`
+        one = hi - lo == 1
+        code[one] = self._main_w[lo[one]]
+        odd = set(np.flatnonzero(hi - lo > 1).tolist())
+        if self._delta:
+            odd.update(i for i, x in enumerate(places.tolist()) if x in self._delta)
+        at = np.asarray(sorted(odd), np.intp)
+        other = dict(zip(at.tolist(), self.holders(places[at]), strict=True))
+        code[at] = -2 - at
+        edges = (np.flatnonzero(code[1:] != code[:-1]) + 1).tolist()
+        out: list[tuple[int, dict[int, Tier]]] = []
+        for a, b in zip([0, *edges], [*edges, n], strict=True):
+            c = int(code[a])
+            found = other[a] if c < -1 else {} if c < 0 else {c >> 1: _TIERS[c & _DISK]}
+            if out and out[-1][1] == found:
+                out[-1] = (out[-1][0] + b - a, found)
+            else:
+                out.append((b - a, found))
+        return out
+
     def items(self) -> list[tuple[int, int, Tier]]:
-        """Every location as (x, holder, tier) (tests, dumps)."""
+        """Every location as (place, holder, tier) (tests, dumps)."""
         self.merge()
         xs, ws = self._main_x.tolist(), self._main_w.tolist()
         return [(x, w >> 1, _TIERS[w & _DISK]) for x, w in zip(xs, ws, strict=True)]
@@ -147,7 +155,7 @@ class OwnerTable:
         """Forget every location of the keys in `shards` (a bool mask over
         owners.SHARDS: shards this node no longer owns); returns how many."""
         self.merge()
-        keep = ~shards[shard_of(self._main_x)]
+        keep = ~shards[shard_at(self._main_x)]
         gone = len(keep) - int(keep.sum())
         if gone:
             self._main_x, self._main_w = self._main_x[keep], self._main_w[keep]

@@ -1,8 +1,13 @@
-"""Which node owns which keys in a sharded index: rendezvous hashing.
+"""Which node owns which keys in a sharded index: places and rendezvous hashing.
 
-The key space is cut into SHARDS by the top bits of a hash of a key's x
-(owner_table.key_x). A
-shard's owner is the live node with the highest score hash(node, shard):
+A key sits in the index at its place (`places`): 64 bits, the top
+SHARD_BITS its shard, the rest the low bits of its x (the key in 64 bits).
+The shard is that of the key's anchor: the first key of its group, a run of
+a prompt's keys that the engine names (kvbm: 64 positions). So a prompt's
+keys sit at a few owners, and a lookup of 128 keys makes 2 or 3 calls,
+not one per owner in the fleet. A key with no anchor named is its own.
+
+A shard's owner is the live node with the highest score hash(node, shard):
 every node computes the same owners from the same set of live nodes, with
 no coordination, and a node that joins or leaves moves only the shards it
 wins or held (about 1/N of them), so a change of the fleet costs the
@@ -11,15 +16,63 @@ publishers a resend of 1/N of what they hold, not all of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import xxhash
 
+HEAD = 8  # a key's head: its first 8 bytes (a block key's sequence hash); the rest, its tail
 SHARD_BITS = 12
 SHARDS = 1 << SHARD_BITS
 _SHIFT = np.uint64(64 - SHARD_BITS)
+_LOW = np.uint64((1 << (64 - SHARD_BITS)) - 1)
 _SHARD_IDS = np.arange(SHARDS, dtype=np.uint64)
+_EMPTY = np.empty(0, np.uint64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _tail_mix(tail: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(tail, seed=0x6B76626D)
+
+
+def _heads_and_mixes(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's head (uint64) and the hash of its tail. A request's keys
+    share one length and one tail: that case is one pass in numpy."""
+    n, size = len(keys), len(keys[0])
+    joined = b"".join(keys)
+    if size >= HEAD and len(joined) == n * size:
+        rows = np.frombuffer(joined, np.uint8).reshape(n, size)
+        if (rows[1:, HEAD:] == rows[0, HEAD:]).all():
+            heads = rows[:, :HEAD].copy().view("<u8").ravel()
+            return heads, np.full(n, _tail_mix(keys[0][HEAD:]), np.uint64)
+    heads = np.frombuffer(b"".join(k[:HEAD].ljust(HEAD, b"\0") for k in keys), "<u8")
+    return heads, np.fromiter((_tail_mix(k[HEAD:]) for k in keys), np.uint64, n)
+
+
+def places(keys: Sequence[bytes], anchors: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """Each key's place (uint64 array): its anchor's shard, then the low bits
+    of its x (the key in 64 bits: its head xor a hash of its tail).
+    `anchors`: each key's anchor as the head it has (a block key's sequence
+    hash; the anchor shares the key's tail); None, or 0 for a key: the key
+    is its own. Two keys in one shard share a place with odds of 2**-52 per
+    pair; an owner's answer is advice (the holder's pin checks the real
+    key), so that costs at most one pin that finds nothing."""
+    if not keys:
+        return _EMPTY
+    heads, mixes = _heads_and_mixes(keys)
+    x = heads ^ mixes
+    if anchors is None:
+        ax = x
+    else:
+        a = np.asarray(anchors, np.uint64)
+        ax = np.where(a == 0, x, a ^ mixes)
+    return (shard_of(ax).astype(np.uint64) << _SHIFT) | (x & _LOW)
+
+
+def shard_at(places: np.ndarray) -> np.ndarray:
+    """Each place's shard."""
+    return (places >> _SHIFT).astype(np.intp)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -30,8 +83,9 @@ def _mix(z: np.ndarray) -> np.ndarray:
 
 
 def shard_of(x: np.ndarray) -> np.ndarray:
-    """Each key's shard, from its x (uint64 array), mixed first: keys whose
-    heads are not uniform (a bench's counters, say) still spread evenly."""
+    """The shard of each key whose x this is (uint64 array), mixed first:
+    keys whose heads are not uniform (a bench's counters, say) still spread
+    evenly."""
     with np.errstate(over="ignore"):
         return (_mix(x) >> _SHIFT).astype(np.intp)
 
@@ -50,12 +104,12 @@ class OwnerRing:
             scores = _mix(seeds[:, None] ^ (_SHARD_IDS[None, :] * np.uint64(0x9E3779B97F4A7C15)))
         self.owner = scores.argmax(axis=0)
 
-    def owners_of(self, x: np.ndarray) -> list[str]:
-        """The owner of each key (by x); [] while no node is live."""
+    def owners_of(self, places: np.ndarray) -> list[str]:
+        """The owner of each place; [] while no node is live."""
         if not self.nodes:
             return []
         nodes = self.nodes
-        return [nodes[i] for i in self.owner[shard_of(x)].tolist()]
+        return [nodes[i] for i in self.owner[shard_at(places)].tolist()]
 
     def shards_of(self, node: str) -> np.ndarray:
         """The shards `node` owns (a bool mask over SHARDS)."""

@@ -1,10 +1,11 @@
 """The sharded location index: no node mirrors the fleet.
 
-Each key has one owner (discovery/owners.py: rendezvous over the live
-nodes). A node tells each owner which of the owner's keys it holds
-(`publish`, sent in one batch per owner at each `flush`), keeps the
-locations of the keys it owns (discovery/owner_table.py), and answers a
-lookup by asking the owners of the keys, all at once (`lookup`). A node
+Each key has one owner (discovery/owners.py: the owner of its place's
+shard, by rendezvous over the live nodes; a prompt's keys share a few). A
+node tells each owner which of the owner's keys it holds (`publish`, sent
+in one batch per owner at each `flush`), keeps the locations of the keys
+it owns (discovery/owner_table.py), and answers a lookup by asking the
+owners of the keys, all at once (`lookup`). A node
 spends memory on 1/N of the fleet's locations at 12 bytes each, plus its
 own keys; locations never touch etcd, which carries only the node records
 that say who is live (the ring). The calls between nodes are the caller's
@@ -31,34 +32,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Container, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
 import xxhash
 
-from discovery.owner_table import OwnerTable, key_x
-from discovery.owners import OwnerRing, shard_of
+from discovery.owner_table import OwnerTable
+from discovery.owners import OwnerRing, places, shard_at
 from discovery.records import LookupResult, Tier, runs_of
 
 log = logging.getLogger("discovery.sharded")
 _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 
 MAX_KEYS_PER_CALL = 4096
-PROBE_STRIDE = 16  # a lookup's first round asks for every 16th key (and the last)
 MAX_HOLDERS = 8  # per key in an owner's answer (what a lookup needs; a frame's map holds 64)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
 Session = int  # the etcd lease of the node's record
-# (owner, session, keys, tiers) -> True once the owner has them
-Send = Callable[[str, Session, list[bytes], list[Tier | None]], Awaitable[bool]]
-# (owner, keys) -> holders of each key, or None when the owner did not answer
-Ask = Callable[[str, list[bytes]], Awaitable[list[dict[str, Tier]] | None]]
+# (owner, session, places, tiers) -> True once the owner has them
+Send = Callable[[str, Session, np.ndarray, list[Tier | None]], Awaitable[bool]]
+# (owner, places) -> runs of (n, holders of each of n keys), or None when the owner did not answer
+Ask = Callable[[str, np.ndarray], Awaitable[list[tuple[int, dict[str, Tier]]] | None]]
 
 
 class ShardedLocations:
-    """Invariants: `held` is what this node holds, as it last published it;
-    `_pending[owner]` the changes that owner has not acknowledged, each key
-    under the owner of its shard in `ring`; `table` holds locations only of
+    """Invariants: `held` is what this node holds, as it last published it
+    (key -> its place, its tier); `_pending[owner]` the changes that owner
+    has not acknowledged (place -> tier), each under the owner of its shard
+    in `ring`; `table` holds locations only of
     shards this node owns in `ring`, each holder's from the one session
     `_sessions[holder]`, which is the lease on its record as this node last
     saw it (`_leases`)."""
@@ -84,47 +85,63 @@ class ShardedLocations:
         self._leases: dict[str, int] = {}  # the members' records' leases, as seen
         self.ring = OwnerRing()
         self.table = OwnerTable()
-        self.held: dict[bytes, Tier] = {}
+        self.held: dict[bytes, tuple[int, Tier]] = {}
         self.over_cap = 0  # locations refused at max_locations
         self.stale = 0  # batches refused: not under the lease the holder's record has
         self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
-        self._pending: dict[str, dict[bytes, Tier | None]] = {}
+        self._pending: dict[str, dict[int, Tier | None]] = {}
         self._flushing = asyncio.Lock()
         self._names: list[str] = []
         self._ids: dict[str, int] = {}
         self._sessions: dict[int, int] = {}
 
     # -- this node's own keys ----------------------------------------------
-    def publish(self, changes: Mapping[bytes, Tier | None]) -> None:
-        """This node's tiers changed: a key now held in a tier, or gone (None)."""
+    def publish(
+        self, changes: Mapping[bytes, Tier | None], anchors: Mapping[bytes, int] | None = None
+    ) -> None:
+        """This node's tiers changed: a key now held in a tier, or gone (None).
+        `anchors`: keys' anchors (owners.places; a key not named is its own),
+        read for keys not held before."""
         held = self.held
+        keys = list(changes)
+        new = [i for i, k in enumerate(keys) if k not in held and changes[k] is not None]
+        if new:
+            named = None if anchors is None else [anchors.get(keys[i], 0) for i in new]
+            got = places([keys[i] for i in new], named)
+            for i, x in zip(new, got.tolist(), strict=True):
+                held[keys[i]] = (x, Tier.HOST)  # the tier is set below
+        xs: list[int] = []
+        tiers: list[Tier | None] = []
         for k, t in changes.items():
-            if t is None:
-                held.pop(k, None)
-            else:
-                held[k] = t
-        self._route(list(changes), list(changes.values()))
+            was = held.pop(k, None) if t is None else held.get(k)
+            if was is None:
+                continue  # gone and never told
+            if t is not None:
+                held[k] = (was[0], t)
+            xs.append(was[0])
+            tiers.append(t)
+        self._route(xs, tiers)
 
     def new_session(self, lease: int) -> None:
         """A new session (lease) in etcd: owners replace everything this node
         told them before with what it holds now."""
         self.session = lease
         self._pending.clear()
-        self._route(list(self.held), list(self.held.values()))
+        self._route([x for x, _ in self.held.values()], [t for _, t in self.held.values()])
 
-    def _route(self, keys: list[bytes], tiers: list[Tier | None], older: bool = False) -> None:
-        """Queue changes for the owners of their keys. `older`: changes sent
-        before that failed; a newer change of the same key wins."""
-        owners = self.ring.owners_of(key_x(keys))
+    def _route(self, xs: list[int], tiers: list[Tier | None], older: bool = False) -> None:
+        """Queue changes (by place) for the owners of their shards. `older`:
+        changes sent before that failed; a newer change of the same key wins."""
+        owners = self.ring.owners_of(np.asarray(xs, np.uint64))
         pending = self._pending
-        for k, t, o in zip(keys, tiers, owners, strict=False):  # no owners: no ring yet
+        for x, t, o in zip(xs, tiers, owners, strict=False):  # no owners: no ring yet
             batch = pending.get(o)
             if batch is None:
                 batch = pending[o] = {}
             if older:
-                batch.setdefault(k, t)
+                batch.setdefault(x, t)
             else:
-                batch[k] = t
+                batch[x] = t
 
     async def flush(self) -> None:
         """Send each owner its pending changes, all owners at once. One flush
@@ -136,21 +153,21 @@ class ShardedLocations:
             session = self.session
             pending, self._pending = self._pending, {}
             mine = pending.pop(self.me, None)
-            if mine and not self.place(self.me, session, list(mine), list(mine.values())):
+            if mine and not self.place(self.me, session, _array(mine), list(mine.values())):
                 self._route(list(mine), list(mine.values()), older=True)
 
-            async def one(owner: str, batch: dict[bytes, Tier | None]) -> None:
-                keys, tiers = list(batch), list(batch.values())
-                for i in range(0, len(keys), MAX_KEYS_PER_CALL):
+            async def one(owner: str, batch: dict[int, Tier | None]) -> None:
+                xs, tiers = list(batch), list(batch.values())
+                for i in range(0, len(xs), MAX_KEYS_PER_CALL):
                     part = slice(i, i + MAX_KEYS_PER_CALL)
                     try:
-                        ok = await self.send(owner, session, keys[part], tiers[part])
+                        ok = await self.send(owner, session, _array(xs[part]), tiers[part])
                     except Exception as e:  # a caller's transport: whatever it raises, try later
                         log.info("locations not sent owner=%s error=%r", owner, e)
                         ok = False
                     if not ok:
                         if self.session == session:
-                            self._route(keys[i:], tiers[i:], older=True)
+                            self._route(xs[i:], tiers[i:], older=True)
                         return
 
             await asyncio.gather(*(one(o, b) for o, b in pending.items()))
@@ -189,18 +206,18 @@ class ShardedLocations:
             self._route(list(batch), list(batch.values()))
         moved = ring.moved(old)
         if self.held and moved.any():
-            keys = list(self.held)
-            there = moved[shard_of(key_x(keys))].tolist()
-            again = [k for k, m in zip(keys, there, strict=True) if m]
-            self._route(again, [self.held[k] for k in again], older=True)
+            held = list(self.held.values())
+            there = moved[shard_at(_array([x for x, _ in held]))].tolist()
+            again = [xt for xt, m in zip(held, there, strict=True) if m]
+            self._route([x for x, _ in again], [t for _, t in again], older=True)
 
     # -- the owner's side --------------------------------------------------
     def place(
-        self, node: str, session: Session, keys: list[bytes], tiers: Sequence[str | None]
+        self, node: str, session: Session, xs: np.ndarray, tiers: Sequence[str | None]
     ) -> bool:
-        """`node` says it holds `keys` in `tiers` now (None: no longer; a
-        tier's name will do, as a peer sends it). This owner takes the keys
-        of its own shards. False: some keys were not taken (not this
+        """`node` says it holds the keys at places `xs` in `tiers` now (None:
+        no longer; a tier's name will do, as a peer sends it). This owner
+        takes the keys of its own shards. False: some keys were not taken (not this
         owner's, as its ring has it; or the session is not the lease this
         owner sees on the node's record, yet or any more): the sender
         routes them again, to whoever owns them by then. Raises ValueError
@@ -213,35 +230,36 @@ class ShardedLocations:
         self._sessions[h] = session  # set_members dropped any older session's locations
         if not len(self._mine):
             return False  # no ring yet: nothing is ours
-        ours = self._mine[shard_of(key_x(keys))].tolist()
-        whole = all(ours)
+        ours = self._mine[shard_at(xs)]
+        whole = bool(ours.all())
         if not whole:
-            keys = [k for k, m in zip(keys, ours, strict=True) if m]
-            tiers = [t for t, m in zip(tiers, ours, strict=True) if m]
-        if len(self.table) + len(keys) > self.max_locations:
+            xs, tiers = xs[ours], [t for t, m in zip(tiers, ours.tolist(), strict=True) if m]
+        if len(self.table) + len(xs) > self.max_locations:
             self.over_cap += 1  # updates and removals still apply; nothing new is kept
-            known = [h in found for found in self.table.holders(keys)]
-            keys = [k for k, m in zip(keys, known, strict=True) if m]
-            tiers = [t for t, m in zip(tiers, known, strict=True) if m]
-        self.table.place(h, keys, tiers)
+            known = np.array([h in found for found in self.table.holders(xs)], bool)
+            xs, tiers = xs[known], [t for t, m in zip(tiers, known.tolist(), strict=True) if m]
+        self.table.place(h, xs, tiers)
         return whole
 
-    def holders(self, keys: Sequence[bytes], asker: str = "") -> list[dict[str, Tier]]:
-        """Who holds each key, as far as this owner knows ({} for keys it does
-        not own); at most MAX_HOLDERS per key. A lookup needs one holder per
-        run, not all of them: those in the host tier first, then in an order
-        of their own for each asker (a hash of holder and asker), so that one
-        asker sees the same few holders at every key of a prompt, and
-        different askers spread their pulls over all the holders."""
+    def holders(self, xs: np.ndarray, asker: str = "") -> list[tuple[int, dict[str, Tier]]]:
+        """Who holds each key (by place), as far as this owner knows ({} for
+        keys it does not own), as runs: (n, holders) for n consecutive keys
+        with the same holders (a prompt's keys mostly share them, so an
+        answer costs per run, not per key, on both sides). At most
+        MAX_HOLDERS per key: a lookup needs one holder per run, not all of
+        them: those in the host tier first, then in an order of their own
+        for each asker (a hash of holder and asker), so that one asker sees
+        the same few holders at every key of a prompt, and different askers
+        spread their pulls over all the holders."""
+        return [(n, self._named(found, asker)) for n, found in self.table.runs(xs)]
+
+    def _named(self, found: dict[int, Tier], asker: str) -> dict[str, Tier]:
+        if len(found) > MAX_HOLDERS:
+            rank = self._rank(asker)
+            best = sorted(found.items(), key=lambda ht: (ht[1] != Tier.HOST, rank(ht[0])))
+            found = dict(best[:MAX_HOLDERS])
         names = self._names
-        out = []
-        for found in self.table.holders(keys):
-            if len(found) > MAX_HOLDERS:
-                rank = self._rank(asker)
-                best = sorted(found.items(), key=lambda ht: (ht[1] != Tier.HOST, rank(ht[0])))
-                found = dict(best[:MAX_HOLDERS])
-            out.append({names[h]: t for h, t in found.items()})
-        return out
+        return {names[h]: t for h, t in found.items()}
 
     def _rank(self, asker: str) -> Callable[[int], int]:
         """The same order at every owner (a hash, not Python's salted one)."""
@@ -249,7 +267,7 @@ class ShardedLocations:
         return lambda h: xxhash.xxh3_64_intdigest(salt + names[h].encode())
 
     def dump(self) -> dict[str, dict[str, str]]:
-        """This owner's share, by key x in hex: holder -> tier (tests, debugging)."""
+        """This owner's share, by place in hex: holder -> tier (tests, debugging)."""
         out: dict[str, dict[str, str]] = {}
         for x, h, tier in self.table.items():
             out.setdefault(f"{x:016x}", {})[self._names[h]] = tier.value
@@ -264,95 +282,59 @@ class ShardedLocations:
 
     # -- lookups -----------------------------------------------------------
     async def lookup(
-        self, keys: Sequence[bytes], live: Container[str], stride: int = PROBE_STRIDE
+        self, keys: Sequence[bytes], live: Container[str], anchors: Sequence[int] | None = None
     ) -> LookupResult:
         """Who holds `keys`, a prompt's blocks in order: the prefix this node
         holds, then peers' runs (`live`: the peers that may be named).
-
-        A key's owner is chosen by the key, so a prompt's keys are spread
-        over every owner; asking for all of them would cost a call to each.
-        So the first round asks only for every `stride`-th key and the last
-        (one call per owner of those). The live holders two probes share, in
-        the same tier, hold the keys between them too: a prompt's blocks are
-        stored, used and evicted together (oldest first). The second round
-        asks for the keys between two probes that share none (where the
-        held prefix ends, or its holders or tiers change), all such gaps at
-        once. The pin at the holder is the truth; a wrong guess here costs a
-        shorter pull, never a wrong block. (A holder whose run ends between
-        two probes that another spans is left out there: the other reaches
-        farther. So the prefix this node holds may be said shorter than it
-        is; the node asks about the keys after its own.)
-        """
-        n = len(keys)
-        if not n:
+        `anchors`: each key's, as `publish` takes them (None: each key its
+        own). A prompt's keys sit at the owners of its
+        groups, so this is one call to each, all at once, and the answers
+        are exact (as of the owners' last batches)."""
+        if not keys:
             return LookupResult(0)
-        probes = sorted({*range(0, n, stride), n - 1})
-        found = await self._ask_owners(keys, probes)
-        held = [self._anyone(found[p], live) for p in probes]
-        end = next((j for j, h in enumerate(held) if not h), len(probes))  # first probe nobody has
-        if end == 0:
+        return await self._ask_owners(places(keys, anchors), live)
+
+    async def _ask_owners(self, xs: np.ndarray, live: Container[str]) -> LookupResult:
+        """Ask each owner of these places (one call each, all at once) who holds
+        them; nobody, for the keys of an owner that did not answer."""
+        ring = self.ring
+        if not ring.nodes:
             return LookupResult(0)
-        last = min(end, len(probes) - 1)
-        shared = {
-            j: self._shared(found[probes[j - 1]], found[probes[j]], live)
-            for j in range(1, last + 1)
-        }
-        gaps = [
-            i for j, both in shared.items() if not both for i in range(probes[j - 1] + 1, probes[j])
-        ]
-        if gaps:
-            found.update(await self._ask_owners(keys, gaps))
-        stop = probes[last] + 1 if end < len(probes) else n
-        holders: list[Mapping[str, Tier]] = []
-        j = 0
-        for i in range(stop):
-            while probes[j] < i:
-                j += 1
-            holders.append(found[i] if i in found else shared[j])
-        return runs_of(holders, range(len(holders) + 1), self.me, live)
+        owner_of = ring.owner[shard_at(xs)]
+        run_of = np.zeros(len(xs), np.intp)  # each key's run in `runs` (0: nobody)
+        runs: list[Mapping[str, Tier]] = [_NOBODY]
 
-    def _shared(
-        self, a: Mapping[str, Tier], b: Mapping[str, Tier], live: Container[str]
-    ) -> dict[str, Tier]:
-        """The holders two probes share, in the same tier, that a lookup may
-        name ({}: the keys between are asked)."""
-        return {h: t for h, t in b.items() if a.get(h) == t and (h == self.me or h in live)}
-
-    def _anyone(self, holders: Mapping[str, Tier], live: Container[str]) -> bool:
-        return any(h == self.me or h in live for h in holders)
-
-    async def _ask_owners(
-        self, keys: Sequence[bytes], positions: list[int]
-    ) -> dict[int, Mapping[str, Tier]]:
-        """Holders of keys[p] for each p in `positions`, one call per owner, all
-        at once; {} for a key whose owner did not answer."""
-        asked = [keys[p] for p in positions]
-        owners = self.ring.owners_of(key_x(asked))
-        by_owner: dict[str, list[int]] = {}
-        for p, o in zip(positions, owners, strict=False):
-            by_owner.setdefault(o, []).append(p)
-        found: dict[int, Mapping[str, Tier]] = dict.fromkeys(positions, _NOBODY)
-
-        async def one(owner: str, where: list[int]) -> None:
-            part = [keys[p] for p in where]
+        async def one(owner: str, where: np.ndarray) -> None:
+            part = xs[where]
             if owner == self.me:
-                got: list[dict[str, Tier]] | None = self.holders(part, self.me)
+                got: list[tuple[int, dict[str, Tier]]] | None = self.holders(part, self.me)
             else:
                 try:
                     got = await self.ask(owner, part)
                 except Exception as e:  # the owner is away: its keys are unknown now
                     log.info("lookup not answered owner=%s error=%r", owner, e)
                     got = None
-            if got is not None and len(got) == len(part):
-                found.update(zip(where, got, strict=True))
+            if got is None or sum(n for n, _ in got) != len(where):
+                return
+            at = 0
+            for n, holders in got:
+                run_of[where[at : at + n]] = len(runs)
+                runs.append(holders)
+                at += n
 
-        calls = [
-            (o, w[i : i + MAX_KEYS_PER_CALL])
-            for o, w in by_owner.items()
-            for i in range(0, len(w), MAX_KEYS_PER_CALL)
-        ]
-        await asyncio.gather(*(one(o, w) for o, w in calls))
-        return found
+        calls = []
+        for o in np.unique(owner_of).tolist():
+            where = np.flatnonzero(owner_of == o)
+            for i in range(0, len(where), MAX_KEYS_PER_CALL):
+                calls.append(one(ring.nodes[o], where[i : i + MAX_KEYS_PER_CALL]))
+        await asyncio.gather(*calls)
+        starts = [0, *(np.flatnonzero(run_of[1:] != run_of[:-1]) + 1).tolist(), len(xs)]
+        groups = [runs[r] for r in run_of[starts[:-1]].tolist()]
+        return runs_of(groups, starts, self.me, live)
+
+
+def _array(xs: Iterable[int]) -> np.ndarray:
+    return np.fromiter(xs, np.uint64)
 
 
 async def _unreachable(*_args: object) -> None:

@@ -11,14 +11,24 @@ header found at recovery.
 Layout: the sequence hash as 8 little-endian bytes, then the key's tail:
 fingerprint (u64), tp rank (u16), the namespace's length (u8), the namespace.
 `transport` and `discovery` never import this module; to them a key is bytes.
+
+A sharded index keeps a prompt's keys together, in groups of GROUP_BLOCKS
+positions, each group at the owner of its first key, its anchor
+(discovery/owners.py). A key's anchor is a function of the key (a sequence
+hash names its whole prefix, so its position too) that cannot be computed
+from the key: engines, which know positions, name it (`Groups`), and the
+node keeps it with the block.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
+
+import numpy as np
 
 from discovery.records import check_namespace
 
@@ -27,6 +37,52 @@ BlockKey = NewType("BlockKey", bytes)
 _TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
 _HEAD_SIZE = 8 + _TAIL.size
 MAX_ENCODED = _HEAD_SIZE + 64
+
+
+GROUP_BLOCKS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Groups:
+    """The anchors of consecutive keys of a prompt: key i of them sits at
+    position `offset + i` from the start of the first group, so its anchor
+    is `anchors[(offset + i) // GROUP_BLOCKS]` (a sequence hash)."""
+
+    offset: int
+    anchors: Sequence[int]
+
+    @classmethod
+    def of(cls, seq_hashes: Sequence[int], start: int, stop: int) -> Groups:
+        """The groups of positions start..stop-1 of a prompt whose blocks'
+        sequence hashes from position 0 are `seq_hashes`."""
+        offset = start % GROUP_BLOCKS
+        return cls(offset, list(seq_hashes[start - offset : stop : GROUP_BLOCKS]))
+
+    def per_key(self, n: int) -> np.ndarray:
+        """Each of the n keys' anchor (uint64)."""
+        at = (np.arange(n) + self.offset) // GROUP_BLOCKS
+        return np.asarray(self.anchors, np.uint64)[at]
+
+    def after(self, at: int) -> Groups:
+        """The groups of the keys from the `at`-th on."""
+        skip, offset = divmod(self.offset + at, GROUP_BLOCKS)
+        return Groups(offset, self.anchors[skip:])
+
+    def to_wire(self) -> list[int]:
+        return [self.offset, *self.anchors]
+
+    @classmethod
+    def from_wire(cls, raw: object, n: int) -> Groups:
+        """The groups of n keys, from an engine; ValueError unless they name
+        each key's anchor."""
+        if not isinstance(raw, list) or not raw or not all(type(x) is int for x in raw):
+            raise ValueError("groups must be a list of ints: offset, then anchors")
+        offset, anchors = raw[0], raw[1:]
+        if not 0 <= offset < GROUP_BLOCKS or not all(0 <= a < 2**64 for a in anchors):
+            raise ValueError("groups out of range")
+        if n and len(anchors) != (offset + n - 1) // GROUP_BLOCKS + 1:
+            raise ValueError(f"groups name {len(anchors)} anchors, not those of {n} keys")
+        return cls(offset, anchors)
 
 
 class KeyFields(NamedTuple):

@@ -6,7 +6,7 @@ Run as `python -m tests.index_node ENDPOINT NAMESPACE NODE_ID TTL [sharded]`.
 `sharded`: the sharded index (discovery/sharded.py) as a node runs it: the
 node's peer RPC server (a real block manager's tiers, a real NIXL agent) is
 also the owner of its shards, its peer pool carries its calls to the other
-owners, and its dump's "owned" is its share of the locations, by key x."""
+owners, and its dump's "owned" is its share of the locations, by place."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def _sharded_state(idx: EtcdIndex) -> dict:
 
 def held(idx: EtcdIndex) -> dict[bytes, Tier]:
     """What this node published as held: its runs, or (sharded) its keys."""
-    return dict(idx.locations.held) if idx.locations else idx.book.held()
+    if idx.locations:
+        return {k: t for k, (_, t) in idx.locations.held.items()}
+    return idx.book.held()
 
 
 async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):

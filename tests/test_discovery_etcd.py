@@ -19,7 +19,7 @@ import pytest
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.etcd_server import etcd_binary
-from discovery.owner_table import key_x
+from discovery.owners import places
 from discovery.records import NodeRecord, Tier
 from discovery.schema import run_path
 from discovery.signing import IndexSigner
@@ -258,7 +258,7 @@ def assert_index_is_the_truth(dumps: dict[str, dict], layout: str) -> None:
         for name, d in dumps.items():
             assert d["mirror"] == truth, f"{name}'s mirror differs from the published truth"
         return
-    by_x = {f"{int(key_x([bytes.fromhex(k)])[0]):016x}": h for k, h in truth.items()}
+    by_x = {f"{int(places([bytes.fromhex(k)])[0]):016x}": h for k, h in truth.items()}
     owned: dict[str, dict[str, str]] = {}
     for d in dumps.values():
         for x, holders in d["owned"].items():

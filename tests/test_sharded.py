@@ -11,12 +11,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from discovery.owner_table import key_x
+from discovery.owners import places
 from discovery.records import LookupResult, PeerRun, Tier
 from discovery.sharded import MAX_HOLDERS, ShardedLocations
 
 H, D = Tier.HOST, Tier.DISK
 TAIL = b"\x01fingerprint"
+
+
+def tier(node: ShardedLocations, k: bytes) -> Tier | None:
+    return node.held[k][1] if k in node.held else None
+
+
+def per_key(runs: list[tuple[int, dict[str, Tier]]]) -> list[dict[str, Tier]]:
+    return [h for n, h in runs for _ in range(n)]
 
 
 def keys(start: int, n: int) -> list[bytes]:
@@ -34,20 +42,20 @@ class Fleet:
         self.down: set[str] = set()
         self.leases: dict[str, int] = {}  # each node's record's lease, as etcd has it
         self.next_lease = 100
-        self.asked: list[list[bytes]] = []  # every ask's keys
+        self.asked: list[tuple[str, int]] = []  # every ask: (owner, how many keys)
         for n in names:
             self.add(n)
         self.members()
 
     def add(self, name: str) -> ShardedLocations:
-        async def send(owner: str, session, ks: list[bytes], ts: list[Tier | None]) -> bool:
+        async def send(owner: str, session, xs, ts: list[Tier | None]) -> bool:
             if owner in self.down:
                 return False
-            return self.nodes[owner].place(name, session, ks, ts)
+            return self.nodes[owner].place(name, session, xs, ts)
 
-        async def ask(owner: str, ks: list[bytes]) -> list[dict[str, Tier]] | None:
-            self.asked.append(ks)
-            return None if owner in self.down else self.nodes[owner].holders(ks)
+        async def ask(owner: str, xs) -> list | None:
+            self.asked.append((owner, len(xs)))
+            return None if owner in self.down else self.nodes[owner].holders(xs, name)
 
         node = self.nodes[name] = ShardedLocations(name, send, ask)
         self.new_lease(name)
@@ -72,8 +80,8 @@ class Fleet:
             *(n.flush() for name, n in self.nodes.items() if name not in self.down)
         )
 
-    def lookup(self, at: str, ks: list[bytes]) -> LookupResult:
-        return asyncio.run(self.nodes[at].lookup(ks, set(self.nodes) - self.down))
+    def lookup(self, at: str, ks: list[bytes], anchors=None) -> LookupResult:
+        return asyncio.run(self.nodes[at].lookup(ks, set(self.nodes) - self.down, anchors))
 
 
 def total(fleet: Fleet) -> int:
@@ -92,8 +100,8 @@ def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners(
     result = fleet.lookup("n0", ks)
     assert result.total == 40
     for run in result.runs:
-        held = fleet.nodes[run.node_id].held
-        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
+        node = fleet.nodes[run.node_id]
+        assert [tier(node, k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
     # a node asks for the keys after the prefix its own tiers hold
     assert fleet.lookup("n1", ks[25:]) == LookupResult(0, (PeerRun("n2", 0, 15, (D,) * 15),))
     fleet.nodes["n2"].publish(dict.fromkeys(ks[:10], None))  # n2 evicts its first blocks
@@ -101,8 +109,8 @@ def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners(
     result = fleet.lookup("n0", ks)
     assert result.total == 40 and [r.node_id for r in result.runs] == ["n1", "n2"]
     for run in result.runs:  # every block said held is held there, in that tier
-        held = fleet.nodes[run.node_id].held
-        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
+        node = fleet.nodes[run.node_id]
+        assert [tier(node, k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
 
 
 def test_a_joining_node_takes_its_shards_with_their_locations_and_the_old_owners_forget_them():
@@ -156,8 +164,8 @@ def test_a_dead_holders_locations_go_with_its_record_and_a_restarted_ones_new_se
     asyncio.run(fleet.flush())
     assert total(fleet) == 30 and fleet.nodes["n2"].pending == 0
     # a batch from the old session, arriving late, is refused
-    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
-    assert owner.place("n2", old, ks[:1], [H]) is False
+    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(places(ks[:1]))[0]]
+    assert owner.place("n2", old, places(ks[:1]), [H]) is False
     # the record goes (the lease expired): everything of n2 goes
     fleet.down.add("n2")
     fleet.members()
@@ -174,15 +182,15 @@ def test_owners_refuse_keys_past_their_cap_but_still_take_removals():
     fleet.members()
     before = len(node.table)
     node.max_locations = before + 3
-    node.place("intruder", 7, keys(100, 20), [H] * 20)
+    node.place("intruder", 7, places(keys(100, 20)), [H] * 20)
     assert len(node.table) == before and node.over_cap == 1
     node.publish(dict.fromkeys(keys(0, 5), D))  # at the cap, a tier change still applies
     node.publish(dict.fromkeys(keys(5, 5), None))  # and so does a removal
     asyncio.run(fleet.flush())
-    owners = node.ring.owners_of(key_x(keys(0, 10)))
+    owners = node.ring.owners_of(places(keys(0, 10)))
     assert len(node.table) == before - owners[5:].count("n0") and owners.count("n0")
     moved = [k for k, o in zip(keys(0, 5), owners, strict=False) if o == "n0"]
-    assert node.holders(moved) == [{"n0": D}] * len(moved)
+    assert per_key(node.holders(places(moved))) == [{"n0": D}] * len(moved)
 
 
 @pytest.mark.parametrize("n", [1, 7])
@@ -203,11 +211,11 @@ def test_an_owner_takes_its_own_keys_of_a_batch_and_says_the_rest_were_not_taken
     fleet = Fleet(["n0", "n1"])
     n0 = fleet.nodes["n0"]
     ks = keys(3000, 40)
-    mine = [k for k, o in zip(ks, n0.ring.owners_of(key_x(ks)), strict=True) if o == "n0"]
+    mine = [k for k, o in zip(ks, n0.ring.owners_of(places(ks)), strict=True) if o == "n0"]
     assert 0 < len(mine) < len(ks)
-    assert n0.place("n1", fleet.leases["n1"], ks, [H] * len(ks)) is False
+    assert n0.place("n1", fleet.leases["n1"], places(ks), [H] * len(ks)) is False
     assert len(n0.table) == len(mine)
-    assert n0.place("n1", fleet.leases["n1"], mine, [D] * len(mine)) is True
+    assert n0.place("n1", fleet.leases["n1"], places(mine), [D] * len(mine)) is True
 
 
 @settings(max_examples=60, deadline=None)
@@ -234,23 +242,43 @@ def test_lookups_of_runs_find_the_longest_prefix_and_name_only_blocks_held(range
         reach = max(min(max(a, b), n) for a, b in spans)
     assert result.total == reach
     for run in result.runs:
-        held = fleet.nodes[run.node_id].held
-        assert [held.get(k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
+        node = fleet.nodes[run.node_id]
+        assert [tier(node, k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
 
 
 def test_an_owner_names_a_few_holders_of_a_key_host_first_the_same_for_one_asker():
     names = [f"n{i}" for i in range(20)]
     fleet = Fleet(names)
     pool = keys(40_000, 200)
-    owners = fleet.nodes["n0"].ring.owners_of(key_x(pool))
+    owners = fleet.nodes["n0"].ring.owners_of(places(pool))
     ks = [k for k, o in zip(pool, owners, strict=True) if o == owners[0]][:2]  # one owner's
     for i, name in enumerate(names):
         fleet.nodes[name].publish(dict.fromkeys(ks, D if i < 15 else H))
     asyncio.run(fleet.flush())
-    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(key_x(ks[:1]))[0]]
-    first, second = owner.holders(ks, "asker-1")
+    owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(places(ks[:1]))[0]]
+    first, second = per_key(owner.holders(places(ks), "asker-1"))
     assert len(first) == MAX_HOLDERS
     assert [t for t in first.values()][:5] == [H] * 5  # the 5 in the host tier first
     assert set(first) == set(second)  # one asker: the same holders at every key
-    others = [set(owner.holders(ks[:1], f"asker-{i}")[0]) for i in range(2, 12)]
+    others = [set(owner.holders(places(ks[:1]), f"asker-{i}")[0][1]) for i in range(2, 12)]
     assert any(o != set(first) for o in others)  # askers spread over the holders
+
+
+def test_a_prompts_keys_sit_with_their_groups_owner_and_a_lookup_asks_each_owner_once():
+    fleet = Fleet([f"n{i}" for i in range(16)])
+    ks = keys(70_000, 128)
+    heads = [int.from_bytes(k[:8], "little") for k in ks]
+    anchors = [heads[i - i % 32] for i in range(128)]  # 4 groups of 32
+    fleet.nodes["n1"].publish(dict.fromkeys(ks, H), dict(zip(ks, anchors, strict=True)))
+    asyncio.run(fleet.flush())
+    sizes = sorted(len(n.table) for n in fleet.nodes.values() if len(n.table))
+    assert sum(sizes) == 128 and all(s % 32 == 0 for s in sizes)  # whole groups
+    fleet.asked.clear()
+    result = fleet.lookup("n0", ks, anchors)
+    assert result == LookupResult(0, (PeerRun("n1", 0, 128, (H,) * 128),))
+    owners = [o for o, _ in fleet.asked]
+    assert len(owners) == len(set(owners)) <= 4  # one call per owner, a few owners
+    assert sum(n for _, n in fleet.asked) <= 128
+    # asked as each key its own, the keys are elsewhere: only a group's first
+    # key, its own anchor, is where it was put
+    assert fleet.lookup("n0", ks).total == 1

@@ -12,8 +12,7 @@ import asyncio
 import pytest
 
 from discovery.etcd_index import EtcdIndex
-from discovery.owner_table import key_x
-from discovery.owners import shard_of
+from discovery.owners import places, shard_at
 from discovery.records import NodeRecord, Tier
 from discovery.schema import node_path
 from discovery.sharded import ShardedLocations
@@ -69,26 +68,32 @@ def test_a_peer_places_its_keys_at_the_owner_and_locates_them(make_manager):
     owner = ShardedLocations("node-a", _nothing, _nothing)
     owner.set_members({"node-a": 3, "node-b": 7})  # b's record is under lease 7
     mine = owner.ring.shards_of("node-a")
-    ks = [k for k in keys(0, 100) if mine[shard_of(key_x([k]))[0]]][:6]  # keys a owns
+    xs = places(keys(0, 100))
+    xs = xs[mine[shard_at(xs)]][:6]  # keys a owns
 
     async def scenario():
         async with Pair(a, b, owner) as pair:
             client = await pair.client()
-            assert await place(client, 7, ks, ["host"] * 4 + ["disk", None], 5.0) is True
-            got = await locate(client, ks, 5.0)
-            assert got == [{"node-b": "host"}] * 4 + [{"node-b": "disk"}, {}]
-            assert await place(client, 6, ks[:1], [None], 5.0) is False  # not b's record's lease
+            assert await place(client, 7, xs, ["host"] * 4 + ["disk", None], 5.0) is True
+            got = await locate(client, xs, 5.0)  # runs of keys with the same holders
+            assert got == [(4, {"node-b": "host"}), (1, {"node-b": "disk"}), (1, {})]
+            assert await place(client, 6, xs[:1], [None], 5.0) is False  # not b's record's lease
             # the holder is the node id of the connection's hello, never one the body names
-            assert owner.holders(ks[:1]) == [{"node-b": Tier.HOST}]
+            assert owner.holders(xs[:1]) == [(1, {"node-b": Tier.HOST})]
             # a tier that is not one: the call fails, the owner's table stands
             with pytest.raises(TransportError):
-                await place(client, 7, ks[:1], ["tape"], 5.0)
-            again = await pair.client()
-            with pytest.raises(TransportError):  # one tier for two keys: closed
-                body = {"keys": ks[:2], "tiers": ["host"], "session": 7}
-                await again.call("place", body, 5)
+                await place(client, 7, xs[:1], ["tape"], 5.0)
+            for bad in (
+                {"places": xs[:2].tobytes(), "tiers": ["host"], "session": 7},  # 1 tier, 2 keys
+                {"places": xs[:2].tobytes()[:12], "tiers": ["host"], "session": 7},  # 1.5 keys
+                {"places": [int(x) for x in xs[:1]], "tiers": ["host"], "session": 7},
+            ):
+                again = await pair.client()
+                with pytest.raises(TransportError):  # closed
+                    await again.call("place", bad, 5)
             third = await pair.client()
-            assert await locate(third, ks[:2], 5.0) == [{"node-b": "host"}] * 2
+            assert await locate(third, xs[:2], 5.0) == [(2, {"node-b": "host"})]
+            assert owner.holders(xs[:1]) == [(1, {"node-b": Tier.HOST})]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -100,7 +105,7 @@ def test_a_node_without_shards_refuses_index_calls(make_manager):
         async with Pair(a, b) as pair:
             client = await pair.client()
             with pytest.raises(TransportError):
-                await locate(client, keys(0, 1), 5.0)
+                await locate(client, places(keys(0, 1)), 5.0)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 

@@ -111,7 +111,9 @@ class _Framing:
         its length has come (TimeoutError), so a half-sent frame holds nothing
         for long."""
         n = self.frame_length(await reader.readexactly(_LEN.size), max_frame)
-        return self.decode(await asyncio.wait_for(reader.readexactly(n), body_timeout))
+        async with asyncio.timeout(body_timeout):  # a task per frame, with wait_for in 3.11
+            body = await reader.readexactly(n)
+        return self.decode(body)
 
     def recv(self, sock: socket.socket) -> Message:
         """The next frame from a blocking socket (its timeout applies);

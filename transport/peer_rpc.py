@@ -229,15 +229,15 @@ class PeerServer:
             if self.owner is None:
                 raise ProtocolError("this node keeps no index shards")
             if msg.call == "locate":
-                return {"holders": self.owner.holders(_keys(msg), peer)}
-            keys, tiers, session = _keys(msg), msg.body.get("tiers"), msg.body.get("session")
-            if not isinstance(tiers, list) or len(tiers) != len(keys):
+                return {"runs": self.owner.holders(_places(msg), peer)}
+            xs, tiers, session = _places(msg), msg.body.get("tiers"), msg.body.get("session")
+            if not isinstance(tiers, list) or len(tiers) != len(xs):
                 raise ProtocolError("place needs one tier per key")
             if not all(t is None or isinstance(t, str) for t in tiers):
                 raise ProtocolError("a tier that is not a name")
             if type(session) is not int or not 0 < session < 2**64:
                 raise ProtocolError("place needs a session (the lease of the node's record)")
-            return {"ok": self.owner.place(peer, session, keys, tiers)}
+            return {"ok": self.owner.place(peer, session, xs, tiers)}
         if msg.call in ("hello", "auth"):
             raise ProtocolError("hello must come first, and once")
         raise ProtocolError(f"{msg.call!r} is not a request")
@@ -344,6 +344,18 @@ def _keys(msg: Message) -> list[bytes]:
     if not all(isinstance(k, bytes) and 0 < len(k) <= 256 for k in keys):
         raise ProtocolError("bad key")
     return keys
+
+
+def _places(msg: Message) -> np.ndarray:
+    """A sharded index's keys, by place (64 bits each, little-endian)."""
+    raw = msg.body.get("places")
+    if not isinstance(raw, bytes) or len(raw) % 8 or len(raw) > 8 * MAX_KEYS_PER_CALL:
+        raise ProtocolError("bad place list")
+    return np.frombuffer(raw, "<u8").astype(np.uint64, copy=False)
+
+
+def _wire_places(xs: np.ndarray) -> bytes:
+    return xs.astype("<u8", copy=False).tobytes()
 
 
 class PeerClient:
@@ -469,8 +481,9 @@ class PeerClient:
     async def call(self, name: str, body: dict, timeout: float) -> dict:
         msg_id, waiter = self._send(name, body)
         try:
-            await asyncio.wait_for(self._writer.drain(), timeout)  # type: ignore[union-attr]
-            reply = await asyncio.wait_for(waiter, timeout)
+            async with asyncio.timeout(timeout):  # no task per call, as wait_for makes in 3.11
+                await self._writer.drain()  # type: ignore[union-attr]
+                reply = await waiter
         except ConnectionError as e:
             raise TransportError(f"peer closed the connection during {name}") from e
         finally:
@@ -538,29 +551,40 @@ CHUNK_BYTES = 8 << 20  # per READ in a round: verified while the next is copied,
 
 
 async def place(
-    client: PeerClient, session: int, keys: list[bytes], tiers: list[str | None], timeout: float
+    client: PeerClient, session: int, xs: np.ndarray, tiers: list[str | None], timeout: float
 ) -> bool:
-    """Tell the peer, an owner of these keys' shards, which of them this node
-    holds (tier names; None: no longer). False: the owner does not see this
-    session (the lease of this node's record) on the record yet, or any more."""
-    body = {"keys": keys, "tiers": tiers, "session": session}
+    """Tell the peer, an owner of these keys' shards, which of them (by place:
+    discovery/owners.py) this node holds (tier names; None: no longer).
+    False: the owner does not see this session (the lease of this node's
+    record) on the record yet, or any more."""
+    body = {"places": _wire_places(xs), "tiers": tiers, "session": session}
     reply = await client.call("place", body, timeout)
     return reply.get("ok") is True
 
 
-async def locate(client: PeerClient, keys: list[bytes], timeout: float) -> list[dict[str, str]]:
-    """Who holds each of `keys`, as the peer, their owner, knows: node -> tier
-    name. The shape is checked here; names and tiers are the caller's to check."""
-    reply = await client.call("locate", {"keys": keys}, timeout)
-    holders = reply.get("holders")
-    if not isinstance(holders, list) or len(holders) != len(keys):
+async def locate(
+    client: PeerClient, xs: np.ndarray, timeout: float
+) -> list[tuple[int, dict[str, str]]]:
+    """Who holds each key (by place), as the peer, their owner, knows: runs of
+    (n, node -> tier name) for n consecutive keys. The shape is checked
+    here; names and tiers are the caller's to check."""
+    reply = await client.call("locate", {"places": _wire_places(xs)}, timeout)
+    runs = reply.get("runs")
+    if not isinstance(runs, list) or len(runs) > len(xs):
         raise ProtocolError("locate answered for other keys")
-    for h in holders:
-        if not isinstance(h, dict) or len(h) > MAX_HOLDERS:
+    total = 0
+    for run in runs:
+        if not isinstance(run, list) or len(run) != 2:
+            raise ProtocolError("locate answered with a bad run")
+        n, h = run
+        if type(n) is not int or n < 1 or not isinstance(h, dict) or len(h) > MAX_HOLDERS:
+            raise ProtocolError("locate answered with a bad run")
+        if not all(isinstance(k, str) and isinstance(t, str) for k, t in h.items()):
             raise ProtocolError("locate answered with a bad holder list")
-        if not all(isinstance(n, str) and isinstance(t, str) for n, t in h.items()):
-            raise ProtocolError("locate answered with a bad holder list")
-    return holders
+        total += n
+    if total != len(xs):
+        raise ProtocolError("locate answered for other keys")
+    return [(n, h) for n, h in runs]
 
 
 def round_blocks(block_bytes: int, nbytes: int = ROUND_BYTES) -> int:

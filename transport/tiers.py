@@ -5,7 +5,10 @@ implements it and the transport never imports `kvbm`. Keys are the bytes of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -61,14 +64,17 @@ class BlockSink(Protocol):
 
 class LocationOwner(Protocol):
     """The owner's side of a sharded index (discovery/sharded.py implements
-    it): which peers hold the keys this node owns. Tiers travel as their
-    names ("host", "disk"; None: no longer held); the owner checks them."""
+    it): which peers hold the keys this node owns. Keys travel as their
+    places (uint64, discovery/owners.py); tiers as their names ("host",
+    "disk"; None: no longer held), which the owner checks."""
 
-    def place(self, node: str, session: int, keys: list[bytes], tiers: list[str | None]) -> bool:
-        """`node`, in `session` (the etcd lease of its record), holds `keys`
-        in `tiers` now; False: not the session the owner sees for it."""
+    def place(self, node: str, session: int, xs: np.ndarray, tiers: list[str | None]) -> bool:
+        """`node`, in `session` (the etcd lease of its record), holds the keys
+        at places `xs` in `tiers` now; False: not the session the owner sees
+        for it."""
         ...
 
-    def holders(self, keys: list[bytes], asker: str) -> list[dict[str, str]]:
-        """For each key: node -> tier name (`asker`: the peer asking)."""
+    def holders(self, xs: np.ndarray, asker: str) -> list[tuple[int, dict[str, str]]]:
+        """Who holds each place, as runs: (n, node -> tier name) for n
+        consecutive places (`asker`: the peer asking)."""
         ...

@@ -7,7 +7,8 @@ or the next turn of one of its conversations (the whole conversation so far,
 then the answer and a new message). Its tiers are two LRU lists (G2, then
 G3): a block used again comes back to G2, G2's coldest go to G3, G3's
 coldest are gone. What comes out is what the node's BlockManager reports to
-the index: key -> tier, or None (gone), in the order it happened.
+the index: key -> tier, or None (gone), in the order it happened, and each
+key's anchor (kvbm/block_key.py), as the node keeps it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from discovery.records import Tier
-from kvbm.block_key import KeySpace
+from kvbm.block_key import GROUP_BLOCKS, KeySpace, seq_hash
 
 SYSTEM_PROMPTS = 8
 
@@ -47,6 +48,7 @@ class NodeTrace:
         self.host: OrderedDict[bytes, None] = OrderedDict()
         self.disk: OrderedDict[bytes, None] = OrderedDict()
         self.convs: list[list[bytes]] = []
+        self.anchors: dict[bytes, int] = {}  # of every key held
         self._serial = 0
         self.created = 0  # blocks computed and stored (new to this node)
 
@@ -69,7 +71,7 @@ class NodeTrace:
         if len(self.convs) > s.conversations:
             self.convs.pop(0)
         new = 0
-        for key in prompt:
+        for i, key in enumerate(prompt):
             if key in self.host:
                 self.host.move_to_end(key)
                 continue
@@ -77,6 +79,7 @@ class NodeTrace:
                 del self.disk[key]  # loaded from disk: back in G2
             else:
                 new += 1
+                self.anchors[key] = seq_hash(prompt[i - i % GROUP_BLOCKS])
             self.host[key] = None
             changes.pop(key, None)
             changes[key] = Tier.HOST
@@ -87,6 +90,7 @@ class NodeTrace:
             changes[key] = Tier.DISK
         while len(self.disk) > s.disk_blocks:
             key, _ = self.disk.popitem(last=False)
+            del self.anchors[key]
             changes.pop(key, None)
             changes[key] = None
         self.created += new

@@ -21,18 +21,20 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import msgpack
+import numpy as np
 
 from discovery.etcd_index import EtcdIndex, snapshot
 from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
-from discovery.owner_table import OwnerTable
+from discovery.owner_table import MERGE_SHIFT, OwnerTable
+from discovery.owners import places
 from discovery.records import NodeRecord, Tier
 from discovery.runs import MAX_RUN_KEYS, RunRecord
 from discovery.schema import node_path, run_path
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
-from kvbm.block_key import KeySpace
+from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, seq_hash
 from kvbm.config import KvbmConfig
 from kvbm.layout import ModelGeometry
 from kvbm.node.publisher import INDEX_FLUSH_S
@@ -284,7 +286,7 @@ async def _replay(
     rate: int,
 ) -> tuple[tuple[int, ...], float]:
     """Replay each node's trace at `rate` new blocks/s into its publisher
-    (anything with `publish(changes)`), in 20 ms ticks, for `warmup_s`
+    (anything with `publish(changes, anchors=)`), in 20 ms ticks, for `warmup_s`
     then `seconds`; returns what `totals()` counted over the measured
     window, and the window's length."""
     t0, tick = time.perf_counter(), 0
@@ -299,7 +301,7 @@ async def _replay(
             changes: dict = {}
             while t.created < rate * elapsed:
                 t.request(changes)
-            p.publish(changes)
+            p.publish(changes, anchors=t.anchors)
         tick += 1
         await asyncio.sleep(max(0.0, t0 + tick * 0.02 - time.perf_counter()))
     assert base is not None
@@ -406,12 +408,12 @@ async def fleet(
 
 def _delta_bytes_per_location(n: int = 20_000) -> float:
     """What a change not merged yet costs an owner's table (its dicts), measured."""
-    keys = block_keys(60_000_000, n)
+    xs = places(block_keys(60_000_000, n))
     gc.collect()
     tracemalloc.start()
     table = OwnerTable(min_delta=2 * n)
     before = tracemalloc.get_traced_memory()[0]
-    table.place(1, keys, [Tier.HOST] * n)
+    table.place(1, xs, [Tier.HOST] * n)
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     return used / n
@@ -459,8 +461,9 @@ class _SimNode:
         self.calls = self.bytes = 0
         self.locations.send, self.locations.ask = self._send, self.pool.locate
 
-    async def start(self) -> None:
-        port = await self.server.start(self.address, 0)
+    async def start(self, owner: bool = True) -> None:
+        """`owner` False: a node that only asks (no peer port: not in the ring)."""
+        port = await self.server.start(self.address, 0) if owner else 0
         fingerprints = (_SIM_GEOMETRY.fingerprint,)
         record = NodeRecord(self.name, self.address, port, fingerprints=fingerprints)
         self.index = EtcdIndex(
@@ -474,11 +477,13 @@ class _SimNode:
         )
         await self.index.start()
 
-    async def _send(self, owner: str, session: int, keys: list, tiers: list) -> bool:
+    async def _send(self, owner: str, session: int, xs: np.ndarray, tiers: list) -> bool:
         self.calls += 1
         names = [None if t is None else t.value for t in tiers]
-        self.bytes += len(msgpack.packb({"keys": keys, "tiers": names, "session": session}))
-        return await self.pool.place(owner, session, keys, tiers)
+        self.bytes += len(
+            msgpack.packb({"places": xs.tobytes(), "tiers": names, "session": session})
+        )
+        return await self.pool.place(owner, session, xs, tiers)
 
     async def close(self) -> None:
         await self.index.close()
@@ -502,95 +507,147 @@ async def sharded_fleet(
     flush_interval: float = INDEX_FLUSH_S,
     lookups: int = 2000,
 ) -> dict:
-    """The trace of `fleet`, on the sharded index, with the node's own parts
-    (`_SimNode`) against a real etcd: each node sends each owner its
-    changes every `flush_interval` over the peer RPC; then the owners'
-    tables are measured, and one node looks up the trace's prompts by
-    asking their owners over the peer RPC (the remote hop)."""
-    space = KeySpace(NS, 0x5EED)
-    shape = TraceShape(host_blocks=1024, disk_blocks=4096)
-    traces = [NodeTrace(i, space, shape) for i in range(nodes)]
-    sims = [
-        _SimNode(endpoint, f"sim{i}", f"127.0.1.{i + 1}", max(ttl, 60), flush_interval)
-        for i in range(nodes)
-    ]
+    """The trace of `fleet`, on the sharded index: the fleet runs in a child
+    process (`_sharded_fleet_child`), and this process is a node that asks:
+    it looks up the trace's prompts by asking their owners over the peer
+    RPC (the remote hop), as a node does on an engine's scheduling path,
+    with the owners' work on the other side of a socket, off its loop."""
+    mp = multiprocessing.get_context("spawn")
+    conn, theirs = mp.Pipe()
+    args = (endpoint, ttl, nodes, warmup_s, seconds, rate, flush_interval, lookups, theirs)
+    proc = mp.Process(target=_sharded_fleet_child, args=args)
+    proc.start()
+    asker = _SimNode(endpoint, "asker", "127.0.2.1", max(ttl, 60), flush_interval)
     try:
-        for n in sims:
-            await n.start()
-        names = {n.name for n in sims}
-        while any(set(n.locations.ring.nodes) != names for n in sims):  # every record seen
+        if not await asyncio.to_thread(conn.poll, 600):
+            raise RuntimeError("the simulated fleet never reported")
+        out, prompts = conn.recv()
+        await asker.start(owner=False)
+        while len(asker.locations.ring.nodes) < nodes:
             await asyncio.sleep(0.05)
-        client = sims[0].index._live()
-
-        async def revision() -> int:
-            got = await client.get(node_path(NS, sims[0].name))
-            return got.header.revision
-
-        def totals() -> tuple[int, ...]:
-            return (
-                sum(n.calls for n in sims),
-                sum(t.created for t in traces),
-                sum(n.bytes for n in sims),
-            )
-
-        rev0 = await revision()  # the whole run's etcd writes, warm-up included
-        indexes = [n.index for n in sims]
-        window, measured = await _replay(traces, indexes, totals, warmup_s, seconds, rate)
-        calls, created, sent = window
-        etcd_writes = await revision() - rev0
-        etcd_blocks = sum(t.created for t in traces)
-        await asyncio.gather(*(n.index.flush(timeout=120) for n in sims))
-        held = sum(t.held() for t in traces)
-        tables = [n.locations.table for n in sims]
-        for t in tables:
-            t.merge()  # the delta folded in: the arrays alone
-        locations = sum(len(t) for t in tables)
-        biggest = max(tables, key=len)
-        per_delta = _delta_bytes_per_location()
-        # the biggest owner, with its delta at the most it holds before a merge (1/64)
-        worst = biggest.nbytes + len(biggest) / 64 * per_delta
-        observer = sims[0].index
-        prompts = [c[:128] for t in traces for c in t.convs][:lookups]
+        await asyncio.gather(*(asker.pool.warm(n) for n in asker.locations.ring.nodes))
         times, found = [], 0
         for prompt in prompts:
             req = [bytes(k) for k in prompt]  # fresh objects, as an engine hands them over
+            groups = Groups.of([seq_hash(k) for k in prompt], 0, len(prompt))  # the engine's
             t1 = time.perf_counter()
-            result = await observer.locate(req)
+            result = await asker.index.locate(req, groups.per_key(len(req)))
             times.append(time.perf_counter() - t1)
             found += result.total
         times.sort()
-        # what an owner spends on its part of a lookup (a few keys), no network
-        own = sims[0].locations
-        parts = [[bytes(k) for k in p[::16][:8]] for p in prompts[:500]]
-        answer = []
-        for part in parts:
-            t1 = time.perf_counter()
-            own.holders(part)
-            answer.append(time.perf_counter() - t1)
-        answer.sort()
-        return {
-            "fleet_layout": "sharded",
-            "fleet_nodes": nodes,
-            "fleet_blocks_per_s_per_node": round(created / measured / nodes),
-            "fleet_flush_interval_s": flush_interval,
-            "etcd_writes_per_1000_blocks": round(etcd_writes / etcd_blocks * 1000, 2),
-            "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
-            "owner_bytes_per_block": round(sent / created, 1),
-            "fleet_blocks_held": held,
-            "fleet_blocks_in_index": locations,
-            "owner_locations_max_vs_mean": round(len(biggest) / (locations / nodes), 2),
-            "owner_bytes_per_location": round(worst / len(biggest), 1),
-            "mirror_mb_per_million_fleet_blocks": round(worst / held, 2),
-            "lookup_p50_us": round(times[len(times) // 2] * 1e6, 1),
-            "lookup_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
-            "lookup_prompts": len(times),
-            "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
-            "owner_answer_p50_us": round(answer[len(answer) // 2] * 1e6, 1),
-        }
+        out.update(
+            {
+                "lookup_p50_us": round(times[len(times) // 2] * 1e6, 1),
+                "lookup_p99_us": round(times[int(len(times) * 0.99)] * 1e6, 1),
+                "lookup_prompts": len(times),
+                "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
+            }
+        )
+        return out
     finally:
-        for n in sims:
-            with contextlib.suppress(Exception):
-                await n.close()
+        conn.send("done")
+        with contextlib.suppress(Exception):  # it may not have started
+            await asker.close()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
+
+
+def _sharded_fleet_child(
+    endpoint: str,
+    ttl: int,
+    nodes: int,
+    warmup_s: float,
+    seconds: float,
+    rate: int,
+    flush_interval: float,
+    lookups: int,
+    conn: Connection,
+) -> None:
+    """Child process: the fleet of `sharded_fleet`, with the node's own parts
+    (`_SimNode`) against a real etcd: each node sends each owner its changes
+    every `flush_interval` over the peer RPC; then the owners' tables are
+    measured. Sends (figures, prompts to look up), then serves until told."""
+
+    async def run() -> None:
+        space = KeySpace(NS, 0x5EED)
+        shape = TraceShape(host_blocks=1024, disk_blocks=4096)
+        traces = [NodeTrace(i, space, shape) for i in range(nodes)]
+        sims = [
+            _SimNode(endpoint, f"sim{i}", f"127.0.1.{i + 1}", max(ttl, 60), flush_interval)
+            for i in range(nodes)
+        ]
+        try:
+            for n in sims:
+                await n.start()
+            names = {n.name for n in sims}
+            while any(set(n.locations.ring.nodes) != names for n in sims):  # every record seen
+                await asyncio.sleep(0.05)
+            client = sims[0].index._live()
+
+            async def revision() -> int:
+                got = await client.get(node_path(NS, sims[0].name))
+                return got.header.revision
+
+            def totals() -> tuple[int, ...]:
+                return (
+                    sum(n.calls for n in sims),
+                    sum(t.created for t in traces),
+                    sum(n.bytes for n in sims),
+                )
+
+            rev0 = await revision()  # the whole run's etcd writes, warm-up included
+            indexes = [n.index for n in sims]
+            window, measured = await _replay(traces, indexes, totals, warmup_s, seconds, rate)
+            calls, created, sent = window
+            etcd_writes = await revision() - rev0
+            etcd_blocks = sum(t.created for t in traces)
+            await asyncio.gather(*(n.index.flush(timeout=120) for n in sims))
+            held = sum(t.held() for t in traces)
+            tables = [n.locations.table for n in sims]
+            for t in tables:
+                t.merge()  # the delta folded in: the arrays alone
+            locations = sum(len(t) for t in tables)
+            biggest = max(tables, key=len)
+            per_delta = _delta_bytes_per_location()
+            # the biggest owner, with its delta at the most it holds before a merge (at
+            # scale: here the tables are below the floor of a merge, _MIN_DELTA)
+            worst = biggest.nbytes + len(biggest) / (1 << MERGE_SHIFT) * per_delta
+            prompts = [c[:128] for t in traces for c in t.convs][:lookups]
+            # what an owner spends on its part of a lookup (a group), no network
+            own = sims[0].locations
+            answer = []
+            for p in prompts[:500]:
+                group = p[:GROUP_BLOCKS]
+                xs = places(group, [seq_hash(group[0])] * len(group))
+                t1 = time.perf_counter()
+                own.holders(xs)
+                answer.append(time.perf_counter() - t1)
+            answer.sort()
+            out = {
+                "fleet_layout": "sharded",
+                "fleet_nodes": nodes,
+                "fleet_blocks_per_s_per_node": round(created / measured / nodes),
+                "fleet_flush_interval_s": flush_interval,
+                "etcd_writes_per_1000_blocks": round(etcd_writes / etcd_blocks * 1000, 2),
+                "owner_calls_per_s_per_node": round(calls / measured / nodes, 1),
+                "owner_bytes_per_block": round(sent / created, 1),
+                "fleet_blocks_held": held,
+                "fleet_blocks_in_index": locations,
+                "owner_locations_max_vs_mean": round(len(biggest) / (locations / nodes), 2),
+                "owner_bytes_per_location": round(worst / len(biggest), 1),
+                "mirror_mb_per_million_fleet_blocks": round(worst / held, 2),
+                "owner_answer_p50_us": round(answer[len(answer) // 2] * 1e6, 1),
+            }
+            conn.send((out, [[bytes(k) for k in p] for p in prompts]))
+            await asyncio.to_thread(conn.recv)  # the asker is done
+        finally:
+            for n in sims:
+                with contextlib.suppress(Exception):
+                    await n.close()
+
+    asyncio.run(run())
 
 
 def run(nodes: int = 0, ttl: int = 3, layout: str = "mirror") -> dict:

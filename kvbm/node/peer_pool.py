@@ -8,6 +8,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from discovery.records import NodeRecord, Tier, check_node_id
 from transport.agent import Agent
 from transport.errors import TransportError
@@ -81,16 +83,17 @@ class PeerPool:
 
     # -- the sharded index's calls (discovery/sharded.py: its `send` and `ask`) --
     async def place(
-        self, owner: str, session: int, keys: list[bytes], tiers: list[Tier | None]
+        self, owner: str, session: int, xs: np.ndarray, tiers: list[Tier | None]
     ) -> bool:
-        """Tell `owner` which of its keys this node holds; False when it could
-        not be told (unreachable, refused): the caller sends them again later."""
+        """Tell `owner` which of its keys (by place) this node holds; False
+        when it could not be told (unreachable, refused): the caller sends
+        them again later."""
         client = await self._client(owner, self.index_timeout_s)
         if client is None:
             return False
         names = [None if t is None else t.value for t in tiers]
         try:
-            return await place(client, session, keys, names, self.index_timeout_s)
+            return await place(client, session, xs, names, self.index_timeout_s)
         except (TimeoutError, TransportError, OSError) as e:
             log.info("locations not placed owner=%s error=%r", owner, e)
             return False
@@ -99,15 +102,16 @@ class PeerPool:
         """Connect to `peer` now, so that its first call finds a connection."""
         await self._client(peer, WARM_TIMEOUT_S)
 
-    async def locate(self, owner: str, keys: list[bytes]) -> list[dict[str, Tier]] | None:
-        """Who holds each of `keys`, as `owner` knows; None when it did not answer
-        (or answered what is not a node id and a tier)."""
+    async def locate(self, owner: str, xs: np.ndarray) -> list[tuple[int, dict[str, Tier]]] | None:
+        """Who holds each key (by place), as `owner` knows, in runs of keys;
+        None when it did not answer (or answered what is not a node id and
+        a tier)."""
         client = await self._client(owner, self.index_timeout_s)
         if client is None:
             return None
         try:
-            found = await locate(client, keys, self.index_timeout_s)
-            return [{check_node_id(n): Tier(t) for n, t in h.items()} for h in found]
+            found = await locate(client, xs, self.index_timeout_s)
+            return [(n, {check_node_id(p): Tier(t) for p, t in h.items()}) for n, h in found]
         except (TimeoutError, TransportError, OSError, ValueError) as e:
             log.info("lookup not answered owner=%s error=%r", owner, e)
             return None
@@ -132,6 +136,9 @@ class PeerPool:
         connecting takes longer than `timeout`: a frozen peer still accepts).
         One connect per peer at a time: a pull, a lookup and a flush that
         all find no client share the one that connects."""
+        client = self.clients.get(peer)
+        if client is not None and client.usable:
+            return client  # every call but a connect's: no lock, no task
         lock = self._connecting.setdefault(peer, asyncio.Lock())
         try:
             await asyncio.wait_for(lock.acquire(), timeout)
