@@ -6,7 +6,8 @@ between the file and the host arena):
     [superblock: 1 page][header table: 1 page per slot][data: slot_bytes per slot]
 
 Data sits contiguous, so a run of slots is one plain I/O, as fast as the disk.
-A slot's header (key, checksum, its own checksum) is written after its data:
+A slot's header (key, checksum, the key's group anchor, its own checksum)
+is written after its data:
 after a crash a header either names the block whose bytes are there, or an
 older block whose checksum the new bytes fail. A new process recovers the
 blocks from the header table; every read verifies the data against the
@@ -40,7 +41,8 @@ log = logging.getLogger("kvbm.disk")
 
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
-VERSION = 2
+VERSION = 2  # of the file's layout
+SLOT_VERSION = 3  # of a slot's header: 3 adds the anchor; a 2's is read as anchor 0
 _SUPER = struct.Struct(
     "<8sIQQQQ"
 )  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
@@ -48,6 +50,7 @@ _HEADER = struct.Struct(
     "<8sIQQH"
 )  # magic, version, data_len, checksum, key_len (then key, then crc)
 _SUM = struct.Struct("<Q")  # xxh3_64 of the superblock or header before it
+_ANCHOR = struct.Struct("<Q")  # after the key, from SLOT_VERSION 3
 _MAX_IOV = 1024
 IO_PIECE_BYTES = 16 << 20  # one vectored I/O; the bench's raw reference uses the same
 # After the file system says it is full, the tier takes no writes this long:
@@ -65,6 +68,7 @@ class DiskWrite:
     checksum: int | None  # None: taken by the write
     src: int
     dst: int
+    anchor: int = 0  # the key's group anchor (kvbm/slot_table.py), kept in the header
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +232,7 @@ class DiskPool:
     # -- recovery ----------------------------------------------------------
     def _recover(self) -> int:
         """Register every slot whose header is intact; data is verified on read."""
-        found: dict[BlockKey, tuple[int, int]] = {}
+        found: dict[BlockKey, tuple[int, int, int]] = {}
         batch = 256
         buf = _aligned(batch * PAGE)
         for first in range(0, self.num_slots, batch):
@@ -239,10 +243,10 @@ class DiskPool:
             for j in range(got // PAGE):
                 parsed = self._parse_header(buf[j * PAGE : (j + 1) * PAGE])
                 if parsed is not None:
-                    found.setdefault(parsed[0], (first + j, parsed[1]))
-        self.table.claim([slot for slot, _ in found.values()])
-        for key, (slot, csum) in found.items():
-            self.table.register(slot, key, csum)
+                    found.setdefault(parsed[0], (first + j, parsed[1], parsed[2]))
+        self.table.claim([slot for slot, _, _ in found.values()])
+        for key, (slot, csum, anchor) in found.items():
+            self.table.register(slot, key, csum, anchor)
         if found:
             log.info("disk arena recovered blocks=%d path=%s", len(found), self.path)
         return len(found)
@@ -254,27 +258,36 @@ class DiskPool:
     def data_offset(self, slot: int) -> int:
         return self.data_start + slot * self.slot_bytes
 
-    def _header(self, key: BlockKey, csum: int) -> bytes:
-        head = _HEADER.pack(SLOT_MAGIC, VERSION, self.geometry.block_bytes, csum, len(key)) + key
+    def _header(self, key: BlockKey, csum: int, anchor: int) -> bytes:
+        size = self.geometry.block_bytes
+        head = _HEADER.pack(SLOT_MAGIC, SLOT_VERSION, size, csum, len(key)) + key
+        head += _ANCHOR.pack(anchor)
         return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
 
-    def _parse_header(self, page: bytes | memoryview | mmap.mmap) -> tuple[BlockKey, int] | None:
+    def _parse_header(
+        self, page: bytes | memoryview | mmap.mmap
+    ) -> tuple[BlockKey, int, int] | None:
+        """(key, checksum, anchor), or None for a header that is not a whole one of ours."""
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
-        if magic != SLOT_MAGIC or version != VERSION or data_len != self.geometry.block_bytes:
+        if magic != SLOT_MAGIC or version not in (2, SLOT_VERSION):
             return None
-        if klen > MAX_ENCODED:
+        if data_len != self.geometry.block_bytes or klen > MAX_ENCODED:
             return None
         end = _HEADER.size + klen
+        anchor = 0
+        if version == SLOT_VERSION:
+            (anchor,) = _ANCHOR.unpack_from(page, end)
+            end += _ANCHOR.size
         (crc,) = _SUM.unpack_from(page, end)
         if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
             return None
-        key = bytes(page[_HEADER.size : end])
+        key = bytes(page[_HEADER.size : _HEADER.size + klen])
         try:
             if parse_key(key).fingerprint != self.geometry.fingerprint:
                 return None  # another model's block: never served for this one
         except ValueError:
             return None  # not a key: not a slot of ours
-        return BlockKey(key), csum
+        return BlockKey(key), csum, anchor
 
     def _pwrite(self, fd: int, bufs: list, offset: int) -> None:
         want = sum(len(memoryview(b)) for b in bufs)
@@ -313,7 +326,8 @@ class DiskPool:
         )
         for first, n, off in slot_runs(np.asarray([items[i].dst for i in written], dtype=np.int64)):
             run = written[off : off + n]
-            if not self._write_headers(first, [(items[i].key, sums[i]) for i in run]):
+            heads = [(items[i].key, sums[i], items[i].anchor) for i in run]
+            if not self._write_headers(first, heads):  # type: ignore[arg-type]
                 for i in run:
                     sums[i] = None
         return sums
@@ -330,10 +344,10 @@ class DiskPool:
             self._failed_write(e, len(piece))
             return [None] * len(piece)
 
-    def _write_headers(self, first: int, entries: list[tuple[BlockKey, int]]) -> bool:
+    def _write_headers(self, first: int, entries: list[tuple[BlockKey, int, int]]) -> bool:
         headers = _aligned(len(entries) * PAGE)
-        for j, (key, csum) in enumerate(entries):
-            h = self._header(key, csum)
+        for j, (key, csum, anchor) in enumerate(entries):
+            h = self._header(key, csum, anchor)
             headers[j * PAGE : j * PAGE + len(h)] = h
         try:
             self._pwrite(self.fd, [headers], self.header_offset(first))

@@ -10,21 +10,23 @@ Calls (engine -> node), each answered by `ok` or `error`:
                                      view_bytes, slot_bytes, num_slots,
                                      step_blocks, namespace, fingerprint,
                                      node_id}
-  lookup   {keys, remote}        -> {local, remote_host, remote_disk}: leading
+  lookup   {keys, remote, groups} -> {local, remote_host, remote_disk}: leading
                                      blocks held here, then how many more peers
                                      hold after them, by tier
-  load     {keys, remote}        -> {lease, slots, sources}: the longest prefix
+  load     {keys, remote, groups} -> {lease, slots, sources}: the longest prefix
                                      staged into G2 (local disk, peer pulls) and
                                      pinned until `release`
-  load_many {requests, remote}   -> {loads: [what `load` answers, per request]}:
-                                     all granted, or none
-  reserve  {keys}                -> {lease, slots, positions}: host slots the
+  load_many {requests, remote, groups} -> {loads: [what `load` answers, per
+                                     request]}: all granted, or none
+  reserve  {keys, groups}        -> {lease, slots, positions}: host slots the
                                      engine fills, then `commit`s
   commit   {lease, ok}           -> {added}
   release  {lease}               -> {}
   stats    {}                    -> the node's state (for `kvbm status`)
 
-Keys are `BlockKey.encode()` bytes. Slots index the node's host arena, which
+Keys are `BlockKey.encode()` bytes. `groups` (optional; per request in
+`load_many`) names each key's group anchor: `Groups.to_wire()`
+(kvbm/block_key.py), which a sharded index places keys by. Slots index the node's host arena, which
 the engine maps by name in `arena_dir` (shared memory: the engine must see
 the same directory) and copies whole blocks through; its key view
 (kvbm/key_view.py) beside it answers lookups without a call. The socket's

@@ -132,6 +132,20 @@ class BlockManager:
             out.update(dict.fromkeys(self.host.table.index, Tier.HOST))
             return out
 
+    def anchors(self, keys: Sequence[BlockKey]) -> dict[BlockKey, int]:
+        """The group anchors known of these keys, where they are held (for the index)."""
+        out: dict[BlockKey, int] = {}
+        with self._lock:
+            for table in (self.host.table, self.disk.table if self.disk else None):
+                if table is None:
+                    continue
+                index, anchors = table.index, table.anchors
+                for k in keys:
+                    slot = index.get(k)
+                    if slot is not None and anchors[slot]:
+                        out.setdefault(k, anchors[slot])
+        return out
+
     def usage(self) -> dict[str, dict[str, int]]:
         """Blocks held and capacity per tier (and the host blocks not sealed yet)."""
         with self._lock:
@@ -168,8 +182,11 @@ class BlockManager:
         return n
 
     # -- store: G1 -> G2 ---------------------------------------------------
-    def prepare_store(self, keys: Sequence[BlockKey]) -> StorePlan:
+    def prepare_store(
+        self, keys: Sequence[BlockKey], anchors: Sequence[int] | None = None
+    ) -> StorePlan:
         """Reserve host slots for the keys not already held; the caller fills them.
+        `anchors`: each key's group anchor, kept with the block (slot_table.py).
 
         Blocks already in G2 are skipped (and count as a use). When G2 is full
         and every block is pinned, the tail of `keys` is not stored: caching is
@@ -192,7 +209,8 @@ class BlockManager:
             self.metrics.rejected.labels(Tier.HOST, "full").inc(len(positions) - len(slots))
             cut = positions[len(slots)]
             positions = positions[: len(slots)]
-        return StorePlan([keys[i] for i in positions], slots, positions, cut=cut)
+        kept = None if anchors is None else [int(anchors[i]) for i in positions]
+        return StorePlan([keys[i] for i in positions], slots, positions, cut=cut, anchors=kept)
 
     def complete_store(
         self, plan: StorePlan, success: bool = True, checksums: list[int] | None = None
@@ -206,13 +224,14 @@ class BlockManager:
             raise ValueError("store plan already committed")
         plan.done = True
         sums = checksums if checksums is not None else [None] * len(plan.slots)
+        anchors = plan.anchors or [0] * len(plan.slots)
         added = 0
         with self._lock:
             table = self.host.table
             for i, slot in enumerate(plan.slots):
                 if not success:
                     table.abort(slot)
-                elif table.register(slot, plan.keys[i], sums[i]):
+                elif table.register(slot, plan.keys[i], sums[i], anchors[i]):
                     added += 1
             if self.view is not None and success:
                 self.view.set(plan.keys, LOCAL)
@@ -336,31 +355,33 @@ class BlockManager:
             self._owed = min(self._owed, reach)
             if not self._owed:
                 return 0
-            todo: list[tuple[int, int, BlockKey, int | None]] = []
+            todo: list[tuple[int, int, BlockKey, int | None, int]] = []
             for slot in host.policy.oldest(reach):
                 if len(todo) == min(limit, self._owed):
                     break
                 key = host.keys[slot]
                 assert key is not None
                 if key not in dt.index and self.admission.admit(key):
-                    todo.append((slot, host.serial[slot], key, host.checksums[slot]))
+                    todo.append(
+                        (slot, host.serial[slot], key, host.checksums[slot], host.anchors[slot])
+                    )
             self._owed = 0 if len(todo) < limit else self._owed - len(todo)
             dslots = self._disk_slots(len(todo))
         writes = [
-            DiskWrite(key, csum, slot, d)
-            for (slot, _, key, csum), d in zip(todo, dslots, strict=False)
+            DiskWrite(key, csum, slot, d, anchor)
+            for (slot, _, key, csum, anchor), d in zip(todo, dslots, strict=False)
         ]
         sums = self._disk_io(self.disk.write, writes)
         written = 0
         with self._lock:
             host, dt = self.host.table, self.disk.table
-            for (slot, serial, _, _), w, c in zip(todo, writes, sums, strict=False):
+            for (slot, serial, *_), w, c in zip(todo, writes, sums, strict=False):
                 same = host.state[slot] == SlotState.REGISTERED and host.serial[slot] == serial
                 if c is None or not same:
                     dt.abort(w.dst)
                     continue
                 host.seal(slot, serial, c)  # no-op where it was sealed already
-                written += dt.register(w.dst, w.key, c)
+                written += dt.register(w.dst, w.key, c, w.anchor)
         self.metrics.moved.labels("g2_to_g3").inc(written * self.geometry.block_bytes)
         return written
 
@@ -391,11 +412,12 @@ class BlockManager:
         view, verify = self.host.block_view, self._verify
         good = [verify(view(s), e) for s, e in zip(plan.slots, expected or (), strict=False)]
         added: list[BlockKey] = []
+        anchors = plan.anchors or [0] * len(plan.slots)
         with self._lock:
             table = self.host.table
             for i, slot in enumerate(plan.slots):
                 if expected is not None and good[i]:
-                    if table.register(slot, plan.keys[i], expected[i]):
+                    if table.register(slot, plan.keys[i], expected[i], anchors[i]):
                         added.append(plan.keys[i])
                 else:
                     if expected is not None:
@@ -436,7 +458,7 @@ class BlockManager:
                     host.abort(r.dst)
                     continue
                 # If another writer registered the key meanwhile, ours is freed: use theirs.
-                host.register(r.dst, r.key, r.checksum)
+                host.register(r.dst, r.key, r.checksum, dt.anchors[r.src])
                 slot = host.get(r.key)
                 assert slot is not None
                 host.pin(slot)
@@ -480,14 +502,14 @@ class BlockManager:
                 self.metrics.rejected.labels(Tier.DISK, "full").inc(len(admitted) - len(dslots))
             # DRAINING slots are ours alone: the write reads (and checksums) them unlocked.
             writes = [
-                DiskWrite(v.key, v.checksum, v.slot, d)
+                DiskWrite(v.key, v.checksum, v.slot, d, v.anchor)
                 for v, d in zip(admitted, dslots, strict=False)
             ]
         sums = self._disk_io(self.disk.write, writes) if self.disk else []
         with self._lock:
             for w, c in zip(writes, sums, strict=True):
                 if c is not None:
-                    self.disk.table.register(w.dst, w.key, c)
+                    self.disk.table.register(w.dst, w.key, c, w.anchor)
                 else:
                     self.disk.table.abort(w.dst)
             if self.view is not None:

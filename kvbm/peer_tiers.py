@@ -3,6 +3,9 @@ from and the `BlockSink` pulled blocks land in (transport/tiers.py)."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+
 from kvbm.block_key import BlockKey, parse_key
 from kvbm.manager import BlockManager
 from transport.tiers import PinnedBlock, Reservation
@@ -14,6 +17,7 @@ class ManagerTiers:
 
     def __init__(self, mgr: BlockManager) -> None:
         self.mgr = mgr
+        self.anchors: Mapping[bytes, int] = {}  # of the keys pulled into this sink
         self.fingerprints = frozenset({mgr.geometry.fingerprint})
         self.arena_size = mgr.host.arena.size
         self._stride = mgr.geometry.slot_bytes
@@ -36,8 +40,16 @@ class ManagerTiers:
         self.mgr.complete_peer_read([b.offset // self._stride for b in blocks])
 
     # -- BlockSink ---------------------------------------------------------
+    def landing(self, anchors: Mapping[bytes, int]) -> ManagerTiers:
+        """This sink for one pull whose keys' group anchors are these: the
+        blocks keep them (a sharded index places them by them)."""
+        sink = copy.copy(self)
+        sink.anchors = anchors
+        return sink
+
     def prepare_store(self, keys: list[bytes]) -> Reservation:
-        plan = self.mgr.prepare_store(keys)  # the puller's own keys: it asked for them
+        anchors = [self.anchors.get(k, 0) for k in keys] if self.anchors else None
+        plan = self.mgr.prepare_store(keys, anchors)  # the puller's own keys: it asked for them
         stride = self._stride
         entries = [(k, s * stride) for k, s in zip(plan.keys, plan.slots, strict=True)]
         reserved = set(plan.positions)

@@ -26,13 +26,15 @@ class PrefixMatch:
 class StorePlan:
     """Host slots reserved for `keys[i]`; `positions[i]` is its index in the caller's list.
     `cut`: the caller's index of the first key not held that got no slot (G2 full
-    of pinned blocks), or None: every caller key before it is held or reserved."""
+    of pinned blocks), or None: every caller key before it is held or reserved.
+    `anchors[i]`: the anchor of `keys[i]`'s group (0: not known; slot_table.py)."""
 
     keys: list[BlockKey]
     slots: list[int]
     positions: list[int]
     done: bool = False
     cut: int | None = None
+    anchors: list[int] | None = None
 
 
 @dataclass

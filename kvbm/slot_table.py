@@ -27,6 +27,7 @@ class Victim:
     slot: int
     key: BlockKey
     checksum: int | None
+    anchor: int = 0
 
 
 class SlotTable:
@@ -52,6 +53,9 @@ class SlotTable:
         self.state = [SlotState.FREE] * num_slots
         self.keys: list[BlockKey | None] = [None] * num_slots
         self.checksums: list[int | None] = [None] * num_slots
+        # the first key of the block's group, as a sequence hash (0: not
+        # known): a sharded index places the key by it (kvbm/block_key.py)
+        self.anchors: list[int] = [0] * num_slots
         self.pins = [0] * num_slots
         self.serial = [0] * num_slots  # which registration a slot holds
         self._serials = itertools.count(1)
@@ -92,7 +96,7 @@ class SlotTable:
             self._free = [s for s in self._free if self.state[s] == SlotState.FREE]
             heapq.heapify(self._free)
 
-    def register(self, slot: int, key: BlockKey, checksum: int | None) -> bool:
+    def register(self, slot: int, key: BlockKey, checksum: int | None, anchor: int = 0) -> bool:
         """FILLING -> REGISTERED. False (and the slot freed) if the key was already here."""
         self._expect(slot, SlotState.FILLING)
         if key in self.index:
@@ -101,6 +105,7 @@ class SlotTable:
         self.state[slot] = SlotState.REGISTERED
         self.keys[slot] = key
         self.checksums[slot] = checksum
+        self.anchors[slot] = anchor
         self.serial[slot] = next(self._serials)
         if checksum is None:
             self.unsealed[slot] = None
@@ -164,7 +169,7 @@ class SlotTable:
             del self.index[key]
             self.state[s] = SlotState.DRAINING
             self.unsealed.pop(s, None)
-            out.append(Victim(s, key, self.checksums[s]))
+            out.append(Victim(s, key, self.checksums[s], self.anchors[s]))
             if self.changed is not None:
                 self.changed.pop(key, None)
                 self.changed[key] = None  # at the end: the order of the last change
@@ -193,6 +198,7 @@ class SlotTable:
         self.state[slot] = SlotState.FREE
         self.keys[slot] = None
         self.checksums[slot] = None
+        self.anchors[slot] = 0
         self.unsealed.pop(slot, None)
         self.pins[slot] = 0
         heapq.heappush(self._free, slot)

@@ -9,10 +9,11 @@ import os
 import signal
 
 import pytest
+import xxhash
 
 from discovery.records import Tier
-from kvbm.bench.direct import offload, onboard
-from kvbm.disk_pool import PAGE, DiskPool
+from kvbm.bench.direct import arena_blocks, offload, onboard
+from kvbm.disk_pool import _HEADER, _SUM, PAGE, SLOT_MAGIC, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
@@ -179,6 +180,39 @@ def test_corrupted_header_is_not_recovered(make_manager, tmp_path):
         assert disk.table.get(ks[0]) is not None
     finally:
         disk.close()
+
+
+def test_a_blocks_group_anchor_goes_with_it_to_disk_through_a_restart_and_back(
+    make_manager, tmp_path
+):
+    mgr = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
+    ks = keys(0, 4)
+    anchors = {k: a for k, a in zip(ks, [11, 11, 2**64 - 1, 0], strict=True)}  # 0: not known
+    eng = Engine(4)
+    plan = mgr.prepare_store(ks, list(anchors.values()))
+    arena_blocks(mgr).gather(eng.kv, eng.compute(ks), plan.slots)
+    assert mgr.complete_store(plan) == 4
+    known = {k: a for k, a in anchors.items() if a}
+    assert mgr.anchors(ks) == known
+    store(mgr, keys(10_000, mgr.host.num_slots))  # drains `ks` to G3
+    assert mgr.lookup(ks).tiers == (Tier.DISK,) * 4 and mgr.anchors(ks) == known
+    # an older node's header (version 2) names no anchor: recovered as not known
+    disk = mgr.disk
+    old = disk.table.get(ks[1])
+    head = _HEADER.pack(SLOT_MAGIC, 2, GEOMETRY.block_bytes, disk.table.checksums[old], len(ks[1]))
+    head += ks[1]
+    with open(disk.path, "r+b") as f:
+        f.seek(disk.header_offset(old))
+        f.write(head + _SUM.pack(xxhash.xxh3_64_intdigest(head)))
+    mgr.close()
+    again = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
+    assert again.disk.recovered >= 4
+    del known[ks[1]]
+    assert again.anchors(ks) == known
+    got = Engine(4)
+    assert onboard(again, got.kv, ks, [0, 1, 2, 3]) == 4  # staged into G2, bit-exact
+    assert all(got.holds(k, i) for i, k in enumerate(ks))
+    assert again.lookup(ks).tiers == (Tier.HOST,) * 4 and again.anchors(ks) == known
 
 
 # -- restart ---------------------------------------------------------------

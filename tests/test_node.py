@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kvbm.block_key import KeySpace
+from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.layout import ModelGeometry
 from tests.node_daemon import kvbm_json, until
@@ -159,3 +159,42 @@ def test_a_shared_group_lets_its_engines_attach(daemons):
     finally:
         one.close()
         two.close()
+
+
+def test_engines_name_their_keys_groups_and_a_sharded_fleet_keeps_a_group_at_one_owner(
+    etcd, daemons
+):
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3", "--index-layout", "sharded"]
+    a = daemons("node-a", "127.0.0.2", *common, "--host-cache-mb", "4")
+    b = daemons("node-b", "127.0.0.3", *common, "--host-cache-mb", "4")
+    eng_a = NodeAttachment(a.socket, GEOMETRY)
+    eng_b = NodeAttachment(b.socket, GEOMETRY, remote=["host", "disk"])
+    try:
+        hashes = list(range(7000, 7000 + 4 * GROUP_BLOCKS))
+        ks, groups = eng_a.keys(hashes), Groups.of(hashes, 0, len(hashes))
+        made = Engine(len(ks))
+        assert eng_a.store(made.kv, ks, made.compute(ks), groups) == len(ks)
+        whole = Available(0, len(ks))
+        until(lambda: eng_b.lookup(ks, groups=groups) == whole, 10, "B never found A's blocks")
+        # each group sits whole at one owner
+        owned = [e.stats()["index_shard"]["locations_owned"] for e in (eng_a, eng_b)]
+        assert sum(owned) == len(ks) and all(n % GROUP_BLOCKS == 0 for n in owned), owned
+        # asked without the groups, each key is its own: only a group's first key is found
+        assert eng_b.lookup(ks, ask_node=True) == Available(0, 1)
+        # a lookup from the middle of a group (an engine's own prefix hit before it)
+        assert eng_b.lookup(ks[5:], groups=groups.after(5)) == Available(0, len(ks) - 5)
+        got = Engine(len(ks))
+        loaded, sources = eng_b.load(got.kv, ks, list(range(len(ks))), groups)
+        assert loaded == len(ks) and sources["remote_host"] == len(ks)
+        assert all(got.holds(k, i) for i, k in enumerate(ks))
+
+        # what B pulled keeps its groups: B's own locations join A's at the same owners
+        def doubled() -> bool:
+            owned = [e.stats()["index_shard"]["locations_owned"] for e in (eng_a, eng_b)]
+            return sum(owned) == 2 * len(ks) and all(n % (2 * GROUP_BLOCKS) == 0 for n in owned)
+
+        until(doubled, 10, "B's pulled blocks are not placed with their groups")
+    finally:
+        eng_a.close()
+        eng_b.close()
+    assert a.stop() == 0 and b.stop() == 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvbm.block_key import BlockKey, KeySpace
+from kvbm.block_key import BlockKey, Groups, KeySpace
 from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
 from kvbm.engine_wire import (
     MAX_BATCH,
@@ -97,16 +97,20 @@ class NodeAttachment:
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         return self.space.keys(seq_hashes)
 
-    def lookup(self, keys: Sequence[BlockKey], ask_node: bool = False) -> Available:
+    def lookup(
+        self, keys: Sequence[BlockKey], ask_node: bool = False, groups: Groups | None = None
+    ) -> Available:
         """What the node could serve of `keys`: from its key view when that
         can tell (no round trip), else (or with `ask_node`) the node's own
-        answer, exact as of now."""
+        answer, exact as of now. `groups`, here and below: the keys' group
+        anchors (kvbm/block_key.py), which a sharded index places keys by;
+        without them each key is its own, and a sharded fleet finds them
+        only where they were stored without them too."""
         seen = None if ask_node else self.seen(keys)
         if seen is not None:
             return seen
-        return Available.from_wire(
-            self.link.call("lookup", {"keys": _wire(keys), "remote": self.remote})
-        )
+        body = {"keys": _wire(keys), "remote": self.remote}
+        return Available.from_wire(self.link.call("lookup", _grouped(body, groups)))
 
     def seen(self, keys: Sequence[BlockKey]) -> Available | None:
         """The lookup as the node's key view shows it (kvbm/key_view.py), or
@@ -134,13 +138,18 @@ class NodeAttachment:
         return Available(local, on_host, m - on_host)
 
     def load(
-        self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]
+        self,
+        kv: EngineKV,
+        keys: Sequence[BlockKey],
+        block_ids: Sequence[int],
+        groups: Groups | None = None,
     ) -> tuple[int, dict[str, int]]:
         """Copy the longest available prefix of `keys` into engine blocks
         `block_ids` (one per key). Returns (blocks loaded, by source)."""
 
         def prepare(rest: Sequence[BlockKey]) -> tuple[list[int], Pinned, bool]:
-            got = self.prepare_load(rest)
+            after = None if groups is None else groups.after(len(keys) - len(rest))
+            got = self.prepare_load(rest, after)
             return got.slots, got, got.more
 
         def complete(got: object) -> None:
@@ -155,22 +164,26 @@ class NodeAttachment:
                 sources[source] = sources.get(source, 0) + n
         return loaded, sources
 
-    def prepare_load(self, keys: Sequence[BlockKey]) -> Pinned:
+    def prepare_load(self, keys: Sequence[BlockKey], groups: Groups | None = None) -> Pinned:
         """Have the node stage (and pull from peers) the longest available
         prefix of `keys` into its host arena and pin it until `complete_load`."""
-        reply = self.link.call("load", {"keys": _wire(keys), "remote": self.remote})
+        body = {"keys": _wire(keys), "remote": self.remote}
+        reply = self.link.call("load", _grouped(body, groups))
         return Pinned(reply["lease"], list(reply["slots"]), dict(reply["sources"]), reply["more"])
 
-    def prepare_loads(self, requests: Sequence[Sequence[BlockKey]]) -> list[Pinned]:
-        """`prepare_load` for several requests, in as few round trips as the
-        node's limits allow (MAX_BATCH requests, MAX_KEYS keys a call): all
-        granted, or (NodeError) none."""
+    def prepare_loads(
+        self, requests: Sequence[Sequence[BlockKey]], groups: Sequence[Groups] | None = None
+    ) -> list[Pinned]:
+        """`prepare_load` for several requests (`groups`: each one's), in as
+        few round trips as the node's limits allow (MAX_BATCH requests,
+        MAX_KEYS keys a call): all granted, or (NodeError) none."""
         pinned: list[Pinned] = []
         try:
-            for batch in _batches(requests):
-                reply = self.link.call(
-                    "load_many", {"requests": [_wire(k) for k in batch], "remote": self.remote}
-                )
+            for at, batch in _batches(requests):
+                body: dict = {"requests": [_wire(k) for k in batch], "remote": self.remote}
+                if groups is not None:
+                    body["groups"] = [g.to_wire() for g in groups[at : at + len(batch)]]
+                reply = self.link.call("load_many", body)
                 pinned += [
                     Pinned(r["lease"], list(r["slots"]), dict(r["sources"]), r["more"])
                     for r in reply["loads"]
@@ -190,19 +203,32 @@ class NodeAttachment:
         if len(slots):
             self._blocks().scatter(kv, slots, block_ids)
 
-    def store(self, kv: EngineKV, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> int:
+    def store(
+        self,
+        kv: EngineKV,
+        keys: Sequence[BlockKey],
+        block_ids: Sequence[int],
+        groups: Groups | None = None,
+    ) -> int:
         """Write engine blocks through to the node's G2. Returns blocks added."""
+        done = 0
+
+        def reserve(chunk: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
+            nonlocal done
+            got = self.reserve(chunk, None if groups is None else groups.after(done))
+            done += len(chunk)
+            return got
 
         blocks = self._blocks()
-        return store_in_steps(
-            blocks, kv, keys, block_ids, self.step_blocks, self.reserve, self.commit
-        )
+        return store_in_steps(blocks, kv, keys, block_ids, self.step_blocks, reserve, self.commit)
 
-    def reserve(self, keys: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
+    def reserve(
+        self, keys: Sequence[BlockKey], groups: Groups | None = None
+    ) -> tuple[list[int], list[int], int]:
         """Slots for those of `keys` (at most step_blocks) the node does not
         hold yet -> (slots, their positions in keys, lease). Write them, then
         `commit` the lease, whatever the write did."""
-        reply = self.link.call("reserve", {"keys": _wire(keys)})
+        reply = self.link.call("reserve", _grouped({"keys": _wire(keys)}, groups))
         return reply["slots"], reply["positions"], reply["lease"]
 
     def commit(self, lease: object, ok: bool) -> int:
@@ -227,17 +253,26 @@ class NodeAttachment:
             self.view.close()
 
 
-def _batches(requests: Sequence[Sequence[BlockKey]]) -> list[Sequence[Sequence[BlockKey]]]:
-    out: list[Sequence[Sequence[BlockKey]]] = []
+def _batches(
+    requests: Sequence[Sequence[BlockKey]],
+) -> list[tuple[int, Sequence[Sequence[BlockKey]]]]:
+    """(index of the first, requests) for each call the node's limits allow."""
+    out: list[tuple[int, Sequence[Sequence[BlockKey]]]] = []
     start = keys = 0
     for i, r in enumerate(requests):
         if i > start and (i - start == MAX_BATCH or keys + len(r) > MAX_KEYS):
-            out.append(requests[start:i])
+            out.append((start, requests[start:i]))
             start, keys = i, 0
         keys += len(r)
     if start < len(requests):
-        out.append(requests[start:])
+        out.append((start, requests[start:]))
     return out
+
+
+def _grouped(body: dict, groups: Groups | None) -> dict:
+    if groups is not None:
+        body["groups"] = groups.to_wire()
+    return body
 
 
 def _wire(keys: Sequence[BlockKey]) -> list[bytes]:

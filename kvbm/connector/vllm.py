@@ -66,6 +66,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvbm.block_key import Groups
 from kvbm.config import engine_config
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.connector.copy import EngineKV
@@ -102,12 +103,13 @@ class Load:
 
 @dataclass
 class Save:
-    """Full blocks a request completes in this step: their sequence hashes
-    and vLLM block ids."""
+    """Full blocks a request completes in this step: their sequence hashes,
+    vLLM block ids and groups (kvbm/block_key.py)."""
 
     seq_hashes: list[int]
     block_ids: list[int]
     req_id: str = ""
+    groups: Groups | None = None
 
 
 @dataclass
@@ -322,6 +324,7 @@ class KvbmConnector(KVConnectorBase_V1):
             return 0, False
         t0 = time.perf_counter()
         keys = [a.keys(tracked.seq_hashes[first:usable]) for a in node]
+        groups = Groups.of(tracked.seq_hashes, first, usable)
         seen = [a.seen(k) for a, k in zip(node, keys, strict=True)]
         if all(s is not None for s in seen):
             n = min(s.total for s in seen)  # type: ignore[union-attr]
@@ -334,7 +337,7 @@ class KvbmConnector(KVConnectorBase_V1):
         pinned: list = []
         try:
             for a, k in zip(node, keys, strict=True):
-                pinned.append(a.prepare_load(k))
+                pinned.append(a.prepare_load(k, groups))
                 if not pinned[-1].slots:
                     break
         except NodeError as e:
@@ -430,7 +433,8 @@ class KvbmConnector(KVConnectorBase_V1):
             if node is None:
                 raise NodeError("the node is gone")
             for a in node:
-                pins.append(a.prepare_loads([a.keys(_hashes(p)) for p in promises]))
+                asked = [a.keys(_hashes(p)) for p in promises]
+                pins.append(a.prepare_loads(asked, [_groups(p) for p in promises]))
         except NodeError as e:
             for rank in pins:
                 self._release(Load([p.lease for p in rank], [], []))
@@ -479,7 +483,9 @@ class KvbmConnector(KVConnectorBase_V1):
             tracked.seq_hashes += sequence_hashes(more, self.block_size, tracked.salt, parent)
         if full > tracked.saved:
             span = slice(tracked.saved, full)
-            meta.saves.append(Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id))
+            groups = Groups.of(tracked.seq_hashes, span.start, span.stop)
+            save = Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id, groups)
+            meta.saves.append(save)
             tracked.saved = full
             tracked.had_saves = True
 
@@ -670,7 +676,8 @@ class KvbmConnector(KVConnectorBase_V1):
                 keys = node[0].keys(save.seq_hashes)
                 for at in range(0, len(keys), node[0].step_blocks):
                     chunk = keys[at : at + node[0].step_blocks]
-                    slots, positions, lease = node[0].reserve(chunk)
+                    groups = None if save.groups is None else save.groups.after(at)
+                    slots, positions, lease = node[0].reserve(chunk, groups)
                     ids = [save.block_ids[at + p] for p in positions]
                     ticket = copier.save(ids, slots) if slots else _ended()
                     self._saving.append(_Saving(ticket, lease, save.req_id))
@@ -776,6 +783,10 @@ def _hold(tracked: _Tracked, bad: set[int]) -> None:
 
 def _hashes(p: _Promise) -> list[int]:
     return p.tracked.seq_hashes[p.first : p.first + len(p.block_ids)]
+
+
+def _groups(p: _Promise) -> Groups:
+    return Groups.of(p.tracked.seq_hashes, p.first, p.first + len(p.block_ids))
 
 
 def _layer_index(name: str) -> int:

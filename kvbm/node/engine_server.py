@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from discovery.records import Tier
 from kvbm import engine_wire
-from kvbm.block_key import BlockKey, check_keys
+from kvbm.block_key import BlockKey, Groups, check_keys
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import MAX_BATCH, MAX_KEYS
 from kvbm.errors import KvbmError
@@ -184,12 +186,14 @@ class EngineServer:
 
     async def _lookup(self, body: dict, conn: int) -> dict:
         tiers = self._served()
-        return (await tiers.onboarding.lookup(self._keys(body), _remote(body))).to_wire()
+        keys = self._keys(body)
+        found = await tiers.onboarding.lookup(keys, _remote(body), _anchors(body, keys))
+        return found.to_wire()
 
     async def _load(self, body: dict, conn: int) -> dict:
         tiers = self._served()
         keys = self._keys(body)
-        loaded = await tiers.onboarding.load(keys, _remote(body))
+        loaded = await tiers.onboarding.load(keys, _remote(body), _anchors(body, keys))
         plan = loaded.plan
         lease = self._lease(plan, conn)
         sources = {s.value: n for s, n in loaded.sources.items() if n}
@@ -203,11 +207,15 @@ class EngineServer:
             raise ValueError(f"requests must be a list of at most {MAX_BATCH} key lists")
         if sum(len(r) if isinstance(r, list) else 0 for r in requests) > MAX_KEYS:
             raise ValueError(f"at most {MAX_KEYS} keys in all")
+        groups = body.get("groups", [None] * len(requests))
+        if not isinstance(groups, list) or len(groups) != len(requests):
+            raise ValueError("groups must name each request's, or be left out")
         granted: list[dict] = []
         try:
             remote = body.get("remote", [])
-            for keys in requests:
-                granted.append(await self._load({"keys": keys, "remote": remote}, conn))
+            for keys, g in zip(requests, groups, strict=True):
+                one = {"keys": keys, "remote": remote, "groups": g}
+                granted.append(await self._load(one, conn))
         except BaseException:
             for reply in granted:
                 self._settle(self.leases.pop(reply["lease"]), ok=False)
@@ -215,7 +223,9 @@ class EngineServer:
         return {"loads": granted}
 
     async def _reserve(self, body: dict, conn: int) -> dict:
-        store = await asyncio.to_thread(self._served().mgr.prepare_store, self._keys(body))
+        keys = self._keys(body)
+        anchors = _anchors(body, keys)
+        store = await asyncio.to_thread(self._served().mgr.prepare_store, keys, anchors)
         lease = self._lease(store, conn)
         return {"lease": lease, "slots": store.slots, "positions": store.positions}
 
@@ -272,6 +282,12 @@ def _groups_of(uid: int, gid: int) -> list[int]:
         return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
     except KeyError:
         return [gid]  # a uid with no name here: its primary group only
+
+
+def _anchors(body: dict, keys: list[BlockKey]) -> np.ndarray | None:
+    """Each key's group anchor, from the call's `groups` (None: not named)."""
+    raw = body.get("groups")
+    return None if raw is None else Groups.from_wire(raw, len(keys)).per_key(len(keys))
 
 
 def _remote(body: dict) -> frozenset[Tier]:

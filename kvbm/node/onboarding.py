@@ -11,13 +11,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+import numpy as np
+
 from discovery.records import LookupResult, PeerRun, Tier
 from kvbm.block_key import BlockKey
 from kvbm.engine_wire import Available
 from kvbm.manager import BlockManager
 from kvbm.node.peer_pool import PeerPool
+from kvbm.peer_tiers import ManagerTiers
 from kvbm.plans import LoadPlan
-from transport.tiers import BlockSink
+
+# (keys, each key's group anchor or None) -> who holds them
+LookupPeers = Callable[[list[bytes], np.ndarray | None], Awaitable[LookupResult | None]]
 
 
 class Source(StrEnum):
@@ -49,9 +54,9 @@ class Onboarding:
     def __init__(
         self,
         mgr: BlockManager,
-        sink: BlockSink,
+        sink: ManagerTiers,
         peers: PeerPool,
-        lookup_peers: Callable[[list[bytes]], Awaitable[LookupResult | None]],
+        lookup_peers: LookupPeers,
         timeout_s: float,
     ) -> None:
         self.mgr = mgr
@@ -60,20 +65,27 @@ class Onboarding:
         self.lookup_peers = lookup_peers  # the index's lookup (None before the join)
         self.timeout_s = timeout_s
 
-    async def lookup(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Available:
+    async def lookup(
+        self, keys: list[BlockKey], remote: frozenset[Tier], anchors: np.ndarray | None = None
+    ) -> Available:
+        """`anchors`: each key's group anchor (the engine names them; None:
+        each key its own), which a sharded index places keys by."""
         local = self.mgr.lookup(keys).num_blocks
         counts = dict.fromkeys(Tier, 0)
-        for run in await self._peer_runs(keys[local:], remote):
+        rest = None if anchors is None else anchors[local:]
+        for run in await self._peer_runs(keys[local:], remote, rest):
             for t in run.tiers:
                 counts[t] += 1
         return Available(local, counts[Tier.HOST], counts[Tier.DISK])
 
-    async def _peer_runs(self, keys: list[BlockKey], remote: frozenset[Tier]) -> list[PeerRun]:
+    async def _peer_runs(
+        self, keys: list[BlockKey], remote: frozenset[Tier], anchors: np.ndarray | None
+    ) -> list[PeerRun]:
         """Consecutive runs from keys[0] on, in the tiers the engine allows, from
         peers not left alone just now; each cut at the first tier not allowed."""
         if not remote or not keys:
             return []
-        result = await self.lookup_peers(keys)
+        result = await self.lookup_peers(keys, anchors)
         if result is None or result.local:
             return []  # no index yet, or a mirror behind on what this node holds: try later
         runs, pos, now = [], 0, time.monotonic()
@@ -89,17 +101,25 @@ class Onboarding:
                 break
         return runs
 
-    async def load(self, keys: list[BlockKey], remote: frozenset[Tier]) -> Loaded:
+    async def load(
+        self, keys: list[BlockKey], remote: frozenset[Tier], anchors: np.ndarray | None = None
+    ) -> Loaded:
         """Pin the longest prefix available to this engine in G2, pulling from
-        peers what only they hold."""
+        peers what only they hold (`anchors` as for `lookup`: pulled blocks
+        keep theirs)."""
         local = self.mgr.lookup(keys)
         start = local.num_blocks
         pulled: list[Tier] = []
-        for run in await self._peer_runs(keys[start:], remote):
+        rest = None if anchors is None else anchors[start:]
+        for run in await self._peer_runs(keys[start:], remote, rest):
             first = start + run.start
             want = keys[first : first + run.length]
             staged = run.tiers[0] == Tier.DISK
-            got = await self.peers.pull(run.node_id, want, self.sink, self.timeout_s, staged)
+            sink = self.sink
+            if anchors is not None:
+                theirs = anchors[first : first + run.length].tolist()
+                sink = sink.landing(dict(zip(want, theirs, strict=True)))
+            got = await self.peers.pull(run.node_id, want, sink, self.timeout_s, staged)
             pulled += run.tiers[: len(got)]
             if len(got) < run.length:
                 break

@@ -10,6 +10,8 @@ import logging
 import time
 from collections.abc import Mapping
 
+import numpy as np
+
 from discovery.errors import DuplicateNode, IndexUnavailable
 from discovery.etcd_index import EtcdIndex
 from discovery.memory import MemoryIndex
@@ -91,10 +93,12 @@ class Publisher:
         self._tasks.append(asyncio.create_task(self._publish_changes(mgr)))
 
     # -- what the rest of the node reads -------------------------------------
-    async def lookup(self, keys: list[bytes]) -> LookupResult | None:
+    async def lookup(
+        self, keys: list[bytes], anchors: np.ndarray | None = None
+    ) -> LookupResult | None:
         """Who holds `keys`: from the mirror (no etcd round trip), or from
-        their owners (sharded); None before the join."""
-        return await self.index.locate(keys) if self.index is not None else None
+        their owners (sharded: by each key's group anchor); None before the join."""
+        return await self.index.locate(keys, anchors) if self.index is not None else None
 
     def peer(self, node_id: str) -> NodeRecord | None:
         return self.index.mirror.nodes.get(node_id) if self.index is not None else None
@@ -180,8 +184,12 @@ class Publisher:
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
         changes = mgr.held() if everything else mgr.take_changes()
-        if changes:
-            self.index.publish(changes)
+        if not changes:
+            return
+        anchors = None
+        if self.locations is not None:  # sharded: where the owners place the keys
+            anchors = mgr.anchors([k for k, t in changes.items() if t is not None])
+        self.index.publish(changes, anchors=anchors)
 
     async def close(self) -> None:
         """Stop the tasks, publish the last changes, revoke the lease."""
