@@ -385,7 +385,12 @@ class EtcdIndex:
         `flush_interval` (etcd up or not: owners are reached directly)."""
         assert self.locations is not None
         while True:
-            await self._dirty.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # at least every second: kept shards expire
+                    await self._dirty.wait()
+            self.locations.expire()
+            if not self._dirty.is_set():
+                continue
             self._dirty.clear()
             await asyncio.sleep(self.flush_interval)  # let a burst coalesce
             await self.locations.flush()

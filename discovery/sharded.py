@@ -23,7 +23,10 @@ advice close to it:
   sends everything anew. No revision is compared: a wiped etcd starts its
   revisions again, leases are new.
 - When the ring changes, each node sends the new owners of moved shards all
-  it holds there, and forgets what it was told of shards it no longer owns.
+  it holds there. Until those batches arrive (a flush away) the new owner
+  knows nothing of the moved shards, so for MOVE_GRACE_S the old owner
+  keeps them (taking no changes) and lookups ask it too where the new one
+  names nobody; then it forgets them.
 - A batch that fails stays pending (newer changes win) and goes again at
   the next flush, to whoever owns its keys by then.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
@@ -39,7 +43,7 @@ import numpy as np
 import xxhash
 
 from discovery.owner_table import OwnerTable
-from discovery.owners import OwnerRing, places, shard_at
+from discovery.owners import SHARD_BITS, SHARDS, OwnerRing, places, shard_at
 from discovery.records import LookupResult, Tier, runs_of
 
 log = logging.getLogger("discovery.sharded")
@@ -48,6 +52,7 @@ _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 MAX_KEYS_PER_CALL = 4096
 MAX_HOLDERS = 8  # per key in an owner's answer (what a lookup needs; a frame's map holds 64)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
+MOVE_GRACE_S = 5.0  # a moved shard's old owner answers for it this long (holders flush every 0.5 s)
 Session = int  # the etcd lease of the node's record
 # (owner, session, places, tiers) -> True once the owner has them
 Send = Callable[[str, Session, np.ndarray, list[Tier | None]], Awaitable[bool]]
@@ -60,9 +65,10 @@ class ShardedLocations:
     (key -> its place, its tier); `_pending[owner]` the changes that owner
     has not acknowledged (place -> tier), each under the owner of its shard
     in `ring`; `table` holds locations only of
-    shards this node owns in `ring`, each holder's from the one session
-    `_sessions[holder]`, which is the lease on its record as this node last
-    saw it (`_leases`)."""
+    shards this node owns in `ring` or kept (`_kept`: shards it owned before
+    the last ring change, until `_grace_until`), each holder's from the one
+    session `_sessions[holder]`, which is the lease on its record as this
+    node last saw it (`_leases`)."""
 
     def __init__(
         self,
@@ -89,6 +95,11 @@ class ShardedLocations:
         self.over_cap = 0  # locations refused at max_locations
         self.stale = 0  # batches refused: not under the lease the holder's record has
         self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
+        self.clock: Callable[[], float] = time.monotonic
+        self._kept = np.zeros(SHARDS, bool)  # owned before the last ring change
+        self._before = OwnerRing()  # the ring before it, and the shards it moved
+        self._moved = np.zeros(SHARDS, bool)
+        self._grace_until = 0.0  # 0: no ring change in its grace period
         self._pending: dict[str, dict[int, Tier | None]] = {}
         self._flushing = asyncio.Lock()
         self._names: list[str] = []
@@ -177,10 +188,20 @@ class ShardedLocations:
         return sum(len(b) for b in self._pending.values())
 
     # -- the fleet ---------------------------------------------------------
+    def expire(self) -> None:
+        """The grace period of the last ring change over: forget the shards kept."""
+        if self._grace_until and self.clock() >= self._grace_until:
+            self._grace_until = 0.0
+            if self._kept.any():
+                self.table.drop_shards(self._kept)
+                self._kept[:] = False
+            self._before, self._moved[:] = OwnerRing(), False
+
     def set_members(self, leases: Mapping[str, int]) -> None:
         """The live nodes that share this node's keys (itself included), each
         with the lease its record is under. A holder whose lease changed or
         that left loses the locations of its old session here."""
+        self.expire()
         self._leases = dict(leases)
         ended = [h for h, lease in self._sessions.items() if leases.get(self._names[h]) != lease]
         if ended:
@@ -199,8 +220,14 @@ class ShardedLocations:
         old, self.ring = self.ring, ring
         mine = ring.shards_of(self.me)
         if len(self._mine):
-            self.table.drop_shards(self._mine & ~mine)
+            # kept shards back here are stale (no changes came): their holders resend them
+            self.table.drop_shards(self._kept & mine)
+            self._kept = (self._kept | self._mine) & ~mine
         self._mine = mine
+        # this node's first ring: it joined one without it
+        before = old if old.nodes else OwnerRing(set(members) - {self.me})
+        self._before, self._moved = before, ring.moved(before)
+        self._grace_until = self.clock() + MOVE_GRACE_S
         pending, self._pending = self._pending, {}
         for batch in pending.values():
             self._route(list(batch), list(batch.values()))
@@ -223,6 +250,7 @@ class ShardedLocations:
         routes them again, to whoever owns them by then. Raises ValueError
         for a tier that is not one."""
         tiers = [None if t is None else Tier(t) for t in tiers]
+        self.expire()
         if not session or self._leases.get(node) != session:
             self.stale += 1
             return False
@@ -251,6 +279,7 @@ class ShardedLocations:
         for each asker (a hash of holder and asker), so that one asker sees
         the same few holders at every key of a prompt, and different askers
         spread their pulls over all the holders."""
+        self.expire()
         return [(n, self._named(found, asker)) for n, found in self.table.runs(xs)]
 
     def _named(self, found: dict[int, Tier], asker: str) -> dict[str, Tier]:
@@ -267,9 +296,12 @@ class ShardedLocations:
         return lambda h: xxhash.xxh3_64_intdigest(salt + names[h].encode())
 
     def dump(self) -> dict[str, dict[str, str]]:
-        """This owner's share, by place in hex: holder -> tier (tests, debugging)."""
+        """This owner's share, by place in hex: holder -> tier (tests,
+        debugging; shards kept after a ring change are not its share)."""
         out: dict[str, dict[str, str]] = {}
         for x, h, tier in self.table.items():
+            if not self._mine[x >> (64 - SHARD_BITS)]:
+                continue
             out.setdefault(f"{x:016x}", {})[self._names[h]] = tier.value
         return out
 
@@ -296,15 +328,20 @@ class ShardedLocations:
 
     async def _ask_owners(self, xs: np.ndarray, live: Container[str]) -> LookupResult:
         """Ask each owner of these places (one call each, all at once) who holds
-        them; nobody, for the keys of an owner that did not answer."""
+        them; nobody, for the keys of an owner that did not answer. Within a
+        ring change's grace period, the keys of moved shards are asked of
+        their old owners too, whose answer stands where the new one names
+        nobody (the holders' batches may not have reached it yet)."""
+        self.expire()
         ring = self.ring
         if not ring.nodes:
             return LookupResult(0)
-        owner_of = ring.owner[shard_at(xs)]
-        run_of = np.zeros(len(xs), np.intp)  # each key's run in `runs` (0: nobody)
+        shards = shard_at(xs)
         runs: list[Mapping[str, Tier]] = [_NOBODY]
+        run_of = np.zeros(len(xs), np.intp)  # each key's run in `runs` (0: nobody)
+        before_of = np.zeros(len(xs), np.intp)  # the same, from old owners
 
-        async def one(owner: str, where: np.ndarray) -> None:
+        async def one(owner: str, where: np.ndarray, into: np.ndarray) -> None:
             part = xs[where]
             if owner == self.me:
                 got: list[tuple[int, dict[str, Tier]]] | None = self.holders(part, self.me)
@@ -318,16 +355,23 @@ class ShardedLocations:
                 return
             at = 0
             for n, holders in got:
-                run_of[where[at : at + n]] = len(runs)
+                into[where[at : at + n]] = len(runs)
                 runs.append(holders)
                 at += n
 
         calls = []
-        for o in np.unique(owner_of).tolist():
-            where = np.flatnonzero(owner_of == o)
-            for i in range(0, len(where), MAX_KEYS_PER_CALL):
-                calls.append(one(ring.nodes[o], where[i : i + MAX_KEYS_PER_CALL]))
+        asked = [(ring, np.ones(len(xs), bool), run_of)]
+        if self._before.nodes:
+            asked.append((self._before, self._moved[shards], before_of))
+        for r, which, into in asked:
+            owner_of = r.owner[shards]
+            for o in np.unique(owner_of[which]).tolist():
+                where = np.flatnonzero(which & (owner_of == o))
+                for i in range(0, len(where), MAX_KEYS_PER_CALL):
+                    calls.append(one(r.nodes[o], where[i : i + MAX_KEYS_PER_CALL], into))
         await asyncio.gather(*calls)
+        nobody = np.array([not h for h in runs], bool)
+        run_of = np.where(nobody[run_of], before_of, run_of)
         starts = [0, *(np.flatnonzero(run_of[1:] != run_of[:-1]) + 1).tolist(), len(xs)]
         groups = [runs[r] for r in run_of[starts[:-1]].tolist()]
         return runs_of(groups, starts, self.me, live)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from discovery.owners import places
 from discovery.records import LookupResult, PeerRun, Tier
-from discovery.sharded import MAX_HOLDERS, ShardedLocations
+from discovery.sharded import MAX_HOLDERS, MOVE_GRACE_S, ShardedLocations
 
 H, D = Tier.HOST, Tier.DISK
 TAIL = b"\x01fingerprint"
@@ -113,18 +113,49 @@ def test_a_prefix_held_by_two_peers_is_found_from_a_third_node_by_asking_owners(
         assert [tier(node, k) for k in ks[run.start : run.start + run.length]] == list(run.tiers)
 
 
-def test_a_joining_node_takes_its_shards_with_their_locations_and_the_old_owners_forget_them():
+def test_a_joining_node_takes_its_shards_and_lookups_find_them_before_its_first_batch():
     fleet = Fleet([f"n{i}" for i in range(4)])
+    now = [1000.0]
+    for node in fleet.nodes.values():
+        node.clock = lambda: now[0]
     ks = keys(100, 300)
     fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
     asyncio.run(fleet.flush())
-    fleet.add("n4")
+    fleet.add("n4").clock = lambda: now[0]
     fleet.members()
+    whole = LookupResult(0, (PeerRun("n0", 0, 300, (H,) * 300),))
+    # n4 owns its shards now but nobody has sent it their keys yet: the
+    # old owners, which keep them for a grace period, answer for them
+    assert len(fleet.nodes["n4"].table) == 0
+    assert fleet.lookup("n3", ks) == whole and fleet.lookup("n4", ks) == whole
     asyncio.run(fleet.flush())
-    assert total(fleet) == 300
-    assert len(fleet.nodes["n4"].table) > 0
-    assert fleet.lookup("n3", ks) == LookupResult(0, (PeerRun("n0", 0, 300, (H,) * 300),))
-    assert fleet.lookup("n4", ks) == LookupResult(0, (PeerRun("n0", 0, 300, (H,) * 300),))
+    moved = len(fleet.nodes["n4"].table)
+    assert 0 < moved < 300 and total(fleet) == 300 + moved  # kept, and sent anew
+    dumped = [x for n in fleet.nodes.values() for x in n.dump()]
+    assert len(dumped) == len(set(dumped)) == 300  # each key in one owner's share
+    now[0] += MOVE_GRACE_S
+    for node in fleet.nodes.values():
+        node.expire()
+    assert total(fleet) == 300  # the old owners forgot the moved shards
+    assert fleet.lookup("n3", ks) == whole and fleet.lookup("n4", ks) == whole
+
+
+def test_a_shard_that_comes_back_within_the_grace_period_is_not_answered_from_stale_locations():
+    fleet = Fleet([f"n{i}" for i in range(3)])
+    ks = keys(200, 200)
+    fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    fleet.add("n3")
+    fleet.members()  # n3 joins: the old owners keep what moved to it
+    fleet.nodes["n0"].publish(dict.fromkeys(ks[:50], None))  # evicted, told to the new owners
+    asyncio.run(fleet.flush())
+    fleet.down.add("n3")
+    fleet.members()  # n3 leaves: its shards come back to their old owners
+    asyncio.run(fleet.flush())
+    assert fleet.lookup("n1", ks) == LookupResult(0)  # key 0 is gone, not said held
+    found = fleet.lookup("n1", ks[50:])
+    assert found == LookupResult(0, (PeerRun("n0", 0, 150, (H,) * 150),))
+    assert total(fleet) - len(fleet.nodes["n3"].table) == 150
 
 
 def test_an_owner_that_fails_gets_the_changes_later_and_a_dead_owners_keys_go_to_the_next():
