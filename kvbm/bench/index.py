@@ -277,6 +277,28 @@ async def etcd_put_capacity(endpoint: str, value_bytes: int, seconds: float = 3.
         await idx.close()
 
 
+async def etcd_refresh_capacity(endpoint: str, seconds: float = 3.0, in_flight: int = 64) -> dict:
+    """etcd's sustained lease refreshes/s (`in_flight` at once): what a node
+    of the sharded layout costs etcd, which holds only records and leases
+    there. The reference for that layout's `fleet_nodes_per_etcd`."""
+    idx = _index(endpoint, "refresh-capacity", 60, watch=False)
+    await idx.start()
+    try:
+        client, lease = idx._live(), idx._lease
+        done, t0 = 0, time.perf_counter()
+
+        async def loop() -> None:
+            nonlocal done
+            while time.perf_counter() - t0 < seconds:
+                await client.refresh_lease(lease)
+                done += 1
+
+        await asyncio.gather(*(loop() for _ in range(in_flight)))
+        return {"etcd_lease_refreshes_per_s": round(done / (time.perf_counter() - t0))}
+    finally:
+        await idx.close()
+
+
 async def _replay(
     traces: list[NodeTrace],
     publishers: list,
@@ -543,7 +565,6 @@ async def sharded_fleet(
                 "lookup_blocks_found_per_prompt": round(found / max(1, len(times)), 1),
             }
         )
-        return out
     finally:
         conn.send("done")
         with contextlib.suppress(Exception):  # it may not have started
@@ -552,6 +573,13 @@ async def sharded_fleet(
         if proc.is_alive():
             proc.kill()
             proc.join(10)
+    # etcd holds records and leases only: a node costs it a lease refresh every
+    # TTL / 3 (its record is written when it joins; etcd_writes_per_1000_blocks)
+    out.update(await etcd_refresh_capacity(endpoint))
+    per_node = 3 / KvbmConfig().lease_ttl
+    out["etcd_refreshes_per_s_per_node"] = round(per_node, 2)
+    out["fleet_nodes_per_etcd"] = round(out["etcd_lease_refreshes_per_s"] / per_node)
+    return out
 
 
 def _sharded_fleet_child(
