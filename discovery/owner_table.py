@@ -107,7 +107,8 @@ class OwnerTable:
     def runs(self, places: np.ndarray) -> list[tuple[int, dict[int, Tier]]]:
         """`holders`, as runs: (n, holders) for n consecutive places with the
         same holders. A place with one holder or none, unchanged since the
-        last merge (most of them), costs no Python of its own."""
+        last merge (most of them), costs a dict membership test (the delta)
+        and no other Python of its own."""
         n = len(places)
         if not n:
             return []

@@ -3,9 +3,10 @@
 A key sits in the index at its place (`places`): 64 bits, the top
 SHARD_BITS its shard, the rest the low bits of its x (the key in 64 bits).
 The shard is that of the key's anchor: the first key of its group, a run of
-a prompt's keys that the engine names (kvbm: 64 positions). So a prompt's
-keys sit at a few owners, and a lookup of 128 keys makes 2 or 3 calls,
-not one per owner in the fleet. A key with no anchor named is its own.
+a prompt's keys that the engine names (kvbm: 16 positions). So a prompt's
+keys sit at a few owners, and a lookup of 128 keys makes at most 8 or 9
+calls, not one per owner in the fleet. A key with no anchor named is its
+own.
 
 A shard's owner is the live node with the highest score hash(node, shard):
 every node computes the same owners from the same set of live nodes, with

@@ -43,7 +43,7 @@ import numpy as np
 import xxhash
 
 from discovery.owner_table import OwnerTable
-from discovery.owners import SHARD_BITS, SHARDS, OwnerRing, places, shard_at
+from discovery.owners import SHARDS, OwnerRing, places, shard_at
 from discovery.records import LookupResult, Tier, runs_of
 
 log = logging.getLogger("discovery.sharded")
@@ -65,8 +65,8 @@ class ShardedLocations:
     (key -> its place, its tier); `_pending[owner]` the changes that owner
     has not acknowledged (place -> tier), each under the owner of its shard
     in `ring`; `table` holds locations only of
-    shards this node owns in `ring` or kept (`_kept`: shards it owned before
-    the last ring change, until `_grace_until`), each holder's from the one
+    shards this node owns in `ring` or keeps (`_kept_until[s]` > 0: a shard
+    it owned before a ring change, until then), each holder's from the one
     session `_sessions[holder]`, which is the lease on its record as this
     node last saw it (`_leases`)."""
 
@@ -96,10 +96,12 @@ class ShardedLocations:
         self.stale = 0  # batches refused: not under the lease the holder's record has
         self._mine = np.zeros(0, bool)  # shards this node owns (a mask over SHARDS)
         self.clock: Callable[[], float] = time.monotonic
-        self._kept = np.zeros(SHARDS, bool)  # owned before the last ring change
-        self._before = OwnerRing()  # the ring before it, and the shards it moved
-        self._moved = np.zeros(SHARDS, bool)
-        self._grace_until = 0.0  # 0: no ring change in its grace period
+        # per shard, for MOVE_GRACE_S after it moved: until when this node
+        # keeps it (it owned it), and who owned it before (lookups ask them)
+        self._kept_until = np.zeros(SHARDS)
+        self._prev = np.full(SHARDS, "", dtype=object)
+        self._prev_until = np.zeros(SHARDS)
+        self._next_expiry = float("inf")
         self._pending: dict[str, dict[int, Tier | None]] = {}
         self._flushing = asyncio.Lock()
         self._names: list[str] = []
@@ -189,13 +191,18 @@ class ShardedLocations:
 
     # -- the fleet ---------------------------------------------------------
     def expire(self) -> None:
-        """The grace period of the last ring change over: forget the shards kept."""
-        if self._grace_until and self.clock() >= self._grace_until:
-            self._grace_until = 0.0
-            if self._kept.any():
-                self.table.drop_shards(self._kept)
-                self._kept[:] = False
-            self._before, self._moved[:] = OwnerRing(), False
+        """Forget the shards kept whose grace period is over."""
+        now = self.clock()
+        if now < self._next_expiry:
+            return
+        done = (self._kept_until > 0) & (self._kept_until <= now)
+        if done.any():
+            self.table.drop_shards(done)
+            self._kept_until[done] = 0
+        self._prev_until[self._prev_until <= now] = 0
+        later = np.concatenate([self._kept_until[self._kept_until > 0], self._prev_until])
+        later = later[later > 0]
+        self._next_expiry = float(later.min()) if len(later) else float("inf")
 
     def set_members(self, leases: Mapping[str, int]) -> None:
         """The live nodes that share this node's keys (itself included), each
@@ -219,15 +226,22 @@ class ShardedLocations:
         ring = OwnerRing(members)
         old, self.ring = self.ring, ring
         mine = ring.shards_of(self.me)
+        until = self.clock() + MOVE_GRACE_S
         if len(self._mine):
             # kept shards back here are stale (no changes came): their holders resend them
-            self.table.drop_shards(self._kept & mine)
-            self._kept = (self._kept | self._mine) & ~mine
+            back = mine & (self._kept_until > 0)
+            if back.any():
+                self.table.drop_shards(back)
+                self._kept_until[back] = 0
+            self._kept_until[self._mine & ~mine] = until
         self._mine = mine
         # this node's first ring: it joined one without it
         before = old if old.nodes else OwnerRing(set(members) - {self.me})
-        self._before, self._moved = before, ring.moved(before)
-        self._grace_until = self.clock() + MOVE_GRACE_S
+        if before.nodes:
+            moved = ring.moved(before)
+            self._prev[moved] = np.array(before.nodes, dtype=object)[before.owner[moved]]
+            self._prev_until[moved] = until
+        self._next_expiry = min(self._next_expiry, until)
         pending, self._pending = self._pending, {}
         for batch in pending.values():
             self._route(list(batch), list(batch.values()))
@@ -300,7 +314,7 @@ class ShardedLocations:
         debugging; shards kept after a ring change are not its share)."""
         out: dict[str, dict[str, str]] = {}
         for x, h, tier in self.table.items():
-            if not self._mine[x >> (64 - SHARD_BITS)]:
+            if not self._mine[shard_at(np.uint64(x))]:
                 continue
             out.setdefault(f"{x:016x}", {})[self._names[h]] = tier.value
         return out
@@ -359,22 +373,30 @@ class ShardedLocations:
                 runs.append(holders)
                 at += n
 
-        calls = []
-        asked = [(ring, np.ones(len(xs), bool), run_of)]
-        if self._before.nodes:
-            asked.append((self._before, self._moved[shards], before_of))
-        for r, which, into in asked:
-            owner_of = r.owner[shards]
-            for o in np.unique(owner_of[which]).tolist():
-                where = np.flatnonzero(which & (owner_of == o))
-                for i in range(0, len(where), MAX_KEYS_PER_CALL):
-                    calls.append(one(r.nodes[o], where[i : i + MAX_KEYS_PER_CALL], into))
+        asked: dict[tuple[str, int], np.ndarray] = {}  # (owner, 0 now / 1 before) -> where
+        owner_of = ring.owner[shards]
+        for o in np.unique(owner_of).tolist():
+            asked[ring.nodes[o], 0] = np.flatnonzero(owner_of == o)
+        moved = self._prev_until[shards] > 0
+        if moved.any():  # old owners still in the ring keep what moved from them a while
+            prev = self._prev[shards]
+            for name in set(prev[moved].tolist()) & set(ring.nodes):
+                asked[name, 1] = np.flatnonzero(moved & (prev == name))
+        calls = [
+            one(owner, where[i : i + MAX_KEYS_PER_CALL], before_of if then else run_of)
+            for (owner, then), where in asked.items()
+            for i in range(0, len(where), MAX_KEYS_PER_CALL)
+        ]
         await asyncio.gather(*calls)
-        nobody = np.array([not h for h in runs], bool)
+        nobody = np.array([not _anyone(h, self.me, live) for h in runs], bool)
         run_of = np.where(nobody[run_of], before_of, run_of)
         starts = [0, *(np.flatnonzero(run_of[1:] != run_of[:-1]) + 1).tolist(), len(xs)]
         groups = [runs[r] for r in run_of[starts[:-1]].tolist()]
         return runs_of(groups, starts, self.me, live)
+
+
+def _anyone(holders: Mapping[str, Tier], me: str, live: Container[str]) -> bool:
+    return any(h == me or h in live for h in holders)
 
 
 def _array(xs: Iterable[int]) -> np.ndarray:

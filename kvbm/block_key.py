@@ -63,10 +63,11 @@ class Groups:
         at = (np.arange(n) + self.offset) // GROUP_BLOCKS
         return np.asarray(self.anchors, np.uint64)[at]
 
-    def after(self, at: int) -> Groups:
-        """The groups of the keys from the `at`-th on."""
+    def part(self, at: int, n: int) -> Groups:
+        """The groups of the n keys from the `at`-th on (a call names exactly
+        its own keys' anchors)."""
         skip, offset = divmod(self.offset + at, GROUP_BLOCKS)
-        return Groups(offset, self.anchors[skip:])
+        return Groups(offset, self.anchors[skip : skip + (offset + n - 1) // GROUP_BLOCKS + 1])
 
     def to_wire(self) -> list[int]:
         return [self.offset, *self.anchors]
@@ -74,7 +75,7 @@ class Groups:
     @classmethod
     def from_wire(cls, raw: object, n: int) -> Groups:
         """The groups of n keys, from an engine; ValueError unless they name
-        each key's anchor."""
+        each key's anchor, and no more."""
         if not isinstance(raw, list) or not raw or not all(type(x) is int for x in raw):
             raise ValueError("groups must be a list of ints: offset, then anchors")
         offset, anchors = raw[0], raw[1:]

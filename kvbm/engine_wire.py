@@ -25,10 +25,13 @@ Calls (engine -> node), each answered by `ok` or `error`:
   stats    {}                    -> the node's state (for `kvbm status`)
 
 Keys are `BlockKey.encode()` bytes. `groups` (optional; per request in
-`load_many`) names each key's group anchor: `Groups.to_wire()`
-(kvbm/block_key.py), which a sharded index places keys by. Slots index the node's host arena, which
-the engine maps by name in `arena_dir` (shared memory: the engine must see
-the same directory) and copies whole blocks through; its key view
+`load_many`) names each key's group anchor, `Groups.to_wire()`
+(kvbm/block_key.py): exactly the anchors of the call's own keys. A
+sharded index places keys by them; keys sent without are their own
+anchors, and a sharded fleet finds them only where they were stored so.
+Slots index the node's host arena, which the engine maps by name in
+`arena_dir` (shared memory: the engine must see the same directory) and
+copies whole blocks through; its key view
 (kvbm/key_view.py) beside it answers lookups without a call. The socket's
 file permissions guard it (and the peer's credentials, checked by the
 node): frames carry no MAC, which a key every engine knows would not make

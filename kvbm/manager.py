@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
@@ -95,12 +95,16 @@ class BlockManager:
                 if pool is not None and pool.table.changed is None:
                     pool.table.changed = {}
 
-    def take_changes(self) -> dict[BlockKey, Tier | None]:
+    def take_changes(
+        self, anchors: dict[BlockKey, int] | None = None
+    ) -> dict[BlockKey, Tier | None]:
         """Where each key that changed since the last call is now: host, disk or
         gone, in the order the changes came (a prompt's blocks in prompt order:
         the index publishes them as one run). A key that came and went in
         between is reported once, as it is now. The keys gone leave the
-        shared key view here."""
+        shared key view here. `anchors` gets the group anchors known of the
+        keys held, read at the same moment (a block drained a moment later
+        is in neither tier while it is written)."""
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
             dirty = host.changed or {}
@@ -115,6 +119,8 @@ class BlockManager:
             if self.view is not None:
                 self.view.unset([k for k, t in now.items() if t is None], LOCAL)
                 self.view.set([k for k, t in now.items() if t is not None], LOCAL)
+            if anchors is not None:
+                self._anchors_of([k for k, t in now.items() if t is not None], anchors)
             return now
 
     def share_keys(self, view: KeyView) -> None:
@@ -125,25 +131,33 @@ class BlockManager:
             self.view = view
             view.set(list(self.held()), LOCAL)
 
-    def held(self) -> dict[BlockKey, Tier]:
-        """Every block held, and where (host wins over disk): a full republish."""
+    def held(self, anchors: dict[BlockKey, int] | None = None) -> dict[BlockKey, Tier]:
+        """Every block held, and where (host wins over disk): a full republish
+        (`anchors` as for `take_changes`)."""
         with self._lock:
             out = dict.fromkeys(self.disk.table.index, Tier.DISK) if self.disk else {}
             out.update(dict.fromkeys(self.host.table.index, Tier.HOST))
+            if anchors is not None:
+                self._anchors_of(out, anchors)
             return out
 
     def anchors(self, keys: Sequence[BlockKey]) -> dict[BlockKey, int]:
-        """The group anchors known of these keys, where they are held (for the index)."""
-        out: dict[BlockKey, int] = {}
+        """The group anchors known of these keys, where they are held."""
         with self._lock:
-            for table in (self.host.table, self.disk.table if self.disk else None):
-                if table is None:
-                    continue
-                index, anchors = table.index, table.anchors
-                for k in keys:
-                    slot = index.get(k)
-                    if slot is not None and anchors[slot]:
-                        out.setdefault(k, anchors[slot])
+            return self._anchors_of(keys, {})
+
+    def _anchors_of(
+        self, keys: Iterable[BlockKey], out: dict[BlockKey, int]
+    ) -> dict[BlockKey, int]:
+        """Under the lock."""
+        tables = [self.host.table, *([self.disk.table] if self.disk else [])]
+        for k in keys:
+            for table in tables:
+                slot = table.index.get(k)
+                if slot is not None:
+                    if table.anchors[slot]:
+                        out[k] = table.anchors[slot]
+                    break
         return out
 
     def usage(self) -> dict[str, dict[str, int]]:

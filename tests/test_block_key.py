@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbm.block_key import (
+    GROUP_BLOCKS,
     MAX_ENCODED,
+    Groups,
     KeyFields,
     KeySpace,
     check_keys,
@@ -204,3 +206,28 @@ def test_check_keys_takes_this_nodes_keys_of_any_rank():
 def test_check_keys_refuses(bad):
     with pytest.raises(ValueError):
         check_keys(bad, "prod", 7, max_keys=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(0, 300), st.integers(1, 300))
+def test_groups_name_each_keys_anchor_and_a_part_names_only_its_own(start, length, at, n):
+    hashes = [1000 + i for i in range(700)]
+    stop = start + length
+    groups = Groups.of(hashes, start, stop)
+    want = [hashes[p - p % GROUP_BLOCKS] for p in range(start, stop)]
+    assert groups.per_key(length).tolist() == want
+    assert Groups.from_wire(groups.to_wire(), length) == groups
+    if at + n <= length:  # a call for keys at..at+n: exactly their anchors on the wire
+        part = groups.part(at, n)
+        assert part.per_key(n).tolist() == want[at : at + n]
+        assert Groups.from_wire(part.to_wire(), n) == part
+
+
+def test_groups_from_an_engine_must_name_exactly_the_calls_keys():
+    ok = Groups.of(list(range(1, 100)), 10, 40).to_wire()  # 30 keys from position 10: 3 groups
+    assert Groups.from_wire(ok, 30).per_key(30)[0] == 1
+    with pytest.raises(ValueError):
+        Groups.from_wire([*ok, 7], 30)  # an anchor more than its keys have
+    for bad in ([], [GROUP_BLOCKS, 1], [-1, 1], [0, -1], [0, 2**64], [0, 1.5], "0,1"):
+        with pytest.raises(ValueError):
+            Groups.from_wire(bad, 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -313,3 +314,49 @@ def test_a_prompts_keys_sit_with_their_groups_owner_and_a_lookup_asks_each_owner
     # asked as each key its own, the keys are elsewhere: only a group's first
     # key, its own anchor, is where it was put
     assert fleet.lookup("n0", ks).total == 1
+
+
+def test_kept_shards_expire_each_on_its_own_clock_and_a_node_that_left_is_not_asked():
+    fleet = Fleet([f"n{i}" for i in range(4)])
+    now = [0.0]
+
+    def tick(t: float) -> None:
+        now[0] = t
+        for node in fleet.nodes.values():
+            node.clock = lambda: now[0]
+            node.expire()
+
+    tick(0.0)
+    ks = keys(300, 400)
+    fleet.nodes["n0"].publish(dict.fromkeys(ks, H))
+    asyncio.run(fleet.flush())
+    rings = [fleet.nodes["n0"].ring]
+    for t, name in ((1.0, "n4"), (1.0 + MOVE_GRACE_S * 0.8, "n5")):  # two joins, 0.8 grace apart
+        tick(t)
+        fleet.add(name).clock = lambda: now[0]
+        fleet.members()
+        asyncio.run(fleet.flush())
+        rings.append(fleet.nodes["n0"].ring)
+
+    def shards_held(node: ShardedLocations) -> set[int]:
+        return {x >> 52 for x, _, _ in node.table.items()}
+
+    def owned(ring, name: str) -> set[int]:
+        return set(np.flatnonzero(ring.shards_of(name)).tolist())
+
+    tick(1.0 + MOVE_GRACE_S * 1.1)  # the first join's grace is over, not the second's
+    for name, node in fleet.nodes.items():
+        lost_last = owned(rings[1], name) - owned(rings[2], name)
+        assert shards_held(node) <= owned(rings[2], name) | lost_last, name
+    assert any(owned(rings[1], n) - owned(rings[2], n) for n in fleet.nodes)
+    tick(1.0 + MOVE_GRACE_S * 2)
+    for name, node in fleet.nodes.items():
+        assert shards_held(node) <= owned(rings[2], name), name
+    assert total(fleet) == 400
+    # a node leaves: its shards go back to nodes that never had them; nobody
+    # asks the node that left (it would only time out, on a scheduling path)
+    fleet.down.add("n5")
+    fleet.members()
+    fleet.asked.clear()
+    fleet.lookup("n1", ks)
+    assert "n5" not in {o for o, _ in fleet.asked}

@@ -539,13 +539,18 @@ async def sharded_fleet(
     args = (endpoint, ttl, nodes, warmup_s, seconds, rate, flush_interval, lookups, theirs)
     proc = mp.Process(target=_sharded_fleet_child, args=args)
     proc.start()
+    theirs.close()  # the child's end: a child that dies is an EOF here
     asker = _SimNode(endpoint, "asker", "127.0.2.1", max(ttl, 60), flush_interval)
     try:
-        if not await asyncio.to_thread(conn.poll, 600):
-            raise RuntimeError("the simulated fleet never reported")
-        out, prompts = conn.recv()
+        try:
+            out, prompts = await asyncio.to_thread(conn.recv)
+        except EOFError:
+            raise RuntimeError("the simulated fleet ended before it reported") from None
         await asker.start(owner=False)
+        deadline = time.monotonic() + 60
         while len(asker.locations.ring.nodes) < nodes:
+            if time.monotonic() > deadline or not proc.is_alive():
+                raise RuntimeError("the asker never saw the whole fleet")
             await asyncio.sleep(0.05)
         await asyncio.gather(*(asker.pool.warm(n) for n in asker.locations.ring.nodes))
         times, found = [], 0
@@ -566,7 +571,8 @@ async def sharded_fleet(
             }
         )
     finally:
-        conn.send("done")
+        with contextlib.suppress(OSError):
+            conn.send("done")
         with contextlib.suppress(Exception):  # it may not have started
             await asker.close()
         proc.join(60)

@@ -148,8 +148,8 @@ class NodeAttachment:
         `block_ids` (one per key). Returns (blocks loaded, by source)."""
 
         def prepare(rest: Sequence[BlockKey]) -> tuple[list[int], Pinned, bool]:
-            after = None if groups is None else groups.after(len(keys) - len(rest))
-            got = self.prepare_load(rest, after)
+            part = None if groups is None else groups.part(len(keys) - len(rest), len(rest))
+            got = self.prepare_load(rest, part)
             return got.slots, got, got.more
 
         def complete(got: object) -> None:
@@ -215,7 +215,7 @@ class NodeAttachment:
 
         def reserve(chunk: Sequence[BlockKey]) -> tuple[list[int], list[int], int]:
             nonlocal done
-            got = self.reserve(chunk, None if groups is None else groups.after(done))
+            got = self.reserve(chunk, None if groups is None else groups.part(done, len(chunk)))
             done += len(chunk)
             return got
 

@@ -676,8 +676,8 @@ class KvbmConnector(KVConnectorBase_V1):
                 keys = node[0].keys(save.seq_hashes)
                 for at in range(0, len(keys), node[0].step_blocks):
                     chunk = keys[at : at + node[0].step_blocks]
-                    groups = None if save.groups is None else save.groups.after(at)
-                    slots, positions, lease = node[0].reserve(chunk, groups)
+                    part = save.groups.part(at, len(chunk)) if save.groups else None
+                    slots, positions, lease = node[0].reserve(chunk, part)
                     ids = [save.block_ids[at + p] for p in positions]
                     ticket = copier.save(ids, slots) if slots else _ended()
                     self._saving.append(_Saving(ticket, lease, save.req_id))

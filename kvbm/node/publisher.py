@@ -18,6 +18,7 @@ from discovery.memory import MemoryIndex
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
+from kvbm.block_key import BlockKey
 from kvbm.config import KvbmConfig
 from kvbm.key_view import REMOTE_DISK, REMOTE_HOST, KeyView
 from kvbm.manager import BlockManager
@@ -183,13 +184,11 @@ class Publisher:
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
-        changes = mgr.held() if everything else mgr.take_changes()
-        if not changes:
-            return
-        anchors = None
-        if self.locations is not None:  # sharded: where the owners place the keys
-            anchors = mgr.anchors([k for k, t in changes.items() if t is not None])
-        self.index.publish(changes, anchors=anchors)
+        # sharded: the keys' group anchors, which the owners place them by
+        anchors: dict[BlockKey, int] | None = {} if self.locations is not None else None
+        changes = mgr.held(anchors) if everything else mgr.take_changes(anchors)
+        if changes:
+            self.index.publish(changes, anchors=anchors)
 
     async def close(self) -> None:
         """Stop the tasks, publish the last changes, revoke the lease."""
