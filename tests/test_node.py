@@ -133,7 +133,19 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
         other_layout = KeySpace(one.space.namespace, other.fingerprint).keys([0])
         with pytest.raises(NodeError, match="not this node's"):
             one.link.call("load", {"keys": other_layout, "remote": []})
-        assert one.lookup(ks) == Available(10)
+        # groups that do not name exactly the call's keys' anchors: refused
+        # with the reason, nothing reserved or pinned, the connection serves on
+        for call, body in (
+            ("lookup", {"keys": ks, "remote": [], "groups": [0, 1, 2]}),  # one group too many
+            ("reserve", {"keys": ks, "groups": [GROUP_BLOCKS, 1]}),  # offset out of range
+            ("load", {"keys": ks, "remote": [], "groups": [0, -1]}),
+            ("load_many", {"requests": [ks], "remote": [], "groups": [[0, 1], [0, 1]]}),
+            ("load_many", {"requests": [ks], "remote": [], "groups": [[0, 1.5]]}),
+        ):
+            with pytest.raises(NodeError, match="groups"):
+                one.link.call(call, body)
+        assert one.stats()["engine_leases"] == 0
+        assert one.lookup(ks, ask_node=True) == Available(10)
     finally:
         one.close()
         two.close()
