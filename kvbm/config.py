@@ -100,9 +100,11 @@ class KvbmConfig:
     )
     index_layout: str = _opt(
         "mirror",
-        "mirror: every node mirrors every location from etcd; sharded: etcd holds node "
-        "records only, each node keeps its share of the locations and lookups ask their "
-        "owners over the peer RPC (a fleet's nodes all run the same layout).",
+        "mirror: every node mirrors every location from etcd (lookups in microseconds, "
+        "most without a call to the node; for fleets up to about 100 nodes); sharded: etcd "
+        "holds node records only, each node keeps its share of the locations and lookups "
+        "ask their owners over the peer RPC (about 1 ms; for larger fleets, up to about 250 "
+        "nodes today). A fleet's nodes all run the same layout.",
     )
     peer_timeout_ms: int = _opt(
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."
