@@ -5,8 +5,9 @@ shard, by rendezvous over the live nodes; a prompt's keys share a few). A
 node tells each owner which of the owner's keys it holds (`publish`, sent
 in one batch per owner at each `flush`), keeps the locations of the keys
 it owns (discovery/owner_table.py), and answers a lookup by asking the
-owners of the keys, all at once (`lookup`). A node
-spends memory on 1/N of the fleet's locations at 12 bytes each, plus its
+owners of the keys, all at once (`lookup`). A node spends memory on about
+1/N of the fleet's locations at 12 bytes each (more at the owner of a
+prefix many prompts share: the keys after it sit in its groups), plus its
 own keys; locations never touch etcd, which carries only the node records
 that say who is live (the ring). The calls between nodes are the caller's
 (`send`, `ask`): this package never imports the transport.
@@ -25,8 +26,8 @@ advice close to it:
 - When the ring changes, each node sends the new owners of moved shards all
   it holds there. Until those batches arrive (a flush away) the new owner
   knows nothing of the moved shards, so for MOVE_GRACE_S the old owner
-  keeps them (taking no changes) and lookups ask it too where the new one
-  names nobody; then it forgets them.
+  keeps them (taking no changes) and lookups ask it too, while it is in
+  the ring, where the new one names no live holder; then it forgets them.
 - A batch that fails stays pending (newer changes win) and goes again at
   the next flush, to whoever owns its keys by then.
 """
