@@ -141,11 +141,6 @@ class BlockManager:
                 self._anchors_of(out, anchors)
             return out
 
-    def anchors(self, keys: Sequence[BlockKey]) -> dict[BlockKey, int]:
-        """The group anchors known of these keys, where they are held."""
-        with self._lock:
-            return self._anchors_of(keys, {})
-
     def _anchors_of(
         self, keys: Iterable[BlockKey], out: dict[BlockKey, int]
     ) -> dict[BlockKey, int]:
