@@ -395,9 +395,16 @@ class BlockManager:
         return written
 
     # -- for peers (the transport's BlockSource / BlockSink) -----------------
-    def prepare_peer_read(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+    def prepare_peer_read(
+        self, keys: Sequence[BlockKey], ready_only: bool = False
+    ) -> list[tuple[BlockKey, int, int]]:
         """Pin the longest held prefix for a peer to read: (key, slot, checksum).
-        The caller owns the pins and releases them with `complete_peer_read`."""
+        The caller owns the pins and releases them with `complete_peer_read`.
+        `ready_only`: the prefix ends at the first block not in G2 or not
+        sealed yet, so the call reads no disk and sums no bytes (an event
+        loop may make it; the caller asks again, in a thread, for the rest)."""
+        if ready_only:
+            return self._pin_ready(keys)
         plan = self.prepare_load(keys)
         try:
             sums = self.seal(plan)
@@ -406,6 +413,16 @@ class BlockManager:
             raise
         plan.done = True  # the pins now belong to the caller
         return list(zip(plan.keys, plan.slots, sums, strict=True))
+
+    def _pin_ready(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+        plan = self.prepare_load(keys, stage=False)
+        with self._lock:
+            sums = [self.host.table.checksums[s] for s in plan.slots]
+            n = sums.index(None) if None in sums else len(sums)
+            for slot in plan.slots[n:]:
+                self.host.table.unpin(slot)
+        plan.done = True  # the first n pins now belong to the caller
+        return list(zip(plan.keys[:n], plan.slots[:n], sums[:n], strict=True))  # type: ignore[arg-type]
 
     def complete_peer_read(self, slots: Sequence[int]) -> None:
         with self._lock:

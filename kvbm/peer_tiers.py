@@ -24,7 +24,7 @@ class ManagerTiers:
         self.block_bytes = mgr.geometry.block_bytes
 
     # -- BlockSource -------------------------------------------------------
-    def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:
+    def prepare_read(self, keys: list[bytes], ready_only: bool = False) -> list[PinnedBlock]:
         wanted: list[BlockKey] = []
         for k in keys:
             if parse_key(k).fingerprint not in self.fingerprints:  # ValueError: not a key
@@ -33,7 +33,7 @@ class ManagerTiers:
         size = self.mgr.geometry.block_bytes
         return [
             PinnedBlock(key, slot * self._stride, size, csum)
-            for key, slot, csum in self.mgr.prepare_peer_read(wanted)
+            for key, slot, csum in self.mgr.prepare_peer_read(wanted, ready_only)
         ]
 
     def complete_read(self, blocks: list[PinnedBlock]) -> None:

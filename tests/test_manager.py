@@ -189,6 +189,32 @@ def test_background_sealing_takes_the_newest_first_and_keeps_lru_order(make_mana
     table.check()
 
 
+def test_a_ready_pin_stops_where_io_or_a_checksum_would_be_needed(make_manager):
+    """What a peer server pins on its event loop: sealed G2 blocks only."""
+    mgr = make_manager(host_slots=4, disk_slots=16, min_uses=1)
+    ks = keys(0, 6)
+    store(mgr, ks)  # k0, k1 drain to disk
+    table = mgr.host.table
+    assert mgr.prepare_peer_read(ks, ready_only=True) == []  # k0 is on disk only
+    assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []  # k2 is not sealed
+    assert mgr.seal_newest(2) == 2  # k4, k5
+    assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []
+    got = mgr.prepare_peer_read(ks[4:], ready_only=True)
+    assert [k for k, _, _ in got] == ks[4:]
+    assert [c for _, _, c in got] == [table.checksums[s] for _, s, _ in got]
+    # only the returned blocks stay pinned: the caller's to release
+    assert sorted(s for s, n in enumerate(table.pins) if n) == sorted(s for _, s, _ in got)
+    mgr.complete_peer_read([s for _, s, _ in got])
+    # the full pin stages and sums what the ready one stopped at
+    full = mgr.prepare_peer_read(ks)
+    assert full and [k for k, _, _ in full] == ks[: len(full)]  # k0 staged from disk
+    view = mgr.host.block_view
+    assert [c for _, _, c in full] == [xxhash.xxh3_64_intdigest(view(s)) for _, s, _ in full]
+    mgr.complete_peer_read([s for _, s, _ in full])
+    assert not any(table.pins)
+    table.check()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
     g = ModelGeometry(num_layers=3, num_kv_heads=2, head_dim=32, block_size=32, dtype=dtype)

@@ -26,9 +26,11 @@ class BlockSource(Protocol):
     fingerprints: frozenset[int]
     arena_size: int
 
-    def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:
+    def prepare_read(self, keys: list[bytes], ready_only: bool = False) -> list[PinnedBlock]:
         """Pin the longest held prefix of `keys` in the host arena (staging disk
-        blocks first), with each block's checksum: one pin per block returned."""
+        blocks first), with each block's checksum: one pin per block returned.
+        `ready_only`: stop at the first block that would need I/O or a
+        checksum taken now, so that an event loop may call it."""
         ...
 
     def complete_read(self, blocks: list[PinnedBlock]) -> None:

@@ -38,8 +38,8 @@ class LyingTiers(ManagerTiers):
         super().__init__(mgr)
         self.lie = lie
 
-    def prepare_read(self, keys: list[bytes]) -> list[PinnedBlock]:
-        return [self._lie_about(b) for b in super().prepare_read(keys)]
+    def prepare_read(self, keys: list[bytes], ready_only: bool = False) -> list[PinnedBlock]:
+        return [self._lie_about(b) for b in super().prepare_read(keys, ready_only)]
 
     def complete_read(self, blocks: list[PinnedBlock]) -> None:
         super().complete_read([b for b in blocks if 0 <= b.offset < self.arena_size])
