@@ -5,7 +5,10 @@ beside memcpy, a plain TCP socket between two processes, the kernel's own
 copy between two processes (process_vm_readv, what UCX's CMA transport does
 under a READ on one host: from private memory, and from files in the arenas'
 directory, as the host arenas are), and raw O_DIRECT reads on the same file
-system; and the checksum a pull verifies with, on one core and on all."""
+system; and the checksum a pull verifies with, on one core and on all.
+A pull's two parts are also timed alone: the peer's pin (one round trip) and
+the batched READ of the same blocks, unverified (`peer_read_gbps`): no pull
+can beat their sum, and `peer_host_vs_pin_and_read` is how close it comes."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -99,7 +103,8 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
         server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
         port = await server.start(PEER, 0)
         disk_keys = ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS)))
-        conn.send((port, sum(t == Tier.DISK for t in mgr.lookup(disk_keys).tiers)))
+        on_disk = sum(t == Tier.DISK for t in mgr.lookup(disk_keys).tiers)
+        conn.send((port, on_disk, agent.pid))
         while not await asyncio.to_thread(conn.poll, 0.2):
             pass
         await server.close()
@@ -179,15 +184,11 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
     try:
         pid, addr = parent.recv()
         dst = np.zeros(nbytes, np.uint8) if local_arena is None else local_arena.array
-        n = nbytes // piece
-        local = (_IoVec * n)(*[_IoVec(dst.ctypes.data + i * piece, piece) for i in range(n)])
-        remote = (_IoVec * n)(*[_IoVec(addr + i * piece, piece) for i in range(n)])
-        readv = ctypes.CDLL(None, use_errno=True).process_vm_readv
-
-        def read() -> None:
-            if readv(pid, local, n, remote, n, 0) != nbytes:
-                raise OSError(ctypes.get_errno(), "process_vm_readv")
-
+        starts = np.arange(nbytes // piece, dtype=np.uint64) * piece
+        lengths = np.full(len(starts), piece, np.uint64)
+        read = _vm_read(
+            pid, np.c_[dst.ctypes.data + starts, lengths], np.c_[addr + starts, lengths]
+        )
         try:
             return gbps(nbytes, interleaved({"cma": read}, 5)["cma"])
         except OSError:
@@ -199,6 +200,22 @@ def cma_gbps(nbytes: int, piece: int, arena_dir: str | None) -> float | None:
         if local_arena is not None:
             del dst
             local_arena.close()
+
+
+def _vm_read(pid: int, local: np.ndarray, remote: np.ndarray) -> Callable[[], None]:
+    """One process_vm_readv of rows (address, length) of process `pid` into
+    rows (address, length) here; the call raises OSError where the kernel
+    refuses it (ptrace rules)."""
+    n, nbytes = len(local), int(local[:, 1].sum())
+    here = (_IoVec * n)(*[_IoVec(int(a), int(b)) for a, b in local])
+    there = (_IoVec * n)(*[_IoVec(int(a), int(b)) for a, b in remote])
+    readv = ctypes.CDLL(None, use_errno=True).process_vm_readv
+
+    def read() -> None:
+        if readv(pid, here, n, there, n, 0) != nbytes:
+            raise OSError(ctypes.get_errno(), "process_vm_readv")
+
+    return read
 
 
 def verify_gbps(threads: int, nbytes: int = 256 << 20, piece: int = 1 << 20) -> float:
@@ -250,10 +267,10 @@ def run(arena_dir: str = SHM_DIR) -> dict:
         try:
             if not parent.poll(300):
                 raise RuntimeError("the peer node never started")
-            port, on_disk = parent.recv()
+            port, on_disk, peer_agent = parent.recv()
             if on_disk != DISK_BLOCKS:
                 raise RuntimeError(f"the peer has {on_disk} of {DISK_BLOCKS} blocks on disk")
-            out.update(asyncio.run(_pulls(mgr, agent, port)))
+            out.update(asyncio.run(_pulls(mgr, agent, port, peer_agent)))
         finally:
             parent.send("stop")
             peer.join(30)
@@ -265,15 +282,16 @@ def run(arena_dir: str = SHM_DIR) -> dict:
         out["memcpy_gbps"] = gbps(nbytes, interleaved({"memcpy": Memcpy(nbytes)}, 5)["memcpy"])
         out["tcp_socket_gbps"] = tcp_socket_gbps(256 << 20)
         out["cma_gbps"] = cma_gbps(nbytes, g.block_bytes, None)
-        out["cma_arena_gbps"] = cma_gbps(nbytes, g.block_bytes, arena_dir)
         out["disk_read_gbps"] = raw_disk_read_gbps(d, nbytes)
     out["verify_gbps_one_core"] = verify_gbps(1)
     out["verify_gbps_all_cores"] = verify_gbps(os.cpu_count() or 1)
     out["peer_host_vs_memcpy"] = round(out["peer_host_pull_gbps"] / out["memcpy_gbps"], 3)
     out["peer_host_vs_tcp"] = round(out["peer_host_pull_gbps"] / out["tcp_socket_gbps"], 3)
-    if out["cma_arena_gbps"]:  # the copy a READ makes, on the arena's kind of memory
+    if out["cma_arena_gbps"]:  # the copy a READ makes, of the same blocks, between the same arenas
         out["peer_host_vs_cma_arena"] = round(out["peer_host_pull_gbps"] / out["cma_arena_gbps"], 3)
     out["peer_disk_vs_disk"] = round(out["peer_disk_pull_gbps"] / out["disk_read_gbps"], 3)
+    if out["cma_arena_gbps"]:  # the transport alone: what a pull could reach with free checks
+        out["peer_read_vs_cma_arena"] = round(out["peer_read_gbps"] / out["cma_arena_gbps"], 3)
     return out
 
 
@@ -295,13 +313,63 @@ def raw_disk_read_gbps(directory: str, nbytes: int) -> float:
         os.unlink(path)
 
 
+async def _parts(
+    client: PeerClient, tiers: ManagerTiers, keys: list[BlockKey], peer_agent: int
+) -> tuple[float, float, float | None]:
+    """A pull's two parts, alone (medians of 5): the peer's `pin` of `keys`
+    (one round trip), and one batched READ of them into slots reserved here,
+    neither verified nor registered (what the transport itself costs,
+    without this node's checksums and bookkeeping); and, interleaved with
+    the READ, the kernel's own copy of the same blocks between the same two
+    arenas (process_vm_readv from the peer's agent process, `peer_agent`,
+    where the READ reads them; None where the kernel refuses it)."""
+    wire = [bytes(k) for k in keys]
+    spare = [bytes(k) for k in space().keys(list(range(50_000, 50_000 + len(keys))))]
+    mine = tiers.mgr.host.arena.array.ctypes.data  # this process's mapping of the arena
+    pins, reads, copies = [], [], []
+    for rep in range(5):
+        t0 = time.perf_counter()
+        blocks = (await client.call("pin", {"keys": wire}, 10))["blocks"]
+        pins.append(time.perf_counter() - t0)
+        if len(blocks) != len(wire):
+            raise RuntimeError(f"the peer pinned {len(blocks)} of {len(wire)} blocks")
+        spot = tiers.prepare_store(spare)  # slots here; never registered
+        try:
+            base, peer_base = client.agent.arena[0], client.remote_arena
+            at = np.array([off for _, off in spot.entries], np.uint64)
+            sizes = np.array([n for _, _, n, _ in blocks], np.uint64)
+            if len(at) != len(sizes):
+                raise RuntimeError("no room here for the blocks")
+            local = np.c_[base + at, sizes]  # in our agent's process
+            here = np.c_[mine + at, sizes]  # in this one
+            remote = np.c_[peer_base + np.array([b[1] for b in blocks], np.uint64), sizes]
+            kernel = _vm_read(peer_agent, here, remote)
+            for turn in (rep % 2, 1 - rep % 2):  # each goes first in turn
+                t0 = time.perf_counter()
+                if turn == 0:
+                    if not await asyncio.to_thread(
+                        client.agent.read, client.peer, local, remote, 10
+                    ):
+                        raise RuntimeError("the READ failed")
+                    reads.append(time.perf_counter() - t0)
+                else:
+                    with contextlib.suppress(OSError):
+                        kernel()
+                        copies.append(time.perf_counter() - t0)
+        finally:
+            tiers.complete_store(spot, None)
+            await client.call("unpin", {"keys": wire}, 10)
+    copy = statistics.median(copies) if len(copies) == len(reads) else None
+    return statistics.median(pins), statistics.median(reads), copy
+
+
 def _agent(name: str, mgr: BlockManager) -> ConfinedAgent:
     """As a node runs its agent: in a process of its own."""
     arena = mgr.host.arena
     return ConfinedAgent(name, arena.reopen(), arena.size, env=child_environment())
 
 
-async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
+async def _pulls(mgr: BlockManager, agent: Agent, port: int, peer_agent: int) -> dict:
     g, ks, tiers = BENCH_GEOMETRY, space(), ManagerTiers(mgr)
     client = PeerClient(agent, SECRET, [g.fingerprint])
     await client.connect(PEER, port, local_host=LOCAL)
@@ -329,8 +397,15 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int) -> dict:
         # single blocks the peer holds in G2, never pulled before
         single = [await timed(ks.keys([HOST_BLOCKS + i])) for i in range(SINGLE - 1)]
         single.sort()
+        pin_s, read_s, copy_s = await _parts(client, tiers, ks.keys(list(range(BATCH))), peer_agent)
+        host_s = statistics.median(host)
         return {
-            "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(host)),
+            "cma_arena_gbps": copy_s and gbps(BATCH * g.block_bytes, copy_s),
+            "peer_pin_ms": round(pin_s * 1e3, 3),
+            "peer_read_gbps": gbps(BATCH * g.block_bytes, read_s),
+            # what the pull adds to its two parts: the checksums, the bookkeeping
+            "peer_host_vs_pin_and_read": round((pin_s + read_s) / host_s, 3),
+            "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, host_s),
             "peer_host_pull_256_gbps": gbps(256 * g.block_bytes, big),
             "peer_host_pull_unsealed_gbps": gbps(BATCH * g.block_bytes, fresh),
             "peer_disk_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(disk)),
