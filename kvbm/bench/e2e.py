@@ -19,7 +19,11 @@ it):
 The physical floors of the remote ratios, measured in the same run: a
 prompt's blocks copied by the kernel from another process's arena (what a
 READ is on one host: `remote_host_floor`) or read from A's disk
-(`remote_disk_floor`), added to B's local hit and nothing else.
+(`remote_disk_floor`), added to B's local hit and nothing else; and the copy
+followed by one checksum pass over the blocks (`remote_host_floor_verified`):
+a puller must check what a peer sent, and on a two-core machine the copy and
+the checksum share one core, since vLLM's CPU worker is bound to the other
+and spins (sched_yield) while its scheduler waits for the load.
 `recompute_ttft_ms` is vLLM alone (prefix cache off). TTFT is the wall time
 of a request with max_tokens 1; each figure is a median over the prompts.
 Every request's token is compared with vLLM alone's.
@@ -40,7 +44,7 @@ from multiprocessing.connection import Connection
 
 from discovery.etcd_server import EtcdServer
 from kvbm.bench.model import build_llama
-from kvbm.bench.transport import cma_gbps, raw_disk_read_gbps
+from kvbm.bench.transport import cma_gbps, raw_disk_read_gbps, verify_gbps
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess
@@ -257,8 +261,10 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
         prompt_bytes = (PROMPT - 1) // BLOCK * GEOMETRY.block_bytes
         cma = cma_gbps(prompt_bytes, GEOMETRY.block_bytes, arena_dir)
         disk = raw_disk_read_gbps(d, prompt_bytes)
+        check = verify_gbps(1, prompt_bytes, GEOMETRY.block_bytes)
         out["prompt_kv_mb"] = prompt_bytes >> 20
         out["cma_arena_gbps"], out["disk_read_gbps"] = cma, disk
+        out["verify_gbps_one_core"] = check
     each = prompts * ((PROMPT - 1) // BLOCK)
     out["node_b_engine_blocks"] = served
     # every hit came from where its figure says: B pulled each set once, then
@@ -286,6 +292,10 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
     local_ms = out["b_local_host_hit_ttft_ms"]
     if cma:
         out["remote_host_floor"] = round(1 + prompt_bytes / (cma * 1e6) / local_ms, 3)
+        # and with the puller's checksum after the copy, on the same core:
+        # vLLM's CPU worker holds the other one, spinning while it waits
+        verified_ms = prompt_bytes / (cma * 1e6) + prompt_bytes / (check * 1e6)
+        out["remote_host_floor_verified"] = round(1 + verified_ms / local_ms, 3)
     out["remote_disk_floor"] = round(1 + prompt_bytes / (disk * 1e6) / local_ms, 3)
     out["recompute_vs_remote_host"] = round(
         out["recompute_ttft_ms"] / out["remote_host_hit_ttft_ms"], 3
