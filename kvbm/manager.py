@@ -415,14 +415,21 @@ class BlockManager:
         return list(zip(plan.keys, plan.slots, sums, strict=True))
 
     def _pin_ready(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
-        plan = self.prepare_load(keys, stage=False)
+        """Counts hits for what it pins only: the caller's second ask counts the rest."""
         with self._lock:
-            sums = [self.host.table.checksums[s] for s in plan.slots]
-            n = sums.index(None) if None in sums else len(sums)
-            for slot in plan.slots[n:]:
-                self.host.table.unpin(slot)
-        plan.done = True  # the first n pins now belong to the caller
-        return list(zip(plan.keys[:n], plan.slots[:n], sums[:n], strict=True))  # type: ignore[arg-type]
+            host, got = self.host.table, []
+            for k in keys[: self.max_load_blocks]:
+                slot = host.get(k)
+                csum = None if slot is None else host.checksums[slot]
+                if csum is None:
+                    break
+                got.append((k, slot, csum))
+            for _, slot, _ in reversed(got):  # as `prepare_load` marks a prefix used
+                host.touch(slot)
+            for _, slot, _ in got:
+                host.pin(slot)
+            self.metrics.hits.labels(Tier.HOST).inc(len(got))
+        return got
 
     def complete_peer_read(self, slots: Sequence[int]) -> None:
         with self._lock:

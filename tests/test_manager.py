@@ -199,8 +199,10 @@ def test_a_ready_pin_stops_where_io_or_a_checksum_would_be_needed(make_manager):
     assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []  # k2 is not sealed
     assert mgr.seal_newest(2) == 2  # k4, k5
     assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []
+    hits = metric(mgr, "kvbm_tier_hits_total", tier="host")
     got = mgr.prepare_peer_read(ks[4:], ready_only=True)
     assert [k for k, _, _ in got] == ks[4:]
+    assert metric(mgr, "kvbm_tier_hits_total", tier="host") == hits + 2  # counted once
     assert [c for _, _, c in got] == [table.checksums[s] for _, s, _ in got]
     # only the returned blocks stay pinned: the caller's to release
     assert sorted(s for s, n in enumerate(table.pins) if n) == sorted(s for _, s, _ in got)

@@ -302,7 +302,12 @@ class PeerServer:
             # from disk, or summed now) in a thread
             blocks = self.source.prepare_read(keys, ready_only=True) if keys else []
             if len(blocks) < len(keys):
-                blocks += await asyncio.to_thread(self.source.prepare_read, keys[len(blocks) :])
+                try:
+                    rest = await asyncio.to_thread(self.source.prepare_read, keys[len(blocks) :])
+                except BaseException:
+                    self.source.complete_read(blocks)  # recorded nowhere yet: give them back
+                    raise
+                blocks += rest
         finally:
             asking[peer] -= len(keys)
             if not asking[peer]:
