@@ -417,17 +417,18 @@ class BlockManager:
     def _pin_ready(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
         """Counts hits for what it pins only: the caller's second ask counts the rest."""
         with self._lock:
-            host, got = self.host.table, []
+            host, disk, got = self.host.table, self.disk.table if self.disk else None, []
             for k in keys[: self.max_load_blocks]:
                 slot = host.get(k)
                 csum = None if slot is None else host.checksums[slot]
                 if csum is None:
                     break
                 got.append((k, slot, csum))
-            for _, slot, _ in reversed(got):  # as `prepare_load` marks a prefix used
-                host.touch(slot)
-            for _, slot, _ in got:
+            for k, slot, _ in reversed(got):  # a pin takes a G2 block out of its LRU
                 host.pin(slot)
+                copy = disk.get(k) if disk else None
+                if copy is not None:  # a copy written ahead: used too, as `prepare_load` marks it
+                    disk.touch(copy)  # type: ignore[union-attr]
             self.metrics.hits.labels(Tier.HOST).inc(len(got))
         return got
 

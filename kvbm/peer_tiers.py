@@ -20,6 +20,7 @@ class ManagerTiers:
         self.anchors: Mapping[bytes, int] = {}  # of the keys pulled into this sink
         self.fingerprints = frozenset({mgr.geometry.fingerprint})
         self.arena_size = mgr.host.arena.size
+        self.step_blocks = mgr.max_load_blocks
         self._stride = mgr.geometry.slot_bytes
         self.block_bytes = mgr.geometry.block_bytes
 

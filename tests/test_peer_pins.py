@@ -41,10 +41,27 @@ def expect_no_pins(mgr) -> None:
     assert not any(mgr.host.table.pins), "a pin outlived its peer server"
 
 
-def serve(mgr, scenario, **caps: int) -> None:
+class CountedTiers(ManagerTiers):
+    """The manager's tiers, counting the pins taken in a thread, failing
+    them on demand."""
+
+    def __init__(self, mgr) -> None:
+        super().__init__(mgr)
+        self.threaded: list[list[bytes]] = []
+        self.fail = False
+
+    def prepare_read(self, keys, ready_only=False):
+        if not ready_only:
+            self.threaded.append(list(keys))
+            if self.fail:
+                raise OSError("the disk failed")
+        return super().prepare_read(keys, ready_only)
+
+
+def serve(mgr, scenario, tiers=GatedTiers, **caps: int) -> None:
     agent = NixlAgent("pins-test", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
     try:
-        server = PeerServer(GatedTiers(mgr), agent, SECRET, **caps)
+        server = PeerServer(tiers(mgr), agent, SECRET, **caps)
         asyncio.run(asyncio.wait_for(scenario(server), 30))
     finally:
         agent.close()
@@ -121,3 +138,53 @@ def test_pins_taken_at_once_share_the_caps(make_manager):
 
     serve(mgr, scenario, max_pins_per_peer=4, max_pins_total=6)
     expect_no_pins(mgr)
+
+
+def test_ready_blocks_pin_on_the_loop_and_only_the_rest_in_a_thread(make_manager):
+    mgr = make_manager(host_slots=16)
+    ks = keys(0, 10)
+    store(mgr, ks)
+    assert mgr.seal_newest(5) == 5  # k5..k9 sealed, k0..k4 not
+
+    async def scenario(server: PeerServer) -> None:
+        tiers = server.source
+        assert isinstance(tiers, CountedTiers)
+        got = await server._pin("p", Message("pin", 1, {"keys": ks[5:]}))
+        assert [b[0] for b in got["blocks"]] == ks[5:] and tiers.threaded == []
+        got = await server._pin("q", Message("pin", 1, {"keys": ks[5:] + ks[:3]}))
+        # the sealed prefix on the loop, the unsealed rest summed in a thread
+        assert [b[0] for b in got["blocks"]] == ks[5:] + ks[:3]
+        assert tiers.threaded == [ks[:3]]
+        table = mgr.host.table
+        assert all(b[3] == table.checksums[table.get(b[0])] for b in got["blocks"])
+        # a pin is never longer than one load step, however it was taken
+        got = await server._pin("r", Message("pin", 1, {"keys": ks[5:] + ks[:5]}))
+        assert len(got["blocks"]) == mgr.max_load_blocks == 8
+        await server.close()
+
+    serve(mgr, scenario, CountedTiers)
+    expect_no_pins(mgr)
+
+
+def test_pins_taken_on_the_loop_are_given_back_when_the_rest_fails(make_manager):
+    mgr = make_manager(host_slots=8)
+    ks = keys(0, 4)
+    store(mgr, ks)
+    assert mgr.seal_newest(2) == 2  # k2, k3
+
+    async def scenario(server: PeerServer) -> None:
+        tiers = server.source
+        assert isinstance(tiers, CountedTiers)
+        tiers.fail = True
+        try:
+            await server._pin("p", Message("pin", 1, {"keys": ks[2:] + ks[:2]}))
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the failed rest was not reported")
+        assert tiers.threaded == [ks[:2]] and server.pinned_count == 0
+        assert not server._asking
+        expect_no_pins(mgr)  # k2, k3 were pinned on the loop, and given back
+        await server.close()
+
+    serve(mgr, scenario, CountedTiers)

@@ -295,19 +295,22 @@ class PeerServer:
             self.max_pins_per_peer - len(self.pins.get(peer, {})) - asking.get(peer, 0),
             self.max_pins_total - self.pinned_count - sum(asking.values()),
         )
-        keys = keys[: max(0, room)]
+        keys = keys[: max(0, min(room, self.source.step_blocks))]
         asking[peer] = asking.get(peer, 0) + len(keys)
         try:
             # what is ready in G2 pins here, with no thread hop; the rest (staged
             # from disk, or summed now) in a thread
             blocks = self.source.prepare_read(keys, ready_only=True) if keys else []
             if len(blocks) < len(keys):
+                rest = asyncio.ensure_future(
+                    asyncio.to_thread(self.source.prepare_read, keys[len(blocks) :])
+                )
                 try:
-                    rest = await asyncio.to_thread(self.source.prepare_read, keys[len(blocks) :])
-                except BaseException:
-                    self.source.complete_read(blocks)  # recorded nowhere yet: give them back
+                    blocks += await asyncio.shield(rest)
+                except BaseException:  # recorded nowhere: give back ours, and the thread's
+                    self.source.complete_read(blocks)
+                    rest.add_done_callback(self._give_back)
                     raise
-                blocks += rest
         finally:
             asking[peer] -= len(keys)
             if not asking[peer]:
@@ -324,6 +327,11 @@ class PeerServer:
         if again:
             self.source.complete_read(again)
         return {"blocks": [[b.key, b.offset, b.length, b.checksum] for b in blocks]}
+
+    def _give_back(self, done: asyncio.Future[list[PinnedBlock]]) -> None:
+        """Pins a thread took for a pin call that ended without them."""
+        if not done.cancelled() and done.exception() is None:
+            self.source.complete_read(done.result())
 
 
 class _Refusals:

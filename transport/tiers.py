@@ -25,6 +25,7 @@ class BlockSource(Protocol):
 
     fingerprints: frozenset[int]
     arena_size: int
+    step_blocks: int  # the most blocks one pin takes (staging must find room in G2)
 
     def prepare_read(self, keys: list[bytes], ready_only: bool = False) -> list[PinnedBlock]:
         """Pin the longest held prefix of `keys` in the host arena (staging disk

@@ -20,10 +20,11 @@ The physical floors of the remote ratios, measured in the same run: a
 prompt's blocks copied by the kernel from another process's arena (what a
 READ is on one host: `remote_host_floor`) or read from A's disk
 (`remote_disk_floor`), added to B's local hit and nothing else; and the copy
-followed by one checksum pass over the blocks (`remote_host_floor_verified`):
-a puller must check what a peer sent, and on a two-core machine the copy and
-the checksum share one core, since vLLM's CPU worker is bound to the other
-and spins (sched_yield) while its scheduler waits for the load.
+followed by one checksum pass over the blocks (`remote_host_floor_verified`,
+the checksum timed from memory: a pull checks chunks still in the cache, a
+little faster): a puller must check what a peer sent, and on a two-core
+machine the copy and the checksum share one core, since vLLM's CPU worker is
+bound to the other and spins (sched_yield) while its scheduler waits.
 `recompute_ttft_ms` is vLLM alone (prefix cache off). TTFT is the wall time
 of a request with max_tokens 1; each figure is a median over the prompts.
 Every request's token is compared with vLLM alone's.

@@ -326,38 +326,44 @@ async def _parts(
     wire = [bytes(k) for k in keys]
     spare = [bytes(k) for k in space().keys(list(range(50_000, 50_000 + len(keys))))]
     mine = tiers.mgr.host.arena.array.ctypes.data  # this process's mapping of the arena
+    size = tiers.block_bytes
     pins, reads, copies = [], [], []
     for rep in range(5):
         t0 = time.perf_counter()
         blocks = (await client.call("pin", {"keys": wire}, 10))["blocks"]
         pins.append(time.perf_counter() - t0)
-        if len(blocks) != len(wire):
-            raise RuntimeError(f"the peer pinned {len(blocks)} of {len(wire)} blocks")
-        spot = tiers.prepare_store(spare)  # slots here; never registered
         try:
-            base, peer_base = client.agent.arena[0], client.remote_arena
-            at = np.array([off for _, off in spot.entries], np.uint64)
-            sizes = np.array([n for _, _, n, _ in blocks], np.uint64)
-            if len(at) != len(sizes):
-                raise RuntimeError("no room here for the blocks")
-            local = np.c_[base + at, sizes]  # in our agent's process
-            here = np.c_[mine + at, sizes]  # in this one
-            remote = np.c_[peer_base + np.array([b[1] for b in blocks], np.uint64), sizes]
-            kernel = _vm_read(peer_agent, here, remote)
-            for turn in (rep % 2, 1 - rep % 2):  # each goes first in turn
-                t0 = time.perf_counter()
-                if turn == 0:
-                    if not await asyncio.to_thread(
-                        client.agent.read, client.peer, local, remote, 10
-                    ):
-                        raise RuntimeError("the READ failed")
-                    reads.append(time.perf_counter() - t0)
-                else:
-                    with contextlib.suppress(OSError):
-                        kernel()
-                        copies.append(time.perf_counter() - t0)
+            # checked as a pull checks a pin reply: these bytes are read and written
+            there = np.array([off for _, off, _, _ in blocks], np.uint64)
+            if [k for k, _, _, _ in blocks] != wire or any(n != size for _, _, n, _ in blocks):
+                raise RuntimeError("the peer pinned other blocks than those asked")
+            if there.max() > client.remote_arena_bytes - size:
+                raise RuntimeError("the peer pinned a block outside its arena")
+            spot = tiers.prepare_store(spare)  # slots here; never registered
+            try:
+                at = np.array([off for _, off in spot.entries], np.uint64)
+                if len(at) != len(wire):
+                    raise RuntimeError("no room here for the blocks")
+                sizes = np.full(len(at), size, np.uint64)
+                local = np.c_[client.agent.arena[0] + at, sizes]  # in our agent's process
+                here = np.c_[mine + at, sizes]  # in this one
+                remote = np.c_[client.remote_arena + there, sizes]
+                kernel = _vm_read(peer_agent, here, remote)
+                for turn in (rep % 2, 1 - rep % 2):  # each goes first in turn
+                    t0 = time.perf_counter()
+                    if turn == 0:
+                        if not await asyncio.to_thread(
+                            client.agent.read, client.peer, local, remote, 10
+                        ):
+                            raise RuntimeError("the READ failed")
+                        reads.append(time.perf_counter() - t0)
+                    else:
+                        with contextlib.suppress(OSError):
+                            kernel()
+                            copies.append(time.perf_counter() - t0)
+            finally:
+                tiers.complete_store(spot, None)
         finally:
-            tiers.complete_store(spot, None)
             await client.call("unpin", {"keys": wire}, 10)
     copy = statistics.median(copies) if len(copies) == len(reads) else None
     return statistics.median(pins), statistics.median(reads), copy
