@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 
@@ -59,6 +59,13 @@ class TierMetrics:
         )
         self.moved = Counter(
             "kvbm_transfer_bytes_total", "Block bytes moved between tiers", ["path"], registry=r
+        )
+        self.pulls = Histogram(
+            "kvbm_peer_pull_seconds",
+            "Pulls of a run of blocks from a peer: its pin to its last block verified here",
+            ["tier"],  # where the peer held the run's first block
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
         )
 
     def watch_tier(

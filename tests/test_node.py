@@ -66,6 +66,10 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(
 
         counted = eng_b.stats()["engine_blocks"]
         assert counted["remote_host"] == 8 and counted["remote_disk"] == 8
+        # one pull from each of A's tiers, timed (kvbm_peer_pull_seconds)
+        pulls = eng_b.stats()["peer_pulls"]
+        assert [pulls[t]["count"] for t in ("host", "disk")] == [1, 1], pulls
+        assert all(pulls[t]["seconds"] > 0 for t in ("host", "disk"))
 
         # `kvbm status`: the fleet from etcd, and one node from its socket; what
         # B pulled reaches the index at B's next flush (0.5 s)

@@ -268,6 +268,7 @@ class Node:
             where: int(s.mgr.metrics.value(failed, tier=where)) for where in ("disk", "peer")
         }
         out["engine_blocks"] = s.onboarding.served()
+        out["peer_pulls"] = s.onboarding.pulls()
         out["peers"] = self.publisher.peers()
         out["avoided_peers"] = s.peers.avoided_now()
         return out

@@ -6,6 +6,7 @@ and verified into G2, all of it pinned until the engine has copied it out."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from kvbm.manager import BlockManager
 from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.plans import LoadPlan
+
+log = logging.getLogger("kvbm.node")
 
 # (keys, each key's group anchor or None) -> who holds them
 LookupPeers = Callable[[list[bytes], np.ndarray | None], Awaitable[LookupResult | None]]
@@ -119,7 +122,18 @@ class Onboarding:
             if anchors is not None:
                 theirs = anchors[first : first + run.length].tolist()
                 sink = sink.landing(dict(zip(want, theirs, strict=True)))
+            t0 = time.perf_counter()
             got = await self.peers.pull(run.node_id, want, sink, self.timeout_s, staged)
+            took = time.perf_counter() - t0
+            self.mgr.metrics.pulls.labels(run.tiers[0]).observe(took)
+            log.debug(
+                "pulled peer=%s tier=%s blocks=%d of %d ms=%.2f",
+                run.node_id,
+                run.tiers[0],
+                len(got),
+                run.length,
+                took * 1e3,
+            )
             pulled += run.tiers[: len(got)]
             if len(got) < run.length:
                 break
@@ -140,6 +154,19 @@ class Onboarding:
             if n:
                 self.mgr.metrics.engine_blocks.labels(source.value).inc(n)
         return Loaded(plan, sources)
+
+    def pulls(self) -> dict[str, dict[str, float]]:
+        """Pulls from peers since the start, by the tier of the run's first
+        block: how many, and their seconds in all."""
+        value = self.mgr.metrics.value
+        name = "kvbm_peer_pull_seconds"
+        return {
+            t.value: {
+                "count": int(value(f"{name}_count", tier=t.value)),
+                "seconds": round(value(f"{name}_sum", tier=t.value), 6),
+            }
+            for t in Tier
+        }
 
     def served(self) -> dict[str, int]:
         """Blocks handed to engines since the start, by source."""
