@@ -25,6 +25,8 @@ the checksum timed from memory: a pull checks chunks still in the cache, a
 little faster): a puller must check what a peer sent, and on a two-core
 machine the copy and the checksum share one core, since vLLM's CPU worker is
 bound to the other and spins (sched_yield) while its scheduler waits.
+`node_b_pull_ms` is B's node's own mean time per pull, by the tier A held
+the blocks in (`kvbm_peer_pull_seconds`), over the two sets' pulls.
 `recompute_ttft_ms` is vLLM alone (prefix cache off). TTFT is the wall time
 of a request with max_tokens 1; each figure is a median over the prompts.
 Every request's token is compared with vLLM alone's.
@@ -243,7 +245,9 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
                         figures[kind].append(timed(on_b, p))  # its first sight: from A
                         on_b.reset()
                         figures[f"local_host_after_{kind}"].append(timed(on_b, p))
-                served = dict(probe.stats()["engine_blocks"])
+                before_turn2 = probe.stats()
+                served = dict(before_turn2["engine_blocks"])
+                pulls = before_turn2["peer_pulls"]
                 figures["turn2"].append(timed(on_b, turn2))
                 stats = probe.stats()
                 after = stats["engine_blocks"]
@@ -268,6 +272,10 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
         out["verify_gbps_one_core"] = check
     each = prompts * ((PROMPT - 1) // BLOCK)
     out["node_b_engine_blocks"] = served
+    # B's node's own timing of its pulls (kvbm_peer_pull_seconds), mean per tier
+    out["node_b_pull_ms"] = {
+        t: round(p["seconds"] / p["count"] * 1e3, 2) for t, p in pulls.items() if p["count"]
+    }
     # every hit came from where its figure says: B pulled each set once, then
     # loaded it again from its own host tier
     out["sources_as_labelled"] = served["remote_host"] == served["remote_disk"] == each and (
