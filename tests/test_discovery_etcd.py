@@ -18,7 +18,7 @@ import pytest
 
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
-from discovery.etcd_server import etcd_binary
+from discovery.etcd_server import EtcdServer, etcd_binary
 from discovery.owners import places
 from discovery.records import NodeRecord, Tier
 from discovery.schema import run_path
@@ -47,6 +47,23 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_a_port_taken_before_the_first_start_is_exchanged_for_a_free_one():
+    # a CI run lost a test to this: a port found free was bound by someone else
+    # before etcd bound it, and etcd exited at start
+    import socket
+
+    with EtcdServer() as probe:
+        taken_port = probe.peer_port
+    server = EtcdServer()
+    server.peer_port = taken_port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", taken_port))
+        taken.listen()
+        with server:
+            assert server.peer_port != taken_port
+            assert server.proc.poll() is None
 
 
 def test_a_publish_reaches_every_mirror(etcd):
