@@ -103,13 +103,19 @@ class KvbmConfig:
         "mirror: every node mirrors every location from etcd (lookups in microseconds, "
         "most without a call to the node; for fleets up to about 100 nodes); sharded: etcd "
         "holds node records only, each node keeps its share of the locations and lookups "
-        "ask their owners over the peer RPC (about 1 ms; for larger fleets, up to about 250 "
-        "nodes today). A fleet's nodes all run the same layout.",
+        "ask their owners over the peer RPC (about 1 ms; for larger fleets, up to about "
+        "max_peer_connections nodes). A fleet's nodes all run the same layout.",
     )
     peer_timeout_ms: int = _opt(
         2000, "Longest wait for a pull from a peer; past it the engine recomputes."
     )
     peer_backoff_s: int = _opt(30, "Seconds a peer that timed out or dropped a pull is left alone.")
+    max_peer_connections: int = _opt(
+        1024,
+        "Peers connected to this node at once; one more takes the place of the connection "
+        "idle longest (its peer reconnects when it next calls). Each costs a file descriptor "
+        "on each side: the node raises its soft limit to fit.",
+    )
     shared_group: str = _opt(
         "",
         "Group (name or gid) whose engines may attach: socket and host arena 0660 to it; "
@@ -157,6 +163,8 @@ class KvbmConfig:
             raise ValueError(f"index_layout must be mirror or sharded, got {self.index_layout!r}")
         if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
             raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
+        if self.max_peer_connections < 1:
+            raise ValueError("max_peer_connections must be at least 1")
         if self.engine_copies not in ("auto", "sync", "async"):
             raise ValueError(
                 f"engine_copies must be auto, sync or async, got {self.engine_copies!r}"

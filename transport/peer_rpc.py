@@ -17,7 +17,11 @@ that dies never leaks them; a peer may hold at most `max_pins_per_peer` at
 once and all peers together `max_pins_total`, so no peer can take the arena
 from the node's own engines. A connection that sends anything malformed (a
 second hello included) is closed with a logged reason; the server goes on
-serving its other peers, at most MAX_CONNECTIONS at once.
+serving its other peers. At most `max_connections` peers are connected at
+once; a peer that connects beyond that takes the place of the connection
+idle longest (no call for IDLE_CLOSE_S, no pins held), so in a fleet larger
+than the cap a node's idle peers reconnect when they next call instead of
+new ones being refused.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ log = logging.getLogger("transport.rpc")
 CALLS = ("hello", "auth", "pin", "unpin", "place", "locate", "ok", "error")
 MAX_KEYS_PER_CALL = 4096
 MAX_HOLDERS = 64  # per key, in a `locate` answer (a frame's map holds no more)
-MAX_CONNECTIONS = 256  # peers that said a valid hello
+MAX_CONNECTIONS = 1024  # peers that said a valid hello (a fleet of about that many nodes)
+IDLE_CLOSE_S = 5.0  # a connection quiet this long may give its place to a new peer
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
@@ -64,6 +69,12 @@ NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class _Pin:
     block: PinnedBlock
     expiry: float  # monotonic
+
+
+@dataclass
+class _Connection:
+    peer: str
+    idle_since: float | None = None  # monotonic; None while a call is served
 
 
 class PeerServer:
@@ -83,6 +94,7 @@ class PeerServer:
         max_pins_total: int = 8192,
         node_id: str | None = None,
         owner: LocationOwner | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """`node_id`: this node, as its clients are told (default: the agent's name).
         `owner`: the node's shards of a sharded index (None: `place` and
@@ -96,7 +108,10 @@ class PeerServer:
         self.pin_ttl = pin_ttl
         self.max_pins_per_peer = max_pins_per_peer
         self.max_pins_total = max_pins_total
+        self.max_connections = max_connections
         self.connections = 0  # authenticated ones
+        self.closed_idle = 0  # connections closed to make room for a new peer
+        self._open: dict[asyncio.Task, _Connection] = {}  # authenticated, by handler
         self.unauthenticated: dict[str, int] = {}  # address -> connections before hello
         self._refusals = _Refusals()
         self.pins: dict[str, dict[bytes, _Pin]] = {}
@@ -175,14 +190,17 @@ class PeerServer:
                 raise ProtocolError(f"no hello within {HELLO_TIMEOUT_S:g} s") from None
             self._authenticated(ip)  # both sides proved the secret, now
             ip = None
-            if self.connections > MAX_CONNECTIONS:
-                raise ProtocolError(f"more than {MAX_CONNECTIONS} peer connections")
+            conn = self._open[handler] = _Connection(node)
+            if self.connections > self.max_connections and not self._close_idlest():
+                raise ProtocolError(f"more than {self.max_connections} peer connections")
             generation = self.agent.generation  # the agent whose metadata the peer gets
             reply = self._auth(msg)
             while True:
                 writer.write(session.encode(Message("ok", msg.id, reply)))
                 await writer.drain()
+                conn.idle_since = time.monotonic()
                 msg = await session.read(reader, body_timeout=FRAME_TIMEOUT_S)
+                conn.idle_since = None
                 if self.agent.generation != generation:
                     raise ProtocolError("the NIXL agent restarted: connect again")
                 reply = await self._call(node, msg)
@@ -200,6 +218,7 @@ class PeerServer:
             pass  # the server is closing (a handler ending cancelled is logged as an error)
         finally:
             self._handlers.discard(handler)
+            self._open.pop(handler, None)
             if ip is None:
                 self.connections -= 1  # the peer's pins live on until unpinned or expired
             else:
@@ -207,6 +226,30 @@ class PeerServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _close_idlest(self) -> bool:
+        """Close the connection idle longest, if one has been for IDLE_CLOSE_S
+        and its peer holds no pins (a pull reading over NIXL is quiet here);
+        False when none may go."""
+        now = time.monotonic()
+        quiet = [
+            (c.idle_since, task)
+            for task, c in self._open.items()
+            if c.idle_since is not None
+            and now - c.idle_since >= IDLE_CLOSE_S
+            and not self.pins.get(c.peer)
+        ]
+        if not quiet:
+            return False
+        since, task = min(quiet, key=lambda q: q[0])
+        log.info(
+            "closing an idle peer connection for a new one peer=%s idle_s=%.0f",
+            self._open.pop(task).peer,
+            now - since,
+        )
+        self.closed_idle += 1
+        task.cancel()  # its handler ends as at close(): the writer closed, the count given back
+        return True
 
     def _authenticated(self, ip: str) -> None:
         self._unauthenticated_gone(ip)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ from transport.secret import load_secret
 log = logging.getLogger("kvbm.node")
 INDEX_FIRST_WAIT_S = 5.0
 VIEW_MIN_KEYS = 4096
+FILES_BESIDES_PEERS = 1024  # engines, etcd, metrics, the arenas and the disk tier
 _NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
 
 
@@ -176,6 +178,7 @@ class Node:
                 max_pins_total=total,
                 node_id=self.node_id,
                 owner=self.publisher.locations,
+                max_connections=cfg.max_peer_connections,
             )
             host, port = cfg.listen_address
             port = await server.start(host, port)
@@ -257,6 +260,10 @@ class Node:
         out["geometry"] = geometry_to_wire(s.mgr.geometry)  # the layout included
         out["engine_leases"] = len(self.engines.leases)
         out["pinned_for_peers"] = s.peer_server.pinned_count
+        out["peer_connections"] = {
+            "open": s.peer_server.connections,
+            "closed_idle": s.peer_server.closed_idle,
+        }
         out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
         arena = s.mgr.host.arena
@@ -274,10 +281,32 @@ class Node:
         return out
 
 
+def fit_file_limit(max_peer_connections: int) -> int:
+    """Raise the soft limit on open files to what the node's peers need (a
+    socket each way per peer, and room for the rest), as far as the hard
+    limit allows: a common soft limit of 1024 would fail accepts past a few
+    hundred peers. Returns the soft limit now."""
+    want = 2 * max_peer_connections + FILES_BESIDES_PEERS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning(
+            "open files are limited to %d, under the %d that max_peer_connections=%d needs: "
+            "raise the hard limit (ulimit -Hn) or lower max_peer_connections",
+            soft,
+            want,
+            max_peer_connections,
+        )
+    return soft
+
+
 def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
     """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
     host, _ = cfg.listen_address
     secret = load_secret(cfg.secret_file, host, cfg.dev_insecure)
+    fit_file_limit(cfg.max_peer_connections)
 
     async def main() -> None:
         node = Node(cfg, secret, verify)
