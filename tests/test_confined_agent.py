@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -122,3 +124,33 @@ def test_chunked_reads_land_in_order_and_every_queued_read_ends_first(pair):
     generation = b.generation
     assert b.read(peer, rows(b.arena[0], [7]), rows(a.arena[0], [3]), timeout=10)
     assert b.generation == generation  # the same child: its channel stayed in step
+
+
+def test_an_agent_started_by_a_node_with_many_open_files_serves(tmp_path):
+    # a node with many peers holds more than 1024 descriptors, so its agent's
+    # channel can be numbered above what select() takes; in a child process,
+    # whose limits and descriptors are its own
+    script = f"""
+import os, resource
+import numpy as np
+from kvbm.config import child_environment
+from kvbm.shm_arena import SharedArena
+from transport.confined_agent import ConfinedAgent
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+arenas = [SharedArena.create(n, {SIZE}, directory={str(tmp_path)!r}) for n in ("a", "b")]
+arenas[0].array[:] = 7
+a, b = (ConfinedAgent(f"agent-{{n}}", x.reopen(), {SIZE}, env=child_environment())
+        for n, x in zip("ab", arenas))
+try:
+    peer = b.add_peer(a.metadata)
+    rows = lambda base: np.array([(base, {BLOCK})], np.uint64)
+    assert b.read(peer, rows(b.arena[0]), rows(a.arena[0]), timeout=10)
+    assert (arenas[1].array[:{BLOCK}] == 7).all()
+finally:
+    a.close()
+    b.close()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]

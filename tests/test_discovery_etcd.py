@@ -18,7 +18,7 @@ import pytest
 
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
-from discovery.etcd_server import EtcdServer, etcd_binary
+from discovery.etcd_server import EtcdServer, etcd_binary, free_port
 from discovery.owners import places
 from discovery.records import NodeRecord, Tier
 from discovery.schema import run_path
@@ -54,10 +54,8 @@ def test_a_port_taken_before_the_first_start_is_exchanged_for_a_free_one():
     # before etcd bound it, and etcd exited at start
     import socket
 
-    with EtcdServer() as probe:
-        taken_port = probe.peer_port
     server = EtcdServer()
-    server.peer_port = taken_port
+    server.peer_port = taken_port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", taken_port))
         taken.listen()

@@ -9,10 +9,13 @@ import asyncio
 import pytest
 import torch
 
-from discovery.records import Tier
+from discovery.records import NodeRecord, Tier
 from kvbm.bench.direct import onboard
+from kvbm.node import peer_pool
+from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import GEOMETRY, Engine, keys, store
+from transport import peer_rpc
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull, round_blocks
@@ -296,3 +299,39 @@ def test_blocks_already_here_are_not_read_again(make_manager):
     eng = Engine(6)
     assert onboard(b, eng.kv, ks, list(range(6))) == 6
     assert all(eng.holds(k, i) for i, k in enumerate(ks))
+
+
+def test_a_pull_on_a_connection_the_peer_closed_as_idle_goes_again(make_manager, monkeypatch):
+    # A peer at its cap closes the connection idle longest for a new peer. A
+    # pull whose pin went out on it at that moment finds it closed: it pulls
+    # again on a new connection, and does not leave the peer alone.
+    a, b = make_manager(host_slots=8), make_manager(host_slots=16)
+    ks = keys(0, 4)
+    store(a, ks)
+    monkeypatch.setattr(peer_rpc, "IDLE_CLOSE_S", 0.2)
+    monkeypatch.setattr(peer_pool, "IDLE_CLOSE_S", 0.2)
+
+    async def scenario():
+        agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
+        server = PeerServer(ManagerTiers(a), agent_a, SECRET, node_id="node-a")
+        port = await server.start("127.0.0.1", 0)
+        record = NodeRecord("node-a", "127.0.0.1", port, fingerprints=(a.geometry.fingerprint,))
+        fingerprint = a.geometry.fingerprint
+        pool = PeerPool(
+            "node-b", agent_b, SECRET, fingerprint, "127.0.0.1", {"node-a": record}.get, 30
+        )
+        try:
+            assert await pool.pull("node-a", ks[:1], ManagerTiers(b), 5) == ks[:1]
+            await asyncio.sleep(0.3)
+            # closed by the server; the pull's pin goes out before the client
+            # has read the close (no await in between)
+            assert server._close_idlest()
+            assert await pool.pull("node-a", ks, ManagerTiers(b), 5) == ks
+            assert not pool.avoided and server.closed_idle == 1
+        finally:
+            await pool.close()
+            await server.close()
+            agent_a.close()
+            agent_b.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

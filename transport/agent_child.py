@@ -67,9 +67,13 @@ def main(argv: list[str]) -> int:
 
 
 def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec) -> None:
-    """Calls until the node closes the channel (or dies: then so do we)."""
+    """Calls until the node closes the channel (or dies: then so do we). Polled,
+    not selected: the channel keeps the node's descriptor number, which a
+    node with many peers has above select's 1024."""
+    readable = select.poll()
+    readable.register(channel, select.POLLIN)
     while True:
-        if not select.select([channel], [], [], PROGRESS_S)[0]:
+        if not readable.poll(PROGRESS_S * 1000):
             agent.progress()
             continue
         try:

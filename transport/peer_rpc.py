@@ -57,6 +57,7 @@ MAX_KEYS_PER_CALL = 4096
 MAX_HOLDERS = 64  # per key, in a `locate` answer (a frame's map holds no more)
 MAX_CONNECTIONS = 1024  # peers that said a valid hello (a fleet of about that many nodes)
 IDLE_CLOSE_S = 5.0  # a connection quiet this long may give its place to a new peer
+HUNG_UP = "peer closed the connection"
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
 HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
@@ -450,6 +451,7 @@ class PeerClient:
         self._replies: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._closed: str | None = None
+        self._heard = 0.0  # monotonic: the peer's last frame
 
     async def connect(
         self,
@@ -518,16 +520,27 @@ class PeerClient:
             and self.agent.knows(self.peer)
         )
 
+    @property
+    def quiet_s(self) -> float:
+        """Seconds since the peer last answered."""
+        return time.monotonic() - self._heard
+
+    @property
+    def hung_up(self) -> bool:
+        """The peer closed the connection (rather than sent what we refused)."""
+        return self._closed == HUNG_UP
+
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 assert self.codec is not None
                 msg = await self.codec.read(reader)
+                self._heard = time.monotonic()
                 waiter = self._pending.pop(msg.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
         except (asyncio.IncompleteReadError, ConnectionError):
-            self._closed = "peer closed the connection"
+            self._closed = HUNG_UP
         except (ProtocolError, TransportError) as e:
             self._closed = f"bad reply from peer: {e}"
             log.warning("closing peer connection peer=%s reason=%s", self.peer, e)

@@ -289,8 +289,12 @@ def fit_file_limit(max_peer_connections: int) -> int:
     want = 2 * max_peer_connections + FILES_BESIDES_PEERS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < want:
-        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as e:  # a sandbox that forbids it: run as we are
+            log.warning("cannot raise the limit on open files: %s", e)
     if soft != resource.RLIM_INFINITY and soft < want:
         log.warning(
             "open files are limited to %d, under the %d that max_peer_connections=%d needs: "

@@ -13,7 +13,7 @@ import numpy as np
 from discovery.records import NodeRecord, Tier, check_node_id
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import PeerClient, locate, place, pull
+from transport.peer_rpc import IDLE_CLOSE_S, PeerClient, locate, place, pull
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
@@ -63,12 +63,23 @@ class PeerPool:
         """The prefix of `keys` now held here after pulling from `peer` (see
         transport's `pull`): verified, or empty when the peer cannot be reached.
         `staged`: the peer holds the first of them on disk."""
-        client = await self._client(peer, timeout)
-        if client is None:
-            self._avoid(peer, "unreachable")
-            return []
         t0 = time.monotonic()
-        got = await pull(client, keys, sink, timeout, staged)
+        deadline = t0 + timeout
+        for again in (False, True):
+            client = await self._client(peer, deadline - time.monotonic())
+            if client is None:
+                self._avoid(peer, "unreachable")
+                return []
+            quiet = client.quiet_s
+            got = await pull(client, keys, sink, deadline - time.monotonic(), staged)
+            if got or again or not client.hung_up or quiet < IDLE_CLOSE_S:
+                break
+            if time.monotonic() >= deadline:
+                break
+            # a peer at its cap closes a connection quiet this long for a new
+            # peer (transport/peer_rpc.py): ours went as the pin went out, and
+            # a new one is no reason to leave the peer alone
+            log.info("pulling again on a new connection peer=%s quiet_s=%.0f", peer, quiet)
         if len(got) < len(keys):
             # fewer blocks than the index said: evicted there meanwhile (fine),
             # or a peer that is gone or too slow (leave it alone for a while,
