@@ -369,6 +369,25 @@ async def _parts(
     return statistics.median(pins), statistics.median(reads), copy
 
 
+async def _connects(agent: Agent, port: int, times: int = 7) -> tuple[float, float]:
+    """Medians, seconds: a peer connection made (handshake, `auth`, the
+    peer's NIXL metadata loaded) and a plain TCP connect to the same port,
+    taken in turn."""
+    peer_s, tcp_s = [], []
+    for _ in range(times):
+        client = PeerClient(agent, SECRET, [BENCH_GEOMETRY.fingerprint])
+        t0 = time.perf_counter()
+        await client.connect(PEER, port, local_host=LOCAL)
+        peer_s.append(time.perf_counter() - t0)
+        await client.close()
+        t0 = time.perf_counter()
+        _, writer = await asyncio.open_connection(PEER, port, local_addr=(LOCAL, 0))
+        tcp_s.append(time.perf_counter() - t0)
+        writer.close()
+        await writer.wait_closed()
+    return statistics.median(peer_s), statistics.median(tcp_s)
+
+
 def _agent(name: str, mgr: BlockManager) -> ConfinedAgent:
     """As a node runs its agent: in a process of its own."""
     arena = mgr.host.arena
@@ -404,8 +423,13 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int, peer_agent: int) ->
         single = [await timed(ks.keys([HOST_BLOCKS + i])) for i in range(SINGLE - 1)]
         single.sort()
         pin_s, read_s, copy_s = await _parts(client, tiers, ks.keys(list(range(BATCH))), peer_agent)
+        connect_s, tcp_connect_s = await _connects(agent, port)
         host_s = statistics.median(host)
         return {
+            # what a peer pays to reconnect after its idle connection was closed
+            "peer_connect_ms": round(connect_s * 1e3, 3),
+            "tcp_connect_ms": round(tcp_connect_s * 1e3, 3),
+            "peer_connect_vs_tcp_connect": round(connect_s / tcp_connect_s, 1),
             "cma_arena_gbps": copy_s and gbps(BATCH * g.block_bytes, copy_s),
             "peer_pin_ms": round(pin_s * 1e3, 3),
             "peer_read_gbps": gbps(BATCH * g.block_bytes, read_s),
