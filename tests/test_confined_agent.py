@@ -6,6 +6,7 @@ gone; the child gets none of kvbm's environment; close ends the child."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -126,6 +127,9 @@ def test_chunked_reads_land_in_order_and_every_queued_read_ends_first(pair):
     assert b.generation == generation  # the same child: its channel stayed in step
 
 
+@pytest.mark.skipif(
+    resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1200, reason="needs 1,200 open files"
+)
 def test_an_agent_started_by_a_node_with_many_open_files_serves(tmp_path):
     # a node with many peers holds more than 1024 descriptors, so its agent's
     # channel can be numbered above what select() takes; in a child process,

@@ -11,7 +11,6 @@ import torch
 
 from discovery.records import NodeRecord, Tier
 from kvbm.bench.direct import onboard
-from kvbm.node import peer_pool
 from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import GEOMETRY, Engine, keys, store
@@ -309,7 +308,6 @@ def test_a_pull_on_a_connection_the_peer_closed_as_idle_goes_again(make_manager,
     ks = keys(0, 4)
     store(a, ks)
     monkeypatch.setattr(peer_rpc, "IDLE_CLOSE_S", 0.2)
-    monkeypatch.setattr(peer_pool, "IDLE_CLOSE_S", 0.2)
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")

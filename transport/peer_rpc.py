@@ -451,7 +451,7 @@ class PeerClient:
         self._replies: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._closed: str | None = None
-        self._heard = 0.0  # monotonic: the peer's last frame
+        self._heard = 0  # frames from the peer
 
     async def connect(
         self,
@@ -521,9 +521,9 @@ class PeerClient:
         )
 
     @property
-    def quiet_s(self) -> float:
-        """Seconds since the peer last answered."""
-        return time.monotonic() - self._heard
+    def heard(self) -> int:
+        """Frames the peer has sent on this connection."""
+        return self._heard
 
     @property
     def hung_up(self) -> bool:
@@ -535,7 +535,7 @@ class PeerClient:
             while True:
                 assert self.codec is not None
                 msg = await self.codec.read(reader)
-                self._heard = time.monotonic()
+                self._heard += 1
                 waiter = self._pending.pop(msg.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)

@@ -13,7 +13,7 @@ import numpy as np
 from discovery.records import NodeRecord, Tier, check_node_id
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import IDLE_CLOSE_S, PeerClient, locate, place, pull
+from transport.peer_rpc import PeerClient, locate, place, pull
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
@@ -70,16 +70,18 @@ class PeerPool:
             if client is None:
                 self._avoid(peer, "unreachable")
                 return []
-            quiet = client.quiet_s
-            got = await pull(client, keys, sink, deadline - time.monotonic(), staged)
-            if got or again or not client.hung_up or quiet < IDLE_CLOSE_S:
+            heard = client.heard
+            got = await pull(client, keys, sink, max(0.0, deadline - time.monotonic()), staged)
+            # A peer at its cap closes the connection idle longest for a new
+            # peer (transport/peer_rpc.py). One that hung up without a word
+            # to this pull may have closed ours as the pin went out: pull
+            # again on a new connection rather than leave the peer alone.
+            # (A peer that died refuses the new one, and is left alone then.)
+            if got or again or not client.hung_up or client.heard != heard:
                 break
-            if time.monotonic() >= deadline:
+            if deadline - time.monotonic() < 0.1 * timeout:
                 break
-            # a peer at its cap closes a connection quiet this long for a new
-            # peer (transport/peer_rpc.py): ours went as the pin went out, and
-            # a new one is no reason to leave the peer alone
-            log.info("pulling again on a new connection peer=%s quiet_s=%.0f", peer, quiet)
+            log.info("pulling again on a new connection peer=%s", peer)
         if len(got) < len(keys):
             # fewer blocks than the index said: evicted there meanwhile (fine),
             # or a peer that is gone or too slow (leave it alone for a while,
