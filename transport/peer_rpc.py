@@ -243,10 +243,9 @@ class PeerServer:
         if not quiet:
             return False
         since, task = min(quiet, key=lambda q: q[0])
+        peer = self._open.pop(task).peer
         log.info(
-            "closing an idle peer connection for a new one peer=%s idle_s=%.0f",
-            self._open.pop(task).peer,
-            now - since,
+            "closing an idle peer connection for a new one peer=%s idle_s=%.0f", peer, now - since
         )
         self.closed_idle += 1
         task.cancel()  # its handler ends as at close(): the writer closed, the count given back
@@ -451,7 +450,7 @@ class PeerClient:
         self._replies: asyncio.Task | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._closed: str | None = None
-        self._heard = 0  # frames from the peer
+        self.heard = 0  # frames the peer has sent on this connection
 
     async def connect(
         self,
@@ -521,11 +520,6 @@ class PeerClient:
         )
 
     @property
-    def heard(self) -> int:
-        """Frames the peer has sent on this connection."""
-        return self._heard
-
-    @property
     def hung_up(self) -> bool:
         """The peer closed the connection (rather than sent what we refused)."""
         return self._closed == HUNG_UP
@@ -535,7 +529,7 @@ class PeerClient:
             while True:
                 assert self.codec is not None
                 msg = await self.codec.read(reader)
-                self._heard += 1
+                self.heard += 1
                 waiter = self._pending.pop(msg.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(msg)
