@@ -10,28 +10,33 @@ less than one would hope on this machine (128 random rows of a 32 MB numpy
 array cost 25-40 us with cold caches, even as one `take`), so the common case
 avoids them altogether.
 
-A key is stored exactly: `x`, its first 8 bytes (the head: the sequence hash
-of a block key) xor a per-tail random mix, and its tail (the rest: fingerprint,
-rank, namespace, shared by almost every key of a mirror) as an interned id.
-Two structures hold it:
+A key is stored exactly: its head is its first 16 bytes (a block key's
+sequence hash, kvbm/hashing.py), kept as `x`, the first 8 xor a per-tail
+random mix, and `y`, the other 8; its tail (the rest: fingerprint, rank,
+namespace, shared by almost every key of a mirror) as an interned id. The
+head is a keyed hash, so x alone is uniform: it finds a key's bucket and
+entry, and y is compared only at the entry (two keys of one x are as rare
+as 64-bit collisions, and are told apart all the same). Two structures
+hold it:
 
-- the entries, in insertion order: `(x, tail id << 32 | value)`, 16 bytes; a
-  removed key leaves a hole (both words 0) until the next compaction. A node
-  publishes a prompt's blocks in order and the etcd watch delivers them in
-  order, so a prompt's keys sit next to each other here, and the lookup of a
-  prompt (`find(..., prefix=True)`) compares them with the entries after its
-  first key in one numpy operation: one random read per run of consecutively
-  stored keys, not one per key.
+- the entries, in insertion order: `(x, y, tail id << 32 | value)`, 24
+  bytes; a removed key leaves a hole (all words 0) until the next
+  compaction. A node publishes a prompt's blocks in order and the etcd watch
+  delivers them in order, so a prompt's keys sit next to each other here,
+  and the lookup of a prompt (`find(..., prefix=True)`) compares them (x and
+  y) with the entries after its first key in one numpy operation: one random
+  read per run of consecutively stored keys, not one per key.
 - the table: buckets of 8 slots `(x, entry position + 1 << 32 | tail id << 24
   | value)`, 128 bytes (two adjacent cache lines), so one random read finds a
-  key, its value and its entry. A key lives in bucket `hash(x)`, or in a small
-  dict (the stash) when that is full or the key does not fit a slot (x == 0,
-  the empty-slot pattern; a tail id past 255 or a value past 2**24). No probe
-  chains, no tombstones; the table doubles when half full. It finds the first
-  key of each run, serves single-key operations, and probes the rest of a
-  batch whose keys are not stored in order all at once: gather every key's
-  bucket, compare. (A mirror read back from etcd by a range read is such a
-  case: keys written in one transaction come back in key order.)
+  key's x, its value and its entry (where y is checked). A key lives in
+  bucket `hash(x)`, or in a small dict (the stash) when that is full or the
+  key does not fit a slot (x == 0, the empty-slot pattern; a tail id past 255
+  or a value past 2**24). No probe chains, no tombstones; the table doubles
+  when half full. It finds the first key of each run, serves single-key
+  operations, and probes the rest of a batch whose keys are not stored in
+  order all at once: gather every key's bucket, compare. (A mirror read back
+  from etcd by a range read is such a case: keys written in one transaction
+  come back in key order.)
 
 Single writer; a lookup reads one consistent set of arrays.
 """
@@ -44,6 +49,8 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from discovery.records import KEY_HEAD as HEAD  # bytes of a key's head (x, then y)
 
 _B = 8  # slots per bucket: 8 x (x, word) = 128 bytes, two adjacent cache lines
 _LOG_B = 3
@@ -63,13 +70,14 @@ _LONG_RUN = 16
 # halves of a uint64 viewed as two uint32, in memory order
 _LO, _HI = (0, 1) if sys.byteorder == "little" else (1, 0)
 
-# What follows a key's 8-byte head; for a key shorter than 8 bytes, its length
+# What follows a key's head; for a key shorter than HEAD bytes, its length
 # (the head is then the key zero-padded), so it never equals a longer key.
 Tail = bytes | int
-# (key, x, tail id or 0: no key has this tail, entry position or -1,
+# (key, x, y, tail id or 0: no key has this tail, entry position or -1,
 #  table slot's first word or -1 (stashed or missing), tail, value or -1,
 #  for a missing key: a free slot's first word in its bucket or -1)
-_Probe = tuple[bytes, int, int, int, int, Tail, int, int]
+_Probe = tuple[bytes, int, int, int, int, int, Tail, int, int]
+_W = 3  # words of an entry: x, y, aux
 
 
 class KeyTable:
@@ -83,13 +91,13 @@ class KeyTable:
         self._count = 0  # live keys
         self._used = 0  # entries written, holes included
         self._last: _Probe | None = None
-        self._stash: dict[tuple[int, int], int] = {}  # (x, tail id) -> entry position
+        self._stash: dict[tuple[int, int, int], int] = {}  # (x, y, tail id) -> entry position
         self._tail_ids: dict[Tail, int] = {}
         self._tails: list[Tail | None] = [None]  # id 0 is never used: empty slots read 0
         self._mix: list[int] = [0]
         self._tail_refs: list[int] = [0]
         self._free_tails: list[int] = []
-        self._set_entries(np.zeros((_MIN_ENTRIES, 2), np.uint64))
+        self._set_entries(np.zeros((_MIN_ENTRIES, _W), np.uint64))
         self._set_table(_MIN_BUCKETS)
 
     def _set_entries(self, ent: np.ndarray) -> None:
@@ -98,8 +106,10 @@ class KeyTable:
         self._mve = memoryview(ent).cast("B").cast("Q")
         # Column views for runs, made once: a lookup slices them, no more.
         self._ent_x = ent[:, 0]
-        self._ent_tail = ent.view(np.uint32)[:, 2 + _HI]
-        self._ent_value = ent.view(np.uint32)[:, 2 + _LO]
+        self._ent_y = ent[:, 1]
+        self._ent_aux = ent[:, 2]
+        self._ent_tail = ent.view(np.uint32)[:, 4 + _HI]
+        self._ent_value = ent.view(np.uint32)[:, 4 + _LO]
 
     def _set_table(self, buckets: int) -> None:
         self._tab = np.zeros((buckets, _B, 2), np.uint64)  # [..., 0] x, [..., 1] _word()
@@ -118,23 +128,25 @@ class KeyTable:
         ways (`_grow`, `_compact`)."""
         self._last = None
         ent = self._ent[: self._used]
-        pos = (ent[:, 1] != 0).nonzero()[0]
+        pos = (ent[:, 2] != 0).nonzero()[0]
         if compact:
-            live = _pairs(ent)[pos].view(np.uint64).reshape(-1, 2)
-            fresh = np.zeros((max(_MIN_ENTRIES, 2 * len(live)), 2), np.uint64)
+            live = _rows(ent)[pos].view(np.uint64).reshape(-1, _W)
+            fresh = np.zeros((max(_MIN_ENTRIES, 2 * len(live)), _W), np.uint64)
             fresh[: len(live)] = live
             self._set_entries(fresh)
             self._used = len(live)
             pos = np.arange(len(live))
-            xs, auxs = live[:, 0], live[:, 1]
+            xs, ys, auxs = live[:, 0], live[:, 1], live[:, 2]
         else:
-            xs, auxs = ent[pos, 0], ent[pos, 1]
+            xs, ys, auxs = ent[pos, 0], ent[pos, 1], ent[pos, 2]
         self._set_table(buckets)
         tails, values = auxs >> np.uint64(32), auxs & np.uint64(_LOW32)
         fits = (xs != 0) & (tails <= _SLOT_TAIL) & (values <= _SLOT_VALUE)
         b = ((xs * _MULT_NP) >> self._shift_np).astype(np.int64)
         order = np.argsort(b * 2 + ~fits)  # by bucket, keys that fit a slot first
-        b, xs, tails, values, pos, fits = (a[order] for a in (b, xs, tails, values, pos, fits))
+        b, xs, ys, tails, values, pos, fits = (
+            a[order] for a in (b, xs, ys, tails, values, pos, fits)
+        )
         rank = np.arange(len(b)) - np.searchsorted(b, b)
         fit = (rank < _B) & fits
         words = self._tab.reshape(-1)
@@ -148,7 +160,7 @@ class KeyTable:
         rest = ~fit
         self._stash = dict(
             zip(
-                zip(xs[rest].tolist(), tails[rest].tolist(), strict=True),
+                zip(xs[rest].tolist(), ys[rest].tolist(), tails[rest].tolist(), strict=True),
                 pos[rest].tolist(),
                 strict=True,
             )
@@ -172,19 +184,19 @@ class KeyTable:
         dst = (((src >> _LOG_B) * 2 + high[src]) << _LOG_B) + rank[src]
         _pairs(self._tab)[dst] = _pairs(old)[src]
         self._stash = {}
-        for (x, t), pos in stash.items():
-            self._place(x, t, pos, self._mve[2 * pos + 1] & _LOW32)
+        for (x, y, t), pos in stash.items():
+            self._place(x, y, t, pos, self._mve[_W * pos + 2] & _LOW32)
 
     def _compact(self) -> None:
         """Squeeze the holes out of the entries, their order kept; table slots
         and stash follow their entries to the new positions."""
         self._last = None
         ent = self._ent[: self._used]
-        live = ent[:, 1] != 0
+        live = ent[:, 2] != 0
         moved_to = np.cumsum(live) - 1  # an entry's new position, by old position
         kept = int(moved_to[-1]) + 1 if len(moved_to) else 0  # `set` counts its new key already
-        fresh = np.zeros((max(_MIN_ENTRIES, 2 * kept), 2), np.uint64)
-        _pairs(fresh)[:kept] = _pairs(ent)[live]
+        fresh = np.zeros((max(_MIN_ENTRIES, 2 * kept), _W), np.uint64)
+        _rows(fresh)[:kept] = _rows(ent)[live]
         words = self._tab.reshape(-1, 2)[:, 1]  # a view: written through
         slots = (words != 0).nonzero()[0]
         w = words[slots]
@@ -196,7 +208,7 @@ class KeyTable:
         self._set_entries(fresh)
         self._used = kept
 
-    def _place(self, x: int, t: int, pos: int, value: int) -> bool:
+    def _place(self, x: int, y: int, t: int, pos: int, value: int) -> bool:
         """Give the key of entry `pos` a slot in its bucket (True), or the
         stash when the bucket is full or the key does not fit a slot."""
         base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
@@ -206,7 +218,7 @@ class KeyTable:
             self._mvt[slot] = x
             self._mvt[slot + 1] = _word(pos, t, value)
             return True
-        self._stash[x, t] = pos
+        self._stash[x, y, t] = pos
         return False
 
     # -- tails ---------------------------------------------------------------
@@ -237,9 +249,9 @@ class KeyTable:
             self._tails[t] = None
             self._free_tails.append(t)
 
-    def _key(self, x: int, t: int) -> bytes:
+    def _key(self, x: int, y: int, t: int) -> bytes:
         tail = self._tails[t]
-        head = (x ^ self._mix[t]).to_bytes(8, "little")
+        head = (x ^ self._mix[t]).to_bytes(8, "little") + y.to_bytes(8, "little")
         return head[:tail] if isinstance(tail, int) else head + tail
 
     # -- scalar operations -----------------------------------------------------
@@ -247,39 +259,39 @@ class KeyTable:
         """Where `key` is (see `_Probe`). Remembered until the next change, so
         a `get` followed by a `set` or `pop` of the same key object (what the
         mirror does for every event) probes once."""
-        head, tail = _split(key)
+        head, y, tail = _split(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
-            probe = self._last = (key, 0, 0, -1, -1, tail, -1, -1)
+            probe = self._last = (key, 0, y, 0, -1, -1, tail, -1, -1)
             return probe
         x = head ^ self._mix[t]
         base = (((x * _MULT) & _MASK64) >> self._shift) << (_LOG_B + 1)
         xs = self._mvt[base : base + 2 * _B : 2].tolist()
         pos = slot = value = -1
-        if x in xs:
-            i = xs.index(x)
-            while ((word := self._mvt[base + 2 * i + 1]) >> 24) & _SLOT_TAIL != t:
-                if x not in xs[i + 1 :]:  # the same x under another tail, and no other
-                    break
-                i = xs.index(x, i + 1)
-            else:
-                slot = base + 2 * i
-                pos, value = (word >> 32) - 1, word & _SLOT_VALUE
+        i = xs.index(x) if x in xs else -1
+        while i >= 0:
+            word = self._mvt[base + 2 * i + 1]
+            at = (word >> 32) - 1
+            if (word >> 24) & _SLOT_TAIL == t and self._mve[_W * at + 1] == y:
+                slot, pos, value = base + 2 * i, at, word & _SLOT_VALUE
+                break
+            # the same x under another tail or y: look on
+            i = xs.index(x, i + 1) if x in xs[i + 1 :] else -1
         free = -1
         if slot < 0:
             if self._stash:
-                pos = self._stash.get((x, t), -1)
+                pos = self._stash.get((x, y, t), -1)
                 if pos >= 0:
-                    value = self._mve[2 * pos + 1] & _LOW32
+                    value = self._mve[_W * pos + 2] & _LOW32
             if 0 in xs:  # no key with x == 0 has a slot: x == 0 is an empty slot
                 free = base + 2 * xs.index(0)
-        probe = self._last = (key, x, t, pos, slot, tail, value, free)
+        probe = self._last = (key, x, y, t, pos, slot, tail, value, free)
         return probe
 
     def _position(self, key: bytes) -> int:
         """`key`'s entry position or -1: `_probe` for a lookup, less its
         bookkeeping."""
-        head, tail = _split(key)
+        head, y, tail = _split(key)
         t = self._tail_ids.get(tail, 0)
         if not t:
             return -1
@@ -288,10 +300,11 @@ class KeyTable:
         xs = self._mvt[base : base + 2 * _B : 2].tolist()
         if x in xs:
             word = self._mvt[base + 2 * xs.index(x) + 1]
-            if (word >> 24) & _SLOT_TAIL == t:
-                return (word >> 32) - 1
-            return self._probe(key)[3]  # the same x under another tail: the long way
-        return self._stash.get((x, t), -1) if self._stash else -1
+            at = (word >> 32) - 1
+            if (word >> 24) & _SLOT_TAIL == t and self._mve[_W * at + 1] == y:
+                return at
+            return self._probe(key)[4]  # the same x under another tail or y: the long way
+        return self._stash.get((x, y, t), -1) if self._stash else -1
 
     def _reprobe(self, key: bytes) -> _Probe:
         """`_probe`, reusing the remembered one; forgets it (the caller changes
@@ -303,11 +316,11 @@ class KeyTable:
         return last
 
     def get(self, key: bytes, default: int | None = None) -> int | None:
-        value = self._probe(key)[6]
+        value = self._probe(key)[7]
         return default if value < 0 else value
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, bytes) and self._probe(key)[3] >= 0
+        return isinstance(key, bytes) and self._probe(key)[4] >= 0
 
     def __len__(self) -> int:
         return self._count
@@ -316,19 +329,19 @@ class KeyTable:
         """Insert (at the end of the entries) or overwrite (in place)."""
         if not 0 <= value <= _LOW32:
             raise ValueError(f"value out of range: {value}")
-        _, x, t, pos, slot, tail, _, free = self._reprobe(key)
+        _, x, y, t, pos, slot, tail, _, free = self._reprobe(key)
         if pos >= 0:
-            self._mve[2 * pos + 1] = (t << 32) | value
+            self._mve[_W * pos + 2] = (t << 32) | value
             if slot >= 0:
                 if value <= _SLOT_VALUE:
                     self._mvt[slot + 1] = _word(pos, t, value)
                 else:  # too large for the slot: the key moves to the stash
                     self._mvt[slot] = self._mvt[slot + 1] = 0
-                    self._stash[x, t] = pos
+                    self._stash[x, y, t] = pos
             return
         if not t:  # the first key with this tail
             t = self._tail_id(tail)
-            x = int.from_bytes(key[:8], "little") ^ self._mix[t]
+            x = _split(key)[0] ^ self._mix[t]
             free = -1
         self._count += 1
         self._tail_refs[t] += 1
@@ -336,7 +349,7 @@ class KeyTable:
             if self._used - self._count > self._count // 2:  # many holes: squeeze them out
                 self._compact()
             else:
-                bigger = np.zeros((2 * len(self._ent), 2), np.uint64)
+                bigger = np.zeros((2 * len(self._ent), _W), np.uint64)
                 bigger[: self._used] = self._ent
                 self._set_entries(bigger)
         if self._count > self._grow_at:
@@ -344,13 +357,14 @@ class KeyTable:
             free = -1
         pos = self._used
         self._used += 1
-        self._mve[2 * pos] = x
-        self._mve[2 * pos + 1] = (t << 32) | value
+        self._mve[_W * pos] = x
+        self._mve[_W * pos + 1] = y
+        self._mve[_W * pos + 2] = (t << 32) | value
         if free >= 0 and x and t <= _SLOT_TAIL and value <= _SLOT_VALUE:
             self._mvt[free] = x
             self._mvt[free + 1] = (pos + 1) << 32 | t << 24 | value
         elif (
-            not self._place(x, t, pos, value)
+            not self._place(x, y, t, pos, value)
             # A bucket overflows for ~1% of keys at half load; a stash far beyond
             # that means keys that hash badly at this size: spread them wider.
             and len(self._stash) > 64 + (self._count >> 4)
@@ -359,16 +373,15 @@ class KeyTable:
             self._rebuild(len(self._tab) * 2, compact=False)
 
     def pop(self, key: bytes, default: int | None = None) -> int | None:
-        _, x, t, pos, slot, _, _, _ = self._reprobe(key)
+        _, x, y, t, pos, slot, _, _, _ = self._reprobe(key)
         if pos < 0:
             return default
-        value = self._mve[2 * pos + 1] & _LOW32
-        self._mve[2 * pos] = 0
-        self._mve[2 * pos + 1] = 0
+        value = self._mve[_W * pos + 2] & _LOW32
+        self._mve[_W * pos] = self._mve[_W * pos + 1] = self._mve[_W * pos + 2] = 0
         if slot >= 0:
             self._mvt[slot] = self._mvt[slot + 1] = 0
         else:
-            del self._stash[x, t]
+            del self._stash[x, y, t]
         self._count -= 1
         self._release_tail(t)
         if self._count < self._shrink_at:
@@ -382,17 +395,18 @@ class KeyTable:
         """Every (key, value), in insertion order; the table must not change
         meanwhile."""
         ent = self._ent[: self._used]
-        live = ent[:, 1] != 0
+        live = ent[:, 2] != 0
         key = self._key
-        for x, a in zip(ent[live, 0].tolist(), ent[live, 1].tolist(), strict=True):
-            yield key(x, a >> 32), a & _LOW32
+        rows = zip(ent[live, 0].tolist(), ent[live, 1].tolist(), ent[live, 2].tolist(), strict=True)
+        for x, y, a in rows:
+            yield key(x, y, a >> 32), a & _LOW32
 
     def keys(self) -> Iterator[bytes]:
         for k, _ in self.items():
             yield k
 
     def values(self) -> Iterator[int]:
-        aux = self._ent[: self._used, 1]
+        aux = self._ent[: self._used, 2]
         yield from (aux[aux != 0] & np.uint64(_LOW32)).tolist()
 
     # -- batch lookup ----------------------------------------------------------
@@ -402,8 +416,8 @@ class KeyTable:
         found by following runs of entries (module docstring). The array may
         be a view of the table's memory: read it before the next change.
 
-        Keys of one length >= 8 with one tail (a prompt's block keys) are read
-        with one join and strided views; other batches are split key by key.
+        Keys of one length >= HEAD with one tail (a prompt's block keys) are
+        read with one join and strided views; other batches are split key by key.
         """
         n = len(keys)
         if not n or not self._count:
@@ -413,30 +427,34 @@ class KeyTable:
         joined = b"".join(keys)
         tq: np.ndarray | None = None
         if (
-            size >= 8
+            size >= HEAD
             and len(joined) == n * size
             and max(map(len, keys)) == size  # with the total: every key is `size` long
             and (
-                size == 8
-                or np.ndarray((n,), _void(size - 8), joined, 8, (size,)).tobytes() == first[8:] * n
+                size == HEAD
+                or np.ndarray((n,), _void(size - HEAD), joined, HEAD, (size,)).tobytes()
+                == first[HEAD:] * n
             )
         ):
-            t_one = self._tail_ids.get(first[8:], _NO_TAIL)
+            t_one = self._tail_ids.get(first[HEAD:], _NO_TAIL)
             if t_one == _NO_TAIL:  # no key of the table has this tail
                 return _EMPTY if prefix else np.full(n, -1, np.int64)
             x = np.ndarray((n,), _U64LE, joined, 0, (size,))
+            y = np.ndarray((n,), _U64LE, joined, 8, (size,))
             if self._mix[t_one]:
                 x = x ^ np.uint64(self._mix[t_one])
         else:
             t_one = 0
-            xs, ts = [], []
+            xs, ys, ts = [], [], []
             tail_ids, mix = self._tail_ids, self._mix
             for key in keys:
-                head, tail = _split(key)
+                head, yk, tail = _split(key)
                 t = tail_ids.get(tail, _NO_TAIL)
                 xs.append(head ^ mix[t] if t != _NO_TAIL else 0)
+                ys.append(yk)
                 ts.append(t)
             x = np.array(xs, np.uint64)
+            y = np.array(ys, np.uint64)
             tq = np.array(ts, np.uint64)
         # An x equal to an entry's or a slot's is a match if its tail is equal
         # too. With one tail in the table, an x match at a live entry or an
@@ -446,18 +464,20 @@ class KeyTable:
         if tq is None and len(self._tail_ids) != 1:
             tq = np.full(n, t_one, np.uint64)
         if not prefix:
-            return self._find_all(x, tq)
-        ent_x, used = self._ent_x, self._used
+            return self._find_all(x, y, tq)
+        ent_x, ent_y, used = self._ent_x, self._ent_y, self._used
         holes = used != self._count
         parts: list[np.ndarray] = []
         i = runs = run = 0
         while (p := self._position(keys[i])) >= 0:  # key i is there: a run starts
             if runs == _RUNS or (runs and run < _LONG_RUN):
                 # scattered keys: the rest through the table, all at once
-                parts.append(self._find_prefix(x[i:], None if tq is None else tq[i:]))
+                parts.append(self._find_prefix(x[i:], y[i:], None if tq is None else tq[i:]))
                 break
             end = min(n, i + used - p)
-            same = ent_x[p : p + end - i] == (x if i == 0 and end == n else x[i:end])
+            whole = i == 0 and end == n
+            same = ent_x[p : p + end - i] == (x if whole else x[i:end])
+            same &= ent_y[p : p + end - i] == (y if whole else y[i:end])
             if tq is not None:
                 same &= self._ent_tail[p : p + end - i] == tq[i:end]
             elif holes:
@@ -472,15 +492,16 @@ class KeyTable:
             return _EMPTY
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _find_prefix(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
-        found = self._find_all(x, tq)
+    def _find_prefix(self, x: np.ndarray, y: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
+        found = self._find_all(x, y, tq)
         missing = (found < 0).nonzero()[0]
         return found[: missing[0]] if len(missing) else found
 
-    def _find_all(self, x: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
+    def _find_all(self, x: np.ndarray, y: np.ndarray, tq: np.ndarray | None) -> np.ndarray:
         """Every key through the table at once: gather each key's bucket,
-        compare; -1 where missing. `tq`: each key's tail id, None when the
-        table has one tail."""
+        compare x (and tail), then y at the entries of the slots that matched;
+        -1 where missing. `tq`: each key's tail id, None when the table has
+        one tail."""
         n = len(x)
         if tq is None and np.count_nonzero(x) != n:  # x == 0 would match empty slots
             tq = np.full(n, next(iter(self._tail_ids.values())), np.uint64)
@@ -488,10 +509,12 @@ class KeyTable:
         hits = (g[:, :, 0] == x[:, None]).ravel().nonzero()[0]  # ascending
         word = g.reshape(-1)[1::2].take(hits)
         k = hits >> _LOG_B  # the key of each hit
+        at = ((word >> np.uint64(32)) - np.uint64(1)).view(np.int64)
+        ok = self._ent_y.take(at) == y.take(k)
         if tq is not None:
-            ok = ((word >> np.uint64(24)) & np.uint64(_SLOT_TAIL)) == tq.take(k)
-            if np.count_nonzero(ok) != len(ok):
-                k, word = k[ok], word[ok]
+            ok &= ((word >> np.uint64(24)) & np.uint64(_SLOT_TAIL)) == tq.take(k)
+        if np.count_nonzero(ok) != len(ok):
+            k, word = k[ok], word[ok]
         if len(k) == n:  # every key found once, in order
             return (word & np.uint64(_SLOT_VALUE)).view(np.int64)
         out = np.full(n, -1, np.int64)
@@ -499,9 +522,9 @@ class KeyTable:
         if self._stash and len(k) < n:
             stash, t_all = self._stash, self._tails_of(tq, n)
             for i in (out < 0).nonzero()[0].tolist():
-                p = stash.get((int(x[i]), t_all[i]), -1)
+                p = stash.get((int(x[i]), int(y[i]), t_all[i]), -1)
                 if p >= 0:
-                    out[i] = self._mve[2 * p + 1] & _LOW32
+                    out[i] = self._mve[_W * p + 2] & _LOW32
         return out
 
     def _tails_of(self, tq: np.ndarray | None, n: int) -> list[int]:
@@ -511,11 +534,18 @@ class KeyTable:
         return [only] * n
 
 
-def _split(key: bytes) -> tuple[int, Tail]:
-    """A key's head (its first 8 bytes as an int) and its tail (see `Tail`)."""
-    if len(key) >= 8:
-        return int.from_bytes(key[:8], "little"), key[8:]
-    return int.from_bytes(key, "little"), len(key)
+def _split(key: bytes) -> tuple[int, int, Tail]:
+    """A key's head (its first 8 bytes and its next 8, as ints) and its tail
+    (see `Tail`)."""
+    if len(key) >= HEAD:
+        return int.from_bytes(key[:8], "little"), int.from_bytes(key[8:HEAD], "little"), key[HEAD:]
+    head = key.ljust(HEAD, b"\0")
+    return int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little"), len(key)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """Entries (x, y, aux) as one 24-byte item each, for fast gathers."""
+    return a.reshape(-1, _W).view(_ROW).reshape(-1)
 
 
 def _pairs(a: np.ndarray) -> np.ndarray:
@@ -541,6 +571,7 @@ def _word(pos: int, t: int, value: int) -> int:
 _EMPTY = np.empty(0, np.int64)
 _U64LE = np.dtype("<u8")
 _PAIR = np.dtype("V16")
+_ROW = np.dtype("V24")
 
 
 @functools.cache

@@ -23,7 +23,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import xxhash
 
-HEAD = 8  # a key's head: its first 8 bytes (a block key's sequence hash); the rest, its tail
+from discovery.records import KEY_HEAD as HEAD
+
+# A key's x is the first 8 bytes of its head (records.KEY_HEAD), xor a hash of
+# its tail: a place needs no more, since the head is a keyed hash (uniform)
+# and a place is advice that the holder's pin checks against the whole key.
 SHARD_BITS = 12
 SHARDS = 1 << SHARD_BITS
 _SHIFT = np.uint64(64 - SHARD_BITS)
@@ -45,9 +49,9 @@ def _heads_and_mixes(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     if size >= HEAD and len(joined) == n * size:
         rows = np.frombuffer(joined, np.uint8).reshape(n, size)
         if (rows[1:, HEAD:] == rows[0, HEAD:]).all():
-            heads = rows[:, :HEAD].copy().view("<u8").ravel()
+            heads = rows[:, :8].copy().view("<u8").ravel()
             return heads, np.full(n, _tail_mix(keys[0][HEAD:]), np.uint64)
-    heads = np.frombuffer(b"".join(k[:HEAD].ljust(HEAD, b"\0") for k in keys), "<u8")
+    heads = np.frombuffer(b"".join(k[:8].ljust(8, b"\0") for k in keys), "<u8")
     return heads, np.fromiter((_tail_mix(k[HEAD:]) for k in keys), np.uint64, n)
 
 

@@ -16,6 +16,10 @@ import msgpack
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RECORD_VERSION = 1
+# A block key's head: its first KEY_HEAD bytes, the sequence hash (a keyed
+# 128-bit hash, kvbm/hashing.py); the rest of a key is its tail, shared by a
+# request's keys. The index packs and finds keys by this split.
+KEY_HEAD = 16
 
 
 class Tier(StrEnum):

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
+from discovery.records import KEY_HEAD as HEAD
 from discovery.records import Tier
 
-RUN_VERSION = 1
-HEAD = 8  # a key's head: its first 8 bytes (a block key's sequence hash)
-MAX_RUN_KEYS = 1024  # one value of about 8 KiB; a longer prompt takes several runs
+RUN_VERSION = 2  # 2: 16-byte heads (keyed 128-bit block hashes)
+# A head as a record numpy sorts and compares whole (its bytes, as two words).
+_HEAD_DTYPE = np.dtype([("lo", "<u8"), ("hi", "<u8")])
+assert _HEAD_DTYPE.itemsize == HEAD
+MAX_RUN_KEYS = 1024  # one value of about 16 KiB; a longer prompt takes several runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,7 @@ class RunRecord:
         )
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        heads = np.frombuffer(self.heads, dtype="<u8")
+        heads = np.frombuffer(self.heads, dtype=_HEAD_DTYPE)
         bits = np.unpackbits(np.frombuffer(self.disk, dtype=np.uint8), bitorder="little")
         return heads, bits[: len(heads)].astype(bool)
 

@@ -8,7 +8,8 @@ the disk header. Fields are read back (`parse_key`) only where a field is
 needed: checking keys that come from outside (`check_keys`), and a disk
 header found at recovery.
 
-Layout: the sequence hash as 8 little-endian bytes, then the key's tail:
+Layout: the sequence hash as 16 little-endian bytes (its head; kvbm/hashing.py),
+then the key's tail:
 fingerprint (u64), tp rank (u16), the namespace's length (u8), the namespace.
 `transport` and `discovery` never import this module; to them a key is bytes.
 
@@ -17,7 +18,9 @@ positions, each group at the owner of its first key, its anchor
 (discovery/owners.py). A key's anchor is a function of the key (a sequence
 hash names its whole prefix, so its position too) that cannot be computed
 from the key: engines, which know positions, name it (`Groups`), and the
-node keeps it with the block.
+node keeps it with the block. An anchor is the first 8 bytes of its key's
+hash (a u64): it only places keys, which are advice until a pin checks the
+whole key, and 64 bits of a keyed hash place as well as 128.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from typing import NamedTuple, NewType
 
 import numpy as np
 
+from discovery.records import KEY_HEAD as HEAD
 from discovery.records import check_namespace
 
 BlockKey = NewType("BlockKey", bytes)
 
 _TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
-_HEAD_SIZE = 8 + _TAIL.size
+_HEAD_SIZE = HEAD + _TAIL.size
+_ANCHOR_MASK = 2**64 - 1
 MAX_ENCODED = _HEAD_SIZE + 64
 
 
@@ -46,7 +51,8 @@ GROUP_BLOCKS = 16
 class Groups:
     """The anchors of consecutive keys of a prompt: key i of them sits at
     position `offset + i` from the start of the first group, so its anchor
-    is `anchors[(offset + i) // GROUP_BLOCKS]` (a sequence hash)."""
+    is `anchors[(offset + i) // GROUP_BLOCKS]` (the first 8 bytes of a
+    sequence hash, see `anchor_of`)."""
 
     offset: int
     anchors: Sequence[int]
@@ -56,7 +62,7 @@ class Groups:
         """The groups of positions start..stop-1 of a prompt whose blocks'
         sequence hashes from position 0 are `seq_hashes`."""
         offset = start % GROUP_BLOCKS
-        return cls(offset, list(seq_hashes[start - offset : stop : GROUP_BLOCKS]))
+        return cls(offset, [anchor_of(h) for h in seq_hashes[start - offset : stop : GROUP_BLOCKS]])
 
     def per_key(self, n: int) -> np.ndarray:
         """Each of the n keys' anchor (uint64)."""
@@ -86,6 +92,12 @@ class Groups:
         return cls(offset, anchors)
 
 
+def anchor_of(seq_hash: int) -> int:
+    """The anchor a key with this sequence hash gives its group: the hash's
+    first 8 bytes (little-endian), as a u64."""
+    return seq_hash & _ANCHOR_MASK
+
+
 class KeyFields(NamedTuple):
     namespace: str
     fingerprint: int
@@ -102,12 +114,12 @@ def parse_key(data: bytes | bytearray | memoryview) -> KeyFields:
     """The fields of a key; raises ValueError on anything `encode_key` did not produce."""
     if len(data) < _HEAD_SIZE:
         raise ValueError("block key too short")
-    namespace, fingerprint, tp_rank = _parse_tail(bytes(data[8:]))
-    return KeyFields(namespace, fingerprint, tp_rank, int.from_bytes(data[:8], "little"))
+    namespace, fingerprint, tp_rank = _parse_tail(bytes(data[HEAD:]))
+    return KeyFields(namespace, fingerprint, tp_rank, int.from_bytes(data[:HEAD], "little"))
 
 
 def seq_hash(key: bytes) -> int:
-    return int.from_bytes(key[:8], "little")
+    return int.from_bytes(key[:HEAD], "little")
 
 
 def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) -> list[BlockKey]:
@@ -120,7 +132,7 @@ def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) ->
     for k in keys:
         if not isinstance(k, bytes) or len(k) < _HEAD_SIZE:
             raise ValueError("a key is not a block key")
-        tail = k[8:]
+        tail = k[HEAD:]
         if tail not in good:
             ns, fp, _ = _parse_tail(tail)
             if ns != namespace or fp != fingerprint:
@@ -131,7 +143,7 @@ def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) ->
 
 def _head(seq_hash: int) -> bytes:
     try:
-        return seq_hash.to_bytes(8, "little")
+        return seq_hash.to_bytes(HEAD, "little")
     except (OverflowError, AttributeError, TypeError):
         raise ValueError(f"block key seq_hash out of range: {seq_hash!r}") from None
 
@@ -176,6 +188,6 @@ class KeySpace:
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         tail = _tail(self.namespace, self.fingerprint, self.tp_rank)
         try:  # no call per key: an engine builds a request's keys on vLLM's scheduler path
-            return [h.to_bytes(8, "little") + tail for h in seq_hashes]  # type: ignore[misc]
+            return [h.to_bytes(HEAD, "little") + tail for h in seq_hashes]  # type: ignore[misc]
         except (OverflowError, AttributeError, TypeError):
             raise ValueError("block key seq_hash out of range") from None

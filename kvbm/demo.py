@@ -30,7 +30,6 @@ from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
 from kvbm.config import from_args
 from kvbm.connector.attach import NodeAttachment
-from kvbm.hashing import salt_hash, sequence_hashes
 from kvbm.layout import ModelGeometry
 from kvbm.logs import setup_logging
 from kvbm.node_process import NodeProcess
@@ -110,14 +109,15 @@ def _run_synthetic(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace)
         f"engines: synthetic ({g.block_bytes >> 10} KiB blocks), {args.prompts} prompts "
         f"of {n} blocks"
     )
-    salt, rng = salt_hash("kvbm-demo-model"), random.Random(7)
+    rng = random.Random(7)
     a = NodeAttachment(sock_a, g)
     b = NodeAttachment(sock_b, g, remote=["host", "disk"])
     try:
+        seed = a.hasher.seed("kvbm-demo-model")
         prompts = [
             a.keys(
-                sequence_hashes(
-                    [rng.randrange(32000) for _ in range(n * g.block_size)], g.block_size, salt
+                a.hasher.sequence_hashes(
+                    [rng.randrange(32000) for _ in range(n * g.block_size)], g.block_size, seed
                 )
             )
             for _ in range(args.prompts)

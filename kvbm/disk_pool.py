@@ -42,7 +42,12 @@ log = logging.getLogger("kvbm.disk")
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
 VERSION = 2  # of the file's layout
-SLOT_VERSION = 3  # of a slot's header: 3 adds the anchor; a 2's is read as anchor 0
+# Of a slot's header. 4: keys of 16-byte keyed hashes (kvbm/hashing.py). A
+# header of an older version names its block by a version 1 key, which no
+# engine asks for any more: recovery counts and drops it (never reads it as a
+# key of today's layout).
+SLOT_VERSION = 4
+_OLD_SLOT_VERSIONS = (2, 3)
 _SUPER = struct.Struct(
     "<8sIQQQQ"
 )  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
@@ -50,7 +55,7 @@ _HEADER = struct.Struct(
     "<8sIQQH"
 )  # magic, version, data_len, checksum, key_len (then key, then crc)
 _SUM = struct.Struct("<Q")  # xxh3_64 of the superblock or header before it
-_ANCHOR = struct.Struct("<Q")  # after the key, from SLOT_VERSION 3
+_ANCHOR = struct.Struct("<Q")  # after the key
 _MAX_IOV = 1024
 IO_PIECE_BYTES = 16 << 20  # one vectored I/O; the bench's raw reference uses the same
 # After the file system says it is full, the tier takes no writes this long:
@@ -233,6 +238,7 @@ class DiskPool:
     def _recover(self) -> int:
         """Register every slot whose header is intact; data is verified on read."""
         found: dict[BlockKey, tuple[int, int, int]] = {}
+        self._old_headers = 0
         batch = 256
         buf = _aligned(batch * PAGE)
         for first in range(0, self.num_slots, batch):
@@ -249,6 +255,12 @@ class DiskPool:
             self.table.register(slot, key, csum, anchor)
         if found:
             log.info("disk arena recovered blocks=%d path=%s", len(found), self.path)
+        if self._old_headers:
+            log.warning(
+                "disk arena dropped blocks of an older key version blocks=%d path=%s",
+                self._old_headers,
+                self.path,
+            )
         return len(found)
 
     # -- I/O ---------------------------------------------------------------
@@ -269,15 +281,16 @@ class DiskPool:
     ) -> tuple[BlockKey, int, int] | None:
         """(key, checksum, anchor), or None for a header that is not a whole one of ours."""
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
-        if magic != SLOT_MAGIC or version not in (2, SLOT_VERSION):
+        if magic == SLOT_MAGIC and version in _OLD_SLOT_VERSIONS:
+            self._old_headers += 1
+            return None
+        if magic != SLOT_MAGIC or version != SLOT_VERSION:
             return None
         if data_len != self.geometry.block_bytes or klen > MAX_ENCODED:
             return None
         end = _HEADER.size + klen
-        anchor = 0
-        if version == SLOT_VERSION:
-            (anchor,) = _ANCHOR.unpack_from(page, end)
-            end += _ANCHOR.size
+        (anchor,) = _ANCHOR.unpack_from(page, end)
+        end += _ANCHOR.size
         (crc,) = _SUM.unpack_from(page, end)
         if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
             return None

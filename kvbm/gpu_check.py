@@ -64,8 +64,8 @@ def _check(dtype: str) -> dict[str, Any]:
     from kvbm.bench.e2e import Engine
     from kvbm.bench.model import build_llama
     from kvbm.connector.attach import NodeAttachment
+    from kvbm.connector.identity import checkpoint_identity
     from kvbm.engine_wire import geometry_from_wire
-    from kvbm.hashing import salt_hash, sequence_hashes
     from kvbm.node_process import NodeProcess
 
     rng = random.Random(0)
@@ -100,8 +100,11 @@ def _check(dtype: str) -> dict[str, Any]:
             geometry = geometry_from_wire(_stats(a.socket)["geometry"])
             probe = NodeAttachment(b.socket, geometry, remote=["host"])
             try:
-                salt = salt_hash(model)
-                keys = [probe.keys(sequence_hashes(p, BLOCK, salt)[:usable]) for p in prompts]
+                seed = probe.hasher.seed(checkpoint_identity(model, dtype=dtype))
+                keys = [
+                    probe.keys(probe.hasher.sequence_hashes(p, BLOCK, seed)[:usable])
+                    for p in prompts
+                ]
                 deadline = time.monotonic() + 15
                 while any(probe.lookup(k).total < usable for k in keys):
                     if time.monotonic() > deadline:

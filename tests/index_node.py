@@ -41,7 +41,7 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: b
         nonlocal lookups
         while True:
             await asyncio.sleep(0.005)
-            keys = [rng.randrange(KEYSPACE).to_bytes(8, "little") for _ in range(8)]
+            keys = [rng.randrange(KEYSPACE).to_bytes(16, "little") for _ in range(8)]
             if churning:
                 adds = {k: rng.choice([Tier.HOST, Tier.DISK]) for k in keys[:5]}
                 idx.publish(adds, keys[5:])

@@ -23,14 +23,16 @@ from kvbm.block_key import (
 )
 
 U64 = st.integers(0, 2**64 - 1)
+U128 = st.integers(0, 2**128 - 1)
 NAMESPACE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 namespaces = st.text(alphabet=NAMESPACE_CHARS, min_size=1, max_size=64)
-HEAD = 8 + 8 + 2 + 1  # seq_hash u64, fingerprint u64, tp_rank u16, namespace length u8
+HEAD = 16 + 8 + 2 + 1  # seq_hash 128 bits, fingerprint u64, tp_rank u16, namespace length u8
 
 
 def raw_key(seq_hash: int, fingerprint: int, tp_rank: int, ns: bytes, n: int | None = None):
     """Bytes in the wire format, written by hand, with an optionally lying length byte."""
-    return struct.pack("<QQHB", seq_hash, fingerprint, tp_rank, len(ns) if n is None else n) + ns
+    n = len(ns) if n is None else n
+    return seq_hash.to_bytes(16, "little") + struct.pack("<QHB", fingerprint, tp_rank, n) + ns
 
 
 def expect_rejected(data: bytes) -> None:
@@ -42,7 +44,7 @@ def expect_rejected(data: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(ns=namespaces, fp=U64, rank=st.integers(0, 65535), seq=U64)
+@given(ns=namespaces, fp=U64, rank=st.integers(0, 65535), seq=U128)
 def test_encode_parse_round_trip(ns, fp, rank, seq):
     data = encode_key(ns, fp, rank, seq)
     assert type(data) is bytes
@@ -57,9 +59,9 @@ def test_encode_parse_round_trip(ns, fp, rank, seq):
 
 def test_encoding_is_the_documented_wire_format():
     # seq_hash, fingerprint, tp_rank, len(ns) little-endian, then the namespace bytes
-    key = encode_key("prod", fingerprint=0x0102030405060708, tp_rank=3, seq_hash=2**64 - 1)
-    assert key == raw_key(2**64 - 1, 0x0102030405060708, 3, b"prod")
-    assert key[:8] == b"\xff" * 8
+    key = encode_key("prod", fingerprint=0x0102030405060708, tp_rank=3, seq_hash=2**128 - 2)
+    assert key == raw_key(2**128 - 2, 0x0102030405060708, 3, b"prod")
+    assert key[:16] == b"\xfe" + b"\xff" * 15
     assert MAX_ENCODED == HEAD + 64
 
 
@@ -157,7 +159,7 @@ def test_keyspace_keys_builds_block_keys():
     assert space.keys([]) == []
     assert [parse_key(k) for k in keys] == [KeyFields("prod", 0xABC, 2, h) for h in (10, 20, 30)]
     with pytest.raises(ValueError, match="seq_hash"):
-        space.keys([2**64])
+        space.keys([2**128])
 
 
 def test_trailing_newline_is_not_a_valid_namespace():

@@ -28,7 +28,7 @@ NS = "ns1"
 
 
 def key(i: int) -> bytes:
-    return i.to_bytes(8, "little")
+    return i.to_bytes(16, "little")
 
 
 def node(endpoint: str, node_id: str, ns: str = NS, ttl: int = 10) -> EtcdIndex:

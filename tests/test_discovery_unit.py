@@ -21,7 +21,7 @@ NS = "ns1"
 
 
 def key(i: int) -> bytes:
-    return i.to_bytes(8, "little")
+    return i.to_bytes(16, "little")
 
 
 class Fleet:

@@ -16,8 +16,11 @@ MULT_INV = pow(keytable._MULT, -1, 1 << 64)
 TAIL = b"\x11" * 16  # every key of a mirror shares a tail like this (fingerprint, rank, namespace)
 
 
-def key(i: int, tail: bytes = TAIL) -> bytes:
-    return i.to_bytes(8, "little") + tail
+def key(i: int, tail: bytes = TAIL, y: int | None = None) -> bytes:
+    """A key whose x is i (before a tail's mix); its y (the head's second 8
+    bytes) follows from i unless given."""
+    y = (i * 0x2545F4914F6CDD1D + 7) % 2**64 if y is None else y
+    return i.to_bytes(8, "little") + y.to_bytes(8, "little") + tail
 
 
 def same_bucket_keys(n: int, tail: bytes = TAIL) -> list[bytes]:
@@ -69,7 +72,7 @@ def test_keys_too_large_for_a_slot_live_in_the_stash():
         model[key(i)] = i
     t.set(key(5), 2**24)  # a value past a slot's 24 bits: the key moves to the stash
     model[key(5)] = 2**24
-    assert (5, 1) in t._stash  # (x, tail id)
+    assert (5, int.from_bytes(key(5)[8:16], "little"), 1) in t._stash  # (x, y, tail id)
     check(t, model, [key(i) for i in range(100)])
     t.set(key(5), 6)
     model[key(5)] = 6
@@ -89,6 +92,7 @@ def test_keys_too_large_for_a_slot_live_in_the_stash():
 
 def test_keys_of_any_length_and_shared_heads_stay_apart():
     keys = [b"", b"\x00", b"\x00" * 7, b"\x00" * 8, b"\x00" * 9, b"\x01" * 3, b"\x01" * 8]
+    keys += [b"\x00" * 15, b"\x00" * 16, b"\x00" * 17, b"\x01" * 12]
     keys += [key(9, b""), key(9, b"a"), key(9, b"b"), key(9, b"ab"), key(9, TAIL)]
     t = KeyTable()
     model = {}
@@ -298,6 +302,40 @@ def test_clear_forgets_everything():
     check(t, {key(3): 1}, [key(3)])
 
 
+def test_keys_that_share_x_and_differ_in_y_stay_apart():
+    """A head is 16 bytes and the table finds a key by its first 8 (x): keys
+    equal there (a crafted pair, or 2**-64 bad luck) must still be told apart,
+    in the table, in the stash, and in runs."""
+    crowd = same_bucket_keys(12)  # x in bucket 0: the last ones go to the stash
+    twins = [
+        k[:8] + (int.from_bytes(k[8:16], "little") ^ 1).to_bytes(8, "little") + k[16:]
+        for k in crowd
+    ]
+    t, model = KeyTable(), {}
+    for i, k in enumerate(crowd):
+        t.set(k, i)
+        model[k] = i
+    check(t, model, twins + crowd)
+    assert t.find(twins).tolist() == [-1] * len(twins)
+    assert t.find(twins, prefix=True).tolist() == []
+    for i, k in enumerate(twins):
+        t.set(k, 100 + i)
+        model[k] = 100 + i
+    check(t, model, crowd + twins)
+    for k in crowd[::2]:
+        assert t.pop(k) == model.pop(k)
+    check(t, model, crowd + twins)
+    for n in (100, 1000):  # growth and shrinking keep them apart
+        more = [key(i) for i in range(1000, 1000 + n)]
+        for i, k in enumerate(more):
+            t.set(k, i)
+            model[k] = i
+        check(t, model, crowd + twins + more[:50])
+        for k in more:
+            assert t.pop(k) == model.pop(k)
+        check(t, model, crowd + twins)
+
+
 # Random operation sequences over a small universe of keys, so that the same
 # key is set, overwritten, removed and set again; the universe mixes ordinary
 # keys, keys crowding one bucket, short keys, a second tail and the zero head.
@@ -307,6 +345,7 @@ UNIVERSE = (
     + [bytes([i]) * (i % 8) for i in range(8)]
     + [key(i, b"rank-1") for i in range(10)]
     + [key(0)]
+    + [key(i * 0x9E3779B1, y=1) for i in range(5)]  # an x of the first 40, another y
 )
 OPS = st.lists(
     st.tuples(

@@ -18,7 +18,7 @@ TAILS = (b"\x01fp-a", b"\x02fp-b")
 
 
 def key(i: int, tail: bytes = TAILS[0]) -> bytes:
-    return (i * 0x9E3779B97F4A7C15 % 2**64).to_bytes(8, "little") + tail
+    return (i * 0x9E3779B97F4A7C15 % 2**64).to_bytes(16, "little") + tail
 
 
 op = st.tuples(
@@ -74,7 +74,7 @@ def test_keys_anchored_together_share_a_shard_and_keep_their_own_low_bits():
     low = (1 << 52) - 1
     assert [x & low for x in anchored.tolist()] == [x & low for x in own.tolist()]
     assert (places(ks[:3], [7] * 3) == places([key(0), key(1), key(2)], [7, 7, 7])).all()
-    other = places([k[:8] + TAILS[1] for k in ks[:100]], [7] * 100)  # another tail: elsewhere
+    other = places([k[:16] + TAILS[1] for k in ks[:100]], [7] * 100)  # another tail: elsewhere
     assert len(set(shard_at(other).tolist())) == 1 and shard_at(other)[0] != shard_at(anchored)[0]
 
 

@@ -19,7 +19,7 @@ H, D = Tier.HOST, Tier.DISK
 
 
 def key(i: int, tail: bytes = TAIL) -> bytes:
-    return i.to_bytes(8, "little") + tail
+    return i.to_bytes(16, "little") + tail
 
 
 def records(book: RunBook) -> dict[int, list[tuple[bytes, Tier]] | None]:
@@ -103,10 +103,10 @@ def test_a_record_round_trips_and_garbage_is_refused():
         b"",
         b"\xc1",
         rec.encode()[:-1],
-        RunRecord(TAIL, b"1234567", b"\x00").encode(),  # a head cut short
+        RunRecord(TAIL, b"123456789012345", b"\x00").encode(),  # a head cut short
         RunRecord(TAIL, b"", b"").encode(),  # empty
-        RunRecord(TAIL, b"12345678", b"\x00\x00").encode(),  # tier bits of another size
-        RunRecord(TAIL, b"12345678" * (MAX_RUN_KEYS + 1), b"\x00" * 129).encode(),
+        RunRecord(TAIL, b"1234567890123456", b"\x00\x00").encode(),  # tier bits of another size
+        RunRecord(TAIL, b"1234567890123456" * (MAX_RUN_KEYS + 1), b"\x00" * 129).encode(),
     ):
         with pytest.raises(ValueError):
             RunRecord.decode(bad)

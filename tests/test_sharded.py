@@ -30,7 +30,7 @@ def per_key(runs: list[tuple[int, dict[str, Tier]]]) -> list[dict[str, Tier]]:
 
 def keys(start: int, n: int) -> list[bytes]:
     return [
-        (i * 0x9E3779B97F4A7C15 % 2**64).to_bytes(8, "little") + TAIL
+        (i * 0x9E3779B97F4A7C15 % 2**64).to_bytes(16, "little") + TAIL
         for i in range(start, start + n)
     ]
 

@@ -27,7 +27,7 @@ import pytest
 
 from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment
-from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.connector.identity import checkpoint_identity
 from kvbm.layout import ModelGeometry
 from tests.node_daemon import until
 from tests.support import Engine
@@ -41,6 +41,13 @@ GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=B
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
     return build(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def engine_hashes(att: NodeAttachment, model: str, tokens: list[int]) -> list[int]:
+    """The sequence hashes the connector gives a plain prompt's blocks (no
+    adapter, no cache salt) on the engines these tests run (float32)."""
+    seed = att.hasher.seed(checkpoint_identity(model, dtype="float32"))
+    return att.hasher.sequence_hashes(tokens, BLOCK, seed)
 
 
 def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
@@ -150,12 +157,10 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     usable = (len(p1) - 1) // BLOCK  # vLLM always computes the last prompt token
 
     reference = run_engine(model, [p1, p2, p3, p4], a.socket)
-
-    salt = salt_hash(model)
     on_a = NodeAttachment(a.socket, GEOMETRY)
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host", "disk"])
     try:
-        k1, k2, k3 = (on_a.keys(sequence_hashes(p, BLOCK, salt)[:usable]) for p in (p1, p2, p3))
+        k1, k2, k3 = (on_a.keys(engine_hashes(on_a, model, p)[:usable]) for p in (p1, p2, p3))
         for ks in (k1, k2, k3):
             assert on_a.lookup(ks).local == usable, "engine 1 saved its prompts"
         # Push p2 (and p3) out to A's disk, keeping p1 in A's host tier: use
@@ -184,7 +189,7 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
 
         # A freezes while B pulls p4 from it, and is killed during the pull:
         # the request completes, recomputed, with the same output
-        k4 = on_b.keys(sequence_hashes(p4, BLOCK, salt)[:usable])
+        k4 = on_b.keys(engine_hashes(on_b, model, p4)[:usable])
         assert on_b.lookup(k4).total == usable  # on A (its disk, by now)
         a.proc.send_signal(signal.SIGSTOP)
         killer = threading.Timer(1.0, a.proc.send_signal, [signal.SIGKILL])
@@ -216,7 +221,7 @@ def test_a_chats_second_turn_on_another_node_loads_the_first_answer_too(
     assert full == 5
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
     try:
-        ks = on_b.keys(sequence_hashes(turn1 + answer, BLOCK, salt_hash(model))[:full])
+        ks = on_b.keys(engine_hashes(on_b, model, turn1 + answer)[:full])
         until(lambda: on_b.lookup(ks) == Available(0, full, 0), 10, "A's blocks not seen")
         assert run_engine(model, [turn2], b.socket, "host") == reference
         assert on_b.stats()["engine_blocks"]["remote_host"] == full
@@ -241,7 +246,7 @@ def test_with_vllms_prefix_cache_on_the_connector_serves_what_vllm_lacks(
     assert run_engine(model, [x], a.socket) == reference[1:]  # engine 1 computes X on A
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
     try:
-        ks = on_b.keys(sequence_hashes(x, BLOCK, salt_hash(model))[:4])
+        ks = on_b.keys(engine_hashes(on_b, model, x)[:4])
         until(lambda: on_b.lookup(ks) == Available(0, 4, 0), 10, "A's blocks not seen")
         served = run_engine(model, [y, x], b.socket, "host", prefix_caching=True)
         assert served == reference
@@ -266,9 +271,8 @@ def test_requests_preempted_while_their_blocks_load_leak_nothing(model, etcd, da
     on_a = NodeAttachment(a.socket, GEOMETRY)
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host"])
     try:
-        salt = salt_hash(model)
         for p in prompts:
-            ks = on_b.keys(sequence_hashes(p, BLOCK, salt)[:4])
+            ks = on_b.keys(engine_hashes(on_b, model, p)[:4])
             until(lambda ks=ks: on_b.lookup(ks) == Available(0, 4, 0), 10, "A not seen")
         got = engine_answer(model, prompts, b.socket, "host", max_tokens=48, kv_blocks=12)
         assert got["preemptions"] > 0, got  # the case under test happened
@@ -301,9 +305,8 @@ def test_requests_aborted_while_waiting_leave_no_pins(model, etcd, daemons, tmp_
     env["TEST_LOAD_FAILURE_POLICY"] = policy
     engine = LiveEngine(model, b.socket, "host", tmp_path / "engine-b.log", env=env)
     try:
-        salt = salt_hash(model)
         for p in prompts:
-            ks = on_b.keys(sequence_hashes(p, BLOCK, salt)[:4])
+            ks = on_b.keys(engine_hashes(on_b, model, p)[:4])
             until(lambda ks=ks: on_b.lookup(ks) == Available(0, 4, 0), 10, "A not seen")
         before, after = engine.abort_after(1, prompts)
         if policy == "fail":
@@ -344,9 +347,8 @@ def test_async_copies_under_preemption_and_abort_answer_as_vllm_alone(model, dae
     run()  # engine 1 computes and saves
     probe = NodeAttachment(node.socket, GEOMETRY)
     try:
-        salt = salt_hash(model)
         for p in prompts:
-            assert probe.lookup(probe.keys(sequence_hashes(p, BLOCK, salt)[:4])).local == 4
+            assert probe.lookup(probe.keys(engine_hashes(probe, model, p)[:4])).local == 4
         run()  # engine 2 loads
         assert probe.stats()["engine_blocks"]["local_host"] >= 16
         assert probe.stats()["engine_leases"] == 0
@@ -376,7 +378,7 @@ def test_blocks_promised_but_gone_when_pinned_are_recomputed(model, daemons, tmp
     probe = NodeAttachment(node.socket, GEOMETRY)
     try:
         computed = engine.run([p])
-        ks = probe.keys(sequence_hashes(p, BLOCK, salt_hash(model))[:usable])
+        ks = probe.keys(engine_hashes(probe, model, p)[:usable])
         filler = probe.keys(list(range(10**6, 10**6 + probe.num_slots)))
         fill = Engine(len(filler), GEOMETRY)
         probe.store(fill.kv, filler, fill.compute(filler))  # p's blocks: on disk only

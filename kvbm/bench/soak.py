@@ -32,7 +32,7 @@ from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.disk_pool import SLOT_MAGIC, arena_path
 from kvbm.errors import KvbmError
-from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.hashing import BlockHasher
 from kvbm.layout import PAGE, ModelGeometry
 from kvbm.node_process import NODE_COMMAND, NodeProcess
 
@@ -120,6 +120,15 @@ class Cluster:
             node.stop()
 
 
+def _hasher(node: NodeProcess) -> BlockHasher:
+    """The fleet's block hasher, as an engine gets it when it attaches."""
+    att = NodeAttachment(node.socket, GEOMETRY, timeout=10, map_arena=False)
+    try:
+        return att.hasher
+    finally:
+        att.close()
+
+
 def run(
     minutes: float,
     faults: tuple[str, ...] = FAULTS,
@@ -129,16 +138,11 @@ def run(
 ) -> dict:
     """`node_command` runs the nodes another way (a test's unverified node)."""
     rng = random.Random(seed)
-    salt = salt_hash("kvbm-soak")
     docs = [
         [rng.randrange(32000) for _ in range(PROMPT_BLOCKS // 2 * 16)] for _ in range(DOCUMENTS)
     ]
-    prompts = [
-        sequence_hashes(
-            docs[i % DOCUMENTS] + [rng.randrange(32000) for _ in range(PROMPT_BLOCKS // 2 * 16)],
-            GEOMETRY.block_size,
-            salt,
-        )
+    tokens = [
+        docs[i % DOCUMENTS] + [rng.randrange(32000) for _ in range(PROMPT_BLOCKS // 2 * 16)]
         for i in range(PROMPTS)
     ]
     weights = [1 / (i + 1) ** 0.8 for i in range(PROMPTS)]
@@ -146,6 +150,9 @@ def run(
     with tempfile.TemporaryDirectory(prefix="kvbm-soak-") as tmp, EtcdServer() as etcd:
         cluster = Cluster(tmp, etcd, node_command)
         seats = [Seat(n) for n in cluster.nodes]
+        hasher = _hasher(cluster.nodes[0])
+        seed_hash = hasher.seed("kvbm-soak")
+        prompts = [hasher.sequence_hashes(t, GEOMETRY.block_size, seed_hash) for t in tokens]
         faulter = Faulter(cluster, seats, faults, fault_every_s, seed)
         deadline = time.monotonic() + minutes * 60
         engines = [

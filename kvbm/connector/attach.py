@@ -28,6 +28,7 @@ from kvbm.engine_wire import (
     geometry_to_wire,
 )
 from kvbm.errors import ArenaError
+from kvbm.hashing import HASH_VERSION, BlockHasher, HashKey
 from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyViewReader
 from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
@@ -60,16 +61,37 @@ class NodeAttachment:
         remote: Sequence[str] = (),
         timeout: float = 30.0,
         map_arena: bool = True,
+        key_id: int | None = None,
     ) -> None:
-        """`map_arena=False`: a link that only asks (a scheduler), never copies."""
+        """`map_arena=False`: a link that only asks (a scheduler), never copies.
+        `key_id`: the hashing key's id this engine already hashes under (when
+        it attaches again); the node refuses the engine if it has another."""
         self.geometry = geometry
         self.remote = list(remote)
         self.link = EngineLink(socket_path, timeout)
+        hashing: dict = {"version": HASH_VERSION}
+        if key_id is not None:
+            hashing["key_id"] = key_id
         hello = self.link.call(
-            "hello", {"geometry": geometry_to_wire(geometry), "engine": f"pid-{os.getpid()}"}
+            "hello",
+            {
+                "geometry": geometry_to_wire(geometry),
+                "engine": f"pid-{os.getpid()}",
+                "hash": hashing,
+            },
         )
         if hello["fingerprint"] != geometry.fingerprint:
             raise NodeError("the node answered for another layout fingerprint")
+        try:
+            said = hello["hash"]
+            if said["version"] != HASH_VERSION:
+                raise ValueError(f"hash version {said['version']}")
+            key = HashKey(said["key"], said["key_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise NodeError(f"the node's block hashing is not this engine's: {e!r}") from None
+        if key_id is not None and key.key_id != key_id:
+            raise NodeError("the node hashes under another key than this engine")
+        self.hasher = BlockHasher(key)  # the engine's block keys, under the fleet's key
         self.node_id: str = hello["node_id"]
         self.space = KeySpace(hello["namespace"], geometry.fingerprint, tp_rank)
         self.num_slots: int = hello["num_slots"]

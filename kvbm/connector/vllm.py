@@ -70,11 +70,12 @@ from kvbm.block_key import Groups
 from kvbm.config import engine_config
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.connector.copy import EngineKV
+from kvbm.connector.identity import Unnameable, model_identity, prompt_hashes
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.connector.transfers import Copier, SyncCopier, ThreadCopier, Ticket
 from kvbm.engine_wire import MAX_KEYS
 from kvbm.errors import KvbmError
-from kvbm.hashing import salt_hash, sequence_hashes
+from kvbm.hashing import BlockHasher
 from kvbm.layout import VLLM_CPU_LAYOUT, ModelGeometry
 from kvbm.logs import attach_logging
 
@@ -137,8 +138,9 @@ class _Tracked:
     """What the scheduler side keeps per request."""
 
     request: Request
-    salt: int
+    seed: int | None  # the hash before its first block; None: not cached (see _track)
     seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
+    extras: dict[int, bytes] = field(default_factory=dict)  # by block (kvbm/connector/identity.py)
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # leading blocks known to be in the node
     had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
@@ -216,13 +218,15 @@ class KvbmConnector(KVConnectorBase_V1):
         attach_logging(self.cfg.log_level)
         self.block_size = vllm_config.cache_config.block_size
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.model_id = str(vllm_config.model_config.model)
         self._private = None
+        self._hasher: BlockHasher | None = None  # from the node, at the first attach
+        self.unnameable = 0  # requests with an input the block hash cannot name: not cached
         self.socket = self.cfg.socket
         # Whatever goes wrong here turns the connector off, never the engine.
         self._off: str | None = None
         try:
             self.geometry = geometry_of(vllm_config, kv_cache_config)
+            self.model_identity = model_identity(vllm_config.model_config)
             if "node" not in extra:
                 self.socket, self._private = ensure_private_node(self.cfg)
         except (KvbmError, ValueError, OSError) as e:
@@ -285,6 +289,7 @@ class KvbmConnector(KVConnectorBase_V1):
                         rank,
                         self.cfg.remote_tier_list,
                         map_arena=worker,
+                        key_id=self._hasher.key.key_id if self._hasher else None,
                     )
                 )
         except (NodeError, KvbmError, OSError) as e:
@@ -293,6 +298,7 @@ class KvbmConnector(KVConnectorBase_V1):
             self._lost(e)
             return None
         self._node = made
+        self._hasher = self._hasher or made[0].hasher
         return made
 
     def _reattach(self) -> None:
@@ -313,6 +319,8 @@ class KvbmConnector(KVConnectorBase_V1):
         tracked = self._track(request)
         self._drop_pins(tracked)
         tracked.promised = 0
+        if tracked.seed is None:
+            return 0, False  # not cached (`_hash_prompt`)
         # the last prompt token is always computed: vLLM needs its logits
         usable = (len(request.prompt_token_ids or ()) - 1) // self.block_size
         first = num_computed_tokens // self.block_size
@@ -477,10 +485,15 @@ class KvbmConnector(KVConnectorBase_V1):
         tokens = tracked.request.all_token_ids
         full = min(min(computed, len(tokens)) // self.block_size, len(tracked.block_ids))
         hashed = len(tracked.seq_hashes)
+        if tracked.seed is None or self._hasher is None:
+            return  # not cached: its blocks have no keys
         if full > hashed:  # blocks of generated tokens: hash them on from the last one
-            parent = tracked.seq_hashes[-1] if hashed else None
+            parent = tracked.seq_hashes[-1] if hashed else tracked.seed
             more = tokens[hashed * self.block_size : full * self.block_size]
-            tracked.seq_hashes += sequence_hashes(more, self.block_size, tracked.salt, parent)
+            extras = {i - hashed: e for i, e in tracked.extras.items() if i >= hashed}
+            tracked.seq_hashes += self._hasher.sequence_hashes(
+                more, self.block_size, parent, extras
+            )
         if full > tracked.saved:
             span = slice(tracked.saved, full)
             groups = Groups.of(tracked.seq_hashes, span.start, span.stop)
@@ -506,11 +519,23 @@ class KvbmConnector(KVConnectorBase_V1):
     def _track(self, request: Request) -> _Tracked:
         tracked = self._requests.get(request.request_id)
         if tracked is None:
-            lora = request.lora_request.lora_name if request.lora_request else None
-            salt = salt_hash(self.model_id, lora, getattr(request, "cache_salt", None))
-            hashes = sequence_hashes(request.prompt_token_ids or [], self.block_size, salt)
-            tracked = self._requests[request.request_id] = _Tracked(request, salt, hashes)
+            if self._hasher is None:
+                self._attached()  # the node gives the hashing key
+            tracked = self._requests[request.request_id] = self._hash_prompt(request)
         return tracked
+
+    def _hash_prompt(self, request: Request) -> _Tracked:
+        """A request's prompt blocks' hashes, or a request that is not cached:
+        no hashing key yet (no node), or an input the hash cannot name."""
+        if self._hasher is None:
+            return _Tracked(request, None, [])
+        try:
+            hashed = prompt_hashes(self._hasher, self.model_identity, request, self.block_size)
+        except Unnameable as e:
+            self.unnameable += 1
+            log.info("request %s not cached: %s", request.request_id, e)
+            return _Tracked(request, None, [])
+        return _Tracked(request, hashed.seed, hashed.hashes, hashed.extras)
 
     def _drop_pins(self, tracked: _Tracked) -> None:
         if tracked.pinned is not None:

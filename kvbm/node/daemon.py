@@ -28,7 +28,7 @@ from kvbm import __version__
 from kvbm.config import KvbmConfig, child_environment
 from kvbm.engine_wire import geometry_to_wire
 from kvbm.errors import GeometryMismatch
-from kvbm.hashing import Verify, content_matches
+from kvbm.hashing import HashKey, Verify, content_matches
 from kvbm.key_view import KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
@@ -87,7 +87,9 @@ class Node:
         self.serving: Serving | None = None
         self.ready = False
         self._setup = asyncio.Lock()
-        self.engines = EngineServer(cfg, self.node_id, self.serve, self.stats)
+        self.engines = EngineServer(
+            cfg, self.node_id, self.serve, self.stats, HashKey.derive(secret)
+        )
         self._metrics: MetricsServer | None = None
         host, _ = cfg.listen_address
         idle = NodeRecord(self.node_id, host, 0, version=__version__)  # no engine yet

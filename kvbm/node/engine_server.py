@@ -25,6 +25,7 @@ from kvbm.block_key import BlockKey, Groups, check_keys
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import MAX_BATCH, MAX_KEYS
 from kvbm.errors import KvbmError
+from kvbm.hashing import HASH_VERSION, HashKey
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from kvbm.node.onboarding import Onboarding
@@ -65,6 +66,7 @@ class EngineServer:
         node_id: str,
         serve: Callable[[ModelGeometry], Awaitable[Tiers]],
         stats: Callable[[], dict],
+        hash_key: HashKey,
     ) -> None:
         self.path = cfg.socket
         self.gid = cfg.shared_gid
@@ -72,6 +74,7 @@ class EngineServer:
         self.node_id = node_id
         self.serve = serve  # the tiers for an engine's geometry (built by the first hello)
         self.stats = stats
+        self.hash_key = hash_key  # engines hash block keys under it (never the secret)
         self.leases: dict[int, Lease] = {}
         self._tiers: Tiers | None = None
         self._server: asyncio.Server | None = None
@@ -163,6 +166,7 @@ class EngineServer:
 
     # -- calls ---------------------------------------------------------------
     async def _hello(self, body: dict, conn: int) -> dict:
+        self._check_hashing(body.get("hash"))
         geometry = engine_wire.geometry_from_wire(body.get("geometry"))
         self._tiers = await self.serve(geometry)
         mgr = self._tiers.mgr
@@ -179,7 +183,30 @@ class EngineServer:
             "namespace": self.namespace,
             "fingerprint": geometry.fingerprint,
             "node_id": self.node_id,
+            "hash": {
+                "version": HASH_VERSION,
+                "key": self.hash_key.key,
+                "key_id": self.hash_key.key_id,
+            },
         }
+
+    def _check_hashing(self, said: object) -> None:
+        """An engine that hashes block keys otherwise than this node would
+        publish keys no peer ever asks for, and find none: refuse it, saying
+        why. An engine says its hash version, and the id of the key it holds
+        when it attaches again (a node restarted on another secret)."""
+        if not isinstance(said, dict) or said.get("version") != HASH_VERSION:
+            version = said.get("version") if isinstance(said, dict) else None
+            raise ValueError(
+                f"the engine hashes block keys with version {version}, this node with "
+                f"{HASH_VERSION}: run the same kvbm version in the engine and the node"
+            )
+        key_id = said.get("key_id")
+        if key_id is not None and key_id != self.hash_key.key_id:
+            raise ValueError(
+                f"the engine hashes under key id {key_id:#x}, this node under "
+                f"{self.hash_key.key_id:#x} (another fleet secret): restart the engine"
+            )
 
     async def _stats(self, body: dict, conn: int) -> dict:
         return self.stats()
