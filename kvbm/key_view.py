@@ -54,7 +54,9 @@ _HEAD = struct.Struct("<QIIQ")
 _SEQ = 24 // 8  # the sequence counter's index among the header's words
 _AVOID = 32 // 8  # CLOCK_MONOTONIC ns until which the node leaves some peer alone
 _FLAGS = 40 // 8
-PEERS_ELSEWHERE = 1  # a flag: peers' keys are not in the view (a sharded index)
+# A flag: peers' keys are not in the view: not yet (a new view, until the
+# node fills it from its index mirror) or never (a sharded index).
+PEERS_ELSEWHERE = 1
 READ_TRIES = 8
 ORDERED_CPU = platform.machine().lower() in ("x86_64", "amd64")  # see the module docstring
 
@@ -168,7 +170,13 @@ class KeyView:
         try:
             head = _HEAD.pack(MAGIC, VERSION, buckets.bit_length() - 1, secrets.randbits(64))
             arena.array[: _HEAD.size] = np.frombuffer(head, np.uint8)
-            return cls(arena)
+            view = cls(arena)
+            # Born without peers' keys: until the node has filled them in
+            # (`peers_here`), a key not found may be a peer's, and readers
+            # ask the node rather than hear "held nowhere" (a new node's
+            # first requests would miss the fleet).
+            view.peers_elsewhere()
+            return view
         except BaseException:
             arena.close()
             raise
@@ -231,6 +239,13 @@ class KeyView:
         node holds it, so readers ask the node about the rest."""
         with self._lock:
             self._seq[_FLAGS] |= PEERS_ELSEWHERE
+
+    def peers_here(self) -> None:
+        """Peers' keys are in the view now (filled from the index mirror,
+        which keeps it up to date from here on): a key not found is held
+        nowhere the node knows of."""
+        with self._lock:
+            self._seq[_FLAGS] &= ~PEERS_ELSEWHERE & (2**64 - 1)
 
     def count(self) -> int:
         """Keys in the view (for tests and stats)."""

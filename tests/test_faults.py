@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import struct
 
 import pytest
 import xxhash
@@ -190,7 +191,7 @@ def anchors_of(mgr, ks) -> dict:
 
 
 def test_a_blocks_group_anchor_goes_with_it_to_disk_through_a_restart_and_back(
-    make_manager, tmp_path
+    make_manager, tmp_path, caplog
 ):
     mgr = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
     ks = keys(0, 4)
@@ -203,23 +204,28 @@ def test_a_blocks_group_anchor_goes_with_it_to_disk_through_a_restart_and_back(
     assert anchors_of(mgr, ks) == known
     store(mgr, keys(10_000, mgr.host.num_slots))  # drains `ks` to G3
     assert mgr.lookup(ks).tiers == (Tier.DISK,) * 4 and anchors_of(mgr, ks) == known
-    # an older node's header (version 2) names no anchor: recovered as not known
+    # An older node's header (version 3, keys of 8-byte heads) is dropped at
+    # recovery, with a log line: never read as a key of today's layout.
     disk = mgr.disk
     old = disk.table.get(ks[1])
-    head = _HEADER.pack(SLOT_MAGIC, 2, GEOMETRY.block_bytes, disk.table.checksums[old], len(ks[1]))
-    head += ks[1]
+    head = _HEADER.pack(SLOT_MAGIC, 3, GEOMETRY.block_bytes, disk.table.checksums[old], len(ks[1]))
+    head += ks[1] + struct.pack("<Q", 11)
     with open(disk.path, "r+b") as f:
         f.seek(disk.header_offset(old))
         f.write(head + _SUM.pack(xxhash.xxh3_64_intdigest(head)))
     mgr.close()
-    again = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
-    assert again.disk.recovered >= 4
+    with caplog.at_level(logging.WARNING, logger="kvbm.disk"):
+        again = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
+    assert "older key version blocks=1" in caplog.text
+    assert again.disk.recovered == 3
     del known[ks[1]]
     assert anchors_of(again, ks) == known
-    got = Engine(4)
-    assert onboard(again, got.kv, ks, [0, 1, 2, 3]) == 4  # staged into G2, bit-exact
-    assert all(got.holds(k, i) for i, k in enumerate(ks))
-    assert again.lookup(ks).tiers == (Tier.HOST,) * 4 and anchors_of(again, ks) == known
+    assert again.lookup(ks).tiers == (Tier.DISK,)  # ks[1] is gone: the prefix stops there
+    rest = [ks[0], ks[2], ks[3]]
+    got = Engine(3)
+    assert onboard(again, got.kv, rest, [0, 1, 2]) == 3  # staged into G2, bit-exact
+    assert all(got.holds(k, i) for i, k in enumerate(rest))
+    assert anchors_of(again, rest) == known
 
 
 # -- restart ---------------------------------------------------------------

@@ -283,3 +283,21 @@ def test_the_view_of_a_killed_node_is_not_read(daemons):
             eng.lookup(ks)
     finally:
         eng.close()
+
+
+def test_a_new_view_sends_readers_to_the_node_until_peers_keys_are_in(tmp_path):
+    """A view is made at the first engine's hello and filled from the index
+    mirror at the publisher's next tick: in between, a key it lacks may be
+    a peer's, and readers must ask the node, not hear "held nowhere" (a new
+    node's first request would miss the fleet)."""
+    view = KeyView.create("kvbm-g2-new.keys", 256, str(tmp_path))
+    reader = KeyViewReader.of(view)
+    try:
+        assert reader.peers_elsewhere()
+        view.peers_here()  # what the publisher does once the mirror has filled it
+        assert not reader.peers_elsewhere()
+        view.peers_elsewhere()  # a sharded index: for good
+        assert reader.peers_elsewhere()
+    finally:
+        reader.close()
+        view.close()

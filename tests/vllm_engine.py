@@ -8,6 +8,12 @@ TEST_KV_BLOCKS=N gives vLLM a KV cache of N blocks and runs each batch at
 once (so the scheduler has to preempt); the output line then also carries
 vLLM's count of preemptions. TEST_LOAD_FAILURE_POLICY sets vLLM's
 kv_load_failure_policy (default "recompute").
+A prompt is a list of token ids, or an object: {"tokens": [...]},
+{"embeds_seed": S, "embeds_len": N} (N prompt embeddings, random from seed
+S) or {"text": T, "image_seed": S} (a 56x56 random image from seed S, for
+a vision model), with "cache_salt" and "lora": {"name", "id", "path"}
+optional.
+TEST_ENABLE_LORA=1 and TEST_PROMPT_EMBEDS=1 turn those on in vLLM.
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
 batches); a line {"abort_after_steps": K, "prompts": [...]} submits the
@@ -27,6 +33,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
 
     from kvbm.connector.vllm import kv_transfer_config
 
@@ -51,7 +58,34 @@ def main() -> None:
         enable_prefix_caching=os.environ.get("TEST_PREFIX_CACHING") == "1",
         kv_transfer_config=transfer,
         seed=0,
+        enable_lora=os.environ.get("TEST_ENABLE_LORA") == "1",
+        max_lora_rank=8,
+        enable_prompt_embeds=os.environ.get("TEST_PROMPT_EMBEDS") == "1",
     )
+    hidden = llm.llm_engine.model_config.get_hidden_size()
+
+    def request(p: list[int] | dict) -> tuple[dict, LoRARequest | None]:
+        if isinstance(p, list):
+            return TokensPrompt(prompt_token_ids=p), None
+        if "image_seed" in p:
+            import numpy as np
+            from PIL import Image
+
+            rng = np.random.default_rng(p["image_seed"])
+            image = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+            prompt = {"prompt": p["text"], "multi_modal_data": {"image": image}}
+        elif "embeds_seed" in p:
+            import torch
+
+            g = torch.Generator().manual_seed(p["embeds_seed"])
+            prompt: dict = {"prompt_embeds": torch.randn(p["embeds_len"], hidden, generator=g)}
+        else:
+            prompt = TokensPrompt(prompt_token_ids=p["tokens"])
+        if p.get("cache_salt"):
+            prompt["cache_salt"] = p["cache_salt"]
+        lora = p.get("lora")
+        return prompt, LoRARequest(lora["name"], lora["id"], lora["path"]) if lora else None
+
     max_tokens = int(os.environ.get("TEST_MAX_TOKENS", "16"))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
@@ -68,7 +102,8 @@ def main() -> None:
             return
         outputs = []
         for p in batch:  # one at a time: each request's saves land before the next
-            out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+            prompt, lora = request(p)
+            out = llm.generate([prompt], params, use_tqdm=False, lora_request=lora)
             outputs.append(list(out[0].outputs[0].token_ids))
         print(json.dumps({"outputs": outputs}), flush=True)
 

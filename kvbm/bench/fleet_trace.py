@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from discovery.records import Tier
-from kvbm.block_key import GROUP_BLOCKS, KeySpace, seq_hash
+from kvbm.block_key import GROUP_BLOCKS, KeySpace, anchor_of, seq_hash
 
 SYSTEM_PROMPTS = 8
 
@@ -79,7 +79,7 @@ class NodeTrace:
                 del self.disk[key]  # loaded from disk: back in G2
             else:
                 new += 1
-                self.anchors[key] = seq_hash(prompt[i - i % GROUP_BLOCKS])
+                self.anchors[key] = anchor_of(seq_hash(prompt[i - i % GROUP_BLOCKS]))
             self.host[key] = None
             changes.pop(key, None)
             changes[key] = Tier.HOST

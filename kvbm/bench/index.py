@@ -34,7 +34,7 @@ from discovery.schema import node_path, run_path
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
-from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, seq_hash
+from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, anchor_of, seq_hash
 from kvbm.config import KvbmConfig
 from kvbm.layout import ModelGeometry
 from kvbm.node.publisher import INDEX_FLUSH_S
@@ -654,7 +654,7 @@ def _sharded_fleet_child(
             answer = []
             for p in prompts[:500]:
                 group = p[:GROUP_BLOCKS]
-                xs = places(group, [seq_hash(group[0])] * len(group))
+                xs = places(group, [anchor_of(seq_hash(group[0]))] * len(group))
                 t1 = time.perf_counter()
                 own.holders(xs)
                 answer.append(time.perf_counter() - t1)

@@ -49,6 +49,16 @@ class Pinned:
     more: bool
 
 
+def node_stats(socket_path: str, timeout: float = 10.0) -> dict:
+    """A node's stats (`kvbm status`), asked without attaching: no hello,
+    so the node sets nothing up for an engine."""
+    link = EngineLink(socket_path, timeout)
+    try:
+        return link.call("stats", {})
+    finally:
+        link.close()
+
+
 class NodeAttachment:
     """Invariant: every lease the node grants here is settled (released or
     committed) before the call that took it returns, error or not."""

@@ -66,7 +66,7 @@ def prompt_hashes(hasher: BlockHasher, model: str, request: Any, block_size: int
     the hash cannot name."""
     ident = request_identity(request, block_size)
     seed = hasher.seed(model, ident.adapter, ident.cache_salt)
-    tokens = getattr(request, "prompt_token_ids", None) or []
+    tokens = prompt_tokens(request)
     return PromptHashes(
         seed, hasher.sequence_hashes(tokens, block_size, seed, ident.extras), ident.extras
     )
@@ -96,7 +96,7 @@ def request_identity(request: Any, block_size: int) -> RequestIdentity:
     salt = getattr(request, "cache_salt", None) or ""
     if not isinstance(salt, str):
         raise Unnameable("a cache_salt that is not a string")
-    tokens = len(getattr(request, "prompt_token_ids", None) or ())
+    tokens = len(prompt_tokens(request))
     extras: dict[int, list[bytes]] = {}
     for start, length, identifier in _mm_spans(getattr(request, "mm_features", None)):
         first, last = start // block_size, (start + length - 1) // block_size
@@ -114,6 +114,16 @@ def request_identity(request: Any, block_size: int) -> RequestIdentity:
         salt,
         {b: b"".join(parts) for b, parts in extras.items()},
     )
+
+
+def prompt_tokens(request: Any) -> list[int]:
+    """The prompt's token ids as the engine runs them: where prompt
+    embeddings stand in for tokens, vLLM holds 0 (their bytes are the
+    blocks' extras)."""
+    n = getattr(request, "num_prompt_tokens", None)
+    if n is None:
+        return list(getattr(request, "prompt_token_ids", None) or [])
+    return list(request.all_token_ids[:n])
 
 
 def _mm_spans(features: Iterable[Any] | None) -> list[tuple[int, int, str]]:

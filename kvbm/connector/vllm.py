@@ -322,7 +322,7 @@ class KvbmConnector(KVConnectorBase_V1):
         if tracked.seed is None:
             return 0, False  # not cached (`_hash_prompt`)
         # the last prompt token is always computed: vLLM needs its logits
-        usable = (len(request.prompt_token_ids or ()) - 1) // self.block_size
+        usable = (request.num_prompt_tokens - 1) // self.block_size
         first = num_computed_tokens // self.block_size
         usable = min(usable, first + MAX_KEYS)  # what one call may ask
         if usable <= first:

@@ -245,6 +245,8 @@ class Node:
         out: dict = {"node_id": self.node_id, "namespace": self.cfg.namespace, "ready": self.ready}
         out["index"] = self.publisher.state()
         out["index_layout"] = self.cfg.index_layout
+        if self.publisher.index is not None and self.publisher.locations is None:
+            out["index_mirror_keys"] = len(self.publisher.index.mirror.locations)
         locations = self.publisher.locations
         if locations is not None:
             out["index_shard"] = {

@@ -177,10 +177,11 @@ class Publisher:
         mgr.take_changes()  # superseded by the full state below
         self._publish(mgr, everything=True)
         view, me = mgr.view, self.record.node_id
-        if view is not None and self.locations is not None:
-            view.peers_elsewhere()  # the mirror holds none of peers' keys: engines ask the node
-        elif view is not None and self.etcd_endpoints:
+        if view is None or self.locations is not None:
+            return  # sharded: the mirror holds none of peers' keys, engines ask the node
+        if self.etcd_endpoints:
             mirror.follow(lambda changes, reset: _show_peers(view, me, changes, reset))
+        view.peers_here()  # filled (follow tells everything at once): a miss is a miss
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
