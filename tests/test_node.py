@@ -12,6 +12,8 @@ import pytest
 
 from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
+from kvbm.engine_wire import geometry_to_wire
+from kvbm.hashing import HASH_VERSION
 from kvbm.layout import ModelGeometry
 from tests.node_daemon import kvbm_json, until
 from tests.support import GEOMETRY, Engine
@@ -150,6 +152,23 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
                 one.link.call(call, body)
         assert one.stats()["engine_leases"] == 0
         assert one.lookup(ks, ask_node=True) == Available(10)
+        # an engine that hashes block keys otherwise is refused, saying why:
+        # another hash version (an older kvbm), or another key (the node
+        # restarted on another fleet secret while the engine lived on)
+        hello = {"geometry": geometry_to_wire(GEOMETRY), "engine": "test"}
+        for hashing, why in (
+            (None, "version None"),
+            ({"version": 1}, "version 1"),
+            ({"version": HASH_VERSION, "key_id": one.hasher.key.key_id ^ 1}, "another fleet"),
+            ({"version": HASH_VERSION, "key_id": "x"}, "key id"),
+        ):
+            with pytest.raises(NodeError, match=why):
+                one.link.call("hello", {**hello, "hash": hashing})
+        with pytest.raises(NodeError, match="another fleet secret"):
+            NodeAttachment(node.socket, GEOMETRY, key_id=one.hasher.key.key_id ^ 1)
+        again = NodeAttachment(node.socket, GEOMETRY, key_id=one.hasher.key.key_id)
+        assert again.hasher.key == two.hasher.key  # the same key for every engine
+        again.close()
     finally:
         one.close()
         two.close()

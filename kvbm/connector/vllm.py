@@ -73,6 +73,7 @@ from kvbm.connector.copy import EngineKV
 from kvbm.connector.identity import Unnameable, model_identity, prompt_hashes
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.connector.transfers import Copier, SyncCopier, ThreadCopier, Ticket
+from kvbm.connector.vllm_stats import NOT_CACHED, KvbmPromMetrics, KvbmStats
 from kvbm.engine_wire import MAX_KEYS
 from kvbm.errors import KvbmError
 from kvbm.hashing import BlockHasher
@@ -220,7 +221,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self._private = None
         self._hasher: BlockHasher | None = None  # from the node, at the first attach
-        self.unnameable = 0  # requests with an input the block hash cannot name: not cached
+        self.stats = KvbmStats()  # counts vLLM takes each step (kvbm/connector/vllm_stats.py)
         self.socket = self.cfg.socket
         # Whatever goes wrong here turns the connector off, never the engine.
         self._off: str | None = None
@@ -502,6 +503,23 @@ class KvbmConnector(KVConnectorBase_V1):
             tracked.saved = full
             tracked.had_saves = True
 
+    # -- counts, into vLLM's stats and /metrics ---------------------------------
+    def get_kv_connector_stats(self) -> KvbmStats | None:
+        if self.stats.is_empty():
+            return None
+        taken, self.stats = self.stats, KvbmStats()
+        return taken
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmStats:
+        return KvbmStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str], per_engine: dict
+    ) -> KvbmPromMetrics:
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine)
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
@@ -532,7 +550,7 @@ class KvbmConnector(KVConnectorBase_V1):
         try:
             hashed = prompt_hashes(self._hasher, self.model_identity, request, self.block_size)
         except Unnameable as e:
-            self.unnameable += 1
+            self.stats.count(NOT_CACHED)
             log.info("request %s not cached: %s", request.request_id, e)
             return _Tracked(request, None, [])
         return _Tracked(request, hashed.seed, hashed.hashes, hashed.extras)

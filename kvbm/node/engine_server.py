@@ -202,6 +202,8 @@ class EngineServer:
                 f"{HASH_VERSION}: run the same kvbm version in the engine and the node"
             )
         key_id = said.get("key_id")
+        if key_id is not None and type(key_id) is not int:
+            raise ValueError("the engine's hashing key id is not an int")
         if key_id is not None and key_id != self.hash_key.key_id:
             raise ValueError(
                 f"the engine hashes under key id {key_id:#x}, this node under "
