@@ -28,7 +28,7 @@ from kvbm import __version__
 from kvbm.config import KvbmConfig, child_environment
 from kvbm.engine_wire import geometry_to_wire
 from kvbm.errors import GeometryMismatch
-from kvbm.hashing import HashKey, Verify, content_matches
+from kvbm.hashing import HASH_VERSION, HashKey, Verify, content_matches
 from kvbm.key_view import KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
@@ -245,6 +245,9 @@ class Node:
         out: dict = {"node_id": self.node_id, "namespace": self.cfg.namespace, "ready": self.ready}
         out["index"] = self.publisher.state()
         out["index_layout"] = self.cfg.index_layout
+        # every node of a fleet shows the same: another id is another fleet secret
+        key_id = self.engines.hash_key.key_id
+        out["block_hash"] = {"version": HASH_VERSION, "key_id": f"{key_id:016x}"}
         if self.publisher.index is not None and self.publisher.locations is None:
             out["index_mirror_keys"] = len(self.publisher.index.mirror.locations)
         locations = self.publisher.locations
