@@ -107,7 +107,8 @@ class KeyTable:
         # Column views for runs, made once: a lookup slices them, no more.
         self._ent_x = ent[:, 0]
         self._ent_y = ent[:, 1]
-        self._ent_aux = ent[:, 2]
+        # flat, for gathers: `take` on a strided column would copy it whole first
+        self._ent_words = ent.reshape(-1)
         self._ent_tail = ent.view(np.uint32)[:, 4 + _HI]
         self._ent_value = ent.view(np.uint32)[:, 4 + _LO]
 
@@ -510,7 +511,7 @@ class KeyTable:
         word = g.reshape(-1)[1::2].take(hits)
         k = hits >> _LOG_B  # the key of each hit
         at = ((word >> np.uint64(32)) - np.uint64(1)).view(np.int64)
-        ok = self._ent_y.take(at) == y.take(k)
+        ok = self._ent_words.take(at * _W + 1) == y.take(k)
         if tq is not None:
             ok &= ((word >> np.uint64(24)) & np.uint64(_SLOT_TAIL)) == tq.take(k)
         if np.count_nonzero(ok) != len(ok):
