@@ -56,11 +56,15 @@ STEP_LOADS = 8  # hits the scheduler pins in one call
 PAUSE_S = 0.5  # between two phases
 
 
-def _engine(sock: str, index: int, seconds: float, start: float, out: Connection) -> None:
+def _engine(sock: str, index: int, seconds: float, out: Connection) -> None:
     """One engine process: each call kind in turn, as fast as it goes, for
-    `seconds` from its phase's start (every engine in the same phase)."""
+    `seconds` from its phase's start (every engine in the same phase). It
+    says when it is ready and takes the start time then: engines that start
+    slowly (8 of them importing torch on 2 cores) join every phase."""
     att = NodeAttachment(sock, GEOMETRY)
     engine = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
+    out.send("ready")
+    start = out.recv()
     rng = random.Random(index)
     block_ids = list(range(PROMPT_BLOCKS))
     times: dict[str, list[float]] = {k: [] for k in KINDS}
@@ -175,14 +179,19 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
                 att.lookup(keys, ask_node=True)
                 alone.append(time.perf_counter() - t0)
             out["node_call_alone_p50_us"] = round(statistics.median(alone) * 1e6, 1)
-            start = time.time() + 3.0  # every engine connected and waiting
             pipes, procs = [], []
             for i in range(engines):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_engine, args=(node.socket, i, seconds, start, child))
+                proc = ctx.Process(target=_engine, args=(node.socket, i, seconds, child))
                 proc.start()
                 pipes.append(parent)
                 procs.append(proc)
+            for pipe in pipes:  # every engine connected and waiting
+                if not pipe.poll(120) or pipe.recv() != "ready":
+                    raise RuntimeError("an engine process never got ready")
+            start = time.time() + 0.5
+            for pipe in pipes:
+                pipe.send(start)
             cpu = []
             for phase in range(len(KINDS)):
                 begin = start + phase * (seconds + PAUSE_S)
