@@ -9,8 +9,13 @@ A name is not an identity: two checkpoints served under one name, or a LoRA
 name pointed at another adapter, compute different KV. So a local checkpoint
 or adapter is named by its path and a digest of its files (config bytes;
 each weight file's name, size, and its first and last MiB, where random and
-trained weights differ), taken once per process. A hub name is taken as
-given with its revision: pin revisions in a fleet.
+trained weights differ), taken once per process. Not every byte is read
+(a checkpoint can be hundreds of GB), so weights rewritten in place with
+changes only inside their files, sizes kept, keep the identity: roll a new
+checkpoint out under a new path or revision. The path is part of the
+identity, so nodes share a checkpoint's blocks when they mount it at one
+path (as a DaemonSet's volume does). A hub name is taken as given with its
+revision: pin revisions in a fleet.
 
 A request with an input this module cannot name (a multimodal feature
 without an identifier, say) gets no identity: it is neither looked up nor
