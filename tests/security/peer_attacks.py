@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import msgpack
 
 from kvbm.connector.attach import Available, NodeAttachment
+from kvbm.peer_tiers import ManagerTiers
 from tests.node_daemon import Daemon, until
 from tests.support import GEOMETRY, Engine
 from transport.frames import (
@@ -28,7 +29,7 @@ from transport.frames import (
     SessionCodec,
     session_keys,
 )
-from transport.peer_rpc import CALLS
+from transport.peer_rpc import CALLS, PeerClient, pull
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -156,3 +157,38 @@ async def raw_session(
     await writer.drain()
     reply = await session.read(reader)
     return reader, writer, session, reply.body
+
+
+def recorded_pull(
+    host: str, port: int, agent, mgr, keys: list[bytes], secret: bytes = SECRET
+) -> tuple[list[bytes], bytes]:
+    """Pull `keys` from the node at host:port into `mgr` through a man in
+    the middle on 127.0.0.4 that records both directions and passes them on:
+    (the keys pulled, every byte that crossed it)."""
+    wire: list[bytes] = []
+
+    async def relay(reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+
+        async def pump(src, dst) -> None:
+            with contextlib.suppress(ConnectionError):
+                while chunk := await src.read(1 << 16):
+                    wire.append(chunk)
+                    dst.write(chunk)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def session() -> list[bytes]:
+        proxy = await asyncio.start_server(relay, "127.0.0.4", 0)
+        client = PeerClient(agent, secret, [GEOMETRY.fingerprint])
+        try:
+            await client.connect("127.0.0.4", proxy.sockets[0].getsockname()[1], 10)
+            return await pull(client, keys, ManagerTiers(mgr), timeout=20)
+        finally:
+            await client.close()
+            proxy.close()
+
+    pulled = asyncio.run(asyncio.wait_for(session(), 60))
+    return pulled, b"".join(wire)

@@ -10,18 +10,16 @@ through it is bit-exact."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 
 from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
-from kvbm.peer_tiers import ManagerTiers
-from tests.security.peer_attacks import SECRET, two_nodes, write_secret
+from tests.security.peer_attacks import SECRET, recorded_pull, two_nodes, write_secret
 from tests.support import GEOMETRY, Engine
 from transport.frames import FrameCodec
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import CALLS, PeerClient, pull
+from transport.peer_rpc import CALLS
 
 BLOCKS = 8
 
@@ -85,37 +83,11 @@ def test_a_recorder_on_the_wire_sees_no_metadata(daemons, make_manager, tmp_path
         made = Engine(BLOCKS)
         assert engine.store(made.kv, ks, made.compute(ks)) == BLOCKS
         host, port = engine.stats()["peer_address"].rsplit(":", 1)
-        wire: list[bytes] = []
-
-        async def relay(reader, writer) -> None:
-            """A man in the middle: records both directions and passes them on."""
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-
-            async def pump(src, dst) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while chunk := await src.read(1 << 16):
-                        wire.append(chunk)
-                        dst.write(chunk)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-        async def scenario() -> list[bytes]:
-            proxy = await asyncio.start_server(relay, "127.0.0.4", 0)
-            client = PeerClient(agent, SECRET, [GEOMETRY.fingerprint])
-            try:
-                await client.connect("127.0.0.4", proxy.sockets[0].getsockname()[1], 10)
-                return await pull(client, ks, ManagerTiers(mgr), timeout=20)
-            finally:
-                await client.close()
-                proxy.close()
-
-        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == ks  # pulled through it
+        pulled, recorded = recorded_pull(host, int(port), agent, mgr, ks)
+        assert pulled == ks  # pulled through it
         got = Engine(BLOCKS)
         assert onboard(mgr, got.kv, ks, list(range(BLOCKS))) == BLOCKS
         assert all(got.holds(k, i) for i, k in enumerate(ks))
-        recorded = b"".join(wire)
         assert theirs and len(recorded) > 1000
         for metadata in (agent.metadata, theirs[0]):
             # not whole, and not in any 32-byte piece

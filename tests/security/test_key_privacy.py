@@ -11,7 +11,6 @@ what is there."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import struct
 
 import aetcd
@@ -20,12 +19,10 @@ import xxhash
 from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
 from kvbm.hashing import BlockHasher, HashKey
-from kvbm.peer_tiers import ManagerTiers
 from tests.node_daemon import until
-from tests.security.peer_attacks import SECRET, write_secret
+from tests.security.peer_attacks import recorded_pull, write_secret
 from tests.support import GEOMETRY, Engine
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import PeerClient, pull
 
 BLOCKS = 8
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -79,39 +76,13 @@ def test_keys_in_etcd_and_on_the_wire_reveal_no_known_prompt(etcd, daemons, make
             "the node never published the prompt's blocks",
         )
         host, port = engine.stats()["peer_address"].rsplit(":", 1)
-        wire: list[bytes] = []
-
-        async def relay(reader, writer) -> None:
-            """Records both directions of a peer session and passes them on."""
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-
-            async def pump(src, dst) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while chunk := await src.read(1 << 16):
-                        wire.append(chunk)
-                        dst.write(chunk)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-        async def session() -> list[bytes]:
-            proxy = await asyncio.start_server(relay, "127.0.0.4", 0)
-            client = PeerClient(agent, SECRET, [GEOMETRY.fingerprint])
-            try:
-                await client.connect("127.0.0.4", proxy.sockets[0].getsockname()[1], 10)
-                return await pull(client, ks, ManagerTiers(mgr), timeout=20)
-            finally:
-                await client.close()
-                proxy.close()
-
-        assert asyncio.run(asyncio.wait_for(session(), 60)) == ks  # the blocks crossed it
+        pulled, recorded = recorded_pull(host, int(port), agent, mgr, ks)
+        assert pulled == ks  # the blocks crossed the recorder
         got = Engine(BLOCKS)
         assert onboard(mgr, got.kv, ks, list(range(BLOCKS))) == BLOCKS
         assert all(got.holds(k, i) for i, k in enumerate(ks))
 
         in_etcd = asyncio.run(etcd_contents(etcd))
-        recorded = b"".join(wire)
         assert len(recorded) > 1000
         other = BlockHasher(HashKey.derive(b"a secret that is not the fleet's"))
         guesses = {
