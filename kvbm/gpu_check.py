@@ -63,7 +63,7 @@ def _check(dtype: str) -> dict[str, Any]:
     from discovery.etcd_server import EtcdServer
     from kvbm.bench.e2e import Engine
     from kvbm.bench.model import build_llama
-    from kvbm.connector.attach import NodeAttachment
+    from kvbm.connector.attach import NodeAttachment, node_stats
     from kvbm.connector.identity import checkpoint_identity
     from kvbm.engine_wire import geometry_from_wire
     from kvbm.node_process import NodeProcess
@@ -97,7 +97,7 @@ def _check(dtype: str) -> dict[str, Any]:
 
             reference = answers(None)
             first = answers({"node": a.socket})
-            geometry = geometry_from_wire(_stats(a.socket)["geometry"])
+            geometry = geometry_from_wire(node_stats(a.socket)["geometry"])
             probe = NodeAttachment(b.socket, geometry, remote=["host"])
             try:
                 seed = probe.hasher.seed(checkpoint_identity(model, dtype=dtype))
@@ -150,16 +150,6 @@ def _check(dtype: str) -> dict[str, Any]:
         and res["leases_left"] == 0
     )
     return res
-
-
-def _stats(socket: str) -> dict:
-    from kvbm.engine_wire import EngineLink
-
-    link = EngineLink(socket)
-    try:
-        return link.call("stats", {})
-    finally:
-        link.close()
 
 
 if __name__ == "__main__":
