@@ -4,9 +4,11 @@ With a sharded index (`locations`, discovery/sharded.py), etcd carries only
 the node records: the mirror watches those (who is live: the owners' ring),
 and locations go to their owners over the peer RPC instead.
 
-Three tasks, each owning one stream: `_keepalive` refreshes the lease every
-TTL/3, `_flusher` writes the runs that changed (discovery/runs.py) in
-transactions of at most 128 operations, `_watcher` feeds the mirror. When
+Three tasks, each owning one stream: `_keepalive` refreshes the lease and
+the record's stamp every TTL/3 (discovery/liveness.py: what makes a record
+believed), and stops believing records past their validity; `_flusher`
+writes the runs that changed (discovery/runs.py) in transactions of at most
+128 operations; `_watcher` feeds the mirror. When
 etcd is unreachable, lookups go on from the mirror, changes accumulate
 (coalesced), and when etcd is back the node keeps its lease if it survived,
 or takes a new one and republishes its whole state. The watch resumes at
@@ -25,8 +27,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 import aetcd
 import aetcd.exceptions
 
-from discovery.errors import DuplicateNode, IndexUnavailable
+from discovery.errors import IndexUnavailable
 from discovery.etcd_client import open_client, read_prefix
+from discovery.liveness import Session, claim
 from discovery.mirror import IndexMirror
 from discovery.records import LookupResult, NodeRecord, Tier
 from discovery.runs import RunBook
@@ -89,6 +92,8 @@ class EtcdIndex:
         self.mirror = IndexMirror(namespace, signer)
         self.book = RunBook()
         self.writes = 0  # etcd put/delete operations sent (for the bench)
+        self.beats = 0  # the record written again, with a keepalive
+        self.session = Session()
         self.bytes_written = 0  # keys and values put
         self._in_etcd: set[int] = set()  # runs etcd holds for us, as far as we know
         self._inflight: tuple[set[int], set[int]] = (set(), set())  # (first, then)
@@ -233,15 +238,16 @@ class EtcdIndex:
             if self._lease is not None:
                 reply = await client.refresh_lease(self._lease)
                 if reply is not None and reply.TTL > 0:
+                    await self._beat(client)
                     self._up.set()
                     self._dirty.set()
                     return
             path = node_path(self.namespace, self.node.node_id)
-            await self._claim(client, path)
+            await claim(client, path, self.node.node_id, self.lease_ttl, self.signer)
             lease = await client.lease(self.lease_ttl)
             # The lease counts as ours only once the record is under it: a
             # session that fails here is retried whole, never half kept.
-            await client.put(path, self._value(path, self.node.encode()), lease=lease.id)
+            await client.put(path, self._record(path, lease.id), lease=lease.id)
             self._lease = lease.id
             if self.locations is not None:
                 self.locations.new_session(lease.id)
@@ -258,30 +264,6 @@ class EtcdIndex:
                 self.node.node_id,
             )
 
-    async def _claim(self, client: aetcd.Client, path: bytes) -> None:
-        """Before our record goes in: a record of our id under another lease is
-        ours from a session that died (a restart within the TTL: that lease
-        is revoked, and every key of the old session with it), or a second
-        live node's (DuplicateNode). A record the fleet did not sign is not
-        believed: ours replaces it."""
-        got = await client.get(path)
-        if got is None or not got.lease or got.lease == self._lease:
-            return
-        try:
-            value = self.signer.open(path, got.value) if self.signer else got.value
-            other = NodeRecord.decode(value)
-        except ValueError:
-            return
-        if await _lease_alive(client, got.lease):
-            where = f"{other.address}:{other.rpc_port}" if other.rpc_port else other.address
-            raise DuplicateNode(
-                f"node id {self.node.node_id!r} is held by a live node at {where}; "
-                "give each node its own node_id"
-            )
-        log.info("taking over this node id from a session that died lease=%x", got.lease)
-        with contextlib.suppress(aetcd.exceptions.ClientError):
-            await client.revoke_lease(got.lease)
-
     async def set_record(self, record: NodeRecord) -> None:
         """Publish a new record of this node (its peer port, once it serves);
         while etcd is away, the next session puts it."""
@@ -290,7 +272,7 @@ class EtcdIndex:
         self.node = record
         if self._up.is_set() and self._lease is not None:
             path = node_path(self.namespace, record.node_id)
-            value = self._value(path, record.encode())
+            value = self._record(path, self._lease)
             await self._attempt(self._live().put(path, value, lease=self._lease))
 
     async def _lost(self, error: BaseException, client: aetcd.Client | None = None) -> None:
@@ -355,10 +337,20 @@ class EtcdIndex:
                 await self._reconnect()
 
     async def _refresh(self) -> None:
-        reply = await self._live().refresh_lease(self._lease)
+        client = self._live()
+        reply = await client.refresh_lease(self._lease)
         if reply is None or reply.TTL <= 0:
             self._lease = None  # expired: the next session takes a new one
             raise IndexUnavailable("lease expired")
+        await self._beat(client)
+        if self._watching and self.mirror.expire():  # records nobody refreshed: dead nodes
+            self._update_members()
+
+    async def _beat(self, client: aetcd.Client) -> None:
+        """The record again, with a new stamp: what proves this node alive."""
+        path = node_path(self.namespace, self.node.node_id)
+        await client.put(path, self._record(path, self._lease), lease=self._lease)
+        self.beats += 1
 
     async def _flusher(self) -> None:
         if self.locations is not None:
@@ -470,7 +462,7 @@ class EtcdIndex:
                 self._ripening.pop(rid, None)
             path = run_path(self.namespace, self.node.node_id, rid)
             if record is not None:
-                value = self._value(path, record.encode())
+                value = self._value(path, record.encode(), lease)
                 ops.append(tx.put(path, value, lease=lease))
                 self.bytes_written += len(path) + len(value)
             elif rid in self._in_etcd:
@@ -480,8 +472,16 @@ class EtcdIndex:
             sent.append((rid, record is not None))
         return ops, sent
 
-    def _value(self, path: bytes, value: bytes) -> bytes:
-        return value if self.signer is None else self.signer.sign(path, value)
+    def _value(self, path: bytes, value: bytes, lease: int | None, valid: int = 0) -> bytes:
+        """`value` signed for `path` under `lease` in this session (a node
+        record with a validity of `valid` ms)."""
+        if self.signer is None:
+            return value
+        s = self.session
+        return self.signer.sign(path, value, lease or 0, s.nonce, s.stamp(), valid)
+
+    def _record(self, path: bytes, lease: int | None) -> bytes:
+        return self._value(path, self.node.encode(), lease, self.lease_ttl * 1000)
 
     async def _watcher(self) -> None:
         first = True
@@ -509,7 +509,7 @@ class EtcdIndex:
                 kv = event.kv
                 if event.kind == "PUT":
                     # a record the fleet did not sign changes nobody's lease either
-                    if self.mirror.put(kv.key, kv.value, kv.mod_revision):
+                    if self.mirror.put(kv.key, kv.value, kv.mod_revision, kv.lease):
                         self._note_lease(kv.key, kv.lease)
                 else:
                     self.mirror.delete(kv.key, kv.mod_revision)
@@ -542,7 +542,7 @@ class EtcdIndex:
         the old view until the new one is complete."""
         revision, cluster, kvs = await read_prefix(self._live(), self._watch_prefix)
         fresh = IndexMirror(self.namespace, self.signer)
-        signed = [kv for kv in kvs if fresh.put(kv.key, kv.value, kv.mod_revision)]
+        signed = [kv for kv in _records_first(kvs, self.namespace) if fresh.put(*_put_args(kv))]
         fresh.revision = revision
         self.mirror.adopt(fresh)
         self._cluster_id = cluster
@@ -612,21 +612,18 @@ async def snapshot(
             with contextlib.suppress(*_ETCD_ERRORS):
                 await client.close()
         mirror = IndexMirror(namespace, signer)
-        for kv in kvs:
-            mirror.put(kv.key, kv.value, kv.mod_revision)
+        for kv in _records_first(kvs, namespace):
+            mirror.put(*_put_args(kv))
         return mirror
     raise IndexUnavailable(f"cannot reach etcd at {list(endpoints)}: {last!r}")
 
 
-async def _lease_alive(client: aetcd.Client, lease: int) -> bool:
-    """Whether someone keeps `lease` alive: its TTL is refreshed within one
-    keepalive period (a third of it, as nodes refresh theirs). Costs that
-    period's wait, once, when a node starts where a record of its id is."""
-    info = await client.get_lease_info(lease, keys=False)
-    if info.TTL <= 0:
-        return False
-    wait = info.grantedTTL / 3 + 0.5
-    await asyncio.sleep(wait)
-    later = await client.get_lease_info(lease, keys=False)
-    unrefreshed = max(0, info.TTL - wait + 1)  # what is left if nobody refreshed it
-    return unrefreshed < later.TTL
+def _records_first(kvs: list, namespace: str) -> list:
+    """A range read's keys, node records first: a run is shown only with the
+    record of its session (discovery/mirror.py)."""
+    records = nodes_prefix(namespace)
+    return sorted(kvs, key=lambda kv: not kv.key.startswith(records))
+
+
+def _put_args(kv: object) -> tuple[bytes, bytes, int, int]:
+    return kv.key, kv.value, kv.mod_revision, kv.lease  # type: ignore[attr-defined]

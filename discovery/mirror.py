@@ -6,18 +6,25 @@ deleted tells which of its keys to forget).
 Fed by etcd watch events (or directly, by the in-memory index). Lookups are
 local reads, never an etcd round trip; the view may be a little stale, which
 is safe: every pulled block is verified by the transport anyway.
+
+With a signer, a node's locations are shown only while its record is
+believed (signed under the lease etcd says it is under, and fresh: see
+discovery/signing.py) and only those of that record's session (lease and
+nonce): copies a dead node's values put back by an etcd writer are not.
+Runs of a node not believed now wait (kept, not shown) for its record.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, ItemsView, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Callable, Mapping, Sequence
 
 from discovery.keytable import KeyTable
+from discovery.mirror_views import Holders, Locations
 from discovery.records import LookupResult, NodeRecord, PeerRun, Tier, runs_of
 from discovery.runs import RunRecord
 from discovery.schema import namespace_prefix, parse_path, run_path
-from discovery.signing import IndexSigner
+from discovery.signing import IndexSigner, Signed, wall_ms
 
 log = logging.getLogger("discovery.mirror")
 # ~87 bytes a location (the key table, and the run values kept): about 1.4 GB
@@ -25,71 +32,13 @@ log = logging.getLogger("discovery.mirror")
 MAX_LOCATIONS = 16_000_000
 
 
-class Holders(dict):
-    """Which nodes hold a block, and in which tier: {node_id: Tier}. Shared by
-    every block with the same holders and never changed in place (a change
-    swaps in another one), so neighbouring blocks of a prompt usually point at
-    one object, and a location costs a small id in the key table, not a dict."""
-
-    __slots__ = ()
-
-
 _NOBODY = Holders()
+_UNBELIEVED = object()  # the session of a node whose record is not believed
+Session = tuple[int, bytes] | None  # (lease, nonce) of a signed value; None: unsigned
 # (key, its holders now: empty when nobody), and whether what the follower
 # knew is to be forgotten first (the first batch of the whole mirror)
 Follower = Callable[[list[tuple[bytes, Mapping[str, Tier]]], bool], None]
 FOLLOW_BATCH = 65_536  # keys per call when the whole mirror is told
-
-
-class Locations(Mapping[bytes, Holders]):
-    """The mirror's block locations, read-only: {key: Holders}. Always the
-    mirror's current table (also after `adopt`)."""
-
-    __slots__ = ("_mirror",)
-
-    def __init__(self, mirror: IndexMirror) -> None:
-        self._mirror = mirror
-
-    def __getitem__(self, key: bytes) -> Holders:
-        i = self._mirror._table.get(key)
-        if i is None:
-            raise KeyError(key)
-        return self._mirror._holders[i]  # type: ignore[return-value]
-
-    def get(self, key: bytes, default: Holders | None = None) -> Holders | None:  # type: ignore[override]
-        i = self._mirror._table.get(key)
-        return default if i is None else self._mirror._holders[i]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._mirror._table
-
-    def __len__(self) -> int:
-        return len(self._mirror._table)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._mirror._table.keys()
-
-    def values(self) -> ValuesView[Holders]:
-        return _Values(self)
-
-    def items(self) -> ItemsView[bytes, Holders]:
-        return _Items(self)
-
-
-class _Values(ValuesView[Holders]):
-    """Iterates the table's ids, not its keys: no key bytes are rebuilt."""
-
-    def __iter__(self) -> Iterator[Holders]:
-        m = self._mapping._mirror  # type: ignore[attr-defined]
-        return map(m._holders.__getitem__, m._table.values())
-
-
-class _Items(ItemsView[bytes, Holders]):
-    def __iter__(self) -> Iterator[tuple[bytes, Holders]]:
-        m = self._mapping._mirror  # type: ignore[attr-defined]
-        holders = m._holders
-        for key, i in m._table.items():
-            yield key, holders[i]
 
 
 class IndexMirror:
@@ -118,12 +67,18 @@ class IndexMirror:
         self.malformed = 0
         self.rejected = 0  # values without a good signature
         self.over_cap = 0  # new locations refused at max_locations
+        self.stale = 0  # signed values refused as old: a record past its validity, a run replayed
+        self.clock: Callable[[], int] = wall_ms  # ms (tests set their own)
+        self._believed: dict[str, Signed] = {}  # node -> its record's signature (signed mode)
         self._names: dict[str, str] = {}  # one str object per node id, not per location
         self._follower: Follower | None = None
         self._reset_locations()
 
     def _reset_locations(self) -> None:
         self._runs: dict[bytes, RunRecord] = {}  # the run records applied, by etcd key
+        # each kept run's node, session and stamp; the runs of each node
+        self._run_meta: dict[bytes, tuple[str, Session, int]] = {}
+        self._node_runs: dict[str, set[bytes]] = {}
         self._run_keys = 0  # keys in them
         self._table = KeyTable()
         # Holders by id, counted: an id is reused once no location points at it.
@@ -181,13 +136,16 @@ class IndexMirror:
             self._follower(batch, first)
 
     # -- feeding -----------------------------------------------------------
-    def put(self, path: bytes, value: bytes, revision: int = 0) -> bool:
-        """Apply one PUT; a malformed key or value is logged and skipped
+    def put(self, path: bytes, value: bytes, revision: int = 0, lease: int = 0) -> bool:
+        """Apply one PUT (`lease`: the one etcd says the key is under); a
+        malformed, unsigned or replayed key or value is logged and skipped
         (False: not applied)."""
         self.revision = max(self.revision, revision)
+        signed: Signed | None = None
         if self.signer is not None:
             try:
-                value = self.signer.open(path, value)
+                signed = self.signer.open(path, value, lease)
+                value = signed.value
             except ValueError:
                 self.rejected += 1
                 _now_and_then(
@@ -202,8 +160,7 @@ class IndexMirror:
                 record = NodeRecord.decode(value)
                 if record.node_id != parsed.node_id:
                     raise ValueError("node record under another node's key")
-                self.nodes[parsed.node_id] = record
-                return True
+                return self._put_record(record, signed)
             run = RunRecord.decode(value)
         except Exception as e:  # whatever a hostile value raises, it is skipped
             self.malformed += 1
@@ -215,6 +172,18 @@ class IndexMirror:
             )
             return False
         name = self._names.setdefault(parsed.node_id, parsed.node_id)
+        session = None if signed is None else signed.session
+        stamp = 0 if signed is None else signed.stamp
+        current, meta = self._current(name), self._run_meta.get(path)
+        if signed is not None and (
+            (meta is not None and meta[1] == session and stamp < meta[2])
+            or (current is not _UNBELIEVED and session != current)
+        ):
+            # an older copy of this run, or a run of a session other than the
+            # one believed now (a dead one's): not shown, not kept
+            self.stale += 1
+            _now_and_then(self.stale, "dropping replayed index values count=%d key=%r", path[:120])
+            return False
         old = self._runs.get(path)
         grown = len(run) - (0 if old is None else len(old))
         if grown > 0 and self._run_keys + grown > 2 * self.max_locations:
@@ -226,10 +195,16 @@ class IndexMirror:
             )
             return False
         self._run_keys += grown
-        gone, changed = run.changes_since(old)
+        shown = old if meta is not None and meta[1] == current else None
+        if session == current:
+            gone, changed = run.changes_since(shown)
+        else:  # waits for its node's record
+            gone, changed = ([] if shown is None else shown.block_keys()), []
         for key in gone:
             self._unset(key, name)
         self._runs[path] = run
+        self._run_meta[path] = (name, session, stamp)
+        self._node_runs.setdefault(name, set()).add(path)
         for key, tier in changed:
             self._set(key, name, tier)
         if self._follower is not None:
@@ -244,14 +219,92 @@ class IndexMirror:
             return
         if parsed.run_id is None:
             self.nodes.pop(parsed.node_id, None)
+            self._believe(parsed.node_id, None)
             return
+        self._tell(self._forget_run(path))
+
+    def _forget_run(self, path: bytes) -> list[bytes]:
+        """Drop a kept run; the keys it showed (unset here) are returned."""
         old = self._runs.pop(path, None)
-        if old is not None:
-            self._run_keys -= len(old)
-            keys = old.block_keys()
-            for key in keys:
-                self._unset(key, parsed.node_id)
-            self._tell(keys)
+        if old is None:
+            return []
+        self._run_keys -= len(old)
+        node, session, _ = self._run_meta.pop(path)
+        self._node_runs[node].discard(path)
+        if not self._node_runs[node]:
+            del self._node_runs[node]
+        if session != self._current(node):
+            return []
+        keys = old.block_keys()
+        for key in keys:
+            self._unset(key, node)
+        return keys
+
+    # -- who is believed ---------------------------------------------------
+    def _current(self, node: str) -> object:
+        """The session whose runs are shown for `node`: None unsigned,
+        _UNBELIEVED while no record of it is believed."""
+        if self.signer is None:
+            return None
+        believed = self._believed.get(node)
+        return _UNBELIEVED if believed is None else believed.session
+
+    def _put_record(self, record: NodeRecord, signed: Signed | None) -> bool:
+        node = record.node_id
+        if signed is not None:
+            now = self._believed.get(node)
+            if now is not None and now.session == signed.session and signed.stamp <= now.stamp:
+                return False  # an older copy of what is believed
+            if not signed.valid or not signed.fresh(self.clock()):
+                self.stale += 1
+                _now_and_then(
+                    self.stale, "dropping node records out of date count=%d node=%s", node
+                )
+                return False
+            self._believe(node, signed)
+        self.nodes[node] = record
+        return True
+
+    def _believe(self, node: str, signed: Signed | None) -> None:
+        """`node`'s record is now the one signed so (None: none is): its runs
+        of that session are shown, those of the session shown before are
+        not, and those of any other session are dropped once one is believed."""
+        if self.signer is None:
+            return
+        before = self._current(node)
+        if signed is None:
+            self._believed.pop(node, None)
+        else:
+            self._believed[node] = signed
+        after = self._current(node)
+        if before == after:
+            return
+        touched: list[bytes] = []
+        for path in list(self._node_runs.get(node, ())):
+            session = self._run_meta[path][1]
+            if session == after:
+                run = self._runs[path]
+                for key, tier in zip(run.block_keys(), run.tiers(), strict=True):
+                    self._set(key, node, tier)
+                    touched.append(key)
+            elif session == before:
+                keys = self._runs[path].block_keys()
+                for key in keys:
+                    self._unset(key, node)
+                touched += keys
+            if signed is not None and session != after:
+                self._forget_run(path)
+        self._tell(touched)
+
+    def expire(self) -> list[str]:
+        """Stop believing records past their validity (their node stopped
+        refreshing them: it died); the nodes dropped."""
+        now = self.clock()
+        old = [n for n, s in self._believed.items() if not s.fresh(now)]
+        for node in old:
+            self.nodes.pop(node, None)
+            self._believe(node, None)
+        return old
 
     def apply_runs(
         self, node_id: str, phases: Sequence[Sequence[tuple[int, RunRecord | None]]]
@@ -300,6 +353,8 @@ class IndexMirror:
         """Take over another mirror's content in one step (a resync), so lookups
         see the old view or the new one, never a half-built one."""
         self.nodes, self._names, self._runs = fresh.nodes, fresh._names, fresh._runs
+        self._believed, self._run_meta = fresh._believed, fresh._run_meta
+        self._node_runs = fresh._node_runs
         self._run_keys = fresh._run_keys
         self._table, self._holders, self._refs = fresh._table, fresh._holders, fresh._refs
         self._free, self._ids = fresh._free, fresh._ids
@@ -307,10 +362,12 @@ class IndexMirror:
         self.malformed += fresh.malformed
         self.rejected += fresh.rejected
         self.over_cap += fresh.over_cap
+        self.stale += fresh.stale
         self._tell_everything()
 
     def clear(self) -> None:
         self.nodes.clear()
+        self._believed.clear()
         self._reset_locations()
         self._tell_everything()
 

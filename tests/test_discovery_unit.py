@@ -246,38 +246,99 @@ def test_lookup_matches_a_key_by_key_model(ops, wanted):
 # --- signed values, and the mirror's cap ---------------------------------------------------
 
 
-def test_a_signed_value_opens_only_under_its_own_path_and_secret():
+def test_a_signed_value_opens_only_under_its_own_path_lease_and_secret():
     from discovery.signing import IndexSigner
 
     signer = IndexSigner(b"s" * 32)
     path = run_path(NS, "A", 1)
-    data = signer.sign(path, b"host")
-    assert signer.open(path, data) == b"host"
-    for bad_path, bad_data in (
-        (run_path(NS, "A", 2), data),  # moved to another run
-        (run_path(NS, "B", 1), data),  # moved to another node
-        (path, data[:-1] + bytes([data[-1] ^ 1])),  # a flipped bit
-        (path, b"host"),  # unsigned
-        (path, b""),
+    data = signer.sign(path, b"host", lease=7, nonce=b"n" * 16, stamp=5, valid=9)
+    opened = signer.open(path, data, lease=7)
+    assert (opened.value, opened.session, opened.stamp, opened.valid) == (
+        b"host",
+        (7, b"n" * 16),
+        5,
+        9,
+    )
+    for bad_path, bad_data, lease in (
+        (run_path(NS, "A", 2), data, 7),  # moved to another run
+        (run_path(NS, "B", 1), data, 7),  # moved to another node
+        (path, data, 8),  # put back under another lease
+        (path, data[:-1] + bytes([data[-1] ^ 1]), 7),  # a flipped bit
+        (path, data[:-40] + bytes([data[-40] ^ 1]) + data[-39:], 7),  # another stamp
+        (path, b"host", 7),  # unsigned
+        (path, b"", 7),
     ):
         with pytest.raises(ValueError):
-            signer.open(bad_path, bad_data)
+            signer.open(bad_path, bad_data, lease)
     with pytest.raises(ValueError):
-        IndexSigner(b"t" * 32).open(path, data)  # another fleet's secret
+        IndexSigner(b"t" * 32).open(path, data, 7)  # another fleet's secret
+
+
+class SignedFleet:
+    """Values as nodes sign them, put into a signed mirror as etcd sends them."""
+
+    def __init__(self) -> None:
+        from discovery.signing import IndexSigner
+
+        self.signer = IndexSigner(b"s" * 32)
+        self.m = IndexMirror(NS, self.signer)
+        self.now = 1_000_000
+        self.m.clock = lambda: self.now
+
+    def record(self, node: str, lease: int, nonce: bytes, stamp: int) -> tuple[bytes, bytes]:
+        path = node_path(NS, node)
+        value = NodeRecord(node, "127.0.0.1", 7000).encode()
+        return path, self.signer.sign(path, value, lease, nonce, stamp, valid=10_000)
+
+    def run(self, node: str, rid: int, keys: list[int], lease: int, nonce: bytes, stamp: int):
+        path = run_path(NS, node, rid)
+        value = RunRecord.of([key(i) for i in keys], [Tier.HOST] * len(keys)).encode()
+        return path, self.signer.sign(path, value, lease, nonce, stamp)
 
 
 def test_a_signed_mirror_drops_what_the_fleet_did_not_sign():
-    from discovery.signing import IndexSigner
-
-    signer = IndexSigner(b"s" * 32)
-    m = IndexMirror(NS, signer)
+    f = SignedFleet()
+    m = f.m
+    path, data = f.record("A", 5, b"a" * 16, f.now)
+    assert m.put(path, data, lease=5)
     good, forged = run_path(NS, "A", 1), run_path(NS, "A", 2)
-    m.put(good, signer.sign(good, RunRecord.of([key(1)], [Tier.HOST]).encode()))
-    m.put(forged, RunRecord.of([key(2)], [Tier.HOST]).encode())
-    m.put(node_path(NS, "A"), NodeRecord("A", "127.0.0.1", 7000).encode())
-    assert m.holders(key(1)) == {"A": Tier.HOST}
-    assert m.holders(key(2)) == {} and "A" not in m.nodes
+    assert m.put(*f.run("A", 1, [1], 5, b"a" * 16, f.now), lease=5)
+    m.put(forged, RunRecord.of([key(2)], [Tier.HOST]).encode(), lease=5)
+    m.put(node_path(NS, "B"), NodeRecord("B", "127.0.0.1", 7000).encode())
+    assert m.holders(key(1)) == {"A": Tier.HOST} and good in m._runs
+    assert m.holders(key(2)) == {} and set(m.nodes) == {"A"}
     assert m.rejected == 2
+
+
+def test_a_signed_mirror_believes_a_session_only_while_its_record_is_fresh():
+    """What an etcd writer copies and puts back: under a lease of its own
+    (refused: signed for another lease), under the dead node's lease id once
+    its record is past its validity (refused: stale), an older copy of a run
+    of a live session (refused); and a node's runs show only with its record."""
+    f = SignedFleet()
+    m, s1, s2 = f.m, b"1" * 16, b"2" * 16
+    run = f.run("A", 0, [1, 2], 5, s1, f.now)
+    assert m.put(*run, lease=5)  # before its record: kept, not shown
+    assert m.holders(key(1)) == {} and m.lookup([key(1)], "me").total == 0
+    rec = f.record("A", 5, s1, f.now)
+    assert m.put(*rec, lease=5)
+    assert m.holders(key(1)) == {"A": Tier.HOST}
+    assert not m.put(*rec, lease=99)  # a copy under another lease
+    newer = f.run("A", 0, [1], 5, s1, f.now + 1)
+    assert m.put(*newer, lease=5) and m.holders(key(2)) == {}
+    assert not m.put(*run, lease=5)  # the older copy of the run
+    assert m.holders(key(2)) == {}
+    # A stops refreshing: its record is past its validity, its runs go with it
+    f.now += 10_000 + 2_001
+    assert m.expire() == ["A"] and "A" not in m.nodes and m.holders(key(1)) == {}
+    assert not m.put(*rec, lease=5)  # its last record put back under its old lease id
+    assert "A" not in m.nodes and m.holders(key(1)) == {}
+    # A restarts (a new nonce and lease): only the new session's runs show
+    assert m.put(*f.record("A", 6, s2, f.now), lease=6)
+    assert m.holders(key(1)) == {} and not m._runs
+    assert not m.put(*newer, lease=5)  # the dead session's run
+    assert m.put(*f.run("A", 0, [3], 6, s2, f.now), lease=6)
+    assert m.holders(key(3)) == {"A": Tier.HOST} and m.holders(key(1)) == {}
 
 
 def test_the_mirror_keeps_at_most_max_locations():
