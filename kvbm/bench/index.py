@@ -32,7 +32,7 @@ from discovery.records import NodeRecord, Tier
 from discovery.runs import MAX_RUN_KEYS, RunRecord
 from discovery.schema import node_path, run_path
 from discovery.sharded import ShardedLocations
-from discovery.signing import IndexSigner
+from discovery.signing import IndexSigner, wall_ms
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, anchor_of, seq_hash
 from kvbm.config import KvbmConfig
@@ -220,6 +220,9 @@ def apply_cost(n: int = 100_000, run: int = 64) -> dict:
     out = {}
     for name, signer in (("mirror_apply_us", None), ("mirror_apply_signed_us", SIGNER)):
         m = IndexMirror(NS, signer)
+        if signer is not None:  # a node's runs show with its record, fresh
+            rec, n1 = node_path(NS, "n1"), NodeRecord("n1", "127.0.0.1", 1).encode()
+            m.put(rec, signer.sign(rec, n1, stamp=wall_ms(), valid=3_600_000))
         values = (
             raw if signer is None else [signer.sign(*pv) for pv in zip(paths, raw, strict=True)]
         )

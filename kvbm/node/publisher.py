@@ -173,7 +173,9 @@ class Publisher:
     def _first_publish(self, mgr: BlockManager) -> None:
         assert self.index is not None
         mirror = self.index.mirror
-        mgr.metrics.watch_index(lambda: mirror.rejected, lambda: mirror.over_cap)
+        # values not believed: not signed by the fleet, or copies out of date
+        rejected = lambda: mirror.rejected + mirror.stale  # noqa: E731
+        mgr.metrics.watch_index(rejected, lambda: mirror.over_cap)
         mgr.take_changes()  # superseded by the full state below
         self._publish(mgr, everything=True)
         view, me = mgr.view, self.record.node_id
