@@ -21,7 +21,9 @@ serving its other peers. At most `max_connections` peers are connected at
 once; a peer that connects beyond that takes the place of the connection
 idle longest (no call for IDLE_CLOSE_S, no pins held), so in a fleet larger
 than the cap a node's idle peers reconnect when they next call instead of
-new ones being refused.
+new ones being refused. Before both sides have proved the secret a
+connection holds a place at the gate of preauth.py: a few per source
+address, MAX_UNAUTHENTICATED from all addresses together.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
+from transport.preauth import Gate, quiet_accept_errors
 from transport.tiers import BlockSink, BlockSource, LocationOwner, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
@@ -60,6 +63,7 @@ IDLE_CLOSE_S = 5.0  # a connection quiet this long may give its place to a new p
 HUNG_UP = "peer closed the connection"
 # Before a valid hello a connection costs the node little and not for long:
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16
+MAX_UNAUTHENTICATED = 256  # from all addresses (the node's descriptors: daemon.fit_file_limit)
 HELLO_TIMEOUT_S = 5.0  # from accept to a valid hello
 PRE_AUTH_MAX_FRAME = 64 << 10  # a hello is a nonce, a node id and a few fingerprints
 FRAME_TIMEOUT_S = 10.0  # from a frame's length to its last byte
@@ -113,8 +117,9 @@ class PeerServer:
         self.connections = 0  # authenticated ones
         self.closed_idle = 0  # connections closed to make room for a new peer
         self._open: dict[asyncio.Task, _Connection] = {}  # authenticated, by handler
-        self.unauthenticated: dict[str, int] = {}  # address -> connections before hello
-        self._refusals = _Refusals()
+        self.preauth = Gate(
+            MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_ADDRESS, "connections before hello", log
+        )
         self.pins: dict[str, dict[bytes, _Pin]] = {}
         self._asking: dict[str, int] = {}  # peer -> keys its pins in flight may pin
         self._server: asyncio.Server | None = None
@@ -122,6 +127,7 @@ class PeerServer:
         self._handlers: set[asyncio.Task] = set()  # one per open connection
 
     async def start(self, host: str, port: int) -> int:
+        quiet_accept_errors()
         self._server = await asyncio.start_server(self._serve, host, port)
         self._tasks = [asyncio.create_task(self._reaper())]
         if not self.agent.drives_itself:
@@ -173,24 +179,22 @@ class PeerServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
-        ip: str | None = str(addr[0]) if isinstance(addr, tuple) else "?"
-        self.unauthenticated[ip] = self.unauthenticated.get(ip, 0) + 1
         handler = asyncio.current_task()
         assert handler is not None
         self._handlers.add(handler)
+        ticket = self.preauth.admit(str(addr[0]) if isinstance(addr, tuple) else "?", handler)
+        authenticated = False
         try:
-            if self.unauthenticated[ip] > MAX_UNAUTHENTICATED_PER_ADDRESS:
-                self._refusals.note(
-                    f"more than {MAX_UNAUTHENTICATED_PER_ADDRESS} connections before hello", ip
-                )
+            if ticket is None:  # its address holds its share already (logged by the gate)
                 return
             try:
                 handshake = self._handshake(reader, writer)
                 session, msg, node = await asyncio.wait_for(handshake, HELLO_TIMEOUT_S)
             except TimeoutError:
                 raise ProtocolError(f"no hello within {HELLO_TIMEOUT_S:g} s") from None
-            self._authenticated(ip)  # both sides proved the secret, now
-            ip = None
+            ticket.release()  # both sides proved the secret, now
+            self.connections += 1
+            authenticated = True
             conn = self._open[handler] = _Connection(node)
             if self.connections > self.max_connections and not self._close_idlest():
                 raise ProtocolError(f"more than {self.max_connections} peer connections")
@@ -220,10 +224,10 @@ class PeerServer:
         finally:
             self._handlers.discard(handler)
             self._open.pop(handler, None)
-            if ip is None:
+            if ticket is not None:
+                ticket.release()
+            if authenticated:
                 self.connections -= 1  # the peer's pins live on until unpinned or expired
-            else:
-                self._unauthenticated_gone(ip)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -250,17 +254,6 @@ class PeerServer:
         self.closed_idle += 1
         task.cancel()  # its handler ends as at close(): the writer closed, the count given back
         return True
-
-    def _authenticated(self, ip: str) -> None:
-        self._unauthenticated_gone(ip)
-        self.connections += 1
-
-    def _unauthenticated_gone(self, ip: str) -> None:
-        left = self.unauthenticated[ip] - 1
-        if left:
-            self.unauthenticated[ip] = left
-        else:
-            del self.unauthenticated[ip]
 
     async def _call(self, peer: str, msg: Message) -> dict:
         if msg.call == "pin":
@@ -375,26 +368,6 @@ class PeerServer:
         """Pins a thread took for a pin call that ended without them."""
         if not done.cancelled() and done.exception() is None:
             self.source.complete_read(done.result())
-
-
-class _Refusals:
-    """Connections refused before any frame: logged at most every LOG_EVERY_S
-    with a count, so a flood of them cannot flood the log too."""
-
-    LOG_EVERY_S = 10.0
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.last = -self.LOG_EVERY_S
-
-    def note(self, reason: str, ip: str) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self.last >= self.LOG_EVERY_S:
-            log.warning(
-                "refusing peer connections reason=%s addr=%s refused=%d", reason, ip, self.count
-            )
-            self.count, self.last = 0, now
 
 
 def _keys(msg: Message) -> list[bytes]:
