@@ -43,6 +43,7 @@ from discovery.records import NodeRecord
 from discovery.signing import CLOCK_SKEW_MS, NONCE_BYTES, IndexSigner, Signed, wall_ms
 
 log = logging.getLogger("discovery.etcd")
+PROOF_MARGIN_S = 2.0  # past one keepalive period, how long a claim waits for the owner's proof
 
 
 class Session:
@@ -72,8 +73,9 @@ async def claim(
     put back by an etcd writer never is. Anything else is ours from a
     session that died (a restart within the TTL: that lease is revoked, and
     every key of the old session with it), or not believed: ours replaces
-    it. Costs one keepalive period's wait when a fresh record of the id is
-    there."""
+    it. Costs up to one keepalive period and PROOF_MARGIN_S when a fresh
+    record of the id is there (a starting daemon waits longer for its join:
+    INDEX_FIRST_WAIT_S more than the period)."""
     got = await client.get(path)
     if got is None or not got.lease:
         return
@@ -86,10 +88,13 @@ async def claim(
     except ValueError:
         log.info("replacing a record of this node id not signed under its lease")
         return
-    began = wall_ms()
-    if first.fresh(began):
-        await asyncio.sleep(lease_ttl / 3 + 0.5)
-        proof = await _proof(client, path, signer, max(first.stamp, began - CLOCK_SKEW_MS))
+    began, after = wall_ms(), max(first.stamp, wall_ms() - CLOCK_SKEW_MS)
+    # a live owner writes its record every TTL/3: look that long, and a margin
+    # for a busy owner or etcd, asking a few times a second
+    until = asyncio.get_running_loop().time() + lease_ttl / 3 + PROOF_MARGIN_S
+    while first.fresh(began) and asyncio.get_running_loop().time() < until:
+        await asyncio.sleep(0.25)
+        proof = await _proof(client, path, signer, after)
         if proof is not None:
             other = NodeRecord.decode(proof.value)
             raise DuplicateNode(f"node id {node_id!r} is held by a live node at {_where(other)}")
