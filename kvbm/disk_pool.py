@@ -6,12 +6,16 @@ between the file and the host arena):
     [superblock: 1 page][header table: 1 page per slot][data: slot_bytes per slot]
 
 Data sits contiguous, so a run of slots is one plain I/O, as fast as the disk.
-A slot's header (key, checksum, the key's group anchor, its own checksum)
-is written after its data:
+A slot's header (key, checksum, the key's group anchor, the data's seal,
+its own keyed sum) is written after its data:
 after a crash a header either names the block whose bytes are there, or an
-older block whose checksum the new bytes fail. A new process recovers the
+older block whose seal the new bytes fail. A new process recovers the
 blocks from the header table; every read verifies the data against the
-checksum, so a corrupted or torn slot is a miss, never wrong bytes.
+seal and the checksum, so a corrupted, torn or forged slot is a miss, never
+wrong bytes. The sums are keyed with the node's disk key (kvbm/disk_seal.py),
+and the file is opened only when it is the node user's own
+(kvbm/disk_file.py): neither another user nor whoever could write the file
+while the node was stopped can make it serve bytes the node did not write.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
-import xxhash
 
 from kvbm.block_key import MAX_ENCODED, BlockKey, parse_key
+from kvbm.disk_file import open_disk_directory, open_disk_file, reserve_file
+from kvbm.disk_seal import HEADER, SEAL_BYTES, SUM_BYTES, SUPER, DiskSeal
 from kvbm.errors import DiskTierError
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
@@ -41,20 +46,19 @@ log = logging.getLogger("kvbm.disk")
 
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
-VERSION = 2  # of the file's layout
-# Of a slot's header. 4: keys of 16-byte keyed hashes (kvbm/hashing.py). A
-# header of an older version names its block by a version 1 key, which no
-# engine asks for any more: recovery counts and drops it (never reads it as a
-# key of today's layout).
-SLOT_VERSION = 4
-_OLD_SLOT_VERSIONS = (2, 3)
+VERSION = 3  # of the file's layout; 3: the superblock's sum is keyed
+# Of a slot's header. 4: keys of 16-byte keyed hashes (kvbm/hashing.py); 5:
+# keyed sums (kvbm/disk_seal.py). A header of an older version is not sealed
+# by the node's key (nor names its block by a key any engine asks for, before
+# 4): recovery counts and drops it, never reads it.
+SLOT_VERSION = 5
+_OLD_SLOT_VERSIONS = (2, 3, 4)
 _SUPER = struct.Struct(
     "<8sIQQQQ"
 )  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
 _HEADER = struct.Struct(
     "<8sIQQH"
-)  # magic, version, data_len, checksum, key_len (then key, then crc)
-_SUM = struct.Struct("<Q")  # xxh3_64 of the superblock or header before it
+)  # magic, version, data_len, checksum, key_len (then key, anchor, seal, sum)
 _ANCHOR = struct.Struct("<Q")  # after the key
 _MAX_IOV = 1024
 IO_PIECE_BYTES = 16 << 20  # one vectored I/O; the bench's raw reference uses the same
@@ -108,9 +112,13 @@ class DiskPool:
         preallocate: bool = True,
         direct_io: bool = True,
         verify: Verify = content_matches,
+        mac_key: bytes,
     ) -> None:
+        """`mac_key`: the node's disk key (`disk_key` in kvbm/hashing.py); a
+        file sealed under another key is started empty, never served."""
         self.geometry = geometry
         self._verify = verify
+        self._seal = DiskSeal(mac_key)
         self.slot_bytes = geometry.slot_bytes
         num_slots = (capacity_bytes - PAGE) // (PAGE + self.slot_bytes)
         if num_slots < 1:
@@ -118,10 +126,6 @@ class DiskPool:
                 f"disk tier of {capacity_bytes} bytes cannot hold one "
                 f"{PAGE + self.slot_bytes}-byte slot"
             )
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as e:
-            raise DiskTierError(f"cannot create disk cache directory {directory}: {e}") from e
         self.path = arena_path(directory, geometry)
         self.data_start = PAGE + num_slots * PAGE
         self.size = self.data_start + num_slots * self.slot_bytes
@@ -129,11 +133,16 @@ class DiskPool:
         self._super = _SUPER.pack(
             MAGIC, VERSION, self.slot_bytes, num_slots, geometry.block_bytes, geometry.fingerprint
         )
+        self._seals = bytearray(num_slots * SEAL_BYTES)  # of each slot's data, from its header
         self.direct_io = False
         self._no_space_until = 0.0  # monotonic time; see `has_room`
+        dir_fd = open_disk_directory(directory)
+        try:
+            self.fd = self._open(dir_fd, direct_io, preallocate)
+        finally:
+            os.close(dir_fd)
         # Two I/O threads keep two requests in flight.
         self._io = ThreadPoolExecutor(2, thread_name_prefix="kvbm-disk-io")
-        self.fd = self._open(direct_io, preallocate)
         try:
             self.recovered = self._recover()
         except BaseException:
@@ -145,8 +154,8 @@ class DiskPool:
         return self.table.num_slots
 
     # -- opening -----------------------------------------------------------
-    def _open(self, direct_io: bool, preallocate: bool) -> int:
-        fd = self._open_fd(direct_io)
+    def _open(self, dir_fd: int, direct_io: bool, preallocate: bool) -> int:
+        fd, self.direct_io = open_disk_file(dir_fd, self.path, direct_io)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -161,57 +170,24 @@ class DiskPool:
                 raise DiskTierError(
                     f"{self.path} exists and is not a kvbm disk arena; refusing to overwrite it"
                 )
-            if os.fstat(fd).st_size:
+            if os.fstat(fd).st_size and self._read_page(fd, 0)[: _SUPER.size] == self._super:
+                log.warning(
+                    "disk arena was sealed under another key (the node's secret or id "
+                    "changed): starting it empty path=%s",
+                    self.path,
+                )
+            elif os.fstat(fd).st_size:
                 log.warning("disk arena layout changed; starting it empty path=%s", self.path)
             # The superblock goes first: a crash while reserving leaves a file
             # that is recognisably ours, to be recreated, never refused.
             os.ftruncate(fd, 0)
-            self._pwrite(
-                fd, [self._page(self._super + _SUM.pack(xxhash.xxh3_64_intdigest(self._super)))], 0
-            )
+            self._pwrite(fd, [self._page(self._sealed_super())], 0)
             os.fsync(fd)
-            self._reserve(fd, preallocate)
+            reserve_file(fd, self.path, self.size, preallocate)
             return fd
         except BaseException:
             os.close(fd)
             raise
-
-    def _open_fd(self, direct_io: bool) -> int:
-        flags = os.O_RDWR | os.O_CREAT
-        if direct_io and hasattr(os, "O_DIRECT"):
-            try:
-                fd = os.open(self.path, flags | os.O_DIRECT, 0o600)
-                self.direct_io = True
-                return fd
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise DiskTierError(f"cannot open disk arena {self.path}: {e}") from e
-                log.info("file system refuses O_DIRECT; using the page cache path=%s", self.path)
-        try:
-            return os.open(self.path, flags, 0o600)
-        except OSError as e:
-            raise DiskTierError(f"cannot open disk arena {self.path}: {e}") from e
-
-    def _reserve(self, fd: int, preallocate: bool) -> None:
-        os.ftruncate(fd, self.size)
-        if not preallocate:
-            return
-        try:
-            os.posix_fallocate(fd, 0, self.size)
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                log.info(
-                    "file system cannot preallocate; the arena file is sparse path=%s", self.path
-                )
-                return
-            os.ftruncate(fd, 0)
-            if e.errno == errno.ENOSPC:
-                free = os.statvfs(os.path.dirname(self.path))
-                raise DiskTierError(
-                    f"no room for a {self.size >> 20} MiB disk arena at {self.path} "
-                    f"({free.f_bavail * free.f_frsize >> 20} MiB free): lower the disk cache size"
-                ) from e
-            raise DiskTierError(f"cannot preallocate {self.path}: {e}") from e
 
     def _read_page(self, fd: int, offset: int) -> bytes:
         buf = _aligned(PAGE)
@@ -221,9 +197,11 @@ class DiskPool:
     def _superblock_matches(self, fd: int) -> bool:
         if os.fstat(fd).st_size != self.size:
             return False
-        page = self._read_page(fd, 0)
-        expect = self._super + _SUM.pack(xxhash.xxh3_64_intdigest(self._super))
-        return page[: len(expect)] == expect
+        expect = self._sealed_super()
+        return self._read_page(fd, 0)[: len(expect)] == expect
+
+    def _sealed_super(self) -> bytes:
+        return self._super + self._seal.sum(SUPER, self._super)
 
     def _is_ours(self, fd: int) -> bool:
         return self._read_page(fd, 0)[: len(MAGIC)] == MAGIC
@@ -237,8 +215,8 @@ class DiskPool:
     # -- recovery ----------------------------------------------------------
     def _recover(self) -> int:
         """Register every slot whose header is intact; data is verified on read."""
-        found: dict[BlockKey, tuple[int, int, int]] = {}
-        self._old_headers = 0
+        found: dict[BlockKey, tuple[int, int, int, bytes]] = {}
+        self._old_headers = self._bad_headers = 0
         batch = 256
         buf = _aligned(batch * PAGE)
         for first in range(0, self.num_slots, batch):
@@ -249,9 +227,10 @@ class DiskPool:
             for j in range(got // PAGE):
                 parsed = self._parse_header(buf[j * PAGE : (j + 1) * PAGE])
                 if parsed is not None:
-                    found.setdefault(parsed[0], (first + j, parsed[1], parsed[2]))
-        self.table.claim([slot for slot, _, _ in found.values()])
-        for key, (slot, csum, anchor) in found.items():
+                    found.setdefault(parsed[0], (first + j, *parsed[1:]))
+        self.table.claim([slot for slot, *_ in found.values()])
+        for key, (slot, csum, anchor, seal) in found.items():
+            self._seals[slot * SEAL_BYTES : (slot + 1) * SEAL_BYTES] = seal
             self.table.register(slot, key, csum, anchor)
         if found:
             log.info("disk arena recovered blocks=%d path=%s", len(found), self.path)
@@ -259,6 +238,13 @@ class DiskPool:
             log.warning(
                 "disk arena dropped blocks of an older key version blocks=%d path=%s",
                 self._old_headers,
+                self.path,
+            )
+        if self._bad_headers:
+            log.warning(
+                "disk arena dropped blocks whose header fails its keyed sum (a torn write, "
+                "or the file was altered) blocks=%d path=%s",
+                self._bad_headers,
                 self.path,
             )
         return len(found)
@@ -270,16 +256,17 @@ class DiskPool:
     def data_offset(self, slot: int) -> int:
         return self.data_start + slot * self.slot_bytes
 
-    def _header(self, key: BlockKey, csum: int, anchor: int) -> bytes:
+    def _header(self, key: BlockKey, csum: int, anchor: int, seal: bytes) -> bytes:
         size = self.geometry.block_bytes
         head = _HEADER.pack(SLOT_MAGIC, SLOT_VERSION, size, csum, len(key)) + key
-        head += _ANCHOR.pack(anchor)
-        return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+        head += _ANCHOR.pack(anchor) + seal
+        return head + self._seal.sum(HEADER, head)
 
     def _parse_header(
         self, page: bytes | memoryview | mmap.mmap
-    ) -> tuple[BlockKey, int, int] | None:
-        """(key, checksum, anchor), or None for a header that is not a whole one of ours."""
+    ) -> tuple[BlockKey, int, int, bytes] | None:
+        """(key, checksum, anchor, seal), or None for a header that is not a
+        whole one of ours, sealed under this node's key."""
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
         if magic == SLOT_MAGIC and version in _OLD_SLOT_VERSIONS:
             self._old_headers += 1
@@ -290,9 +277,10 @@ class DiskPool:
             return None
         end = _HEADER.size + klen
         (anchor,) = _ANCHOR.unpack_from(page, end)
-        end += _ANCHOR.size
-        (crc,) = _SUM.unpack_from(page, end)
-        if crc != xxhash.xxh3_64_intdigest(bytes(page[:end])):
+        seal = bytes(page[end + _ANCHOR.size : end + _ANCHOR.size + SEAL_BYTES])
+        end += _ANCHOR.size + SEAL_BYTES
+        if not self._seal.sum_ok(HEADER, bytes(page[:end]), bytes(page[end : end + SUM_BYTES])):
+            self._bad_headers += 1
             return None
         key = bytes(page[_HEADER.size : _HEADER.size + klen])
         try:
@@ -300,7 +288,7 @@ class DiskPool:
                 return None  # another model's block: never served for this one
         except ValueError:
             return None  # not a key: not a slot of ours
-        return BlockKey(key), csum, anchor
+        return BlockKey(key), csum, anchor, seal
 
     def _pwrite(self, fd: int, bufs: list, offset: int) -> None:
         want = sum(len(memoryview(b)) for b in bufs)
@@ -329,38 +317,46 @@ class DiskPool:
         small write on top of its data.
         """
         sums: list[int | None] = [None] * len(items)
+        seals: list[bytes] = [b""] * len(items)
         for idx, result in self._run_pieces(
             self._write_data, items, [it.dst for it in items], host
         ):
-            for i, c in zip(idx, result, strict=True):
-                sums[i] = c
+            for i, sealed in zip(idx, result, strict=True):
+                if sealed is not None:
+                    sums[i], seals[i] = sealed
         written = sorted(
             (i for i, c in enumerate(sums) if c is not None), key=lambda i: items[i].dst
         )
         for first, n, off in slot_runs(np.asarray([items[i].dst for i in written], dtype=np.int64)):
             run = written[off : off + n]
-            heads = [(items[i].key, sums[i], items[i].anchor) for i in run]
+            heads = [(items[i].key, sums[i], items[i].anchor, seals[i]) for i in run]
             if not self._write_headers(first, heads):  # type: ignore[arg-type]
                 for i in run:
                     sums[i] = None
+                continue
+            for i in run:
+                dst = items[i].dst
+                self._seals[dst * SEAL_BYTES : (dst + 1) * SEAL_BYTES] = seals[i]
         return sums
 
     def _write_data(self, first: int, piece: list[DiskWrite], host: HostPool) -> list:
+        """(checksum, seal) of each block of the piece, or None each where its write failed."""
         todo = [it.src for it in piece if it.checksum is None]
         taken = iter(host.checksums(todo))
         sums = [next(taken) if it.checksum is None else it.checksum for it in piece]
+        seals = [self._seal.seal(host.block_view(it.src)) for it in piece]
         try:
             bufs = [host.slot_buffer(it.src) for it in piece]
             self._pwrite(self.fd, bufs, self.data_offset(first))
-            return sums
+            return list(zip(sums, seals, strict=True))
         except OSError as e:
             self._failed_write(e, len(piece))
             return [None] * len(piece)
 
-    def _write_headers(self, first: int, entries: list[tuple[BlockKey, int, int]]) -> bool:
+    def _write_headers(self, first: int, entries: list[tuple[BlockKey, int, int, bytes]]) -> bool:
         headers = _aligned(len(entries) * PAGE)
-        for j, (key, csum, anchor) in enumerate(entries):
-            h = self._header(key, csum, anchor)
+        for j, (key, csum, anchor, seal) in enumerate(entries):
+            h = self._header(key, csum, anchor, seal)
             headers[j * PAGE : j * PAGE + len(h)] = h
         try:
             self._pwrite(self.fd, [headers], self.header_offset(first))
@@ -410,7 +406,12 @@ class DiskPool:
         except OSError as e:
             log.warning("disk read failed blocks=%d error=%s", len(piece), e)
             return [None] * len(piece)
-        return [self._verify(host.block_view(it.dst), it.checksum) for it in piece]
+        return [self._intact(host.block_view(it.dst), it) for it in piece]
+
+    def _intact(self, data: memoryview, item: DiskRead) -> bool:
+        """Sealed by this node's key as the block its header names, and of its checksum."""
+        seal = memoryview(self._seals)[item.src * SEAL_BYTES : (item.src + 1) * SEAL_BYTES]
+        return self._seal.opens(data, seal) and self._verify(data, item.checksum)
 
     def _run_pieces(
         self,

@@ -76,6 +76,21 @@ class HashKey:
         return cls(hmac.new(prk, _HKDF_INFO + b"\x01", hashlib.sha256).digest())
 
 
+_DISK_SALT = b"kvbm disk tier"
+_DISK_INFO = b"kvbm-disk-key-v1\x00"
+
+
+def disk_key(secret: bytes, node_id: str) -> bytes:
+    """The key that seals a node's disk tier file (kvbm/disk_seal.py):
+    HKDF-SHA256 of the node's secret, bound to its id, so one node's file
+    bytes do not check out under another's key, and the key does not give
+    the secret back. Whoever lacks the secret cannot forge the file's sums."""
+    if not secret:
+        raise ValueError("no secret to derive a disk key from")
+    prk = hmac.new(_DISK_SALT, secret, hashlib.sha256).digest()
+    return hmac.new(prk, _DISK_INFO + node_id.encode() + b"\x01", hashlib.sha256).digest()
+
+
 def _key_id(key: bytes) -> int:
     digest = hashlib.blake2b(key, digest_size=8, person=b"kvbm-key-id").digest()
     return int.from_bytes(digest, "little")

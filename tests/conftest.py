@@ -17,7 +17,7 @@ from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from tests.node_daemon import Daemon
-from tests.support import GEOMETRY
+from tests.support import DISK_KEY, GEOMETRY
 
 quiet_native_logs()  # for the NIXL agents tests create in their own process
 
@@ -41,6 +41,7 @@ def make_manager(tmp_path) -> Iterator:
         disk = None
         if disk_slots:
             size = 4096 + disk_slots * (4096 + g.slot_bytes)
+            disk_kwargs.setdefault("mac_key", DISK_KEY)
             disk = DiskPool(g, str(disk_dir or tmp_path / "g3"), size, **disk_kwargs)
         mgr = BlockManager(g, host, disk, FrequencyFilter(min_count=min_uses))
         made.append(mgr)
@@ -63,7 +64,7 @@ def small_tmpfs(tmp_path) -> Iterator:
             pytest.fail("this test mounts a small file system: run it as root (CI does)")
         path = tmp_path / f"{fs}{len(mounts)}"
         path.mkdir()
-        opts = ["-o", f"size={size}"] if fs == "tmpfs" else []
+        opts = ["-o", f"size={size},mode=0700" if fs == "tmpfs" else "mode=0700"]
         subprocess.run(["mount", "-t", fs, *opts, fs, str(path)], check=True)
         mounts.append(str(path))
         return str(path)

@@ -15,6 +15,7 @@ from kvbm.layout import ModelGeometry
 # 2 layers x 2 KV heads x 32 tokens x 2*16 dims x fp32 = 16 KiB blocks.
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=16, block_size=32)
 SPACE = KeySpace("test", GEOMETRY.fingerprint)
+DISK_KEY = bytes(range(32))  # the disk tier's key (kvbm/disk_seal.py) where a test builds one
 
 
 def keys(start: int, n: int) -> list[BlockKey]:

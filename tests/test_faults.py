@@ -14,12 +14,12 @@ import xxhash
 
 from discovery.records import Tier
 from kvbm.bench.direct import arena_blocks, offload, onboard
-from kvbm.disk_pool import _HEADER, _SUM, PAGE, SLOT_MAGIC, DiskPool
+from kvbm.disk_pool import _HEADER, PAGE, SLOT_MAGIC, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
-from tests.support import GEOMETRY, Engine, fill_up, keys, store
+from tests.support import DISK_KEY, GEOMETRY, Engine, fill_up, keys, store
 
 
 def push_to_disk(mgr, ks) -> None:
@@ -82,7 +82,9 @@ def test_disk_file_of_another_layout_starts_empty(make_manager, tmp_path, caplog
     mgr.close()
     # same model, other disk size -> the old file is not trusted: a warning, an empty tier
     with caplog.at_level(logging.WARNING, logger="kvbm.disk"):
-        disk = DiskPool(GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes))
+        disk = DiskPool(
+            GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes), mac_key=DISK_KEY
+        )
     try:
         assert disk.recovered == 0
         assert "layout changed" in caplog.text
@@ -93,8 +95,9 @@ def test_disk_file_of_another_layout_starts_empty(make_manager, tmp_path, caplog
 def test_foreign_file_is_never_overwritten(tmp_path):
     path = tmp_path / f"kvbm-g3-{GEOMETRY.fingerprint:016x}.arena"
     path.write_bytes(b"precious data, not ours" * 1000)
+    path.chmod(0o600)  # this user's private file, but no disk arena
     with pytest.raises(DiskTierError, match="refusing to overwrite"):
-        DiskPool(GEOMETRY, str(tmp_path), 1 << 20)
+        DiskPool(GEOMETRY, str(tmp_path), 1 << 20, mac_key=DISK_KEY)
     assert path.read_bytes().startswith(b"precious data")
 
 
@@ -102,7 +105,7 @@ def test_foreign_file_is_never_overwritten(tmp_path):
 def test_disk_tier_larger_than_the_file_system_is_a_clear_error(small_tmpfs):
     d = small_tmpfs(1 << 20)
     with pytest.raises(DiskTierError, match=r"no room .* lower the disk cache size"):
-        DiskPool(GEOMETRY, d, 8 << 20)
+        DiskPool(GEOMETRY, d, 8 << 20, mac_key=DISK_KEY)
     assert os.listdir(d) == [] or os.path.getsize(os.path.join(d, os.listdir(d)[0])) == 0
 
 
@@ -174,7 +177,9 @@ def test_corrupted_header_is_not_recovered(make_manager, tmp_path):
     path = mgr.disk.path
     mgr.close()
     flip_byte(path, header + 30)  # inside the encoded key
-    disk = DiskPool(GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes))
+    disk = DiskPool(
+        GEOMETRY, str(tmp_path), PAGE + 16 * (PAGE + GEOMETRY.slot_bytes), mac_key=DISK_KEY
+    )
     try:
         assert disk.recovered == 2  # `ks` less block 1
         assert disk.table.get(ks[1]) is None
@@ -212,7 +217,7 @@ def test_a_blocks_group_anchor_goes_with_it_to_disk_through_a_restart_and_back(
     head += ks[1] + struct.pack("<Q", 11)
     with open(disk.path, "r+b") as f:
         f.seek(disk.header_offset(old))
-        f.write(head + _SUM.pack(xxhash.xxh3_64_intdigest(head)))
+        f.write(head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)))
     mgr.close()
     with caplog.at_level(logging.WARNING, logger="kvbm.disk"):
         again = make_manager(host_slots=4, disk_slots=16, disk_dir=tmp_path)
@@ -233,7 +238,7 @@ def _write_then_exit(directory: str, kill: bool) -> None:
     """Child process: fill G3 through the real drain path, then exit or die."""
     g = GEOMETRY
     host = HostPool(g, 4 * g.slot_bytes)
-    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes))
+    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes), mac_key=DISK_KEY)
     mgr = BlockManager(g, host, disk, admission=None)
     mgr.admission.min_count = 1
     push_to_disk(mgr, keys(0, 6))
@@ -248,7 +253,7 @@ def _die_in_a_disk_write(directory: str, when: str) -> None:
     data written and its headers not ("before-headers")."""
     g = GEOMETRY
     host = HostPool(g, 4 * g.slot_bytes)
-    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes))
+    disk = DiskPool(g, directory, PAGE + 16 * (PAGE + g.slot_bytes), mac_key=DISK_KEY)
     mgr = BlockManager(g, host, disk, admission=None)
     mgr.admission.min_count = 1
     push_to_disk(mgr, keys(0, 6))  # the four fillers stay in G2
@@ -415,7 +420,7 @@ def test_a_read_error_keeps_the_block_and_counts_an_io_error(make_manager, monke
 
 def _hold_disk(directory: str, conn) -> None:
     """Child process: open the disk tier, say so, hold it until killed."""
-    DiskPool(GEOMETRY, directory, PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+    DiskPool(GEOMETRY, directory, PAGE + 8 * (PAGE + GEOMETRY.slot_bytes), mac_key=DISK_KEY)
     conn.send("open")
     conn.recv()
 
@@ -431,21 +436,25 @@ def test_two_processes_never_share_one_disk_file(tmp_path):
     try:
         assert parent.poll(60) and parent.recv() == "open"
         with pytest.raises(DiskTierError, match="in use by another kvbm process"):
-            DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes))
+            DiskPool(
+                GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes), mac_key=DISK_KEY
+            )
     finally:
         holder.kill()
         holder.join(10)
-    DiskPool(GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes)).close()
+    DiskPool(
+        GEOMETRY, str(tmp_path), PAGE + 8 * (PAGE + GEOMETRY.slot_bytes), mac_key=DISK_KEY
+    ).close()
 
 
 def test_a_crash_while_creating_the_disk_file_is_recovered_from(tmp_path):
     size = PAGE + 8 * (PAGE + GEOMETRY.slot_bytes)
-    DiskPool(GEOMETRY, str(tmp_path), size).close()
+    DiskPool(GEOMETRY, str(tmp_path), size, mac_key=DISK_KEY).close()
     path = tmp_path / f"kvbm-g3-{GEOMETRY.fingerprint:016x}.arena"
     # what a crash between the superblock and the reservation leaves behind
     with open(path, "r+b") as f:
         f.truncate(PAGE)
-    disk = DiskPool(GEOMETRY, str(tmp_path), size)
+    disk = DiskPool(GEOMETRY, str(tmp_path), size, mac_key=DISK_KEY)
     try:
         assert disk.recovered == 0
         assert os.path.getsize(path) == disk.size

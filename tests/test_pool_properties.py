@@ -19,7 +19,7 @@ from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.slot_table import SlotState, SlotTable
-from tests.support import GEOMETRY, Engine, keys
+from tests.support import DISK_KEY, GEOMETRY, Engine, keys
 
 KEYS = keys(0, 24)
 
@@ -159,7 +159,7 @@ class ManagerMachine(RuleBasedStateMachine):
     def _open(self) -> BlockManager:
         g = GEOMETRY
         host = HostPool(g, 4 * g.slot_bytes)
-        disk = DiskPool(g, self.dir, PAGE + 8 * (PAGE + g.slot_bytes))
+        disk = DiskPool(g, self.dir, PAGE + 8 * (PAGE + g.slot_bytes), mac_key=DISK_KEY)
         return BlockManager(g, host, disk, FrequencyFilter(min_count=1))
 
     @rule(start=st.integers(0, 20), n=st.integers(1, 4))

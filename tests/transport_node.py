@@ -14,7 +14,7 @@ from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import GEOMETRY, Engine, keys
+from tests.support import DISK_KEY, GEOMETRY, Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer
 
@@ -26,7 +26,7 @@ async def main(host: str, disk_dir: str, n: int) -> None:
     mgr = BlockManager(
         g,
         HostPool(g, 2 * n * g.slot_bytes),
-        DiskPool(g, disk_dir, 4096 + 4 * n * (4096 + g.slot_bytes)),
+        DiskPool(g, disk_dir, 4096 + 4 * n * (4096 + g.slot_bytes), mac_key=DISK_KEY),
         FrequencyFilter(1),
     )
     eng = Engine(n)

@@ -74,7 +74,7 @@ def _tier_moves(g: ModelGeometry, blocks: int, reps: int, directory: str) -> dic
     space = KeySpace("bench", g.fingerprint)
     # Every store writes fresh keys, so G2 holds all of them without evicting.
     host = HostPool(g, (2 * reps + 6) * blocks * g.slot_bytes)
-    disk = DiskPool(g, directory, PAGE + blocks * (PAGE + g.slot_bytes))
+    disk = DiskPool(g, directory, PAGE + blocks * (PAGE + g.slot_bytes), mac_key=os.urandom(32))
     mgr = BlockManager(g, host, disk, FrequencyFilter(min_count=1))
     memcpy = Memcpy(nbytes)
     try:

@@ -77,7 +77,12 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
                 directory=arena_dir,
             ),
             # room for what staging drains too, so no disk-only block is pushed out
-            DiskPool(g, directory, PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes)),
+            DiskPool(
+                g,
+                directory,
+                PAGE + (2 * DISK_BLOCKS + 8) * (PAGE + g.slot_bytes),
+                mac_key=os.urandom(32),
+            ),
             FrequencyFilter(1),
         )
         kv = EngineKV(g, [torch.randn(64, *g.layer_shape) for _ in range(g.num_layers)])
@@ -345,7 +350,7 @@ async def _parts(
                 if len(at) != len(wire):
                     raise RuntimeError("no room here for the blocks")
                 sizes = np.full(len(at), size, np.uint64)
-                local = np.c_[client.agent.arena[0] + at, sizes]  # in our agent's process
+                local = np.c_[client.agent.local_arena[0] + at, sizes]  # in our agent's process
                 here = np.c_[mine + at, sizes]  # in this one
                 remote = np.c_[client.remote_arena + there, sizes]
                 kernel = _vm_read(peer_agent, here, remote)

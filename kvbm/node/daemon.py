@@ -143,7 +143,9 @@ class Node:
 
     async def _build(self, geometry: ModelGeometry) -> Serving:
         cfg = self.cfg
-        mgr = await asyncio.to_thread(build_manager, cfg, geometry, self.verify)
+        mgr = await asyncio.to_thread(
+            build_manager, cfg, geometry, self.verify, secret=self.secret, node_id=self.node_id
+        )
         arena = mgr.host.arena
         agent = server = view = None
         try:
