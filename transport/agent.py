@@ -36,7 +36,14 @@ class Agent(Protocol):
     @property
     def arena(self) -> tuple[int, int]:
         """(base address, size) of the registered arena, in the address space
-        peers' READs reach."""
+        peers' READs reach (what a server tells its peers)."""
+        ...
+
+    @property
+    def local_arena(self) -> tuple[int, int]:
+        """(base address, size) of the arena in the address space our own
+        READs land in (the `local` rows of `read`). A node's are two
+        processes: peers reach a read-only mapping, its pulls write another."""
         ...
 
     drives_itself: bool  # False: whoever serves peers must call `progress()` often

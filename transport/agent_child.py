@@ -1,4 +1,4 @@
-"""The process a node's NIXL agent lives in (started by confined_agent.py).
+"""The process a node's NIXL agent lives in (started by agent_process.py).
 
 It maps the host arena and holds nothing else of value: no secret, no etcd
 client, no engine state, none of the node's memory (it is a fresh
@@ -7,7 +7,14 @@ this process's memory through UCX (on TCP and CMA the bounds check is the
 reader's own), so that is all it can reach; a NIXL abort on damaged metadata
 ends this process, and the node starts another.
 
-    python -m transport.agent_child CHANNEL_FD ARENA_FD ARENA_BYTES NAME BACKEND PARENT_PID
+    python -m transport.agent_child CHANNEL_FD ARENA_FD ARENA_BYTES NAME BACKEND PARENT_PID ROLE
+
+ROLE `serve`: the agent whose metadata peers get. It maps the arena
+read-only from a read-only descriptor (it refuses a writable one), so no
+mapping of the arena in this process can be written, by a peer's WRITE or
+by mprotect; it loads no peer and reads nothing. ROLE `pull`: the agent
+that READs from peers into the arena, mapped read-write; its metadata is
+never sent, not even to the node.
 
 It answers one call at a time on its channel and, while idle, drives its
 agent's transports (NIXL's progress thread is off: see nixl_agent.py).
@@ -16,6 +23,7 @@ agent's transports (NIXL's progress thread is off: see nixl_agent.py).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import mmap
 import os
@@ -36,11 +44,12 @@ CALLS = ("ready", "add_peer", "remove_peer", "read", "ok", "error")
 MAX_FRAME = 4 << 20  # a read of 4096 blocks is 128 KiB of addresses
 PROGRESS_S = 0.002  # how often an idle agent drives its transports (a first READ waits)
 _PR_SET_PDEATHSIG = 1
+ROLES = ("serve", "pull")
 
 
 def main(argv: list[str]) -> int:
     channel_fd, arena_fd, size = (int(a) for a in argv[:3])
-    name, backend, parent = argv[3], argv[4], int(argv[5])
+    name, backend, parent, role = argv[3], argv[4], int(argv[5]), argv[6]
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
@@ -48,25 +57,44 @@ def main(argv: list[str]) -> int:
     codec = PlainCodec(CALLS, MAX_FRAME)
     channel = socket.socket(fileno=channel_fd)
     try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapping = mmap.mmap(arena_fd, size, flags)
-        os.close(arena_fd)
-        arena = np.frombuffer(mapping, dtype=np.uint8)
-        agent = NixlAgent(name, arena.ctypes.data, size, backend)
+        address = _map(arena_fd, size, role)
+        agent = NixlAgent(name, address, size, backend)
     except (OSError, ValueError, TransportError) as e:
         channel.sendall(codec.encode(Message("error", 0, {"error": str(e)})))
         return 1
-    base = agent.arena[0]
-    ready = {"metadata": agent.metadata, "arena": base, "arena_bytes": size}
+    metadata = agent.metadata if role == "serve" else b""
+    ready = {"metadata": metadata, "arena": address, "arena_bytes": size}
     channel.sendall(codec.encode(Message("ready", 0, ready)))
     try:
-        serve(agent, channel, codec)
+        serve(agent, channel, codec, role)
     finally:
         agent.close()
     return 0
 
 
-def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec) -> None:
+_MAPPINGS: list[mmap.mmap] = []  # held for the life of the process
+
+
+def _map(fd: int, size: int, role: str) -> int:
+    """Map the arena (read-only to serve: from a read-only descriptor, so the
+    mapping can never be made writable) and close its descriptor; the address."""
+    try:
+        if role not in ROLES:
+            raise ValueError(f"{role!r} is not a role")
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        if role == "serve":
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+                raise ValueError("a serving agent takes a read-only descriptor only")
+            mapping = mmap.mmap(fd, size, flags, mmap.PROT_READ)
+        else:
+            mapping = mmap.mmap(fd, size, flags)
+    finally:
+        os.close(fd)
+    _MAPPINGS.append(mapping)
+    return np.frombuffer(mapping, dtype=np.uint8).ctypes.data
+
+
+def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec, role: str) -> None:
     """Calls until the node closes the channel (or dies: then so do we). Polled,
     not selected: the channel keeps the node's descriptor number, which a
     node with many peers has above select's 1024."""
@@ -81,6 +109,8 @@ def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec) -> None:
         except ConnectionError:
             return
         try:
+            if role != "pull":
+                raise ValueError(f"a {role} agent takes no {msg.call!r}")
             reply = Message("ok", msg.id, _call(agent, msg))
         except (TransportError, ValueError, KeyError, TypeError) as e:
             reply = Message("error", msg.id, {"error": str(e)})

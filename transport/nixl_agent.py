@@ -3,8 +3,9 @@ costs 2-3x on small machines; polling a transfer drives it), the host arena
 registered once as DRAM, and batched READs polled to completion under a
 deadline. NIXL types never leave this module: callers pass addresses.
 
-A node does not run this in its own process: its agent is confined to a
-child that maps the arena and nothing else (confined_agent.py, agent_child.py).
+A node does not run this in its own process: its agents are confined to
+children that map the arena and nothing else, the one peers reach read-only
+(confined_agent.py, agent_child.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class NixlAgent:
             raise TransportError(f"cannot start NIXL agent {name!r} ({backend}): {e}") from e
         self._peers: dict[str, int] = {}  # remote agent -> holders (client and server sides)
         self._lock = threading.Lock()
+
+    @property
+    def local_arena(self) -> tuple[int, int]:
+        """The same arena: one agent here both serves and pulls."""
+        return self.arena
 
     @property
     def metadata(self) -> bytes:

@@ -767,7 +767,7 @@ def _read_round(
         return len(got) == len(r.entries)
 
     try:
-        base, peer_base = client.agent.arena[0], client.remote_arena
+        base, peer_base = client.agent.local_arena[0], client.remote_arena
         chunks = [
             (
                 np.array([(base + off, pinned[k].length) for k, off in r.entries], np.uint64),

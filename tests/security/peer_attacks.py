@@ -34,13 +34,17 @@ from transport.peer_rpc import CALLS, PeerClient, pull
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
-def agent_pid(node_pid: int) -> int | None:
-    """The pid of a node's NIXL agent process (its one child; None while it
-    is being replaced)."""
-    kids = set()
+def agent_pid(node_pid: int, role: str = "serve") -> int | None:
+    """The pid of a node's NIXL agent process of `role` (`serve`: the one
+    peers reach; `pull`: the one its pulls land through); None while it is
+    being replaced."""
+    kids = []
     for task in os.listdir(f"/proc/{node_pid}/task"):
         with open(f"/proc/{node_pid}/task/{task}/children") as f:
-            kids.update(int(p) for p in f.read().split())
+            for pid in f.read().split():
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as g:
+                    if g.read().split(b"\0")[-2:-1] == [role.encode()]:
+                        kids.append(int(pid))
     assert len(kids) <= 1, kids
     return kids.pop() if kids else None
 

@@ -170,7 +170,7 @@ def test_damaged_metadata_costs_the_agent_process_not_the_node(etcd, daemons, tm
         victim = daemons("victim", "127.0.0.3", *flags)
         engine = NodeAttachment(victim.socket, GEOMETRY, remote=["host"])
         try:
-            first = agent_pid(victim.proc.pid)
+            first = agent_pid(victim.proc.pid, "pull")  # where peers' metadata is loaded
             assert first is not None
             wanted = keys(0, 4)
             until(lambda: engine.lookup(wanted) == Available(0, 4), 10, "the liar is not seen")
@@ -179,10 +179,10 @@ def test_damaged_metadata_costs_the_agent_process_not_the_node(etcd, daemons, tm
             assert loaded == 0  # recomputed: the pull died with the agent process
 
             def agent() -> dict | str:
-                return engine.stats()["nixl_agent"]
+                return engine.stats()["nixl_agent"]["pulling"]
 
             until(lambda: agent() != "restarting" and agent()["generation"] == 1, 30, "no new one")
-            assert agent()["pid"] == agent_pid(victim.proc.pid) != first
+            assert agent()["pid"] == agent_pid(victim.proc.pid, "pull") != first
             assert victim.proc.poll() is None
             assert "the NIXL agent process ended" in victim.log()
             own = keys(100, 4)  # and the node serves its engine as before

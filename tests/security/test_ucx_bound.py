@@ -24,11 +24,11 @@ def test_a_node_on_loopback_listens_on_loopback_only(etcd, daemons, tmp_path):
     with two_nodes(etcd, daemons, tmp_path, 8) as n:
         assert loads_exactly(n.eng_b, n.keys, "remote_host")  # NIXL still carries the pull
         for node in (n.a, n.b):
-            # the peer RPC, and UCX's own in the node's NIXL agent process
-            confined = agent_pid(node.proc.pid)
-            assert confined is not None
-            addresses = listening(node.proc.pid) + listening(confined)
-            assert len(addresses) >= 2, addresses
+            # the peer RPC, and UCX's own in the node's NIXL agent processes
+            confined = [agent_pid(node.proc.pid, role) for role in ("serve", "pull")]
+            assert None not in confined
+            addresses = listening(node.proc.pid) + [a for p in confined for a in listening(p)]
+            assert len(addresses) >= 3, addresses
             for address in addresses:
                 host = re.sub(r"^\[|\]?:\d+$", "", address)
                 assert ipaddress.ip_address(host).is_loopback, (node.name, addresses)
