@@ -173,11 +173,17 @@ def test_network_policies_let_only_kvbm_pods_reach_kvbm_ports():
     etcd_labels = find("StatefulSet", "kvbm-etcd")["spec"]["template"]["metadata"]["labels"]
     node = find("NetworkPolicy", "kvbm-node")["spec"]
     assert node["podSelector"]["matchLabels"].items() <= node_labels.items()
-    # every port from node pods (the peer RPC, UCX's own), only /metrics from anyone
+    # every port from node pods (the peer RPC, UCX's own), /metrics only from
+    # the monitoring namespace (a stranger's pod elsewhere reaches no port)
     from_nodes, metrics = node["ingress"]
     assert from_nodes["from"][0]["podSelector"]["matchLabels"].items() <= node_labels.items()
     assert "ports" not in from_nodes
-    assert "from" not in metrics and [p["port"] for p in metrics["ports"]] == [9450]
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert [p["port"] for p in metrics["ports"]] == [9450]
+    metrics_port = container(find("DaemonSet", "kvbm-node"))["ports"]
+    assert [p["containerPort"] for p in metrics_port if p["name"] == "metrics"] == [9450]
     etcd = find("NetworkPolicy", "kvbm-etcd")["spec"]
     assert etcd["podSelector"]["matchLabels"].items() <= etcd_labels.items()
     clients, peers = etcd["ingress"]
