@@ -16,6 +16,7 @@ import grp
 import json
 import logging
 import os
+import pwd
 import re
 import socket
 import struct
@@ -87,10 +88,9 @@ class KvbmConfig:
     socket: str = _opt("/tmp/kvbm/node.sock", "Unix socket that engines attach to.")
     metrics_port: int = _opt(0, "Port of /metrics and /healthz on the listen host; 0: off.")
     secret_file: str = _opt(
-        "", "File holding the peer RPC secret (or set KVBM_SECRET); see the transport section."
-    )
-    dev_insecure: bool = _opt(
-        False, "Let a node reachable beyond loopback run on the well-known dev secret."
+        "",
+        "File holding the fleet's secret (or set KVBM_SECRET), the same on every node; "
+        "needed with etcd. Empty without etcd: the node makes its own, beside its socket.",
     )
     lease_ttl: int = _opt(10, "Seconds the index keeps a silent node's entries.")
     index_publish_after_ms: int = _opt(
@@ -120,6 +120,11 @@ class KvbmConfig:
         "",
         "Group (name or gid) whose engines may attach: socket and host arena 0660 to it; "
         "empty: the node's own user only (arena 0600).",
+    )
+    node_user: str = _opt(
+        "",
+        "User (name or uid) engines expect their node to run as, checked on the socket "
+        "(SO_PEERCRED) and the arena's owner; empty: the engine's own user or root.",
     )
     remote_tiers: str = _opt(
         "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
@@ -151,6 +156,7 @@ class KvbmConfig:
             raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         # parsed here, once: the properties below keep what they parse
         _ = self.listen_address, self.etcd_endpoints, self.shared_gid, self.etcd_tls
+        _ = self.node_uid
         if "https://" in self.etcd and not self.etcd_ca_file:
             raise ValueError("etcd endpoints in https:// need etcd_ca_file (TLS to etcd)")
         if not 0 <= self.metrics_port < 65536:
@@ -177,6 +183,16 @@ class KvbmConfig:
     @cached_property
     def shared_gid(self) -> int | None:
         return parse_group(self.shared_group)
+
+    @cached_property
+    def node_uid(self) -> int | None:
+        return parse_user(self.node_user)
+
+    @cached_property
+    def own_secret_path(self) -> str:
+        """Where a node without the operator's secret keeps the one it made:
+        beside its socket, in the directory only its user may write."""
+        return os.path.splitext(self.socket)[0] + ".secret"
 
     @cached_property
     def listen_address(self) -> tuple[str, int]:
@@ -226,6 +242,18 @@ def parse_group(group: str) -> int | None:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ValueError(f"shared_group: no group {group!r} on this machine") from None
+
+
+def parse_user(user: str) -> int | None:
+    """A user name or uid -> uid (None: not set)."""
+    if not user:
+        return None
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ValueError(f"node_user: no user {user!r} on this machine") from None
 
 
 def parse_endpoints(text: str) -> list[str]:

@@ -32,7 +32,7 @@ from kvbm.config import from_args
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.logs import setup_logging
-from kvbm.node_process import NodeProcess
+from kvbm.node_process import NodeProcess, fleet_secret
 
 SYNTHETIC = ModelGeometry(num_layers=4, num_kv_heads=4, head_dim=64, block_size=32)
 TINY_LLAMA = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=32)
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
             )
             return 2
         with etcd:
-            index = ["--etcd", etcd.endpoint, "--namespace", cfg.namespace]
+            index = ["--etcd", etcd.endpoint, "--namespace", cfg.namespace, *fleet_secret(tmp)]
             index += ["--disk-admit-min-uses", "1", "--log-level", cfg.log_level]
             disk_dir = cfg.disk_cache_dir or os.path.join(tmp, "a-disk")
             disk_mb = cfg.disk_cache_mb or 256

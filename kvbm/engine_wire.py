@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +66,7 @@ CALLS = (
     "error",
     "load_many",
 )
+CREDS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 MAX_FRAME = 4 << 20
 MAX_KEYS = 8192  # in one call (a frame of them stays well under MAX_FRAME)
 MAX_BATCH = 1024  # requests in one `load_many`
@@ -128,11 +131,18 @@ def node_listening(path: str) -> bool:
 
 class EngineLink:
     """An engine's blocking connection to its node (the engine's hot path is
-    synchronous). One caller at a time; not thread-safe."""
+    synchronous). One caller at a time; not thread-safe.
 
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
+    The process at the other end must run as the node's user (`node_uid`;
+    unset: the engine's own user or root), checked with SO_PEERCRED at each
+    connect: should another user have taken the socket's path, the engine
+    would otherwise store its KV into their arena and load their bytes."""
+
+    def __init__(self, path: str, timeout: float = 30.0, node_uid: int | None = None) -> None:
         self.path = path
         self.timeout = timeout
+        self.trusted = {0, os.getuid()} if node_uid is None else {node_uid}
+        self.node_uid: int | None = None  # the node's, once connected
         self._codec = codec()
         self._ids = itertools.count(1)
         self._sock: socket.socket | None = None
@@ -142,9 +152,19 @@ class EngineLink:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDS.size)
         except OSError as e:
             sock.close()
             raise NodeError(f"no node at {self.path}: {e}") from e
+        pid, uid, _ = CREDS.unpack(raw)
+        if uid not in self.trusted:
+            sock.close()
+            raise NodeError(
+                f"the process serving {self.path} (pid {pid}) runs as uid {uid}, not as the "
+                f"node's user {sorted(self.trusted)}: refusing it (set node_user if the node "
+                "runs as another user)"
+            )
+        self.node_uid = uid
         self._sock = sock
 
     @property

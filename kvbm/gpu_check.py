@@ -66,7 +66,7 @@ def _check(dtype: str) -> dict[str, Any]:
     from kvbm.connector.attach import NodeAttachment, node_stats
     from kvbm.connector.identity import checkpoint_identity
     from kvbm.engine_wire import geometry_from_wire
-    from kvbm.node_process import NodeProcess
+    from kvbm.node_process import NodeProcess, fleet_secret
 
     rng = random.Random(0)
     tokens = BLOCKS_PER_PROMPT * BLOCK + 1
@@ -82,7 +82,7 @@ def _check(dtype: str) -> dict[str, Any]:
     res: dict[str, Any] = {"vllm": vllm.__version__}
     with tempfile.TemporaryDirectory(prefix="kvbm-gpu-check-") as d, EtcdServer() as etcd:
         model = build_llama(os.path.join(d, "model"), LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB)
-        index = ["--etcd", etcd.endpoint, "--lease-ttl", "3"]
+        index = ["--etcd", etcd.endpoint, "--lease-ttl", "3", *fleet_secret(d)]
         a = NodeProcess(d, "node-a", "127.0.0.2", *index, "--host-cache-mb", "512")
         b = None
         try:

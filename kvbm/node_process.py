@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvbm.engine_wire import node_listening
 from kvbm.errors import KvbmError
+from transport.secret import ENV_VAR as SECRET_VAR
+from transport.secret import own_secret
 
 START_TIMEOUT_S = 60.0
 NODE_COMMAND = (sys.executable, "-m", "kvbm.cli", "node")
@@ -25,9 +27,14 @@ def spawn_node(
     log_path: str,
     command: Sequence[str] = NODE_COMMAND,
     preexec_fn: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
     """Start a node serving `socket_path` and wait until it answers there.
-    `command` runs a node another way (a test's unverified node, say)."""
+    `command` runs a node another way (a test's unverified node, say);
+    `env`: its environment (None: this process's); with a `--secret-file`
+    in `flags`, without KVBM_SECRET (the file is the secret asked for)."""
+    if "--secret-file" in flags:
+        env = {k: v for k, v in (os.environ if env is None else env).items() if k != SECRET_VAR}
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
@@ -35,6 +42,7 @@ def spawn_node(
             stdout=log,
             stderr=log,
             preexec_fn=preexec_fn,
+            env=env,
         )
     deadline = time.monotonic() + START_TIMEOUT_S
     while not node_listening(socket_path):
@@ -44,6 +52,15 @@ def spawn_node(
             raise KvbmError(f"the kvbm node did not start; see {log_path}:\n{_tail(log_path)}")
         time.sleep(0.05)
     return proc
+
+
+def fleet_secret(directory: str) -> list[str]:
+    """The flags that give a fleet started here (the demo's, a benchmark's)
+    one random secret of its own, kept 0600 in `directory`: a fleet never
+    runs on a secret anyone else knows."""
+    path = os.path.join(directory, "fleet.secret")
+    own_secret(path)
+    return ["--secret-file", path]
 
 
 def _tail(path: str) -> str:
@@ -61,12 +78,13 @@ class NodeProcess:
         host: str,
         *flags: str,
         command: Sequence[str] = NODE_COMMAND,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.socket = os.path.join(directory, f"{name}.sock")
         self.log_path = os.path.join(directory, f"{name}.log")
         node_flags = ["--node-id", name, "--listen", f"{host}:0", *flags]
-        self.proc = spawn_node(self.socket, node_flags, self.log_path, command)
+        self.proc = spawn_node(self.socket, node_flags, self.log_path, command, env=env)
 
     def listening(self) -> bool:
         return node_listening(self.socket)

@@ -158,9 +158,17 @@ class SharedArena:
 
     @classmethod
     def attach(
-        cls, name: str, size: int | None = None, directory: str = SHM_DIR, writable: bool = True
+        cls,
+        name: str,
+        size: int | None = None,
+        directory: str = SHM_DIR,
+        writable: bool = True,
+        owner_uid: int | None = None,
     ) -> SharedArena:
-        """`writable=False`: opened and mapped read-only (a write faults)."""
+        """`writable=False`: opened and mapped read-only (a write faults).
+        `owner_uid`: the user the file must belong to (the node's), open to
+        nobody beyond its group: an engine writes its KV only into its node's
+        arena, not into a file another user put under the arena's name."""
         path = cls.path_of(name, directory)
         mode = os.O_RDWR if writable else os.O_RDONLY
         try:
@@ -171,6 +179,12 @@ class SharedArena:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise ArenaError(f"{path} is not an arena (not a regular file)")
+        if owner_uid is not None and (st.st_uid != owner_uid or st.st_mode & 0o007):
+            os.close(fd)
+            raise ArenaError(
+                f"{path} is not the node's arena: owner uid {st.st_uid} (the node's is "
+                f"{owner_uid}), mode {stat.S_IMODE(st.st_mode):04o} (nothing for others)"
+            )
         actual = st.st_size
         if actual == 0 or (size is not None and actual != size):
             os.close(fd)

@@ -19,7 +19,7 @@ from transport.secret import load_secret
 def fleet(cfg: KvbmConfig) -> dict:
     """Every node of the namespace, as etcd has it: what the fleet signed
     (values that fail the signature, with this node's secret, are counted)."""
-    secret = load_secret(cfg.secret_file, cfg.listen_address[0], cfg.dev_insecure)
+    secret = load_secret(cfg.secret_file, True, "")  # a fleet's values: its secret
     signer = IndexSigner(secret)
     mirror = asyncio.run(snapshot(cfg.etcd_endpoints, cfg.namespace, signer, tls=cfg.etcd_tls))
     held: Counter[tuple[str, Tier]] = Counter()
@@ -55,7 +55,7 @@ def fleet(cfg: KvbmConfig) -> dict:
 
 def node(cfg: KvbmConfig) -> dict:
     """One node, asked over its engine socket."""
-    link = EngineLink(cfg.socket, timeout=5.0)
+    link = EngineLink(cfg.socket, timeout=5.0, node_uid=cfg.node_uid)
     try:
         stats = link.call("stats", {})
     finally:

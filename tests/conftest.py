@@ -16,10 +16,13 @@ from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
-from tests.node_daemon import Daemon
+from tests.node_daemon import TEST_FLEET_SECRET, Daemon
 from tests.support import DISK_KEY, GEOMETRY
 
 quiet_native_logs()  # for the NIXL agents tests create in their own process
+# the test fleet's operator secret, for what tests run on etcd (`kvbm status`,
+# nodes started otherwise than through `daemons`); `daemons` decides per node
+os.environ["KVBM_SECRET"] = TEST_FLEET_SECRET
 
 
 @pytest.fixture

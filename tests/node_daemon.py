@@ -3,23 +3,41 @@ address), and small waiting helpers shared by the node and connector tests."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
 from kvbm.node_process import NodeProcess
 from tests.support import Engine
 
+TEST_FLEET_SECRET = "kvbm-test-fleet-" + secrets.token_hex(16)  # one per test session
+
 
 class Daemon(NodeProcess):
-    """A `kvbm node` logging at info level into the test's directory."""
+    """A `kvbm node` logging at info level into the test's directory. A node
+    on etcd without a `--secret-file` gets the test session's fleet secret
+    (KVBM_SECRET), as an operator would set one; any other node runs without
+    one: on its own it makes its own."""
 
     def __init__(self, tmp_path, name: str, host: str, *flags: str) -> None:
-        super().__init__(str(tmp_path), name, host, "--log-level", "info", *flags)
+        env = fleet_env(flags)
+        super().__init__(str(tmp_path), name, host, "--log-level", "info", *flags, env=env)
+
+
+def fleet_env(flags: Sequence[str]) -> dict[str, str]:
+    """The environment of a test's node started with `flags`."""
+    env = {k: v for k, v in os.environ.items() if k != "KVBM_SECRET"}
+    on_etcd = any(f == "--etcd" and v for f, v in itertools.pairwise(flags))
+    if on_etcd and "--secret-file" not in flags:
+        env["KVBM_SECRET"] = TEST_FLEET_SECRET
+    return env
 
 
 def kvbm_json(*args: str) -> dict:

@@ -25,9 +25,8 @@ from discovery.records import Tier
 from discovery.signing import IndexSigner
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.errors import KvbmError
-from tests.node_daemon import kvbm_json, until
+from tests.node_daemon import TEST_FLEET_SECRET, kvbm_json, until
 from tests.support import GEOMETRY, SPACE, Engine
-from transport.secret import DEV_SECRET
 
 
 def fleet(etcd) -> dict[str, dict]:
@@ -74,7 +73,9 @@ def test_a_node_restarted_with_its_id_takes_over_at_once(etcd, daemons, tmp_path
     keys += once
 
     def published() -> dict[bytes, Tier]:
-        mirror = asyncio.run(snapshot([etcd.endpoint], SPACE.namespace, IndexSigner(DEV_SECRET)))
+        mirror = asyncio.run(
+            snapshot([etcd.endpoint], SPACE.namespace, IndexSigner(TEST_FLEET_SECRET.encode()))
+        )
         return {k: h["node-a"] for k, h in mirror.locations.items() if "node-a" in h}
 
     until(lambda: len(published()) == len(keys), 10, "the old session never published")

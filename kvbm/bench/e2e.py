@@ -50,7 +50,7 @@ from kvbm.bench.model import build_llama
 from kvbm.bench.transport import cma_gbps, raw_disk_read_gbps, verify_gbps
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
-from kvbm.node_process import NodeProcess
+from kvbm.node_process import NodeProcess, fleet_secret
 from kvbm.shm_arena import SHM_DIR
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024
@@ -216,7 +216,7 @@ def run(prompts: int = 6, workdir: str | None = None, arena_dir: str = SHM_DIR) 
         # room on disk for the disk set and all that G2 writes there, ahead included
         a_tiers = ["--host-cache-mb", str(a_host), "--disk-cache-mb", str(3 * set_mb)]
         a_tiers += ["--disk-cache-dir", os.path.join(d, "a-disk")]
-        index = ["--etcd", etcd.endpoint, "--disk-admit-min-uses", "1"]
+        index = ["--etcd", etcd.endpoint, "--disk-admit-min-uses", "1", *fleet_secret(d)]
         index += ["--host-arena-dir", arena_dir]
         nodes = [NodeProcess(d, "node-a", "127.0.0.2", *index, *a_tiers)]
         figures: dict[str, list[float]] = collections.defaultdict(list)

@@ -34,7 +34,7 @@ from kvbm.disk_pool import SLOT_MAGIC, arena_path
 from kvbm.errors import KvbmError
 from kvbm.hashing import BlockHasher
 from kvbm.layout import PAGE, ModelGeometry
-from kvbm.node_process import NODE_COMMAND, NodeProcess
+from kvbm.node_process import NODE_COMMAND, NodeProcess, fleet_secret
 
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16)  # 64 KiB
 FAULTS = ("kill", "freeze", "etcd", "corrupt")
@@ -95,7 +95,7 @@ class Cluster:
 
     def flags(self, i: int) -> list[str]:
         return [
-            "--etcd", self.etcd.endpoint, "--lease-ttl", "3",
+            "--etcd", self.etcd.endpoint, "--lease-ttl", "3", *fleet_secret(self.tmp),
             "--host-cache-mb", "4",
             "--disk-cache-dir", self.disk_dir(i), "--disk-cache-mb", "16",
             "--disk-admit-min-uses", "1",

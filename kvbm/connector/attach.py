@@ -49,10 +49,10 @@ class Pinned:
     more: bool
 
 
-def node_stats(socket_path: str, timeout: float = 10.0) -> dict:
+def node_stats(socket_path: str, timeout: float = 10.0, node_uid: int | None = None) -> dict:
     """A node's stats (`kvbm status`), asked without attaching: no hello,
     so the node sets nothing up for an engine."""
-    link = EngineLink(socket_path, timeout)
+    link = EngineLink(socket_path, timeout, node_uid)
     try:
         return link.call("stats", {})
     finally:
@@ -72,13 +72,16 @@ class NodeAttachment:
         timeout: float = 30.0,
         map_arena: bool = True,
         key_id: int | None = None,
+        node_uid: int | None = None,
     ) -> None:
         """`map_arena=False`: a link that only asks (a scheduler), never copies.
         `key_id`: the hashing key's id this engine already hashes under (when
-        it attaches again); the node refuses the engine if it has another."""
+        it attaches again); the node refuses the engine if it has another.
+        `node_uid`: the user the node runs as (unset: this user or root); a
+        socket or an arena of another user is refused (kvbm/engine_wire.py)."""
         self.geometry = geometry
         self.remote = list(remote)
-        self.link = EngineLink(socket_path, timeout)
+        self.link = EngineLink(socket_path, timeout, node_uid)
         hashing: dict = {"version": HASH_VERSION}
         if key_id is not None:
             hashing["key_id"] = key_id
@@ -122,7 +125,10 @@ class NodeAttachment:
                 log.warning("cannot map the node's key view, lookups ask the node: %s", e)
         if map_arena:
             self.arena = SharedArena.attach(
-                hello["arena"], hello["arena_bytes"], hello.get("arena_dir", SHM_DIR)
+                hello["arena"],
+                hello["arena_bytes"],
+                hello.get("arena_dir", SHM_DIR),
+                owner_uid=self.link.node_uid,
             )
             self.blocks = ArenaBlocks(geometry, self.arena.array, self.num_slots)
 

@@ -3,7 +3,8 @@ that needs it when the connector names no node, shared by the others on the
 machine, and gone with the process that started it.
 
 It runs `kvbm node` on the merged configuration (written to a file beside
-its socket), on loopback with the in-memory index: local tiers only.
+its socket) with the in-memory index: local tiers only, no peer port, and a
+secret of its own that it makes and keeps in its private directory.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import ctypes
 import fcntl
 import os
 import signal
-import stat
 import subprocess
 import tempfile
 
 from kvbm.config import KvbmConfig, to_toml
 from kvbm.engine_wire import node_listening
-from kvbm.errors import KvbmError
 from kvbm.node_process import spawn_node
+from kvbm.owned_dir import own_directory
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,7 +32,7 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
     """The private node's socket path, and the process if this call started it."""
     path = private_socket()
     directory = os.path.dirname(path)
-    _own_directory(directory)
+    own_directory(directory)  # in a shared /tmp: ours, or refused
     with os.fdopen(_open_own(os.path.join(directory, "start.lock")), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time
         if node_listening(path):
@@ -40,23 +40,10 @@ def ensure_private_node(cfg: KvbmConfig) -> tuple[str, subprocess.Popen | None]:
         config = os.path.join(directory, "node.toml")
         with os.fdopen(_open_own(config, os.O_TRUNC), "w") as f:
             f.write(to_toml(cfg))
-        flags = ["--config", config, "--listen", "127.0.0.1:0", "--etcd", ""]
+        flags = ["--config", config, "--etcd", ""]  # no fleet: no peer port, its own secret
         log_path = os.path.join(directory, "node.log")
         proc = spawn_node(path, flags, log_path, preexec_fn=_die_with_parent)
         return path, proc
-
-
-def _own_directory(directory: str) -> None:
-    """The private node's directory, made by this user and open to nobody else:
-    in a shared /tmp, another user could otherwise make it first and plant a
-    socket of their own (the engine would attach to it) or links."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise KvbmError(
-            f"{directory} is not a private directory of this user (owner uid {st.st_uid}, "
-            f"mode {stat.S_IMODE(st.st_mode):04o}); remove it or set KVBM_SOCKET"
-        )
 
 
 def _open_own(path: str, flags: int = 0) -> int:

@@ -291,6 +291,7 @@ class KvbmConnector(KVConnectorBase_V1):
                         self.cfg.remote_tier_list,
                         map_arena=worker,
                         key_id=self._hasher.key.key_id if self._hasher else None,
+                        node_uid=self.cfg.node_uid,
                     )
                 )
         except (NodeError, KvbmError, OSError) as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
+from kvbm.owned_dir import own_directory
 from kvbm.peer_tiers import ManagerTiers
 from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import PeerServer
@@ -56,8 +58,8 @@ class Serving:
     """What exists once the first engine has said which geometry it needs."""
 
     mgr: BlockManager
-    agent: ConfinedAgent
-    peer_server: PeerServer
+    agent: ConfinedAgent | None  # None: no fleet (no etcd), no peers, no port
+    peer_server: PeerServer | None
     peers: PeerPool
     onboarding: Onboarding
     upkeep: Upkeep
@@ -66,8 +68,10 @@ class Serving:
     async def close(self) -> None:
         await self.upkeep.close()
         await self.peers.close()
-        await self.peer_server.close()
-        self.agent.close()
+        if self.peer_server is not None:
+            await self.peer_server.close()
+        if self.agent is not None:
+            self.agent.close()
         view = self.mgr.view
         self.mgr.close()
         if view is not None:
@@ -162,30 +166,34 @@ class Node:
                 gid=cfg.shared_gid,
             )
             mgr.share_keys(view)
-            agent = await asyncio.to_thread(
-                ConfinedAgent,
-                f"kvbm-{self.node_id}",
-                arena.reopen(),
-                arena.size,
-                env=child_environment(),
-            )
             tiers = ManagerTiers(mgr)
-            # a peer may pin a quarter of the arena, all peers half (a pull whose
-            # rounds the cap cuts short asks again once its pins are released)
-            per_peer = max(1, mgr.host.num_slots // 4)
-            total = max(per_peer, mgr.host.num_slots // 2)
-            server = PeerServer(
-                tiers,
-                agent,
-                self.secret,
-                max_pins_per_peer=per_peer,
-                max_pins_total=total,
-                node_id=self.node_id,
-                owner=self.publisher.locations,
-                max_connections=cfg.max_peer_connections,
-            )
             host, port = cfg.listen_address
-            port = await server.start(host, port)
+            # a node with no fleet (no etcd) has no peers: no NIXL agent, no peer port
+            if cfg.etcd_endpoints:
+                agent = await asyncio.to_thread(
+                    ConfinedAgent,
+                    f"kvbm-{self.node_id}",
+                    arena.reopen(),
+                    arena.size,
+                    env=child_environment(),
+                )
+                # a peer may pin a quarter of the arena, all peers half (a pull whose
+                # rounds the cap cuts short asks again once its pins are released)
+                per_peer = max(1, mgr.host.num_slots // 4)
+                total = max(per_peer, mgr.host.num_slots // 2)
+                server = PeerServer(
+                    tiers,
+                    agent,
+                    self.secret,
+                    max_pins_per_peer=per_peer,
+                    max_pins_total=total,
+                    node_id=self.node_id,
+                    owner=self.publisher.locations,
+                    max_connections=cfg.max_peer_connections,
+                )
+                port = await server.start(host, port)
+            else:
+                port = 0
         except BaseException:
             if server is not None:
                 await server.close()
@@ -199,7 +207,7 @@ class Node:
             self.node_id,
             host,
             port,
-            nixl_agent=agent.name,
+            nixl_agent=agent.name if agent is not None else "",
             fingerprints=(geometry.fingerprint,),
             host_capacity_blocks=mgr.host.num_slots,
             disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
@@ -268,12 +276,14 @@ class Node:
         out["peer_address"] = f"{self.publisher.record.address}:{self.publisher.record.rpc_port}"
         out["geometry"] = geometry_to_wire(s.mgr.geometry)  # the layout included
         out["engine_leases"] = len(self.engines.leases)
-        out["pinned_for_peers"] = s.peer_server.pinned_count
-        out["peer_connections"] = {
-            "open": s.peer_server.connections,
-            "closed_idle": s.peer_server.closed_idle,
-        }
-        out["nixl_agent"] = s.agent.state()
+        if s.peer_server is not None:
+            out["pinned_for_peers"] = s.peer_server.pinned_count
+            out["peer_connections"] = {
+                "open": s.peer_server.connections,
+                "closed_idle": s.peer_server.closed_idle,
+            }
+        if s.agent is not None:
+            out["nixl_agent"] = s.agent.state()
         out["tiers"] = s.mgr.usage()
         arena = s.mgr.host.arena
         out["host_arena"] = {"dir": arena.directory, "huge_page_mb": s.huge_page_mb}
@@ -317,8 +327,9 @@ def fit_file_limit(max_peer_connections: int) -> int:
 
 def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
     """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
-    host, _ = cfg.listen_address
-    secret = load_secret(cfg.secret_file, host, cfg.dev_insecure)
+    # the socket's directory first: the node's own secret (no fleet) lives there
+    own_directory(os.path.dirname(os.path.abspath(cfg.socket)), cfg.shared_gid)
+    secret = load_secret(cfg.secret_file, bool(cfg.etcd_endpoints), cfg.own_secret_path)
     fit_file_limit(cfg.max_peer_connections)
 
     async def main() -> None:

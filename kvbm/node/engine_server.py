@@ -12,7 +12,6 @@ import os
 import pwd
 import secrets
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,12 +28,12 @@ from kvbm.hashing import HASH_VERSION, HashKey
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from kvbm.node.onboarding import Onboarding
+from kvbm.owned_dir import own_directory
 from kvbm.plans import LoadPlan, StorePlan
 from transport.errors import ProtocolError
 from transport.frames import Message
 
 log = logging.getLogger("kvbm.node")
-_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class Tiers(Protocol):
@@ -92,16 +91,28 @@ class EngineServer:
         }
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        """The socket is bound under a temporary name in the node's own
+        directory (kvbm/owned_dir.py), born with its final mode (0600, or 0660
+        to `shared_group`), then moved into place: engines never see it half
+        set up, and no path another user could swap is chmod-ed or followed."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        own_directory(directory, self.gid)
         _claim_socket_path(self.path)
-        umask = os.umask(0o177)  # the socket is born 0600, never wider, then opened to the group
+        temporary = os.path.join(directory, f".{secrets.token_hex(4)}.sock")
+        umask = os.umask(0o177 if self.gid is None else 0o117)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path)
+            self._server = await asyncio.start_unix_server(self._serve, temporary)
         finally:
             os.umask(umask)
-        os.chmod(self.path, 0o660)
-        if self.gid is not None:
-            os.chown(self.path, -1, self.gid)
+        try:
+            if self.gid is not None:
+                os.chown(temporary, -1, self.gid, follow_symlinks=False)
+            os.rename(temporary, self.path)
+        except BaseException:
+            self._server.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     async def close(self) -> None:
         """Stop accepting, end engine connections (settling their leases)."""
@@ -156,8 +167,8 @@ class EngineServer:
         the second, should a mount or a chmod have opened the socket wider: the
         node's own user, root, or a member of `shared_group`."""
         sock = writer.get_extra_info("socket")
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
-        pid, uid, gid = _CREDS.unpack(raw)
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, engine_wire.CREDS.size)
+        pid, uid, gid = engine_wire.CREDS.unpack(raw)
         if uid in (0, os.getuid()):
             return None
         if self.gid is not None and (gid == self.gid or self.gid in _groups_of(uid, gid)):
@@ -260,8 +271,11 @@ class EngineServer:
 
     # Settling is bookkeeping under the manager's lock, no I/O: made on the loop.
     async def _commit(self, body: dict, conn: int) -> dict:
+        ok = body.get("ok", False)
+        if type(ok) is not bool:
+            raise ValueError("ok must be true or false")
         held = self._take_lease(body, load=False)
-        return {"added": self._settle(held, bool(body.get("ok", False)))}
+        return {"added": self._settle(held, ok)}
 
     async def _release(self, body: dict, conn: int) -> dict:
         self._settle(self._take_lease(body, load=True), False)
@@ -279,7 +293,9 @@ class EngineServer:
 
     def _take_lease(self, body: dict, load: bool) -> Lease:
         self._served()
-        lease_id = int(body["lease"])
+        lease_id = body.get("lease")
+        if type(lease_id) is not int:  # not a float, not a bool: an id handed out
+            raise ValueError("lease must be the integer id a load or reserve returned")
         held = self.leases.get(lease_id)
         if held is None:
             raise ValueError(f"no lease {lease_id} (settled already, or never granted)")

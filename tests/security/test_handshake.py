@@ -70,8 +70,9 @@ def test_a_squatter_on_a_dead_nodes_address_learns_no_metadata(etcd, daemons, tm
         assert len(data) == 4 + int.from_bytes(data[:4], "big")
 
 
-def test_a_recorder_on_the_wire_sees_no_metadata(daemons, make_manager, tmp_path):
-    node = daemons("node-a", "127.0.0.2", "--secret-file", write_secret(tmp_path / "secret"))
+def test_a_recorder_on_the_wire_sees_no_metadata(etcd, daemons, make_manager, tmp_path):
+    secret = write_secret(tmp_path / "secret")
+    node = daemons("node-a", "127.0.0.2", "--etcd", etcd.endpoint, "--secret-file", secret)
     engine = NodeAttachment(node.socket, GEOMETRY)
     mgr = make_manager(host_slots=2 * BLOCKS)
     agent = NixlAgent("recorded", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)

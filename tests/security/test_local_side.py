@@ -36,7 +36,7 @@ def test_a_fifo_named_like_an_arena_does_not_hang_the_node(daemons, tmp_path):
         engine.close()
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o755, 0o1777])
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o1777])  # writable by others
 def test_a_private_node_directory_open_to_others_is_refused(tmp_path, mode):
     directory = tmp_path / f"kvbm-private-{os.getuid()}"
     directory.mkdir()
@@ -116,6 +116,7 @@ def open_node():
 
     def start(*flags: str) -> Daemon:
         started.append(Daemon(directory, "node-a", "127.0.0.2", *flags))
+        os.chmod(directory, 0o755)  # the node made it 0700: opened again
         os.chmod(started[-1].socket, 0o666)
         return started[-1]
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+from tests.node_daemon import fleet_env
 from tests.security.peer_attacks import SECRET, answer, hello, serving, write_secret
 
 
@@ -21,7 +22,7 @@ def node_start(tmp_path, *flags: str, env: dict | None = None) -> subprocess.Com
     cmd += ["--socket", str(tmp_path / "n.sock"), *flags]
     try:
         return subprocess.run(
-            cmd, capture_output=True, text=True, timeout=15, env={**os.environ, **(env or {})}
+            cmd, capture_output=True, text=True, timeout=15, env={**fleet_env(flags), **(env or {})}
         )
     except subprocess.TimeoutExpired as e:  # run() has killed it
         return subprocess.CompletedProcess(cmd, -9, e.stdout or "", str(e.stderr or ""))
@@ -50,8 +51,9 @@ def test_the_secret_in_the_environment_is_no_stray_setting(tmp_path):
     assert "KVBM_NO_SUCH_SETTING" in out.stderr
 
 
-def test_a_frame_stamped_nan_is_not_fresh(daemons, tmp_path):
-    node = daemons("node-a", "127.0.0.2", "--secret-file", write_secret(tmp_path / "s"))
+def test_a_frame_stamped_nan_is_not_fresh(etcd, daemons, tmp_path):
+    secret = write_secret(tmp_path / "s")
+    node = daemons("node-a", "127.0.0.2", "--etcd", etcd.endpoint, "--secret-file", secret)
     host, port, engine = serving(node)
     try:
         # control: the same hello, stamped now, is answered (with the node's challenge)
