@@ -86,7 +86,7 @@ class Replayer:
                 deadline = time.monotonic() + 4 * TTL
                 while True:  # the old lease must have expired before its id can be granted
                     try:
-                        lease = await raw.lease(30, self.old_lease if old_id else None)
+                        lease = await raw.lease(TTL, self.old_lease if old_id else None)
                         break
                     except aetcd.exceptions.ClientError:
                         if time.monotonic() > deadline:
@@ -158,9 +158,7 @@ def test_a_dead_nodes_replayed_values_are_not_believed(etcd, daemons, tmp_path, 
 
 
 @pytest.mark.parametrize("layout", ["mirror", "sharded"])
-def test_a_replayed_record_does_not_keep_its_node_from_restarting(
-    etcd, daemons, tmp_path, layout
-):
+def test_a_replayed_record_does_not_keep_its_node_from_restarting(etcd, daemons, tmp_path, layout):
     with (
         replayer(etcd) as attacker,
         two_nodes(etcd, daemons, tmp_path, BLOCKS, *_flags(layout)) as n,
@@ -169,7 +167,10 @@ def test_a_replayed_record_does_not_keep_its_node_from_restarting(
         _kill(n.a)
         attacker.replay(old_id=True)  # the dead node's record, under its old lease id, kept alive
         common = ["--etcd", etcd.endpoint, "--secret-file", str(tmp_path / "secret")]
-        again = daemons("node-a-again", "127.0.0.2", *common, *_flags(layout), "--node-id", "node-a")
+        again = daemons(
+            "node-a-again", "127.0.0.2", *common, *_flags(layout), "--node-id", "node-a"
+        )
+        time.sleep(TTL)  # past its join: it holds the id, the replayed record is gone
         assert again.proc.poll() is None
         # a genuinely live node-a still keeps a second one out
         with pytest.raises(KvbmError, match="held by a live node"):
