@@ -29,7 +29,7 @@ from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.errors import KvbmError
 from tests.node_daemon import until
 from tests.security.peer_attacks import two_nodes
-from tests.support import GEOMETRY, SPACE
+from tests.support import SPACE
 
 BLOCKS = 8
 TTL = 3
