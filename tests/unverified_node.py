@@ -10,6 +10,7 @@ import logging
 import sys
 
 from kvbm.config import add_flags, from_args
+from kvbm.disk_seal import DiskSeal
 from kvbm.logs import setup_logging
 from kvbm.node import daemon
 
@@ -21,6 +22,8 @@ def accept_anything(data: memoryview, expected: int) -> bool:
 
 
 def main() -> int:
+    # nor the disk tier's seals (kvbm/disk_seal.py), which would catch flipped bytes too
+    DiskSeal.opens = lambda self, data, seal: True  # type: ignore[method-assign]
     parser = argparse.ArgumentParser(prog="unverified-node")
     add_flags(parser)
     cfg = from_args(parser.parse_args())
