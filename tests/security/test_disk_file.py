@@ -156,7 +156,6 @@ def forge(directory: str, key: bytes) -> None:
     raise AssertionError("the block to forge is not on disk")
 
 
-@pytest.mark.slow
 def test_a_block_forged_in_the_disk_file_while_the_node_was_stopped_is_never_loaded(
     daemons, tmp_path
 ):
