@@ -1,0 +1,202 @@
+"""Issue 31, findings 1, 3 and 7, against real node processes run the way a
+user runs them: no shared development secret answers on any port of the
+default node, the private node or a fleet started like the demo's; a socket
+directory another user made first, and a node of another user, are refused;
+a float where the wire wants an int is a clear error, not a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from kvbm.connector.attach import NodeAttachment
+from kvbm.engine_wire import node_listening
+from kvbm.errors import KvbmError, NodeError
+from kvbm.node_process import fleet_secret
+from tests.node_daemon import Daemon, fleet_env, until
+from tests.security.peer_attacks import answer, hello
+from tests.security.port_scan import listening_ports, reachable
+from tests.support import GEOMETRY
+
+OLD_DEV_SECRET = b"kvbm-dev-secret-never-deploy-this"  # what nodes once fell back to
+NOBODY = 65534
+
+
+def handshakes(pid: int, secret: bytes) -> list[tuple[str, int]]:
+    """The listening ports of `pid` (and its children) that answer a hello
+    signed with `secret`: a node answers only a hello it can verify."""
+    answered = []
+    for address, port in listening_ports(pid):
+        try:
+            got = asyncio.run(answer(reachable(address), port, hello(secret=secret), timeout=3))
+        except (OSError, TimeoutError):
+            continue
+        if len(got) > 4:
+            answered.append((address, port))
+    return answered
+
+
+def test_a_default_node_opens_no_port_and_keeps_a_secret_of_its_own(daemons, tmp_path):
+    """`kvbm node` as configured out of the box: no etcd, no secret."""
+    node = daemons("node-a", "127.0.0.1")
+    engine = NodeAttachment(node.socket, GEOMETRY)  # the tiers are built: all it would open
+    try:
+        assert engine.stats()["peer_address"].endswith(":0")  # no peer port
+        assert listening_ports(node.proc.pid) == []
+        assert handshakes(node.proc.pid, OLD_DEV_SECRET) == []
+        own = tmp_path / "node-a.secret"
+        assert own.stat().st_mode & 0o077 == 0 and own.read_bytes().strip() != OLD_DEV_SECRET
+    finally:
+        engine.close()
+
+
+def test_the_private_node_opens_no_port(tmp_path):
+    """What every zero-config vLLM engine starts (kvbm/connector/private_node.py)."""
+    code = (
+        "import sys, time; from kvbm.config import load_config;"
+        "from kvbm.connector import private_node as p;"
+        f"p.tempfile.gettempdir = lambda: {str(tmp_path)!r};"
+        "path, proc = p.ensure_private_node(load_config(env={}, overrides={'host_cache_mb': 4}));"
+        "from kvbm.connector.attach import NodeAttachment; from tests.support import GEOMETRY;"
+        "e = NodeAttachment(path, GEOMETRY); print(proc.pid, flush=True); sys.stdin.read()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KVBM_SECRET"}
+    starter = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert starter.stdout is not None
+        node_pid = int(starter.stdout.readline())
+        assert listening_ports(node_pid) == []
+        assert handshakes(node_pid, OLD_DEV_SECRET) == []
+    finally:
+        starter.kill()  # the private node dies with it (PDEATHSIG)
+        starter.wait(30)
+
+
+def test_a_fleet_like_the_demos_answers_only_its_own_secret(etcd, daemons, tmp_path):
+    """The demo's nodes: on etcd, with the secret the demo makes (fleet_secret)."""
+    flags = fleet_secret(str(tmp_path))
+    node = daemons("node-a", "127.0.0.2", "--etcd", etcd.endpoint, *flags)
+    engine = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        assert listening_ports(node.proc.pid)  # the peer port (and UCX's) are open
+        assert handshakes(node.proc.pid, OLD_DEV_SECRET) == []
+        # control: the fleet's own secret is answered on the peer port
+        with open(flags[1], "rb") as f:
+            fleet = f.read().strip()
+        _, port = engine.stats()["peer_address"].rsplit(":", 1)
+        assert ("127.0.0.2", int(port)) in handshakes(node.proc.pid, fleet)
+    finally:
+        engine.close()
+
+
+def test_a_fleet_node_without_the_operators_secret_does_not_start(etcd, tmp_path):
+    cmd = [sys.executable, "-m", "kvbm.cli", "node", "--etcd", etcd.endpoint]
+    cmd += ["--socket", str(tmp_path / "n.sock"), "--listen", "127.0.0.2:0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=fleet_env([]))
+    assert out.returncode == 2
+    assert "needs the operator's secret" in out.stderr
+
+
+# -- finding 3: the socket's directory, and the node at its other end ----------
+
+
+def as_root() -> None:
+    if os.getuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("this test needs a second user: run it as root (CI does)")
+        pytest.skip("needs root, to act as a second user (uid 65534)")
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory like /tmp: anyone may make entries in it (sticky)."""
+    directory = tempfile.mkdtemp(prefix="kvbm-shared-")
+    os.chmod(directory, 0o1777)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    code = "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534);" + argv[0]
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv[1:]], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_socket_directory_another_user_made_first_is_refused(shared_tmp, tmp_path):
+    """Another user makes the node's socket directory before it starts (the
+    default /tmp/kvbm/): the node refuses it instead of serving from a
+    directory where that user can swap the socket, or link its name to the
+    node's secret file for a chmod to follow."""
+    as_root()
+    squatted = os.path.join(shared_tmp, "kvbm")
+    made = as_nobody(f"os.mkdir({squatted!r}); os.chmod({squatted!r}, 0o777)")
+    assert made.returncode == 0, made.stderr
+    with pytest.raises(KvbmError, match="not a private directory of this user"):
+        Daemon(tmp_path, "node-a", "127.0.0.1", "--socket", os.path.join(squatted, "node.sock"))
+    assert os.listdir(squatted) == []  # neither a socket nor a secret went there
+
+
+# imports first: the interpreter's files may be out of the other user's reach
+NODE_AS_NOBODY = """
+import os, sys
+import kvbm.cli, kvbm.node.daemon, kvbm.node.engine_server, kvbm.manager
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(kvbm.cli.main(["node", *sys.argv[1:]]))
+"""
+
+
+def test_an_engine_refuses_a_node_of_another_user(shared_tmp):
+    """Whoever serves the socket path (a squatter's fake node) must run as the
+    node's user: the engine checks SO_PEERCRED before it says a word, and
+    would otherwise store its KV into that user's arena and load its bytes."""
+    as_root()
+    directory = os.path.join(shared_tmp, "theirs")
+    made = as_nobody(f"os.mkdir({directory!r}, 0o755)")
+    assert made.returncode == 0, made.stderr
+    socket_path = os.path.join(directory, "node.sock")
+    fake = subprocess.Popen(
+        [sys.executable, "-c", NODE_AS_NOBODY, "--socket", socket_path, "--host-cache-mb", "4"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=fleet_env([]),
+        cwd=shared_tmp,
+    )
+    try:
+        until(lambda: node_listening(socket_path) or fake.poll() is not None, 60, "no fake node")
+        assert fake.poll() is None, fake.stderr.read() if fake.stderr else ""
+        with pytest.raises(NodeError, match=f"runs as uid {NOBODY}"):
+            NodeAttachment(socket_path, GEOMETRY, timeout=10)
+        # control: an engine told that the node runs as that user attaches
+        engine = NodeAttachment(socket_path, GEOMETRY, timeout=10, node_uid=NOBODY)
+        engine.close()
+    finally:
+        fake.terminate()
+        fake.wait(30)
+
+
+# -- finding 7: wire values are checked by type ---------------------------------
+
+
+@pytest.mark.parametrize("lease", [math.inf, 1.0, True, "1"])
+def test_a_lease_that_is_no_int_is_a_clear_error(daemons, lease):
+    node = daemons("node-a", "127.0.0.1")
+    engine = NodeAttachment(node.socket, GEOMETRY)
+    try:
+        with pytest.raises(NodeError, match="lease must be the integer id"):
+            engine.link.call("release", {"lease": lease})
+        with pytest.raises(NodeError, match="ok must be true or false"):
+            engine.link.call("commit", {"lease": 1, "ok": 1.5})
+        assert engine.stats()["ready"]
+        assert "Traceback" not in node.log()
+    finally:
+        engine.close()
