@@ -51,7 +51,7 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
-from transport.preauth import Gate, quiet_accept_errors
+from transport.preauth import Gate, deepen_backlog, quiet_accept_errors
 from transport.tiers import BlockSink, BlockSource, LocationOwner, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
@@ -129,6 +129,7 @@ class PeerServer:
     async def start(self, host: str, port: int) -> int:
         quiet_accept_errors()
         self._server = await asyncio.start_server(self._serve, host, port)
+        deepen_backlog(self._server)
         self._tasks = [asyncio.create_task(self._reaper())]
         if not self.agent.drives_itself:
             self._tasks.append(asyncio.create_task(self._progress()))

@@ -32,6 +32,23 @@ from typing import Any
 log = logging.getLogger("transport.preauth")
 LOG_EVERY_S = 10.0
 ACCEPT_FAILED = "socket.accept() out of system resource"  # asyncio's message for EMFILE & co.
+# The kernel's queue of connections not yet accepted. Once it is full the
+# kernel drops new SYNs and a client retries after a second, so an honest
+# prober behind a burst of a stranger's connects would wait that second; a
+# deeper queue holds the burst, which the gate sheds at the cost of an accept
+# and a close each. (The kernel caps it at somaxconn.)
+BACKLOG = 4096
+
+
+def deepen_backlog(server: asyncio.Server) -> None:
+    """Give `server`'s listeners a queue of BACKLOG. Not through
+    `start_server(backlog=)`: asyncio also accepts that many in one go before
+    any handler runs (thousands of descriptors and buffers at once), so it
+    stays at its default of 100 there, and `listen` is called again here on a
+    duplicate of each listener (which changes the queue of the socket itself)."""
+    for sock in server.sockets:
+        with sock.dup() as again:
+            again.listen(BACKLOG)
 
 
 class Throttled:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from transport.preauth import Gate, quiet_accept_errors
+from transport.preauth import Gate, deepen_backlog, quiet_accept_errors
 
 log = logging.getLogger("kvbm.http")
 MAX_CONNECTIONS = 64  # a few scrapers and probers; far under the node's descriptors
@@ -51,6 +51,7 @@ class MetricsServer:
     async def start(self, host: str, port: int) -> int:
         quiet_accept_errors()
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_HEAD_BYTES)
+        deepen_backlog(self._server)
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
