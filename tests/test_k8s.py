@@ -153,6 +153,9 @@ def test_the_vllm_example_attaches_to_the_node_the_daemonset_runs():
     node_paths, engine_paths = host_paths(node), host_paths(engine)
     sock_dir = str(Path(cfg.socket).parent)
     assert node_paths[sock_dir] == engine_paths[sock_dir]
+    # read-only in the engine: it connects, it cannot replace the socket
+    mounts = {m["mountPath"]: m for m in container(engine)["volumeMounts"]}
+    assert mounts[sock_dir].get("readOnly") is True
     # and the arena's directory is the same host directory in both pods
     arena = node_config().host_arena_dir
     assert node_paths[arena] == engine_paths[arena] == arena
@@ -276,7 +279,7 @@ def test_the_daemonsets_node_runs_as_deployed(tmp_path):
 
     c = container(find("DaemonSet", "kvbm-node"))
     downward = {"POD_IP": "127.0.0.2", "NODE_NAME": "gpu-node-7"}
-    env = dict(os.environ, **downward)
+    env = {k: v for k, v in os.environ.items() if k != "KVBM_SECRET"} | downward
     for e in c["env"]:
         if "value" in e:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
