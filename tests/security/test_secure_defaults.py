@@ -6,7 +6,7 @@ a float where the wire wants an int is a clear error, not a traceback."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import math
 import os
 import shutil
@@ -21,7 +21,6 @@ from kvbm.engine_wire import node_listening
 from kvbm.errors import KvbmError, NodeError
 from kvbm.node_process import fleet_secret
 from tests.node_daemon import Daemon, fleet_env, until
-from tests.security.peer_attacks import answer, hello
 from tests.security.port_scan import listening_ports, reachable
 from tests.support import GEOMETRY
 
@@ -29,18 +28,37 @@ OLD_DEV_SECRET = b"kvbm-dev-secret-never-deploy-this"  # what nodes once fell ba
 NOBODY = 65534
 
 
+# imports first: the interpreter's files may be out of the other user's reach
+KNOCK_AS = """
+import asyncio, json, os, sys
+from tests.security.peer_attacks import answer, hello
+if os.getuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+secret, answered = bytes.fromhex(sys.argv[1]), []
+for host, port in json.loads(sys.argv[2]):
+    try:
+        got = asyncio.run(answer(host, port, hello(secret=secret), timeout=3))
+    except (OSError, TimeoutError):
+        continue
+    if len(got) > 4:
+        answered.append([host, port])
+print(json.dumps(answered))
+"""
+
+
 def handshakes(pid: int, secret: bytes) -> list[tuple[str, int]]:
     """The listening ports of `pid` (and its children) that answer a hello
-    signed with `secret`: a node answers only a hello it can verify."""
-    answered = []
-    for address, port in listening_ports(pid):
-        try:
-            got = asyncio.run(answer(reachable(address), port, hello(secret=secret), timeout=3))
-        except (OSError, TimeoutError):
-            continue
-        if len(got) > 4:
-            answered.append((address, port))
-    return answered
+    signed with `secret`, knocked at by another local user (uid 65534 where
+    the test runs as root): a node answers only a hello it can verify."""
+    ports = [(reachable(a), p) for a, p in listening_ports(pid)]
+    out = subprocess.run(
+        [sys.executable, "-c", KNOCK_AS, secret.hex(), json.dumps(ports)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return [(h, p) for h, p in json.loads(out.stdout)]
 
 
 def test_a_default_node_opens_no_port_and_keeps_a_secret_of_its_own(daemons, tmp_path):
