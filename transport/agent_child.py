@@ -42,9 +42,12 @@ from transport.nixl_agent import NixlAgent
 log = logging.getLogger("transport.agent")
 CALLS = ("ready", "add_peer", "remove_peer", "read", "ok", "error")
 MAX_FRAME = 4 << 20  # a read of 4096 blocks is 128 KiB of addresses
-PROGRESS_S = 0.002  # how often an idle agent drives its transports (a first READ waits)
+# How often an idle agent drives its transports: a serving one often (a
+# peer's first READ waits for it, and under TCP every READ does); a pulling
+# one drives its own while it reads, so idle it only keeps its connections.
+PROGRESS_S = {"serve": 0.002, "pull": 0.05}
 _PR_SET_PDEATHSIG = 1
-ROLES = ("serve", "pull")
+ROLES = tuple(PROGRESS_S)
 
 
 def main(argv: list[str]) -> int:
@@ -101,7 +104,7 @@ def serve(agent: NixlAgent, channel: socket.socket, codec: PlainCodec, role: str
     readable = select.poll()
     readable.register(channel, select.POLLIN)
     while True:
-        if not readable.poll(PROGRESS_S * 1000):
+        if not readable.poll(PROGRESS_S[role] * 1000):
             agent.progress()
             continue
         try:

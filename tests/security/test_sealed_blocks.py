@@ -52,11 +52,22 @@ def test_a_secret_holder_cannot_write_a_nodes_blocks(etcd, daemons, tmp_path, mo
             attacker.close()
         # A's own engine: the blocks it stored, as its engine computed them
         assert loads_exactly(n.eng_a, n.keys, "local_host")
+        # under CMA the kernel refused the WRITE and A's serving process lives
+        # on; under TCP that process faulted on it and A started another
+        generation = 0 if tls is None else 1
+        until(lambda: serving(n.eng_a, generation), 60, "not the serving process expected")
         # B pulling from A: what A's engine computed, or nothing (a recompute
         # while A replaces a serving process the WRITE faulted), never forged;
         # and A serves on: B gets the whole prompt (then holds it itself)
         until(lambda: exact_or_nothing(n.eng_b, n.keys), 60, "B never pulled A's blocks")
         assert n.a.proc.poll() is None and n.b.proc.poll() is None
+
+
+def serving(engine, generation: int) -> bool:
+    """Whether the node's serving NIXL agent process, as its status tells
+    it, is up and of `generation`."""
+    state = engine.stats()["nixl_agent"]["serving"]
+    return state != "restarting" and state["generation"] == generation
 
 
 def exact_or_nothing(engine, keys: list) -> bool:
