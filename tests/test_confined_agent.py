@@ -158,6 +158,25 @@ def test_close_ends_the_child(tmp_path):
     arena.close()
 
 
+def test_a_failed_start_leaves_no_process_and_no_descriptor(tmp_path):
+    """Both children start at once; when they cannot (no such NIXL backend),
+    the error says so, both are gone and the arena's descriptor is closed."""
+    arena = SharedArena.create("f", SIZE, directory=str(tmp_path))
+    fd = arena.reopen()
+    try:
+        with pytest.raises(TransportError, match="did not start"):
+            ConfinedAgent("agent-f", fd, SIZE, env=child_environment(), backend="NO-SUCH")
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        kids = set()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                kids.update(f.read().split())
+        assert not kids
+    finally:
+        arena.close()
+
+
 def test_chunked_reads_land_in_order_and_every_queued_read_ends_first(pair):
     """`read_chunks` keeps two READs queued in the child while the caller
     handles the chunk that landed; when the caller stops (False) or fails

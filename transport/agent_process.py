@@ -75,9 +75,21 @@ class AgentProcess:
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
         self._closing = threading.Event()
-        self.child: Child | None = self._start(0)
+        self.child: Child | None = None
+        self._watcher: threading.Thread | None = None
+        self._spawned: tuple[subprocess.Popen, socket.socket] | None = self._spawn()
+
+    def up(self) -> None:
+        """Wait for the first child, spawned by the constructor, to be ready
+        (so two can start at once), and watch it from then on. A child dies
+        with the thread that spawned it (PDEATHSIG is per thread): the
+        constructor's for the first (not a short-lived one, then), the
+        watcher, which lives as long as this object, for the next."""
+        assert self._spawned is not None
+        spawned, self._spawned = self._spawned, None
+        self.child = self._ready(*spawned, 0)
         self._watcher = threading.Thread(
-            target=self._watch, name=f"nixl-agent-watch-{role}", daemon=True
+            target=self._watch, name=f"nixl-agent-watch-{self.role}", daemon=True
         )
         self._watcher.start()
 
@@ -123,6 +135,9 @@ class AgentProcess:
         return reply.body, child.generation
 
     def _start(self, generation: int) -> Child:
+        return self._ready(*self._spawn(), generation)
+
+    def _spawn(self) -> tuple[subprocess.Popen, socket.socket]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             arena_fd = self._open_arena()
@@ -146,6 +161,9 @@ class AgentProcess:
         finally:
             theirs.close()
             os.close(arena_fd)
+        return proc, ours
+
+    def _ready(self, proc: subprocess.Popen, ours: socket.socket, generation: int) -> Child:
         try:
             ours.settimeout(START_TIMEOUT_S)
             ready = self.codec.recv(ours)
@@ -215,11 +233,15 @@ class AgentProcess:
         if self._closing.is_set():
             return
         self._closing.set()
+        if self._spawned is not None:  # spawned, never waited for
+            stop(*self._spawned)
+            self._spawned = None
         with self.lock:
             child, self.child = self.child, None
         if child is not None:
             stop(child.proc, child.channel)
-        self._watcher.join(10)
+        if self._watcher is not None:
+            self._watcher.join(10)
 
 
 def stop(proc: subprocess.Popen, channel: socket.socket) -> None:

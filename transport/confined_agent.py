@@ -67,19 +67,25 @@ class ConfinedAgent:
         self.backend = backend
         self.arena_size = arena_size
         self._arena_fd = arena_fd
-        try:
-            serving = AgentProcess(name, "serve", self._read_only, arena_size, env, backend)
+        common = (arena_size, env, backend)
+        try:  # both at once: each is an interpreter importing NIXL and starting UCX
+            self._serving = AgentProcess(name, "serve", self._read_only, *common)
             try:
                 self._pulling = AgentProcess(
-                    f"{name}-pull", "pull", lambda: os.dup(arena_fd), arena_size, env, backend
+                    f"{name}-pull", "pull", lambda: os.dup(arena_fd), *common
                 )
+                try:
+                    self._serving.up()
+                    self._pulling.up()
+                except BaseException:
+                    self._pulling.close()
+                    raise
             except BaseException:
-                serving.close()
+                self._serving.close()
                 raise
         except BaseException:
             os.close(arena_fd)
             raise
-        self._serving = serving
 
     def _read_only(self) -> int:
         """A read-only open of the arena's file, for a serving child: reopened
