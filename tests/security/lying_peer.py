@@ -97,7 +97,7 @@ async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None
     offload(mgr, eng.kv, eng.compute(ks), ks)
     kind = DamagedAgent if lie == "metadata" else NixlAgent
     agent = kind(f"kvbm-liar-{lie}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
-    secret = load_secret(secret_file, host)
+    secret = load_secret(secret_file, True, "", env={})  # the file given, as a fleet node
     server = PeerServer(LyingTiers(mgr, lie), agent, secret, node_id="liar")
     port = await server.start(host, 0)
     record = NodeRecord(
