@@ -47,7 +47,7 @@ from multiprocessing.connection import Connection
 
 from discovery.etcd_server import EtcdServer
 from kvbm.bench.model import build_llama
-from kvbm.bench.transport import cma_gbps, raw_disk_read_gbps, verify_gbps
+from kvbm.bench.reference import cma_gbps, raw_disk_read_gbps, verify_gbps
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess, fleet_secret
