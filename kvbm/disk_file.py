@@ -19,11 +19,11 @@ import logging
 import os
 import stat
 
-from kvbm.errors import DiskTierError
+from kvbm.errors import DiskTierError, KvbmError
+from kvbm.owned_dir import open_own_directory
 
 log = logging.getLogger("kvbm.disk")
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -31,35 +31,13 @@ def open_disk_directory(directory: str) -> int:
     """The disk tier's directory, made 0700 if absent, as a descriptor; raises
     DiskTierError where it is not a private directory of this user."""
     try:
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise DiskTierError(f"cannot create disk cache directory {directory}: {e}") from e
-    try:
-        fd = os.open(directory, _DIR_FLAGS)
-    except OSError as e:  # a link, or not a directory
-        raise DiskTierError(
-            f"disk_cache_dir {directory} is not a directory of this user ({e}): "
-            "name the directory itself (no link)"
-        ) from e
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise DiskTierError(
-                f"disk_cache_dir {directory} is not a private directory of this user "
-                f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): another user "
-                "could plant or swap the disk tier's file; remove it, or choose another "
-                "disk_cache_dir"
-            )
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise DiskTierError(f"disk_cache_dir {directory} is not writable")
-        return fd
-    except BaseException:
+        fd = open_own_directory(directory, parents=True)
+    except KvbmError as e:
+        raise DiskTierError(f"disk_cache_dir: {e}") from e
+    if not os.access(directory, os.W_OK | os.X_OK):
         os.close(fd)
-        raise
+        raise DiskTierError(f"disk_cache_dir {directory} is not writable")
+    return fd
 
 
 def open_disk_file(dir_fd: int, path: str, direct_io: bool) -> tuple[int, bool]:

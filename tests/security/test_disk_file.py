@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import xxhash
@@ -27,46 +23,8 @@ from kvbm.errors import DiskTierError, KvbmError
 from kvbm.hashing import disk_key
 from tests.node_daemon import until
 from tests.security.peer_attacks import write_secret
+from tests.security.second_user import as_nobody, need_root
 from tests.support import DISK_KEY, GEOMETRY, Engine, keys, store
-
-ATTACKER = 65534  # 'nobody'
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        reason = "plants files as another user (uid 65534): run it as root"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI does)")
-        pytest.skip(reason)
-
-
-PLANT = """
-import os, sys
-os.setgroups([]); os.setgid(int(sys.argv[1])); os.setuid(int(sys.argv[1]))
-os.umask(0)
-exec(sys.argv[2])
-"""
-
-
-def as_attacker(code: str) -> None:
-    """Run `code` (with `os` imported) in a process of the other user."""
-    out = subprocess.run(
-        [sys.executable, "-c", PLANT, str(ATTACKER), code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-
-
-@pytest.fixture
-def shared_tmp():
-    """A directory like /tmp: root's, sticky, open to everyone."""
-    directory = tempfile.mkdtemp(prefix="kvbm-shared-")
-    os.chmod(directory, 0o1777)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
 
 PLANTED = b""  # an empty file: the node would make it the tier
 
@@ -86,15 +44,15 @@ def test_a_disk_file_planted_by_another_user_is_refused(daemons, shared_tmp, how
     path = arena_path(disk, GEOMETRY)  # a predictable name
     theirs = os.path.join(shared_tmp, "theirs")
     if how == "their directory":
-        as_attacker(f"os.mkdir({disk!r}, 0o777)")
+        as_nobody(f"os.mkdir({disk!r}, 0o777)")
     else:
         os.mkdir(disk)
         os.chmod(disk, 0o777)
     if how.endswith("link in the node's directory"):
-        as_attacker(f"open({theirs!r}, 'wb').write({PLANTED!r}); os.symlink({theirs!r}, {path!r})")
+        as_nobody(f"open({theirs!r}, 'wb').write({PLANTED!r}); os.symlink({theirs!r}, {path!r})")
         planted = theirs
     else:
-        as_attacker(f"open({path!r}, 'wb').write({PLANTED!r}); os.chmod({path!r}, 0o666)")
+        as_nobody(f"open({path!r}, 'wb').write({PLANTED!r}); os.chmod({path!r}, 0o666)")
         planted = path
     if how.startswith("their") and "node's directory" in how:
         os.chmod(disk, 0o700)  # the operator closes the directory; the file stays

@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -22,10 +20,10 @@ from kvbm.errors import KvbmError, NodeError
 from kvbm.node_process import fleet_secret
 from tests.node_daemon import Daemon, fleet_env, until
 from tests.security.port_scan import listening_ports, reachable
+from tests.security.second_user import NOBODY, as_nobody, need_root
 from tests.support import GEOMETRY
 
 OLD_DEV_SECRET = b"kvbm-dev-secret-never-deploy-this"  # what nodes once fell back to
-NOBODY = 65534
 
 
 # imports first: the interpreter's files may be out of the other user's reach
@@ -127,38 +125,14 @@ def test_a_fleet_node_without_the_operators_secret_does_not_start(etcd, tmp_path
 # -- finding 3: the socket's directory, and the node at its other end ----------
 
 
-def as_root() -> None:
-    if os.getuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("this test needs a second user: run it as root (CI does)")
-        pytest.skip("needs root, to act as a second user (uid 65534)")
-
-
-@pytest.fixture
-def shared_tmp():
-    """A directory like /tmp: anyone may make entries in it (sticky)."""
-    directory = tempfile.mkdtemp(prefix="kvbm-shared-")
-    os.chmod(directory, 0o1777)
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def as_nobody(*argv: str) -> subprocess.CompletedProcess:
-    code = "import os, sys; os.setgroups([]); os.setgid(65534); os.setuid(65534);" + argv[0]
-    return subprocess.run(
-        [sys.executable, "-c", code, *argv[1:]], capture_output=True, text=True, timeout=60
-    )
-
-
 def test_a_socket_directory_another_user_made_first_is_refused(shared_tmp, tmp_path):
     """Another user makes the node's socket directory before it starts (the
     default /tmp/kvbm/): the node refuses it instead of serving from a
     directory where that user can swap the socket, or link its name to the
     node's secret file for a chmod to follow."""
-    as_root()
+    need_root()
     squatted = os.path.join(shared_tmp, "kvbm")
-    made = as_nobody(f"os.mkdir({squatted!r}); os.chmod({squatted!r}, 0o777)")
-    assert made.returncode == 0, made.stderr
+    as_nobody(f"os.mkdir({squatted!r}, 0o777)")
     with pytest.raises(KvbmError, match="not a private directory of this user"):
         Daemon(tmp_path, "node-a", "127.0.0.1", "--socket", os.path.join(squatted, "node.sock"))
     assert os.listdir(squatted) == []  # neither a socket nor a secret went there
@@ -177,10 +151,9 @@ def test_an_engine_refuses_a_node_of_another_user(shared_tmp):
     """Whoever serves the socket path (a squatter's fake node) must run as the
     node's user: the engine checks SO_PEERCRED before it says a word, and
     would otherwise store its KV into that user's arena and load its bytes."""
-    as_root()
+    need_root()
     directory = os.path.join(shared_tmp, "theirs")
-    made = as_nobody(f"os.mkdir({directory!r}, 0o755)")
-    assert made.returncode == 0, made.stderr
+    as_nobody(f"os.mkdir({directory!r}, 0o755)")
     socket_path = os.path.join(directory, "node.sock")
     fake = subprocess.Popen(
         [sys.executable, "-c", NODE_AS_NOBODY, "--socket", socket_path, "--host-cache-mb", "4"],
