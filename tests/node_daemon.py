@@ -41,8 +41,12 @@ def fleet_env(flags: Sequence[str]) -> dict[str, str]:
 
 
 def kvbm_json(*args: str) -> dict:
+    """`kvbm ARGS --json`; with a `--secret-file`, without the session's KVBM_SECRET."""
+    env = dict(os.environ)
+    if "--secret-file" in args:
+        env.pop("KVBM_SECRET", None)
     out = subprocess.run(
-        [sys.executable, "-m", "kvbm.cli", *args, "--json"], capture_output=True, text=True
+        [sys.executable, "-m", "kvbm.cli", *args, "--json"], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
