@@ -14,8 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kvbm.engine_wire import node_listening
 from kvbm.errors import KvbmError
-from transport.secret import ENV_VAR as SECRET_VAR
-from transport.secret import own_secret
+from transport.secret import own_secret, without_secret
 
 START_TIMEOUT_S = 60.0
 NODE_COMMAND = (sys.executable, "-m", "kvbm.cli", "node")
@@ -34,7 +33,7 @@ def spawn_node(
     `env`: its environment (None: this process's); with a `--secret-file`
     in `flags`, without KVBM_SECRET (the file is the secret asked for)."""
     if "--secret-file" in flags:
-        env = {k: v for k, v in (os.environ if env is None else env).items() if k != SECRET_VAR}
+        env = without_secret(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(

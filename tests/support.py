@@ -3,6 +3,7 @@ pure function of the block's key, so every reload can be checked bit for bit."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import torch
@@ -67,7 +68,13 @@ def store(mgr, ks: list[BlockKey]) -> int:
 def fill_up(directory: str) -> None:
     """Fill the file system under `directory` to the last byte, as another
     program would (a file named `filler`)."""
-    with open(os.path.join(directory, "filler"), "wb") as f:
+    try:
+        f = open(os.path.join(directory, "filler"), "wb")  # noqa: SIM115
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            return  # full already: not even room for a name
+        raise
+    with f:
         try:
             while True:
                 f.write(b"\0" * 65536)

@@ -83,6 +83,12 @@ def operator_secret(secret_file: str, env: Mapping[str, str] | None = None) -> b
     return secret
 
 
+def without_secret(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (None: this process's environment) without KVBM_SECRET: for a
+    child given its secret otherwise (a file), which would refuse both."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k != ENV_VAR}
+
+
 def own_secret(path: str) -> bytes:
     """The secret kept at `path`, made there (0600) if there is none yet.
     The caller owns the directory (kvbm/owned_dir.py checks it), so nobody
