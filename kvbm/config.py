@@ -73,7 +73,8 @@ class KvbmConfig:
     node_id: str = _opt("", "This node's name in the index; empty: the host name.")
     listen: str = _opt(
         "127.0.0.1:0",
-        "HOST:PORT of the peer RPC (port 0: any free one; peers learn it from the index).",
+        "HOST:PORT of the peer RPC (port 0: any free one; peers learn it from the index); "
+        "a node without etcd has no peers and opens no peer port.",
     )
     etcd: str = _opt(
         "", "etcd endpoints, comma-separated HOST:PORT; empty: in-memory index, one node."
