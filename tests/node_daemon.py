@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
 from kvbm.node_process import NodeProcess
 from tests.support import Engine
+from transport.secret import without_secret
 
 TEST_FLEET_SECRET = "kvbm-test-fleet-" + secrets.token_hex(16)  # one per test session
 
@@ -33,7 +33,7 @@ class Daemon(NodeProcess):
 
 def fleet_env(flags: Sequence[str]) -> dict[str, str]:
     """The environment of a test's node started with `flags`."""
-    env = {k: v for k, v in os.environ.items() if k != "KVBM_SECRET"}
+    env = without_secret()
     on_etcd = any(f == "--etcd" and v for f, v in itertools.pairwise(flags))
     if on_etcd and "--secret-file" not in flags:
         env["KVBM_SECRET"] = TEST_FLEET_SECRET
@@ -42,9 +42,7 @@ def fleet_env(flags: Sequence[str]) -> dict[str, str]:
 
 def kvbm_json(*args: str) -> dict:
     """`kvbm ARGS --json`; with a `--secret-file`, without the session's KVBM_SECRET."""
-    env = dict(os.environ)
-    if "--secret-file" in args:
-        env.pop("KVBM_SECRET", None)
+    env = without_secret() if "--secret-file" in args else None
     out = subprocess.run(
         [sys.executable, "-m", "kvbm.cli", *args, "--json"], capture_output=True, text=True, env=env
     )
@@ -58,6 +56,15 @@ def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(what)
         time.sleep(0.05)
+
+
+def spill(eng: NodeAttachment, ks: list) -> None:
+    """Store `ks`, then enough others that they move to the disk tier."""
+    made = Engine(len(ks))
+    assert eng.store(made.kv, ks, made.compute(ks)) == len(ks)
+    filler = eng.keys(list(range(50_000, 50_000 + eng.num_slots + 8)))
+    big = Engine(len(filler))
+    eng.store(big.kv, filler, big.compute(filler))
 
 
 def loads_exactly(engine: NodeAttachment, keys: list[BlockKey], source: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from discovery.etcd_server import free_port
 from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
-from tests.node_daemon import loads_exactly, until
+from tests.node_daemon import loads_exactly, spill, until
 from tests.support import GEOMETRY, Engine, fill_up
 
 
@@ -24,15 +24,6 @@ def metric(port: int, name: str, **labels: str) -> float:
             if line.startswith(want + " "):
                 return float(line.split()[-1])
     return 0.0
-
-
-def spill(eng: NodeAttachment, ks: list) -> None:
-    """Store `ks`, then enough others that they move to the disk tier."""
-    made = Engine(len(ks))
-    assert eng.store(made.kv, ks, made.compute(ks)) == len(ks)
-    filler = eng.keys(list(range(50_000, 50_000 + eng.num_slots + 8)))
-    big = Engine(len(filler))
-    eng.store(big.kv, filler, big.compute(filler))
 
 
 def test_flipped_bytes_in_the_disk_arena_are_misses_counted_in_metrics(etcd, daemons, tmp_path):

@@ -21,7 +21,7 @@ from kvbm.disk_pool import _HEADER, _SUPER, PAGE, SLOT_MAGIC, DiskPool, arena_pa
 from kvbm.disk_seal import HEADER, SEAL_BYTES, DiskSeal
 from kvbm.errors import DiskTierError, KvbmError
 from kvbm.hashing import disk_key
-from tests.node_daemon import until
+from tests.node_daemon import spill, until
 from tests.security.peer_attacks import write_secret
 from tests.security.second_user import as_nobody, need_root
 from tests.support import DISK_KEY, GEOMETRY, Engine, keys, store
@@ -73,15 +73,6 @@ def test_a_disk_file_planted_by_another_user_is_refused(daemons, shared_tmp, how
             engine.close()
     with open(planted, "rb") as f:
         assert f.read() == PLANTED  # never written, never made the tier
-
-
-def spill(eng: NodeAttachment, ks: list) -> None:
-    """Store `ks`, then enough others that they move to the disk tier."""
-    made = Engine(len(ks))
-    assert eng.store(made.kv, ks, made.compute(ks)) == len(ks)
-    filler = eng.keys(list(range(50_000, 50_000 + eng.num_slots + 8)))
-    big = Engine(len(filler))
-    eng.store(big.kv, filler, big.compute(filler))
 
 
 FORGED = 1.5  # every value of the forged block
