@@ -3,7 +3,7 @@
 One name per setting everywhere: the key `host_cache_mb` is the TOML key
 `host_cache_mb`, the environment variable `KVBM_HOST_CACHE_MB`, the flag
 `--host-cache-mb` and the connector extra-config key `host_cache_mb`. The
-reference table in the README is generated from the fields below
+reference table in docs/operations.md is generated from the fields below
 (`kvbm config --reference`), and a test keeps the two equal.
 """
 
@@ -395,7 +395,7 @@ def interface_of(host: str) -> str | None:
 
 
 def reference_table() -> str:
-    """The README's configuration reference, generated from the fields."""
+    """docs/operations.md's configuration reference, generated from the fields."""
     rows = [
         "| key / flag | environment | default | meaning |",
         "|---|---|---|---|",

@@ -3,8 +3,11 @@ overrides, one name per setting everywhere."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import kvbm
 from kvbm.config import KvbmConfig, load_config, reference_table, to_toml
 
 
@@ -79,10 +82,17 @@ def test_toml_round_trip(tmp_path):
     assert load_config(str(f), env={}) == cfg
 
 
-def test_readme_carries_the_generated_reference():
-    with open("README.md") as f:
-        readme = f.read()
-    assert reference_table() in readme, "README config table is stale: kvbm config --reference"
+def test_operations_doc_carries_the_generated_reference():
+    """The table between the markers in docs/operations.md is exactly what
+    `kvbm config --reference` prints: a setting added, renamed or re-documented
+    in kvbm/config.py without regenerating the table fails here."""
+    doc = (Path(kvbm.__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    begin = doc.index("<!-- BEGIN generated: `kvbm config --reference`")
+    end = doc.index("<!-- END generated -->")
+    table = doc[doc.index("\n", begin) : end].strip()
+    assert table == reference_table(), (
+        "docs/operations.md's configuration reference is stale: paste `kvbm config --reference`"
+    )
 
 
 def test_a_fractional_size_is_refused_not_truncated(tmp_path):

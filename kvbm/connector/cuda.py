@@ -2,7 +2,7 @@
 host memory, a side stream, events. Everything they call (the staging
 copies, the layouts) is device-agnostic torch, run and tested on CPU
 (tests/test_kv_layouts.py, tests/test_transfers.py); this module itself has
-not run on a GPU here (README "GPU engines" says what has).
+not run on a GPU here (the README's "What ran where" says what has).
 
 APIs used, as documented by PyTorch: torch.cuda.cudart().cudaHostRegister /
 cudaHostUnregister (flag 1: cudaHostRegisterPortable), torch.cuda.Stream,

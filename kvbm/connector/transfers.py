@@ -6,7 +6,7 @@ after the forward and finishes in a later step's `get_finished`.
 A copier starts a batch and hands back a `Ticket`:
 - `SyncCopier` copies before it returns (the CPU default: a lone request's
   first token came sooner than with a copy thread, and it frees blocks at
-  once; README "GPU engines and KV cache layouts" has the figures);
+  once; docs/benchmarks.md, "Engine copies", has the figures);
 - `ThreadCopier` copies on one thread, batches in order, so the protocol
   runs and is tested with real vLLM on CPU;
 - `CudaCopier` (kvbm/connector/cuda.py) queues the copies on a side stream
