@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from discovery.records import KEY_HEAD as HEAD
-from discovery.records import Tier
+from discovery.key_split import HEAD_BYTES as HEAD
+from discovery.tier import Tier
 
 RUN_VERSION = 2  # 2: 16-byte heads (keyed 128-bit block hashes)
 # A head as a record numpy sorts and compares whole (its bytes, as two words).

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from discovery.records import Tier, check_namespace
+from discovery.records import check_namespace
+from discovery.tier import Tier
 from discovery.tls import EtcdTls
 from transport.secret import ENV_VAR as SECRET_VAR
 

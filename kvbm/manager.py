@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
 from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite

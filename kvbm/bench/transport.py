@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload
 from kvbm.bench.reference import (
