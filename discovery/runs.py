@@ -3,10 +3,11 @@
 A node publishes the blocks it stored one after another (a prompt's in
 prompt order, then the next prompt's) as one etcd value, up to 1,024 keys: a
 run record (the keys' shared tail once, each key's head, split as
-discovery/key_split.py says, and a bit per key for the disk tier). A prompt of a hundred blocks costs one write, not a
-hundred; a tier change or an eviction rewrites its run (or deletes it, once
-it holds nothing), and as LRU eviction follows the order blocks were stored,
-a burst of evictions touches one or two runs.
+discovery/key_split.py says, and a bit per key for the disk tier). A prompt
+of a hundred blocks costs one write, not a hundred; a tier change or an
+eviction rewrites its run (or deletes it, once it holds nothing), and as LRU
+eviction follows the order blocks were stored, a burst of evictions touches
+one or two runs.
 
 `RunBook` is the publisher's side: it turns the ordered changes of a node's
 tiers into dirty runs. `RunRecord` is the value, the only codec for it.
