@@ -70,9 +70,6 @@ class EngineCopies(StrEnum):
     ASYNC = "async"
 
 
-LOG_LEVELS = tuple(LogLevel)
-
-
 def _opt(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
