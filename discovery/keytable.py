@@ -10,9 +10,9 @@ less than one would hope on this machine (128 random rows of a 32 MB numpy
 array cost 25-40 us with cold caches, even as one `take`), so the common case
 avoids them altogether.
 
-A key is stored exactly: its head is its first 16 bytes (a block key's
-sequence hash, kvbm/hashing.py), kept as `x`, the first 8 xor a per-tail
-random mix, and `y`, the other 8; its tail (the rest: fingerprint, rank,
+A key is stored exactly: its head (discovery/key_split.py: a block key's
+sequence hash, kvbm/hashing.py) is kept as `x`, its first word xor a
+per-tail random mix, and `y`, its second word; its tail (the rest: fingerprint, rank,
 namespace, shared by almost every key of a mirror) as an interned id. The
 head is a keyed hash, so x alone is uniform: it finds a key's bucket and
 entry, and y is compared only at the entry (two keys of one x are as rare
@@ -50,7 +50,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from discovery.records import KEY_HEAD as HEAD  # bytes of a key's head (x, then y)
+# A key's head is its first HEAD bytes, two words: x (the first), then y.
+from discovery.key_split import HEAD_BYTES as HEAD
+from discovery.key_split import WORD_BYTES as WORD
 
 _B = 8  # slots per bucket: 8 x (x, word) = 128 bytes, two adjacent cache lines
 _LOG_B = 3
@@ -252,7 +254,7 @@ class KeyTable:
 
     def _key(self, x: int, y: int, t: int) -> bytes:
         tail = self._tails[t]
-        head = (x ^ self._mix[t]).to_bytes(8, "little") + y.to_bytes(8, "little")
+        head = (x ^ self._mix[t]).to_bytes(WORD, "little") + y.to_bytes(WORD, "little")
         return head[:tail] if isinstance(tail, int) else head + tail
 
     # -- scalar operations -----------------------------------------------------
@@ -441,7 +443,7 @@ class KeyTable:
             if t_one == _NO_TAIL:  # no key of the table has this tail
                 return _EMPTY if prefix else np.full(n, -1, np.int64)
             x = np.ndarray((n,), _U64LE, joined, 0, (size,))
-            y = np.ndarray((n,), _U64LE, joined, 8, (size,))
+            y = np.ndarray((n,), _U64LE, joined, WORD, (size,))
             if self._mix[t_one]:
                 x = x ^ np.uint64(self._mix[t_one])
         else:
@@ -536,12 +538,12 @@ class KeyTable:
 
 
 def _split(key: bytes) -> tuple[int, int, Tail]:
-    """A key's head (its first 8 bytes and its next 8, as ints) and its tail
-    (see `Tail`)."""
+    """A key's head (its two words, as ints) and its tail (see `Tail`)."""
     if len(key) >= HEAD:
-        return int.from_bytes(key[:8], "little"), int.from_bytes(key[8:HEAD], "little"), key[HEAD:]
+        x, y = key[:WORD], key[WORD:HEAD]
+        return int.from_bytes(x, "little"), int.from_bytes(y, "little"), key[HEAD:]
     head = key.ljust(HEAD, b"\0")
-    return int.from_bytes(head[:8], "little"), int.from_bytes(head[8:], "little"), len(key)
+    return int.from_bytes(head[:WORD], "little"), int.from_bytes(head[WORD:], "little"), len(key)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

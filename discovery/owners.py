@@ -23,9 +23,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import xxhash
 
-from discovery.records import KEY_HEAD as HEAD
+from discovery.key_split import HEAD_BYTES, first_words, first_words_of_rows, tail
 
-# A key's x is the first 8 bytes of its head (records.KEY_HEAD), xor a hash of
+# A key's x is its head's first word (discovery/key_split.py), xor a hash of
 # its tail: a place needs no more, since the head is a keyed hash (uniform)
 # and a place is advice that the holder's pin checks against the whole key.
 SHARD_BITS = 12
@@ -46,13 +46,13 @@ def _heads_and_mixes(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
     share one length and one tail: that case is one pass in numpy."""
     n, size = len(keys), len(keys[0])
     joined = b"".join(keys)
-    if size >= HEAD and len(joined) == n * size:
+    if size >= HEAD_BYTES and len(joined) == n * size:
         rows = np.frombuffer(joined, np.uint8).reshape(n, size)
-        if (rows[1:, HEAD:] == rows[0, HEAD:]).all():
-            heads = rows[:, :8].copy().view("<u8").ravel()
-            return heads, np.full(n, _tail_mix(keys[0][HEAD:]), np.uint64)
-    heads = np.frombuffer(b"".join(k[:8].ljust(8, b"\0") for k in keys), "<u8")
-    return heads, np.fromiter((_tail_mix(k[HEAD:]) for k in keys), np.uint64, n)
+        if (rows[1:, HEAD_BYTES:] == rows[0, HEAD_BYTES:]).all():
+            heads = first_words_of_rows(rows)
+            return heads, np.full(n, _tail_mix(tail(keys[0])), np.uint64)
+    heads = first_words(keys)
+    return heads, np.fromiter((_tail_mix(tail(k)) for k in keys), np.uint64, n)
 
 
 def places(keys: Sequence[bytes], anchors: Sequence[int] | np.ndarray | None = None) -> np.ndarray:

@@ -1,7 +1,8 @@
-"""Typed values that cross the package boundary: node records, tiers, lookups.
+"""Typed values that cross the package boundary: node records and lookups
+(their tiers are discovery/tier.py's `Tier`).
 
-Block keys are opaque bytes here (the encoding `kvbm` gives them), so this
-package never imports `kvbm`.
+Block keys are bytes here, read only as a head and a tail
+(discovery/key_split.py), so this package never imports `kvbm`.
 """
 
 from __future__ import annotations
@@ -9,22 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import msgpack
+
+from discovery.tier import Tier
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 RECORD_VERSION = 1
-# A block key's head: its first KEY_HEAD bytes, the sequence hash (a keyed
-# 128-bit hash, kvbm/hashing.py); the rest of a key is its tail, shared by a
-# request's keys. The index packs and finds keys by this split.
-KEY_HEAD = 16
-
-
-class Tier(StrEnum):
-    HOST = "host"
-    DISK = "disk"
 
 
 def check_namespace(namespace: str) -> str:

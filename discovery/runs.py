@@ -2,11 +2,12 @@
 
 A node publishes the blocks it stored one after another (a prompt's in
 prompt order, then the next prompt's) as one etcd value, up to 1,024 keys: a
-run record (the keys' shared tail once, each key's 16-byte head, a bit per
-key for the disk tier). A prompt of a hundred blocks costs one write, not a
-hundred; a tier change or an eviction rewrites its run (or deletes it, once
-it holds nothing), and as LRU eviction follows the order blocks were stored,
-a burst of evictions touches one or two runs.
+run record (the keys' shared tail once, each key's head, split as
+discovery/key_split.py says, and a bit per key for the disk tier). A prompt
+of a hundred blocks costs one write, not a hundred; a tier change or an
+eviction rewrites its run (or deletes it, once it holds nothing), and as LRU
+eviction follows the order blocks were stored, a burst of evictions touches
+one or two runs.
 
 `RunBook` is the publisher's side: it turns the ordered changes of a node's
 tiers into dirty runs. `RunRecord` is the value, the only codec for it.
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-from discovery.records import KEY_HEAD as HEAD
-from discovery.records import Tier
+from discovery.key_split import HEAD_BYTES as HEAD
+from discovery.tier import Tier
 
 RUN_VERSION = 2  # 2: 16-byte heads (keyed 128-bit block hashes)
 # A head as a record numpy sorts and compares whole (its bytes, as two words).

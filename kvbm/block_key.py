@@ -8,19 +8,21 @@ the disk header. Fields are read back (`parse_key`) only where a field is
 needed: checking keys that come from outside (`check_keys`), and a disk
 header found at recovery.
 
-Layout: the sequence hash as 16 little-endian bytes (its head; kvbm/hashing.py),
-then the key's tail:
-fingerprint (u64), tp rank (u16), the namespace's length (u8), the namespace.
-`transport` and `discovery` never import this module; to them a key is bytes.
+Layout: the sequence hash as the key's head (kvbm/hashing.py; its size and
+byte order are discovery/key_split.py's, which the index reads keys by),
+then the key's tail: fingerprint (u64), tp rank (u16), the namespace's length
+(u8), the namespace. `transport` and `discovery` never import this module;
+to them a key is bytes split into head and tail.
 
 A sharded index keeps a prompt's keys together, in groups of GROUP_BLOCKS
 positions, each group at the owner of its first key, its anchor
 (discovery/owners.py). A key's anchor is a function of the key (a sequence
 hash names its whole prefix, so its position too) that cannot be computed
 from the key: engines, which know positions, name it (`Groups`), and the
-node keeps it with the block. An anchor is the first 8 bytes of its key's
-hash (a u64): it only places keys, which are advice until a pin checks the
-whole key, and 64 bits of a keyed hash place as well as 128.
+node keeps it with the block. An anchor is the first word of its key's
+head (key_split.first_word, a u64): it only places keys, which are advice
+until a pin checks the whole key, and 64 bits of a keyed hash place as well
+as 128.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ from typing import NamedTuple, NewType
 
 import numpy as np
 
-from discovery.records import KEY_HEAD as HEAD
+from discovery import key_split
+from discovery.key_split import HEAD_BYTES as HEAD
 from discovery.records import check_namespace
 
 BlockKey = NewType("BlockKey", bytes)
 
 _TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
-_HEAD_SIZE = HEAD + _TAIL.size
-_ANCHOR_MASK = 2**64 - 1
-MAX_ENCODED = _HEAD_SIZE + 64
+_MIN_SIZE = HEAD + _TAIL.size
+MAX_ENCODED = _MIN_SIZE + 64
 
 
 GROUP_BLOCKS = 16
@@ -51,7 +53,7 @@ GROUP_BLOCKS = 16
 class Groups:
     """The anchors of consecutive keys of a prompt: key i of them sits at
     position `offset + i` from the start of the first group, so its anchor
-    is `anchors[(offset + i) // GROUP_BLOCKS]` (the first 8 bytes of a
+    is `anchors[(offset + i) // GROUP_BLOCKS]` (the first word of a
     sequence hash, see `anchor_of`)."""
 
     offset: int
@@ -93,9 +95,9 @@ class Groups:
 
 
 def anchor_of(seq_hash: int) -> int:
-    """The anchor a key with this sequence hash gives its group: the hash's
-    first 8 bytes (little-endian), as a u64."""
-    return seq_hash & _ANCHOR_MASK
+    """The anchor a key with this sequence hash gives its group: its head's
+    first word (discovery/key_split.py), as a u64."""
+    return key_split.first_word(seq_hash)
 
 
 class KeyFields(NamedTuple):
@@ -112,14 +114,15 @@ def encode_key(namespace: str, fingerprint: int, tp_rank: int, seq_hash: int) ->
 
 def parse_key(data: bytes | bytearray | memoryview) -> KeyFields:
     """The fields of a key; raises ValueError on anything `encode_key` did not produce."""
-    if len(data) < _HEAD_SIZE:
+    if len(data) < _MIN_SIZE:
         raise ValueError("block key too short")
-    namespace, fingerprint, tp_rank = _parse_tail(bytes(data[HEAD:]))
-    return KeyFields(namespace, fingerprint, tp_rank, int.from_bytes(data[:HEAD], "little"))
+    key = bytes(data)
+    namespace, fingerprint, tp_rank = _parse_tail(key_split.tail(key))
+    return KeyFields(namespace, fingerprint, tp_rank, key_split.head_value(key))
 
 
 def seq_hash(key: bytes) -> int:
-    return int.from_bytes(key[:HEAD], "little")
+    return key_split.head_value(key)
 
 
 def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) -> list[BlockKey]:
@@ -130,9 +133,9 @@ def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) ->
         raise ValueError(f"keys must be a list of at most {max_keys}")
     good: set[bytes] = set()
     for k in keys:
-        if not isinstance(k, bytes) or len(k) < _HEAD_SIZE:
+        if not isinstance(k, bytes) or len(k) < _MIN_SIZE:
             raise ValueError("a key is not a block key")
-        tail = k[HEAD:]
+        tail = key_split.tail(k)
         if tail not in good:
             ns, fp, _ = _parse_tail(tail)
             if ns != namespace or fp != fingerprint:
@@ -143,7 +146,7 @@ def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) ->
 
 def _head(seq_hash: int) -> bytes:
     try:
-        return seq_hash.to_bytes(HEAD, "little")
+        return key_split.head_of(seq_hash)
     except (OverflowError, AttributeError, TypeError):
         raise ValueError(f"block key seq_hash out of range: {seq_hash!r}") from None
 
@@ -187,7 +190,9 @@ class KeySpace:
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
         tail = _tail(self.namespace, self.fingerprint, self.tp_rank)
-        try:  # no call per key: an engine builds a request's keys on vLLM's scheduler path
+        # key_split.head_of, inlined: an engine builds a request's keys on
+        # vLLM's scheduler path, so no call per key (test_block_key checks they agree)
+        try:
             return [h.to_bytes(HEAD, "little") + tail for h in seq_hashes]  # type: ignore[misc]
         except (OverflowError, AttributeError, TypeError):
             raise ValueError("block key seq_hash out of range") from None

@@ -7,14 +7,8 @@ import json
 import sys
 
 from discovery.errors import DiscoveryError
-from kvbm.config import (
-    add_flags,
-    bind_native_transport,
-    from_args,
-    quiet_native_logs,
-    reference_table,
-    to_toml,
-)
+from kvbm.config import bind_native_transport, quiet_native_logs
+from kvbm.config_text import add_flags, from_args, reference_table, to_toml
 from kvbm.errors import KvbmError
 from kvbm.logs import setup_logging
 from transport.errors import TransportError

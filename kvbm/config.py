@@ -5,40 +5,69 @@ One name per setting everywhere: the key `host_cache_mb` is the TOML key
 `--host-cache-mb` and the connector extra-config key `host_cache_mb`. The
 reference table in docs/operations.md is generated from the fields below
 (`kvbm config --reference`), and a test keeps the two equal.
+
+Settings that take one of a few words are enums (`LogLevel`, `IndexLayout`,
+`EngineCopies`; a member equals its word, so `cfg.index_layout == "sharded"`
+reads as before). A bad setting raises `ConfigError` (a ValueError) that
+names the setting, what it got and what it takes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import fcntl
 import grp
-import json
 import logging
 import os
 import pwd
 import re
 import socket
-import struct
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-from discovery.records import Tier, check_namespace
+from discovery.records import check_namespace
+from discovery.tier import Tier
 from discovery.tls import EtcdTls
+from kvbm.errors import KvbmError
+from transport.net_devices import UCX_DEVICES_VAR, pin_ucx_devices
 from transport.secret import ENV_VAR as SECRET_VAR
 
 log = logging.getLogger("kvbm.config")
-_SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 ENV_PREFIX = "KVBM_"
 CONFIG_FILE_VAR = "KVBM_CONFIG"  # the engines' configuration file (`kvbm` takes --config)
 # KVBM_* variables that are not settings: read where they are used
 NOT_SETTINGS = {CONFIG_FILE_VAR, SECRET_VAR}
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(KvbmError, ValueError):
+    """A setting is unknown, mistyped or out of range; the message names it."""
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class IndexLayout(StrEnum):
+    """Where the index keeps block locations (see the setting's doc)."""
+
+    MIRROR = "mirror"
+    SHARDED = "sharded"
+
+
+class EngineCopies(StrEnum):
+    """When an engine's copies are committed (see the setting's doc)."""
+
+    AUTO = "auto"
+    SYNC = "sync"
+    ASYNC = "async"
 
 
 def _opt(default: Any, doc: str) -> Any:
@@ -69,7 +98,7 @@ class KvbmConfig:
     disk_preallocate: bool = _opt(
         True, "Reserve the disk tier's blocks at start (off: sparse file)."
     )
-    log_level: str = _opt("warning", "One of debug, info, warning, error.")
+    log_level: LogLevel = _opt(LogLevel.WARNING, "One of debug, info, warning, error.")
     node_id: str = _opt("", "This node's name in the index; empty: the host name.")
     listen: str = _opt(
         "127.0.0.1:0",
@@ -99,8 +128,8 @@ class KvbmConfig:
         "A block goes to the index once the node has held it this long (what lives "
         "shorter costs no etcd write); 0: at the next flush (every 0.5 s).",
     )
-    index_layout: str = _opt(
-        "mirror",
+    index_layout: IndexLayout = _opt(
+        IndexLayout.MIRROR,
         "mirror: every node mirrors every location from etcd (lookups in microseconds, "
         "most without a call to the node; for fleets up to about 100 nodes); sharded: etcd "
         "holds node records only, each node keeps its share of the locations and lookups "
@@ -130,54 +159,66 @@ class KvbmConfig:
     remote_tiers: str = _opt(
         "", "Peer tiers engines may load from: host, disk, both comma-separated; empty: none."
     )
-    engine_copies: str = _opt(
-        "auto",
+    engine_copies: EngineCopies = _opt(
+        EngineCopies.AUTO,
         "How an engine copies between its KV cache and the arena: sync (within the step), "
         "async (loads waited for per layer, saves finished in a later step), auto (async for "
         "a GPU cache, sync for a CPU one).",
     )
 
     def __post_init__(self) -> None:
+        # The one place a foreign ValueError (a namespace's, TLS files') becomes a ConfigError.
+        try:
+            self._check()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check(self) -> None:
+        for name, kind in CHOICES.items():
+            # A word given where an enum is expected becomes the member, once,
+            # while the object is built (the enum's members are its words).
+            object.__setattr__(self, name, _choice(name, kind, getattr(self, name)))
         check_namespace(self.namespace)
         if self.host_cache_mb < 1:
-            raise ValueError(f"host_cache_mb must be at least 1, got {self.host_cache_mb}")
+            raise ConfigError(f"host_cache_mb must be at least 1, got {self.host_cache_mb}")
         if not os.path.isabs(self.host_arena_dir):
-            raise ValueError(
+            raise ConfigError(
                 f"host_arena_dir must be an absolute path, got {self.host_arena_dir!r}"
             )
         if self.disk_cache_mb < 0:
-            raise ValueError(f"disk_cache_mb must be >= 0, got {self.disk_cache_mb}")
+            raise ConfigError(f"disk_cache_mb must be >= 0, got {self.disk_cache_mb}")
         if self.disk_cache_mb and not self.disk_cache_dir:
-            raise ValueError("disk_cache_mb is set but disk_cache_dir is empty")
+            raise ConfigError("disk_cache_mb is set but disk_cache_dir is empty")
         if self.disk_write_ahead_mb < 0:
-            raise ValueError(f"disk_write_ahead_mb must be >= 0, got {self.disk_write_ahead_mb}")
+            raise ConfigError(f"disk_write_ahead_mb must be >= 0, got {self.disk_write_ahead_mb}")
         if self.disk_admit_min_uses < 1:
-            raise ValueError("disk_admit_min_uses must be at least 1")
-        if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+            raise ConfigError(
+                f"disk_admit_min_uses must be at least 1, got {self.disk_admit_min_uses}"
+            )
         # parsed here, once: the properties below keep what they parse
         _ = self.listen_address, self.etcd_endpoints, self.shared_gid, self.etcd_tls
-        _ = self.node_uid
+        _ = self.node_uid, self.remote_tier_list
         if "https://" in self.etcd and not self.etcd_ca_file:
-            raise ValueError("etcd endpoints in https:// need etcd_ca_file (TLS to etcd)")
+            raise ConfigError("etcd endpoints in https:// need etcd_ca_file (TLS to etcd)")
         if not 0 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port out of range: {self.metrics_port}")
+            raise ConfigError(f"metrics_port out of range: {self.metrics_port}")
         if self.lease_ttl < 2:
-            raise ValueError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
+            raise ConfigError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if self.index_publish_after_ms < 0:
-            raise ValueError("index_publish_after_ms must be >= 0")
-        if self.index_layout not in ("mirror", "sharded"):
-            raise ValueError(f"index_layout must be mirror or sharded, got {self.index_layout!r}")
-        if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
-            raise ValueError("peer_timeout_ms must be at least 10 and peer_backoff_s >= 0")
-        if self.max_peer_connections < 1:
-            raise ValueError("max_peer_connections must be at least 1")
-        if self.engine_copies not in ("auto", "sync", "async"):
-            raise ValueError(
-                f"engine_copies must be auto, sync or async, got {self.engine_copies!r}"
+            raise ConfigError(
+                f"index_publish_after_ms must be >= 0, got {self.index_publish_after_ms}"
             )
-        if not set(self.remote_tier_list) <= {t.value for t in Tier}:
-            raise ValueError(f"remote_tiers may name host and disk only, got {self.remote_tiers!r}")
+        if self.peer_timeout_ms < 10 or self.peer_backoff_s < 0:
+            raise ConfigError(
+                "peer_timeout_ms must be at least 10 and peer_backoff_s >= 0, got "
+                f"{self.peer_timeout_ms} and {self.peer_backoff_s}"
+            )
+        if self.max_peer_connections < 1:
+            raise ConfigError(
+                f"max_peer_connections must be at least 1, got {self.max_peer_connections}"
+            )
 
     # Parsed forms, computed once (a frozen dataclass still caches: the value
     # goes into the instance's __dict__, not through __setattr__).
@@ -200,8 +241,13 @@ class KvbmConfig:
         return parse_listen(self.listen)
 
     @cached_property
-    def remote_tier_list(self) -> tuple[str, ...]:
-        return tuple(t.strip() for t in self.remote_tiers.split(",") if t.strip())
+    def remote_tier_list(self) -> tuple[Tier, ...]:
+        names = [t.strip() for t in self.remote_tiers.split(",") if t.strip()]
+        if not set(names) <= {t.value for t in Tier}:
+            raise ConfigError(
+                f"remote_tiers may name host and disk only, got {self.remote_tiers!r}"
+            )
+        return tuple(Tier(t) for t in names)
 
     @cached_property
     def etcd_endpoints(self) -> tuple[str, ...]:
@@ -229,7 +275,7 @@ class KvbmConfig:
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+        raise ConfigError(f"listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
 
 
@@ -242,7 +288,7 @@ def parse_group(group: str) -> int | None:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ValueError(f"shared_group: no group {group!r} on this machine") from None
+        raise ConfigError(f"shared_group: no group {group!r} on this machine") from None
 
 
 def parse_user(user: str) -> int | None:
@@ -254,7 +300,7 @@ def parse_user(user: str) -> int | None:
     try:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
-        raise ValueError(f"node_user: no user {user!r} on this machine") from None
+        raise ConfigError(f"node_user: no user {user!r} on this machine") from None
 
 
 def parse_endpoints(text: str) -> list[str]:
@@ -266,43 +312,62 @@ def parse_endpoints(text: str) -> list[str]:
         item = item.removeprefix("http://").removeprefix("https://").rstrip("/")
         host, sep, port = item.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint must be HOST:PORT, got {item!r}")
+            raise ConfigError(f"etcd endpoint must be HOST:PORT, got {item!r}")
         out.append(item)
     return out
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(KvbmConfig)}
+# Every setting's field, by name; and the enum of each setting that takes one of a few words.
+FIELDS = {f.name: f for f in dataclasses.fields(KvbmConfig)}
+CHOICES: dict[str, type[StrEnum]] = {
+    "log_level": LogLevel,
+    "index_layout": IndexLayout,
+    "engine_copies": EngineCopies,
+}
+
+
+def _choice(name: str, kind: type[StrEnum], value: Any) -> StrEnum:
+    try:
+        return kind(value)
+    except ValueError:
+        words = ", ".join(m.value for m in kind)  # type: ignore[attr-defined]
+        raise ConfigError(f"{name} must be one of {words}, got {value!r}") from None
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Strings (environment, flags) and TOML values -> the field's type."""
-    kind = _FIELDS[name].type
+    kind = FIELDS[name].type
     if kind == "bool":
         if isinstance(value, bool):
             return value
         text = str(value).strip().lower()
         if text in _TRUE | _FALSE:
             return text in _TRUE
-        raise ValueError(f"{name}: expected a boolean, got {value!r}")
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
         return ",".join(value)  # a list (TOML, connector config) of a comma-separated setting
     if not isinstance(value, str):
-        raise ValueError(f"{name}: expected a string, got {value!r}")
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if name in CHOICES:
+        return _choice(name, CHOICES[name], value)
     return value
 
 
 def _merge(into: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
     for key, value in source.items():
         name = key.replace("-", "_")
-        if name not in _FIELDS:
-            raise ValueError(f"unknown setting {key!r} in {where}; known: {', '.join(_FIELDS)}")
-        into[name] = _coerce(name, value)
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r} in {where}; known: {', '.join(FIELDS)}")
+        try:
+            into[name] = _coerce(name, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (in {where})") from None
 
 
 def load_config(
@@ -313,7 +378,7 @@ def load_config(
 ) -> KvbmConfig:
     """Merge `defaults` (a command's own, over the built-in ones), a TOML file,
     KVBM_* variables and overrides (flags, connector extra config), later
-    winning. Raises ValueError naming the bad setting."""
+    winning. Raises ConfigError naming the bad setting."""
     values: dict[str, Any] = {}
     _merge(values, defaults or {}, "defaults")
     if path:
@@ -321,7 +386,7 @@ def load_config(
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read config file {path}: {e}") from e
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
         _merge(values, data, path)
     environ = os.environ if env is None else env
     from_env = {}
@@ -329,7 +394,7 @@ def load_config(
         if not var.startswith(ENV_PREFIX):
             continue
         name = var[len(ENV_PREFIX) :].lower()
-        if name in _FIELDS:
+        if name in FIELDS:
             from_env[name] = value
         elif var not in NOT_SETTINGS:
             # Other tools may share the prefix: a typo is logged, never fatal.
@@ -362,86 +427,7 @@ def child_environment() -> dict[str, str]:
 
 
 def bind_native_transport(listen_host: str) -> None:
-    """UCX (under NIXL) listens on every interface unless told otherwise: keep
-    it on the interface of the node's listen address (a node on loopback is
-    then reachable from this machine only), unless the user chose devices."""
-    if "UCX_NET_DEVICES" in os.environ:
-        return
-    device = interface_of(listen_host)
-    if device is not None:
-        os.environ["UCX_NET_DEVICES"] = device
-
-
-def interface_of(host: str) -> str | None:
-    """The network interface holding IPv4 address `host` (None: a wildcard or
-    an address on no interface here)."""
-    try:
-        packed = socket.inet_aton(host)
-    except OSError:
-        return None
-    if packed[0] == 127:
-        return "lo"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                ifreq = fcntl.ioctl(
-                    s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode())
-                )
-            except OSError:
-                continue  # no IPv4 address on it
-            if ifreq[20:24] == packed:
-                return name
-    return None
-
-
-def reference_table() -> str:
-    """docs/operations.md's configuration reference, generated from the fields."""
-    rows = [
-        "| key / flag | environment | default | meaning |",
-        "|---|---|---|---|",
-    ]
-    for f in dataclasses.fields(KvbmConfig):
-        default = f.default
-        shown = f"`{str(default).lower()}`" if isinstance(default, bool) else f"`{default}`"
-        if default == "":
-            shown = '`""`'
-        rows.append(
-            f"| `{f.name}` / `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` "
-            f"| {shown} | {f.metadata['doc']} |"
-        )
-    return "\n".join(rows)
-
-
-def to_toml(cfg: KvbmConfig) -> str:
-    """The effective configuration as a file `load_config` reads back."""
-    lines = []
-    for f in dataclasses.fields(KvbmConfig):
-        v = getattr(cfg, f.name)
-        text = (
-            str(v).lower()
-            if isinstance(v, bool)
-            else str(v)
-            if isinstance(v, int)
-            else json.dumps(v)
-        )
-        lines.append(f"{f.name} = {text}")
-    return "\n".join(lines) + "\n"
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per setting; values reach `load_config` as overrides."""
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    for f in dataclasses.fields(KvbmConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            metavar=f.type.upper(),
-            default=None,
-            help=f.metadata["doc"],
-        )
-
-
-def from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> KvbmConfig:
-    """Config from parsed flags (see `add_flags`) over the file and environment."""
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(KvbmConfig)}
-    return load_config(getattr(args, "config", None), overrides=flags, defaults=defaults)
+    """Keep UCX (under NIXL) on the interface of the node's listen address,
+    unless the user chose its devices (transport/net_devices.py); called
+    before NIXL loads."""
+    pin_ucx_devices(listen_host, os.environ.get(UCX_DEVICES_VAR))

@@ -28,7 +28,7 @@ from typing import TextIO
 from discovery.etcd_server import EtcdServer
 from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
-from kvbm.config import from_args
+from kvbm.config_text import from_args
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.logs import setup_logging

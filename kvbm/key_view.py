@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from discovery.records import KEY_HEAD as HEAD
+from discovery.key_split import first_words, tail
 from kvbm.errors import ArenaError
 from kvbm.shm_arena import SharedArena
 
@@ -103,15 +103,15 @@ class _Layout:
         self._tails: dict[bytes, np.uint64] = {}
 
     def hashes(self, keys: Sequence[bytes]) -> np.ndarray:
-        """Each key's salted 64-bit hash (splitmix64 over the first 8 bytes of
-        its sequence hash, its tail folded in): keys that share a tail cost one
+        """Each key's salted 64-bit hash (splitmix64 over its head's first word,
+        discovery/key_split.py, its tail folded in): keys that share a tail cost one
         numpy pass. The view is advice, so 64 bits of the keyed hash do."""
-        heads = np.frombuffer(b"".join([k[:8] for k in keys]), "<u8")
-        tail = keys[0][HEAD:]
-        if all(k[HEAD:] == tail for k in keys):
-            x = heads ^ self._tail(tail)
+        heads = first_words(keys)
+        shared = tail(keys[0])
+        if all(tail(k) == shared for k in keys):
+            x = heads ^ self._tail(shared)
         else:
-            x = heads ^ np.array([self._tail(k[HEAD:]) for k in keys], np.uint64)
+            x = heads ^ np.array([self._tail(tail(k)) for k in keys], np.uint64)
         z = x + _GOLDEN
         z = (z ^ (z >> _S30)) * _M1
         z = (z ^ (z >> _S27)) * _M2

@@ -14,27 +14,26 @@ network path can use one manager at once.
 When the host tier is full, its least recently used unpinned blocks drain to
 disk if the admission filter lets them, and are dropped otherwise; the node
 usually has them on disk already (`write_ahead`), so the drain only frees.
+Those moves between G2 and G3 are kvbm/tier_moves.py's; this module keeps
+the engine's and the peers' moves and what the index learns of the tiers.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.block_key import BlockKey
-from kvbm.disk_pool import DiskPool, DiskRead, DiskWrite
+from kvbm.disk_pool import DiskPool
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
 from kvbm.key_view import LOCAL, KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.metrics import TierMetrics
 from kvbm.plans import LoadPlan, PrefixMatch, StorePlan
-from kvbm.slot_table import SlotState, Victim
-
-log = logging.getLogger("kvbm.manager")
+from kvbm.tier_moves import TierMoves
 
 
 class BlockManager:
@@ -76,8 +75,8 @@ class BlockManager:
         self._lock = threading.RLock()
         # Half of G2 per load or store step: the other half can drain or stage.
         self.max_load_blocks = max(1, host.num_slots // 2)
-        self._owed = 0  # host blocks evicted that `write_ahead` has not matched yet
         self.view: KeyView | None = None
+        self._moves = TierMoves(host, disk, self.admission, self.metrics, self._lock, self._show)
         m = self.metrics
         m.watch_tier(
             Tier.HOST, lambda: host.table.registered_count, geometry.block_bytes, host.num_slots
@@ -92,8 +91,8 @@ class BlockManager:
         """Start recording which keys enter or leave the tiers (see `take_changes`)."""
         with self._lock:
             for pool in (self.host, self.disk):
-                if pool is not None and pool.table.changed is None:
-                    pool.table.changed = {}
+                if pool is not None:
+                    pool.table.track_changes()
 
     def take_changes(
         self, anchors: dict[BlockKey, int] | None = None
@@ -107,14 +106,12 @@ class BlockManager:
         is in neither tier while it is written)."""
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
-            dirty = host.changed or {}
-            if disk is not None and disk.changed:
-                dirty |= disk.changed
-                disk.changed = {}
-            host.changed = {} if host.changed is not None else None
+            dirty = host.take_changes()
+            if disk is not None:
+                dirty |= disk.take_changes()
+            on_host, on_disk = host.held, disk.held if disk else {}
             now = {
-                k: Tier.HOST if k in host.index else Tier.DISK if disk and k in disk.index else None
-                for k in dirty
+                k: Tier.HOST if k in on_host else Tier.DISK if k in on_disk else None for k in dirty
             }
             if self.view is not None:
                 self.view.unset([k for k, t in now.items() if t is None], LOCAL)
@@ -135,8 +132,8 @@ class BlockManager:
         """Every block held, and where (host wins over disk): a full republish
         (`anchors` as for `take_changes`)."""
         with self._lock:
-            out = dict.fromkeys(self.disk.table.index, Tier.DISK) if self.disk else {}
-            out.update(dict.fromkeys(self.host.table.index, Tier.HOST))
+            out = dict.fromkeys(self.disk.table.held, Tier.DISK) if self.disk else {}
+            out.update(dict.fromkeys(self.host.table.held, Tier.HOST))
             if anchors is not None:
                 self._anchors_of(out, anchors)
             return out
@@ -144,15 +141,12 @@ class BlockManager:
     def _anchors_of(
         self, keys: Iterable[BlockKey], out: dict[BlockKey, int]
     ) -> dict[BlockKey, int]:
-        """Under the lock."""
-        tables = [self.host.table, *([self.disk.table] if self.disk else [])]
-        for k in keys:
-            for table in tables:
-                slot = table.index.get(k)
-                if slot is not None:
-                    if table.anchors[slot]:
-                        out[k] = table.anchors[slot]
-                    break
+        """Under the lock. A key's anchor is the one kept in the tier that
+        holds it (host first), where one is known."""
+        found = self.host.table.anchors_of(keys)
+        if self.disk is not None:
+            found = self.disk.table.anchors_of(k for k in keys if k not in found) | found
+        out.update((k, a) for k, a in found.items() if a)
         return out
 
     def usage(self) -> dict[str, dict[str, int]]:
@@ -162,7 +156,7 @@ class BlockManager:
                 Tier.HOST.value: {
                     "blocks": self.host.table.registered_count,
                     "capacity": self.host.num_slots,
-                    "unsealed": len(self.host.table.unsealed),
+                    "unsealed": self.host.table.unsealed_count,
                 }
             }
             if self.disk is not None:
@@ -176,13 +170,13 @@ class BlockManager:
     def lookup(self, keys: Sequence[BlockKey]) -> PrefixMatch:
         """Longest prefix of `keys` held in G2 or G3 (no pins; it may change at once)."""
         with self._lock:
-            host = self.host.table.index
+            host = self.host.table.held
             held = keys[: self._prefix_len(keys)]
             return PrefixMatch(tuple(Tier.HOST if k in host else Tier.DISK for k in held))
 
     def _prefix_len(self, keys: Sequence[BlockKey]) -> int:
         """Length of the prefix held in G2 or G3; the caller holds the lock."""
-        host, disk = self.host.table.index, self.disk.table.index if self.disk else {}
+        host, disk = self.host.table.held, self.disk.table.held if self.disk else {}
         n = 0
         for k in keys:
             if k not in host and k not in disk:
@@ -212,7 +206,7 @@ class BlockManager:
                 elif k not in seen:
                     seen.add(k)
                     positions.append(i)
-        slots = self._reserve_host(len(positions))
+        slots = self._moves.reserve_host(len(positions))
         cut = None
         if len(slots) < len(positions):
             self.metrics.rejected.labels(Tier.HOST, "full").inc(len(positions) - len(slots))
@@ -288,7 +282,7 @@ class BlockManager:
                 self.metrics.hits.labels(Tier.DISK).inc(len(disk_slots))
                 self.metrics.misses.labels(Tier.DISK).inc(len(keys) - len(host_slots))
         if disk_slots:
-            self._stage_from_disk(keys, host_slots, disk_slots)
+            self._moves.stage(keys, host_slots, disk_slots)
         n = host_slots.index(None) if None in host_slots else len(host_slots)
         with self._lock:
             for slot in host_slots[n:]:
@@ -317,7 +311,7 @@ class BlockManager:
         if plan.done:
             raise ValueError("load plan already finished: its slots may hold other blocks now")
         with self._lock:
-            known = [self.host.table.checksums[s] for s in plan.slots]
+            known = self.host.table.checksums_of(plan.slots)
         todo = [s for s, c in zip(plan.slots, known, strict=True) if c is None]
         taken = dict(zip(todo, self.host.checksums(todo), strict=True))
         with self._lock:
@@ -357,42 +351,7 @@ class BlockManager:
         reorder the LRU): a copy counts only if the slot still holds the same
         registration afterwards, so its bytes did not change under the write.
         """
-        if self.disk is None or reach <= 0 or limit <= 0 or not self.disk.has_room():
-            return 0
-        with self._lock:
-            host, dt = self.host.table, self.disk.table
-            self._owed = min(self._owed, reach)
-            if not self._owed:
-                return 0
-            todo: list[tuple[int, int, BlockKey, int | None, int]] = []
-            for slot in host.policy.oldest(reach):
-                if len(todo) == min(limit, self._owed):
-                    break
-                key = host.keys[slot]
-                assert key is not None
-                if key not in dt.index and self.admission.admit(key):
-                    todo.append(
-                        (slot, host.serial[slot], key, host.checksums[slot], host.anchors[slot])
-                    )
-            self._owed = 0 if len(todo) < limit else self._owed - len(todo)
-            dslots = self._disk_slots(len(todo))
-        writes = [
-            DiskWrite(key, csum, slot, d, anchor)
-            for (slot, _, key, csum, anchor), d in zip(todo, dslots, strict=False)
-        ]
-        sums = self._disk_io(self.disk.write, writes)
-        written = 0
-        with self._lock:
-            host, dt = self.host.table, self.disk.table
-            for (slot, serial, *_), w, c in zip(todo, writes, sums, strict=False):
-                same = host.state[slot] == SlotState.REGISTERED and host.serial[slot] == serial
-                if c is None or not same:
-                    dt.abort(w.dst)
-                    continue
-                host.seal(slot, serial, c)  # no-op where it was sealed already
-                written += dt.register(w.dst, w.key, c, w.anchor)
-        self.metrics.moved.labels("g2_to_g3").inc(written * self.geometry.block_bytes)
-        return written
+        return self._moves.write_ahead(reach, limit)
 
     # -- for peers (the transport's BlockSource / BlockSink) -----------------
     def prepare_peer_read(
@@ -417,13 +376,8 @@ class BlockManager:
     def _pin_ready(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
         """Counts hits for what it pins only: the caller's second ask counts the rest."""
         with self._lock:
-            host, disk, got = self.host.table, self.disk.table if self.disk else None, []
-            for k in keys[: self.max_load_blocks]:
-                slot = host.get(k)
-                csum = None if slot is None else host.checksums[slot]
-                if csum is None:
-                    break
-                got.append((k, slot, csum))
+            host, disk = self.host.table, self.disk.table if self.disk else None
+            got = host.sealed_prefix(keys[: self.max_load_blocks])
             for k, slot, _ in reversed(got):  # a pin takes a G2 block out of its LRU
                 host.pin(slot)
                 copy = disk.get(k) if disk else None
@@ -462,126 +416,10 @@ class BlockManager:
         self.metrics.moved.labels("peer_to_g2").inc(len(added) * self.geometry.block_bytes)
         return added
 
-    # -- internals ---------------------------------------------------------
-    def _stage_from_disk(
-        self, keys: Sequence[BlockKey], host_slots: list[int | None], disk_slots: dict[int, int]
-    ) -> None:
-        """Fill host_slots[i] for every i in disk_slots, or leave it None (end of prefix)."""
-        assert self.disk is not None
-        positions = sorted(disk_slots)
-        fresh = self._reserve_host(len(positions))
-        reads = []
-        with self._lock:
-            dt = self.disk.table
-            for i, slot in zip(positions, fresh, strict=False):
-                reads.append(DiskRead(keys[i], dt.checksums[disk_slots[i]], disk_slots[i], slot))
-        ok = self._disk_io(self.disk.read, reads)
-        with self._lock:
-            host, dt = self.host.table, self.disk.table
-            broken = False
-            for n, (r, good) in enumerate(zip(reads, ok, strict=True)):
-                i = positions[n]
-                dt.unpin(r.src)
-                if good is False:  # the bytes are wrong: forget the block
-                    self.metrics.checksum_failures.labels(Tier.DISK).inc()
-                    dt.drop(r.key)
-                elif good is None:  # the read failed: the block may be fine
-                    self.metrics.io_errors.labels(Tier.DISK).inc()
-                if broken or not good:
-                    broken = True
-                    host.abort(r.dst)
-                    continue
-                # If another writer registered the key meanwhile, ours is freed: use theirs.
-                host.register(r.dst, r.key, r.checksum, dt.anchors[r.src])
-                slot = host.get(r.key)
-                assert slot is not None
-                host.pin(slot)
-                host_slots[i] = slot
-            for n in range(len(reads), len(positions)):
-                dt.unpin(disk_slots[positions[n]])  # no host room for these
-        self.metrics.moved.labels("g3_to_g2").inc(ok.count(True) * self.geometry.block_bytes)
-
-    def _reserve_host(self, n: int) -> list[int]:
-        """Up to `n` FILLING host slots, draining LRU blocks to make room."""
-        if n == 0:
-            return []
-        with self._lock:
-            table = self.host.table
-            slots = table.allocate(n)
-            victims = table.take_victims(n - len(slots))
-            self._owed += len(victims)
-        if victims:
-            self._drain(victims)
-            with self._lock:
-                slots += self.host.table.allocate(n - len(slots))
-        return slots
-
-    def _drain(self, victims: list[Victim]) -> None:
-        """Evicted host blocks -> disk (those the filter admits), then free their slots."""
-        self.metrics.evictions.labels(Tier.HOST).inc(len(victims))
-        writes: list[DiskWrite] = []
-        if self.disk is not None and not self.disk.has_room():
-            with self._lock:
-                dropped = sum(1 for v in victims if v.key not in self.disk.table.index)
-            self.metrics.rejected.labels(Tier.DISK, "no_space").inc(dropped)
-        elif self.disk is not None:
-            with self._lock:
-                dt = self.disk.table
-                admitted = [
-                    v for v in victims if v.key not in dt.index and self.admission.admit(v.key)
-                ]
-                refused = sum(1 for v in victims if v.key not in dt.index) - len(admitted)
-                self.metrics.rejected.labels(Tier.DISK, "frequency").inc(refused)
-                dslots = self._disk_slots(len(admitted))
-                self.metrics.rejected.labels(Tier.DISK, "full").inc(len(admitted) - len(dslots))
-            # DRAINING slots are ours alone: the write reads (and checksums) them unlocked.
-            writes = [
-                DiskWrite(v.key, v.checksum, v.slot, d, v.anchor)
-                for v, d in zip(admitted, dslots, strict=False)
-            ]
-        sums = self._disk_io(self.disk.write, writes) if self.disk else []
-        with self._lock:
-            for w, c in zip(writes, sums, strict=True):
-                if c is not None:
-                    self.disk.table.register(w.dst, w.key, c, w.anchor)
-                else:
-                    self.disk.table.abort(w.dst)
-            if self.view is not None:
-                # out of G2 since `take_victims`: a `take_changes` meanwhile let them go
-                self.view.set(
-                    [w.key for w, c in zip(writes, sums, strict=True) if c is not None], LOCAL
-                )
-            failed = sums.count(None)
-            self.metrics.rejected.labels(Tier.DISK, "io_error").inc(failed)
-            for v in victims:
-                self.host.table.release(v.slot)
-        self.metrics.moved.labels("g2_to_g3").inc((len(sums) - failed) * self.geometry.block_bytes)
-
-    def _disk_slots(self, n: int) -> list[int]:
-        """Up to `n` FILLING disk slots, forgetting the disk's LRU blocks for
-        room (a disk eviction only forgets). Under the lock."""
-        assert self.disk is not None
-        dt = self.disk.table
-        slots = dt.allocate(n)
-        if len(slots) < n:
-            dropped = dt.take_victims(n - len(slots))
-            for d in dropped:
-                dt.release(d.slot)
-            self.metrics.evictions.labels(Tier.DISK).inc(len(dropped))
-            slots += dt.allocate(n - len(slots))
-        return slots
-
-    def _disk_io(self, call: Callable[[list, HostPool], list], items: list) -> list:
-        """A disk read or write whose every item fails on any error, so the slots
-        it holds are always settled afterwards: the node serves on, the block
-        is a miss. (The pool turns OSErrors into per-piece failures itself.)"""
-        if not items:
-            return []
-        try:
-            return call(items, self.host)
-        except Exception:
-            log.exception("disk tier call failed blocks=%d", len(items))
-            return [None] * len(items)
+    def _show(self, keys: list[BlockKey]) -> None:
+        """Show `keys`, held again, in the shared key view (under the lock)."""
+        if self.view is not None:
+            self.view.set(keys, LOCAL)
 
     def close(self) -> None:
         if self.disk is not None:

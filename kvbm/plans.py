@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.block_key import BlockKey
 
 

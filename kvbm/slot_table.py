@@ -1,15 +1,20 @@
 """Bookkeeping of one tier's fixed-size slots: states, keys, checksums, pins.
 
 Not thread-safe: the block manager serialises every call under its lock and
-moves bytes outside it, on slots that are FILLING, DRAINING or pinned.
+moves bytes outside it, on slots that are FILLING, DRAINING or pinned. The
+manager reads a table through its methods (batches where it asks about many
+slots or keys) and the read-only `held` mapping, never its arrays.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from types import MappingProxyType
+from typing import NamedTuple
 
 from kvbm.block_key import BlockKey
 from kvbm.lru import LruPolicy
@@ -28,6 +33,17 @@ class Victim:
     key: BlockKey
     checksum: int | None
     anchor: int = 0
+
+
+class Registered(NamedTuple):
+    """A REGISTERED slot as a mover copies it: which registration (`serial`)
+    it held when read, so a copy made without a pin can be checked after."""
+
+    slot: int
+    serial: int
+    key: BlockKey
+    checksum: int | None
+    anchor: int
 
 
 class SlotTable:
@@ -61,11 +77,13 @@ class SlotTable:
         self._serials = itertools.count(1)
         self.unsealed: dict[int, None] = {}  # in registration order
         self.index: dict[BlockKey, int] = {}
+        # The index, read-only, for owners: `key in table.held` costs a dict probe.
+        self.held: Mapping[BlockKey, int] = MappingProxyType(self.index)
         self.policy = LruPolicy()
         self._free = list(range(num_slots))  # already a heap
         # Keys that entered or left the index since the owner last looked
         # (None: nobody looks, so nothing is recorded).
-        self.changed: dict[BlockKey, None] | None = None  # an ordered set
+        self._changed: dict[BlockKey, None] | None = None  # an ordered set
 
     # -- queries -----------------------------------------------------------
     @property
@@ -76,8 +94,72 @@ class SlotTable:
     def registered_count(self) -> int:
         return len(self.index)
 
+    @property
+    def unsealed_count(self) -> int:
+        return len(self.unsealed)
+
     def get(self, key: BlockKey) -> int | None:
         return self.index.get(key)
+
+    def checksums_of(self, slots: Iterable[int]) -> list[int | None]:
+        """Each slot's checksum (None: not taken yet)."""
+        sums = self.checksums
+        return [sums[s] for s in slots]
+
+    def registered(self, slots: Iterable[int]) -> list[Registered]:
+        """What each of these REGISTERED slots holds now."""
+        return [self._registered(s) for s in slots]
+
+    def oldest(self, n: int) -> Iterator[Registered]:
+        """Up to `n` unpinned REGISTERED slots, least recently used first, left
+        where they are in the eviction order (read lazily: stop early freely,
+        change nothing while reading)."""
+        for s in self.policy.oldest(n):
+            yield self._registered(s)
+
+    def holds(self, slot: int, serial: int) -> bool:
+        """Whether `slot` still holds registration `serial` (so bytes read
+        from it since were that block's)."""
+        return self.state[slot] == SlotState.REGISTERED and self.serial[slot] == serial
+
+    def anchors_of(self, keys: Iterable[BlockKey]) -> dict[BlockKey, int]:
+        """The anchor kept with each of `keys` held here (0: none known);
+        keys not held are left out."""
+        index, anchors = self.index, self.anchors
+        return {k: anchors[s] for k in keys if (s := index.get(k)) is not None}
+
+    def sealed_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+        """(key, slot, checksum) of the longest prefix of `keys` held here
+        with a checksum taken."""
+        index, sums, out = self.index, self.checksums, []
+        for k in keys:
+            slot = index.get(k)
+            csum = None if slot is None else sums[slot]
+            if csum is None:
+                break
+            out.append((k, slot, csum))
+        return out
+
+    # -- what changed (for the index) ----------------------------------------
+    def track_changes(self) -> None:
+        """Start recording the keys that enter or leave the index (`take_changes`)."""
+        if self._changed is None:
+            self._changed = {}
+
+    def take_changes(self) -> dict[BlockKey, None]:
+        """The keys that entered or left the index since the last call, in
+        the order of each one's last change, and a fresh record from now
+        on; empty while changes are not tracked."""
+        taken = self._changed
+        if taken is None:
+            return {}
+        self._changed = {}
+        return taken
+
+    def _record_change(self, key: BlockKey) -> None:
+        if self._changed is not None:
+            self._changed.pop(key, None)
+            self._changed[key] = None  # at the end: the order of the last change
 
     # -- writes ------------------------------------------------------------
     def allocate(self, n: int) -> list[int]:
@@ -111,9 +193,7 @@ class SlotTable:
             self.unsealed[slot] = None
         self.index[key] = slot
         self.policy.insert(slot)
-        if self.changed is not None:
-            self.changed.pop(key, None)
-            self.changed[key] = None  # at the end: the order of the last change
+        self._record_change(key)
         return True
 
     def abort(self, slot: int) -> None:
@@ -170,9 +250,7 @@ class SlotTable:
             self.state[s] = SlotState.DRAINING
             self.unsealed.pop(s, None)
             out.append(Victim(s, key, self.checksums[s], self.anchors[s]))
-            if self.changed is not None:
-                self.changed.pop(key, None)
-                self.changed[key] = None  # at the end: the order of the last change
+            self._record_change(key)
         return out
 
     def release(self, slot: int) -> None:
@@ -188,12 +266,16 @@ class SlotTable:
         del self.index[key]
         self.policy.remove(slot)
         self._free_slot(slot)
-        if self.changed is not None:
-            self.changed.pop(key, None)
-            self.changed[key] = None  # at the end: the order of the last change
+        self._record_change(key)
         return True
 
     # -- internals ---------------------------------------------------------
+    def _registered(self, s: int) -> Registered:
+        self._expect(s, SlotState.REGISTERED)
+        key = self.keys[s]
+        assert key is not None
+        return Registered(s, self.serial[s], key, self.checksums[s], self.anchors[s])
+
     def _free_slot(self, slot: int) -> None:
         self.state[slot] = SlotState.FREE
         self.keys[slot] = None

@@ -9,8 +9,8 @@ import asyncio
 from collections import Counter
 
 from discovery.etcd_index import snapshot
-from discovery.records import Tier
 from discovery.signing import IndexSigner
+from discovery.tier import Tier
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import EngineLink
 from transport.secret import load_secret

@@ -10,7 +10,7 @@ import torch
 
 from kvbm.bench.direct import offload
 from kvbm.block_key import BlockKey, KeySpace, seq_hash
-from kvbm.connector.copy import EngineKV, torch_dtype
+from kvbm.connector.engine_kv import EngineKV, torch_dtype
 from kvbm.layout import ModelGeometry
 
 # 2 layers x 2 KV heads x 32 tokens x 2*16 dims x fp32 = 16 KiB blocks.

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from discovery import key_split
+from discovery.keytable import KeyTable
+from discovery.owners import places
+from discovery.runs import RunRecord
+from discovery.tier import Tier
 from kvbm.block_key import (
     GROUP_BLOCKS,
     MAX_ENCODED,
     Groups,
     KeyFields,
     KeySpace,
+    anchor_of,
     check_keys,
     check_namespace,
     encode_key,
@@ -233,3 +240,29 @@ def test_groups_from_an_engine_must_name_exactly_the_calls_keys():
     for bad in ([], [GROUP_BLOCKS, 1], [-1, 1], [0, -1], [0, 2**64], [0, 1.5], "0,1"):
         with pytest.raises(ValueError):
             Groups.from_wire(bad, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(namespaces, U64, st.integers(0, 2**16 - 1), U128)
+def test_the_key_and_the_index_split_a_key_alike(ns, fp, rank, seq):
+    # block_key writes keys; discovery reads their head and tail through
+    # discovery/key_split.py: both must see the same parts
+    space = KeySpace(ns, fp, rank)
+    key, sibling = space.keys([seq, seq ^ 1])
+    assert key == encode_key(ns, fp, rank, seq)
+    assert key_split.head_of(seq) == key[: key_split.HEAD_BYTES]
+    assert key_split.head_value(key) == seq == seq_hash(key)
+    assert key_split.tail(key) == key_split.tail(sibling)  # a request's keys share a tail
+    assert key_split.head_of(seq) + key_split.tail(key) == key
+    # the anchor a key gives its group is the first word the index places by
+    assert int(key_split.first_words([key])[0]) == anchor_of(seq)
+    anchored = places([key], np.array([anchor_of(seq)], np.uint64))
+    assert np.array_equal(anchored, places([key]))
+    # a run record and the key table give back the very keys
+    run = RunRecord.of([key, sibling], [Tier.HOST, Tier.DISK])
+    assert run.tail == key_split.tail(key)
+    assert run.heads == key[: key_split.HEAD_BYTES] + sibling[: key_split.HEAD_BYTES]
+    assert run.block_keys() == [key, sibling]
+    table = KeyTable()
+    table.set(key, 7)
+    assert list(table.items()) == [(key, 7)]

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 import kvbm
-from kvbm.config import KvbmConfig, load_config, reference_table, to_toml
+from discovery.tier import Tier
+from kvbm.config import ConfigError, EngineCopies, IndexLayout, KvbmConfig, LogLevel, load_config
+from kvbm.config_text import reference_table, to_toml
+from kvbm.errors import KvbmError
 
 
 def test_layers_merge_in_order(tmp_path):
@@ -47,11 +50,45 @@ def test_dashes_in_override_keys_are_accepted():
         ({"overrides": {"namespace": "a/b"}}, "namespace must match"),
         ({"overrides": {"log_level": "loud"}}, "log_level must be one of"),
         ({"env": {"KVBM_DISK_CACHE_MB": "-1"}}, "disk_cache_mb must be >= 0"),
+        (
+            {"env": {"KVBM_INDEX_LAYOUT": "ring"}},
+            r"index_layout must be one of mirror, sharded, got 'ring' \(in the environment\)",
+        ),
+        (
+            {"overrides": {"engine_copies": "later"}},
+            "engine_copies must be one of auto, sync, async",
+        ),
+        ({"overrides": {"remote_tiers": "host,gpu"}}, "remote_tiers may name host and disk only"),
+        ({"overrides": {"listen": "nowhere"}}, "listen must be HOST:PORT"),
     ],
 )
 def test_bad_settings_name_themselves(source, message):
-    with pytest.raises(ValueError, match=message):
+    # one error type for every bad setting, foreign checks (the namespace's) included
+    with pytest.raises(ConfigError, match=message):
         load_config(env=source.get("env", {}), overrides=source.get("overrides"))
+
+
+def test_a_config_error_is_a_value_error_and_a_kvbm_error():
+    assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, KvbmError)
+
+
+def test_word_settings_are_enums_equal_to_their_words():
+    cfg = load_config(
+        env={"KVBM_INDEX_LAYOUT": "sharded"},
+        overrides={"engine_copies": "async", "log_level": "error"},
+    )
+    assert cfg.index_layout is IndexLayout.SHARDED and cfg.index_layout == "sharded"
+    assert cfg.engine_copies is EngineCopies.ASYNC
+    assert cfg.log_level is LogLevel.ERROR
+    # built directly (tests, benches), a word becomes its member too
+    assert KvbmConfig(index_layout="sharded").index_layout is IndexLayout.SHARDED
+    assert KvbmConfig(index_layout="sharded") == KvbmConfig(index_layout=IndexLayout.SHARDED)
+    with pytest.raises(ConfigError, match="log_level must be one of"):
+        KvbmConfig(log_level="INFO")  # the words are exact
+    assert load_config(env={}, overrides={"remote_tiers": "disk, host"}).remote_tier_list == (
+        Tier.DISK,
+        Tier.HOST,
+    )
 
 
 def test_bad_file_is_a_clear_error(tmp_path):

@@ -21,7 +21,8 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 from vllm.v1.worker.utils import allocate_kv_cache
 
-from kvbm.connector.copy import ArenaBlocks, EngineKV, StagedCopies
+from kvbm.connector.copy import ArenaBlocks, StagedCopies
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.errors import GeometryMismatch
 from kvbm.layout import KV_LAYOUTS, ModelGeometry
 

@@ -1,5 +1,5 @@
 """kvbm.layout (geometry arithmetic, the layout fingerprint, slot runs) and
-kvbm.connector.copy (engine tensor checks and the batched gather/scatter
+kvbm.connector.engine_kv (engine tensor checks), kvbm.connector.copy (the batched gather/scatter
 copies between engine blocks (G1) and arena slots)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbm.connector.copy import ArenaBlocks, EngineKV, torch_dtype
+from kvbm.connector.copy import ArenaBlocks
+from kvbm.connector.engine_kv import EngineKV, torch_dtype
 from kvbm.errors import GeometryMismatch, KvbmError
 from kvbm.layout import PAGE, VLLM_CPU_LAYOUT, ModelGeometry, align_up, slot_runs
 

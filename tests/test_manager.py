@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import pathlib
+
 import pytest
 import torch
 import xxhash
@@ -335,3 +338,37 @@ def test_a_block_replaced_while_written_ahead_is_not_kept_on_disk(make_manager):
     assert mgr.lookup([victim]).num_blocks == 0
     mgr.host.table.check()
     mgr.disk.table.check()
+
+
+# A slot table's own arrays and records: its owner reads them through the
+# table's methods (and its read-only `held`), so their shape stays the table's.
+TABLE_INSIDES = {"keys", "serial", "checksums", "anchors", "state", "policy", "pins"}
+TABLE_INSIDES |= {"unsealed", "index", "changed", "_changed"}
+
+
+TABLES = {"host", "disk", "dt", "table"}  # what the manager names a slot table
+
+
+def table_reads(path: pathlib.Path) -> list[str]:
+    """Reads of a table's insides (`x.table.<inside>`, or `host.<inside>` and the
+    like), method calls left out (`.index(...)` of a list is one)."""
+    tree = ast.parse(path.read_text())
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    out = []
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Attribute) or n.attr not in TABLE_INSIDES or id(n) in called:
+            continue
+        of = n.value
+        if (isinstance(of, ast.Attribute) and of.attr == "table") or (
+            isinstance(of, ast.Name) and of.id in TABLES
+        ):
+            out.append(f"{path.name}:{n.lineno} .{n.attr}")
+    return out
+
+
+def test_the_manager_reads_its_tables_through_their_methods():
+    root = pathlib.Path(__file__).resolve().parent.parent / "kvbm"
+    for name in ("manager.py", "tier_moves.py"):
+        assert table_reads(root / name) == [], name
+    # the check sees a read where there is one (the tests read the insides freely)
+    assert table_reads(pathlib.Path(__file__).resolve().parent / "test_manager.py")

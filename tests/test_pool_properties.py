@@ -36,6 +36,12 @@ class SlotTableMachine(RuleBasedStateMachine):
         self.draining: list[int] = []
         self.registrations = [0] * 6  # the model's count of registrations per slot
         self.sealing: list[tuple[int, int, int]] = []  # (slot, serial, registrations then)
+        self.table.track_changes()
+        self.changes: dict = {}  # keys in or out of the index, in the order of their last change
+
+    def changed(self, key) -> None:
+        self.changes.pop(key, None)
+        self.changes[key] = None
 
     def registered(self) -> list[int]:
         return list(self.table.index.values())
@@ -57,6 +63,7 @@ class SlotTableMachine(RuleBasedStateMachine):
         if fresh:
             self.recency.append(slot)
             self.registrations[slot] += 1
+            self.changed(key)
 
     @rule(n=st.integers(1, 3))
     def begin_sealing(self, n):
@@ -118,6 +125,8 @@ class SlotTableMachine(RuleBasedStateMachine):
         assert all(self.table.pins[v.slot] == 0 for v in victims)
         self.recency = self.recency[len(victims) :]
         self.draining += [v.slot for v in victims]
+        for v in victims:
+            self.changed(v.key)
 
     @precondition(lambda self: self.draining)
     @rule()
@@ -133,6 +142,12 @@ class SlotTableMachine(RuleBasedStateMachine):
         assert self.table.drop(key) == (not pinned)
         if not pinned:
             self.recency.remove(slot)
+            self.changed(key)
+
+    @rule()
+    def take_changes(self):
+        assert list(self.table.take_changes()) == list(self.changes)
+        self.changes = {}
 
     @invariant()
     def invariants_hold(self):
@@ -140,6 +155,13 @@ class SlotTableMachine(RuleBasedStateMachine):
         t = self.table
         assert t.free_count + len(self.filling) + len(self.draining) + t.registered_count == 6
         assert t.policy.order() == self.recency
+        # what the manager reads: the eviction order without a change to it,
+        # and each registered block as it is now
+        assert [b.slot for b in t.oldest(6)] == self.recency
+        assert t.policy.order() == self.recency
+        for b in t.registered(self.registered()):
+            assert t.holds(b.slot, b.serial) and t.held[b.key] == b.slot
+            assert t.checksums_of([b.slot]) == [b.checksum]
         for s in range(6):
             if t.state[s] == SlotState.FREE:
                 assert t.keys[s] is None and t.pins[s] == 0

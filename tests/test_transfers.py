@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvbm.connector.copy import ArenaBlocks, EngineKV, new_caches
+from kvbm.connector.copy import ArenaBlocks
+from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.connector.transfers import SyncCopier, ThreadCopier
 from kvbm.layout import ModelGeometry
 

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from kvbm.config import add_flags, from_args
+from kvbm.config_text import add_flags, from_args
 from kvbm.disk_seal import DiskSeal
 from kvbm.logs import setup_logging
 from kvbm.node import daemon

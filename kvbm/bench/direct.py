@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvbm.block_key import BlockKey
-from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
+from kvbm.connector.copy import ArenaBlocks, load_in_steps, store_in_steps
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.manager import BlockManager
 from kvbm.plans import LoadPlan, StorePlan
 

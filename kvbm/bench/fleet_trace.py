@@ -17,7 +17,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.block_key import GROUP_BLOCKS, KeySpace, anchor_of, seq_hash
 
 SYSTEM_PROMPTS = 8

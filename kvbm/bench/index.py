@@ -28,11 +28,12 @@ from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
 from discovery.owner_table import MERGE_SHIFT, OwnerTable
 from discovery.owners import places
-from discovery.records import NodeRecord, Tier
+from discovery.records import NodeRecord
 from discovery.runs import MAX_RUN_KEYS, RunRecord
 from discovery.schema import node_path, run_path
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner, wall_ms
+from discovery.tier import Tier
 from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, anchor_of, seq_hash
 from kvbm.config import KvbmConfig

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kvbm.block_key import BlockKey, seq_hash
-from kvbm.connector.copy import EngineKV
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.layout import ModelGeometry
 
 

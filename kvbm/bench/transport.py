@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload
 from kvbm.bench.reference import (
@@ -41,7 +41,7 @@ from kvbm.bench.reference import (
 from kvbm.bench.tiers import BENCH_GEOMETRY
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.config import child_environment
-from kvbm.connector.copy import EngineKV
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager

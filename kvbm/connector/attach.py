@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbm.block_key import BlockKey, Groups, KeySpace
-from kvbm.connector.copy import ArenaBlocks, EngineKV, load_in_steps, store_in_steps
+from kvbm.connector.copy import ArenaBlocks, load_in_steps, store_in_steps
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.engine_wire import (
     MAX_BATCH,
     MAX_KEYS,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from kvbm.connector.copy import ArenaBlocks, EngineKV, StagedCopies
+from kvbm.connector.copy import ArenaBlocks, StagedCopies
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.connector.transfers import Ids, Ticket
 
 STAGING_BLOCKS = 32  # whole slots of staging on the GPU; larger batches go in chunks

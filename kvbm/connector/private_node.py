@@ -16,7 +16,8 @@ import signal
 import subprocess
 import tempfile
 
-from kvbm.config import KvbmConfig, to_toml
+from kvbm.config import KvbmConfig
+from kvbm.config_text import to_toml
 from kvbm.engine_wire import node_listening
 from kvbm.node_process import spawn_node
 from kvbm.owned_dir import own_directory

@@ -27,7 +27,8 @@ from typing import Protocol
 
 import numpy as np
 
-from kvbm.connector.copy import ArenaBlocks, EngineKV
+from kvbm.connector.copy import ArenaBlocks
+from kvbm.connector.engine_kv import EngineKV
 
 Ids = Sequence[int] | np.ndarray
 

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm import engine_wire
 from kvbm.block_key import BlockKey, Groups, check_keys
 from kvbm.config import KvbmConfig

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from discovery.records import NodeRecord, Tier, check_node_id
+from discovery.records import NodeRecord, check_node_id
+from discovery.tier import Tier
 from transport.agent import Agent
 from transport.errors import TransportError
 from transport.peer_rpc import PeerClient, locate, place, pull
