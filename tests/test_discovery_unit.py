@@ -145,9 +145,9 @@ def test_memory_index_serves_a_single_node():
         idx = MemoryIndex(NS, NodeRecord("solo", "127.0.0.1", 7000))
         await idx.start()
         idx.publish({key(0): Tier.HOST, key(1): Tier.DISK})
-        assert idx.lookup([key(0), key(1), key(2)]).local == 2
+        assert (await idx.lookup([key(0), key(1), key(2)])).local == 2
         idx.publish({}, [key(0)])
-        assert idx.lookup([key(0), key(1)]).local == 0
+        assert (await idx.lookup([key(0), key(1)])).local == 0
         await idx.close()
 
     asyncio.run(scenario())

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from discovery.etcd_index import EtcdIndex
+from discovery.etcd_index import mirror_index
 from discovery.records import NodeRecord, Tier
 from discovery.signing import IndexSigner
 from kvbm.bench.direct import offload
@@ -103,7 +103,7 @@ async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None
     record = NodeRecord(
         "liar", host, port, nixl_agent=agent.name, fingerprints=(GEOMETRY.fingerprint,)
     )
-    index = EtcdIndex([etcd], SPACE.namespace, record, lease_ttl=5, signer=IndexSigner(secret))
+    index = mirror_index([etcd], SPACE.namespace, record, lease_ttl=5, signer=IndexSigner(secret))
     await index.start()
     index.publish(dict.fromkeys(ks, Tier.HOST), [])
     print(port, flush=True)
