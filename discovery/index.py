@@ -114,7 +114,7 @@ class LocationLayout(Protocol):
     dirty: asyncio.Event  # wakes `run`: something to send
 
     def publish(
-        self, changes: Mapping[bytes, Tier | None], anchors: Mapping[bytes, int] | None
+        self, changes: dict[bytes, Tier | None], anchors: Mapping[bytes, int] | None
     ) -> None: ...
 
     async def lookup(

@@ -60,11 +60,11 @@ class MirrorLayout:
 
     # -- what the index asks -------------------------------------------------
     def publish(
-        self, changes: Mapping[bytes, Tier | None], anchors: Mapping[bytes, int] | None
+        self, changes: dict[bytes, Tier | None], anchors: Mapping[bytes, int] | None
     ) -> None:
         """Into the book now; etcd gets the runs at the next flush (`anchors`
         place keys in a sharded index: not used here)."""
-        self.book.apply(dict(changes))
+        self.book.apply(changes)
         if self.book.dirty:
             self.dirty.set()
 

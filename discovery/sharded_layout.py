@@ -40,7 +40,7 @@ class ShardedLayout:
         self.dirty = asyncio.Event()  # wakes the sender
 
     def publish(
-        self, changes: Mapping[bytes, Tier | None], anchors: Mapping[bytes, int] | None
+        self, changes: dict[bytes, Tier | None], anchors: Mapping[bytes, int] | None
     ) -> None:
         """To the keys' owners at the next flush (`anchors`: where keys are
         placed, discovery/owners.places)."""
