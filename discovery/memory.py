@@ -1,16 +1,18 @@
 """The in-memory index: one node, no etcd (the embedded default, and unit tests).
 
-Same interface as the etcd index; publishing applies straight to the mirror.
+It meets the same contract as the etcd index (discovery/index.py);
+publishing applies straight to the mirror.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from discovery.mirror import IndexMirror
-from discovery.records import LookupResult, NodeRecord, Tier
+from discovery.mirror import Follower, IndexMirror
+from discovery.records import LookupResult, NodeRecord
 from discovery.runs import RunBook
 from discovery.schema import node_path
+from discovery.tier import Tier
 
 
 class MemoryIndex:
@@ -37,15 +39,33 @@ class MemoryIndex:
         self.book.apply({**dict.fromkeys(removes), **changes})
         self.mirror.apply_runs(self.node.node_id, self.book.take_records())
 
-    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
-        return self.mirror.lookup(keys, self.node.node_id)
-
-    async def locate(
+    async def lookup(
         self, keys: Sequence[bytes], anchors: Sequence[int] | None = None
     ) -> LookupResult:
-        return self.lookup(keys)
+        return self.mirror.lookup(keys, self.node.node_id)
 
-    async def flush(self) -> None:
+    def peer(self, node_id: str) -> NodeRecord | None:
+        return self.mirror.nodes.get(node_id)
+
+    def peers(self) -> list[str]:
+        return sorted(self.mirror.nodes)
+
+    def follow(self, follower: Follower) -> bool:
+        """One node: no peer holds anything, and there is nothing to follow."""
+        return True
+
+    @property
+    def state(self) -> str:
+        return "memory"
+
+    @property
+    def refused(self) -> tuple[int, int]:
+        return self.mirror.rejected + self.mirror.stale, self.mirror.over_cap
+
+    def stats(self) -> dict:
+        return {"index_mirror_keys": len(self.mirror.locations)}
+
+    async def flush(self, timeout: float | None = None) -> None:
         """Nothing is buffered here."""
 
     async def close(self) -> None:

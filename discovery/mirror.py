@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from discovery.keytable import KeyTable
 from discovery.mirror_views import Holders, Locations
-from discovery.records import LookupResult, NodeRecord, PeerRun, Tier, runs_of
+from discovery.records import LookupResult, NodeRecord, PeerRun, runs_of
 from discovery.runs import RunRecord
 from discovery.schema import namespace_prefix, parse_path, run_path
 from discovery.signing import IndexSigner, Signed, wall_ms
+from discovery.tier import Tier
 
 log = logging.getLogger("discovery.mirror")
 # ~87 bytes a location (the key table, and the run values kept): about 1.4 GB

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from discovery.owners import shard_at
-from discovery.records import Tier
+from discovery.tier import Tier
 
 _MIN_DELTA = 4096
 MERGE_SHIFT = 8  # the delta is merged at 1/2**8 of the arrays

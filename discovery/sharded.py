@@ -45,13 +45,14 @@ import xxhash
 
 from discovery.owner_table import OwnerTable
 from discovery.owners import SHARDS, OwnerRing, places, shard_at
-from discovery.records import LookupResult, Tier, runs_of
+from discovery.records import LookupResult, runs_of
+from discovery.tier import Tier
 
 log = logging.getLogger("discovery.sharded")
 _NOBODY: Mapping[str, Tier] = MappingProxyType({})
 
-MAX_KEYS_PER_CALL = 4096
-MAX_HOLDERS = 8  # per key in an owner's answer (what a lookup needs; a frame's map holds 64)
+MAX_PLACES_PER_CALL = 4096  # keys in one call to an owner (its answer, one frame)
+MAX_HOLDERS_ANSWERED = 8  # per key in an owner's answer (what a lookup needs)
 MAX_LOCATIONS = 20_000_000  # an owner's table: about 240 MB
 MOVE_GRACE_S = 5.0  # a moved shard's old owner answers for it this long (holders flush every 0.5 s)
 Session = int  # the etcd lease of the node's record
@@ -59,6 +60,7 @@ Session = int  # the etcd lease of the node's record
 Send = Callable[[str, Session, np.ndarray, list[Tier | None]], Awaitable[bool]]
 # (owner, places) -> runs of (n, holders of each of n keys), or None when the owner did not answer
 Ask = Callable[[str, np.ndarray], Awaitable[list[tuple[int, dict[str, Tier]]] | None]]
+Warm = Callable[[str], Awaitable[object]]  # connect to a node ahead of its first call
 
 
 class ShardedLocations:
@@ -76,16 +78,17 @@ class ShardedLocations:
         me: str,
         send: Send | None = None,
         ask: Ask | None = None,
+        warm: Warm | None = None,
         max_locations: int = MAX_LOCATIONS,
     ) -> None:
         """`send` and `ask`: the calls to other nodes (None: nobody can be
-        reached yet; a node sets them once its peer connections exist)."""
+        reached: a lone node, a test). `warm`: connects to an owner ahead of
+        its first call (a lookup waits on that call, on an engine's
+        scheduling path); None: calls connect."""
         self.me = me
         self.send: Send = send or _unreachable
         self.ask: Ask = ask or _unreachable
-        # connects to an owner ahead of its first call (a lookup waits on
-        # that call, on an engine's scheduling path); None: calls connect
-        self.warm: Callable[[str], Awaitable[object]] | None = None
+        self.warm = warm
         self._warming: set[asyncio.Task] = set()
         self.max_locations = max_locations
         self.session: Session = 0  # none yet
@@ -172,8 +175,8 @@ class ShardedLocations:
 
             async def one(owner: str, batch: dict[int, Tier | None]) -> None:
                 xs, tiers = list(batch), list(batch.values())
-                for i in range(0, len(xs), MAX_KEYS_PER_CALL):
-                    part = slice(i, i + MAX_KEYS_PER_CALL)
+                for i in range(0, len(xs), MAX_PLACES_PER_CALL):
+                    part = slice(i, i + MAX_PLACES_PER_CALL)
                     try:
                         ok = await self.send(owner, session, _array(xs[part]), tiers[part])
                     except Exception as e:  # a caller's transport: whatever it raises, try later
@@ -189,6 +192,27 @@ class ShardedLocations:
     @property
     def pending(self) -> int:
         return sum(len(b) for b in self._pending.values())
+
+    def stats(self) -> dict[str, int]:
+        """For `kvbm status`."""
+        return {
+            "members": len(self.ring.nodes),
+            "locations_published": len(self.held),
+            "locations_owned": len(self.table),
+            "owned_bytes": self.table.nbytes,
+            "pending": self.pending,
+            "refused": self.stale,
+        }
+
+    def warm_ring(self) -> None:
+        """Connect ahead to every member of the ring (a node that begins to
+        serve: before, it could reach nobody)."""
+        if self.warm is None:
+            return
+        for node in set(self.ring.nodes) - {self.me}:
+            task = asyncio.ensure_future(self.warm(node))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
 
     # -- the fleet ---------------------------------------------------------
     def expire(self) -> None:
@@ -289,7 +313,7 @@ class ShardedLocations:
         keys it does not own), as runs: (n, holders) for n consecutive keys
         with the same holders (a prompt's keys mostly share them, so an
         answer costs per run, not per key, on both sides). At most
-        MAX_HOLDERS per key: a lookup needs one holder per run, not all of
+        MAX_HOLDERS_ANSWERED per key: a lookup needs one holder per run, not all of
         them: those in the host tier first, then in an order of their own
         for each asker (a hash of holder and asker), so that one asker sees
         the same few holders at every key of a prompt, and different askers
@@ -298,10 +322,10 @@ class ShardedLocations:
         return [(n, self._named(found, asker)) for n, found in self.table.runs(xs)]
 
     def _named(self, found: dict[int, Tier], asker: str) -> dict[str, Tier]:
-        if len(found) > MAX_HOLDERS:
+        if len(found) > MAX_HOLDERS_ANSWERED:
             rank = self._rank(asker)
             best = sorted(found.items(), key=lambda ht: (ht[1] != Tier.HOST, rank(ht[0])))
-            found = dict(best[:MAX_HOLDERS])
+            found = dict(best[:MAX_HOLDERS_ANSWERED])
         names = self._names
         return {names[h]: t for h, t in found.items()}
 
@@ -384,9 +408,9 @@ class ShardedLocations:
             for name in set(prev[moved].tolist()) & set(ring.nodes):
                 asked[name, 1] = np.flatnonzero(moved & (prev == name))
         calls = [
-            one(owner, where[i : i + MAX_KEYS_PER_CALL], before_of if then else run_of)
+            one(owner, where[i : i + MAX_PLACES_PER_CALL], before_of if then else run_of)
             for (owner, then), where in asked.items()
-            for i in range(0, len(where), MAX_KEYS_PER_CALL)
+            for i in range(0, len(where), MAX_PLACES_PER_CALL)
         ]
         await asyncio.gather(*calls)
         nobody = np.array([not _anyone(h, self.me, live) for h in runs], bool)

@@ -13,7 +13,7 @@ from transport.tiers import PinnedBlock, Reservation
 
 class ManagerTiers:
     """Stateless over the manager: the peer server records who holds which
-    pin (transport/peer_rpc.py); a pin is handed back here by its offset."""
+    pin (transport/peer_rpc/server.py); a pin is handed back here by its offset."""
 
     def __init__(self, mgr: BlockManager) -> None:
         self.mgr = mgr

@@ -15,9 +15,10 @@ import json
 import random
 import sys
 
-from discovery.etcd_index import EtcdIndex
-from discovery.records import NodeRecord, Tier
+from discovery.etcd_index import EtcdIndex, mirror_index, sharded_index
+from discovery.records import NodeRecord
 from discovery.sharded import ShardedLocations
+from discovery.tier import Tier
 
 SECRET = b"index-test-secret-0123456789abcdef"
 
@@ -26,12 +27,12 @@ KEYSPACE = 400
 
 async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: bool) -> None:
     if sharded:
-        idx, close_peers = await _sharded(endpoint, namespace, node_id, ttl)
+        idx, owner, close_peers = await _sharded(endpoint, namespace, node_id, ttl)
     else:
-        idx = EtcdIndex(
+        idx = mirror_index(
             [endpoint], namespace, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl
         )
-        close_peers = None
+        owner, close_peers = None, None
     await idx.start()
     rng = random.Random(node_id)
     churning = True
@@ -46,10 +47,7 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: b
                 adds = {k: rng.choice([Tier.HOST, Tier.DISK]) for k in keys[:5]}
                 idx.publish(adds, keys[5:])
             # local serving never stops, etcd or not
-            if sharded:
-                await idx.locate(keys)
-            else:
-                idx.lookup(keys)
+            await idx.lookup(keys)
             lookups += 1
 
     task = asyncio.create_task(churn())
@@ -65,12 +63,12 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: b
             try:
                 await idx.flush(timeout=20)
             except TimeoutError:
-                print("flush timed out", _sharded_state(idx), file=sys.stderr, flush=True)
+                print("flush timed out", _sharded_state(owner), file=sys.stderr, flush=True)
         elif line[0] == "dump":
             with open(line[1], "w") as f:
                 json.dump(
                     {
-                        "state": {k.hex(): t.value for k, t in held(idx).items()},
+                        "state": {k.hex(): t.value for k, t in held(idx, owner).items()},
                         "mirror": {
                             k.hex(): {n: t.value for n, t in holders.items()}
                             for k, holders in idx.mirror.locations.items()
@@ -78,8 +76,8 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: b
                         "nodes": sorted(idx.mirror.nodes),
                         "lookups": lookups,
                         "connected": idx.connected,
-                        "owned": idx.locations.dump() if idx.locations else {},
-                        "sharded": _sharded_state(idx),
+                        "owned": owner.dump() if owner else {},
+                        "sharded": _sharded_state(owner),
                     },
                     f,
                 )
@@ -90,8 +88,7 @@ async def main(endpoint: str, namespace: str, node_id: str, ttl: int, sharded: b
         await close_peers()
 
 
-def _sharded_state(idx: EtcdIndex) -> dict:
-    loc = idx.locations
+def _sharded_state(loc: ShardedLocations | None) -> dict:
     if loc is None:
         return {}
     return {
@@ -102,17 +99,19 @@ def _sharded_state(idx: EtcdIndex) -> dict:
     }
 
 
-def held(idx: EtcdIndex) -> dict[bytes, Tier]:
-    """What this node published as held: its runs, or (sharded) its keys."""
-    if idx.locations:
-        return {k: t for k, (_, t) in idx.locations.held.items()}
-    return idx.book.held()
+def held(idx: EtcdIndex, owner: ShardedLocations | None) -> dict[bytes, Tier]:
+    """What this node published as held: its runs, or (sharded, `owner`: its
+    share of the index) its keys."""
+    if owner is not None:
+        return {k: t for k, (_, t) in owner.held.items()}
+    return idx.layout.book.held()
 
 
 async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
     from kvbm.admission import FrequencyFilter
     from kvbm.host_pool import HostPool
     from kvbm.manager import BlockManager
+    from kvbm.node.index_calls import INDEX_CALLS, OwnerClient, owner_calls
     from kvbm.node.peer_pool import PeerPool
     from kvbm.peer_tiers import ManagerTiers
     from tests.support import GEOMETRY
@@ -122,23 +121,19 @@ async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
     host = HostPool(GEOMETRY, 4 * GEOMETRY.slot_bytes)
     mgr = BlockManager(GEOMETRY, host, None, FrequencyFilter())
     agent = NixlAgent(f"index-{node_id}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
-    locations = ShardedLocations(node_id)
-    server = PeerServer(ManagerTiers(mgr), agent, SECRET, node_id=node_id, owner=locations)
+    # the index is made below; its records are read when a peer is first called
+    pool = PeerPool(node_id, SECRET, "127.0.0.1", lambda peer: idx.peer(peer), 1, INDEX_CALLS)
+    pool.open(agent, GEOMETRY.fingerprint)
+    owners = OwnerClient(pool)
+    locations = ShardedLocations(node_id, owners.place, owners.locate)
+    server = PeerServer(
+        ManagerTiers(mgr), agent, SECRET, node_id=node_id, calls=owner_calls(locations)
+    )
     port = await server.start("127.0.0.1", 0)
     record = NodeRecord(node_id, "127.0.0.1", port, fingerprints=(GEOMETRY.fingerprint,))
-    idx = EtcdIndex(
-        [endpoint], namespace, record, lease_ttl=ttl, flush_interval=0.05, locations=locations
+    idx = sharded_index(
+        [endpoint], namespace, record, locations, lease_ttl=ttl, flush_interval=0.05
     )
-    pool = PeerPool(
-        node_id,
-        agent,
-        SECRET,
-        GEOMETRY.fingerprint,
-        "127.0.0.1",
-        lambda peer: idx.mirror.nodes.get(peer),  # the mirror's dict is replaced on a resync
-        1,
-    )
-    locations.send, locations.ask = pool.place, pool.locate
 
     async def close() -> None:
         await pool.close()
@@ -146,7 +141,7 @@ async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
         agent.close()
         mgr.close()
 
-    return idx, close
+    return idx, locations, close
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from collections.abc import Callable
 import pytest
 
 from discovery.errors import IndexUnavailable
-from discovery.etcd_index import EtcdIndex
+from discovery.etcd_index import EtcdIndex, mirror_index
 from discovery.etcd_server import EtcdServer, etcd_binary, free_port
 from discovery.owners import places
-from discovery.records import NodeRecord, Tier
+from discovery.records import LookupResult, NodeRecord
 from discovery.schema import run_path
 from discovery.signing import IndexSigner
+from discovery.tier import Tier
 
 NS = "ns1"
 
@@ -32,7 +33,12 @@ def key(i: int) -> bytes:
 
 
 def node(endpoint: str, node_id: str, ns: str = NS, ttl: int = 10) -> EtcdIndex:
-    return EtcdIndex([endpoint], ns, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl)
+    return mirror_index([endpoint], ns, NodeRecord(node_id, "127.0.0.1", 7000), lease_ttl=ttl)
+
+
+def seen(idx: EtcdIndex, keys: list[bytes]) -> LookupResult:
+    """What `idx`'s mirror says of `keys` now (a lookup with no await)."""
+    return idx.mirror.lookup(keys, idx.node.node_id)
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> float:
@@ -74,15 +80,15 @@ def test_a_publish_reaches_every_mirror(etcd):
             # a publishes 300 blocks -> b's mirror sees them, lookup names a
             a.publish({k: Tier.HOST for k in ks[:200]} | {k: Tier.DISK for k in ks[200:]})
             await until(lambda: len(b.mirror.locations) == 300)
-            r = b.lookup(ks)
+            r = seen(b, ks)
             assert r.local == 0 and [(x.node_id, x.length) for x in r.runs] == [("a", 300)]
             assert r.runs[0].tiers[199:201] == (Tier.HOST, Tier.DISK)
             # a's own view: all local
-            await until(lambda: a.lookup(ks).local == 300)
+            await until(lambda: seen(a, ks).local == 300)
             # a drops 100 -> gone from b's mirror
             a.publish({}, ks[:100])
             await until(lambda: len(b.mirror.locations) == 200)
-            assert b.lookup(ks[:1]).total == 0
+            assert seen(b, ks[:1]).total == 0
         finally:
             await a.close()
             await b.close()
@@ -98,13 +104,13 @@ def test_an_add_and_a_remove_inside_one_flush_cost_no_write(etcd):
             a.publish({key(1): Tier.HOST})
             a.publish({}, [key(1)])
             await a.flush(timeout=5)
-            assert a.writes == 0
+            assert a.layout.writes == 0
             # a repeated add of the same tier is no change either
             a.publish({key(2): Tier.HOST})
             await a.flush(timeout=5)
             a.publish({key(2): Tier.HOST})
             await a.flush(timeout=5)
-            assert a.writes == 1
+            assert a.layout.writes == 1
         finally:
             await a.close()
 
@@ -158,7 +164,7 @@ def test_a_malformed_entry_written_by_hand_is_skipped(etcd, caplog):
             a = node(etcd.endpoint, "a")
             await a.start()
             a.publish({key(5): Tier.DISK})
-            await until(lambda: b.lookup([key(5)]).total == 1)
+            await until(lambda: seen(b, [key(5)]).total == 1)
             await a.close()
         finally:
             await b.close()
@@ -186,7 +192,7 @@ def test_a_closed_node_vanishes_at_once(etcd):
 
 def test_unreachable_etcd_at_start_is_a_clear_error():
     async def scenario():
-        a = EtcdIndex(["127.0.0.1:1"], NS, NodeRecord("a", "127.0.0.1", 1), timeout=1)
+        a = mirror_index(["127.0.0.1:1"], NS, NodeRecord("a", "127.0.0.1", 1), timeout=1)
         with pytest.raises(IndexUnavailable, match="cannot reach etcd"):
             await a.start()
 
@@ -375,7 +381,7 @@ def test_a_hostile_node_record_is_skipped_and_nobody_crashes(etcd, caplog):
         await a.start()
         await raw.put(b"/kvbm/v1/ns1/nodes/evil2", evil)  # the watch meets it: skipped
         a.publish({key(9): Tier.HOST})
-        await until(lambda: b.lookup([key(9)]).total == 1)
+        await until(lambda: seen(b, [key(9)]).total == 1)
         assert "evil" not in b.mirror.nodes and "evil2" not in b.mirror.nodes
         assert b.mirror.malformed >= 2
         await raw.close()
@@ -473,7 +479,7 @@ def test_a_namespace_larger_than_a_message_is_read_in_pages(etcd):
         finally:
             await client.close()
         record = NodeRecord("reader", "127.0.0.1", 7000)
-        idx = EtcdIndex([etcd.endpoint], NS, record, signer=IndexSigner(os.urandom(32)))
+        idx = mirror_index([etcd.endpoint], NS, record, signer=IndexSigner(os.urandom(32)))
         await idx.start()
         try:
             assert idx.mirror.rejected >= big + small  # unsigned: none reached the mirror

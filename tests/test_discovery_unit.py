@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from discovery.memory import MemoryIndex
 from discovery.mirror import IndexMirror
-from discovery.records import LookupResult, NodeRecord, PeerRun, Tier
+from discovery.records import LookupResult, NodeRecord, PeerRun
 from discovery.runs import RunBook, RunRecord
 from discovery.schema import node_path, parse_path, run_path
+from discovery.tier import Tier
 
 NS = "ns1"
 
@@ -145,9 +146,9 @@ def test_memory_index_serves_a_single_node():
         idx = MemoryIndex(NS, NodeRecord("solo", "127.0.0.1", 7000))
         await idx.start()
         idx.publish({key(0): Tier.HOST, key(1): Tier.DISK})
-        assert idx.lookup([key(0), key(1), key(2)]).local == 2
+        assert (await idx.lookup([key(0), key(1), key(2)])).local == 2
         idx.publish({}, [key(0)])
-        assert idx.lookup([key(0), key(1)]).local == 0
+        assert (await idx.lookup([key(0), key(1)])).local == 0
         await idx.close()
 
     asyncio.run(scenario())

@@ -12,7 +12,7 @@ import struct
 import pytest
 import xxhash
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.bench.direct import arena_blocks, offload, onboard
 from kvbm.disk_pool import _HEADER, PAGE, SLOT_MAGIC, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError

@@ -21,8 +21,8 @@ import pytest
 
 from discovery.etcd_index import snapshot
 from discovery.etcd_server import free_port
-from discovery.records import Tier
 from discovery.signing import IndexSigner
+from discovery.tier import Tier
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.errors import KvbmError
 from tests.node_daemon import TEST_FLEET_SECRET, kvbm_json, until

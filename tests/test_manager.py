@@ -9,7 +9,7 @@ import pytest
 import torch
 import xxhash
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.bench.direct import offload, onboard
 from kvbm.block_key import KeySpace
 from kvbm.layout import ModelGeometry

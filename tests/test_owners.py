@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from discovery.owner_table import OwnerTable
 from discovery.owners import SHARDS, OwnerRing, places, shard_at
-from discovery.records import Tier
+from discovery.tier import Tier
 
 H, D = Tier.HOST, Tier.DISK
 TAILS = (b"\x01fp-a", b"\x02fp-b")

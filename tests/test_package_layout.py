@@ -1,7 +1,8 @@
 """The shape of the code, checked: the dependency direction of DESIGN.md
 (`kvbm` uses `transport` and `discovery`; those two never import `kvbm`, nor
-each other), engines apart from the daemon, a daemon without torch, and the
-environment read in one place."""
+each other), engines apart from the daemon, a daemon without torch, the
+environment read in one place, a transport that knows no index, and the
+index used through its Protocol."""
 
 from __future__ import annotations
 
@@ -108,3 +109,106 @@ def test_the_environment_check_sees_a_read():
     # the check above can fail: it flags what it must
     assert environment_reads(ROOT / "kvbm/config.py")
     assert environment_reads(ROOT / "transport/secret.py")
+
+
+# The transport carries calls it does not understand: the index's calls are
+# registered with the peer server by the node (kvbm/node/index_calls.py), and
+# no name in transport/ speaks of places, owners or shards.
+INDEX_WORDS = {"place", "places", "placed", "locate", "located", "owner", "owners", "shard"}
+INDEX_WORDS |= {"shards", "sharded", "location", "locations"}
+
+
+def _words(name: str) -> set[str]:
+    """`LocationOwner` -> {"location", "owner"}; `_wire_places` -> {"wire", "places"}."""
+    spaced = "".join(f" {c}" if c.isupper() else c for c in name)
+    return {w.lower() for w in spaced.replace("_", " ").split()}
+
+
+def index_words(source: str) -> set[str]:
+    """The index words in a module's code: its names, attributes, arguments
+    and the strings that could name a call (docstrings and prose are not code)."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.append(node.attr)
+        elif isinstance(node, ast.arg):
+            names.append(node.arg)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.append(node.name)
+        elif isinstance(node, ast.alias):
+            names.extend(node.name.split("."))
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in docstrings
+            and node.value.isidentifier()  # a call's or a field's name, not a sentence
+        ):
+            names.append(node.value)
+    return {w for n in names for w in _words(n)} & INDEX_WORDS
+
+
+def test_the_transport_knows_no_index():
+    for f in _modules("transport"):
+        assert not imported_packages(f) & {"discovery"}, f"{f.relative_to(ROOT)} imports discovery"
+        words = index_words(f.read_text())
+        assert not words, f"{f.relative_to(ROOT)} names the index: {sorted(words)}"
+
+
+def test_the_index_word_check_sees_one():
+    # the check above can fail: the calls and the port that transport/ had
+    assert index_words('CALLS = ("pin", "locate")') == {"locate"}
+    assert index_words("class LocationOwner(Protocol): ...") == {"location", "owner"}
+    assert index_words("def f(xs):\n    return _wire_places(xs)") == {"places"}
+    assert not index_words('"""Takes the place of the idlest."""\nx = "a place taken"')
+
+
+# The publisher and onboarding meet the index through its contract
+# (discovery/index.py), never one of its implementations: a new layout is a
+# new class behind the Protocol, and neither of them changes.
+INDEX_CLIENTS = ("kvbm/node/publisher.py", "kvbm/node/onboarding.py")
+INDEX_IMPLEMENTATIONS = {
+    "discovery.etcd_index",
+    "discovery.memory",
+    "discovery.mirror",
+    "discovery.mirror_layout",
+    "discovery.sharded",
+    "discovery.sharded_layout",
+}
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("client", INDEX_CLIENTS)
+def test_the_index_is_used_through_its_protocol(client):
+    path = ROOT / client
+    modules = imported_modules(path)
+    assert "discovery.index" in modules, f"{client} does not name the index's Protocol"
+    assert not modules & INDEX_IMPLEMENTATIONS, (
+        f"{client} imports {modules & INDEX_IMPLEMENTATIONS}"
+    )
+    calls = [
+        n
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "isinstance"
+    ]
+    assert not calls, f"{client} asks which index it has (isinstance)"

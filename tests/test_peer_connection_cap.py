@@ -60,7 +60,7 @@ def test_the_node_raises_its_open_file_limit_to_fit_its_peers():
     # in a child: the limits are the process's own
     script = """
 import resource
-from kvbm.node.daemon import FILES_BESIDES_PEERS, fit_file_limit
+from kvbm.node.file_limit import FILES_BESIDES_PEERS, fit_file_limit
 hard = min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # lowering is always allowed
 want = 200 + FILES_BESIDES_PEERS

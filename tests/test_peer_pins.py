@@ -74,8 +74,8 @@ def test_a_key_pinned_twice_for_one_peer_holds_one_pin(make_manager):
 
     async def scenario(server: PeerServer) -> None:
         # pin [k] twice for peer p -> one entry, one pin in the table; unpin once -> none
-        await server._pin("p", pin(ks[0]))
-        await server._pin("p", pin(ks[0]))
+        await server._call("p", pin(ks[0]))
+        await server._call("p", pin(ks[0]))
         assert server.pinned_count == 1
         slot = mgr.host.table.get(ks[0])
         assert mgr.host.table.pins[slot] == 1
@@ -94,11 +94,11 @@ def test_a_pin_that_races_the_peers_last_unpin_is_still_recorded(make_manager):
     async def scenario(server: PeerServer) -> None:
         # p holds [k0]; its pin of [k1] waits in the tiers while p unpins k0,
         # which empties p's table and drops it
-        await server._pin("p", pin(ks[0]))
+        await server._call("p", pin(ks[0]))
         tiers = server.source
         assert isinstance(tiers, GatedTiers)
         tiers.gate.clear()
-        pinning = asyncio.create_task(server._pin("p", pin(ks[1])))
+        pinning = asyncio.create_task(server._call("p", pin(ks[1])))
         await asyncio.sleep(0.1)
         server._release("p", [ks[0]])
         assert "p" not in server.pins
@@ -125,7 +125,7 @@ def test_pins_taken_at_once_share_the_caps(make_manager):
         assert isinstance(tiers, GatedTiers)
         tiers.gate.clear()
         asks = [
-            asyncio.create_task(server._pin(who, Message("pin", 1, {"keys": chunk})))
+            asyncio.create_task(server._call(who, Message("pin", 1, {"keys": chunk})))
             for who, chunk in (("p", ks[0:4]), ("p", ks[4:8]), ("q", ks[8:12]))
         ]
         await asyncio.sleep(0.1)
@@ -149,16 +149,16 @@ def test_ready_blocks_pin_on_the_loop_and_only_the_rest_in_a_thread(make_manager
     async def scenario(server: PeerServer) -> None:
         tiers = server.source
         assert isinstance(tiers, CountedTiers)
-        got = await server._pin("p", Message("pin", 1, {"keys": ks[5:]}))
+        got = await server._call("p", Message("pin", 1, {"keys": ks[5:]}))
         assert [b[0] for b in got["blocks"]] == ks[5:] and tiers.threaded == []
-        got = await server._pin("q", Message("pin", 1, {"keys": ks[5:] + ks[:3]}))
+        got = await server._call("q", Message("pin", 1, {"keys": ks[5:] + ks[:3]}))
         # the sealed prefix on the loop, the unsealed rest summed in a thread
         assert [b[0] for b in got["blocks"]] == ks[5:] + ks[:3]
         assert tiers.threaded == [ks[:3]]
         table = mgr.host.table
         assert all(b[3] == table.checksums[table.get(b[0])] for b in got["blocks"])
         # a pin is never longer than one load step, however it was taken
-        got = await server._pin("r", Message("pin", 1, {"keys": ks[5:] + ks[:5]}))
+        got = await server._call("r", Message("pin", 1, {"keys": ks[5:] + ks[:5]}))
         assert len(got["blocks"]) == mgr.max_load_blocks == 8
         await server.close()
 
@@ -177,7 +177,7 @@ def test_pins_taken_on_the_loop_are_given_back_when_the_rest_fails(make_manager)
         assert isinstance(tiers, CountedTiers)
         tiers.fail = True
         try:
-            await server._pin("p", Message("pin", 1, {"keys": ks[2:] + ks[:2]}))
+            await server._call("p", Message("pin", 1, {"keys": ks[2:] + ks[:2]}))
         except OSError:
             pass
         else:

@@ -9,15 +9,16 @@ import asyncio
 import pytest
 import torch
 
-from discovery.records import NodeRecord, Tier
+from discovery.records import NodeRecord
+from discovery.tier import Tier
 from kvbm.bench.direct import onboard
 from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import GEOMETRY, Engine, keys, store
-from transport import peer_rpc
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, pull, round_blocks
+from transport.peer_rpc import server as peer_server
 
 SECRET = b"k" * 32
 
@@ -307,7 +308,7 @@ def test_a_pull_on_a_connection_the_peer_closed_as_idle_goes_again(make_manager,
     a, b = make_manager(host_slots=8), make_manager(host_slots=16)
     ks = keys(0, 4)
     store(a, ks)
-    monkeypatch.setattr(peer_rpc, "IDLE_CLOSE_S", 0.2)
+    monkeypatch.setattr(peer_server, "IDLE_CLOSE_S", 0.2)
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
@@ -315,9 +316,8 @@ def test_a_pull_on_a_connection_the_peer_closed_as_idle_goes_again(make_manager,
         port = await server.start("127.0.0.1", 0)
         record = NodeRecord("node-a", "127.0.0.1", port, fingerprints=(a.geometry.fingerprint,))
         fingerprint = a.geometry.fingerprint
-        pool = PeerPool(
-            "node-b", agent_b, SECRET, fingerprint, "127.0.0.1", {"node-a": record}.get, 30
-        )
+        pool = PeerPool("node-b", SECRET, "127.0.0.1", {"node-a": record}.get, 30)
+        pool.open(agent_b, fingerprint)
         try:
             assert await pool.pull("node-a", ks[:1], ManagerTiers(b), 5) == ks[:1]
             await asyncio.sleep(0.3)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from discovery.mirror import IndexMirror
-from discovery.records import Tier
 from discovery.runs import MAX_RUN_KEYS, RunBook, RunRecord
+from discovery.tier import Tier
 
 NS = "ns1"
 TAIL = b"\x01\x02tail"

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from discovery.owners import places
-from discovery.records import LookupResult, PeerRun, Tier
-from discovery.sharded import MAX_HOLDERS, MOVE_GRACE_S, ShardedLocations
+from discovery.records import LookupResult, PeerRun
+from discovery.sharded import MAX_HOLDERS_ANSWERED, MOVE_GRACE_S, ShardedLocations
+from discovery.tier import Tier
 
 H, D = Tier.HOST, Tier.DISK
 TAIL = b"\x01fingerprint"
@@ -289,7 +290,7 @@ def test_an_owner_names_a_few_holders_of_a_key_host_first_the_same_for_one_asker
     asyncio.run(fleet.flush())
     owner = fleet.nodes[fleet.nodes["n0"].ring.owners_of(places(ks[:1]))[0]]
     first, second = per_key(owner.holders(places(ks), "asker-1"))
-    assert len(first) == MAX_HOLDERS
+    assert len(first) == MAX_HOLDERS_ANSWERED
     assert [t for t in first.values()][:5] == [H] * 5  # the 5 in the host tier first
     assert set(first) == set(second)  # one asker: the same holders at every key
     others = [set(owner.holders(places(ks[:1]), f"asker-{i}")[0][1]) for i in range(2, 12)]

@@ -11,17 +11,19 @@ import asyncio
 
 import pytest
 
-from discovery.etcd_index import EtcdIndex
+from discovery.etcd_index import EtcdIndex, sharded_index
 from discovery.owners import places, shard_at
-from discovery.records import NodeRecord, Tier
+from discovery.records import NodeRecord
 from discovery.schema import node_path
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
+from discovery.tier import Tier
+from kvbm.node.index_calls import INDEX_CALLS, locate, owner_calls, place
 from kvbm.peer_tiers import ManagerTiers
 from tests.support import keys
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import PeerClient, PeerServer, locate, place
+from transport.peer_rpc import PeerClient, PeerServer
 
 SECRET = b"k" * 32
 
@@ -42,15 +44,16 @@ class Pair:
 
     async def __aenter__(self) -> Pair:
         self.agent_a, self.agent_b = agent_for(self.a, "node-a"), agent_for(self.b, "node-b")
+        calls = owner_calls(self.owner) if self.owner is not None else None
         self.server = PeerServer(
-            ManagerTiers(self.a), self.agent_a, SECRET, node_id="node-a", owner=self.owner
+            ManagerTiers(self.a), self.agent_a, SECRET, node_id="node-a", calls=calls
         )
         self.port = await self.server.start("127.0.0.1", 0)
         self.clients: list[PeerClient] = []
         return self
 
     async def client(self) -> PeerClient:
-        c = PeerClient(self.agent_b, SECRET, [self.a.geometry.fingerprint], "node-b")
+        c = PeerClient(self.agent_b, SECRET, [self.a.geometry.fingerprint], "node-b", INDEX_CALLS)
         self.clients.append(c)
         await c.connect("127.0.0.1", self.port)
         return c
@@ -133,13 +136,13 @@ class InProcessFleet:
 
         self.nodes[name] = ShardedLocations(name, send)
         record = NodeRecord(name, "127.0.0.1", 7000, fingerprints=(1,))
-        return EtcdIndex(
+        return sharded_index(
             [self.endpoint],
             "ns",
             record,
+            self.nodes[name],
             flush_interval=0.05,
             signer=IndexSigner(SECRET),
-            locations=self.nodes[name],
         )
 
     def total(self) -> int:
@@ -171,23 +174,23 @@ def test_a_joining_owner_gets_its_share_from_an_idle_holder_and_a_replayed_recor
             # an etcd writer without the secret puts b's own signed record back
             # under a lease of its own: signed for b's lease, it is not believed
             # (owners keep b's session), and b's next keepalive puts it back
-            client = a._live()
+            client = a.session.live()
             path = node_path("ns", "node-b")
             got = await client.get(path)
             forged = await client.lease(30)
             await client.put(path, got.value, lease=forged.id)
             await fleet.until(lambda: a.mirror.rejected >= 1, 5)
-            assert a._leases.get("node-b") == b._lease and fleet.total() == 64
+            assert a.layout.leases.get("node-b") == b.session.lease and fleet.total() == 64
 
             async def back() -> bool:
-                return (await client.get(path)).lease == b._lease
+                return (await client.get(path)).lease == b.session.lease
 
-            for _ in range(int(b.lease_ttl / 3 / 0.05) + 40):
+            for _ in range(int(b.session.lease_ttl / 3 / 0.05) + 40):
                 if await back():
                     break
                 await asyncio.sleep(0.05)
             assert await back()
-            assert a._leases.get("node-b") == b._lease and fleet.total() == 64
+            assert a.layout.leases.get("node-b") == b.session.lease and fleet.total() == 64
         finally:
             for idx in (a, b, c):
                 if idx is not None:
@@ -208,8 +211,8 @@ def test_an_unsigned_record_under_a_members_id_does_not_move_its_session(etcd):
 
         nodes[name] = ShardedLocations(name, send)
         record = NodeRecord(name, "127.0.0.1", 7000, fingerprints=(1,))
-        return EtcdIndex(
-            [etcd.endpoint], "ns", record, flush_interval=0.05, signer=signer, locations=nodes[name]
+        return sharded_index(
+            [etcd.endpoint], "ns", record, nodes[name], flush_interval=0.05, signer=signer
         )
 
     async def scenario():
@@ -223,15 +226,15 @@ def test_an_unsigned_record_under_a_members_id_does_not_move_its_session(etcd):
                 if sum(len(n.table) for n in nodes.values()) == 64:
                     break
                 await asyncio.sleep(0.05)
-            lease = a._leases["node-b"]
-            client = a._live()
+            lease = a.layout.leases["node-b"]
+            client = a.session.live()
             forged = await client.lease(30)
             path = node_path("ns", "node-b")
             fake = NodeRecord("node-b", "127.0.0.9", 7000, fingerprints=(1,)).encode()
             await client.put(path, fake, lease=forged.id)
             await asyncio.sleep(0.5)  # the watch has delivered it
             assert a.mirror.rejected >= 1  # seen, and refused
-            assert a._leases["node-b"] == lease
+            assert a.layout.leases["node-b"] == lease
             assert sum(len(n.table) for n in nodes.values()) == 64
         finally:
             await a.close()

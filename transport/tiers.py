@@ -5,10 +5,7 @@ implements it and the transport never imports `kvbm`. Keys are the bytes of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    import numpy as np
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -21,7 +18,7 @@ class PinnedBlock:
 
 class BlockSource(Protocol):
     """The serving side. It keeps no record of who pinned what: the peer
-    server does (transport/peer_rpc.py), and hands each pin back once."""
+    server does (transport/peer_rpc/server.py), and hands each pin back once."""
 
     fingerprints: frozenset[int]
     arena_size: int
@@ -62,22 +59,4 @@ class BlockSink(Protocol):
     def complete_store(self, reservation: Reservation, checksums: list[int] | None) -> list[bytes]:
         """Register the reserved blocks whose bytes match `checksums`, free the
         rest (all of them when `checksums` is None). Returns the keys registered."""
-        ...
-
-
-class LocationOwner(Protocol):
-    """The owner's side of a sharded index (discovery/sharded.py implements
-    it): which peers hold the keys this node owns. Keys travel as their
-    places (uint64, discovery/owners.py); tiers as their names ("host",
-    "disk"; None: no longer held), which the owner checks."""
-
-    def place(self, node: str, session: int, xs: np.ndarray, tiers: list[str | None]) -> bool:
-        """`node`, in `session` (the etcd lease of its record), holds the keys
-        at places `xs` in `tiers` now; False: not the session the owner sees
-        for it."""
-        ...
-
-    def holders(self, xs: np.ndarray, asker: str) -> list[tuple[int, dict[str, str]]]:
-        """Who holds each place, as runs: (n, node -> tier name) for n
-        consecutive places (`asker`: the peer asking)."""
         ...

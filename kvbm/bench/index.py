@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 import msgpack
 import numpy as np
 
-from discovery.etcd_index import EtcdIndex, snapshot
+from discovery.etcd_index import EtcdIndex, mirror_index, sharded_index, snapshot
 from discovery.etcd_server import EtcdServer
 from discovery.mirror import IndexMirror
 from discovery.owner_table import MERGE_SHIFT, OwnerTable
@@ -38,7 +38,7 @@ from kvbm.bench.fleet_trace import NodeTrace, TraceShape
 from kvbm.block_key import GROUP_BLOCKS, Groups, KeySpace, anchor_of, seq_hash
 from kvbm.config import KvbmConfig
 from kvbm.layout import ModelGeometry
-from kvbm.node.publisher import INDEX_FLUSH_S
+from kvbm.node.index_choice import INDEX_FLUSH_S
 
 NS = "bench"
 SIGNER = IndexSigner(b"bench-fleet-secret-0123456789")  # nodes sign what they publish
@@ -50,7 +50,7 @@ def block_keys(start: int, n: int, rank: int = 0) -> list[bytes]:
 
 def _index(endpoint: str, node_id: str, ttl: int, watch: bool = True, **kw) -> EtcdIndex:
     record = NodeRecord(node_id, "127.0.0.1", 7000, nixl_agent=node_id)
-    return EtcdIndex([endpoint], NS, record, lease_ttl=ttl, watch=watch, signer=SIGNER, **kw)
+    return mirror_index([endpoint], NS, record, lease_ttl=ttl, watch=watch, signer=SIGNER, **kw)
 
 
 def _put_runs(m: IndexMirror, node: str, keys: list[bytes], tier: Tier, first_id: int = 0) -> None:
@@ -96,7 +96,7 @@ async def writes_per_block(endpoint: str, ttl: int, blocks: int = 20_000) -> dic
         await a.flush(timeout=120)
         a.publish(dict.fromkeys(keys[1::3], Tier.DISK))
         await a.flush(timeout=120)
-        return {"etcd_writes_per_block": round(a.writes / blocks, 3), "churn_blocks": blocks}
+        return {"etcd_writes_per_block": round(a.layout.writes / blocks, 3), "churn_blocks": blocks}
     finally:
         await a.close()
 
@@ -258,7 +258,7 @@ async def etcd_put_capacity(endpoint: str, value_bytes: int, seconds: float = 3.
     idx = _index(endpoint, "capacity", 60, watch=False)
     await idx.start()
     try:
-        client, lease = idx._live(), idx._lease
+        client, lease = idx.session.live(), idx.session.lease
         value, puts, t0 = os.urandom(value_bytes), 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             txns = [
@@ -288,7 +288,7 @@ async def etcd_refresh_capacity(endpoint: str, seconds: float = 3.0, in_flight: 
     idx = _index(endpoint, "refresh-capacity", 60, watch=False)
     await idx.start()
     try:
-        client, lease = idx._live(), idx._lease
+        client, lease = idx.session.live(), idx.session.lease
         done, t0 = 0, time.perf_counter()
 
         async def loop() -> None:
@@ -376,9 +376,9 @@ async def fleet(
 
         def totals() -> tuple[int, ...]:
             return (
-                sum(p.writes for p in pubs),
+                sum(p.layout.writes for p in pubs),
                 sum(t.created for t in traces),
-                sum(p.bytes_written for p in pubs),
+                sum(p.layout.bytes_written for p in pubs),
             )
 
         window, measured = await _replay(traces, pubs, totals, warmup_s, seconds, rate)
@@ -456,6 +456,7 @@ class _SimNode:
         from kvbm.admission import FrequencyFilter
         from kvbm.host_pool import HostPool
         from kvbm.manager import BlockManager
+        from kvbm.node.index_calls import INDEX_CALLS, OwnerClient, owner_calls
         from kvbm.node.peer_pool import PeerPool
         from kvbm.peer_tiers import ManagerTiers
         from transport.nixl_agent import NixlAgent
@@ -470,36 +471,40 @@ class _SimNode:
         # own agent drives itself in its child process (confined_agent.py):
         # without this, 32 servers would poll NIXL every 0.5 ms on this loop.
         self.agent.drives_itself = True
-        self.locations = ShardedLocations(name)
-        self.server = PeerServer(
-            ManagerTiers(self.mgr), self.agent, SECRET, node_id=name, owner=self.locations
-        )
         self.endpoint, self.ttl, self.flush = endpoint, ttl, flush
         self.pool = PeerPool(
             name,
+            SECRET,
+            address,
+            lambda peer: self.index.peer(peer),
+            backoff_s=1,
+            calls=INDEX_CALLS,
+        )
+        self.pool.open(self.agent, g.fingerprint)
+        self.owners = OwnerClient(self.pool)
+        self.calls = self.bytes = 0
+        self.locations = ShardedLocations(name, self._send, self.owners.locate)
+        self.server = PeerServer(
+            ManagerTiers(self.mgr),
             self.agent,
             SECRET,
-            g.fingerprint,
-            address,
-            lambda peer: self.index.mirror.nodes.get(peer),
-            backoff_s=1,
+            node_id=name,
+            calls=owner_calls(self.locations),
         )
-        self.calls = self.bytes = 0
-        self.locations.send, self.locations.ask = self._send, self.pool.locate
 
     async def start(self, owner: bool = True) -> None:
         """`owner` False: a node that only asks (no peer port: not in the ring)."""
         port = await self.server.start(self.address, 0) if owner else 0
         fingerprints = (_SIM_GEOMETRY.fingerprint,)
         record = NodeRecord(self.name, self.address, port, fingerprints=fingerprints)
-        self.index = EtcdIndex(
+        self.index = sharded_index(
             [self.endpoint],
             NS,
             record,
+            self.locations,
             lease_ttl=self.ttl,
             flush_interval=self.flush,
             signer=SIGNER,
-            locations=self.locations,
         )
         await self.index.start()
 
@@ -509,7 +514,7 @@ class _SimNode:
         self.bytes += len(
             msgpack.packb({"places": xs.tobytes(), "tiers": names, "session": session})
         )
-        return await self.pool.place(owner, session, xs, tiers)
+        return await self.owners.place(owner, session, xs, tiers)
 
     async def close(self) -> None:
         await self.index.close()
@@ -556,13 +561,13 @@ async def sharded_fleet(
             if time.monotonic() > deadline or not proc.is_alive():
                 raise RuntimeError("the asker never saw the whole fleet")
             await asyncio.sleep(0.05)
-        await asyncio.gather(*(asker.pool.warm(n) for n in asker.locations.ring.nodes))
+        await asyncio.gather(*(asker.owners.warm(n) for n in asker.locations.ring.nodes))
         times, found = [], 0
         for prompt in prompts:
             req = [bytes(k) for k in prompt]  # fresh objects, as an engine hands them over
             groups = Groups.of([seq_hash(k) for k in prompt], 0, len(prompt))  # the engine's
             t1 = time.perf_counter()
-            result = await asker.index.locate(req, groups.per_key(len(req)))
+            result = await asker.index.lookup(req, groups.per_key(len(req)))
             times.append(time.perf_counter() - t1)
             found += result.total
         times.sort()
@@ -622,7 +627,7 @@ def _sharded_fleet_child(
             names = {n.name for n in sims}
             while any(set(n.locations.ring.nodes) != names for n in sims):  # every record seen
                 await asyncio.sleep(0.05)
-            client = sims[0].index._live()
+            client = sims[0].index.session.live()
 
             async def revision() -> int:
                 got = await client.get(node_path(NS, sims[0].name))

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
-from discovery.records import LookupResult, PeerRun, Tier
+from discovery.index import PeerLookup
+from discovery.records import PeerRun
+from discovery.tier import Tier
 from kvbm.block_key import BlockKey
 from kvbm.engine_wire import Available
 from kvbm.manager import BlockManager
@@ -23,9 +24,6 @@ from kvbm.peer_tiers import ManagerTiers
 from kvbm.plans import LoadPlan
 
 log = logging.getLogger("kvbm.node")
-
-# (keys, each key's group anchor or None) -> who holds them
-LookupPeers = Callable[[list[bytes], np.ndarray | None], Awaitable[LookupResult | None]]
 
 
 class Source(StrEnum):
@@ -52,20 +50,22 @@ class Loaded:
 class Onboarding:
     """Invariant: a block reaches the plan only from this node's tiers: pulled
     blocks are verified and registered by the sink before `prepare_load`
-    pins them, so a peer's bytes are never handed to an engine unchecked."""
+    pins them, so a peer's bytes are never handed to an engine unchecked.
+    When a pull leaves a peer alone for a while, the key view is told, so
+    that engines ask the node about peers' keys meanwhile."""
 
     def __init__(
         self,
         mgr: BlockManager,
         sink: ManagerTiers,
         peers: PeerPool,
-        lookup_peers: LookupPeers,
+        index: PeerLookup,
         timeout_s: float,
     ) -> None:
         self.mgr = mgr
         self.sink = sink
         self.peers = peers
-        self.lookup_peers = lookup_peers  # the index's lookup (None before the join)
+        self.index = index  # who holds what (no answer before the node joins)
         self.timeout_s = timeout_s
 
     async def lookup(
@@ -88,7 +88,7 @@ class Onboarding:
         peers not left alone just now; each cut at the first tier not allowed."""
         if not remote or not keys:
             return []
-        result = await self.lookup_peers(keys, anchors)
+        result = await self.index.lookup(keys, anchors)
         if result is None or result.local:
             return []  # no index yet, or a mirror behind on what this node holds: try later
         runs, pos, now = [], 0, time.monotonic()
@@ -123,8 +123,13 @@ class Onboarding:
                 theirs = anchors[first : first + run.length].tolist()
                 sink = sink.landing(dict(zip(want, theirs, strict=True)))
             t0 = time.perf_counter()
+            avoided = self.peers.avoided.get(run.node_id)
             got = await self.peers.pull(run.node_id, want, sink, self.timeout_s, staged)
             took = time.perf_counter() - t0
+            until = self.peers.avoided.get(run.node_id)
+            if until != avoided and until is not None and self.mgr.view is not None:
+                # the key view's peers' keys name this peer: engines ask the node a while
+                self.mgr.view.avoid_peers_until(until)
             self.mgr.metrics.pulls.labels(run.tiers[0]).observe(took)
             log.debug(
                 "pulled peer=%s tier=%s blocks=%d of %d ms=%.2f",

@@ -1,55 +1,58 @@
 """The node's clients to its peers: one connection per peer, opened on first
-use, dropped when it fails, and a peer that failed left alone for a while."""
+use, dropped when it fails, and a peer that failed left alone for a while.
+The calls beyond pulls (a sharded index's: kvbm/node/index_calls.py) go
+through `client`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-import numpy as np
-
-from discovery.records import NodeRecord, check_node_id
-from discovery.tier import Tier
+from discovery.records import NodeRecord
 from transport.agent import Agent
 from transport.errors import TransportError
-from transport.peer_rpc import PeerClient, locate, place, pull
+from transport.peer_rpc import PeerClient, pull
 from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
-INDEX_CALL_TIMEOUT_S = 1.0  # a sharded index's call to an owner (a lookup waits on it)
-WARM_TIMEOUT_S = 5.0  # connecting ahead to a new owner (nobody waits on it)
 
 
 class PeerPool:
     """Invariants: `clients` holds at most one client per peer; a client that
     is dropped closes in the background, and `close()` waits for it; a peer
-    in `avoided` is not asked again before its time."""
+    in `avoided` is not asked again before its time. Until `open` (the node
+    serves no engine yet, so it has no NIXL agent, nor a layout fingerprint)
+    and in a node with no fleet, no peer is reached."""
 
     def __init__(
         self,
         node_id: str,
-        agent: Agent | None,
         secret: bytes,
-        fingerprint: int,
         local_host: str,
         record: Callable[[str], NodeRecord | None],
         backoff_s: float,
+        calls: Collection[str] = (),
     ) -> None:
+        """`record`: a peer's record, as the index has it now. `calls`: the
+        calls beyond pins this node makes (those its peers register)."""
         self.node_id = node_id  # who we are to peers
-        self.agent = agent
+        self.agent: Agent | None = None
         self.secret = secret
-        self.fingerprint = fingerprint
+        self.fingerprint = 0
         self.local_host = local_host  # connections leave from the node's own address
-        self.record = record  # a peer's record, as the index has it now
+        self.record = record
         self.backoff_s = backoff_s
-        self.index_timeout_s = INDEX_CALL_TIMEOUT_S
+        self.calls = tuple(calls)
         self.clients: dict[str, PeerClient] = {}
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
-        self.on_avoid: Callable[[float], None] | None = None  # told each time until when
         self._closing: set[asyncio.Task] = set()
         self._connecting: dict[str, asyncio.Lock] = {}
+
+    def open(self, agent: Agent, fingerprint: int) -> None:
+        """The node serves: its agent reads from peers, of this layout."""
+        self.agent, self.fingerprint = agent, fingerprint
 
     def avoiding(self, peer: str, now: float) -> bool:
         return self.avoided.get(peer, 0.0) > now
@@ -67,14 +70,14 @@ class PeerPool:
         t0 = time.monotonic()
         deadline = t0 + timeout
         for again in (False, True):
-            client = await self._client(peer, deadline - time.monotonic())
+            client = await self.client(peer, deadline - time.monotonic())
             if client is None:
                 self._avoid(peer, "unreachable")
                 return []
             heard = client.heard
             got = await pull(client, keys, sink, max(0.0, deadline - time.monotonic()), staged)
             # A peer at its cap closes the connection idle longest for a new
-            # peer (transport/peer_rpc.py). One that hung up without a word
+            # peer (transport/peer_rpc/server.py). One that hung up without a word
             # to this pull may have closed ours as the pin went out: pull
             # again on a new connection rather than leave the peer alone.
             # (A peer that died refuses the new one, and is left alone then.)
@@ -95,46 +98,9 @@ class PeerPool:
                 self._forget(peer)
         return got
 
-    # -- the sharded index's calls (discovery/sharded.py: its `send` and `ask`) --
-    async def place(
-        self, owner: str, session: int, xs: np.ndarray, tiers: list[Tier | None]
-    ) -> bool:
-        """Tell `owner` which of its keys (by place) this node holds; False
-        when it could not be told (unreachable, refused): the caller sends
-        them again later."""
-        client = await self._client(owner, self.index_timeout_s)
-        if client is None:
-            return False
-        names = [None if t is None else t.value for t in tiers]
-        try:
-            return await place(client, session, xs, names, self.index_timeout_s)
-        except (TimeoutError, TransportError, OSError) as e:
-            log.info("locations not placed owner=%s error=%r", owner, e)
-            return False
-
-    async def warm(self, peer: str) -> None:
-        """Connect to `peer` now, so that its first call finds a connection."""
-        await self._client(peer, WARM_TIMEOUT_S)
-
-    async def locate(self, owner: str, xs: np.ndarray) -> list[tuple[int, dict[str, Tier]]] | None:
-        """Who holds each key (by place), as `owner` knows, in runs of keys;
-        None when it did not answer (or answered what is not a node id and
-        a tier)."""
-        client = await self._client(owner, self.index_timeout_s)
-        if client is None:
-            return None
-        try:
-            found = await locate(client, xs, self.index_timeout_s)
-            return [(n, {check_node_id(p): Tier(t) for p, t in h.items()}) for n, h in found]
-        except (TimeoutError, TransportError, OSError, ValueError) as e:
-            log.info("lookup not answered owner=%s error=%r", owner, e)
-            return None
-
     def _avoid(self, peer: str, why: str) -> None:
         log.warning("leaving a peer alone peer=%s reason=%s seconds=%d", peer, why, self.backoff_s)
-        self.avoided[peer] = until = time.monotonic() + self.backoff_s
-        if self.on_avoid is not None:
-            self.on_avoid(until)
+        self.avoided[peer] = time.monotonic() + self.backoff_s
 
     def _forget(self, peer: str) -> None:
         """Drop a peer's client; it closes in the background (closing waits a
@@ -145,7 +111,7 @@ class PeerPool:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _client(self, peer: str, timeout: float) -> PeerClient | None:
+    async def client(self, peer: str, timeout: float) -> PeerClient | None:
         """A connected client for a peer the index knows, or None (also when
         connecting takes longer than `timeout`: a frozen peer still accepts).
         One connect per peer at a time: a pull, a lookup and a flush that
@@ -171,7 +137,7 @@ class PeerPool:
         record = self.record(peer)
         if self.agent is None or record is None or self.fingerprint not in record.fingerprints:
             return None  # no agent: a node with no fleet, which has no peers
-        client = PeerClient(self.agent, self.secret, [self.fingerprint], self.node_id)
+        client = PeerClient(self.agent, self.secret, [self.fingerprint], self.node_id, self.calls)
         try:
             address, port = record.address, record.rpc_port
             await client.connect(address, port, timeout, self.local_host, expect=peer)

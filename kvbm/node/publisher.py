@@ -1,35 +1,24 @@
 """What the fleet learns of this node: its record and every change of its
-tiers, published to the index (etcd, or in memory for one node). With
-`index_layout` sharded, etcd holds the records and the locations go to
-their owners (discovery/sharded.py) through the node's peer connections."""
+tiers, published to the index (discovery/index.py: etcd with either
+layout, or in memory for one node; kvbm/node/index_choice.py picks one)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-
-import numpy as np
+from collections.abc import Callable, Mapping, Sequence
 
 from discovery.errors import DuplicateNode, IndexUnavailable
-from discovery.etcd_index import EtcdIndex
-from discovery.memory import MemoryIndex
-from discovery.records import LookupResult, NodeRecord, Tier
-from discovery.sharded import ShardedLocations
-from discovery.signing import IndexSigner
+from discovery.index import BlockIndex
+from discovery.records import LookupResult, NodeRecord
+from discovery.tier import Tier
 from kvbm.block_key import BlockKey
-from kvbm.config import KvbmConfig
 from kvbm.key_view import REMOTE_DISK, REMOTE_HOST, KeyView
 from kvbm.manager import BlockManager
-from kvbm.node.peer_pool import PeerPool
 
 log = logging.getLogger("kvbm.node")
 PUBLISH_INTERVAL_S = 0.02  # the tiers' changes into the index's runs (no etcd write)
-# At most one etcd write per changed run this often: a run's tier changes and
-# evictions come in bursts (measured on `kvbm bench index --nodes 32`'s trace:
-# 84 etcd writes per 1,000 blocks at 5 ms, 67 at 50 ms, 16-18 at 500 ms).
-INDEX_FLUSH_S = 0.5
 INDEX_RETRY_S = 2.0
 REBUILD_S = 2.0  # how long the key view's peers' keys are not believed after a rebuild
 
@@ -41,20 +30,20 @@ class Publisher:
     every block from then on: the index holds every block the tiers held
     when publishing began, plus every change since, in order."""
 
-    def __init__(self, record: NodeRecord, cfg: KvbmConfig, signer: IndexSigner) -> None:
-        self.signer = signer  # what the node writes is signed; only signed values are believed
+    def __init__(
+        self,
+        record: NodeRecord,
+        open_index: Callable[[NodeRecord], BlockIndex],
+        places_by_anchor: bool = False,
+    ) -> None:
+        """`open_index`: a new index of this node's record, for each attempt to
+        join. `places_by_anchor`: the index places keys by their group's anchor
+        (a sharded index): each change carries it."""
         self.record = record
-        self.namespace = cfg.namespace
-        self.etcd_endpoints = cfg.etcd_endpoints
-        self.etcd_tls = cfg.etcd_tls
-        self.lease_ttl = cfg.lease_ttl
-        self.publish_after = cfg.index_publish_after_ms / 1000
-        # the node's share of a sharded index (its calls to owners once it serves)
-        self.locations: ShardedLocations | None = None
-        if cfg.index_layout == "sharded" and cfg.etcd_endpoints:
-            self.locations = ShardedLocations(record.node_id)
+        self.open_index = open_index
+        self.places_by_anchor = places_by_anchor
         self.mgr: BlockManager | None = None
-        self.index: EtcdIndex | MemoryIndex | None = None
+        self.index: BlockIndex | None = None
         self._joined = asyncio.Event()
         self._tried = asyncio.Event()  # the first attempt to join has ended, either way
         self._join: asyncio.Task | None = None
@@ -78,16 +67,9 @@ class Publisher:
             self._join.result()
         return self._joined.is_set()
 
-    async def serve(self, mgr: BlockManager, record: NodeRecord, peers: PeerPool) -> None:
-        """The tiers exist: publish the node's full record and its blocks
-        (and, sharded, reach the owners through `peers`)."""
+    async def serve(self, mgr: BlockManager, record: NodeRecord) -> None:
+        """The tiers exist: publish the node's full record and its blocks."""
         self.mgr, self.record = mgr, record
-        if self.locations is not None:
-            self.locations.send, self.locations.ask = peers.place, peers.locate
-            self.locations.warm = peers.warm
-            for node in self.locations.ring.nodes:  # the members known before serving
-                if node != record.node_id:
-                    self._tasks.append(asyncio.create_task(peers.warm(node)))
         mgr.track_changes()
         if self.index is not None:
             await self.index.set_record(record)
@@ -95,24 +77,24 @@ class Publisher:
 
     # -- what the rest of the node reads -------------------------------------
     async def lookup(
-        self, keys: list[bytes], anchors: np.ndarray | None = None
+        self, keys: Sequence[bytes], anchors: Sequence[int] | None = None
     ) -> LookupResult | None:
-        """Who holds `keys`: from the mirror (no etcd round trip), or from
-        their owners (sharded: by each key's group anchor); None before the join."""
-        return await self.index.locate(keys, anchors) if self.index is not None else None
+        """Who holds `keys` (`anchors`: each key's group anchor, which a
+        sharded index places keys by); None before the join."""
+        return await self.index.lookup(keys, anchors) if self.index is not None else None
 
     def peer(self, node_id: str) -> NodeRecord | None:
-        return self.index.mirror.nodes.get(node_id) if self.index is not None else None
+        return self.index.peer(node_id) if self.index is not None else None
 
     def peers(self) -> list[str]:
-        return sorted(self.index.mirror.nodes) if self.index is not None else []
+        return self.index.peers() if self.index is not None else []
 
     def state(self) -> str:
-        if self.index is None:
-            return "none yet"
-        if isinstance(self.index, MemoryIndex):
-            return "memory"
-        return "etcd up" if self.index.connected else "etcd down"
+        return self.index.state if self.index is not None else "none yet"
+
+    def stats(self) -> dict:
+        """The index layout's figures for `kvbm status` (none before the join)."""
+        return self.index.stats() if self.index is not None else {}
 
     # -- tasks ---------------------------------------------------------------
     async def _join_index(self) -> None:
@@ -120,21 +102,7 @@ class Publisher:
         node with this id ends the join (and the node) instead."""
         while True:
             record = self.record
-            index: EtcdIndex | MemoryIndex
-            if self.etcd_endpoints:
-                index = EtcdIndex(
-                    self.etcd_endpoints,
-                    self.namespace,
-                    record,
-                    self.lease_ttl,
-                    flush_interval=INDEX_FLUSH_S,
-                    publish_after=self.publish_after,
-                    signer=self.signer,
-                    tls=self.etcd_tls,
-                    locations=self.locations,
-                )
-            else:
-                index = MemoryIndex(self.namespace, record)
+            index = self.open_index(record)
             try:
                 await index.start()
                 break
@@ -171,24 +139,23 @@ class Publisher:
                 log.exception("publishing to the index failed")
 
     def _first_publish(self, mgr: BlockManager) -> None:
-        assert self.index is not None
-        mirror = self.index.mirror
+        index = self.index
+        assert index is not None
         # values not believed: not signed by the fleet, or copies out of date
-        rejected = lambda: mirror.rejected + mirror.stale  # noqa: E731
-        mgr.metrics.watch_index(rejected, lambda: mirror.over_cap)
+        mgr.metrics.watch_index(lambda: index.refused[0], lambda: index.refused[1])
         mgr.take_changes()  # superseded by the full state below
         self._publish(mgr, everything=True)
         view, me = mgr.view, self.record.node_id
-        if view is None or self.locations is not None:
-            return  # sharded: the mirror holds none of peers' keys, engines ask the node
-        if self.etcd_endpoints:
-            mirror.follow(lambda changes, reset: _show_peers(view, me, changes, reset))
-        view.peers_here()  # filled (follow tells everything at once): a miss is a miss
+        if view is None:
+            return
+        # sharded: the index holds none of peers' keys here, and engines ask the node
+        if index.follow(lambda changes, reset: _show_peers(view, me, changes, reset)):
+            view.peers_here()  # filled (follow tells everything at once): a miss is a miss
 
     def _publish(self, mgr: BlockManager, everything: bool = False) -> None:
         assert self.index is not None
         # sharded: the keys' group anchors, which the owners place them by
-        anchors: dict[BlockKey, int] | None = {} if self.locations is not None else None
+        anchors: dict[BlockKey, int] | None = {} if self.places_by_anchor else None
         changes = mgr.held(anchors) if everything else mgr.take_changes(anchors)
         if changes:
             self.index.publish(changes, anchors=anchors)

@@ -25,7 +25,7 @@ from tests.support import GEOMETRY, Engine
 from transport.errors import TransportError
 from transport.frames import MAX_ITEMS, NONCE_BYTES, Message
 from transport.nixl_agent import NixlAgent
-from transport.peer_rpc import MAX_KEYS_PER_CALL, MAX_UNAUTHENTICATED_PER_ADDRESS, PeerClient
+from transport.peer_rpc import MAX_KEYS_PER_PIN, MAX_UNAUTHENTICATED_PER_ADDRESS, PeerClient
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 HOST_MB = 4  # 256 blocks of 16 KiB: a peer may pin 64, all peers 128
@@ -107,7 +107,7 @@ def test_a_hostile_peer_with_the_key_gets_nothing_and_takes_nothing(
             p = int(port)
             # 1. absurd counts and sizes in calls: each costs the attacker its connection
             for body in (
-                {"keys": wire * (MAX_KEYS_PER_CALL // BLOCKS + 1)},  # too many keys
+                {"keys": wire * (MAX_KEYS_PER_PIN // BLOCKS + 1)},  # too many keys
                 {"keys": [b"k" * 100_000]},  # an absurd key
                 {"keys": [b"\x01not-a-block-key"]},
                 {"keys": 2**62},

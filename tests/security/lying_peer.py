@@ -19,9 +19,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-from discovery.etcd_index import EtcdIndex
-from discovery.records import NodeRecord, Tier
+from discovery.etcd_index import mirror_index
+from discovery.records import NodeRecord
 from discovery.signing import IndexSigner
+from discovery.tier import Tier
 from kvbm.bench.direct import offload
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
@@ -103,7 +104,7 @@ async def main(etcd: str, host: str, secret_file: str, lie: str, n: int) -> None
     record = NodeRecord(
         "liar", host, port, nixl_agent=agent.name, fingerprints=(GEOMETRY.fingerprint,)
     )
-    index = EtcdIndex([etcd], SPACE.namespace, record, lease_ttl=5, signer=IndexSigner(secret))
+    index = mirror_index([etcd], SPACE.namespace, record, lease_ttl=5, signer=IndexSigner(secret))
     await index.start()
     index.publish(dict.fromkeys(ks, Tier.HOST), [])
     print(port, flush=True)

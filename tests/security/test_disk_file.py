@@ -14,7 +14,7 @@ import stat
 import pytest
 import xxhash
 
-from discovery.records import Tier
+from discovery.tier import Tier
 from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment, NodeError
 from kvbm.disk_pool import _HEADER, _SUPER, PAGE, SLOT_MAGIC, DiskPool, arena_path

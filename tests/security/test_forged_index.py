@@ -17,9 +17,9 @@ import aetcd
 import msgpack
 
 from discovery.etcd_server import free_port
-from discovery.records import Tier
 from discovery.runs import RunRecord
 from discovery.schema import node_path, run_path
+from discovery.tier import Tier
 from kvbm.connector.attach import Available
 from tests.node_daemon import until
 from tests.security.peer_attacks import two_nodes
