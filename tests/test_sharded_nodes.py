@@ -114,7 +114,7 @@ def test_a_node_without_shards_refuses_index_calls(make_manager):
 
 
 def test_the_sharded_fleet_bench_indexes_every_block_its_nodes_hold(etcd):
-    from kvbm.bench.index import sharded_fleet
+    from kvbm.bench.index_sharded import sharded_fleet
 
     out = asyncio.run(sharded_fleet(etcd.endpoint, 3, 4, warmup_s=0.5, seconds=1.0, lookups=50))
     assert out["fleet_blocks_in_index"] == out["fleet_blocks_held"] > 0
