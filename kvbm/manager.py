@@ -3,7 +3,7 @@
 Every move is two-phase. A store reserves host slots (`prepare_store`), the
 bytes are copied in, and `complete_store` registers them; only then can a lookup
 see them. A block's checksum is taken off the store path: in the background
-(`seal_newest`), or at the latest when it first leaves G2 (drained to disk,
+(`checksum_newest`), or at the latest when it first leaves G2 (drained to disk,
 or pinned for a peer), and verified wherever it comes back. A load pins the
 prefix it found (`prepare_load`), staging disk-only blocks into host slots and
 verifying them, the bytes are copied out, and `complete_load` unpins.
@@ -150,13 +150,13 @@ class BlockManager:
         return out
 
     def usage(self) -> dict[str, dict[str, int]]:
-        """Blocks held and capacity per tier (and the host blocks not sealed yet)."""
+        """Blocks held and capacity per tier (and the host blocks not summed yet)."""
         with self._lock:
             out = {
                 Tier.HOST.value: {
                     "blocks": self.host.table.registered_count,
                     "capacity": self.host.num_slots,
-                    "unsealed": self.host.table.unsealed_count,
+                    "unsummed": self.host.table.unsummed_count,
                 }
             }
             if self.disk is not None:
@@ -221,7 +221,7 @@ class BlockManager:
         """Register the filled slots (or free them). Returns blocks added.
 
         `checksums`, when the caller has them, are recorded; otherwise the
-        checksum is taken later, off the store path (`seal_newest`, `seal`).
+        checksum is taken later, off the store path (`checksum_newest`, `checksum_plan`).
         """
         if plan.done:
             raise ValueError("store plan already committed")
@@ -301,7 +301,7 @@ class BlockManager:
                 self.host.table.unpin(slot)
             self.admission.record(plan.keys)
 
-    def seal(self, plan: LoadPlan) -> list[int]:
+    def checksum_plan(self, plan: LoadPlan) -> list[int]:
         """Checksums of a load plan's pinned blocks, taken now where not yet known.
 
         A block's checksum is not taken when it is stored (that would halve
@@ -319,23 +319,23 @@ class BlockManager:
                 self.host.table.set_checksum(slot, c)
         return [taken.get(s, c) for s, c in zip(plan.slots, known, strict=True)]  # type: ignore[misc]
 
-    def seal_newest(self, limit: int) -> int:
+    def checksum_newest(self, limit: int) -> int:
         """Take the checksums of up to `limit` of the newest host blocks that have
         none, without pinning them (a pin would reorder the LRU); a block
         evicted meanwhile keeps none. Returns how many blocks were summed.
 
-        The node runs this in the background, so a block is usually sealed
+        The node runs this in the background, so a block is usually summed
         before a peer pins it or it drains to disk: the checksum then costs
         neither of those paths a pass over the bytes.
         """
         with self._lock:
-            todo = self.host.table.newest_unsealed(limit)
+            todo = self.host.table.newest_unsummed(limit)
         if not todo:
             return 0
         sums = self.host.checksums([slot for slot, _ in todo])
         with self._lock:
             for (slot, serial), c in zip(todo, sums, strict=True):
-                self.host.table.seal(slot, serial, c)
+                self.host.table.record_checksum(slot, serial, c)
         return len(todo)
 
     def write_ahead(self, reach: int, limit: int) -> int:
@@ -347,7 +347,7 @@ class BlockManager:
         churn, and a full G2 that evicts nothing costs no disk writes.
         Returns how many blocks were written.
 
-        Like `seal_newest` it reads blocks it does not pin (a pin would
+        Like `checksum_newest` it reads blocks it does not pin (a pin would
         reorder the LRU): a copy counts only if the slot still holds the same
         registration afterwards, so its bytes did not change under the write.
         """
@@ -360,13 +360,13 @@ class BlockManager:
         """Pin the longest held prefix for a peer to read: (key, slot, checksum).
         The caller owns the pins and releases them with `complete_peer_read`.
         `ready_only`: the prefix ends at the first block not in G2 or not
-        sealed yet, so the call reads no disk and sums no bytes (an event
+        summed yet, so the call reads no disk and sums no bytes (an event
         loop may make it; the caller asks again, in a thread, for the rest)."""
         if ready_only:
             return self._pin_ready(keys)
         plan = self.prepare_load(keys)
         try:
-            sums = self.seal(plan)
+            sums = self.checksum_plan(plan)
         except BaseException:
             self.complete_load(plan)
             raise
@@ -377,7 +377,7 @@ class BlockManager:
         """Counts hits for what it pins only: the caller's second ask counts the rest."""
         with self._lock:
             host, disk = self.host.table, self.disk.table if self.disk else None
-            got = host.sealed_prefix(keys[: self.max_load_blocks])
+            got = host.summed_prefix(keys[: self.max_load_blocks])
             for k, slot, _ in reversed(got):  # a pin takes a G2 block out of its LRU
                 host.pin(slot)
                 copy = disk.get(k) if disk else None

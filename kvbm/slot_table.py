@@ -56,7 +56,7 @@ class SlotTable:
     - the eviction policy holds exactly the REGISTERED slots with no pins, so
       a pinned block is never evicted;
     - pins are only ever held on REGISTERED slots;
-    - `unsealed` holds exactly the REGISTERED slots without a checksum;
+    - `unsummed` holds exactly the REGISTERED slots without a checksum;
     - a slot's bytes do not change while it stays REGISTERED under one
       `serial` (a new registration gets a new one).
     Allocation hands out the lowest free slots, so batches copy as few runs.
@@ -75,7 +75,7 @@ class SlotTable:
         self.pins = [0] * num_slots
         self.serial = [0] * num_slots  # which registration a slot holds
         self._serials = itertools.count(1)
-        self.unsealed: dict[int, None] = {}  # in registration order
+        self.unsummed: dict[int, None] = {}  # in registration order
         self.index: dict[BlockKey, int] = {}
         # The index, read-only, for owners: `key in table.held` costs a dict probe.
         self.held: Mapping[BlockKey, int] = MappingProxyType(self.index)
@@ -95,8 +95,8 @@ class SlotTable:
         return len(self.index)
 
     @property
-    def unsealed_count(self) -> int:
-        return len(self.unsealed)
+    def unsummed_count(self) -> int:
+        return len(self.unsummed)
 
     def get(self, key: BlockKey) -> int | None:
         return self.index.get(key)
@@ -128,7 +128,7 @@ class SlotTable:
         index, anchors = self.index, self.anchors
         return {k: anchors[s] for k in keys if (s := index.get(k)) is not None}
 
-    def sealed_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
+    def summed_prefix(self, keys: Sequence[BlockKey]) -> list[tuple[BlockKey, int, int]]:
         """(key, slot, checksum) of the longest prefix of `keys` held here
         with a checksum taken."""
         index, sums, out = self.index, self.checksums, []
@@ -190,7 +190,7 @@ class SlotTable:
         self.anchors[slot] = anchor
         self.serial[slot] = next(self._serials)
         if checksum is None:
-            self.unsealed[slot] = None
+            self.unsummed[slot] = None
         self.index[key] = slot
         self.policy.insert(slot)
         self._record_change(key)
@@ -221,19 +221,19 @@ class SlotTable:
         if self.pins[slot] <= 0:
             raise AssertionError(f"checksum of unpinned slot {slot}")
         self.checksums[slot] = checksum
-        self.unsealed.pop(slot, None)
+        self.unsummed.pop(slot, None)
 
-    def newest_unsealed(self, n: int) -> list[tuple[int, int]]:
+    def newest_unsummed(self, n: int) -> list[tuple[int, int]]:
         """Up to `n` (slot, serial) of the newest REGISTERED slots without a checksum."""
-        return [(s, self.serial[s]) for s in itertools.islice(reversed(self.unsealed), n)]
+        return [(s, self.serial[s]) for s in itertools.islice(reversed(self.unsummed), n)]
 
-    def seal(self, slot: int, serial: int, checksum: int) -> bool:
+    def record_checksum(self, slot: int, serial: int, checksum: int) -> bool:
         """Record a checksum taken without a pin: only if the slot still holds
         registration `serial` (so the bytes summed were this block's)."""
         if self.state[slot] != SlotState.REGISTERED or self.serial[slot] != serial:
             return False
         self.checksums[slot] = checksum
-        self.unsealed.pop(slot, None)
+        self.unsummed.pop(slot, None)
         return True
 
     def touch(self, slot: int) -> None:
@@ -248,7 +248,7 @@ class SlotTable:
             assert key is not None and self.pins[s] == 0
             del self.index[key]
             self.state[s] = SlotState.DRAINING
-            self.unsealed.pop(s, None)
+            self.unsummed.pop(s, None)
             out.append(Victim(s, key, self.checksums[s], self.anchors[s]))
             self._record_change(key)
         return out
@@ -281,7 +281,7 @@ class SlotTable:
         self.keys[slot] = None
         self.checksums[slot] = None
         self.anchors[slot] = 0
-        self.unsealed.pop(slot, None)
+        self.unsummed.pop(slot, None)
         self.pins[slot] = 0
         heapq.heappush(self._free, slot)
 
@@ -301,6 +301,6 @@ class SlotTable:
             assert registered == (key is not None and self.index.get(key) == s), f"slot {s}: index"
             assert (registered and self.pins[s] == 0) == (s in self.policy), f"slot {s}: policy"
             assert self.pins[s] == 0 or registered, f"slot {s}: pinned but {st.name}"
-            unsealed = registered and self.checksums[s] is None
-            assert unsealed == (s in self.unsealed), f"slot {s}: unsealed set"
+            unsummed = registered and self.checksums[s] is None
+            assert unsummed == (s in self.unsummed), f"slot {s}: unsummed set"
         assert len(self.index) == sum(st == SlotState.REGISTERED for st in self.state)

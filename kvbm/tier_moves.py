@@ -135,7 +135,7 @@ class TierMoves:
                 if c is None or not host.holds(b.slot, b.serial):
                     dt.abort(w.dst)
                     continue
-                host.seal(b.slot, b.serial, c)  # no-op where it was sealed already
+                host.record_checksum(b.slot, b.serial, c)  # no-op where it was summed already
                 written += dt.register(w.dst, w.key, c, w.anchor)
         self.metrics.moved.labels("g2_to_g3").inc(written * self._block_bytes)
         return written

@@ -113,7 +113,7 @@ async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
     from kvbm.manager import BlockManager
     from kvbm.node.index_calls import INDEX_CALLS, OwnerClient, owner_calls
     from kvbm.node.peer_pool import PeerPool
-    from kvbm.peer_tiers import ManagerTiers
+    from kvbm.peer_blocks import ManagerBlocks
     from tests.support import GEOMETRY
     from transport.nixl_agent import NixlAgent
     from transport.peer_rpc import PeerServer
@@ -127,7 +127,7 @@ async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
     owners = OwnerClient(pool)
     locations = ShardedLocations(node_id, owners.place, owners.locate)
     server = PeerServer(
-        ManagerTiers(mgr), agent, SECRET, node_id=node_id, calls=owner_calls(locations)
+        ManagerBlocks(mgr), agent, SECRET, node_id=node_id, calls=owner_calls(locations)
     )
     port = await server.start("127.0.0.1", 0)
     record = NodeRecord(node_id, "127.0.0.1", port, fingerprints=(GEOMETRY.fingerprint,))

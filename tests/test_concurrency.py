@@ -50,7 +50,7 @@ def test_engine_and_network_paths_at_once(make_manager):
                 start = rng.randrange(0, 36)
                 plan = mgr.prepare_load(KEYS[start : start + rng.randint(1, 4)])
                 try:
-                    sums = mgr.seal(plan)
+                    sums = mgr.checksum_plan(plan)
                     for key, slot, c in zip(plan.keys, plan.slots, sums, strict=True):
                         data = mgr.host.block_view(slot)
                         assert xxhash.xxh3_64_intdigest(data) == c
@@ -68,7 +68,7 @@ def test_engine_and_network_paths_at_once(make_manager):
         # disk, both without pinning them
         try:
             while time.monotonic() < stop:
-                n = mgr.seal_newest(2)
+                n = mgr.checksum_newest(2)
                 w = mgr.write_ahead(4, 2)
                 with lock:
                     counts["sealed_in_background"] += n

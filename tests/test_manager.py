@@ -162,10 +162,10 @@ def test_checksum_is_taken_when_a_block_first_leaves_host(make_manager):
     slots = [mgr.host.table.get(k) for k in ks]
     assert all(mgr.host.table.checksums[s] is None for s in slots)
     plan = mgr.prepare_load(ks)
-    sums = mgr.seal(plan)
+    sums = mgr.checksum_plan(plan)
     assert sums == [xxhash.xxh3_64_intdigest(mgr.host.block_view(s)) for s in plan.slots]
     assert [mgr.host.table.checksums[s] for s in slots] == sums
-    assert mgr.seal(plan) == sums
+    assert mgr.checksum_plan(plan) == sums
     mgr.complete_load(plan)
 
 
@@ -175,16 +175,16 @@ def test_background_sealing_takes_the_newest_first_and_keeps_lru_order(make_mana
     store(mgr, ks)
     table = mgr.host.table
     order = table.policy.order()
-    assert mgr.seal_newest(2) == 2
+    assert mgr.checksum_newest(2) == 2
     slots = [table.get(k) for k in ks]
     sums = [table.checksums[s] for s in slots]
     assert sums[:4] == [None] * 4  # the two newest first
     assert sums[4:] == [xxhash.xxh3_64_intdigest(mgr.host.block_view(s)) for s in slots[4:]]
     assert table.policy.order() == order  # summing is not a use
-    assert mgr.seal_newest(100) == 4 and mgr.seal_newest(100) == 0
+    assert mgr.checksum_newest(100) == 4 and mgr.checksum_newest(100) == 0
     # a drain to disk and a peer's pin take the recorded checksums
     plan = mgr.prepare_load(ks)
-    assert mgr.seal(plan) == [table.checksums[s] for s in plan.slots]
+    assert mgr.checksum_plan(plan) == [table.checksums[s] for s in plan.slots]
     mgr.complete_load(plan)
     store(mgr, keys(100, 8))
     expect_tiers(mgr, ks, *[Tier.DISK] * 6)
@@ -200,7 +200,7 @@ def test_a_ready_pin_stops_where_io_or_a_checksum_would_be_needed(make_manager):
     table = mgr.host.table
     assert mgr.prepare_peer_read(ks, ready_only=True) == []  # k0 is on disk only
     assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []  # k2 is not sealed
-    assert mgr.seal_newest(2) == 2  # k4, k5
+    assert mgr.checksum_newest(2) == 2  # k4, k5
     assert mgr.prepare_peer_read(ks[2:], ready_only=True) == []
     hits = metric(mgr, "kvbm_tier_hits_total", tier="host")
     got = mgr.prepare_peer_read(ks[4:], ready_only=True)
@@ -260,7 +260,7 @@ def test_seal_refuses_a_finished_plan(make_manager):
     mgr.complete_load(plan)
     mgr.complete_load(plan)  # twice is fine
     with pytest.raises(ValueError, match="already finished"):
-        mgr.seal(plan)
+        mgr.checksum_plan(plan)
 
 
 def test_changes_report_where_each_touched_key_is_now(make_manager):
@@ -316,7 +316,7 @@ def test_a_block_replaced_while_written_ahead_is_not_kept_on_disk(make_manager):
     write read) must not count, or a load would get another block's bytes."""
     mgr = make_manager(host_slots=4, disk_slots=32, min_uses=1)
     store(mgr, keys(0, 4))
-    store(mgr, keys(10, 1))  # evicts key 0: one owed; key 1 is now the coldest, unsealed
+    store(mgr, keys(10, 1))  # evicts key 0: one owed; key 1 is now the coldest, unsummed
     victim = keys(1, 1)[0]
     slot = mgr.host.table.get(victim)
     assert mgr.host.table.checksums[slot] is None
@@ -343,7 +343,7 @@ def test_a_block_replaced_while_written_ahead_is_not_kept_on_disk(make_manager):
 # A slot table's own arrays and records: its owner reads them through the
 # table's methods (and its read-only `held`), so their shape stays the table's.
 TABLE_INSIDES = {"keys", "serial", "checksums", "anchors", "state", "policy", "pins"}
-TABLE_INSIDES |= {"unsealed", "index", "changed", "_changed"}
+TABLE_INSIDES |= {"unsummed", "index", "changed", "_changed"}
 
 
 TABLES = {"host", "disk", "dt", "table"}  # what the manager names a slot table

@@ -40,7 +40,7 @@ def test_a_prefix_reaches_another_node_from_the_peers_host_then_disk_tier(
         until(lambda: eng_b.lookup(first) == Available(0, 8), 10, "B never saw A's blocks")
         # A's background upkeep checksums them (stored without one)
         until(
-            lambda: eng_a.stats()["tiers"]["host"]["unsealed"] == 0,
+            lambda: eng_a.stats()["tiers"]["host"]["unsummed"] == 0,
             10,
             "A's blocks were never sealed",
         )

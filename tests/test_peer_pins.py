@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import keys, store
 from transport.frames import Message
 from transport.nixl_agent import NixlAgent
@@ -18,7 +18,7 @@ from transport.peer_rpc import PeerServer
 SECRET = b"k" * 32
 
 
-class GatedTiers(ManagerTiers):
+class GatedTiers(ManagerBlocks):
     """The manager's tiers, with a pin that waits for the test to let it go."""
 
     def __init__(self, mgr) -> None:
@@ -41,7 +41,7 @@ def expect_no_pins(mgr) -> None:
     assert not any(mgr.host.table.pins), "a pin outlived its peer server"
 
 
-class CountedTiers(ManagerTiers):
+class CountedTiers(ManagerBlocks):
     """The manager's tiers, counting the pins taken in a thread, failing
     them on demand."""
 
@@ -144,7 +144,7 @@ def test_ready_blocks_pin_on_the_loop_and_only_the_rest_in_a_thread(make_manager
     mgr = make_manager(host_slots=16)
     ks = keys(0, 10)
     store(mgr, ks)
-    assert mgr.seal_newest(5) == 5  # k5..k9 sealed, k0..k4 not
+    assert mgr.checksum_newest(5) == 5  # k5..k9 sealed, k0..k4 not
 
     async def scenario(server: PeerServer) -> None:
         tiers = server.source
@@ -152,7 +152,7 @@ def test_ready_blocks_pin_on_the_loop_and_only_the_rest_in_a_thread(make_manager
         got = await server._call("p", Message("pin", 1, {"keys": ks[5:]}))
         assert [b[0] for b in got["blocks"]] == ks[5:] and tiers.threaded == []
         got = await server._call("q", Message("pin", 1, {"keys": ks[5:] + ks[:3]}))
-        # the sealed prefix on the loop, the unsealed rest summed in a thread
+        # the sealed prefix on the loop, the unsummed rest summed in a thread
         assert [b[0] for b in got["blocks"]] == ks[5:] + ks[:3]
         assert tiers.threaded == [ks[:3]]
         table = mgr.host.table
@@ -170,7 +170,7 @@ def test_pins_taken_on_the_loop_are_given_back_when_the_rest_fails(make_manager)
     mgr = make_manager(host_slots=8)
     ks = keys(0, 4)
     store(mgr, ks)
-    assert mgr.seal_newest(2) == 2  # k2, k3
+    assert mgr.checksum_newest(2) == 2  # k2, k3
 
     async def scenario(server: PeerServer) -> None:
         tiers = server.source

@@ -13,7 +13,7 @@ from discovery.records import NodeRecord
 from discovery.tier import Tier
 from kvbm.bench.direct import onboard
 from kvbm.node.peer_pool import PeerPool
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import GEOMETRY, Engine, keys, store
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
@@ -39,12 +39,12 @@ def test_pull_from_a_peers_host_and_disk_tiers(make_manager, tmp_path):
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET, pin_ttl=5)
+        server = PeerServer(ManagerBlocks(a), agent_a, SECRET, pin_ttl=5)
         port = await server.start("127.0.0.1", 0)
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
         try:
             await client.connect("127.0.0.1", port)
-            arrived = await pull(client, list(wanted), ManagerTiers(b))
+            arrived = await pull(client, list(wanted), ManagerBlocks(b))
             assert arrived == list(wanted)
             # the peer's pins are all released (unpins go out without waiting)
             for _ in range(200):
@@ -71,7 +71,7 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
     ks = keys(0, 3)
     assert store(a, ks) == len(ks)
     plan = a.prepare_load(ks)
-    a.seal(plan)  # checksums taken, as for any block that left a's G2 before
+    a.checksum_plan(plan)  # checksums taken, as for any block that left a's G2 before
     # then a byte of block 1 changes in a's arena
     view = a.host.block_view(plan.slots[1])
     view[10] = view[10] ^ 0xFF
@@ -79,12 +79,12 @@ def test_a_flipped_byte_on_the_peer_is_rejected(make_manager):
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a2"), agent_for(b, "node-b2")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET)
+        server = PeerServer(ManagerBlocks(a), agent_a, SECRET)
         port = await server.start("127.0.0.1", 0)
         client = PeerClient(agent_b, SECRET, [a.geometry.fingerprint])
         try:
             await client.connect("127.0.0.1", port)
-            return await pull(client, list(ks), ManagerTiers(b))
+            return await pull(client, list(ks), ManagerBlocks(b))
         finally:
             await client.close()
             await server.close()
@@ -115,7 +115,7 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
 
     async def pull_all(b, **server_kw):
         async with Pair(a, b, **server_kw) as p:
-            return await pull(p.client, list(ks), ManagerTiers(b), round_bytes=round_bytes)
+            return await pull(p.client, list(ks), ManagerBlocks(b), round_bytes=round_bytes)
 
     b = make_manager(host_slots=n)
     assert asyncio.run(asyncio.wait_for(pull_all(b, max_pins_per_peer=6), 60)) == ks
@@ -128,7 +128,7 @@ def test_a_pull_of_many_rounds_keeps_the_prefix_order(make_manager):
     assert all(eng.holds(k, i) for i, k in enumerate(ks))
 
     plan = a.prepare_load(ks[20:21])
-    a.seal(plan)
+    a.checksum_plan(plan)
     view = a.host.block_view(plan.slots[0])
     view[3] = view[3] ^ 0x01
     a.complete_load(plan)
@@ -152,7 +152,7 @@ def test_a_pull_into_a_full_host_tier_reports_only_what_arrived(make_manager):
 
         async def scenario():
             async with Pair(a, b) as p:
-                return await pull(p.client, list(ks), ManagerTiers(b))
+                return await pull(p.client, list(ks), ManagerBlocks(b))
 
         arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
     finally:
@@ -171,7 +171,7 @@ class Pair:
     async def __aenter__(self):
         self.agent_a = agent_for(self.a, f"a-{id(self)}")
         self.agent_b = agent_for(self.b, f"b-{id(self)}")
-        self.server = PeerServer(ManagerTiers(self.a), self.agent_a, SECRET, **self.server_kw)
+        self.server = PeerServer(ManagerBlocks(self.a), self.agent_a, SECRET, **self.server_kw)
         self.port = await self.server.start("127.0.0.1", 0)
         self.client = PeerClient(self.agent_b, SECRET, [self.a.geometry.fingerprint])
         await self.client.connect("127.0.0.1", self.port)
@@ -204,7 +204,7 @@ def test_bad_input_closes_only_that_connection(make_manager, caplog):
                 assert await asyncio.wait_for(reader.read(), 5) == b""
                 writer.close()
             # ... and goes on serving the well-behaved peer
-            return await pull(p.client, list(ks), ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerBlocks(b))
 
     with caplog.at_level(logging.WARNING, logger="transport.rpc"):
         arrived = asyncio.run(asyncio.wait_for(scenario(), 60))
@@ -238,7 +238,7 @@ def test_a_peer_without_the_secret_or_the_layout_is_refused(make_manager):
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "a-refuse"), agent_for(b, "b-refuse")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET)
+        server = PeerServer(ManagerBlocks(a), agent_a, SECRET)
         port = await server.start("127.0.0.1", 0)
         try:
             wrong_key = PeerClient(agent_b, b"w" * 32, [a.geometry.fingerprint])
@@ -275,7 +275,7 @@ def test_an_authenticated_peer_sending_bad_keys_is_cut_off_alone(make_manager):
                 await rogue.close()
                 rogue.agent.close()
             # the server goes on serving the well-behaved peer
-            return await pull(p.client, list(ks), ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerBlocks(b))
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(ks)
 
@@ -288,7 +288,7 @@ def test_blocks_already_here_are_not_read_again(make_manager):
 
     async def scenario():
         async with Pair(a, b) as p:
-            return await pull(p.client, list(ks), ManagerTiers(b))
+            return await pull(p.client, list(ks), ManagerBlocks(b))
 
     assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(ks)
     # only the four b lacked crossed the wire
@@ -312,19 +312,19 @@ def test_a_pull_on_a_connection_the_peer_closed_as_idle_goes_again(make_manager,
 
     async def scenario():
         agent_a, agent_b = agent_for(a, "node-a"), agent_for(b, "node-b")
-        server = PeerServer(ManagerTiers(a), agent_a, SECRET, node_id="node-a")
+        server = PeerServer(ManagerBlocks(a), agent_a, SECRET, node_id="node-a")
         port = await server.start("127.0.0.1", 0)
         record = NodeRecord("node-a", "127.0.0.1", port, fingerprints=(a.geometry.fingerprint,))
         fingerprint = a.geometry.fingerprint
         pool = PeerPool("node-b", SECRET, "127.0.0.1", {"node-a": record}.get, 30)
         pool.open(agent_b, fingerprint)
         try:
-            assert await pool.pull("node-a", ks[:1], ManagerTiers(b), 5) == ks[:1]
+            assert await pool.pull("node-a", ks[:1], ManagerBlocks(b), 5) == ks[:1]
             await asyncio.sleep(0.3)
             # closed by the server; the pull's pin goes out before the client
             # has read the close (no await in between)
             assert server._close_idlest()
-            assert await pool.pull("node-a", ks, ManagerTiers(b), 5) == ks
+            assert await pool.pull("node-a", ks, ManagerBlocks(b), 5) == ks
             assert not pool.avoided and server.closed_idle == 1
         finally:
             await pool.close()

@@ -67,7 +67,7 @@ class SlotTableMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 3))
     def begin_sealing(self, n):
-        for slot, serial in self.table.newest_unsealed(n):
+        for slot, serial in self.table.newest_unsummed(n):
             assert self.table.checksums[slot] is None
             self.sealing.append((slot, serial, self.registrations[slot]))
 
@@ -80,7 +80,7 @@ class SlotTableMachine(RuleBasedStateMachine):
             self.table.state[slot] == SlotState.REGISTERED
             and self.registrations[slot] == registrations
         )
-        assert self.table.seal(slot, serial, 7) == same
+        assert self.table.record_checksum(slot, serial, 7) == same
         if same:
             assert self.table.checksums[slot] == 7
 
@@ -208,7 +208,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @rule(n=st.integers(1, 4))
     def seal(self, n):
-        self.mgr.seal_newest(n)
+        self.mgr.checksum_newest(n)
 
     @precondition(lambda self: len(self.held) < 2)
     @rule(start=st.integers(0, 22), n=st.integers(1, 2))

@@ -19,7 +19,7 @@ from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from discovery.tier import Tier
 from kvbm.node.index_calls import INDEX_CALLS, locate, owner_calls, place
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import keys
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
@@ -46,7 +46,7 @@ class Pair:
         self.agent_a, self.agent_b = agent_for(self.a, "node-a"), agent_for(self.b, "node-b")
         calls = owner_calls(self.owner) if self.owner is not None else None
         self.server = PeerServer(
-            ManagerTiers(self.a), self.agent_a, SECRET, node_id="node-a", calls=calls
+            ManagerBlocks(self.a), self.agent_a, SECRET, node_id="node-a", calls=calls
         )
         self.port = await self.server.start("127.0.0.1", 0)
         self.clients: list[PeerClient] = []

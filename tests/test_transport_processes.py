@@ -13,7 +13,7 @@ import time
 
 from kvbm.bench.direct import onboard
 from kvbm.host_pool import ARENA_PREFIX
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from kvbm.shm_arena import SharedArena
 from tests.support import Engine, keys
 from transport.nixl_agent import NixlAgent
@@ -46,12 +46,12 @@ def test_pull_between_two_node_processes_on_loopback_aliases(make_manager, tmp_p
             client = PeerClient(agent, SECRET, [b.geometry.fingerprint])
             try:
                 await client.connect("127.0.0.2", port, local_host="127.0.0.3")
-                first = await pull(client, list(ks), ManagerTiers(b), timeout=20)
+                first = await pull(client, list(ks), ManagerBlocks(b), timeout=20)
                 # the peer dies; the next pull fails within its timeout, with nothing registered
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
                 t0 = time.monotonic()
-                second = await pull(client, list(keys(500, 4)), ManagerTiers(b), 2)
+                second = await pull(client, list(keys(500, 4)), ManagerBlocks(b), 2)
                 return first, second, time.monotonic() - t0
             finally:
                 await client.close()

@@ -13,7 +13,7 @@ from kvbm.bench.direct import offload
 from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import DISK_KEY, GEOMETRY, Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer
@@ -38,7 +38,7 @@ async def main(host: str, disk_dir: str, n: int) -> None:
     offload(mgr, eng2.kv, list(range(2 * n)), filler)
     offload(mgr, eng.kv, eng.compute(ks[n // 2 :]), ks[n // 2 :])
     agent = NixlAgent(f"node-{host}", mgr.host.arena.array.ctypes.data, mgr.host.arena.size)
-    server = PeerServer(ManagerTiers(mgr), agent, SECRET)
+    server = PeerServer(ManagerBlocks(mgr), agent, SECRET)
     port = await server.start(host, 0)
     tiers = mgr.lookup(ks).tiers
     print(port, sum(t == "disk" for t in tiers), sum(t == "host" for t in tiers), flush=True)

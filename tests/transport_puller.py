@@ -13,7 +13,7 @@ from kvbm.admission import FrequencyFilter
 from kvbm.bench.direct import onboard
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import GEOMETRY, Engine, keys
 from tests.transport_node import SECRET
 from transport.nixl_agent import NixlAgent
@@ -28,7 +28,7 @@ async def main(local: str, peer: str, port: int, n: int) -> dict:
     ks = keys(0, n)
     try:
         await client.connect(peer, port, local_host=local)
-        arrived = await pull(client, list(ks), ManagerTiers(mgr), timeout=60)
+        arrived = await pull(client, list(ks), ManagerBlocks(mgr), timeout=60)
         eng = Engine(n)
         loaded = onboard(mgr, eng.kv, ks, list(range(n)))
         exact = sum(eng.holds(k, i) for i, k in enumerate(ks[:loaded]))

@@ -58,7 +58,7 @@ class _SimNode:
         from kvbm.manager import BlockManager
         from kvbm.node.index_calls import INDEX_CALLS, OwnerClient, owner_calls
         from kvbm.node.peer_pool import PeerPool
-        from kvbm.peer_tiers import ManagerTiers
+        from kvbm.peer_blocks import ManagerBlocks
         from transport.nixl_agent import NixlAgent
         from transport.peer_rpc import PeerServer
 
@@ -85,7 +85,7 @@ class _SimNode:
         self.calls = self.bytes = 0
         self.locations = ShardedLocations(name, self._send, self.owners.locate)
         self.server = PeerServer(
-            ManagerTiers(self.mgr),
+            ManagerBlocks(self.mgr),
             self.agent,
             SECRET,
             node_id=name,

@@ -45,7 +45,7 @@ from kvbm.connector.engine_kv import EngineKV
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from kvbm.shm_arena import SHM_DIR
 from transport.agent import Agent
 from transport.confined_agent import ConfinedAgent
@@ -57,7 +57,7 @@ BATCH = 64
 HOST_BLOCKS = 4 * BATCH + 256  # four 64-block pulls and one 256-block pull
 DISK_BLOCKS = 3 * BATCH
 SINGLE = 100
-FRESH = 30_000  # first key of BATCH blocks stored after the peer sealed the rest
+FRESH = 30_000  # first key of BATCH blocks stored after the peer summed the rest
 
 
 def space() -> KeySpace:
@@ -66,8 +66,8 @@ def space() -> KeySpace:
 
 def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> None:
     """The serving node: DISK_BLOCKS blocks only on disk, HOST_BLOCKS + SINGLE
-    in host and sealed (checksummed, as a node's background upkeep leaves
-    blocks stored a little while ago), BATCH fresh ones in host, unsealed."""
+    in host and summed (checksums taken, as a node's background upkeep leaves
+    blocks stored a little while ago), BATCH fresh ones in host, unsummed."""
 
     async def serve() -> None:
         g = BENCH_GEOMETRY
@@ -100,7 +100,7 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
         put(ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS))))  # drained to disk below
         put(ks.keys(list(range(20_000, 20_000 + DISK_BLOCKS))))  # the filler
         put(ks.keys(list(range(HOST_BLOCKS + SINGLE))))
-        while mgr.seal_newest(64):
+        while mgr.checksum_newest(64):
             pass
         # a node's background upkeep writes its coldest G2 blocks to disk ahead
         # of their eviction (kvbm/node/upkeep.py): staging the disk set then
@@ -109,7 +109,7 @@ def _peer(directory: str, arena_dir: str, secret: bytes, conn: Connection) -> No
             pass
         put(ks.keys(list(range(FRESH, FRESH + BATCH))))
         agent = _agent("bench-peer", mgr)
-        server = PeerServer(ManagerTiers(mgr), agent, secret, max_pins_per_peer=1024)
+        server = PeerServer(ManagerBlocks(mgr), agent, secret, max_pins_per_peer=1024)
         port = await server.start(PEER, 0)
         disk_keys = ks.keys(list(range(10_000, 10_000 + DISK_BLOCKS)))
         on_disk = sum(t == Tier.DISK for t in mgr.lookup(disk_keys).tiers)
@@ -177,7 +177,7 @@ def run(arena_dir: str = SHM_DIR) -> dict:
 
 
 async def _parts(
-    client: PeerClient, tiers: ManagerTiers, keys: list[BlockKey], peer_agent: int
+    client: PeerClient, tiers: ManagerBlocks, keys: list[BlockKey], peer_agent: int
 ) -> tuple[float, float, float | None]:
     """A pull's two parts, alone (medians of 5): the peer's `pin` of `keys`
     (one round trip), and one batched READ of them into slots reserved here,
@@ -258,7 +258,7 @@ def _agent(name: str, mgr: BlockManager) -> ConfinedAgent:
 
 
 async def _pulls(mgr: BlockManager, agent: Agent, port: int, peer_agent: int) -> dict:
-    g, ks, tiers = BENCH_GEOMETRY, space(), ManagerTiers(mgr)
+    g, ks, tiers = BENCH_GEOMETRY, space(), ManagerBlocks(mgr)
     client = PeerClient(agent, SECRET, [g.fingerprint])
     await client.connect(PEER, port, local_host=LOCAL)
     try:
@@ -295,7 +295,7 @@ async def _pulls(mgr: BlockManager, agent: Agent, port: int, peer_agent: int) ->
             "peer_host_vs_pin_and_read": round((pin_s + read_s) / host_s, 3),
             "peer_host_pull_gbps": gbps(BATCH * g.block_bytes, host_s),
             "peer_host_pull_256_gbps": gbps(256 * g.block_bytes, big),
-            "peer_host_pull_unsealed_gbps": gbps(BATCH * g.block_bytes, fresh),
+            "peer_host_pull_unsummed_gbps": gbps(BATCH * g.block_bytes, fresh),
             "peer_disk_pull_gbps": gbps(BATCH * g.block_bytes, statistics.median(disk)),
             "single_block_pull_p50_ms": round(single[len(single) // 2] * 1e3, 3),
             "single_block_pull_p99_ms": round(single[int(len(single) * 0.99)] * 1e3, 3),

@@ -36,7 +36,7 @@ from transport.frames import Message
 log = logging.getLogger("kvbm.node")
 
 
-class Tiers(Protocol):
+class ServingView(Protocol):
     """What the engine server serves from, once the first engine's hello has
     built it (see `Serving` in daemon.py)."""
 
@@ -63,7 +63,7 @@ class EngineServer:
         self,
         cfg: KvbmConfig,
         node_id: str,
-        serve: Callable[[ModelGeometry], Awaitable[Tiers]],
+        serve: Callable[[ModelGeometry], Awaitable[ServingView]],
         stats: Callable[[], dict],
         hash_key: HashKey,
     ) -> None:
@@ -75,7 +75,7 @@ class EngineServer:
         self.stats = stats
         self.hash_key = hash_key  # engines hash block keys under it (never the secret)
         self.leases: dict[int, Lease] = {}
-        self._tiers: Tiers | None = None
+        self._tiers: ServingView | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
         self._conn_ids = itertools.count(1)
@@ -282,7 +282,7 @@ class EngineServer:
         return {"added": 0}
 
     # -- helpers -------------------------------------------------------------
-    def _served(self) -> Tiers:
+    def _served(self) -> ServingView:
         if self._tiers is None:
             raise ProtocolError("say hello first")
         return self._tiers

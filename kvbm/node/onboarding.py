@@ -20,7 +20,7 @@ from kvbm.block_key import BlockKey
 from kvbm.engine_wire import Available
 from kvbm.manager import BlockManager
 from kvbm.node.peer_pool import PeerPool
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from kvbm.plans import LoadPlan
 
 log = logging.getLogger("kvbm.node")
@@ -57,7 +57,7 @@ class Onboarding:
     def __init__(
         self,
         mgr: BlockManager,
-        sink: ManagerTiers,
+        sink: ManagerBlocks,
         peers: PeerPool,
         index: PeerLookup,
         timeout_s: float,

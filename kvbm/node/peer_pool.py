@@ -12,9 +12,9 @@ from collections.abc import Callable, Collection
 
 from discovery.records import NodeRecord
 from transport.agent import Agent
+from transport.block_ports import BlockSink
 from transport.errors import TransportError
 from transport.peer_rpc import PeerClient, pull
-from transport.tiers import BlockSink
 
 log = logging.getLogger("kvbm.node")
 

@@ -22,7 +22,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import PeerServer
 
@@ -80,7 +80,7 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
     try:
         view = _key_view(cfg, mgr)
         mgr.share_keys(view)
-        tiers = ManagerTiers(mgr)
+        tiers = ManagerBlocks(mgr)
         host, port = cfg.listen_address
         # a node with no fleet (no etcd) has no peers: no NIXL agent, no peer port
         if cfg.etcd_endpoints:
@@ -132,10 +132,10 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
         peers.open(agent, geometry.fingerprint)
         parts.index.serving()
     onboarding = Onboarding(mgr, tiers, peers, parts.publisher, cfg.peer_timeout_ms / 1000)
-    # sealed blocks matter where blocks leave G2: to peers or to disk
-    seal = bool(cfg.etcd_endpoints) or mgr.disk is not None
+    # summed blocks matter where blocks leave G2: to peers or to disk
+    checksums = bool(cfg.etcd_endpoints) or mgr.disk is not None
     ahead = (cfg.disk_write_ahead_mb << 20) // geometry.slot_bytes
-    upkeep = Upkeep(mgr, seal, min(ahead, mgr.host.num_slots // 4))
+    upkeep = Upkeep(mgr, checksums, min(ahead, mgr.host.num_slots // 4))
     huge_mb = arena.huge_page_bytes() >> 20
     serving = Serving(mgr, agent, server, peers, onboarding, upkeep, huge_mb)
     await parts.publisher.serve(mgr, record)

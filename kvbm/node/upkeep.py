@@ -1,6 +1,6 @@
 """The node's background work on its own tiers, so that no engine or peer
 waits on it: checksums taken soon after blocks are stored (so a peer's pin
-and a drain to disk find them sealed), and the coldest G2 blocks copied to
+and a drain to disk find them summed), and the coldest G2 blocks copied to
 disk ahead of their eviction (so a load or a pull that evicts them frees
 their slots without waiting on a disk write)."""
 
@@ -22,14 +22,14 @@ IDLE_S = 0.05  # how often an idle upkeep looks for work
 class Upkeep:
     """One task. Each step is a batch in a worker thread; after a step that
     worked it rests as long as the step took (at most half a core), so it
-    never crowds out the engines' copies. Sealing comes first in each step:
-    a block written ahead unsealed is summed on the way anyway."""
+    never crowds out the engines' copies. Summing comes first in each step:
+    a block written ahead unsummed is summed on the way anyway."""
 
-    def __init__(self, mgr: BlockManager, seal: bool, write_ahead_blocks: int) -> None:
+    def __init__(self, mgr: BlockManager, checksums: bool, write_ahead_blocks: int) -> None:
         self.mgr = mgr
         self.steps: list[Callable[[], int]] = []
-        if seal:
-            self.steps.append(lambda: mgr.seal_newest(BATCH))
+        if checksums:
+            self.steps.append(lambda: mgr.checksum_newest(BATCH))
         if mgr.disk is not None and write_ahead_blocks > 0:
             self.steps.append(lambda: mgr.write_ahead(write_ahead_blocks, BATCH))
         self._task: asyncio.Task | None = None

@@ -26,15 +26,15 @@ from discovery.tier import Tier
 from kvbm.bench.direct import offload
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.support import GEOMETRY, SPACE, Engine, keys
+from transport.block_ports import PinnedBlock
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer
 from transport.secret import load_secret
-from transport.tiers import PinnedBlock
 
 
-class LyingTiers(ManagerTiers):
+class LyingTiers(ManagerBlocks):
     def __init__(self, mgr: BlockManager, lie: str) -> None:
         super().__init__(mgr)
         self.lie = lie

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import msgpack
 
 from kvbm.connector.attach import Available, NodeAttachment
-from kvbm.peer_tiers import ManagerTiers
+from kvbm.peer_blocks import ManagerBlocks
 from tests.node_daemon import Daemon, until
 from tests.support import GEOMETRY, Engine
 from transport.frames import (
@@ -189,7 +189,7 @@ def recorded_pull(
         client = PeerClient(agent, secret, [GEOMETRY.fingerprint])
         try:
             await client.connect("127.0.0.4", proxy.sockets[0].getsockname()[1], 10)
-            return await pull(client, keys, ManagerTiers(mgr), timeout=20)
+            return await pull(client, keys, ManagerBlocks(mgr), timeout=20)
         finally:
             await client.close()
             proxy.close()

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
+from transport.block_ports import BlockSink, PinnedBlock, Reservation
 from transport.errors import TransportError
 from transport.peer_rpc.client import PeerClient
-from transport.tiers import BlockSink, PinnedBlock, Reservation
 
 log = logging.getLogger("transport.rpc")
 ROUND_BYTES = 64 << 20  # per pin -> READ round; the next round's pin overlaps this one's READ

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from transport.agent import Agent
+from transport.block_ports import BlockSource, PinnedBlock
 from transport.errors import ProtocolError, TransportError
 from transport.frames import (
     HANDSHAKE_NONCE_BYTES,
@@ -38,7 +39,6 @@ from transport.frames import (
 )
 from transport.peer_rpc.wire import CALLS, MAX_KEYS_PER_PIN, NODE_ID, PRE_AUTH_MAX_FRAME
 from transport.preauth import Gate, deepen_backlog, quiet_accept_errors
-from transport.tiers import BlockSource, PinnedBlock
 
 log = logging.getLogger("transport.rpc")
 MAX_CONNECTIONS = 1024  # peers that said a valid hello (a fleet of about that many nodes)

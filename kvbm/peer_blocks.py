@@ -1,5 +1,5 @@
 """The block manager as the transport sees it: the `BlockSource` a peer pulls
-from and the `BlockSink` pulled blocks land in (transport/tiers.py)."""
+from and the `BlockSink` pulled blocks land in (transport/block_ports.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from collections.abc import Mapping
 
 from kvbm.block_key import BlockKey, parse_key
 from kvbm.manager import BlockManager
-from transport.tiers import PinnedBlock, Reservation
+from transport.block_ports import PinnedBlock, Reservation
 
 
-class ManagerTiers:
+class ManagerBlocks:
     """Stateless over the manager: the peer server records who holds which
     pin (transport/peer_rpc/server.py); a pin is handed back here by its offset."""
 
@@ -41,7 +41,7 @@ class ManagerTiers:
         self.mgr.complete_peer_read([b.offset // self._stride for b in blocks])
 
     # -- BlockSink ---------------------------------------------------------
-    def landing(self, anchors: Mapping[bytes, int]) -> ManagerTiers:
+    def landing(self, anchors: Mapping[bytes, int]) -> ManagerBlocks:
         """This sink for one pull whose keys' group anchors are these: the
         blocks keep them (a sharded index places them by them)."""
         sink = copy.copy(self)
