@@ -10,7 +10,7 @@ from pathlib import Path
 
 from discovery.tls import EtcdTls
 
-MAKE_CERTS = Path(__file__).parents[1] / "k8s" / "etcd" / "make-certs.sh"
+MAKE_CERTS = Path(__file__).parents[2] / "k8s" / "etcd" / "make-certs.sh"
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """A node process for the index tests: it registers, publishes a churn of block
 locations (as runs), serves lookups from its mirror all along, and answers commands on
 stdin, one per line: `churn on`, `churn off`, `flush`, `dump PATH`, `exit`.
-Run as `python -m tests.index_node ENDPOINT NAMESPACE NODE_ID TTL [sharded]`.
+Run as `python -m tests.harness.index_node ENDPOINT NAMESPACE NODE_ID TTL [sharded]`.
 
 `sharded`: the sharded index (discovery/sharded.py) as a node runs it: the
 node's peer RPC server (a real block manager's tiers, a real NIXL agent) is
@@ -115,7 +115,7 @@ async def _sharded(endpoint: str, namespace: str, node_id: str, ttl: int):
     from kvbm.manager import BlockManager
     from kvbm.node.peer_pool import PeerPool
     from kvbm.peer_tiers import ManagerTiers
-    from tests.support import GEOMETRY
+    from tests.harness.support import GEOMETRY
     from transport.nixl_agent import NixlAgent
     from transport.peer_rpc import PeerServer
 

@@ -5,7 +5,7 @@ every pin it grants names a wrong length or offset, or the NIXL metadata it
 answers `auth` with is damaged. Prints its port once its blocks are in the
 index, then serves until stdin closes.
 
-Run as `python -m tests.security.lying_peer ETCD HOST SECRET_FILE LIE N`,
+Run as `python -m tests.harness.lying_peer ETCD HOST SECRET_FILE LIE N`,
 LIE one of: long (four slots), negative (-1), outside (past its arena),
 metadata (the memory type of its registration list set to 255, which
 crashes NIXL where it is loaded). `liar(...)` runs it for a test."""
@@ -26,7 +26,7 @@ from kvbm.bench.direct import offload
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import GEOMETRY, SPACE, Engine, keys
+from tests.harness.support import GEOMETRY, SPACE, Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer
 from transport.secret import load_secret
@@ -72,7 +72,7 @@ def liar(etcd: str, host: str, secret_file: str, lie: str, n: int) -> Iterator[i
     """The lying peer in a process of its own, for as long as the block; its port."""
     args = [etcd, host, secret_file, lie, str(n)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.security.lying_peer", *args],
+        [sys.executable, "-m", "tests.harness.lying_peer", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
 from kvbm.node_process import NodeProcess
-from tests.support import Engine
+from tests.harness.support import Engine
 from transport.secret import without_secret
 
 TEST_FLEET_SECRET = "kvbm-test-fleet-" + secrets.token_hex(16)  # one per test session

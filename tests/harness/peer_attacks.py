@@ -19,8 +19,8 @@ import msgpack
 
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.peer_tiers import ManagerTiers
-from tests.node_daemon import Daemon, until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import Daemon, until
+from tests.harness.support import GEOMETRY, Engine
 from transport.frames import (
     HANDSHAKE_NONCE_BYTES,
     NONCE_BYTES,

@@ -5,11 +5,10 @@ they fail instead, so a CI that lost root is seen."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-import pytest
+from tests.harness import root
 
 NOBODY = 65534
 
@@ -22,11 +21,8 @@ exec(sys.argv[1])
 
 
 def need_root() -> None:
-    if os.geteuid() != 0:
-        reason = "acts as another local user (uid 65534): run it as root"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " (CI does)")
-        pytest.skip(reason)
+    """Skip or fail (tests/harness/root.py) unless root, who can become uid 65534."""
+    root.need_root("acts as another local user (uid 65534)")
 
 
 def as_nobody(code: str) -> None:

@@ -1,7 +1,7 @@
 """A serving node process for the transport tests: real tiers holding known
 blocks (some pushed to disk), served over the peer RPC on the given address.
 Prints its port, then serves until stdin closes.
-Run as `python -m tests.transport_node HOST DISK_DIR N_BLOCKS`."""
+Run as `python -m tests.harness.transport_node HOST DISK_DIR N_BLOCKS`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import DISK_KEY, GEOMETRY, Engine, keys
+from tests.harness.support import DISK_KEY, GEOMETRY, Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer
 

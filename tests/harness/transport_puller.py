@@ -1,7 +1,7 @@
 """A pulling node process for the network-namespace test: pulls the serving
-node's blocks (tests/transport_node.py) over the peer RPC and NIXL, checks
+node's blocks (tests/harness/transport_node.py) over the peer RPC and NIXL, checks
 every byte, and prints one JSON line.
-Run as `python -m tests.transport_puller LOCAL PEER PORT N`."""
+Run as `python -m tests.harness.transport_puller LOCAL PEER PORT N`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from kvbm.bench.direct import onboard
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import GEOMETRY, Engine, keys
-from tests.transport_node import SECRET
+from tests.harness.support import GEOMETRY, Engine, keys
+from tests.harness.transport_node import SECRET
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, pull
 

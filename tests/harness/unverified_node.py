@@ -1,7 +1,7 @@
 """`kvbm node` with block contents NOT verified, for a negative control only
 (the soak's: flipped bytes must then reach engines). The product has no
 switch for this; a test starts this module instead of the `kvbm` command:
-`python -m tests.unverified_node FLAGS` takes the flags of `kvbm node`."""
+`python -m tests.harness.unverified_node FLAGS` takes the flags of `kvbm node`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from kvbm.disk_seal import DiskSeal
 from kvbm.logs import setup_logging
 from kvbm.node import daemon
 
-COMMAND = (sys.executable, "-m", "tests.unverified_node")
+COMMAND = (sys.executable, "-m", "tests.harness.unverified_node")
 
 
 def accept_anything(data: memoryview, expected: int) -> bool:

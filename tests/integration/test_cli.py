@@ -140,7 +140,7 @@ def test_bench_with_a_missing_directory_is_a_clear_error():
 def test_gpu_check_without_a_cuda_device_says_so_before_installing_anything(tmp_path):
     """scripts/gpu-check stops at its first line where nvidia-smi lists no
     GPU (PATH here: grep only), and the check itself where torch sees none."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     grep = subprocess.run(["which", "grep"], capture_output=True, text=True).stdout.strip()
@@ -173,7 +173,7 @@ def test_gpu_check_without_a_cuda_device_says_so_before_installing_anything(tmp_
 def test_gpu_check_whose_install_fails_says_why_in_its_json_line(tmp_path):
     """With a GPU listed (a stand-in nvidia-smi) and no usable Python to
     install with, the script still ends with one JSON line naming why."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     shim = tmp_path / "nvidia-smi"
     shim.write_text("#!/bin/sh\necho 'GPU 0: stand-in (UUID: GPU-0)'\n")
     shim.chmod(0o755)

@@ -17,7 +17,7 @@ import pytest
 
 from kvbm.config import child_environment
 from kvbm.shm_arena import SharedArena
-from tests.node_daemon import until
+from tests.harness.node_daemon import until
 from transport.confined_agent import ConfinedAgent
 from transport.errors import TransportError
 
@@ -104,7 +104,7 @@ def test_the_serving_child_maps_the_arena_read_only_and_a_write_lands_nowhere(
     kernel refuses it (the mapping has no write right), under TCP the
     serving child faults and is replaced; A's bytes stay as they were and a
     peer reads them from the new child."""
-    from tests.security.test_confinement import Attacker
+    from tests.system.security.test_confinement import Attacker
 
     (arena_a, _), (a, b) = pair
     assert arena_mapping(a.pid, arena_a) == "r--s"  # shared, read-only

@@ -199,7 +199,7 @@ class NodeProcess:
         self.node_id = node_id
         args = [endpoint, NS, node_id, str(ttl)] + (["sharded"] if layout == "sharded" else [])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.index_node", *args],
+            [sys.executable, "-m", "tests.harness.index_node", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

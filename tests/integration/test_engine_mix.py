@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbm.connector.attach import NodeAttachment
-from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.support import GEOMETRY, Engine
 
 ENGINES = 8
 PROMPTS = 12  # shared by every engine: stores and loads meet on the same keys
@@ -76,7 +76,7 @@ def _engine(sock: str, orders: Connection) -> None:
 def fleet(tmp_path_factory):
     """One node (1 MiB of host tier: 64 blocks for 96 prompt blocks) and
     eight engine processes, alive across the hypothesis examples."""
-    from tests.node_daemon import Daemon
+    from tests.harness.node_daemon import Daemon
 
     node = Daemon(tmp_path_factory.mktemp("mix"), "mix", "127.0.0.2", "--host-cache-mb", "1")
     ctx = multiprocessing.get_context("spawn")

@@ -25,8 +25,8 @@ from discovery.records import Tier
 from discovery.signing import IndexSigner
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.errors import KvbmError
-from tests.node_daemon import TEST_FLEET_SECRET, kvbm_json, until
-from tests.support import GEOMETRY, SPACE, Engine
+from tests.harness.node_daemon import TEST_FLEET_SECRET, kvbm_json, until
+from tests.harness.support import GEOMETRY, SPACE, Engine
 
 
 def fleet(etcd) -> dict[str, dict]:

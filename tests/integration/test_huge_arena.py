@@ -15,14 +15,14 @@ import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.status import render
-from tests.node_daemon import loads_exactly, until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import loads_exactly, until
+from tests.harness.root import need_root
+from tests.harness.support import GEOMETRY, Engine
 
 
 @pytest.fixture
 def huge_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.fail("this test mounts a tmpfs: run it as root (CI does)")
+    need_root("mounts a tmpfs with huge pages")
     path = tmp_path / "huge"
     path.mkdir()
     opts = "huge=always,size=64m,mode=0700"

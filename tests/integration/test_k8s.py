@@ -24,7 +24,7 @@ import yaml
 
 from kvbm.config import ENV_PREFIX, KvbmConfig, load_config
 
-K8S = Path(__file__).resolve().parent.parent / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "k8s"
 VERSION = "1.30.0"
 FIELDS = {f for f in KvbmConfig.__dataclass_fields__}
 
@@ -245,9 +245,9 @@ def test_the_daemonsets_node_runs_as_deployed(tmp_path):
     from discovery.etcd_server import EtcdServer
     from discovery.signing import IndexSigner
     from kvbm.connector.attach import NodeAttachment
-    from tests.etcd_pki import make_pki
-    from tests.node_daemon import until
-    from tests.support import GEOMETRY
+    from tests.harness.etcd_pki import make_pki
+    from tests.harness.node_daemon import until
+    from tests.harness.support import GEOMETRY
 
     root = tmp_path / "pod"
     mounts = {

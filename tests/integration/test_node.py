@@ -15,8 +15,8 @@ from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.engine_wire import geometry_to_wire
 from kvbm.hashing import HASH_VERSION
 from kvbm.layout import ModelGeometry
-from tests.node_daemon import kvbm_json, until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import kvbm_json, until
+from tests.harness.support import GEOMETRY, Engine
 
 
 @pytest.mark.parametrize("layout", ["mirror", "sharded"])

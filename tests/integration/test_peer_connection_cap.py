@@ -9,8 +9,8 @@ import asyncio
 import subprocess
 import sys
 
-from tests.node_daemon import loads_exactly
-from tests.security.peer_attacks import raw_session, two_nodes
+from tests.harness.node_daemon import loads_exactly
+from tests.harness.peer_attacks import raw_session, two_nodes
 from transport.peer_rpc import IDLE_CLOSE_S
 
 BLOCKS = 16

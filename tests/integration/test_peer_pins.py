@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import keys, store
+from tests.harness.support import keys, store
 from transport.frames import Message
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerServer

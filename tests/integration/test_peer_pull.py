@@ -13,7 +13,7 @@ from discovery.records import NodeRecord, Tier
 from kvbm.bench.direct import onboard
 from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import GEOMETRY, Engine, keys, store
+from tests.harness.support import GEOMETRY, Engine, keys, store
 from transport import peer_rpc
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent

@@ -14,7 +14,7 @@ import pytest
 from kvbm.config import load_config
 from kvbm.connector import private_node
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.support import GEOMETRY, Engine
+from tests.harness.support import GEOMETRY, Engine
 
 
 @pytest.fixture

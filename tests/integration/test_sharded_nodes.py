@@ -18,7 +18,7 @@ from discovery.schema import node_path
 from discovery.sharded import ShardedLocations
 from discovery.signing import IndexSigner
 from kvbm.peer_tiers import ManagerTiers
-from tests.support import keys
+from tests.harness.support import keys
 from transport.errors import TransportError
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, PeerServer, locate, place

@@ -15,7 +15,7 @@ from kvbm.bench.direct import onboard
 from kvbm.host_pool import ARENA_PREFIX
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SharedArena
-from tests.support import Engine, keys
+from tests.harness.support import Engine, keys
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient, pull
 
@@ -25,7 +25,14 @@ N = 32
 
 def start_peer(tmp_path) -> tuple[subprocess.Popen, int, int, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.transport_node", "127.0.0.2", str(tmp_path / "peer"), str(N)],
+        [
+            sys.executable,
+            "-m",
+            "tests.harness.transport_node",
+            "127.0.0.2",
+            str(tmp_path / "peer"),
+            str(N),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from tests.support import GEOMETRY
+from tests.harness.root import need_root
+from tests.harness.support import GEOMETRY
 
 N = 32
 ADDR_A, ADDR_B = "10.213.7.1", "10.213.7.2"  # inside the test's own namespaces only
@@ -25,8 +26,7 @@ def sh(*args: str) -> str:
 @pytest.fixture
 def netns_pair():
     """Namespaces A and B, veth ends `va` in A and `vb` in B, addresses set."""
-    if os.geteuid() != 0:
-        pytest.fail("this test creates network namespaces: run it as root (CI does)")
+    need_root("creates network namespaces")
     tag = f"kvbm{os.getpid() % 100000}"
     ns_a, ns_b = f"{tag}a", f"{tag}b"
     created = []
@@ -59,7 +59,7 @@ def test_pull_between_two_network_namespaces(netns_pair, tmp_path):
     in_a = ["ip", "netns", "exec", ns_a, *alone]
     in_b = ["ip", "netns", "exec", ns_b, *alone]
     peer = subprocess.Popen(
-        [*in_a, "tests.transport_node", ADDR_A, str(tmp_path / "peer"), str(N)],
+        [*in_a, "tests.harness.transport_node", ADDR_A, str(tmp_path / "peer"), str(N)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -69,7 +69,7 @@ def test_pull_between_two_network_namespaces(netns_pair, tmp_path):
         assert on_disk > 0 and in_host > 0, "the peer should hold blocks in both tiers"
         before = rx_bytes(ns_b, dev_b)
         puller = subprocess.run(
-            [*in_b, "tests.transport_puller", ADDR_B, ADDR_A, str(port), str(N)],
+            [*in_b, "tests.harness.transport_puller", ADDR_B, ADDR_A, str(port), str(N)],
             capture_output=True,
             text=True,
             timeout=120,

@@ -12,7 +12,7 @@ import time
 import xxhash
 
 from kvbm.bench.direct import offload, onboard
-from tests.support import Engine, keys
+from tests.harness.support import Engine, keys
 
 KEYS = keys(0, 40)
 

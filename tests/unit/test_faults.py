@@ -19,7 +19,7 @@ from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
-from tests.support import DISK_KEY, GEOMETRY, Engine, fill_up, keys, store
+from tests.harness.support import DISK_KEY, GEOMETRY, Engine, fill_up, keys, store
 
 
 def push_to_disk(mgr, ks) -> None:

@@ -259,7 +259,7 @@ def v1_block_hash(tokens: list[int], model_id: str) -> int:
 
 def test_two_blocks_that_collide_in_version_1_have_different_keys_now():
     """A pair of 32-token blocks found by a collision search in CPU minutes
-    (tests/golden/xxh3_collision.json): in version 1 they had one key after
+    (tests/unit/golden/xxh3_collision.json): in version 1 they had one key after
     any shared prefix, so one tenant's prompt loaded another's KV."""
     pair = json.loads(COLLISION.read_text())
     a, b = pair["a"], pair["b"]

@@ -1,5 +1,5 @@
 """kvbm/connector/identity.py on its own: what of a request goes into its
-block keys, block by block (the real-vLLM proof is tests/test_vllm_identity.py).
+block keys, block by block (the real-vLLM proof is tests/system/test_vllm_identity.py).
 Requests here are plain objects with the attributes vLLM's Request has."""
 
 from __future__ import annotations

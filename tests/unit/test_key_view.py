@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from kvbm.block_key import KeySpace
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
 from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyView, KeyViewReader
-from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine, keys, store
+from tests.harness.node_daemon import until
+from tests.harness.support import GEOMETRY, Engine, keys, store
 
 SPACE = KeySpace("test", GEOMETRY.fingerprint)
 

@@ -10,7 +10,7 @@ from discovery.records import Tier
 from kvbm.bench.direct import offload, onboard
 from kvbm.block_key import KeySpace
 from kvbm.layout import ModelGeometry
-from tests.support import GEOMETRY, Engine, keys, store
+from tests.harness.support import GEOMETRY, Engine, keys, store
 
 
 def expect_tiers(mgr, ks, *tiers: Tier) -> None:

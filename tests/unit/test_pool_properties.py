@@ -19,7 +19,7 @@ from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.slot_table import SlotState, SlotTable
-from tests.support import DISK_KEY, GEOMETRY, Engine, keys
+from tests.harness.support import DISK_KEY, GEOMETRY, Engine, keys
 
 KEYS = keys(0, 24)
 

@@ -1,7 +1,7 @@
 """The sharded index's protocol between nodes (discovery/sharded.py), with the
 calls between nodes made in process: publish, owners, lookups, a ring that
 changes, failed sends, restarts and dead nodes. The same protocol over real
-peer connections is tested in tests/test_sharded_nodes.py."""
+peer connections is tested in tests/integration/test_sharded_nodes.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """kvbm.connector.transfers: the worker's copiers. A thread copier hands a
 load over layer by layer and a save's reads are done when `reads_done`
 returns; errors end up in the ticket, never in the engine. (CUDA's copier
-runs the same staged copies, tested in tests/test_kv_layouts.py.)"""
+runs the same staged copies, tested in tests/integration/test_kv_layouts.py.)"""
 
 from __future__ import annotations
 

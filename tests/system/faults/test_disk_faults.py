@@ -12,8 +12,8 @@ import pytest
 from discovery.etcd_server import free_port
 from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
-from tests.node_daemon import loads_exactly, spill, until
-from tests.support import GEOMETRY, Engine, fill_up
+from tests.harness.node_daemon import loads_exactly, spill, until
+from tests.harness.support import GEOMETRY, Engine, fill_up
 
 
 def metric(port: int, name: str, **labels: str) -> float:

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.support import GEOMETRY, Engine
 
 HOLDER = """
 import sys, time
 from kvbm.connector.attach import NodeAttachment
-from tests.support import GEOMETRY
+from tests.harness.support import GEOMETRY
 att = NodeAttachment(sys.argv[1], GEOMETRY)
 ks = att.keys(list(range(6)))
 att.link.call("load", {"keys": ks, "remote": []})

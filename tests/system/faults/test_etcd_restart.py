@@ -10,8 +10,8 @@ import threading
 import time
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.support import GEOMETRY, Engine
 
 NAMES = ("a", "b", "c")
 PROMPT = 16  # blocks per store

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.security.peer_attacks import hello, raw_session, rss_mb
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.peer_attacks import hello, raw_session, rss_mb
+from tests.harness.support import GEOMETRY, Engine
 from transport.errors import TransportError
 from transport.frames import MAX_ITEMS, NONCE_BYTES, Message
 from transport.nixl_agent import NixlAgent

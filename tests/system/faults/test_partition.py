@@ -23,8 +23,9 @@ import pytest
 from discovery.etcd_server import EtcdServer
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.node_process import NODE_COMMAND, NodeProcess
-from tests.node_daemon import loads_exactly, until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import loads_exactly, until
+from tests.harness.root import need_root
+from tests.harness.support import GEOMETRY, Engine
 
 # A /29 of the test's own: the root end of the veth holds etcd and observer O
 # (.1) and observer Q (.3); P sits at .2 inside the namespace. The observers
@@ -42,8 +43,9 @@ def sh(*args: str) -> str:
 @pytest.fixture
 def netns() -> Iterator[tuple[str, str]]:
     """(namespace, its veth end): a namespace joined to the root one by a veth pair."""
-    if os.geteuid() != 0 or shutil.which("nft") is None:
-        pytest.fail("a partition needs root and nftables: scripts/test installs nft as root")
+    need_root("partitions a node with a network namespace and nftables")
+    if shutil.which("nft") is None:
+        pytest.fail("a partition needs nftables: scripts/test installs nft as root")
     tag = f"kvbmp{os.getpid() % 100000}"
     ns, root_end, ns_end = tag, f"{tag}r", f"{tag}n"
     sh("ip", "netns", "add", ns)

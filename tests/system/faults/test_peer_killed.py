@@ -13,8 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import Daemon, until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import Daemon, until
+from tests.harness.support import GEOMETRY, Engine
 
 PULLS = 20
 HALF = 96  # blocks per half: 1.5 MiB, a pull of a few milliseconds

@@ -8,8 +8,8 @@ import signal
 import time
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.support import GEOMETRY, Engine
 
 
 def test_a_frozen_peer_costs_one_timeout_then_is_left_alone_until_it_may_be_back(etcd, daemons):

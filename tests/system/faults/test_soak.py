@@ -3,14 +3,14 @@ seconds of every kind (node SIGKILL + restart, SIGSTOP, etcd SIGKILL +
 restart, disk bytes flipped): no wrong block reaches an engine, the nodes
 catch corrupt blocks (so "no wrong block" is not for want of any), nothing
 hangs, no pin or lease outlives its engine. Negative control, the same seed,
-faults and length: with nodes that do not verify (tests/unverified_node.py,
+faults and length: with nodes that do not verify (tests/harness/unverified_node.py,
 started by the test itself), flipped bytes do reach engines, and the soak's
 own content check sees them."""
 
 from __future__ import annotations
 
 from kvbm.bench import soak
-from tests import unverified_node
+from tests.harness import unverified_node
 
 SEED, MINUTES, EVERY_S = 3, 0.5, 2.0  # the same for the soak and its negative control
 

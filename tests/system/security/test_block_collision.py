@@ -1,5 +1,5 @@
 """Issue 30: two different 32-token blocks whose version 1 keys were equal
-(a pair found by a collision search in CPU minutes, tests/golden/
+(a pair found by a collision search in CPU minutes, tests/unit/golden/
 xxh3_collision.json). After a shared prefix, the second tenant's block
 loaded the first tenant's KV. Against a real node: tenant 1 stores prefix +
 block a; tenant 2's prompt, prefix + block b, finds and loads only the
@@ -8,13 +8,12 @@ prefix, never a's KV (with version 1 keys, all three blocks would load)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.support import GEOMETRY, Engine
-from tests.test_hashing import v1_block_hash
+from tests.harness.support import GEOMETRY, Engine
+from tests.unit.test_hashing import COLLISION, v1_block_hash
 
-PAIR = json.loads((Path(__file__).parent.parent / "golden" / "xxh3_collision.json").read_text())
+PAIR = json.loads(COLLISION.read_text())
 
 
 def test_a_version_1_collision_never_loads_the_other_tenants_block(daemons):

@@ -27,10 +27,10 @@ import struct
 import numpy as np
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import loads_exactly, until
-from tests.security.lying_peer import liar
-from tests.security.peer_attacks import SECRET, agent_pid, raw_session, two_nodes, write_secret
-from tests.support import GEOMETRY, SPACE, Engine, keys
+from tests.harness.lying_peer import liar
+from tests.harness.node_daemon import loads_exactly, until
+from tests.harness.peer_attacks import SECRET, agent_pid, raw_session, two_nodes, write_secret
+from tests.harness.support import GEOMETRY, SPACE, Engine, keys
 from transport.nixl_agent import NixlAgent
 
 WIDE = 1 << 62

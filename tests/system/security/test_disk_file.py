@@ -21,10 +21,10 @@ from kvbm.disk_pool import _HEADER, _SUPER, PAGE, SLOT_MAGIC, DiskPool, arena_pa
 from kvbm.disk_seal import HEADER, SEAL_BYTES, DiskSeal
 from kvbm.errors import DiskTierError, KvbmError
 from kvbm.hashing import disk_key
-from tests.node_daemon import spill, until
-from tests.security.peer_attacks import write_secret
-from tests.security.second_user import as_nobody, need_root
-from tests.support import DISK_KEY, GEOMETRY, Engine, keys, store
+from tests.harness.node_daemon import spill, until
+from tests.harness.peer_attacks import write_secret
+from tests.harness.second_user import as_nobody, need_root
+from tests.harness.support import DISK_KEY, GEOMETRY, Engine, keys, store
 
 PLANTED = b""  # an empty file: the node would make it the tier
 

@@ -17,9 +17,9 @@ import pytest
 from discovery.etcd_client import open_client
 from discovery.etcd_server import EtcdServer
 from discovery.schema import namespace_prefix
-from tests.etcd_pki import make_pki
-from tests.node_daemon import kvbm_json, loads_exactly
-from tests.security.peer_attacks import two_nodes, write_secret
+from tests.harness.etcd_pki import make_pki
+from tests.harness.node_daemon import kvbm_json, loads_exactly
+from tests.harness.peer_attacks import two_nodes, write_secret
 
 
 @pytest.fixture

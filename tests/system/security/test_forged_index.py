@@ -21,9 +21,9 @@ from discovery.records import Tier
 from discovery.runs import RunRecord
 from discovery.schema import node_path, run_path
 from kvbm.connector.attach import Available
-from tests.node_daemon import until
-from tests.security.peer_attacks import two_nodes
-from tests.support import GEOMETRY, SPACE, Engine
+from tests.harness.node_daemon import until
+from tests.harness.peer_attacks import two_nodes
+from tests.harness.support import GEOMETRY, SPACE, Engine
 
 BLOCKS = 16
 

@@ -15,8 +15,8 @@ import signal
 
 from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
-from tests.security.peer_attacks import SECRET, recorded_pull, two_nodes, write_secret
-from tests.support import GEOMETRY, Engine
+from tests.harness.peer_attacks import SECRET, recorded_pull, two_nodes, write_secret
+from tests.harness.support import GEOMETRY, Engine
 from transport.frames import FrameCodec
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import CALLS

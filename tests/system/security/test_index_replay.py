@@ -27,9 +27,9 @@ from discovery.etcd_client import read_prefix
 from discovery.schema import namespace_prefix, node_path
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.errors import KvbmError
-from tests.node_daemon import until
-from tests.security.peer_attacks import two_nodes
-from tests.support import SPACE
+from tests.harness.node_daemon import until
+from tests.harness.peer_attacks import two_nodes
+from tests.harness.support import SPACE
 
 BLOCKS = 8
 TTL = 3

@@ -19,9 +19,9 @@ import xxhash
 from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
 from kvbm.hashing import BlockHasher, HashKey
-from tests.node_daemon import until
-from tests.security.peer_attacks import recorded_pull, write_secret
-from tests.support import GEOMETRY, Engine
+from tests.harness.node_daemon import until
+from tests.harness.peer_attacks import recorded_pull, write_secret
+from tests.harness.support import GEOMETRY, Engine
 from transport.nixl_agent import NixlAgent
 
 BLOCKS = 8

@@ -18,8 +18,8 @@ import pytest
 from kvbm.connector.attach import NodeAttachment
 from kvbm.errors import NodeError
 from kvbm.host_pool import ARENA_PREFIX
-from tests.node_daemon import Daemon
-from tests.support import GEOMETRY
+from tests.harness.node_daemon import Daemon
+from tests.harness.support import GEOMETRY
 
 
 def test_a_fifo_named_like_an_arena_does_not_hang_the_node(daemons, tmp_path):
@@ -83,7 +83,7 @@ ENGINE_AS = """
 import os, sys
 from kvbm.connector.attach import NodeAttachment
 from kvbm.errors import NodeError
-from tests.support import GEOMETRY
+from tests.harness.support import GEOMETRY
 os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
 try:
     NodeAttachment(sys.argv[1], GEOMETRY, map_arena=False, timeout=10).stats()
@@ -148,7 +148,7 @@ def test_a_member_of_the_shared_group_is_served(open_node):
 VIEW_AS = """
 import os, sys
 from kvbm.connector.attach import NodeAttachment
-from tests.support import GEOMETRY
+from tests.harness.support import GEOMETRY
 path = sys.argv[4]
 os.setgroups([]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
 try:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
-from tests.node_daemon import until
-from tests.security.lying_peer import liar
-from tests.security.peer_attacks import write_secret
-from tests.support import GEOMETRY, SPACE, Engine, keys
+from tests.harness.lying_peer import liar
+from tests.harness.node_daemon import until
+from tests.harness.peer_attacks import write_secret
+from tests.harness.support import GEOMETRY, SPACE, Engine, keys
 
 N = 8
 HOST_MB = 1

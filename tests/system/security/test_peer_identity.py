@@ -16,9 +16,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.node_daemon import loads_exactly
-from tests.security.peer_attacks import SECRET, two_nodes
-from tests.support import GEOMETRY
+from tests.harness.node_daemon import loads_exactly
+from tests.harness.peer_attacks import SECRET, two_nodes
+from tests.harness.support import GEOMETRY
 from transport.errors import AuthError
 from transport.nixl_agent import NixlAgent
 from transport.peer_rpc import PeerClient

@@ -12,8 +12,8 @@ import contextlib
 import struct
 import time
 
-from tests.security.peer_attacks import rss_mb, two_nodes
-from tests.support import Engine
+from tests.harness.peer_attacks import rss_mb, two_nodes
+from tests.harness.support import Engine
 from transport.peer_rpc import HELLO_TIMEOUT_S
 
 ATTACKER = "127.0.0.4"

@@ -17,10 +17,10 @@ import asyncio
 
 import pytest
 
-from tests.node_daemon import loads_exactly, until
-from tests.security.peer_attacks import raw_session, two_nodes
-from tests.security.test_confinement import Attacker
-from tests.support import Engine
+from tests.harness.node_daemon import loads_exactly, until
+from tests.harness.peer_attacks import raw_session, two_nodes
+from tests.harness.support import Engine
+from tests.system.security.test_confinement import Attacker
 
 CHUNK = 1 << 20  # what the attacker writes at a time (its agent's memory)
 FORGED = bytes([0x5A]) * CHUNK

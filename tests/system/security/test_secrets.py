@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 
-from tests.node_daemon import fleet_env
-from tests.security.peer_attacks import SECRET, answer, hello, serving, write_secret
+from tests.harness.node_daemon import fleet_env
+from tests.harness.peer_attacks import SECRET, answer, hello, serving, write_secret
 
 
 def node_start(tmp_path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -18,10 +18,10 @@ from kvbm.connector.attach import NodeAttachment
 from kvbm.engine_wire import node_listening
 from kvbm.errors import KvbmError, NodeError
 from kvbm.node_process import fleet_secret
-from tests.node_daemon import Daemon, fleet_env, until
-from tests.security.port_scan import listening_ports, reachable
-from tests.security.second_user import NOBODY, as_nobody, need_root
-from tests.support import GEOMETRY
+from tests.harness.node_daemon import Daemon, fleet_env, until
+from tests.harness.port_scan import listening_ports, reachable
+from tests.harness.second_user import NOBODY, as_nobody, need_root
+from tests.harness.support import GEOMETRY
 
 OLD_DEV_SECRET = b"kvbm-dev-secret-never-deploy-this"  # what nodes once fell back to
 
@@ -29,7 +29,7 @@ OLD_DEV_SECRET = b"kvbm-dev-secret-never-deploy-this"  # what nodes once fell ba
 # imports first: the interpreter's files may be out of the other user's reach
 KNOCK_AS = """
 import asyncio, json, os, sys
-from tests.security.peer_attacks import answer, hello
+from tests.harness.peer_attacks import answer, hello
 if os.getuid() == 0:
     os.setgroups([]); os.setgid(65534); os.setuid(65534)
 secret, answered = bytes.fromhex(sys.argv[1]), []
@@ -80,7 +80,8 @@ def test_the_private_node_opens_no_port(tmp_path):
         "from kvbm.connector import private_node as p;"
         f"p.tempfile.gettempdir = lambda: {str(tmp_path)!r};"
         "path, proc = p.ensure_private_node(load_config(env={}, overrides={'host_cache_mb': 4}));"
-        "from kvbm.connector.attach import NodeAttachment; from tests.support import GEOMETRY;"
+        "from kvbm.connector.attach import NodeAttachment;"
+        "from tests.harness.support import GEOMETRY;"
         "e = NodeAttachment(path, GEOMETRY); print(proc.pid, flush=True); sys.stdin.read()"
     )
     env = {k: v for k, v in os.environ.items() if k != "KVBM_SECRET"}

@@ -10,8 +10,8 @@ import ipaddress
 import re
 import subprocess
 
-from tests.node_daemon import loads_exactly
-from tests.security.peer_attacks import agent_pid, two_nodes
+from tests.harness.node_daemon import loads_exactly
+from tests.harness.peer_attacks import agent_pid, two_nodes
 
 
 def listening(pid: int) -> list[str]:
