@@ -1,6 +1,6 @@
 """One vLLM (CPU) engine process for the connector tests: runs prompts given
 as token ids, greedy, and prints one JSON line {"outputs": [[token ids]...]}.
-Run as `python -m tests.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
+Run as `python -m tests.harness.vllm_engine MODEL_DIR PROMPTS_JSON [SOCKET [REMOTE_TIERS]]`
 (no SOCKET: no connector, vLLM alone); TEST_MAX_TOKENS in the environment
 sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
 own prefix cache on (off by default, so every hit is the connector's),

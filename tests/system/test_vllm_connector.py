@@ -29,12 +29,12 @@ from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.connector.identity import checkpoint_identity
 from kvbm.layout import ModelGeometry
-from tests.node_daemon import until
-from tests.support import Engine
-from tests.tiny_llama import build
+from tests.harness.node_daemon import until
+from tests.harness.support import Engine
+from tests.harness.tiny_llama import build
 
 BLOCK = 32
-# what vLLM makes of tests/tiny_llama.py: 2 layers, 2 KV heads of 32, fp32
+# what vLLM makes of tests/harness/tiny_llama.py: 2 layers, 2 KV heads of 32, fp32
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=BLOCK)
 
 
@@ -69,7 +69,7 @@ def engine_answer(
     and its stderr."""
     node = [socket, remote] if socket else []
     out = subprocess.run(
-        [sys.executable, "-m", "tests.vllm_engine", model, json.dumps(prompts), *node],
+        [sys.executable, "-m", "tests.harness.vllm_engine", model, json.dumps(prompts), *node],
         capture_output=True,
         text=True,
         timeout=400,
@@ -99,7 +99,7 @@ class LiveEngine:
     ) -> None:
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vllm_engine", model, "-", socket, remote],
+            [sys.executable, "-m", "tests.harness.vllm_engine", model, "-", socket, remote],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,

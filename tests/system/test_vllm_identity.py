@@ -19,9 +19,9 @@ import shutil
 import pytest
 
 from kvbm.connector.attach import node_stats
-from tests.node_daemon import until
-from tests.test_vllm_connector import BLOCK, engine_answer, prompt
-from tests.tiny_llama import build, build_blip2, build_lora
+from tests.harness.node_daemon import until
+from tests.harness.tiny_llama import build, build_blip2, build_lora
+from tests.system.test_vllm_connector import BLOCK, engine_answer, prompt
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +135,7 @@ def test_lora_adapters_under_reused_or_swapped_names_never_cross_load(
 def test_the_same_text_with_another_image_never_loads_the_first_images_blocks(
     etcd, daemons, tmp_path_factory
 ):
-    """1a. A vision model (tests/tiny_llama.py: BLIP-2, whose 8 image tokens
+    """1a. A vision model (tests/harness/tiny_llama.py: BLIP-2, whose 8 image tokens
     are one placeholder id, whatever the image): one text, two images. Only
     the same image loads."""
     vlm = build_blip2(str(tmp_path_factory.mktemp("tiny-blip2")))
