@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from discovery.records import Tier
 from kvbm.bench.direct import offload
 from kvbm.block_key import BlockKey, KeySpace, seq_hash
 from kvbm.connector.copy import EngineKV, torch_dtype
@@ -81,3 +82,23 @@ def fill_up(directory: str) -> None:
                 f.flush()
         except OSError:
             pass
+
+
+def push_to_disk(mgr, ks) -> None:
+    """Store `ks`, then enough other blocks that `ks` drain from G2 to G3."""
+    store(mgr, ks)
+    store(mgr, keys(10_000, mgr.host.num_slots))
+    assert mgr.lookup(ks).tiers == (Tier.DISK,) * len(ks)
+
+
+def slot_offset(mgr, key) -> int:
+    """Where a block's data starts in the disk file."""
+    return mgr.disk.data_offset(mgr.disk.table.get(key))
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
