@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import offload, onboard
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.block_key import KeySpace
 from kvbm.connector.copy import EngineKV, new_caches
+from kvbm.connector.direct import offload, onboard
 from kvbm.disk_pool import IO_PIECE_BYTES, DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool
 from kvbm.layout import KV_LAYOUTS, PAGE, VLLM_CPU_LAYOUT, ModelGeometry

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from discovery.etcd_index import EtcdIndex
 from discovery.records import NodeRecord, Tier
 from discovery.signing import IndexSigner
-from kvbm.bench.direct import offload
+from kvbm.connector.direct import offload
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers

@@ -9,9 +9,9 @@ import os
 import torch
 
 from discovery.records import Tier
-from kvbm.bench.direct import offload
 from kvbm.block_key import BlockKey, KeySpace, seq_hash
 from kvbm.connector.copy import EngineKV, torch_dtype
+from kvbm.connector.direct import offload
 from kvbm.layout import ModelGeometry
 
 # 2 layers x 2 KV heads x 32 tokens x 2*16 dims x fp32 = 16 KiB blocks.

@@ -1,12 +1,12 @@
 """The tests' model: 2 layers, hidden 128, 4 heads, 2 KV heads (head_dim 32),
-random weights (kvbm/bench/model.py), and LoRA adapters for it."""
+random weights (kvbm/random_llama.py), and LoRA adapters for it."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from kvbm.bench.model import build_llama
+from kvbm.random_llama import build_llama
 
 HIDDEN, LAYERS, KV_OUT = 128, 2, 64  # v_proj's output: 2 KV heads of 32
 

@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import offload
+from kvbm.connector.direct import offload
 from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager

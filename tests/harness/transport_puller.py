@@ -10,7 +10,7 @@ import json
 import sys
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import onboard
+from kvbm.connector.direct import onboard
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager
 from kvbm.peer_tiers import ManagerTiers

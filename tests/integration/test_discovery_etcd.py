@@ -18,11 +18,12 @@ import pytest
 
 from discovery.errors import IndexUnavailable
 from discovery.etcd_index import EtcdIndex
-from discovery.etcd_server import EtcdServer, etcd_binary, free_port
+from discovery.etcd_server import EtcdServer, etcd_binary
 from discovery.owners import places
 from discovery.records import NodeRecord, Tier
 from discovery.schema import run_path
 from discovery.signing import IndexSigner
+from tests.harness.ports import free_port
 
 NS = "ns1"
 

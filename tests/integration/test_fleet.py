@@ -20,12 +20,12 @@ import urllib.request
 import pytest
 
 from discovery.etcd_index import snapshot
-from discovery.etcd_server import free_port
 from discovery.records import Tier
 from discovery.signing import IndexSigner
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.errors import KvbmError
 from tests.harness.node_daemon import TEST_FLEET_SECRET, kvbm_json, until
+from tests.harness.ports import free_port
 from tests.harness.support import GEOMETRY, SPACE, Engine
 
 

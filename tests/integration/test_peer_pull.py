@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from discovery.records import NodeRecord, Tier
-from kvbm.bench.direct import onboard
+from kvbm.connector.direct import onboard
 from kvbm.node.peer_pool import PeerPool
 from kvbm.peer_tiers import ManagerTiers
 from tests.harness.support import GEOMETRY, Engine, keys, store

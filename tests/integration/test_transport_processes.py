@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from kvbm.bench.direct import onboard
+from kvbm.connector.direct import onboard
 from kvbm.host_pool import ARENA_PREFIX
 from kvbm.peer_tiers import ManagerTiers
 from kvbm.shm_arena import SharedArena

@@ -11,7 +11,7 @@ import time
 
 import xxhash
 
-from kvbm.bench.direct import offload, onboard
+from kvbm.connector.direct import offload, onboard
 from tests.harness.support import Engine, keys
 
 KEYS = keys(0, 40)

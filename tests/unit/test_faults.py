@@ -12,7 +12,7 @@ import pytest
 import xxhash
 
 from discovery.records import Tier
-from kvbm.bench.direct import arena_blocks, offload, onboard
+from kvbm.connector.direct import arena_blocks, offload, onboard
 from kvbm.disk_pool import _HEADER, PAGE, SLOT_MAGIC, DiskPool
 from kvbm.errors import DiskTierError, GeometryMismatch, KvbmError
 from kvbm.host_pool import HostPool

@@ -7,8 +7,8 @@ import torch
 import xxhash
 
 from discovery.records import Tier
-from kvbm.bench.direct import offload, onboard
 from kvbm.block_key import KeySpace
+from kvbm.connector.direct import offload, onboard
 from kvbm.layout import ModelGeometry
 from tests.harness.support import GEOMETRY, Engine, keys, store
 

@@ -108,3 +108,53 @@ def test_the_environment_check_sees_a_read():
     # the check above can fail: it flags what it must
     assert environment_reads(ROOT / "kvbm/config.py")
     assert environment_reads(ROOT / "transport/secret.py")
+
+
+# Test helpers live in the test tree (tests/harness/), and tests import bench
+# code only to test the benches: a bench's module changes with its figures,
+# and a test leaning on it for a helper would change with them (or keep a
+# helper alive in the product for tests alone).
+BENCH_TESTS = {
+    "tests/unit/test_runs.py": {"kvbm.bench.fleet_trace"},  # `bench index --nodes`' trace
+    "tests/integration/test_sharded_nodes.py": {"kvbm.bench.index"},  # its sharded fleet
+    "tests/system/faults/test_soak.py": {"kvbm.bench.soak"},  # `kvbm bench soak`, short
+}
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function, by full name
+    (`from kvbm.bench import soak` names kvbm.bench.soak, `from kvbm import
+    bench` kvbm.bench)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def bench_imports(path: pathlib.Path) -> set[str]:
+    return {m for m in imported_modules(path) if (m + ".").startswith("kvbm.bench.")}
+
+
+def test_tests_import_bench_code_only_to_test_the_benches():
+    files = sorted((ROOT / "tests").rglob("*.py"))
+    assert files
+    for f in files:
+        name = str(f.relative_to(ROOT))
+        benches = BENCH_TESTS.get(name, set())
+        stray = {m for m in bench_imports(f) if not any(m.startswith(b) for b in benches)}
+        assert not stray, f"{name} imports bench code: {stray}"
+    # the check sees what it must: each bench test's imports, a nested one included
+    for name, benches in BENCH_TESTS.items():
+        assert any(m.startswith(b) for m in bench_imports(ROOT / name) for b in benches), name
+
+
+def test_test_files_sit_in_a_tier_and_the_harness_holds_no_tests():
+    """tests/unit (no processes, root, network or etcd), tests/integration,
+    tests/system; what the tests share or start is in tests/harness."""
+    tiers = {"unit", "integration", "system"}
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert f.relative_to(ROOT / "tests").parts[0] in tiers, f"{f.relative_to(ROOT)}: no tier"
+    assert not list((ROOT / "tests" / "harness").rglob("test_*.py"))

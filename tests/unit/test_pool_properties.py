@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from discovery.records import Tier
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import offload, onboard
+from kvbm.connector.direct import offload, onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.manager import BlockManager

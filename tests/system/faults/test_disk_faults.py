@@ -9,10 +9,10 @@ import urllib.request
 
 import pytest
 
-from discovery.etcd_server import free_port
-from kvbm.bench.soak import corrupt_disk
 from kvbm.connector.attach import Available, NodeAttachment, NodeError
+from kvbm.disk_faults import corrupt_disk
 from tests.harness.node_daemon import loads_exactly, spill, until
+from tests.harness.ports import free_port
 from tests.harness.support import GEOMETRY, Engine, fill_up
 
 

@@ -12,7 +12,7 @@ import signal
 import pytest
 
 from discovery.records import Tier
-from kvbm.bench.direct import onboard
+from kvbm.connector.direct import onboard
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.errors import DiskTierError
 from kvbm.host_pool import HostPool

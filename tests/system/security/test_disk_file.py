@@ -15,8 +15,8 @@ import pytest
 import xxhash
 
 from discovery.records import Tier
-from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.direct import onboard
 from kvbm.disk_pool import _HEADER, _SUPER, PAGE, SLOT_MAGIC, DiskPool, arena_path
 from kvbm.disk_seal import HEADER, SEAL_BYTES, DiskSeal
 from kvbm.errors import DiskTierError, KvbmError

@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import pytest
 
-from discovery.etcd_server import free_port
 from kvbm.connector.attach import NodeAttachment
 from tests.harness.node_daemon import Daemon, loads_exactly
 from tests.harness.peer_attacks import rss_mb, two_nodes
+from tests.harness.ports import free_port
 from tests.harness.support import GEOMETRY
 
 NODE_START_SOFT_LIMIT = 1024  # a common default; the node raises it to fit its peers

@@ -16,13 +16,13 @@ import urllib.request
 import aetcd
 import msgpack
 
-from discovery.etcd_server import free_port
 from discovery.records import Tier
 from discovery.runs import RunRecord
 from discovery.schema import node_path, run_path
 from kvbm.connector.attach import Available
 from tests.harness.node_daemon import until
 from tests.harness.peer_attacks import two_nodes
+from tests.harness.ports import free_port
 from tests.harness.support import GEOMETRY, SPACE, Engine
 
 BLOCKS = 16

@@ -13,8 +13,8 @@ import asyncio
 import os
 import signal
 
-from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
+from kvbm.connector.direct import onboard
 from tests.harness.peer_attacks import SECRET, recorded_pull, two_nodes, write_secret
 from tests.harness.support import GEOMETRY, Engine
 from transport.frames import FrameCodec

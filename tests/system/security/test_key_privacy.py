@@ -16,8 +16,8 @@ import struct
 import aetcd
 import xxhash
 
-from kvbm.bench.direct import onboard
 from kvbm.connector.attach import NodeAttachment
+from kvbm.connector.direct import onboard
 from kvbm.hashing import BlockHasher, HashKey
 from tests.harness.node_daemon import until
 from tests.harness.peer_attacks import recorded_pull, write_secret

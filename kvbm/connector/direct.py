@@ -1,7 +1,8 @@
 """An engine's copies against a block manager in the same process, with no
-node between: what `kvbm bench tiers` and the unit tests drive. The steps
-and copies are the engine's own (kvbm/connector/copy.py); only the slots come
-from the manager directly instead of over the node's socket."""
+node between: what `kvbm bench tiers` and `bench transport` drive, and the
+tests of the manager. The steps and copies are the engine's own
+(kvbm/connector/copy.py); only the slots come from the manager directly
+instead of over the node's socket."""
 
 from __future__ import annotations
 

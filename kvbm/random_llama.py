@@ -1,7 +1,7 @@
-"""A random-weight Llama built on the spot (no downloads), for the e2e bench,
-the demo and the tests: a word-level tokenizer and weights drawn wide enough
-that greedy outputs depend on the whole context, so a wrong KV block changes
-them."""
+"""A random-weight Llama built on the spot (no downloads), for the demo,
+`scripts/gpu-check`, the e2e bench and the tests: a word-level tokenizer and
+weights drawn wide enough that greedy outputs depend on the whole context, so
+a wrong KV block changes them."""
 
 from __future__ import annotations
 
