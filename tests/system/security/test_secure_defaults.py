@@ -179,9 +179,18 @@ def test_an_engine_refuses_a_node_of_another_user(shared_tmp):
 # -- finding 7: wire values are checked by type ---------------------------------
 
 
+@pytest.fixture(scope="module")
+def wire_node(tmp_path_factory):
+    """One node for the four wire values below: each is sent on an engine
+    connection of its own, and the node must serve on after all of them."""
+    node = Daemon(tmp_path_factory.mktemp("wire"), "node-a", "127.0.0.1")
+    yield node
+    node.stop()
+
+
 @pytest.mark.parametrize("lease", [math.inf, 1.0, True, "1"])
-def test_a_lease_that_is_no_int_is_a_clear_error(daemons, lease):
-    node = daemons("node-a", "127.0.0.1")
+def test_a_lease_that_is_no_int_is_a_clear_error(wire_node, lease):
+    node = wire_node
     engine = NodeAttachment(node.socket, GEOMETRY)
     try:
         with pytest.raises(NodeError, match="lease must be the integer id"):
