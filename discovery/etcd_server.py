@@ -59,10 +59,6 @@ def free_ports(host: str = "127.0.0.1", count: int = 1) -> list[int]:
             s.close()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(host)[0]
-
-
 class _PortTaken(Exception):
     pass
 

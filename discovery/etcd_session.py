@@ -105,17 +105,19 @@ class EtcdSession:
         try:
             await step
             return True
-        except LOST as e:
-            await self._lost(e, client)
-        except asyncio.CancelledError as e:
+        except (asyncio.CancelledError, Exception) as e:
+            # A task being cancelled stops here whatever the step raised: the
+            # etcd client turns a cancellation inside a watch into its own error,
+            # and a cancellation swallowed here left `close` waiting forever.
             task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise
-            await self._lost(e, client)
-        except Exception as e:
-            # Not a known etcd failure: say so loudly, then recover the same way.
-            log.exception("index step failed unexpectedly")
-            await self._lost(e, client)
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from e
+            if isinstance(e, asyncio.CancelledError | LOST):
+                await self._lost(e, client)
+            else:
+                # Not a known etcd failure: say so loudly, then recover the same way.
+                log.exception("index step failed unexpectedly")
+                await self._lost(e, client)
         return False
 
     async def _lost(self, error: BaseException, client: aetcd.Client | None = None) -> None:

@@ -155,7 +155,7 @@ def _run_synthetic(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace)
 
 def _run_vllm(tmp: str, sock_a: str, sock_b: str, args: argparse.Namespace) -> list[Phase]:
     from kvbm.bench.e2e import Engine
-    from kvbm.bench.model import build_llama
+    from kvbm.random_llama import build_llama
 
     g = TINY_LLAMA
     model = build_llama(os.path.join(tmp, "model"))

@@ -62,11 +62,11 @@ def _check(dtype: str) -> dict[str, Any]:
 
     from discovery.etcd_server import EtcdServer
     from kvbm.bench.e2e import Engine
-    from kvbm.bench.model import build_llama
     from kvbm.connector.attach import NodeAttachment, node_stats
     from kvbm.connector.identity import checkpoint_identity
     from kvbm.engine_wire import geometry_from_wire
     from kvbm.node_process import NodeProcess, fleet_secret
+    from kvbm.random_llama import build_llama
 
     rng = random.Random(0)
     tokens = BLOCKS_PER_PROMPT * BLOCK + 1

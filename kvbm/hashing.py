@@ -23,7 +23,7 @@ scale (a fleet of 10**12 blocks: odds about 10**-15).
 K is derived from the fleet secret by HKDF-SHA256 (`HashKey.derive`); engines
 get K (never the secret) from their node at attach, with its id, which both
 sides compare, so an engine never publishes keys no peer can find. Golden
-vectors in tests/golden/ pin the function under a fixed key: changing it splits
+vectors in tests/unit/golden/ pin the function under a fixed key: changing it splits
 a fleet running two versions into two caches (hence `HASH_VERSION`).
 """
 

@@ -16,8 +16,9 @@ from kvbm.disk_pool import DiskPool
 from kvbm.host_pool import HostPool
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
-from tests.node_daemon import TEST_FLEET_SECRET, Daemon
-from tests.support import DISK_KEY, GEOMETRY
+from tests.harness.node_daemon import TEST_FLEET_SECRET, Daemon
+from tests.harness.root import need_root
+from tests.harness.support import DISK_KEY, GEOMETRY
 
 quiet_native_logs()  # for the NIXL agents tests create in their own process
 # the test fleet's operator secret, for what tests run on etcd (`kvbm status`,
@@ -63,8 +64,7 @@ def small_tmpfs(tmp_path) -> Iterator:
     mounts: list[str] = []
 
     def make(size: int, fs: str = "tmpfs") -> str:
-        if os.geteuid() != 0:
-            pytest.fail("this test mounts a small file system: run it as root (CI does)")
+        need_root("mounts a small file system")
         path = tmp_path / f"{fs}{len(mounts)}"
         path.mkdir()
         opts = ["-o", f"size={size},mode=0700" if fs == "tmpfs" else "mode=0700"]

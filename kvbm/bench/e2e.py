@@ -46,11 +46,11 @@ import time
 from multiprocessing.connection import Connection
 
 from discovery.etcd_server import EtcdServer
-from kvbm.bench.model import build_llama
 from kvbm.bench.reference import cma_gbps, raw_disk_read_gbps, verify_gbps
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess, fleet_secret
+from kvbm.random_llama import build_llama
 from kvbm.shm_arena import SHM_DIR
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, BLOCK, PROMPT = 8, 1024, 8, 8, 32, 1024

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from discovery.etcd_server import EtcdServer
 from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.connector.attach import NodeAttachment, NodeError
-from kvbm.disk_pool import SLOT_MAGIC, arena_path
+from kvbm.disk_faults import corrupt_disk
 from kvbm.errors import KvbmError
 from kvbm.hashing import BlockHasher
-from kvbm.layout import PAGE, ModelGeometry
+from kvbm.layout import ModelGeometry
 from kvbm.node_process import NODE_COMMAND, NodeProcess, fleet_secret
 
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16)  # 64 KiB
@@ -334,33 +334,10 @@ class Faulter(threading.Thread):
             time.sleep(0.5)
             cluster.etcd.start()
         else:
-            flipped = corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng)
+            flipped = corrupt_disk(cluster.disk_dir(rng.randrange(NODES)), rng, 8, GEOMETRY)
             self.flipped += flipped
             return flipped > 0  # a disk with nothing on it yet: no fault happened
         return True
-
-
-def corrupt_disk(
-    directory: str, rng: random.Random, blocks: int = 8, geometry: ModelGeometry = GEOMETRY
-) -> int:
-    """Flip one byte in each of up to `blocks` occupied slots of a disk arena,
-    behind its node's back (as a bad sector would). Returns how many."""
-    path = arena_path(directory, geometry)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return 0
-    try:
-        slot_bytes = geometry.slot_bytes
-        num_slots = (os.fstat(fd).st_size - PAGE) // (PAGE + slot_bytes)
-        used = [s for s in range(num_slots) if os.pread(fd, 8, PAGE + s * PAGE) == SLOT_MAGIC]
-        for s in rng.sample(used, min(blocks, len(used))):
-            at = PAGE * (1 + num_slots) + s * slot_bytes + rng.randrange(geometry.block_bytes)
-            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
-        os.fsync(fd)
-        return min(blocks, len(used))
-    finally:
-        os.close(fd)
 
 
 def _stats(node: NodeProcess) -> dict:

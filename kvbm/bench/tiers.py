@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import offload, onboard
 from kvbm.bench.reference import Memcpy, RawDiskIO, gbps, interleaved
 from kvbm.block_key import KeySpace
+from kvbm.connector.direct import offload, onboard
 from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.disk_pool import IO_PIECE_BYTES, DiskPool, DiskRead, DiskWrite
 from kvbm.host_pool import HostPool

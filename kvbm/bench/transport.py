@@ -27,7 +27,6 @@ import torch
 
 from discovery.tier import Tier
 from kvbm.admission import FrequencyFilter
-from kvbm.bench.direct import offload
 from kvbm.bench.reference import (
     Memcpy,
     cma_gbps,
@@ -41,6 +40,7 @@ from kvbm.bench.reference import (
 from kvbm.bench.tiers import BENCH_GEOMETRY
 from kvbm.block_key import BlockKey, KeySpace
 from kvbm.config import child_environment
+from kvbm.connector.direct import offload
 from kvbm.connector.engine_kv import EngineKV
 from kvbm.disk_pool import PAGE, DiskPool
 from kvbm.host_pool import HostPool

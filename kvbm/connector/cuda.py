@@ -1,8 +1,9 @@
 """The CUDA-only lines of the connector: the arena registered as pinned
 host memory, a side stream, events. Everything they call (the staging
 copies, the layouts) is device-agnostic torch, run and tested on CPU
-(tests/test_kv_layouts.py, tests/test_transfers.py); this module itself has
-not run on a GPU here (the README's "What ran where" says what has).
+(tests/integration/test_kv_layouts.py, tests/unit/test_transfers.py); this
+module itself has not run on a GPU here (the README's "What ran where" says
+what has).
 
 APIs used, as documented by PyTorch: torch.cuda.cudart().cudaHostRegister /
 cudaHostUnregister (flag 1: cudaHostRegisterPortable), torch.cuda.Stream,

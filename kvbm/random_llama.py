@@ -1,0 +1,55 @@
+"""A random-weight Llama built on the spot (no downloads), for the demo,
+`scripts/gpu-check`, the e2e bench and the tests: a word-level tokenizer and
+weights drawn wide enough that greedy outputs depend on the whole context, so
+a wrong KV block changes them."""
+
+from __future__ import annotations
+
+import os
+
+
+def build_llama(
+    path: str,
+    layers: int = 2,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 512,
+    seed: int = 0,
+) -> str:
+    """Write the model to `path` (kept if already there); returns `path`."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = {t: i for i, t in enumerate(specials)}
+    words.update({f"w{i}": i for i in range(len(specials), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    ).save_pretrained(path)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path

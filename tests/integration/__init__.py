@@ -1,0 +1,1 @@
+"""Real parts together: etcd, `kvbm node` processes, NIXL, the CLI."""

@@ -1,0 +1,1 @@
+"""The whole system under vLLM, faults, attacks, network namespaces and a soak."""
