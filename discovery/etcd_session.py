@@ -112,7 +112,7 @@ class EtcdSession:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from e
-            if isinstance(e, asyncio.CancelledError | LOST):
+            if isinstance(e, (asyncio.CancelledError, *LOST)):
                 await self._lost(e, client)
             else:
                 # Not a known etcd failure: say so loudly, then recover the same way.

@@ -369,3 +369,46 @@ def test_the_run_values_a_mirror_keeps_are_capped_too():
     fleet.delete("N0", 0)  # room again
     fleet.put("N7", 1)
     assert fleet.m.holders(key(1)) == {"N7": Tier.HOST}
+
+
+def test_a_cancelled_step_stops_its_task_whatever_the_etcd_client_raises():
+    """The etcd client turns a cancellation inside a watch into its own
+    connection error. A session step that took that for a lost connection
+    went on reconnecting, and `EtcdIndex.close`, which awaits its cancelled
+    tasks, waited forever (a test after another in one process took 120 s)."""
+    import aetcd.exceptions
+
+    from discovery.etcd_session import EtcdSession
+
+    async def scenario() -> None:
+        session = EtcdSession(["127.0.0.1:1"], "ns", NodeRecord("a", "127.0.0.1", 1))
+        started = asyncio.Event()
+
+        async def watch_like() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                raise aetcd.exceptions.ConnectionFailedError("watch cancelled") from None
+
+        went_on = False
+
+        async def task_body() -> None:
+            nonlocal went_on
+            while not await session.attempt(watch_like()):  # reconnects after a loss
+                went_on = True  # a lost connection, it thought: stop the test's task
+                return
+
+        task = asyncio.create_task(task_body())
+        await started.wait()
+        task.cancel()
+        await asyncio.wait([task], timeout=5)
+        assert not went_on, "the cancelled task went on (a lost connection, it thought)"
+        assert task.cancelled()
+
+        async def lost() -> None:
+            raise aetcd.exceptions.ConnectionFailedError("etcd gone")
+
+        assert await session.attempt(lost()) is False  # not cancelled: a lost connection
+
+    asyncio.run(scenario())
