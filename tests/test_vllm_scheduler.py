@@ -160,11 +160,13 @@ def test_saves_in_flight_finish_reading_before_a_preempted_requests_blocks_are_r
     engines, node, monkeypatch
 ):
     """engine_copies "async" (a GPU's default): a save reads its blocks on
-    the copy thread after its step. Copies are slowed here so that saves are
-    still in flight when vLLM preempts (four prompts in an 11-block cache,
-    48 tokens each) and gives the preempted request's blocks to others: the
-    step's metadata says so, the workers wait for the saves to have read,
-    and every block the node holds is the one computed."""
+    the copy thread after its step. Copies are slowed here so that the save
+    of a block a request has just filled is still in flight when vLLM
+    preempts that request (four prompts in an 11-block cache, 48 tokens
+    each) and hands the block to another request, whose forward writes it
+    at once. The step's metadata says so, the workers wait for the saves to
+    have read first, and every block the node holds, prompt and answer, is
+    the one computed."""
     gather = ArenaBlocks.gather
 
     def slow_gather(self, *args, **kwargs):
@@ -174,8 +176,7 @@ def test_saves_in_flight_finish_reading_before_a_preempted_requests_blocks_are_r
     monkeypatch.setattr(ArenaBlocks, "gather", slow_gather)
     prompts = [prompt(20 + i, 4 * BLOCK + 4) for i in range(4)]
     engine = engines(num_blocks=12, copies="async")
-    for i, p in enumerate(prompts):
-        engine.add(f"r{i}", p, max_tokens=48)
+    requests = [engine.add(f"r{i}", p, max_tokens=48) for i, p in enumerate(prompts)]
     engine.run()
     monkeypatch.undo()
     preempting = [i for i, out in enumerate(engine.outputs) if out.preempted_req_ids]
@@ -183,13 +184,15 @@ def test_saves_in_flight_finish_reading_before_a_preempted_requests_blocks_are_r
     assert all(engine.metas[i].preempted for i in preempting)
     assert node_stats(node.socket)["engine_leases"] == 0
     check = engines()
-    for i, p in enumerate(prompts):
-        check.add(f"check-{i}", p, max_tokens=2)
+    answered = [list(r.all_token_ids) for r in requests]  # 180 tokens: 5 blocks with KV
+    for i, tokens in enumerate(answered):
+        until_in_view(engine, node, tokens, 5)
+        check.add(f"check-{i}", tokens, max_tokens=2)
     check.step()
-    for i, p in enumerate(prompts):
-        ids = check.block_ids(f"check-{i}")
-        assert first_step_computed_tokens(check, f"check-{i}") == 4 * BLOCK
-        assert check.values(ids[:4]) == expected_values(p)[:4], f"prompt {i} saved wrong"
+    for i, tokens in enumerate(answered):
+        assert first_step_computed_tokens(check, f"check-{i}") == 5 * BLOCK
+        ids = check.block_ids(f"check-{i}")[:5]
+        assert check.values(ids) == expected_values(tokens)[:5], f"request {i} saved wrong KV"
 
 
 @pytest.mark.parametrize("policy", ["fail", "recompute"])

@@ -11,10 +11,14 @@ it in the cache, and on the block's own tokens. It fills every block it
 computes with `block_value(previous block's value, the block's tokens)`,
 the previous block's value read from the cache. KV computed over a block
 that never loaded is therefore wrong, as a model's would be, and
-`expected_values(tokens)` says what every full block must hold."""
+`expected_values(tokens)` says what every full block must hold. vLLM may
+hand a preempted request's blocks to another request in the very step it
+preempts it: the stand-in acts that out by zeroing those no other request
+holds before its forward."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -112,6 +116,7 @@ class SteppedEngine:
         self.metas: list[KvbmMetadata] = []
         self.outputs: list[SchedulerOutput] = []
         self.finished: set[str] = set()
+        self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
 
     def add(self, req_id: str, tokens: list[int], max_tokens: int = 16) -> Request:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -161,6 +166,11 @@ class SteppedEngine:
     def _forward(self, out: SchedulerOutput) -> dict[str, list[int]]:
         """Fill every block this step computes, and sample where a request's
         tokens are all computed (vLLM drops a partial prefill's sample)."""
+        pool = self.scheduler.kv_cache_manager.block_pool.blocks
+        for req_id in out.preempted_req_ids or ():
+            freed = [b for b in self._held.pop(req_id, []) if pool[b].ref_cnt == 0]
+            for layer in self.kv.values():
+                layer[freed] = 0.0  # reused at once, by whoever vLLM gives them to
         before = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
         cached = out.scheduled_cached_reqs
         before.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
@@ -168,6 +178,7 @@ class SteppedEngine:
         for req_id, n in out.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
             tokens, ids = request.all_token_ids, self.block_ids(req_id)
+            self._held[req_id] = ids
             start, end = before[req_id], before[req_id] + n
             for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
                 previous = self.values([ids[b - 1]])[0] if b else 0
@@ -178,13 +189,17 @@ class SteppedEngine:
             sampled[req_id] = [next_token(list(tokens))] if done else []
         return sampled
 
-    def run(self, steps: int = 400) -> None:
-        """Step until every request is finished and its blocks given back."""
-        for _ in range(steps):
-            if not self.scheduler.has_requests() and not self.scheduler.requests:
-                return
+    def run(self, timeout: float = 60.0) -> None:
+        """Step until every request is finished and its blocks given back;
+        a step with nothing to compute waits a little, as a serving engine's
+        loop does while saves in flight end."""
+        deadline = time.monotonic() + timeout
+        while self.scheduler.has_requests() or self.scheduler.requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"requests left: {list(self.scheduler.requests)}")
             self.step()
-        raise AssertionError(f"requests left after {steps} steps: {list(self.scheduler.requests)}")
+            if not self.outputs[-1].total_num_scheduled_tokens:
+                time.sleep(0.005)
 
     def abort(self, req_ids: list[str]) -> None:
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
