@@ -19,7 +19,6 @@ holds before its forward."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from vllm import SamplingParams
@@ -115,7 +114,6 @@ class SteppedEngine:
         self._hasher = get_request_block_hasher(BLOCK, sha256)
         self.metas: list[KvbmMetadata] = []
         self.outputs: list[SchedulerOutput] = []
-        self.finished: set[str] = set()
         self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
 
     def add(self, req_id: str, tokens: list[int], max_tokens: int = 16) -> Request:
@@ -128,11 +126,16 @@ class SteppedEngine:
         return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
 
     def values(self, block_ids: list[int]) -> list[int]:
-        """What the cache holds in these blocks (layer 0; the forward fills all alike)."""
-        first = self.kv[LAYERS[0]]
-        return [int(first[b, 0, 0, 0]) for b in block_ids]
+        """The value each block holds, the same in every byte of every layer
+        as the forward writes it; -1 for a block that is not one value."""
+        got = []
+        for b in block_ids:
+            first = self.kv[LAYERS[0]][b, 0, 0, 0]
+            whole = all(bool((layer[b] == first).all()) for layer in self.kv.values())
+            got.append(int(first) if whole else -1)
+        return got
 
-    def step(self, before_forward: Callable[[SchedulerOutput], None] | None = None) -> None:
+    def step(self) -> None:
         """One engine step: schedule, the worker's hooks around the stand-in
         forward, and the model runner's output back to the scheduler."""
         out = self.scheduler.schedule()
@@ -146,8 +149,6 @@ class SteppedEngine:
         worker.start_load_kv(None)  # type: ignore[arg-type]
         for layer in LAYERS:
             worker.wait_for_layer_load(layer)
-        if before_forward is not None:
-            before_forward(out)
         sampled = self._forward(out)
         worker.wait_for_save()
         done, _ = worker.get_finished(out.finished_req_ids)
@@ -160,8 +161,7 @@ class SteppedEngine:
             sampled_token_ids=[sampled[r] for r in ids],
             kv_connector_output=KVConnectorOutput(finished_sending=done, invalid_block_ids=errors),
         )
-        for outputs in self.scheduler.update_from_output(out, runner).values():
-            self.finished |= {o.request_id for o in outputs.outputs if o.finish_reason}
+        self.scheduler.update_from_output(out, runner)
 
     def _forward(self, out: SchedulerOutput) -> dict[str, list[int]]:
         """Fill every block this step computes, and sample where a request's
