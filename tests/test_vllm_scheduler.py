@@ -64,7 +64,9 @@ def computed(engine: SteppedEngine, node, prompts: list[list[int]]) -> None:
         until_in_view(engine, node, p, (len(p) - 1) // BLOCK)
 
 
-def until_in_view(engine: SteppedEngine, node, tokens: list[int], blocks: int) -> None:
+def until_in_view(
+    engine: SteppedEngine, node, tokens: list[int], blocks: int, held: int | None = None
+) -> None:
     """Wait until the node's key view (what a scheduler reads) shows the
     first `blocks` blocks of `tokens` as `engine` keys them: a scheduler
     that finds a bucket of the view not yet written asks the node and pins
@@ -75,7 +77,8 @@ def until_in_view(engine: SteppedEngine, node, tokens: list[int], blocks: int) -
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry, map_arena=False)
     try:
         keys = probe.keys(hasher.sequence_hashes(tokens, BLOCK, seed)[:blocks])
-        until(lambda: probe.seen(keys) == Available(blocks), 10, "the key view lags")
+        want = Available(blocks if held is None else held)
+        until(lambda: probe.seen(keys) == want, 10, "the key view lags")
     finally:
         probe.close()
 
@@ -123,16 +126,22 @@ def test_a_promise_the_node_cannot_pin_holds_the_requests_saves_until_recomputed
     loaded, must not be saved; once vLLM has recomputed, every block is
     saved right and the next engine loads all four."""
     p = prompt(2, 4 * BLOCK + 4)
-    computed(engines(), node, [p[: 2 * BLOCK + 10]])  # the node holds p's first two blocks
+    first = engines()
+    computed(first, node, [p[: 2 * BLOCK + 10]])  # the node holds p's first two blocks
+    until_in_view(first, node, p, 4, held=2)  # the view can tell: the scheduler promises
     engine = engines()
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
     promised = engine.connector.update_state_after_alloc
 
     def promise_then_evict(request, blocks, num_external_tokens) -> None:
         promised(request, blocks, num_external_tokens)
-        filler = probe.keys(list(range(10**6, 10**6 + probe.num_slots)))
+        # twice the node's slots of filler: nothing stored before them is left
+        filler = probe.keys(list(range(10**6, 10**6 + 2 * probe.num_slots)))
         made = Engine(len(filler), probe.geometry)
         probe.store(made.kv, filler, made.compute(filler))
+        held = probe.keys(engine.connector.requests["p"].seq_hashes[:2])
+        # the node's answers follow its evictions a moment later
+        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
 
     monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
     try:
