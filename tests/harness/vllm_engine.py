@@ -6,8 +6,7 @@ sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
 own prefix cache on (off by default, so every hit is the connector's),
 TEST_KV_BLOCKS=N gives vLLM a KV cache of N blocks and runs each batch at
 once (so the scheduler has to preempt); the output line then also carries
-vLLM's count of preemptions. TEST_LOAD_FAILURE_POLICY sets vLLM's
-kv_load_failure_policy (default "recompute").
+vLLM's count of preemptions.
 A prompt is a list of token ids, or an object: {"tokens": [...]},
 {"embeds_seed": S, "embeds_len": N} (N prompt embeddings, random from seed
 S) or {"text": T, "image_seed": S} (a 56x56 random image from seed S, for
@@ -16,15 +15,13 @@ optional.
 TEST_ENABLE_LORA=1 and TEST_PROMPT_EMBEDS=1 turn those on in vLLM.
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
-batches); a line {"abort_after_steps": K, "prompts": [...]} submits the
-prompts, runs K engine steps and aborts them (see `abort`)."""
+batches)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 
 
 def main() -> None:
@@ -44,8 +41,7 @@ def main() -> None:
         extra = {"node": sys.argv[3]}
         if len(sys.argv) > 4 and sys.argv[4]:
             extra["remote_tiers"] = sys.argv[4].split(",")
-        policy = os.environ.get("TEST_LOAD_FAILURE_POLICY", "recompute")
-        transfer = kv_transfer_config(extra, policy)
+        transfer = kv_transfer_config(extra)
     kv_blocks = int(os.environ.get("TEST_KV_BLOCKS", "0")) or None
     llm = LLM(
         model=model,
@@ -107,48 +103,12 @@ def main() -> None:
             outputs.append(list(out[0].outputs[0].token_ids))
         print(json.dumps({"outputs": outputs}), flush=True)
 
-    def abort(batch: list[list[int]], steps: int) -> None:
-        """Submit the batch, run `steps` engine steps, abort whatever is not
-        done, and report the node's engine leases before and after."""
-        from kvbm.engine_wire import EngineLink
-
-        def leases() -> int:
-            link = EngineLink(sys.argv[3])
-            try:
-                return link.call("stats", {}).get("engine_leases", 0)
-            finally:
-                link.close()
-
-        engine = llm.llm_engine
-        ids = [f"abort-{i}" for i in range(len(batch))]
-        for rid, p in zip(ids, batch, strict=True):
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
-        for _ in range(steps):
-            engine.step()
-        before = leases()
-        engine.abort_request(ids)
-        for _ in range(20):
-            if not engine.has_unfinished_requests():
-                break
-            engine.step()
-        for _ in range(50):  # steps with nothing scheduled, as a serving engine's loop makes
-            if not leases():  # while saves in flight end (engine_copies "async")
-                break
-            engine.step()
-            time.sleep(0.02)
-        print(json.dumps({"outputs": [], "leases_before": before, "leases_after": leases()}))
-
     if prompts != "-":
         run(prompts)
         return
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        order = json.loads(line)
-        if isinstance(order, dict):  # {"abort_after_steps": k, "prompts": [...]}
-            abort(order["prompts"], order["abort_after_steps"])
-            sys.stdout.flush()
-        else:
-            run(order)
+        run(json.loads(line))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""What both sides of the vLLM connector read from vLLM's configuration
+once, at construction: kvbm's engine settings, the KV cache's geometry,
+the model's identity and the node's socket. Nothing here changes later."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvbm.config import KvbmConfig, engine_config
+from kvbm.connector.identity import model_identity
+from kvbm.connector.private_node import ensure_private_node
+from kvbm.errors import KvbmError
+from kvbm.layout import VLLM_CPU_LAYOUT, ModelGeometry
+from kvbm.logs import attach_logging
+
+if TYPE_CHECKING:
+    from vllm.config import KVTransferConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = logging.getLogger("kvbm.connector.vllm")
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """One engine's connector settings, the same in the scheduler and the
+    workers (they must agree on `async_copies`: the scheduler then keeps a
+    saved request's blocks until the workers report its saves done).
+
+    Invariant: while `off` is None, `geometry` and `model_identity` are
+    known; a connector that is off never reaches the node."""
+
+    cfg: KvbmConfig
+    block_size: int
+    tp_size: int
+    socket: str
+    async_copies: bool  # copies started in one hook and finished in a later one
+    promise_hits: bool  # kv_load_failure_policy "recompute": a view hit is promised unpinned
+    off: str | None = None  # why the connector is off (the engine runs without it)
+    model_geometry: ModelGeometry | None = None
+    model_identity: str = ""
+    private_node: subprocess.Popen | None = None  # the node this engine started for itself
+
+    @property
+    def geometry(self) -> ModelGeometry:
+        assert self.model_geometry is not None, "the connector is off: " + str(self.off)
+        return self.model_geometry
+
+
+def kv_transfer_config(extra: dict[str, Any], policy: str = "recompute") -> KVTransferConfig:
+    """vLLM's `kv_transfer_config` for this connector (what the README's JSON says)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="KvbmConnector",
+        kv_connector_module_path=__name__.rpartition(".")[0],  # the package: its facade
+        kv_role="kv_both",
+        kv_load_failure_policy=policy,
+        kv_connector_extra_config=extra,
+    )
+
+
+def engine_setup(
+    vllm_config: VllmConfig,
+    transfer: KVTransferConfig,
+    kv_cache_config: KVCacheConfig | None,
+) -> EngineSetup:
+    """The setup of one connector instance. Whatever goes wrong here turns
+    the connector off, never the engine."""
+    extra = dict(transfer.kv_connector_extra_config or {})
+    cfg = engine_config(extra)
+    attach_logging(cfg.log_level)
+    socket, private, off = cfg.socket, None, None
+    geometry, identity = None, ""
+    try:
+        geometry = geometry_of(vllm_config, kv_cache_config)
+        identity = model_identity(vllm_config.model_config)
+        if "node" not in extra:
+            socket, private = ensure_private_node(cfg)
+    except (KvbmError, ValueError, OSError) as e:
+        off = str(e)
+        log.error("kvbm connector off, the engine runs without it: %s", e)
+    promise = transfer.kv_load_failure_policy == "recompute"
+    if not promise:
+        log.warning('kv_load_failure_policy is not "recompute": a failed load fails its request')
+    device = vllm_config.device_config.device_type
+    return EngineSetup(
+        cfg=cfg,
+        block_size=vllm_config.cache_config.block_size,
+        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        socket=socket,
+        async_copies=cfg.engine_copies == "async"
+        or (cfg.engine_copies == "auto" and device != "cpu"),
+        promise_hits=promise,
+        off=off,
+        model_geometry=geometry,
+        model_identity=identity,
+        private_node=private,
+    )
+
+
+def geometry_of(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None
+) -> ModelGeometry:
+    """The geometry of vLLM's KV cache, from its one cache group's spec (the
+    model's config where there is none) and the layout the engine core
+    resolved before it made the scheduler and the workers."""
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    if cc.cache_dtype not in ("auto", None):
+        raise KvbmError(f"kvbm does not store a {cc.cache_dtype} KV cache yet")
+    # Keys carry the tensor-parallel rank only: a pipeline stage's or a
+    # context-parallel rank's share of a block would collide.
+    for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
+        if getattr(pc, name, 1) > 1:
+            raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
+    layout = (
+        getattr(kv_cache_config, "kv_cache_layout", None) or cc.kv_cache_layout or VLLM_CPU_LAYOUT
+    )
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if not groups:
+        return ModelGeometry(
+            num_layers=mc.get_num_layers(pc),
+            num_kv_heads=mc.get_num_kv_heads(pc),
+            head_dim=mc.get_head_size(),
+            block_size=cc.block_size,
+            dtype=str(mc.dtype).removeprefix("torch."),
+            kv_layout=layout,
+        )
+    spec = groups[0].kv_cache_spec
+    kind = type(spec).__name__
+    if len(groups) != 1 or kind not in ("FullAttentionSpec", "MLAAttentionSpec"):
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise KvbmError(f"kvbm stores one KV cache group of full attention; this model has {kinds}")
+    if spec.state_content_bytes is not None:
+        raise KvbmError("kvbm does not store packed (quantized) KV pages yet")
+    return ModelGeometry(
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        head_dim_v=spec.head_size_v,
+        block_size=spec.block_size,
+        dtype=str(spec.dtype).removeprefix("torch."),
+        kv_layout=layout,
+    )

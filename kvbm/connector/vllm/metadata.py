@@ -1,0 +1,56 @@
+"""What crosses from the scheduler side to the workers each step: vLLM
+pickles one `KvbmMetadata` per step into every worker process, and the two
+sides share nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+from kvbm.block_key import Groups
+
+
+@dataclass
+class Load:
+    """Arena slots the node pinned, per tensor-parallel rank, and the vLLM
+    block ids they are copied into.
+
+    Invariants: `leases` and `slots` have one entry per rank; every rank's
+    slots are as many as `block_ids` (the scheduler cuts them to the
+    shortest rank's pin). A lease is settled exactly once, by the worker of
+    its rank after the copy, or by the scheduler for a load it never sends.
+    """
+
+    leases: list[int]
+    slots: list[list[int]]
+    block_ids: list[int]
+    req_id: str = ""
+
+
+@dataclass
+class Save:
+    """Full blocks a request completes in this step: their sequence hashes,
+    vLLM block ids and groups (kvbm/block_key.py), one of each per block."""
+
+    seq_hashes: list[int]
+    block_ids: list[int]
+    req_id: str = ""
+    groups: Groups | None = None
+
+
+@dataclass
+class KvbmMetadata(KVConnectorMetadata):
+    """One step's orders for the workers.
+
+    `failed` lists promised blocks the node did not pin: the workers report
+    them to vLLM as load errors, so it recomputes from them. `released`
+    lists requests the scheduler held after a failed load and lets save
+    again (vLLM has recomputed the block that failed)."""
+
+    arena: str = ""  # the node's arena the slots refer to (a restarted node has another)
+    loads: list[Load] = field(default_factory=list)
+    saves: list[Save] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)  # promised blocks the node did not pin
+    preempted: bool = False  # vLLM may reuse blocks that saves in flight still read
+    released: list[str] = field(default_factory=list)  # requests that may save again

@@ -1,0 +1,364 @@
+"""The scheduler side of the vLLM connector (vLLM's engine-core process).
+
+For a new request, hash its prompt's full blocks (`kvbm.hashing`) and read
+the node's key view (kvbm/key_view.py, shared memory, no round trip) for the
+longest prefix it could serve beyond vLLM's own prefix-cache hit: a miss
+costs the scheduler that read alone. With `kv_load_failure_policy`
+"recompute" a hit is promised as the view shows it, and the step's hits are
+pinned in one `load_many` when the step's metadata is built (the node
+stages its disk and pulls from peers then); a block gone meanwhile is
+reported failed by the workers and vLLM recomputes from it. With "fail"
+such a block would fail its request, so a hit is pinned before it is
+promised. The metadata of the step carries (arena slots -> vLLM block ids)
+per load, and the full blocks each request completes in that step: prompt
+and generated tokens alike, so a chat's next turn (this turn's prompt and
+answer, then a new message) finds the answer's blocks too. Their sequence
+hashes continue over the generated tokens as they are generated, exactly as
+the next turn's prompt hashes them.
+
+A block that did not load (the scheduler's pins came short, or a worker's
+copy failed) is recomputed by vLLM, and until vLLM has rolled a request back
+to it, nothing computed over it is saved: not by that request, nor by one
+sharing the block through vLLM's prefix cache, nor in the steps vLLM
+scheduled before it saw the failure (the scheduler holds the request's saves
+until its computed tokens come back to the block, then tells the workers).
+Not yet: where one tensor-parallel rank's copy failed, the other ranks'
+saves of that step (their KV depends on it through the all-reduce).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvbm.block_key import Groups
+from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.identity import Unnameable, prompt_hashes
+from kvbm.connector.vllm.engine_setup import EngineSetup
+from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
+from kvbm.connector.vllm.node_link import NodeLink
+from kvbm.connector.vllm_stats import NOT_CACHED, KvbmStats
+from kvbm.engine_wire import MAX_KEYS
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvbm.connector.vllm")
+
+
+@dataclass
+class TrackedRequest:
+    """What the scheduler side keeps per request.
+
+    Invariants: `seq_hashes[:saved]` are in the node, promised or being
+    loaded (a save never repeats them); `seed` None means not cached (no
+    keys, no loads, no saves); `hold_from` set means the block at that
+    index never loaded, and nothing from it on is saved until vLLM has
+    recomputed from it; `pinned` and `promised` are never both set."""
+
+    request: Request
+    seed: int | None  # the hash before its first block; None: not cached (see _hash_prompt)
+    seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
+    extras: dict[int, bytes] = field(default_factory=dict)  # by block (kvbm/connector/identity.py)
+    block_ids: list[int] = field(default_factory=list)
+    saved: int = 0  # leading blocks known to be in the node
+    had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
+    hold_from: int | None = None  # a block that never loaded: no saves until recomputed from it
+    pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
+    promised: int = 0  # blocks promised from the key view, not yet allocated
+    first_block: int = 0
+
+    def hold(self, bad: set[int]) -> None:
+        """Hold this request's saves from its first block in `bad` on."""
+        for i, block in enumerate(self.block_ids):
+            if block in bad:
+                self.hold_from = i if self.hold_from is None else min(self.hold_from, i)
+                self.saved = min(self.saved, i)
+                return
+
+
+@dataclass
+class Promise:
+    """Blocks `get_num_new_matched_tokens` promised from the key view, with
+    the vLLM blocks allocated for them: pinned in one batch per step."""
+
+    tracked: TrackedRequest
+    first: int
+    block_ids: list[int]
+
+    def hashes(self) -> list[int]:
+        return self.tracked.seq_hashes[self.first : self.first + len(self.block_ids)]
+
+    def groups(self) -> Groups:
+        return Groups.of(self.tracked.seq_hashes, self.first, self.first + len(self.block_ids))
+
+
+class KvbmScheduler:
+    """The scheduler role's state: tracked requests, this step's loads and
+    promises, holds after a failed load. Built only in the scheduler role.
+
+    Invariants: every lease this side takes is in a `Load` that is either
+    sent to the workers in one step's metadata (they settle it) or released
+    here (`drop_pins`, a failed promise); a request vLLM has finished holds
+    no lease and is no longer tracked."""
+
+    def __init__(self, setup: EngineSetup) -> None:
+        self.setup = setup
+        self.block_size = setup.block_size
+        self.link = NodeLink(setup, map_arena=False)
+        self.stats = KvbmStats()  # counts vLLM takes each step (kvbm/connector/vllm_stats.py)
+        self.requests: dict[str, TrackedRequest] = {}
+        self._to_load: list[Load] = []
+        self._promises: list[Promise] = []
+
+    def _attached(self) -> list[NodeAttachment] | None:
+        return self.link.attached(range(self.setup.tp_size))
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        tracked = self._track(request)
+        self.drop_pins(tracked)
+        tracked.promised = 0
+        if tracked.seed is None:
+            return 0, False  # not cached (`_hash_prompt`)
+        # the last prompt token is always computed: vLLM needs its logits
+        usable = (request.num_prompt_tokens - 1) // self.block_size
+        first = num_computed_tokens // self.block_size
+        usable = min(usable, first + MAX_KEYS)  # what one call may ask
+        if usable <= first:
+            return 0, False
+        node = self._attached()
+        if node is None:
+            return 0, False
+        t0 = time.perf_counter()
+        keys = [a.keys(tracked.seq_hashes[first:usable]) for a in node]
+        groups = Groups.of(tracked.seq_hashes, first, usable)
+        seen = [a.seen(k) for a, k in zip(node, keys, strict=True)]
+        if all(s is not None for s in seen):
+            n = min(s.total for s in seen)  # type: ignore[union-attr]
+            if n == 0:
+                return 0, False  # a miss, told by the view: the node is not asked
+            if self.setup.promise_hits:
+                tracked.promised = min(n, node[0].step_blocks)
+                tracked.first_block = first
+                return tracked.promised * self.block_size, False
+        pinned: list = []
+        try:
+            for a, k in zip(node, keys, strict=True):
+                pinned.append(a.prepare_load(k, groups))
+                if not pinned[-1].slots:
+                    break
+        except NodeError as e:
+            self.link.release(Load([p.lease for p in pinned], [], []))
+            self.link.lost(e)
+            return 0, False
+        n = min(len(p.slots) for p in pinned) if len(pinned) == len(node) else 0
+        load = Load([p.lease for p in pinned], [p.slots[:n] for p in pinned], [])
+        if n == 0:
+            self.link.release(load)
+            return 0, False
+        tracked.pinned, tracked.first_block = load, first
+        log.debug("pinned blocks=%d ms=%.2f", n, (time.perf_counter() - t0) * 1e3)
+        return n * self.block_size, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        tracked = self._track(request)
+        n = num_external_tokens // self.block_size
+        first = tracked.first_block
+        if tracked.promised:
+            n, tracked.promised = min(n, tracked.promised), 0
+            if n:
+                ids = list(blocks.get_block_ids()[0][first : first + n])
+                self._promises.append(Promise(tracked, first, ids))
+                tracked.saved = max(tracked.saved, first + n)  # in the node (or recomputed)
+            return
+        load = tracked.pinned
+        if load is None:
+            return
+        tracked.pinned = None
+        if n == 0:
+            self.link.release(load)
+            return
+        ids = blocks.get_block_ids()[0]
+        load.block_ids = list(ids[first : first + n])
+        load.slots = [s[:n] for s in load.slots]
+        load.req_id = request.request_id
+        self._to_load.append(load)
+        tracked.saved = max(tracked.saved, first + n)  # these are in the node already
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmMetadata:
+        node = self.link.current
+        meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
+        self._to_load = []
+        if self.setup.off:
+            return meta
+        meta.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
+        self._pin_promises(meta)
+        bad = set(meta.failed)
+        steps = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self.requests.get(new.req_id)
+            if tracked is not None:
+                tracked.block_ids = list(new.block_ids[0])
+                self._plan_save(meta, tracked, new.num_computed_tokens, steps[new.req_id], bad)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            tracked = self.requests.get(req_id)
+            if tracked is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    tracked.block_ids = list(new_ids[0])
+                else:
+                    tracked.block_ids += new_ids[0]
+            computed = cached.num_computed_tokens[i]
+            self._plan_save(meta, tracked, computed, steps[req_id], bad)
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Blocks the workers could not load (vLLM has rolled their requests
+        back by now): every request holding one saves nothing more until
+        vLLM has recomputed from it."""
+        bad = connector_output.invalid_block_ids
+        if bad:
+            for tracked in self.requests.values():
+                tracked.hold(bad)
+
+    def _pin_promises(self, meta: KvbmMetadata) -> None:
+        """Pin this step's promised blocks, one round trip per rank. A block
+        the node no longer has goes to `meta.failed`: the workers report it
+        failed, vLLM recomputes from it, and no request holding it saves
+        until then (`_plan_save`)."""
+        promises, self._promises = self._promises, []
+        if not promises:
+            return
+        node = self.link.current
+        pins: list[list] = []
+        try:
+            if node is None:
+                raise NodeError("the node is gone")
+            for a in node:
+                asked = [a.keys(p.hashes()) for p in promises]
+                pins.append(a.prepare_loads(asked, [p.groups() for p in promises]))
+        except NodeError as e:
+            for rank in pins:
+                self.link.release(Load([p.lease for p in rank], [], []))
+            if node is not None:
+                self.link.lost(e)
+            pins = []
+        short = 0
+        for i, p in enumerate(promises):
+            got = [rank[i] for rank in pins]
+            m = min((len(g.slots) for g in got), default=0)
+            req_id = p.tracked.request.request_id
+            load = Load([g.lease for g in got], [g.slots[:m] for g in got], p.block_ids[:m], req_id)
+            if m:
+                meta.loads.append(load)
+            else:
+                self.link.release(load)
+            if m < len(p.block_ids):
+                meta.failed += p.block_ids[m:]
+                short += 1
+        if short:
+            log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", short)
+
+    def _plan_save(
+        self,
+        meta: KvbmMetadata,
+        tracked: TrackedRequest,
+        before: int,
+        scheduled: int,
+        bad: set[int],
+    ) -> None:
+        """Save the full blocks whose KV exists once this step has run
+        (`before` tokens computed, then `scheduled` more: prompt, then
+        generated ones). A request holding a block that never loaded (`bad`,
+        or reported since) saves nothing until vLLM has rolled it back to
+        that block; the workers are told when it may save again."""
+        req_id = tracked.request.request_id
+        if bad:
+            tracked.hold(bad)
+        if tracked.hold_from is not None:
+            if before > tracked.hold_from * self.block_size:
+                return  # computed over blocks that never arrived (and not yet redone)
+            tracked.hold_from = None
+            meta.released.append(req_id)
+        computed = before + scheduled
+        tokens = tracked.request.all_token_ids
+        full = min(min(computed, len(tokens)) // self.block_size, len(tracked.block_ids))
+        hashed = len(tracked.seq_hashes)
+        hasher = self.link.hasher
+        if tracked.seed is None or hasher is None:
+            return  # not cached: its blocks have no keys
+        if full > hashed:  # blocks of generated tokens: hash them on from the last one
+            parent = tracked.seq_hashes[-1] if hashed else tracked.seed
+            more = tokens[hashed * self.block_size : full * self.block_size]
+            extras = {i - hashed: e for i, e in tracked.extras.items() if i >= hashed}
+            tracked.seq_hashes += hasher.sequence_hashes(more, self.block_size, parent, extras)
+        if full > tracked.saved:
+            span = slice(tracked.saved, full)
+            groups = Groups.of(tracked.seq_hashes, span.start, span.stop)
+            save = Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id, groups)
+            meta.saves.append(save)
+            tracked.saved = full
+            tracked.had_saves = True
+
+    def request_finished(self, request: Request) -> bool:
+        """Forget a finished request and give back its pins; whether vLLM
+        must keep its blocks (async copies: until every worker has reported
+        its saves done, in get_finished; sync ones end in their step)."""
+        tracked = self.requests.pop(request.request_id, None)
+        if tracked is None:
+            return False
+        self.drop_pins(tracked)
+        keep = self.setup.async_copies and tracked.had_saves
+        if keep:
+            log.debug("blocks kept for saves in flight: request %s", request.request_id)
+        return keep
+
+    def take_stats(self) -> KvbmStats | None:
+        """The counts since the last call, for vLLM's stats and /metrics."""
+        if self.stats.is_empty():
+            return None
+        taken, self.stats = self.stats, KvbmStats()
+        return taken
+
+    def _track(self, request: Request) -> TrackedRequest:
+        tracked = self.requests.get(request.request_id)
+        if tracked is None:
+            if self.link.hasher is None:
+                self._attached()  # the node gives the hashing key
+            tracked = self.requests[request.request_id] = self._hash_prompt(request)
+        return tracked
+
+    def _hash_prompt(self, request: Request) -> TrackedRequest:
+        """A request's prompt blocks' hashes, or a request that is not cached:
+        no hashing key yet (no node), or an input the hash cannot name."""
+        hasher = self.link.hasher
+        if hasher is None:
+            return TrackedRequest(request, None, [])
+        try:
+            hashed = prompt_hashes(hasher, self.setup.model_identity, request, self.block_size)
+        except Unnameable as e:
+            self.stats.count(NOT_CACHED)
+            log.info("request %s not cached: %s", request.request_id, e)
+            return TrackedRequest(request, None, [])
+        return TrackedRequest(request, hashed.seed, hashed.hashes, hashed.extras)
+
+    def drop_pins(self, tracked: TrackedRequest) -> None:
+        """Give back what `get_num_new_matched_tokens` pinned and vLLM did not allocate."""
+        if tracked.pinned is not None:
+            self.link.release(tracked.pinned)
+            tracked.pinned = None
+
+    def shutdown(self) -> None:
+        self.link.close()

@@ -1,0 +1,209 @@
+"""An engine without a model, for the connector's scheduler-side tests:
+vLLM's real `Scheduler` (which builds the scheduler-side `KvbmConnector`
+itself, from the `kv_transfer_config`) and a worker-side `KvbmConnector`
+over a real CPU KV cache, stepped by hand the way vLLM's engine core and
+model runner call them. No engine process, no weights: a step takes
+milliseconds.
+
+The forward is a stand-in that keeps the one property the connector's
+correctness rests on: a block's KV depends on the KV of the block before
+it in the cache, and on the block's own tokens. It fills every block it
+computes with `block_value(previous block's value, the block's tokens)`,
+the previous block's value read from the cache. KV computed over a block
+that never loaded is therefore wrong, as a model's would be, and
+`expected_values(tokens)` says what every full block must hold. vLLM may
+hand a preempted request's blocks to another request in the very step it
+preempts it: the stand-in acts that out by zeroing those no other request
+holds before its forward."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from vllm import SamplingParams
+from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.utils.hashing import sha256
+from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+from vllm.v1.request import Request, RequestStatus
+from vllm.v1.structured_output import StructuredOutputManager
+
+from kvbm.connector.vllm import KvbmConnector, KvbmMetadata, kv_transfer_config
+from kvbm.connector.vllm.scheduler import KvbmScheduler
+
+BLOCK = 32
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]  # tests/tiny_llama.py's
+KV_HEADS, HEAD_SIZE = 2, 32
+MODULUS = 65521  # block values stay integers a float32 holds exactly
+
+
+def block_value(previous: int, tokens: list[int]) -> int:
+    """The stand-in model's KV of one block (never 0: a block no one wrote)."""
+    mixed = sum((i + 1) * t for i, t in enumerate(tokens))
+    return 1 + (previous * 131 + mixed) % MODULUS
+
+
+def expected_values(tokens: list[int]) -> list[int]:
+    """What each full block of `tokens` holds when computed right."""
+    values, previous = [], 0
+    for at in range(0, len(tokens) - BLOCK + 1, BLOCK):
+        previous = block_value(previous, tokens[at : at + BLOCK])
+        values.append(previous)
+    return values
+
+
+def next_token(tokens: list[int]) -> int:
+    """The stand-in model's greedy choice: fixed by the tokens so far."""
+    return 4 + (sum(tokens[-3:]) * 7 + len(tokens)) % 500
+
+
+class SteppedEngine:
+    """vLLM's scheduler and one worker's connector, one `step()` at a time.
+
+    `metas` keeps every step's connector metadata and `outputs` every
+    step's scheduler output, for the tests to read what was planned."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        socket: str,
+        num_blocks: int = 64,
+        prefix_caching: bool = False,
+        policy: str = "recompute",
+        copies: str = "sync",
+    ) -> None:
+        extra = {"node": socket, "engine_copies": copies}
+        config = VllmConfig(
+            model_config=model,
+            scheduler_config=SchedulerConfig(
+                max_num_seqs=16,
+                max_num_batched_tokens=1024,
+                max_model_len=1024,
+                enable_chunked_prefill=True,
+                is_encoder_decoder=False,
+            ),
+            cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
+            kv_transfer_config=kv_transfer_config(extra, policy),
+            device_config=DeviceConfig("cpu"),
+        )
+        spec = FullAttentionSpec(
+            block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
+        )
+        cache = KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(LAYERS, spec)])
+        config.cache_config.num_gpu_blocks = num_blocks
+        self.scheduler = Scheduler(
+            vllm_config=config,
+            kv_cache_config=cache,
+            structured_output_manager=StructuredOutputManager(config),
+            block_size=BLOCK,
+        )
+        assert isinstance(self.scheduler.connector, KvbmConnector)
+        self.connector: KvbmScheduler = self.scheduler.connector.scheduler  # type: ignore[assignment]
+        self.worker = KvbmConnector(config, KVConnectorRole.WORKER, cache)
+        # vLLM's CPU cache layout: [blocks, KV heads, block tokens, K and V]
+        shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
+        self.kv = {name: torch.zeros(shape) for name in LAYERS}
+        assert self.worker.worker is not None
+        self.worker.worker.register_kv_caches(self.kv, rank=0)
+        init_none_hash(sha256)
+        self._hasher = get_request_block_hasher(BLOCK, sha256)
+        self.metas: list[KvbmMetadata] = []
+        self.outputs: list[SchedulerOutput] = []
+        self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
+
+    def add(self, req_id: str, tokens: list[int], max_tokens: int = 16) -> Request:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        request = Request(req_id, list(tokens), params, None, block_hasher=self._hasher)
+        self.scheduler.add_request(request)
+        return request
+
+    def block_ids(self, req_id: str) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+
+    def values(self, block_ids: list[int]) -> list[int]:
+        """The value each block holds, the same in every byte of every layer
+        as the forward writes it; -1 for a block that is not one value."""
+        got = []
+        for b in block_ids:
+            first = self.kv[LAYERS[0]][b, 0, 0, 0]
+            whole = all(bool((layer[b] == first).all()) for layer in self.kv.values())
+            got.append(int(first) if whole else -1)
+        return got
+
+    def step(self) -> None:
+        """One engine step: schedule, the worker's hooks around the stand-in
+        forward, and the model runner's output back to the scheduler."""
+        out = self.scheduler.schedule()
+        meta = out.kv_connector_metadata
+        assert isinstance(meta, KvbmMetadata)
+        self.metas.append(meta)
+        self.outputs.append(out)
+        worker = self.worker
+        worker.handle_preemptions(meta)
+        worker.bind_connector_metadata(meta)
+        worker.start_load_kv(None)  # type: ignore[arg-type]
+        for layer in LAYERS:
+            worker.wait_for_layer_load(layer)
+        sampled = self._forward(out)
+        worker.wait_for_save()
+        done, _ = worker.get_finished(out.finished_req_ids)
+        errors = worker.get_block_ids_with_load_errors()
+        worker.clear_connector_metadata()
+        ids = list(sampled)
+        runner = ModelRunnerOutput(
+            req_ids=ids,
+            req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[sampled[r] for r in ids],
+            kv_connector_output=KVConnectorOutput(finished_sending=done, invalid_block_ids=errors),
+        )
+        self.scheduler.update_from_output(out, runner)
+
+    def _forward(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        """Fill every block this step computes, and sample where a request's
+        tokens are all computed (vLLM drops a partial prefill's sample)."""
+        pool = self.scheduler.kv_cache_manager.block_pool.blocks
+        for req_id in out.preempted_req_ids or ():
+            freed = [b for b in self._held.pop(req_id, []) if pool[b].ref_cnt == 0]
+            for layer in self.kv.values():
+                layer[freed] = 0.0  # reused at once, by whoever vLLM gives them to
+        before = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        before.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        sampled: dict[str, list[int]] = {}
+        for req_id, n in out.num_scheduled_tokens.items():
+            request = self.scheduler.requests[req_id]
+            tokens, ids = request.all_token_ids, self.block_ids(req_id)
+            self._held[req_id] = ids
+            start, end = before[req_id], before[req_id] + n
+            for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
+                previous = self.values([ids[b - 1]])[0] if b else 0
+                value = block_value(previous, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
+                for layer in self.kv.values():
+                    layer[ids[b]].fill_(float(value))
+            done = request.num_computed_tokens >= request.num_tokens
+            sampled[req_id] = [next_token(list(tokens))] if done else []
+        return sampled
+
+    def run(self, timeout: float = 60.0) -> None:
+        """Step until every request is finished and its blocks given back;
+        a step with nothing to compute waits a little, as a serving engine's
+        loop does while saves in flight end."""
+        deadline = time.monotonic() + timeout
+        while self.scheduler.has_requests() or self.scheduler.requests:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"requests left: {list(self.scheduler.requests)}")
+            self.step()
+            if not self.outputs[-1].total_num_scheduled_tokens:
+                time.sleep(0.005)
+
+    def abort(self, req_ids: list[str]) -> None:
+        self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.scheduler.shutdown()
