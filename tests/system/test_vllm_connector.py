@@ -33,7 +33,6 @@ import pytest
 
 from kvbm.connector.attach import Available, NodeAttachment
 from kvbm.connector.identity import checkpoint_identity
-from kvbm.disk_faults import corrupt_disk
 from kvbm.layout import ModelGeometry
 from tests.harness.node_daemon import until
 from tests.harness.support import Engine

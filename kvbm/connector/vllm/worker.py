@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbm.connector.attach import NodeAttachment, NodeError
-from kvbm.connector.copy import EngineKV
+from kvbm.connector.engine_kv import EngineKV
 from kvbm.connector.transfers import Copier, SyncCopier, ThreadCopier, Ticket
 from kvbm.connector.vllm.engine_setup import EngineSetup
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load

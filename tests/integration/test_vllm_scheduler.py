@@ -20,10 +20,10 @@ from vllm.v1.request import RequestStatus
 
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.connector.copy import ArenaBlocks
-from tests.node_daemon import until
-from tests.support import Engine
-from tests.tiny_llama import build
-from tests.vllm_steps import BLOCK, SteppedEngine, expected_values
+from tests.harness.node_daemon import until
+from tests.harness.support import Engine
+from tests.harness.tiny_llama import build
+from tests.harness.vllm_steps import BLOCK, SteppedEngine, expected_values
 
 
 def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
