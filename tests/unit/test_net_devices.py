@@ -8,6 +8,15 @@ import os
 from transport.net_devices import UCX_DEVICES_VAR, interface_of, pin_ucx_devices
 
 
+def without_devices(monkeypatch) -> None:
+    """No devices chosen, restored after the test. `delenv` of a variable that
+    is not set records nothing to undo, and the pin below would then leave
+    UCX_NET_DEVICES=lo in this process for every later test's children (a
+    node in a network namespace could then reach no peer)."""
+    monkeypatch.setenv(UCX_DEVICES_VAR, "unset-after-the-test")
+    monkeypatch.delenv(UCX_DEVICES_VAR)
+
+
 def test_an_address_names_its_interface():
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("127.0.0.2") == "lo"  # all of 127/8 is loopback's
@@ -17,7 +26,7 @@ def test_an_address_names_its_interface():
 
 
 def test_ucx_is_pinned_to_the_listen_interface(monkeypatch):
-    monkeypatch.delenv(UCX_DEVICES_VAR, raising=False)
+    without_devices(monkeypatch)
     assert pin_ucx_devices("127.0.0.1", None) == "lo"
     assert os.environ[UCX_DEVICES_VAR] == "lo"
 
@@ -29,6 +38,6 @@ def test_the_users_choice_of_devices_stands(monkeypatch):
 
 
 def test_a_wildcard_leaves_ucx_its_own_choice(monkeypatch):
-    monkeypatch.delenv(UCX_DEVICES_VAR, raising=False)
+    without_devices(monkeypatch)
     assert pin_ucx_devices("0.0.0.0", None) is None
     assert UCX_DEVICES_VAR not in os.environ
