@@ -10,6 +10,12 @@ exactly the pulls of the requests that are really the same. B's first
 request is a warm-up that no node holds (except where the first request is
 the point), so a test cannot pass merely because a node's first request
 used to miss the fleet.
+
+What is under test here is what a key covers, which the scheduler side
+reads from vLLM's request whether or not its engine core has a process of
+its own: every engine here runs it in-process (`IN_PROCESS`, half the
+start-up). The connector across vLLM's default processes is proven in
+test_vllm_connector.py.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import pytest
 from kvbm.connector.attach import node_stats
 from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build, build_blip2, build_lora
-from tests.system.test_vllm_connector import BLOCK, engine_answer, prompt
+from tests.system.test_vllm_connector import BLOCK, IN_PROCESS, prompt
+from tests.system.test_vllm_connector import engine_answer as answer_across_processes
 
 pytestmark = pytest.mark.slow
 
 PROMPT = prompt(11)  # 100 tokens: 3 usable blocks
 USABLE = (len(PROMPT) - 1) // BLOCK
 WARM_UP = prompt(99)
+
+
+def engine_answer(*args, env: dict | None = None, **kwargs) -> dict:
+    return answer_across_processes(*args, env={**IN_PROCESS, **(env or {})}, **kwargs)
 
 
 def two_nodes(etcd, daemons) -> tuple:
