@@ -18,7 +18,7 @@ from kvbm.connector.identity import (
     prompt_hashes,
     request_identity,
 )
-from kvbm.connector.vllm_stats import NOT_CACHED, KvbmStats
+from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from kvbm.hashing import BlockHasher, HashKey
 
 HASHER = BlockHasher(HashKey.derive(b"identity-test-fleet-secret-01234"))

@@ -32,8 +32,8 @@ from kvbm.config import engine_config
 from kvbm.connector.vllm.engine_setup import engine_setup, geometry_of, kv_transfer_config
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
 from kvbm.connector.vllm.scheduler import KvbmScheduler
+from kvbm.connector.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.connector.vllm.worker import KvbmWorker
-from kvbm.connector.vllm_stats import KvbmPromMetrics, KvbmStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

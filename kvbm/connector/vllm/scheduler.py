@@ -39,7 +39,7 @@ from kvbm.connector.identity import Unnameable, prompt_hashes
 from kvbm.connector.vllm.engine_setup import EngineSetup
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
 from kvbm.connector.vllm.node_link import NodeLink
-from kvbm.connector.vllm_stats import NOT_CACHED, KvbmStats
+from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from kvbm.engine_wire import MAX_KEYS
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class KvbmScheduler:
         self.setup = setup
         self.block_size = setup.block_size
         self.link = NodeLink(setup, map_arena=False)
-        self.stats = KvbmStats()  # counts vLLM takes each step (kvbm/connector/vllm_stats.py)
+        self.stats = KvbmStats()  # counts vLLM takes each step (kvbm/connector/vllm/stats.py)
         self.requests: dict[str, TrackedRequest] = {}
         self._to_load: list[Load] = []
         self._promises: list[Promise] = []
