@@ -20,6 +20,7 @@ from vllm.v1.request import RequestStatus
 
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.connector.copy import ArenaBlocks
+from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from tests.harness.node_daemon import until
 from tests.harness.support import Engine
 from tests.harness.tiny_llama import build
@@ -274,3 +275,12 @@ def test_beside_vllms_prefix_cache_the_connector_loads_only_what_vllm_lacks(engi
     assert load.block_ids == ids[2:4]
     assert engine.values(ids[:4]) == expected_values(x)[:4]
     assert node_stats(node.socket)["engine_blocks"]["local_host"] == 4  # 2 for y, 2 for x
+
+
+def test_the_connectors_counts_add_up_as_vllm_sums_them():
+    # vLLM's stats base class: here, not in the unit tier, which runs without vLLM
+    one, two = KvbmStats(), KvbmStats()
+    assert one.is_empty()
+    one.count(NOT_CACHED)
+    two.count(NOT_CACHED, 2)
+    assert one.aggregate(two).reduce() == {NOT_CACHED: 3}

@@ -18,7 +18,6 @@ from kvbm.connector.identity import (
     prompt_hashes,
     request_identity,
 )
-from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from kvbm.hashing import BlockHasher, HashKey
 
 HASHER = BlockHasher(HashKey.derive(b"identity-test-fleet-secret-01234"))
@@ -132,11 +131,3 @@ def test_salts_and_adapters_seed_differently():
     assert plain.seed != salted.seed and not set(plain.hashes) & set(salted.hashes)
     with pytest.raises(Unnameable):
         request_identity(request(cache_salt=b"bytes"), 32)
-
-
-def test_the_connectors_counts_add_up_as_vllm_sums_them():
-    one, two = KvbmStats(), KvbmStats()
-    assert one.is_empty()
-    one.count(NOT_CACHED)
-    two.count(NOT_CACHED, 2)
-    assert one.aggregate(two).reduce() == {NOT_CACHED: 3}

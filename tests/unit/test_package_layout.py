@@ -262,3 +262,13 @@ def test_test_files_sit_in_a_tier_and_the_harness_holds_no_tests():
     for f in sorted((ROOT / "tests").rglob("test_*.py")):
         assert f.relative_to(ROOT / "tests").parts[0] in tiers, f"{f.relative_to(ROOT)}: no tier"
     assert not list((ROOT / "tests" / "harness").rglob("test_*.py"))
+
+
+def test_the_unit_tier_needs_no_vllm():
+    # `./scripts/test --unit` installs the test tools without vLLM (a minute, not
+    # four): a unit test that imports vLLM, or the connector package that does,
+    # fails to collect on a fresh clone
+    for f in sorted((ROOT / "tests" / "unit").rglob("*.py")):
+        names = imported_names(f) | imported_modules(f)
+        bad = {n for n in names if n.split(".")[0] == "vllm" or n.startswith("kvbm.connector.vllm")}
+        assert not bad, f"{f.relative_to(ROOT)} imports {sorted(bad)}"
