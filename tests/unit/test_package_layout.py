@@ -17,15 +17,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FORBIDDEN = {"transport": {"kvbm", "discovery"}, "discovery": {"kvbm", "transport"}}
 
 
-def imported_packages(path: pathlib.Path) -> set[str]:
+def imported_modules(path: pathlib.Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def imported_packages(path: pathlib.Path) -> set[str]:
+    return {m.split(".")[0] for m in imported_modules(path)}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -185,17 +189,6 @@ INDEX_IMPLEMENTATIONS = {
     "discovery.sharded",
     "discovery.sharded_layout",
 }
-
-
-def imported_modules(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
 
 
 @pytest.mark.parametrize("client", INDEX_CLIENTS)
