@@ -24,10 +24,15 @@ import os
 import sys
 
 
-def main() -> None:
+def prepare_environment() -> None:
+    """What an engine sets before it imports vLLM (some of it is read at import)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    prepare_environment()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest

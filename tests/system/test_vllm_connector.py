@@ -13,19 +13,13 @@ answering as vLLM alone.
 These are the tests that prove outputs, each engine a process of its own
 (30 s or more). The scheduler side's cases (promises, holds after a failed
 load, preemption, aborts, generated blocks, vLLM's prefix cache) are tested
-in seconds in tests/test_vllm_scheduler.py, with vLLM's real scheduler.
+in seconds in tests/integration/test_vllm_scheduler.py, with vLLM's real scheduler.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import queue
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -37,8 +31,8 @@ from kvbm.layout import ModelGeometry
 from tests.harness.node_daemon import until
 from tests.harness.support import Engine
 from tests.harness.tiny_llama import build
+from tests.harness.vllm_runs import BLOCK, prompt
 
-BLOCK = 32
 # what vLLM makes of tests/harness/tiny_llama.py: 2 layers, 2 KV heads of 32, fp32
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=BLOCK)
 
@@ -55,108 +49,8 @@ def engine_hashes(att: NodeAttachment, model: str, tokens: list[int]) -> list[in
     return att.hasher.sequence_hashes(tokens, BLOCK, seed)
 
 
-def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
-    return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
-
-
-# vLLM's engine core in the engine's own process (about 10 s to start here,
-# against 24 s for vLLM's default of a process of its own)
-IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
-def engine_answer(
-    model: str,
-    prompts: list[list[int]],
-    socket: str = "",
-    remote: str = "",
-    max_tokens: int = 16,
-    prefix_caching: bool = False,
-    kv_blocks: int = 0,
-    env: dict | None = None,
-) -> dict:
-    """One engine process's answer line (no `socket`: vLLM alone, no
-    connector; `kv_blocks`: a KV cache that small, the prompts all at once),
-    and its stderr. vLLM alone runs its engine core in its own process (no
-    connector to prove across processes: half the start-up); an engine with
-    the connector keeps vLLM's default, scheduler and worker apart, unless
-    `env` says otherwise."""
-    node = [socket, remote] if socket else []
-    layout = {} if socket else IN_PROCESS
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.harness.vllm_engine", model, json.dumps(prompts), *node],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env={
-            **os.environ,
-            "TEST_MAX_TOKENS": str(max_tokens),
-            "TEST_PREFIX_CACHING": "1" if prefix_caching else "0",
-            "TEST_KV_BLOCKS": str(kv_blocks),
-            **layout,
-            **(env or {}),
-        },
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
-    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
-    return {**json.loads(lines[-1]), "stderr": out.stderr}
-
-
-def run_engine(model: str, prompts: list[list[int]], *args, **kwargs) -> list:
-    return engine_answer(model, prompts, *args, **kwargs)["outputs"]
-
-
-class LiveEngine:
-    """An engine process the test talks to between batches of prompts."""
-
-    def __init__(
-        self, model: str, socket: str, remote: str, log_path, env: dict | None = None
-    ) -> None:
-        self.log = open(log_path, "w")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.harness.vllm_engine", model, "-", socket, remote],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self._answer("ready", 300)
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            if line.startswith("{"):
-                self.lines.put(line)
-
-    def _answer(self, key: str, timeout: float) -> object:
-        try:
-            return json.loads(self.lines.get(timeout=timeout))[key]
-        except queue.Empty:
-            raise AssertionError(f"engine gave no {key} in {timeout} s") from None
-
-    def run(self, prompts: list[list[int]]) -> list:
-        self._send(prompts)
-        return self._answer("outputs", 120)  # type: ignore[return-value]
-
-    def _send(self, order: object) -> None:
-        self.proc.stdin.write(json.dumps(order) + "\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()  # type: ignore[union-attr]
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
-
 def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
-    model, etcd, daemons, tmp_path
+    model, vllm_engines, etcd, daemons, tmp_path
 ):
     common = ["--etcd", etcd.endpoint, "--lease-ttl", "3", "--disk-admit-min-uses", "1"]
     disk = ["--disk-cache-dir", str(tmp_path / "a-disk"), "--disk-cache-mb", "8"]
@@ -165,7 +59,7 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     p1, p2, p3, p4 = prompt(1), prompt(2), prompt(3), prompt(4)
     usable = (len(p1) - 1) // BLOCK  # vLLM always computes the last prompt token
 
-    reference = run_engine(model, [p1, p2, p3, p4], a.socket)
+    reference = vllm_engines.outputs(model, [p1, p2, p3, p4], a.socket)
     on_a = NodeAttachment(a.socket, GEOMETRY)
     on_b = NodeAttachment(b.socket, GEOMETRY, remote=["host", "disk"])
     try:
@@ -186,7 +80,7 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     finally:
         on_a.close()
 
-    engine = LiveEngine(model, b.socket, "host,disk", tmp_path / "engine-b.log")
+    engine = vllm_engines.live(model, b.socket, "host,disk", tmp_path / "engine-b.log")
     try:
         served = engine.run([p1, p2, p3])
         counted = on_b.stats()["engine_blocks"]
@@ -211,21 +105,21 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
         on_b.close()
 
 
-def test_async_copies_under_preemption_answer_as_vllm_alone(model, daemons):
+def test_async_copies_under_preemption_answer_as_vllm_alone(model, vllm_engines, daemons):
     """engine_copies "async" (a GPU's default; one copy thread here): a load
     starts before the forward and is waited for layer by layer, a save ends
     in a later step's get_finished, its request's blocks kept from vLLM
     until then. Four prompts at once in a 12-block cache (vLLM preempts):
     engine 1 computes and saves them, engine 2 loads them; both answer as
     vLLM alone. Every request whose blocks were kept is given back, and no
-    lease is left (an abort with saves in flight: tests/test_vllm_scheduler.py)."""
+    lease is left (an abort with saves in flight: tests/integration/test_vllm_scheduler.py)."""
     node = daemons("solo", "127.0.0.2", "--host-cache-mb", "8")
     prompts = [prompt(50 + i, 4 * BLOCK + 4) for i in range(4)]
-    reference = run_engine(model, prompts, max_tokens=48)  # vLLM alone, room for all
+    reference = vllm_engines.outputs(model, prompts, max_tokens=48)  # vLLM alone, room for all
     env = {"KVBM_ENGINE_COPIES": "async", "KVBM_LOG_LEVEL": "debug"}
 
     def run() -> dict:
-        got = engine_answer(model, prompts, node.socket, max_tokens=48, kv_blocks=12, env=env)
+        got = vllm_engines.answer(model, prompts, node.socket, max_tokens=48, kv_blocks=12, env=env)
         assert got["preemptions"] > 0, got["stderr"][-3000:]  # the case under test happened
         assert got["outputs"] == reference
         assert "copies between vLLM's KV cache and the node: ThreadCopier" in got["stderr"]
@@ -246,14 +140,14 @@ def test_async_copies_under_preemption_answer_as_vllm_alone(model, daemons):
         probe.close()
 
 
-def test_the_engine_outlives_its_node_and_reattaches(model, daemons, tmp_path):
+def test_the_engine_outlives_its_node_and_reattaches(model, vllm_engines, daemons, tmp_path):
     """The node is killed (SIGKILL) under a running engine: requests go on,
     recomputed, with the same outputs; a new node on the same socket is found
     again, and serves hits."""
     node = daemons("solo", "127.0.0.2", "--host-cache-mb", "4")
     p = prompt(7)
     usable = (len(p) - 1) // BLOCK
-    engine = LiveEngine(model, node.socket, "", tmp_path / "engine.log")
+    engine = vllm_engines.live(model, node.socket, "", tmp_path / "engine.log")
     try:
         computed = engine.run([p])
         assert engine.run([p]) == computed  # a local hit

@@ -27,8 +27,7 @@ import pytest
 from kvbm.connector.attach import node_stats
 from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build, build_blip2, build_lora
-from tests.system.test_vllm_connector import BLOCK, IN_PROCESS, prompt
-from tests.system.test_vllm_connector import engine_answer as answer_across_processes
+from tests.harness.vllm_runs import BLOCK, IN_PROCESS, prompt
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +36,14 @@ USABLE = (len(PROMPT) - 1) // BLOCK
 WARM_UP = prompt(99)
 
 
-def engine_answer(*args, env: dict | None = None, **kwargs) -> dict:
-    return answer_across_processes(*args, env={**IN_PROCESS, **(env or {})}, **kwargs)
+@pytest.fixture
+def engine_answer(vllm_engines):
+    """vllm_engines.answer with vLLM's engine core inside the engine's process."""
+
+    def answer(*args, env: dict | None = None, **kwargs) -> dict:
+        return vllm_engines.answer(*args, env={**IN_PROCESS, **(env or {})}, **kwargs)
+
+    return answer
 
 
 def two_nodes(etcd, daemons) -> tuple:
@@ -65,7 +70,7 @@ def model(tmp_path_factory) -> str:
 
 
 def test_a_new_nodes_first_request_loads_a_peers_prompt_and_cache_salts_stay_apart(
-    model, etcd, daemons
+    model, engine_answer, etcd, daemons
 ):
     """1f and 1e. B's engine's first request is one A holds: it loads."""
     a, b = two_nodes(etcd, daemons)
@@ -83,7 +88,9 @@ def test_a_new_nodes_first_request_loads_a_peers_prompt_and_cache_salts_stay_apa
     assert blocks["local_host"] == 0, blocks
 
 
-def test_another_checkpoint_under_the_same_path_is_never_loaded(etcd, daemons, tmp_path):
+def test_another_checkpoint_under_the_same_path_is_never_loaded(
+    engine_answer, etcd, daemons, tmp_path
+):
     """1d. A's engine serves checkpoint X from a path; the path then holds
     checkpoint Y (same config, other weights: a new model rolled out under
     one name) when B's engine starts."""
@@ -101,7 +108,7 @@ def test_another_checkpoint_under_the_same_path_is_never_loaded(etcd, daemons, t
     assert pulled(b) == 0
 
 
-def test_prompt_embeddings_never_share_blocks(model, etcd, daemons):
+def test_prompt_embeddings_never_share_blocks(model, engine_answer, etcd, daemons):
     """1b. Two prompts of 100 embeddings each (vLLM holds token id 0 at
     every position), and the prompt of 100 token ids 0: only the same
     embeddings load."""
@@ -118,7 +125,7 @@ def test_prompt_embeddings_never_share_blocks(model, etcd, daemons):
 
 
 def test_lora_adapters_under_reused_or_swapped_names_never_cross_load(
-    model, etcd, daemons, tmp_path
+    model, engine_answer, etcd, daemons, tmp_path
 ):
     """1c. A serves adapter 1 as "sql" and adapter 2 as "chat"; B serves
     them swapped, "sql" pointed at adapter 2, then the base model, then
@@ -144,7 +151,7 @@ def test_lora_adapters_under_reused_or_swapped_names_never_cross_load(
 
 
 def test_the_same_text_with_another_image_never_loads_the_first_images_blocks(
-    etcd, daemons, tmp_path_factory
+    engine_answer, etcd, daemons, tmp_path_factory
 ):
     """1a. A vision model (tests/harness/tiny_llama.py: BLIP-2, whose 8 image tokens
     are one placeholder id, whatever the image): one text, two images. Only
