@@ -26,6 +26,14 @@ quiet_native_logs()  # for the NIXL agents tests create in their own process
 os.environ["KVBM_SECRET"] = TEST_FLEET_SECRET
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Across workers (pytest-xdist's `-n`), a group that one worker runs in
+    order (the vLLM tests, the longest) goes first, so it is not the last to
+    start."""
+    if getattr(config.option, "numprocesses", None):
+        items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 @pytest.fixture
 def make_manager(tmp_path) -> Iterator:
     """make_manager(host_slots, disk_slots=0, min_uses=1, **disk_kwargs) -> BlockManager,
