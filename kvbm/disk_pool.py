@@ -5,7 +5,7 @@ between the file and the host arena):
 
     [superblock: 1 page][header table: 1 page per slot][data: slot_bytes per slot]
 
-Data sits contiguous, so a run of slots is one plain I/O, as fast as the disk.
+Data sits contiguous, so a span of slots is one plain I/O, as fast as the disk.
 A slot's header (key, checksum, the key's group anchor, the data's seal,
 its own keyed sum) is written after its data:
 after a crash a header either names the block whose bytes are there, or an
@@ -39,7 +39,7 @@ from kvbm.disk_seal import HEADER, SEAL_BYTES, SUM_BYTES, SUPER, DiskSeal
 from kvbm.errors import DiskTierError
 from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
-from kvbm.layout import PAGE, ModelGeometry, slot_runs
+from kvbm.layout import PAGE, ModelGeometry, slot_spans
 from kvbm.slot_table import SlotTable
 
 log = logging.getLogger("kvbm.disk")
@@ -302,7 +302,7 @@ class DiskPool:
         order = sorted(range(len(slots)), key=slots.__getitem__)
         cap = max(1, min(_MAX_IOV, IO_PIECE_BYTES // self.slot_bytes))
         out = []
-        for first, n, off in slot_runs(np.asarray([slots[i] for i in order], dtype=np.int64)):
+        for first, n, off in slot_spans(np.asarray([slots[i] for i in order], dtype=np.int64)):
             for start in range(0, n, cap):
                 out.append((first + start, order[off + start : off + min(n, start + cap)]))
         return out
@@ -313,7 +313,7 @@ class DiskPool:
         Returns each block's checksum (taken here where the item has none), or
         None where its write failed (disk full, I/O error): a failure costs only
         its own piece. Each I/O thread checksums its piece just before writing
-        it; headers go last, one write per run of slots, so a batch costs one
+        it; headers go last, one write per span of slots, so a batch costs one
         small write on top of its data.
         """
         sums: list[int | None] = [None] * len(items)
@@ -327,14 +327,15 @@ class DiskPool:
         written = sorted(
             (i for i, c in enumerate(sums) if c is not None), key=lambda i: items[i].dst
         )
-        for first, n, off in slot_runs(np.asarray([items[i].dst for i in written], dtype=np.int64)):
-            run = written[off : off + n]
-            heads = [(items[i].key, sums[i], items[i].anchor, seals[i]) for i in run]
+        dsts = np.asarray([items[i].dst for i in written], dtype=np.int64)
+        for first, n, off in slot_spans(dsts):
+            span = written[off : off + n]
+            heads = [(items[i].key, sums[i], items[i].anchor, seals[i]) for i in span]
             if not self._write_headers(first, heads):  # type: ignore[arg-type]
-                for i in run:
+                for i in span:
                     sums[i] = None
                 continue
-            for i in run:
+            for i in span:
                 dst = items[i].dst
                 self._seals[dst * SEAL_BYTES : (dst + 1) * SEAL_BYTES] = seals[i]
         return sums

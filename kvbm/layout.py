@@ -1,4 +1,4 @@
-"""Model geometry -> bytes per block, the layout fingerprint, and slot runs.
+"""Model geometry -> bytes per block, the layout fingerprint, and slot spans.
 
 An engine's KV cache is, per layer, a [B, H, N, C] array (blocks, KV heads,
 token positions, K then V content) laid out in memory in one of vLLM's
@@ -119,11 +119,12 @@ class ModelGeometry:
         return xxhash.xxh3_64_intdigest(text.encode())
 
 
-def slot_runs(slots: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first slot, length, offset in `slots`) for each run of consecutive slots.
+def slot_spans(slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first slot, length, offset in `slots`) for each span of consecutive
+    slots, which one copy moves.
 
     `slots` must be sorted ascending. Allocation hands out the lowest free slots,
-    so a batch is usually one or a few runs.
+    so a batch is usually one or a few spans.
     """
     if slots.size == 0:
         return []

@@ -238,7 +238,7 @@ class NodeAttachment:
         self.link.call("release", {"lease": lease})
 
     def copy_in(self, kv: EngineKV, slots: Sequence[int], block_ids: Sequence[int]) -> None:
-        """Arena slots -> engine blocks (whole blocks, one copy per run of slots)."""
+        """Arena slots -> engine blocks (whole blocks, one copy per span of slots)."""
         if len(slots):
             self._blocks().scatter(kv, slots, block_ids)
 

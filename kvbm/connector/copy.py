@@ -3,12 +3,12 @@ on the engine's side of the socket.
 
 The engine's cache is seen as few strided arrays (`EngineKV`,
 kvbm/connector/engine_kv.py) and the arena's slots in the same shapes, so a
-copy is one torch op per array per run of consecutive slots or blocks: never
+copy is one torch op per array per span of consecutive slots or blocks: never
 a Python loop per block per layer.
 
 On the CPU the ops copy between the tensors and the arena directly. A device
 cache goes through a staging buffer on the device (`StagedCopies`): one
-gather or scatter kernel per array, and one DMA per run of slots between the
+gather or scatter kernel per array, and one DMA per span of slots between the
 staging buffer and the arena (pinned by kvbm/connector/cuda.py). The same
 code runs, and is tested, with CPU tensors. `load_in_steps` and
 `store_in_steps` are the one chunked loop of each direction, whoever hands
@@ -26,33 +26,33 @@ import torch
 
 from kvbm.connector.engine_kv import EngineKV, slot_arrays
 from kvbm.errors import GeometryMismatch
-from kvbm.layout import ModelGeometry, slot_runs
+from kvbm.layout import ModelGeometry, slot_spans
 
 
 class _Plan:
-    """How a batch of (engine block, slot) pairs maps onto runs, worked out
-    once per batch: runs on both sides where blocks and slots go up together,
-    else runs on whichever side has fewer, the other side indexed."""
+    """How a batch of (engine block, slot) pairs maps onto spans, worked out
+    once per batch: spans on both sides where blocks and slots go up together,
+    else spans on whichever side has fewer, the other side indexed."""
 
     def __init__(self, b: np.ndarray, s: np.ndarray, to_arena: bool) -> None:
         self.to_arena = to_arena
         by_slot = np.argsort(s, kind="stable")
         sb, ss = b[by_slot], s[by_slot]
-        joint = _joint_runs(sb, ss)
-        slot_side = slot_runs(ss)
+        joint = _joint_spans(sb, ss)
+        slot_side = slot_spans(ss)
         by_block = np.argsort(b, kind="stable")
-        block_side = slot_runs(b[by_block])
+        block_side = slot_spans(b[by_block])
         if len(joint) <= min(len(slot_side), len(block_side)):
-            self.kind, self.runs, self.index = "joint", joint, torch.from_numpy(sb)
-        # On a tie, index_select writing a contiguous run is the faster op.
+            self.kind, self.spans, self.index = "joint", joint, torch.from_numpy(sb)
+        # On a tie, index_select writing a contiguous span is the faster op.
         elif len(slot_side) < len(block_side) or (len(slot_side) == len(block_side) and to_arena):
-            self.kind, self.runs, self.index = "slots", slot_side, torch.from_numpy(sb)
+            self.kind, self.spans, self.index = "slots", slot_side, torch.from_numpy(sb)
         else:
-            self.kind, self.runs, self.index = "blocks", block_side, torch.from_numpy(s[by_block])
+            self.kind, self.spans, self.index = "blocks", block_side, torch.from_numpy(s[by_block])
 
     def apply(self, engines: list[torch.Tensor], arenas: list[torch.Tensor]) -> None:
-        """One torch op per array per run."""
-        for first, n, off in self.runs:
+        """One torch op per array per span."""
+        for first, n, off in self.spans:
             ids = self.index[off : off + n]
             for engine, arena in zip(engines, arenas, strict=True):
                 if self.kind == "joint":
@@ -60,17 +60,17 @@ class _Plan:
                     ours, theirs = arena[first : first + n], engine[block : block + n]
                     (ours.copy_(theirs) if self.to_arena else theirs.copy_(ours))
                 elif self.kind == "slots":
-                    run = arena[first : first + n]
+                    span = arena[first : first + n]
                     if self.to_arena:
-                        torch.index_select(engine, 0, ids, out=run)
+                        torch.index_select(engine, 0, ids, out=span)
                     else:
-                        engine.index_copy_(0, ids, run)
+                        engine.index_copy_(0, ids, span)
                 else:
-                    run = engine[first : first + n]
+                    span = engine[first : first + n]
                     if self.to_arena:
-                        arena.index_copy_(0, ids, run)
+                        arena.index_copy_(0, ids, span)
                     else:
-                        torch.index_select(arena, 0, ids, out=run)
+                        torch.index_select(arena, 0, ids, out=span)
 
 
 class ArenaBlocks:
@@ -143,7 +143,7 @@ class StagedCopies:
     """Copies for a cache the CPU cannot address (a GPU's): blocks go
     through `staging`, a buffer of whole slots on the engine's device. A
     store gathers the blocks into it, one kernel per part, then moves each
-    run of slots to the arena in one transfer; a load does the reverse.
+    span of slots to the arena in one transfer; a load does the reverse.
     Torch orders the ops on the current stream; with `non_blocking` and a
     pinned arena the transfers are asynchronous DMAs. A batch larger than
     the buffer goes in chunks, in order on the same stream."""
@@ -178,7 +178,7 @@ class StagedCopies:
                 torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
             if after_reads is not None and k == len(chunks) - 1:
                 after_reads()
-            for first, n, off in slot_runs(s):
+            for first, n, off in slot_spans(s):
                 self.arena[first : first + n].copy_(
                     self.staging[off : off + n], non_blocking=self.non_blocking
                 )
@@ -200,7 +200,7 @@ class StagedCopies:
         if not chunks:
             yield self.kv.geometry.num_layers
         for k, (b, s, ids) in enumerate(chunks):
-            for first, n, off in slot_runs(s):
+            for first, n, off in slot_spans(s):
                 self.staging[off : off + n].copy_(
                     self.arena[first : first + n], non_blocking=self.non_blocking
                 )
@@ -253,8 +253,8 @@ def _checked_pairs(
     return b, s
 
 
-def _joint_runs(blocks: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
-    """(first slot, length, offset) of each run where slots and blocks (both
+def _joint_spans(blocks: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first slot, length, offset) of each span where slots and blocks (both
     in slot order) go up by one together."""
     if slots.size == 0:
         return []

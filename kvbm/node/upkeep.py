@@ -15,35 +15,36 @@ from collections.abc import Callable
 from kvbm.manager import BlockManager
 
 log = logging.getLogger("kvbm.node")
-BATCH = 16  # blocks summed, or written ahead, per step
+BATCH = 16  # blocks summed, or written ahead, per job and pass
 IDLE_S = 0.05  # how often an idle upkeep looks for work
 
 
 class Upkeep:
-    """One task. Each step is a batch in a worker thread; after a step that
-    worked it rests as long as the step took (at most half a core), so it
-    never crowds out the engines' copies. Summing comes first in each step:
-    a block written ahead unsummed is summed on the way anyway."""
+    """One task. Each pass runs each job (summing, writing ahead) on one batch
+    in a worker thread; after a pass that worked it rests as long as the pass
+    took (at most half a core), so it never crowds out the engines' copies.
+    Summing comes first in each pass: a block written ahead unsummed is
+    summed on the way anyway."""
 
     def __init__(self, mgr: BlockManager, checksums: bool, write_ahead_blocks: int) -> None:
         self.mgr = mgr
-        self.steps: list[Callable[[], int]] = []
+        self.jobs: list[Callable[[], int]] = []
         if checksums:
-            self.steps.append(lambda: mgr.checksum_newest(BATCH))
+            self.jobs.append(lambda: mgr.checksum_newest(BATCH))
         if mgr.disk is not None and write_ahead_blocks > 0:
-            self.steps.append(lambda: mgr.write_ahead(write_ahead_blocks, BATCH))
+            self.jobs.append(lambda: mgr.write_ahead(write_ahead_blocks, BATCH))
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        if self.steps:
+        if self.jobs:
             self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             t0 = time.monotonic()
             worked = 0
-            for step in self.steps:
-                batch = asyncio.ensure_future(asyncio.to_thread(step))
+            for job in self.jobs:
+                batch = asyncio.ensure_future(asyncio.to_thread(job))
                 try:
                     worked += await asyncio.shield(batch)
                 except asyncio.CancelledError:

@@ -1,4 +1,4 @@
-"""kvbm.layout (geometry arithmetic, the layout fingerprint, slot runs) and
+"""kvbm.layout (geometry arithmetic, the layout fingerprint, slot spans) and
 kvbm.connector.engine_kv (engine tensor checks), kvbm.connector.copy (the batched gather/scatter
 copies between engine blocks (G1) and arena slots)."""
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kvbm.connector.copy import ArenaBlocks
 from kvbm.connector.engine_kv import EngineKV, torch_dtype
 from kvbm.errors import GeometryMismatch, KvbmError
-from kvbm.layout import PAGE, VLLM_CPU_LAYOUT, ModelGeometry, align_up, slot_runs
+from kvbm.layout import PAGE, VLLM_CPU_LAYOUT, ModelGeometry, align_up, slot_spans
 
 NUM_BLOCKS = 12  # engine blocks per layer
 NUM_SLOTS = 16  # arena slots
@@ -244,25 +244,25 @@ def test_engine_kv_check_ids():
             kv.check_ids(np.array(bad, dtype=np.int64))
 
 
-# --- slot_runs ------------------------------------------------------------------------------
+# --- slot_spans ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("slots", "runs"),
+    ("slots", "spans"),
     [
         ([], []),
         ([7], [(7, 1, 0)]),
         ([0, 1, 2, 3], [(0, 4, 0)]),
         ([0, 1, 3, 4, 5, 9], [(0, 2, 0), (3, 3, 2), (9, 1, 5)]),
         ([0, 3, 6, 9], [(0, 1, 0), (3, 1, 1), (6, 1, 2), (9, 1, 3)]),
-        ([2, 2], [(2, 1, 0), (2, 1, 1)]),  # a repeat is not a run
+        ([2, 2], [(2, 1, 0), (2, 1, 1)]),  # a repeat is not a span
     ],
 )
-def test_slot_runs(slots, runs):
-    # (first slot, length, offset into the sorted slots) per run of consecutive slots
-    got = slot_runs(np.array(slots, dtype=np.int64))
-    assert got == runs
-    assert all(type(x) is int for run in got for x in run)
+def test_slot_spans(slots, spans):
+    # (first slot, length, offset into the sorted slots) per span of consecutive slots
+    got = slot_spans(np.array(slots, dtype=np.int64))
+    assert got == spans
+    assert all(type(x) is int for span in got for x in span)
 
 
 # --- gather / scatter -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ copied into its arena; `engine_copies` says whether they are committed at
 once (sync) or in a later step's `get_finished`, the request's blocks kept
 from vLLM until then (async; `handle_preemptions` waits until saves in
 flight have read the blocks of preempted requests). Whole blocks, one torch
-op per run of blocks for every layer (kvbm/connector/copy.py, any of vLLM's
+op per span of blocks for every layer (kvbm/connector/copy.py, any of vLLM's
 KV cache layouts; a GPU's through a staging buffer, kvbm/connector/cuda.py).
 A load that fails is reported through `get_block_ids_with_load_errors`, so
 vLLM recomputes (with `kv_load_failure_policy` "recompute").
