@@ -196,6 +196,9 @@ async def main():
             break
     await asyncio.sleep(3)  # the server retries its accepts all along
     print("held", len(held))
+    for sock in held:  # their handlers end (the clients gone) before the loop does
+        sock.close()
+    await asyncio.sleep(1)
 
 asyncio.run(main())
 """
