@@ -33,8 +33,7 @@ from tests.harness.support import Engine
 from tests.harness.tiny_llama import build
 from tests.harness.vllm_runs import BLOCK, prompt
 
-# one worker runs these tests, one after another, from its own fork server
-pytestmark = pytest.mark.xdist_group("vllm-connector")
+pytestmark = pytest.mark.slow
 # what vLLM makes of tests/harness/tiny_llama.py: 2 layers, 2 KV heads of 32, fp32
 GEOMETRY = ModelGeometry(num_layers=2, num_kv_heads=2, head_dim=32, block_size=BLOCK)
 

@@ -29,7 +29,7 @@ from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build, build_blip2, build_lora
 from tests.harness.vllm_runs import BLOCK, IN_PROCESS, prompt
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm-identity")]
+pytestmark = pytest.mark.slow
 
 PROMPT = prompt(11)  # 100 tokens: 3 usable blocks
 USABLE = (len(PROMPT) - 1) // BLOCK
