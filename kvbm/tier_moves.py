@@ -137,6 +137,9 @@ class TierMoves:
                     continue
                 host.record_checksum(b.slot, b.serial, c)  # no-op where it was summed already
                 written += dt.register(w.dst, w.key, c, w.anchor)
+        # a failed write is a block the disk tier did not take, as in a drain
+        # (the block stays in G2: its eviction may try the disk again)
+        self.metrics.rejected.labels(Tier.DISK, "io_error").inc(sums.count(None))
         self.metrics.moved.labels("g2_to_g3").inc(written * self._block_bytes)
         return written
 

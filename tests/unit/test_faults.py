@@ -219,6 +219,27 @@ def test_an_unexpected_disk_error_is_a_miss_and_leaks_nothing(make_manager, monk
     assert mgr.host.table.free_count + mgr.host.table.registered_count == 4
 
 
+def test_a_failed_write_ahead_counts_an_io_error_and_keeps_the_block(make_manager, monkeypatch):
+    """A write ahead of eviction that fails (a full file system, say) is a block
+    the disk tier did not take, counted as a drain's is: the first failed write
+    may as well be a write ahead as a drain's (tests/system/faults/test_disk_faults.py)."""
+    mgr = make_manager(host_slots=8, disk_slots=32, min_uses=1)
+    store(mgr, keys(0, 8))
+    store(mgr, keys(100, 2))  # evicts keys 0, 1 (written at eviction): two owed ahead
+    monkeypatch.setattr(mgr.disk, "write", lambda items, host: [None] * len(items))
+    assert mgr.write_ahead(reach=4, limit=16) == 0
+    rejected = mgr.metrics.value(
+        "kvbm_tier_admissions_rejected_total", tier="disk", reason="io_error"
+    )
+    assert rejected == 2
+    assert mgr.disk.table.registered_count == 2  # keys 0, 1 only
+    eng = Engine(2)
+    assert onboard(mgr, eng.kv, keys(2, 2), [0, 1]) == 2  # still in G2, bit-exact
+    assert eng.holds(keys(2, 2)[0], 0) and eng.holds(keys(2, 2)[1], 1)
+    mgr.host.table.check()
+    mgr.disk.table.check()
+
+
 def test_a_failed_piece_waits_for_its_siblings_before_slots_are_reused(make_manager, monkeypatch):
     import time
 

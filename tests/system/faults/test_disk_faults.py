@@ -86,11 +86,12 @@ def test_a_file_system_filling_up_under_the_disk_tier(daemons, small_tmpfs):
         # busy machine the tier may pause (no_space) a moment after the store, and
         # the batch whose write failed counts its io_error only once all of its
         # writes return, after a concurrent drain already counted no_space
-        until(
-            lambda: rejected("no_space") > 0 and rejected("io_error") > 0,
-            20,
-            "the full disk never failed a write and paused the tier",
-        )
+        try:
+            until(lambda: rejected("no_space") > 0 and rejected("io_error") > 0, 20, "")
+        except AssertionError:
+            counts = {r: rejected(r) for r in ("no_space", "io_error")}
+            what = "the full disk never failed a write and paused the tier"
+            raise AssertionError(f"{what}: {counts}") from None
         failed, spared = rejected("io_error"), rejected("no_space")
         assert 0 < failed < len(late) // 2 and spared > 0
         # what reached the disk before it filled still loads, bit-exact
