@@ -119,10 +119,11 @@ def test_the_serving_child_maps_the_arena_read_only_and_a_write_lands_nowhere(
     if tls is not None:
         monkeypatch.setenv("UCX_TLS", tls)  # the attacker's own agent
     attacker = Attacker()
+    base = a.arena[0]  # the address the attacker learned: after a fault there is none
     try:
         peer = attacker.agent.add_peer(a.metadata)
-        attacker.write(peer, a.arena[0], b"\x5a" * BLOCK)
-        attacker.write(peer, a.arena[0] + 3 * BLOCK, b"\x5a" * BLOCK)
+        attacker.write(peer, base, b"\x5a" * BLOCK)
+        attacker.write(peer, base + 3 * BLOCK, b"\x5a" * BLOCK)
     finally:
         attacker.close()
     assert np.array_equal(arena_a.array, before)
