@@ -68,9 +68,10 @@ def store(mgr, ks: list[BlockKey]) -> int:
 
 def fill_up(directory: str) -> None:
     """Fill the file system under `directory` to the last byte, as another
-    program would (a file named `filler`)."""
+    program would (a file named `filler`). Unbuffered: a buffered file would
+    try its last bytes again on close, and raise there."""
     try:
-        f = open(os.path.join(directory, "filler"), "wb")  # noqa: SIM115
+        f = open(os.path.join(directory, "filler"), "wb", buffering=0)  # noqa: SIM115
     except OSError as e:
         if e.errno == errno.ENOSPC:
             return  # full already: not even room for a name
@@ -79,7 +80,6 @@ def fill_up(directory: str) -> None:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 
