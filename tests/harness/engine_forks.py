@@ -172,7 +172,7 @@ class ForkedProcess:
             except TimeoutError:
                 raise subprocess.TimeoutExpired(f"engine {self.pid}", timeout or 0) from None
             self.conn.close()
-            # nothing said: the server died, and took its children with it
+            # nothing said: the server died first, and the engine's status is lost
             said = json.loads(self.received) if self.received else {"exit": -signal.SIGKILL}
             self.returncode = int(said["exit"])
         return self.returncode

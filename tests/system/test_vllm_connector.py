@@ -11,7 +11,8 @@ async copies under preemption, and an engine outliving its node, each
 answering as vLLM alone.
 
 These are the tests that prove outputs, each engine a process of its own
-(30 s or more). The scheduler side's cases (promises, holds after a failed
+(forked by tests/harness/engine_forks.py), its scheduler and worker apart
+as vLLM's default has them. The scheduler side's cases (promises, holds after a failed
 load, preemption, aborts, generated blocks, vLLM's prefix cache) are tested
 in seconds in tests/integration/test_vllm_scheduler.py, with vLLM's real scheduler.
 """
