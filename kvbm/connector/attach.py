@@ -176,6 +176,27 @@ class NodeAttachment:
             on_host = int(np.count_nonzero(rest[:m] & REMOTE_HOST))
         return Available(local, on_host, m - on_host)
 
+    def held(self, keys: Sequence[BlockKey]) -> np.ndarray | None:
+        """Which of `keys` the node could serve (held here, or by a peer in a
+        remote tier this engine asks for), as its key view shows them; None
+        where the view cannot tell one of them. For a windowed group, which
+        needs a prefix's last blocks, not the whole prefix. Advice, as
+        `seen`'s."""
+        if self.view is None or not self.view.alive():
+            return None
+        bits = self.view.bits(keys)
+        if bits is None or (bits == UNSURE).any():
+            return None
+        local = (bits & LOCAL) != 0
+        if local.all():
+            return local
+        if self.view.peers_elsewhere():
+            return None  # a sharded index: only the node (asking owners) knows
+        remote = (bits & self._remote_bits) != 0
+        if (remote & ~local).any() and self.view.peers_avoided():
+            return None  # the node leaves some peer alone: only it knows whose keys
+        return local | remote
+
     def load(
         self,
         kv: EngineKV,

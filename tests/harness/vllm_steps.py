@@ -28,7 +28,12 @@ from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheSpec,
+)
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
@@ -76,6 +81,7 @@ class SteppedEngine:
         prefix_caching: bool = False,
         policy: str = "recompute",
         copies: str = "sync",
+        spec: KVCacheSpec | None = None,
     ) -> None:
         extra = {"node": socket, "engine_copies": copies}
         config = VllmConfig(
@@ -91,7 +97,7 @@ class SteppedEngine:
             kv_transfer_config=kv_transfer_config(extra, policy),
             device_config=DeviceConfig("cpu"),
         )
-        spec = FullAttentionSpec(
+        spec = spec or FullAttentionSpec(
             block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
         )
         cache = KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(LAYERS, spec)])

@@ -191,7 +191,7 @@ def test_saves_in_flight_finish_reading_before_a_preempted_requests_blocks_are_r
     monkeypatch.undo()
     preempting = [i for i, out in enumerate(engine.outputs) if out.preempted_req_ids]
     assert preempting, "vLLM never preempted: the case under test did not happen"
-    assert all(engine.metas[i].preempted for i in preempting)
+    assert all(engine.metas[i].blocks_reused for i in preempting)
     assert node_stats(node.socket)["engine_leases"] == 0
     check = engines()
     answered = [list(r.all_token_ids) for r in requests]  # 180 tokens: 5 blocks with KV

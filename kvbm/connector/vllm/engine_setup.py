@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm.config import KvbmConfig, engine_config
+from kvbm.connector.attention_window import AttentionWindow
 from kvbm.connector.identity import model_identity
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.errors import KvbmError
@@ -41,6 +42,7 @@ class EngineSetup:
     off: str | None = None  # why the connector is off (the engine runs without it)
     model_geometry: ModelGeometry | None = None
     model_identity: str = ""
+    window: AttentionWindow | None = None  # a sliding-window or chunked-local group's
     private_node: subprocess.Popen | None = None  # the node this engine started for itself
 
     @property
@@ -73,9 +75,10 @@ def engine_setup(
     cfg = engine_config(extra)
     attach_logging(cfg.log_level)
     socket, private, off = cfg.socket, None, None
-    geometry, identity = None, ""
+    geometry, identity, window = None, "", None
     try:
         geometry = geometry_of(vllm_config, kv_cache_config)
+        window = window_of(kv_cache_config)
         identity = model_identity(vllm_config.model_config)
         if "node" not in extra:
             socket, private = ensure_private_node(cfg)
@@ -97,8 +100,33 @@ def engine_setup(
         off=off,
         model_geometry=geometry,
         model_identity=identity,
+        window=window,
         private_node=private,
     )
+
+
+STORED_KINDS = (
+    "FullAttentionSpec",
+    "MLAAttentionSpec",
+    "SlidingWindowSpec",
+    "ChunkedLocalAttentionSpec",
+)
+
+
+def window_of(kv_cache_config: KVCacheConfig | None) -> AttentionWindow | None:
+    """The window of the one KV cache group (checked by `geometry_of`), if
+    vLLM frees its blocks behind one. A full-attention spec that carries a
+    sliding window (vLLM's CPU build, or the hybrid manager off) keeps every
+    block: no window here."""
+    if kv_cache_config is None or not kv_cache_config.kv_cache_groups:
+        return None
+    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+    kind = type(spec).__name__
+    if kind == "SlidingWindowSpec":
+        return AttentionWindow("sliding", spec.sliding_window, spec.block_size)
+    if kind == "ChunkedLocalAttentionSpec":
+        return AttentionWindow("chunked", spec.attention_chunk_size, spec.block_size)
+    return None
 
 
 def geometry_of(
@@ -120,6 +148,8 @@ def geometry_of(
     )
     groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
     if not groups:
+        if mc.get_sliding_window() is not None:
+            raise KvbmError("kvbm needs vLLM's KV cache groups to tell a sliding window's blocks")
         return ModelGeometry(
             num_layers=mc.get_num_layers(pc),
             num_kv_heads=mc.get_num_kv_heads(pc),
@@ -130,9 +160,12 @@ def geometry_of(
         )
     spec = groups[0].kv_cache_spec
     kind = type(spec).__name__
-    if len(groups) != 1 or kind not in ("FullAttentionSpec", "MLAAttentionSpec"):
+    if len(groups) != 1 or kind not in STORED_KINDS:
         kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
-        raise KvbmError(f"kvbm stores one KV cache group of full attention; this model has {kinds}")
+        raise KvbmError(
+            f"kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
+            f"attention; this model has {len(groups)} group(s) of {kinds}"
+        )
     if spec.state_content_bytes is not None:
         raise KvbmError("kvbm does not store packed (quantized) KV pages yet")
     return ModelGeometry(

@@ -52,5 +52,7 @@ class KvbmMetadata(KVConnectorMetadata):
     loads: list[Load] = field(default_factory=list)
     saves: list[Save] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)  # promised blocks the node did not pin
-    preempted: bool = False  # vLLM may reuse blocks that saves in flight still read
+    # vLLM may hand blocks that saves in flight still read to other requests
+    # before this step's forward: a preemption, or blocks freed behind a window
+    blocks_reused: bool = False
     released: list[str] = field(default_factory=list)  # requests that may save again

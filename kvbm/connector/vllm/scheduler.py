@@ -33,8 +33,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvbm.block_key import Groups
 from kvbm.connector.attach import NodeAttachment, NodeError
+from kvbm.connector.attention_window import NULL_BLOCK, leading_nulls
 from kvbm.connector.identity import Unnameable, prompt_hashes
 from kvbm.connector.vllm.engine_setup import EngineSetup
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
@@ -139,6 +142,10 @@ class KvbmScheduler:
         t0 = time.perf_counter()
         keys = [a.keys(tracked.seq_hashes[first:usable]) for a in node]
         groups = Groups.of(tracked.seq_hashes, first, usable)
+        if self.setup.window is not None and self.setup.promise_hits:
+            held = [a.held(k) for a, k in zip(node, keys, strict=True)]
+            if all(h is not None for h in held):
+                return self._windowed_hit(tracked, node[0].step_blocks, held, first)
         seen = [a.seen(k) for a, k in zip(node, keys, strict=True)]
         if all(s is not None for s in seen):
             n = min(s.total for s in seen)  # type: ignore[union-attr]
@@ -167,6 +174,24 @@ class KvbmScheduler:
         log.debug("pinned blocks=%d ms=%.2f", n, (time.perf_counter() - t0) * 1e3)
         return n * self.block_size, False
 
+    def _windowed_hit(
+        self, tracked: TrackedRequest, step_blocks: int, held: list, first: int
+    ) -> tuple[int | None, bool]:
+        """The hit the key view shows for a windowed group, promised: as
+        many blocks as keep every block the next token attends to held on
+        every rank (kvbm/connector/attention_window.py), at most one load
+        step's. Only those blocks are pinned (and pulled from peers) with
+        the step. Where a hit is pinned before it is promised, the pin
+        takes the prefix whole, as for full attention."""
+        window = self.setup.window
+        assert window is not None
+        mask = np.logical_and.reduce(held)[:step_blocks]
+        n = window.longest_hit(mask, first) - first
+        if n == 0:
+            return 0, False  # a miss, told by the view
+        tracked.promised, tracked.first_block = n, first
+        return n * self.block_size, False
+
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
@@ -177,7 +202,9 @@ class KvbmScheduler:
             n, tracked.promised = min(n, tracked.promised), 0
             if n:
                 ids = list(blocks.get_block_ids()[0][first : first + n])
-                self._promises.append(Promise(tracked, first, ids))
+                skip = leading_nulls(ids)  # behind a window: vLLM allocated none
+                if skip < n:
+                    self._promises.append(Promise(tracked, first + skip, ids[skip:]))
                 tracked.saved = max(tracked.saved, first + n)  # in the node (or recomputed)
             return
         load = tracked.pinned
@@ -187,11 +214,15 @@ class KvbmScheduler:
         if n == 0:
             self.link.release(load)
             return
-        ids = blocks.get_block_ids()[0]
-        load.block_ids = list(ids[first : first + n])
-        load.slots = [s[:n] for s in load.slots]
+        ids = list(blocks.get_block_ids()[0][first : first + n])
+        skip = leading_nulls(ids)  # behind a window: pinned, not loaded
+        load.block_ids = ids[skip:]
+        load.slots = [s[skip:n] for s in load.slots]
         load.req_id = request.request_id
-        self._to_load.append(load)
+        if load.block_ids:
+            self._to_load.append(load)
+        else:
+            self.link.release(load)
         tracked.saved = max(tracked.saved, first + n)  # these are in the node already
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmMetadata:
@@ -200,7 +231,8 @@ class KvbmScheduler:
         self._to_load = []
         if self.setup.off:
             return meta
-        meta.preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
+        preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
+        meta.blocks_reused = preempted or self.setup.window is not None
         self._pin_promises(meta)
         bad = set(meta.failed)
         steps = scheduler_output.num_scheduled_tokens
@@ -288,8 +320,11 @@ class KvbmScheduler:
         if bad:
             tracked.hold(bad)
         if tracked.hold_from is not None:
-            if before > tracked.hold_from * self.block_size:
-                return  # computed over blocks that never arrived (and not yet redone)
+            if before > tracked.hold_from * self.block_size or self.setup.window is not None:
+                # Computed over blocks that never arrived, and not yet redone.
+                # Behind a window vLLM may have freed blocks it rolled back
+                # over, so such a request saves nothing more.
+                return
             tracked.hold_from = None
             meta.released.append(req_id)
         computed = before + scheduled
@@ -305,12 +340,19 @@ class KvbmScheduler:
             extras = {i - hashed: e for i, e in tracked.extras.items() if i >= hashed}
             tracked.seq_hashes += hasher.sequence_hashes(more, self.block_size, parent, extras)
         if full > tracked.saved:
-            span = slice(tracked.saved, full)
-            groups = Groups.of(tracked.seq_hashes, span.start, span.stop)
-            save = Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id, groups)
-            meta.saves.append(save)
+            ids = tracked.block_ids[tracked.saved : full]
+            skip = leading_nulls(ids)  # freed behind a window
+            rest = ids[skip:]
+            # the null block is never a block's KV: nulls only lead, but be sure
+            start = tracked.saved + skip
+            stop = start + (rest.index(NULL_BLOCK) if NULL_BLOCK in rest else len(rest))
             tracked.saved = full
-            tracked.had_saves = True
+            if start < stop:
+                span = slice(start, stop)
+                groups = Groups.of(tracked.seq_hashes, start, stop)
+                save = Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id, groups)
+                meta.saves.append(save)
+                tracked.had_saves = True
 
     def request_finished(self, request: Request) -> bool:
         """Forget a finished request and give back its pins; whether vLLM

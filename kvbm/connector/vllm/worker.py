@@ -124,9 +124,10 @@ class KvbmWorker:
         return self._copier
 
     def handle_preemptions(self, meta: KvbmMetadata) -> None:
-        """Before the step's forward: preempted requests' blocks go back to
-        vLLM at once, so saves still reading them must have read them."""
-        if meta.preempted and self._copier is not None:
+        """Before the step's forward: preempted requests' blocks, and blocks
+        behind a sliding window, go back to vLLM at once, so saves still
+        reading them must have read them."""
+        if meta.blocks_reused and self._copier is not None:
             self._copier.reads_done()
 
     def start_load_kv(self, meta: KvbmMetadata) -> None:

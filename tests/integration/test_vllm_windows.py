@@ -1,0 +1,178 @@
+"""The connector with a KV cache group of windowed attention (sliding
+window, chunked local), driven step by step by vLLM's real `Scheduler`
+against a real `kvbm node` (tests/harness/vllm_steps.py). vLLM frees a
+request's blocks behind the window and hands it its null block in their
+place: a hit loads only the blocks the next token attends to, hits where
+the prefix's early blocks are gone, and never saves the null block.
+
+Every load is checked bit for bit against what the stand-in model computes
+(`expected_values`); each test has its full-attention control on the same
+node."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from vllm.config import ModelConfig
+from vllm.v1.kv_cache_interface import (
+    ChunkedLocalAttentionSpec,
+    FullAttentionSpec,
+    SlidingWindowSpec,
+)
+
+from kvbm.connector.attach import NodeAttachment, node_stats
+from kvbm.connector.attention_window import NULL_BLOCK
+from kvbm.connector.engine_kv import EngineKV, new_caches
+from tests.harness.tiny_llama import build
+from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
+
+WINDOW = 64  # tokens: 6 blocks computed, the next token sees blocks 4 and 5
+SHAPE = {"block_size": BLOCK, "num_kv_heads": KV_HEADS, "head_size": HEAD_SIZE}
+SLIDING = SlidingWindowSpec(**SHAPE, dtype=torch.float32, sliding_window=WINDOW)
+CHUNKED = ChunkedLocalAttentionSpec(**SHAPE, dtype=torch.float32, attention_chunk_size=WINDOW)
+FULL = FullAttentionSpec(**SHAPE, dtype=torch.float32)
+
+
+def prompt(seed: int, n: int = 6 * BLOCK + 4) -> list[int]:
+    return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> ModelConfig:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = build(str(tmp_path_factory.mktemp("tiny-llama")))
+    return ModelConfig(model=path, dtype="float32", seed=0, max_model_len=1024)
+
+
+@pytest.fixture
+def node(daemons):
+    return daemons("solo", "127.0.0.2", "--host-cache-mb", "8")
+
+
+@pytest.fixture
+def engines(model, node) -> Iterator:
+    made: list[SteppedEngine] = []
+
+    def make(**kwargs) -> SteppedEngine:
+        made.append(SteppedEngine(model, node.socket, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def hold(engine: SteppedEngine, node, tokens: list[int], blocks: list[int]) -> None:
+    """The node holds these blocks of `tokens` (right values), and no others
+    of it: as if the rest had been evicted."""
+    probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
+    try:
+        seed = probe.hasher.seed(engine.connector.setup.model_identity)
+        hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
+        kv = new_caches(probe.geometry, len(blocks) + 1)
+        values = expected_values(tokens)
+        for i, b in enumerate(blocks):
+            for layer in kv:
+                layer[i + 1] = float(values[b])
+        made = EngineKV(probe.geometry, kv)
+        probe.store(made, probe.keys([hashes[b] for b in blocks]), list(range(1, len(blocks) + 1)))
+    finally:
+        probe.close()
+
+
+def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
+    """Run `tokens` as a new request; the tokens vLLM counted computed in its
+    first step (what the connector promised)."""
+    engine.add(req_id, tokens)
+    engine.step()
+    [new] = [r for r in engine.outputs[-1].scheduled_new_reqs if r.req_id == req_id]
+    return new.num_computed_tokens
+
+
+@pytest.mark.parametrize("copies", ["sync", "async"])
+def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines, node, copies):
+    """The node holds all six blocks of p; a sliding-window engine counts all
+    six computed and loads blocks 4 and 5 alone (vLLM gave 0..3 its null
+    block), which hold what was computed. Each step tells the workers that
+    blocks may be reused (saves in flight finish reading first)."""
+    p = prompt(1)
+    first = engines(spec=SLIDING)
+    first.add("computed", p)
+    first.run()
+    assert all(NULL_BLOCK not in s.block_ids for m in first.metas for s in m.saves)
+    engine = engines(spec=SLIDING, copies=copies)
+    assert first_step(engine, "again", p) == 6 * BLOCK
+    ids = engine.block_ids("again")
+    assert ids[:4] == [NULL_BLOCK] * 4
+    [load] = engine.metas[0].loads
+    assert load.block_ids == ids[4:6]
+    assert engine.values(ids[4:6]) == expected_values(p)[4:6]
+    assert node_stats(node.socket)["engine_blocks"]["local_host"] == 2
+    assert all(m.blocks_reused for m in engine.metas)
+    engine.run()
+
+
+def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node):
+    """The node holds blocks 3..5 of p only. Full attention (the control, same
+    node, same prompt) has no hit; the sliding window needs 4 and 5 and hits
+    all six blocks."""
+    p = prompt(2)
+    window = engines(spec=SLIDING)
+    hold(window, node, p, [3, 4, 5])
+    control = engines(spec=FULL)
+    assert first_step(control, "full", p) == 0
+    assert first_step(window, "windowed", p) == 6 * BLOCK
+    ids = window.block_ids("windowed")
+    assert window.values(ids[4:6]) == expected_values(p)[4:6]
+
+
+def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
+    """Block 4 of p is missing: six blocks would need 4 and 5, five blocks 3
+    and 4; four blocks need 2 and 3, held. vLLM counts four blocks computed
+    and the connector loads 2 and 3."""
+    p = prompt(3)
+    window = engines(spec=SLIDING)
+    hold(window, node, p, [0, 1, 2, 3, 5])
+    assert first_step(window, "windowed", p) == 4 * BLOCK
+    ids = window.block_ids("windowed")
+    [load] = window.metas[0].loads
+    assert load.block_ids == ids[2:4]
+    assert window.values(ids[2:4]) == expected_values(p)[2:4]
+    window.run()
+
+
+def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node):
+    """Chunks of 64 tokens: after five blocks the next token (160) is in the
+    chunk of blocks 4 and 5, and sees block 4 alone."""
+    p = prompt(4, 5 * BLOCK + 4)
+    hold(engines(spec=FULL), node, p, [0, 1, 2, 3, 4])
+    engine = engines(spec=CHUNKED)
+    assert first_step(engine, "chunked", p) == 5 * BLOCK
+    ids = engine.block_ids("chunked")
+    [load] = engine.metas[0].loads
+    assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == ids[4:5]
+    assert engine.values(ids[4:5]) == expected_values(p)[4:5]
+    engine.run()
+
+
+def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node):
+    """With vLLM's prefix cache, a second request extending p finds p's window
+    in the engine and null blocks behind it: the connector saves its new
+    blocks, and never the null block under a key."""
+    p = prompt(5)
+    engine = engines(spec=SLIDING, prefix_caching=True)
+    engine.add("p", p)
+    engine.run()
+    longer = p[: 6 * BLOCK] + prompt(6, 2 * BLOCK + 4)
+    engine.add("longer", longer, max_tokens=4)
+    engine.run()
+    saves = [s for m in engine.metas for s in m.saves if s.req_id == "longer"]
+    assert saves, "the longer prompt's new blocks were never saved"
+    assert all(NULL_BLOCK not in s.block_ids for s in saves)
+    probe = engines(spec=SLIDING)
+    assert first_step(probe, "probe", longer) == 8 * BLOCK
+    ids = probe.block_ids("probe")
+    assert probe.values(ids[6:8]) == expected_values(longer)[6:8]
