@@ -82,8 +82,9 @@ class SteppedEngine:
         policy: str = "recompute",
         copies: str = "sync",
         spec: KVCacheSpec | None = None,
+        remote: str = "",
     ) -> None:
-        extra = {"node": socket, "engine_copies": copies}
+        extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
         config = VllmConfig(
             model_config=model,
             scheduler_config=SchedulerConfig(

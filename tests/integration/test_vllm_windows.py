@@ -26,6 +26,7 @@ from vllm.v1.kv_cache_interface import (
 from kvbm.connector.attach import NodeAttachment, node_stats
 from kvbm.connector.attention_window import NULL_BLOCK
 from kvbm.connector.engine_kv import EngineKV, new_caches
+from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
 
@@ -156,6 +157,47 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == ids[4:5]
     assert engine.values(ids[4:5]) == expected_values(p)[4:5]
     engine.run()
+
+
+def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, etcd, daemons):
+    """Node A holds p's six blocks; engines on node B pull from A. A
+    full-attention engine pulls all six; a sliding-window engine of the same
+    size pulls blocks 4 and 5 alone: a third of the bytes."""
+    common = ["--etcd", etcd.endpoint, "--lease-ttl", "3", "--host-cache-mb", "8"]
+    a = daemons("node-a", "127.0.0.2", *common)
+    b = daemons("node-b", "127.0.0.3", *common)
+    p, q = prompt(7), prompt(8)
+    made = [SteppedEngine(model, a.socket, spec=FULL)]
+    try:
+        hold(made[0], a, p, list(range(6)))
+        hold(made[0], a, q, list(range(6)))
+        on_b = NodeAttachment(b.socket, made[0].connector.setup.geometry, remote=["host"])
+        try:
+            seed = on_b.hasher.seed(made[0].connector.setup.model_identity)
+            for tokens in (p, q):
+                keys = on_b.keys(on_b.hasher.sequence_hashes(tokens, BLOCK, seed))
+                until(lambda k=keys: on_b.lookup(k, ask_node=True).total == 6, 10, "B's index")
+            # B's key view names peers' keys once its index mirror is whole
+            # (until then a scheduler pins before it promises: the whole prefix)
+            until(lambda: on_b.held(keys) is not None, 30, "B's view of peers' keys")
+        finally:
+            on_b.close()
+        pulled = {}
+        for name, spec, tokens in (("full", FULL, p), ("sliding", SLIDING, q)):
+            engine = SteppedEngine(model, b.socket, spec=spec, remote="host")
+            made.append(engine)
+            before = node_stats(b.socket).get("engine_blocks", {}).get("remote_host", 0)
+            assert first_step(engine, name, tokens) == 6 * BLOCK
+            ids = engine.block_ids(name)
+            assert engine.values(ids[4:6]) == expected_values(tokens)[4:6]
+            engine.run()
+            pulled[name] = node_stats(b.socket)["engine_blocks"]["remote_host"] - before
+        block_bytes = made[0].connector.setup.geometry.block_bytes
+        assert pulled == {"full": 6, "sliding": 2}, pulled
+        print(f"bytes pulled: full {6 * block_bytes}, sliding window {2 * block_bytes}")
+    finally:
+        for engine in made:
+            engine.close()
 
 
 def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node):
