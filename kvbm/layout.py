@@ -28,7 +28,18 @@ import xxhash
 KV_LAYOUTS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
 VLLM_CPU_LAYOUT = "LBHNC"
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The KV cache's element format. An fp8 cache is named by its format, not
+# by vLLM's "fp8" (e4m3 on NVIDIA, e4m3fnuz on ROCm): the same name must mean
+# the same bytes on every node. Its per-tensor scales are the checkpoint's
+# (in the model's identity), so a block's bytes are all it needs.
+DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+}
 PAGE = 4096
 
 

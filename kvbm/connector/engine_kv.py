@@ -21,7 +21,14 @@ import torch
 from kvbm.errors import GeometryMismatch
 from kvbm.layout import ModelGeometry
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2": torch.float8_e5m2,
+}
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
@@ -100,7 +107,9 @@ class EngineKV:
                     f"(blocks, {h}, {n}, {c}) as [B, H, N, C] (or blocks split in "
                     f"kernel blocks of fewer tokens)"
                 )
-            if t.dtype != torch_dtype(g):
+            if t.dtype != torch_dtype(g) and not (
+                t.dtype == torch.uint8 and g.dtype.startswith("float8")  # vLLM's fp8 caches
+            ):
                 raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {g.dtype}")
             if t.device != first.device:
                 raise GeometryMismatch(f"layer {i} is on {t.device}, layer 0 on {first.device}")

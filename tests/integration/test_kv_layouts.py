@@ -30,7 +30,13 @@ NUM_BLOCKS = 10
 NUM_SLOTS = 12
 BLOCK_IDS = [3, 1, 7, 2, 8]
 SLOTS = [5, 6, 0, 9, 10]  # runs 0 | 5-6 | 9-10, not in block order
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# vLLM allocates fp8 caches as uint8 ("fp8" -> torch.uint8 in its dtype table)
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float8_e4m3fn": torch.uint8,
+    "float8_e5m2": torch.uint8,
+}
 
 
 def vllm_caches(
@@ -95,6 +101,7 @@ def geometries() -> list[tuple[str, ModelGeometry, int | None]]:
     for layout in KV_LAYOUTS:
         cases.append((f"{layout}-bf16", ModelGeometry(3, 2, 8, 16, "bfloat16", layout), None))
         cases.append((f"{layout}-mla", ModelGeometry(2, 1, 24, 16, "bfloat16", layout, 0), None))
+        cases.append((f"{layout}-fp8", ModelGeometry(3, 2, 8, 16, "float8_e4m3fn", layout), None))
         if layout[0] == "L" and layout != "LHBNC":  # vLLM splits dense pages only
             cases.append((f"{layout}-split", ModelGeometry(2, 2, 8, 16, "float32", layout), 4))
     return cases

@@ -136,8 +136,7 @@ def geometry_of(
     model's config where there is none) and the layout the engine core
     resolved before it made the scheduler and the workers."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
-    if cc.cache_dtype not in ("auto", None):
-        raise KvbmError(f"kvbm does not store a {cc.cache_dtype} KV cache yet")
+    fp8 = fp8_format(cc.cache_dtype)
     # Keys carry the tensor-parallel rank only: a pipeline stage's or a
     # context-parallel rank's share of a block would collide.
     for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
@@ -155,7 +154,7 @@ def geometry_of(
             num_kv_heads=mc.get_num_kv_heads(pc),
             head_dim=mc.get_head_size(),
             block_size=cc.block_size,
-            dtype=str(mc.dtype).removeprefix("torch."),
+            dtype=fp8 or str(mc.dtype).removeprefix("torch."),
             kv_layout=layout,
         )
     spec = groups[0].kv_cache_spec
@@ -167,13 +166,31 @@ def geometry_of(
             f"attention; this model has {len(groups)} group(s) of {kinds}"
         )
     if spec.state_content_bytes is not None:
-        raise KvbmError("kvbm does not store packed (quantized) KV pages yet")
+        raise KvbmError(
+            f"kvbm does not store packed KV pages (scales inline) yet: {cc.cache_dtype}"
+        )
     return ModelGeometry(
         num_layers=len(groups[0].layer_names),
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_size,
         head_dim_v=spec.head_size_v,
         block_size=spec.block_size,
-        dtype=str(spec.dtype).removeprefix("torch."),
+        dtype=fp8 or str(spec.dtype).removeprefix("torch."),
         kv_layout=layout,
     )
+
+
+def fp8_format(cache_dtype: str | None) -> str | None:
+    """The element format of an fp8 KV cache (None for the model's dtype).
+    vLLM keeps fp8 caches in uint8 tensors and names e4m3 "fp8" or
+    "fp8_e4m3" whatever the platform's format; the platform says which
+    format that is. Other quantized caches are refused (KvbmError)."""
+    if cache_dtype in ("auto", None):
+        return None
+    if cache_dtype == "fp8_e5m2":
+        return "float8_e5m2"
+    if cache_dtype in ("fp8", "fp8_e4m3"):
+        from vllm.platforms import current_platform
+
+        return str(current_platform.fp8_dtype()).removeprefix("torch.")
+    raise KvbmError(f"kvbm does not store a {cache_dtype} KV cache yet")

@@ -1,0 +1,109 @@
+"""Which shapes of vLLM's KV cache the connector stores, and how it names
+them (`geometry_of`, `window_of`): vLLM's real specs, and a stand-in for
+the parts of its config `geometry_of` reads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.kv_cache_interface import (
+    ChunkedLocalAttentionSpec,
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    MambaSpec,
+    SlidingWindowSpec,
+)
+
+from kvbm.connector.attention_window import AttentionWindow
+from kvbm.connector.vllm.engine_setup import geometry_of, window_of
+from kvbm.errors import KvbmError
+
+SHAPE = {"block_size": 16, "num_kv_heads": 2, "head_size": 8}
+LAYERS = ["model.layers.0.attn", "model.layers.1.attn"]
+
+
+def config(cache_dtype: str = "auto", pp: int = 1, dcp: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(
+        model_config=SimpleNamespace(dtype=torch.bfloat16),
+        parallel_config=SimpleNamespace(
+            pipeline_parallel_size=pp, decode_context_parallel_size=dcp
+        ),
+        cache_config=SimpleNamespace(cache_dtype=cache_dtype, kv_cache_layout=None, block_size=16),
+    )
+
+
+def groups(*specs) -> KVCacheConfig:
+    return KVCacheConfig(16, [], [KVCacheGroupSpec(LAYERS, s) for s in specs])
+
+
+def test_a_sliding_window_group_is_stored_with_its_window():
+    cache = groups(SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64))
+    g = geometry_of(config(), cache)
+    assert (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype) == (2, 2, 8, "bfloat16")
+    assert window_of(cache) == AttentionWindow("sliding", 64, 16)
+    full = groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))
+    assert geometry_of(config(), full) == g  # the same bytes per block: the same fingerprint
+    assert window_of(full) is None
+
+
+def test_a_full_attention_group_with_a_sliding_window_keeps_every_block():
+    """vLLM's CPU build (or the hybrid manager off) makes sliding-window
+    layers full attention that keeps every block: nothing is skipped."""
+    spec = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
+    assert window_of(groups(spec)) is None
+
+
+def test_a_chunked_local_group_is_stored_with_its_chunk():
+    spec = ChunkedLocalAttentionSpec(**SHAPE, dtype=torch.bfloat16, attention_chunk_size=128)
+    assert window_of(groups(spec)) == AttentionWindow("chunked", 128, 16)
+
+
+@pytest.mark.parametrize(
+    "cache_dtype,fmt",
+    [("fp8", "float8_e4m3fn"), ("fp8_e4m3", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2")],
+)
+def test_an_fp8_cache_is_named_by_its_format(cache_dtype, fmt):
+    spec = FullAttentionSpec(**SHAPE, dtype=torch.uint8)  # vLLM's fp8 caches are uint8 tensors
+    g = geometry_of(config(cache_dtype), groups(spec))
+    assert g.dtype == fmt and g.layer_block_bytes == 2 * 16 * 16  # one byte an element
+    other = geometry_of(config(), groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)))
+    assert g.fingerprint != other.fingerprint
+
+
+def test_e4m3_and_e5m2_never_share_blocks():
+    spec = FullAttentionSpec(**SHAPE, dtype=torch.uint8)
+    a = geometry_of(config("fp8_e4m3"), groups(spec))
+    b = geometry_of(config("fp8_e5m2"), groups(spec))
+    assert a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize(
+    "cfg,cache,says",
+    [
+        (config("int8_per_token_head"), None, "int8_per_token_head"),
+        (config(pp=2), None, "pipeline_parallel_size"),
+        (config(dcp=2), None, "decode_context_parallel_size"),
+        (
+            config(),
+            "two",
+            r"2 group\(s\)",
+        ),
+        (config(), "mamba", "MambaSpec"),
+        (config("fp8"), "packed", "packed KV pages"),
+    ],
+    ids=["int8", "pp", "dcp", "two-groups", "mamba", "packed"],
+)
+def test_shapes_still_refused_say_why(cfg, cache, says):
+    full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
+    sliding = SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
+    made = {
+        None: groups(full),
+        "two": groups(full, sliding),
+        "mamba": groups(MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))),
+        "packed": groups(FullAttentionSpec(**SHAPE, dtype=torch.uint8, state_content_bytes=40)),
+    }[cache]
+    with pytest.raises(KvbmError, match=says):
+        geometry_of(cfg, made)
