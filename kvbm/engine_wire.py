@@ -145,6 +145,8 @@ class Refusal:
         """The engine's side: an exception's message may hold newlines or run
         long, so control characters become spaces and long text is cut, and
         the node never refuses a refusal for its text."""
+        if kind not in REFUSAL_KINDS:
+            raise ValueError(f"a refusal's kind is one of {', '.join(REFUSAL_KINDS)}")
         return cls(_one_line(model, MAX_MODEL_CHARS), _one_line(reason, MAX_REASON_CHARS), kind)
 
     def to_wire(self) -> dict[str, str]:
