@@ -23,6 +23,9 @@ Calls (engine -> node), each answered by `ok` or `error`:
   commit   {lease, ok}           -> {added}
   release  {lease}               -> {}
   stats    {}                    -> the node's state (for `kvbm status`)
+  refused  {model, reason, kind} -> {}: a connector turned itself off for
+                                     this engine's model (`Refusal`); no
+                                     hello first, the engine has no geometry
 
 Keys are `BlockKey.encode()` bytes. `groups` (optional; per request in
 `load_many`) names each key's group anchor, `Groups.to_wire()`
@@ -65,11 +68,18 @@ CALLS = (
     "ok",
     "error",
     "load_many",
+    "refused",
 )
 CREDS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 MAX_FRAME = 4 << 20
 MAX_KEYS = 8192  # in one call (a frame of them stays well under MAX_FRAME)
 MAX_BATCH = 1024  # requests in one `load_many`
+# What a connector refuses an engine for: its KV cache's shape (geometry_of),
+# or a model whose identity cannot be named. A short fixed set: the node's
+# metrics label refusals by it, never by their free text.
+REFUSAL_KINDS = ("kv_cache", "model_identity")
+MAX_MODEL_CHARS = 256  # a refusal's model name
+MAX_REASON_CHARS = 512  # a refusal's reason
 
 
 def codec() -> PlainCodec:
@@ -117,6 +127,58 @@ class Available:
     @classmethod
     def from_wire(cls, d: dict) -> Available:
         return cls(int(d["local"]), int(d["remote_host"]), int(d["remote_disk"]))
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a connector turned itself off for an engine (the engine runs
+    without kvbm): the body of a `refused` call, which the node keeps for
+    `kvbm status`. Both fields are one line of printable text, bounded, so
+    that whatever an engine sends can be shown to an operator as it is."""
+
+    model: str
+    reason: str
+    kind: str  # one of REFUSAL_KINDS
+
+    @classmethod
+    def clipped(cls, model: str, reason: str, kind: str) -> Refusal:
+        """The engine's side: an exception's message may hold newlines or run
+        long, so control characters become spaces and long text is cut, and
+        the node never refuses a refusal for its text."""
+        if kind not in REFUSAL_KINDS:
+            raise ValueError(f"a refusal's kind is one of {', '.join(REFUSAL_KINDS)}")
+        return cls(_one_line(model, MAX_MODEL_CHARS), _one_line(reason, MAX_REASON_CHARS), kind)
+
+    def to_wire(self) -> dict[str, str]:
+        return {"model": self.model, "reason": self.reason, "kind": self.kind}
+
+    @classmethod
+    def from_wire(cls, body: object) -> Refusal:
+        """The node's side: ValueError for a body that is not a refusal as
+        `clipped` makes them (another field, another type, empty, too long,
+        text that is not printable, a kind not in REFUSAL_KINDS)."""
+        if not isinstance(body, dict) or set(body) != {"model", "reason", "kind"}:
+            raise ValueError("a refusal is a map of model, reason and kind")
+        model, reason, kind = body["model"], body["reason"], body["kind"]
+        if kind not in REFUSAL_KINDS:
+            raise ValueError(f"a refusal's kind is one of {', '.join(REFUSAL_KINDS)}")
+        _check_text("model", model, MAX_MODEL_CHARS)
+        _check_text("reason", reason, MAX_REASON_CHARS)
+        return cls(model, reason, kind)
+
+
+def _one_line(text: str, cap: int) -> str:
+    flat = "".join(c if c.isprintable() else " " for c in text).strip() or "?"
+    return flat if len(flat) <= cap else flat[: cap - 3] + "..."
+
+
+def _check_text(name: str, value: object, cap: int) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"a refusal's {name} must be text")
+    if len(value) > cap:
+        raise ValueError(f"a refusal's {name} is over {cap} characters")
+    if not value.isprintable():
+        raise ValueError(f"a refusal's {name} must be printable text on one line")
 
 
 def node_listening(path: str) -> bool:

@@ -105,3 +105,24 @@ class _IndexRejected:
         c.add_metric(["signature"], self.rejected())
         c.add_metric(["cap"], self.over_cap())
         yield c
+
+
+class EngineRefusals:
+    """`kvbm_engine_refusals_total`: engines whose connector turned itself
+    off, by kind (kvbm/engine_wire.py REFUSAL_KINDS, a fixed set, never the
+    free text of a reason), read from the node's refusals when scraped. A
+    refused engine never attaches, so the node registers this in the
+    registry it serves before any engine has, and again in the tiers'."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = CounterMetricFamily(
+            "kvbm_engine_refusals",
+            "Engines whose kvbm connector turned itself off (kind: kv_cache, model_identity)",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self.counts().items()):
+            c.add_metric([kind], n)
+        yield c

@@ -1,7 +1,8 @@
 """`kvbm status`: the fleet from etcd (every node of a namespace, its tiers'
 capacity and the blocks it publishes; a sharded index keeps no blocks in
 etcd, so there the blocks are each node's own to tell), or one node from its
-socket (fill and where the blocks it handed to engines came from: hit rates)."""
+socket (fill and where the blocks it handed to engines came from: hit rates,
+and the engines whose connectors turned themselves off, with why)."""
 
 from __future__ import annotations
 
@@ -100,4 +101,7 @@ def render(result: dict) -> str:
         lines.append(f"  served from {source:12} {n:8} blocks ({share:.0%})")
     if "tiers" not in result:
         lines.append("  no engine has attached yet")
+    for r in result.get("engine_refusals", []):
+        times = "1 time" if r["count"] == 1 else f"{r['count']} times"
+        lines.append(f"  engine refused: {r['model']}: {r['reason']} ({times})")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from kvbm.engine_wire import (
     Available,
     EngineLink,
     NodeError,
+    Refusal,
     geometry_to_wire,
 )
 from kvbm.errors import ArenaError
@@ -36,7 +37,7 @@ from kvbm.shm_arena import SHM_DIR, SharedArena
 
 log = logging.getLogger("kvbm.connector")
 
-__all__ = ["Available", "NodeAttachment", "NodeError", "Pinned"]
+__all__ = ["Available", "NodeAttachment", "NodeError", "Pinned", "Refusal", "report_refusal"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,20 @@ def node_stats(socket_path: str, timeout: float = 10.0, node_uid: int | None = N
     link = EngineLink(socket_path, timeout, node_uid)
     try:
         return link.call("stats", {})
+    finally:
+        link.close()
+
+
+def report_refusal(
+    socket_path: str, refusal: Refusal, timeout: float = 5.0, node_uid: int | None = None
+) -> None:
+    """Tell the node that an engine runs without kvbm, and why (`kvbm
+    status` shows it). Like `node_stats`, one call without a hello: an
+    engine refused has no geometry to attach with. NodeError when the node
+    is away or does not take it."""
+    link = EngineLink(socket_path, timeout, node_uid)
+    try:
+        link.call("refused", refusal.to_wire())
     finally:
         link.close()
 

@@ -26,6 +26,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import HashKey, Verify, content_matches
 from kvbm.layout import ModelGeometry
+from kvbm.metrics import EngineRefusals
 from kvbm.node.build import check_directories
 from kvbm.node.engine_server import EngineServer
 from kvbm.node.file_limit import fit_file_limit
@@ -41,7 +42,6 @@ from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
 INDEX_FIRST_WAIT_S = 5.0
-_NO_METRICS = CollectorRegistry()  # what /metrics shows before an engine attaches
 
 
 class Node:
@@ -59,6 +59,10 @@ class Node:
             cfg, self.node_id, self.serve, self.stats, HashKey.derive(secret)
         )
         self._metrics: MetricsServer | None = None
+        # what /metrics shows before an engine attaches: engines refused so far
+        self._refusal_metric = EngineRefusals(self.engines.refusals.counts)
+        self._idle_registry = CollectorRegistry()
+        self._idle_registry.register(self._refusal_metric)
         host, _ = cfg.listen_address
         # peers are found by their records in the index; the index's calls
         # to owners (a sharded index) go through the peers' connections
@@ -112,6 +116,7 @@ class Node:
         async with self._setup:
             if self.serving is None:
                 self.serving = await build_serving(self.parts, geometry)
+                self.serving.mgr.metrics.registry.register(self._refusal_metric)
             elif self.serving.mgr.geometry != geometry:
                 raise GeometryMismatch(
                     f"this node serves {self.serving.mgr.geometry}; an engine of "
@@ -120,7 +125,7 @@ class Node:
             return self.serving
 
     def _registry(self) -> CollectorRegistry:
-        return self.serving.mgr.metrics.registry if self.serving else _NO_METRICS
+        return self.serving.mgr.metrics.registry if self.serving else self._idle_registry
 
     def stats(self) -> dict:
         """The node's state for `kvbm status`."""

@@ -28,6 +28,7 @@ from kvbm.hashing import HASH_VERSION, HashKey
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
 from kvbm.node.onboarding import Onboarding
+from kvbm.node.refusals import Refusals
 from kvbm.owned_dir import own_directory
 from kvbm.plans import LoadPlan, StorePlan
 from transport.errors import ProtocolError
@@ -75,6 +76,7 @@ class EngineServer:
         self.stats = stats
         self.hash_key = hash_key  # engines hash block keys under it (never the secret)
         self.leases: dict[int, Lease] = {}
+        self.refusals = Refusals()  # engines whose connectors turned themselves off
         self._tiers: ServingView | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
@@ -82,6 +84,7 @@ class EngineServer:
         self._calls: dict[str, Callable[[dict, int], Awaitable[dict]]] = {
             "hello": self._hello,
             "stats": self._stats,
+            "refused": self._refused,
             "lookup": self._lookup,
             "load": self._load,
             "load_many": self._load_many,
@@ -223,6 +226,23 @@ class EngineServer:
 
     async def _stats(self, body: dict, conn: int) -> dict:
         return self.stats()
+
+    async def _refused(self, body: dict, conn: int) -> dict:
+        """An engine's connector turned itself off for the engine's model:
+        kept for `kvbm status`. Like `stats`, it needs no hello (an engine
+        refused has no geometry to bring): the socket's mode and its peer's
+        credentials (`_stranger`) are its guard, as for every call. Logged
+        when new, not at every repeat, so a chatty engine cannot flood the
+        node's log with one refusal."""
+        refusal = engine_wire.Refusal.from_wire(body)
+        if self.refusals.add(refusal):
+            log.warning(
+                "an engine runs without kvbm model=%r kind=%s reason=%r",
+                refusal.model,
+                refusal.kind,
+                refusal.reason,
+            )
+        return {}
 
     async def _lookup(self, body: dict, conn: int) -> dict:
         tiers = self._served()

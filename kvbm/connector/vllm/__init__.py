@@ -31,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvbm.config import engine_config
 from kvbm.connector.vllm.engine_setup import engine_setup, geometry_of, kv_transfer_config
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
+from kvbm.connector.vllm.refusal import announce_off
 from kvbm.connector.vllm.scheduler import KvbmScheduler
 from kvbm.connector.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.connector.vllm.worker import KvbmWorker
@@ -57,6 +58,7 @@ class KvbmConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.setup = engine_setup(vllm_config, self._kv_transfer_config, kv_cache_config)
         is_worker = role == KVConnectorRole.WORKER
+        announce_off(self.setup, vllm_config.model_config, speaks_for_engine=not is_worker)
         self.scheduler = None if is_worker else KvbmScheduler(self.setup)
         self.worker = KvbmWorker(self.setup) if is_worker else None
 

@@ -31,7 +31,8 @@ class EngineSetup:
     saved request's blocks until the workers report its saves done).
 
     Invariant: while `off` is None, `geometry` and `model_identity` are
-    known; a connector that is off never reaches the node."""
+    known; a connector that is off never attaches to the node (its
+    scheduler only tells a named node why, when `refusal` says so)."""
 
     cfg: KvbmConfig
     block_size: int
@@ -44,6 +45,7 @@ class EngineSetup:
     model_identity: str = ""
     window: AttentionWindow | None = None  # a sliding-window or chunked-local group's
     private_node: subprocess.Popen | None = None  # the node this engine started for itself
+    refusal: str | None = None  # off for the model: the kind the named node is told
 
     @property
     def geometry(self) -> ModelGeometry:
@@ -74,17 +76,22 @@ def engine_setup(
     extra = dict(transfer.kv_connector_extra_config or {})
     cfg = engine_config(extra)
     attach_logging(cfg.log_level)
-    socket, private, off = cfg.socket, None, None
+    socket, private, off, refusal = cfg.socket, None, None, None
     geometry, identity, window = None, "", None
+    about: str | None = "kv_cache"  # what a failure is about (engine_wire.REFUSAL_KINDS)
     try:
         geometry = geometry_of(vllm_config, kv_cache_config)
         window = window_of(kv_cache_config)
+        about = "model_identity"
         identity = model_identity(vllm_config.model_config)
+        about = None  # past here only the node fails, and it hears nothing then
         if "node" not in extra:
             socket, private = ensure_private_node(cfg)
-    except (KvbmError, ValueError, OSError) as e:
-        off = str(e)
-        log.error("kvbm connector off, the engine runs without it: %s", e)
+    except Exception as e:  # a shape this code never met must not stop the engine either
+        expected = isinstance(e, (KvbmError, ValueError, OSError))
+        off = str(e) if expected else f"{type(e).__name__}: {e}"  # logged by refusal.py
+        # a private node is not started just to hear why: no node named, none told
+        refusal = about if "node" in extra else None
     promise = transfer.kv_load_failure_policy == "recompute"
     if not promise:
         log.warning('kv_load_failure_policy is not "recompute": a failed load fails its request')
@@ -102,6 +109,7 @@ def engine_setup(
         model_identity=identity,
         window=window,
         private_node=private,
+        refusal=refusal,
     )
 
 
