@@ -81,7 +81,7 @@ class SteppedEngine:
         prefix_caching: bool = False,
         policy: str = "recompute",
         copies: str = "sync",
-        spec: KVCacheSpec | None = None,
+        spec: KVCacheSpec | list[KVCacheSpec] | None = None,
         remote: str = "",
     ) -> None:
         extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
@@ -101,7 +101,11 @@ class SteppedEngine:
         spec = spec or FullAttentionSpec(
             block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
         )
-        cache = KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(LAYERS, spec)])
+        if isinstance(spec, list):  # one group per layer, as a hybrid model's
+            groups = [KVCacheGroupSpec([name], s) for name, s in zip(LAYERS, spec, strict=True)]
+        else:
+            groups = [KVCacheGroupSpec(LAYERS, spec)]
+        cache = KVCacheConfig(num_blocks, [], groups)
         config.cache_config.num_gpu_blocks = num_blocks
         self.scheduler = Scheduler(
             vllm_config=config,

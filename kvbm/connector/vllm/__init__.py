@@ -12,9 +12,9 @@ promises, pins, holds after a failed load, each step's saves), `worker.py`
 (each worker: copies between vLLM's KV cache and the node's arena), with
 `metadata.py` what crosses between them each step. A node that is gone
 makes every request a miss until it is back, never an engine error.
-Not yet: more than one KV cache group, quantized KV caches, pipeline or
-context parallelism. The last generated token has no KV (it was never an
-input), so a block that ends with it is not stored.
+Which model shapes it stores: docs/architecture.md, "Model shapes". The
+last generated token has no KV (it was never an input), so a block that
+ends with it is not stored.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    SupportsHMA,
 )
 
 from kvbm.config import engine_config
@@ -48,9 +49,15 @@ if TYPE_CHECKING:
 __all__ = ["KvbmConnector", "KvbmMetadata", "Load", "Save", "geometry_of", "kv_transfer_config"]
 
 
-class KvbmConnector(KVConnectorBase_V1):
+class KvbmConnector(KVConnectorBase_V1, SupportsHMA):
     """Hands each hook to the role's side: `scheduler` in the scheduler
-    role, `worker` in the worker role, the other one None."""
+    role, `worker` in the worker role, the other one None.
+
+    It declares `SupportsHMA`, so vLLM keeps its hybrid KV cache manager
+    with kvbm configured: without it vLLM turns the manager off, and a
+    Mamba or linear-attention hybrid then fails to start. Where the manager
+    makes several KV cache groups, the connector turns itself off (logged,
+    and shown in `kvbm status`) and the engine runs without it."""
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -95,6 +102,13 @@ class KvbmConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request), None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hook with the hybrid manager on: every group's blocks. The
+        connector stores one group (several turn it off), so the same answer."""
         return self._sched().request_finished(request), None
 
     def get_kv_connector_stats(self) -> KvbmStats | None:
