@@ -107,3 +107,14 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
     }[cache]
     with pytest.raises(KvbmError, match=says):
         geometry_of(cfg, made)
+
+
+def test_several_attention_groups_are_refused_with_the_way_to_one():
+    full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
+    sliding = SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
+    with pytest.raises(KvbmError, match="--disable-hybrid-kv-cache-manager"):
+        geometry_of(config(), groups(full, sliding))
+    mamba = MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))
+    with pytest.raises(KvbmError) as refused:
+        geometry_of(config(), groups(full, mamba))
+    assert "--disable-hybrid" not in str(refused.value)  # no way: Mamba needs the manager

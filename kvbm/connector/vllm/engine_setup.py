@@ -169,9 +169,15 @@ def geometry_of(
     kind = type(spec).__name__
     if len(groups) != 1 or kind not in STORED_KINDS:
         kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        hint = ""
+        if len(groups) > 1 and set(kinds) <= set(STORED_KINDS):
+            hint = (
+                " (vLLM's --disable-hybrid-kv-cache-manager makes it one group of full "
+                "attention, which kvbm stores, at the cost of full-size sliding-window layers)"
+            )
         raise KvbmError(
             f"kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
-            f"attention; this model has {len(groups)} group(s) of {kinds}"
+            f"attention; this model has {len(groups)} group(s) of {kinds}{hint}"
         )
     if spec.state_content_bytes is not None:
         raise KvbmError(
