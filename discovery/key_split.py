@@ -2,7 +2,7 @@
 
 A key is bytes. Its first `HEAD_BYTES` are its head: a block key's sequence
 hash (a keyed 128-bit hash, kvbm/hashing.py), little-endian. The rest is its
-tail (layout fingerprint, tp rank, namespace), which a request's keys share.
+tail (layout fingerprint, rank, namespace), which a request's keys share.
 The head's first `WORD_BYTES` (a little-endian u64, the head's first word)
 is what places a key: shards and owners (discovery/owners.py), the shared
 key view (kvbm/key_view.py), the key table's buckets (discovery/keytable.py)

@@ -1,7 +1,10 @@
 """The block key: one type everywhere, its encoded bytes, and its one codec.
 
-A key names (namespace, layout fingerprint, tp rank, sequence hash): two
-nodes exchange a block only when all four agree. Engines build keys
+A key names (namespace, layout fingerprint, rank, sequence hash): two
+nodes exchange a block only when all four agree. The rank is the engine
+worker's share of the block, in vLLM's numbering of its workers: pipeline
+stage * tensor-parallel size + tensor-parallel rank (its heads of its
+stage's layers; the fingerprint names how many of each). Engines build keys
 (`KeySpace.keys`), and from then on a key is only ever these bytes: on the
 engine socket, in the tiers' tables, in the index, on the peer RPC and in
 the disk header. Fields are read back (`parse_key`) only where a field is
@@ -10,7 +13,7 @@ header found at recovery.
 
 Layout: the sequence hash as the key's head (kvbm/hashing.py; its size and
 byte order are discovery/key_split.py's, which the index reads keys by),
-then the key's tail: fingerprint (u64), tp rank (u16), the namespace's length
+then the key's tail: fingerprint (u64), rank (u16), the namespace's length
 (u8), the namespace. `transport` and `discovery` never import this module;
 to them a key is bytes split into head and tail.
 
@@ -41,7 +44,7 @@ from discovery.records import check_namespace
 
 BlockKey = NewType("BlockKey", bytes)
 
-_TAIL = struct.Struct("<QHB")  # fingerprint, tp_rank, len(namespace)
+_TAIL = struct.Struct("<QHB")  # fingerprint, rank, len(namespace)
 _MIN_SIZE = HEAD + _TAIL.size
 MAX_ENCODED = _MIN_SIZE + 64
 
@@ -103,13 +106,13 @@ def anchor_of(seq_hash: int) -> int:
 class KeyFields(NamedTuple):
     namespace: str
     fingerprint: int
-    tp_rank: int
+    rank: int
     seq_hash: int
 
 
-def encode_key(namespace: str, fingerprint: int, tp_rank: int, seq_hash: int) -> BlockKey:
+def encode_key(namespace: str, fingerprint: int, rank: int, seq_hash: int) -> BlockKey:
     """Raises ValueError for fields that `parse_key` could not read back."""
-    return BlockKey(_head(seq_hash) + _tail(namespace, fingerprint, tp_rank))
+    return BlockKey(_head(seq_hash) + _tail(namespace, fingerprint, rank))
 
 
 def parse_key(data: bytes | bytearray | memoryview) -> KeyFields:
@@ -117,8 +120,8 @@ def parse_key(data: bytes | bytearray | memoryview) -> KeyFields:
     if len(data) < _MIN_SIZE:
         raise ValueError("block key too short")
     key = bytes(data)
-    namespace, fingerprint, tp_rank = _parse_tail(key_split.tail(key))
-    return KeyFields(namespace, fingerprint, tp_rank, key_split.head_value(key))
+    namespace, fingerprint, rank = _parse_tail(key_split.tail(key))
+    return KeyFields(namespace, fingerprint, rank, key_split.head_value(key))
 
 
 def seq_hash(key: bytes) -> int:
@@ -127,7 +130,7 @@ def seq_hash(key: bytes) -> int:
 
 def check_keys(keys: object, namespace: str, fingerprint: int, max_keys: int) -> list[BlockKey]:
     """Keys from outside (an engine's call): a list of at most `max_keys` well-formed
-    keys of this namespace and layout fingerprint (any tp rank), or ValueError.
+    keys of this namespace and layout fingerprint (any rank), or ValueError.
     A request's keys share one tail, so this parses each distinct tail once."""
     if not isinstance(keys, list) or len(keys) > max_keys:
         raise ValueError(f"keys must be a list of at most {max_keys}")
@@ -154,24 +157,24 @@ def _head(seq_hash: int) -> bytes:
 # A request's keys share everything but the sequence hash, so the rest of a
 # key (its tail) is packed and parsed once per key space, not once per key.
 @functools.lru_cache(maxsize=256)
-def _tail(namespace: str, fingerprint: int, tp_rank: int) -> bytes:
+def _tail(namespace: str, fingerprint: int, rank: int) -> bytes:
     ns = check_namespace(namespace).encode()
     try:
-        return _TAIL.pack(fingerprint, tp_rank, len(ns)) + ns
+        return _TAIL.pack(fingerprint, rank, len(ns)) + ns
     except struct.error as e:
         raise ValueError(f"block key field out of range: {e}") from None
 
 
 @functools.lru_cache(maxsize=256)
 def _parse_tail(tail: bytes) -> tuple[str, int, int]:
-    fingerprint, tp_rank, n = _TAIL.unpack_from(tail)
+    fingerprint, rank, n = _TAIL.unpack_from(tail)
     if len(tail) != _TAIL.size + n:
         raise ValueError("block key length does not match its namespace length")
     try:
         namespace = tail[_TAIL.size :].decode("utf-8", errors="strict")
     except UnicodeDecodeError:
         raise ValueError("block key namespace is not UTF-8") from None
-    return check_namespace(namespace), fingerprint, tp_rank
+    return check_namespace(namespace), fingerprint, rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,16 +183,16 @@ class KeySpace:
 
     namespace: str
     fingerprint: int
-    tp_rank: int = 0
+    rank: int = 0
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
-        if not 0 <= self.tp_rank < 2**16:
-            raise ValueError(f"tp_rank out of range: {self.tp_rank}")
-        _tail(self.namespace, self.fingerprint, self.tp_rank)  # the fingerprint's range
+        if not 0 <= self.rank < 2**16:
+            raise ValueError(f"rank out of range: {self.rank}")
+        _tail(self.namespace, self.fingerprint, self.rank)  # the fingerprint's range
 
     def keys(self, seq_hashes: list[int]) -> list[BlockKey]:
-        tail = _tail(self.namespace, self.fingerprint, self.tp_rank)
+        tail = _tail(self.namespace, self.fingerprint, self.rank)
         # key_split.head_of, inlined: an engine builds a request's keys on
         # vLLM's scheduler path, so no call per key (test_block_key checks they agree)
         try:

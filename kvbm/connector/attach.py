@@ -83,7 +83,7 @@ class NodeAttachment:
         self,
         socket_path: str,
         geometry: ModelGeometry,
-        tp_rank: int = 0,
+        rank: int = 0,
         remote: Sequence[str] = (),
         timeout: float = 30.0,
         map_arena: bool = True,
@@ -122,7 +122,7 @@ class NodeAttachment:
             raise NodeError("the node hashes under another key than this engine")
         self.hasher = BlockHasher(key)  # the engine's block keys, under the fleet's key
         self.node_id: str = hello["node_id"]
-        self.space = KeySpace(hello["namespace"], geometry.fingerprint, tp_rank)
+        self.space = KeySpace(hello["namespace"], geometry.fingerprint, rank)
         self.num_slots: int = hello["num_slots"]
         self.step_blocks: int = hello["step_blocks"]  # most blocks one load or store step moves
         self.arena_name: str = hello["arena"]  # changes when the node restarts

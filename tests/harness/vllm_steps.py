@@ -22,7 +22,14 @@ import time
 
 import torch
 from vllm import SamplingParams
-from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
+from vllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -83,6 +90,7 @@ class SteppedEngine:
         copies: str = "sync",
         spec: KVCacheSpec | list[KVCacheSpec] | None = None,
         remote: str = "",
+        stages: int = 1,
     ) -> None:
         extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
         config = VllmConfig(
@@ -97,6 +105,7 @@ class SteppedEngine:
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
             kv_transfer_config=kv_transfer_config(extra, policy),
             device_config=DeviceConfig("cpu"),
+            parallel_config=ParallelConfig(pipeline_parallel_size=stages),
         )
         spec = spec or FullAttentionSpec(
             block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
@@ -105,27 +114,35 @@ class SteppedEngine:
             groups = [KVCacheGroupSpec([name], s) for name, s in zip(LAYERS, spec, strict=True)]
         else:
             groups = [KVCacheGroupSpec(LAYERS, spec)]
-        cache = KVCacheConfig(num_blocks, [], groups)
+        if stages > 1:  # each stage's workers hold its layers; the scheduler sees stage 0's
+            per = len(LAYERS) // stages
+            staged = [LAYERS[i * per : (i + 1) * per] for i in range(stages)]
+            caches = [KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(n, spec)]) for n in staged]
+        else:
+            staged, caches = [LAYERS], [KVCacheConfig(num_blocks, [], groups)]
         config.cache_config.num_gpu_blocks = num_blocks
         self.scheduler = Scheduler(
             vllm_config=config,
-            kv_cache_config=cache,
+            kv_cache_config=caches[0],
             structured_output_manager=StructuredOutputManager(config),
             block_size=BLOCK,
         )
         assert isinstance(self.scheduler.connector, KvbmConnector)
         self.connector: KvbmScheduler = self.scheduler.connector.scheduler  # type: ignore[assignment]
-        self.worker = KvbmConnector(config, KVConnectorRole.WORKER, cache)
+        # one worker per stage, ranked as vLLM numbers them (kvbm/block_key.py)
+        self.workers = [KvbmConnector(config, KVConnectorRole.WORKER, c) for c in caches]
         # vLLM's CPU cache layout: [blocks, KV heads, block tokens, K and V]
         shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
         self.kv = {name: torch.zeros(shape) for name in LAYERS}
-        assert self.worker.worker is not None
-        self.worker.worker.register_kv_caches(self.kv, rank=0)
+        for rank, (worker, names) in enumerate(zip(self.workers, staged, strict=True)):
+            assert worker.worker is not None
+            worker.worker.register_kv_caches({n: self.kv[n] for n in names}, rank=rank)
         init_none_hash(sha256)
         self._hasher = get_request_block_hasher(BLOCK, sha256)
         self.metas: list[KvbmMetadata] = []
         self.outputs: list[SchedulerOutput] = []
         self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
+        self._finished: dict[str, int] = {}  # workers that reported a request's saves done
 
     def add(self, req_id: str, tokens: list[int], max_tokens: int = 16) -> Request:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -154,23 +171,33 @@ class SteppedEngine:
         assert isinstance(meta, KvbmMetadata)
         self.metas.append(meta)
         self.outputs.append(out)
-        worker = self.worker
-        worker.handle_preemptions(meta)
-        worker.bind_connector_metadata(meta)
-        worker.start_load_kv(None)  # type: ignore[arg-type]
-        for layer in LAYERS:
-            worker.wait_for_layer_load(layer)
+        for worker in self.workers:
+            worker.handle_preemptions(meta)
+            worker.bind_connector_metadata(meta)
+            worker.start_load_kv(None)  # type: ignore[arg-type]
+            for layer in LAYERS:
+                worker.wait_for_layer_load(layer)
         sampled = self._forward(out)
-        worker.wait_for_save()
-        done, _ = worker.get_finished(out.finished_req_ids)
-        errors = worker.get_block_ids_with_load_errors()
-        worker.clear_connector_metadata()
+        errors: set[int] = set()
+        done: set[str] = set()
+        for worker in self.workers:
+            worker.wait_for_save()
+            for req_id in worker.get_finished(out.finished_req_ids)[0] or ():
+                # vLLM's output aggregator: finished once every worker said so
+                told = self._finished[req_id] = self._finished.get(req_id, 0) + 1
+                if told == len(self.workers):
+                    done.add(req_id)
+                    del self._finished[req_id]
+            errors |= worker.get_block_ids_with_load_errors()
+            worker.clear_connector_metadata()
         ids = list(sampled)
         runner = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=[sampled[r] for r in ids],
-            kv_connector_output=KVConnectorOutput(finished_sending=done, invalid_block_ids=errors),
+            kv_connector_output=KVConnectorOutput(
+                finished_sending=done or None, invalid_block_ids=errors
+            ),
         )
         self.scheduler.update_from_output(out, runner)
 
@@ -216,5 +243,6 @@ class SteppedEngine:
         self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
 
     def close(self) -> None:
-        self.worker.shutdown()
+        for worker in self.workers:
+            worker.shutdown()
         self.scheduler.shutdown()

@@ -21,7 +21,9 @@ from tests.harness.ports import free_port
 from tests.harness.support import GEOMETRY
 
 PP = Refusal(
-    "llama-8b", "kvbm does not store KV caches split by pipeline_parallel_size > 1 yet", "kv_cache"
+    "llama-8b",
+    "kvbm does not store KV caches split by decode_context_parallel_size > 1 yet",
+    "kv_cache",
 )
 
 
@@ -49,7 +51,7 @@ def refusals_metric(port: int) -> dict[str, float]:
 def test_a_refused_engine_shows_in_status_and_metrics_before_and_after_engines_attach(daemons):
     port = free_port("127.0.0.2")
     node = daemons("solo", "127.0.0.2", "--host-cache-mb", "2", "--metrics-port", str(port))
-    # one engine restarted twice with pipeline stages, one whose model has no identity
+    # one engine restarted twice with decode context parallelism, one whose model has no identity
     report_refusal(node.socket, PP)
     report_refusal(node.socket, PP)
     report_refusal(
@@ -68,7 +70,7 @@ def test_a_refused_engine_shows_in_status_and_metrics_before_and_after_engines_a
         "  no engine has attached yet",
         "  engine refused: qwen: hf_overrides given as a function (1 time)",
         "  engine refused: llama-8b: kvbm does not store KV caches split by "
-        "pipeline_parallel_size > 1 yet (2 times)",
+        "decode_context_parallel_size > 1 yet (2 times)",
     ]
     assert refusals_metric(port) == {"kv_cache": 2.0, "model_identity": 1.0}
 

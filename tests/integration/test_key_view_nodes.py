@@ -16,8 +16,8 @@ from tests.harness.node_daemon import until
 from tests.harness.support import GEOMETRY, Engine
 
 
-def _keys(start: int, n: int, tp_rank: int = 0) -> list[bytes]:
-    return KeySpace("test", GEOMETRY.fingerprint, tp_rank).keys(list(range(start, start + n)))
+def _keys(start: int, n: int, rank: int = 0) -> list[bytes]:
+    return KeySpace("test", GEOMETRY.fingerprint, rank).keys(list(range(start, start + n)))
 
 
 def _watch(name: str, size: int, directory: str, n: int, out) -> None:

@@ -33,13 +33,13 @@ U64 = st.integers(0, 2**64 - 1)
 U128 = st.integers(0, 2**128 - 1)
 NAMESPACE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 namespaces = st.text(alphabet=NAMESPACE_CHARS, min_size=1, max_size=64)
-HEAD = 16 + 8 + 2 + 1  # seq_hash 128 bits, fingerprint u64, tp_rank u16, namespace length u8
+HEAD = 16 + 8 + 2 + 1  # seq_hash 128 bits, fingerprint u64, rank u16, namespace length u8
 
 
-def raw_key(seq_hash: int, fingerprint: int, tp_rank: int, ns: bytes, n: int | None = None):
+def raw_key(seq_hash: int, fingerprint: int, rank: int, ns: bytes, n: int | None = None):
     """Bytes in the wire format, written by hand, with an optionally lying length byte."""
     n = len(ns) if n is None else n
-    return seq_hash.to_bytes(16, "little") + struct.pack("<QHB", fingerprint, tp_rank, n) + ns
+    return seq_hash.to_bytes(16, "little") + struct.pack("<QHB", fingerprint, rank, n) + ns
 
 
 def expect_rejected(data: bytes) -> None:
@@ -65,8 +65,8 @@ def test_encode_parse_round_trip(ns, fp, rank, seq):
 
 
 def test_encoding_is_the_documented_wire_format():
-    # seq_hash, fingerprint, tp_rank, len(ns) little-endian, then the namespace bytes
-    key = encode_key("prod", fingerprint=0x0102030405060708, tp_rank=3, seq_hash=2**128 - 2)
+    # seq_hash, fingerprint, rank, len(ns) little-endian, then the namespace bytes
+    key = encode_key("prod", fingerprint=0x0102030405060708, rank=3, seq_hash=2**128 - 2)
     assert key == raw_key(2**128 - 2, 0x0102030405060708, 3, b"prod")
     assert key[:16] == b"\xfe" + b"\xff" * 15
     assert MAX_ENCODED == HEAD + 64
@@ -138,23 +138,23 @@ def test_keyspace_validates_namespace(ns):
 
 @pytest.mark.parametrize("rank", [-1, 65536, 2**32])
 def test_keyspace_validates_tp_rank(rank):
-    with pytest.raises(ValueError, match="tp_rank"):
-        KeySpace("ns", fingerprint=1, tp_rank=rank)
+    with pytest.raises(ValueError, match="rank"):
+        KeySpace("ns", fingerprint=1, rank=rank)
 
 
 def test_keyspace_accepts_edge_ranks():
-    assert KeySpace("ns", 1).tp_rank == 0
-    assert KeySpace("ns", 1, tp_rank=65535).tp_rank == 65535
+    assert KeySpace("ns", 1).rank == 0
+    assert KeySpace("ns", 1, rank=65535).rank == 65535
 
 
 def test_keyspace_is_frozen():
     space = KeySpace("ns", 1)
     with pytest.raises(AttributeError):
-        space.tp_rank = 2  # type: ignore[misc]
+        space.rank = 2  # type: ignore[misc]
 
 
 def test_keyspace_keys_builds_block_keys():
-    space = KeySpace("prod", fingerprint=0xABC, tp_rank=2)
+    space = KeySpace("prod", fingerprint=0xABC, rank=2)
     # [10, 20, 30] -> one key each, in order, everything but the hash from the space
     keys = space.keys([10, 20, 30])
     assert keys == [
@@ -193,7 +193,7 @@ def test_encode_refuses_what_parse_could_not_read():
 
 
 def test_check_keys_takes_this_nodes_keys_of_any_rank():
-    keys = KeySpace("prod", 7).keys([1, 2]) + KeySpace("prod", 7, tp_rank=3).keys([1])
+    keys = KeySpace("prod", 7).keys([1, 2]) + KeySpace("prod", 7, rank=3).keys([1])
     assert check_keys(keys, "prod", 7, max_keys=3) == keys
     assert check_keys([], "prod", 7, max_keys=3) == []
 

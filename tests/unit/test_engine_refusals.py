@@ -28,7 +28,9 @@ from kvbm.node.refusals import MAX_REFUSALS, Refusals
 from kvbm.status import render
 
 PP = Refusal(
-    "llama-8b", "kvbm does not store KV caches split by pipeline_parallel_size > 1 yet", "kv_cache"
+    "llama-8b",
+    "kvbm does not store KV caches split by decode_context_parallel_size > 1 yet",
+    "kv_cache",
 )
 
 
@@ -165,5 +167,5 @@ def test_status_shows_each_refusal_on_a_line():
         "  no engine has attached yet",
         "  engine refused: qwen: no identity (1 time)",
         "  engine refused: llama-8b: kvbm does not store KV caches split by "
-        "pipeline_parallel_size > 1 yet (2 times)",
+        "decode_context_parallel_size > 1 yet (2 times)",
     ]

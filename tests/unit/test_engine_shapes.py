@@ -25,9 +25,13 @@ SHAPE = {"block_size": 16, "num_kv_heads": 2, "head_size": 8}
 LAYERS = ["model.layers.0.attn", "model.layers.1.attn"]
 
 
-def config(cache_dtype: str = "auto", pp: int = 1, dcp: int = 1) -> SimpleNamespace:
+def config(
+    cache_dtype: str = "auto", pp: int = 1, dcp: int = 1, layers: int = 2
+) -> SimpleNamespace:
     return SimpleNamespace(
-        model_config=SimpleNamespace(dtype=torch.bfloat16),
+        model_config=SimpleNamespace(
+            dtype=torch.bfloat16, get_total_num_hidden_layers=lambda: layers
+        ),
         parallel_config=SimpleNamespace(
             pipeline_parallel_size=pp, decode_context_parallel_size=dcp
         ),
@@ -73,6 +77,15 @@ def test_an_fp8_cache_is_named_by_its_format(cache_dtype, fmt):
     assert g.fingerprint != other.fingerprint
 
 
+def test_pipeline_stages_of_as_many_layers_are_stored():
+    """Each stage's share is a block of the stage's layers; its rank tells
+    the stage (kvbm/block_key.py)."""
+    g = geometry_of(
+        config(pp=2, layers=4), groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))
+    )
+    assert g.num_layers == 2  # the group's: one stage's layers
+
+
 def test_e4m3_and_e5m2_never_share_blocks():
     spec = FullAttentionSpec(**SHAPE, dtype=torch.uint8)
     a = geometry_of(config("fp8_e4m3"), groups(spec))
@@ -84,7 +97,7 @@ def test_e4m3_and_e5m2_never_share_blocks():
     "cfg,cache,says",
     [
         (config("int8_per_token_head"), None, "int8_per_token_head"),
-        (config(pp=2), None, "pipeline_parallel_size"),
+        (config(pp=2, layers=3), None, "as many layers each"),
         (config(dcp=2), None, "decode_context_parallel_size"),
         (
             config(),
@@ -94,7 +107,7 @@ def test_e4m3_and_e5m2_never_share_blocks():
         (config(), "mamba", "MambaSpec"),
         (config("fp8"), "packed", "packed KV pages"),
     ],
-    ids=["int8", "pp", "dcp", "two-groups", "mamba", "packed"],
+    ids=["int8", "uneven-stages", "dcp", "two-groups", "mamba", "packed"],
 )
 def test_shapes_still_refused_say_why(cfg, cache, says):
     full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)

@@ -17,8 +17,8 @@ from tests.harness.support import GEOMETRY, keys, store
 SPACE = KeySpace("test", GEOMETRY.fingerprint)
 
 
-def _keys(start: int, n: int, tp_rank: int = 0) -> list[bytes]:
-    return KeySpace("test", GEOMETRY.fingerprint, tp_rank).keys(list(range(start, start + n)))
+def _keys(start: int, n: int, rank: int = 0) -> list[bytes]:
+    return KeySpace("test", GEOMETRY.fingerprint, rank).keys(list(range(start, start + n)))
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_a_reader_sees_each_bit_set_and_unset(view):
     assert reader.bits(ks).tolist() == [0] * 6 + [1, 1] + [0] * 4
     assert view.count() == 2
     # another tensor-parallel rank's keys are other keys
-    assert reader.bits(_keys(0, 12, tp_rank=1)).tolist() == [0] * 12
+    assert reader.bits(_keys(0, 12, rank=1)).tolist() == [0] * 12
     reader.close()
 
 

@@ -244,7 +244,7 @@ def test_round_trip_g1_g2_g3_g2_g1_is_bit_exact(make_manager, dtype):
 def test_admission_counts_each_rank_and_namespace_apart(make_manager):
     mgr = make_manager(host_slots=4, disk_slots=16, min_uses=2)
     rank0 = keys(0, 2)
-    rank1 = KeySpace("test", GEOMETRY.fingerprint, tp_rank=1).keys([0, 1])
+    rank1 = KeySpace("test", GEOMETRY.fingerprint, rank=1).keys([0, 1])
     # the same sequence hashes under two tp ranks: each key is used once
     store(mgr, rank0)
     store(mgr, rank1)

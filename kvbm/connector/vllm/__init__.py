@@ -132,9 +132,16 @@ class KvbmConnector(KVConnectorBase_V1, SupportsHMA):
         return engine_config(dict(extra_config or {})).engine_copies != "sync"
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
 
-        self._work().register_kv_caches(kv_caches, get_tensor_model_parallel_rank())
+        # vLLM's numbering of its workers (block_key.py): stage, then TP rank
+        stage = get_pp_group().rank_in_group
+        rank = stage * get_tensor_model_parallel_world_size() + get_tensor_model_parallel_rank()
+        self._work().register_kv_caches(kv_caches, rank)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if isinstance(kv_connector_metadata, KvbmMetadata):

@@ -36,7 +36,7 @@ class EngineSetup:
 
     cfg: KvbmConfig
     block_size: int
-    tp_size: int
+    ranks: int  # the engine's workers, each keying its own share of a block (block_key.py)
     socket: str
     async_copies: bool  # copies started in one hook and finished in a later one
     promise_hits: bool  # kv_load_failure_policy "recompute": a view hit is promised unpinned
@@ -99,7 +99,8 @@ def engine_setup(
     return EngineSetup(
         cfg=cfg,
         block_size=vllm_config.cache_config.block_size,
-        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+        ranks=vllm_config.parallel_config.tensor_parallel_size
+        * vllm_config.parallel_config.pipeline_parallel_size,
         socket=socket,
         async_copies=cfg.engine_copies == "async"
         or (cfg.engine_copies == "auto" and device != "cpu"),
@@ -145,11 +146,12 @@ def geometry_of(
     resolved before it made the scheduler and the workers."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     fp8 = fp8_format(cc.cache_dtype)
-    # Keys carry the tensor-parallel rank only: a pipeline stage's or a
-    # context-parallel rank's share of a block would collide.
-    for name in ("pipeline_parallel_size", "decode_context_parallel_size"):
+    # A decode-context-parallel rank holds every n-th token of a block: its
+    # share is not a block of the geometry (pipeline stages' shares are).
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(pc, name, 1) > 1:
             raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
+    check_stages(mc, pc)
     layout = (
         getattr(kv_cache_config, "kv_cache_layout", None) or cc.kv_cache_layout or VLLM_CPU_LAYOUT
     )
@@ -192,6 +194,24 @@ def geometry_of(
         dtype=fp8 or str(spec.dtype).removeprefix("torch."),
         kv_layout=layout,
     )
+
+
+def check_stages(model_config: Any, parallel_config: Any) -> None:
+    """Pipeline stages must hold as many layers each: one geometry serves
+    every stage's share of a block (its keys' rank tells the stage), and
+    the scheduler sees the first stage's layers only. KvbmError otherwise."""
+    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
+    if pp <= 1:
+        return
+    from vllm.distributed.utils import get_pp_indices
+
+    total = model_config.get_total_num_hidden_layers()
+    counts = {end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp))}
+    if len(counts) > 1:
+        raise KvbmError(
+            f"kvbm stores pipeline stages of as many layers each; {total} layers in {pp} "
+            f"stages are {sorted(counts)} a stage"
+        )
 
 
 def fp8_format(cache_dtype: str | None) -> str | None:

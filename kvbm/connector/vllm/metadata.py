@@ -13,8 +13,8 @@ from kvbm.block_key import Groups
 
 @dataclass
 class Load:
-    """Arena slots the node pinned, per tensor-parallel rank, and the vLLM
-    block ids they are copied into.
+    """Arena slots the node pinned, per rank (stage and tensor-parallel
+    rank), and the vLLM block ids they are copied into.
 
     Invariants: `leases` and `slots` have one entry per rank; every rank's
     slots are as many as `block_ids` (the scheduler cuts them to the

@@ -20,8 +20,8 @@ RETRY_S = 2.0  # after a node failure, try to reattach this often
 
 
 class NodeLink:
-    """The attachments (one per tensor-parallel rank this side speaks for)
-    to one node socket.
+    """The attachments to one node socket, one per rank this side speaks
+    for (its stage and tensor-parallel rank).
 
     Invariants: `current` is None or holds one attachment per rank asked,
     all to one node; after a failure no attach is tried before the retry

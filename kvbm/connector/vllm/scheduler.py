@@ -120,7 +120,7 @@ class KvbmScheduler:
         self._promises: list[Promise] = []
 
     def _attached(self) -> list[NodeAttachment] | None:
-        return self.link.attached(range(self.setup.tp_size))
+        return self.link.attached(range(self.setup.ranks))
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

@@ -1,5 +1,5 @@
 """The worker side of the vLLM connector (each worker process, one per
-tensor-parallel rank).
+rank: pipeline stage and tensor-parallel rank, kvbm/block_key.py).
 
 A load starts in `start_load_kv` and the forward waits for each layer in
 `wait_for_layer_load`; the pins are released after the forward. After the
@@ -77,7 +77,8 @@ class KvbmWorker:
         return self.link.attached([self._rank])
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], rank: int) -> None:
-        """vLLM's KV cache of tensor-parallel rank `rank`, one tensor per layer."""
+        """vLLM's KV cache of worker `rank` (its stage's layers, its heads),
+        one tensor per layer."""
         self._rank = rank
         if self.setup.off:
             return
