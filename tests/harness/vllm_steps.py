@@ -7,9 +7,10 @@ milliseconds.
 
 The forward is a stand-in that keeps the one property the connector's
 correctness rests on: a block's KV depends on the KV of the block before
-it in the cache, and on the block's own tokens. It fills every block it
-computes with `block_value(previous block's value, the block's tokens)`,
-the previous block's value read from the cache. KV computed over a block
+it in the cache (of the blocks a sliding window covers: `reach`), and on
+the block's own tokens. It fills every block it computes with
+`block_value(those blocks' values, the block's tokens)`, read from the
+cache. KV computed over a block
 that never loaded is therefore wrong, as a model's would be, and
 `expected_values(tokens)` says what every full block must hold. vLLM may
 hand a preempted request's blocks to another request in the very step it
@@ -54,18 +55,22 @@ KV_HEADS, HEAD_SIZE = 2, 32
 MODULUS = 65521  # block values stay integers a float32 holds exactly
 
 
-def block_value(previous: int, tokens: list[int]) -> int:
-    """The stand-in model's KV of one block (never 0: a block no one wrote)."""
+def block_value(seen: list[int], tokens: list[int]) -> int:
+    """The stand-in model's KV of one block (never 0: a block no one wrote),
+    over the values of the blocks before it that its tokens attend to."""
+    previous = 0
+    for v in seen:
+        previous = previous * 7 + v  # the block just before alone: its value
     mixed = sum((i + 1) * t for i, t in enumerate(tokens))
     return 1 + (previous * 131 + mixed) % MODULUS
 
 
-def expected_values(tokens: list[int]) -> list[int]:
-    """What each full block of `tokens` holds when computed right."""
-    values, previous = [], 0
+def expected_values(tokens: list[int], reach: int = 1) -> list[int]:
+    """What each full block of `tokens` holds when computed right, by a model
+    whose tokens attend `reach` blocks back (a sliding window's blocks)."""
+    values: list[int] = []
     for at in range(0, len(tokens) - BLOCK + 1, BLOCK):
-        previous = block_value(previous, tokens[at : at + BLOCK])
-        values.append(previous)
+        values.append(block_value(values[-reach:] if values else [], tokens[at : at + BLOCK]))
     return values
 
 
@@ -91,7 +96,11 @@ class SteppedEngine:
         spec: KVCacheSpec | list[KVCacheSpec] | None = None,
         remote: str = "",
         stages: int = 1,
+        reach: int = 1,
     ) -> None:
+        """`reach`: the blocks back each block's tokens attend to (a sliding
+        window's; 1 for full attention, whose KV the block before carries)."""
+        self.reach = reach
         extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
         config = VllmConfig(
             model_config=model,
@@ -142,7 +151,9 @@ class SteppedEngine:
         self.metas: list[KvbmMetadata] = []
         self.outputs: list[SchedulerOutput] = []
         self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
-        self._finished: dict[str, int] = {}  # workers that reported a request's saves done
+        # workers that reported a request's saves done ("sending") or load received
+        self._finished: dict[tuple[str, str], int] = {}
+        self._failed_recving: set[str] = set()
 
     def add(self, req_id: str, tokens: list[int], max_tokens: int = 16) -> Request:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -179,24 +190,33 @@ class SteppedEngine:
                 worker.wait_for_layer_load(layer)
         sampled = self._forward(out)
         errors: set[int] = set()
-        done: set[str] = set()
+        done = {"sending": set(), "recving": set()}
         for worker in self.workers:
             worker.wait_for_save()
-            for req_id in worker.get_finished(out.finished_req_ids)[0] or ():
-                # vLLM's output aggregator: finished once every worker said so
-                told = self._finished[req_id] = self._finished.get(req_id, 0) + 1
-                if told == len(self.workers):
-                    done.add(req_id)
-                    del self._finished[req_id]
+            results = worker.get_transfer_results(out.finished_req_ids)
+            self._failed_recving |= results.failed_recving
+            told = {"sending": results.finished_sending, "recving": results.finished_recving}
+            for kind, req_ids in told.items():
+                for req_id in req_ids:
+                    # vLLM's output aggregator: finished once every worker said so
+                    count = self._finished[kind, req_id] = self._finished.get((kind, req_id), 0) + 1
+                    if count == len(self.workers):
+                        done[kind].add(req_id)
+                        del self._finished[kind, req_id]
             errors |= worker.get_block_ids_with_load_errors()
             worker.clear_connector_metadata()
+        failed = self._failed_recving & done["recving"]
+        self._failed_recving -= failed
         ids = list(sampled)
         runner = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},
             sampled_token_ids=[sampled[r] for r in ids],
             kv_connector_output=KVConnectorOutput(
-                finished_sending=done or None, invalid_block_ids=errors
+                finished_sending=done["sending"] or None,
+                finished_recving=done["recving"] or None,
+                failed_recving=failed,
+                invalid_block_ids=errors,
             ),
         )
         self.scheduler.update_from_output(out, runner)
@@ -219,8 +239,8 @@ class SteppedEngine:
             self._held[req_id] = ids
             start, end = before[req_id], before[req_id] + n
             for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
-                previous = self.values([ids[b - 1]])[0] if b else 0
-                value = block_value(previous, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
+                seen = self.values(ids[max(0, b - self.reach) : b])  # the null block's: 0
+                value = block_value(seen, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
                 for layer in self.kv.values():
                     layer[ids[b]].fill_(float(value))
             done = request.num_computed_tokens >= request.num_tokens

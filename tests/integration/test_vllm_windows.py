@@ -31,6 +31,7 @@ from tests.harness.tiny_llama import build
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
 
 WINDOW = 64  # tokens: 6 blocks computed, the next token sees blocks 4 and 5
+REACH = WINDOW // BLOCK  # the stand-in model's blocks a sliding-window block attends to
 SHAPE = {"block_size": BLOCK, "num_kv_heads": KV_HEADS, "head_size": HEAD_SIZE}
 SLIDING = SlidingWindowSpec(**SHAPE, dtype=torch.float32, sliding_window=WINDOW)
 CHUNKED = ChunkedLocalAttentionSpec(**SHAPE, dtype=torch.float32, attention_chunk_size=WINDOW)
@@ -66,7 +67,9 @@ def engines(model, node) -> Iterator:
         engine.close()
 
 
-def hold(engine: SteppedEngine, node, tokens: list[int], blocks: list[int]) -> None:
+def hold(
+    engine: SteppedEngine, node, tokens: list[int], blocks: list[int], reach: int = REACH
+) -> None:
     """The node holds these blocks of `tokens` (right values), and no others
     of it: as if the rest had been evicted."""
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
@@ -74,7 +77,7 @@ def hold(engine: SteppedEngine, node, tokens: list[int], blocks: list[int]) -> N
         seed = probe.hasher.seed(engine.connector.setup.model_identity)
         hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
         kv = new_caches(probe.geometry, len(blocks) + 1)
-        values = expected_values(tokens)
+        values = expected_values(tokens, reach)
         for i, b in enumerate(blocks):
             for layer in kv:
                 layer[i + 1] = float(values[b])
@@ -85,12 +88,20 @@ def hold(engine: SteppedEngine, node, tokens: list[int], blocks: list[int]) -> N
 
 
 def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
-    """Run `tokens` as a new request; the tokens vLLM counted computed in its
-    first step (what the connector promised)."""
+    """Run `tokens` as a new request until vLLM first schedules it (a
+    windowed hit waits a step for its load, `Load.waiting`); the tokens vLLM
+    counted computed then (what the connector promised, and loaded)."""
     engine.add(req_id, tokens)
-    engine.step()
-    [new] = [r for r in engine.outputs[-1].scheduled_new_reqs if r.req_id == req_id]
-    return new.num_computed_tokens
+    for _ in range(10):
+        engine.step()
+        for new in engine.outputs[-1].scheduled_new_reqs:
+            if new.req_id == req_id:
+                return new.num_computed_tokens
+    raise AssertionError(f"{req_id} was never scheduled")
+
+
+def loads_of(engine: SteppedEngine, req_id: str) -> list:
+    return [load for m in engine.metas for load in m.loads if load.req_id == req_id]
 
 
 @pytest.mark.parametrize("copies", ["sync", "async"])
@@ -100,17 +111,17 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     block), which hold what was computed. Each step tells the workers that
     blocks may be reused (saves in flight finish reading first)."""
     p = prompt(1)
-    first = engines(spec=SLIDING)
+    first = engines(spec=SLIDING, reach=REACH)
     first.add("computed", p)
     first.run()
     assert all(NULL_BLOCK not in s.block_ids for m in first.metas for s in m.saves)
-    engine = engines(spec=SLIDING, copies=copies)
+    engine = engines(spec=SLIDING, reach=REACH, copies=copies)
     assert first_step(engine, "again", p) == 6 * BLOCK
     ids = engine.block_ids("again")
     assert ids[:4] == [NULL_BLOCK] * 4
-    [load] = engine.metas[0].loads
+    [load] = loads_of(engine, "again")
     assert load.block_ids == ids[4:6]
-    assert engine.values(ids[4:6]) == expected_values(p)[4:6]
+    assert engine.values(ids[4:6]) == expected_values(p, REACH)[4:6]
     assert node_stats(node.socket)["engine_blocks"]["local_host"] == 2
     assert all(m.blocks_reused for m in engine.metas)
     engine.run()
@@ -121,13 +132,13 @@ def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node):
     node, same prompt) has no hit; the sliding window needs 4 and 5 and hits
     all six blocks."""
     p = prompt(2)
-    window = engines(spec=SLIDING)
+    window = engines(spec=SLIDING, reach=REACH)
     hold(window, node, p, [3, 4, 5])
     control = engines(spec=FULL)
     assert first_step(control, "full", p) == 0
     assert first_step(window, "windowed", p) == 6 * BLOCK
     ids = window.block_ids("windowed")
-    assert window.values(ids[4:6]) == expected_values(p)[4:6]
+    assert window.values(ids[4:6]) == expected_values(p, REACH)[4:6]
 
 
 def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
@@ -135,13 +146,13 @@ def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     and 4; four blocks need 2 and 3, held. vLLM counts four blocks computed
     and the connector loads 2 and 3."""
     p = prompt(3)
-    window = engines(spec=SLIDING)
+    window = engines(spec=SLIDING, reach=REACH)
     hold(window, node, p, [0, 1, 2, 3, 5])
     assert first_step(window, "windowed", p) == 4 * BLOCK
     ids = window.block_ids("windowed")
-    [load] = window.metas[0].loads
+    [load] = loads_of(window, "windowed")
     assert load.block_ids == ids[2:4]
-    assert window.values(ids[2:4]) == expected_values(p)[2:4]
+    assert window.values(ids[2:4]) == expected_values(p, REACH)[2:4]
     window.run()
 
 
@@ -149,11 +160,11 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     """Chunks of 64 tokens: after five blocks the next token (160) is in the
     chunk of blocks 4 and 5, and sees block 4 alone."""
     p = prompt(4, 5 * BLOCK + 4)
-    hold(engines(spec=FULL), node, p, [0, 1, 2, 3, 4])
+    hold(engines(spec=FULL), node, p, [0, 1, 2, 3, 4], reach=1)
     engine = engines(spec=CHUNKED)
     assert first_step(engine, "chunked", p) == 5 * BLOCK
     ids = engine.block_ids("chunked")
-    [load] = engine.metas[0].loads
+    [load] = loads_of(engine, "chunked")
     assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == ids[4:5]
     assert engine.values(ids[4:5]) == expected_values(p)[4:5]
     engine.run()
@@ -169,7 +180,7 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
     p, q = prompt(7), prompt(8)
     made = [SteppedEngine(model, a.socket, spec=FULL)]
     try:
-        hold(made[0], a, p, list(range(6)))
+        hold(made[0], a, p, list(range(6)), reach=1)
         hold(made[0], a, q, list(range(6)))
         on_b = NodeAttachment(b.socket, made[0].connector.setup.geometry, remote=["host"])
         try:
@@ -183,13 +194,13 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
         finally:
             on_b.close()
         pulled = {}
-        for name, spec, tokens in (("full", FULL, p), ("sliding", SLIDING, q)):
-            engine = SteppedEngine(model, b.socket, spec=spec, remote="host")
+        for name, spec, tokens, reach in (("full", FULL, p, 1), ("sliding", SLIDING, q, REACH)):
+            engine = SteppedEngine(model, b.socket, spec=spec, remote="host", reach=reach)
             made.append(engine)
             before = node_stats(b.socket).get("engine_blocks", {}).get("remote_host", 0)
             assert first_step(engine, name, tokens) == 6 * BLOCK
             ids = engine.block_ids(name)
-            assert engine.values(ids[4:6]) == expected_values(tokens)[4:6]
+            assert engine.values(ids[4:6]) == expected_values(tokens, reach)[4:6]
             engine.run()
             pulled[name] = node_stats(b.socket)["engine_blocks"]["remote_host"] - before
         block_bytes = made[0].connector.setup.geometry.block_bytes
@@ -205,7 +216,7 @@ def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node)
     in the engine and null blocks behind it: the connector saves its new
     blocks, and never the null block under a key."""
     p = prompt(5)
-    engine = engines(spec=SLIDING, prefix_caching=True)
+    engine = engines(spec=SLIDING, reach=REACH, prefix_caching=True)
     engine.add("p", p)
     engine.run()
     longer = p[: 6 * BLOCK] + prompt(6, 2 * BLOCK + 4)
@@ -214,7 +225,43 @@ def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node)
     saves = [s for m in engine.metas for s in m.saves if s.req_id == "longer"]
     assert saves, "the longer prompt's new blocks were never saved"
     assert all(NULL_BLOCK not in s.block_ids for s in saves)
-    probe = engines(spec=SLIDING)
+    probe = engines(spec=SLIDING, reach=REACH)
     assert first_step(probe, "probe", longer) == 8 * BLOCK
     ids = probe.block_ids("probe")
-    assert probe.values(ids[6:8]) == expected_values(longer)[6:8]
+    assert probe.values(ids[6:8]) == expected_values(longer, REACH)[6:8]
+
+
+def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch):
+    """The view shows p's six blocks and they are evicted between the promise
+    and the step's pin (the race forced here). vLLM rolls a failed block back
+    to that block, and behind it the window's blocks were never loaded (its
+    null block): so the load fails whole (`failed_waits`), vLLM recomputes p
+    from its first token, and every block holds what a model attending two
+    blocks back computes."""
+    p = prompt(9)
+    hold(engines(spec=SLIDING, reach=REACH), node, p, list(range(6)))
+    engine = engines(spec=SLIDING, reach=REACH)
+    probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
+    promised = engine.connector.update_state_after_alloc
+
+    def promise_then_evict(request, blocks, num_external_tokens) -> None:
+        promised(request, blocks, num_external_tokens)
+        filler = probe.keys(list(range(10**6, 10**6 + 2 * probe.num_slots)))
+        kv = new_caches(probe.geometry, len(filler) + 1)
+        probe.store(EngineKV(probe.geometry, kv), filler, list(range(1, len(filler) + 1)))
+        held = probe.keys(engine.connector.requests["p"].seq_hashes[4:6])
+        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
+
+    monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
+    try:
+        engine.add("p", p)
+        engine.step()
+        monkeypatch.undo()
+        assert engine.metas[0].failed_waits == ["p"] and not engine.metas[0].failed
+        engine.step()  # received (failed): vLLM schedules p again, from its first token
+        [again] = engine.outputs[-1].scheduled_new_reqs
+        assert again.num_computed_tokens == 0
+        assert engine.values(engine.block_ids("p")[4:6]) == expected_values(p, REACH)[4:6]
+        engine.run()
+    finally:
+        probe.close()

@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     SupportsHMA,
 )
 
@@ -161,6 +162,14 @@ class KvbmConnector(KVConnectorBase_V1, SupportsHMA):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
         return self._work().get_finished(finished_req_ids), None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Saves ended (as `get_finished`), and waiting loads received or
+        failed (a windowed group's hits, metadata.Load.waiting)."""
+        worker = self._work()
+        sending = worker.get_finished(finished_req_ids)
+        received, failed = worker.take_received()
+        return KVConnectorTransferResults(set(sending or ()), received, failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().get_block_ids_with_load_errors()

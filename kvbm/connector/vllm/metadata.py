@@ -26,6 +26,12 @@ class Load:
     slots: list[list[int]]
     block_ids: list[int]
     req_id: str = ""
+    # The request waits for it (vLLM's asynchronous load, for a windowed
+    # group): it is reported received in a later step, and a failure fails
+    # the whole hit, which vLLM then recomputes from the first token. vLLM
+    # rolls a failed block back to that block, behind which a window's
+    # blocks were never loaded: only the whole hit can fail for such a group.
+    waiting: bool = False
 
 
 @dataclass
@@ -44,9 +50,11 @@ class KvbmMetadata(KVConnectorMetadata):
     """One step's orders for the workers.
 
     `failed` lists promised blocks the node did not pin: the workers report
-    them to vLLM as load errors, so it recomputes from them. `released`
-    lists requests the scheduler held after a failed load and lets save
-    again (vLLM has recomputed the block that failed)."""
+    them to vLLM as load errors, so it recomputes from them; `failed_waits`
+    the waiting requests (`Load.waiting`) whose loads the node did not pin,
+    which the workers report failed whole. `released` lists requests the
+    scheduler held after a failed load and lets save again (vLLM has
+    recomputed the block that failed)."""
 
     arena: str = ""  # the node's arena the slots refer to (a restarted node has another)
     loads: list[Load] = field(default_factory=list)
@@ -56,3 +64,4 @@ class KvbmMetadata(KVConnectorMetadata):
     # before this step's forward: a preemption, or blocks freed behind a window
     blocks_reused: bool = False
     released: list[str] = field(default_factory=list)  # requests that may save again
+    failed_waits: list[str] = field(default_factory=list)  # waiting loads the node did not pin

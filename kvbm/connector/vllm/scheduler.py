@@ -74,6 +74,7 @@ class TrackedRequest:
     hold_from: int | None = None  # a block that never loaded: no saves until recomputed from it
     pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
     promised: int = 0  # blocks promised from the key view, not yet allocated
+    waiting: bool = False  # the hit told vLLM was asynchronous (a windowed group's)
     first_block: int = 0
 
     def hold(self, bad: set[int]) -> None:
@@ -93,6 +94,7 @@ class Promise:
     tracked: TrackedRequest
     first: int
     block_ids: list[int]
+    waiting: bool = False  # an asynchronous load (metadata.Load.waiting)
 
     def hashes(self) -> list[int]:
         return self.tracked.seq_hashes[self.first : self.first + len(self.block_ids)]
@@ -127,7 +129,7 @@ class KvbmScheduler:
     ) -> tuple[int | None, bool]:
         tracked = self._track(request)
         self.drop_pins(tracked)
-        tracked.promised = 0
+        tracked.promised, tracked.waiting = 0, False
         if tracked.seed is None:
             return 0, False  # not cached (`_hash_prompt`)
         # the last prompt token is always computed: vLLM needs its logits
@@ -171,8 +173,9 @@ class KvbmScheduler:
             self.link.release(load)
             return 0, False
         tracked.pinned, tracked.first_block = load, first
+        tracked.waiting = load.waiting = self.setup.window is not None
         log.debug("pinned blocks=%d ms=%.2f", n, (time.perf_counter() - t0) * 1e3)
-        return n * self.block_size, False
+        return n * self.block_size, tracked.waiting
 
     def _windowed_hit(
         self, tracked: TrackedRequest, step_blocks: int, held: list, first: int
@@ -182,15 +185,16 @@ class KvbmScheduler:
         every rank (kvbm/connector/attention_window.py), at most one load
         step's. Only those blocks are pinned (and pulled from peers) with
         the step. Where a hit is pinned before it is promised, the pin
-        takes the prefix whole, as for full attention."""
+        takes the prefix whole, as for full attention. Either way the load
+        is asynchronous (`Load.waiting`): it can fail only whole."""
         window = self.setup.window
         assert window is not None
         mask = np.logical_and.reduce(held)[:step_blocks]
         n = window.longest_hit(mask, first) - first
         if n == 0:
             return 0, False  # a miss, told by the view
-        tracked.promised, tracked.first_block = n, first
-        return n * self.block_size, False
+        tracked.promised, tracked.first_block, tracked.waiting = n, first, True
+        return n * self.block_size, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -203,8 +207,9 @@ class KvbmScheduler:
             if n:
                 ids = list(blocks.get_block_ids()[0][first : first + n])
                 skip = leading_nulls(ids)  # behind a window: vLLM allocated none
-                if skip < n:
-                    self._promises.append(Promise(tracked, first + skip, ids[skip:]))
+                if skip < n or tracked.waiting:  # a waiting request hears back, even of none
+                    promise = Promise(tracked, first + skip, ids[skip:], tracked.waiting)
+                    self._promises.append(promise)
                 tracked.saved = max(tracked.saved, first + n)  # in the node (or recomputed)
             return
         load = tracked.pinned
@@ -219,10 +224,11 @@ class KvbmScheduler:
         load.block_ids = ids[skip:]
         load.slots = [s[skip:n] for s in load.slots]
         load.req_id = request.request_id
-        if load.block_ids:
-            self._to_load.append(load)
-        else:
+        if not load.block_ids:
             self.link.release(load)
+            load = Load([], [], [], load.req_id, load.waiting)
+        if load.block_ids or load.waiting:  # a waiting request hears back, even of none
+            self._to_load.append(load)
         tracked.saved = max(tracked.saved, first + n)  # these are in the node already
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmMetadata:
@@ -269,8 +275,13 @@ class KvbmScheduler:
         """Pin this step's promised blocks, one round trip per rank. A block
         the node no longer has goes to `meta.failed`: the workers report it
         failed, vLLM recomputes from it, and no request holding it saves
-        until then (`_plan_save`)."""
+        until then (`_plan_save`). A waiting load (`Load.waiting`) is pinned
+        whole or fails whole (`meta.failed_waits`)."""
         promises, self._promises = self._promises, []
+        for p in promises:
+            if not p.block_ids:  # a window's hit with nothing to load: received at once
+                meta.loads.append(Load([], [], [], p.tracked.request.request_id, True))
+        promises = [p for p in promises if p.block_ids]
         if not promises:
             return
         node = self.link.current
@@ -291,15 +302,26 @@ class KvbmScheduler:
         for i, p in enumerate(promises):
             got = [rank[i] for rank in pins]
             m = min((len(g.slots) for g in got), default=0)
+            if p.waiting and m < len(p.block_ids):
+                m = 0  # whole or not at all
             req_id = p.tracked.request.request_id
-            load = Load([g.lease for g in got], [g.slots[:m] for g in got], p.block_ids[:m], req_id)
+            load = Load(
+                [g.lease for g in got],
+                [g.slots[:m] for g in got],
+                p.block_ids[:m],
+                req_id,
+                p.waiting,
+            )
             if m:
                 meta.loads.append(load)
             else:
                 self.link.release(load)
             if m < len(p.block_ids):
-                meta.failed += p.block_ids[m:]
                 short += 1
+                if p.waiting:
+                    meta.failed_waits.append(req_id)
+                else:
+                    meta.failed += p.block_ids[m:]
         if short:
             log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", short)
 

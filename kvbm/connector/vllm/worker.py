@@ -72,6 +72,8 @@ class KvbmWorker:
         # until the scheduler has seen vLLM recompute them (meta.released).
         self._tainted: set[str] = set()
         self._step_bad: set[int] = set()  # blocks of this step that did not load
+        # Waiting loads (Load.waiting) ended since vLLM last asked: request -> loaded?
+        self._received: dict[str, bool] = {}
 
     def _attached(self) -> list[NodeAttachment] | None:
         return self.link.attached([self._rank])
@@ -134,6 +136,7 @@ class KvbmWorker:
     def start_load_kv(self, meta: KvbmMetadata) -> None:
         self._load_errors.update(meta.failed)
         self._step_bad = set(meta.failed)
+        self._received.update(dict.fromkeys(meta.failed_waits, False))
         if not meta.loads:
             return
         node = self._attached()
@@ -141,6 +144,9 @@ class KvbmWorker:
             self.link.reattach()  # the node restarted since this attachment was made
             node = self._attached()
         for load in meta.loads:
+            if not load.block_ids:  # a waiting request with nothing to load
+                self._received[load.req_id] = True
+                continue
             same_node = node is not None and node[0].arena_name == meta.arena
             try:
                 if not same_node:
@@ -175,6 +181,9 @@ class KvbmWorker:
                 log.warning(
                     "load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), error
                 )
+            if load.waiting:  # reported whole, in get_transfer_results
+                self._received[load.req_id] = error is None
+            elif error is not None:
                 self._load_errors.update(load.block_ids)
                 self._step_bad.update(load.block_ids)
                 self._tainted.add(load.req_id)
@@ -261,6 +270,15 @@ class KvbmWorker:
         for r in done:
             log.debug("saves ended, blocks back to vLLM: request %s", r)
         return done or None
+
+    def take_received(self) -> tuple[set[str], set[str]]:
+        """Waiting requests whose loads have ended since the last call, and
+        those of them that failed (vLLM recomputes them from the first
+        token). Every load of the step has ended by now (wait_for_save)."""
+        if self._loading:
+            self._finish_loads()
+        received, self._received = self._received, {}
+        return set(received), {r for r, ok in received.items() if not ok}
 
     def _drain(self) -> None:
         """Wait for every copy in flight and close the copier, before the
