@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from vllm.config import ModelConfig
@@ -24,7 +25,7 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from kvbm.connector.attach import NodeAttachment, node_stats
-from kvbm.connector.attention_window import NULL_BLOCK
+from kvbm.connector.attention_window import NULL_BLOCK, AttentionWindow
 from kvbm.connector.engine_kv import EngineKV, new_caches
 from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build
@@ -102,6 +103,30 @@ def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
 
 def loads_of(engine: SteppedEngine, req_id: str) -> list:
     return [load for m in engine.metas for load in m.loads if load.req_id == req_id]
+
+
+def vllm_skipped_blocks(kind: str, tokens: int, computed_tokens: int) -> int:
+    """vLLM's `get_num_skipped_tokens` (single_type_kv_cache_manager.py) in
+    whole blocks, as its block manager pads a request's blocks with nulls."""
+    from vllm.v1.core.single_type_kv_cache_manager import (
+        ChunkedLocalAttentionManager,
+        SlidingWindowManager,
+    )
+
+    if kind == "sliding":
+        manager = object.__new__(SlidingWindowManager)
+        manager.sliding_window, manager.extra_retained_tokens = tokens, 0
+    else:
+        manager = object.__new__(ChunkedLocalAttentionManager)
+        manager.attention_chunk_size = tokens
+    return manager.get_num_skipped_tokens(computed_tokens) // BLOCK
+
+
+@pytest.mark.parametrize("kind,tokens", [("sliding", 64), ("sliding", 100), ("chunked", 64)])
+def test_first_needed_is_vllms_count_of_skipped_blocks(kind, tokens):
+    w = AttentionWindow(kind, tokens, BLOCK)
+    n = np.arange(0, 40)
+    assert w.first_needed(n).tolist() == [vllm_skipped_blocks(kind, tokens, b * BLOCK) for b in n]
 
 
 @pytest.mark.parametrize("copies", ["sync", "async"])
