@@ -34,9 +34,15 @@ class AttentionWindow:
     kind: str
     tokens: int
     block_size: int
+    retained: int = 0  # tokens vLLM keeps behind a sliding window (speculative decoding's)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("sliding", "chunked") or self.tokens <= 0 or self.block_size <= 0:
+        if (
+            self.kind not in ("sliding", "chunked")
+            or self.tokens <= 0
+            or self.block_size <= 0
+            or self.retained < 0
+        ):
             raise ValueError(f"not an attention window: {self}")
 
     def first_needed(self, computed_blocks: np.ndarray) -> np.ndarray:
@@ -44,7 +50,7 @@ class AttentionWindow:
         still attends to (vLLM's skipped tokens, in whole blocks)."""
         p = np.asarray(computed_blocks, dtype=np.int64) * self.block_size
         if self.kind == "sliding":
-            skipped = np.maximum(0, p - self.tokens + 1)
+            skipped = np.maximum(0, p - self.tokens + 1 - self.retained)
         else:
             skipped = p // self.tokens * self.tokens
         return skipped // self.block_size

@@ -105,7 +105,7 @@ def loads_of(engine: SteppedEngine, req_id: str) -> list:
     return [load for m in engine.metas for load in m.loads if load.req_id == req_id]
 
 
-def vllm_skipped_blocks(kind: str, tokens: int, computed_tokens: int) -> int:
+def vllm_skipped_blocks(kind: str, tokens: int, computed_tokens: int, retained: int = 0) -> int:
     """vLLM's `get_num_skipped_tokens` (single_type_kv_cache_manager.py) in
     whole blocks, as its block manager pads a request's blocks with nulls."""
     from vllm.v1.core.single_type_kv_cache_manager import (
@@ -115,18 +115,22 @@ def vllm_skipped_blocks(kind: str, tokens: int, computed_tokens: int) -> int:
 
     if kind == "sliding":
         manager = object.__new__(SlidingWindowManager)
-        manager.sliding_window, manager.extra_retained_tokens = tokens, 0
+        manager.sliding_window, manager.extra_retained_tokens = tokens, retained
     else:
         manager = object.__new__(ChunkedLocalAttentionManager)
         manager.attention_chunk_size = tokens
     return manager.get_num_skipped_tokens(computed_tokens) // BLOCK
 
 
-@pytest.mark.parametrize("kind,tokens", [("sliding", 64), ("sliding", 100), ("chunked", 64)])
-def test_first_needed_is_vllms_count_of_skipped_blocks(kind, tokens):
-    w = AttentionWindow(kind, tokens, BLOCK)
+@pytest.mark.parametrize(
+    "kind,tokens,retained",
+    [("sliding", 64, 0), ("sliding", 100, 0), ("sliding", 64, 40), ("chunked", 64, 0)],
+)
+def test_first_needed_is_vllms_count_of_skipped_blocks(kind, tokens, retained):
+    w = AttentionWindow(kind, tokens, BLOCK, retained)
     n = np.arange(0, 40)
-    assert w.first_needed(n).tolist() == [vllm_skipped_blocks(kind, tokens, b * BLOCK) for b in n]
+    want = [vllm_skipped_blocks(kind, tokens, b * BLOCK, retained) for b in n]
+    assert w.first_needed(n).tolist() == want
 
 
 @pytest.mark.parametrize("copies", ["sync", "async"])

@@ -132,7 +132,8 @@ def window_of(kv_cache_config: KVCacheConfig | None) -> AttentionWindow | None:
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
     kind = type(spec).__name__
     if kind == "SlidingWindowSpec":
-        return AttentionWindow("sliding", spec.sliding_window, spec.block_size)
+        retained = getattr(spec, "extra_retained_tokens", 0) or 0
+        return AttentionWindow("sliding", spec.sliding_window, spec.block_size, retained)
     if kind == "ChunkedLocalAttentionSpec":
         return AttentionWindow("chunked", spec.attention_chunk_size, spec.block_size)
     return None
