@@ -7,6 +7,28 @@ from __future__ import annotations
 
 import os
 
+# the word-level tokenizer's special tokens, in id order (bos 1, eos 2, pad 3)
+SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def save_word_tokenizer(path: str, vocab: int = 512) -> None:
+    """Write a word-level tokenizer of `vocab` ids to `path`: the specials,
+    then one word per id ("w4", "w5", ...), so any id below `vocab` is a token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {t: i for i, t in enumerate(SPECIALS)}
+    words.update({f"w{i}": i for i in range(len(SPECIALS), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    ).save_pretrained(path)
+
 
 def build_llama(
     path: str,
@@ -21,21 +43,9 @@ def build_llama(
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    words = {t: i for i, t in enumerate(specials)}
-    words.update({f"w{i}": i for i in range(len(specials), vocab)})
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    ).save_pretrained(path)
+    save_word_tokenizer(path, vocab)
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,

@@ -31,6 +31,7 @@ os.environ["KVBM_SECRET"] = TEST_FLEET_SECRET
 FIRST = (
     "tests/system/test_vllm_connector.py",
     "tests/system/test_vllm_identity.py",
+    "tests/system/test_vllm_models.py",
     "tests/system/faults/test_peer_killed.py",
     "tests/system/faults/test_soak.py",
 )
