@@ -13,7 +13,9 @@ S) or {"text": T, "image_seed": S} (a 56x56 random image from seed S, for
 a vision model), with "cache_salt" and "lora": {"name", "id", "path"}
 optional.
 TEST_ENABLE_LORA=1 and TEST_PROMPT_EMBEDS=1 turn those on in vLLM;
-TEST_TP=N runs the model tensor parallel over N workers.
+TEST_TP=N runs the model tensor parallel over N workers;
+TEST_ONE_KV_GROUP=1 turns vLLM's hybrid KV cache manager off (one KV cache
+group, sliding-window layers kept whole as full attention).
 PROMPTS_JSON "-": read one JSON list of prompts per stdin line and answer
 each with an output line, until EOF (a test acts on the nodes between two
 batches)."""
@@ -64,6 +66,7 @@ def main() -> None:
         max_lora_rank=8,
         enable_prompt_embeds=os.environ.get("TEST_PROMPT_EMBEDS") == "1",
         tensor_parallel_size=int(os.environ.get("TEST_TP", "1")),
+        disable_hybrid_kv_cache_manager=os.environ.get("TEST_ONE_KV_GROUP") == "1" or None,
     )
     hidden = llm.llm_engine.model_config.get_hidden_size()
 

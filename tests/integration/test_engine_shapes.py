@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheGroupSpec,
     MambaSpec,
+    MLAAttentionSpec,
     SlidingWindowSpec,
 )
 
@@ -131,3 +132,15 @@ def test_several_attention_groups_are_refused_with_the_way_to_one():
     with pytest.raises(KvbmError) as refused:
         geometry_of(config(), groups(full, mamba))
     assert "--disable-hybrid" not in str(refused.value)  # no way: Mamba needs the manager
+
+
+def test_mla_on_cpu_is_refused_where_vllm_refuses_its_own_prefix_cache():
+    """vLLM's CPU MLA backend computes over a cached prefix otherwise than
+    over the whole prompt (tests/system/test_vllm_models.py measured it)."""
+    spec = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    cfg = config()
+    cfg.model_config.use_mla = True
+    assert geometry_of(cfg, groups(spec)).head_dim == 576  # on a GPU: stored
+    cfg.device_config = SimpleNamespace(device_type="cpu")
+    with pytest.raises(KvbmError, match="CPU MLA backend"):
+        geometry_of(cfg, groups(spec))

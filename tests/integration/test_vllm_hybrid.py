@@ -1,9 +1,10 @@
 """Models of several KV cache groups (gpt-oss's full and sliding-window
 layers, a Mamba or linear-attention hybrid's state) as vLLM's hybrid KV
-cache manager makes them on a GPU. kvbm declares `SupportsHMA`, so vLLM
-keeps that manager with kvbm configured (without it, a Mamba hybrid does
-not start); the connector turns itself off for such a model, tells its
-node, and vLLM's real scheduler serves requests without it."""
+cache manager makes them (vLLM 0.32 keeps it on CPU too). kvbm declares
+`SupportsHMA`, so vLLM keeps that manager with kvbm configured (without it,
+a Mamba hybrid does not start); the connector turns itself off for such a
+model, tells its node, and vLLM's real scheduler serves requests without
+it."""
 
 from __future__ import annotations
 

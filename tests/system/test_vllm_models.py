@@ -15,20 +15,25 @@ here; the geometry node A was set up with is checked below):
 - Llama: one FullAttentionSpec group (2 layers, 2 KV heads of 32).
 - Llama, tensor parallel 2 (each worker bound to a core of its own):
   one FullAttentionSpec group, one KV head of 32 per worker.
-- Gemma 2: vLLM alone makes two groups (SlidingWindowSpec of 64 tokens,
-  FullAttentionSpec). A connector that is not `SupportsHMA` turns vLLM's
-  hybrid KV cache manager off, and vLLM then keeps one FullAttentionSpec
-  group of both layers (the window stays in the attention's compute): every
-  block is kept, so every block is needed.
+- Gemma 2: vLLM's hybrid KV cache manager makes two groups
+  (SlidingWindowSpec of 64 tokens, FullAttentionSpec), on this CPU too. The
+  connector declares `SupportsHMA` (so a Mamba hybrid starts), and turns
+  itself off for two groups, saying how to get one: with
+  `--disable-hybrid-kv-cache-manager` vLLM keeps one FullAttentionSpec
+  group of both layers (the window stays in the attention's compute), every
+  block is kept, and every block is needed. Both rows run.
 - Mistral with a window on every layer: one SlidingWindowSpec group (64
   tokens), with or without a connector.
 - DeepSeek-V2 (MLA): one MLAAttentionSpec group, one "head" of 576 (the
   latent), the block size forced to 16 by vLLM's CPU MLA backend, and the
-  layout LBNHC. B loads every block, but answers otherwise than vLLM alone:
-  vLLM's CPU MLA backend computes a prefill over a cached prefix otherwise
-  than the whole prompt (which is why vLLM turns its own prefix cache off
-  for it). With vLLM's own prefix cache forced on, vLLM alone answers as B
-  does, token for token. The row is an expected failure until then.
+  layout LBNHC. Served, B loaded every block but answered otherwise than
+  vLLM alone: vLLM's CPU MLA backend computes a prefill over a cached
+  prefix otherwise than the whole prompt (which is why vLLM turns its own
+  prefix cache off for it); with vLLM's own prefix cache forced on, vLLM
+  alone answered as B did, token for token. So the connector refuses MLA on
+  CPU (logged, told to the node): the row checks that both engines run
+  without it and answer as vLLM alone. MLA's bytes round-trip bit-exact in
+  tests/integration/test_kv_layouts.py.
 
 Every engine runs vLLM's engine core inside its own process (`IN_PROCESS`,
 half the start-up); the connector across vLLM's default processes is
@@ -74,6 +79,7 @@ class Row:
     geometry: ModelGeometry  # one worker's share of the one KV cache group
     window: int | None = None  # tokens, where vLLM frees blocks behind a sliding window
     tp: int = 1
+    refused: str = ""  # the connector turns itself off for this model, saying this
     env: dict[str, str] = field(default_factory=dict)
 
     def needed(self, tokens: list[int]) -> int:
@@ -102,21 +108,25 @@ ROWS = [
         # vLLM's automatic binding wants a NUMA node per worker; this machine has one
         env={"TEST_TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     ),
-    Row("gemma2", build_gemma2, geometry(2, 2, 32, block_size=BLOCK)),
+    Row(
+        "gemma2-one-group",
+        build_gemma2,
+        geometry(2, 2, 32, block_size=BLOCK),
+        env={"TEST_ONE_KV_GROUP": "1"},
+    ),
+    Row(
+        "gemma2-hybrid",
+        build_gemma2,
+        geometry(2, 2, 32, block_size=BLOCK),
+        refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
+        "attention; this model has 2 group(s)",
+    ),
     Row("mistral-window", build_mistral_window, geometry(2, 2, 32, block_size=BLOCK), WINDOW),
-    pytest.param(
-        Row(
-            "deepseek-mla",
-            build_deepseek_mla,
-            geometry(2, 1, 576, block_size=16, kv_layout="LBNHC", head_dim_v=0),
-        ),
-        marks=pytest.mark.xfail(
-            raises=OutputsDiffer,
-            strict=True,
-            reason="vLLM's CPU MLA backend answers otherwise over a cached prefix than over "
-            "the whole prompt (vLLM turns its own prefix cache off for it; forced on, "
-            "vLLM alone answers as B does)",
-        ),
+    Row(
+        "deepseek-mla",
+        build_deepseek_mla,
+        geometry(2, 1, 576, block_size=16, kv_layout="LBNHC", head_dim_v=0),
+        refused="vLLM's CPU MLA backend computes a prefill over a cached prefix otherwise",
     ),
 ]
 
@@ -147,8 +157,7 @@ def wait_for_peer_blocks(b: Daemon, row: Row, model: str) -> None:
     REBUILD_S)."""
     block = row.geometry.block_size
     probes = [
-        NodeAttachment(b.socket, row.geometry, tp_rank=rank, remote=["host"])
-        for rank in range(row.tp)
+        NodeAttachment(b.socket, row.geometry, rank=rank, remote=["host"]) for rank in range(row.tp)
     ]
     try:
         for probe in probes:
@@ -176,6 +185,15 @@ def test_an_engine_on_node_b_loads_what_an_engine_on_node_a_computed(
     reference = vllm_engines.outputs(model, PROMPTS, env=env)
     assert len({tuple(r) for r in reference}) == len(PROMPTS), "the prompts answer alike"
     on_a = vllm_engines.answer(model, PROMPTS, a.socket, env=env)
+    if row.refused:  # off, saying why, and the engines run on as vLLM alone
+        assert row.refused in on_a["stderr"], on_a["stderr"][-3000:]
+        assert on_a["outputs"] == reference
+        on_b = vllm_engines.answer(model, PROMPTS, b.socket, "host", env=env)
+        assert on_b["outputs"] == reference
+        assert not node_stats(b.socket).get("engine_blocks"), "a refused engine loaded blocks"
+        [told] = node_stats(a.socket)["engine_refusals"]
+        assert told["reason"].startswith(row.refused)
+        return
     expect_connector_on(on_a)
     assert on_a["outputs"] == reference
     assert node_stats(a.socket)["geometry"] == geometry_to_wire(row.geometry), "another KV cache"

@@ -153,6 +153,15 @@ def geometry_of(
         if getattr(pc, name, 1) > 1:
             raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
     check_stages(mc, pc)
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
+    if getattr(mc, "use_mla", False) and device == "cpu":
+        # Measured (tests/system/test_vllm_models.py): with vLLM's own prefix
+        # cache forced on, vLLM alone answers as an engine fed from kvbm does.
+        raise KvbmError(
+            "vLLM's CPU MLA backend computes a prefill over a cached prefix otherwise than "
+            "over the whole prompt (vLLM turns its own prefix cache off for it): kvbm stores "
+            "no MLA cache on CPU"
+        )
     layout = (
         getattr(kv_cache_config, "kv_cache_layout", None) or cc.kv_cache_layout or VLLM_CPU_LAYOUT
     )
