@@ -156,17 +156,22 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     engine.run()
 
 
-def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node):
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node, policy):
     """The node holds blocks 3..5 of p only. Full attention (the control, same
     node, same prompt) has no hit; the sliding window needs 4 and 5 and hits
-    all six blocks."""
+    all six blocks: promised from the key view ("recompute"), or pinned
+    before it is promised ("fail", or a view that cannot tell), the pin
+    taking the window's blocks alone."""
     p = prompt(2)
-    window = engines(spec=SLIDING, reach=REACH)
+    window = engines(spec=SLIDING, reach=REACH, policy=policy)
     hold(window, node, p, [3, 4, 5])
-    control = engines(spec=FULL)
+    control = engines(spec=FULL, policy=policy)
     assert first_step(control, "full", p) == 0
     assert first_step(window, "windowed", p) == 6 * BLOCK
     ids = window.block_ids("windowed")
+    [load] = loads_of(window, "windowed")
+    assert load.block_ids == ids[4:6]
     assert window.values(ids[4:6]) == expected_values(p, REACH)[4:6]
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +42,7 @@ from kvbm.connector.vllm.engine_setup import EngineSetup
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
 from kvbm.connector.vllm.node_link import NodeLink
 from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
+from kvbm.connector.vllm.tracked import Promise, TrackedRequest
 from kvbm.engine_wire import MAX_KEYS
 
 if TYPE_CHECKING:
@@ -52,55 +52,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvbm.connector.vllm")
-
-
-@dataclass
-class TrackedRequest:
-    """What the scheduler side keeps per request.
-
-    Invariants: `seq_hashes[:saved]` are in the node, promised or being
-    loaded (a save never repeats them); `seed` None means not cached (no
-    keys, no loads, no saves); `hold_from` set means the block at that
-    index never loaded, and nothing from it on is saved until vLLM has
-    recomputed from it; `pinned` and `promised` are never both set."""
-
-    request: Request
-    seed: int | None  # the hash before its first block; None: not cached (see _hash_prompt)
-    seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
-    extras: dict[int, bytes] = field(default_factory=dict)  # by block (kvbm/connector/identity.py)
-    block_ids: list[int] = field(default_factory=list)
-    saved: int = 0  # leading blocks known to be in the node
-    had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
-    hold_from: int | None = None  # a block that never loaded: no saves until recomputed from it
-    pinned: Load | None = None  # pinned by get_num_new_matched_tokens, not yet sent
-    promised: int = 0  # blocks promised from the key view, not yet allocated
-    waiting: bool = False  # the hit told vLLM was asynchronous (a windowed group's)
-    first_block: int = 0
-
-    def hold(self, bad: set[int]) -> None:
-        """Hold this request's saves from its first block in `bad` on."""
-        for i, block in enumerate(self.block_ids):
-            if block in bad:
-                self.hold_from = i if self.hold_from is None else min(self.hold_from, i)
-                self.saved = min(self.saved, i)
-                return
-
-
-@dataclass
-class Promise:
-    """Blocks `get_num_new_matched_tokens` promised from the key view, with
-    the vLLM blocks allocated for them: pinned in one batch per step."""
-
-    tracked: TrackedRequest
-    first: int
-    block_ids: list[int]
-    waiting: bool = False  # an asynchronous load (metadata.Load.waiting)
-
-    def hashes(self) -> list[int]:
-        return self.tracked.seq_hashes[self.first : self.first + len(self.block_ids)]
-
-    def groups(self) -> Groups:
-        return Groups.of(self.tracked.seq_hashes, self.first, self.first + len(self.block_ids))
 
 
 class KvbmScheduler:
@@ -120,6 +71,7 @@ class KvbmScheduler:
         self.requests: dict[str, TrackedRequest] = {}
         self._to_load: list[Load] = []
         self._promises: list[Promise] = []
+        self._failed_waits: list[str] = []  # waiting loads that came to nothing before a step
 
     def _attached(self) -> list[NodeAttachment] | None:
         return self.link.attached(range(self.setup.ranks))
@@ -157,25 +109,53 @@ class KvbmScheduler:
                 tracked.promised = min(n, node[0].step_blocks)
                 tracked.first_block = first
                 return tracked.promised * self.block_size, False
+        # A windowed group pins the window of the whole hit alone first: the
+        # hit then holds where the prefix's early blocks are gone, and a
+        # peer's blocks behind the window are not pulled. Where that window
+        # is not held, the prefix as for full attention.
+        window, lo = self.setup.window, first
+        if window is not None:
+            lo = max(min(int(window.first_needed(np.array([usable]))[0]), usable - 1), first)
+        load = self._pin_from(node, keys, groups, first, lo)
+        if load is None and lo > first and self.link.current is not None:
+            lo = first
+            load = self._pin_from(node, keys, groups, first, lo)
+        if load is None:
+            return 0, False
+        tracked.pinned, tracked.first_block, tracked.pinned_from = load, first, lo
+        tracked.waiting = load.waiting = window is not None
+        m = len(load.slots[0])
+        log.debug("pinned blocks=%d ms=%.2f", m, (time.perf_counter() - t0) * 1e3)
+        return (lo + m - first) * self.block_size, tracked.waiting
+
+    def _pin_from(
+        self, node: list[NodeAttachment], keys: list, groups: Groups, first: int, lo: int
+    ) -> Load | None:
+        """Pin on every rank the longest held run of the keys from block `lo`
+        (`keys` start at `first`), or None (nothing, or a run too short for
+        a window whose hit would reach behind `lo`)."""
         pinned: list = []
         try:
             for a, k in zip(node, keys, strict=True):
-                pinned.append(a.prepare_load(k, groups))
+                n = len(k) - (lo - first)
+                pinned.append(a.prepare_load(k[lo - first :], groups.part(lo - first, n)))
                 if not pinned[-1].slots:
                     break
         except NodeError as e:
             self.link.release(Load([p.lease for p in pinned], [], []))
             self.link.lost(e)
-            return 0, False
-        n = min(len(p.slots) for p in pinned) if len(pinned) == len(node) else 0
-        load = Load([p.lease for p in pinned], [p.slots[:n] for p in pinned], [])
-        if n == 0:
+            return None
+        m = min(len(p.slots) for p in pinned) if len(pinned) == len(node) else 0
+        window = self.setup.window
+        if window is not None and m and lo > first:
+            stop = lo + m  # a short pin: a smaller hit, whose window may reach behind lo
+            if min(int(window.first_needed(np.array([stop]))[0]), stop - 1) < lo:
+                m = 0
+        load = Load([p.lease for p in pinned], [p.slots[:m] for p in pinned], [])
+        if m == 0:
             self.link.release(load)
-            return 0, False
-        tracked.pinned, tracked.first_block = load, first
-        tracked.waiting = load.waiting = self.setup.window is not None
-        log.debug("pinned blocks=%d ms=%.2f", n, (time.perf_counter() - t0) * 1e3)
-        return n * self.block_size, tracked.waiting
+            return None
+        return load
 
     def _windowed_hit(
         self, tracked: TrackedRequest, step_blocks: int, held: list, first: int
@@ -220,10 +200,16 @@ class KvbmScheduler:
             self.link.release(load)
             return
         ids = list(blocks.get_block_ids()[0][first : first + n])
-        skip = leading_nulls(ids)  # behind a window: pinned, not loaded
-        load.block_ids = ids[skip:]
-        load.slots = [s[skip:n] for s in load.slots]
+        skip = leading_nulls(ids)  # behind a window: not loaded
+        at = first + skip - tracked.pinned_from  # the slots were pinned from pinned_from on
         load.req_id = request.request_id
+        if at < 0:  # vLLM took a smaller hit, whose window reaches behind the pins
+            self.link.release(load)
+            if load.waiting:
+                self._failed_waits.append(load.req_id)
+            return
+        load.block_ids = ids[skip:]
+        load.slots = [s[at : at + len(load.block_ids)] for s in load.slots]
         if not load.block_ids:
             self.link.release(load)
             load = Load([], [], [], load.req_id, load.waiting)
@@ -234,7 +220,7 @@ class KvbmScheduler:
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmMetadata:
         node = self.link.current
         meta = KvbmMetadata(arena=node[0].arena_name if node else "", loads=self._to_load)
-        self._to_load = []
+        meta.failed_waits, self._to_load, self._failed_waits = self._failed_waits, [], []
         if self.setup.off:
             return meta
         preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
