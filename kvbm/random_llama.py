@@ -21,21 +21,9 @@ def build_llama(
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    words = {t: i for i, t in enumerate(specials)}
-    words.update({f"w{i}": i for i in range(len(specials), vocab)})
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    ).save_pretrained(path)
+    write_tokenizer(path, vocab)
     cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -53,3 +41,24 @@ def build_llama(
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def write_tokenizer(path: str, vocab: int) -> None:
+    """A word-level tokenizer of `vocab` words ("w4" is token 4; tokens 0-3
+    are <unk>, <s>, </s>, <pad>): vLLM loads a model's tokenizer even when
+    it is given token ids, and every random model here shares this one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    words = {t: i for i, t in enumerate(specials)}
+    words.update({f"w{i}": i for i in range(len(specials), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    ).save_pretrained(path)
