@@ -45,7 +45,25 @@ def test_vllm_keeps_its_hybrid_manager_with_kvbm_configured():
     assert KVConnectorFactory.supports_hma_config(kv_transfer_config({"node": "/x"}))
 
 
-@pytest.mark.parametrize("groups", [GPT_OSS_LIKE, MAMBA_HYBRID], ids=["gpt-oss-like", "mamba"])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        pytest.param(
+            GPT_OSS_LIKE,
+            id="gpt-oss-like",
+            marks=pytest.mark.support(
+                "full-and-sliding", "hits", "vllm-objects", refused="several-groups"
+            ),
+        ),
+        pytest.param(
+            MAMBA_HYBRID,
+            id="mamba",
+            marks=pytest.mark.support(
+                "mamba-hybrid", "hits", "vllm-objects", refused="mamba-state"
+            ),
+        ),
+    ],
+)
 def test_a_model_of_several_groups_runs_without_kvbm_and_the_node_hears_why(model, daemons, groups):
     node = daemons("solo", "127.0.0.2", "--host-cache-mb", "2")
     engine = SteppedEngine(model, node.socket, spec=groups)

@@ -93,6 +93,7 @@ def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
     return new.num_computed_tokens
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 @pytest.mark.parametrize("copies", ["sync", "async"])
 def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines, node, copies):
     """The node holds all six blocks of p; a sliding-window engine counts all
@@ -116,6 +117,7 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     engine.run()
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node):
     """The node holds blocks 3..5 of p only. Full attention (the control, same
     node, same prompt) has no hit; the sliding window needs 4 and 5 and hits
@@ -130,6 +132,7 @@ def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node):
     assert window.values(ids[4:6]) == expected_values(p)[4:6]
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     """Block 4 of p is missing: six blocks would need 4 and 5, five blocks 3
     and 4; four blocks need 2 and 3, held. vLLM counts four blocks computed
@@ -145,6 +148,7 @@ def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     window.run()
 
 
+@pytest.mark.support("chunked-local", "hits", "vllm-objects")
 def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node):
     """Chunks of 64 tokens: after five blocks the next token (160) is in the
     chunk of blocks 4 and 5, and sees block 4 alone."""
@@ -159,6 +163,7 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     engine.run()
 
 
+@pytest.mark.support("sliding-window", "remote", "vllm-objects")
 def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, etcd, daemons):
     """Node A holds p's six blocks; engines on node B pull from A. A
     full-attention engine pulls all six; a sliding-window engine of the same
@@ -200,6 +205,7 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
             engine.close()
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node):
     """With vLLM's prefix cache, a second request extending p finds p's window
     in the engine and null blocks behind it: the connector saves its new
