@@ -19,7 +19,7 @@ from kvbm.manager import BlockManager
 from tests.harness.node_daemon import TEST_FLEET_SECRET, Daemon
 from tests.harness.root import need_root
 from tests.harness.support import DISK_KEY, GEOMETRY
-from tests.harness.support_marks import MARK, cell
+from tests.harness.support_marks import MARK, Cell
 
 quiet_native_logs()  # for the NIXL agents tests create in their own process
 # the test fleet's operator secret, for what tests run on etcd (`kvbm status`,
@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         for mark in item.iter_markers(MARK):
             try:
-                cell(*mark.args, **mark.kwargs)
+                Cell(*mark.args, **mark.kwargs)
             except (TypeError, ValueError) as e:
                 raise pytest.UsageError(f"{item.nodeid}: support mark: {e}") from e
     if getattr(config.option, "numprocesses", None):

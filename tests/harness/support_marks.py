@@ -101,15 +101,12 @@ class Cell:
 
 @dataclass(frozen=True)
 class Proven:
-    """A cell and the test that proves it (`tests/<tier>/<file>::<name>`)."""
+    """A cell and the test that proves it (`tests/<tier>/<file>::<name>`, or
+    a `scripts/gpu-check` row with where and when it last ran and held)."""
 
     cell: Cell
     test: str
-
-
-def cell(architecture: str, feature: str, proof: str, refused: str | None = None) -> Cell:
-    """The mark's signature: pytest's mark arguments bind here."""
-    return Cell(architecture, feature, proof, refused)
+    ran: str | None = None
 
 
 def read_marks(root: pathlib.Path) -> list[Proven]:
@@ -228,6 +225,6 @@ def _cell(call: ast.Call, name: str) -> Cell:
         kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
         if len(kwargs) != len(call.keywords):
             raise ValueError("no **kwargs")
-        return cell(*args, **kwargs)
+        return Cell(*args, **kwargs)  # the mark's signature is the cell's
     except (ValueError, TypeError, SyntaxError) as e:
         raise ValueError(f"{name}:{call.lineno}: support mark: {e}") from e

@@ -31,24 +31,17 @@ GPU_NOT_RUN = {True: " not yet run", False: " written, not yet run"}
 def gpu_proofs(rows: Iterable[GpuRow] = ROWS) -> list[Proven]:
     """The cells `scripts/gpu-check`'s rows would prove."""
     return [
-        Proven(Cell(arch, feature, "gpu-check"), f"scripts/gpu-check --row {row.name}")
+        Proven(Cell(arch, feature, "gpu-check"), f"scripts/gpu-check --row {row.name}", row.ran)
         for row in rows
         for arch, feature in row.cells
     ]
-
-
-def _ran(test: str) -> str | None:
-    """Where and when a GPU check last ran and held (None: not yet)."""
-    by_test = {f"scripts/gpu-check --row {r.name}": r.ran for r in ROWS}
-    return by_test.get(test)
 
 
 def label(p: Proven, short: bool) -> str:
     """A proof in words: short in the grid, whole in the list of tests."""
     words = (SHORT if short else PROOFS)[p.cell.proof]
     if p.cell.proof == "gpu-check":
-        ran = _ran(p.test)
-        words += f" ran ({ran})" if ran else GPU_NOT_RUN[short]
+        words += f" ran ({p.ran})" if p.ran else GPU_NOT_RUN[short]
     if not p.cell.refused:
         return words
     return f"refused ({words})" if short else f"refused, {words}"
@@ -83,33 +76,28 @@ def grid(proven: list[Proven]) -> list[str]:
         row = [p for p in proven if p.cell.architecture == arch]
         cells = []
         for feature in FEATURES:
-            here = sorted((p for p in row if p.cell.feature == feature), key=_order)
+            here = sorted((p for p in row if p.cell.feature == feature), key=_strength)
             cells.append("; ".join(dict.fromkeys(label(p, short=True) for p in here)) or " ")
         lines.append(f"| {title} | {stored(row)} | {reasons(row)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def evidence(proven: list[Proven]) -> list[str]:
-    """Per architecture, each proof and the tests that make it (features
-    proven the same way by the same tests on one line), strongest first."""
+    """Per architecture, each proof and the tests that make it, strongest
+    first; features proven the same way by the same tests share a line."""
     lines = []
     for arch, title in ARCHITECTURES.items():
-        ways: dict[tuple[str, tuple[str, ...]], tuple[tuple, list[str]]] = {}
-        here = [p for p in proven if p.cell.architecture == arch]
-        for feature in FEATURES:
-            by_how: dict[str, tuple[tuple, list[str]]] = {}
-            for p in sorted((p for p in here if p.cell.feature == feature), key=_order):
-                by_how.setdefault(label(p, short=False), (_order(p), []))[1].append(p.test)
-            for how, (order, tests) in by_how.items():
-                key = (how, tuple(dict.fromkeys(tests)))
-                ways.setdefault(key, ((order[2], order[3], order[1]), []))[1].append(
-                    FEATURES[feature]
-                )
+        tests: dict[tuple[str, str], list[str]] = {}
+        for p in sorted((p for p in proven if p.cell.architecture == arch), key=_strength):
+            tests.setdefault((p.cell.feature, label(p, short=False)), []).append(p.test)
+        ways: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+        for (feature, how), named in tests.items():
+            ways.setdefault((how, tuple(dict.fromkeys(named))), []).append(FEATURES[feature])
         if ways:
             lines.append(f"- **{title}**")
-        for (how, tests), (_, features) in sorted(ways.items(), key=lambda w: w[1][0]):
-            named = ", ".join(f"`{t.removeprefix('tests/')}`" for t in tests)
-            lines.append(f"  - {'; '.join(features)} ({how}): {named}")
+        for (how, named), features in ways.items():
+            shown = ", ".join(f"`{t.removeprefix('tests/')}`" for t in named)
+            lines.append(f"  - {'; '.join(features)} ({how}): {shown}")
     return lines
 
 
@@ -156,14 +144,13 @@ def replaced(doc: str, block: str) -> str:
     return doc[:start] + block + "\n" + doc[end:]
 
 
-def _order(p: Proven) -> tuple[int, int, int, bool]:
-    c = p.cell
-    archs, features, proofs = list(ARCHITECTURES), list(FEATURES), list(PROOFS)
+def _strength(p: Proven) -> tuple[int, bool, int]:
+    """Strongest proof first, a refusal after what is stored, then the
+    features in the matrix's order."""
     return (
-        archs.index(c.architecture),
-        features.index(c.feature),
-        proofs.index(c.proof),
-        bool(c.refused),
+        list(PROOFS).index(p.cell.proof),
+        bool(p.cell.refused),
+        list(FEATURES).index(p.cell.feature),
     )
 
 

@@ -12,7 +12,7 @@ import pathlib
 import subprocess
 import sys
 
-from tests.harness.support_marks import MARK, cell, read_marks
+from tests.harness.support_marks import MARK, Cell, read_marks
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COLLECT = """
@@ -55,7 +55,7 @@ def test_the_marks_read_from_the_source_are_the_marks_pytest_collects(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # a parametrized test's cases are one test here; a case's own mark is its test's
     collected = {
-        (nodeid.split("[")[0], dataclasses.astuple(cell(*args, **kwargs)))
+        (nodeid.split("[")[0], dataclasses.astuple(Cell(*args, **kwargs)))
         for nodeid, args, kwargs in json.loads(out.read_text())
     }
     read = {(p.test.split("[")[0], dataclasses.astuple(p.cell)) for p in read_marks(ROOT)}
