@@ -28,9 +28,8 @@ ARCHITECTURES = {
     "mla": "MLA (DeepSeek's latent attention)",
     "sliding-window": "Sliding window, one KV cache group",
     "chunked-local": "Chunked local attention, one group (Llama 4)",
-    "window-as-full": "Sliding window kept as full attention (Gemma 2 on CPU; "
-    "the hybrid manager off)",
-    "full-and-sliding": "Full and sliding-window groups (gpt-oss, Gemma 3 on a GPU)",
+    "window-as-full": "Sliding window kept as full attention (the hybrid manager off)",
+    "full-and-sliding": "Full and sliding-window groups (gpt-oss, Gemma 2 and 3)",
     "mamba-hybrid": "Mamba or linear-attention layers (Granite 4.0, Qwen3-Next, Jamba)",
     "fp8-kv": "fp8 KV cache (e4m3, e5m2)",
     "quantized-kv": "Packed or per-token-head quantized KV cache",

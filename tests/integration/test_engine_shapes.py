@@ -56,8 +56,9 @@ def test_a_sliding_window_group_is_stored_with_its_window():
 
 @pytest.mark.support("window-as-full", "shape", "vllm-objects")
 def test_a_full_attention_group_with_a_sliding_window_keeps_every_block():
-    """vLLM's CPU build (or the hybrid manager off) makes sliding-window
-    layers full attention that keeps every block: nothing is skipped."""
+    """vLLM with its hybrid manager off (`--disable-hybrid-kv-cache-manager`)
+    makes sliding-window layers full attention that keeps every block:
+    nothing is skipped."""
     spec = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
     assert window_of(groups(spec)) is None
 
