@@ -13,7 +13,9 @@ SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
 
 def save_word_tokenizer(path: str, vocab: int = 512) -> None:
     """Write a word-level tokenizer of `vocab` ids to `path`: the specials,
-    then one word per id ("w4", "w5", ...), so any id below `vocab` is a token."""
+    then one word per id ("w4", "w5", ...), so any id below `vocab` is a
+    token. vLLM loads a model's tokenizer even when it is given token ids,
+    and every random model here shares this one."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -19,6 +19,7 @@ from kvbm.manager import BlockManager
 from tests.harness.node_daemon import TEST_FLEET_SECRET, Daemon
 from tests.harness.root import need_root
 from tests.harness.support import DISK_KEY, GEOMETRY
+from tests.harness.support_marks import MARK, Cell
 
 quiet_native_logs()  # for the NIXL agents tests create in their own process
 # the test fleet's operator secret, for what tests run on etcd (`kvbm status`,
@@ -37,9 +38,24 @@ FIRST = (
 )
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARK}(architecture, feature, proof, refused=None): the cell of docs/models.md's "
+        "support matrix this test proves (tests/harness/support_marks.py)",
+    )
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Across workers (pytest-xdist's `-n`), the longest modules go first, so
-    none of them is the last to start."""
+    """A support mark outside the matrix's vocabulary stops the run (the
+    matrix would not show it). Across workers (pytest-xdist's `-n`), the
+    longest modules go first, so none of them is the last to start."""
+    for item in items:
+        for mark in item.iter_markers(MARK):
+            try:
+                Cell(*mark.args, **mark.kwargs)
+            except (TypeError, ValueError) as e:
+                raise pytest.UsageError(f"{item.nodeid}: support mark: {e}") from e
     if getattr(config.option, "numprocesses", None):
         rank = {path: i for i, path in enumerate(FIRST)}
         items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(FIRST)))

@@ -10,9 +10,9 @@ pulled from a peer, and a prefix whose early blocks were evicted still hits
 as far as its window's blocks are held.
 
 The window is not in the layout fingerprint: a block's KV is the same bytes
-whether an engine keeps every block (vLLM's CPU build, or a GPU engine with
-the hybrid manager off, stores sliding-window layers as full attention) or
-frees the ones behind the window.
+whether an engine keeps every block (an engine with vLLM's hybrid manager
+off, `--disable-hybrid-kv-cache-manager`, stores sliding-window layers as
+full attention) or frees the ones behind the window.
 """
 
 from __future__ import annotations

@@ -136,6 +136,7 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.mark.support("full-and-sliding", "shape", "vllm-objects", refused="several-groups")
 def test_vllms_connector_tells_the_node_once_per_engine_and_logs_once(daemons, refused_config):
     """vLLM makes the scheduler's connector and one per worker (two here, as
     for tensor parallelism 2): the node hears of the engine once, and the

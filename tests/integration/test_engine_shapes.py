@@ -44,6 +44,7 @@ def groups(*specs) -> KVCacheConfig:
     return KVCacheConfig(16, [], [KVCacheGroupSpec(LAYERS, s) for s in specs])
 
 
+@pytest.mark.support("sliding-window", "shape", "vllm-objects")
 def test_a_sliding_window_group_is_stored_with_its_window():
     cache = groups(SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64))
     g = geometry_of(config(), cache)
@@ -54,18 +55,22 @@ def test_a_sliding_window_group_is_stored_with_its_window():
     assert window_of(full) is None
 
 
+@pytest.mark.support("window-as-full", "shape", "vllm-objects")
 def test_a_full_attention_group_with_a_sliding_window_keeps_every_block():
-    """vLLM's CPU build (or the hybrid manager off) makes sliding-window
-    layers full attention that keeps every block: nothing is skipped."""
+    """vLLM with its hybrid manager off (`--disable-hybrid-kv-cache-manager`)
+    makes sliding-window layers full attention that keeps every block:
+    nothing is skipped."""
     spec = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
     assert window_of(groups(spec)) is None
 
 
+@pytest.mark.support("chunked-local", "shape", "vllm-objects")
 def test_a_chunked_local_group_is_stored_with_its_chunk():
     spec = ChunkedLocalAttentionSpec(**SHAPE, dtype=torch.bfloat16, attention_chunk_size=128)
     assert window_of(groups(spec)) == AttentionWindow("chunked", 128, 16)
 
 
+@pytest.mark.support("fp8-kv", "shape", "vllm-objects")
 @pytest.mark.parametrize(
     "cache_dtype,fmt",
     [("fp8", "float8_e4m3fn"), ("fp8_e4m3", "float8_e4m3fn"), ("fp8_e5m2", "float8_e5m2")],
@@ -78,6 +83,7 @@ def test_an_fp8_cache_is_named_by_its_format(cache_dtype, fmt):
     assert g.fingerprint != other.fingerprint
 
 
+@pytest.mark.support("pipeline-parallel", "shape", "vllm-objects")
 def test_pipeline_stages_of_as_many_layers_are_stored():
     """Each stage's share is a block of the stage's layers; its rank tells
     the stage (kvbm/block_key.py)."""
@@ -87,6 +93,7 @@ def test_pipeline_stages_of_as_many_layers_are_stored():
     assert g.num_layers == 2  # the group's: one stage's layers
 
 
+@pytest.mark.support("fp8-kv", "shape", "vllm-objects")
 def test_e4m3_and_e5m2_never_share_blocks():
     spec = FullAttentionSpec(**SHAPE, dtype=torch.uint8)
     a = geometry_of(config("fp8_e4m3"), groups(spec))
@@ -97,18 +104,53 @@ def test_e4m3_and_e5m2_never_share_blocks():
 @pytest.mark.parametrize(
     "cfg,cache,says",
     [
-        (config("int8_per_token_head"), None, "int8_per_token_head"),
-        (config(pp=2, layers=3), None, "as many layers each"),
-        (config(dcp=2), None, "decode_context_parallel_size"),
-        (
-            config(),
-            "two",
-            r"2 group\(s\)",
+        pytest.param(
+            config("int8_per_token_head"),
+            None,
+            "int8_per_token_head",
+            id="int8",
+            marks=pytest.mark.support(
+                "quantized-kv", "shape", "vllm-objects", refused="per-token-head"
+            ),
         ),
-        (config(), "mamba", "MambaSpec"),
-        (config("fp8"), "packed", "packed KV pages"),
+        pytest.param(
+            config(pp=2, layers=3),
+            None,
+            "as many layers each",
+            id="uneven-stages",
+            marks=pytest.mark.support(
+                "pipeline-parallel", "shape", "vllm-objects", refused="uneven-stages"
+            ),
+        ),
+        pytest.param(
+            config(dcp=2),
+            None,
+            "decode_context_parallel_size",
+            id="dcp",
+            marks=pytest.mark.support(
+                "context-parallel", "shape", "vllm-objects", refused="context-parallel"
+            ),
+        ),
+        pytest.param(config(), "two", r"2 group\(s\)", id="two-groups"),
+        pytest.param(
+            config(),
+            "mamba",
+            "MambaSpec",
+            id="mamba",
+            marks=pytest.mark.support(
+                "mamba-hybrid", "shape", "vllm-objects", refused="mamba-state"
+            ),
+        ),
+        pytest.param(
+            config("fp8"),
+            "packed",
+            "packed KV pages",
+            id="packed",
+            marks=pytest.mark.support(
+                "quantized-kv", "shape", "vllm-objects", refused="packed-pages"
+            ),
+        ),
     ],
-    ids=["int8", "uneven-stages", "dcp", "two-groups", "mamba", "packed"],
 )
 def test_shapes_still_refused_say_why(cfg, cache, says):
     full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
@@ -123,6 +165,8 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
         geometry_of(cfg, made)
 
 
+@pytest.mark.support("full-and-sliding", "shape", "vllm-objects", refused="several-groups")
+@pytest.mark.support("mamba-hybrid", "shape", "vllm-objects", refused="mamba-state")
 def test_several_attention_groups_are_refused_with_the_way_to_one():
     full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
     sliding = SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)

@@ -110,6 +110,9 @@ def geometries() -> list[tuple[str, ModelGeometry, int | None]]:
 CASES = geometries()
 
 
+@pytest.mark.support("full-attention", "bytes", "vllm-objects")
+@pytest.mark.support("mla", "bytes", "vllm-objects")
+@pytest.mark.support("fp8-kv", "bytes", "vllm-objects")
 @pytest.mark.parametrize(("g", "kernel"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
 def test_round_trip_is_bit_exact_and_canonical(g, kernel, staged):

@@ -46,7 +46,47 @@ def test_vllm_keeps_its_hybrid_manager_with_kvbm_configured():
     assert KVConnectorFactory.supports_hma_config(kv_transfer_config({"node": "/x"}))
 
 
-@pytest.mark.parametrize("groups", [GPT_OSS_LIKE, MAMBA_HYBRID], ids=["gpt-oss-like", "mamba"])
+def test_vllms_cpu_build_keeps_the_hybrid_manager_too(tmp_path):
+    """vLLM 0.32's CPU platform supports the hybrid manager, so a model of
+    full and sliding-window layers (gpt-oss, Gemma 2 or 3) is several
+    groups there too with kvbm configured, and kvbm is off for it, unless
+    the engine is started with --disable-hybrid-kv-cache-manager."""
+    from vllm.config import CacheConfig, DeviceConfig, VllmConfig
+
+    from kvbm.gpu_models import build_gpt_oss_like
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = build_gpt_oss_like(str(tmp_path / "gpt-oss-like"))
+    model = ModelConfig(model=path, dtype="float32", max_model_len=1024)
+    config = VllmConfig(
+        model_config=model,
+        cache_config=CacheConfig(block_size=BLOCK),
+        kv_transfer_config=kv_transfer_config({"node": "/x"}),
+        device_config=DeviceConfig("cpu"),
+    )
+    assert model.get_sliding_window() is not None
+    assert config.scheduler_config.disable_hybrid_kv_cache_manager is False
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        pytest.param(
+            GPT_OSS_LIKE,
+            id="gpt-oss-like",
+            marks=pytest.mark.support(
+                "full-and-sliding", "hits", "vllm-objects", refused="several-groups"
+            ),
+        ),
+        pytest.param(
+            MAMBA_HYBRID,
+            id="mamba",
+            marks=pytest.mark.support(
+                "mamba-hybrid", "hits", "vllm-objects", refused="mamba-state"
+            ),
+        ),
+    ],
+)
 def test_a_model_of_several_groups_runs_without_kvbm_and_the_node_hears_why(model, daemons, groups):
     node = daemons("solo", "127.0.0.2", "--host-cache-mb", "2")
     engine = SteppedEngine(model, node.socket, spec=groups)

@@ -94,6 +94,7 @@ def first_step_computed_tokens(engine: SteppedEngine, req_id: str) -> int:
     raise AssertionError(f"{req_id} was never scheduled")
 
 
+@pytest.mark.support("full-attention", "hits", "vllm-objects")
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 def test_a_prompt_the_node_holds_is_loaded_in_its_first_step(engines, node, policy):
     """A node-held prompt's full blocks (100 tokens: 3) count as computed at

@@ -74,6 +74,7 @@ def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
     return new.num_computed_tokens
 
 
+@pytest.mark.support("pipeline-parallel", "hits", "vllm-objects")
 def test_every_stage_saves_and_loads_its_own_share(engines, node):
     """Engine 1 computes p: each stage saves its layer of p's three blocks
     under its rank (six blocks in the node). Engine 2 counts the three
@@ -94,6 +95,7 @@ def test_every_stage_saves_and_loads_its_own_share(engines, node):
     engine.run()
 
 
+@pytest.mark.support("pipeline-parallel", "hits", "vllm-objects")
 def test_a_prefix_one_stage_lacks_is_not_promised(engines, node):
     """The node holds p's three blocks for stage 0 and its first block alone
     for stage 1: vLLM counts one block computed, not three."""

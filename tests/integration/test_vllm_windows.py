@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
 from vllm.config import ModelConfig
@@ -25,7 +24,7 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from kvbm.connector.attach import NodeAttachment, node_stats
-from kvbm.connector.attention_window import NULL_BLOCK, AttentionWindow
+from kvbm.connector.attention_window import NULL_BLOCK
 from kvbm.connector.engine_kv import EngineKV, new_caches
 from tests.harness.node_daemon import until
 from tests.harness.tiny_llama import build
@@ -105,34 +104,7 @@ def loads_of(engine: SteppedEngine, req_id: str) -> list:
     return [load for m in engine.metas for load in m.loads if load.req_id == req_id]
 
 
-def vllm_skipped_blocks(kind: str, tokens: int, computed_tokens: int, retained: int = 0) -> int:
-    """vLLM's `get_num_skipped_tokens` (single_type_kv_cache_manager.py) in
-    whole blocks, as its block manager pads a request's blocks with nulls."""
-    from vllm.v1.core.single_type_kv_cache_manager import (
-        ChunkedLocalAttentionManager,
-        SlidingWindowManager,
-    )
-
-    if kind == "sliding":
-        manager = object.__new__(SlidingWindowManager)
-        manager.sliding_window, manager.extra_retained_tokens = tokens, retained
-    else:
-        manager = object.__new__(ChunkedLocalAttentionManager)
-        manager.attention_chunk_size = tokens
-    return manager.get_num_skipped_tokens(computed_tokens) // BLOCK
-
-
-@pytest.mark.parametrize(
-    "kind,tokens,retained",
-    [("sliding", 64, 0), ("sliding", 100, 0), ("sliding", 64, 40), ("chunked", 64, 0)],
-)
-def test_first_needed_is_vllms_count_of_skipped_blocks(kind, tokens, retained):
-    w = AttentionWindow(kind, tokens, BLOCK, retained)
-    n = np.arange(0, 40)
-    want = [vllm_skipped_blocks(kind, tokens, b * BLOCK, retained) for b in n]
-    assert w.first_needed(n).tolist() == want
-
-
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 @pytest.mark.parametrize("copies", ["sync", "async"])
 def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines, node, copies):
     """The node holds all six blocks of p; a sliding-window engine counts all
@@ -156,6 +128,7 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     engine.run()
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node, policy):
     """The node holds blocks 3..5 of p only. Full attention (the control, same
@@ -175,6 +148,7 @@ def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node, po
     assert window.values(ids[4:6]) == expected_values(p, REACH)[4:6]
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     """Block 4 of p is missing: six blocks would need 4 and 5, five blocks 3
     and 4; four blocks need 2 and 3, held. vLLM counts four blocks computed
@@ -190,6 +164,7 @@ def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     window.run()
 
 
+@pytest.mark.support("chunked-local", "hits", "vllm-objects")
 def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node):
     """Chunks of 64 tokens: after five blocks the next token (160) is in the
     chunk of blocks 4 and 5, and sees block 4 alone."""
@@ -204,6 +179,7 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     engine.run()
 
 
+@pytest.mark.support("sliding-window", "remote", "vllm-objects")
 def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, etcd, daemons):
     """Node A holds p's six blocks; engines on node B pull from A. A
     full-attention engine pulls all six; a sliding-window engine of the same
@@ -245,6 +221,7 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
             engine.close()
 
 
+@pytest.mark.support("sliding-window", "hits", "vllm-objects")
 def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node):
     """With vLLM's prefix cache, a second request extending p finds p's window
     in the engine and null blocks behind it: the connector saves its new

@@ -51,6 +51,9 @@ def engine_hashes(att: NodeAttachment, model: str, tokens: list[int]) -> list[in
     return att.hasher.sequence_hashes(tokens, BLOCK, seed)
 
 
+@pytest.mark.support("full-attention", "hits", "vllm-cpu")
+@pytest.mark.support("full-attention", "remote", "vllm-cpu")
+@pytest.mark.support("full-attention", "outputs", "vllm-cpu")
 def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
     model, vllm_engines, etcd, daemons, tmp_path
 ):
@@ -107,6 +110,8 @@ def test_an_engine_on_node_b_gets_a_prefix_from_node_a_host_then_disk(
         on_b.close()
 
 
+@pytest.mark.support("full-attention", "hits", "vllm-cpu")
+@pytest.mark.support("full-attention", "outputs", "vllm-cpu")
 def test_async_copies_under_preemption_answer_as_vllm_alone(model, vllm_engines, daemons):
     """engine_copies "async" (a GPU's default; one copy thread here): a load
     starts before the forward and is waited for layer by layer, a save ends

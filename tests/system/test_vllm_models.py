@@ -99,34 +99,75 @@ def geometry(layers: int, kv_heads: int, head_dim: int, **kwargs) -> ModelGeomet
 
 
 ROWS = [
-    Row("llama", build, geometry(2, 2, 32, block_size=BLOCK)),
-    Row(
-        "llama-tp2",
-        build,
-        geometry(2, 1, 32, block_size=BLOCK),
-        tp=2,
-        # vLLM's automatic binding wants a NUMA node per worker; this machine has one
-        env={"TEST_TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+    pytest.param(
+        Row("llama", build, geometry(2, 2, 32, block_size=BLOCK)),
+        id="llama",
+        marks=[
+            pytest.mark.support("full-attention", "remote", "vllm-cpu"),
+            pytest.mark.support("full-attention", "outputs", "vllm-cpu"),
+        ],
     ),
-    Row(
-        "gemma2-one-group",
-        build_gemma2,
-        geometry(2, 2, 32, block_size=BLOCK),
-        env={"TEST_ONE_KV_GROUP": "1"},
+    pytest.param(
+        Row(
+            "llama-tp2",
+            build,
+            geometry(2, 1, 32, block_size=BLOCK),
+            tp=2,
+            # vLLM's automatic binding wants a NUMA node per worker; this machine has one
+            env={"TEST_TP": "2", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        ),
+        id="llama-tp2",
+        marks=[
+            pytest.mark.support("tensor-parallel", "hits", "vllm-cpu"),
+            pytest.mark.support("tensor-parallel", "remote", "vllm-cpu"),
+            pytest.mark.support("tensor-parallel", "outputs", "vllm-cpu"),
+        ],
     ),
-    Row(
-        "gemma2-hybrid",
-        build_gemma2,
-        geometry(2, 2, 32, block_size=BLOCK),
-        refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
-        "attention; this model has 2 group(s)",
+    pytest.param(
+        Row(
+            "gemma2-one-group",
+            build_gemma2,
+            geometry(2, 2, 32, block_size=BLOCK),
+            env={"TEST_ONE_KV_GROUP": "1"},
+        ),
+        id="gemma2-one-group",
+        marks=[
+            pytest.mark.support("window-as-full", "hits", "vllm-cpu"),
+            pytest.mark.support("window-as-full", "remote", "vllm-cpu"),
+            pytest.mark.support("window-as-full", "outputs", "vllm-cpu"),
+        ],
     ),
-    Row("mistral-window", build_mistral_window, geometry(2, 2, 32, block_size=BLOCK), WINDOW),
-    Row(
-        "deepseek-mla",
-        build_deepseek_mla,
-        geometry(2, 1, 576, block_size=16, kv_layout="LBNHC", head_dim_v=0),
-        refused="vLLM's CPU MLA backend computes a prefill over a cached prefix otherwise",
+    pytest.param(
+        Row(
+            "gemma2-hybrid",
+            build_gemma2,
+            geometry(2, 2, 32, block_size=BLOCK),
+            refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
+            "attention; this model has 2 group(s)",
+        ),
+        id="gemma2-hybrid",
+        marks=pytest.mark.support(
+            "full-and-sliding", "outputs", "vllm-cpu", refused="several-groups"
+        ),
+    ),
+    pytest.param(
+        Row("mistral-window", build_mistral_window, geometry(2, 2, 32, block_size=BLOCK), WINDOW),
+        id="mistral-window",
+        marks=[
+            pytest.mark.support("sliding-window", "hits", "vllm-cpu"),
+            pytest.mark.support("sliding-window", "remote", "vllm-cpu"),
+            pytest.mark.support("sliding-window", "outputs", "vllm-cpu"),
+        ],
+    ),
+    pytest.param(
+        Row(
+            "deepseek-mla",
+            build_deepseek_mla,
+            geometry(2, 1, 576, block_size=16, kv_layout="LBNHC", head_dim_v=0),
+            refused="vLLM's CPU MLA backend computes a prefill over a cached prefix otherwise",
+        ),
+        id="deepseek-mla",
+        marks=pytest.mark.support("mla", "outputs", "vllm-cpu", refused="mla-on-cpu"),
     ),
 ]
 
@@ -172,7 +213,7 @@ def wait_for_peer_blocks(b: Daemon, row: Row, model: str) -> None:
             probe.close()
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.name)
+@pytest.mark.parametrize("row", ROWS)
 def test_an_engine_on_node_b_loads_what_an_engine_on_node_a_computed(
     row, vllm_engines, etcd, daemons, tmp_path
 ):

@@ -1,6 +1,6 @@
-"""Which blocks a windowed group needs (kvbm/connector/attention_window.py).
-Checked against vLLM's own count of the tokens it skips in
-tests/integration/test_vllm_windows.py (the unit tier has no vLLM)."""
+"""Which blocks a windowed group needs (kvbm/connector/attention_window.py);
+against vLLM's own count of the tokens it skips in
+tests/integration/test_attention_window_vllm.py (the unit tier has no vLLM)."""
 
 from __future__ import annotations
 

@@ -125,8 +125,8 @@ STORED_KINDS = (
 def window_of(kv_cache_config: KVCacheConfig | None) -> AttentionWindow | None:
     """The window of the one KV cache group (checked by `geometry_of`), if
     vLLM frees its blocks behind one. A full-attention spec that carries a
-    sliding window (vLLM's CPU build, or the hybrid manager off) keeps every
-    block: no window here."""
+    sliding window (vLLM's hybrid manager off) keeps every block: no window
+    here."""
     if kv_cache_config is None or not kv_cache_config.kv_cache_groups:
         return None
     spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
