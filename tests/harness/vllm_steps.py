@@ -46,6 +46,8 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
+from kvbm.connector.attach import NodeAttachment
+from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.connector.vllm import KvbmConnector, KvbmMetadata, kv_transfer_config
 from kvbm.connector.vllm.scheduler import KvbmScheduler
 
@@ -246,6 +248,38 @@ class SteppedEngine:
             done = request.num_computed_tokens >= request.num_tokens
             sampled[req_id] = [next_token(list(tokens))] if done else []
         return sampled
+
+    def admit(self, req_id: str, tokens: list[int]) -> int:
+        """Run `tokens` as a new request until vLLM first schedules it (a
+        hit loaded asynchronously, `Load.waiting`, waits a step); the tokens
+        vLLM counted computed then: its own prefix hit and what the
+        connector promised."""
+        self.add(req_id, tokens)
+        for _ in range(10):
+            self.step()
+            for new in self.outputs[-1].scheduled_new_reqs:
+                if new.req_id == req_id:
+                    return new.num_computed_tokens
+        raise AssertionError(f"{req_id} was never scheduled")
+
+    def hold(self, socket: str, tokens: list[int], blocks: list[int], rank: int = 0) -> None:
+        """Store these blocks of `tokens` in the node, rank `rank`'s share,
+        holding what this engine's stand-in model computes: as if the node
+        held them alone, the rest of the prompt evicted."""
+        setup = self.connector.setup
+        probe = NodeAttachment(socket, setup.geometry, rank=rank)
+        try:
+            seed = probe.hasher.seed(setup.model_identity)
+            hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
+            values = expected_values(tokens, self.reach)
+            kv = new_caches(probe.geometry, len(blocks) + 1)
+            for i, b in enumerate(blocks):
+                for layer in kv:
+                    layer[i + 1] = float(values[b])
+            keys = probe.keys([hashes[b] for b in blocks])
+            probe.store(EngineKV(probe.geometry, kv), keys, list(range(1, len(blocks) + 1)))
+        finally:
+            probe.close()
 
     def run(self, timeout: float = 60.0) -> None:
         """Step until every request is finished and its blocks given back;

@@ -19,7 +19,6 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWind
 from kvbm.config import KvbmConfig
 from kvbm.connector.vllm import kv_transfer_config
 from kvbm.status import node as node_status
-from tests.harness.tiny_llama import build
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine
 
 SHAPE = {"block_size": BLOCK, "num_kv_heads": KV_HEADS, "head_size": HEAD_SIZE}
@@ -31,13 +30,6 @@ MAMBA_HYBRID = [
     FullAttentionSpec(**SHAPE, dtype=torch.float32),
     MambaSpec(block_size=BLOCK, shapes=((4, 64), (2, 16, 16)), dtypes=(torch.float32,) * 2),
 ]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> ModelConfig:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build(str(tmp_path_factory.mktemp("tiny-llama")))
-    return ModelConfig(model=path, dtype="float32", seed=0, max_model_len=1024)
 
 
 def test_vllm_keeps_its_hybrid_manager_with_kvbm_configured():

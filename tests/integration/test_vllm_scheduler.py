@@ -10,12 +10,9 @@ as a wrong value in the engine that loads it next."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 
 import pytest
-from vllm.config import ModelConfig
 from vllm.v1.request import RequestStatus
 
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
@@ -23,38 +20,8 @@ from kvbm.connector.copy import ArenaBlocks
 from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from tests.harness.node_daemon import until
 from tests.harness.support import Engine
-from tests.harness.tiny_llama import build
+from tests.harness.vllm_runs import prompt
 from tests.harness.vllm_steps import BLOCK, SteppedEngine, expected_values
-
-
-def prompt(seed: int, n: int = 3 * BLOCK + 4) -> list[int]:
-    return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> ModelConfig:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build(str(tmp_path_factory.mktemp("tiny-llama")))
-    return ModelConfig(model=path, dtype="float32", seed=0, max_model_len=1024)
-
-
-@pytest.fixture
-def node(daemons):
-    return daemons("solo", "127.0.0.2", "--host-cache-mb", "8")
-
-
-@pytest.fixture
-def engines(model, node) -> Iterator:
-    """engines(**kwargs) -> a SteppedEngine on the test's node, closed after the test."""
-    made: list[SteppedEngine] = []
-
-    def make(**kwargs) -> SteppedEngine:
-        made.append(SteppedEngine(model, node.socket, **kwargs))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
 
 
 def computed(engine: SteppedEngine, node, prompts: list[list[int]]) -> None:

@@ -11,12 +11,8 @@ node."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 import torch
-from vllm.config import ModelConfig
 from vllm.v1.kv_cache_interface import (
     ChunkedLocalAttentionSpec,
     FullAttentionSpec,
@@ -26,8 +22,8 @@ from vllm.v1.kv_cache_interface import (
 from kvbm.connector.attach import NodeAttachment, node_stats
 from kvbm.connector.attention_window import NULL_BLOCK
 from kvbm.connector.engine_kv import EngineKV, new_caches
+from tests.harness import vllm_runs as runs
 from tests.harness.node_daemon import until
-from tests.harness.tiny_llama import build
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
 
 WINDOW = 64  # tokens: 6 blocks computed, the next token sees blocks 4 and 5
@@ -39,65 +35,7 @@ FULL = FullAttentionSpec(**SHAPE, dtype=torch.float32)
 
 
 def prompt(seed: int, n: int = 6 * BLOCK + 4) -> list[int]:
-    return [4 + (seed * 131 + i * 37) % 500 for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> ModelConfig:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = build(str(tmp_path_factory.mktemp("tiny-llama")))
-    return ModelConfig(model=path, dtype="float32", seed=0, max_model_len=1024)
-
-
-@pytest.fixture
-def node(daemons):
-    return daemons("solo", "127.0.0.2", "--host-cache-mb", "8")
-
-
-@pytest.fixture
-def engines(model, node) -> Iterator:
-    made: list[SteppedEngine] = []
-
-    def make(**kwargs) -> SteppedEngine:
-        made.append(SteppedEngine(model, node.socket, **kwargs))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        engine.close()
-
-
-def hold(
-    engine: SteppedEngine, node, tokens: list[int], blocks: list[int], reach: int = REACH
-) -> None:
-    """The node holds these blocks of `tokens` (right values), and no others
-    of it: as if the rest had been evicted."""
-    probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
-    try:
-        seed = probe.hasher.seed(engine.connector.setup.model_identity)
-        hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
-        kv = new_caches(probe.geometry, len(blocks) + 1)
-        values = expected_values(tokens, reach)
-        for i, b in enumerate(blocks):
-            for layer in kv:
-                layer[i + 1] = float(values[b])
-        made = EngineKV(probe.geometry, kv)
-        probe.store(made, probe.keys([hashes[b] for b in blocks]), list(range(1, len(blocks) + 1)))
-    finally:
-        probe.close()
-
-
-def first_step(engine: SteppedEngine, req_id: str, tokens: list[int]) -> int:
-    """Run `tokens` as a new request until vLLM first schedules it (a
-    windowed hit waits a step for its load, `Load.waiting`); the tokens vLLM
-    counted computed then (what the connector promised, and loaded)."""
-    engine.add(req_id, tokens)
-    for _ in range(10):
-        engine.step()
-        for new in engine.outputs[-1].scheduled_new_reqs:
-            if new.req_id == req_id:
-                return new.num_computed_tokens
-    raise AssertionError(f"{req_id} was never scheduled")
+    return runs.prompt(seed, n)
 
 
 def loads_of(engine: SteppedEngine, req_id: str) -> list:
@@ -117,7 +55,7 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     first.run()
     assert all(NULL_BLOCK not in s.block_ids for m in first.metas for s in m.saves)
     engine = engines(spec=SLIDING, reach=REACH, copies=copies)
-    assert first_step(engine, "again", p) == 6 * BLOCK
+    assert engine.admit("again", p) == 6 * BLOCK
     ids = engine.block_ids("again")
     assert ids[:4] == [NULL_BLOCK] * 4
     [load] = loads_of(engine, "again")
@@ -138,10 +76,10 @@ def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node, po
     taking the window's blocks alone."""
     p = prompt(2)
     window = engines(spec=SLIDING, reach=REACH, policy=policy)
-    hold(window, node, p, [3, 4, 5])
+    window.hold(node.socket, p, [3, 4, 5])
     control = engines(spec=FULL, policy=policy)
-    assert first_step(control, "full", p) == 0
-    assert first_step(window, "windowed", p) == 6 * BLOCK
+    assert control.admit("full", p) == 0
+    assert window.admit("windowed", p) == 6 * BLOCK
     ids = window.block_ids("windowed")
     [load] = loads_of(window, "windowed")
     assert load.block_ids == ids[4:6]
@@ -155,8 +93,8 @@ def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     and the connector loads 2 and 3."""
     p = prompt(3)
     window = engines(spec=SLIDING, reach=REACH)
-    hold(window, node, p, [0, 1, 2, 3, 5])
-    assert first_step(window, "windowed", p) == 4 * BLOCK
+    window.hold(node.socket, p, [0, 1, 2, 3, 5])
+    assert window.admit("windowed", p) == 4 * BLOCK
     ids = window.block_ids("windowed")
     [load] = loads_of(window, "windowed")
     assert load.block_ids == ids[2:4]
@@ -169,9 +107,9 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     """Chunks of 64 tokens: after five blocks the next token (160) is in the
     chunk of blocks 4 and 5, and sees block 4 alone."""
     p = prompt(4, 5 * BLOCK + 4)
-    hold(engines(spec=FULL), node, p, [0, 1, 2, 3, 4], reach=1)
+    engines(spec=FULL).hold(node.socket, p, [0, 1, 2, 3, 4])
     engine = engines(spec=CHUNKED)
-    assert first_step(engine, "chunked", p) == 5 * BLOCK
+    assert engine.admit("chunked", p) == 5 * BLOCK
     ids = engine.block_ids("chunked")
     [load] = loads_of(engine, "chunked")
     assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == ids[4:5]
@@ -190,8 +128,9 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
     p, q = prompt(7), prompt(8)
     made = [SteppedEngine(model, a.socket, spec=FULL)]
     try:
-        hold(made[0], a, p, list(range(6)), reach=1)
-        hold(made[0], a, q, list(range(6)))
+        made.append(SteppedEngine(model, a.socket, spec=SLIDING, reach=REACH))
+        made[0].hold(a.socket, p, list(range(6)))
+        made[1].hold(a.socket, q, list(range(6)))
         on_b = NodeAttachment(b.socket, made[0].connector.setup.geometry, remote=["host"])
         try:
             seed = on_b.hasher.seed(made[0].connector.setup.model_identity)
@@ -208,7 +147,7 @@ def test_a_remote_sliding_window_hit_pulls_only_the_window_from_the_peer(model, 
             engine = SteppedEngine(model, b.socket, spec=spec, remote="host", reach=reach)
             made.append(engine)
             before = node_stats(b.socket).get("engine_blocks", {}).get("remote_host", 0)
-            assert first_step(engine, name, tokens) == 6 * BLOCK
+            assert engine.admit(name, tokens) == 6 * BLOCK
             ids = engine.block_ids(name)
             assert engine.values(ids[4:6]) == expected_values(tokens, reach)[4:6]
             engine.run()
@@ -237,7 +176,7 @@ def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node)
     assert saves, "the longer prompt's new blocks were never saved"
     assert all(NULL_BLOCK not in s.block_ids for s in saves)
     probe = engines(spec=SLIDING, reach=REACH)
-    assert first_step(probe, "probe", longer) == 8 * BLOCK
+    assert probe.admit("probe", longer) == 8 * BLOCK
     ids = probe.block_ids("probe")
     assert probe.values(ids[6:8]) == expected_values(longer, REACH)[6:8]
 
@@ -250,7 +189,7 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
     from its first token, and every block holds what a model attending two
     blocks back computes."""
     p = prompt(9)
-    hold(engines(spec=SLIDING, reach=REACH), node, p, list(range(6)))
+    engines(spec=SLIDING, reach=REACH).hold(node.socket, p, list(range(6)))
     engine = engines(spec=SLIDING, reach=REACH)
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
     promised = engine.connector.update_state_after_alloc
