@@ -215,3 +215,5 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
         engine.run()
     finally:
         probe.close()
+    # its blocks, recomputed, are saved again (the node had lost them)
+    assert sum(len(s.block_ids) for m in engine.metas for s in m.saves if s.req_id == "p") == 6

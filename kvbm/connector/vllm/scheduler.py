@@ -251,11 +251,17 @@ class KvbmScheduler:
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """Blocks the workers could not load (vLLM has rolled their requests
         back by now): every request holding one saves nothing more until
-        vLLM has recomputed from it."""
+        vLLM has recomputed from it. A waiting load that failed is
+        recomputed from the first token: its blocks are saved again as they
+        are computed (the node keeps the ones it still holds)."""
         bad = connector_output.invalid_block_ids
         if bad:
             for tracked in self.requests.values():
                 tracked.hold(bad)
+        for req_id in connector_output.failed_recving or ():
+            tracked = self.requests.get(req_id)
+            if tracked is not None:
+                tracked.saved = 0
 
     def _pin_promises(self, meta: KvbmMetadata) -> None:
         """Pin this step's promised blocks, one round trip per rank. A block
