@@ -181,7 +181,11 @@ def test_damaged_metadata_costs_the_agent_process_not_the_node(etcd, daemons, tm
             def agent() -> dict | str:
                 return engine.stats()["nixl_agent"]["pulling"]
 
-            until(lambda: agent() != "restarting" and agent()["generation"] == 1, 30, "no new one")
+            def restarted() -> bool:  # one read: the state may change between two
+                state = agent()
+                return isinstance(state, dict) and state["generation"] == 1
+
+            until(restarted, 30, "no new one")
             assert agent()["pid"] == agent_pid(victim.proc.pid, "pull") != first
             assert victim.proc.poll() is None
             assert "the NIXL agent process ended" in victim.log()
