@@ -35,6 +35,12 @@ here; the geometry node A was set up with is checked below):
   without it and answer as vLLM alone. MLA's bytes round-trip bit-exact in
   tests/integration/test_kv_layouts.py.
 
+- A Granite 4.0-like Mamba2 hybrid (kvbm/gpu_models.py): two groups, one
+  of Mamba state. Refused; the engines start with kvbm configured and
+  answer as vLLM alone (without `SupportsHMA`, vLLM turned its hybrid
+  manager off and the engine did not start: "Failed to promote local KV
+  cache specs to one unified type").
+
 Every engine runs vLLM's engine core inside its own process (`IN_PROCESS`,
 half the start-up); the connector across vLLM's default processes is
 proven in test_vllm_connector.py. What is under test here is what each
@@ -53,6 +59,7 @@ import pytest
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.connector.identity import checkpoint_identity
 from kvbm.engine_wire import geometry_to_wire
+from kvbm.gpu_models import build_mamba_hybrid
 from kvbm.layout import ModelGeometry
 from tests.harness.node_daemon import Daemon, until
 from tests.harness.tiny_llama import build
@@ -149,6 +156,17 @@ ROWS = [
         marks=pytest.mark.support(
             "full-and-sliding", "outputs", "vllm-cpu", refused="several-groups"
         ),
+    ),
+    pytest.param(
+        Row(
+            "mamba-hybrid",
+            build_mamba_hybrid,
+            geometry(2, 2, 32, block_size=BLOCK),  # not read: refused
+            refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
+            "attention; this model has 2 group(s) of ['FullAttentionSpec', 'MambaSpec']",
+        ),
+        id="mamba-hybrid",
+        marks=pytest.mark.support("mamba-hybrid", "outputs", "vllm-cpu", refused="mamba-state"),
     ),
     pytest.param(
         Row("mistral-window", build_mistral_window, geometry(2, 2, 32, block_size=BLOCK), WINDOW),
