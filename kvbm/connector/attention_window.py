@@ -12,7 +12,10 @@ as far as its window's blocks are held.
 The window is not in the layout fingerprint: a block's KV is the same bytes
 whether an engine keeps every block (an engine with vLLM's hybrid manager
 off, `--disable-hybrid-kv-cache-manager`, stores sliding-window layers as
-full attention) or frees the ones behind the window.
+full attention) or frees the ones behind the window. What the window is
+(and so what the KV is) comes from the checkpoint's config and
+`hf_overrides`, both in the model's identity (kvbm/connector/identity.py),
+so engines that attend over other windows never share keys.
 """
 
 from __future__ import annotations
