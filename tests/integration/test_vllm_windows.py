@@ -18,6 +18,7 @@ from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     SlidingWindowSpec,
 )
+from vllm.v1.request import RequestStatus
 
 from kvbm.connector.attach import NodeAttachment, node_stats
 from kvbm.connector.attention_window import NULL_BLOCK
@@ -217,3 +218,31 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
         probe.close()
     # its blocks, recomputed, are saved again (the node had lost them)
     assert sum(len(s.block_ids) for m in engine.metas for s in m.saves if s.req_id == "p") == 6
+
+
+@pytest.mark.parametrize(
+    ("policy", "copies"), [("fail", "sync"), ("recompute", "sync"), ("recompute", "async")]
+)
+def test_window_requests_aborted_while_waiting_leave_no_leases(engines, node, policy, copies):
+    """Four node-held prompts at once into an 8-block cache under a window:
+    after a step some wait for room and some for their loads, and all four
+    are aborted. Every request is forgotten, its blocks come back to vLLM,
+    and no lease is left in the node."""
+    prompts = [prompt(40 + i) for i in range(4)]
+    holder = engines(spec=SLIDING, reach=REACH)
+    for p in prompts:
+        holder.hold(node.socket, p, list(range(6)))
+    engine = engines(spec=SLIDING, reach=REACH, num_blocks=8, policy=policy, copies=copies)
+    ids = [f"w{i}" for i in range(len(prompts))]
+    for req_id, p in zip(ids, prompts, strict=True):
+        engine.add(req_id, p, max_tokens=48)
+    engine.step()
+    states = {engine.scheduler.requests[r].status for r in ids}
+    print("STATES", states, [len(m.loads) for m in engine.metas])
+    assert RequestStatus.WAITING_FOR_REMOTE_KVS in states or any(m.loads for m in engine.metas), (
+        "no request waited for its load: the case under test did not happen"
+    )
+    engine.abort(ids)
+    engine.run()
+    assert not engine.connector.requests
+    assert node_stats(node.socket)["engine_leases"] == 0
