@@ -109,18 +109,20 @@ def refused_config(tmp_path_factory):
     path = build(str(tmp_path_factory.mktemp("tiny-llama")))
     model = ModelConfig(model=path, dtype="float32", seed=0, max_model_len=1024)
 
-    def config(extra: dict) -> tuple:
+    def config(extra: dict, policy: str = "recompute", groups: int = 2) -> tuple:
+        """(`groups` 1: one full-attention group, which kvbm stores.)"""
         made = VllmConfig(
             model_config=model,
             cache_config=CacheConfig(block_size=BLOCK),
-            kv_transfer_config=kv_transfer_config(extra),
+            kv_transfer_config=kv_transfer_config(extra, policy),
             device_config=DeviceConfig("cpu"),
         )
         shape = {"block_size": BLOCK, "num_kv_heads": KV_HEADS, "head_size": HEAD_SIZE}
         full = FullAttentionSpec(**shape, dtype=torch.float32)
         sliding = SlidingWindowSpec(**shape, dtype=torch.float32, sliding_window=64)
         two = [KVCacheGroupSpec(LAYERS[:1], full), KVCacheGroupSpec(LAYERS[1:], sliding)]
-        return made, KVCacheConfig(64, [], two)
+        one = [KVCacheGroupSpec(LAYERS, full)]
+        return made, KVCacheConfig(64, [], two if groups == 2 else one)
 
     return path, config
 
@@ -167,3 +169,29 @@ def test_vllms_connector_tells_the_node_once_per_engine_and_logs_once(daemons, r
     vllm_config, cache = config({})
     alone = KvbmConnector(vllm_config, KVConnectorRole.SCHEDULER, cache)
     assert alone.setup.off and alone.setup.private_node is None and alone.setup.refusal is None
+
+
+def test_a_failure_policy_that_fails_requests_is_warned_of_once_per_engine(daemons, refused_config):
+    """kv_load_failure_policy "fail": a failed load fails its request. The
+    scheduler's connector says so; its workers do not repeat it."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvbm.connector.vllm import KvbmConnector
+
+    node = daemons("solo", "127.0.0.2", "--host-cache-mb", "2")
+    _, config = refused_config
+    vllm_config, cache = config({"node": node.socket}, policy="fail", groups=1)
+    records = Records()
+    logging.getLogger("kvbm").addHandler(records)
+    roles = [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER, KVConnectorRole.WORKER]
+    try:
+        made = [KvbmConnector(vllm_config, role, cache) for role in roles]
+    finally:
+        logging.getLogger("kvbm").removeHandler(records)
+    try:
+        assert all(c.setup.off is None for c in made)
+        said = [r for r in records.records if "kv_load_failure_policy" in r.getMessage()]
+        assert [r.levelno for r in said] == [logging.WARNING]
+    finally:
+        for c in made:
+            c.shutdown()

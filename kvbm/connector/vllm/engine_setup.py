@@ -4,7 +4,6 @@ the model's identity and the node's socket. Nothing here changes later."""
 
 from __future__ import annotations
 
-import logging
 import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,8 +19,6 @@ from kvbm.logs import attach_logging
 if TYPE_CHECKING:
     from vllm.config import KVTransferConfig, VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
-
-log = logging.getLogger("kvbm.connector.vllm")
 
 
 @dataclass(frozen=True)
@@ -93,8 +90,6 @@ def engine_setup(
         # a private node is not started just to hear why: no node named, none told
         refusal = about if "node" in extra else None
     promise = transfer.kv_load_failure_policy == "recompute"
-    if not promise:
-        log.warning('kv_load_failure_policy is not "recompute": a failed load fails its request')
     device = vllm_config.device_config.device_type
     return EngineSetup(
         cfg=cfg,
