@@ -164,9 +164,9 @@ class KvbmScheduler:
         many blocks as keep every block the next token attends to held on
         every rank (kvbm/connector/attention_window.py), at most one load
         step's. Only those blocks are pinned (and pulled from peers) with
-        the step. Where a hit is pinned before it is promised, the pin
-        takes the prefix whole, as for full attention. Either way the load
-        is asynchronous (`Load.waiting`): it can fail only whole."""
+        the step. Where a hit is pinned before it is promised, the pin takes
+        the whole hit's window first (`_pin_from`). Either way the load is
+        asynchronous (`Load.waiting`): it can fail only whole."""
         window = self.setup.window
         assert window is not None
         mask = np.logical_and.reduce(held)[:step_blocks]
