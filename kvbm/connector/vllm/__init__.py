@@ -12,7 +12,7 @@ promises, pins, holds after a failed load, each step's saves), `worker.py`
 (each worker: copies between vLLM's KV cache and the node's arena), with
 `metadata.py` what crosses between them each step. A node that is gone
 makes every request a miss until it is back, never an engine error.
-Which model shapes it stores: docs/architecture.md, "Model shapes". The
+Which model shapes it stores: docs/models.md, "Model shapes". The
 last generated token has no KV (it was never an input), so a block that
 ends with it is not stored.
 """
