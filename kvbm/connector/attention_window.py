@@ -58,6 +58,14 @@ class AttentionWindow:
             skipped = p // self.tokens * self.tokens
         return skipped // self.block_size
 
+    def first_loaded(self, computed: np.ndarray | int, first: int) -> np.ndarray:
+        """For each count of computed blocks (a hit ending there), the first
+        block it loads: the first the next token attends to, at least the
+        hit's last block (a hit is never made of nothing held), and never one
+        before `first` (the engine's own)."""
+        computed = np.asarray(computed, dtype=np.int64)
+        return np.maximum(np.minimum(self.first_needed(computed), computed - 1), first)
+
     def longest_hit(self, held: np.ndarray, first: int) -> int:
         """The most blocks computed, `first` plus up to len(held), such that
         every block the next token needs at or after `first` is held, and the
@@ -69,8 +77,7 @@ class AttentionWindow:
             return first
         missing = np.concatenate(([0], np.cumsum(~held)))
         n = np.arange(first + 1, first + held.size + 1)
-        # at least the hit's last block: a hit is never made of nothing held
-        lo = np.maximum(np.minimum(self.first_needed(n), n - 1), first) - first
+        lo = self.first_loaded(n, first) - first
         ok = missing[n - first] - missing[lo] == 0
         hits = n[ok]
         return int(hits[-1]) if hits.size else first

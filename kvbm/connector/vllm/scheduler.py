@@ -115,7 +115,7 @@ class KvbmScheduler:
         # is not held, the prefix as for full attention.
         window, lo = self.setup.window, first
         if window is not None:
-            lo = max(min(int(window.first_needed(np.array([usable]))[0]), usable - 1), first)
+            lo = int(window.first_loaded(usable, first))
         load = self._pin_from(node, keys, groups, first, lo)
         if load is None and lo > first and self.link.current is not None:
             lo = first
@@ -149,7 +149,7 @@ class KvbmScheduler:
         window = self.setup.window
         if window is not None and m and lo > first:
             stop = lo + m  # a short pin: a smaller hit, whose window may reach behind lo
-            if min(int(window.first_needed(np.array([stop]))[0]), stop - 1) < lo:
+            if window.first_loaded(stop, first) < lo:
                 m = 0
         load = Load([p.lease for p in pinned], [p.slots[:m] for p in pinned], [])
         if m == 0:
