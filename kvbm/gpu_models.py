@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from kvbm.random_llama import build_llama, save_word_tokenizer
+from kvbm.random_llama import build_llama, save_random_model
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 1024, 256, 4, 4, 2, 64
 WINDOW = 64  # tokens: a prompt of six 16-token blocks reaches past it
@@ -33,16 +33,6 @@ COMMON: dict[str, Any] = {
     "eos_token_id": 2,
     "pad_token_id": 3,
 }
-
-
-def _save(path: str, model_class: Any, config: Any, seed: int) -> str:
-    import torch
-
-    save_word_tokenizer(path, VOCAB)
-    torch.manual_seed(seed)
-    model = model_class(config).to(torch.float32)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def build_gpt_oss_like(path: str, seed: int = 0) -> str:
@@ -62,7 +52,7 @@ def build_gpt_oss_like(path: str, seed: int = 0) -> str:
         sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2),
     )
-    return _save(path, GptOssForCausalLM, config, seed)
+    return save_random_model(path, GptOssForCausalLM, config, seed, VOCAB)
 
 
 def build_gemma3_like(path: str, seed: int = 0) -> str:
@@ -84,7 +74,7 @@ def build_gemma3_like(path: str, seed: int = 0) -> str:
         layer_types=["sliding_attention"] * (LAYERS - 1) + ["full_attention"],
         tie_word_embeddings=False,
     )
-    return _save(path, Gemma3ForCausalLM, config, seed)
+    return save_random_model(path, Gemma3ForCausalLM, config, seed, VOCAB)
 
 
 def build_mamba_hybrid(path: str, seed: int = 0) -> str:
@@ -106,7 +96,7 @@ def build_mamba_hybrid(path: str, seed: int = 0) -> str:
         mamba_d_state=64,
         mamba_chunk_size=256,
     )
-    return _save(path, GraniteMoeHybridForCausalLM, config, seed)
+    return save_random_model(path, GraniteMoeHybridForCausalLM, config, seed, VOCAB)
 
 
 def build_full_attention(path: str, seed: int = 0) -> str:

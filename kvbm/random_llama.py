@@ -6,6 +6,7 @@ a wrong KV block changes them."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 # the word-level tokenizer's special tokens, in id order (bos 1, eos 2, pad 3)
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -30,6 +31,25 @@ def save_word_tokenizer(path: str, vocab: int = 512) -> None:
         eos_token="</s>",
         pad_token="<pad>",
     ).save_pretrained(path)
+
+
+def save_random_model(
+    path: str, model_class: Any, config: Any, seed: int, vocab: int, embed_std: float = 0.0
+) -> str:
+    """Write a transformers model of `config` with random weights (drawn
+    under `seed`, in float32) and the word-level tokenizer of `vocab` ids
+    to `path`; `embed_std`: the embeddings drawn again with that deviation.
+    Returns `path`."""
+    import torch
+
+    save_word_tokenizer(path, vocab)
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    if embed_std:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def build_llama(

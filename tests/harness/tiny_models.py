@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from kvbm.random_llama import save_word_tokenizer
+from kvbm.random_llama import save_random_model
 
 WINDOW = 64  # tokens in a sliding window, two of the tests' 32-token blocks
 VOCAB = 512
@@ -30,20 +30,6 @@ COMMON: dict[str, Any] = {
     "pad_token_id": 3,
     "torch_dtype": "float32",
 }
-
-
-def _save(path: str, config: Any, model_class: Any, seed: int, embed_std: float = 0.0) -> str:
-    """`embed_std`: the embeddings drawn again with that deviation."""
-    import torch
-
-    save_word_tokenizer(path, VOCAB)
-    torch.manual_seed(seed)
-    model = model_class(config).to(torch.float32)
-    if embed_std:
-        with torch.no_grad():
-            model.get_input_embeddings().weight.normal_(0.0, embed_std)
-    model.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def _built(path: str) -> bool:
@@ -74,7 +60,7 @@ def build_gemma2(path: str, seed: int = 0) -> str:
         layer_types=["sliding_attention", "full_attention"],
         **COMMON,
     )
-    return _save(path, config, Gemma2ForCausalLM, seed, embed_std=0.2 / 128**0.5)
+    return save_random_model(path, Gemma2ForCausalLM, config, seed, VOCAB, embed_std=0.2 / 128**0.5)
 
 
 def build_mistral_window(path: str, seed: int = 0) -> str:
@@ -94,7 +80,7 @@ def build_mistral_window(path: str, seed: int = 0) -> str:
         sliding_window=WINDOW,
         **COMMON,
     )
-    return _save(path, config, MistralForCausalLM, seed)
+    return save_random_model(path, MistralForCausalLM, config, seed, VOCAB)
 
 
 def build_deepseek_mla(path: str, seed: int = 0) -> str:
@@ -122,4 +108,4 @@ def build_deepseek_mla(path: str, seed: int = 0) -> str:
         moe_intermediate_size=64,
         **COMMON,
     )
-    return _save(path, config, DeepseekV2ForCausalLM, seed)
+    return save_random_model(path, DeepseekV2ForCausalLM, config, seed, VOCAB)
