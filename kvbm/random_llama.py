@@ -1,7 +1,9 @@
 """A random-weight Llama built on the spot (no downloads), for the demo,
 `scripts/gpu-check`, the e2e bench and the tests: a word-level tokenizer and
 weights drawn wide enough that greedy outputs depend on the whole context, so
-a wrong KV block changes them."""
+a wrong KV block changes them; and the tokenizer and weights writer that the
+other random checkpoints (tests/harness/tiny_models.py, kvbm/gpu_models.py)
+share."""
 
 from __future__ import annotations
 

@@ -281,6 +281,15 @@ class SteppedEngine:
         finally:
             probe.close()
 
+    @staticmethod
+    def flood(probe: NodeAttachment) -> None:
+        """Store twice the node's slots of filler blocks through `probe`:
+        nothing stored before them is left in its host tier (the node's
+        answers follow its evictions a moment later)."""
+        filler = probe.keys(list(range(10**6, 10**6 + 2 * probe.num_slots)))
+        kv = new_caches(probe.geometry, len(filler) + 1)
+        probe.store(EngineKV(probe.geometry, kv), filler, list(range(1, len(filler) + 1)))
+
     def run(self, timeout: float = 60.0) -> None:
         """Step until every request is finished and its blocks given back;
         a step with nothing to compute waits a little, as a serving engine's

@@ -19,7 +19,6 @@ from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.connector.copy import ArenaBlocks
 from kvbm.connector.vllm.stats import NOT_CACHED, KvbmStats
 from tests.harness.node_daemon import until
-from tests.harness.support import Engine
 from tests.harness.vllm_runs import prompt
 from tests.harness.vllm_steps import BLOCK, SteppedEngine, expected_values
 
@@ -104,10 +103,7 @@ def test_a_promise_the_node_cannot_pin_holds_the_requests_saves_until_recomputed
 
     def promise_then_evict(request, blocks, num_external_tokens) -> None:
         promised(request, blocks, num_external_tokens)
-        # twice the node's slots of filler: nothing stored before them is left
-        filler = probe.keys(list(range(10**6, 10**6 + 2 * probe.num_slots)))
-        made = Engine(len(filler), probe.geometry)
-        probe.store(made.kv, filler, made.compute(filler))
+        engine.flood(probe)
         held = probe.keys(engine.connector.requests["p"].seq_hashes[:2])
         # the node's answers follow its evictions a moment later
         until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")

@@ -22,7 +22,6 @@ from vllm.v1.request import RequestStatus
 
 from kvbm.connector.attach import NodeAttachment, node_stats
 from kvbm.connector.attention_window import NULL_BLOCK
-from kvbm.connector.engine_kv import EngineKV, new_caches
 from tests.harness import vllm_runs as runs
 from tests.harness.node_daemon import until
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
@@ -197,9 +196,7 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
 
     def promise_then_evict(request, blocks, num_external_tokens) -> None:
         promised(request, blocks, num_external_tokens)
-        filler = probe.keys(list(range(10**6, 10**6 + 2 * probe.num_slots)))
-        kv = new_caches(probe.geometry, len(filler) + 1)
-        probe.store(EngineKV(probe.geometry, kv), filler, list(range(1, len(filler) + 1)))
+        engine.flood(probe)
         held = probe.keys(engine.connector.requests["p"].seq_hashes[4:6])
         until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
 
