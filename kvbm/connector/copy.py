@@ -28,6 +28,8 @@ from kvbm.connector.engine_kv import EngineKV, slot_arrays
 from kvbm.errors import GeometryMismatch
 from kvbm.layout import ModelGeometry, slot_spans
 
+Ids = Sequence[int] | Sequence[Sequence[int]] | np.ndarray
+
 
 class _Plan:
     """How a batch of (engine block, slot) pairs maps onto spans, worked out
@@ -75,7 +77,9 @@ class _Plan:
 
 class ArenaBlocks:
     """The arena's slots, seen per engine as that engine's parts, for copies
-    between CPU tensors and slots."""
+    between CPU tensors and slots. Block ids come one row per KV cache
+    group (a 1-D list for an engine of one group); -1 where a group has no
+    block at a pair, which that group's layers then skip."""
 
     def __init__(self, geometry: ModelGeometry, arena: np.ndarray, num_slots: int) -> None:
         if arena.dtype != np.uint8 or arena.size < num_slots * geometry.slot_bytes:
@@ -85,43 +89,26 @@ class ArenaBlocks:
         self.bytes = torch.from_numpy(arena[: num_slots * geometry.slot_bytes])
         self._seen: tuple[EngineKV, list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def gather(
-        self, kv: EngineKV, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
-    ) -> None:
-        """G1 -> arena: engine block block_ids[i] into slot slots[i]."""
-        plan, parts, _ = self._plan(kv, block_ids, slots, to_arena=True)
-        plan.apply([p.engine for p in kv.parts], parts)
+    def gather(self, kv: EngineKV, block_ids: Ids, slots: Ids) -> None:
+        """G1 -> arena: engine block block_ids[g][i] into slot slots[i]."""
+        for _ in self._copy(kv, block_ids, slots, to_arena=True, by_layer=False):
+            pass
 
-    def scatter(
-        self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
-    ) -> None:
-        """Arena -> G1: slot slots[i] into engine block block_ids[i]."""
-        plan, parts, _ = self._plan(kv, block_ids, slots, to_arena=False)
-        plan.apply([p.engine for p in kv.parts], parts)
+    def scatter(self, kv: EngineKV, slots: Ids, block_ids: Ids) -> None:
+        """Arena -> G1: slot slots[i] into engine block block_ids[g][i]."""
+        for _ in self._copy(kv, block_ids, slots, to_arena=False, by_layer=False):
+            pass
 
-    def scatter_layers(
-        self, kv: EngineKV, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
-    ) -> Iterator[int]:
+    def scatter_layers(self, kv: EngineKV, slots: Ids, block_ids: Ids) -> Iterator[int]:
         """`scatter` a layer at a time where the layout keeps layers apart
-        (else all at once): yields how many layers are in place."""
-        plan, parts, layers = self._plan(kv, block_ids, slots, to_arena=False)
-        if not layers:
-            plan.apply([p.engine for p in kv.parts], parts)
-            yield self.geometry.num_layers
-            return
-        for i, (layer, arena) in enumerate(zip(kv.layers or [], layers, strict=True)):
-            plan.apply([layer.engine], [arena])
-            yield i + 1
+        (else all at once): yields how many of `kv.layers` are in place."""
+        return self._copy(kv, block_ids, slots, to_arena=False, by_layer=True)
 
-    def _plan(
-        self,
-        kv: EngineKV,
-        block_ids: Sequence[int] | np.ndarray,
-        slots: Sequence[int] | np.ndarray,
-        to_arena: bool,
-    ) -> tuple[_Plan, list[torch.Tensor], list[torch.Tensor]]:
-        """A checked batch's plan, and the slots seen as `kv`'s parts and as
-        its layers (empty where they are not apart); cached per engine."""
+    def _copy(
+        self, kv: EngineKV, block_ids: Ids, slots: Ids, to_arena: bool, by_layer: bool
+    ) -> Iterator[int]:
+        """One plan per group, applied to the group's parts (or layers, one
+        at a time, yielding how many are in place)."""
         self.check(kv)
         if kv.device.type != "cpu":
             raise GeometryMismatch(f"the engine's KV is on {kv.device}: copy it through staging")
@@ -130,7 +117,21 @@ class ArenaBlocks:
             layers = slot_arrays(self.geometry, words, kv.layers) if kv.layers else []
             self._seen = (kv, slot_arrays(self.geometry, words, kv.parts), layers)
         b, s = _checked_pairs(kv, block_ids, slots, self.num_slots)
-        return _Plan(b, s, to_arena), self._seen[1], self._seen[2]
+        by_layer = by_layer and bool(kv.layers)
+        units = kv.layers if by_layer and kv.layers else kv.parts
+        arenas = self._seen[2] if by_layer else self._seen[1]
+        done = 0
+        for g in range(kv.num_groups):
+            has = b[g] >= 0
+            plan = _Plan(b[g][has], s[has], to_arena)
+            for unit, arena in zip(units, arenas, strict=True):
+                if unit.group == g:
+                    plan.apply([unit.engine], [arena])
+                    done += 1
+                    if by_layer:
+                        yield done
+        if not by_layer:
+            yield self.geometry.num_layers
 
     def check(self, kv: EngineKV) -> None:
         if kv.geometry != self.geometry:
@@ -144,9 +145,11 @@ class StagedCopies:
     through `staging`, a buffer of whole slots on the engine's device. A
     store gathers the blocks into it, one kernel per part, then moves each
     span of slots to the arena in one transfer; a load does the reverse.
-    Torch orders the ops on the current stream; with `non_blocking` and a
-    pinned arena the transfers are asynchronous DMAs. A batch larger than
-    the buffer goes in chunks, in order on the same stream."""
+    Every KV cache group's layers of a slot meet in the same staging row, so
+    a slot moves whole, once. Torch orders the ops on the current stream;
+    with `non_blocking` and a pinned arena the transfers are asynchronous
+    DMAs. A batch larger than the buffer goes in chunks, in order on the
+    same stream."""
 
     def __init__(self, blocks: ArenaBlocks, kv: EngineKV, capacity: int) -> None:
         blocks.check(kv)
@@ -165,17 +168,18 @@ class StagedCopies:
         return self.staging.shape[0]
 
     def gather(
-        self,
-        block_ids: Sequence[int] | np.ndarray,
-        slots: Sequence[int] | np.ndarray,
-        after_reads: Callable[[], None] | None = None,
+        self, block_ids: Ids, slots: Ids, after_reads: Callable[[], None] | None = None
     ) -> None:
         """G1 -> arena, through staging; `after_reads` is called once the
         last kernel reading G1 is queued."""
         chunks = self._chunks(block_ids, slots)
-        for k, (b, s, ids) in enumerate(chunks):
+        for k, (s, rows) in enumerate(chunks):
             for part, stage in zip(self.kv.parts, self.stage_parts, strict=True):
-                torch.index_select(part.engine, 0, ids, out=stage[: len(b)])
+                ids, at = rows[part.group]
+                if at is None:
+                    torch.index_select(part.engine, 0, ids, out=stage[: len(s)])
+                else:
+                    stage.index_copy_(0, at, torch.index_select(part.engine, 0, ids))
             if after_reads is not None and k == len(chunks) - 1:
                 after_reads()
             for first, n, off in slot_spans(s):
@@ -183,70 +187,78 @@ class StagedCopies:
                     self.staging[off : off + n], non_blocking=self.non_blocking
                 )
 
-    def scatter(
-        self, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
-    ) -> None:
+    def scatter(self, slots: Ids, block_ids: Ids) -> None:
         """Arena -> G1, through staging."""
         for _ in self.scatter_layers(slots, block_ids):
             pass
 
-    def scatter_layers(
-        self, slots: Sequence[int] | np.ndarray, block_ids: Sequence[int] | np.ndarray
-    ) -> Iterator[int]:
-        """`scatter`, yielding how many layers are in place once the last
-        chunk's kernel for them is queued (a layer at a time where the layout
-        keeps layers apart, else all at once)."""
+    def scatter_layers(self, slots: Ids, block_ids: Ids) -> Iterator[int]:
+        """`scatter`, yielding how many of `kv.layers` are in place once the
+        last chunk's kernel for them is queued (a layer at a time where the
+        layout keeps layers apart, else all at once)."""
         chunks = self._chunks(block_ids, slots)
         if not chunks:
             yield self.kv.geometry.num_layers
-        for k, (b, s, ids) in enumerate(chunks):
+        by_layer = bool(self.stage_layers and self.kv.layers)
+        units = self.kv.layers if by_layer and self.kv.layers else self.kv.parts
+        stages = self.stage_layers if by_layer else self.stage_parts
+        for k, (s, rows) in enumerate(chunks):
             for first, n, off in slot_spans(s):
                 self.staging[off : off + n].copy_(
                     self.arena[first : first + n], non_blocking=self.non_blocking
                 )
             last = k == len(chunks) - 1
-            if self.stage_layers and self.kv.layers:
-                for i, (layer, stage) in enumerate(
-                    zip(self.kv.layers, self.stage_layers, strict=True)
-                ):
-                    layer.engine.index_copy_(0, ids, stage[: len(b)])
-                    if last:
-                        yield i + 1
-            else:
-                for part, stage in zip(self.kv.parts, self.stage_parts, strict=True):
-                    part.engine.index_copy_(0, ids, stage[: len(b)])
-                if last:
-                    yield self.kv.geometry.num_layers
+            for i, (unit, stage) in enumerate(zip(units, stages, strict=True)):
+                ids, at = rows[unit.group]
+                rows_of = stage[: len(s)] if at is None else stage.index_select(0, at)
+                unit.engine.index_copy_(0, ids, rows_of)
+                if last and by_layer:
+                    yield i + 1
+            if last and not by_layer:
+                yield self.kv.geometry.num_layers
 
     def _chunks(
-        self, block_ids: Sequence[int] | np.ndarray, slots: Sequence[int] | np.ndarray
-    ) -> list[tuple[np.ndarray, np.ndarray, torch.Tensor]]:
+        self, block_ids: Ids, slots: Ids
+    ) -> list[tuple[np.ndarray, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
         """Pairs sorted by slot (staging row i <-> the i-th slot of a chunk),
-        `capacity` at most per chunk, with their block ids on the device."""
+        `capacity` at most per chunk: the chunk's slots, and per group its
+        block ids on the device with the staging rows they go with (None:
+        every row)."""
         b, s = _checked_pairs(self.kv, block_ids, slots, self.blocks.num_slots)
         order = np.argsort(s, kind="stable")
-        b, s = b[order], s[order]
+        b, s = b[:, order], s[order]
         out = []
-        for at in range(0, len(b), self.capacity):
-            cb, cs = b[at : at + self.capacity], s[at : at + self.capacity]
-            ids = torch.from_numpy(cb)
-            if self.non_blocking:  # from pageable memory the copy could wait on the stream
-                ids = ids.pin_memory()
-            ids = ids.to(self.kv.device, non_blocking=self.non_blocking)
-            out.append((cb, cs, ids))
+        for at in range(0, s.size, self.capacity):
+            rows = []
+            for g in range(self.kv.num_groups):
+                cb = b[g, at : at + self.capacity]
+                has = cb >= 0
+                where = None if has.all() else self._to_device(np.flatnonzero(has))
+                rows.append((self._to_device(cb[has]), where))
+            out.append((s[at : at + self.capacity], rows))
         return out
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        if self.non_blocking:  # from pageable memory the copy could wait on the stream
+            t = t.pin_memory()
+        return t.to(self.kv.device, non_blocking=self.non_blocking)
 
 
 def _checked_pairs(
-    kv: EngineKV,
-    block_ids: Sequence[int] | np.ndarray,
-    slots: Sequence[int] | np.ndarray,
-    num_slots: int,
+    kv: EngineKV, block_ids: Ids, slots: Ids, num_slots: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Block ids as [groups, pairs] (a 1-D list is an engine of one group's),
+    and the slots, checked."""
     b = np.asarray(block_ids, dtype=np.int64)
     s = np.asarray(slots, dtype=np.int64)
-    if b.shape != s.shape or b.ndim != 1:
-        raise ValueError("block_ids and slots must be 1-D and of equal length")
+    if b.ndim == 1:
+        b = b[None, :]
+    if s.ndim != 1 or b.shape != (kv.num_groups, s.size):
+        raise ValueError(
+            f"block_ids must be {kv.num_groups} row(s) of one id per slot, "
+            f"got {b.shape} for {s.shape} slots"
+        )
     kv.check_ids(b)
     if s.size and (s.min() < 0 or s.max() >= num_slots):
         raise ValueError(f"slots must be in [0, {num_slots})")

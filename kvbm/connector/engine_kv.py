@@ -8,10 +8,19 @@ engine's memory order, which is the arena's order: one array for every layer
 when the layers sit in one buffer a fixed stride apart (vLLM's case), one
 per layer otherwise. `slot_arrays` sees the arena's slots in the same
 shapes, so a copy (kvbm/connector/copy.py) is one torch op per array per run.
+
+With vLLM's hybrid KV cache manager, a model's layers come in KV cache
+groups (full attention, sliding window), each with block ids of its own:
+the same position of a prompt is block 7 in one group and block 12 in
+another. A slot still holds every layer of its position, in layer order
+(as the same model's block without the hybrid manager: engines with it on
+and off share blocks); each array belongs to one group, and a copy takes
+block ids per group.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -61,33 +70,52 @@ class _Part:
     offset: int
     shape: tuple[int, ...]
     axes: str  # names of the axes of `shape`
+    group: int = 0  # the KV cache group whose block ids index `engine`
 
     def layer(self, i: int, layer_words: int) -> _Part:
         """Layer i of a part whose outermost axis is L."""
         return _Part(
-            self.engine[:, i], self.offset + i * layer_words, self.shape[1:], self.axes[1:]
+            self.engine[:, i],
+            self.offset + i * layer_words,
+            self.shape[1:],
+            self.axes[1:],
+            self.group,
         )
 
 
 class EngineKV:
     """An engine's KV cache (G1), checked once against the geometry.
 
-    `parts` cover every byte of a block once, in the arena's order (the
-    layout's, kvbm/layout.py). `layers[i]` is layer i's share of them, where
-    a block's layers are apart in the arena (every layout but BHLNC), so a
-    load can hand the forward its first layers before the last are copied.
+    `parts` cover every byte of a block once, in copy order: group by group
+    (`groups[i]` is layer i's KV cache group, all 0 without vLLM's hybrid
+    manager), each group's in the arena's order (the layout's,
+    kvbm/layout.py). `layers[k]` is layer `layer_order[k]`'s share of them,
+    in the same order, where a block's layers are apart in the arena (every
+    layout but BHLNC), so a load can hand the forward its first layers
+    before the last are copied.
     vLLM may split a block into `kernel_split` kernel blocks of fewer
     tokens (shape[0] of each view counts those): N is then (R, N / R), R
     outermost in memory and N whole in the arena. The engine keeps
     ownership of the tensors; `device` is where they live.
     """
 
-    def __init__(self, geometry: ModelGeometry, layers: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        geometry: ModelGeometry,
+        layers: list[torch.Tensor],
+        groups: list[int] | None = None,
+    ) -> None:
         g = geometry
         if len(layers) != g.num_layers:
             raise GeometryMismatch(
                 f"engine has {len(layers)} KV layers, geometry says {g.num_layers}"
             )
+        self.groups = list(groups) if groups is not None else [0] * len(layers)
+        self.num_groups = max(self.groups) + 1
+        if len(self.groups) != len(layers) or set(self.groups) != set(range(self.num_groups)):
+            raise GeometryMismatch(f"KV cache groups {self.groups} do not number the layers")
+        # group by group, each group's layers in order (a stable sort)
+        self.layer_order = sorted(range(len(layers)), key=lambda i: self.groups[i])
         h, n, c = g.layer_shape
         first = layers[0]
         nk = first.shape[2] if first.dim() == 4 and first.shape[2] else n
@@ -130,7 +158,8 @@ class EngineKV:
         ptrs = {t.untyped_storage().data_ptr() for t in layers}
         step = offsets[1] - offsets[0] if len(layers) > 1 else 0
         stacked = (
-            len(ptrs) == 1
+            self.num_groups == 1  # the groups' blocks are numbered apart
+            and len(ptrs) == 1
             and len(strides) == 1
             and (len(layers) == 1 or step > 0)
             and all(o - offsets[0] == i * step for i, o in enumerate(offsets))
@@ -156,15 +185,15 @@ class EngineKV:
             if not g.block_order.startswith("L"):
                 raise GeometryMismatch(
                     f"layout {g.kv_layout} keeps a block's layers together, but the engine's "
-                    "layers are separate tensors"
+                    "layers are separate tensors (or in KV cache groups of their own)"
                 )
             self.parts = []
-            for i, t in enumerate(layers):
+            for i in self.layer_order:
+                t = layers[i]
                 base = _words_of(t.untyped_storage(), self.word, self.device)
                 bs, per_layer = axes(t)
-                self.parts.append(
-                    self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
-                )
+                part = self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
+                self.parts.append(dataclasses.replace(part, group=self.groups[i]))
         whole = self.parts[0]
         if len(self.parts) == g.num_layers:
             self.layers: list[_Part] | None = self.parts
@@ -206,8 +235,10 @@ class EngineKV:
         return _Part(engine, offset, shape, "".join(names))
 
     def check_ids(self, block_ids: np.ndarray) -> None:
-        if block_ids.size and (block_ids.min() < 0 or block_ids.max() >= self.num_blocks):
-            raise ValueError(f"engine block ids must be in [0, {self.num_blocks})")
+        """Block ids, one row per group: each in [0, num_blocks), or -1
+        where a group has no block at that pair (behind its window)."""
+        if block_ids.size and (block_ids.min() < -1 or block_ids.max() >= self.num_blocks):
+            raise ValueError(f"engine block ids must be in [0, {self.num_blocks}) or -1")
 
 
 def _dense(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -21,16 +21,14 @@ current stream).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
-from kvbm.connector.copy import ArenaBlocks
+from kvbm.connector.copy import ArenaBlocks, Ids
 from kvbm.connector.engine_kv import EngineKV
-
-Ids = Sequence[int] | np.ndarray
 
 
 class Ticket:

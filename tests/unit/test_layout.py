@@ -239,7 +239,8 @@ def test_engine_kv_check_ids():
     kv = EngineKV(g, zero_layers(g, NUM_BLOCKS))
     kv.check_ids(np.array([0, NUM_BLOCKS - 1], dtype=np.int64))
     kv.check_ids(np.array([], dtype=np.int64))
-    for bad in ([-1], [NUM_BLOCKS], [0, 3, NUM_BLOCKS + 100]):
+    kv.check_ids(np.array([-1, 0], dtype=np.int64))  # -1: the group has no block there
+    for bad in ([-2], [NUM_BLOCKS], [0, 3, NUM_BLOCKS + 100]):
         with pytest.raises(ValueError, match="engine block ids"):
             kv.check_ids(np.array(bad, dtype=np.int64))
 
@@ -364,7 +365,7 @@ def test_engine_block_ids_out_of_range_raise_value_error():
     arena = new_arena(g)
     blocks = ArenaBlocks(g, arena.numpy(), NUM_SLOTS)
     kv = EngineKV(g, random_layers(g, NUM_BLOCKS, seed=5))
-    for bad in ([NUM_BLOCKS], [-1], [0, NUM_BLOCKS + 3]):
+    for bad in ([NUM_BLOCKS], [-2], [0, NUM_BLOCKS + 3]):
         with pytest.raises(ValueError, match="engine block ids"):
             blocks.gather(kv, bad, list(range(len(bad))))
         with pytest.raises(ValueError, match="engine block ids"):
