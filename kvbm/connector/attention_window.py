@@ -90,3 +90,16 @@ def leading_nulls(block_ids: list[int]) -> int:
     while n < len(block_ids) and block_ids[n] == NULL_BLOCK:
         n += 1
     return n
+
+
+def loaded_ids(
+    group_ids: tuple[list[int], ...] | list[list[int]], first: int, n: int
+) -> tuple[list[list[int]], int]:
+    """What a hit of blocks [first, first + n) loads, from vLLM's block ids
+    of every KV cache group: how many leading positions no group has a
+    block at (behind every group's window: not loaded at all), and per
+    group the ids from there on, -1 where that group has none (vLLM's null
+    block: its layers of that slot are left alone)."""
+    ids = [list(g[first : first + n]) for g in group_ids]
+    skip = min(leading_nulls(g) for g in ids) if ids else 0
+    return [[b if b != NULL_BLOCK else -1 for b in g[skip:]] for g in ids], skip

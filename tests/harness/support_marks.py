@@ -54,8 +54,8 @@ PROOFS = {
 # Why kvbm refuses a cell (a mark's `refused=`), in the docs' words; the
 # code's own messages are in kvbm/connector/vllm/engine_setup.py.
 REFUSALS = {
-    "several-groups": "several KV cache groups, so kvbm turns itself off and vLLM runs on "
-    "(--disable-hybrid-kv-cache-manager makes them one group, which kvbm stores)",
+    "head-shapes": "KV cache groups of different head shapes (a slot holds every group's "
+    "layers), so kvbm turns itself off and vLLM runs on",
     "mamba-state": "Mamba or linear-attention state is not KV blocks, so kvbm turns itself "
     "off and vLLM runs on (with no one-group way: vLLM needs its hybrid manager for the state)",
     "per-token-head": "per-token-head quantized caches (int8, int4) are not stored yet",

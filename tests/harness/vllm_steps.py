@@ -10,9 +10,10 @@ correctness rests on: a block's KV depends on the KV of the block before
 it in the cache (of the blocks a sliding window covers: `reach`), and on
 the block's own tokens. It fills every block it computes with
 `block_value(those blocks' values, the block's tokens)`, read from the
-cache. KV computed over a block
-that never loaded is therefore wrong, as a model's would be, and
-`expected_values(tokens)` says what every full block must hold. vLLM may
+cache, in each KV cache group's own blocks (a hybrid model's groups number
+their blocks apart). KV computed over a block that never loaded is
+therefore wrong, as a model's would be, and `expected_values(tokens)` says
+what every full block must hold. vLLM may
 hand a preempted request's blocks to another request in the very step it
 preempts it: the stand-in acts that out by zeroing those no other request
 holds before its forward."""
@@ -49,6 +50,7 @@ from vllm.v1.structured_output import StructuredOutputManager
 from kvbm.connector.attach import NodeAttachment
 from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.connector.vllm import KvbmConnector, KvbmMetadata, kv_transfer_config
+from kvbm.connector.vllm.engine_setup import window_of
 from kvbm.connector.vllm.scheduler import KvbmScheduler
 
 BLOCK = 32
@@ -125,6 +127,10 @@ class SteppedEngine:
             groups = [KVCacheGroupSpec([name], s) for name, s in zip(LAYERS, spec, strict=True)]
         else:
             groups = [KVCacheGroupSpec(LAYERS, spec)]
+        # each layer's group, and the blocks back its tokens attend to
+        self.group_of = {n: g for g, group in enumerate(groups) for n in group.layer_names}
+        windowed = [window_of(g.kv_cache_spec) is not None for g in groups]
+        self.reach_of = [reach if w else 1 for w in windowed]
         if stages > 1:  # each stage's workers hold its layers; the scheduler sees stage 0's
             per = len(LAYERS) // stages
             staged = [LAYERS[i * per : (i + 1) * per] for i in range(stages)]
@@ -145,6 +151,7 @@ class SteppedEngine:
         # vLLM's CPU cache layout: [blocks, KV heads, block tokens, K and V]
         shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
         self.kv = {name: torch.zeros(shape) for name in LAYERS}
+        self.staged = staged
         for rank, (worker, names) in enumerate(zip(self.workers, staged, strict=True)):
             assert worker.worker is not None
             worker.worker.register_kv_caches({n: self.kv[n] for n in names}, rank=rank)
@@ -163,16 +170,21 @@ class SteppedEngine:
         self.scheduler.add_request(request)
         return request
 
-    def block_ids(self, req_id: str) -> list[int]:
-        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[0])
+    def block_ids(self, req_id: str, group: int = 0) -> list[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[group])
 
-    def values(self, block_ids: list[int]) -> list[int]:
-        """The value each block holds, the same in every byte of every layer
-        as the forward writes it; -1 for a block that is not one value."""
+    def layers(self, group: int = 0) -> list[torch.Tensor]:
+        return [t for name, t in self.kv.items() if self.group_of.get(name, 0) == group]
+
+    def values(self, block_ids: list[int], group: int = 0) -> list[int]:
+        """The value each block of `group` holds, the same in every byte of
+        the group's layers as the forward writes it; -1 for a block that is
+        not one value."""
         got = []
+        layers = self.layers(group)
         for b in block_ids:
-            first = self.kv[LAYERS[0]][b, 0, 0, 0]
-            whole = all(bool((layer[b] == first).all()) for layer in self.kv.values())
+            first = layers[0][b, 0, 0, 0]
+            whole = all(bool((layer[b] == first).all()) for layer in layers)
             got.append(int(first) if whole else -1)
         return got
 
@@ -228,7 +240,8 @@ class SteppedEngine:
         tokens are all computed (vLLM drops a partial prefill's sample)."""
         pool = self.scheduler.kv_cache_manager.block_pool.blocks
         for req_id in out.preempted_req_ids or ():
-            freed = [b for b in self._held.pop(req_id, []) if pool[b].ref_cnt == 0]
+            held = self._held.pop(req_id, [])
+            freed = [b for b in held if b and pool[b].ref_cnt == 0]
             for layer in self.kv.values():
                 layer[freed] = 0.0  # reused at once, by whoever vLLM gives them to
         before = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
@@ -237,14 +250,17 @@ class SteppedEngine:
         sampled: dict[str, list[int]] = {}
         for req_id, n in out.num_scheduled_tokens.items():
             request = self.scheduler.requests[req_id]
-            tokens, ids = request.all_token_ids, self.block_ids(req_id)
-            self._held[req_id] = ids
+            tokens = request.all_token_ids
+            self._held[req_id] = []
             start, end = before[req_id], before[req_id] + n
-            for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
-                seen = self.values(ids[max(0, b - self.reach) : b])  # the null block's: 0
-                value = block_value(seen, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
-                for layer in self.kv.values():
-                    layer[ids[b]].fill_(float(value))
+            for g, reach in enumerate(self.reach_of):
+                ids = self.block_ids(req_id, g)
+                self._held[req_id] += ids
+                for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
+                    seen = self.values(ids[max(0, b - reach) : b], g)  # the null block's: 0
+                    value = block_value(seen, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
+                    for layer in self.layers(g):
+                        layer[ids[b]].fill_(float(value))
             done = request.num_computed_tokens >= request.num_tokens
             sampled[req_id] = [next_token(list(tokens))] if done else []
         return sampled
@@ -271,10 +287,11 @@ class SteppedEngine:
         try:
             seed = probe.hasher.seed(setup.model_identity)
             hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
-            values = expected_values(tokens, self.reach)
             kv = new_caches(probe.geometry, len(blocks) + 1)
-            for i, b in enumerate(blocks):
-                for layer in kv:
+            names = self.staged[rank] if len(self.staged) > 1 else LAYERS
+            for name, layer in zip(names, kv, strict=True):  # a slot's layers in layer order
+                values = expected_values(tokens, self.reach_of[self.group_of.get(name, 0)])
+                for i, b in enumerate(blocks):
                     layer[i + 1] = float(values[b])
             keys = probe.keys([hashes[b] for b in blocks])
             probe.store(EngineKV(probe.geometry, kv), keys, list(range(1, len(blocks) + 1)))

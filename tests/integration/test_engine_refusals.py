@@ -90,8 +90,9 @@ def test_a_refused_engine_shows_in_status_and_metrics_before_and_after_engines_a
 @pytest.fixture(scope="module")
 def refused_config(tmp_path_factory):
     """vLLM's configuration of an engine over the tests' tiny model, and a
-    KV cache config of two groups (full and sliding-window attention, as
-    vLLM's hybrid manager makes for gpt-oss on a GPU), which kvbm refuses."""
+    KV cache config of two groups (full attention and a Mamba layer's
+    state, as vLLM's hybrid manager makes for a Mamba hybrid), which kvbm
+    refuses."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
@@ -99,7 +100,7 @@ def refused_config(tmp_path_factory):
         FullAttentionSpec,
         KVCacheConfig,
         KVCacheGroupSpec,
-        SlidingWindowSpec,
+        MambaSpec,
     )
 
     from kvbm.connector.vllm import kv_transfer_config
@@ -119,8 +120,8 @@ def refused_config(tmp_path_factory):
         )
         shape = {"block_size": BLOCK, "num_kv_heads": KV_HEADS, "head_size": HEAD_SIZE}
         full = FullAttentionSpec(**shape, dtype=torch.float32)
-        sliding = SlidingWindowSpec(**shape, dtype=torch.float32, sliding_window=64)
-        two = [KVCacheGroupSpec(LAYERS[:1], full), KVCacheGroupSpec(LAYERS[1:], sliding)]
+        mamba = MambaSpec(block_size=BLOCK, shapes=((4, 64),), dtypes=(torch.float32,))
+        two = [KVCacheGroupSpec(LAYERS[:1], full), KVCacheGroupSpec(LAYERS[1:], mamba)]
         one = [KVCacheGroupSpec(LAYERS, full)]
         return made, KVCacheConfig(64, [], two if groups == 2 else one)
 
@@ -138,7 +139,7 @@ class Records(logging.Handler):
         self.records.append(record)
 
 
-@pytest.mark.support("full-and-sliding", "shape", "vllm-objects", refused="several-groups")
+@pytest.mark.support("mamba-hybrid", "shape", "vllm-objects", refused="mamba-state")
 def test_vllms_connector_tells_the_node_once_per_engine_and_logs_once(daemons, refused_config):
     """vLLM makes the scheduler's connector and one per worker (two here, as
     for tensor parallelism 2): the node hears of the engine once, and the
@@ -163,7 +164,7 @@ def test_vllms_connector_tells_the_node_once_per_engine_and_logs_once(daemons, r
     assert errors == ["kvbm connector off, the engine runs without it: " + made[0].setup.off]
     [told] = kvbm_json("status", "--socket", node.socket)["engine_refusals"]
     assert (told["model"], told["kind"], told["count"]) == (model_path, "kv_cache", 1)
-    assert told["reason"].startswith("kvbm stores one KV cache group of full, MLA, sliding-window")
+    assert told["reason"].startswith("kvbm stores KV cache groups of full, MLA, sliding-window")
 
     # with no node named, no private node is started just to be told
     vllm_config, cache = config({})

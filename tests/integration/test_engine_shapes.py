@@ -1,9 +1,10 @@
 """Which shapes of vLLM's KV cache the connector stores, and how it names
-them (`geometry_of`, `window_of`): vLLM's real specs, and a stand-in for
+them (`geometry_of`, `groups_of`): vLLM's real specs, and a stand-in for
 the parts of its config `geometry_of` reads."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +20,7 @@ from vllm.v1.kv_cache_interface import (
 )
 
 from kvbm.connector.attention_window import AttentionWindow
-from kvbm.connector.vllm.engine_setup import geometry_of, window_of
+from kvbm.connector.vllm.engine_setup import KvGroup, geometry_of, groups_of
 from kvbm.errors import KvbmError
 
 SHAPE = {"block_size": 16, "num_kv_heads": 2, "head_size": 8}
@@ -49,10 +50,10 @@ def test_a_sliding_window_group_is_stored_with_its_window():
     cache = groups(SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64))
     g = geometry_of(config(), cache)
     assert (g.num_layers, g.num_kv_heads, g.head_dim, g.dtype) == (2, 2, 8, "bfloat16")
-    assert window_of(cache) == AttentionWindow("sliding", 64, 16)
+    assert groups_of(cache) == (KvGroup(tuple(LAYERS), AttentionWindow("sliding", 64, 16)),)
     full = groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))
     assert geometry_of(config(), full) == g  # the same bytes per block: the same fingerprint
-    assert window_of(full) is None
+    assert groups_of(full) == (KvGroup(tuple(LAYERS)),)
 
 
 @pytest.mark.support("window-as-full", "shape", "vllm-objects")
@@ -61,13 +62,13 @@ def test_a_full_attention_group_with_a_sliding_window_keeps_every_block():
     makes sliding-window layers full attention that keeps every block:
     nothing is skipped."""
     spec = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
-    assert window_of(groups(spec)) is None
+    assert groups_of(groups(spec))[0].window is None
 
 
 @pytest.mark.support("chunked-local", "shape", "vllm-objects")
 def test_a_chunked_local_group_is_stored_with_its_chunk():
     spec = ChunkedLocalAttentionSpec(**SHAPE, dtype=torch.bfloat16, attention_chunk_size=128)
-    assert window_of(groups(spec)) == AttentionWindow("chunked", 128, 16)
+    assert groups_of(groups(spec))[0].window == AttentionWindow("chunked", 128, 16)
 
 
 @pytest.mark.support("fp8-kv", "shape", "vllm-objects")
@@ -131,7 +132,15 @@ def test_e4m3_and_e5m2_never_share_blocks():
                 "context-parallel", "shape", "vllm-objects", refused="context-parallel"
             ),
         ),
-        pytest.param(config(), "two", r"2 group\(s\)", id="two-groups"),
+        pytest.param(
+            config(),
+            "heads",
+            "one head shape",
+            id="groups-of-two-head-shapes",
+            marks=pytest.mark.support(
+                "full-and-sliding", "shape", "vllm-objects", refused="head-shapes"
+            ),
+        ),
         pytest.param(
             config(),
             "mamba",
@@ -157,7 +166,14 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
     sliding = SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
     made = {
         None: groups(full),
-        "two": groups(full, sliding),
+        "heads": KVCacheConfig(
+            16,
+            [],
+            [
+                KVCacheGroupSpec(LAYERS[:1], full),
+                KVCacheGroupSpec(LAYERS[1:], dataclasses.replace(sliding, head_size=16)),
+            ],
+        ),
         "mamba": groups(MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))),
         "packed": groups(FullAttentionSpec(**SHAPE, dtype=torch.uint8, state_content_bytes=40)),
     }[cache]
@@ -165,17 +181,36 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
         geometry_of(cfg, made)
 
 
-@pytest.mark.support("full-and-sliding", "shape", "vllm-objects", refused="several-groups")
-@pytest.mark.support("mamba-hybrid", "shape", "vllm-objects", refused="mamba-state")
-def test_several_attention_groups_are_refused_with_the_way_to_one():
+@pytest.mark.support("full-and-sliding", "shape", "vllm-objects")
+def test_groups_of_full_and_sliding_layers_are_the_same_models_geometry():
+    """gpt-oss's layers with vLLM's hybrid manager on: a group of full
+    attention and one of sliding-window attention. A slot holds both
+    groups' layers, so the geometry (and the fingerprint) is that of the
+    same model with the manager off, one group of every layer: engines
+    with it on and off share blocks."""
+    names = [f"model.layers.{i}.attn" for i in range(4)]
     full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
     sliding = SlidingWindowSpec(**SHAPE, dtype=torch.bfloat16, sliding_window=64)
-    with pytest.raises(KvbmError, match="--disable-hybrid-kv-cache-manager"):
-        geometry_of(config(), groups(full, sliding))
+    hybrid = KVCacheConfig(
+        16, [], [KVCacheGroupSpec(names[0::2], full), KVCacheGroupSpec(names[1::2], sliding)]
+    )
+    off = KVCacheConfig(
+        16, [], [KVCacheGroupSpec(names, dataclasses.replace(full, sliding_window=64))]
+    )
+    assert geometry_of(config(), hybrid) == geometry_of(config(), off)
+    assert geometry_of(config(), hybrid).num_layers == 4
+    assert groups_of(hybrid) == (
+        KvGroup(tuple(names[0::2])),
+        KvGroup(tuple(names[1::2]), AttentionWindow("sliding", 64, 16)),
+    )
+
+
+@pytest.mark.support("mamba-hybrid", "shape", "vllm-objects", refused="mamba-state")
+def test_a_mamba_group_beside_attention_is_refused_by_name():
+    full = FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)
     mamba = MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))
-    with pytest.raises(KvbmError) as refused:
+    with pytest.raises(KvbmError, match=r"2 group\(s\) of \['FullAttentionSpec', 'MambaSpec'\]"):
         geometry_of(config(), groups(full, mamba))
-    assert "--disable-hybrid" not in str(refused.value)  # no way: Mamba needs the manager
 
 
 def test_mla_on_cpu_is_refused_where_vllm_refuses_its_own_prefix_cache():

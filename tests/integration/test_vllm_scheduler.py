@@ -76,7 +76,7 @@ def test_a_prompt_the_node_holds_is_loaded_in_its_first_step(engines, node, poli
     assert engine.outputs[0].num_scheduled_tokens["again"] == len(p) - 3 * BLOCK
     [load] = engine.metas[0].loads
     ids = engine.block_ids("again")
-    assert load.block_ids == ids[:3] and not engine.metas[0].failed
+    assert load.block_ids == [ids[:3]] and not engine.metas[0].failed
     assert engine.values(ids[:3]) == expected_values(p)[:3]
     stats = node_stats(node.socket)
     assert stats["engine_blocks"]["local_host"] == 3
@@ -230,13 +230,13 @@ def test_beside_vllms_prefix_cache_the_connector_loads_only_what_vllm_lacks(engi
     engine = engines(prefix_caching=True)
     engine.add("y", y, max_tokens=1)
     engine.run()
-    assert [len(load.block_ids) for load in engine.metas[0].loads] == [2]
+    assert [load.count for load in engine.metas[0].loads] == [2]
     engine.add("x", x)
     engine.step()
     assert first_step_computed_tokens(engine, "x") == 4 * BLOCK
     ids = engine.block_ids("x")
     [load] = engine.metas[-1].loads
-    assert load.block_ids == ids[2:4]
+    assert load.block_ids == [ids[2:4]]
     assert engine.values(ids[:4]) == expected_values(x)[:4]
     assert node_stats(node.socket)["engine_blocks"]["local_host"] == 4  # 2 for y, 2 for x
 

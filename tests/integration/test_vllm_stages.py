@@ -40,7 +40,7 @@ def test_every_stage_saves_and_loads_its_own_share(staged, node):
     assert engine.admit("again", p) == 3 * BLOCK
     [load] = engine.metas[0].loads
     ids = engine.block_ids("again")
-    assert load.block_ids == ids[:3] and len(load.slots) == STAGES
+    assert load.block_ids == [ids[:3]] and len(load.slots) == STAGES
     assert engine.values(ids[:3]) == expected_values(p)[:3]  # both layers, both stages
     engine.run()
 

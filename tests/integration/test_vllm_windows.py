@@ -53,13 +53,13 @@ def test_a_sliding_window_hit_loads_only_the_blocks_the_next_token_sees(engines,
     first = engines(spec=SLIDING, reach=REACH)
     first.add("computed", p)
     first.run()
-    assert all(NULL_BLOCK not in s.block_ids for m in first.metas for s in m.saves)
+    assert all(NULL_BLOCK not in s.block_ids[0] for m in first.metas for s in m.saves)
     engine = engines(spec=SLIDING, reach=REACH, copies=copies)
     assert engine.admit("again", p) == 6 * BLOCK
     ids = engine.block_ids("again")
     assert ids[:4] == [NULL_BLOCK] * 4
     [load] = loads_of(engine, "again")
-    assert load.block_ids == ids[4:6]
+    assert load.block_ids == [ids[4:6]]
     assert engine.values(ids[4:6]) == expected_values(p, REACH)[4:6]
     assert node_stats(node.socket)["engine_blocks"]["local_host"] == 2
     assert all(m.blocks_reused for m in engine.metas)
@@ -82,7 +82,7 @@ def test_a_window_hits_where_the_prefixs_early_blocks_are_gone(engines, node, po
     assert window.admit("windowed", p) == 6 * BLOCK
     ids = window.block_ids("windowed")
     [load] = loads_of(window, "windowed")
-    assert load.block_ids == ids[4:6]
+    assert load.block_ids == [ids[4:6]]
     assert window.values(ids[4:6]) == expected_values(p, REACH)[4:6]
 
 
@@ -97,7 +97,7 @@ def test_a_prefix_the_window_cannot_serve_is_not_promised(engines, node):
     assert window.admit("windowed", p) == 4 * BLOCK
     ids = window.block_ids("windowed")
     [load] = loads_of(window, "windowed")
-    assert load.block_ids == ids[2:4]
+    assert load.block_ids == [ids[2:4]]
     assert window.values(ids[2:4]) == expected_values(p, REACH)[2:4]
     window.run()
 
@@ -112,7 +112,7 @@ def test_a_chunked_local_hit_loads_the_chunk_the_next_token_is_in(engines, node)
     assert engine.admit("chunked", p) == 5 * BLOCK
     ids = engine.block_ids("chunked")
     [load] = loads_of(engine, "chunked")
-    assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == ids[4:5]
+    assert ids[:4] == [NULL_BLOCK] * 4 and load.block_ids == [ids[4:5]]
     assert engine.values(ids[4:5]) == expected_values(p)[4:5]
     engine.run()
 
@@ -174,7 +174,7 @@ def test_vllms_own_prefix_hit_behind_a_window_saves_no_null_block(engines, node)
     engine.run()
     saves = [s for m in engine.metas for s in m.saves if s.req_id == "longer"]
     assert saves, "the longer prompt's new blocks were never saved"
-    assert all(NULL_BLOCK not in s.block_ids for s in saves)
+    assert all(NULL_BLOCK not in s.block_ids[0] for s in saves)
     probe = engines(spec=SLIDING, reach=REACH)
     assert probe.admit("probe", longer) == 8 * BLOCK
     ids = probe.block_ids("probe")
@@ -214,7 +214,7 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
     finally:
         probe.close()
     # its blocks, recomputed, are saved again (the node had lost them)
-    assert sum(len(s.block_ids) for m in engine.metas for s in m.saves if s.req_id == "p") == 6
+    assert sum(len(s.seq_hashes) for m in engine.metas for s in m.saves if s.req_id == "p") == 6
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class KvGroup:
+    """One of vLLM's KV cache groups as kvbm stores it: its layers, and the
+    window vLLM frees its blocks behind (None: it keeps every block, as
+    full attention and MLA do). With vLLM's hybrid manager a model has
+    several (gpt-oss: full and sliding-window layers), each numbering its
+    blocks apart; a slot holds every group's layers of one position."""
+
+    layer_names: tuple[str, ...]
+    window: AttentionWindow | None = None
+
+
+@dataclass(frozen=True)
 class EngineSetup:
     """One engine's connector settings, the same in the scheduler and the
     workers (they must agree on `async_copies`: the scheduler then keeps a
@@ -40,7 +52,7 @@ class EngineSetup:
     off: str | None = None  # why the connector is off (the engine runs without it)
     model_geometry: ModelGeometry | None = None
     model_identity: str = ""
-    window: AttentionWindow | None = None  # a sliding-window or chunked-local group's
+    groups: tuple[KvGroup, ...] = ()  # vLLM's KV cache groups (none known: one, full attention)
     private_node: subprocess.Popen | None = None  # the node this engine started for itself
     refusal: str | None = None  # off for the model: the kind the named node is told
 
@@ -48,6 +60,27 @@ class EngineSetup:
     def geometry(self) -> ModelGeometry:
         assert self.model_geometry is not None, "the connector is off: " + str(self.off)
         return self.model_geometry
+
+    @property
+    def window(self) -> AttentionWindow | None:
+        """The window that shapes a hit: the one every group has. None where
+        a group keeps every block (the whole prefix must then be held), or
+        where groups' windows differ (held whole too: a safe, smaller hit)."""
+        windows = {g.window for g in self.groups}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
+    def windowed(self) -> bool:
+        """Some group's blocks are freed behind its window as requests run."""
+        return any(g.window is not None for g in self.groups)
+
+    @property
+    def waits(self) -> bool:
+        """Hits load asynchronously and fail whole (metadata.Load.waiting):
+        vLLM rolls a failed block back to that block, behind which a
+        window's blocks were never loaded, and with several groups it
+        refuses failed blocks altogether."""
+        return self.windowed or len(self.groups) > 1
 
 
 def kv_transfer_config(extra: dict[str, Any], policy: str = "recompute") -> KVTransferConfig:
@@ -74,11 +107,11 @@ def engine_setup(
     cfg = engine_config(extra)
     attach_logging(cfg.log_level)
     socket, private, off, refusal = cfg.socket, None, None, None
-    geometry, identity, window = None, "", None
+    geometry, identity, groups = None, "", ()
     about: str | None = "kv_cache"  # what a failure is about (engine_wire.REFUSAL_KINDS)
     try:
         geometry = geometry_of(vllm_config, kv_cache_config)
-        window = window_of(kv_cache_config)
+        groups = groups_of(kv_cache_config)
         about = "model_identity"
         identity = model_identity(vllm_config.model_config)
         about = None  # past here only the node fails, and it hears nothing then
@@ -103,7 +136,7 @@ def engine_setup(
         off=off,
         model_geometry=geometry,
         model_identity=identity,
-        window=window,
+        groups=groups,
         private_node=private,
         refusal=refusal,
     )
@@ -117,14 +150,21 @@ STORED_KINDS = (
 )
 
 
-def window_of(kv_cache_config: KVCacheConfig | None) -> AttentionWindow | None:
-    """The window of the one KV cache group (checked by `geometry_of`), if
-    vLLM frees its blocks behind one. A full-attention spec that carries a
-    sliding window (vLLM's hybrid manager off) keeps every block: no window
-    here."""
-    if kv_cache_config is None or not kv_cache_config.kv_cache_groups:
-        return None
-    spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+def groups_of(kv_cache_config: KVCacheConfig | None) -> tuple[KvGroup, ...]:
+    """vLLM's KV cache groups, each with the window vLLM frees its blocks
+    behind (kinds checked by `geometry_of`). A full-attention spec that
+    carries a sliding window (vLLM's hybrid manager off) keeps every
+    block: no window there."""
+    if kv_cache_config is None:
+        return ()
+    return tuple(
+        KvGroup(tuple(g.layer_names), window_of(g.kv_cache_spec))
+        for g in kv_cache_config.kv_cache_groups
+    )
+
+
+def window_of(spec: Any) -> AttentionWindow | None:
+    """The window of one group's spec, if vLLM frees its blocks behind one."""
     kind = type(spec).__name__
     if kind == "SlidingWindowSpec":
         retained = getattr(spec, "extra_retained_tokens", 0) or 0
@@ -137,9 +177,12 @@ def window_of(kv_cache_config: KVCacheConfig | None) -> AttentionWindow | None:
 def geometry_of(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None = None
 ) -> ModelGeometry:
-    """The geometry of vLLM's KV cache, from its one cache group's spec (the
-    model's config where there is none) and the layout the engine core
-    resolved before it made the scheduler and the workers."""
+    """The geometry of vLLM's KV cache, from its cache groups' specs (the
+    model's config where there are none) and the layout the engine core
+    resolved before it made the scheduler and the workers. A slot holds
+    every group's layers, so the groups must share one head shape; the
+    geometry is then the same model's without the hybrid manager (one
+    group of every layer), and engines with it on and off share blocks."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     fp8 = fp8_format(cc.cache_dtype)
     # A decode-context-parallel rank holds every n-th token of a block: its
@@ -172,26 +215,36 @@ def geometry_of(
             dtype=fp8 or str(mc.dtype).removeprefix("torch."),
             kv_layout=layout,
         )
-    spec = groups[0].kv_cache_spec
-    kind = type(spec).__name__
-    if len(groups) != 1 or kind not in STORED_KINDS:
-        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
-        hint = ""
-        if len(groups) > 1 and set(kinds) <= set(STORED_KINDS):
-            hint = (
-                " (vLLM's --disable-hybrid-kv-cache-manager makes it one group of full "
-                "attention, which kvbm stores, at the cost of full-size sliding-window layers)"
-            )
+    specs = [g.kv_cache_spec for g in groups]
+    kinds = sorted({type(s).__name__ for s in specs})
+    if not set(kinds) <= set(STORED_KINDS):
         raise KvbmError(
-            f"kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
-            f"attention; this model has {len(groups)} group(s) of {kinds}{hint}"
+            f"kvbm stores KV cache groups of full, MLA, sliding-window or chunked-local "
+            f"attention; this model has {len(groups)} group(s) of {kinds}"
         )
-    if spec.state_content_bytes is not None:
+    shapes = {
+        (
+            s.num_kv_heads,
+            s.head_size,
+            s.head_size_v,
+            s.dtype,
+            s.block_size,
+            type(s).__name__ == "MLAAttentionSpec",
+        )
+        for s in specs
+    }
+    if len(shapes) > 1:
+        raise KvbmError(
+            f"kvbm stores KV cache groups of one head shape (a slot holds every group's "
+            f"layers); this model's {len(groups)} groups have {len(shapes)}"
+        )
+    spec = specs[0]
+    if any(s.state_content_bytes is not None for s in specs):
         raise KvbmError(
             f"kvbm does not store packed KV pages (scales inline) yet: {cc.cache_dtype}"
         )
     return ModelGeometry(
-        num_layers=len(groups[0].layer_names),
+        num_layers=sum(len(g.layer_names) for g in groups),
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_size,
         head_dim_v=spec.head_size_v,

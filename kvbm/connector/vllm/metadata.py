@@ -14,17 +14,20 @@ from kvbm.block_key import Groups
 @dataclass
 class Load:
     """Arena slots the node pinned, per rank (stage and tensor-parallel
-    rank), and the vLLM block ids they are copied into.
+    rank), and the vLLM block ids they are copied into, per KV cache group
+    (-1 where a group has no block: its layers of that slot stay in the
+    arena, behind the group's window).
 
     Invariants: `leases` and `slots` have one entry per rank; every rank's
-    slots are as many as `block_ids` (the scheduler cuts them to the
-    shortest rank's pin). A lease is settled exactly once, by the worker of
-    its rank after the copy, or by the scheduler for a load it never sends.
+    slots, and every group's ids, are `count` (the scheduler cuts them to
+    the shortest rank's pin). A lease is settled exactly once, by the
+    worker of its rank after the copy, or by the scheduler for a load it
+    never sends.
     """
 
     leases: list[int]
     slots: list[list[int]]
-    block_ids: list[int]
+    block_ids: list[list[int]]
     req_id: str = ""
     # The request waits for it (vLLM's asynchronous load, for a windowed
     # group): it is reported received in a later step, and a failure fails
@@ -33,14 +36,21 @@ class Load:
     # blocks were never loaded: only the whole hit can fail for such a group.
     waiting: bool = False
 
+    @property
+    def count(self) -> int:
+        """The blocks (positions) it loads."""
+        return len(self.block_ids[0]) if self.block_ids else 0
+
 
 @dataclass
 class Save:
     """Full blocks a request completes in this step: their sequence hashes,
-    vLLM block ids and groups (kvbm/block_key.py), one of each per block."""
+    their vLLM block ids per KV cache group, and their groups of keys
+    (kvbm/block_key.py's `Groups`, another meaning: a step's keys sharing
+    a parent), one of each per block."""
 
     seq_hashes: list[int]
-    block_ids: list[int]
+    block_ids: list[list[int]]
     req_id: str = ""
     groups: Groups | None = None
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from kvbm.block_key import Groups
 from kvbm.connector.attach import NodeAttachment, NodeError
-from kvbm.connector.attention_window import NULL_BLOCK, leading_nulls
+from kvbm.connector.attention_window import NULL_BLOCK, leading_nulls, loaded_ids
 from kvbm.connector.identity import Unnameable, prompt_hashes
 from kvbm.connector.vllm.engine_setup import EngineSetup
 from kvbm.connector.vllm.metadata import KvbmMetadata, Load, Save
@@ -107,8 +107,8 @@ class KvbmScheduler:
                 return 0, False  # a miss, told by the view: the node is not asked
             if self.setup.promise_hits:
                 tracked.promised = min(n, node[0].step_blocks)
-                tracked.first_block = first
-                return tracked.promised * self.block_size, False
+                tracked.first_block, tracked.waiting = first, self.setup.waits
+                return tracked.promised * self.block_size, tracked.waiting
         # A windowed group pins the window of the whole hit alone first: the
         # hit then holds where the prefix's early blocks are gone, and a
         # peer's blocks behind the window are not pulled. Where that window
@@ -123,7 +123,7 @@ class KvbmScheduler:
         if load is None:
             return 0, False
         tracked.pinned, tracked.first_block, tracked.pinned_from = load, first, lo
-        tracked.waiting = load.waiting = window is not None
+        tracked.waiting = load.waiting = self.setup.waits
         m = len(load.slots[0])
         log.debug("pinned blocks=%d ms=%.2f", m, (time.perf_counter() - t0) * 1e3)
         return (lo + m - first) * self.block_size, tracked.waiting
@@ -185,10 +185,9 @@ class KvbmScheduler:
         if tracked.promised:
             n, tracked.promised = min(n, tracked.promised), 0
             if n:
-                ids = list(blocks.get_block_ids()[0][first : first + n])
-                skip = leading_nulls(ids)  # behind a window: vLLM allocated none
+                ids, skip = loaded_ids(blocks.get_block_ids(), first, n)
                 if skip < n or tracked.waiting:  # a waiting request hears back, even of none
-                    promise = Promise(tracked, first + skip, ids[skip:], tracked.waiting)
+                    promise = Promise(tracked, first + skip, ids, tracked.waiting)
                     self._promises.append(promise)
                 tracked.saved = max(tracked.saved, first + n)  # in the node (or recomputed)
             return
@@ -199,8 +198,7 @@ class KvbmScheduler:
         if n == 0:
             self.link.release(load)
             return
-        ids = list(blocks.get_block_ids()[0][first : first + n])
-        skip = leading_nulls(ids)  # behind a window: not loaded
+        ids, skip = loaded_ids(blocks.get_block_ids(), first, n)
         at = first + skip - tracked.pinned_from  # the slots were pinned from pinned_from on
         load.req_id = request.request_id
         if at < 0:  # vLLM took a smaller hit, whose window reaches behind the pins
@@ -208,12 +206,12 @@ class KvbmScheduler:
             if load.waiting:
                 self._failed_waits.append(load.req_id)
             return
-        load.block_ids = ids[skip:]
-        load.slots = [s[at : at + len(load.block_ids)] for s in load.slots]
-        if not load.block_ids:
+        load.block_ids = ids
+        load.slots = [s[at : at + load.count] for s in load.slots]
+        if not load.count:
             self.link.release(load)
             load = Load([], [], [], load.req_id, load.waiting)
-        if load.block_ids or load.waiting:  # a waiting request hears back, even of none
+        if load.count or load.waiting:  # a waiting request hears back, even of none
             self._to_load.append(load)
         tracked.saved = max(tracked.saved, first + n)  # these are in the node already
 
@@ -224,14 +222,14 @@ class KvbmScheduler:
         if self.setup.off:
             return meta
         preempted = bool(getattr(scheduler_output, "preempted_req_ids", None))
-        meta.blocks_reused = preempted or self.setup.window is not None
+        meta.blocks_reused = preempted or self.setup.windowed
         self._pin_promises(meta)
         bad = set(meta.failed)
         steps = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self.requests.get(new.req_id)
             if tracked is not None:
-                tracked.block_ids = list(new.block_ids[0])
+                tracked.block_ids = [list(g) for g in new.block_ids]
                 self._plan_save(meta, tracked, new.num_computed_tokens, steps[new.req_id], bad)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -241,9 +239,10 @@ class KvbmScheduler:
             new_ids = cached.new_block_ids[i]
             if new_ids is not None:
                 if req_id in cached.resumed_req_ids:
-                    tracked.block_ids = list(new_ids[0])
+                    tracked.block_ids = [list(g) for g in new_ids]
                 else:
-                    tracked.block_ids += new_ids[0]
+                    for ids, more in zip(tracked.block_ids, new_ids, strict=True):
+                        ids += more
             computed = cached.num_computed_tokens[i]
             self._plan_save(meta, tracked, computed, steps[req_id], bad)
         return meta
@@ -271,9 +270,9 @@ class KvbmScheduler:
         whole or fails whole (`meta.failed_waits`)."""
         promises, self._promises = self._promises, []
         for p in promises:
-            if not p.block_ids:  # a window's hit with nothing to load: received at once
+            if not p.count:  # a window's hit with nothing to load: received at once
                 meta.loads.append(Load([], [], [], p.tracked.request.request_id, True))
-        promises = [p for p in promises if p.block_ids]
+        promises = [p for p in promises if p.count]
         if not promises:
             return
         node = self.link.current
@@ -294,13 +293,13 @@ class KvbmScheduler:
         for i, p in enumerate(promises):
             got = [rank[i] for rank in pins]
             m = min((len(g.slots) for g in got), default=0)
-            if p.waiting and m < len(p.block_ids):
+            if p.waiting and m < p.count:
                 m = 0  # whole or not at all
             req_id = p.tracked.request.request_id
             load = Load(
                 [g.lease for g in got],
                 [g.slots[:m] for g in got],
-                p.block_ids[:m],
+                [ids[:m] for ids in p.block_ids],
                 req_id,
                 p.waiting,
             )
@@ -308,12 +307,12 @@ class KvbmScheduler:
                 meta.loads.append(load)
             else:
                 self.link.release(load)
-            if m < len(p.block_ids):
+            if m < p.count:
                 short += 1
                 if p.waiting:
                     meta.failed_waits.append(req_id)
-                else:
-                    meta.failed += p.block_ids[m:]
+                else:  # one group (several wait): its blocks are vLLM's to roll back
+                    meta.failed += p.block_ids[0][m:]
         if short:
             log.info("promised blocks gone before pinned, vLLM recomputes requests=%d", short)
 
@@ -334,7 +333,7 @@ class KvbmScheduler:
         if bad:
             tracked.hold(bad)
         if tracked.hold_from is not None:
-            if before > tracked.hold_from * self.block_size or self.setup.window is not None:
+            if before > tracked.hold_from * self.block_size or self.setup.windowed:
                 # Computed over blocks that never arrived, and not yet redone.
                 # Behind a window vLLM may have freed blocks it rolled back
                 # over, so such a request saves nothing more.
@@ -343,7 +342,8 @@ class KvbmScheduler:
             meta.released.append(req_id)
         computed = before + scheduled
         tokens = tracked.request.all_token_ids
-        full = min(min(computed, len(tokens)) // self.block_size, len(tracked.block_ids))
+        held = min(len(ids) for ids in tracked.block_ids) if tracked.block_ids else 0
+        full = min(min(computed, len(tokens)) // self.block_size, held)
         hashed = len(tracked.seq_hashes)
         hasher = self.link.hasher
         if tracked.seed is None or hasher is None:
@@ -354,17 +354,22 @@ class KvbmScheduler:
             extras = {i - hashed: e for i, e in tracked.extras.items() if i >= hashed}
             tracked.seq_hashes += hasher.sequence_hashes(more, self.block_size, parent, extras)
         if full > tracked.saved:
-            ids = tracked.block_ids[tracked.saved : full]
-            skip = leading_nulls(ids)  # freed behind a window
-            rest = ids[skip:]
-            # the null block is never a block's KV: nulls only lead, but be sure
-            start = tracked.saved + skip
-            stop = start + (rest.index(NULL_BLOCK) if NULL_BLOCK in rest else len(rest))
+            # Where any group's block is vLLM's null block (freed behind a
+            # window, or never allocated there), the position is not stored:
+            # a slot holds every group's layers. Nulls only lead, but be sure.
+            ids = [g[tracked.saved : full] for g in tracked.block_ids]
+            start = tracked.saved + max(leading_nulls(g) for g in ids)
+            stop = full
+            for g in tracked.block_ids:
+                rest = g[start:full]
+                if NULL_BLOCK in rest:
+                    stop = min(stop, start + rest.index(NULL_BLOCK))
             tracked.saved = full
             if start < stop:
                 span = slice(start, stop)
                 groups = Groups.of(tracked.seq_hashes, start, stop)
-                save = Save(tracked.seq_hashes[span], tracked.block_ids[span], req_id, groups)
+                block_ids = [g[span] for g in tracked.block_ids]
+                save = Save(tracked.seq_hashes[span], block_ids, req_id, groups)
                 meta.saves.append(save)
                 tracked.had_saves = True
 

@@ -27,7 +27,7 @@ class TrackedRequest:
     seed: int | None  # the hash before its first block; None: not cached (see _hash_prompt)
     seq_hashes: list[int]  # of its full blocks so far (prompt, then generated tokens)
     extras: dict[int, bytes] = field(default_factory=dict)  # by block (kvbm/connector/identity.py)
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)  # per KV cache group
     saved: int = 0  # leading blocks known to be in the node
     had_saves: bool = False  # a save was planned: with async copies, freeing waits for it
     hold_from: int | None = None  # a block that never loaded: no saves until recomputed from it
@@ -39,11 +39,12 @@ class TrackedRequest:
 
     def hold(self, bad: set[int]) -> None:
         """Hold this request's saves from its first block in `bad` on."""
-        for i, block in enumerate(self.block_ids):
-            if block in bad:
-                self.hold_from = i if self.hold_from is None else min(self.hold_from, i)
-                self.saved = min(self.saved, i)
-                return
+        for group in self.block_ids:
+            for i, block in enumerate(group):
+                if block in bad:
+                    self.hold_from = i if self.hold_from is None else min(self.hold_from, i)
+                    self.saved = min(self.saved, i)
+                    break
 
 
 @dataclass
@@ -53,11 +54,15 @@ class Promise:
 
     tracked: TrackedRequest
     first: int
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV cache group, as metadata.Load's
     waiting: bool = False  # an asynchronous load (metadata.Load.waiting)
 
+    @property
+    def count(self) -> int:
+        return len(self.block_ids[0]) if self.block_ids else 0
+
     def hashes(self) -> list[int]:
-        return self.tracked.seq_hashes[self.first : self.first + len(self.block_ids)]
+        return self.tracked.seq_hashes[self.first : self.first + self.count]
 
     def groups(self) -> Groups:
-        return Groups.of(self.tracked.seq_hashes, self.first, self.first + len(self.block_ids))
+        return Groups.of(self.tracked.seq_hashes, self.first, self.first + self.count)

@@ -86,11 +86,20 @@ class KvbmWorker:
             return
         try:
             layers = sorted(kv_caches.items(), key=lambda item: layer_index(item[0]))
-            kv = EngineKV(self.setup.geometry, [t for _, t in layers])
+            groups_named = enumerate(self.setup.groups)
+            group_of = {n: g for g, group in groups_named for n in group.layer_names}
+            if group_of and set(kv_caches) != set(group_of):
+                raise KvbmError(
+                    f"vLLM's KV caches {sorted(kv_caches)} are not its KV cache groups' layers"
+                )
+            groups = [group_of.get(name, 0) for name, _ in layers]
+            kv = EngineKV(self.setup.geometry, [t for _, t in layers], groups)
             if kv.device.type not in ("cpu", "cuda"):
                 raise KvbmError(f"kvbm copies CPU and CUDA caches, not {kv.device.type}")
             self._kv = kv
-            self._layer_of = {name: i for i, (name, _) in enumerate(layers)}
+            # a ticket counts layers in copy order (group by group, kv.layer_order)
+            position = {layer: k for k, layer in enumerate(kv.layer_order)}
+            self._layer_of = {name: position[i] for i, (name, _) in enumerate(layers)}
         except KvbmError as e:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
             self._kv = None
@@ -144,7 +153,7 @@ class KvbmWorker:
             self.link.reattach()  # the node restarted since this attachment was made
             node = self._attached()
         for load in meta.loads:
-            if not load.block_ids:  # a waiting request with nothing to load
+            if not load.count:  # a waiting request with nothing to load
                 self._received[load.req_id] = True
                 continue
             same_node = node is not None and node[0].arena_name == meta.arena
@@ -178,14 +187,12 @@ class KvbmWorker:
         for load, ticket, arena in loading:
             error = ticket.wait()
             if error is not None:
-                log.warning(
-                    "load failed, vLLM recomputes blocks=%d: %s", len(load.block_ids), error
-                )
+                log.warning("load failed, vLLM recomputes blocks=%d: %s", load.count, error)
             if load.waiting:  # reported whole, in get_transfer_results
                 self._received[load.req_id] = error is None
-            elif error is not None:
-                self._load_errors.update(load.block_ids)
-                self._step_bad.update(load.block_ids)
+            elif error is not None:  # one group: its blocks are vLLM's to roll back
+                self._load_errors.update(load.block_ids[0])
+                self._step_bad.update(load.block_ids[0])
                 self._tainted.add(load.req_id)
             if node is not None and node[0].arena_name == arena:
                 try:
@@ -205,7 +212,7 @@ class KvbmWorker:
         # request holding that block (vLLM shares blocks between requests).
         bad = self._step_bad
         for save in meta.saves:
-            if save.req_id in self._tainted or not bad.isdisjoint(save.block_ids):
+            if save.req_id in self._tainted or any(not bad.isdisjoint(g) for g in save.block_ids):
                 self._tainted.add(save.req_id)
         node = self._attached()
         if node is None:
@@ -220,7 +227,7 @@ class KvbmWorker:
                     chunk = keys[at : at + node[0].step_blocks]
                     part = save.groups.part(at, len(chunk)) if save.groups else None
                     slots, positions, lease = node[0].reserve(chunk, part)
-                    ids = [save.block_ids[at + p] for p in positions]
+                    ids = [[g[at + p] for p in positions] for g in save.block_ids]
                     ticket = copier.save(ids, slots) if slots else _ended()
                     self._saving.append(Saving(ticket, lease, save.req_id))
                     self._in_flight[save.req_id] = self._in_flight.get(save.req_id, 0) + 1
