@@ -72,10 +72,10 @@ ROWS: tuple[GpuRow, ...] = (
     GpuRow(
         "gpt-oss-like",
         "gpt-oss-like",
-        Expect.OFF,
+        Expect.SERVED,
         "Full and sliding-window layers, which vLLM's hybrid manager puts in two KV cache "
-        "groups (kvbm declares SupportsHMA, so vLLM keeps the manager).",
-        cells=(("full-and-sliding", "outputs"),),
+        "groups (kvbm declares SupportsHMA, so vLLM keeps the manager); a slot holds both.",
+        cells=tuple(("full-and-sliding", f) for f in SERVED_CELLS),
     ),
     GpuRow(
         "gpt-oss-like-one-group",
@@ -89,9 +89,9 @@ ROWS: tuple[GpuRow, ...] = (
     GpuRow(
         "gemma3-like",
         "gemma3-like",
-        Expect.OFF,
+        Expect.SERVED,
         "Three sliding-window layers to one full, several KV cache groups.",
-        cells=(("full-and-sliding", "outputs"),),
+        cells=tuple(("full-and-sliding", f) for f in SERVED_CELLS),
     ),
     GpuRow(
         "gemma3-like-one-group",

@@ -6,7 +6,9 @@ sets the answer's length (default 16), TEST_PREFIX_CACHING=1 turns vLLM's
 own prefix cache on (off by default, so every hit is the connector's),
 TEST_KV_BLOCKS=N gives vLLM a KV cache of N blocks and runs each batch at
 once (so the scheduler has to preempt); the output line then also carries
-vLLM's count of preemptions.
+vLLM's count of preemptions. With the engine core in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) the line carries "kv_cache_groups":
+the kinds of vLLM's KV cache groups, as its scheduler has them.
 A prompt is a list of token ids, or an object: {"tokens": [...]},
 {"embeds_seed": S, "embeds_len": N} (N prompt embeddings, random from seed
 S) or {"text": T, "image_seed": S} (a 56x56 random image from seed S, for
@@ -111,7 +113,7 @@ def main() -> None:
             prompt, lora = request(p)
             out = llm.generate([prompt], params, use_tqdm=False, lora_request=lora)
             outputs.append(list(out[0].outputs[0].token_ids))
-        print(json.dumps({"outputs": outputs}), flush=True)
+        print(json.dumps({"outputs": outputs, **kv_cache_groups(llm)}), flush=True)
 
     if prompts != "-":
         run(prompts)
@@ -119,6 +121,18 @@ def main() -> None:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         run(json.loads(line))
+
+
+def kv_cache_groups(llm: object) -> dict:
+    """{"kv_cache_groups": [spec kind, ...]} where the engine core runs in
+    this process, else {}."""
+    core = getattr(
+        getattr(getattr(llm, "llm_engine", None), "engine_core", None), "engine_core", None
+    )
+    config = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
+    if config is None:
+        return {}
+    return {"kv_cache_groups": [type(g.kv_cache_spec).__name__ for g in config.kv_cache_groups]}
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ here; the geometry node A was set up with is checked below):
 - Llama, tensor parallel 2 (each worker bound to a core of its own):
   one FullAttentionSpec group, one KV head of 32 per worker.
 - Gemma 2: vLLM's hybrid KV cache manager makes two groups
-  (SlidingWindowSpec of 64 tokens, FullAttentionSpec), on this CPU too. The
-  connector declares `SupportsHMA` (so a Mamba hybrid starts), and turns
-  itself off for two groups, saying how to get one: with
-  `--disable-hybrid-kv-cache-manager` vLLM keeps one FullAttentionSpec
-  group of both layers (the window stays in the attention's compute), every
-  block is kept, and every block is needed. Both rows run.
+  (SlidingWindowSpec of 64 tokens, FullAttentionSpec), on this CPU too (the
+  connector declares `SupportsHMA`, so a Mamba hybrid starts). A slot holds
+  both groups' layers; the full group needs every block, so B loads every
+  block. With `--disable-hybrid-kv-cache-manager` vLLM keeps one
+  FullAttentionSpec group of both layers (the window stays in the
+  attention's compute): the same geometry, the same keys. Both rows run.
 - Mistral with a window on every layer: one SlidingWindowSpec group (64
   tokens), with or without a connector.
 - DeepSeek-V2 (MLA): one MLAAttentionSpec group, one "head" of 576 (the
@@ -88,6 +88,7 @@ class Row:
     tp: int = 1
     refused: str = ""  # the connector turns itself off for this model, saying this
     env: dict[str, str] = field(default_factory=dict)
+    groups: tuple[str, ...] = ("FullAttentionSpec",)  # vLLM's KV cache groups, by kind
 
     def needed(self, tokens: list[int]) -> int:
         """Blocks of `tokens` the group needs to answer: every full block
@@ -149,27 +150,34 @@ ROWS = [
             "gemma2-hybrid",
             build_gemma2,
             geometry(2, 2, 32, block_size=BLOCK),
-            refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
-            "attention; this model has 2 group(s)",
+            groups=("SlidingWindowSpec", "FullAttentionSpec"),
         ),
         id="gemma2-hybrid",
-        marks=pytest.mark.support(
-            "full-and-sliding", "outputs", "vllm-cpu", refused="several-groups"
-        ),
+        marks=[
+            pytest.mark.support("full-and-sliding", "hits", "vllm-cpu"),
+            pytest.mark.support("full-and-sliding", "remote", "vllm-cpu"),
+            pytest.mark.support("full-and-sliding", "outputs", "vllm-cpu"),
+        ],
     ),
     pytest.param(
         Row(
             "mamba-hybrid",
             build_mamba_hybrid,
             geometry(2, 2, 32, block_size=BLOCK),  # not read: refused
-            refused="kvbm stores one KV cache group of full, MLA, sliding-window or chunked-local "
+            refused="kvbm stores KV cache groups of full, MLA, sliding-window or chunked-local "
             "attention; this model has 2 group(s) of ['FullAttentionSpec', 'MambaSpec']",
         ),
         id="mamba-hybrid",
         marks=pytest.mark.support("mamba-hybrid", "outputs", "vllm-cpu", refused="mamba-state"),
     ),
     pytest.param(
-        Row("mistral-window", build_mistral_window, geometry(2, 2, 32, block_size=BLOCK), WINDOW),
+        Row(
+            "mistral-window",
+            build_mistral_window,
+            geometry(2, 2, 32, block_size=BLOCK),
+            WINDOW,
+            groups=("SlidingWindowSpec",),
+        ),
         id="mistral-window",
         marks=[
             pytest.mark.support("sliding-window", "hits", "vllm-cpu"),
@@ -255,6 +263,7 @@ def test_an_engine_on_node_b_loads_what_an_engine_on_node_a_computed(
         return
     expect_connector_on(on_a)
     assert on_a["outputs"] == reference
+    assert on_a["kv_cache_groups"] == list(row.groups)  # as vLLM's scheduler has them
     assert node_stats(a.socket)["geometry"] == geometry_to_wire(row.geometry), "another KV cache"
     wait_for_peer_blocks(b, row, model)
 

@@ -56,9 +56,11 @@ class KvbmConnector(KVConnectorBase_V1, SupportsHMA):
 
     It declares `SupportsHMA`, so vLLM keeps its hybrid KV cache manager
     with kvbm configured: without it vLLM turns the manager off, and a
-    Mamba or linear-attention hybrid then fails to start. Where the manager
-    makes several KV cache groups, the connector turns itself off (logged,
-    and shown in `kvbm status`) and the engine runs without it."""
+    Mamba or linear-attention hybrid then fails to start. Groups of
+    attention (gpt-oss's full and sliding-window layers) are stored, a slot
+    holding every group's layers of a position; a group kvbm does not store
+    (Mamba state) turns the connector off (logged, and shown in `kvbm
+    status`) and the engine runs without it."""
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -109,7 +111,7 @@ class KvbmConnector(KVConnectorBase_V1, SupportsHMA):
         self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         """vLLM's hook with the hybrid manager on: every group's blocks. The
-        connector stores one group (several turn it off), so the same answer."""
+        scheduler side tracks every group's blocks itself, so the same answer."""
         return self._sched().request_finished(request), None
 
     def get_kv_connector_stats(self) -> KvbmStats | None:
