@@ -82,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     engines = which.add_parser("engines", help="engine processes on one node: calls/s, latency")
     engines.add_argument("--json", action="store_true", help="print one JSON object")
     engines.add_argument("--engines", type=int, default=4, help="engine processes")
-    engines.add_argument("--seconds", type=float, default=5.0)
+    engines.add_argument("--seconds", type=float, default=5.0, help="each phase's length")
+    engines.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        help="seconds for every engine process to import and attach before the first phase",
+    )
     e2e = which.add_parser("e2e", help="vLLM time to first token: recompute, hits local and remote")
     e2e.add_argument("--json", action="store_true", help="print one JSON object")
     e2e.add_argument("--prompts", type=int, default=6, help="prompts per figure (median)")
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.bench == "engines":
                 from kvbm.bench import engines as engines_mod
 
-                result = engines_mod.run(args.engines, args.seconds)
+                result = engines_mod.run(args.engines, args.seconds, args.ready_timeout)
             elif args.bench == "soak":
                 from kvbm.bench import soak as soak_mod
 
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for k, v in result.items():
                     print(f"{k:28} {v}")
-            return 0
+            return 1 if "error" in result else 0
     except (ValueError, KvbmError, TransportError, DiscoveryError, OSError) as e:
         print(f"kvbm: {e}", file=sys.stderr)
         return 2

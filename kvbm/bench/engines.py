@@ -16,11 +16,14 @@ connector's calls in turn, every engine at once, for `seconds` each:
   the scheduler pins them all in one `load_many`, the worker copies each
   into the engine's tensors and releases it;
 - `store`: a prompt nobody has (`reserve`; the copy out; `commit`).
-Per kind: p50/p99 latency (of one request: a load's share of its batch's
-pin, its copy and its release), calls/s over all engines, and the node's
-CPU per call (from /proc). The node runs with the in-memory index (no
-etcd): what is measured is the engine wire, the node's event loop, the key
-view and the copies.
+A phase starts once every engine has said it is ready (imports and attach
+done) and has answered the phase before, all at one wall-clock time
+(kvbm/bench/engine_crew.py): what is measured is the node, not engines
+still starting. Per kind: how many engines took part, p50/p99 latency (of
+one request: a load's share of its batch's pin, its copy and its release),
+calls/s over all engines, and the node's CPU per call (from /proc). The
+node runs with the in-memory index (no etcd): what is measured is the
+engine wire, the node's event loop, the key view and the copies.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from kvbm.bench.engine_crew import Absent, EngineCrew, serve
 from kvbm.bench.synthetic import SyntheticEngine
+from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
 from kvbm.layout import ModelGeometry
 from kvbm.node_process import NodeProcess
@@ -53,53 +59,83 @@ PER_S = {  # each kind's calls/s figure
     "store": "stores_per_s",
 }
 STEP_LOADS = 8  # hits the scheduler pins in one call
-PAUSE_S = 0.5  # between two phases
+READY_TIMEOUT_S = 120.0  # for every engine's imports and attach (8 at once on 2 cores: ~11 s)
+PHASE_GRACE_S = 45.0  # past a phase's end: an engine's last call (30 s timeout) and its result
 
 
-def _engine(sock: str, index: int, seconds: float, out: Connection) -> None:
-    """One engine process: each call kind in turn, as fast as it goes, for
-    `seconds` from its phase's start (every engine in the same phase). It
-    says when it is ready and takes the start time then: engines that start
-    slowly (8 of them importing torch on 2 cores) join every phase."""
-    att = NodeAttachment(sock, GEOMETRY)
-    engine = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
-    out.send("ready")
-    start = out.recv()
-    rng = random.Random(index)
-    block_ids = list(range(PROMPT_BLOCKS))
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
-    fresh = wrong = 0
-    for phase, kind in enumerate(KINDS):
-        begin = start + phase * (seconds + PAUSE_S)
-        while time.time() < begin:
-            time.sleep(0.001)
+def _engine(conn: Connection, sock: str, index: int) -> None:
+    """One engine process: attached, it says it is ready, then runs each
+    phase the bench starts (kvbm/bench/engine_crew.py)."""
+    serve(conn, lambda: _Engine(sock, index))
+
+
+class _Engine:
+    """An engine's calls, as the connector makes them, through its own
+    `NodeAttachment`. Each call function makes one call (a load: one step's),
+    adds its latency to `times`, and returns 1 when the answer was wrong."""
+
+    def __init__(self, sock: str, index: int) -> None:
+        self.att = NodeAttachment(sock, GEOMETRY)
+        self.engine = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
+        self.index = index
+        self.rng = random.Random(index)
+        self.fresh = 0  # prompts this engine made up so far: each one new
+        self.block_ids = list(range(PROMPT_BLOCKS))
+        self.calls: dict[str, Callable[[list[float]], int]] = {
+            "lookup": self._lookup,
+            "miss": self._miss,
+            "node_lookup": self._node_lookup,
+            "load": self._load,
+            "store": self._store,
+        }
+
+    def run(self, kind: str, begin: float, seconds: float) -> tuple[list[float], int]:
+        call, times, wrong = self.calls[kind], [], 0
+        time.sleep(max(0.0, begin - time.time()))
         while time.time() < begin + seconds:
-            if kind in ("store", "miss"):  # a prompt nobody has
-                keys = att.keys([(index + 1) << 40 | fresh << 8 | i for i in block_ids])
-                fresh += 1
-            else:
-                keys = att.keys(_prompt(rng.randrange(SHARED_PROMPTS)))
-            if kind == "load":
-                picks = [rng.randrange(SHARED_PROMPTS) for _ in range(STEP_LOADS)]
-                batch = [att.keys(_prompt(i)) for i in picks]
-                t0 = time.perf_counter()
-                for pinned in att.prepare_loads(batch):
-                    att.copy_in(engine.kv, pinned.slots, block_ids[: len(pinned.slots)])
-                    att.complete_load(pinned.lease)
-                took = (time.perf_counter() - t0) / STEP_LOADS
-                times[kind] += [took] * STEP_LOADS
-                continue
-            t0 = time.perf_counter()
-            if kind == "store":
-                att.store(engine.kv, keys, block_ids)
-            else:
-                got = att.lookup(keys, ask_node=kind == "node_lookup")
-            times[kind].append(time.perf_counter() - t0)
-            if kind != "store" and got.local != (0 if kind == "miss" else PROMPT_BLOCKS):
-                wrong += 1
-    out.send((times, wrong))
-    out.recv()  # still connected while the parent counts the node's leases
-    att.close()
+            wrong += call(times)
+        return times, wrong
+
+    def close(self) -> None:
+        self.att.close()
+
+    def _held(self) -> list[BlockKey]:
+        return self.att.keys(_prompt(self.rng.randrange(SHARED_PROMPTS)))
+
+    def _new(self) -> list[BlockKey]:
+        self.fresh += 1
+        return self.att.keys([(self.index + 1) << 40 | self.fresh << 8 | i for i in self.block_ids])
+
+    def _timed_lookup(self, keys: list[BlockKey], ask_node: bool, times: list[float]) -> int:
+        t0 = time.perf_counter()
+        got = self.att.lookup(keys, ask_node=ask_node)
+        times.append(time.perf_counter() - t0)
+        return got.local
+
+    def _lookup(self, times: list[float]) -> int:
+        return int(self._timed_lookup(self._held(), False, times) != PROMPT_BLOCKS)
+
+    def _node_lookup(self, times: list[float]) -> int:
+        return int(self._timed_lookup(self._held(), True, times) != PROMPT_BLOCKS)
+
+    def _miss(self, times: list[float]) -> int:
+        return int(self._timed_lookup(self._new(), False, times) != 0)
+
+    def _load(self, times: list[float]) -> int:
+        batch = [self._held() for _ in range(STEP_LOADS)]
+        t0 = time.perf_counter()
+        for pinned in self.att.prepare_loads(batch):
+            self.att.copy_in(self.engine.kv, pinned.slots, self.block_ids[: len(pinned.slots)])
+            self.att.complete_load(pinned.lease)
+        times += [(time.perf_counter() - t0) / STEP_LOADS] * STEP_LOADS
+        return 0
+
+    def _store(self, times: list[float]) -> int:
+        keys = self._new()
+        t0 = time.perf_counter()
+        self.att.store(self.engine.kv, keys, self.block_ids)
+        times.append(time.perf_counter() - t0)
+        return 0
 
 
 def _prompt(i: int) -> list[int]:
@@ -150,7 +186,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(engines: int = 4, seconds: float = 5.0) -> dict:
+def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIMEOUT_S) -> dict:
+    """The bench's figures; when some engine is not ready within
+    `ready_timeout` seconds, `error` and `not_ready` instead of them."""
+    if engines < 1 or seconds < 0 or ready_timeout < 0:
+        raise ValueError("bench engines: --engines at least 1, --seconds and --ready-timeout >= 0")
     out: dict = {
         "bench": "engines",
         "date": datetime.date.today().isoformat(),
@@ -159,66 +199,94 @@ def run(engines: int = 4, seconds: float = 5.0) -> dict:
         "prompt_blocks": PROMPT_BLOCKS,
         "block_kib": GEOMETRY.block_bytes >> 10,
     }
-    ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as d:
         out["raw_socket_roundtrip_us"] = round(raw_roundtrip_us(d), 1)
         node = NodeProcess(d, "node", "127.0.0.2", "--host-cache-mb", "256")
         try:
             att = NodeAttachment(node.socket, GEOMETRY)
-            primer = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
-            ids = list(range(PROMPT_BLOCKS))
-            for i in range(SHARED_PROMPTS):
-                keys = att.keys(_prompt(i))
-                primer.compute(keys, ids)
-                att.store(primer.kv, keys, ids)
-            # the node's call as the raw reference is measured: one client alone
-            keys = att.keys(_prompt(0))
-            alone = []
-            for _ in range(3000):
-                t0 = time.perf_counter()
-                att.lookup(keys, ask_node=True)
-                alone.append(time.perf_counter() - t0)
-            out["node_call_alone_p50_us"] = round(statistics.median(alone) * 1e6, 1)
-            pipes, procs = [], []
-            for i in range(engines):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_engine, args=(node.socket, i, seconds, child))
-                proc.start()
-                pipes.append(parent)
-                procs.append(proc)
-            for pipe in pipes:  # every engine connected and waiting
-                if not pipe.poll(120) or pipe.recv() != "ready":
-                    raise RuntimeError("an engine process never got ready")
-            start = time.time() + 0.5
-            for pipe in pipes:
-                pipe.send(start)
-            cpu = []
-            for phase in range(len(KINDS)):
-                begin = start + phase * (seconds + PAUSE_S)
-                time.sleep(max(0.0, begin - time.time()))
-                before = _cpu_s(node.proc.pid)
-                time.sleep(max(0.0, begin + seconds - time.time()))
-                cpu.append(_cpu_s(node.proc.pid) - before)
-            results, wrong = zip(*[p.recv() for p in pipes], strict=True)
-            # every engine still connected: a lease it failed to settle is still held
-            leases = att.stats()["engine_leases"]
-            for pipe in pipes:
-                pipe.send("bye")
-            for proc in procs:
-                proc.join(30)
-            att.close()
+            try:
+                _prime(att)
+                out["node_call_alone_p50_us"] = _node_call_alone_us(att)
+                with EngineCrew(_engine, [(node.socket, i) for i in range(engines)]) as crew:
+                    not_ready = crew.wait_ready(ready_timeout)
+                    if not_ready:
+                        return {**out, **_not_ready(not_ready, ready_timeout)}
+                    phases = [_phase(crew, kind, seconds, node.proc.pid) for kind in KINDS]
+                    # every engine still connected: a lease it failed to settle is still held
+                    leases = att.stats()["engine_leases"]
+                    absent = [a.to_json() for a in crew.absent]
+            finally:
+                att.close()
         finally:
             node.stop()
-    for kind, node_cpu in zip(KINDS, cpu, strict=True):
-        times = sorted(t for r in results for t in r[kind])
-        out[f"{kind}_p50_us"] = round(times[len(times) // 2] * 1e6, 1)
-        out[f"{kind}_p99_us"] = round(times[int(len(times) * 0.99)] * 1e6, 1)
-        out[PER_S[kind]] = round(len(times) / seconds)
-        out[f"node_cpu_us_per_{kind}"] = round(node_cpu / max(1, len(times)) * 1e6, 1)
+    wrong = 0
+    for kind, (results, node_cpu) in zip(KINDS, phases, strict=True):
+        out.update(phase_figures(kind, [times for times, _ in results], seconds, node_cpu))
+        wrong += sum(w for _, w in results)
     out["scheduler_lookup_p50_us"] = out["lookup_p50_us"]
     out["scheduler_miss_p50_us"] = out["miss_p50_us"]
     raw = out["raw_socket_roundtrip_us"]
     out["rpc_vs_socket_roundtrip"] = round(out["node_call_alone_p50_us"] / raw, 2)
     out["leases_left"] = leases  # every load released, every store committed
-    out["lookups_wrong"] = sum(wrong)  # a hit not seen whole, or a miss seen
+    out["lookups_wrong"] = wrong  # a hit not seen whole, or a miss seen
+    out["engines_absent"] = absent  # engines that left during the phases, and why
     return out
+
+
+def _prime(att: NodeAttachment) -> None:
+    """Store the shared prompts: the lookups' and loads' hits."""
+    primer = SyntheticEngine(GEOMETRY, PROMPT_BLOCKS)
+    ids = list(range(PROMPT_BLOCKS))
+    for i in range(SHARED_PROMPTS):
+        keys = att.keys(_prompt(i))
+        primer.compute(keys, ids)
+        att.store(primer.kv, keys, ids)
+
+
+def _node_call_alone_us(att: NodeAttachment, n: int = 3000) -> float:
+    """p50 of the node's lookup from one engine alone, as the raw round trip
+    is measured (one client, nothing else running)."""
+    keys = att.keys(_prompt(0))
+    alone = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        att.lookup(keys, ask_node=True)
+        alone.append(time.perf_counter() - t0)
+    return round(statistics.median(alone) * 1e6, 1)
+
+
+def _phase(
+    crew: EngineCrew, kind: str, seconds: float, node_pid: int
+) -> tuple[list[tuple[list[float], int]], float]:
+    """One phase on every engine in the crew -> each one's (latencies, wrong
+    answers), and the node's CPU seconds over the phase."""
+    begin = crew.phase(kind, seconds, PHASE_GRACE_S)
+    time.sleep(max(0.0, begin - time.time()))
+    before = _cpu_s(node_pid)
+    time.sleep(max(0.0, begin + seconds - time.time()))
+    node_cpu = _cpu_s(node_pid) - before
+    return list(crew.results().values()), node_cpu
+
+
+def phase_figures(
+    kind: str, per_engine: list[list[float]], seconds: float, node_cpu: float
+) -> dict:
+    """One phase's figures from each engine's latencies (seconds): how many
+    engines took part, p50/p99, calls/s over all of them, the node's CPU per
+    call. A phase without a call has no latency (None) and 0 calls/s."""
+    times = sorted(t for engine in per_engine for t in engine)
+    n = len(times)
+    return {
+        f"{kind}_p50_us": round(times[n // 2] * 1e6, 1) if n else None,
+        f"{kind}_p99_us": round(times[int(n * 0.99)] * 1e6, 1) if n else None,
+        PER_S[kind]: round(n / seconds) if n else 0,
+        f"node_cpu_us_per_{kind}": round(node_cpu / n * 1e6, 1) if n else None,
+        f"{kind}_engines": len(per_engine),
+    }
+
+
+def _not_ready(not_ready: list[Absent], timeout: float) -> dict:
+    return {
+        "error": f"{len(not_ready)} engine(s) not ready within {timeout:g} s; no phase was run",
+        "not_ready": [a.to_json() for a in not_ready],
+    }
