@@ -63,7 +63,7 @@ READY_TIMEOUT_S = 120.0  # for every engine's imports and attach (8 at once on 2
 PHASE_GRACE_S = 45.0  # past a phase's end: an engine's last call (30 s timeout) and its result
 
 
-def _engine(conn: Connection, sock: str, index: int) -> None:
+def engine_process(conn: Connection, sock: str, index: int) -> None:
     """One engine process: attached, it says it is ready, then runs each
     phase the bench starts (kvbm/bench/engine_crew.py)."""
     serve(conn, lambda: _Engine(sock, index))
@@ -207,7 +207,7 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
             try:
                 _prime(att)
                 out["node_call_alone_p50_us"] = _node_call_alone_us(att)
-                with EngineCrew(_engine, [(node.socket, i) for i in range(engines)]) as crew:
+                with EngineCrew(engine_process, [(node.socket, i) for i in range(engines)]) as crew:
                     not_ready = crew.wait_ready(ready_timeout)
                     if not_ready:
                         return {**out, **_not_ready(not_ready, ready_timeout)}

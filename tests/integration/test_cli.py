@@ -107,6 +107,36 @@ def test_bench_engines_settles_every_lease_and_prints_every_figure():
         assert result[key] > 0, key
     assert result["leases_left"] == 0
     assert result["lookups_wrong"] == 0
+    # every phase started once both engines were ready, and both took part in each
+    for kind in ("lookup", "miss", "node_lookup", "load", "store"):
+        assert result[f"{kind}_engines"] == 2, kind
+    assert result["engines_absent"] == []
+
+
+def test_bench_engines_with_phases_of_no_time_reports_zeros_not_an_error():
+    r = run("bench", "engines", "--json", "--engines", "2", "--seconds", "0")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    # both engines took part in every phase and made no call in it
+    assert result["lookup_engines"] == result["store_engines"] == 2
+    assert result["lookups_per_s"] == result["load_release_per_s"] == 0
+    assert result["lookup_p50_us"] is None
+    assert result["node_cpu_us_per_store"] is None
+    assert result["leases_left"] == 0
+
+
+def test_bench_engines_names_the_engines_not_ready_in_json_not_a_traceback():
+    # no engine process imports and attaches within 0 s
+    r = run("bench", "engines", "--json", "--engines", "2", "--ready-timeout", "0")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    result = json.loads(r.stdout)
+    assert result["error"] == "2 engine(s) not ready within 0 s; no phase was run"
+    assert result["not_ready"] == [
+        {"engine": 0, "why": "not ready after 0 s"},
+        {"engine": 1, "why": "not ready after 0 s"},
+    ]
+    assert "lookups_per_s" not in result
 
 
 def test_config_prints_the_merged_configuration(tmp_path):

@@ -215,6 +215,9 @@ BENCH_TESTS = {
     "tests/unit/test_runs.py": {"kvbm.bench.fleet_trace"},  # `bench index --nodes`' trace
     "tests/integration/test_sharded_nodes.py": {"kvbm.bench.index"},  # its sharded fleet
     "tests/system/faults/test_soak.py": {"kvbm.bench.soak"},  # `kvbm bench soak`, short
+    "tests/unit/test_bench_engines.py": {"kvbm.bench.engines"},  # a phase's figures
+    # `bench engines`' crew of engine processes on a real node
+    "tests/integration/test_bench_engines.py": {"kvbm.bench.engine_crew", "kvbm.bench.engines"},
 }
 
 
