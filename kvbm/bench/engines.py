@@ -29,17 +29,15 @@ engine wire, the node's event loop, the key view and the copies.
 from __future__ import annotations
 
 import datetime
-import multiprocessing
 import os
 import random
-import socket
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from kvbm.bench.engine_crew import Absent, EngineCrew, serve
+from kvbm.bench.roundtrips import Cores, p50_us, placed, raw_roundtrip_us, reference_cores
 from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
@@ -142,44 +140,6 @@ def _prompt(i: int) -> list[int]:
     return [(SHARED_PROMPTS + i) << 20 | j for j in range(PROMPT_BLOCKS)]
 
 
-def _echo(path: str, ready: Connection) -> None:
-    """The raw reference's far end: a process that sends back what it reads."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(1)
-    ready.send(True)
-    conn, _ = srv.accept()
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-def raw_roundtrip_us(directory: str, payload: int = 700, n: int = 5000) -> float:
-    """p50 of a round trip of `payload` bytes (about a 16-key lookup's frame)
-    between two Python processes over a unix socket."""
-    path = os.path.join(directory, "echo.sock")
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_echo, args=(path, child), daemon=True)
-    proc.start()
-    try:
-        parent.recv()
-        cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        cli.connect(path)
-        data, times = b"x" * payload, []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            cli.sendall(data)
-            got = 0
-            while got < payload:
-                got += len(cli.recv(65536))
-            times.append(time.perf_counter() - t0)
-        cli.close()
-        return statistics.median(times) * 1e6
-    finally:
-        proc.kill()
-        proc.join(5)
-
-
 def _cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -200,13 +160,15 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
         "block_kib": GEOMETRY.block_bytes >> 10,
     }
     with tempfile.TemporaryDirectory() as d:
-        out["raw_socket_roundtrip_us"] = round(raw_roundtrip_us(d), 1)
+        cores = reference_cores()
+        out["roundtrip_cores"] = list(cores) if cores else None
+        out["raw_socket_roundtrip_us"] = raw_roundtrip_us(d, cores)
         node = NodeProcess(d, "node", "127.0.0.2", "--host-cache-mb", "256")
         try:
             att = NodeAttachment(node.socket, GEOMETRY)
             try:
                 _prime(att)
-                out["node_call_alone_p50_us"] = _node_call_alone_us(att)
+                out["node_call_alone_p50_us"] = _node_call_alone_us(att, node.proc.pid, cores)
                 with EngineCrew(engine_process, [(node.socket, i) for i in range(engines)]) as crew:
                     not_ready = crew.wait_ready(ready_timeout)
                     if not_ready:
@@ -243,16 +205,12 @@ def _prime(att: NodeAttachment) -> None:
         att.store(primer.kv, keys, ids)
 
 
-def _node_call_alone_us(att: NodeAttachment, n: int = 3000) -> float:
-    """p50 of the node's lookup from one engine alone, as the raw round trip
-    is measured (one client, nothing else running)."""
+def _node_call_alone_us(att: NodeAttachment, node_pid: int, cores: Cores | None) -> float:
+    """p50 of the node's lookup from one engine alone, placed as the raw
+    round trip is (kvbm/bench/roundtrips.py), nothing else running."""
     keys = att.keys(_prompt(0))
-    alone = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        att.lookup(keys, ask_node=True)
-        alone.append(time.perf_counter() - t0)
-    return round(statistics.median(alone) * 1e6, 1)
+    with placed(cores, node_pid):
+        return p50_us(lambda: att.lookup(keys, ask_node=True), 3000)
 
 
 def _phase(
