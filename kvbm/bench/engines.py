@@ -34,6 +34,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from kvbm.bench.engine_crew import Absent, EngineCrew, serve
@@ -59,6 +60,16 @@ PER_S = {  # each kind's calls/s figure
 STEP_LOADS = 8  # hits the scheduler pins in one call
 READY_TIMEOUT_S = 120.0  # for every engine's imports and attach (8 at once on 2 cores: ~11 s)
 PHASE_GRACE_S = 45.0  # past a phase's end: an engine's last call (30 s timeout) and its result
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """One engine's phase: each call's latency (s), the answers that were
+    not the truth, and the CPU the engine process spent (s)."""
+
+    times: list[float]
+    wrong: int = 0
+    cpu_s: float = 0.0
 
 
 def engine_process(conn: Connection, sock: str, index: int) -> None:
@@ -87,12 +98,13 @@ class _Engine:
             "store": self._store,
         }
 
-    def run(self, kind: str, begin: float, seconds: float) -> tuple[list[float], int]:
+    def run(self, kind: str, begin: float, seconds: float) -> EngineResult:
         call, times, wrong = self.calls[kind], [], 0
         time.sleep(max(0.0, begin - time.time()))
+        cpu = time.process_time()
         while time.time() < begin + seconds:
             wrong += call(times)
-        return times, wrong
+        return EngineResult(times, wrong, time.process_time() - cpu)
 
     def close(self) -> None:
         self.att.close()
@@ -183,8 +195,8 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
             node.stop()
     wrong = 0
     for kind, (results, node_cpu) in zip(KINDS, phases, strict=True):
-        out.update(phase_figures(kind, [times for times, _ in results], seconds, node_cpu))
-        wrong += sum(w for _, w in results)
+        out.update(phase_figures(kind, results, seconds, node_cpu))
+        wrong += sum(r.wrong for r in results)
     out["scheduler_lookup_p50_us"] = out["lookup_p50_us"]
     out["scheduler_miss_p50_us"] = out["miss_p50_us"]
     raw = out["raw_socket_roundtrip_us"]
@@ -215,9 +227,9 @@ def _node_call_alone_us(att: NodeAttachment, node_pid: int, cores: Cores | None)
 
 def _phase(
     crew: EngineCrew, kind: str, seconds: float, node_pid: int
-) -> tuple[list[tuple[list[float], int]], float]:
-    """One phase on every engine in the crew -> each one's (latencies, wrong
-    answers), and the node's CPU seconds over the phase."""
+) -> tuple[list[EngineResult], float]:
+    """One phase on every engine in the crew -> each one's result, and the
+    node's CPU seconds over the phase."""
     begin = crew.phase(kind, seconds, PHASE_GRACE_S)
     time.sleep(max(0.0, begin - time.time()))
     before = _cpu_s(node_pid)
@@ -226,20 +238,21 @@ def _phase(
     return list(crew.results().values()), node_cpu
 
 
-def phase_figures(
-    kind: str, per_engine: list[list[float]], seconds: float, node_cpu: float
-) -> dict:
-    """One phase's figures from each engine's latencies (seconds): how many
-    engines took part, p50/p99, calls/s over all of them, the node's CPU per
-    call. A phase without a call has no latency (None) and 0 calls/s."""
-    times = sorted(t for engine in per_engine for t in engine)
+def phase_figures(kind: str, results: list[EngineResult], seconds: float, node_cpu: float) -> dict:
+    """One phase's figures from each engine's result: how many engines took
+    part, p50/p99, calls/s over all of them, the node's and the engines' CPU
+    per call. A phase without a call has no latency or CPU per call (None)
+    and 0 calls/s."""
+    times = sorted(t for r in results for t in r.times)
     n = len(times)
+    engine_cpu = sum(r.cpu_s for r in results)
     return {
         f"{kind}_p50_us": round(times[n // 2] * 1e6, 1) if n else None,
         f"{kind}_p99_us": round(times[int(n * 0.99)] * 1e6, 1) if n else None,
         PER_S[kind]: round(n / seconds) if n else 0,
         f"node_cpu_us_per_{kind}": round(node_cpu / n * 1e6, 1) if n else None,
-        f"{kind}_engines": len(per_engine),
+        f"engine_cpu_us_per_{kind}": round(engine_cpu / n * 1e6, 1) if n else None,
+        f"{kind}_engines": len(results),
     }
 
 
