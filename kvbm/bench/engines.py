@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from kvbm.bench.engine_crew import Absent, EngineCrew, serve
-from kvbm.bench.roundtrips import Cores, p50_us, placed, raw_roundtrip_us, reference_cores
+from kvbm.bench.roundtrips import reference_cores, reference_us
 from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
@@ -172,15 +172,12 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
         "block_kib": GEOMETRY.block_bytes >> 10,
     }
     with tempfile.TemporaryDirectory() as d:
-        cores = reference_cores()
-        out["roundtrip_cores"] = list(cores) if cores else None
-        out["raw_socket_roundtrip_us"] = raw_roundtrip_us(d, cores)
         node = NodeProcess(d, "node", "127.0.0.2", "--host-cache-mb", "256")
         try:
             att = NodeAttachment(node.socket, GEOMETRY)
             try:
                 _prime(att)
-                out["node_call_alone_p50_us"] = _node_call_alone_us(att, node.proc.pid, cores)
+                out.update(_reference(d, att, node.proc.pid))
                 with EngineCrew(engine_process, [(node.socket, i) for i in range(engines)]) as crew:
                     not_ready = crew.wait_ready(ready_timeout)
                     if not_ready:
@@ -217,12 +214,17 @@ def _prime(att: NodeAttachment) -> None:
         att.store(primer.kv, keys, ids)
 
 
-def _node_call_alone_us(att: NodeAttachment, node_pid: int, cores: Cores | None) -> float:
-    """p50 of the node's lookup from one engine alone, placed as the raw
-    round trip is (kvbm/bench/roundtrips.py), nothing else running."""
+def _reference(directory: str, att: NodeAttachment, node_pid: int) -> dict:
+    """The raw round trip, and the node's lookup from one engine alone,
+    measured the same way (kvbm/bench/roundtrips.py), nothing else running."""
     keys = att.keys(_prompt(0))
-    with placed(cores, node_pid):
-        return p50_us(lambda: att.lookup(keys, ask_node=True), 3000)
+    cores = reference_cores()
+    raw, alone = reference_us(directory, cores, lambda: att.lookup(keys, ask_node=True), node_pid)
+    return {
+        "roundtrip_cores": list(cores) if cores else None,
+        "raw_socket_roundtrip_us": raw,
+        "node_call_alone_p50_us": alone,
+    }
 
 
 def _phase(

@@ -1,6 +1,6 @@
 """The reference of `kvbm bench engines`: a raw round trip between two
 processes over a unix socket, against the node's lookup from one engine
-alone, both measured with the same placement.
+alone, both measured with the same placement and at the same time.
 
 Where the two ends run decides what a round trip costs more than anything
 else on a small machine: on one core a round trip is the two processes' CPU
@@ -9,7 +9,9 @@ core (about 30-35 us raw here, a virtual machine's cross-core interrupt).
 Left to the scheduler, a run found either, and the ratio of the node's call
 to the raw one moved from 3.3 to 7.0 between runs. Both are measured with
 this process on one core and the far end (the echo, every thread of the
-node) on another: the place of an engine and its node, on two cores.
+node) on another: the place of an engine and its node, on two cores. And
+the two are measured in alternating rounds: a disturbance from outside
+(another user of the machine) falls on both, not on one.
 """
 
 from __future__ import annotations
@@ -64,12 +66,40 @@ def _set_affinity(tid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(tid, cpus)
 
 
-def p50_us(call: Callable[[], object], n: int) -> float:
+def reference_us(
+    directory: str,
+    cores: Cores | None,
+    node_call: Callable[[], object],
+    node_pid: int,
+    rounds: int = 10,
+    n: int = 500,
+) -> tuple[float, float]:
+    """p50 of a raw round trip of a lookup-sized frame (700 bytes) between
+    two Python processes over a unix socket, and p50 of `node_call` to the
+    node `node_pid`, both placed on `cores`. They are measured in
+    alternating rounds, so that both see the machine as it is at the time
+    (a quiet second or a busy one shifts both, not one of them)."""
+    raw: list[float] = []
+    node: list[float] = []
+    with _Echo(directory, 700) as echo:
+        for _ in range(rounds):
+            with placed(cores, echo.proc.pid):
+                raw += _times(echo.roundtrip, n)
+            with placed(cores, node_pid):
+                node += _times(node_call, n)
+    return _p50_us(raw), _p50_us(node)
+
+
+def _times(call: Callable[[], object], n: int) -> list[float]:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def _p50_us(times: list[float]) -> float:
     return round(statistics.median(times) * 1e6, 1)
 
 
@@ -84,32 +114,39 @@ def _echo(path: str, ready: Connection) -> None:
         conn.sendall(data)
 
 
-def raw_roundtrip_us(
-    directory: str, cores: Cores | None, payload: int = 700, n: int = 5000
-) -> float:
-    """p50 of a round trip of `payload` bytes (about a 16-key lookup's frame)
-    between two Python processes over a unix socket, placed on `cores`."""
-    path = os.path.join(directory, "echo.sock")
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_echo, args=(path, child), daemon=True)
-    proc.start()
-    try:
-        parent.recv()
-        cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        cli.connect(path)
-        data = b"x" * payload
+class _Echo:
+    """The raw reference: a process that sends back what it reads, and this
+    process's connection to it."""
 
-        def roundtrip() -> None:
-            cli.sendall(data)
-            got = 0
-            while got < payload:
-                got += len(cli.recv(65536))
+    def __init__(self, directory: str, payload: int) -> None:
+        path = os.path.join(directory, "echo.sock")
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_echo, args=(path, child), daemon=True)
+        self.proc.start()
+        try:
+            parent.recv()
+            self.cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.cli.connect(path)
+        except BaseException:
+            self.close()
+            raise
+        self.payload, self.data = payload, b"x" * payload
 
-        with placed(cores, proc.pid):
-            us = p50_us(roundtrip, n)
-        cli.close()
-        return us
-    finally:
-        proc.kill()
-        proc.join(5)
+    def roundtrip(self) -> None:
+        self.cli.sendall(self.data)
+        got = 0
+        while got < self.payload:
+            got += len(self.cli.recv(65536))
+
+    def __enter__(self) -> _Echo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "cli", None) is not None:
+            self.cli.close()
+        self.proc.kill()
+        self.proc.join(5)
