@@ -21,7 +21,7 @@ done) and has answered the phase before, all at one wall-clock time
 (kvbm/bench/engine_crew.py): what is measured is the node, not engines
 still starting. Per kind: how many engines took part, p50/p99 latency (of
 one request: a load's share of its batch's pin, its copy and its release),
-calls/s over all engines, and the node's CPU per call (from /proc). The
+calls/s over all engines, and the node's and the engines' CPU per call. The
 node runs with the in-memory index (no etcd): what is measured is the
 engine wire, the node's event loop, the key view and the copies.
 """
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from kvbm.bench.engine_crew import Absent, EngineCrew, serve
-from kvbm.bench.roundtrips import reference_cores, reference_us
+from kvbm.bench.roundtrips import cpu_s, reference, reference_cores
 from kvbm.bench.synthetic import SyntheticEngine
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
@@ -152,12 +152,6 @@ def _prompt(i: int) -> list[int]:
     return [(SHARED_PROMPTS + i) << 20 | j for j in range(PROMPT_BLOCKS)]
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIMEOUT_S) -> dict:
     """The bench's figures; when some engine is not ready within
     `ready_timeout` seconds, `error` and `not_ready` instead of them."""
@@ -219,11 +213,15 @@ def _reference(directory: str, att: NodeAttachment, node_pid: int) -> dict:
     measured the same way (kvbm/bench/roundtrips.py), nothing else running."""
     keys = att.keys(_prompt(0))
     cores = reference_cores()
-    raw, alone = reference_us(directory, cores, lambda: att.lookup(keys, ask_node=True), node_pid)
+    ref = reference(directory, cores, lambda: att.lookup(keys, ask_node=True), node_pid)
     return {
         "roundtrip_cores": list(cores) if cores else None,
-        "raw_socket_roundtrip_us": raw,
-        "node_call_alone_p50_us": alone,
+        "raw_socket_roundtrip_us": ref.raw_us,
+        "node_call_alone_p50_us": ref.node_us,
+        # what each cost in CPU per call; the rest of a p50 is waiting
+        "raw_socket_roundtrip_cpu_us": ref.raw_cpu_us,
+        "node_call_alone_engine_cpu_us": ref.node_engine_cpu_us,
+        "node_call_alone_node_cpu_us": ref.node_cpu_us,
     }
 
 
@@ -234,9 +232,9 @@ def _phase(
     node's CPU seconds over the phase."""
     begin = crew.phase(kind, seconds, PHASE_GRACE_S)
     time.sleep(max(0.0, begin - time.time()))
-    before = _cpu_s(node_pid)
+    before = cpu_s(node_pid)
     time.sleep(max(0.0, begin + seconds - time.time()))
-    node_cpu = _cpu_s(node_pid) - before
+    node_cpu = cpu_s(node_pid) - before
     return list(crew.results().values()), node_cpu
 
 

@@ -23,6 +23,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 Cores = tuple[int, int]  # (this process's core, the far end's)
@@ -66,28 +67,59 @@ def _set_affinity(tid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(tid, cpus)
 
 
-def reference_us(
+def cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` has spent, all its threads, to the
+    nanosecond: Linux's CPU-time clock of a process (the id
+    clock_getcpuclockid gives, made as the kernel makes it), where /proc's
+    ticks are 10 ms."""
+    return time.clock_gettime(((~pid) << 3) | 2)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The p50s of a raw round trip and of the node's call, and what each
+    cost in CPU per call: the raw one both ends', the node's call the
+    calling engine's and the node's. What a p50 has beyond its CPU is
+    waiting: mostly the wake-up of the other core."""
+
+    raw_us: float
+    raw_cpu_us: float
+    node_us: float
+    node_engine_cpu_us: float
+    node_cpu_us: float
+
+
+def reference(
     directory: str,
     cores: Cores | None,
     node_call: Callable[[], object],
     node_pid: int,
     rounds: int = 10,
     n: int = 500,
-) -> tuple[float, float]:
-    """p50 of a raw round trip of a lookup-sized frame (700 bytes) between
-    two Python processes over a unix socket, and p50 of `node_call` to the
-    node `node_pid`, both placed on `cores`. They are measured in
-    alternating rounds, so that both see the machine as it is at the time
-    (a quiet second or a busy one shifts both, not one of them)."""
+) -> Reference:
+    """A raw round trip of a lookup-sized frame (700 bytes) between two
+    Python processes over a unix socket, and `node_call` to the node
+    `node_pid`, both placed on `cores`. They are measured in alternating
+    rounds, so that both see the machine as it is at the time (a quiet
+    second or a busy one shifts both, not one of them)."""
     raw: list[float] = []
     node: list[float] = []
+    cpu = {"raw": 0.0, "engine": 0.0, "node": 0.0}
     with _Echo(directory, 700) as echo:
         for _ in range(rounds):
             with placed(cores, echo.proc.pid):
+                mine, theirs = time.process_time(), cpu_s(echo.proc.pid)
                 raw += _times(echo.roundtrip, n)
+                cpu["raw"] += time.process_time() - mine + cpu_s(echo.proc.pid) - theirs
             with placed(cores, node_pid):
+                mine, theirs = time.process_time(), cpu_s(node_pid)
                 node += _times(node_call, n)
-    return _p50_us(raw), _p50_us(node)
+                cpu["engine"] += time.process_time() - mine
+                cpu["node"] += cpu_s(node_pid) - theirs
+    per_call = {k: round(v / (rounds * n) * 1e6, 1) for k, v in cpu.items()}
+    return Reference(
+        _p50_us(raw), per_call["raw"], _p50_us(node), per_call["engine"], per_call["node"]
+    )
 
 
 def _times(call: Callable[[], object], n: int) -> list[float]:
