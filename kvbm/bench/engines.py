@@ -185,8 +185,8 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
         finally:
             node.stop()
     wrong = 0
-    for kind, (results, node_cpu) in zip(KINDS, phases, strict=True):
-        out.update(phase_figures(kind, results, seconds, node_cpu))
+    for kind, (results, cpu) in zip(KINDS, phases, strict=True):
+        out.update(phase_figures(kind, results, seconds, cpu))
         wrong += sum(r.wrong for r in results)
     out["scheduler_lookup_p50_us"] = out["lookup_p50_us"]
     out["scheduler_miss_p50_us"] = out["miss_p50_us"]
@@ -225,33 +225,59 @@ def _reference(directory: str, att: NodeAttachment, node_pid: int) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class PhaseCpu:
+    """CPU seconds spent over one phase: by the node, and by the whole
+    machine of `cores` cores (every process, and what the host took from
+    this virtual machine); what the engines spent comes with their results."""
+
+    node_s: float
+    machine_s: float
+    cores: int
+
+
 def _phase(
     crew: EngineCrew, kind: str, seconds: float, node_pid: int
-) -> tuple[list[EngineResult], float]:
+) -> tuple[list[EngineResult], PhaseCpu]:
     """One phase on every engine in the crew -> each one's result, and the
-    node's CPU seconds over the phase."""
+    CPU spent over the phase."""
     begin = crew.phase(kind, seconds, PHASE_GRACE_S)
     time.sleep(max(0.0, begin - time.time()))
-    before = cpu_s(node_pid)
+    node, machine = cpu_s(node_pid), _machine_busy_s()
     time.sleep(max(0.0, begin + seconds - time.time()))
-    node_cpu = cpu_s(node_pid) - before
-    return list(crew.results().values()), node_cpu
+    cpu = PhaseCpu(cpu_s(node_pid) - node, _machine_busy_s() - machine, os.cpu_count() or 1)
+    return list(crew.results().values()), cpu
 
 
-def phase_figures(kind: str, results: list[EngineResult], seconds: float, node_cpu: float) -> dict:
+def _machine_busy_s() -> float:
+    """CPU seconds the machine has not been idle, all cores together: user,
+    nice, system, irq, softirq and steal from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
+def phase_figures(kind: str, results: list[EngineResult], seconds: float, cpu: PhaseCpu) -> dict:
     """One phase's figures from each engine's result: how many engines took
     part, p50/p99, calls/s over all of them, the node's and the engines' CPU
-    per call. A phase without a call has no latency or CPU per call (None)
-    and 0 calls/s."""
+    per call, and the share of the machine's cores that anything else took
+    (0 on an idle machine; a run's figures compare only where it is). A
+    phase without a call has no latency or CPU per call (None) and 0
+    calls/s."""
     times = sorted(t for r in results for t in r.times)
     n = len(times)
     engine_cpu = sum(r.cpu_s for r in results)
+    others = None
+    if seconds > 0:
+        others = (cpu.machine_s - cpu.node_s - engine_cpu) / (cpu.cores * seconds)
+        others = round(min(1.0, max(0.0, others)), 2)
     return {
         f"{kind}_p50_us": round(times[n // 2] * 1e6, 1) if n else None,
         f"{kind}_p99_us": round(times[int(n * 0.99)] * 1e6, 1) if n else None,
         PER_S[kind]: round(n / seconds) if n else 0,
-        f"node_cpu_us_per_{kind}": round(node_cpu / n * 1e6, 1) if n else None,
+        f"node_cpu_us_per_{kind}": round(cpu.node_s / n * 1e6, 1) if n else None,
         f"engine_cpu_us_per_{kind}": round(engine_cpu / n * 1e6, 1) if n else None,
+        f"others_cpu_share_{kind}": others,
         f"{kind}_engines": len(results),
     }
 

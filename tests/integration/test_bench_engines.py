@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 
 from kvbm.bench.engine_crew import EngineCrew
-from kvbm.bench.engines import engine_process, phase_figures
+from kvbm.bench.engines import PhaseCpu, engine_process, phase_figures
 
 
 def test_an_engine_that_cannot_attach_is_named_and_the_others_run(daemons, tmp_path):
@@ -26,7 +26,8 @@ def test_an_engine_that_cannot_attach_is_named_and_the_others_run(daemons, tmp_p
         results = crew.results()
         assert list(results) == [0]
         assert results[0].times and results[0].wrong == 0
-        assert phase_figures("miss", list(results.values()), 0.2, 0.0)["miss_engines"] == 1
+        figures = phase_figures("miss", list(results.values()), 0.2, PhaseCpu(0.0, 0.0, 2))
+        assert figures["miss_engines"] == 1
 
 
 def test_an_engine_frozen_in_a_phase_leaves_and_an_empty_phase_is_zeros(daemons):
@@ -46,7 +47,7 @@ def test_an_engine_frozen_in_a_phase_leaves_and_an_empty_phase_is_zeros(daemons)
         # nobody is left: the next phase starts nothing and measures nothing
         crew.phase("lookup", 0.1, grace=0.5)
         assert crew.results() == {}
-    figures = phase_figures("lookup", [], 0.1, 0.0)
+    figures = phase_figures("lookup", [], 0.1, PhaseCpu(0.0, 0.0, 2))
     assert figures["lookup_engines"] == 0
     assert figures["lookups_per_s"] == 0
     assert figures["lookup_p50_us"] is None
