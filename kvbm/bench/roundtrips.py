@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from kvbm.errors import KvbmError
+
 Cores = tuple[int, int]  # (this process's core, the far end's)
+START_TIMEOUT_S = 60.0
 
 
 def reference_cores() -> Cores | None:
@@ -151,21 +154,29 @@ class _Echo:
     process's connection to it."""
 
     def __init__(self, directory: str, payload: int) -> None:
-        path = os.path.join(directory, "echo.sock")
+        self.path = os.path.join(directory, "echo.sock")
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_echo, args=(path, child), daemon=True)
+        self.proc = ctx.Process(target=_echo, args=(self.path, child), daemon=True)
         self.proc.start()
+        child.close()  # the echo's end lives on in the echo alone: its exit is an EOF here
+        self.cli: socket.socket | None = None
         try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise KvbmError(f"the echo process did not start in {START_TIMEOUT_S:g} s")
             parent.recv()
             self.cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.cli.connect(path)
+            self.cli.connect(self.path)
+        except EOFError:
+            self.close()
+            raise KvbmError("the echo process ended before it listened") from None
         except BaseException:
             self.close()
             raise
         self.payload, self.data = payload, b"x" * payload
 
     def roundtrip(self) -> None:
+        assert self.cli is not None
         self.cli.sendall(self.data)
         got = 0
         while got < self.payload:
@@ -178,7 +189,9 @@ class _Echo:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "cli", None) is not None:
+        if self.cli is not None:
             self.cli.close()
         self.proc.kill()
         self.proc.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
