@@ -15,12 +15,28 @@ failing as a whole.
 from __future__ import annotations
 
 import contextlib
+import enum
 import multiprocessing
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
+
+
+class Say(enum.Enum):
+    """What the bench and an engine send each other, first in each message:
+    (READY,), (FAILED, why), (RESULT, what) from the engine; (PHASE, kind,
+    begin, seconds), (BYE,) from the bench. EXITED is said for an engine
+    that ended without a word."""
+
+    READY = "ready"
+    FAILED = "failed"
+    RESULT = "result"
+    EXITED = "exited"
+    PHASE = "phase"
+    BYE = "bye"
+
 
 START_LEAD_S = 0.2  # from the bench's phase message to its start, for every engine to wake
 BYE_TIMEOUT_S = 30.0
@@ -48,10 +64,10 @@ def serve(conn: Connection, start: Callable[[], Phases]) -> None:
         _tell_failed(conn, e)
         return
     try:
-        conn.send(("ready",))
-        while (message := conn.recv())[0] == "phase":
+        conn.send((Say.READY,))
+        while (message := conn.recv())[0] is Say.PHASE:
             _, kind, begin, seconds = message
-            conn.send(("result", engine.run(kind, begin, seconds)))
+            conn.send((Say.RESULT, engine.run(kind, begin, seconds)))
     except (EOFError, OSError):
         pass  # the bench is gone: nobody to tell
     except Exception as e:  # the bench counts this engine out of the phases left
@@ -62,7 +78,7 @@ def serve(conn: Connection, start: Callable[[], Phases]) -> None:
 
 def _tell_failed(conn: Connection, e: Exception) -> None:
     with contextlib.suppress(OSError):
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        conn.send((Say.FAILED, f"{type(e).__name__}: {e}"))
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ class EngineCrew:
             self.pipes.append(parent)
             self.procs.append(proc)
         self.members: list[int] = list(range(len(self.procs)))
+        self._open: tuple[str, float] | None = None  # the phase started last, its deadline
 
     def __enter__(self) -> EngineCrew:
         return self
@@ -107,7 +124,7 @@ class EngineCrew:
         """Wait until every member says it is ready, at most `timeout`
         seconds. Returns the engines that did not (empty: all ready)."""
         before = len(self.absent)
-        self._collect("ready", time.monotonic() + timeout, f"not ready after {timeout:g} s")
+        self._collect(Say.READY, time.monotonic() + timeout, f"not ready after {timeout:g} s")
         return self.absent[before:]
 
     def phase(self, kind: str, seconds: float, grace: float) -> float:
@@ -116,17 +133,20 @@ class EngineCrew:
         member's answer, at most `grace` seconds past the phase's end."""
         begin = time.time() + START_LEAD_S
         for i in self.members:
-            self.pipes[i].send(("phase", kind, begin, seconds))
+            self.pipes[i].send((Say.PHASE, kind, begin, seconds))
         self._open = (kind, time.monotonic() + START_LEAD_S + seconds + grace)
         return begin
 
     def results(self) -> dict[int, Any]:
         """Each member's result of the phase started last, by engine index.
         An engine that fails or does not answer in time leaves the crew."""
+        if self._open is None:
+            raise ValueError("no phase was started")
         kind, deadline = self._open
-        return self._collect("result", deadline, f"no result of phase {kind} in time")
+        self._open = None
+        return self._collect(Say.RESULT, deadline, f"no result of phase {kind} in time")
 
-    def _collect(self, expect: str, deadline: float, late: str) -> dict[int, Any]:
+    def _collect(self, expect: Say, deadline: float, late: str) -> dict[int, Any]:
         got: dict[int, Any] = {}
         waiting = set(self.members)
         while waiting:
@@ -141,11 +161,13 @@ class EngineCrew:
                 if i not in waiting:
                     continue
                 waiting.discard(i)
-                message = self._read(i)
-                if message[0] == expect:
-                    got[i] = message[1] if len(message) > 1 else None
+                said, *rest = self._read(i)
+                if said is expect:
+                    got[i] = rest[0] if rest else None
+                elif said in (Say.FAILED, Say.EXITED):
+                    self._leave(i, rest[0])
                 else:
-                    self._leave(i, message[1])
+                    self._leave(i, f"said {said} where {expect} was due")
         for i in sorted(waiting):
             self._leave(i, late)
         return dict(sorted(got.items()))
@@ -159,7 +181,7 @@ class EngineCrew:
         except (EOFError, OSError):
             pass
         self.procs[i].join(1.0)
-        return ("exited", f"exited with code {self.procs[i].exitcode}")
+        return (Say.EXITED, f"exited with code {self.procs[i].exitcode}")
 
     def _leave(self, i: int, why: str) -> None:
         self.members.remove(i)
@@ -172,7 +194,7 @@ class EngineCrew:
             if i not in self.members:
                 proc.kill()
             with contextlib.suppress(OSError):
-                self.pipes[i].send(("bye",))
+                self.pipes[i].send((Say.BYE,))
         deadline = time.monotonic() + BYE_TIMEOUT_S
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
