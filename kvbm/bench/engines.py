@@ -172,10 +172,13 @@ def run(engines: int = 4, seconds: float = 5.0, ready_timeout: float = READY_TIM
             try:
                 _prime(att)
                 out.update(_reference(d, att, node.proc.pid))
+                started = time.monotonic()
                 with EngineCrew(engine_process, [(node.socket, i) for i in range(engines)]) as crew:
                     not_ready = crew.wait_ready(ready_timeout)
                     if not_ready:
                         return {**out, **_not_ready(not_ready, ready_timeout)}
+                    # from the engines' start to the last one's ready: what no phase measures
+                    out["engines_ready_s"] = round(time.monotonic() - started, 1)
                     phases = [_phase(crew, kind, seconds, node.proc.pid) for kind in KINDS]
                     # every engine still connected: a lease it failed to settle is still held
                     leases = att.stats()["engine_leases"]

@@ -111,6 +111,7 @@ def test_bench_engines_settles_every_lease_and_prints_every_figure():
     for kind in ("lookup", "miss", "node_lookup", "load", "store"):
         assert result[f"{kind}_engines"] == 2, kind
     assert result["engines_absent"] == []
+    assert result["engines_ready_s"] > 0
 
 
 def test_bench_engines_with_phases_of_no_time_reports_zeros_not_an_error():
