@@ -31,6 +31,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.refusals import Refusals
 from kvbm.owned_dir import own_directory
 from kvbm.plans import LoadPlan, StorePlan
+from kvbm.versions import THIS, Compatibility, VersionRefused
 from transport.errors import ProtocolError
 from transport.frames import Message
 
@@ -67,7 +68,10 @@ class EngineServer:
         serve: Callable[[ModelGeometry], Awaitable[ServingView]],
         stats: Callable[[], dict],
         hash_key: HashKey,
+        versions: Compatibility = THIS,
     ) -> None:
+        """`versions`: this node's protocol version and its rule for an
+        engine's (kvbm/versions.py)."""
         self.path = cfg.socket
         self.gid = cfg.shared_gid
         self.namespace = cfg.namespace  # an engine's keys must be of it
@@ -75,6 +79,8 @@ class EngineServer:
         self.serve = serve  # the tiers for an engine's geometry (built by the first hello)
         self.stats = stats
         self.hash_key = hash_key  # engines hash block keys under it (never the secret)
+        self.versions = versions
+        self._refused_versions: set[str] = set()  # engines' versions refused, logged once each
         self.leases: dict[int, Lease] = {}
         self.refusals = Refusals()  # engines whose connectors turned themselves off
         self._tiers: ServingView | None = None
@@ -180,6 +186,7 @@ class EngineServer:
 
     # -- calls ---------------------------------------------------------------
     async def _hello(self, body: dict, conn: int) -> dict:
+        self._check_version(body.get("protocol"), body.get("engine"))
         self._check_hashing(body.get("hash"))
         geometry = engine_wire.geometry_from_wire(body.get("geometry"))
         self._tiers = await self.serve(geometry)
@@ -197,12 +204,26 @@ class EngineServer:
             "namespace": self.namespace,
             "fingerprint": geometry.fingerprint,
             "node_id": self.node_id,
+            "protocol": self.versions.ours,
             "hash": {
                 "version": HASH_VERSION,
                 "key": self.hash_key.key,
                 "key_id": self.hash_key.key_id,
             },
         }
+
+    def _check_version(self, said: object, engine: object) -> None:
+        """Refuse an engine whose protocol version this node does not talk to
+        (it runs without the node, recomputing), naming both versions; the
+        engine's connector retries every few seconds, so each version is
+        logged once."""
+        why = self.versions.refusal(said, "the engine", f"node {self.node_id}")
+        if why is None:
+            return
+        if repr(said) not in self._refused_versions and len(self._refused_versions) < 16:
+            self._refused_versions.add(repr(said))
+            log.warning("refusing an engine engine=%.64r reason=%s", engine, why)
+        raise VersionRefused(why)
 
     def _check_hashing(self, said: object) -> None:
         """An engine that hashes block keys otherwise than this node would

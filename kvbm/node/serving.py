@@ -23,6 +23,7 @@ from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
 from kvbm.peer_blocks import ManagerBlocks
+from kvbm.versions import Compatibility
 from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import PeerServer
 
@@ -66,6 +67,7 @@ class NodeParts:
     peers: PeerPool
     index: IndexChoice
     publisher: Publisher
+    versions: Compatibility  # what the node speaks, and talks to (kvbm/versions.py)
 
 
 async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
@@ -104,6 +106,7 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
                 node_id=node_id,
                 max_connections=cfg.max_peer_connections,
                 calls=parts.index.peer_calls,
+                versions=parts.versions,
             )
             port = await server.start(host, port)
         else:
@@ -126,6 +129,7 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
         host_capacity_blocks=mgr.host.num_slots,
         disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
         version=__version__,
+        protocol=parts.versions.ours,
     )
     peers = parts.peers
     if agent is not None:
