@@ -52,6 +52,7 @@ class PeerPool:
         self.calls = tuple(calls)
         self.versions = versions
         self._refused: set[tuple[str, str]] = set()  # (peer, reason) logged once
+        self._refused_now: dict[str, str] = {}  # peer -> why its last connect was refused
         self.clients: dict[str, PeerClient] = {}
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self._closing: set[asyncio.Task] = set()
@@ -79,7 +80,7 @@ class PeerPool:
         for again in (False, True):
             client = await self.client(peer, deadline - time.monotonic())
             if client is None:
-                self._avoid(peer, "unreachable")
+                self._avoid(peer, self._refused_now.pop(peer, "unreachable"))
                 return []
             heard = client.heard
             got = await pull(client, keys, sink, max(0.0, deadline - time.monotonic()), staged)
@@ -168,6 +169,7 @@ class PeerPool:
     def _refuse(self, peer: str, why: str) -> None:
         """A peer of a protocol version this node does not talk to: logged
         once per peer and reason (it is asked again after each backoff)."""
+        self._refused_now[peer] = "another protocol version"
         if (peer, why) not in self._refused and len(self._refused) < 1024:
             self._refused.add((peer, why))
             log.warning("not pulling from a peer of another version peer=%s reason=%s", peer, why)

@@ -132,7 +132,7 @@ class PeerClient:
             refused = self.versions.refusal(said, f"peer {node}", f"node {self.node_id}")
             if refused is not None:
                 raise VersionError(refused)
-            self.remote_protocol = said if type(said) is int else None
+        self.remote_protocol = said if type(said) is int else None
         to_server, to_client = session_keys(self.secret, nonce, theirs)
         return SessionCodec(to_server, to_client, self.call_names)
 
