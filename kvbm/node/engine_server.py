@@ -12,6 +12,7 @@ import os
 import pwd
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,7 +32,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.refusals import Refusals
 from kvbm.owned_dir import own_directory
 from kvbm.plans import LoadPlan, StorePlan
-from kvbm.versions import THIS, Compatibility, VersionRefused
+from kvbm.versions import THIS, UNVERSIONED, Compatibility, VersionRefused
 from transport.errors import ProtocolError
 from transport.frames import Message
 
@@ -81,6 +82,9 @@ class EngineServer:
         self.hash_key = hash_key  # engines hash block keys under it (never the secret)
         self.versions = versions
         self._refused_versions: set[str] = set()  # engines' versions refused, logged once each
+        # hellos since the start by the version each engine said (none: 1),
+        # so that `kvbm status` shows which engines are of another release
+        self.hellos: Counter[int] = Counter()
         self.leases: dict[int, Lease] = {}
         self.refusals = Refusals()  # engines whose connectors turned themselves off
         self._tiers: ServingView | None = None
@@ -186,10 +190,11 @@ class EngineServer:
 
     # -- calls ---------------------------------------------------------------
     async def _hello(self, body: dict, conn: int) -> dict:
-        self._check_version(body.get("protocol"), body.get("engine"))
+        said = self._check_version(body.get("protocol"), body.get("engine"))
         self._check_hashing(body.get("hash"))
         geometry = engine_wire.geometry_from_wire(body.get("geometry"))
         self._tiers = await self.serve(geometry)
+        self.hellos[said] += 1
         mgr = self._tiers.mgr
         arena = mgr.host.arena
         return {
@@ -212,14 +217,15 @@ class EngineServer:
             },
         }
 
-    def _check_version(self, said: object, engine: object) -> None:
-        """Refuse an engine whose protocol version this node does not talk to
-        (it runs without the node, recomputing), naming both versions; the
-        engine's connector retries every few seconds, so each version is
-        logged once."""
+    def _check_version(self, said: object, engine: object) -> int:
+        """The engine's protocol version (1 where it says none); an engine of
+        a version this node does not talk to is refused (it runs without the
+        node, recomputing), naming both versions. The engine's connector
+        retries every few seconds, so each version is logged once."""
         why = self.versions.refusal(said, "the engine", f"node {self.node_id}")
         if why is None:
-            return
+            assert said is None or type(said) is int
+            return UNVERSIONED if said is None else said
         if repr(said) not in self._refused_versions and len(self._refused_versions) < 16:
             self._refused_versions.add(repr(said))
             log.warning("refusing an engine engine=%.64r reason=%s", engine, why)

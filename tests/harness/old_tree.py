@@ -76,3 +76,22 @@ def old_engine(tree: pathlib.Path, order: dict, timeout: float = 120) -> dict:
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer["kvbm"].startswith(str(tree)), "the old engine ran this checkout's kvbm"
     return answer
+
+
+def old_vllm_outputs(tree: pathlib.Path, model: str, prompts: list, socket: str) -> list:
+    """A real vLLM engine whose connector is the old tree's, on the node at
+    `socket`: its greedy outputs for `prompts` (the old tree's
+    tests/harness/vllm_engine.py, started afresh: the fork server of
+    tests/harness/engine_forks.py has this checkout's connector imported)."""
+    out = subprocess.run(
+        [*OLD_PYTHON, "-m", "tests.harness.vllm_engine", model, json.dumps(prompts), socket],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tree,
+        env={**os.environ, **old_env(tree), "TEST_MAX_TOKENS": "16"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith('{"outputs"')]
+    assert lines, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(lines[-1])["outputs"]

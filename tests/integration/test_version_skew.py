@@ -82,6 +82,8 @@ def test_engines_and_pulls_between_this_release_and_the_previous_one(tree, etcd,
         order = {"socket": old.socket, "remote": ["host"], "load": K2}
         expect_old_engine(old_engine(tree, order), 8, "remote_host")
         assert on_new.stats()["engine_blocks"]["remote_host"] == 8
+        # the new node counts the old engine's hello (it said no version: 1)
+        assert on_new.stats()["engine_hellos_by_protocol"] == {"1": 1, "2": 1}
     finally:
         on_old.close()
         on_new.close()
