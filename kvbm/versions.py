@@ -45,6 +45,12 @@ Versions outside this rule, each with its own reason:
   cache that lost its contents, never a node that will not start;
 - frames (transport/frames.py) and the index's values (discovery/) keep
   their formats' own version bytes; a change there also bumps PROTOCOL.
+
+When the wire changes next: bump PROTOCOL, keep the previous bodies for a
+connection whose version (`Compatibility.check`) is the previous one, and
+move tests/harness/old_tree.py's PREVIOUS to main's last commit of the
+previous protocol. docs/operations.md ("Versions and upgrades") says the
+rule for operators.
 """
 
 from __future__ import annotations

@@ -123,9 +123,10 @@ class NodeAttachment:
         if hello["fingerprint"] != geometry.fingerprint:
             raise NodeError("the node answered for another layout fingerprint")
         try:
-            said = hello["hash"]
+            said = hello.get("hash", {"version": 1})  # a node of hash version 1 says none
             if said["version"] != HASH_VERSION:
-                raise ValueError(f"hash version {said['version']}")
+                theirs = said["version"]
+                raise ValueError(f"it hashes with version {theirs}, this engine {HASH_VERSION}")
             key = HashKey(said["key"], said["key_id"])
         except (KeyError, TypeError, ValueError) as e:
             raise NodeError(f"the node's block hashing is not this engine's: {e!r}") from None

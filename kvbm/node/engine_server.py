@@ -237,7 +237,8 @@ class EngineServer:
         why. An engine says its hash version, and the id of the key it holds
         when it attaches again (a node restarted on another secret)."""
         if not isinstance(said, dict) or said.get("version") != HASH_VERSION:
-            version = said.get("version") if isinstance(said, dict) else None
+            # an engine of hash version 1 (before keyed hashes) says none
+            version = said.get("version") if isinstance(said, dict) else "1 (it says none)"
             raise ValueError(
                 f"the engine hashes block keys with version {version}, this node with "
                 f"{HASH_VERSION}: run the same kvbm version in the engine and the node"
