@@ -60,7 +60,6 @@ REFUSALS = {
     "off and vLLM runs on (with no one-group way: vLLM needs its hybrid manager for the state)",
     "per-token-head": "per-token-head quantized caches (int8, int4) are not stored yet",
     "packed-pages": "packed pages (scales inline) are not stored yet",
-    "uneven-stages": "pipeline stages of unequal layer counts are not stored yet",
     "context-parallel": "a context-parallel rank holds every n-th token of a block, not a "
     "block; not stored yet",
     "mla-on-cpu": "vLLM's CPU MLA backend computes over a cached prefix otherwise than over "

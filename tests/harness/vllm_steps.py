@@ -33,6 +33,7 @@ from vllm.config import (
     VllmConfig,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.utils import get_pp_indices
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -105,6 +106,10 @@ class SteppedEngine:
         """`reach`: the blocks back each block's tokens attend to (a sliding
         window's; 1 for full attention, whose KV the block before carries)."""
         self.reach = reach
+        # the model's layers (tests/harness/tiny_llama.py's 2, or as its config says)
+        self.names = [
+            f"model.layers.{i}.self_attn.attn" for i in range(model.get_total_num_hidden_layers())
+        ]
         extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
         config = VllmConfig(
             model_config=model,
@@ -124,19 +129,19 @@ class SteppedEngine:
             block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
         )
         if isinstance(spec, list):  # one group per layer, as a hybrid model's
-            groups = [KVCacheGroupSpec([name], s) for name, s in zip(LAYERS, spec, strict=True)]
+            groups = [KVCacheGroupSpec([n], s) for n, s in zip(self.names, spec, strict=True)]
         else:
-            groups = [KVCacheGroupSpec(LAYERS, spec)]
+            groups = [KVCacheGroupSpec(self.names, spec)]
         # each layer's group, and the blocks back its tokens attend to
         self.group_of = {n: g for g, group in enumerate(groups) for n in group.layer_names}
         windowed = [window_of(g.kv_cache_spec) is not None for g in groups]
         self.reach_of = [reach if w else 1 for w in windowed]
         if stages > 1:  # each stage's workers hold its layers; the scheduler sees stage 0's
-            per = len(LAYERS) // stages
-            staged = [LAYERS[i * per : (i + 1) * per] for i in range(stages)]
+            parts = [get_pp_indices(len(self.names), r, stages) for r in range(stages)]
+            staged = [self.names[start:end] for start, end in parts]
             caches = [KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(n, spec)]) for n in staged]
         else:
-            staged, caches = [LAYERS], [KVCacheConfig(num_blocks, [], groups)]
+            staged, caches = [self.names], [KVCacheConfig(num_blocks, [], groups)]
         config.cache_config.num_gpu_blocks = num_blocks
         self.scheduler = Scheduler(
             vllm_config=config,
@@ -150,7 +155,7 @@ class SteppedEngine:
         self.workers = [KvbmConnector(config, KVConnectorRole.WORKER, c) for c in caches]
         # vLLM's CPU cache layout: [blocks, KV heads, block tokens, K and V]
         shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
-        self.kv = {name: torch.zeros(shape) for name in LAYERS}
+        self.kv = {name: torch.zeros(shape) for name in self.names}
         self.staged = staged
         for rank, (worker, names) in enumerate(zip(self.workers, staged, strict=True)):
             assert worker.worker is not None
@@ -200,7 +205,7 @@ class SteppedEngine:
             worker.handle_preemptions(meta)
             worker.bind_connector_metadata(meta)
             worker.start_load_kv(None)  # type: ignore[arg-type]
-            for layer in LAYERS:
+            for layer in self.names:
                 worker.wait_for_layer_load(layer)
         sampled = self._forward(out)
         errors: set[int] = set()
@@ -287,14 +292,15 @@ class SteppedEngine:
         try:
             seed = probe.hasher.seed(setup.model_identity)
             hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
-            kv = new_caches(probe.geometry, len(blocks) + 1)
-            names = self.staged[rank] if len(self.staged) > 1 else LAYERS
+            names = self.staged[rank] if len(self.staged) > 1 else self.names
+            kv = new_caches(probe.geometry, len(blocks) + 1)[: len(names)]
             for name, layer in zip(names, kv, strict=True):  # a slot's layers in layer order
                 values = expected_values(tokens, self.reach_of[self.group_of.get(name, 0)])
                 for i, b in enumerate(blocks):
                     layer[i + 1] = float(values[b])
             keys = probe.keys([hashes[b] for b in blocks])
-            probe.store(EngineKV(probe.geometry, kv), keys, list(range(1, len(blocks) + 1)))
+            share = EngineKV(probe.geometry, kv, stage=len(self.staged) > 1)
+            probe.store(share, keys, list(range(1, len(blocks) + 1)))
         finally:
             probe.close()
 

@@ -94,6 +94,17 @@ def test_pipeline_stages_of_as_many_layers_are_stored():
     assert g.num_layers == 2  # the group's: one stage's layers
 
 
+@pytest.mark.support("pipeline-parallel", "shape", "vllm-objects")
+def test_stages_of_unequal_layer_counts_share_the_larger_stages_geometry():
+    """Three layers over two stages: vLLM's partition is two and one; one
+    geometry of two layers serves both (the smaller stage fills the first)."""
+    layers = [f"model.layers.{i}.attn" for i in range(2)]
+    cache = KVCacheConfig(
+        16, [], [KVCacheGroupSpec(layers, FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))]
+    )
+    assert geometry_of(config(pp=2, layers=3), cache).num_layers == 2
+
+
 @pytest.mark.support("fp8-kv", "shape", "vllm-objects")
 def test_e4m3_and_e5m2_never_share_blocks():
     spec = FullAttentionSpec(**SHAPE, dtype=torch.uint8)
@@ -112,15 +123,6 @@ def test_e4m3_and_e5m2_never_share_blocks():
             id="int8",
             marks=pytest.mark.support(
                 "quantized-kv", "shape", "vllm-objects", refused="per-token-head"
-            ),
-        ),
-        pytest.param(
-            config(pp=2, layers=3),
-            None,
-            "as many layers each",
-            id="uneven-stages",
-            marks=pytest.mark.support(
-                "pipeline-parallel", "shape", "vllm-objects", refused="uneven-stages"
             ),
         ),
         pytest.param(

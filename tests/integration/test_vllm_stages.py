@@ -15,7 +15,7 @@ from kvbm.connector.attach import node_stats
 from tests.harness.vllm_runs import prompt
 from tests.harness.vllm_steps import BLOCK, expected_values
 
-STAGES = 2  # the tests' model has 2 layers: one a stage
+STAGES = 2  # the tests' model has 2 layers: one a stage (3 in the unequal stages' test)
 
 
 @pytest.fixture
@@ -57,3 +57,43 @@ def test_a_prefix_one_stage_lacks_is_not_promised(staged, node):
     ids = engine.block_ids("partial")
     assert engine.values(ids[:1]) == expected_values(p)[:1]
     engine.run()
+
+
+@pytest.mark.support("pipeline-parallel", "hits", "vllm-objects")
+def test_stages_of_unequal_layer_counts_each_save_and_load_their_share(node, tmp_path):
+    """Three layers over two stages (vLLM's partition: two and one): one
+    geometry of the larger stage's two layers serves both, the one-layer
+    stage filling the first slot layer. Engine 2 counts p's three blocks
+    computed, and every layer of both stages holds what was computed."""
+    from vllm.config import ModelConfig
+
+    from tests.harness.tiny_llama import build
+    from tests.harness.vllm_steps import SteppedEngine
+
+    path = build(str(tmp_path / "tiny-llama"))
+    model = ModelConfig(
+        model=path,
+        dtype="float32",
+        seed=0,
+        max_model_len=1024,
+        hf_overrides={"num_hidden_layers": 3},
+    )
+    p = prompt(3)
+    made = []
+    try:
+        first = SteppedEngine(model, node.socket, stages=STAGES)
+        made.append(first)
+        assert [len(names) for names in first.staged] == [2, 1]
+        assert first.connector.setup.geometry.num_layers == 2  # the larger stage's
+        first.add("computed", p)
+        first.run()
+        assert node_stats(node.socket)["tiers"]["host"]["blocks"] == 3 * STAGES
+        engine = SteppedEngine(model, node.socket, stages=STAGES)
+        made.append(engine)
+        assert engine.admit("again", p) == 3 * BLOCK
+        ids = engine.block_ids("again")
+        assert engine.values(ids[:3]) == expected_values(p)[:3]  # all three layers
+        engine.run()
+    finally:
+        for engine in made:
+            engine.close()

@@ -46,6 +46,7 @@ class EngineSetup:
     cfg: KvbmConfig
     block_size: int
     ranks: int  # the engine's workers, each keying its own share of a block (block_key.py)
+    stages: int  # pipeline stages (each of `ranks` / `stages` tensor-parallel workers)
     socket: str
     async_copies: bool  # copies started in one hook and finished in a later one
     promise_hits: bool  # kv_load_failure_policy "recompute": a view hit is promised unpinned
@@ -129,6 +130,7 @@ def engine_setup(
         block_size=vllm_config.cache_config.block_size,
         ranks=vllm_config.parallel_config.tensor_parallel_size
         * vllm_config.parallel_config.pipeline_parallel_size,
+        stages=vllm_config.parallel_config.pipeline_parallel_size,
         socket=socket,
         async_copies=cfg.engine_copies == "async"
         or (cfg.engine_copies == "auto" and device != "cpu"),
@@ -190,7 +192,7 @@ def geometry_of(
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(pc, name, 1) > 1:
             raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
-    check_stages(mc, pc)
+    most = stage_layers(mc, pc) or 0
     device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
     if getattr(mc, "use_mla", False) and device == "cpu":
         # Measured (tests/system/test_vllm_models.py): with vLLM's own prefix
@@ -208,7 +210,7 @@ def geometry_of(
         if mc.get_sliding_window() is not None:
             raise KvbmError("kvbm needs vLLM's KV cache groups to tell a sliding window's blocks")
         return ModelGeometry(
-            num_layers=mc.get_num_layers(pc),
+            num_layers=max(mc.get_num_layers(pc), most),
             num_kv_heads=mc.get_num_kv_heads(pc),
             head_dim=mc.get_head_size(),
             block_size=cc.block_size,
@@ -244,7 +246,7 @@ def geometry_of(
             f"kvbm does not store packed KV pages (scales inline) yet: {cc.cache_dtype}"
         )
     return ModelGeometry(
-        num_layers=sum(len(g.layer_names) for g in groups),
+        num_layers=max(sum(len(g.layer_names) for g in groups), most),
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_size,
         head_dim_v=spec.head_size_v,
@@ -254,22 +256,21 @@ def geometry_of(
     )
 
 
-def check_stages(model_config: Any, parallel_config: Any) -> None:
-    """Pipeline stages must hold as many layers each: one geometry serves
-    every stage's share of a block (its keys' rank tells the stage), and
-    the scheduler sees the first stage's layers only. KvbmError otherwise."""
+def stage_layers(model_config: Any, parallel_config: Any) -> int | None:
+    """The most layers a pipeline stage holds (None without pipeline
+    parallelism). One geometry serves every stage's share of a block (its
+    keys' rank tells the stage), so it has that many layers: a stage of
+    fewer fills the first slot layers and zeroes the rest
+    (kvbm/connector/engine_kv.py). The scheduler sees the first stage's
+    layers alone, hence the count from the model's partition of its layers
+    (vLLM's `get_pp_indices`, VLLM_PP_LAYER_PARTITION included)."""
     pp = getattr(parallel_config, "pipeline_parallel_size", 1)
     if pp <= 1:
-        return
+        return None
     from vllm.distributed.utils import get_pp_indices
 
     total = model_config.get_total_num_hidden_layers()
-    counts = {end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp))}
-    if len(counts) > 1:
-        raise KvbmError(
-            f"kvbm stores pipeline stages of as many layers each; {total} layers in {pp} "
-            f"stages are {sorted(counts)} a stage"
-        )
+    return max(end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp)))
 
 
 def fp8_format(cache_dtype: str | None) -> str | None:
