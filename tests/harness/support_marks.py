@@ -60,8 +60,8 @@ REFUSALS = {
     "off and vLLM runs on (with no one-group way: vLLM needs its hybrid manager for the state)",
     "per-token-head": "per-token-head quantized caches (int8, int4) are not stored yet",
     "packed-pages": "packed pages (scales inline) are not stored yet",
-    "context-parallel": "a context-parallel rank holds every n-th token of a block, not a "
-    "block; not stored yet",
+    "context-parallel": "prefill context parallelism is not stored yet (decode context "
+    "parallelism is)",
     "mla-on-cpu": "vLLM's CPU MLA backend computes over a cached prefix otherwise than over "
     "the whole prompt (vLLM turns its own prefix cache off for it), so kvbm stores no MLA "
     "cache on CPU",

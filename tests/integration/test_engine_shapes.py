@@ -28,14 +28,16 @@ LAYERS = ["model.layers.0.attn", "model.layers.1.attn"]
 
 
 def config(
-    cache_dtype: str = "auto", pp: int = 1, dcp: int = 1, layers: int = 2
+    cache_dtype: str = "auto", pp: int = 1, dcp: int = 1, layers: int = 2, pcp: int = 1
 ) -> SimpleNamespace:
     return SimpleNamespace(
         model_config=SimpleNamespace(
             dtype=torch.bfloat16, get_total_num_hidden_layers=lambda: layers
         ),
         parallel_config=SimpleNamespace(
-            pipeline_parallel_size=pp, decode_context_parallel_size=dcp
+            pipeline_parallel_size=pp,
+            decode_context_parallel_size=dcp,
+            prefill_context_parallel_size=pcp,
         ),
         cache_config=SimpleNamespace(cache_dtype=cache_dtype, kv_cache_layout=None, block_size=16),
     )
@@ -126,10 +128,10 @@ def test_e4m3_and_e5m2_never_share_blocks():
             ),
         ),
         pytest.param(
-            config(dcp=2),
+            config(pcp=2),
             None,
-            "decode_context_parallel_size",
-            id="dcp",
+            "prefill_context_parallel_size",
+            id="pcp",
             marks=pytest.mark.support(
                 "context-parallel", "shape", "vllm-objects", refused="context-parallel"
             ),

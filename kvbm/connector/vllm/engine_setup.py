@@ -114,7 +114,7 @@ def engine_setup(
         geometry = geometry_of(vllm_config, kv_cache_config)
         groups = groups_of(kv_cache_config)
         about = "model_identity"
-        identity = model_identity(vllm_config.model_config)
+        identity = model_identity(vllm_config.model_config, vllm_config.parallel_config)
         about = None  # past here only the node fails, and it hears nothing then
         if "node" not in extra:
             socket, private = ensure_private_node(cfg)
@@ -127,7 +127,7 @@ def engine_setup(
     device = vllm_config.device_config.device_type
     return EngineSetup(
         cfg=cfg,
-        block_size=vllm_config.cache_config.block_size,
+        block_size=block_span(vllm_config, kv_cache_config),
         ranks=vllm_config.parallel_config.tensor_parallel_size
         * vllm_config.parallel_config.pipeline_parallel_size,
         stages=vllm_config.parallel_config.pipeline_parallel_size,
@@ -187,11 +187,12 @@ def geometry_of(
     group of every layer), and engines with it on and off share blocks."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     fp8 = fp8_format(cc.cache_dtype)
-    # A decode-context-parallel rank holds every n-th token of a block: its
-    # share is not a block of the geometry (pipeline stages' shares are).
-    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(pc, name, 1) > 1:
-            raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
+    # A decode-context-parallel rank's block is a block of the geometry
+    # (spec.block_size tokens, every n-th of vLLM's block: `block_span`).
+    if getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        raise KvbmError(
+            "kvbm does not store KV caches split by prefill_context_parallel_size > 1 yet"
+        )
     most = stage_layers(mc, pc) or 0
     device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
     if getattr(mc, "use_mla", False) and device == "cpu":
@@ -254,6 +255,18 @@ def geometry_of(
         dtype=fp8 or str(spec.dtype).removeprefix("torch."),
         kv_layout=layout,
     )
+
+
+def block_span(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> int:
+    """The tokens of one of vLLM's blocks, which kvbm keys: under decode
+    context parallelism n ranks each hold every n-th token of it (runs of
+    the interleave size) in a block of their own cache (vLLM's
+    `resolve_dcp_kv_block_size`); each rank keys its share with its rank."""
+    dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1)
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if groups and not all(getattr(g.kv_cache_spec, "dcp_sharded", False) for g in groups):
+        dcp = 1
+    return vllm_config.cache_config.block_size * dcp
 
 
 def stage_layers(model_config: Any, parallel_config: Any) -> int | None:
