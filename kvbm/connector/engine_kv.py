@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kvbm.errors import GeometryMismatch
-from kvbm.layout import ModelGeometry
+from kvbm.layout import PACKED_MODES, ModelGeometry
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -37,6 +37,7 @@ _TORCH_DTYPES = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e4m3fnuz": torch.float8_e4m3fnuz,
     "float8_e5m2": torch.float8_e5m2,
+    **{f"packed-{mode}": torch.uint8 for mode in PACKED_MODES},
 }
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
@@ -141,7 +142,8 @@ class EngineKV:
                     f"kernel blocks of fewer tokens)"
                 )
             if t.dtype != torch_dtype(g) and not (
-                t.dtype == torch.uint8 and g.dtype.startswith("float8")  # vLLM's fp8 caches
+                (t.dtype == torch.uint8 and g.dtype.startswith("float8"))  # vLLM's fp8 caches
+                or (t.dtype == torch.int8 and g.dtype.startswith("packed-"))  # its int8 pages
             ):
                 raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {g.dtype}")
             if t.device != first.device:

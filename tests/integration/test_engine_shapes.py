@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    KVQuantMode,
     MambaSpec,
     MLAAttentionSpec,
     SlidingWindowSpec,
@@ -84,6 +85,29 @@ def test_an_fp8_cache_is_named_by_its_format(cache_dtype, fmt):
     assert g.dtype == fmt and g.layer_block_bytes == 2 * 16 * 16  # one byte an element
     other = geometry_of(config(), groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16)))
     assert g.fingerprint != other.fingerprint
+
+
+@pytest.mark.support("quantized-kv", "shape", "vllm-objects")
+def test_a_per_token_head_packed_page_is_stored_as_its_bytes():
+    """vLLM's per-token-head quantized caches (int8, fp8, int4) pack each
+    head's K and V data with their fp32 scales, `state_content_bytes` a
+    token: a block is those bytes, scales and all, named by the mode."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    made = {}
+    for mode, dtype in (
+        (KVQuantMode.INT8_PER_TOKEN_HEAD, torch.int8),
+        (KVQuantMode.FP8_PER_TOKEN_HEAD, torch.uint8),
+        (KVQuantMode.INT4_PER_TOKEN_HEAD, torch.uint8),
+    ):
+        plain = FullAttentionSpec(**SHAPE, dtype=dtype, kv_quant_mode=mode)
+        spec = TritonAttentionBackend.customize_spec(plain)
+        g = geometry_of(config(mode.name.lower()), groups(spec))
+        assert (g.head_dim, g.head_dim_v) == (spec.state_content_bytes, 0)
+        assert g.dtype == f"packed-{mode.name.lower()}"
+        assert g.layer_block_bytes == spec.page_size_bytes  # the page, scales included
+        made[mode] = g
+    assert len({g.fingerprint for g in made.values()}) == 3
 
 
 @pytest.mark.support("pipeline-parallel", "shape", "vllm-objects")
@@ -157,8 +181,8 @@ def test_e4m3_and_e5m2_never_share_blocks():
         pytest.param(
             config("fp8"),
             "packed",
-            "packed KV pages",
-            id="packed",
+            "packed KV pages of nvfp4 mode",
+            id="packed-nvfp4",
             marks=pytest.mark.support(
                 "quantized-kv", "shape", "vllm-objects", refused="packed-pages"
             ),
@@ -179,7 +203,11 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
             ],
         ),
         "mamba": groups(MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))),
-        "packed": groups(FullAttentionSpec(**SHAPE, dtype=torch.uint8, state_content_bytes=40)),
+        "packed": groups(
+            FullAttentionSpec(
+                **SHAPE, dtype=torch.uint8, kv_quant_mode=KVQuantMode.NVFP4, state_content_bytes=40
+            )
+        ),
     }[cache]
     with pytest.raises(KvbmError, match=says):
         geometry_of(cfg, made)

@@ -13,7 +13,7 @@ from kvbm.connector.attention_window import AttentionWindow
 from kvbm.connector.identity import model_identity
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.errors import KvbmError
-from kvbm.layout import VLLM_CPU_LAYOUT, ModelGeometry
+from kvbm.layout import PACKED_MODES, VLLM_CPU_LAYOUT, ModelGeometry
 from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:
@@ -186,7 +186,9 @@ def geometry_of(
     geometry is then the same model's without the hybrid manager (one
     group of every layer), and engines with it on and off share blocks."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
-    fp8 = fp8_format(cc.cache_dtype)
+    specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups] if kv_cache_config else []
+    packed = any(getattr(s, "state_content_bytes", None) is not None for s in specs)
+    fp8 = None if packed else fp8_format(cc.cache_dtype)
     # A decode-context-parallel rank's block is a block of the geometry
     # (spec.block_size tokens, every n-th of vLLM's block: `block_span`).
     if getattr(pc, "prefill_context_parallel_size", 1) > 1:
@@ -218,7 +220,6 @@ def geometry_of(
             dtype=fp8 or str(mc.dtype).removeprefix("torch."),
             kv_layout=layout,
         )
-    specs = [g.kv_cache_spec for g in groups]
     kinds = sorted({type(s).__name__ for s in specs})
     if not set(kinds) <= set(STORED_KINDS):
         raise KvbmError(
@@ -242,9 +243,15 @@ def geometry_of(
             f"layers); this model's {len(groups)} groups have {len(shapes)}"
         )
     spec = specs[0]
-    if any(s.state_content_bytes is not None for s in specs):
-        raise KvbmError(
-            f"kvbm does not store packed KV pages (scales inline) yet: {cc.cache_dtype}"
+    if packed:
+        return ModelGeometry(
+            num_layers=max(sum(len(g.layer_names) for g in groups), most),
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.state_content_bytes,  # a token's bytes of a head: data and scales
+            head_dim_v=0,
+            block_size=spec.block_size,
+            dtype=packed_format(spec),
+            kv_layout=layout,
         )
     return ModelGeometry(
         num_layers=max(sum(len(g.layer_names) for g in groups), most),
@@ -284,6 +291,23 @@ def stage_layers(model_config: Any, parallel_config: Any) -> int | None:
 
     total = model_config.get_total_num_hidden_layers()
     return max(end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp)))
+
+
+def packed_format(spec: Any) -> str:
+    """The element format of a packed page (`state_content_bytes`: each
+    head's K and V data and their scales, C bytes a token), named by vLLM's
+    quantization mode. vLLM views such a page as [B, H, N, C] of bytes for
+    the per-token-head modes (kvbm/layout.py's PACKED_MODES); other packings
+    (several tokens a state, heads packed otherwise) are refused."""
+    mode = str(getattr(getattr(spec, "kv_quant_mode", None), "name", "")).lower()
+    slots = getattr(spec, "num_head_slots", None)
+    if (
+        mode not in PACKED_MODES
+        or getattr(spec, "tokens_per_state", 1) != 1
+        or slots not in (None, spec.num_kv_heads)
+    ):
+        raise KvbmError(f"kvbm does not store packed KV pages of {mode or 'this'} mode yet")
+    return f"packed-{mode}"
 
 
 def fp8_format(cache_dtype: str | None) -> str | None:
