@@ -115,9 +115,8 @@ def test_a_broken_overlay_is_caught(tmp_path):
     """Negative controls through the overlays themselves: a patch with an
     unknown field renders but does not validate; a patch whose target is
     gone, or a component that is gone, does not render."""
-    root = break_copy(
-        tmp_path / "field", "components/etcd-tls/node-etcd-client.yaml", "volumeMounts:", "mounts:"
-    )
+    patch = "components/etcd-client/node-etcd-client.yaml"
+    root = break_copy(tmp_path / "field", patch, "volumeMounts:", "mounts:")
     docs = render(root / "overlays/production")
     with pytest.raises(kubernetes_validate.ValidationError, match="mounts"):
         validate_all(docs)
@@ -248,17 +247,40 @@ def test_production_etcd_takes_only_clients_with_a_certificate_and_the_node_has_
         assert f"secret generic {secret}" in script
 
 
-def test_dev_needs_no_certificate_and_no_secret_but_the_peer_secret():
-    docs = rendered("overlays/dev")
-    assert node_config(docs).etcd_tls is None
-    secrets = {
+def secrets_used(docs: list[dict]) -> set[str]:
+    return {
         v["secret"]["secretName"]
         for doc in docs
         if doc["kind"] in ("DaemonSet", "StatefulSet")
         for v in doc["spec"]["template"]["spec"].get("volumes", [])
         if "secret" in v
     }
-    assert secrets == {"kvbm-peer-secret"}
+
+
+def test_the_recipe_for_an_etcd_of_your_own_renders(tmp_path):
+    """docs/operations.md, step 3: the base with the components etcd-client
+    and network-policy, and no etcd of k8s/."""
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S, root)
+    own = root / "overlays" / "own-etcd"
+    own.mkdir()
+    (own / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources: [../../base]\n"
+        "components: [../../components/etcd-client, ../../components/network-policy]\n"
+    )
+    docs = render(own)
+    validate_all(docs)
+    assert "StatefulSet" not in kinds(docs)
+    assert node_config(docs).etcd_tls is not None
+    assert secrets_used(docs) == {"kvbm-peer-secret", "kvbm-etcd-client"}
+
+
+def test_dev_needs_no_certificate_and_no_secret_but_the_peer_secret():
+    docs = rendered("overlays/dev")
+    assert node_config(docs).etcd_tls is None
+    assert secrets_used(docs) == {"kvbm-peer-secret"}
     assert "NetworkPolicy" not in kinds(docs)
     assert find(docs, "StatefulSet", "kvbm-etcd")["spec"]["replicas"] == 1
 
