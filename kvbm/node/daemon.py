@@ -26,7 +26,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import HashKey, Verify, content_matches
 from kvbm.layout import ModelGeometry
-from kvbm.metrics import EngineRefusals
+from kvbm.metrics import BuildInfo, EngineRefusals
 from kvbm.node.build import check_directories
 from kvbm.node.engine_server import EngineServer
 from kvbm.node.file_limit import fit_file_limit
@@ -69,10 +69,12 @@ class Node:
             cfg, self.node_id, self.serve, self.stats, HashKey.derive(secret), versions
         )
         self._metrics: MetricsServer | None = None
-        # what /metrics shows before an engine attaches: engines refused so far
-        self._refusal_metric = EngineRefusals(self.engines.refusals.counts)
+        # what /metrics shows before an engine attaches too: the node's
+        # version (a rolling upgrade's progress) and engines refused so far
+        self._always = (BuildInfo(__version__), EngineRefusals(self.engines.refusals.counts))
         self._idle_registry = CollectorRegistry()
-        self._idle_registry.register(self._refusal_metric)
+        for collector in self._always:
+            self._idle_registry.register(collector)
         host, _ = cfg.listen_address
         # peers are found by their records in the index; the index's calls
         # to owners (a sharded index) go through the peers' connections
@@ -129,7 +131,8 @@ class Node:
         async with self._setup:
             if self.serving is None:
                 self.serving = await build_serving(self.parts, geometry)
-                self.serving.mgr.metrics.registry.register(self._refusal_metric)
+                for collector in self._always:
+                    self.serving.mgr.metrics.registry.register(collector)
             elif self.serving.mgr.geometry != geometry:
                 raise GeometryMismatch(
                     f"this node serves {self.serving.mgr.geometry}; an engine of "

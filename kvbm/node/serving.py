@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from discovery.records import NodeRecord
@@ -16,6 +17,7 @@ from kvbm.hashing import Verify
 from kvbm.key_view import KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
+from kvbm.metrics import PeerFigures
 from kvbm.node.build import build_manager
 from kvbm.node.index_choice import IndexChoice
 from kvbm.node.onboarding import Onboarding
@@ -142,10 +144,26 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
     upkeep = Upkeep(mgr, checksums, min(ahead, mgr.host.num_slots // 4))
     huge_mb = arena.huge_page_bytes() >> 20
     serving = Serving(mgr, agent, server, peers, onboarding, upkeep, huge_mb)
+    if server is not None:
+        mgr.metrics.watch_peers(_peer_figures(parts.publisher, peers, server))
     await parts.publisher.serve(mgr, record)
     upkeep.start()
     _log_serving(geometry, port, arena.directory, huge_mb)
     return serving
+
+
+def _peer_figures(
+    publisher: Publisher, peers: PeerPool, server: PeerServer
+) -> Callable[[], PeerFigures]:
+    def figures() -> PeerFigures:
+        return PeerFigures(
+            index_nodes=len(publisher.peers()),
+            avoided=len(peers.avoided_now()),
+            connections=server.connections,
+            closed_idle=server.closed_idle,
+        )
+
+    return figures
 
 
 def _key_view(cfg: KvbmConfig, mgr: BlockManager) -> KeyView:

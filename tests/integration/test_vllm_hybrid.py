@@ -189,3 +189,29 @@ def test_a_mamba_hybrid_runs_without_kvbm_and_the_node_hears_why(model, daemons)
         assert told["kind"] == "kv_cache" and "MambaSpec" in told["reason"]
     finally:
         engine.close()
+
+
+@pytest.mark.support("full-and-sliding", "hits", "vllm-objects")
+def test_beside_vllms_prefix_cache_a_hybrid_loads_only_what_vllm_lacks(engines, node):
+    """vLLM's prefix cache holds p's six blocks in both groups; the node
+    holds `longer` (p and two blocks more). A request for `longer` counts
+    vLLM's six and the connector's two: both groups load blocks 6 and 7
+    alone, which hold what each group computes; the blocks vLLM's own hit
+    brought are never saved again."""
+    p = prompt(5)
+    longer = p[: 6 * BLOCK] + prompt(6, 2 * BLOCK + 4)
+    holder = gpt_oss_like(engines)
+    holder.add("longer", longer)
+    holder.run()
+    engine = gpt_oss_like(engines, prefix_caching=True)
+    engine.add("p", p)
+    engine.run()
+    assert engine.admit("again", longer) == 8 * BLOCK
+    [load] = loads_of(engine, "again")
+    full, sliding = engine.block_ids("again", 0), engine.block_ids("again", 1)
+    assert load.block_ids == [full[6:8], sliding[6:8]]
+    assert engine.values(full[:8], 0) == expected_values(longer)[:8]
+    assert engine.values(sliding[6:8], 1) == expected_values(longer, REACH)[6:8]
+    engine.run()
+    # its eight full blocks were vLLM's or the node's: none is saved again
+    assert not [s for m in engine.metas for s in m.saves if s.req_id == "again"]

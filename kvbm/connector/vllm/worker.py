@@ -93,7 +93,8 @@ class KvbmWorker:
                     f"vLLM's KV caches {sorted(kv_caches)} are not its KV cache groups' layers"
                 )
             groups = [group_of.get(name, 0) for name, _ in layers]
-            kv = EngineKV(self.setup.geometry, [t for _, t in layers], groups)
+            stage = self.setup.stages > 1  # a stage may hold fewer layers than another
+            kv = EngineKV(self.setup.geometry, [t for _, t in layers], groups, stage)
             if kv.device.type not in ("cpu", "cuda"):
                 raise KvbmError(f"kvbm copies CPU and CUDA caches, not {kv.device.type}")
             self._kv = kv
