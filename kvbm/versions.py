@@ -12,8 +12,9 @@ peer RPC's calls (transport/peer_rpc/) and a node's index record
 (discovery/records.py) mean. Every hello carries it (the engine's, the
 node's answer, the peer's signed hello and the signed answer) and so does
 the node record; a change to any call's body, or to what a record says,
-bumps it. Version 1 is the wire of main at 93f9d4d, the last commit whose
-hellos carry no version: a hello or a record without one is version 1.
+bumps it. Version 1 is the wire of main before versions were said (from
+0b8f84c, the keyed block hash, to 4b137c8): a hello or a record without a
+version is version 1.
 
 The rule: two sides talk when their versions are at most one apart (this
 release and the previous one, whichever is newer). The newer side knows the
@@ -49,8 +50,8 @@ Versions outside this rule, each with its own reason:
 When the wire changes next: bump PROTOCOL, keep the previous bodies for a
 connection whose version (`Compatibility.check`) is the previous one, and
 move tests/harness/old_tree.py's PREVIOUS to main's last commit of the
-previous protocol. docs/operations.md ("Versions and upgrades") says the
-rule for operators.
+previous protocol. docs/operations.md ("Which versions work together")
+says the rule for operators.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-PREVIOUS = "93f9d4d6dfc5e9e869e3015c06efcfd58cf809b9"
+PREVIOUS = "4b137c89ad47b3ff2f6fd9a9525f73a5cdb07707"
 PREVIOUS_PROTOCOL = 1
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PATHS = ("kvbm", "transport", "discovery", "tests")  # what runs: the product and its harness

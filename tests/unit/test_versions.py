@@ -41,7 +41,7 @@ def test_this_release_talks_to_the_previous_and_the_next_one():
     expect_talks(2, 2, 2)
     expect_talks(2, 1, 1)  # the previous release: the newer side speaks its wire
     expect_talks(2, 3, 2)  # the next release adapts to this one
-    # a hello without a version is the previous release's (main at 93f9d4d)
+    # a hello without a version is the previous release's (main before versions)
     assert UNVERSIONED == 1
     expect_talks(2, None, 1)
 
