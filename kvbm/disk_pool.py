@@ -47,7 +47,6 @@ log = logging.getLogger("kvbm.disk")
 
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
-# The layout versions (DISK_FILE, DISK_SLOT) are kvbm/versions.py's, with the rule.
 _SUPER = struct.Struct(
     "<8sIQQQQ"
 )  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
@@ -204,7 +203,7 @@ class DiskPool:
 
     def _layout_change(self, fd: int) -> str:
         """What differs between the file's superblock and this node's: its
-        layout version (another release wrote it), or its sizes."""
+        layout version (kvbm/versions.py: another release wrote it), or its sizes."""
         version = _SUPER.unpack_from(self._read_page(fd, 0))[1]
         if version != DISK_FILE:
             return f"the file's layout version is {version}, this node's {DISK_FILE}"

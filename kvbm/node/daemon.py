@@ -82,7 +82,7 @@ class Node:
             self.node_id, secret, host, self._peer_record, cfg.peer_backoff_s, INDEX_CALLS, versions
         )
         index = choose_index(cfg, IndexSigner(secret), OwnerClient(peers))
-        # no engine yet
+        # its record until an engine attaches: no peer port yet
         idle = NodeRecord(self.node_id, host, 0, version=__version__, protocol=versions.ours)
         self.publisher = Publisher(idle, index.open, index.places_by_anchor)
         self.parts = NodeParts(
