@@ -21,6 +21,7 @@ holds before its forward."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from vllm import SamplingParams
@@ -53,6 +54,7 @@ from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.connector.vllm import KvbmConnector, KvbmMetadata, kv_transfer_config
 from kvbm.connector.vllm.engine_setup import window_of
 from kvbm.connector.vllm.scheduler import KvbmScheduler
+from tests.harness.node_daemon import until
 
 BLOCK = 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]  # tests/tiny_llama.py's
@@ -324,6 +326,24 @@ class SteppedEngine:
             probe.store(share, keys, list(range(1, len(blocks) + 1)))
         finally:
             probe.close()
+
+    def evict_after_promising(
+        self, probe: NodeAttachment, req_id: str, held: slice
+    ) -> Callable[..., None]:
+        """A stand-in for the scheduler's `update_state_after_alloc` that,
+        once vLLM has allocated for a promise, floods the node until
+        `req_id`'s blocks `held` are gone from it: the race of a hit whose
+        blocks go between its promise and the step's pin, forced."""
+        promised = self.connector.update_state_after_alloc
+
+        def promise_then_evict(request: Request, blocks: object, num_external_tokens: int) -> None:
+            promised(request, blocks, num_external_tokens)  # type: ignore[arg-type]
+            self.flood(probe)
+            keys = probe.keys(self.connector.requests[req_id].seq_hashes[held])
+            # the node's answers follow its evictions a moment later
+            until(lambda: probe.lookup(keys).total == 0, 10, f"{req_id}'s blocks outlived it")
+
+        return promise_then_evict
 
     @staticmethod
     def flood(probe: NodeAttachment) -> None:

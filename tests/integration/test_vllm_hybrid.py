@@ -24,7 +24,6 @@ from kvbm.connector.attention_window import NULL_BLOCK
 from kvbm.connector.vllm import kv_transfer_config
 from kvbm.status import node as node_status
 from tests.harness import vllm_runs as runs
-from tests.harness.node_daemon import until
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
 
 WINDOW = 64  # tokens: 6 blocks computed, the next token sees blocks 4 and 5
@@ -142,16 +141,9 @@ def test_a_hybrid_hit_whose_blocks_went_before_the_pin_fails_whole(
     gpt_oss_like(engines).hold(node.socket, p, list(range(6)))
     engine = gpt_oss_like(engines, policy=policy)
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
-    promised = engine.connector.update_state_after_alloc
-
-    def promise_then_evict(request, blocks, num_external_tokens) -> None:
-        promised(request, blocks, num_external_tokens)
-        engine.flood(probe)
-        held = probe.keys(engine.connector.requests["p"].seq_hashes[:6])
-        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
-
+    evict = engine.evict_after_promising(probe, "p", slice(0, 6))
     if policy == "recompute":  # with "fail" the hit is pinned before it is promised
-        monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
+        monkeypatch.setattr(engine.connector, "update_state_after_alloc", evict)
     try:
         if policy == "fail":
             engine.flood(probe)  # gone before the lookup: nothing is pinned, nor promised
