@@ -105,10 +105,10 @@ class KvbmWorker:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
             self._kv = None
             return
-        node = self._attached() if kv.device.type == "cuda" else None
+        node = self._attached()  # now, not in the first request's step
         if node is not None:
             try:
-                self._copies(node)  # pins the arena now, not in the first step
+                self._copies(node)  # a GPU's: pins the arena now, not in the first step
             except KvbmError as e:
                 log.error("kvbm disabled: %s", e)
 
