@@ -23,7 +23,7 @@ RUN if [ "$VARIANT" = "cuda" ]; then \
     fi \
  && pip install .
 
-# Runs as root (with no capability: see k8s/node-daemonset.yaml): it writes the
+# Runs as root (with no capability: see k8s/base/node-daemonset.yaml): it writes the
 # hostPaths /dev/shm/kvbm, /run/kvbm and the disk tier.
 ENTRYPOINT ["kvbm"]
 CMD ["node", "--config", "/etc/kvbm/node.toml"]

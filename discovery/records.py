@@ -35,7 +35,11 @@ def check_node_id(node_id: str) -> str:
 
 @dataclass(frozen=True)
 class NodeRecord:
-    """What a node tells the fleet about itself, under its lease."""
+    """What a node tells the fleet about itself, under its lease. `version`
+    is the node's software release, for people; `protocol` the version of
+    the wire it speaks (kvbm/versions.py), which peers check before they
+    connect. A record that says no protocol decodes with None: its node
+    predates the field (the index does not judge; the node does)."""
 
     node_id: str
     address: str
@@ -45,13 +49,17 @@ class NodeRecord:
     host_capacity_blocks: int = 0
     disk_capacity_blocks: int = 0
     version: str = ""
+    protocol: int | None = None
 
     def __post_init__(self) -> None:
         check_node_id(self.node_id)
         if not 0 <= self.rpc_port < 65536:
             raise ValueError(f"rpc_port out of range: {self.rpc_port}")
+        if self.protocol is not None and (type(self.protocol) is not int or self.protocol < 0):
+            raise ValueError(f"protocol must be a version number, got {self.protocol!r}")
 
     def encode(self) -> bytes:
+        said = {} if self.protocol is None else {"protocol": self.protocol}
         return msgpack.packb(
             {
                 "v": RECORD_VERSION,
@@ -63,6 +71,7 @@ class NodeRecord:
                 "host_capacity_blocks": self.host_capacity_blocks,
                 "disk_capacity_blocks": self.disk_capacity_blocks,
                 "version": self.version,
+                **said,
             }
         )
 
@@ -85,6 +94,7 @@ class NodeRecord:
                 host_capacity_blocks=int(d.get("host_capacity_blocks", 0)),
                 disk_capacity_blocks=int(d.get("disk_capacity_blocks", 0)),
                 version=str(d.get("version", "")),
+                protocol=d.get("protocol"),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"node record is missing or mistypes a field: {e!r}") from None

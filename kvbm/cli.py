@@ -107,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "sync", "async"],
         help="the connector's engine_copies (with --concurrency)",
     )
+    chat = which.add_parser(
+        "chat", help="multi-round QA over two vLLM servers on two nodes, with and without kvbm"
+    )
+    chat.add_argument("--json", action="store_true", help="print one JSON object")
+    chat.add_argument("--users", type=int, default=5, help="users (odd: rounds change server)")
+    chat.add_argument("--rounds", type=int, default=3, help="rounds of question and answer")
+    chat.add_argument(
+        "--qps", default="0.5,2", help="load levels: requests per second, comma-separated"
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -149,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                 from kvbm.bench import engines as engines_mod
 
                 result = engines_mod.run(args.engines, args.seconds, args.ready_timeout)
+            elif args.bench == "chat":
+                from kvbm.bench import chat as chat_mod
+
+                levels = tuple(float(q) for q in args.qps.split(",") if q)
+                result = chat_mod.run(args.users, args.rounds, levels)
             elif args.bench == "soak":
                 from kvbm.bench import soak as soak_mod
 

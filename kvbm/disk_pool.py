@@ -41,18 +41,12 @@ from kvbm.hashing import Verify, content_matches
 from kvbm.host_pool import HostPool
 from kvbm.layout import PAGE, ModelGeometry, slot_spans
 from kvbm.slot_table import SlotTable
+from kvbm.versions import DISK_FILE, DISK_SLOT, DISK_SLOT_DROPPED
 
 log = logging.getLogger("kvbm.disk")
 
 MAGIC = b"KVBMG3\x00\x01"
 SLOT_MAGIC = b"KVBMSLOT"
-VERSION = 3  # of the file's layout; 3: the superblock's sum is keyed
-# Of a slot's header. 4: keys of 16-byte keyed hashes (kvbm/hashing.py); 5:
-# keyed sums (kvbm/disk_seal.py). A header of an older version is not sealed
-# by the node's key (nor names its block by a key any engine asks for, before
-# 4): recovery counts and drops it, never reads it.
-SLOT_VERSION = 5
-_OLD_SLOT_VERSIONS = (2, 3, 4)
 _SUPER = struct.Struct(
     "<8sIQQQQ"
 )  # magic, version, slot_bytes, num_slots, block_bytes, fingerprint
@@ -131,7 +125,7 @@ class DiskPool:
         self.size = self.data_start + num_slots * self.slot_bytes
         self.table = SlotTable(num_slots)
         self._super = _SUPER.pack(
-            MAGIC, VERSION, self.slot_bytes, num_slots, geometry.block_bytes, geometry.fingerprint
+            MAGIC, DISK_FILE, self.slot_bytes, num_slots, geometry.block_bytes, geometry.fingerprint
         )
         self._seals = bytearray(num_slots * SEAL_BYTES)  # of each slot's data, from its header
         self.direct_io = False
@@ -177,7 +171,11 @@ class DiskPool:
                     self.path,
                 )
             elif os.fstat(fd).st_size:
-                log.warning("disk arena layout changed; starting it empty path=%s", self.path)
+                log.warning(
+                    "disk arena layout changed (%s); starting it empty path=%s",
+                    self._layout_change(fd),
+                    self.path,
+                )
             # The superblock goes first: a crash while reserving leaves a file
             # that is recognisably ours, to be recreated, never refused.
             os.ftruncate(fd, 0)
@@ -202,6 +200,14 @@ class DiskPool:
 
     def _sealed_super(self) -> bytes:
         return self._super + self._seal.sum(SUPER, self._super)
+
+    def _layout_change(self, fd: int) -> str:
+        """What differs between the file's superblock and this node's: its
+        layout version (kvbm/versions.py: another release wrote it), or its sizes."""
+        version = _SUPER.unpack_from(self._read_page(fd, 0))[1]
+        if version != DISK_FILE:
+            return f"the file's layout version is {version}, this node's {DISK_FILE}"
+        return "another slot size, slot count or block size"
 
     def _is_ours(self, fd: int) -> bool:
         return self._read_page(fd, 0)[: len(MAGIC)] == MAGIC
@@ -258,7 +264,7 @@ class DiskPool:
 
     def _header(self, key: BlockKey, csum: int, anchor: int, seal: bytes) -> bytes:
         size = self.geometry.block_bytes
-        head = _HEADER.pack(SLOT_MAGIC, SLOT_VERSION, size, csum, len(key)) + key
+        head = _HEADER.pack(SLOT_MAGIC, DISK_SLOT, size, csum, len(key)) + key
         head += _ANCHOR.pack(anchor) + seal
         return head + self._seal.sum(HEADER, head)
 
@@ -268,10 +274,10 @@ class DiskPool:
         """(key, checksum, anchor, seal), or None for a header that is not a
         whole one of ours, sealed under this node's key."""
         magic, version, data_len, csum, klen = _HEADER.unpack_from(page)
-        if magic == SLOT_MAGIC and version in _OLD_SLOT_VERSIONS:
+        if magic == SLOT_MAGIC and version in DISK_SLOT_DROPPED:
             self._old_headers += 1
             return None
-        if magic != SLOT_MAGIC or version != SLOT_VERSION:
+        if magic != SLOT_MAGIC or version != DISK_SLOT:
             return None
         if data_len != self.geometry.block_bytes or klen > MAX_ENCODED:
             return None

@@ -6,10 +6,14 @@ transport/frames.py (length, msgpack; the same framing and bounds as the
 peer RPC's, no MAC) over a unix socket.
 
 Calls (engine -> node), each answered by `ok` or `error`:
-  hello    {geometry, engine}    -> {arena, arena_dir, arena_bytes, view,
+  hello    {geometry, engine, hash, protocol}
+                                 -> {arena, arena_dir, arena_bytes, view,
                                      view_bytes, slot_bytes, num_slots,
                                      step_blocks, namespace, fingerprint,
-                                     node_id}
+                                     node_id, hash, protocol}: `protocol` is
+                                     each side's version (kvbm/versions.py:
+                                     either side refuses one it does not
+                                     talk to, naming both)
   lookup   {keys, remote, groups} -> {local, remote_host, remote_disk}: leading
                                      blocks held here, then how many more peers
                                      hold after them, by tier
@@ -26,6 +30,8 @@ Calls (engine -> node), each answered by `ok` or `error`:
   refused  {model, reason, kind} -> {}: a connector turned itself off for
                                      this engine's model (`Refusal`); no
                                      hello first, the engine has no geometry
+`stats` and `refused` come without a hello, so without a version: their
+bodies are the same in every version that talks.
 
 Keys are `BlockKey.encode()` bytes. `groups` (optional; per request in
 `load_many`) names each key's group anchor, `Groups.to_wire()`

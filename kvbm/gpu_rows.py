@@ -70,6 +70,15 @@ ROWS: tuple[GpuRow, ...] = (
         cells=tuple(("fp8-kv", f) for f in SERVED_CELLS),
     ),
     GpuRow(
+        "int8-per-token-head-kv",
+        "llama",
+        Expect.SERVED,
+        "The Llama with an int8 per-token-head KV cache: pages of int8 K and V with their "
+        "fp32 scales inline, stored as bytes (Triton attention).",
+        vllm_args=(("kv_cache_dtype", "int8_per_token_head"),),
+        cells=tuple(("quantized-kv", f) for f in SERVED_CELLS),
+    ),
+    GpuRow(
         "gpt-oss-like",
         "gpt-oss-like",
         Expect.SERVED,

@@ -40,6 +40,11 @@ DTYPE_BYTES = {
     "float8_e4m3fnuz": 1,
     "float8_e5m2": 1,
 }
+# Packed pages: vLLM's per-token-head quantized caches keep each head's K
+# and V data with their scales inline, C bytes a token position. A block is
+# those bytes, scales and all; the packing is named by its mode.
+PACKED_MODES = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
+DTYPE_BYTES.update({f"packed-{mode}": 1 for mode in PACKED_MODES})
 PAGE = 4096
 
 

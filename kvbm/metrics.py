@@ -4,9 +4,10 @@ and several managers in one process never collide); the daemon exposes it."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 
 class TierMetrics:
@@ -80,6 +81,11 @@ class TierMetrics:
         """`kvbm_index_rejected_total`, read from the index mirror when scraped."""
         self.registry.register(_IndexRejected(rejected, over_cap))
 
+    def watch_peers(self, figures: Callable[[], PeerFigures]) -> None:
+        """The fleet's gauges (`kvbm_index_nodes`, `kvbm_peers_avoided`,
+        `kvbm_peer_connections`...), read from the node's parts when scraped."""
+        self.registry.register(_Peers(figures))
+
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (tests, status, the demo's summary)."""
         v = self.registry.get_sample_value(name, labels)
@@ -105,6 +111,64 @@ class _IndexRejected:
         c.add_metric(["signature"], self.rejected())
         c.add_metric(["cap"], self.over_cap())
         yield c
+
+
+@dataclass(frozen=True)
+class PeerFigures:
+    """A node's view of its fleet at one moment (what `kvbm status` shows too)."""
+
+    index_nodes: int  # nodes of its namespace in the index, itself included
+    avoided: int  # peers left alone for peer_backoff_s after a timeout or a lost connection
+    connections: int  # authenticated connections from peers, open now
+    closed_idle: int  # connections closed to make room for another peer, since the start
+
+
+class _Peers:
+    """A rolling upgrade shows here first: `kvbm_index_nodes` dips by one
+    while a node restarts, and the others' `kvbm_peer_connections` drop and
+    come back as its peers reconnect."""
+
+    def __init__(self, figures: Callable[[], PeerFigures]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        f = self.figures()
+        yield GaugeMetricFamily(
+            "kvbm_index_nodes",
+            "Nodes of this node's namespace in the index, this one included",
+            value=f.index_nodes,
+        )
+        yield GaugeMetricFamily(
+            "kvbm_peers_avoided",
+            "Peers left alone for peer_backoff_s after a timeout or a lost connection",
+            value=f.avoided,
+        )
+        yield GaugeMetricFamily(
+            "kvbm_peer_connections",
+            "Authenticated connections from peers, open now",
+            value=f.connections,
+        )
+        yield CounterMetricFamily(
+            "kvbm_peer_connections_closed_idle",
+            "Idle peer connections closed to make room for another peer (max_peer_connections)",
+            value=f.closed_idle,
+        )
+
+
+class BuildInfo:
+    """`kvbm_build_info{version}` 1: which release each node runs, so that a
+    rolling upgrade's progress is one query (count by version). The node
+    serves it from its first moment, before any engine attaches."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(
+            "kvbm_build_info", "The kvbm release this node runs", labels=["version"]
+        )
+        g.add_metric([self.version], 1)
+        yield g
 
 
 class EngineRefusals:

@@ -14,6 +14,7 @@ from discovery.signing import IndexSigner
 from discovery.tier import Tier
 from kvbm.config import KvbmConfig
 from kvbm.engine_wire import EngineLink
+from kvbm.versions import UNVERSIONED
 from transport.secret import load_secret
 
 
@@ -35,6 +36,7 @@ def fleet(cfg: KvbmConfig) -> dict:
                 "node_id": node_id,
                 "peer_rpc": f"{r.address}:{r.rpc_port}" if r.rpc_port else "no engine yet",
                 "version": r.version,
+                "protocol": UNVERSIONED if r.protocol is None else r.protocol,
                 Tier.HOST.value: {
                     "blocks": None if sharded else held[node_id, Tier.HOST],
                     "capacity": r.host_capacity_blocks,
@@ -71,12 +73,14 @@ def render(result: dict) -> str:
     """A short table for people (`--json` gives everything)."""
     if "nodes" in result:
         lines = [f"namespace {result['namespace']}: {len(result['nodes'])} node(s)"]
-        lines.append(f"{'node':20} {'peer rpc':22} {'host blocks':>16} {'disk blocks':>16}")
+        head = f"{'node':20} {'peer rpc':22} {'host blocks':>16} {'disk blocks':>16}"
+        lines.append(f"{head} protocol")
         for n in result["nodes"]:
             seen = "?" if n["host"]["blocks"] is None else None  # sharded: not in etcd
             host = f"{seen or n['host']['blocks']}/{n['host']['capacity']}"
             disk = f"{seen or n['disk']['blocks']}/{n['disk']['capacity']}"
-            lines.append(f"{n['node_id']:20} {n['peer_rpc']:22} {host:>16} {disk:>16}")
+            row = f"{n['node_id']:20} {n['peer_rpc']:22} {host:>16} {disk:>16}"
+            lines.append(f"{row} {n['protocol']:>8}")
         if result["unsigned_values"]:
             lines.append(
                 f"{result['unsigned_values']} index values not signed with this node's secret "
@@ -84,6 +88,8 @@ def render(result: dict) -> str:
             )
         return "\n".join(lines)
     lines = [f"node {result['node_id']} ({result['namespace']}), index: {result['index']}"]
+    if "protocol" in result:  # a node of an older release does not say
+        lines[0] += f", protocol {result['protocol']}"
     for tier, t in result.get("tiers", {}).items():
         lines.append(f"  {tier:5} {t['blocks']}/{t['capacity']} blocks")
     if "host_arena" in result:

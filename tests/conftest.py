@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -123,11 +124,12 @@ def etcd() -> Iterator:
 
 @pytest.fixture
 def daemons(tmp_path) -> Iterator[Callable[..., Daemon]]:
-    """daemons(name, host, *flags) -> a running `kvbm node`, stopped after the test."""
+    """daemons(name, host, *flags, command=, env=) -> a running `kvbm node`
+    (`Daemon`), stopped after the test."""
     started: list[Daemon] = []
 
-    def start(name: str, host: str, *flags: str) -> Daemon:
-        started.append(Daemon(tmp_path, name, host, *flags))
+    def start(name: str, host: str, *flags: str, **how: Any) -> Daemon:
+        started.append(Daemon(tmp_path, name, host, *flags, **how))
         return started[-1]
 
     yield start

@@ -11,3 +11,9 @@ class ProtocolError(TransportError):
 
 class AuthError(ProtocolError):
     """A frame whose HMAC, timestamp or nonce does not check out."""
+
+
+class VersionError(TransportError):
+    """A peer whose protocol version this side does not talk to, or that
+    does not talk to ours (the peer said so, proving the secret); the
+    message names both versions."""

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Certificates for the index's etcd (k8s/etcd/etcd.yaml) and its clients, the
-# kvbm nodes: a CA, one server/peer certificate for every member's name, one
-# client certificate for the nodes. etcd then takes clients with a
-# certificate from this CA only (--client-cert-auth): no other pod reads or
-# writes the index.
+# Certificates for the index's etcd (k8s/etcd/etcd.yaml in TLS, with the
+# component k8s/components/etcd-tls) and its clients, the kvbm nodes (the
+# component k8s/components/etcd-client): a CA, one server/peer certificate
+# for every member's name, one client certificate for the nodes. etcd then
+# takes clients with a certificate from this CA only (--client-cert-auth):
+# no other pod reads or writes the index.
 #
 #   k8s/etcd/make-certs.sh DIR            # writes DIR/{ca,etcd,kvbm-node}.{crt,key}
 #   k8s/etcd/make-certs.sh DIR --apply    # and creates the two Secrets with kubectl

@@ -34,6 +34,7 @@ from kvbm.hashing import HASH_VERSION, BlockHasher, HashKey
 from kvbm.key_view import LOCAL, REMOTE_DISK, REMOTE_HOST, UNSURE, KeyViewReader
 from kvbm.layout import ModelGeometry
 from kvbm.shm_arena import SHM_DIR, SharedArena
+from kvbm.versions import THIS, Compatibility, VersionRefused
 
 log = logging.getLogger("kvbm.connector")
 
@@ -89,12 +90,16 @@ class NodeAttachment:
         map_arena: bool = True,
         key_id: int | None = None,
         node_uid: int | None = None,
+        versions: Compatibility = THIS,
     ) -> None:
         """`map_arena=False`: a link that only asks (a scheduler), never copies.
         `key_id`: the hashing key's id this engine already hashes under (when
         it attaches again); the node refuses the engine if it has another.
         `node_uid`: the user the node runs as (unset: this user or root); a
-        socket or an arena of another user is refused (kvbm/engine_wire.py)."""
+        socket or an arena of another user is refused (kvbm/engine_wire.py).
+        `versions`: this engine's protocol version and the rule for the
+        node's (kvbm/versions.py); either side refusing the other is a
+        NodeError that names both versions."""
         self.geometry = geometry
         self.remote = list(remote)
         self.link = EngineLink(socket_path, timeout, node_uid)
@@ -107,14 +112,21 @@ class NodeAttachment:
                 "geometry": geometry_to_wire(geometry),
                 "engine": f"pid-{os.getpid()}",
                 "hash": hashing,
+                "protocol": versions.ours,
             },
         )
+        try:  # first: a node of another version may mean otherwise by the rest
+            self.protocol = versions.check(hello.get("protocol"), "the node", "this engine")
+        except VersionRefused as e:
+            self.link.close()
+            raise NodeError(str(e)) from None
         if hello["fingerprint"] != geometry.fingerprint:
             raise NodeError("the node answered for another layout fingerprint")
         try:
-            said = hello["hash"]
+            said = hello.get("hash", {"version": 1})  # a node of hash version 1 says none
             if said["version"] != HASH_VERSION:
-                raise ValueError(f"hash version {said['version']}")
+                theirs = said["version"]
+                raise ValueError(f"it hashes with version {theirs}, this engine {HASH_VERSION}")
             key = HashKey(said["key"], said["key_id"])
         except (KeyError, TypeError, ValueError) as e:
             raise NodeError(f"the node's block hashing is not this engine's: {e!r}") from None

@@ -120,6 +120,10 @@ class ArenaBlocks:
         by_layer = by_layer and bool(kv.layers)
         units = kv.layers if by_layer and kv.layers else kv.parts
         arenas = self._seen[2] if by_layer else self._seen[1]
+        if to_arena and kv.unused is not None:  # another stage's layers were there
+            start, n = kv.unused
+            rows = self.bytes.view(kv.word).view(self.num_slots, -1)
+            rows[torch.from_numpy(s), start : start + n] = 0
         done = 0
         for g in range(kv.num_groups):
             has = b[g] >= 0
@@ -182,6 +186,9 @@ class StagedCopies:
                     stage.index_copy_(0, at, torch.index_select(part.engine, 0, ids))
             if after_reads is not None and k == len(chunks) - 1:
                 after_reads()
+            if self.kv.unused is not None:  # a load left another block's layers there
+                start, n = self.kv.unused
+                self.staging[: len(s), start : start + n].zero_()
             for first, n, off in slot_spans(s):
                 self.arena[first : first + n].copy_(
                     self.staging[off : off + n], non_blocking=self.non_blocking

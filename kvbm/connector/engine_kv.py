@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kvbm.errors import GeometryMismatch
-from kvbm.layout import ModelGeometry
+from kvbm.layout import PACKED_MODES, ModelGeometry
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -37,6 +37,7 @@ _TORCH_DTYPES = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "float8_e4m3fnuz": torch.float8_e4m3fnuz,
     "float8_e5m2": torch.float8_e5m2,
+    **{f"packed-{mode}": torch.uint8 for mode in PACKED_MODES},
 }
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
@@ -86,7 +87,9 @@ class _Part:
 class EngineKV:
     """An engine's KV cache (G1), checked once against the geometry.
 
-    `parts` cover every byte of a block once, in copy order: group by group
+    `parts` cover every byte of the engine's layers of a block once (a
+    pipeline stage of fewer layers than the geometry's leaves `unused`
+    after them), in copy order: group by group
     (`groups[i]` is layer i's KV cache group, all 0 without vLLM's hybrid
     manager), each group's in the arena's order (the layout's,
     kvbm/layout.py). `layers[k]` is layer `layer_order[k]`'s share of them,
@@ -104,9 +107,12 @@ class EngineKV:
         geometry: ModelGeometry,
         layers: list[torch.Tensor],
         groups: list[int] | None = None,
+        stage: bool = False,
     ) -> None:
+        """`stage`: the layers are a pipeline stage's, which may be fewer
+        than the geometry's (stages of unequal layer counts)."""
         g = geometry
-        if len(layers) != g.num_layers:
+        if not 0 < len(layers) <= g.num_layers or (len(layers) < g.num_layers and not stage):
             raise GeometryMismatch(
                 f"engine has {len(layers)} KV layers, geometry says {g.num_layers}"
             )
@@ -136,7 +142,8 @@ class EngineKV:
                     f"kernel blocks of fewer tokens)"
                 )
             if t.dtype != torch_dtype(g) and not (
-                t.dtype == torch.uint8 and g.dtype.startswith("float8")  # vLLM's fp8 caches
+                (t.dtype == torch.uint8 and g.dtype.startswith("float8"))  # vLLM's fp8 caches
+                or (t.dtype == torch.int8 and g.dtype.startswith("packed-"))  # its int8 pages
             ):
                 raise GeometryMismatch(f"layer {i} has dtype {t.dtype}, expected {g.dtype}")
             if t.device != first.device:
@@ -194,11 +201,22 @@ class EngineKV:
                 bs, per_layer = axes(t)
                 part = self._part(base, offsets[i] // w, bs, per_layer, g.block_order[1:], i * lw)
                 self.parts.append(dataclasses.replace(part, group=self.groups[i]))
+        # A pipeline stage of fewer layers than the geometry's fills the
+        # first slot layers; `unused` is the rest of the block, in words,
+        # which a save zeroes (another stage's layers were there before).
+        self.unused: tuple[int, int] | None = None
+        if len(layers) < g.num_layers:
+            if not g.block_order.startswith("L"):
+                raise GeometryMismatch(
+                    f"layout {g.kv_layout} keeps a block's layers together: an engine of "
+                    f"{len(layers)} of its {g.num_layers} layers cannot fill a slot"
+                )
+            self.unused = (len(layers) * lw, (g.num_layers - len(layers)) * lw)
         whole = self.parts[0]
-        if len(self.parts) == g.num_layers:
+        if len(self.parts) == len(layers):
             self.layers: list[_Part] | None = self.parts
         elif whole.axes.startswith("L"):
-            self.layers = [whole.layer(i, lw) for i in range(g.num_layers)]
+            self.layers = [whole.layer(i, lw) for i in range(len(layers))]
         else:
             self.layers = None
 

@@ -44,19 +44,29 @@ _CONFIGS = ("config.json", "adapter_config.json", "generation_config.json")
 _LEN = struct.Struct("<I")
 
 
-def model_identity(model_config: Any) -> str:
-    """The checkpoint a vLLM engine serves (its ModelConfig), for block keys."""
+def model_identity(model_config: Any, parallel_config: Any = None) -> str:
+    """The checkpoint a vLLM engine serves (its ModelConfig), for block keys.
+    Under decode context parallelism a rank's block holds every n-th token
+    (n ranks, in runs of the interleave size) of a block n times as long:
+    other bytes under the same geometry, so n and the interleave are part
+    of the identity (appended, so the identity of every other engine is
+    what it was)."""
     mc = model_config
     overrides = getattr(mc, "hf_overrides", None)
     if callable(overrides):
         raise Unnameable("hf_overrides given as a function: its effect cannot be named")
-    return checkpoint_identity(
+    identity = checkpoint_identity(
         str(mc.model),
         getattr(mc, "revision", None),
         dtype=str(getattr(mc, "dtype", "")).removeprefix("torch."),
         quantization=getattr(mc, "quantization", None) or "",
         overrides=json.dumps(overrides, sort_keys=True, default=str) if overrides else "",
     )
+    dcp = getattr(parallel_config, "decode_context_parallel_size", 1)
+    if dcp > 1:
+        interleave = getattr(parallel_config, "cp_kv_cache_interleave_size", 1)
+        identity += f"\0dcp={dcp},interleave={interleave}"
+    return identity
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import GeometryMismatch
 from kvbm.hashing import HashKey, Verify, content_matches
 from kvbm.layout import ModelGeometry
-from kvbm.metrics import EngineRefusals
+from kvbm.metrics import BuildInfo, EngineRefusals
 from kvbm.node.build import check_directories
 from kvbm.node.engine_server import EngineServer
 from kvbm.node.file_limit import fit_file_limit
@@ -38,6 +38,7 @@ from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.node.serving import NodeParts, Serving, build_serving
 from kvbm.owned_dir import own_directory
+from kvbm.versions import THIS, Compatibility
 from transport.secret import load_secret
 
 log = logging.getLogger("kvbm.node")
@@ -49,30 +50,44 @@ class Node:
     is in the index from its start (its record says whether it serves yet),
     and a node whose id a live node holds does not start."""
 
-    def __init__(self, cfg: KvbmConfig, secret: bytes, verify: Verify = content_matches) -> None:
+    def __init__(
+        self,
+        cfg: KvbmConfig,
+        secret: bytes,
+        verify: Verify = content_matches,
+        versions: Compatibility = THIS,
+    ) -> None:
+        """`versions`: the protocol version the node speaks and its rule for
+        engines' and peers' (kvbm/versions.py; a test acts another release
+        with another)."""
         self.cfg = cfg
         self.node_id = cfg.node_name
         self.serving: Serving | None = None
         self.ready = False
         self._setup = asyncio.Lock()
         self.engines = EngineServer(
-            cfg, self.node_id, self.serve, self.stats, HashKey.derive(secret)
+            cfg, self.node_id, self.serve, self.stats, HashKey.derive(secret), versions
         )
         self._metrics: MetricsServer | None = None
-        # what /metrics shows before an engine attaches: engines refused so far
-        self._refusal_metric = EngineRefusals(self.engines.refusals.counts)
+        # what /metrics shows before an engine attaches too: the node's
+        # version (a rolling upgrade's progress) and engines refused so far
+        self._always = (BuildInfo(__version__), EngineRefusals(self.engines.refusals.counts))
         self._idle_registry = CollectorRegistry()
-        self._idle_registry.register(self._refusal_metric)
+        for collector in self._always:
+            self._idle_registry.register(collector)
         host, _ = cfg.listen_address
         # peers are found by their records in the index; the index's calls
         # to owners (a sharded index) go through the peers' connections
         peers = PeerPool(
-            self.node_id, secret, host, self._peer_record, cfg.peer_backoff_s, INDEX_CALLS
+            self.node_id, secret, host, self._peer_record, cfg.peer_backoff_s, INDEX_CALLS, versions
         )
         index = choose_index(cfg, IndexSigner(secret), OwnerClient(peers))
-        idle = NodeRecord(self.node_id, host, 0, version=__version__)  # no engine yet
+        # its record until an engine attaches: no peer port yet
+        idle = NodeRecord(self.node_id, host, 0, version=__version__, protocol=versions.ours)
         self.publisher = Publisher(idle, index.open, index.places_by_anchor)
-        self.parts = NodeParts(cfg, self.node_id, secret, verify, peers, index, self.publisher)
+        self.parts = NodeParts(
+            cfg, self.node_id, secret, verify, peers, index, self.publisher, versions
+        )
 
     def _peer_record(self, node_id: str) -> NodeRecord | None:
         return self.publisher.peer(node_id)
@@ -116,7 +131,8 @@ class Node:
         async with self._setup:
             if self.serving is None:
                 self.serving = await build_serving(self.parts, geometry)
-                self.serving.mgr.metrics.registry.register(self._refusal_metric)
+                for collector in self._always:
+                    self.serving.mgr.metrics.registry.register(collector)
             elif self.serving.mgr.geometry != geometry:
                 raise GeometryMismatch(
                     f"this node serves {self.serving.mgr.geometry}; an engine of "
@@ -132,7 +148,7 @@ class Node:
         return node_stats(self)
 
 
-def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
+def run(cfg: KvbmConfig, verify: Verify = content_matches, versions: Compatibility = THIS) -> int:
     """Run a node until SIGTERM or SIGINT; 0 on a clean stop."""
     # the socket's directory first: the node's own secret (no fleet) lives there
     own_directory(os.path.dirname(os.path.abspath(cfg.socket)), cfg.shared_gid)
@@ -140,7 +156,7 @@ def run(cfg: KvbmConfig, verify: Verify = content_matches) -> int:
     fit_file_limit(cfg.max_peer_connections)
 
     async def main() -> None:
-        node = Node(cfg, secret, verify)
+        node = Node(cfg, secret, verify, versions)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

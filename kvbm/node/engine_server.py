@@ -12,6 +12,7 @@ import os
 import pwd
 import secrets
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +32,7 @@ from kvbm.node.onboarding import Onboarding
 from kvbm.node.refusals import Refusals
 from kvbm.owned_dir import own_directory
 from kvbm.plans import LoadPlan, StorePlan
+from kvbm.versions import THIS, UNVERSIONED, Compatibility, VersionRefused
 from transport.errors import ProtocolError
 from transport.frames import Message
 
@@ -67,7 +69,10 @@ class EngineServer:
         serve: Callable[[ModelGeometry], Awaitable[ServingView]],
         stats: Callable[[], dict],
         hash_key: HashKey,
+        versions: Compatibility = THIS,
     ) -> None:
+        """`versions`: this node's protocol version and its rule for an
+        engine's (kvbm/versions.py)."""
         self.path = cfg.socket
         self.gid = cfg.shared_gid
         self.namespace = cfg.namespace  # an engine's keys must be of it
@@ -75,6 +80,11 @@ class EngineServer:
         self.serve = serve  # the tiers for an engine's geometry (built by the first hello)
         self.stats = stats
         self.hash_key = hash_key  # engines hash block keys under it (never the secret)
+        self.versions = versions
+        self._refused_versions: set[str] = set()  # engines' versions refused, logged once each
+        # hellos since the start by the version each engine said (none: 1),
+        # so that `kvbm status` shows which engines are of another release
+        self.hellos: Counter[int] = Counter()
         self.leases: dict[int, Lease] = {}
         self.refusals = Refusals()  # engines whose connectors turned themselves off
         self._tiers: ServingView | None = None
@@ -180,9 +190,11 @@ class EngineServer:
 
     # -- calls ---------------------------------------------------------------
     async def _hello(self, body: dict, conn: int) -> dict:
+        said = self._check_version(body.get("protocol"), body.get("engine"))
         self._check_hashing(body.get("hash"))
         geometry = engine_wire.geometry_from_wire(body.get("geometry"))
         self._tiers = await self.serve(geometry)
+        self.hellos[said] += 1
         mgr = self._tiers.mgr
         arena = mgr.host.arena
         return {
@@ -197,6 +209,7 @@ class EngineServer:
             "namespace": self.namespace,
             "fingerprint": geometry.fingerprint,
             "node_id": self.node_id,
+            "protocol": self.versions.ours,
             "hash": {
                 "version": HASH_VERSION,
                 "key": self.hash_key.key,
@@ -204,13 +217,28 @@ class EngineServer:
             },
         }
 
+    def _check_version(self, said: object, engine: object) -> int:
+        """The engine's protocol version (1 where it says none); an engine of
+        a version this node does not talk to is refused (it runs without the
+        node, recomputing), naming both versions. The engine's connector
+        retries every few seconds, so each version is logged once."""
+        why = self.versions.refusal(said, "the engine", f"node {self.node_id}")
+        if why is None:
+            assert said is None or type(said) is int
+            return UNVERSIONED if said is None else said
+        if repr(said) not in self._refused_versions and len(self._refused_versions) < 16:
+            self._refused_versions.add(repr(said))
+            log.warning("refusing an engine engine=%.64r reason=%s", engine, why)
+        raise VersionRefused(why)
+
     def _check_hashing(self, said: object) -> None:
         """An engine that hashes block keys otherwise than this node would
         publish keys no peer ever asks for, and find none: refuse it, saying
         why. An engine says its hash version, and the id of the key it holds
         when it attaches again (a node restarted on another secret)."""
         if not isinstance(said, dict) or said.get("version") != HASH_VERSION:
-            version = said.get("version") if isinstance(said, dict) else None
+            # an engine of hash version 1 (before keyed hashes) says none
+            version = said.get("version") if isinstance(said, dict) else "1 (it says none)"
             raise ValueError(
                 f"the engine hashes block keys with version {version}, this node with "
                 f"{HASH_VERSION}: run the same kvbm version in the engine and the node"

@@ -19,6 +19,9 @@ def node_stats(node: Node) -> dict:
     # every node of a fleet shows the same: another id is another fleet secret
     key_id = node.engines.hash_key.key_id
     out["block_hash"] = {"version": HASH_VERSION, "key_id": f"{key_id:016x}"}
+    out["protocol"] = node.engines.versions.ours  # of its wire (kvbm/versions.py)
+    # engines' hellos by the version they said: which engines are of another release
+    out["engine_hellos_by_protocol"] = {str(v): n for v, n in sorted(node.engines.hellos.items())}
     out.update(node.publisher.stats())  # the mirror's keys, or the node's shards
     # engines running without kvbm, the most recent first (often before any engine attached)
     out["engine_refusals"] = node.engines.refusals.listed()

@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable, Collection
 
 from discovery.records import NodeRecord
+from kvbm.versions import THIS, Compatibility
 from transport.agent import Agent
 from transport.block_ports import BlockSink
-from transport.errors import TransportError
+from transport.errors import TransportError, VersionError
 from transport.peer_rpc import PeerClient, pull
 
 log = logging.getLogger("kvbm.node")
@@ -34,9 +35,13 @@ class PeerPool:
         record: Callable[[str], NodeRecord | None],
         backoff_s: float,
         calls: Collection[str] = (),
+        versions: Compatibility = THIS,
     ) -> None:
         """`record`: a peer's record, as the index has it now. `calls`: the
-        calls beyond pins this node makes (those its peers register)."""
+        calls beyond pins this node makes (those its peers register).
+        `versions`: the node's protocol version and its rule for peers'
+        (kvbm/versions.py): a peer whose record or hello it refuses is not
+        connected to, and left alone as an unreachable one is."""
         self.node_id = node_id  # who we are to peers
         self.agent: Agent | None = None
         self.secret = secret
@@ -45,6 +50,9 @@ class PeerPool:
         self.record = record
         self.backoff_s = backoff_s
         self.calls = tuple(calls)
+        self.versions = versions
+        self._refused: set[tuple[str, str]] = set()  # (peer, reason) logged once
+        self._refused_now: dict[str, str] = {}  # peer -> why its last connect was refused
         self.clients: dict[str, PeerClient] = {}
         self.avoided: dict[str, float] = {}  # peer -> monotonic time it may be asked again
         self._closing: set[asyncio.Task] = set()
@@ -72,7 +80,7 @@ class PeerPool:
         for again in (False, True):
             client = await self.client(peer, deadline - time.monotonic())
             if client is None:
-                self._avoid(peer, "unreachable")
+                self._avoid(peer, self._refused_now.pop(peer, "unreachable"))
                 return []
             heard = client.heard
             got = await pull(client, keys, sink, max(0.0, deadline - time.monotonic()), staged)
@@ -137,16 +145,34 @@ class PeerPool:
         record = self.record(peer)
         if self.agent is None or record is None or self.fingerprint not in record.fingerprints:
             return None  # no agent: a node with no fleet, which has no peers
-        client = PeerClient(self.agent, self.secret, [self.fingerprint], self.node_id, self.calls)
+        refused = self.versions.refusal(record.protocol, f"peer {peer}", f"node {self.node_id}")
+        if refused is not None:  # its record says so: no connection to find it out
+            self._refuse(peer, refused)
+            return None
+        client = PeerClient(
+            self.agent, self.secret, [self.fingerprint], self.node_id, self.calls, self.versions
+        )
         try:
             address, port = record.address, record.rpc_port
             await client.connect(address, port, timeout, self.local_host, expect=peer)
+        except VersionError as e:
+            self._refuse(peer, str(e))
+            await client.close()
+            return None
         except (OSError, TimeoutError, TransportError) as e:
             log.info("peer unreachable peer=%s error=%r", peer, e)
             await client.close()
             return None
         self.clients[peer] = client
         return client
+
+    def _refuse(self, peer: str, why: str) -> None:
+        """A peer of a protocol version this node does not talk to: logged
+        once per peer and reason (it is asked again after each backoff)."""
+        self._refused_now[peer] = "another protocol version"
+        if (peer, why) not in self._refused and len(self._refused) < 1024:
+            self._refused.add((peer, why))
+            log.warning("not pulling from a peer of another version peer=%s reason=%s", peer, why)
 
     async def close(self) -> None:
         for client in self.clients.values():

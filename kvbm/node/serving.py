@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from discovery.records import NodeRecord
@@ -16,6 +17,7 @@ from kvbm.hashing import Verify
 from kvbm.key_view import KeyView
 from kvbm.layout import ModelGeometry
 from kvbm.manager import BlockManager
+from kvbm.metrics import PeerFigures
 from kvbm.node.build import build_manager
 from kvbm.node.index_choice import IndexChoice
 from kvbm.node.onboarding import Onboarding
@@ -23,6 +25,7 @@ from kvbm.node.peer_pool import PeerPool
 from kvbm.node.publisher import Publisher
 from kvbm.node.upkeep import Upkeep
 from kvbm.peer_blocks import ManagerBlocks
+from kvbm.versions import Compatibility
 from transport.confined_agent import ConfinedAgent
 from transport.peer_rpc import PeerServer
 
@@ -66,6 +69,7 @@ class NodeParts:
     peers: PeerPool
     index: IndexChoice
     publisher: Publisher
+    versions: Compatibility  # what the node speaks, and talks to (kvbm/versions.py)
 
 
 async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
@@ -104,6 +108,7 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
                 node_id=node_id,
                 max_connections=cfg.max_peer_connections,
                 calls=parts.index.peer_calls,
+                versions=parts.versions,
             )
             port = await server.start(host, port)
         else:
@@ -126,6 +131,7 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
         host_capacity_blocks=mgr.host.num_slots,
         disk_capacity_blocks=mgr.disk.num_slots if mgr.disk else 0,
         version=__version__,
+        protocol=parts.versions.ours,
     )
     peers = parts.peers
     if agent is not None:
@@ -138,10 +144,26 @@ async def build_serving(parts: NodeParts, geometry: ModelGeometry) -> Serving:
     upkeep = Upkeep(mgr, checksums, min(ahead, mgr.host.num_slots // 4))
     huge_mb = arena.huge_page_bytes() >> 20
     serving = Serving(mgr, agent, server, peers, onboarding, upkeep, huge_mb)
+    if server is not None:
+        mgr.metrics.watch_peers(_peer_figures(parts.publisher, peers, server))
     await parts.publisher.serve(mgr, record)
     upkeep.start()
     _log_serving(geometry, port, arena.directory, huge_mb)
     return serving
+
+
+def _peer_figures(
+    publisher: Publisher, peers: PeerPool, server: PeerServer
+) -> Callable[[], PeerFigures]:
+    def figures() -> PeerFigures:
+        return PeerFigures(
+            index_nodes=len(publisher.peers()),
+            avoided=len(peers.avoided_now()),
+            connections=server.connections,
+            closed_idle=server.closed_idle,
+        )
+
+    return figures
 
 
 def _key_view(cfg: KvbmConfig, mgr: BlockManager) -> KeyView:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from kvbm.block_key import BlockKey
 from kvbm.connector.attach import NodeAttachment
-from kvbm.node_process import NodeProcess
+from kvbm.node_process import NODE_COMMAND, NodeProcess
 from tests.harness.support import Engine
 from transport.secret import without_secret
 
@@ -24,11 +24,22 @@ class Daemon(NodeProcess):
     """A `kvbm node` logging at info level into the test's directory. A node
     on etcd without a `--secret-file` gets the test session's fleet secret
     (KVBM_SECRET), as an operator would set one; any other node runs without
-    one: on its own it makes its own."""
+    one: on its own it makes its own. `command` runs the node another way (a
+    harness script), `env` adds to its environment (another release's tree
+    on PYTHONPATH: tests/harness/old_tree.py)."""
 
-    def __init__(self, tmp_path, name: str, host: str, *flags: str) -> None:
-        env = fleet_env(flags)
-        super().__init__(str(tmp_path), name, host, "--log-level", "info", *flags, env=env)
+    def __init__(
+        self,
+        tmp_path,
+        name: str,
+        host: str,
+        *flags: str,
+        command: Sequence[str] = NODE_COMMAND,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        full = {**fleet_env(flags), **(env or {})}
+        flags = ("--log-level", "info", *flags)
+        super().__init__(str(tmp_path), name, host, *flags, command=command, env=full)
 
 
 def fleet_env(flags: Sequence[str]) -> dict[str, str]:

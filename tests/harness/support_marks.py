@@ -58,11 +58,12 @@ REFUSALS = {
     "layers), so kvbm turns itself off and vLLM runs on",
     "mamba-state": "Mamba or linear-attention state is not KV blocks, so kvbm turns itself "
     "off and vLLM runs on (with no one-group way: vLLM needs its hybrid manager for the state)",
-    "per-token-head": "per-token-head quantized caches (int8, int4) are not stored yet",
-    "packed-pages": "packed pages (scales inline) are not stored yet",
-    "uneven-stages": "pipeline stages of unequal layer counts are not stored yet",
-    "context-parallel": "a context-parallel rank holds every n-th token of a block, not a "
-    "block; not stored yet",
+    "per-token-head": "a per-token-head quantized cache whose pages vLLM does not pack "
+    "(scales apart from the data) is not stored",
+    "packed-pages": "packed pages of other modes than per-token-head (NVFP4, TurboQuant) are "
+    "not stored yet",
+    "context-parallel": "prefill context parallelism is not stored yet (decode context "
+    "parallelism is)",
     "mla-on-cpu": "vLLM's CPU MLA backend computes over a cached prefix otherwise than over "
     "the whole prompt (vLLM turns its own prefix cache off for it), so kvbm stores no MLA "
     "cache on CPU",

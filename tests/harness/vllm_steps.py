@@ -21,6 +21,7 @@ holds before its forward."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from vllm import SamplingParams
@@ -33,6 +34,7 @@ from vllm.config import (
     VllmConfig,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.utils import get_pp_indices
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -52,6 +54,7 @@ from kvbm.connector.engine_kv import EngineKV, new_caches
 from kvbm.connector.vllm import KvbmConnector, KvbmMetadata, kv_transfer_config
 from kvbm.connector.vllm.engine_setup import window_of
 from kvbm.connector.vllm.scheduler import KvbmScheduler
+from tests.harness.node_daemon import until
 
 BLOCK = 32
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]  # tests/tiny_llama.py's
@@ -69,12 +72,15 @@ def block_value(seen: list[int], tokens: list[int]) -> int:
     return 1 + (previous * 131 + mixed) % MODULUS
 
 
-def expected_values(tokens: list[int], reach: int = 1) -> list[int]:
+def expected_values(tokens: list[int], reach: int = 1, dcp: int = 1, rank: int = 0) -> list[int]:
     """What each full block of `tokens` holds when computed right, by a model
-    whose tokens attend `reach` blocks back (a sliding window's blocks)."""
-    values: list[int] = []
-    for at in range(0, len(tokens) - BLOCK + 1, BLOCK):
-        values.append(block_value(values[-reach:] if values else [], tokens[at : at + BLOCK]))
+    whose tokens attend `reach` blocks back (a sliding window's blocks).
+    Under decode context parallelism over `dcp` ranks a block spans `dcp`
+    times BLOCK tokens, and rank `rank`'s share holds every dcp-th of them."""
+    span, values = BLOCK * dcp, []
+    for at in range(0, len(tokens) - span + 1, span):
+        share = list(tokens[at : at + span][rank::dcp])
+        values.append(block_value(values[-reach:] if values else [], share))
     return values
 
 
@@ -101,10 +107,18 @@ class SteppedEngine:
         remote: str = "",
         stages: int = 1,
         reach: int = 1,
+        dcp: int = 1,
     ) -> None:
         """`reach`: the blocks back each block's tokens attend to (a sliding
-        window's; 1 for full attention, whose KV the block before carries)."""
-        self.reach = reach
+        window's; 1 for full attention, whose KV the block before carries).
+        `dcp`: decode context parallel ranks (as many tensor-parallel
+        workers), each holding every dcp-th token of a block of dcp * BLOCK
+        tokens in a BLOCK-token block of its own cache."""
+        self.reach, self.dcp, self.span = reach, dcp, BLOCK * dcp
+        # the model's layers (tests/harness/tiny_llama.py's 2, or as its config says)
+        self.names = [
+            f"model.layers.{i}.self_attn.attn" for i in range(model.get_total_num_hidden_layers())
+        ]
         extra = {"node": socket, "engine_copies": copies, "remote_tiers": remote}
         config = VllmConfig(
             model_config=model,
@@ -118,45 +132,55 @@ class SteppedEngine:
             cache_config=CacheConfig(block_size=BLOCK, enable_prefix_caching=prefix_caching),
             kv_transfer_config=kv_transfer_config(extra, policy),
             device_config=DeviceConfig("cpu"),
-            parallel_config=ParallelConfig(pipeline_parallel_size=stages),
+            parallel_config=ParallelConfig(
+                pipeline_parallel_size=stages,
+                tensor_parallel_size=dcp,
+                decode_context_parallel_size=dcp,
+            ),
         )
         spec = spec or FullAttentionSpec(
             block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD_SIZE, dtype=torch.float32
         )
         if isinstance(spec, list):  # one group per layer, as a hybrid model's
-            groups = [KVCacheGroupSpec([name], s) for name, s in zip(LAYERS, spec, strict=True)]
+            groups = [KVCacheGroupSpec([n], s) for n, s in zip(self.names, spec, strict=True)]
         else:
-            groups = [KVCacheGroupSpec(LAYERS, spec)]
+            groups = [KVCacheGroupSpec(self.names, spec)]
         # each layer's group, and the blocks back its tokens attend to
         self.group_of = {n: g for g, group in enumerate(groups) for n in group.layer_names}
         windowed = [window_of(g.kv_cache_spec) is not None for g in groups]
         self.reach_of = [reach if w else 1 for w in windowed]
         if stages > 1:  # each stage's workers hold its layers; the scheduler sees stage 0's
-            per = len(LAYERS) // stages
-            staged = [LAYERS[i * per : (i + 1) * per] for i in range(stages)]
+            parts = [get_pp_indices(len(self.names), r, stages) for r in range(stages)]
+            staged = [self.names[start:end] for start, end in parts]
             caches = [KVCacheConfig(num_blocks, [], [KVCacheGroupSpec(n, spec)]) for n in staged]
-        else:
-            staged, caches = [LAYERS], [KVCacheConfig(num_blocks, [], groups)]
+        else:  # one worker, or one per DCP rank, each holding every layer
+            staged = [self.names] * dcp
+            caches = [KVCacheConfig(num_blocks, [], groups)] * dcp
         config.cache_config.num_gpu_blocks = num_blocks
         self.scheduler = Scheduler(
             vllm_config=config,
             kv_cache_config=caches[0],
             structured_output_manager=StructuredOutputManager(config),
-            block_size=BLOCK,
+            block_size=self.span,
         )
         assert isinstance(self.scheduler.connector, KvbmConnector)
         self.connector: KvbmScheduler = self.scheduler.connector.scheduler  # type: ignore[assignment]
-        # one worker per stage, ranked as vLLM numbers them (kvbm/block_key.py)
+        # one worker per stage or DCP rank, ranked as vLLM numbers them (kvbm/block_key.py)
         self.workers = [KvbmConnector(config, KVConnectorRole.WORKER, c) for c in caches]
         # vLLM's CPU cache layout: [blocks, KV heads, block tokens, K and V]
-        shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
-        self.kv = {name: torch.zeros(shape) for name in LAYERS}
+        heads = (spec[0] if isinstance(spec, list) else spec).num_kv_heads
+        shape = (num_blocks, heads, BLOCK, 2 * HEAD_SIZE)
+        # each worker's layers: a stage's own, or every layer for each DCP rank
+        self.shards = [{n: torch.zeros(shape) for n in names} for names in staged]
+        self.kv = {n: t for shard in self.shards for n, t in shard.items()}  # dcp: rank 0's
+        if dcp > 1:
+            self.kv = self.shards[0]
         self.staged = staged
-        for rank, (worker, names) in enumerate(zip(self.workers, staged, strict=True)):
+        for rank, (worker, shard) in enumerate(zip(self.workers, self.shards, strict=True)):
             assert worker.worker is not None
-            worker.worker.register_kv_caches({n: self.kv[n] for n in names}, rank=rank)
+            worker.worker.register_kv_caches(shard, rank=rank)
         init_none_hash(sha256)
-        self._hasher = get_request_block_hasher(BLOCK, sha256)
+        self._hasher = get_request_block_hasher(self.span, sha256)
         self.metas: list[KvbmMetadata] = []
         self.outputs: list[SchedulerOutput] = []
         self._held: dict[str, list[int]] = {}  # each request's blocks after the last step
@@ -173,15 +197,16 @@ class SteppedEngine:
     def block_ids(self, req_id: str, group: int = 0) -> list[int]:
         return list(self.scheduler.kv_cache_manager.get_block_ids(req_id)[group])
 
-    def layers(self, group: int = 0) -> list[torch.Tensor]:
-        return [t for name, t in self.kv.items() if self.group_of.get(name, 0) == group]
+    def layers(self, group: int = 0, rank: int = 0) -> list[torch.Tensor]:
+        kv = self.shards[rank] if self.dcp > 1 else self.kv
+        return [t for name, t in kv.items() if self.group_of.get(name, 0) == group]
 
-    def values(self, block_ids: list[int], group: int = 0) -> list[int]:
-        """The value each block of `group` holds, the same in every byte of
-        the group's layers as the forward writes it; -1 for a block that is
-        not one value."""
+    def values(self, block_ids: list[int], group: int = 0, rank: int = 0) -> list[int]:
+        """The value each block of `group` holds (DCP rank `rank`'s share),
+        the same in every byte of the group's layers as the forward writes
+        it; -1 for a block that is not one value."""
         got = []
-        layers = self.layers(group)
+        layers = self.layers(group, rank)
         for b in block_ids:
             first = layers[0][b, 0, 0, 0]
             whole = all(bool((layer[b] == first).all()) for layer in layers)
@@ -200,7 +225,7 @@ class SteppedEngine:
             worker.handle_preemptions(meta)
             worker.bind_connector_metadata(meta)
             worker.start_load_kv(None)  # type: ignore[arg-type]
-            for layer in LAYERS:
+            for layer in self.names:
                 worker.wait_for_layer_load(layer)
         sampled = self._forward(out)
         errors: set[int] = set()
@@ -242,7 +267,7 @@ class SteppedEngine:
         for req_id in out.preempted_req_ids or ():
             held = self._held.pop(req_id, [])
             freed = [b for b in held if b and pool[b].ref_cnt == 0]
-            for layer in self.kv.values():
+            for layer in (t for shard in self.shards for t in shard.values()):
                 layer[freed] = 0.0  # reused at once, by whoever vLLM gives them to
         before = {new.req_id: new.num_computed_tokens for new in out.scheduled_new_reqs}
         cached = out.scheduled_cached_reqs
@@ -253,14 +278,17 @@ class SteppedEngine:
             tokens = request.all_token_ids
             self._held[req_id] = []
             start, end = before[req_id], before[req_id] + n
+            span = self.span
             for g, reach in enumerate(self.reach_of):
                 ids = self.block_ids(req_id, g)
                 self._held[req_id] += ids
-                for b in range(start // BLOCK, (end - 1) // BLOCK + 1):
-                    seen = self.values(ids[max(0, b - reach) : b], g)  # the null block's: 0
-                    value = block_value(seen, list(tokens[b * BLOCK : min(end, (b + 1) * BLOCK)]))
-                    for layer in self.layers(g):
-                        layer[ids[b]].fill_(float(value))
+                for b in range(start // span, (end - 1) // span + 1):
+                    block = tokens[b * span : min(end, (b + 1) * span)]
+                    for r in range(self.dcp):  # each rank's share: every dcp-th token
+                        seen = self.values(ids[max(0, b - reach) : b], g, r)  # null block's: 0
+                        value = block_value(seen, list(block[r :: self.dcp]))
+                        for layer in self.layers(g, r):
+                            layer[ids[b]].fill_(float(value))
             done = request.num_computed_tokens >= request.num_tokens
             sampled[req_id] = [next_token(list(tokens))] if done else []
         return sampled
@@ -287,16 +315,35 @@ class SteppedEngine:
         try:
             seed = probe.hasher.seed(setup.model_identity)
             hashes = probe.hasher.sequence_hashes(tokens, BLOCK, seed)
-            kv = new_caches(probe.geometry, len(blocks) + 1)
-            names = self.staged[rank] if len(self.staged) > 1 else LAYERS
+            names = self.staged[rank] if len(self.staged) > 1 else self.names
+            kv = new_caches(probe.geometry, len(blocks) + 1)[: len(names)]
             for name, layer in zip(names, kv, strict=True):  # a slot's layers in layer order
                 values = expected_values(tokens, self.reach_of[self.group_of.get(name, 0)])
                 for i, b in enumerate(blocks):
                     layer[i + 1] = float(values[b])
             keys = probe.keys([hashes[b] for b in blocks])
-            probe.store(EngineKV(probe.geometry, kv), keys, list(range(1, len(blocks) + 1)))
+            share = EngineKV(probe.geometry, kv, stage=len(self.staged) > 1)
+            probe.store(share, keys, list(range(1, len(blocks) + 1)))
         finally:
             probe.close()
+
+    def evict_after_promising(
+        self, probe: NodeAttachment, req_id: str, held: slice
+    ) -> Callable[..., None]:
+        """A stand-in for the scheduler's `update_state_after_alloc` that,
+        once vLLM has allocated for a promise, floods the node until
+        `req_id`'s blocks `held` are gone from it: the race of a hit whose
+        blocks go between its promise and the step's pin, forced."""
+        promised = self.connector.update_state_after_alloc
+
+        def promise_then_evict(request: Request, blocks: object, num_external_tokens: int) -> None:
+            promised(request, blocks, num_external_tokens)  # type: ignore[arg-type]
+            self.flood(probe)
+            keys = probe.keys(self.connector.requests[req_id].seq_hashes[held])
+            # the node's answers follow its evictions a moment later
+            until(lambda: probe.lookup(keys).total == 0, 10, f"{req_id}'s blocks outlived it")
+
+        return promise_then_evict
 
     @staticmethod
     def flood(probe: NodeAttachment) -> None:

@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
+    KVQuantMode,
     MambaSpec,
     MLAAttentionSpec,
     SlidingWindowSpec,
@@ -28,14 +29,16 @@ LAYERS = ["model.layers.0.attn", "model.layers.1.attn"]
 
 
 def config(
-    cache_dtype: str = "auto", pp: int = 1, dcp: int = 1, layers: int = 2
+    cache_dtype: str = "auto", pp: int = 1, dcp: int = 1, layers: int = 2, pcp: int = 1
 ) -> SimpleNamespace:
     return SimpleNamespace(
         model_config=SimpleNamespace(
             dtype=torch.bfloat16, get_total_num_hidden_layers=lambda: layers
         ),
         parallel_config=SimpleNamespace(
-            pipeline_parallel_size=pp, decode_context_parallel_size=dcp
+            pipeline_parallel_size=pp,
+            decode_context_parallel_size=dcp,
+            prefill_context_parallel_size=pcp,
         ),
         cache_config=SimpleNamespace(cache_dtype=cache_dtype, kv_cache_layout=None, block_size=16),
     )
@@ -84,6 +87,29 @@ def test_an_fp8_cache_is_named_by_its_format(cache_dtype, fmt):
     assert g.fingerprint != other.fingerprint
 
 
+@pytest.mark.support("quantized-kv", "shape", "vllm-objects")
+def test_a_per_token_head_packed_page_is_stored_as_its_bytes():
+    """vLLM's per-token-head quantized caches (int8, fp8, int4) pack each
+    head's K and V data with their fp32 scales, `state_content_bytes` a
+    token: a block is those bytes, scales and all, named by the mode."""
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+    made = {}
+    for mode, dtype in (
+        (KVQuantMode.INT8_PER_TOKEN_HEAD, torch.int8),
+        (KVQuantMode.FP8_PER_TOKEN_HEAD, torch.uint8),
+        (KVQuantMode.INT4_PER_TOKEN_HEAD, torch.uint8),
+    ):
+        plain = FullAttentionSpec(**SHAPE, dtype=dtype, kv_quant_mode=mode)
+        spec = TritonAttentionBackend.customize_spec(plain)
+        g = geometry_of(config(mode.name.lower()), groups(spec))
+        assert (g.head_dim, g.head_dim_v) == (spec.state_content_bytes, 0)
+        assert g.dtype == f"packed-{mode.name.lower()}"
+        assert g.layer_block_bytes == spec.page_size_bytes  # the page, scales included
+        made[mode] = g
+    assert len({g.fingerprint for g in made.values()}) == 3
+
+
 @pytest.mark.support("pipeline-parallel", "shape", "vllm-objects")
 def test_pipeline_stages_of_as_many_layers_are_stored():
     """Each stage's share is a block of the stage's layers; its rank tells
@@ -92,6 +118,17 @@ def test_pipeline_stages_of_as_many_layers_are_stored():
         config(pp=2, layers=4), groups(FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))
     )
     assert g.num_layers == 2  # the group's: one stage's layers
+
+
+@pytest.mark.support("pipeline-parallel", "shape", "vllm-objects")
+def test_stages_of_unequal_layer_counts_share_the_larger_stages_geometry():
+    """Three layers over two stages: vLLM's partition is two and one; one
+    geometry of two layers serves both (the smaller stage fills the first)."""
+    layers = [f"model.layers.{i}.attn" for i in range(2)]
+    cache = KVCacheConfig(
+        16, [], [KVCacheGroupSpec(layers, FullAttentionSpec(**SHAPE, dtype=torch.bfloat16))]
+    )
+    assert geometry_of(config(pp=2, layers=3), cache).num_layers == 2
 
 
 @pytest.mark.support("fp8-kv", "shape", "vllm-objects")
@@ -115,19 +152,10 @@ def test_e4m3_and_e5m2_never_share_blocks():
             ),
         ),
         pytest.param(
-            config(pp=2, layers=3),
+            config(pcp=2),
             None,
-            "as many layers each",
-            id="uneven-stages",
-            marks=pytest.mark.support(
-                "pipeline-parallel", "shape", "vllm-objects", refused="uneven-stages"
-            ),
-        ),
-        pytest.param(
-            config(dcp=2),
-            None,
-            "decode_context_parallel_size",
-            id="dcp",
+            "prefill_context_parallel_size",
+            id="pcp",
             marks=pytest.mark.support(
                 "context-parallel", "shape", "vllm-objects", refused="context-parallel"
             ),
@@ -153,8 +181,8 @@ def test_e4m3_and_e5m2_never_share_blocks():
         pytest.param(
             config("fp8"),
             "packed",
-            "packed KV pages",
-            id="packed",
+            "packed KV pages of nvfp4 mode",
+            id="packed-nvfp4",
             marks=pytest.mark.support(
                 "quantized-kv", "shape", "vllm-objects", refused="packed-pages"
             ),
@@ -175,7 +203,11 @@ def test_shapes_still_refused_say_why(cfg, cache, says):
             ],
         ),
         "mamba": groups(MambaSpec(block_size=16, shapes=((4,),), dtypes=(torch.float32,))),
-        "packed": groups(FullAttentionSpec(**SHAPE, dtype=torch.uint8, state_content_bytes=40)),
+        "packed": groups(
+            FullAttentionSpec(
+                **SHAPE, dtype=torch.uint8, kv_quant_mode=KVQuantMode.NVFP4, state_content_bytes=40
+            )
+        ),
     }[cache]
     with pytest.raises(KvbmError, match=says):
         geometry_of(cfg, made)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheTensor,
+    KVQuantMode,
     MLAAttentionSpec,
     compute_layout_strides,
 )
@@ -36,6 +38,7 @@ DTYPES = {
     "float32": torch.float32,
     "float8_e4m3fn": torch.uint8,
     "float8_e5m2": torch.uint8,
+    "packed-int8_per_token_head": torch.int8,
 }
 
 
@@ -45,14 +48,26 @@ def vllm_caches(
     """Per-layer views as vLLM's GPU model runner registers them with a
     connector (`allocate_kv_cache`), filled with random bytes (zeros when
     `seed` is None)."""
-    mla = g.head_dim_v == 0
+    mla = g.head_dim_v == 0 and not g.dtype.startswith("packed-")
     spec_of = MLAAttentionSpec if mla else FullAttentionSpec
-    spec = spec_of(
-        block_size=g.block_size,
-        num_kv_heads=g.num_kv_heads,
-        head_size=g.head_dim,
-        dtype=DTYPES[g.dtype],
-    )
+    if g.dtype.startswith("packed-"):  # int8 K and V of a head, then their fp32 scales
+        spec = TritonAttentionBackend.customize_spec(
+            FullAttentionSpec(
+                block_size=g.block_size,
+                num_kv_heads=g.num_kv_heads,
+                head_size=(g.head_dim - 8) // 2,
+                dtype=DTYPES[g.dtype],
+                kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD,
+            )
+        )
+        assert spec.state_content_bytes == g.head_dim
+    else:
+        spec = spec_of(
+            block_size=g.block_size,
+            num_kv_heads=g.num_kv_heads,
+            head_size=g.head_dim,
+            dtype=DTYPES[g.dtype],
+        )
     layout = KVCacheLayout[g.kv_layout]
     names = [f"model.layers.{i}.self_attn.attn" for i in range(g.num_layers)]
     # kv_cache_utils' placement: B-outer layouts pack each block's layers
@@ -102,6 +117,8 @@ def geometries() -> list[tuple[str, ModelGeometry, int | None]]:
         cases.append((f"{layout}-bf16", ModelGeometry(3, 2, 8, 16, "bfloat16", layout), None))
         cases.append((f"{layout}-mla", ModelGeometry(2, 1, 24, 16, "bfloat16", layout, 0), None))
         cases.append((f"{layout}-fp8", ModelGeometry(3, 2, 8, 16, "float8_e4m3fn", layout), None))
+        packed = ModelGeometry(2, 2, 24, 16, "packed-int8_per_token_head", layout, 0)
+        cases.append((f"{layout}-int8-per-token-head", packed, None))
         if layout[0] == "L" and layout != "LHBNC":  # vLLM splits dense pages only
             cases.append((f"{layout}-split", ModelGeometry(2, 2, 8, 16, "float32", layout), 4))
     return cases
@@ -113,6 +130,7 @@ CASES = geometries()
 @pytest.mark.support("full-attention", "bytes", "vllm-objects")
 @pytest.mark.support("mla", "bytes", "vllm-objects")
 @pytest.mark.support("fp8-kv", "bytes", "vllm-objects")
+@pytest.mark.support("quantized-kv", "bytes", "vllm-objects")
 @pytest.mark.parametrize(("g", "kernel"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
 def test_round_trip_is_bit_exact_and_canonical(g, kernel, staged):

@@ -157,7 +157,7 @@ def test_engines_share_a_node_and_a_mismatched_model_is_refused(daemons):
         # restarted on another fleet secret while the engine lived on)
         hello = {"geometry": geometry_to_wire(GEOMETRY), "engine": "test"}
         for hashing, why in (
-            (None, "version None"),
+            (None, r"version 1 \(it says none\)"),
             ({"version": 1}, "version 1"),
             ({"version": HASH_VERSION, "key_id": one.hasher.key.key_id ^ 1}, "another fleet"),
             ({"version": HASH_VERSION, "key_id": "x"}, "key id"),

@@ -24,7 +24,6 @@ from kvbm.connector.attention_window import NULL_BLOCK
 from kvbm.connector.vllm import kv_transfer_config
 from kvbm.status import node as node_status
 from tests.harness import vllm_runs as runs
-from tests.harness.node_daemon import until
 from tests.harness.vllm_steps import BLOCK, HEAD_SIZE, KV_HEADS, SteppedEngine, expected_values
 
 WINDOW = 64  # tokens: 6 blocks computed, the next token sees blocks 4 and 5
@@ -142,16 +141,9 @@ def test_a_hybrid_hit_whose_blocks_went_before_the_pin_fails_whole(
     gpt_oss_like(engines).hold(node.socket, p, list(range(6)))
     engine = gpt_oss_like(engines, policy=policy)
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
-    promised = engine.connector.update_state_after_alloc
-
-    def promise_then_evict(request, blocks, num_external_tokens) -> None:
-        promised(request, blocks, num_external_tokens)
-        engine.flood(probe)
-        held = probe.keys(engine.connector.requests["p"].seq_hashes[:6])
-        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
-
+    evict = engine.evict_after_promising(probe, "p", slice(0, 6))
     if policy == "recompute":  # with "fail" the hit is pinned before it is promised
-        monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
+        monkeypatch.setattr(engine.connector, "update_state_after_alloc", evict)
     try:
         if policy == "fail":
             engine.flood(probe)  # gone before the lookup: nothing is pinned, nor promised
@@ -189,3 +181,29 @@ def test_a_mamba_hybrid_runs_without_kvbm_and_the_node_hears_why(model, daemons)
         assert told["kind"] == "kv_cache" and "MambaSpec" in told["reason"]
     finally:
         engine.close()
+
+
+@pytest.mark.support("full-and-sliding", "hits", "vllm-objects")
+def test_beside_vllms_prefix_cache_a_hybrid_loads_only_what_vllm_lacks(engines, node):
+    """vLLM's prefix cache holds p's six blocks in both groups; the node
+    holds `longer` (p and two blocks more). A request for `longer` counts
+    vLLM's six and the connector's two: both groups load blocks 6 and 7
+    alone, which hold what each group computes; the blocks vLLM's own hit
+    brought are never saved again."""
+    p = prompt(5)
+    longer = p[: 6 * BLOCK] + prompt(6, 2 * BLOCK + 4)
+    holder = gpt_oss_like(engines)
+    holder.add("longer", longer)
+    holder.run()
+    engine = gpt_oss_like(engines, prefix_caching=True)
+    engine.add("p", p)
+    engine.run()
+    assert engine.admit("again", longer) == 8 * BLOCK
+    [load] = loads_of(engine, "again")
+    full, sliding = engine.block_ids("again", 0), engine.block_ids("again", 1)
+    assert load.block_ids == [full[6:8], sliding[6:8]]
+    assert engine.values(full[:8], 0) == expected_values(longer)[:8]
+    assert engine.values(sliding[6:8], 1) == expected_values(longer, REACH)[6:8]
+    engine.run()
+    # its eight full blocks were vLLM's or the node's: none is saved again
+    assert not [s for m in engine.metas for s in m.saves if s.req_id == "again"]

@@ -99,16 +99,8 @@ def test_a_promise_the_node_cannot_pin_holds_the_requests_saves_until_recomputed
     until_in_view(first, node, p, 4, held=2)  # the view can tell: the scheduler promises
     engine = engines()
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
-    promised = engine.connector.update_state_after_alloc
-
-    def promise_then_evict(request, blocks, num_external_tokens) -> None:
-        promised(request, blocks, num_external_tokens)
-        engine.flood(probe)
-        held = probe.keys(engine.connector.requests["p"].seq_hashes[:2])
-        # the node's answers follow its evictions a moment later
-        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
-
-    monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
+    evict = engine.evict_after_promising(probe, "p", slice(0, 2))
+    monkeypatch.setattr(engine.connector, "update_state_after_alloc", evict)
     try:
         engine.add("p", p)
         engine.step()

@@ -192,15 +192,8 @@ def test_a_window_load_that_fails_is_recomputed_whole(engines, node, monkeypatch
     engines(spec=SLIDING, reach=REACH).hold(node.socket, p, list(range(6)))
     engine = engines(spec=SLIDING, reach=REACH)
     probe = NodeAttachment(node.socket, engine.connector.setup.geometry)
-    promised = engine.connector.update_state_after_alloc
-
-    def promise_then_evict(request, blocks, num_external_tokens) -> None:
-        promised(request, blocks, num_external_tokens)
-        engine.flood(probe)
-        held = probe.keys(engine.connector.requests["p"].seq_hashes[4:6])
-        until(lambda: probe.lookup(held).total == 0, 10, "p's blocks outlived the eviction")
-
-    monkeypatch.setattr(engine.connector, "update_state_after_alloc", promise_then_evict)
+    evict = engine.evict_after_promising(probe, "p", slice(4, 6))
+    monkeypatch.setattr(engine.connector, "update_state_after_alloc", evict)
     try:
         engine.add("p", p)
         engine.step()

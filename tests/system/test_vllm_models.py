@@ -22,6 +22,9 @@ here; the geometry node A was set up with is checked below):
   block. With `--disable-hybrid-kv-cache-manager` vLLM keeps one
   FullAttentionSpec group of both layers (the window stays in the
   attention's compute): the same geometry, the same keys. Both rows run.
+- A Gemma 3-like model (kvbm/gpu_models.py: three sliding-window layers to
+  one full, head_dim 64): four groups, three SlidingWindowSpec of one layer
+  each and a FullAttentionSpec; a slot holds all four layers.
 - Mistral with a window on every layer: one SlidingWindowSpec group (64
   tokens), with or without a connector.
 - DeepSeek-V2 (MLA): one MLAAttentionSpec group, one "head" of 576 (the
@@ -59,7 +62,7 @@ import pytest
 from kvbm.connector.attach import Available, NodeAttachment, node_stats
 from kvbm.connector.identity import checkpoint_identity
 from kvbm.engine_wire import geometry_to_wire
-from kvbm.gpu_models import build_mamba_hybrid
+from kvbm.gpu_models import build_gemma3_like, build_mamba_hybrid
 from kvbm.layout import ModelGeometry
 from tests.harness.node_daemon import Daemon, until
 from tests.harness.tiny_llama import build
@@ -153,6 +156,20 @@ ROWS = [
             groups=("SlidingWindowSpec", "FullAttentionSpec"),
         ),
         id="gemma2-hybrid",
+        marks=[
+            pytest.mark.support("full-and-sliding", "hits", "vllm-cpu"),
+            pytest.mark.support("full-and-sliding", "remote", "vllm-cpu"),
+            pytest.mark.support("full-and-sliding", "outputs", "vllm-cpu"),
+        ],
+    ),
+    pytest.param(
+        Row(
+            "gemma3-hybrid",
+            build_gemma3_like,
+            geometry(4, 2, 64, block_size=BLOCK),
+            groups=("SlidingWindowSpec",) * 3 + ("FullAttentionSpec",),
+        ),
+        id="gemma3-hybrid",
         marks=[
             pytest.mark.support("full-and-sliding", "hits", "vllm-cpu"),
             pytest.mark.support("full-and-sliding", "remote", "vllm-cpu"),

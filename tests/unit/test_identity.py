@@ -131,3 +131,19 @@ def test_salts_and_adapters_seed_differently():
     assert plain.seed != salted.seed and not set(plain.hashes) & set(salted.hashes)
     with pytest.raises(Unnameable):
         request_identity(request(cache_salt=b"bytes"), 32)
+
+
+def test_decode_context_parallel_ranks_and_interleave_are_in_the_identity(tmp_path):
+    """A DCP rank's block holds every n-th token (runs of the interleave):
+    other bytes under the same geometry for another n or interleave. Without
+    DCP the identity is what it always was."""
+    config = SimpleNamespace(model=str(tmp_path), revision=None, dtype="float32")
+    plain = model_identity(config)
+    assert model_identity(config, SimpleNamespace(decode_context_parallel_size=1)) == plain
+    seen = {plain}
+    for dcp, interleave in ((2, 1), (4, 1), (2, 16)):
+        pc = SimpleNamespace(
+            decode_context_parallel_size=dcp, cp_kv_cache_interleave_size=interleave
+        )
+        seen.add(model_identity(config, pc))
+    assert len(seen) == 4

@@ -111,12 +111,12 @@ def proven(arch: str, proof: str, refused: str | None = None, test: str = "t") -
 
 def test_stored_says_yes_no_in_part_or_not_proven_with_the_reasons():
     yes = proven("pipeline-parallel", "vllm-objects")
-    uneven = proven("pipeline-parallel", "vllm-objects", "uneven-stages")
+    refused = proven("pipeline-parallel", "vllm-objects", "context-parallel")
     gpu = proven("pipeline-parallel", "gpu-check")
     assert (stored([yes, gpu]), reasons([yes, gpu])) == ("yes", " ")
-    assert stored([yes, uneven]) == "in part"
-    assert reasons([yes, uneven, uneven]) == REFUSALS["uneven-stages"]
-    assert stored([uneven, gpu]) == "no"
+    assert stored([yes, refused]) == "in part"
+    assert reasons([yes, refused, refused]) == REFUSALS["context-parallel"]
+    assert stored([refused, gpu]) == "no"
     assert stored([gpu]) == "not proven here (GPU check written, not yet run)"
     assert stored([]) == "not tested here yet"
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Collection, Iterable
 
 from transport.agent import Agent, Peer
-from transport.errors import AuthError, ProtocolError, TransportError
+from transport.errors import AuthError, ProtocolError, TransportError, VersionError
 from transport.frames import (
     HANDSHAKE_NONCE_BYTES,
     FrameCodec,
@@ -21,7 +21,7 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
-from transport.peer_rpc.wire import CALLS, PRE_AUTH_MAX_FRAME
+from transport.peer_rpc.wire import CALLS, PRE_AUTH_MAX_FRAME, WireVersions
 
 log = logging.getLogger("transport.rpc")
 HUNG_UP = "peer closed the connection"
@@ -43,11 +43,16 @@ class PeerClient:
         fingerprints: Iterable[int],
         node_id: str | None = None,
         calls: Collection[str] = (),
+        versions: WireVersions | None = None,
     ) -> None:
         """`node_id`: who we are to the peer (default: our agent's name).
         `calls`: the calls beyond pins this client may make (those the
-        peer's node registers with its server)."""
+        peer's node registers with its server). `versions`: our protocol
+        version, said in the hello, and the rule for the peer's (as the
+        server's: None says none and checks none)."""
         self.agent = agent
+        self.versions = versions
+        self.remote_protocol: int | None = None  # the peer's, from its signed answer
         self.call_names = (*CALLS, *calls)
         self.node_id = node_id or agent.name
         self.remote_node = ""  # the peer's node id, from its signed answer
@@ -103,13 +108,15 @@ class PeerClient:
         hello = FrameCodec(self.secret, self.call_names)
         nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
         body = {"nonce": nonce, "fingerprints": self.fingerprints, "node": self.node_id}
+        if self.versions is not None:
+            body["protocol"] = self.versions.ours
         writer.write(hello.encode(Message("hello", 0, body)))
         await writer.drain()
         reply = await hello.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
         theirs, proof = reply.body.get("nonce"), reply.body.get("proof")
         node = reply.body.get("node")
         if (
-            reply.call != "ok"
+            reply.call not in ("ok", "error")
             or not isinstance(node, str)
             or not isinstance(theirs, bytes)
             or len(theirs) != HANDSHAKE_NONCE_BYTES
@@ -118,6 +125,14 @@ class PeerClient:
         ):
             raise AuthError("the peer did not prove the secret")
         self.remote_node = node
+        said = reply.body.get("protocol")
+        if reply.call == "error":  # proved: the peer's own refusal of us
+            raise VersionError(f"the peer refused us: {str(reply.body.get('error'))[:400]}")
+        if self.versions is not None:
+            refused = self.versions.refusal(said, f"peer {node}", f"node {self.node_id}")
+            if refused is not None:
+                raise VersionError(refused)
+        self.remote_protocol = said if type(said) is int else None
         to_server, to_client = session_keys(self.secret, nonce, theirs)
         return SessionCodec(to_server, to_client, self.call_names)
 

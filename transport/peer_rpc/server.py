@@ -37,7 +37,13 @@ from transport.frames import (
     server_proof,
     session_keys,
 )
-from transport.peer_rpc.wire import CALLS, MAX_KEYS_PER_PIN, NODE_ID, PRE_AUTH_MAX_FRAME
+from transport.peer_rpc.wire import (
+    CALLS,
+    MAX_KEYS_PER_PIN,
+    NODE_ID,
+    PRE_AUTH_MAX_FRAME,
+    WireVersions,
+)
 from transport.preauth import Gate, deepen_backlog, quiet_accept_errors
 
 log = logging.getLogger("transport.rpc")
@@ -83,11 +89,16 @@ class PeerServer:
         node_id: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         calls: Mapping[str, PeerCall] | None = None,
+        versions: WireVersions | None = None,
     ) -> None:
         """`node_id`: this node, as its clients are told (default: the agent's name).
         `calls`: the node's own calls beyond pins, by name (a call not in the
-        table is refused, and its connection closed)."""
+        table is refused, and its connection closed). `versions`: the node's
+        protocol version, said in every answer, and its rule for a client's
+        (a client it refuses is told why); None (the transport's own tests
+        and benches): no version said, none checked."""
         self.source = source
+        self.versions = versions
         self.agent = agent
         self.node_id = node_id or agent.name
         self.secret = secret
@@ -261,11 +272,13 @@ class PeerServer:
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[SessionCodec, Message, str]:
-        """hello (signed: the client's fresh nonce and node id) -> our nonce,
-        node id and proof -> the client's first sealed frame, `auth`, which
-        only a holder of the secret can seal under this connection's keys.
-        Returns the session, that frame and the client's node id. No NIXL
-        metadata moves before it, and none in clear."""
+        """hello (signed: the client's fresh nonce, node id and protocol
+        version) -> our nonce, node id, version and proof -> the client's
+        first sealed frame, `auth`, which only a holder of the secret can seal
+        under this connection's keys. Returns the session, that frame and the
+        client's node id. No NIXL metadata moves before it, and none in clear.
+        A client of a version the node does not talk to gets a signed `error`
+        with the proof and the reason, naming both versions."""
         hello = await self.codec.read(reader, max_frame=PRE_AUTH_MAX_FRAME)
         client_nonce = hello.body.get("nonce")
         fingerprints = hello.body.get("fingerprints")
@@ -280,11 +293,20 @@ class PeerServer:
             or not NODE_ID.fullmatch(node)
         ):
             raise ProtocolError("hello must come first, and once")
-        if not set(fingerprints) & self.source.fingerprints:
-            raise ProtocolError("no layout fingerprint in common: the nodes cannot share blocks")
         nonce = os.urandom(HANDSHAKE_NONCE_BYTES)
         proof = server_proof(self.secret, client_nonce, nonce)
         answer = {"nonce": nonce, "proof": proof, "node": self.node_id}
+        if self.versions is not None:  # first: another version may mean other fingerprints
+            answer["protocol"] = self.versions.ours
+            them, us = f"peer {node}", f"node {self.node_id}"
+            refused = self.versions.refusal(hello.body.get("protocol"), them, us)
+            if refused is not None:  # said back, with the proof: not a stranger's word
+                answer["error"] = refused
+                writer.write(self.codec.encode(Message("error", hello.id, answer)))
+                await writer.drain()
+                raise ProtocolError(refused)
+        if not set(fingerprints) & self.source.fingerprints:
+            raise ProtocolError("no layout fingerprint in common: the nodes cannot share blocks")
         writer.write(self.codec.encode(Message("ok", hello.id, answer)))
         await writer.drain()
         to_server, to_client = session_keys(self.secret, client_nonce, nonce)

@@ -13,7 +13,7 @@ from kvbm.connector.attention_window import AttentionWindow
 from kvbm.connector.identity import model_identity
 from kvbm.connector.private_node import ensure_private_node
 from kvbm.errors import KvbmError
-from kvbm.layout import VLLM_CPU_LAYOUT, ModelGeometry
+from kvbm.layout import PACKED_MODES, VLLM_CPU_LAYOUT, ModelGeometry
 from kvbm.logs import attach_logging
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class EngineSetup:
     cfg: KvbmConfig
     block_size: int
     ranks: int  # the engine's workers, each keying its own share of a block (block_key.py)
+    stages: int  # pipeline stages (each of `ranks` / `stages` tensor-parallel workers)
     socket: str
     async_copies: bool  # copies started in one hook and finished in a later one
     promise_hits: bool  # kv_load_failure_policy "recompute": a view hit is promised unpinned
@@ -113,7 +114,7 @@ def engine_setup(
         geometry = geometry_of(vllm_config, kv_cache_config)
         groups = groups_of(kv_cache_config)
         about = "model_identity"
-        identity = model_identity(vllm_config.model_config)
+        identity = model_identity(vllm_config.model_config, vllm_config.parallel_config)
         about = None  # past here only the node fails, and it hears nothing then
         if "node" not in extra:
             socket, private = ensure_private_node(cfg)
@@ -126,9 +127,10 @@ def engine_setup(
     device = vllm_config.device_config.device_type
     return EngineSetup(
         cfg=cfg,
-        block_size=vllm_config.cache_config.block_size,
+        block_size=block_span(vllm_config, kv_cache_config),
         ranks=vllm_config.parallel_config.tensor_parallel_size
         * vllm_config.parallel_config.pipeline_parallel_size,
+        stages=vllm_config.parallel_config.pipeline_parallel_size,
         socket=socket,
         async_copies=cfg.engine_copies == "async"
         or (cfg.engine_copies == "auto" and device != "cpu"),
@@ -184,13 +186,16 @@ def geometry_of(
     geometry is then the same model's without the hybrid manager (one
     group of every layer), and engines with it on and off share blocks."""
     mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
-    fp8 = fp8_format(cc.cache_dtype)
-    # A decode-context-parallel rank holds every n-th token of a block: its
-    # share is not a block of the geometry (pipeline stages' shares are).
-    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
-        if getattr(pc, name, 1) > 1:
-            raise KvbmError(f"kvbm does not store KV caches split by {name} > 1 yet")
-    check_stages(mc, pc)
+    specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups] if kv_cache_config else []
+    packed = any(getattr(s, "state_content_bytes", None) is not None for s in specs)
+    fp8 = None if packed else fp8_format(cc.cache_dtype)
+    # A decode-context-parallel rank's block is a block of the geometry
+    # (spec.block_size tokens, every n-th of vLLM's block: `block_span`).
+    if getattr(pc, "prefill_context_parallel_size", 1) > 1:
+        raise KvbmError(
+            "kvbm does not store KV caches split by prefill_context_parallel_size > 1 yet"
+        )
+    most = stage_layers(mc, pc) or 0
     device = getattr(getattr(vllm_config, "device_config", None), "device_type", "")
     if getattr(mc, "use_mla", False) and device == "cpu":
         # Measured (tests/system/test_vllm_models.py): with vLLM's own prefix
@@ -208,14 +213,13 @@ def geometry_of(
         if mc.get_sliding_window() is not None:
             raise KvbmError("kvbm needs vLLM's KV cache groups to tell a sliding window's blocks")
         return ModelGeometry(
-            num_layers=mc.get_num_layers(pc),
+            num_layers=max(mc.get_num_layers(pc), most),
             num_kv_heads=mc.get_num_kv_heads(pc),
             head_dim=mc.get_head_size(),
             block_size=cc.block_size,
             dtype=fp8 or str(mc.dtype).removeprefix("torch."),
             kv_layout=layout,
         )
-    specs = [g.kv_cache_spec for g in groups]
     kinds = sorted({type(s).__name__ for s in specs})
     if not set(kinds) <= set(STORED_KINDS):
         raise KvbmError(
@@ -239,12 +243,18 @@ def geometry_of(
             f"layers); this model's {len(groups)} groups have {len(shapes)}"
         )
     spec = specs[0]
-    if any(s.state_content_bytes is not None for s in specs):
-        raise KvbmError(
-            f"kvbm does not store packed KV pages (scales inline) yet: {cc.cache_dtype}"
+    if packed:
+        return ModelGeometry(
+            num_layers=max(sum(len(g.layer_names) for g in groups), most),
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.state_content_bytes,  # a token's bytes of a head: data and scales
+            head_dim_v=0,
+            block_size=spec.block_size,
+            dtype=packed_format(spec),
+            kv_layout=layout,
         )
     return ModelGeometry(
-        num_layers=sum(len(g.layer_names) for g in groups),
+        num_layers=max(sum(len(g.layer_names) for g in groups), most),
         num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_size,
         head_dim_v=spec.head_size_v,
@@ -254,22 +264,50 @@ def geometry_of(
     )
 
 
-def check_stages(model_config: Any, parallel_config: Any) -> None:
-    """Pipeline stages must hold as many layers each: one geometry serves
-    every stage's share of a block (its keys' rank tells the stage), and
-    the scheduler sees the first stage's layers only. KvbmError otherwise."""
+def block_span(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> int:
+    """The tokens of one of vLLM's blocks, which kvbm keys: under decode
+    context parallelism n ranks each hold every n-th token of it (runs of
+    the interleave size) in a block of their own cache (vLLM's
+    `resolve_dcp_kv_block_size`); each rank keys its share with its rank."""
+    dcp = getattr(vllm_config.parallel_config, "decode_context_parallel_size", 1)
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    if groups and not all(getattr(g.kv_cache_spec, "dcp_sharded", False) for g in groups):
+        dcp = 1
+    return vllm_config.cache_config.block_size * dcp
+
+
+def stage_layers(model_config: Any, parallel_config: Any) -> int | None:
+    """The most layers a pipeline stage holds (None without pipeline
+    parallelism). One geometry serves every stage's share of a block (its
+    keys' rank tells the stage), so it has that many layers: a stage of
+    fewer fills the first slot layers and zeroes the rest
+    (kvbm/connector/engine_kv.py). The scheduler sees the first stage's
+    layers alone, hence the count from the model's partition of its layers
+    (vLLM's `get_pp_indices`, VLLM_PP_LAYER_PARTITION included)."""
     pp = getattr(parallel_config, "pipeline_parallel_size", 1)
     if pp <= 1:
-        return
+        return None
     from vllm.distributed.utils import get_pp_indices
 
     total = model_config.get_total_num_hidden_layers()
-    counts = {end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp))}
-    if len(counts) > 1:
-        raise KvbmError(
-            f"kvbm stores pipeline stages of as many layers each; {total} layers in {pp} "
-            f"stages are {sorted(counts)} a stage"
-        )
+    return max(end - start for start, end in (get_pp_indices(total, r, pp) for r in range(pp)))
+
+
+def packed_format(spec: Any) -> str:
+    """The element format of a packed page (`state_content_bytes`: each
+    head's K and V data and their scales, C bytes a token), named by vLLM's
+    quantization mode. vLLM views such a page as [B, H, N, C] of bytes for
+    the per-token-head modes (kvbm/layout.py's PACKED_MODES); other packings
+    (several tokens a state, heads packed otherwise) are refused."""
+    mode = str(getattr(getattr(spec, "kv_quant_mode", None), "name", "")).lower()
+    slots = getattr(spec, "num_head_slots", None)
+    if (
+        mode not in PACKED_MODES
+        or getattr(spec, "tokens_per_state", 1) != 1
+        or slots not in (None, spec.num_kv_heads)
+    ):
+        raise KvbmError(f"kvbm does not store packed KV pages of {mode or 'this'} mode yet")
+    return f"packed-{mode}"
 
 
 def fp8_format(cache_dtype: str | None) -> str | None:

@@ -1,7 +1,7 @@
-"""One side's way to the node: attached lazily, at the first hook that
-needs it, and attached again after a failure, never more often than every
-`RETRY_S`. A node that is gone makes every request a miss until it is
-back, never an engine error."""
+"""One side's way to the node: attached as the engine starts (where the
+node is not there yet, at the first hook that needs it), and attached again
+after a failure, never more often than every `RETRY_S`. A node that is gone
+makes every request a miss until it is back, never an engine error."""
 
 from __future__ import annotations
 

@@ -72,6 +72,11 @@ class KvbmScheduler:
         self._to_load: list[Load] = []
         self._promises: list[Promise] = []
         self._failed_waits: list[str] = []  # waiting loads that came to nothing before a step
+        # Attached now, with the engine starting: a node's first hello makes
+        # its arena for the geometry (0.4 s for 512 MiB here), which the
+        # engine's first request would otherwise wait for.
+        if not setup.off:
+            self._attached()
 
     def _attached(self) -> list[NodeAttachment] | None:
         return self.link.attached(range(self.setup.ranks))

@@ -93,7 +93,8 @@ class KvbmWorker:
                     f"vLLM's KV caches {sorted(kv_caches)} are not its KV cache groups' layers"
                 )
             groups = [group_of.get(name, 0) for name, _ in layers]
-            kv = EngineKV(self.setup.geometry, [t for _, t in layers], groups)
+            stage = self.setup.stages > 1  # a stage may hold fewer layers than another
+            kv = EngineKV(self.setup.geometry, [t for _, t in layers], groups, stage)
             if kv.device.type not in ("cpu", "cuda"):
                 raise KvbmError(f"kvbm copies CPU and CUDA caches, not {kv.device.type}")
             self._kv = kv
@@ -104,10 +105,10 @@ class KvbmWorker:
             log.error("kvbm disabled: vLLM's KV cache does not match the geometry: %s", e)
             self._kv = None
             return
-        node = self._attached() if kv.device.type == "cuda" else None
+        node = self._attached()  # now, not in the first request's step
         if node is not None:
             try:
-                self._copies(node)  # pins the arena now, not in the first step
+                self._copies(node)  # a GPU's: pins the arena now, not in the first step
             except KvbmError as e:
                 log.error("kvbm disabled: %s", e)
 

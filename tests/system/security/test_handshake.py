@@ -2,10 +2,10 @@
 clear, to whatever answered at a peer's address. Now both sides prove the
 secret before any metadata moves, and it moves sealed. Against real node
 processes: (1) a squatter on a dead node's address (its record still in the
-index) receives a hello with a nonce, the caller's node id and layout and
-nothing else, and the node that called recomputes; (2) a recorder between
-an honest client and a node sees neither side's metadata, while the pull
-through it is bit-exact."""
+index) receives a hello with a nonce, the caller's node id, layout and
+protocol version and nothing else, and the node that called recomputes; (2)
+a recorder between an honest client and a node sees neither side's metadata,
+while the pull through it is bit-exact."""
 
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ def test_a_squatter_on_a_dead_nodes_address_learns_no_metadata(etcd, daemons, tm
         assert loaded == 0 and not sources.get("remote_host")  # B recomputes
         data = b"".join(heard)
         assert data, "B never called the squatter: the test proves nothing"
-        # all it heard is one signed hello: a nonce, B's node id and the layout, no metadata
+        # all it heard is one signed hello: a nonce, B's node id, the layout
+        # and B's protocol version, no metadata
         first = FrameCodec(SECRET, CALLS).decode(data[4 : 4 + int.from_bytes(data[:4], "big")])
-        assert first.call == "hello" and set(first.body) == {"nonce", "node", "fingerprints"}
+        said = {"nonce", "node", "fingerprints", "protocol"}
+        assert first.call == "hello" and set(first.body) == said
         assert len(data) == 4 + int.from_bytes(data[:4], "big")
 
 

@@ -1,9 +1,15 @@
-"""Copies of an engine whose layers come in KV cache groups (vLLM's hybrid
-manager: full-attention and sliding-window layers, each group numbering its
-blocks apart). A slot holds every layer of its position in layer order, the
-bytes the same model's block holds without the hybrid manager; a group with
-no block at a pair (-1, behind its window) leaves its layers of that slot
-alone. The staged copies (a GPU's, here on CPU tensors) move a slot whole."""
+"""Copies of engines whose layers are not one block array of the geometry.
+
+- KV cache groups (vLLM's hybrid manager: full-attention and sliding-window
+  layers, each group numbering its blocks apart): a slot holds every layer
+  of its position in layer order, the bytes the same model's block holds
+  without the hybrid manager; a group with no block at a pair (-1, behind
+  its window) leaves its layers of that slot alone.
+- A pipeline stage of fewer layers than the geometry's (stages of unequal
+  layer counts): it fills the first slot layers, and a save zeroes the rest,
+  where another stage's layers were.
+
+The staged copies (a GPU's, here on CPU tensors) move a slot whole."""
 
 from __future__ import annotations
 
@@ -100,3 +106,38 @@ def test_block_ids_must_come_one_row_per_group():
 def test_groups_must_number_the_layers():
     with pytest.raises(GeometryMismatch, match="number the layers"):
         EngineKV(GEOMETRY, engine(seed=None), [0, 2, 0, 2])
+
+
+@pytest.mark.parametrize("layout", ["LBHNC", "LBNHC"])
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_a_stage_of_fewer_layers_fills_the_first_and_zeroes_the_rest(staged, layout):
+    g = ModelGeometry(3, 2, 8, 4, "float32", layout)
+    one = ModelGeometry(1, 2, 8, 4, "float32", layout)
+    blocks = ArenaBlocks(g, np.full(SLOTS * g.slot_bytes, 0xAB, dtype=np.uint8), SLOTS)
+    src = [new_caches(one, BLOCKS)[0] for _ in range(2)]  # this stage: 2 of 3 layers
+    for i, t in enumerate(src):
+        t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(i)))
+    kv = EngineKV(g, src, stage=True)
+    copies = StagedCopies(blocks, kv, capacity=2) if staged else None
+    if copies is not None:
+        copies.gather([3, 1, 4], [2, 0, 5])
+        copies.scatter([3], [9])  # a load between: its slot's bytes (0xAB) pass through staging
+        copies.gather([6], [1])
+    else:
+        blocks.gather(kv, [3, 1, 4], [2, 0, 5])
+        blocks.gather(kv, [6], [1])
+    # what the slots must hold: the whole model's block with a third layer of zeros
+    whole = ArenaBlocks(g, np.zeros(SLOTS * g.slot_bytes, dtype=np.uint8), SLOTS)
+    whole.gather(EngineKV(g, [*src, new_caches(one, BLOCKS)[0]]), [3, 1, 4, 6], [2, 0, 5, 1])
+    for slot in (2, 0, 5, 1):
+        at = slice(slot * g.slot_bytes, slot * g.slot_bytes + g.block_bytes)
+        assert torch.equal(blocks.bytes[at], whole.bytes[at]), f"slot {slot}"
+    dst = [new_caches(one, BLOCKS)[0] for _ in range(2)]
+    blocks.scatter(EngineKV(g, dst, stage=True), [2, 0], [7, 8])
+    for d, s in zip(dst, src, strict=True):
+        assert torch.equal(d[7], s[3]) and torch.equal(d[8], s[1])
+
+
+def test_an_engine_of_more_layers_than_the_geometry_is_refused():
+    with pytest.raises(GeometryMismatch, match="5 KV layers, geometry says 4"):
+        EngineKV(GEOMETRY, engine(seed=None) + engine(seed=None)[:1])
