@@ -173,18 +173,26 @@ def test_a_failed_start_leaves_no_process_and_no_descriptor(tmp_path):
     the error says so, both are gone and the arena's descriptor is closed."""
     arena = SharedArena.create("f", SIZE, directory=str(tmp_path))
     fd = arena.reopen()
+    # this test's worker may still be reaping another test's process: only
+    # children that were not there before the start count
+    before = children()
     try:
         with pytest.raises(TransportError, match="did not start"):
             ConfinedAgent("agent-f", fd, SIZE, env=child_environment(), backend="NO-SUCH")
         with pytest.raises(OSError):
             os.fstat(fd)
-        kids = set()
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                kids.update(f.read().split())
-        assert not kids
+        assert not children() - before
     finally:
         arena.close()
+
+
+def children() -> set[str]:
+    """This process's children, by pid (every thread's)."""
+    kids = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            kids.update(f.read().split())
+    return kids
 
 
 def test_chunked_reads_land_in_order_and_every_queued_read_ends_first(pair):
